@@ -1,0 +1,1 @@
+"""Policy: the CiliumNetworkPolicy model, its loader, and the engine that decides."""

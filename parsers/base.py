@@ -1,0 +1,190 @@
+"""The one contract every protocol engine in ``parsers`` follows.
+
+An engine is sans-I/O: bytes in, commands out. It never touches a socket, a
+clock or a global. One engine object handles one proxied connection:
+
+    engine = Http1Engine(decide)
+    cmds = engine.client_data(b"GET / HTTP/1.1\\r\\nHost: a\\r\\n\\r\\n")
+    # -> [Access(request=HttpRequest(...), decision=Decision(...), key=0),
+    #     ToServer(b"GET / HTTP/1.1\\r\\nHost: a\\r\\n\\r\\n")]
+
+``client_data(b"")`` / ``server_data(b"")`` signal end of input on that side.
+
+Engines never read policy. They build a typed request (``HttpRequest``,
+``GrpcCall``, ``KafkaRequest``, ``CqlRequest``) and ask the ``decide``
+function they were given. A denial is answered on the wire by the engine
+itself (``ToClient`` with a protocol-native error), so the driver that does
+the I/O stays protocol-agnostic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+# --------------------------------------------------------------------------
+# Decisions
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The policy engine's answer for one request.
+
+    ``allowed`` is what the engine must do. ``audit`` marks a request that
+    policy would deny but audit mode lets through (``allowed`` is then True).
+    ``policy``/``rule`` name what decided, ``reason`` says why in words.
+    """
+
+    allowed: bool
+    policy: str = ""
+    rule: str = ""
+    reason: str = ""
+    audit: bool = False
+    # Header edits an allowed HTTP request must get before it is forwarded
+    # (Cilium's headerMatches mismatch actions): ("add"|"delete"|"replace", name, value).
+    edits: tuple[tuple[str, str, str], ...] = ()
+
+    @property
+    def verdict(self) -> str:
+        if self.audit:
+            return "AUDIT"
+        return "FORWARDED" if self.allowed else "DENIED"
+
+
+ALLOW_ALL = Decision(True, reason="no L7 policy")
+
+
+def allow_all(_request: object) -> Decision:
+    return ALLOW_ALL
+
+
+Decide = Callable[[Any], Decision]
+
+
+# --------------------------------------------------------------------------
+# Commands an engine emits. The driver executes them in order.
+
+
+@dataclass(slots=True)
+class ToServer:
+    """Bytes to write to the upstream server."""
+
+    data: bytes
+
+
+@dataclass(slots=True)
+class ToClient:
+    """Bytes to write to the client (forwarded replies or synthesized errors)."""
+
+    data: bytes
+
+
+@dataclass(slots=True)
+class Access:
+    """A request was judged. ``key`` pairs it with a later ``Reply``."""
+
+    request: Any
+    decision: Decision
+    key: Hashable = None
+
+
+@dataclass(slots=True)
+class Reply:
+    """The reply to the request with this ``key`` completed (or was synthesized).
+
+    ``fields`` carries protocol reply data for the flow log, e.g.
+    ``{"status": 200}`` or ``{"grpc_status": 7}`` or ``{"error_code": 29}``.
+    """
+
+    key: Hashable
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ParseError:
+    """A protocol error was seen. The engine has already emitted whatever
+    protocol-native answer is due; ``close`` tells whether it gave up on the
+    connection (the driver then closes both sides after flushing)."""
+
+    side: str  # "client" or "server"
+    error: ProtocolError
+    close: bool = True
+
+
+@dataclass(slots=True)
+class ShutdownServer:
+    """Half-close toward the server (client sent EOF and everything is flushed)."""
+
+
+@dataclass(slots=True)
+class ShutdownClient:
+    """Half-close toward the client."""
+
+
+@dataclass(slots=True)
+class Close:
+    """Close both sides once pending writes are flushed."""
+
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class Log:
+    """A diagnostic message (logging is a command so tests can assert on it)."""
+
+    message: str
+    level: str = "debug"
+
+
+Command = ToServer | ToClient | Access | Reply | ParseError | ShutdownServer | ShutdownClient | Close | Log
+
+
+# --------------------------------------------------------------------------
+# Errors: typed, and carrying what is needed to answer on the wire.
+
+
+class ProtocolError(Exception):
+    """Malformed or disallowed traffic.
+
+    ``wire_reply`` is the protocol-native answer to send to the peer that
+    sent the bad bytes (e.g. an HTTP 400 response), or ``b""`` if the only
+    answer is a close. ``code`` is a short machine-readable name.
+    """
+
+    def __init__(self, message: str, *, code: str = "protocol_error", wire_reply: bytes = b""):
+        super().__init__(message)
+        self.code = code
+        self.wire_reply = wire_reply
+
+
+class FrameTooLarge(ProtocolError):
+    def __init__(self, message: str, *, wire_reply: bytes = b""):
+        super().__init__(message, code="frame_too_large", wire_reply=wire_reply)
+
+
+# --------------------------------------------------------------------------
+# The engine contract.
+
+
+class Engine(Protocol):
+    """One proxied connection, sans-I/O."""
+
+    protocol: str
+
+    def client_data(self, data: bytes) -> list[Command]:
+        """Bytes read from the client; ``b""`` means the client sent EOF."""
+        ...
+
+    def server_data(self, data: bytes) -> list[Command]:
+        """Bytes read from the server; ``b""`` means the server sent EOF."""
+        ...
+
+    @property
+    def reading_headers(self) -> bool:
+        """True while a request head has started but is incomplete (the driver
+        runs its header-read timeout only then)."""
+        ...
+
+
+EngineFactory = Callable[[Decide], Engine]
