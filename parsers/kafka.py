@@ -1,0 +1,412 @@
+"""Kafka engine: size-prefixed frames, every request judged, denials in order.
+
+    engine = KafkaEngine(decide)
+    engine.client_data(frame)   # -> [Access(KafkaRequest(...), decision, key=correlation_id),
+                                #     ToServer(frame)]
+    engine.server_data(reply)   # -> [ToClient(reply), Reply(correlation_id, {"error_code": 0, ...})]
+
+Kafka answers strictly in request order on a connection, so the engine keeps
+the list of responses the client is owed. A denied request never reaches the
+broker; its synthesized error response waits in that list behind responses
+the broker still owes for earlier requests, and goes out as soon as they have
+passed. Produce with acks=0 owes no response at all.
+
+Bodies are decoded with kafka-python's generated schemas (``kafka_apis``);
+what cannot be decoded still gets judged, as a ``KafkaRequest`` with
+``undecodable`` set, so an allow-all port passes it and resource rules deny it.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+from parsers import kafka_apis, kafka_deny
+from parsers.base import (
+    Access,
+    Command,
+    Decide,
+    FrameTooLarge,
+    Log,
+    ParseError,
+    ProtocolError,
+    Reply,
+    ShutdownClient,
+    ShutdownServer,
+    ToClient,
+    ToServer,
+)
+from parsers.requests import KafkaRequest
+
+# Kafka's own default for socket.request.max.bytes.
+DEFAULT_MAX_FRAME = 100 * 1024 * 1024
+# api key + api version + correlation id + client id length
+_MIN_REQUEST_HEADER = 10
+
+_PRODUCE, _METADATA, _CREATE_TOPICS, _DESCRIBE_TOPIC_PARTITIONS = 0, 3, 19, 75
+
+_size = struct.Struct(">i")
+_fixed_header = struct.Struct(">hhih")
+
+
+@dataclass(slots=True)
+class ClusterView:
+    """What the last Metadata response on this connection said about the cluster.
+
+    A synthesized Metadata denial repeats it, so a client that is refused one
+    topic still knows where the brokers are.
+    """
+
+    brokers: list[tuple[int, str, int, str | None]] = field(default_factory=list)
+    cluster_id: str | None = None
+    controller_id: int = -1
+
+
+@dataclass(slots=True)
+class _Owed:
+    """One response the client is owed, in order.
+
+    ``denial`` set: the engine answers it; otherwise the broker does.
+    """
+
+    correlation_id: int
+    api_key: int
+    api_version: int
+    denial: bytes | None = None
+    error_code: int = 0
+
+
+class KafkaEngine:
+    protocol = "kafka"
+
+    def __init__(self, decide: Decide, *, max_frame: int = DEFAULT_MAX_FRAME):
+        self._decide = decide
+        self._max_frame = max_frame
+        self._client = bytearray()
+        self._server = bytearray()
+        self._owed: deque[_Owed] = deque()
+        self._topic_names: dict[uuid.UUID, str] = {}
+        self._cluster = ClusterView()
+        self._failed = False
+
+    @property
+    def reading_headers(self) -> bool:
+        # Kafka has no separate head: a partial frame is a partial request.
+        return bool(self._client)
+
+    @property
+    def topic_names(self) -> dict[uuid.UUID, str]:
+        """Topic ids learnt from responses on this connection (read-only view for tests)."""
+        return dict(self._topic_names)
+
+    # ------------------------------------------------------------------
+    # client -> server
+
+    def client_data(self, data: bytes) -> list[Command]:
+        if self._failed:
+            return []
+        if not data:
+            return [ShutdownServer()]
+        buf = self._client
+        buf += data
+        out: list[Command] = []
+        pos = 0
+        end = len(buf)
+        # Each complete frame is copied out once (it is forwarded as is); the
+        # buffer itself is never exported, so it can be trimmed afterwards.
+        while end - pos >= 4:
+            (size,) = _size.unpack_from(buf, pos)
+            if size < _MIN_REQUEST_HEADER or size > self._max_frame:
+                out.append(ParseError("client", self._bad_size("client", size)))
+                self._failed = True
+                break
+            if end - pos - 4 < size:
+                break
+            frame = bytes(buf[pos : pos + 4 + size])
+            pos += 4 + size
+            if not self._request(frame, out):
+                self._failed = True
+                break
+        del buf[:pos]
+        return out
+
+    def _bad_size(self, side: str, size: int) -> ProtocolError:
+        if size > self._max_frame:
+            return FrameTooLarge(f"kafka {side} frame of {size} bytes exceeds {self._max_frame}")
+        return ProtocolError(f"kafka {side} frame size {size} is invalid", code="bad_frame_size")
+
+    def _request(self, frame: bytes, out: list[Command]) -> bool:
+        api_key, api_version, correlation_id, client_len = _fixed_header.unpack_from(frame, 4)
+        pos = 14
+        client_id = None
+        if client_len >= 0:
+            if pos + client_len > len(frame):
+                out.append(ParseError("client", ProtocolError("kafka request header truncated", code="bad_header")))
+                return False
+            client_id = frame[pos : pos + client_len].decode("utf-8", "replace")
+            pos += client_len
+        name = kafka_apis.api_name(api_key)
+        message, request = self._decode(frame, pos, api_key, api_version, correlation_id, client_id)
+
+        decision = self._decide(request)
+        out.append(Access(request, decision, key=correlation_id))
+        acks0 = api_key == _PRODUCE and message is not None and message.acks == 0
+        if decision.allowed:
+            out.append(ToServer(frame))
+            if acks0:
+                out.append(Reply(correlation_id, {"api": name, "acks": 0}))
+            else:
+                self._owed.append(_Owed(correlation_id, api_key, api_version))
+            return True
+
+        code = self._blame(request)
+        if acks0:
+            # The client expects no answer: dropping the request is the whole denial.
+            out.append(Reply(correlation_id, {"api": name, "acks": 0, "error_code": code}))
+            return True
+        try:
+            wire = kafka_deny.denial(api_key, api_version, correlation_id, message, code, self._cluster)
+        except Exception as exc:  # an encoder bug must not hang the client
+            wire, why = None, f"{type(exc).__name__}: {exc}"
+        else:
+            why = "no error response known for this API"
+        if wire is None:
+            reason = f"cannot encode a denial for {name} v{api_version} ({why}); closing"
+            out.append(Log(reason, level="error"))
+            out.append(ParseError("client", ProtocolError(reason, code="kafka_denial_unencodable")))
+            return False
+        self._owed.append(_Owed(correlation_id, api_key, api_version, denial=wire, error_code=code))
+        self._flush_denials(out)
+        return True
+
+    def _decode(self, frame, pos, api_key, api_version, correlation_id, client_id):
+        base = dict(api_key=api_key, api_version=api_version, correlation_id=correlation_id, client_id=client_id)
+        extra = kafka_apis.EXTRA_APIS.get(api_key)
+        if extra is not None:
+            return self._decode_extra(extra, frame, pos, base)
+        cls = kafka_apis.request_class(api_key, api_version)
+        if cls is None:
+            why = f"unknown API {kafka_apis.api_name(api_key)} v{api_version}"
+            return None, KafkaRequest(**base, undecodable=why)
+        try:
+            if cls.flexible_version_q(api_version):
+                pos = _skip_tagged_fields(frame, pos)
+            message = cls.decode(memoryview(frame)[pos:], version=api_version)
+            found = kafka_apis.extract(message, api_version)
+        except Exception as exc:  # kafka-python raises a mix of ValueError/struct.error/IndexError
+            why = f"undecodable {cls.name} v{api_version} body: {type(exc).__name__}: {exc}"
+            return None, KafkaRequest(**base, undecodable=why)
+        topics = found.topics
+        undecodable = None
+        for topic_id in found.topic_ids:
+            topic = self._topic_names.get(topic_id)
+            if topic is None:
+                undecodable = f"topic id {topic_id} not seen in a Metadata response on this connection"
+            elif topic not in topics:
+                topics.append(topic)
+        request = KafkaRequest(
+            **base,
+            topics=tuple(dict.fromkeys(topics)),
+            groups=tuple(dict.fromkeys(found.groups)),
+            transactional_ids=tuple(dict.fromkeys(found.transactional_ids)),
+            undecodable=undecodable,
+        )
+        return message, request
+
+    def _decode_extra(self, extra, frame, pos, base):
+        try:
+            pos = _skip_tagged_fields(frame, pos)
+            if base["api_version"] > extra.max_version:
+                raise ValueError(f"version above {extra.max_version}")
+            groups: list[str] = []
+            if extra.first_field == "group":
+                group, pos = _compact_string(frame, pos)
+                groups.append(group)
+            elif extra.first_field == "groups":
+                count, pos = _uvarint(frame, pos)
+                for _ in range(count - 1):
+                    group, pos = _compact_string(frame, pos)
+                    groups.append(group)
+        except (ValueError, IndexError, struct.error) as exc:
+            why = f"undecodable {extra.name} v{base['api_version']} body: {exc}"
+            return None, KafkaRequest(**base, undecodable=why)
+        return groups, KafkaRequest(**base, groups=tuple(groups))
+
+    def _blame(self, request: KafkaRequest) -> int:
+        """Which authorization error fits: ask ``decide`` which resource it refused.
+
+        Only requests that name resources of several kinds need the probe
+        (OffsetCommit names a group and topics; TxnOffsetCommit all three).
+        """
+        kinds = [bool(request.topics), bool(request.groups), bool(request.transactional_ids)]
+        if sum(kinds) > 1:
+            if request.transactional_ids and not self._decide(replace(request, topics=(), groups=())).allowed:
+                return kafka_deny.TRANSACTIONAL_ID_AUTHORIZATION_FAILED
+            if request.groups and not self._decide(replace(request, topics=(), transactional_ids=())).allowed:
+                return kafka_deny.GROUP_AUTHORIZATION_FAILED
+            if request.topics:
+                return kafka_deny.TOPIC_AUTHORIZATION_FAILED
+        if request.topics or request.api_key == _METADATA:
+            return kafka_deny.TOPIC_AUTHORIZATION_FAILED
+        if request.groups:
+            return kafka_deny.GROUP_AUTHORIZATION_FAILED
+        if request.transactional_ids:
+            return kafka_deny.TRANSACTIONAL_ID_AUTHORIZATION_FAILED
+        return kafka_deny.CLUSTER_AUTHORIZATION_FAILED
+
+    def _flush_denials(self, out: list[Command]) -> None:
+        owed = self._owed
+        while owed and owed[0].denial is not None:
+            entry = owed.popleft()
+            out.append(ToClient(entry.denial))
+            fields = {"error_code": entry.error_code, "api": kafka_apis.api_name(entry.api_key)}
+            out.append(Reply(entry.correlation_id, fields))
+
+    # ------------------------------------------------------------------
+    # server -> client
+
+    def server_data(self, data: bytes) -> list[Command]:
+        if self._failed:
+            return []
+        if not data:
+            out: list[Command] = []
+            if self._owed:
+                out.append(Log(f"broker closed with {len(self._owed)} response(s) owed", level="info"))
+            out.append(ShutdownClient())
+            return out
+        buf = self._server
+        buf += data
+        out = []
+        pos = 0
+        end = len(buf)
+        while end - pos >= 4:
+            (size,) = _size.unpack_from(buf, pos)
+            if size < 4 or size > self._max_frame:
+                out.append(ParseError("server", self._bad_size("server", size)))
+                self._failed = True
+                break
+            if end - pos - 4 < size:
+                break
+            frame = bytes(buf[pos : pos + 4 + size])
+            pos += 4 + size
+            if not self._response(frame, out):
+                self._failed = True
+                break
+        del buf[:pos]
+        return out
+
+    def _response(self, frame: bytes, out: list[Command]) -> bool:
+        (correlation_id,) = _size.unpack_from(frame, 4)
+        if not self._owed:
+            error = ProtocolError(f"broker sent response {correlation_id} nobody asked for", code="unsolicited")
+            out.append(ParseError("server", error))
+            return False
+        owed = self._owed.popleft()
+        if owed.correlation_id != correlation_id:
+            error = ProtocolError(
+                f"broker answered correlation id {correlation_id}, expected {owed.correlation_id}",
+                code="correlation_mismatch",
+            )
+            out.append(ParseError("server", error))
+            return False
+        out.append(ToClient(frame))
+        out.append(Reply(correlation_id, self._response_fields(owed, frame)))
+        self._flush_denials(out)
+        return True
+
+    def _response_fields(self, owed: _Owed, frame: bytes) -> dict:
+        fields: dict = {"api": kafka_apis.api_name(owed.api_key)}
+        cls = kafka_apis.response_class(owed.api_key, owed.api_version)
+        if cls is None:
+            return fields
+        try:
+            pos = 8
+            if kafka_apis.response_header_flexible(owed.api_key, owed.api_version):
+                pos = _skip_tagged_fields(frame, pos)
+            response = cls.decode(memoryview(frame)[pos:], version=owed.api_version)
+        except Exception as exc:  # reported, never fatal: the bytes went through unchanged
+            fields["decode_error"] = f"{type(exc).__name__}: {exc}"
+            return fields
+        fields["error_code"] = _first_error(response)
+        if owed.api_key in (_METADATA, _CREATE_TOPICS, _DESCRIBE_TOPIC_PARTITIONS):
+            self._learn(owed.api_key, response)
+        return fields
+
+    def _learn(self, api_key: int, response) -> None:
+        for topic in getattr(response, "topics", None) or ():
+            topic_id = getattr(topic, "topic_id", None)
+            if topic.name and topic_id is not None and topic_id.int != 0:
+                self._topic_names[topic_id] = topic.name
+        if api_key == _METADATA:
+            self._cluster = ClusterView(
+                brokers=[(b.node_id, b.host, b.port, b.rack) for b in response.brokers],
+                cluster_id=response.cluster_id,
+                controller_id=response.controller_id,
+            )
+
+
+# --------------------------------------------------------------------------
+# Small wire helpers (the header is read by hand: it is tiny and hot).
+
+
+def _uvarint(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 28:
+            raise ValueError("varint too long")
+
+
+def _skip_tagged_fields(buf, pos: int) -> int:
+    count, pos = _uvarint(buf, pos)
+    for _ in range(count):
+        _tag, pos = _uvarint(buf, pos)
+        size, pos = _uvarint(buf, pos)
+        pos += size
+    if pos > len(buf):
+        raise ValueError("tagged fields run past the frame")
+    return pos
+
+
+def _compact_string(buf, pos: int) -> tuple[str, int]:
+    length, pos = _uvarint(buf, pos)
+    if length == 0:
+        raise ValueError("null string")
+    end = pos + length - 1
+    if end > len(buf):
+        raise ValueError("string runs past the frame")
+    return bytes(buf[pos:end]).decode(), end
+
+
+_ERROR_FIELDS = ("error_code", "partition_error_code")
+
+
+def _first_error(message) -> int:
+    """The top-level error code if set, else the first non-zero nested one."""
+    top = getattr(message, "error_code", 0) or 0
+    if top:
+        return top
+    stack = [message]
+    while stack:
+        obj = stack.pop()
+        for name, f in obj.fields.items():
+            if not f.for_version_q(obj.version if obj.version is not None else 0):
+                continue
+            if name in _ERROR_FIELDS:
+                code = getattr(obj, name, 0)
+                if code:
+                    return code
+            elif f.is_struct_array():
+                stack.extend(reversed(getattr(obj, name, None) or ()))
+            elif f.is_struct():
+                child = getattr(obj, name, None)
+                if child is not None:
+                    stack.append(child)
+    return 0

@@ -1,0 +1,204 @@
+"""Kafka API table and resource extraction, built on kafka-python's schemas.
+
+kafka-python 3 generates its request/response classes from Kafka's own JSON
+message specs, and keeps the spec annotations: every field that names a topic,
+a consumer group or a transactional id carries ``entityType``. So resource
+extraction is one schema walk shared by every API key and version, instead of
+a hand-written accessor per API.
+
+A few APIs that modern clients send are missing from kafka-python
+(ConsumerGroupHeartbeat, ConsumerGroupDescribe, the KIP-714 telemetry APIs).
+They are flexible from v0 and their resources are the first body field, so
+``EXTRA_APIS`` decodes just that.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import kafka.protocol.admin  # noqa: F401  (imports register the classes)
+import kafka.protocol.consumer  # noqa: F401
+import kafka.protocol.metadata  # noqa: F401
+import kafka.protocol.producer  # noqa: F401
+import kafka.protocol.sasl  # noqa: F401
+from kafka.protocol.api_key import ApiKey
+from kafka.protocol.api_message import ApiMessage
+
+TOPIC, GROUP, TXN = "topicName", "groupId", "transactionalId"
+
+# ConfigResource.Type values (DescribeConfigs, AlterConfigs, IncrementalAlterConfigs).
+CONFIG_RESOURCE_TOPIC = 2
+CONFIG_RESOURCE_GROUP = 32
+# FindCoordinator key types.
+COORDINATOR_GROUP, COORDINATOR_TXN = 0, 1
+
+# Topics a client stops fetching are not read by the request: leave them out.
+_IGNORED_FIELDS = frozenset({"forgotten_topics_data"})
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+def _message_classes() -> tuple[dict[int, type], dict[int, type]]:
+    requests: dict[int, type] = {}
+    responses: dict[int, type] = {}
+    for cls in _all_subclasses(ApiMessage):
+        if getattr(cls, "_class_version", None) is not None or cls.__dict__.get("_json") is None:
+            continue
+        table = requests if cls.type == "request" else responses
+        table[cls.API_KEY] = cls
+    return requests, responses
+
+
+REQUESTS, RESPONSES = _message_classes()
+
+
+@dataclass(frozen=True, slots=True)
+class ExtraApi:
+    """An API kafka-python has no schema for: flexible from v0, resources up front."""
+
+    name: str
+    max_version: int
+    first_field: str | None  # "group" (compact string), "groups" (compact array) or None
+
+
+EXTRA_APIS: dict[int, ExtraApi] = {
+    68: ExtraApi("ConsumerGroupHeartbeat", 1, "group"),
+    69: ExtraApi("ConsumerGroupDescribe", 1, "groups"),
+    71: ExtraApi("GetTelemetrySubscriptions", 0, None),
+    72: ExtraApi("PushTelemetry", 0, None),
+}
+
+# Every API added since KIP-482 (Kafka 2.4) is flexible from v0.
+_FIRST_ALWAYS_FLEXIBLE_KEY = 56
+
+
+def api_name(api_key: int) -> str:
+    try:
+        return ApiKey(api_key).name
+    except ValueError:
+        return str(api_key)
+
+
+def api_key_by_name() -> dict[str, int]:
+    return {k.name: int(k) for k in ApiKey}
+
+
+def request_class(api_key: int, api_version: int) -> type | None:
+    cls = REQUESTS.get(api_key)
+    if cls is None or not 0 <= api_version <= cls.max_version:
+        return None
+    return cls
+
+
+def response_class(api_key: int, api_version: int) -> type | None:
+    cls = RESPONSES.get(api_key)
+    if cls is None or not 0 <= api_version <= cls.max_version:
+        return None
+    return cls
+
+
+def is_flexible(api_key: int, api_version: int) -> bool:
+    """Whether this request/response uses tagged fields (header v2 / v1)."""
+    cls = REQUESTS.get(api_key)
+    if cls is not None:
+        return cls.flexible_version_q(api_version)
+    return api_key >= _FIRST_ALWAYS_FLEXIBLE_KEY
+
+
+def response_header_flexible(api_key: int, api_version: int) -> bool:
+    # ApiVersions answers with header v0 whatever the version, so that a client
+    # can read the reply to a version the broker does not support.
+    return api_key != ApiKey.ApiVersions and is_flexible(api_key, api_version)
+
+
+# --------------------------------------------------------------------------
+# Resource extraction
+
+
+@dataclass(slots=True)
+class Resources:
+    topics: list[str]
+    groups: list[str]
+    transactional_ids: list[str]
+    topic_ids: list[uuid.UUID]
+
+
+# Memo of _plan (schema fields define __eq__ without __hash__, hence id()).
+_PLANS: dict[tuple[int, int], tuple] = {}
+
+
+def _plan(struct, version: int) -> tuple:
+    """Which fields of ``struct`` at ``version`` hold resources, as a nested plan.
+
+    A pure function of the schema, memoized: the walk per request then touches
+    only the fields that matter.
+    """
+    memo = _PLANS.get((id(struct), version))
+    if memo is not None:
+        return memo
+    plan = []
+    for field in struct._fields or ():
+        if not field.for_version_q(version) or field.name in _IGNORED_FIELDS:
+            continue
+        if field.is_struct() or field.is_struct_array():
+            sub = _plan(field, version)
+            if sub:
+                plan.append((field.name, "array" if field.is_struct_array() else "struct", sub))
+        elif field._entity_type in (TOPIC, GROUP, TXN):
+            plan.append((field.name, "array" if field.is_array() else "value", field._entity_type))
+        elif field.type_str == "uuid" and field.name == "topic_id":
+            plan.append((field.name, "value", "topicId"))
+        elif field.name in ("resource_name", "key", "coordinator_keys"):
+            # Named by a sibling type field (configs, FindCoordinator): see _typed_name.
+            plan.append((field.name, "array" if field.is_array() else "value", "typed"))
+    _PLANS[(id(struct), version)] = memo = tuple(plan)
+    return memo
+
+
+def _typed_name(obj, field_name: str) -> str | None:
+    if field_name == "resource_name":
+        kind = getattr(obj, "resource_type", None)
+        return {CONFIG_RESOURCE_TOPIC: TOPIC, CONFIG_RESOURCE_GROUP: GROUP}.get(kind)
+    kind = getattr(obj, "key_type", COORDINATOR_GROUP)
+    return {COORDINATOR_GROUP: GROUP, COORDINATOR_TXN: TXN}.get(kind)
+
+
+def _walk(obj, plan: tuple, out: Resources) -> None:
+    for name, shape, what in plan:
+        value = getattr(obj, name, None)
+        if value is None:
+            continue
+        if isinstance(what, tuple):
+            for item in value if shape == "array" else (value,):
+                if item is not None:
+                    _walk(item, what, out)
+            continue
+        if what == "typed":
+            what = _typed_name(obj, name)
+            if what is None:
+                continue
+        values = value if shape == "array" else (value,)
+        for v in values:
+            if what == "topicId":
+                if v is not None and v.int != 0:
+                    out.topic_ids.append(v)
+            elif v:  # empty/absent names (e.g. a v13 produce names topics by id only)
+                {TOPIC: out.topics, GROUP: out.groups, TXN: out.transactional_ids}[what].append(v)
+
+
+def extract(message, api_version: int) -> Resources:
+    out = Resources([], [], [], [])
+    _walk(message, _plan(type(message)._struct, api_version), out)
+    return out
+
+
+def metadata_wants_all_topics(message) -> bool:
+    """A Metadata request with null topics asks for every topic (v1+)."""
+    return getattr(message, "topics", ()) is None
