@@ -1,0 +1,5 @@
+import sys
+
+from l7proxy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,172 @@
+"""``rules.http``: method, path and host (full-match regexes), headers, headerMatches.
+
+A rule applies to plain HTTP requests and to gRPC calls (through the call's
+underlying HTTP request), as in Cilium where gRPC is written as HTTP paths.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from l7proxy.policy.errors import YamlPath
+from l7proxy.policy.rules import L7Kind, register
+from parsers.requests import GrpcCall, HttpRequest
+
+MISMATCH_ACTIONS = ("LOG", "ADD", "DELETE", "REPLACE")
+_FIELDS = ("method", "path", "host", "headers", "headerMatches")
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    name: str  # lower-case
+    value: str | None  # None = presence only
+    mismatch: str | None  # None = the rule fails on mismatch
+
+    def check(self, request: HttpRequest) -> tuple[bool, tuple[str, str, str] | None, str]:
+        """(rule still matches, header edit to apply, explanation)."""
+        values = request.header_values(self.name)
+        if self.value is None:
+            ok = bool(values)
+        else:
+            ok = self.value in values
+        if ok:
+            return True, None, f"header {self.name} ok"
+        want = self.name if self.value is None else f"{self.name}: {self.value}"
+        if self.mismatch is None:
+            return False, None, f"header {want} missing"
+        edit = {
+            "LOG": None,
+            "ADD": ("add", self.name, self.value or ""),
+            "DELETE": ("delete", self.name, ""),
+            "REPLACE": ("replace", self.name, self.value or ""),
+        }[self.mismatch]
+        return True, edit, f"header {want} mismatch -> {self.mismatch}"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRule:
+    method: re.Pattern[str] | None
+    path: re.Pattern[str] | None
+    host: re.Pattern[str] | None
+    headers: tuple[HeaderMatch, ...]
+
+    def _http(self, request: Any) -> HttpRequest | None:
+        if isinstance(request, HttpRequest):
+            return request
+        if isinstance(request, GrpcCall):
+            return request.http
+        return None
+
+    def matches(self, request: Any) -> bool:
+        http = self._http(request)
+        if http is None:
+            return False
+        if self.method is not None and not self.method.fullmatch(http.method):
+            return False
+        if self.path is not None and not self.path.fullmatch(http.path):
+            return False
+        if self.host is not None and not self.host.fullmatch(http.host):
+            return False
+        return all(h.check(http)[0] for h in self.headers)
+
+    def edits(self, request: Any) -> tuple[tuple[str, str, str], ...]:
+        http = self._http(request)
+        if http is None:
+            return ()
+        return tuple(e for h in self.headers if (e := h.check(http)[1]) is not None)
+
+    def explain(self, request: Any) -> str:
+        http = self._http(request)
+        if http is None:
+            return f"not an HTTP request ({type(request).__name__})"
+        reasons = []
+        for name, pattern, value in (("method", self.method, http.method), ("path", self.path, http.path), ("host", self.host, http.host)):
+            if pattern is not None:
+                ok = pattern.fullmatch(value) is not None
+                reasons.append(f"{name} {value!r} {'matches' if ok else 'does not match'} {pattern.pattern!r}")
+        reasons += [h.check(http)[2] for h in self.headers]
+        return "; ".join(reasons) or "matches every request"
+
+    def describe(self) -> str:
+        parts = [p.pattern for p in (self.method, self.path) if p is not None]
+        if self.host is not None:
+            parts.append(f"host={self.host.pattern}")
+        parts += [h.name if h.value is None else f"{h.name}={h.value}" for h in self.headers]
+        return " ".join(parts) or "any"
+
+
+def _regex(node: Any, path: YamlPath) -> re.Pattern[str] | None:
+    if node is None or node == "":
+        return None
+    if not isinstance(node, str):
+        raise path.error(f"expected a regex string, got {type(node).__name__}")
+    try:
+        return re.compile(node)
+    except re.error as exc:
+        raise path.error(f"invalid regex {node!r}: {exc}") from None
+
+
+def _header_list(node: Any, path: YamlPath) -> list[HeaderMatch]:
+    if not isinstance(node, list):
+        raise path.error("expected a list")
+    out = []
+    for i, item in enumerate(node):
+        if not isinstance(item, str) or not item.strip():
+            raise path.index(i).error("expected a header name, or 'Name: value'")
+        name, sep, value = item.partition(":")
+        if not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", name.strip()):
+            raise path.index(i).error(f"invalid header name {name.strip()!r}")
+        out.append(HeaderMatch(name.strip().lower(), value.strip() if sep else None, None))
+    return out
+
+
+def _header_matches(node: Any, path: YamlPath) -> list[HeaderMatch]:
+    if not isinstance(node, list):
+        raise path.error("expected a list")
+    out = []
+    for i, item in enumerate(node):
+        ipath = path.index(i)
+        if not isinstance(item, dict):
+            raise ipath.error("expected a mapping with name, value and optional mismatch")
+        for key in item:
+            if key not in ("name", "value", "mismatch", "secret"):
+                raise ipath.key(str(key)).error("unknown field (expected one of: name, value, mismatch)")
+        if "secret" in item:
+            raise ipath.key("secret").error("secrets are not supported on this node; use value")
+        name = item.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", name):
+            raise ipath.key("name").error(f"invalid header name {name!r}")
+        value = item.get("value")
+        if value is not None and not isinstance(value, (str, int)):
+            raise ipath.key("value").error("expected a string")
+        mismatch = item.get("mismatch")
+        if mismatch is not None and mismatch not in MISMATCH_ACTIONS:
+            raise ipath.key("mismatch").error(f"expected one of {', '.join(MISMATCH_ACTIONS)}, got {mismatch!r}")
+        if mismatch in ("ADD", "REPLACE") and value is None:
+            raise ipath.key("value").error(f"mismatch {mismatch} needs a value")
+        out.append(HeaderMatch(name.lower(), None if value is None else str(value), mismatch))
+    return out
+
+
+def compile_rule(node: Any, path: YamlPath) -> HttpRule:
+    if not isinstance(node, dict):
+        raise path.error("expected a mapping")
+    for key in node:
+        if key not in _FIELDS:
+            raise path.key(str(key)).error(f"unknown field (expected one of: {', '.join(_FIELDS)})")
+    headers = []
+    if node.get("headers") is not None:
+        headers += _header_list(node["headers"], path.key("headers"))
+    if node.get("headerMatches") is not None:
+        headers += _header_matches(node["headerMatches"], path.key("headerMatches"))
+    return HttpRule(
+        method=_regex(node.get("method"), path.key("method")),
+        path=_regex(node.get("path"), path.key("path")),
+        host=_regex(node.get("host"), path.key("host")),
+        headers=tuple(headers),
+    )
+
+
+register(L7Kind(key="http", parser="http", compile=compile_rule))

@@ -1,0 +1,70 @@
+"""Policy files on disk: load, validate, and reload without ever losing the last good set.
+
+A reload that fails leaves the policy in force untouched and reports the
+file, the YAML path and the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from l7proxy.policy.errors import PolicyError
+from l7proxy.policy.load import load_paths
+from l7proxy.policy.model import Policy
+
+log = logging.getLogger("l7proxy.policy")
+
+
+class PolicySource:
+    """Watches policy paths (files or directories) by modification stamp."""
+
+    def __init__(self, paths: Sequence[str | Path], on_change: Callable[[list[Policy]], None]):
+        self.paths = [Path(p) for p in paths]
+        self.on_change = on_change
+        self._stamp: tuple = ()
+        self.last_error: PolicyError | None = None
+        self.imports = 0
+        self.import_errors = 0
+
+    def _current_stamp(self) -> tuple:
+        items = []
+        for path in self.paths:
+            files = sorted(path.iterdir()) if path.is_dir() else [path]
+            for f in files:
+                try:
+                    st = os.stat(f)
+                except FileNotFoundError:
+                    items.append((str(f), None))
+                    continue
+                items.append((str(f), st.st_mtime_ns, st.st_size))
+        return tuple(items)
+
+    def load(self) -> list[Policy]:
+        """Initial load: raises PolicyError (nothing is in force yet)."""
+        self._stamp = self._current_stamp()
+        policies = load_paths(self.paths)
+        self.imports += 1
+        self.on_change(policies)
+        return policies
+
+    def poll(self) -> bool:
+        """Reload if anything changed. Returns True if a new policy took effect."""
+        stamp = self._current_stamp()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            policies = load_paths(self.paths)
+        except PolicyError as err:
+            self.last_error = err
+            self.import_errors += 1
+            log.error("policy rejected, keeping the last good policy: %s", err)
+            return False
+        self.last_error = None
+        self.imports += 1
+        self.on_change(policies)
+        log.info("policy reloaded: %d policies", len(policies))
+        return True

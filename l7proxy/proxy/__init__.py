@@ -1,0 +1,1 @@
+"""The proxy: listeners, per-connection pipes, and the I/O driver."""

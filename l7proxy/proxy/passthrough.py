@@ -1,0 +1,16 @@
+"""The engine for flows with no L7 rules: bytes pass untouched both ways."""
+
+from __future__ import annotations
+
+from parsers.base import ShutdownClient, ShutdownServer, ToClient, ToServer
+
+
+class PassthroughEngine:
+    protocol = "tcp"
+    reading_headers = False
+
+    def client_data(self, data: bytes) -> list:
+        return [ToServer(data)] if data else [ShutdownServer()]
+
+    def server_data(self, data: bytes) -> list:
+        return [ToClient(data)] if data else [ShutdownClient()]

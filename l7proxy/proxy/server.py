@@ -1,0 +1,200 @@
+"""Accepting proxied connections: transparent (kernel redirect) or firewall mode.
+
+Transparent mode: the datapath assigns redirected flows to our IP_TRANSPARENT
+listener, so the accepted socket's local address *is* the original
+destination. Upstream connections are bound to the client's address (source
+preservation) and carry the proxy's mark so the datapath lets them through
+instead of redirecting them again.
+
+Firewall mode: one service behind one listener; the destination is the
+configured upstream, and the service is the endpoint named by ``--labels``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from dataclasses import dataclass
+
+from l7proxy.flowlog import FlowLog, now_fields
+from l7proxy.policy.engine import Endpoint
+from l7proxy.policy.state import PolicyState
+from l7proxy.protocols import engine_factory
+from l7proxy.proxy.driver import (
+    WRITE_HIGH_WATER,
+    WRITE_LOW_WATER,
+    ClientSide,
+    Pipe,
+    ProxyLimits,
+    ProxyStats,
+    ServerSide,
+)
+from l7proxy.proxy.passthrough import PassthroughEngine
+
+log = logging.getLogger("l7proxy.proxy")
+
+IP_TRANSPARENT = 19
+SO_MARK = 36
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Firewall mode: where the one protected service lives."""
+
+    host: str
+    port: int
+    endpoint: Endpoint
+
+
+class Proxy:
+    def __init__(
+        self,
+        state: PolicyState,
+        flowlog: FlowLog,
+        *,
+        limits: ProxyLimits | None = None,
+        upstream: Upstream | None = None,
+        mark: int = 0,
+        preserve_source: bool = True,
+    ):
+        self.state = state
+        self.flowlog = flowlog
+        self.limits = limits or ProxyLimits()
+        self.stats = ProxyStats()
+        self.upstream = upstream
+        self.mark = mark
+        self.preserve_source = preserve_source
+        self.pipes: set[Pipe] = set()
+        self.servers: list[asyncio.AbstractServer] = []
+        self.listen_ports: set[int] = set()
+
+    # ------------------------------------------------------------ listeners
+
+    async def listen(self, host: str, port: int, *, transparent: bool = False, sock: socket.socket | None = None) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        if sock is None:
+            sock = make_listener(host, port, transparent=transparent)
+        server = await loop.create_server(lambda: ClientSide(self), sock=sock)
+        self.servers.append(server)
+        self.listen_ports.add(sock.getsockname()[1])
+        return sock
+
+    async def close(self, grace: float = 0.0) -> None:
+        for server in self.servers:
+            server.close()
+        if grace and self.pipes:
+            deadline = asyncio.get_running_loop().time() + grace
+            while self.pipes and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+        for pipe in list(self.pipes):
+            pipe.close("proxy shutting down")
+        self.flowlog.flush()
+
+    # ------------------------------------------------------------ per connection
+
+    def open_pipe(self, transport: asyncio.Transport) -> Pipe | None:
+        loop = asyncio.get_running_loop()
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        src_ip, src_port = _v4(peer[0]), peer[1]
+        if self.upstream is not None:
+            dst_ip, dst_port, dst_ep = self.upstream.host, self.upstream.port, self.upstream.endpoint
+        else:
+            dst_ip, dst_port, dst_ep = _v4(local[0]), local[1], None
+            if dst_port in self.listen_ports and self.state.current.endpoints_by_ip.get(dst_ip) is None and _is_local(dst_ip):
+                # A direct connection to the proxy port itself, not a redirected flow.
+                self.stats.connections_refused += 1
+                return None
+        state = self.state
+        src = state.side(src_ip, src_port)
+        dst = state.side(dst_ip, dst_port, dst_ep)
+        policy = state.connection(src, dst)
+        identities = state.current.identities
+        src_info, dst_info = src.describe(identities), dst.describe(identities)
+        if not policy.l4.allowed:
+            self.stats.connections_refused += 1
+            rec = now_fields()
+            rec.update(type="drop", protocol="tcp", source=src_info, destination=dst_info, verdict="DROPPED", reason=policy.l4.reason)
+            self.flowlog.emit(rec)
+            return None
+        parser = policy.parser
+        engine = engine_factory(parser)(policy.decide) if parser else PassthroughEngine()
+        pipe = Pipe(loop, engine, policy, self.flowlog, parser or "tcp", self.limits, self.stats)
+        pipe.client = transport
+        pipe.src_info, pipe.dst_info = src_info, dst_info
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.pipes.add(pipe)
+        self.stats.connections_total += 1
+        self.stats.connections_active += 1
+        pipe.timer = loop.call_later(min(self.limits.header_timeout, self.limits.idle_timeout) / 2, pipe.check_timers)
+        loop.create_task(self._connect_upstream(pipe, src_ip, dst_ip, dst_port))
+        return pipe
+
+    def pipe_closed(self, pipe: Pipe) -> None:
+        if pipe in self.pipes:
+            self.pipes.discard(pipe)
+            self.stats.connections_active -= 1
+
+    async def _connect_upstream(self, pipe: Pipe, src_ip: str, dst_ip: str, dst_port: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            if self.upstream is not None:
+                coro = loop.create_connection(lambda: ServerSide(pipe), dst_ip, dst_port)
+            else:
+                coro = self._transparent_connect(pipe, src_ip, dst_ip, dst_port)
+            await asyncio.wait_for(coro, self.limits.connect_timeout)
+        except (TimeoutError, OSError) as exc:
+            self.stats.upstream_failures += 1
+            log.info("upstream %s:%s unreachable: %s", dst_ip, dst_port, exc or "timeout")
+            pipe.close(f"upstream unreachable: {exc or 'timeout'}")
+
+    async def _transparent_connect(self, pipe: Pipe, src_ip: str, dst_ip: str, dst_port: int):
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            if self.mark:
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            if self.preserve_source:
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((src_ip, 0))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_connect(sock, (dst_ip, dst_port))
+            if pipe.closing:
+                sock.close()
+                return None
+            return await loop.create_connection(lambda: ServerSide(pipe), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+
+
+def make_listener(host: str, port: int, *, transparent: bool = False, backlog: int = 1024) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if transparent:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(exc.errno, f"cannot listen on {host}:{port}: address in use") from None
+        raise
+    return sock
+
+
+def _v4(ip: str) -> str:
+    return ip[7:] if ip.startswith("::ffff:") else ip
+
+
+def _is_local(ip: str) -> bool:
+    return ip.startswith("127.") or ip == "0.0.0.0"
