@@ -143,7 +143,11 @@ class KafkaEngine:
         client_id = None
         if client_len >= 0:
             if pos + client_len > len(frame):
-                out.append(ParseError("client", ProtocolError("kafka request header truncated", code="bad_header")))
+                out.append(
+                    ParseError(
+                        "client", ProtocolError("kafka request header truncated", code="bad_header")
+                    )
+                )
                 return False
             client_id = frame[pos : pos + client_len].decode("utf-8", "replace")
             pos += client_len
@@ -167,7 +171,9 @@ class KafkaEngine:
             out.append(Reply(correlation_id, {"api": name, "acks": 0, "error_code": code}))
             return True
         try:
-            wire = kafka_deny.denial(api_key, api_version, correlation_id, message, code, self._cluster)
+            wire = kafka_deny.denial(
+                api_key, api_version, correlation_id, message, code, self._cluster
+            )
         except Exception as exc:  # an encoder bug must not hang the client
             wire, why = None, f"{type(exc).__name__}: {exc}"
         else:
@@ -182,7 +188,12 @@ class KafkaEngine:
         return True
 
     def _decode(self, frame, pos, api_key, api_version, correlation_id, client_id):
-        base = dict(api_key=api_key, api_version=api_version, correlation_id=correlation_id, client_id=client_id)
+        base = dict(
+            api_key=api_key,
+            api_version=api_version,
+            correlation_id=correlation_id,
+            client_id=client_id,
+        )
         extra = kafka_apis.EXTRA_APIS.get(api_key)
         if extra is not None:
             return self._decode_extra(extra, frame, pos, base)
@@ -203,7 +214,9 @@ class KafkaEngine:
         for topic_id in found.topic_ids:
             topic = self._topic_names.get(topic_id)
             if topic is None:
-                undecodable = f"topic id {topic_id} not seen in a Metadata response on this connection"
+                undecodable = (
+                    f"topic id {topic_id} not seen in a Metadata response on this connection"
+                )
             elif topic not in topics:
                 topics.append(topic)
         request = KafkaRequest(
@@ -242,9 +255,15 @@ class KafkaEngine:
         """
         kinds = [bool(request.topics), bool(request.groups), bool(request.transactional_ids)]
         if sum(kinds) > 1:
-            if request.transactional_ids and not self._decide(replace(request, topics=(), groups=())).allowed:
+            if (
+                request.transactional_ids
+                and not self._decide(replace(request, topics=(), groups=())).allowed
+            ):
                 return kafka_deny.TRANSACTIONAL_ID_AUTHORIZATION_FAILED
-            if request.groups and not self._decide(replace(request, topics=(), transactional_ids=())).allowed:
+            if (
+                request.groups
+                and not self._decide(replace(request, topics=(), transactional_ids=())).allowed
+            ):
                 return kafka_deny.GROUP_AUTHORIZATION_FAILED
             if request.topics:
                 return kafka_deny.TOPIC_AUTHORIZATION_FAILED
@@ -273,7 +292,9 @@ class KafkaEngine:
         if not data:
             out: list[Command] = []
             if self._owed:
-                out.append(Log(f"broker closed with {len(self._owed)} response(s) owed", level="info"))
+                out.append(
+                    Log(f"broker closed with {len(self._owed)} response(s) owed", level="info")
+                )
             out.append(ShutdownClient())
             return out
         buf = self._server
@@ -300,7 +321,9 @@ class KafkaEngine:
     def _response(self, frame: bytes, out: list[Command]) -> bool:
         (correlation_id,) = _size.unpack_from(frame, 4)
         if not self._owed:
-            error = ProtocolError(f"broker sent response {correlation_id} nobody asked for", code="unsolicited")
+            error = ProtocolError(
+                f"broker sent response {correlation_id} nobody asked for", code="unsolicited"
+            )
             out.append(ParseError("server", error))
             return False
         owed = self._owed.popleft()

@@ -33,7 +33,9 @@ def _produce(R, req, code):
             T(
                 name=t.name,
                 topic_id=t.topic_id,
-                partition_responses=[P(index=p.index, error_code=code, base_offset=-1) for p in t.partition_data],
+                partition_responses=[
+                    P(index=p.index, error_code=code, base_offset=-1) for p in t.partition_data
+                ],
             )
             for t in req.topic_data
         ]
@@ -88,7 +90,13 @@ def _metadata(R, req, code, cluster):
     T = R.MetadataResponseTopic
     B = R.MetadataResponseBroker
     topics = [
-        T(error_code=code, name=t.name, topic_id=t.topic_id or ZERO_UUID, is_internal=False, partitions=[])
+        T(
+            error_code=code,
+            name=t.name,
+            topic_id=t.topic_id or ZERO_UUID,
+            is_internal=False,
+            partitions=[],
+        )
         for t in req.topics or ()
     ]
     return R(
@@ -108,7 +116,9 @@ def _offset_commit(R, req, code):
             T(
                 name=t.name,
                 topic_id=t.topic_id,
-                partitions=[P(partition_index=p.partition_index, error_code=code) for p in t.partitions],
+                partitions=[
+                    P(partition_index=p.partition_index, error_code=code) for p in t.partitions
+                ],
             )
             for t in req.topics
         ]
@@ -159,14 +169,25 @@ def _find_coordinator(R, req, code, version):
     if version < 4:
         return R(error_code=code, node_id=-1, host="", port=-1)
     C = R.Coordinator
-    return R(coordinators=[C(key=k, node_id=-1, host="", port=-1, error_code=code) for k in req.coordinator_keys])
+    return R(
+        coordinators=[
+            C(key=k, node_id=-1, host="", port=-1, error_code=code) for k in req.coordinator_keys
+        ]
+    )
 
 
 def _create_topics(R, req, code):
     T = R.CreatableTopicResult
     return R(
         topics=[
-            T(name=t.name, topic_id=ZERO_UUID, error_code=code, num_partitions=-1, replication_factor=-1, configs=None)
+            T(
+                name=t.name,
+                topic_id=ZERO_UUID,
+                error_code=code,
+                num_partitions=-1,
+                replication_factor=-1,
+                configs=None,
+            )
             for t in req.topics
         ]
     )
@@ -176,7 +197,11 @@ def _delete_topics(R, req, code, version):
     T = R.DeletableTopicResult
     if version < 6:
         return R(responses=[T(name=n, error_code=code) for n in req.topic_names])
-    return R(responses=[T(name=t.name, topic_id=t.topic_id or ZERO_UUID, error_code=code) for t in req.topics])
+    return R(
+        responses=[
+            T(name=t.name, topic_id=t.topic_id or ZERO_UUID, error_code=code) for t in req.topics
+        ]
+    )
 
 
 def _delete_records(R, req, code):
@@ -186,7 +211,10 @@ def _delete_records(R, req, code):
         topics=[
             T(
                 name=t.name,
-                partitions=[P(partition_index=p.partition_index, low_watermark=-1, error_code=code) for p in t.partitions],
+                partitions=[
+                    P(partition_index=p.partition_index, low_watermark=-1, error_code=code)
+                    for p in t.partitions
+                ],
             )
             for t in req.topics
         ]
@@ -200,7 +228,10 @@ def _offset_for_leader_epoch(R, req, code):
         topics=[
             T(
                 topic=t.topic,
-                partitions=[P(error_code=code, partition=p.partition, leader_epoch=-1, end_offset=-1) for p in t.partitions],
+                partitions=[
+                    P(error_code=code, partition=p.partition, leader_epoch=-1, end_offset=-1)
+                    for p in t.partitions
+                ],
             )
             for t in req.topics
         ]
@@ -213,7 +244,12 @@ def _add_partitions_to_txn(R, req, code, version):
 
     def topics(ts):
         return [
-            T(name=t.name, results_by_partition=[P(partition_index=i, partition_error_code=code) for i in t.partitions])
+            T(
+                name=t.name,
+                results_by_partition=[
+                    P(partition_index=i, partition_error_code=code) for i in t.partitions
+                ],
+            )
             for t in ts
         ]
 
@@ -223,7 +259,8 @@ def _add_partitions_to_txn(R, req, code, version):
     return R(
         error_code=0,
         results_by_transaction=[
-            X(transactional_id=x.transactional_id, topic_results=topics(x.topics)) for x in req.transactions
+            X(transactional_id=x.transactional_id, topic_results=topics(x.topics))
+            for x in req.transactions
         ],
     )
 
@@ -233,7 +270,12 @@ def _txn_offset_commit(R, req, code):
     P = T.TxnOffsetCommitResponsePartition
     return R(
         topics=[
-            T(name=t.name, partitions=[P(partition_index=p.partition_index, error_code=code) for p in t.partitions])
+            T(
+                name=t.name,
+                partitions=[
+                    P(partition_index=p.partition_index, error_code=code) for p in t.partitions
+                ],
+            )
             for t in req.topics
         ]
     )
@@ -243,7 +285,13 @@ def _describe_configs(R, req, code):
     X = R.DescribeConfigsResult
     return R(
         results=[
-            X(error_code=code, error_message=None, resource_type=r.resource_type, resource_name=r.resource_name, configs=[])
+            X(
+                error_code=code,
+                error_message=None,
+                resource_type=r.resource_type,
+                resource_name=r.resource_name,
+                configs=[],
+            )
             for r in req.resources
         ]
     )
@@ -253,7 +301,12 @@ def _alter_configs(R, req, code):
     X = R.AlterConfigsResourceResponse
     return R(
         responses=[
-            X(error_code=code, error_message=None, resource_type=r.resource_type, resource_name=r.resource_name)
+            X(
+                error_code=code,
+                error_message=None,
+                resource_type=r.resource_type,
+                resource_name=r.resource_name,
+            )
             for r in req.resources
         ]
     )
@@ -270,7 +323,12 @@ def _offset_delete(R, req, code):
     return R(
         error_code=0 if code == TOPIC_AUTHORIZATION_FAILED else code,
         topics=[
-            T(name=t.name, partitions=[P(partition_index=p.partition_index, error_code=code) for p in t.partitions])
+            T(
+                name=t.name,
+                partitions=[
+                    P(partition_index=p.partition_index, error_code=code) for p in t.partitions
+                ],
+            )
             for t in req.topics
         ],
     )
@@ -280,7 +338,14 @@ def _describe_groups(R, req, code):
     G = R.DescribedGroup
     return R(
         groups=[
-            G(error_code=code, group_id=g, group_state="", protocol_type="", protocol_data="", members=[])
+            G(
+                error_code=code,
+                group_id=g,
+                group_state="",
+                protocol_type="",
+                protocol_data="",
+                members=[],
+            )
             for g in req.groups
         ]
     )
@@ -324,7 +389,9 @@ def _encode(response, correlation_id: int) -> bytes:
     return bytes(response.encode(header=True, framed=True))
 
 
-def denial(api_key: int, api_version: int, correlation_id: int, message, code: int, cluster) -> bytes | None:
+def denial(
+    api_key: int, api_version: int, correlation_id: int, message, code: int, cluster
+) -> bytes | None:
     """Framed error response for a decoded request ``message``, or None."""
     if api_key in kafka_apis.EXTRA_APIS:
         return _extra_denial(api_key, api_version, correlation_id, message, code)

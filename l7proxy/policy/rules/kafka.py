@@ -29,14 +29,22 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from kafka.protocol.api_key import ApiKey
+
 from l7proxy.policy.errors import YamlPath
 from l7proxy.policy.rules import L7Kind, register
 from parsers.requests import KafkaRequest
 
-# Kafka API keys by name (kafka-python's table mirrors Kafka's ApiKeys).
-from kafka.protocol.api_key import ApiKey  # isort: skip
-
-_FIELDS = ("role", "apiKey", "apiVersion", "clientID", "topic", "topicPrefix", "group", "transactionalID")
+_FIELDS = (
+    "role",
+    "apiKey",
+    "apiVersion",
+    "clientID",
+    "topic",
+    "topicPrefix",
+    "group",
+    "transactionalID",
+)
 
 # Names as Cilium spells them (lower case, "offsets" for ListOffsets) and as Kafka does.
 API_KEYS: dict[str, int] = {k.name.lower(): int(k) for k in ApiKey}
@@ -109,7 +117,10 @@ class KafkaRule:
         return True
 
     def _restricts_resources(self) -> bool:
-        return any(x is not None for x in (self.topic, self.topic_prefix, self.group, self.transactional_id))
+        return any(
+            x is not None
+            for x in (self.topic, self.topic_prefix, self.group, self.transactional_id)
+        )
 
     def _head_mismatch(self, request: Any) -> str | None:
         """Why everything but the topics fails to match, or None if it matches."""
@@ -240,7 +251,9 @@ def compile_rule(node: Any, path: YamlPath) -> KafkaRule:
 
     rule = dict(
         api_keys=api_keys,
-        api_version=_api_version(node["apiVersion"], path.key("apiVersion")) if "apiVersion" in node else None,
+        api_version=_api_version(node["apiVersion"], path.key("apiVersion"))
+        if "apiVersion" in node
+        else None,
         client_id=opt("clientID"),
         topic=opt("topic", topic_like=True),
         topic_prefix=opt("topicPrefix", topic_like=True),
