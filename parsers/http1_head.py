@@ -1,0 +1,344 @@
+"""HTTP/1.x message heads: the parsed form, the pure-Python parser, and the
+framing rules both parsers share.
+
+A head parser turns the bytes of one head (start line, field lines, the
+empty line) into a ``MessageHead``. Two implementations follow one contract
+(``parsers.http1_fast`` is the llhttp one):
+
+    parser = PyRequestHead()            # one object per reader, reused
+    parser.partial(buf)                 # optional: check an incomplete head early
+    head = parser.complete(head_bytes)  # -> MessageHead, or a typed Http1Error
+
+``complete`` ends with ``frame_request``/``frame_response`` here, so how a
+body is delimited (and every smuggling rule) is decided in one place for
+both implementations.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from parsers.http1_errors import AmbiguousFraming, Http1Error, MalformedMessage
+
+# llhttp's list of HTTP (not RTSP/ICE) methods. A proxy judging requests by
+# method must not forward one it cannot name; llhttp refuses the rest, so
+# the pure-Python parser refuses them too and both agree.
+KNOWN_METHODS = frozenset(
+    b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND "
+    b"PROPPATCH SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE "
+    b"M-SEARCH NOTIFY SUBSCRIBE UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE "
+    b"QUERY".split()
+)
+
+# Content codings a request may carry before ``chunked``; anything else is
+# refused rather than forwarded to a server that might read it differently.
+KNOWN_CODINGS = frozenset({"chunked", "gzip", "x-gzip", "deflate", "compress", "x-compress"})
+
+TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+FIELD_VALUE_CHARS = rb"[\t\x20-\x7e\x80-\xff]"
+REQUEST_LINE = re.compile(rb"(" + TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.([01])")
+STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: (" + FIELD_VALUE_CHARS + rb"*))?")
+FIELD_LINE = re.compile(rb"(" + TOKEN + rb"):[ \t]*(" + FIELD_VALUE_CHARS + rb"*?)[ \t]*")
+CONTENT_LENGTH = re.compile(rb"[ \t]*([0-9]+)[ \t]*")
+
+# Request-target forms (RFC 9112 section 3.2). A fragment is never part of
+# a target; a userinfo in an http(s) URI is treated as an error (RFC 9110 4.2.4).
+ORIGIN_FORM = re.compile(r"/[!$&'()*+,;=:@%/?A-Za-z0-9._~\-\"\\|\[\]{}^`<>]*")
+ABSOLUTE_FORM = re.compile(
+    r"(?i:https?)://(?:[A-Za-z0-9._~\-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+    r"(?:[/?][!$&'()*+,;=:@%/?A-Za-z0-9._~\-\"\\|\[\]{}^`<>]*)?"
+)
+AUTHORITY_FORM = re.compile(r"(?:[A-Za-z0-9._~\-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}")
+
+MAX_CONTENT_LENGTH = 2**63 - 1
+
+
+@dataclass(slots=True)
+class MessageHead:
+    """One parsed request or response head.
+
+    ``headers`` keeps wire order and the sender's spelling of names; values
+    have surrounding whitespace removed. ``framing`` is how the body is
+    delimited: ``"none"``, ``"length"`` (``length`` bytes), ``"chunked"`` or
+    ``"close"`` (a response read until the server closes).
+    """
+
+    method: str = ""
+    target: str = ""
+    status: int = 0
+    reason: str = ""
+    version: str = "1.1"
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    size: int = 0
+    framing: str = "none"
+    length: int = 0
+    codings: tuple[str, ...] = ()  # transfer codings before "chunked"
+    keep_alive: bool = True
+    upgrade: bool = False  # request asks to switch protocols (Upgrade or CONNECT)
+    expect_continue: bool = False
+
+    def values(self, name: bytes) -> list[bytes]:
+        name = name.lower()
+        return [v for k, v in self.headers if k.lower() == name]
+
+
+# --------------------------------------------------------------------------
+# Shared framing semantics (RFC 9112 section 6).
+
+
+def _connection_tokens(head: MessageHead) -> set[str]:
+    tokens: set[str] = set()
+    for value in head.values(b"connection"):
+        tokens.update(t.strip().lower() for t in value.decode("latin-1").split(","))
+    return tokens
+
+
+def _content_length(head: MessageHead, side: str) -> int | None:
+    values = head.values(b"content-length")
+    if not values:
+        return None
+    if len(values) > 1:
+        raise AmbiguousFraming("more than one Content-Length", code="duplicate_content_length", side=side)
+    match = CONTENT_LENGTH.fullmatch(values[0])
+    if match is None:
+        raise AmbiguousFraming("invalid Content-Length", code="invalid_content_length", side=side)
+    length = int(match.group(1))
+    if length > MAX_CONTENT_LENGTH:
+        raise AmbiguousFraming("Content-Length overflows", code="invalid_content_length", side=side)
+    return length
+
+
+def _transfer_codings(head: MessageHead) -> list[str] | None:
+    values = head.values(b"transfer-encoding")
+    if not values:
+        return None
+    codings: list[str] = []
+    for value in values:
+        # Empty list elements are legal (RFC 9110 5.6.1) and skipped.
+        codings.extend(c for c in (p.strip().lower() for p in value.decode("latin-1").split(",")) if c)
+    return codings
+
+
+def frame_request(head: MessageHead) -> MessageHead:
+    """Decide how the request body is delimited, refusing anything ambiguous."""
+    side = "client"
+    tokens = _connection_tokens(head)
+    if head.version == "1.1":
+        head.keep_alive = "close" not in tokens
+    else:
+        head.keep_alive = "keep-alive" in tokens and "close" not in tokens
+    hosts = head.values(b"host")
+    if len(hosts) > 1:
+        raise AmbiguousFraming("more than one Host", code="duplicate_host", side=side)
+    _check_target(head)
+    length = _content_length(head, side)
+    codings = _transfer_codings(head)
+    if codings is not None:
+        if length is not None:
+            raise AmbiguousFraming("both Content-Length and Transfer-Encoding", code="cl_and_te", side=side)
+        if head.version != "1.1":
+            raise AmbiguousFraming("Transfer-Encoding in an HTTP/1.0 request", code="te_http10", side=side)
+        if not codings or codings[-1] != "chunked":
+            raise AmbiguousFraming("final transfer coding is not chunked", code="te_not_chunked", side=side)
+        if codings.count("chunked") != 1:
+            raise AmbiguousFraming("chunked applied more than once", code="te_chunked_twice", side=side)
+        unknown = [c for c in codings if c not in KNOWN_CODINGS]
+        if unknown:
+            raise AmbiguousFraming(f"unknown transfer coding {unknown[0]!r}", code="te_unknown", side=side)
+        head.framing, head.codings = "chunked", tuple(codings[:-1])
+    elif length:
+        head.framing, head.length = "length", length
+    head.upgrade = head.method == "CONNECT" or ("upgrade" in tokens and bool(head.values(b"upgrade")))
+    head.expect_continue = any(v.lower() == b"100-continue" for v in head.values(b"expect"))
+    return head
+
+
+def _check_target(head: MessageHead) -> None:
+    target, method = head.target, head.method
+    if method == "CONNECT":
+        ok = AUTHORITY_FORM.fullmatch(target) is not None
+    elif target == "*":
+        ok = method == "OPTIONS"
+    elif target.startswith("/"):
+        ok = ORIGIN_FORM.fullmatch(target) is not None
+    else:
+        ok = ABSOLUTE_FORM.fullmatch(target) is not None
+    if not ok:
+        raise MalformedMessage(f"request target not allowed: {target[:80]!r}", code="invalid_target")
+
+
+def frame_response(head: MessageHead, request_method: str = "GET") -> MessageHead:
+    """Decide how a response body is delimited, given the request it answers."""
+    side = "server"
+    tokens = _connection_tokens(head)
+    if head.version == "1.1":
+        head.keep_alive = "close" not in tokens
+    else:
+        head.keep_alive = "keep-alive" in tokens and "close" not in tokens
+    status = head.status
+    length = _content_length(head, side)
+    codings = _transfer_codings(head)
+    if length is not None and codings is not None:
+        raise AmbiguousFraming("both Content-Length and Transfer-Encoding", code="cl_and_te", side=side)
+    if status < 200 or status in (204, 304) or request_method == "HEAD":
+        head.framing = "none"
+    elif request_method == "CONNECT" and status < 300:
+        head.framing = "none"
+    elif codings is not None:
+        if codings and codings[-1] == "chunked":
+            if codings.count("chunked") != 1:
+                raise AmbiguousFraming("chunked applied more than once", code="te_chunked_twice", side=side)
+            head.framing, head.codings = "chunked", tuple(codings[:-1])
+        else:
+            # RFC 9112 6.3: a response whose final coding is not chunked
+            # runs until the connection closes.
+            head.framing, head.keep_alive = "close", False
+    elif length is not None:
+        head.framing, head.length = ("length", length) if length else ("none", 0)
+    else:
+        head.framing, head.keep_alive = "close", False
+    return head
+
+
+# --------------------------------------------------------------------------
+# The pure-Python head parser.
+
+
+def has_bare_cr_or_lf(buf: bytes | bytearray) -> bool:
+    """A CR not followed by LF (except a last byte that may be half a CRLF),
+    or an LF not preceded by CR. Counting keeps it in C."""
+    pairs = buf.count(b"\r\n")
+    cr = buf.count(b"\r") - buf.endswith(b"\r")
+    return cr != pairs or buf.count(b"\n") != pairs
+
+
+def explain_line(line: bytes, side: str, what: str = "header") -> Http1Error:
+    """Name the rule a rejected line broke (only run on the error path)."""
+    if line[:1] in (b" ", b"\t"):
+        return MalformedMessage("obsolete line folding", code="obs_fold", side=side)
+    if b"\r" in line:
+        return MalformedMessage("bare CR", code="bare_cr", side=side)
+    if b"\n" in line:
+        return MalformedMessage("bare LF", code="bare_lf", side=side)
+    name, colon, _ = line.partition(b":")
+    if colon and name[-1:] in (b" ", b"\t"):
+        return MalformedMessage("whitespace between field name and colon", code="space_before_colon", side=side)
+    if any(b < 0x20 and b != 9 or b == 0x7F for b in line):
+        return MalformedMessage(f"control character in {what}", code="ctl", side=side)
+    return MalformedMessage(f"invalid {what} line", code=f"invalid_{what}", side=side)
+
+
+class _PyHead:
+    """Shared line handling for the request and response head parsers."""
+
+    side = "client"
+    max_lines = 1000
+
+    def __init__(self) -> None:
+        self._checked = 0  # bytes of the pending head already validated
+        self._lengths = 0
+
+    def reset(self) -> None:
+        self._checked = 0
+        self._lengths = 0
+
+    def partial(self, buf: bytes | bytearray) -> None:
+        """Validate the complete lines of an unfinished head, so an error
+        shows up as soon as its line has arrived (as llhttp does)."""
+        pos = self._checked
+        while True:
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                break
+            line = bytes(buf[pos:eol])
+            if pos == 0:
+                self._start_line(line)
+            else:
+                self._field_line(line)
+            pos = eol + 2
+        self._checked = pos
+        rest = buf[pos:]
+        if b"\n" in rest or has_bare_cr_or_lf(rest):
+            raise explain_line(bytes(rest), self.side, "start" if pos == 0 else "header")
+
+    def _field_line(self, line: bytes) -> tuple[bytes, bytes]:
+        match = FIELD_LINE.fullmatch(line)
+        if match is None:
+            raise explain_line(line, self.side)
+        name, value = match.groups()
+        if len(name) == 14 and name.lower() == b"content-length":
+            self._lengths += 1
+            if self._lengths > 1:
+                raise AmbiguousFraming("more than one Content-Length", code="duplicate_content_length", side=self.side)
+            if not value.isdigit():
+                raise AmbiguousFraming("invalid Content-Length", code="invalid_content_length", side=self.side)
+            if len(value) > 19 and int(value) > MAX_CONTENT_LENGTH:
+                raise AmbiguousFraming("Content-Length overflows", code="invalid_content_length", side=self.side)
+        return name, value
+
+    def _fields(self, lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+        if len(lines) > self.max_lines:
+            raise MalformedMessage("too many header lines", side=self.side)
+        self._lengths = 0
+        return [self._field_line(line) for line in lines[1:]]
+
+    def _start_line(self, line: bytes) -> object:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class PyRequestHead(_PyHead):
+    side = "client"
+
+    def _start_line(self, line: bytes):
+        match = REQUEST_LINE.fullmatch(line)
+        if match is None:
+            if line.startswith(b" ") or line.count(b" ") != 2:
+                raise MalformedMessage("invalid request line", code="invalid_request_line")
+            method, _, rest = line.partition(b" ")
+            if re.fullmatch(TOKEN, method) is None:
+                raise MalformedMessage("invalid method", code="invalid_method")
+            raise explain_line(line, "client", "request") if not rest.endswith((b"HTTP/1.0", b"HTTP/1.1")) else MalformedMessage(
+                "invalid request target", code="invalid_target"
+            )
+        if match.group(1) not in KNOWN_METHODS:
+            raise MalformedMessage("unknown method", code="invalid_method")
+        return match
+
+    def complete(self, head: bytes) -> MessageHead:
+        lines = head[:-4].split(b"\r\n")
+        match = self._start_line(lines[0])
+        method, target, minor = match.groups()
+        msg = MessageHead(
+            method=method.decode("ascii"),
+            target=target.decode("ascii"),
+            version="1.1" if minor == b"1" else "1.0",
+            headers=self._fields(lines),
+            size=len(head),
+        )
+        self.reset()
+        return frame_request(msg)
+
+
+class PyResponseHead(_PyHead):
+    side = "server"
+
+    def _start_line(self, line: bytes):
+        match = STATUS_LINE.fullmatch(line)
+        if match is None:
+            raise MalformedMessage("invalid status line", code="invalid_status_line", side="server")
+        return match
+
+    def complete(self, head: bytes, request_method: str = "GET") -> MessageHead:
+        lines = head[:-4].split(b"\r\n")
+        match = self._start_line(lines[0])
+        minor, status, reason = match.groups()
+        msg = MessageHead(
+            status=int(status),
+            reason=(reason or b"").decode("latin-1"),
+            version="1.1" if minor == b"1" else "1.0",
+            headers=self._fields(lines),
+            size=len(head),
+        )
+        self.reset()
+        return frame_response(msg, request_method)
