@@ -197,7 +197,8 @@ def _selector(node: Any, path: YamlPath) -> LabelSelector:
     if node is None:
         return LabelSelector()
     node = _mapping(node, path, ("matchLabels", "matchExpressions"))
-    labels = node.get("matchLabels") or {}
+    labels = node.get("matchLabels")
+    labels = {} if labels is None else labels
     if not isinstance(labels, dict):
         raise path.key("matchLabels").error("expected a mapping")
     match_labels = tuple(
