@@ -1,0 +1,70 @@
+"""The two h2 connection objects of the relay, configured for proxying.
+
+h2 treats GOAWAY, sent or received, as the end of the connection: any frame
+after it is a protocol error. RFC 9113 §6.8 wants a graceful GOAWAY (NO_ERROR)
+to let in-flight streams finish, which a proxy must honour in both directions
+(gRPC servers send one on every graceful shutdown). ``RelayConnection``
+keeps the connection open after a NO_ERROR GOAWAY; the engine itself refuses
+new streams from then on.
+"""
+
+from __future__ import annotations
+
+import base64
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import ConnectionTerminated
+from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame, SettingsFrame
+
+
+class RelayConnection(H2Connection):
+    peer_going_away = False
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame):  # type: ignore[override]
+        if frame.error_code != 0:
+            return super()._receive_goaway_frame(frame)
+        self.peer_going_away = True
+        event = ConnectionTerminated()
+        event.error_code = ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+    def send_graceful_goaway(self, last_stream_id: int) -> None:
+        """GOAWAY(NO_ERROR) without giving up the streams in flight."""
+        self._prepare_for_sending([GoAwayFrame(stream_id=0, last_stream_id=last_stream_id, error_code=0)])
+
+
+def relay_connection(*, client_side: bool) -> RelayConnection:
+    # Header validation is ours (parsers.h2_headers) so that a malformed
+    # section is a stream error, not a connection error; headers are
+    # forwarded as received (bytes, no normalisation) and were validated on
+    # the way in, so outbound checks would only cost time.
+    config = H2Configuration(
+        client_side=client_side,
+        header_encoding=None,
+        validate_outbound_headers=False,
+        normalize_outbound_headers=False,
+        validate_inbound_headers=False,
+        normalize_inbound_headers=False,
+    )
+    return RelayConnection(config=config)
+
+
+def decode_settings_header(value: bytes) -> dict[int, int]:
+    """The ``HTTP2-Settings`` header of an h2c upgrade (base64url SETTINGS payload)."""
+    raw = base64.urlsafe_b64decode(value + b"=" * (-len(value) % 4))
+    frame = SettingsFrame(0)
+    frame.parse_body(memoryview(raw))
+    return dict(frame.settings)
+
+
+def settings(client_side: bool, values: dict[int, int]) -> Settings:
+    known = {code.value for code in SettingCodes}
+    return Settings(
+        client=client_side,
+        initial_values={SettingCodes(k): v for k, v in values.items() if k in known},
+    )

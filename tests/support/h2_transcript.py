@@ -1,0 +1,193 @@
+"""Drive an Engine with real h2 connection objects on both ends, no sockets.
+
+A ``Transcript`` owns an h2 client and an h2 server (python-hyper/h2, the
+same library a real peer would use) and pumps bytes between them through the
+engine until nothing moves. Bytes can be handed to the engine whole, byte by
+byte, or split at random points (``split``). Events each peer saw and the
+engine's non-byte commands are recorded for assertions.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import DataReceived
+from h2.settings import Settings
+
+from parsers.base import ToClient, ToServer
+from parsers.h2_conn import RelayConnection
+
+Split = Callable[[bytes], list[bytes]]
+
+
+def whole(data: bytes) -> list[bytes]:
+    return [data]
+
+
+def bytewise(data: bytes) -> list[bytes]:
+    return [data[i : i + 1] for i in range(len(data))]
+
+
+def random_split(seed: int = 7) -> Split:
+    rng = random.Random(seed)
+
+    def split(data: bytes) -> list[bytes]:
+        chunks, pos = [], 0
+        while pos < len(data):
+            step = rng.randint(1, 64) if rng.random() < 0.5 else rng.randint(1, 4096)
+            chunks.append(data[pos : pos + step])
+            pos += step
+        return chunks
+
+    return split
+
+
+SPLITS = {"whole": whole, "bytewise": bytewise, "random": random_split()}
+
+
+def _config(client_side: bool, strict: bool = True) -> H2Configuration:
+    return H2Configuration(
+        client_side=client_side,
+        header_encoding=None,
+        validate_outbound_headers=strict,
+        normalize_outbound_headers=strict,
+    )
+
+
+class Transcript:
+    def __init__(self, engine, split: Split = whole, *, strict_client: bool = True, graceful_client: bool = False):
+        self.engine = engine
+        self.split = split
+        # Plain h2 treats any GOAWAY as the end; real clients finish their streams.
+        client_class = RelayConnection if graceful_client else H2Connection
+        self.client = client_class(config=_config(True, strict_client))
+        self.server = H2Connection(_config(False))
+        self.client_events: list = []
+        self.server_events: list = []
+        self.commands: list = []  # everything the engine emitted except bytes
+        self.to_server_bytes = 0
+        self.server_reads = True  # False: the server application stops consuming DATA
+        self.client_reads = True
+        self.server_unacked: list[tuple[int, int]] = []
+
+    def start(self, server_settings: dict | None = None, client_settings: dict | None = None) -> Transcript:
+        if client_settings:
+            self.client.update_settings(client_settings)
+        self.client.initiate_connection()
+        if server_settings:
+            self.server.local_settings = Settings(client=False, initial_values=server_settings)
+        self.server.initiate_connection()
+        self.pump()
+        return self
+
+    # ---------------------------------------------------------------- pumping
+
+    def pump(self, rounds: int = 10_000) -> None:
+        for _ in range(rounds):
+            moved = False
+            data = self.client.data_to_send()
+            if data:
+                moved = True
+                for chunk in self.split(data):
+                    self._run(self.engine.client_data(chunk))
+            data = self.server.data_to_send()
+            if data:
+                moved = True
+                for chunk in self.split(data):
+                    self._run(self.engine.server_data(chunk))
+            if not moved:
+                return
+        raise AssertionError("transcript did not settle")
+
+    def client_raw(self, data: bytes) -> None:
+        """Bytes from the client that h2's client object did not produce (violations)."""
+        for chunk in self.split(data):
+            self._run(self.engine.client_data(chunk))
+        self.pump()
+
+    def server_raw(self, data: bytes) -> None:
+        for chunk in self.split(data):
+            self._run(self.engine.server_data(chunk))
+        self.pump()
+
+    def _run(self, commands) -> None:
+        for cmd in commands:
+            if type(cmd) is ToServer:
+                self.to_server_bytes += len(cmd.data)
+                events = self.server.receive_data(cmd.data)
+                self.server_events += events
+                self._consume(self.server, events, self.server_reads)
+            elif type(cmd) is ToClient:
+                events = self.client.receive_data(cmd.data)
+                self.client_events += events
+                self._consume(self.client, events, self.client_reads)
+            else:
+                self.commands.append(cmd)
+
+    def _consume(self, conn: H2Connection, events, reads: bool) -> None:
+        for event in events:
+            if type(event) is DataReceived and event.flow_controlled_length:
+                if reads:
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif conn is self.server:
+                    self.server_unacked.append((event.flow_controlled_length, event.stream_id))
+
+    def server_resumes_reading(self) -> None:
+        self.server_reads = True
+        for size, stream_id in self.server_unacked:
+            self.server.acknowledge_received_data(size, stream_id)
+        self.server_unacked.clear()
+        self.pump()
+
+    def send_body(self, conn: H2Connection, stream_id: int, body: bytes, end_stream: bool = False) -> None:
+        """Send as a real peer would: frame-sized pieces, waiting (pumping) for window."""
+        pos = 0
+        for _ in range(10_000):
+            if pos >= len(body):
+                break
+            step = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size, len(body) - pos)
+            if step == 0:
+                self.pump()
+                continue
+            conn.send_data(stream_id, body[pos : pos + step])
+            pos += step
+        else:
+            raise AssertionError("peer never got window to send its body")
+        if end_stream:
+            conn.end_stream(stream_id)
+        self.pump()
+
+    # ---------------------------------------------------------------- queries
+
+    def of(self, kind, side: str = "commands") -> list:
+        source = {"commands": self.commands, "client": self.client_events, "server": self.server_events}[side]
+        return [x for x in source if isinstance(x, kind)]
+
+    def body(self, side: str, stream_id: int) -> bytes:
+        events = self.client_events if side == "client" else self.server_events
+        return b"".join(e.data for e in events if type(e) is DataReceived and e.stream_id == stream_id)
+
+
+def request_headers(path: str = "/", method: str = "GET", authority: str = "example.test", extra=()) -> list:
+    return [
+        (b":method", method.encode()),
+        (b":scheme", b"http"),
+        (b":authority", authority.encode()),
+        (b":path", path.encode()),
+        *extra,
+    ]
+
+
+def grpc_headers(path: str, extra=()) -> list:
+    return request_headers(
+        path,
+        "POST",
+        extra=[(b"content-type", b"application/grpc"), (b"te", b"trailers"), *extra],
+    )
+
+
+def grpc_message(payload: bytes) -> bytes:
+    return b"\x00" + len(payload).to_bytes(4, "big") + payload
