@@ -76,6 +76,8 @@ class _Owed:
     api_version: int
     denial: bytes | None = None
     error_code: int = 0
+    # Metadata answered partly by the broker: topics to add with error 29.
+    denied_topics: tuple[str, ...] = ()
 
 
 class KafkaEngine:
@@ -155,6 +157,14 @@ class KafkaEngine:
         message, request = self._decode(frame, pos, api_key, api_version, correlation_id, client_id)
 
         decision = self._decide(request)
+        if (
+            not decision.allowed
+            and api_key == _METADATA
+            and message is not None
+            and len(request.topics) > 1
+        ):
+            if self._metadata_subset(request, message, decision, frame, out):
+                return True
         out.append(Access(request, decision, key=correlation_id))
         acks0 = api_key == _PRODUCE and message is not None and message.acks == 0
         if decision.allowed:
@@ -185,6 +195,41 @@ class KafkaEngine:
             return False
         self._owed.append(_Owed(correlation_id, api_key, api_version, denial=wire, error_code=code))
         self._flush_denials(out)
+        return True
+
+    def _metadata_subset(self, request, message, decision, frame, out) -> bool:
+        """Forward a Metadata request for its allowed topics only.
+
+        Clients ask for the metadata of every topic they use in one request, so
+        refusing it whole would lock a client out of its allowed topics once it
+        touched a denied one. A broker with ACLs answers per topic; so do we:
+        the broker is asked for the allowed topics and the denied ones are added
+        to its answer with TOPIC_AUTHORIZATION_FAILED.
+        """
+        allowed = [t for t in request.topics if self._decide(replace(request, topics=(t,))).allowed]
+        if not allowed:
+            return False
+        subset = replace(request, topics=tuple(allowed))
+        verdict = self._decide(subset)
+        if not verdict.allowed:
+            return False
+        denied = tuple(t for t in request.topics if t not in allowed)
+        names = {
+            **{t: t for t in request.topics},
+            **{str(k): v for k, v in self._topic_names.items()},
+        }
+        message.topics = [
+            t for t in message.topics if (t.name or names.get(str(t.topic_id))) in allowed
+        ]
+        message.with_header(correlation_id=request.correlation_id, client_id=request.client_id)
+        wire = bytes(message.encode(version=request.api_version, header=True, framed=True))
+        reason = f"{verdict.reason}; topics {', '.join(denied)} answered TOPIC_AUTHORIZATION_FAILED"
+        out.append(Access(request, replace(verdict, reason=reason), key=request.correlation_id))
+        out.append(ToServer(wire))
+        owed = _Owed(
+            request.correlation_id, request.api_key, request.api_version, denied_topics=denied
+        )
+        self._owed.append(owed)
         return True
 
     def _decode(self, frame, pos, api_key, api_version, correlation_id, client_id):
@@ -334,10 +379,32 @@ class KafkaEngine:
             )
             out.append(ParseError("server", error))
             return False
+        fields = self._response_fields(owed, frame)
+        if owed.denied_topics:
+            frame = self._add_denied_topics(owed, frame, fields)
         out.append(ToClient(frame))
-        out.append(Reply(correlation_id, self._response_fields(owed, frame)))
+        out.append(Reply(correlation_id, fields))
         self._flush_denials(out)
         return True
+
+    def _add_denied_topics(self, owed: _Owed, frame: bytes, fields: dict) -> bytes:
+        cls = kafka_apis.response_class(owed.api_key, owed.api_version)[owed.api_version]
+        response = cls.decode(frame, header=True, framed=True)
+        topic = cls.MetadataResponseTopic
+        for name in owed.denied_topics:
+            response.topics.append(
+                topic(
+                    error_code=kafka_deny.TOPIC_AUTHORIZATION_FAILED,
+                    name=name,
+                    topic_id=kafka_deny.ZERO_UUID,
+                    is_internal=False,
+                    partitions=[],
+                )
+            )
+        fields["error_code"] = kafka_deny.TOPIC_AUTHORIZATION_FAILED
+        fields["denied_topics"] = list(owed.denied_topics)
+        response.with_header(correlation_id=owed.correlation_id)
+        return bytes(response.encode(header=True, framed=True))
 
     def _response_fields(self, owed: _Owed, frame: bytes) -> dict:
         fields: dict = {"api": kafka_apis.api_name(owed.api_key)}

@@ -25,7 +25,7 @@ one rule allows; ``allowed(rules, request)`` combines them the Cilium way.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,4 +264,12 @@ def compile_rule(node: Any, path: YamlPath) -> KafkaRule:
     return KafkaRule(**rule, text=text)
 
 
-KIND = register(L7Kind(key="kafka", parser="kafka", compile=compile_rule))
+@dataclass(frozen=True)
+class KafkaKind(L7Kind):
+    """The kafka kind, with ``combine``: the policy engine calls it when no single
+    rule matches, to allow a request whose topics several rules cover together."""
+
+    combine: Callable[[list[Any], Any], bool] = allowed
+
+
+KIND = register(KafkaKind(key="kafka", parser="kafka", compile=compile_rule))
