@@ -91,4 +91,4 @@ def _load_builtin() -> None:
 
 
 # One module per protocol in this package registers its kinds on import.
-BUILTIN = ["http", "kafka", "cassandra"]
+BUILTIN = ["http", "kafka", "cassandra", "grpc"]
