@@ -12,11 +12,14 @@ framing is shared Python code that only slices.
 
 from __future__ import annotations
 
+import re
+
 import httptools
 from httptools.parser import errors as ht_errors
 
 from parsers.http1_errors import AmbiguousFraming, Http1Error, MalformedMessage
 from parsers.http1_head import (
+    FIELD_VALUE_CHARS,
     KNOWN_METHODS,
     MessageHead,
     explain_line,
@@ -25,6 +28,7 @@ from parsers.http1_head import (
 )
 
 _OWS = b" \t"
+REASON = re.compile(FIELD_VALUE_CHARS + rb"*")
 
 
 def _translate(exc: Exception, side: str, head: bytes | bytearray) -> Http1Error:
@@ -85,6 +89,8 @@ class _CHead:
             except ht_errors.HttpParserUpgrade:
                 pass  # llhttp pauses after an Upgrade/CONNECT head: the head is fine
             except ht_errors.HttpParserError as exc:
+                if self._done and str(exc).startswith("Pause on CONNECT/Upgrade"):
+                    return  # the response parser reports the same pause as an error
                 raise _translate(exc, self.side, buf) from None
 
     def partial(self, buf: bytes | bytearray) -> None:
@@ -132,6 +138,8 @@ class CResponseHead(_CHead):
         if not line.startswith((b"HTTP/1.1 ", b"HTTP/1.0 ")):
             raise MalformedMessage("invalid status line", code="invalid_status_line", side="server")
         reason = line[13:]
+        if REASON.fullmatch(reason) is None:  # llhttp lets CTLs through in a reason phrase
+            raise MalformedMessage("control character in reason phrase", code="ctl", side="server")
         msg = MessageHead(
             status=parser.get_status_code(),
             reason=reason.decode("latin-1"),

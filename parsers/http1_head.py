@@ -40,6 +40,11 @@ FIELD_VALUE_CHARS = rb"[\t\x20-\x7e\x80-\xff]"
 REQUEST_LINE = re.compile(rb"(" + TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.([01])")
 STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: (" + FIELD_VALUE_CHARS + rb"*))?")
 FIELD_LINE = re.compile(rb"(" + TOKEN + rb"):[ \t]*(" + FIELD_VALUE_CHARS + rb"*?)[ \t]*")
+# What an unfinished line may look like and still become valid.
+_VERSION_PREFIX = rb"(?:H(?:T(?:T(?:P(?:/(?:1(?:\.(?:[01]\r?)?)?)?)?)?)?)?)?"
+REQUEST_PREFIX = re.compile(rb"(" + TOKEN + rb")?(?:( )(?:[\x21-\x7e]+(?: " + _VERSION_PREFIX + rb")?)?)?")
+STATUS_PREFIX = re.compile(_VERSION_PREFIX + rb"|HTTP/1\.[01](?: [0-9]{0,3}(?: " + FIELD_VALUE_CHARS + rb"*)?)?\r?")
+FIELD_PREFIX = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]*(?::" + FIELD_VALUE_CHARS + rb"*)?\r?")
 CONTENT_LENGTH = re.compile(rb"[ \t]*([0-9]+)[ \t]*")
 
 # Request-target forms (RFC 9112 section 3.2). A fragment is never part of
@@ -131,9 +136,12 @@ def frame_request(head: MessageHead) -> MessageHead:
     hosts = head.values(b"host")
     if len(hosts) > 1:
         raise AmbiguousFraming("more than one Host", code="duplicate_host", side=side)
-    _check_target(head)
     length = _content_length(head, side)
     codings = _transfer_codings(head)
+    if head.method == "CONNECT":
+        # A CONNECT request has no content (RFC 9110 9.3.6); as llhttp does,
+        # what follows the head belongs to the tunnel, whatever it announces.
+        codings = length = None
     if codings is not None:
         if length is not None:
             raise AmbiguousFraming("both Content-Length and Transfer-Encoding", code="cl_and_te", side=side)
@@ -149,6 +157,7 @@ def frame_request(head: MessageHead) -> MessageHead:
         head.framing, head.codings = "chunked", tuple(codings[:-1])
     elif length:
         head.framing, head.length = "length", length
+    _check_target(head)
     head.upgrade = head.method == "CONNECT" or ("upgrade" in tokens and bool(head.values(b"upgrade")))
     head.expect_continue = any(v.lower() == b"100-continue" for v in head.values(b"expect"))
     return head
@@ -258,9 +267,17 @@ class _PyHead:
                 self._field_line(line)
             pos = eol + 2
         self._checked = pos
-        rest = buf[pos:]
+        rest = bytes(buf[pos:])
         if b"\n" in rest or has_bare_cr_or_lf(rest):
-            raise explain_line(bytes(rest), self.side, "start" if pos == 0 else "header")
+            raise explain_line(rest, self.side, "start" if pos == 0 else "header")
+        # The unfinished line must still be able to become a valid line.
+        if pos == 0:
+            self._start_prefix(rest)
+        elif rest and FIELD_PREFIX.fullmatch(rest) is None:
+            raise explain_line(rest, self.side)
+
+    def _start_prefix(self, rest: bytes) -> None:
+        pass
 
     def _field_line(self, line: bytes) -> tuple[bytes, bytes]:
         match = FIELD_LINE.fullmatch(line)
@@ -289,6 +306,13 @@ class _PyHead:
 
 class PyRequestHead(_PyHead):
     side = "client"
+
+    def _start_prefix(self, rest: bytes) -> None:
+        match = REQUEST_PREFIX.fullmatch(rest)
+        if match is None:
+            raise MalformedMessage("invalid request line", code="invalid_request_line")
+        if match.group(2) is not None and match.group(1) not in KNOWN_METHODS:
+            raise MalformedMessage("unknown method", code="invalid_method")
 
     def _start_line(self, line: bytes):
         match = REQUEST_LINE.fullmatch(line)
@@ -322,6 +346,10 @@ class PyRequestHead(_PyHead):
 
 class PyResponseHead(_PyHead):
     side = "server"
+
+    def _start_prefix(self, rest: bytes) -> None:
+        if STATUS_PREFIX.fullmatch(rest) is None:
+            raise MalformedMessage("invalid status line", code="invalid_status_line", side="server")
 
     def _start_line(self, line: bytes):
         match = STATUS_LINE.fullmatch(line)
