@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cql", metavar="'STATEMENT'")
     t.add_argument("--header", action="append", default=[], metavar="'Name: value'")
     t.add_argument("--json", action="store_true")
+    from l7proxy import agent_cli
+
+    agent_cli.add_policy_commands(psub)
 
     ob = sub.add_parser("observe", help="read the flow log")
     ob.add_argument("--file", type=Path, help="flow-log file (default: the agent's)")

@@ -1,0 +1,286 @@
+"""The node agent: datapath, proxy listeners and policy, kept in step.
+
+``Agent.start`` loads the BPF program, installs the proxy's policy route,
+opens one transparent listener per L7 parser family and registers it with the
+datapath, then compiles the policy in force and writes it to the kernel maps.
+``Agent.reconcile`` runs whenever endpoints or policies change: it recompiles
+and updates maps in place (no program reload; open connections stay open and
+their next request is judged by the new policy). ``Agent.stop`` detaches
+everything, in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from l7proxy import __version__, netns
+from l7proxy.flowlog import FlowLog, now_fields
+from l7proxy.policy.engine import CompiledPolicy, Endpoint, compile_policy
+from l7proxy.policy.errors import PolicyError
+from l7proxy.policy.load import load_paths
+from l7proxy.policy.model import EGRESS, INGRESS, Policy
+from l7proxy.policy.state import PolicyState
+from l7proxy.proxy.driver import ProxyLimits
+from l7proxy.proxy.server import Proxy, make_listener
+from l7proxy.store import FAMILIES, AgentState, Store
+
+log = logging.getLogger("l7proxy.agent")
+
+PROXY_HOST = "127.0.0.1"
+
+
+class Agent:
+    def __init__(self, store: Store, *, audit: bool = False, extra_policies: list[Path] = (), limits: ProxyLimits | None = None):
+        self.store = store
+        self.audit = audit
+        self.extra_policies = list(extra_policies)
+        self.limits = limits or ProxyLimits()
+        self.datapath = None
+        self.proxy: Proxy | None = None
+        self.state: PolicyState | None = None
+        self.flowlog = FlowLog(store.flowlog)
+        self.policies: list[Policy] = []
+        self.policy_error: PolicyError | None = None
+        self.policy_imports = 0
+        self.policy_import_errors = 0
+        self.revision = 0
+        self.agent_state: AgentState | None = None
+        self.listeners: dict[str, int] = {}
+        self._stamp: tuple = ()
+        self._routing = False
+        self.started = time.time()
+        self.metrics = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        from l7proxy.datapath import Datapath
+
+        with self.store.locked() as st:
+            for family in FAMILIES:
+                if not st.proxy_ports.get(family):
+                    st.proxy_ports[family] = _free_port()
+            self.agent_state = st
+        st = self.agent_state
+        self.datapath = Datapath(proxy_mark=st.proxy_mark, redirect_mark=st.redirect_mark, instance=st.instance)
+        try:
+            self.datapath.load()
+            netns.ensure_forwarding()
+            netns.install_proxy_routing(st.redirect_mark, st.route_table)
+            self._routing = True
+            self._load_policies(initial=True)
+            self.state = PolicyState(self._compile(st))
+            self.proxy = Proxy(self.state, self.flowlog, limits=self.limits, mark=st.proxy_mark)
+            for family, port in st.proxy_ports.items():
+                sock = make_listener(PROXY_HOST, port, transparent=True)
+                await self.proxy.listen(PROXY_HOST, port, sock=sock)
+                self.datapath.register_proxy_listener(port, sock)
+                self.listeners[family] = port
+            self._sync_kernel(self.state.current)
+            self._stamp = self._watch_stamp()
+            self.store.pid_file.write_text(str(os.getpid()))
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        if self.proxy is not None:
+            await self.proxy.close()
+        if self.datapath is not None:
+            with contextlib.suppress(Exception):
+                self.datapath.close()
+        if self._routing and self.agent_state is not None:
+            with contextlib.suppress(Exception):
+                netns.remove_proxy_routing(self.agent_state.redirect_mark, self.agent_state.route_table)
+            self._routing = False
+        self.flowlog.close()
+        for f in (self.store.pid_file, self.store.status_file):
+            f.unlink(missing_ok=True)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Reconcile on change, drain kernel drop events, publish status, until ``stop``."""
+        last_status = 0.0
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), 0.2)
+            except TimeoutError:
+                pass
+            stamp = self._watch_stamp()
+            if stamp != self._stamp:
+                self._stamp = stamp
+                self.reconcile()
+            self.drain_drops()
+            now = time.monotonic()
+            if now - last_status >= 1.0:
+                last_status = now
+                self.flowlog.flush()
+                self.write_status()
+
+    # ------------------------------------------------------------------ policy
+
+    def _policy_paths(self) -> list[Path]:
+        return [self.store.policy_dir, *self.extra_policies]
+
+    def _load_policies(self, initial: bool = False) -> bool:
+        try:
+            policies = load_paths(self._policy_paths())
+        except PolicyError as err:
+            self.policy_error = err
+            self.policy_import_errors += 1
+            log.error("policy rejected, keeping the last good policy: %s", err)
+            if initial:
+                self.policies = []
+            return False
+        self.policy_error = None
+        self.policies = policies
+        self.policy_imports += 1
+        return True
+
+    def _compile(self, st: AgentState) -> CompiledPolicy:
+        alloc = st.allocator()
+        endpoints = [Endpoint(e.id, e.name, alloc.for_labels(e.labels), ipaddress.IPv4Address(e.ip)) for e in st.endpoints]
+        self.revision += 1
+        host = [ipaddress.IPv4Network(f"{ip}/32") for ip in netns.host_addresses()]
+        return compile_policy(self.policies, endpoints, alloc, revision=self.revision, audit_all=self.audit, host_prefixes=host)
+
+    def reconcile(self) -> None:
+        """Endpoints or policies changed: recompile, then update maps in place."""
+        self._load_policies()
+        self.agent_state = self.store.read()
+        compiled = self._compile(self.agent_state)
+        self.state.swap(compiled)
+        self._sync_kernel(compiled)
+        log.info("policy revision %d: %d policies, %d endpoints", compiled.revision, len(self.policies), len(compiled.endpoints))
+
+    def _sync_kernel(self, compiled: CompiledPolicy) -> None:
+        from l7proxy.datapath import EndpointInfo, PolicyEntry
+
+        dp = self.datapath
+        links = dict(netns.list_links(f"l7p{self.agent_state.instance}"))
+        desired = {}
+        for rec in self.agent_state.endpoints:
+            ifindex = links.get(rec.host_ifname)
+            if ifindex is None:
+                log.warning("endpoint %s has no veth %s; skipping", rec.name, rec.host_ifname)
+                continue
+            ep = compiled.endpoints[rec.id]
+            ing = compiled.directions[(rec.id, INGRESS)]
+            eg = compiled.directions[(rec.id, EGRESS)]
+            desired[rec.id] = EndpointInfo(
+                endpoint_id=rec.id,
+                ifindex=ifindex,
+                ip=ipaddress.IPv4Address(rec.ip),
+                identity=ep.identity.number,
+                ingress_enforced=ing.enforced,
+                egress_enforced=eg.enforced,
+                audit=self.audit or (ing.enforced and ing.audit) or (eg.enforced and eg.audit),
+            )
+        attached = dp.status()["attached"]
+        for ep_id in [i for i in attached if i not in desired]:
+            dp.detach(ep_id)
+        dp.sync_ipcache(compiled.ipcache.prefixes)
+        entries = [PolicyEntry(**asdict(e)) for e in compiled.kernel_entries(self.listeners or self.agent_state.proxy_ports)]
+        dp.sync_policy(entries)
+        for ep_id, info in desired.items():
+            if ep_id in attached and attached[ep_id] == info.ifindex:
+                dp.set_endpoint(info)
+            else:
+                dp.attach(info)
+
+    def _watch_stamp(self) -> tuple:
+        items = []
+        for path in [self.store.state_file, *self._policy_paths()]:
+            files = sorted(path.iterdir()) if path.is_dir() else [path]
+            for f in files:
+                with contextlib.suppress(FileNotFoundError):
+                    st = f.stat()
+                    items.append((str(f), st.st_mtime_ns, st.st_size))
+        return tuple(items)
+
+    # ------------------------------------------------------------------ observation
+
+    def drain_drops(self) -> None:
+        events = self.datapath.poll_drops(0)
+        if not events:
+            return
+        compiled = self.state.current
+        by_id = {ep.id: ep for ep in compiled.endpoints.values()}
+        for ev in events:
+            src_ep = compiled.endpoints_by_ip.get(str(ev.src_ip))
+            dst_ep = compiled.endpoints_by_ip.get(str(ev.dst_ip))
+            rec = now_fields()
+            rec.update(
+                type="drop",
+                protocol={6: "tcp", 17: "udp"}.get(ev.proto, str(ev.proto)),
+                source=_side(ev.src_ip, ev.src_port, ev.src_identity, src_ep, compiled),
+                destination=_side(ev.dst_ip, ev.dst_port, ev.dst_identity, dst_ep, compiled),
+                verdict="AUDIT" if ev.audited else "DROPPED",
+                reason=ev.reason,
+                direction=ev.direction,
+                endpoint=by_id[ev.endpoint_id].name if ev.endpoint_id in by_id else None,
+                policy="",
+                rule="",
+            )
+            self.flowlog.emit(rec)
+
+    def status(self) -> dict:
+        from parsers import http1
+
+        dp_status = self.datapath.status() if self.datapath else {}
+        compiled = self.state.current if self.state else None
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "healthy": bool(dp_status.get("loaded")) and self.policy_error is None,
+            "datapath": dp_status,
+            "endpoints": [
+                {**asdict(e), "identity": compiled.endpoints[e.id].identity.number if compiled and e.id in compiled.endpoints else None}
+                for e in (self.agent_state.endpoints if self.agent_state else [])
+            ],
+            "policies": [{"name": p.key, "source": p.source, "audit": p.audit} for p in self.policies],
+            "policy_revision": compiled.revision if compiled else 0,
+            "policy_error": str(self.policy_error) if self.policy_error else None,
+            "policy_imports": self.policy_imports,
+            "policy_import_errors": self.policy_import_errors,
+            "listeners": {fam: f"{PROXY_HOST}:{port}" for fam, port in self.listeners.items()},
+            "parsers": {"http1": http1.active_implementation()},
+            "proxy": {
+                "connections_total": self.proxy.stats.connections_total if self.proxy else 0,
+                "connections_active": self.proxy.stats.connections_active if self.proxy else 0,
+                "parse_errors": dict(self.proxy.stats.parse_errors) if self.proxy else {},
+            },
+            "audit": self.audit,
+        }
+
+    def write_status(self) -> None:
+        tmp = self.store.status_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.status(), indent=1, default=str))
+        os.replace(tmp, self.store.status_file)
+
+
+def _side(ip, port, identity, ep, compiled: CompiledPolicy) -> dict:
+    ident = compiled.identities.get(identity)
+    return {
+        "ip": str(ip),
+        "port": port,
+        "identity": identity,
+        "endpoint": ep.name if ep else None,
+        "labels": ident.label_map if ident else {},
+    }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((PROXY_HOST, 0))
+        return s.getsockname()[1]
