@@ -1,0 +1,614 @@
+"""KafkaEngine, sans-I/O: frames built with kafka-python's encoders, fed whole,
+byte by byte and split at random points; transcripts of the commands out."""
+
+from __future__ import annotations
+
+import random
+import uuid
+
+import pytest
+from kafka.protocol.admin import (
+    AlterConfigsRequest,
+    CreatePartitionsRequest,
+    CreateTopicsRequest,
+    DeleteRecordsRequest,
+    DeleteTopicsRequest,
+    DescribeConfigsRequest,
+)
+from kafka.protocol.consumer import (
+    FetchRequest,
+    JoinGroupRequest,
+    JoinGroupResponse,
+    ListOffsetsRequest,
+    OffsetCommitRequest,
+    OffsetCommitResponse,
+    OffsetDeleteRequest,
+    OffsetFetchRequest,
+    OffsetFetchResponse,
+    OffsetForLeaderEpochRequest,
+)
+from kafka.protocol.metadata import ApiVersionsRequest, MetadataRequest, MetadataResponse
+from kafka.protocol.producer import (
+    AddPartitionsToTxnRequest,
+    InitProducerIdRequest,
+    InitProducerIdResponse,
+    ProduceRequest,
+    ProduceResponse,
+    TxnOffsetCommitRequest,
+)
+
+from parsers.base import Access, Decision, ParseError, Reply, ToClient, ToServer
+from parsers.kafka import KafkaEngine
+from parsers.requests import KafkaRequest
+
+
+def frame(message, version: int, correlation_id: int, client_id: str = "test-client") -> bytes:
+    message.with_header(correlation_id=correlation_id, client_id=client_id)
+    return bytes(message.encode(version=version, header=True, framed=True))
+
+
+def response(cls, version: int, correlation_id: int, **fields) -> bytes:
+    msg = cls[version](**fields)
+    msg.with_header(correlation_id=correlation_id)
+    return bytes(msg.encode(header=True, framed=True))
+
+
+def produce(topic: str, acks: int = 1, transactional_id=None):
+    P = ProduceRequest
+    part = P.TopicProduceData.PartitionProduceData(index=0, records=b"batch")
+    return P(
+        acks=acks,
+        timeout_ms=1000,
+        transactional_id=transactional_id,
+        topic_data=[P.TopicProduceData(name=topic, partition_data=[part])],
+    )
+
+
+def allow_topics(*allowed: str, groups=None):
+    def decide(request: KafkaRequest) -> Decision:
+        ok = all(t in allowed for t in request.topics) and request.undecodable is None
+        if groups is not None:
+            ok = ok and all(g in groups for g in request.groups)
+        return Decision(ok, reason="test")
+
+    return decide
+
+
+def feed(engine_side, data: bytes, how: str, seed: int = 7) -> list:
+    if how == "whole":
+        return engine_side(data)
+    if how == "bytewise":
+        return [c for i in range(len(data)) for c in engine_side(data[i : i + 1])]
+    rnd = random.Random(seed)
+    cuts = sorted(rnd.sample(range(1, len(data)), k=min(6, len(data) - 1)))
+    out, last = [], 0
+    for cut in [*cuts, len(data)]:
+        out += engine_side(data[last:cut])
+        last = cut
+    return out
+
+
+HOW = ["whole", "bytewise", "random"]
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_allowed_produce_is_forwarded_and_reply_carries_error_code(how):
+    engine = KafkaEngine(allow_topics("orders"))
+    wire = frame(produce("orders"), 9, 11)
+    cmds = feed(engine.client_data, wire, how)
+    assert [type(c) for c in cmds] == [Access, ToServer]
+    assert cmds[0].request.topics == ("orders",) and cmds[0].request.client_id == "test-client"
+    assert cmds[0].key == 11 and b"".join(c.data for c in cmds if isinstance(c, ToServer)) == wire
+
+    P = ProduceResponse.TopicProduceResponse
+    reply = response(
+        ProduceResponse,
+        9,
+        11,
+        responses=[
+            P(
+                name="orders",
+                partition_responses=[
+                    P.PartitionProduceResponse(index=0, error_code=6, base_offset=-1)
+                ],
+            )
+        ],
+    )
+    back = feed(engine.server_data, reply, how)
+    assert b"".join(c.data for c in back if isinstance(c, ToClient)) == reply
+    assert [c for c in back if isinstance(c, Reply)] == [
+        Reply(11, {"api": "Produce", "error_code": 6})
+    ]
+
+
+@pytest.mark.parametrize("version", [3, 9, 12])
+def test_denied_produce_gets_topic_authorization_failed_at_request_version(version):
+    engine = KafkaEngine(allow_topics("orders"))
+    cmds = engine.client_data(frame(produce("secrets"), version, 5))
+    assert not any(isinstance(c, ToServer) for c in cmds)
+    (wire,) = [c.data for c in cmds if isinstance(c, ToClient)]
+    decoded = ProduceResponse.decode(wire, version=version, header=True, framed=True)
+    assert decoded.header.correlation_id == 5
+    part = decoded.responses[0].partition_responses[0]
+    assert decoded.responses[0].name == "secrets" and part.error_code == 29
+    assert Reply(5, {"error_code": 29, "api": "Produce"}) in cmds
+
+
+def test_denial_waits_behind_responses_the_broker_still_owes():
+    engine = KafkaEngine(allow_topics("orders"))
+    wire = (
+        frame(produce("orders"), 9, 1)
+        + frame(produce("secrets"), 9, 2)
+        + frame(produce("orders"), 9, 3)
+    )
+    cmds = engine.client_data(wire)
+    assert [c.request.correlation_id for c in cmds if isinstance(c, Access)] == [1, 2, 3]
+    assert not any(isinstance(c, ToClient) for c in cmds), "denial must not overtake response 1"
+    first = engine.server_data(response(ProduceResponse, 9, 1, responses=[]))
+    order = [
+        ProduceResponse.decode(c.data, version=9, header=True, framed=True).header.correlation_id
+        for c in first
+        if isinstance(c, ToClient)
+    ]
+    assert order == [1, 2]
+    third = engine.server_data(response(ProduceResponse, 9, 3, responses=[]))
+    assert [c.key for c in third if isinstance(c, Reply)] == [3]
+
+
+def test_acks0_produce_owes_no_response_allowed_or_denied():
+    engine = KafkaEngine(allow_topics("orders"))
+    cmds = engine.client_data(
+        frame(produce("orders", acks=0), 9, 1) + frame(produce("secrets", acks=0), 9, 2)
+    )
+    assert [type(c).__name__ for c in cmds] == ["Access", "ToServer", "Reply", "Access", "Reply"]
+    assert cmds[-1].fields["error_code"] == 29
+    # Nothing is owed: a later denial goes straight out.
+    later = engine.client_data(frame(produce("secrets"), 9, 3))
+    assert any(isinstance(c, ToClient) for c in later)
+
+
+def test_group_denial_in_offset_commit_is_blamed_on_the_group():
+    engine = KafkaEngine(allow_topics("orders", groups={"billing"}))
+    T = OffsetCommitRequest.OffsetCommitRequestTopic
+    req = OffsetCommitRequest(
+        group_id="intruders",
+        topics=[
+            T(
+                name="orders",
+                partitions=[T.OffsetCommitRequestPartition(partition_index=0, committed_offset=1)],
+            )
+        ],
+    )
+    cmds = engine.client_data(frame(req, 8, 4))
+    (wire,) = [c.data for c in cmds if isinstance(c, ToClient)]
+    decoded = OffsetCommitResponse.decode(wire, version=8, header=True, framed=True)
+    assert decoded.topics[0].partitions[0].error_code == 30
+
+
+def test_join_group_denied_with_group_authorization_failed_flexible():
+    engine = KafkaEngine(allow_topics(groups={"billing"}))
+    req = JoinGroupRequest(
+        group_id="intruders",
+        session_timeout_ms=10000,
+        rebalance_timeout_ms=10000,
+        member_id="",
+        protocol_type="consumer",
+        protocols=[],
+    )
+    (wire,) = [c.data for c in engine.client_data(frame(req, 7, 9)) if isinstance(c, ToClient)]
+    decoded = JoinGroupResponse.decode(wire, version=7, header=True, framed=True)
+    assert decoded.error_code == 30 and decoded.header.correlation_id == 9
+
+
+def test_transactional_init_producer_id_denied_with_53():
+    engine = KafkaEngine(lambda r: Decision(not r.transactional_ids))
+    (wire,) = [
+        c.data
+        for c in engine.client_data(
+            frame(InitProducerIdRequest(transactional_id="tx", transaction_timeout_ms=1000), 4, 2)
+        )
+        if isinstance(c, ToClient)
+    ]
+    assert InitProducerIdResponse.decode(wire, version=4, header=True, framed=True).error_code == 53
+
+
+def test_offset_fetch_v8_denial_per_group():
+    engine = KafkaEngine(allow_topics(groups=set()))
+    G = OffsetFetchRequest.OffsetFetchRequestGroup
+    req = OffsetFetchRequest(groups=[G(group_id="g", topics=None)], require_stable=False)
+    (wire,) = [c.data for c in engine.client_data(frame(req, 8, 3)) if isinstance(c, ToClient)]
+    decoded = OffsetFetchResponse.decode(wire, version=8, header=True, framed=True)
+    assert decoded.groups[0].group_id == "g" and decoded.groups[0].error_code == 30
+
+
+def test_metadata_with_some_denied_topics_is_answered_per_topic():
+    engine = KafkaEngine(allow_topics("orders"))
+    T = MetadataRequest.MetadataRequestTopic
+    req = MetadataRequest(
+        topics=[T(name="orders"), T(name="secrets")], allow_auto_topic_creation=False
+    )
+    cmds = engine.client_data(frame(req, 12, 8))
+    (sent,) = [c.data for c in cmds if isinstance(c, ToServer)]
+    forwarded = MetadataRequest.decode(sent, version=12, header=True, framed=True)
+    assert [t.name for t in forwarded.topics] == ["orders"]
+    (access,) = [c for c in cmds if isinstance(c, Access)]
+    assert access.decision.allowed and "secrets" in access.decision.reason
+
+    RT = MetadataResponse.MetadataResponseTopic
+    topic_id = uuid.uuid4()
+    broker = response(
+        MetadataResponse,
+        12,
+        8,
+        brokers=[],
+        cluster_id="c",
+        controller_id=1,
+        topics=[
+            RT(error_code=0, name="orders", topic_id=topic_id, is_internal=False, partitions=[])
+        ],
+    )
+    back = engine.server_data(broker)
+    (wire,) = [c.data for c in back if isinstance(c, ToClient)]
+    merged = MetadataResponse.decode(wire, version=12, header=True, framed=True)
+    assert [(t.name, t.error_code) for t in merged.topics] == [("orders", 0), ("secrets", 29)]
+    assert engine.topic_names == {topic_id: "orders"}
+
+
+def test_fetch_by_topic_id_resolved_from_metadata_seen_on_the_connection():
+    engine = KafkaEngine(allow_topics("orders"))
+    topic_id = uuid.uuid4()
+    T = MetadataRequest.MetadataRequestTopic
+    engine.client_data(frame(MetadataRequest(topics=[T(name="orders")]), 12, 1))
+    RT = MetadataResponse.MetadataResponseTopic
+    engine.server_data(
+        response(
+            MetadataResponse,
+            12,
+            1,
+            brokers=[],
+            topics=[RT(name="orders", topic_id=topic_id, partitions=[])],
+        )
+    )
+    F = FetchRequest.FetchTopic
+    fetch = FetchRequest(
+        max_wait_ms=1,
+        min_bytes=1,
+        topics=[F(topic_id=topic_id, partitions=[F.FetchPartition(partition=0, fetch_offset=0)])],
+    )
+    cmds = engine.client_data(frame(fetch, 16, 2))
+    assert cmds[0].request.topics == ("orders",) and isinstance(cmds[1], ToServer)
+    unknown = FetchRequest(
+        max_wait_ms=1, min_bytes=1, topics=[F(topic_id=uuid.uuid4(), partitions=[])]
+    )
+    cmds = engine.client_data(frame(unknown, 16, 3))
+    assert "not seen" in cmds[0].request.undecodable
+
+
+def test_unknown_api_is_judged_as_undecodable_and_allow_all_passes_it():
+    wire = (
+        bytes.fromhex("0000000a")
+        + bytes.fromhex("03e70000")
+        + (42).to_bytes(4, "big")
+        + b"\xff\xff"
+    )
+    seen = []
+    engine = KafkaEngine(lambda r: seen.append(r) or Decision(True))
+    cmds = engine.client_data(wire)
+    assert seen[0].api_key == 999 and "unknown API" in seen[0].undecodable
+    assert isinstance(cmds[1], ToServer)
+
+
+def test_unknown_api_denied_closes_cleanly_since_no_error_response_exists():
+    wire = (
+        bytes.fromhex("0000000a")
+        + bytes.fromhex("03e70000")
+        + (42).to_bytes(4, "big")
+        + b"\xff\xff"
+    )
+    cmds = KafkaEngine(lambda r: Decision(False)).client_data(wire)
+    assert isinstance(cmds[-1], ParseError) and cmds[-1].error.code == "kafka_denial_unencodable"
+
+
+def test_garbage_body_is_undecodable_not_a_crash():
+    good = frame(produce("orders"), 9, 1)
+    bad = good[:4] + good[4:20] + b"\xff" * (len(good) - 20)
+    seen = []
+    KafkaEngine(lambda r: seen.append(r) or Decision(False)).client_data(bad)
+    assert seen[0].undecodable
+
+
+@pytest.mark.parametrize("size", [-1, 3, 200 * 1024 * 1024])
+def test_bad_frame_sizes_are_protocol_errors(size):
+    cmds = KafkaEngine(allow_topics(), max_frame=1024 * 1024).client_data(
+        size.to_bytes(4, "big", signed=True) + b"\x00" * 20
+    )
+    assert len(cmds) == 1 and isinstance(cmds[0], ParseError) and cmds[0].close
+
+
+def test_response_with_wrong_correlation_id_is_a_server_error():
+    engine = KafkaEngine(allow_topics("orders"))
+    engine.client_data(frame(produce("orders"), 9, 1))
+    cmds = engine.server_data(response(ProduceResponse, 9, 99, responses=[]))
+    assert isinstance(cmds[0], ParseError) and cmds[0].side == "server"
+
+
+def test_unsolicited_response_is_a_server_error():
+    cmds = KafkaEngine(allow_topics()).server_data(response(ProduceResponse, 9, 1, responses=[]))
+    assert isinstance(cmds[0], ParseError) and cmds[0].error.code == "unsolicited"
+
+
+def test_reading_headers_while_a_frame_is_partial():
+    engine = KafkaEngine(allow_topics("orders"))
+    wire = frame(produce("orders"), 9, 1)
+    engine.client_data(wire[:7])
+    assert engine.reading_headers
+    engine.client_data(wire[7:])
+    assert not engine.reading_headers
+
+
+def test_api_versions_reply_uses_header_v0_even_when_flexible():
+    engine = KafkaEngine(allow_topics())
+    engine.client_data(
+        frame(ApiVersionsRequest(client_software_name="x", client_software_version="1"), 3, 1)
+    )
+    from kafka.protocol.metadata import ApiVersionsResponse
+
+    cmds = engine.server_data(response(ApiVersionsResponse, 3, 1, error_code=0, api_keys=[]))
+    assert cmds[-1] == Reply(1, {"api": "ApiVersions", "error_code": 0})
+
+
+# ---------------------------------------------------------------------------
+# Topic, group and transactional-id extraction, every API, lowest and highest version.
+
+CT, DR, DC, AC, CP = (
+    CreateTopicsRequest.CreatableTopic,
+    DeleteRecordsRequest.DeleteRecordsTopic,
+    DescribeConfigsRequest.DescribeConfigsResource,
+    AlterConfigsRequest.AlterConfigsResource,
+    CreatePartitionsRequest.CreatePartitionsTopic,
+)
+LO = ListOffsetsRequest.ListOffsetsTopic
+OC = OffsetCommitRequest.OffsetCommitRequestTopic
+OF = OffsetFetchRequest.OffsetFetchRequestTopic
+OFG = OffsetFetchRequest.OffsetFetchRequestGroup
+OD = OffsetDeleteRequest.OffsetDeleteRequestTopic
+OL = OffsetForLeaderEpochRequest.OffsetForLeaderTopic
+AP = AddPartitionsToTxnRequest.AddPartitionsToTxnTopic
+APX = AddPartitionsToTxnRequest.AddPartitionsToTxnTransaction
+TO = TxnOffsetCommitRequest.TxnOffsetCommitRequestTopic
+MT = MetadataRequest.MetadataRequestTopic
+FT = FetchRequest.FetchTopic
+DT = DeleteTopicsRequest.DeleteTopicState
+
+CASES = [
+    # (name, request factory(version), versions, topics, groups, txn ids)
+    ("Produce<3", lambda v: produce("a"), (0, 2), ("a",), (), ()),
+    ("Produce", lambda v: produce("a", transactional_id="tx"), (3, 12), ("a",), (), ("tx",)),
+    (
+        "Fetch",
+        lambda v: FetchRequest(
+            max_wait_ms=1,
+            min_bytes=1,
+            topics=[FT(topic="a", partitions=[])],
+            forgotten_topics_data=[],
+        ),
+        (0, 12),
+        ("a",),
+        (),
+        (),
+    ),
+    (
+        "ListOffsets",
+        lambda v: ListOffsetsRequest(replica_id=-1, topics=[LO(name="a", partitions=[])]),
+        (0, 11),
+        ("a",),
+        (),
+        (),
+    ),
+    (
+        "Metadata",
+        lambda v: MetadataRequest(topics=[MT(name="a"), MT(name="b")]),
+        (0, 13),
+        ("a", "b"),
+        (),
+        (),
+    ),
+    (
+        "OffsetCommit",
+        lambda v: OffsetCommitRequest(group_id="g", topics=[OC(name="a", partitions=[])]),
+        (0, 9),
+        ("a",),
+        ("g",),
+        (),
+    ),
+    (
+        "OffsetFetch<8",
+        lambda v: OffsetFetchRequest(group_id="g", topics=[OF(name="a", partition_indexes=[0])]),
+        (0, 7),
+        ("a",),
+        ("g",),
+        (),
+    ),
+    (
+        "OffsetFetch>=8",
+        lambda v: OffsetFetchRequest(
+            groups=[
+                OFG(
+                    group_id="g",
+                    topics=[
+                        OffsetFetchRequest.OffsetFetchRequestGroup.OffsetFetchRequestTopics(
+                            name="a", partition_indexes=[0]
+                        )
+                    ],
+                )
+            ]
+        ),
+        (8, 9),
+        ("a",),
+        ("g",),
+        (),
+    ),
+    (
+        "CreateTopics",
+        lambda v: CreateTopicsRequest(
+            topics=[
+                CT(name="a", num_partitions=1, replication_factor=1, assignments=[], configs=[])
+            ],
+            timeout_ms=1,
+        ),
+        (0, 7),
+        ("a",),
+        (),
+        (),
+    ),
+    (
+        "DeleteTopics<6",
+        lambda v: DeleteTopicsRequest(topic_names=["a"], timeout_ms=1),
+        (0, 5),
+        ("a",),
+        (),
+        (),
+    ),
+    (
+        "DeleteTopics6",
+        lambda v: DeleteTopicsRequest(topics=[DT(name="a")], timeout_ms=1),
+        (6, 6),
+        ("a",),
+        (),
+        (),
+    ),
+    (
+        "DeleteRecords",
+        lambda v: DeleteRecordsRequest(topics=[DR(name="a", partitions=[])], timeout_ms=1),
+        (0, 2),
+        ("a",),
+        (),
+        (),
+    ),
+    (
+        "DescribeConfigs",
+        lambda v: DescribeConfigsRequest(
+            resources=[
+                DC(resource_type=2, resource_name="a", configuration_keys=None),
+                DC(resource_type=4, resource_name="1", configuration_keys=None),
+            ]
+        ),
+        (0, 4),
+        ("a",),
+        (),
+        (),
+    ),
+    (
+        "AlterConfigs",
+        lambda v: AlterConfigsRequest(
+            resources=[AC(resource_type=2, resource_name="a", configs=[])], validate_only=False
+        ),
+        (0, 2),
+        ("a",),
+        (),
+        (),
+    ),
+    (
+        "CreatePartitions",
+        lambda v: CreatePartitionsRequest(
+            topics=[CP(name="a", count=2, assignments=None)], timeout_ms=1, validate_only=False
+        ),
+        (0, 3),
+        ("a",),
+        (),
+        (),
+    ),
+    (
+        "OffsetDelete",
+        lambda v: OffsetDeleteRequest(group_id="g", topics=[OD(name="a", partitions=[])]),
+        (0, 0),
+        ("a",),
+        ("g",),
+        (),
+    ),
+    (
+        "OffsetForLeaderEpoch",
+        lambda v: OffsetForLeaderEpochRequest(replica_id=-1, topics=[OL(topic="a", partitions=[])]),
+        (0, 4),
+        ("a",),
+        (),
+        (),
+    ),
+    (
+        "AddPartitionsToTxn<4",
+        lambda v: AddPartitionsToTxnRequest(
+            v3_and_below_transactional_id="tx",
+            v3_and_below_producer_id=1,
+            v3_and_below_producer_epoch=0,
+            v3_and_below_topics=[AP(name="a", partitions=[0])],
+        ),
+        (0, 3),
+        ("a",),
+        (),
+        ("tx",),
+    ),
+    (
+        "AddPartitionsToTxn>=4",
+        lambda v: AddPartitionsToTxnRequest(
+            transactions=[
+                APX(
+                    transactional_id="tx",
+                    producer_id=1,
+                    producer_epoch=0,
+                    verify_only=False,
+                    topics=[AP(name="a", partitions=[0])],
+                )
+            ]
+        ),
+        (4, 5),
+        ("a",),
+        (),
+        ("tx",),
+    ),
+    (
+        "TxnOffsetCommit",
+        lambda v: TxnOffsetCommitRequest(
+            transactional_id="tx",
+            group_id="g",
+            producer_id=1,
+            producer_epoch=0,
+            topics=[TO(name="a", partitions=[])],
+        ),
+        (0, 5),
+        ("a",),
+        ("g",),
+        ("tx",),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "name,factory,versions,topics,groups,txns", CASES, ids=[c[0] for c in CASES]
+)
+@pytest.mark.parametrize("end", ["lowest", "highest"])
+def test_resources_extracted_at_lowest_and_highest_version(
+    name, factory, versions, topics, groups, txns, end
+):
+    version = versions[0] if end == "lowest" else versions[1]
+    seen: list[KafkaRequest] = []
+    engine = KafkaEngine(lambda r: seen.append(r) or Decision(True))
+    engine.client_data(frame(factory(version), version, 77))
+    (request,) = seen
+    assert request.undecodable is None, request.undecodable
+    assert (request.topics, request.groups, request.transactional_ids) == (topics, groups, txns)
+    assert request.correlation_id == 77 and request.api_version == version
+
+
+@pytest.mark.parametrize(
+    "name,factory,versions,topics,groups,txns", CASES, ids=[c[0] for c in CASES]
+)
+@pytest.mark.parametrize("end", ["lowest", "highest"])
+def test_every_topic_api_has_an_encodable_denial(
+    name, factory, versions, topics, groups, txns, end
+):
+    version = versions[0] if end == "lowest" else versions[1]
+    engine = KafkaEngine(lambda r: Decision(False))
+    cmds = engine.client_data(frame(factory(version), version, 5))
+    (wire,) = [c.data for c in cmds if isinstance(c, ToClient)]
+    assert int.from_bytes(wire[4:8], "big") == 5
+    assert [c for c in cmds if isinstance(c, Reply)][0].fields["error_code"] in (29, 30, 53)
