@@ -1,5 +1,76 @@
-"""The ``http`` parser family: HTTP/1.1, with HTTP/2 (h2c) detected on the same port."""
+"""The ``http`` parser family: HTTP/1.1 and HTTP/2 (h2c) on the same port.
 
-from parsers.http1 import Http1Engine as HttpEngine
+``HttpEngine`` looks at the client's first bytes. The HTTP/2 connection
+preface (prior knowledge, RFC 9113 §3.3) selects ``H2Engine``; anything else
+is HTTP/1.x for ``Http1Engine``, which hands an accepted ``Upgrade: h2c``
+(RFC 7540 §3.2) back to us so the rest of the connection is HTTP/2 too,
+judged stream by stream like any other.
+"""
+
+from __future__ import annotations
+
+from parsers.base import Command, Decide
+from parsers.http1 import Http1Engine
+from parsers.http2 import PREFACE, H2Engine
+from parsers.requests import HttpRequest
 
 __all__ = ["HttpEngine"]
+
+
+class HttpEngine:
+    protocol = "http"
+
+    def __init__(self, decide: Decide):
+        self._decide = decide
+        self._inner = None
+        self._head = b""  # a possible preface prefix, until it is decided
+
+    @property
+    def reading_headers(self) -> bool:
+        if self._inner is None:
+            return bool(self._head)
+        return self._inner.reading_headers
+
+    @property
+    def version(self) -> str:
+        """"2" or "1.1" once the client's first bytes have decided it ("" before)."""
+        if self._inner is None:
+            return ""
+        return "2" if isinstance(self._inner, H2Engine) else "1.1"
+
+    def client_data(self, data: bytes) -> list[Command]:
+        inner = self._inner
+        if inner is not None:
+            return inner.client_data(data)
+        head = self._head + data if self._head else data
+        if data and len(head) < len(PREFACE) and PREFACE.startswith(head):
+            self._head = head
+            return []
+        self._head = b""
+        if head.startswith(PREFACE):
+            inner = self._inner = H2Engine(self._decide)
+        else:
+            inner = self._inner = Http1Engine(self._decide, upgrade_handler=self._upgrade)
+        out = inner.client_data(head) if head else []
+        if not data:
+            out += inner.client_data(b"")
+        return out
+
+    def server_data(self, data: bytes) -> list[Command]:
+        if self._inner is None:
+            # A server speaking first is not HTTP/2: let HTTP/1.1 judge the rest.
+            self._inner = Http1Engine(self._decide, upgrade_handler=self._upgrade)
+            out = self._inner.server_data(data)
+            if self._head:
+                head, self._head = self._head, b""
+                out += self._inner.client_data(head)
+            return out
+        return self._inner.server_data(data)
+
+    def _upgrade(self, request: HttpRequest) -> H2Engine | None:
+        """Called by Http1Engine after the server's 101 to an allowed Upgrade request."""
+        tokens = {t.strip().lower() for v in request.header_values("upgrade") for t in v.split(",")}
+        settings = request.header_values("http2-settings")
+        if "h2c" not in tokens or len(settings) != 1:
+            return None  # another protocol (websocket, ...): a byte tunnel
+        return H2Engine(self._decide, upgrade_settings=settings[0].strip().encode("latin-1"))
