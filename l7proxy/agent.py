@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -58,6 +59,8 @@ class Agent:
         self._routing = False
         self.started = time.time()
         self.metrics = None
+        self._host_prefixes: list[ipaddress.IPv4Network] = []
+        self._kexec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="l7proxy-kernel")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -72,35 +75,44 @@ class Agent:
         st = self.agent_state
         self.datapath = Datapath(proxy_mark=st.proxy_mark, redirect_mark=st.redirect_mark, instance=st.instance)
         try:
-            self.datapath.load()
-            netns.ensure_forwarding()
-            netns.install_proxy_routing(st.redirect_mark, st.route_table)
+            await self._kernel(self.datapath.load)
+            await self._kernel(netns.ensure_forwarding)
+            await self._kernel(netns.install_proxy_routing, st.redirect_mark, st.route_table)
             self._routing = True
+            self._host_prefixes = await self._kernel(_host_prefixes)
             self._load_policies(initial=True)
             self.state = PolicyState(self._compile(st))
             self.proxy = Proxy(self.state, self.flowlog, limits=self.limits, mark=st.proxy_mark)
             for family, port in st.proxy_ports.items():
                 sock = make_listener(PROXY_HOST, port, transparent=True)
                 await self.proxy.listen(PROXY_HOST, port, sock=sock)
-                self.datapath.register_proxy_listener(port, sock)
+                await self._kernel(self.datapath.register_proxy_listener, port, sock)
                 self.listeners[family] = port
-            self._sync_kernel(self.state.current)
+            await self._kernel(self._sync_kernel, self.state.current)
             self._stamp = self._watch_stamp()
             self.store.pid_file.write_text(str(os.getpid()))
         except BaseException:
             await self.stop()
             raise
 
+    async def _kernel(self, fn, *args):
+        """Run a datapath/netlink call on the agent's one kernel thread.
+
+        pyroute2 drives its own asyncio loop internally, which cannot nest in
+        ours, and bcc is not thread-safe: one dedicated thread serialises both."""
+        return await asyncio.get_running_loop().run_in_executor(self._kexec, fn, *args)
+
     async def stop(self) -> None:
         if self.proxy is not None:
             await self.proxy.close()
         if self.datapath is not None:
             with contextlib.suppress(Exception):
-                self.datapath.close()
+                await self._kernel(self.datapath.close)
         if self._routing and self.agent_state is not None:
             with contextlib.suppress(Exception):
-                netns.remove_proxy_routing(self.agent_state.redirect_mark, self.agent_state.route_table)
+                await self._kernel(netns.remove_proxy_routing, self.agent_state.redirect_mark, self.agent_state.route_table)
             self._routing = False
+        self._kexec.shutdown(wait=True)
         self.flowlog.close()
         for f in (self.store.pid_file, self.store.status_file):
             f.unlink(missing_ok=True)
@@ -116,13 +128,13 @@ class Agent:
             stamp = self._watch_stamp()
             if stamp != self._stamp:
                 self._stamp = stamp
-                self.reconcile()
-            self.drain_drops()
+                await self.reconcile()
+            self.emit_drops(await self._kernel(self.datapath.poll_drops, 0))
             now = time.monotonic()
             if now - last_status >= 1.0:
                 last_status = now
                 self.flowlog.flush()
-                self.write_status()
+                self.write_status(await self._kernel(self.datapath.status))
 
     # ------------------------------------------------------------------ policy
 
@@ -148,16 +160,15 @@ class Agent:
         alloc = st.allocator()
         endpoints = [Endpoint(e.id, e.name, alloc.for_labels(e.labels), ipaddress.IPv4Address(e.ip)) for e in st.endpoints]
         self.revision += 1
-        host = [ipaddress.IPv4Network(f"{ip}/32") for ip in netns.host_addresses()]
-        return compile_policy(self.policies, endpoints, alloc, revision=self.revision, audit_all=self.audit, host_prefixes=host)
+        return compile_policy(self.policies, endpoints, alloc, revision=self.revision, audit_all=self.audit, host_prefixes=self._host_prefixes)
 
-    def reconcile(self) -> None:
+    async def reconcile(self) -> None:
         """Endpoints or policies changed: recompile, then update maps in place."""
         self._load_policies()
         self.agent_state = self.store.read()
         compiled = self._compile(self.agent_state)
         self.state.swap(compiled)
-        self._sync_kernel(compiled)
+        await self._kernel(self._sync_kernel, compiled)
         log.info("policy revision %d: %d policies, %d endpoints", compiled.revision, len(self.policies), len(compiled.endpoints))
 
     def _sync_kernel(self, compiled: CompiledPolicy) -> None:
@@ -207,8 +218,7 @@ class Agent:
 
     # ------------------------------------------------------------------ observation
 
-    def drain_drops(self) -> None:
-        events = self.datapath.poll_drops(0)
+    def emit_drops(self, events) -> None:
         if not events:
             return
         compiled = self.state.current
@@ -231,10 +241,9 @@ class Agent:
             )
             self.flowlog.emit(rec)
 
-    def status(self) -> dict:
+    def status(self, dp_status: dict) -> dict:
         from parsers import http1
 
-        dp_status = self.datapath.status() if self.datapath else {}
         compiled = self.state.current if self.state else None
         return {
             "version": __version__,
@@ -261,9 +270,9 @@ class Agent:
             "audit": self.audit,
         }
 
-    def write_status(self) -> None:
+    def write_status(self, dp_status: dict) -> None:
         tmp = self.store.status_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.status(), indent=1, default=str))
+        tmp.write_text(json.dumps(self.status(dp_status), indent=1, default=str))
         os.replace(tmp, self.store.status_file)
 
 
@@ -276,6 +285,10 @@ def _side(ip, port, identity, ep, compiled: CompiledPolicy) -> dict:
         "endpoint": ep.name if ep else None,
         "labels": ident.label_map if ident else {},
     }
+
+
+def _host_prefixes() -> list[ipaddress.IPv4Network]:
+    return [ipaddress.IPv4Network(f"{ip}/32") for ip in netns.host_addresses()]
 
 
 def _free_port() -> int:

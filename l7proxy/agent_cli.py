@@ -69,7 +69,7 @@ def dispatch(args) -> int:
 
 def cmd_run(args, store: Store) -> int:
     from l7proxy.agent import Agent
-    from l7proxy.cli import _install_loop
+    from l7proxy.cli import loop_factory
     from l7proxy.datapath import kernel_support
     from l7proxy.proxy.driver import ProxyLimits
 
@@ -78,7 +78,6 @@ def cmd_run(args, store: Store) -> int:
         print(f"cannot run the datapath here: {problem}", file=sys.stderr)
         return 2
     agent = Agent(store, audit=args.audit, extra_policies=args.policy, limits=ProxyLimits(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout))
-    _install_loop()
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -87,14 +86,15 @@ def cmd_run(args, store: Store) -> int:
             loop.add_signal_handler(sig, stop.set)
         await agent.start()
         try:
-            agent.write_status()
+            agent.write_status(await agent._kernel(agent.datapath.status))
             print(f"l7proxy agent running: listeners {agent.listeners}", flush=True)
             await agent.run(stop)
         finally:
             # Explicit clean-up: under uvloop a signal-raised KeyboardInterrupt can be swallowed.
             await agent.stop()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(main())
     return 0
 
 

@@ -108,19 +108,28 @@ def cmd_firewall(args) -> int:
     except PolicyError as err:
         print(f"policy rejected: {err}", file=sys.stderr)
         return 1
-    _install_loop()
-    asyncio.run(run_firewall(fw, ready=lambda line: print(line, flush=True)))
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(run_firewall(fw, ready=lambda line: print(line, flush=True)))
     return 0
 
 
-def _install_loop() -> None:
-    try:
-        import uvloop
+def loop_factory():
+    """uvloop for the proxy's own loop, without making it the global policy:
+    pyroute2 runs its own asyncio loop in the agent's kernel thread and needs
+    the standard one (uvloop cannot open netlink datagram endpoints).
+    ``L7PROXY_LOOP=asyncio`` forces the standard loop."""
+    import os
 
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        logging.getLogger("l7proxy").info("event loop: uvloop")
-    except ImportError:  # pragma: no cover
-        logging.getLogger("l7proxy").info("event loop: asyncio (uvloop not installed)")
+    if os.environ.get("L7PROXY_LOOP", "uvloop") == "uvloop":
+        try:
+            import uvloop
+
+            logging.getLogger("l7proxy").info("event loop: uvloop")
+            return uvloop.new_event_loop
+        except ImportError:  # pragma: no cover
+            pass
+    logging.getLogger("l7proxy").info("event loop: asyncio")
+    return asyncio.new_event_loop
 
 
 def cmd_policy(args) -> int:
