@@ -50,7 +50,6 @@ from cassandra.protocol import (
     write_int,
     write_short,
     write_string,
-    write_stringlist,
     write_stringmultimap,
     write_value,
 )
@@ -762,11 +761,23 @@ class _Connection:
             options = read_stringmap(f)
             double.seen.append(Seen(opcode, stream, version, str(options)))
             compression = options.get("COMPRESSION", "").lower()
-            await self.send(version, stream, 0x02, b"")
+            if double.credentials is not None:
+                await self.send(version, stream, 0x03, _strings("org.apache.cassandra.auth.PasswordAuthenticator"))
+            else:
+                await self.send(version, stream, 0x02, b"")
             if version >= 5:
                 self.segments = SegmentCodec(lz4_compress, lz4_decompress) if compression == "lz4" else SegmentCodec()
             elif compression:
                 self.frame_compression = _FRAME_CODECS[compression]
+        elif opcode == 0x0F:  # AUTH_RESPONSE
+            token = read_value(f) or b""
+            double.seen.append(Seen(opcode, stream, version))
+            user, password = double.credentials or ("", "")
+            if token != b"\x00" + user.encode() + b"\x00" + password.encode():
+                raise CqlFailure(0x0100, "Provided username and/or password are incorrect")
+            buf = io.BytesIO()
+            write_value(buf, None)
+            await self.send(version, stream, 0x10, buf.getvalue())
         elif opcode == 0x0B:  # REGISTER
             double.seen.append(Seen(opcode, stream, version))
             await self.send(version, stream, 0x02, b"")
@@ -919,8 +930,9 @@ _FRAME_CODECS = {
 class CqlServerDouble:
     """The double's listening socket and shared state; see ``running_cql_double``."""
 
-    def __init__(self, max_version: int = 5):
+    def __init__(self, max_version: int = 5, credentials: tuple[str, str] | None = None):
         self.max_version = max_version
+        self.credentials = credentials  # (user, password): PasswordAuthenticator
         self.store = Store()
         self.prepared: dict[bytes, tuple[str, str]] = {}
         self.forgotten: set[bytes] = set()  # ids to answer Unprepared for (tests)
@@ -942,9 +954,9 @@ class CqlServerDouble:
 
 
 @contextmanager
-def running_cql_double(max_version: int = 5):
+def running_cql_double(max_version: int = 5, credentials: tuple[str, str] | None = None):
     """Run a ``CqlServerDouble`` on 127.0.0.1 in a background thread."""
-    double = CqlServerDouble(max_version)
+    double = CqlServerDouble(max_version, credentials)
     loop = asyncio.new_event_loop()
     ready = threading.Event()
 
