@@ -68,3 +68,20 @@ def sockhash_put(map_fd: int, key: int, sock_fd: int) -> None:
 
 def sockhash_delete(map_fd: int, key: int) -> bool:
     return map_delete(map_fd, ctypes.c_uint32(key))
+
+
+BPF_OBJ_GET_INFO_BY_FD = 15
+
+
+class _InfoByFdAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
+                ("info", ctypes.c_uint64)]
+
+
+def prog_id(prog_fd: int) -> int:
+    """Kernel id of a loaded program (as `bpftool prog show id N` knows it)."""
+    info = (ctypes.c_uint32 * 4)()   # bpf_prog_info starts: type, id, tag[8]
+    attr = _InfoByFdAttr(bpf_fd=prog_fd, info_len=ctypes.sizeof(info),
+                         info=ctypes.addressof(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    return info[1]

@@ -166,7 +166,7 @@ def compile_policy(entries: Iterable[PolicyEntry]) -> dict[PolicyKey, PolicyValu
         cuts = sorted({0, 65536} | {b for e in members for b in
                                     (e.port_range()[0], e.port_range()[1] + 1)})
         pieces: list[tuple[int, int, PolicyValue]] = []
-        for start, end in zip(cuts, cuts[1:]):
+        for start, end in zip(cuts, cuts[1:], strict=False):
             covering = [e for e in members
                         if e.port_range()[0] <= start and end - 1 <= e.port_range()[1]]
             if not covering:
@@ -256,7 +256,7 @@ class Datapath:
         self._listener_fd = lib.bpf_table_fd(self._bpf.module, b"proxy_listeners")
         if self._listener_fd < 0:
             raise RuntimeError("proxy_listeners map has no fd")
-        self._bpf["drop_events"].open_ring_buffer(self._on_event)
+        self._bpf[b"drop_events"].open_ring_buffer(self._on_event)
 
     def _require(self):
         if self._bpf is None:
@@ -334,13 +334,13 @@ class Datapath:
     def _bump_revision(self) -> None:
         """Conntrack entries judged under an older revision are re-judged."""
         self._revision += 1
-        config = self._require()["config"]
+        config = self._require()[b"config"]
         config[config.Key(0)] = config.Leaf(self._revision)
 
     def set_endpoint(self, info: EndpointInfo) -> None:
         bpf = self._require()
         old = self._endpoints.get(info.endpoint_id)
-        endpoints, by_ifindex = bpf["endpoints"], bpf["ifindex_endpoint"]
+        endpoints, by_ifindex = bpf[b"endpoints"], bpf[b"ifindex_endpoint"]
         endpoints[endpoints.Key(info.endpoint_id)] = endpoints.Leaf(info.identity, info.flags())
         if old is not None and old.ifindex != info.ifindex:
             with contextlib.suppress(KeyError):
@@ -355,7 +355,7 @@ class Datapath:
         info = self._endpoints.pop(endpoint_id, None)
         if info is None:
             return
-        endpoints, by_ifindex = bpf["endpoints"], bpf["ifindex_endpoint"]
+        endpoints, by_ifindex = bpf[b"endpoints"], bpf[b"ifindex_endpoint"]
         with contextlib.suppress(KeyError):
             del by_ifindex[by_ifindex.Key(info.ifindex)]
         with contextlib.suppress(KeyError):
@@ -372,7 +372,7 @@ class Datapath:
             self._bump_revision()
 
     def _write_ipcache(self) -> bool:
-        table = self._require()["ipcache"]
+        table = self._require()[b"ipcache"]
         desired = {net: (identity, 0) for net, identity in self._ipcache_desired.items()}
         for info in self._endpoints.values():
             desired[IPv4Network(f"{info.ip}/32")] = (info.identity, info.endpoint_id)
@@ -396,7 +396,7 @@ class Datapath:
     def sync_policy(self, entries: Iterable[PolicyEntry]) -> None:
         """Full desired L3/L4 policy; only changed keys are written, then the
         revision is bumped so established flows are re-judged once."""
-        table = self._require()["policy"]
+        table = self._require()[b"policy"]
         desired = compile_policy(entries)
 
         def key(k: PolicyKey):
@@ -441,18 +441,18 @@ class Datapath:
         """{"total": {name: packets}, "endpoints": {endpoint_id: {name: packets}}}."""
         bpf = self._require()
         totals = dict.fromkeys(COUNTER_NAMES, 0)
-        table = bpf["counters"]
+        table = bpf[b"counters"]
         for i, name in enumerate(COUNTER_NAMES):
             totals[name] = int(sum(table[table.Key(i)]))
         per_endpoint: dict[int, dict[str, int]] = {}
-        for k, v in bpf["endpoint_counters"].items():
+        for k, v in bpf[b"endpoint_counters"].items():
             if k.counter < len(COUNTER_NAMES):
                 row = per_endpoint.setdefault(k.endpoint_id, dict.fromkeys(COUNTER_NAMES, 0))
                 row[COUNTER_NAMES[k.counter]] += int(sum(v))
         return {"total": totals, "endpoints": per_endpoint}
 
     def _on_event(self, _ctx, data, _size) -> None:
-        e = self._bpf["drop_events"].event(data)
+        e = self._bpf[b"drop_events"].event(data)
         self._events.append(DropEvent(
             time_ns=e.time_ns,
             src_ip=_ip_from_be32(e.saddr), src_port=socket.ntohs(e.sport),
@@ -471,11 +471,15 @@ class Datapath:
         out, self._events = self._events, []
         return out
 
+    def program_ids(self) -> dict[str, int]:
+        """Kernel ids of the loaded programs, by function name."""
+        return {name: bpfsys.prog_id(fn.fd) for name, fn in self._progs.items()}
+
     def map_fill(self) -> dict[str, tuple[int, int]]:
         bpf = self._require()
         out = {}
         for name in ("ipcache", "endpoints", "ifindex_endpoint", "policy", "conntrack"):
-            table = bpf[name]
+            table = bpf[name.encode()]
             out[name] = (sum(1 for _ in table.keys()), table.max_entries)
         out["proxy_listeners"] = (len(self._listeners), 256)
         return out
@@ -489,6 +493,7 @@ class Datapath:
             "redirect_mark": self.redirect_mark,
             "policy_revision": self._revision,
             "attached": {i: a.info.ifindex for i, a in self._attached.items()},
+            "programs": self.program_ids() if loaded else {},
             "proxy_listeners": sorted(self._listeners),
             "policy_keys": len(self._policy_state),
             "maps": self.map_fill() if loaded else {},

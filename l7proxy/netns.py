@@ -223,6 +223,23 @@ def list_rules_by_table(tables: Sequence[int]) -> list[tuple[int, int]]:
         return out
 
 
+def tc_bpf_filters(ifindex: int) -> list[str]:
+    """Names of the tc bpf filters on a link's clsact hooks ([] if none or no link)."""
+    names = []
+    with IPRoute() as ipr:
+        for parent in (0xFFFFFFF2, 0xFFFFFFF3):
+            try:
+                filters = ipr.get_filters(index=ifindex, parent=parent)
+            except NetlinkError:
+                continue
+            for f in filters:
+                opts = f.get_attr("TCA_OPTIONS")
+                name = opts.get_attr("TCA_BPF_NAME") if opts else None
+                if name:
+                    names.append(name)
+    return names
+
+
 # --- doing things inside a namespace --------------------------------------
 
 def run_in_netns(ns_name: str, argv: Sequence[str], **popen_kwargs) -> subprocess.Popen:
