@@ -339,7 +339,11 @@ class Http1Engine:
             return
         ex = self._current
         if ex is not None and ex.allowed:
-            # The request was already forwarded in part: nothing sane can follow.
+            # Its head is already at the server, the bad bytes never will be:
+            # answer the client if it is owed nothing before this, then close.
+            if self._queue and self._queue[0] is ex and not ex.started:
+                out.append(ToClient(exc.wire_reply))
+                out.append(Reply(ex.key, {"status": exc.status}))
             out.append(ParseError("client", exc, close=True))
             self._closed = True
             return
@@ -397,7 +401,7 @@ class Http1Engine:
                 tail = serialise_end(head, event.trailers)
                 if tail:
                     out.append(ToClient(tail))
-                if head.status < 200:
+                if head.status < 200 and not self._responses.switched:
                     continue  # 1xx: the final response is still to come
                 ex = self._awaiting.popleft()
                 self._queue.popleft()
@@ -420,7 +424,7 @@ class Http1Engine:
             out.append(ToClient(BAD_GATEWAY))
             out.append(Reply(ex.key, {"status": 502}))
         self._closed = True
-        out.append(Close(f"bad response from server: {exc}"))
+        out.append(Close("bad response from server"))
 
     def _switch(self, ex: _Exchange, out: list) -> None:
         """The server accepted an Upgrade/CONNECT: from here on, not HTTP."""
