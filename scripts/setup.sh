@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(python3-bpfcc python3-venv clang llvm linux-headers-amd64 iproute2 iptables
-              bpftool haproxy nginx-light nghttp2-client nghttp2-server wrk procps)
+              bpftool haproxy nginx-light nghttp2-client nghttp2-server wrk procps curl)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
