@@ -1,0 +1,282 @@
+"""Real grpcio client -> l7proxy firewall (H2Engine) -> real grpcio interop TestService.
+
+Each scenario runs twice, directly against the server and through the
+firewall, and the results must be identical; values the interop spec fixes
+(payload sizes, echoed metadata, status codes) are checked as well.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent import futures
+
+import pytest
+
+grpc = pytest.importorskip("grpc")
+
+from tests.support.firewall import running_firewall  # noqa: E402
+from tests.support.grpc_interop import ECHO_INITIAL, ECHO_TRAILING, interop, interop_server, stub_for  # noqa: E402
+
+LABELS = {"app": "interop"}
+# Everything in TestService except CacheableUnaryCall (and nothing from other services).
+POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: grpc-interop}}
+spec:
+  endpointSelector: {{matchLabels: {{app: interop}}}}
+  ingress:
+    - toPorts:
+        - ports: [{{port: "{port}", protocol: TCP}}]
+          rules:
+            grpc:
+              - service: grpc.testing.TestService
+                method: "(Empty|Unary|Unimplemented)Call"
+              - service: grpc.testing.TestService
+                method: ".*(Output|Input|Duplex)Call"
+"""
+
+
+@pytest.fixture(scope="module")
+def pb():
+    return interop()
+
+
+@pytest.fixture(scope="module")
+def targets(pb):
+    with interop_server() as port, running_firewall(POLICY.format(port=port), ("127.0.0.1", port), LABELS) as fw:
+        direct_channel, direct = stub_for("127.0.0.1", port)
+        proxy_channel, proxied = stub_for(fw.host, fw.port)
+        try:
+            yield {"direct": direct, "proxy": proxied, "firewall": fw}
+        finally:
+            direct_channel.close()
+            proxy_channel.close()
+
+
+def both(targets, scenario):
+    """Run ``scenario(stub)`` direct and through the proxy; they must agree."""
+    direct = scenario(targets["direct"])
+    proxied = scenario(targets["proxy"])
+    assert proxied == direct
+    return proxied
+
+
+def outcome(fn):
+    """(code name, details) of a call that may fail, or ("OK", value)."""
+    try:
+        return "OK", fn()
+    except grpc.RpcError as exc:
+        return exc.code().name, exc.details()
+
+
+def test_empty_and_unary(targets, pb):
+    m = pb.messages_pb2
+
+    def scenario(stub):
+        empty = stub.EmptyCall(pb.empty_pb2.Empty(), timeout=10)
+        reply = stub.UnaryCall(m.SimpleRequest(response_size=314159, payload=m.Payload(body=b"\x00" * 271828)), timeout=10)
+        return empty.SerializeToString(), len(reply.payload.body)
+
+    assert both(targets, scenario) == (b"", 314159)
+
+
+def test_large_messages_both_ways(targets, pb):
+    m = pb.messages_pb2
+    size = 8 * 1024 * 1024
+
+    def scenario(stub):
+        reply = stub.UnaryCall(m.SimpleRequest(response_size=size, payload=m.Payload(body=b"\x07" * size)), timeout=60)
+        return len(reply.payload.body), set(reply.payload.body)
+
+    assert both(targets, scenario) == (size, {0})
+
+
+def test_server_streaming(targets, pb):
+    m = pb.messages_pb2
+    sizes = [31415, 9, 2653, 58979]
+
+    def scenario(stub):
+        request = m.StreamingOutputCallRequest(response_parameters=[m.ResponseParameters(size=s) for s in sizes])
+        return [len(r.payload.body) for r in stub.StreamingOutputCall(request, timeout=10)]
+
+    assert both(targets, scenario) == sizes
+
+
+def test_client_streaming(targets, pb):
+    m = pb.messages_pb2
+    sizes = [27182, 8, 1828, 45904]
+
+    def scenario(stub):
+        requests = (m.StreamingInputCallRequest(payload=m.Payload(body=b"\x00" * s)) for s in sizes)
+        return stub.StreamingInputCall(requests, timeout=10).aggregated_payload_size
+
+    assert both(targets, scenario) == 74922
+
+
+def test_bidi_ping_pong(targets, pb):
+    m = pb.messages_pb2
+    sizes = [(31415, 27182), (9, 8), (2653, 1828), (58979, 45904)]
+
+    def scenario(stub):
+        outbox: queue.Queue = queue.Queue()
+        responses = stub.FullDuplexCall(iter(outbox.get, None), timeout=10)
+        got = []
+        for response_size, payload_size in sizes:
+            outbox.put(
+                m.StreamingOutputCallRequest(
+                    response_parameters=[m.ResponseParameters(size=response_size)],
+                    payload=m.Payload(body=b"\x00" * payload_size),
+                )
+            )
+            got.append(len(next(responses).payload.body))  # one answer before the next request
+        outbox.put(None)
+        assert list(responses) == []
+        return got
+
+    assert both(targets, scenario) == [s for s, _ in sizes]
+
+
+def test_custom_and_binary_metadata_round_trip(targets, pb):
+    m = pb.messages_pb2
+    metadata = ((ECHO_INITIAL, "test_initial_metadata_value"), (ECHO_TRAILING, b"\xab\xab\xab"), ("x-other", "ignored"))
+
+    def scenario(stub):
+        reply, call = stub.UnaryCall.with_call(m.SimpleRequest(response_size=1), metadata=metadata, timeout=10)
+        initial = [(k, v) for k, v in call.initial_metadata() if k.startswith("x-grpc-test")]
+        trailing = [(k, v) for k, v in call.trailing_metadata() if k.startswith("x-grpc-test")]
+        return initial, trailing
+
+    initial, trailing = both(targets, scenario)
+    assert initial == [(ECHO_INITIAL, "test_initial_metadata_value")]
+    assert trailing == [(ECHO_TRAILING, b"\xab\xab\xab")]
+
+
+@pytest.mark.parametrize(
+    "code, message",
+    [
+        (2, "test status message"),
+        (5, "\t\ntest with whitespace\r\nand Unicode BMP \u263a and non-BMP \U0001f608\t\n"),
+        (8, "resource exhausted"),
+    ],
+)
+def test_status_codes_and_messages_are_echoed(targets, pb, code, message):
+    m = pb.messages_pb2
+
+    def scenario(stub):
+        request = m.SimpleRequest(response_status=m.EchoStatus(code=code, message=message))
+        return outcome(lambda: stub.UnaryCall(request, timeout=10))
+
+    name, details = both(targets, scenario)
+    assert grpc.StatusCode[name].value[0] == code
+    assert details == message
+
+
+def test_unimplemented_method_status(targets, pb):
+    assert both(targets, lambda stub: outcome(lambda: stub.UnimplementedCall(pb.empty_pb2.Empty(), timeout=10)))[0] == "UNIMPLEMENTED"
+
+
+def test_deadline_exceeded(targets, pb):
+    m = pb.messages_pb2
+    request = m.StreamingOutputCallRequest(response_parameters=[m.ResponseParameters(size=1, interval_us=2_000_000)])
+
+    def scenario(stub):
+        return outcome(lambda: list(stub.StreamingOutputCall(request, timeout=0.3)))[0]
+
+    assert both(targets, scenario) == "DEADLINE_EXCEEDED"
+
+
+def test_cancellation_then_channel_still_works(targets, pb):
+    m = pb.messages_pb2
+
+    def scenario(stub):
+        outbox: queue.Queue = queue.Queue()
+        call = stub.FullDuplexCall(iter(outbox.get, None), timeout=10)
+        outbox.put(m.StreamingOutputCallRequest(response_parameters=[m.ResponseParameters(size=5)]))
+        first = len(next(call).payload.body)
+        call.cancel()
+        outbox.put(None)
+        after = stub.EmptyCall(pb.empty_pb2.Empty(), timeout=10).SerializeToString()
+        return first, call.code().name, after
+
+    assert both(targets, scenario) == (5, "CANCELLED", b"")
+
+
+def test_many_concurrent_calls_on_one_channel(targets, pb):
+    m = pb.messages_pb2
+
+    def scenario(stub):
+        calls = [stub.UnaryCall.future(m.SimpleRequest(response_size=i * 97), timeout=30) for i in range(200)]
+        return [len(c.result().payload.body) for c in calls]
+
+    assert both(targets, scenario) == [i * 97 for i in range(200)]
+
+
+def test_concurrent_streams_from_threads(targets, pb):
+    m = pb.messages_pb2
+
+    def one(stub, i):
+        request = m.StreamingOutputCallRequest(response_parameters=[m.ResponseParameters(size=i * 1000 + j) for j in range(5)])
+        return [len(r.payload.body) for r in stub.StreamingOutputCall(request, timeout=30)]
+
+    def scenario(stub):
+        with futures.ThreadPoolExecutor(16) as pool:
+            return list(pool.map(lambda i: one(stub, i), range(40)))
+
+    assert both(targets, scenario)[39] == [39000 + j for j in range(5)]
+
+
+def test_denied_method_is_permission_denied_and_others_keep_working(targets, pb):
+    m = pb.messages_pb2
+    fw = targets["firewall"]
+    stub = targets["proxy"]
+    before = len(fw.flows())
+    results = []
+    for _ in range(3):
+        results.append(outcome(lambda: stub.CacheableUnaryCall(m.SimpleRequest(response_size=5), timeout=10)))
+        results.append(outcome(lambda: len(stub.UnaryCall(m.SimpleRequest(response_size=5), timeout=10).payload.body)))
+    denied = [r for r in results[::2]]
+    assert all(code == "PERMISSION_DENIED" for code, _ in denied)
+    assert "grpc-interop" in denied[0][1]
+    assert results[1::2] == [("OK", 5)] * 3
+    # And directly, the method works: it is the proxy that refused it.
+    assert len(targets["direct"].CacheableUnaryCall(m.SimpleRequest(response_size=5), timeout=10).payload.body) == 5
+
+    # The flow log is written asynchronously: earlier tests' records may land after ``before``.
+    records = [r for r in fw.flows(wait_for=before + 6)[before:] if r.get("l7", {}).get("method") in ("CacheableUnaryCall", "UnaryCall")]
+    verdicts = [(r["l7"]["method"], r["verdict"]) for r in records]
+    assert verdicts.count(("CacheableUnaryCall", "DENIED")) == 3
+    assert verdicts.count(("UnaryCall", "FORWARDED")) >= 3
+    denied_reply = next(r["reply"] for r in records if r["verdict"] == "DENIED")
+    assert denied_reply["grpc_status"] == 7
+    ok_reply = [r["reply"] for r in records if r["verdict"] == "FORWARDED"][-1]
+    assert (ok_reply["status"], ok_reply["grpc_status"], ok_reply["request_messages"], ok_reply["response_messages"]) == (200, 0, 1, 1)
+
+
+def test_denied_client_stream_body_never_reaches_server(targets, pb):
+    """A denied streaming call gets PERMISSION_DENIED even while the client keeps sending."""
+    m = pb.messages_pb2
+    stop = threading.Event()
+
+    chunk = m.StreamingOutputCallRequest(payload=m.Payload(body=b"\x00" * 1000)).SerializeToString()
+
+    def endless():
+        for _ in range(100_000):
+            if stop.is_set():
+                return
+            yield chunk
+
+    # Deny-by-omission: HalfDuplexCall matches ".*(Output|Input|Duplex)Call", so use another service.
+    channel = grpc.insecure_channel(f"{targets['firewall'].host}:{targets['firewall'].port}")
+    try:
+        call = channel.stream_stream("/grpc.testing.OtherService/Chat")(endless(), timeout=10)
+        code = outcome(lambda: list(call))[0]
+        stop.set()
+        # The channel is still usable for allowed calls after the refusal.
+        ok = channel.unary_unary("/grpc.testing.TestService/EmptyCall")(b"", timeout=10)
+    finally:
+        stop.set()
+        channel.close()
+    assert code == "PERMISSION_DENIED"
+    assert ok == b""
