@@ -271,13 +271,8 @@ class Http1Engine:
         if self._closed or self._client_dead:
             return []
         out: list = []
-        try:
-            events = self._requests.feed(data)
-        except Http1Error as exc:
-            self._on_client_events(getattr(exc, "events", []), out)
-            self._on_client_error(exc, out)
+        if not self._read_client(self._requests.feed, data, out):
             return _coalesce(out)
-        self._on_client_events(events, out)
         if not data and not self._closed:
             # Client EOF between requests: let owed answers finish first.
             if self._queue:
@@ -286,6 +281,24 @@ class Http1Engine:
                 self._closed = True
                 out.append(Close("client closed"))
         return _coalesce(out)
+
+    def _read_client(self, read, data, out: list) -> bool:
+        """Parse client bytes and act on them; False after a client error."""
+        try:
+            events = read(data) if data is not None else read()
+        except Http1Error as exc:
+            events = getattr(exc, "events", [])
+            error: Http1Error | None = exc
+        else:
+            error = None
+        try:
+            self._on_client_events(events, out)
+        except Http1Error as exc:  # a rule the engine adds on top of the parser
+            error = exc
+        if error is not None:
+            self._on_client_error(error, out)
+            return False
+        return True
 
     def _on_client_events(self, events, out: list) -> None:
         for event in events:
@@ -310,6 +323,10 @@ class Http1Engine:
                     self._on_client_events(self._requests.resume(), out)
 
     def _on_request_head(self, head: MessageHead, out: list) -> None:
+        if head.version == "1.1" and not head.values(b"host"):
+            # RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request
+            # without Host. (The parser library accepts it; the proxy does not.)
+            raise MalformedMessage("HTTP/1.1 request without Host", code="missing_host")
         request = http_request(head)
         decision: Decision = self.decide(request)
         key = self._seq
@@ -409,8 +426,8 @@ class Http1Engine:
                 if self._responses.switched:
                     self._switch(ex, out)
                     return
-                if ex.head.upgrade:
-                    self._on_client_events(self._requests.resume(), out)
+                if ex.head.upgrade and not self._client_dead:
+                    self._read_client(self._requests.resume, None, out)
                 self._flush(out)
                 if not head.keep_alive:
                     self._closed = True

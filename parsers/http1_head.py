@@ -154,6 +154,10 @@ def frame_request(head: MessageHead) -> MessageHead:
         unknown = [c for c in codings if c not in KNOWN_CODINGS]
         if unknown:
             raise AmbiguousFraming(f"unknown transfer coding {unknown[0]!r}", code="te_unknown", side=side)
+        if len(codings) > 1:
+            # Known but not supported by common servers (nginx answers 501, h11
+            # refuses): a request body is only ever forwarded as plain chunked.
+            raise AmbiguousFraming(f"transfer coding {codings[0]!r} in a request", code="te_unsupported", side=side)
         head.framing, head.codings = "chunked", tuple(codings[:-1])
     elif length:
         head.framing, head.length = "length", length

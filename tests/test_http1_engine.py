@@ -152,10 +152,10 @@ def _dechunk(body: bytes) -> bytes:
         pos = eol + 2 + size + 2
 
 
-def test_content_codings_before_chunked_are_kept(impl):
-    wire = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+def test_transfer_encoding_values_are_joined_and_case_folded(impl):
+    wire = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: ,\r\nTransfer-Encoding: Chunked\r\n\r\n0\r\n\r\n"
     out = three_ways(impl, wire)
-    assert sent(out, ToServer) == b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"
+    assert sent(out, ToServer) == b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
 
 
 def test_body_streams_as_it_arrives(impl):
@@ -239,6 +239,7 @@ STRICT_CASES = [
     ("te_final_not_chunked", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", AmbiguousFraming),
     ("te_unknown", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: pigeons, chunked\r\n\r\n", AmbiguousFraming),
     ("te_identity", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\n\r\n", AmbiguousFraming),
+    ("te_gzip_chunked", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", AmbiguousFraming),
     ("te_twice", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", AmbiguousFraming),
     ("te_http10", b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", AmbiguousFraming),
     ("te_obfuscated", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", AmbiguousFraming),
@@ -266,6 +267,7 @@ STRICT_CASES = [
     ("bad_scheme", b"GET ftp://a/ HTTP/1.1\r\nHost: a\r\n\r\n", MalformedMessage),
     ("star_not_options", b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", MalformedMessage),
     ("relative_target", b"GET a/b HTTP/1.1\r\nHost: a\r\n\r\n", MalformedMessage),
+    ("missing_host", b"GET / HTTP/1.1\r\n\r\n", MalformedMessage),
     ("duplicate_host", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", AmbiguousFraming),
     ("high_byte_target", b"GET /\xe9 HTTP/1.1\r\nHost: a\r\n\r\n", MalformedMessage),
 ]
@@ -477,6 +479,11 @@ def test_unrequested_101_is_garbage(impl):
 
 # --------------------------------------------------------------------------
 # Header timeout support, implementation switch
+
+
+def test_http10_request_without_host_is_fine(impl):
+    out = three_ways(impl, b"GET / HTTP/1.0\r\n\r\n")
+    assert out[1] == ToServer(b"GET / HTTP/1.0\r\n\r\n")
 
 
 def test_reading_headers_tracks_partial_heads(impl):
