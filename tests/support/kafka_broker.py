@@ -57,7 +57,9 @@ def available() -> str | None:
 
 
 @contextmanager
-def running_broker(*, port: int | None = None, advertise: tuple[str, int] | None = None, timeout: float = 20.0):
+def running_broker(
+    *, port: int | None = None, advertise: tuple[str, int] | None = None, timeout: float = 20.0
+):
     port = port or free_port()
     advertised = advertise or ("127.0.0.1", port)
     workdir = Path(tempfile.mkdtemp(prefix="tansu-"))
@@ -65,10 +67,14 @@ def running_broker(*, port: int | None = None, advertise: tuple[str, int] | None
     argv = [
         str(TANSU),
         "broker",
-        "--listener-url", f"tcp://127.0.0.1:{port}",
-        "--advertised-listener-url", f"tcp://{advertised[0]}:{advertised[1]}",
-        "--storage-engine", "memory://tansu/",
-        "--cluster-id", f"test-{port}",
+        "--listener-url",
+        f"tcp://127.0.0.1:{port}",
+        "--advertised-listener-url",
+        f"tcp://{advertised[0]}:{advertised[1]}",
+        "--storage-engine",
+        "memory://tansu/",
+        "--cluster-id",
+        f"test-{port}",
     ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
