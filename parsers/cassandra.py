@@ -147,72 +147,77 @@ class CqlEngine:
     def _client_frames(self, out: list[Command]) -> None:
         buf = self._cbuf
         pos = fwd = 0
-        while len(buf) - pos >= w.HEADER_LEN:
-            vbyte, flags, stream, opcode, length = w.parse_header(buf, pos)
-            version = vbyte & 0x7F
-            if version < 3:
-                # v1/v2 headers are 8 bytes: we cannot even frame them.
-                raise CqlError(
-                    f"Invalid or unsupported protocol version ({version}); supported versions are (3/v3, 4/v4, 5/v5)",
-                    stream=stream,
-                )
-            self._check_length(length, stream)
-            end = pos + w.HEADER_LEN + length
-            if len(buf) < end:
-                break
-            env = w.Envelope(version, flags, stream, opcode, bytes(buf[pos + w.HEADER_LEN:end]))
-            answer = self._request(env, vbyte, out)
-            if answer is not None:
-                if fwd < pos:
-                    out.append(ToServer(bytes(buf[fwd:pos])))
-                out.append(ToClient(self._wire(answer)))
-                fwd = end
-            pos = end
-        if fwd < pos:
-            out.append(ToServer(bytes(buf[fwd:pos])))
-        del buf[:pos]
+        try:
+            while len(buf) - pos >= w.HEADER_LEN:
+                vbyte, flags, stream, opcode, length = w.parse_header(buf, pos)
+                version = vbyte & 0x7F
+                if version < 3:
+                    # v1/v2 headers are 8 bytes: we cannot even frame them.
+                    raise CqlError(
+                        f"Invalid or unsupported protocol version ({version}); supported versions are (3/v3, 4/v4, 5/v5)",
+                        stream=stream,
+                    )
+                self._check_length(length, stream)
+                end = pos + w.HEADER_LEN + length
+                if len(buf) < end:
+                    break
+                env = w.Envelope(version, flags, stream, opcode, bytes(buf[pos + w.HEADER_LEN:end]))
+                answer = self._request(env, vbyte, out)
+                if answer is not None:
+                    if fwd < pos:
+                        out.append(ToServer(bytes(buf[fwd:pos])))
+                    out.append(ToClient(self._wire(answer)))
+                    fwd = end
+                pos = end
+        finally:
+            # frames judged before an error still go out
+            if fwd < pos:
+                out.append(ToServer(bytes(buf[fwd:pos])))
+            del buf[:pos]
 
     def _client_segments(self, out: list[Command]) -> None:
         buf = self._cbuf
         pos = fwd = 0
-        while True:
-            seg = w.read_segment(buf, pos, self._segment_lz4)
-            if seg is None:
-                break
-            end = pos + seg.raw_len
-            if seg.self_contained:
-                if self._client_big is not None:
-                    raise CqlError("self-contained segment inside a multi-segment envelope")
-                kept, answers = self._requests_in(seg.payload, out)
-                if answers:
+        try:
+            while True:
+                seg = w.read_segment(buf, pos, self._segment_lz4)
+                if seg is None:
+                    break
+                end = pos + seg.raw_len
+                if seg.self_contained:
+                    if self._client_big is not None:
+                        raise CqlError("self-contained segment inside a multi-segment envelope")
+                    kept, answers = self._requests_in(seg.payload, out)
+                    if answers:
+                        if fwd < pos:
+                            out.append(ToServer(bytes(buf[fwd:pos])))
+                        if kept:
+                            out.append(ToServer(w.encode_segments(b"".join(kept), self._segment_lz4)))
+                        out.append(ToClient(w.encode_segments(b"".join(answers), self._segment_lz4)))
+                        fwd = end
+                else:
+                    # Part of one large envelope: hold its segments until it is whole.
                     if fwd < pos:
                         out.append(ToServer(bytes(buf[fwd:pos])))
-                    if kept:
-                        out.append(ToServer(w.encode_segments(b"".join(kept), self._segment_lz4)))
-                    out.append(ToClient(w.encode_segments(b"".join(answers), self._segment_lz4)))
                     fwd = end
-            else:
-                # Part of one large envelope: hold its segments until it is whole.
-                if fwd < pos:
-                    out.append(ToServer(bytes(buf[fwd:pos])))
-                fwd = end
-                if self._client_big is None:
-                    self._client_big = (bytearray(), [])
-                payload, raws = self._client_big
-                payload += seg.payload
-                raws.append(bytes(buf[pos:end]))
-                whole = self._whole_envelope(payload)
-                if whole is not None:
-                    self._client_big = None
-                    kept, answers = self._requests_in(payload, out)
-                    if answers:
-                        out.append(ToClient(w.encode_segments(b"".join(answers), self._segment_lz4)))
-                    else:
-                        out.append(ToServer(b"".join(raws)))
-            pos = end
-        if fwd < pos:
-            out.append(ToServer(bytes(buf[fwd:pos])))
-        del buf[:pos]
+                    if self._client_big is None:
+                        self._client_big = (bytearray(), [])
+                    payload, raws = self._client_big
+                    payload += seg.payload
+                    raws.append(bytes(buf[pos:end]))
+                    whole = self._whole_envelope(payload)
+                    if whole is not None:
+                        self._client_big = None
+                        kept, answers = self._requests_in(payload, out)
+                        if answers:
+                            out.append(ToClient(w.encode_segments(b"".join(answers), self._segment_lz4)))
+                        else:
+                            out.append(ToServer(b"".join(raws)))
+                pos = end
+        finally:
+            if fwd < pos:
+                out.append(ToServer(bytes(buf[fwd:pos])))
+            del buf[:pos]
 
     def _whole_envelope(self, payload: bytearray) -> bool | None:
         if len(payload) < w.HEADER_LEN:
@@ -443,29 +448,31 @@ class CqlEngine:
     def _server_input(self, out: list[Command]) -> None:
         buf = self._sbuf
         pos = fwd = 0
-        while True:
-            if self._segments:
-                seg = w.read_segment(buf, pos, self._segment_lz4)
-                if seg is None:
+        try:
+            while True:
+                if self._segments:
+                    seg = w.read_segment(buf, pos, self._segment_lz4)
+                    if seg is None:
+                        break
+                    self._server_segment(seg, buf, pos, out)
+                    pos += seg.raw_len
+                    continue
+                if len(buf) - pos < w.HEADER_LEN:
                     break
-                self._server_segment(seg, buf, pos, out)
-                pos += seg.raw_len
-                continue
-            if len(buf) - pos < w.HEADER_LEN:
-                break
-            vbyte, flags, stream, opcode, length = w.parse_header(buf, pos)
-            if not vbyte & w.RESPONSE_BIT:
-                raise CqlError("server sent an envelope without the response bit")
-            self._check_length(length, stream)
-            end = pos + w.HEADER_LEN + length
-            if len(buf) < end:
-                break
-            env = w.Envelope(vbyte & 0x7F, flags, stream, opcode, bytes(buf[pos + w.HEADER_LEN:end]))
-            pos = end
-            self._response(env, out)
-        if fwd < pos:
-            out.append(ToClient(bytes(buf[fwd:pos])))
-        del buf[:pos]
+                vbyte, flags, stream, opcode, length = w.parse_header(buf, pos)
+                if not vbyte & w.RESPONSE_BIT:
+                    raise CqlError("server sent an envelope without the response bit")
+                self._check_length(length, stream)
+                end = pos + w.HEADER_LEN + length
+                if len(buf) < end:
+                    break
+                env = w.Envelope(vbyte & 0x7F, flags, stream, opcode, bytes(buf[pos + w.HEADER_LEN:end]))
+                pos = end
+                self._response(env, out)
+        finally:
+            if fwd < pos:
+                out.append(ToClient(bytes(buf[fwd:pos])))
+            del buf[:pos]
 
     def _server_segment(self, seg: w.Segment, buf, pos: int, out: list[Command]) -> None:
         if seg.self_contained:
