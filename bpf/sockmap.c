@@ -69,8 +69,14 @@
 #define C_PROXY_REPLIES     6
 #define C_PROXY_UPSTREAM    7
 #define C_REVOKED           8
-#define C_NOT_IPV4          9
-#define C_MAX              10
+#define C_NOT_IP            9
+#define C_UNSUPPORTED      10   // IPv6 or malformed IPv4 at an enforced endpoint: dropped
+#define C_MAX              11
+
+// parse() results
+#define PARSED       0
+#define NOT_IP       1   // ARP and other non-IP frames: passed
+#define UNSUPPORTED  2   // IPv6, truncated IPv4: dropped where policy is enforced
 
 // Drop event reasons (mirrored in datapath.py REASONS).
 #define R_POLICY_DENY        1
@@ -198,12 +204,14 @@ static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
     void *data_end = (void *)(long)skb->data_end;
     struct ethhdr *eth = data;
     if ((void *)(eth + 1) > data_end)
-        return -1;
+        return NOT_IP;
+    if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+        return UNSUPPORTED;
     if (eth->h_proto != bpf_htons(ETH_P_IP))
-        return -1;
+        return NOT_IP;
     struct iphdr *ip = (void *)(eth + 1);
     if ((void *)(ip + 1) > data_end)
-        return -1;
+        return UNSUPPORTED;
     p->saddr = ip->saddr;
     p->daddr = ip->daddr;
     p->proto = ip->protocol;
@@ -212,26 +220,41 @@ static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
     p->tcp_flags = 0;
     // Non-first fragments carry no ports; judged as port 0 (only "any port" rules match).
     if (ip->frag_off & bpf_htons(0x1fff))
-        return 0;
+        return PARSED;
     u32 ihl = ip->ihl * 4;
     if (ihl < sizeof(*ip))
-        return -1;
+        return UNSUPPORTED;
     void *l4 = (void *)ip + ihl;
     if (p->proto == IPPROTO_TCP) {
         struct tcphdr *tcp = l4;
         if ((void *)(tcp + 1) > data_end)
-            return -1;
+            return UNSUPPORTED;
         p->sport = tcp->source;
         p->dport = tcp->dest;
         p->tcp_flags = ((u8 *)tcp)[13];
     } else if (p->proto == IPPROTO_UDP) {
         struct udphdr *udp = l4;
         if ((void *)(udp + 1) > data_end)
-            return -1;
+            return UNSUPPORTED;
         p->sport = udp->source;
         p->dport = udp->dest;
     }
-    return 0;
+    return PARSED;
+}
+
+// What to do with a frame parse() could not judge, at an endpoint's hook.
+static __always_inline int unparsed(int kind, u32 endpoint_id)
+{
+    if (kind == NOT_IP) {
+        count(C_NOT_IP, 0);
+        return TC_ACT_OK;
+    }
+    struct endpoint_info *ep = endpoints.lookup(&endpoint_id);
+    if (ep && (ep->flags & (EP_INGRESS_ENFORCED | EP_EGRESS_ENFORCED))) {
+        count(C_UNSUPPORTED, endpoint_id);
+        return TC_ACT_SHOT;
+    }
+    return TC_ACT_OK;
 }
 
 static __always_inline void resolve(u32 addr, u32 *identity, u32 *endpoint_id)
@@ -545,16 +568,15 @@ static __always_inline int revalidate(struct packet *p, struct ct_key *k, struct
 // Packets leaving an endpoint (tc ingress of its host-side veth).
 int from_endpoint(struct __sk_buff *skb)
 {
-    struct packet p = {};
-    if (parse(skb, &p) < 0) {
-        count(C_NOT_IPV4, 0);
-        return TC_ACT_OK;
-    }
     u32 ifindex = skb->ifindex;
     u32 *src_ep_p = ifindex_endpoint.lookup(&ifindex);
     if (!src_ep_p)
         return TC_ACT_OK;
     u32 src_ep = *src_ep_p;
+    struct packet p = {};
+    int parsed = parse(skb, &p);
+    if (parsed != PARSED)
+        return unparsed(parsed, src_ep);
     u32 rev = policy_revision();
 
     struct ct_key k;
@@ -624,16 +646,15 @@ int from_endpoint(struct __sk_buff *skb)
 // proxy's own connections, and traffic from the host or the outside.
 int to_endpoint(struct __sk_buff *skb)
 {
-    struct packet p = {};
-    if (parse(skb, &p) < 0) {
-        count(C_NOT_IPV4, 0);
-        return TC_ACT_OK;
-    }
     u32 ifindex = skb->ifindex;
     u32 *dst_ep_p = ifindex_endpoint.lookup(&ifindex);
     if (!dst_ep_p)
         return TC_ACT_OK;
     u32 dst_ep = *dst_ep_p;
+    struct packet p = {};
+    int parsed = parse(skb, &p);
+    if (parsed != PARSED)
+        return unparsed(parsed, dst_ep);
     u32 rev = policy_revision();
 
     struct ct_key k;

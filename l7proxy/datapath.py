@@ -34,7 +34,7 @@ POLICY_PREFIX_BASE = 96
 
 COUNTER_NAMES = ("allowed", "denied", "redirected", "audited", "ct_hits",
                  "proxy_unavailable", "proxy_replies", "proxy_upstream", "revoked",
-                 "not_ipv4")
+                 "not_ip", "unsupported")
 REASONS = {1: "policy-deny", 2: "default-deny", 3: "proxy-unavailable",
            4: "redirect-from-host", 5: "proxy-reply-no-socket"}
 
@@ -278,10 +278,10 @@ class Datapath:
         with IPRoute() as ipr:
             try:
                 ipr.tc("add", "clsact", info.ifindex)
+                record.hooks.append("clsact")   # ours: removed again on detach
             except NetlinkError as e:
-                if e.code != 17:   # EEXIST
+                if e.code != 17:   # EEXIST: someone else's clsact stays
                     raise
-            record.hooks.append("clsact")
             for parent, prog in ((_TC_INGRESS, "from_endpoint"), (_TC_EGRESS, "to_endpoint")):
                 fn = self._progs[prog]
                 ipr.tc("add-filter", "bpf", info.ifindex, ":1", fd=fn.fd,

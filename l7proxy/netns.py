@@ -71,6 +71,9 @@ def create_endpoint(ns_name: str, host_ifname: str, ip: IPv4Address) -> Endpoint
     if len(host_ifname) > 15:
         raise ValueError(f"interface name too long: {host_ifname!r}")
     ip = IPv4Address(ip)
+    if endpoint_exists(ns_name, host_ifname):
+        # Checked first so the clean-up below can never remove someone else's.
+        raise FileExistsError(f"endpoint {ns_name}/{host_ifname} already exists")
     netns.create(ns_name)
     try:
         with IPRoute() as ipr:
