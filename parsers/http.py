@@ -16,6 +16,8 @@ from parsers.requests import HttpRequest
 
 __all__ = ["HttpEngine"]
 
+MAX_EARLY_SERVER_BYTES = 16 * 1024
+
 
 class HttpEngine:
     protocol = "http"
@@ -24,6 +26,9 @@ class HttpEngine:
         self._decide = decide
         self._inner = None
         self._head = b""  # a possible preface prefix, until it is decided
+        # An HTTP/2 server may send its SETTINGS as soon as it accepts, before
+        # the client has said anything: keep those bytes for the chosen engine.
+        self._server_early = b""
 
     @property
     def reading_headers(self) -> bool:
@@ -54,18 +59,28 @@ class HttpEngine:
         out = inner.client_data(head) if head else []
         if not data:
             out += inner.client_data(b"")
+        if self._server_early:
+            early, self._server_early = self._server_early, b""
+            out += inner.server_data(early)
         return out
 
     def server_data(self, data: bytes) -> list[Command]:
-        if self._inner is None:
-            # A server speaking first is not HTTP/2: let HTTP/1.1 judge the rest.
-            self._inner = Http1Engine(self._decide, upgrade_handler=self._upgrade)
-            out = self._inner.server_data(data)
-            if self._head:
-                head, self._head = self._head, b""
-                out += self._inner.client_data(head)
-            return out
-        return self._inner.server_data(data)
+        inner = self._inner
+        if inner is not None:
+            return inner.server_data(data)
+        if data and len(self._server_early) + len(data) <= MAX_EARLY_SERVER_BYTES:
+            self._server_early += data
+            return []
+        # EOF, or far more than a SETTINGS frame: HTTP/1.1 judges (and rejects) it.
+        inner = self._inner = Http1Engine(self._decide, upgrade_handler=self._upgrade)
+        early, self._server_early = self._server_early + data, b""
+        out = inner.server_data(early) if early else []
+        if not data:
+            out += inner.server_data(b"")
+        if self._head:
+            head, self._head = self._head, b""
+            out += inner.client_data(head)
+        return out
 
     def _upgrade(self, request: HttpRequest) -> H2Engine | None:
         """Called by Http1Engine after the server's 101 to an allowed Upgrade request."""

@@ -161,3 +161,22 @@ def test_upgrade_handler_builds_an_engine_that_relays_stream_one_and_judges_the_
     paths = [dict(e.headers)[b":path"] for e in server_events if isinstance(e, ev.RequestReceived)]
     assert paths == [b"/second"]
     assert judged == ["/second", "/admin/x"]  # stream 1 was judged as HTTP/1.1 already
+
+
+def test_server_settings_before_the_client_speaks_are_kept_for_http2(split):
+    """nghttpd and grpc servers send SETTINGS on accept, before the client's preface arrives."""
+    engine = HttpEngine(decide)
+    server = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+    server.initiate_connection()
+    assert engine.server_data(server.data_to_send()) == []
+    t = Transcript(engine, split)
+    t.server = server
+    t.client.initiate_connection()
+    t.pump()
+    assert engine.version == "2"
+    t.client.send_headers(1, request_headers("/x"), end_stream=True)
+    t.pump()
+    assert [dict(e.headers)[b":path"] for e in t.of(ev.RequestReceived, "server")] == [b"/x"]
+    t.server.send_headers(1, [(b":status", b"204")], end_stream=True)
+    t.pump()
+    assert [dict(e.headers)[b":status"] for e in t.of(ev.ResponseReceived, "client")] == [b"204"]
