@@ -252,7 +252,7 @@ class Datapath:
             "-w",
         ])
         for name in ("from_endpoint", "to_endpoint"):
-            self._progs[name] = self._bpf.load_func(name, BPF.SCHED_CLS)
+            self._progs[name] = self._bpf.load_func(name.encode(), BPF.SCHED_CLS)
         self._listener_fd = lib.bpf_table_fd(self._bpf.module, b"proxy_listeners")
         if self._listener_fd < 0:
             raise RuntimeError("proxy_listeners map has no fd")
