@@ -178,8 +178,13 @@ def cmd_cleanup(args, store: Store) -> int:
         return 1
     if not store.exists():
         return 0
+    from l7proxy import netns
+
+    state = store.read()
     for name in delete_all(store):
         print(f"endpoint {name} deleted")
+    # A killed agent cannot remove its policy route; do it here.
+    netns.remove_proxy_routing(state.redirect_mark, state.route_table)
     shutil.rmtree(store.policy_dir, ignore_errors=True)
     return 0
 
