@@ -398,6 +398,10 @@ def denial(
     R = kafka_apis.response_class(api_key, api_version)
     if R is None or message is None:
         return None
+    if api_key == 18:
+        # Clients read a failed ApiVersions reply as v0, whatever they asked for
+        # (that is how brokers answer UNSUPPORTED_VERSION too).
+        return _encode(R[0](error_code=code, api_keys=[]), correlation_id)
     R = R[api_version]
     if api_key == 3:
         response = _metadata(R, message, code, cluster)
