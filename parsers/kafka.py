@@ -206,6 +206,8 @@ class KafkaEngine:
         the broker is asked for the allowed topics and the denied ones are added
         to its answer with TOPIC_AUTHORIZATION_FAILED.
         """
+        if any(t.name is None for t in message.topics):
+            return False  # topics named by id only: answer the request as a whole
         allowed = [t for t in request.topics if self._decide(replace(request, topics=(t,))).allowed]
         if not allowed:
             return False
@@ -214,13 +216,7 @@ class KafkaEngine:
         if not verdict.allowed:
             return False
         denied = tuple(t for t in request.topics if t not in allowed)
-        names = {
-            **{t: t for t in request.topics},
-            **{str(k): v for k, v in self._topic_names.items()},
-        }
-        message.topics = [
-            t for t in message.topics if (t.name or names.get(str(t.topic_id))) in allowed
-        ]
+        message.topics = [t for t in message.topics if t.name in allowed]
         message.with_header(correlation_id=request.correlation_id, client_id=request.client_id)
         wire = bytes(message.encode(version=request.api_version, header=True, framed=True))
         reason = f"{verdict.reason}; topics {', '.join(denied)} answered TOPIC_AUTHORIZATION_FAILED"
@@ -381,7 +377,12 @@ class KafkaEngine:
             return False
         fields = self._response_fields(owed, frame)
         if owed.denied_topics:
-            frame = self._add_denied_topics(owed, frame, fields)
+            try:
+                frame = self._add_denied_topics(owed, frame, fields)
+            except Exception as exc:  # the broker's answer still goes out, unmerged
+                out.append(
+                    Log(f"could not add denied topics to Metadata reply: {exc}", level="warning")
+                )
         out.append(ToClient(frame))
         out.append(Reply(correlation_id, fields))
         self._flush_denials(out)
@@ -416,12 +417,11 @@ class KafkaEngine:
             if kafka_apis.response_header_flexible(owed.api_key, owed.api_version):
                 pos = _skip_tagged_fields(frame, pos)
             response = cls.decode(memoryview(frame)[pos:], version=owed.api_version)
-        except Exception as exc:  # reported, never fatal: the bytes went through unchanged
+            fields["error_code"] = _first_error(response)
+            if owed.api_key in (_METADATA, _CREATE_TOPICS, _DESCRIBE_TOPIC_PARTITIONS):
+                self._learn(owed.api_key, response)
+        except Exception as exc:  # reported, never fatal: the bytes go through unchanged
             fields["decode_error"] = f"{type(exc).__name__}: {exc}"
-            return fields
-        fields["error_code"] = _first_error(response)
-        if owed.api_key in (_METADATA, _CREATE_TOPICS, _DESCRIBE_TOPIC_PARTITIONS):
-            self._learn(owed.api_key, response)
         return fields
 
     def _learn(self, api_key: int, response) -> None:

@@ -612,3 +612,44 @@ def test_every_topic_api_has_an_encodable_denial(
     (wire,) = [c.data for c in cmds if isinstance(c, ToClient)]
     assert int.from_bytes(wire[4:8], "big") == 5
     assert [c for c in cmds if isinstance(c, Reply)][0].fields["error_code"] in (29, 30, 53)
+
+
+# ---------------------------------------------------------------------------
+# Bad input never crashes the engine.
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _framed(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + body
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    api_key=st.integers(0, 100),
+    version=st.integers(0, 20),
+    body=st.binary(max_size=200),
+    allow=st.booleans(),
+)
+def test_random_bodies_never_crash(api_key, version, body, allow):
+    engine = KafkaEngine(lambda r: Decision(allow), max_frame=4096)
+    head = (
+        api_key.to_bytes(2, "big")
+        + version.to_bytes(2, "big")
+        + (1).to_bytes(4, "big")
+        + b"\x00\x01c"
+    )
+    cmds = engine.client_data(_framed(head + body))
+    assert isinstance(cmds[0], (Access, ParseError))
+    engine.server_data(_framed((1).to_bytes(4, "big") + body))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_on_either_side_never_crash(data):
+    engine = KafkaEngine(allow_topics("orders"), max_frame=4096)
+    engine.client_data(data)
+    engine.server_data(data)
+    engine.client_data(b"")
+    engine.server_data(b"")
