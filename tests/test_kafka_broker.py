@@ -344,3 +344,53 @@ def test_pipelined_frames_with_a_denied_one_in_the_middle_keep_order(stack):
         # The connection is still usable after the denial.
         sock.sendall(_metadata_frame(104, OK))
         assert struct.unpack(">i", _read_frame(sock)[:4])[0] == 104
+
+
+# ---------------------------------------------------------------------------
+# Cilium-style explicit API lists: what the rules leave out is denied natively,
+# including librdkafka's KIP-714 telemetry request, and the client carries on.
+
+
+def test_librdkafka_survives_denied_telemetry_under_explicit_api_rules():
+    port = free_port()
+    topic = f"plain.{RUN}"
+    explicit = textwrap.dedent(
+        f"""
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {{name: kafka-explicit}}
+        spec:
+          endpointSelector: {{matchLabels: {{app: kafka}}}}
+          ingress:
+          - toPorts:
+            - ports: [{{port: "{port}", protocol: TCP}}]
+              rules:
+                kafka:
+                - {{apiKey: produce, topic: {topic}}}
+                - {{apiKey: metadata}}
+                - {{apiKey: apiversions}}
+                - {{apiKey: createtopics}}
+        """
+    )
+    with running_firewall(explicit, ("127.0.0.1", port), LABELS) as fw:
+        with running_broker(port=port, advertise=(fw.host, fw.port)) as broker:
+            admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+            try:
+                admin.create_topics([NewTopic(topic, 1, 1)])
+            finally:
+                admin.close()
+            results = []
+            producer = confluent_kafka.Producer(
+                {"bootstrap.servers": broker.bootstrap, "message.timeout.ms": 15000}
+            )
+            for i in range(5):
+                producer.produce(
+                    topic, f"m{i}".encode(), on_delivery=lambda err, _m: results.append(err)
+                )
+            assert producer.flush(20) == 0
+            del producer
+            assert results == [None] * 5
+            telemetry = wait_flows(fw, lambda l7, _f: l7.get("api_key") == 71)
+            assert telemetry and all(
+                f["verdict"] == "DENIED" and f["reply"]["error_code"] == 31 for f in telemetry
+            )
