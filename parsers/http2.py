@@ -241,7 +241,9 @@ class H2Engine:
         if decision.edits:
             headers = apply_edits(headers, decision.edits)
         upstream_limit = self.up.remote_settings.max_header_list_size
-        if upstream_limit is not None and header_list_size(headers) > upstream_limit:
+        if decision.edits:
+            size = header_list_size(headers)
+        if upstream_limit is not None and size > upstream_limit:
             self._answer(cid, ended, *http_denial(431, b"Request header fields too large"))
             self._out.append(Reply(cid, {"status": 431}))
             return
@@ -249,7 +251,9 @@ class H2Engine:
         stream.headers = headers
         stream.request_ended = ended
         self._streams[cid] = stream
-        if self._waiting or self.up.open_outbound_streams >= self.up.remote_settings.max_concurrent_streams:
+        # Every opened upstream stream stays in _by_sid until h2 has closed it,
+        # so its size is h2's open_outbound_streams without h2's O(n) count.
+        if self._waiting or len(self._by_sid) >= self.up.remote_settings.max_concurrent_streams:
             self._waiting.append(stream)
         else:
             self._open(stream)
@@ -289,7 +293,7 @@ class H2Engine:
 
     def _open_waiting(self) -> None:
         limit = self.up.remote_settings.max_concurrent_streams
-        while self._waiting and self.up.open_outbound_streams < limit:
+        while self._waiting and len(self._by_sid) < limit:
             self._open(self._waiting.pop(0))
 
     def _on_client_data(self, event: ev.DataReceived) -> None:
