@@ -22,6 +22,7 @@ from parsers.http1_head import (
     FIELD_VALUE_CHARS,
     KNOWN_METHODS,
     MessageHead,
+    check_request_line_prefix,
     explain_line,
     frame_request,
     frame_response,
@@ -95,6 +96,9 @@ class _CHead:
 
     def partial(self, buf: bytes | bytearray) -> None:
         self._feed(buf)
+        if self.side == "client":
+            eol = buf.find(b"\r\n")
+            check_request_line_prefix(bytes(buf[: eol if eol >= 0 else len(buf)]))
 
     def _finish(self, head: bytes) -> None:
         self._feed(head)

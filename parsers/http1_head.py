@@ -31,6 +31,8 @@ KNOWN_METHODS = frozenset(
     b"QUERY".split()
 )
 
+METHOD_PREFIXES = frozenset(m[:i] for m in KNOWN_METHODS for i in range(len(m) + 1))
+
 # Content codings a request may carry before ``chunked``; anything else is
 # refused rather than forwarded to a server that might read it differently.
 KNOWN_CODINGS = frozenset({"chunked", "gzip", "x-gzip", "deflate", "compress", "x-compress"})
@@ -42,7 +44,7 @@ STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: (" + FIELD_VALUE_CHARS 
 FIELD_LINE = re.compile(rb"(" + TOKEN + rb"):[ \t]*(" + FIELD_VALUE_CHARS + rb"*?)[ \t]*")
 # What an unfinished line may look like and still become valid.
 _VERSION_PREFIX = rb"(?:H(?:T(?:T(?:P(?:/(?:1(?:\.(?:[01]\r?)?)?)?)?)?)?)?)?"
-REQUEST_PREFIX = re.compile(rb"(" + TOKEN + rb")?(?:( )(?:[\x21-\x7e]+(?: " + _VERSION_PREFIX + rb")?)?)?")
+REQUEST_PREFIX = re.compile(rb"(" + TOKEN + rb")?(?:( )(?:([\x21-\x7e]+)( " + _VERSION_PREFIX + rb")?)?)?")
 STATUS_PREFIX = re.compile(_VERSION_PREFIX + rb"|HTTP/1\.[01](?: [0-9]{0,3}(?: " + FIELD_VALUE_CHARS + rb"*)?)?\r?")
 FIELD_PREFIX = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]*(?::" + FIELD_VALUE_CHARS + rb"*)?\r?")
 CONTENT_LENGTH = re.compile(rb"[ \t]*([0-9]+)[ \t]*")
@@ -55,6 +57,9 @@ ABSOLUTE_FORM = re.compile(
     r"(?:[/?][!$&'()*+,;=:@%/?A-Za-z0-9._~\-\"\\|\[\]{}^`<>]*)?"
 )
 AUTHORITY_FORM = re.compile(r"(?:[A-Za-z0-9._~\-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}")
+
+# uri-host [ ":" port ] (RFC 9110 7.2, RFC 3986 3.2.2); empty is allowed.
+HOST_VALUE = re.compile(rb"(?:[A-Za-z0-9._~!$&'()*+,;=%\-]+|\[[0-9A-Fa-f:.]+\])?(?::[0-9]{0,5})?")
 
 MAX_CONTENT_LENGTH = 2**63 - 1
 
@@ -114,15 +119,18 @@ def _content_length(head: MessageHead, side: str) -> int | None:
     return length
 
 
-def _transfer_codings(head: MessageHead) -> list[str] | None:
+def _transfer_codings(head: MessageHead, side: str) -> list[str] | None:
     values = head.values(b"transfer-encoding")
     if not values:
         return None
     codings: list[str] = []
     for value in values:
-        # Empty list elements are legal (RFC 9110 5.6.1) and skipped.
-        codings.extend(c for c in (p.strip().lower() for p in value.decode("latin-1").split(",")) if c)
-    return codings
+        codings.extend(p.strip().lower() for p in value.decode("latin-1").split(","))
+    if side == "client" and "" in codings:
+        # Empty list elements are legal (RFC 9110 5.6.1) but parsers differ
+        # on them (h11 refuses): a request that has them is refused.
+        raise AmbiguousFraming("empty element in Transfer-Encoding", code="te_empty", side=side)
+    return [c for c in codings if c]
 
 
 def frame_request(head: MessageHead) -> MessageHead:
@@ -136,8 +144,11 @@ def frame_request(head: MessageHead) -> MessageHead:
     hosts = head.values(b"host")
     if len(hosts) > 1:
         raise AmbiguousFraming("more than one Host", code="duplicate_host", side=side)
+    if hosts and HOST_VALUE.fullmatch(hosts[0]) is None:
+        # Host-based rules must see one well-formed authority (RFC 9110 7.2).
+        raise MalformedMessage("invalid Host", code="invalid_host", side=side)
     length = _content_length(head, side)
-    codings = _transfer_codings(head)
+    codings = _transfer_codings(head, side)
     if head.method == "CONNECT":
         # A CONNECT request has no content (RFC 9110 9.3.6); as llhttp does,
         # what follows the head belongs to the tunnel, whatever it announces.
@@ -191,7 +202,7 @@ def frame_response(head: MessageHead, request_method: str = "GET") -> MessageHea
         head.keep_alive = "keep-alive" in tokens and "close" not in tokens
     status = head.status
     length = _content_length(head, side)
-    codings = _transfer_codings(head)
+    codings = _transfer_codings(head, side)
     if length is not None and codings is not None:
         raise AmbiguousFraming("both Content-Length and Transfer-Encoding", code="cl_and_te", side=side)
     if status < 200 or status in (204, 304) or request_method == "HEAD":
@@ -308,18 +319,30 @@ class _PyHead:
         raise NotImplementedError
 
 
+def check_request_line_prefix(rest: bytes) -> None:
+    """Refuse an unfinished request line as soon as it cannot become valid:
+    an unknown method once its space arrived, a target of the wrong form once
+    it is complete. Both parsers run it, so they fail at the same point."""
+    match = REQUEST_PREFIX.fullmatch(rest)
+    if match is None:
+        raise MalformedMessage("invalid request line", code="invalid_request_line")
+    method = match.group(1) or b""
+    if method not in (KNOWN_METHODS if match.group(2) is not None else METHOD_PREFIXES):
+        raise MalformedMessage("unknown method", code="invalid_method")
+    if match.group(4) is not None:
+        _check_target(MessageHead(method=method.decode("ascii"), target=match.group(3).decode("ascii")))
+
+
 class PyRequestHead(_PyHead):
     side = "client"
 
     def _start_prefix(self, rest: bytes) -> None:
-        match = REQUEST_PREFIX.fullmatch(rest)
-        if match is None:
-            raise MalformedMessage("invalid request line", code="invalid_request_line")
-        if match.group(2) is not None and match.group(1) not in KNOWN_METHODS:
-            raise MalformedMessage("unknown method", code="invalid_method")
+        check_request_line_prefix(rest)
 
     def _start_line(self, line: bytes):
         match = REQUEST_LINE.fullmatch(line)
+        if match is not None and match.group(1) in KNOWN_METHODS:
+            _check_target(MessageHead(method=match.group(1).decode("ascii"), target=match.group(2).decode("ascii")))
         if match is None:
             if line.startswith(b" ") or line.count(b" ") != 2:
                 raise MalformedMessage("invalid request line", code="invalid_request_line")

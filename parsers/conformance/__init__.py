@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import importlib
 
-from parsers.conformance.registry import REGISTRY, CORPORA_DIR, Case, Corpus, Outcome, Result, register, run_corpus
+from parsers.conformance.registry import (
+    CORPORA_DIR,
+    REGISTRY,
+    Case,
+    Corpus,
+    Outcome,
+    Result,
+    register,
+    run_corpus,
+)
 
 CORPUS_MODULES = ["parsers.conformance.http1"]
 

@@ -64,7 +64,9 @@ def parse_stream(kind: str, raw: bytes, impl: str, *, eof: bool = False, expect:
     summary = {
         "messages": messages,
         "upgrade": reader._state == PAUSED,
-        "error": type(error).__name__ if error else None,
+        # Agreement on a reject is "both raised a typed error": which check
+        # fires first may differ (llhttp checks fields as they stream by).
+        "rejected": error is not None,
     }
     return Outcome(accepted=error is None, summary=summary, error=error)
 
