@@ -95,16 +95,26 @@ def _local_prefixes(listen_host: str) -> list[ipaddress.IPv4Network]:
     return [] if ip.is_unspecified else [ipaddress.IPv4Network(f"{ip}/32")]
 
 
-async def run_firewall(fw: Firewall, *, ready=print) -> None:
+async def run_firewall(fw: Firewall, *, ready=print, metrics: tuple[str, int] | None = None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     host, port = await fw.start()
+    # --metrics: /metrics and /healthz (l7proxy/metrics.py)
+    served = None
+    if metrics is not None:
+        from l7proxy.metrics import start_firewall_metrics
+
+        served = await start_firewall_metrics(fw, metrics)
     ready(f"l7proxy firewall listening on {host}:{port}")
+    if served is not None:
+        ready(f"l7proxy metrics on {served.url}")
     watcher = loop.create_task(fw.watch())
     try:
         await stop.wait()
     finally:
         watcher.cancel()
+        if served is not None:
+            await served.close()
         await fw.close()
