@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     fw.add_argument("--audit", action="store_true", help="compute verdicts, log would-denies as AUDIT, allow all")
     fw.add_argument("--header-timeout", type=float, default=10.0)
     fw.add_argument("--idle-timeout", type=float, default=300.0)
+    fw.add_argument("--metrics", type=_addr, metavar="ADDR:PORT", help="serve Prometheus /metrics and /healthz here")
 
     pol = sub.add_parser("policy", help="validate, import, list, delete and trace policies")
     psub = pol.add_subparsers(dest="policy_command", required=True)
@@ -109,7 +110,7 @@ def cmd_firewall(args) -> int:
         print(f"policy rejected: {err}", file=sys.stderr)
         return 1
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        runner.run(run_firewall(fw, ready=lambda line: print(line, flush=True)))
+        runner.run(run_firewall(fw, ready=lambda line: print(line, flush=True), metrics=args.metrics))
     return 0
 
 
