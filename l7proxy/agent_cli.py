@@ -18,13 +18,14 @@ log = logging.getLogger("l7proxy")
 
 
 def add_commands(sub) -> None:
-    from l7proxy.cli import _labels
+    from l7proxy.cli import _addr, _labels
 
     run = sub.add_parser("run", help="run the agent in the foreground (datapath + proxy)")
     run.add_argument("--policy", action="append", default=[], type=Path, metavar="FILE|DIR", help="extra policy paths to watch")
     run.add_argument("--audit", action="store_true", help="compute verdicts, log would-denies as AUDIT, allow all")
     run.add_argument("--header-timeout", type=float, default=10.0)
     run.add_argument("--idle-timeout", type=float, default=300.0)
+    run.add_argument("--metrics", type=_addr, metavar="ADDR:PORT", help="serve Prometheus /metrics and /healthz here")
 
     st = sub.add_parser("status", help="health of the running agent")
     st.add_argument("--json", action="store_true")
