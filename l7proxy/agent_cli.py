@@ -88,9 +88,15 @@ def cmd_run(args, store: Store) -> int:
         await agent.start()
         try:
             agent.write_status(await agent._kernel(agent.datapath.status))
+            if args.metrics:  # /metrics and /healthz (l7proxy/metrics.py)
+                from l7proxy.metrics import start_agent_metrics
+
+                print(f"l7proxy metrics on {(await start_agent_metrics(agent, args.metrics)).url}", flush=True)
             print(f"l7proxy agent running: listeners {agent.listeners}", flush=True)
             await agent.run(stop)
         finally:
+            if agent.metrics is not None:
+                await agent.metrics.close()
             # Explicit clean-up: under uvloop a signal-raised KeyboardInterrupt can be swallowed.
             await agent.stop()
 
