@@ -36,6 +36,7 @@ log = logging.getLogger("l7proxy.proxy")
 
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
+LINGER_SECONDS = 2.0
 
 
 @dataclass
@@ -174,9 +175,21 @@ class Pipe:
         if self.closing:
             return
         self.closing = True
-        for t in (self.client, self.server):
-            if t is not None and not t.is_closing():
-                t.close()  # flushes what is buffered, then closes
+        if self.server is not None and not self.server.is_closing():
+            self.server.close()  # flushes what is buffered, then closes
+        client = self.client
+        if client is not None and not client.is_closing():
+            if client.can_write_eof():
+                # Lingering close: send our FIN after the buffered reply, then
+                # read and discard until the client closes (or a short while
+                # passes). Closing with unread input would send an RST that can
+                # destroy the error reply before the client reads it.
+                client.write_eof()
+                if self.client_paused_by_us:
+                    client.resume_reading()
+                self.loop.call_later(LINGER_SECONDS, client.close)
+            else:
+                client.close()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -213,11 +226,16 @@ class ClientSide(asyncio.Protocol):
             transport.abort()
 
     def data_received(self, data: bytes) -> None:
-        self.pipe.client_data(data)
+        if not self.pipe.closing:
+            self.pipe.client_data(data)
+        # else: lingering close, discard
 
     def eof_received(self) -> bool:
-        if self.pipe is not None and not self.pipe.closing:
-            self.pipe.client_data(b"")
+        if self.pipe is None:
+            return False
+        if self.pipe.closing:
+            return False  # lingering close is over: let the transport close
+        self.pipe.client_data(b"")
         return True  # keep the write side open; the engine decides when to close
 
     def pause_writing(self) -> None:

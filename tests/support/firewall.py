@@ -79,7 +79,10 @@ def running_firewall(policy_yaml: str, upstream: tuple[str, int], labels: dict[s
     with open(stderr, "w") as err:
         proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=err, env=env, text=True)
     try:
-        line = _read_ready_line(proc, timeout=20)
+        try:
+            line = _read_ready_line(proc, timeout=20)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}:\n{stderr.read_text()}") from None
         hostport = line.rsplit(" ", 1)[-1]
         host, _, port = hostport.rpartition(":")
         fw = RunningFirewall(proc, host, int(port), flowlog, policy, workdir)
