@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import h2.events as ev
 from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
+from h2.exceptions import FrameTooLargeError
 from h2.exceptions import ProtocolError as H2ProtocolError
 from h2.settings import SettingCodes
 
@@ -171,6 +172,7 @@ class H2Engine:
             return self._finish_on_eof("client")
         try:
             events = self.down.receive_data(data)
+            _check_announced_length(self.down)
         except H2ProtocolError as exc:
             return self._connection_error("client", exc)
         handlers = self._client_handlers
@@ -187,6 +189,7 @@ class H2Engine:
             return self._finish_on_eof("server")
         try:
             events = self.up.receive_data(data)
+            _check_announced_length(self.up)
         except H2ProtocolError as exc:
             return self._connection_error("server", exc)
         handlers = self._server_handlers
@@ -662,6 +665,19 @@ class H2Engine:
         out = self._out
         self._out = []
         return out
+
+
+def _check_announced_length(conn: RelayConnection) -> None:
+    """FRAME_SIZE_ERROR as soon as an oversized frame's header is in, not after its body.
+
+    h2 validates a frame's length only once the whole frame is buffered, so a
+    peer announcing 16 MiB would make us hold 16 MiB first. Reads h2's frame
+    buffer (h2 is pinned); O(1) per call.
+    """
+    pending = conn.incoming_buffer._data
+    if len(pending) >= 9 and int.from_bytes(pending[:3], "big") > conn.max_inbound_frame_size:
+        conn.close_connection(ErrorCodes.FRAME_SIZE_ERROR)
+        raise FrameTooLargeError(f"frame of {int.from_bytes(pending[:3], 'big')} bytes announced")
 
 
 def headers_value(headers, name: bytes) -> bytes | None:

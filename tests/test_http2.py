@@ -364,3 +364,11 @@ def test_server_protocol_violation_closes_with_goaway_to_both(split):
     assert t.of(ev.ConnectionTerminated, "server")[0].error_code == ErrorCodes.PROTOCOL_ERROR
     assert t.of(ev.ConnectionTerminated, "client")[0].error_code == ErrorCodes.INTERNAL_ERROR
     assert t.of(ParseError)[0].side == "server"
+
+
+def test_oversized_frame_is_refused_from_its_header_alone(split):
+    t = Transcript(H2Engine(decide), split).start()
+    t.client_raw((1 << 24 - 1).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01")  # 8 MiB announced, no body
+    (goaway,) = t.of(ev.ConnectionTerminated, "client")
+    assert goaway.error_code == ErrorCodes.FRAME_SIZE_ERROR
+    assert isinstance(t.commands[-1], Close)
