@@ -71,7 +71,8 @@
 #define C_REVOKED           8
 #define C_NOT_IP            9
 #define C_UNSUPPORTED      10   // IPv6 or malformed IPv4 at an enforced endpoint: dropped
-#define C_MAX              11
+#define C_EVENTS_LOST      11   // ring buffer full
+#define C_MAX              12
 
 // parse() results
 #define PARSED       0
@@ -172,8 +173,13 @@ struct packet {
     u32 saddr, daddr;
     u16 sport, dport;    // network byte order
     u8  proto;
-    u8  tcp_flags;       // FIN 1, SYN 2, RST 4, ACK 16
+    u8  tcp_flags;       // TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK
 };
+
+#define TCP_FIN 1
+#define TCP_SYN 2
+#define TCP_RST 4
+#define TCP_ACK 16
 
 struct verdict {
     u8  action;          // V_*
@@ -395,7 +401,9 @@ static __always_inline void report(struct packet *p, struct verdict *v, u32 src_
     ev.src_identity = src_id;
     ev.dst_identity = dst_id;
     ev.endpoint_id = v->endpoint_id;
-    drop_events.ringbuf_output(&ev, sizeof(ev), 0);
+    long err = drop_events.ringbuf_output(&ev, sizeof(ev), 0);
+    if (err)
+        count(C_EVENTS_LOST, 0);
 }
 
 static __always_inline u32 policy_revision(void)
@@ -457,6 +465,10 @@ static __always_inline struct ct_value *ct_lookup(struct packet *p, struct ct_ke
     packet_key(p, k, 0);
     struct ct_value *ct = conntrack.lookup(k);
     if (!ct) {
+        // A bare SYN only ever opens a flow in its own direction: never let
+        // it ride an entry of the opposite direction.
+        if (p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
+            return 0;
         packet_key(p, k, 1);
         ct = conntrack.lookup(k);
         if (!ct)
@@ -469,14 +481,14 @@ static __always_inline struct ct_value *ct_lookup(struct packet *p, struct ct_ke
     }
     if (now - ct->last_seen > 1000000000ULL)   // refresh at most once a second
         ct->last_seen = now;
-    if (p->tcp_flags & 1)
+    if (p->tcp_flags & TCP_FIN)
         ct->flags |= *reply ? CT_FIN_REPLY : CT_FIN_ORIG;
     return ct;
 }
 
 static __always_inline void ct_after(struct packet *p, struct ct_key *k)
 {
-    if (p->proto == IPPROTO_TCP && (p->tcp_flags & 4))
+    if (p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_RST))
         conntrack.delete(k);
 }
 
@@ -503,7 +515,11 @@ static __always_inline int assign_to_proxy(struct __sk_buff *skb, struct packet 
     t.ipv4.dport = p->dport;
     struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
     if (sk) {
-        if (sk->state != BPF_TCP_LISTEN) {
+        // Not a listener (that would be some unrelated service on the original
+        // port), and not a TIME_WAIT leftover when a new SYN reuses the tuple.
+        int is_new = (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+        u32 state = sk->state;
+        if (state != BPF_TCP_LISTEN && !(is_new && state == BPF_TCP_TIME_WAIT)) {
             long err = bpf_sk_assign(skb, sk, 0);
             bpf_sk_release(sk);
             if (err)
@@ -511,7 +527,7 @@ static __always_inline int assign_to_proxy(struct __sk_buff *skb, struct packet 
             skb->mark = REDIRECT_MARK;
             return 0;
         }
-        bpf_sk_release(sk);   // some unrelated listener on the original port
+        bpf_sk_release(sk);
     }
     if (!proxy_port)
         return -1;

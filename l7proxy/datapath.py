@@ -34,7 +34,7 @@ POLICY_PREFIX_BASE = 96
 
 COUNTER_NAMES = ("allowed", "denied", "redirected", "audited", "ct_hits",
                  "proxy_unavailable", "proxy_replies", "proxy_upstream", "revoked",
-                 "not_ip", "unsupported")
+                 "not_ip", "unsupported", "events_lost")
 REASONS = {1: "policy-deny", 2: "default-deny", 3: "proxy-unavailable",
            4: "redirect-from-host", 5: "proxy-reply-no-socket"}
 
@@ -195,6 +195,33 @@ def _ip_from_be32(value: int) -> IPv4Address:
 
 def _be16(port: int) -> int:
     return int.from_bytes(port.to_bytes(2, "big"), "little")
+
+
+def _apply_diff(table, make_key, state: dict, desired: dict, what: str) -> bool:
+    """Make a BPF map equal to `desired`, tracking it in `state`. Additions and
+    changes go first so a key that is being replaced never vanishes for a
+    moment; removals follow. A desired state larger than the map is refused
+    before anything is written."""
+    if len(desired) > table.max_entries:
+        raise ValueError(f"{what}: {len(desired)} entries exceed the map's {table.max_entries}")
+    stale = [k for k in state if k not in desired]
+    if len(state) + sum(1 for k in desired if k not in state) > table.max_entries:
+        for k in stale:   # no room for both: remove first
+            with contextlib.suppress(KeyError):
+                del table[make_key(k)]
+            del state[k]
+        stale = []
+    changed = bool(stale)
+    for k, value in desired.items():
+        if state.get(k) != value:
+            table[make_key(k)] = table.Leaf(*value)
+            state[k] = value
+            changed = True
+    for k in stale:
+        with contextlib.suppress(KeyError):
+            del table[make_key(k)]
+        del state[k]
+    return changed
 
 
 @dataclass
@@ -380,18 +407,7 @@ class Datapath:
         def key(net: IPv4Network):
             return table.Key(net.prefixlen, _be32(net.network_address))
 
-        changed = False
-        for net in [n for n in self._ipcache_state if n not in desired]:
-            with contextlib.suppress(KeyError):
-                del table[key(net)]
-            del self._ipcache_state[net]
-            changed = True
-        for net, value in desired.items():
-            if self._ipcache_state.get(net) != value:
-                table[key(net)] = table.Leaf(*value)
-                self._ipcache_state[net] = value
-                changed = True
-        return changed
+        return _apply_diff(table, key, self._ipcache_state, desired, "ipcache")
 
     def sync_policy(self, entries: Iterable[PolicyEntry]) -> None:
         """Full desired L3/L4 policy; only changed keys are written, then the
@@ -405,18 +421,7 @@ class Datapath:
                              direction=direction, protocol=proto, identity=identity,
                              port=_be16(port))
 
-        changed = False
-        for k in [k for k in self._policy_state if k not in desired]:
-            with contextlib.suppress(KeyError):
-                del table[key(k)]
-            del self._policy_state[k]
-            changed = True
-        for k, value in desired.items():
-            if self._policy_state.get(k) != value:
-                table[key(k)] = table.Leaf(*value)
-                self._policy_state[k] = value
-                changed = True
-        if changed:
+        if _apply_diff(table, key, self._policy_state, desired, "policy"):
             self._bump_revision()
 
     # --- the proxy's listeners ----------------------------------------------

@@ -440,3 +440,42 @@ def test_close_is_idempotent_and_safe_after_partial_setup(pair):
     t.dp.close()
     t.dp.close()
     assert netns.tc_bpf_filters(t["client"].ifindex) == []
+
+
+def test_a_syn_never_rides_the_conntrack_entry_of_the_opposite_direction(pair):
+    t = pair
+    server = t["server"]
+    host_ip = next(ip for ip in netns.host_addresses() if not ip.is_loopback)
+    t.dp.sync_ipcache({IPv4Network(f"{ip}/32"): IDENTITY_HOST for ip in netns.host_addresses()})
+    t.attach("server", ingress=True, egress=True)
+    t.dp.sync_policy([allow(server, "ingress", IDENTITY_HOST, 8080)])
+    listener = t.serve("server", 8080)
+
+    # host:P -> server:8080 is allowed and leaves a conntrack entry behind.
+    host_listener = socket.socket()
+    host_listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    host_listener.bind((str(host_ip), 0))
+    port = host_listener.getsockname()[1]
+    try:
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        client.bind((str(host_ip), port))
+        client.settimeout(2)
+        client.connect((str(server.ip), 8080))
+        assert echo(client) == b"ping"
+        client.close()
+        listener.close()
+        host_listener.listen()
+
+        # The exact reverse tuple, opened from the server side: its egress is
+        # enforced with nothing allowed, so it must be judged and dropped.
+        reverse = t.socket_in("server")
+        reverse.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        reverse.bind((str(server.ip), 8080))
+        reverse.settimeout(DROP_TIMEOUT)
+        with pytest.raises(TimeoutError):
+            reverse.connect((str(host_ip), port))
+        events = drops_until(t.dp, lambda e: e.direction == "egress")
+        assert events and events[0].reason == "default-deny"
+    finally:
+        host_listener.close()
