@@ -47,6 +47,13 @@ _MIN_REQUEST_HEADER = 10
 
 _PRODUCE, _METADATA, _CREATE_TOPICS, _DESCRIBE_TOPIC_PARTITIONS = 0, 3, 19, 75
 
+# Metadata version of our own topic-id lookups (v10+ carries topic ids; v12
+# is what Kafka 3.x and Tansu serve, and what clients that send ids use).
+_LOOKUP_VERSION = 12
+
+# What handling one request frame leads to.
+_OK, _FAIL, _HOLD = "ok", "fail", "hold"
+
 _size = struct.Struct(">i")
 _fixed_header = struct.Struct(">hhih")
 
@@ -78,6 +85,8 @@ class _Owed:
     error_code: int = 0
     # Metadata answered partly by the broker: topics to add with error 29.
     denied_topics: tuple[str, ...] = ()
+    # Our own Metadata lookup: consumed here, never forwarded.
+    internal: bool = False
 
 
 class KafkaEngine:
@@ -92,11 +101,13 @@ class KafkaEngine:
         self._topic_names: dict[uuid.UUID, str] = {}
         self._cluster = ClusterView()
         self._failed = False
+        self._held: bytes | None = None  # request waiting for a topic-id lookup
+        self._lookups = 0
 
     @property
     def reading_headers(self) -> bool:
         # Kafka has no separate head: a partial frame is a partial request.
-        return bool(self._client)
+        return bool(self._client) and self._held is None
 
     @property
     def topic_names(self) -> dict[uuid.UUID, str]:
@@ -111,9 +122,14 @@ class KafkaEngine:
             return []
         if not data:
             return [ShutdownServer()]
-        buf = self._client
-        buf += data
+        self._client += data
         out: list[Command] = []
+        if self._held is None:
+            self._drain_client(out)
+        return out
+
+    def _drain_client(self, out: list[Command]) -> None:
+        buf = self._client
         pos = 0
         end = len(buf)
         # Each complete frame is copied out once (it is forwarded as is); the
@@ -128,18 +144,20 @@ class KafkaEngine:
                 break
             frame = bytes(buf[pos : pos + 4 + size])
             pos += 4 + size
-            if not self._request(frame, out):
+            status = self._request(frame, out)
+            if status is _FAIL:
                 self._failed = True
                 break
+            if status is _HOLD:
+                break  # later frames wait until the held one is judged
         del buf[:pos]
-        return out
 
     def _bad_size(self, side: str, size: int) -> ProtocolError:
         if size > self._max_frame:
             return FrameTooLarge(f"kafka {side} frame of {size} bytes exceeds {self._max_frame}")
         return ProtocolError(f"kafka {side} frame size {size} is invalid", code="bad_frame_size")
 
-    def _request(self, frame: bytes, out: list[Command]) -> bool:
+    def _request(self, frame: bytes, out: list[Command], *, may_look_up: bool = True):
         api_key, api_version, correlation_id, client_len = _fixed_header.unpack_from(frame, 4)
         pos = 14
         client_id = None
@@ -150,11 +168,16 @@ class KafkaEngine:
                         "client", ProtocolError("kafka request header truncated", code="bad_header")
                     )
                 )
-                return False
+                return _FAIL
             client_id = frame[pos : pos + client_len].decode("utf-8", "replace")
             pos += client_len
         name = kafka_apis.api_name(api_key)
-        message, request = self._decode(frame, pos, api_key, api_version, correlation_id, client_id)
+        message, request, unresolved = self._decode(
+            frame, pos, api_key, api_version, correlation_id, client_id
+        )
+        if unresolved and may_look_up:
+            self._look_up_topic_ids(frame, out)
+            return _HOLD
 
         decision = self._decide(request)
         if (
@@ -164,7 +187,7 @@ class KafkaEngine:
             and len(request.topics) > 1
         ):
             if self._metadata_subset(request, message, decision, frame, out):
-                return True
+                return _OK
         out.append(Access(request, decision, key=correlation_id))
         acks0 = api_key == _PRODUCE and message is not None and message.acks == 0
         if decision.allowed:
@@ -173,13 +196,13 @@ class KafkaEngine:
                 out.append(Reply(correlation_id, {"api": name, "acks": 0}))
             else:
                 self._owed.append(_Owed(correlation_id, api_key, api_version))
-            return True
+            return _OK
 
         code = self._blame(request)
         if acks0:
             # The client expects no answer: dropping the request is the whole denial.
             out.append(Reply(correlation_id, {"api": name, "acks": 0, "error_code": code}))
-            return True
+            return _OK
         try:
             wire = kafka_deny.denial(
                 api_key, api_version, correlation_id, message, code, self._cluster
@@ -192,10 +215,38 @@ class KafkaEngine:
             reason = f"cannot encode a denial for {name} v{api_version} ({why}); closing"
             out.append(Log(reason, level="error"))
             out.append(ParseError("client", ProtocolError(reason, code="kafka_denial_unencodable")))
-            return False
+            return _FAIL
         self._owed.append(_Owed(correlation_id, api_key, api_version, denial=wire, error_code=code))
         self._flush_denials(out)
-        return True
+        return _OK
+
+    def _look_up_topic_ids(self, frame: bytes, out: list[Command]) -> None:
+        """Ask the broker for topic names before judging a request that names ids.
+
+        Fetch v13+ (and others) name topics by id; the ids come from Metadata
+        responses, which a client may have received on another connection. The
+        request is held (with everything after it, to keep the order), and a
+        Metadata request of our own goes to the broker; its answer is consumed
+        here, never forwarded, and the held request is judged with the names.
+        """
+        self._lookups += 1
+        correlation_id = -self._lookups  # clients count up from 0; ours stay apart
+        lookup = kafka_apis.REQUESTS[_METADATA][_LOOKUP_VERSION](
+            topics=None, allow_auto_topic_creation=False, include_topic_authorized_operations=False
+        )
+        lookup.with_header(correlation_id=correlation_id, client_id="l7proxy")
+        out.append(Log("looking up topic ids with a Metadata request of our own"))
+        out.append(ToServer(bytes(lookup.encode(header=True, framed=True))))
+        self._owed.append(_Owed(correlation_id, _METADATA, _LOOKUP_VERSION, internal=True))
+        self._held = frame
+
+    def _resume(self, out: list[Command]) -> None:
+        frame, self._held = self._held, None
+        status = self._request(frame, out, may_look_up=False)
+        if status is _FAIL:
+            self._failed = True
+            return
+        self._drain_client(out)
 
     def _metadata_subset(self, request, message, decision, frame, out) -> bool:
         """Forward a Metadata request for its allowed topics only.
@@ -241,7 +292,7 @@ class KafkaEngine:
         cls = kafka_apis.request_class(api_key, api_version)
         if cls is None:
             why = f"unknown API {kafka_apis.api_name(api_key)} v{api_version}"
-            return None, KafkaRequest(**base, undecodable=why)
+            return None, KafkaRequest(**base, undecodable=why), ()
         try:
             if cls.flexible_version_q(api_version):
                 pos = _skip_tagged_fields(frame, pos)
@@ -249,12 +300,14 @@ class KafkaEngine:
             found = kafka_apis.extract(message, api_version)
         except Exception as exc:  # kafka-python raises a mix of ValueError/struct.error/IndexError
             why = f"undecodable {cls.name} v{api_version} body: {type(exc).__name__}: {exc}"
-            return None, KafkaRequest(**base, undecodable=why)
+            return None, KafkaRequest(**base, undecodable=why), ()
         topics = found.topics
         undecodable = None
+        unresolved = []
         for topic_id in found.topic_ids:
             topic = self._topic_names.get(topic_id)
             if topic is None:
+                unresolved.append(topic_id)
                 undecodable = (
                     f"topic id {topic_id} not seen in a Metadata response on this connection"
                 )
@@ -267,7 +320,7 @@ class KafkaEngine:
             transactional_ids=tuple(dict.fromkeys(found.transactional_ids)),
             undecodable=undecodable,
         )
-        return message, request
+        return message, request, unresolved
 
     def _decode_extra(self, extra, frame, pos, base):
         try:
@@ -285,8 +338,8 @@ class KafkaEngine:
                     groups.append(group)
         except (ValueError, IndexError, struct.error) as exc:
             why = f"undecodable {extra.name} v{base['api_version']} body: {exc}"
-            return None, KafkaRequest(**base, undecodable=why)
-        return groups, KafkaRequest(**base, groups=tuple(groups))
+            return None, KafkaRequest(**base, undecodable=why), ()
+        return groups, KafkaRequest(**base, groups=tuple(groups)), ()
 
     def _blame(self, request: KafkaRequest) -> int:
         """Which authorization error fits: ask ``decide`` which resource it refused.
@@ -376,6 +429,15 @@ class KafkaEngine:
             out.append(ParseError("server", error))
             return False
         fields = self._response_fields(owed, frame)
+        if owed.internal:
+            if "decode_error" in fields:
+                out.append(
+                    Log(f"topic-id lookup failed: {fields['decode_error']}", level="warning")
+                )
+            self._flush_denials(out)
+            if self._held is not None:
+                self._resume(out)
+            return True
         if owed.denied_topics:
             try:
                 frame = self._add_denied_topics(owed, frame, fields)

@@ -59,7 +59,7 @@ def _fetch(R, req, code):
                         high_watermark=-1,
                         last_stable_offset=-1,
                         log_start_offset=-1,
-                        records=None,
+                        records=b"",  # librdkafka rejects null records
                     )
                     for p in t.partitions
                 ],

@@ -277,11 +277,47 @@ def test_fetch_by_topic_id_resolved_from_metadata_seen_on_the_connection():
     )
     cmds = engine.client_data(frame(fetch, 16, 2))
     assert cmds[0].request.topics == ("orders",) and isinstance(cmds[1], ToServer)
-    unknown = FetchRequest(
-        max_wait_ms=1, min_bytes=1, topics=[F(topic_id=uuid.uuid4(), partitions=[])]
+
+
+def test_fetch_by_unknown_topic_id_is_held_while_the_engine_asks_the_broker():
+    seen = []
+    engine = KafkaEngine(lambda r: seen.append(r) or Decision(r.topics == ("orders",)))
+    known, unknown = uuid.uuid4(), uuid.uuid4()
+    F = FetchRequest.FetchTopic
+    fetch = FetchRequest(
+        max_wait_ms=1,
+        min_bytes=1,
+        topics=[F(topic_id=known, partitions=[F.FetchPartition(partition=0, fetch_offset=0)])],
     )
-    cmds = engine.client_data(frame(unknown, 16, 3))
-    assert "not seen" in cmds[0].request.undecodable
+    later = frame(produce("orders"), 9, 3)
+    cmds = engine.client_data(frame(fetch, 16, 2) + later)
+    assert seen == [] and not any(isinstance(c, Access) for c in cmds)
+    (lookup,) = [c.data for c in cmds if isinstance(c, ToServer)]
+    asked = MetadataRequest.decode(lookup, version=12, header=True, framed=True)
+    assert asked.topics is None and asked.header.correlation_id < 0
+
+    RT = MetadataResponse.MetadataResponseTopic
+    answer = response(
+        MetadataResponse,
+        12,
+        asked.header.correlation_id,
+        brokers=[],
+        topics=[RT(name="orders", topic_id=known, partitions=[])],
+    )
+    cmds = engine.server_data(answer)
+    assert not any(isinstance(c, (ToClient, Reply)) for c in cmds), "our lookup is never forwarded"
+    assert [c.request.topics for c in cmds if isinstance(c, Access)] == [("orders",), ("orders",)]
+    assert [c.data for c in cmds if isinstance(c, ToServer)] == [frame(fetch, 16, 2), later]
+
+    # An id the broker does not know either: judged as undecodable.
+    engine = KafkaEngine(lambda r: Decision(r.undecodable is None))
+    gone = FetchRequest(max_wait_ms=1, min_bytes=1, topics=[F(topic_id=unknown, partitions=[])])
+    cmds = engine.client_data(frame(gone, 16, 4))
+    (lookup,) = [c.data for c in cmds if isinstance(c, ToServer)]
+    cid = MetadataRequest.decode(lookup, version=12, header=True, framed=True).header.correlation_id
+    cmds = engine.server_data(response(MetadataResponse, 12, cid, brokers=[], topics=[]))
+    (access,) = [c for c in cmds if isinstance(c, Access)]
+    assert "not seen" in access.request.undecodable and not access.decision.allowed
 
 
 def test_unknown_api_is_judged_as_undecodable_and_allow_all_passes_it():

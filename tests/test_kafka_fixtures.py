@@ -45,6 +45,19 @@ def metadata_first(rec):
     return None
 
 
+def primed(rec, allow_after: bool):
+    """An engine that has seen the client's recorded Metadata exchange (so the
+    topic ids its Fetch names are known), then allows or denies everything."""
+    verdict = {"allow": True}
+    engine = KafkaEngine(lambda r: Decision(verdict["allow"]))
+    primer = metadata_first(rec)
+    if primer and rec["api_key"] != 3:
+        engine.client_data(primer[0])
+        engine.server_data(primer[1])
+    verdict["allow"] = allow_after
+    return engine
+
+
 def test_recording_covers_both_clients_and_the_core_apis():
     seen = {(r["client"], r["api_key"]) for r in FRAMES}
     for client in ("kafka-python", "confluent-kafka"):
@@ -82,7 +95,7 @@ def test_recorded_request_is_judged_with_its_resources_and_forwarded_unchanged(r
 
 @pytest.mark.parametrize("rec", [r for r in FRAMES if r["response_b64"]], ids=ident)
 def test_recorded_response_goes_back_unchanged_with_a_reply_record(rec):
-    engine = KafkaEngine(lambda r: Decision(True))
+    engine = primed(rec, allow_after=True)
     engine.client_data(request_bytes(rec))
     response = base64.b64decode(rec["response_b64"])
     cmds = [c for part in chunks(response, "random") for c in engine.server_data(part)]
@@ -96,7 +109,7 @@ def test_recorded_response_goes_back_unchanged_with_a_reply_record(rec):
 
 @pytest.mark.parametrize("rec", FRAMES, ids=ident)
 def test_recorded_request_denied_gets_a_decodable_error_response(rec):
-    engine = KafkaEngine(lambda r: Decision(False))
+    engine = primed(rec, allow_after=False)
     wire = request_bytes(rec)
     cmds = engine.client_data(wire)
     assert isinstance(cmds[0], Access) and not cmds[0].decision.allowed
