@@ -31,7 +31,13 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -334,7 +340,7 @@ def firewall_status_fn(fw) -> StatusFn:
         st: Status = {
             "mode": "firewall",
             "healthy": fw.sock is not None and source.last_error is None,
-            "listeners": {"firewall": "%s:%s" % fw.sock.getsockname()[:2]} if fw.sock is not None else {},
+            "listeners": {"firewall": "{}:{}".format(*fw.sock.getsockname()[:2])} if fw.sock is not None else {},
             "policies": [{"name": p.key, "source": p.source, "audit": p.audit} for p in compiled.policies],
             "policy_revision": compiled.revision,
             "policy_error": str(source.last_error) if source.last_error else None,

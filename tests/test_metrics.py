@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 
 import aiohttp
+import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -253,3 +254,69 @@ async def test_audit_mode_counts_audit_verdicts_as_forwarded():
             assert value(samples, "cilium_policy_l7_total", rule="denied", proxy_type="http") is None
     finally:
         await runner.cleanup()
+
+
+# --------------------------------------------------------------------------- agent mode
+
+
+DEATHSTAR_L7 = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: rule1}
+spec:
+  endpointSelector: {matchLabels: {org: empire, class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {org: empire}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http: [{method: POST, path: /v1/request-landing}]
+"""
+
+
+@pytest.mark.root
+def test_agent_metrics_with_the_kernel_datapath():
+    from tests.support.node import running_node
+
+    ships = {
+        "deathstar": {"org": "empire", "class": "deathstar"},
+        "tiefighter": {"org": "empire", "class": "tiefighter"},
+        "xwing": {"org": "alliance", "class": "xwing"},
+    }
+    with running_node(ships, start_agent=False) as node:
+        node.serve_http("deathstar", 80)
+        node.start_agent("--metrics", "127.0.0.1:0")
+        line = next(x for x in (node.root / "agent.log").read_text().splitlines() if x.startswith("l7proxy metrics on "))
+        url = line.rsplit(" ", 1)[-1]
+        node.import_policy(DEATHSTAR_L7)
+
+        assert node.curl("tiefighter", "POST", "deathstar", "/v1/request-landing").status == 200
+        assert node.curl("tiefighter", "PUT", "deathstar", "/v1/exhaust-port").status == 403
+        assert node.curl("xwing", "POST", "deathstar", "/v1/request-landing", timeout=1.5).status is None
+
+        samples = wait_for(url, {
+            key("hubble_flows_processed_total", type="L7", verdict="FORWARDED", protocol="http"): 1,
+            key("hubble_flows_processed_total", type="L7", verdict="DENIED", protocol="http"): 1,
+            key("cilium_policy_l7_total", rule="received", proxy_type="http"): 2,
+            key("cilium_proxy_upstream_reply_seconds_count", protocol="http"): 1,
+            key("l7proxy_proxy_connections_total"): 2,
+            key("cilium_endpoint"): 3,
+            key("cilium_policy"): 1,
+            # deathstar's ingress from both empire identities (tiefighter, deathstar) on port 80
+            key("cilium_proxy_redirects", protocol="http"): 2,
+        })
+        # Every packet the kernel dropped for the X-wing was reported as an event
+        # with its reason and direction: the two views agree.
+        deadline = time.monotonic() + 10
+        while True:
+            samples = scrape(url)
+            events = value(samples, "cilium_drop_count_total", reason="default-deny", direction="INGRESS")
+            counted = value(samples, "l7proxy_datapath_packets_total", counter="denied")
+            if (events and events == counted) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert events is not None and events >= 1 and events == counted
+        assert value(samples, "cilium_forward_count_total") > 0
+        assert 0 < value(samples, "cilium_bpf_map_pressure", map_name="policy") < 1
+        status, body = healthz(url.replace("/metrics", "/healthz"))
+        assert status == 200 and body["healthy"] is True and body["mode"] == "agent"
