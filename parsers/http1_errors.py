@@ -45,6 +45,9 @@ class Http1Error(ProtocolError):
         super().__init__(message, code=code or self.default_code, wire_reply=reply)
         self.status = status
         self.side = side
+        # Events a reader produced from the same input before the error
+        # (earlier pipelined messages); set by ``MessageReader.feed``.
+        self.events: list = []
 
 
 class MalformedMessage(Http1Error):

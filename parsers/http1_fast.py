@@ -80,6 +80,10 @@ class _CHead:
 
     def _feed(self, buf: bytes | bytearray) -> None:
         """Give llhttp the bytes of ``buf`` it has not seen yet."""
+        if buf[:1] in (b"\r", b"\n"):
+            # llhttp skips stray CR/LF before a message; the reader has
+            # already dropped whole empty lines, so this one is bare.
+            raise MalformedMessage("bare CR or LF before the start line", code="bare_cr", side=self.side)
         if self._parser is None:
             self._parser = self.parser_class(self)
         if len(buf) > self._fed:

@@ -158,7 +158,7 @@ class MessageReader:
                 else:  # DONE
                     pos = end
         except Exception as exc:
-            exc.events = events  # type: ignore[attr-defined]  # what was read before the error
+            exc.events = events  # type: ignore[attr-defined]  # read before the error
             self._state = DONE
             raise
         return events

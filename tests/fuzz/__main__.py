@@ -1,0 +1,64 @@
+"""``python -m tests.fuzz --budget SECONDS``: every target, budget shared.
+
+Each target runs in its own libFuzzer process (atheris), seeded from the
+conformance and differential corpora, with a per-input timeout and an RSS
+limit. Crashing inputs are written to ``--artifacts`` and the run fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tests.fuzz.seeds import write_seeds
+from tests.fuzz.targets import TARGETS
+
+RUNS = re.compile(r"Done (\d+) runs in (\d+) second")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tests.fuzz", description=__doc__)
+    ap.add_argument("--budget", type=float, default=60, help="total seconds over all targets")
+    ap.add_argument("--targets", nargs="*", default=sorted(TARGETS))
+    ap.add_argument("--artifacts", type=Path, default=Path(tempfile.gettempdir()) / "l7proxy-fuzz-artifacts")
+    ap.add_argument("--timeout", type=int, default=5, help="seconds per input before it counts as a hang")
+    ap.add_argument("--rss-limit-mb", type=int, default=1024)
+    args = ap.parse_args(argv)
+
+    args.artifacts.mkdir(parents=True, exist_ok=True)
+    each = max(1, int(args.budget / len(args.targets)))
+    failed = False
+    total = 0
+    with tempfile.TemporaryDirectory(prefix="l7proxy-fuzz-") as tmp:
+        seeds = Path(tmp) / "seeds"
+        count = write_seeds(seeds)
+        print(f"{count} seed inputs; {each}s per target")
+        for name in args.targets:
+            corpus = Path(tmp) / name
+            corpus.mkdir()
+            cmd = [
+                sys.executable, "-m", "tests.fuzz.run", name,
+                f"-max_total_time={each}", f"-timeout={args.timeout}", f"-rss_limit_mb={args.rss_limit_mb}",
+                f"-artifact_prefix={args.artifacts}/{name}-", "-print_final_stats=1",
+                str(corpus), str(seeds),
+            ]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=each + 120)
+            output = proc.stdout + proc.stderr
+            runs = RUNS.search(output)
+            tried = int(runs.group(1)) if runs else 0
+            total += tried
+            status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+            print(f"{name:<14} {tried:>9} inputs  {status}")
+            if proc.returncode != 0:
+                failed = True
+                print(output[-4000:])
+    print(f"total inputs tried: {total}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Seed inputs: the llhttp/h11 corpora and the differential corpus."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+
+from parsers.conformance.registry import CORPORA_DIR
+
+
+def seeds() -> list[bytes]:
+    out: list[bytes] = []
+    for name in ("llhttp_vectors.json", "h11_vectors.json"):
+        path = CORPORA_DIR / "http1" / name
+        if path.exists():
+            out += [base64.b64decode(r["raw_b64"]) for r in json.loads(path.read_text())]
+    from tests.test_differential_http1 import CORPUS
+
+    out += [data for _, data in CORPUS]
+    # The first byte of an input chooses the split (see targets._pieces).
+    return [bytes([i % 17]) + data for i, data in enumerate(out)]
+
+
+def write_seeds(directory: Path) -> int:
+    directory.mkdir(parents=True, exist_ok=True)
+    all_seeds = seeds()
+    for data in all_seeds:
+        (directory / hashlib.sha1(data).hexdigest()).write_bytes(data)
+    return len(all_seeds)

@@ -1,0 +1,93 @@
+"""Fuzz targets: each takes the fuzzer's bytes and raises only on a real bug."""
+
+from __future__ import annotations
+
+from parsers.base import Decision, ParseError
+from parsers.http1 import Http1Engine, Http1Limits, request_reader, response_reader
+from parsers.http1_errors import Http1Error
+from parsers.http1_reader import Data, End, Head
+
+LIMITS = Http1Limits(max_head=4096, max_chunk_line=256)
+
+
+def _pieces(data: bytes):
+    """The first byte picks how the rest is cut, so splits get fuzzed too."""
+    if not data:
+        return b"", [b""]
+    step = data[0] % 17 or len(data)
+    body = data[1:]
+    return body, [body[i : i + step] for i in range(0, len(body), step)]
+
+
+def _read(kind: str, impl: str, pieces) -> tuple:
+    reader = request_reader(impl, LIMITS) if kind == "request" else response_reader(impl, LIMITS)
+    summary: list = []
+    try:
+        for piece in [*pieces, b""]:
+            _summarise(reader.feed(piece), summary)
+    except Http1Error as exc:
+        _summarise(exc.events, summary)  # what was read before the error
+        summary.append("rejected")
+    return _merge(summary)
+
+
+def _summarise(events, summary: list) -> None:
+    for event in events:
+        if type(event) is Head:
+            h = event.head
+            summary.append(("head", h.method, h.target, h.status, h.version, tuple(h.headers), h.framing))
+        elif type(event) is Data:
+            summary.append(("data", event.data))
+        elif type(event) is End:
+            summary.append(("end", event.trailers))
+
+
+def _merge(summary: list) -> tuple:
+    """Adjacent body pieces are one body (splits move their edges)."""
+    out: list = []
+    for item in summary:
+        if out and item[0] == "data" and out[-1][0] == "data":
+            out[-1] = ("data", out[-1][1] + item[1])
+        else:
+            out.append(item)
+    return tuple(out)
+
+
+def readers(data: bytes) -> None:
+    """Both implementations, both directions: typed errors only, same result,
+    and the same result whole as split."""
+    body, pieces = _pieces(data)
+    for kind in ("request", "response"):
+        c_split = _read(kind, "c", pieces)
+        py_split = _read(kind, "python", pieces)
+        if c_split != py_split:
+            raise AssertionError(f"C and Python parsers disagree on {kind} {body!r}: {c_split!r} != {py_split!r}")
+        whole = _read(kind, "python", [body])
+        if whole != py_split:
+            raise AssertionError(f"split changes the {kind} reading of {body!r}: {whole!r} != {py_split!r}")
+
+
+def _engine(impl: str, data: bytes) -> None:
+    deny_every_other = iter([True, False] * len(data))
+    engine = Http1Engine(lambda _req: Decision(next(deny_every_other, True)), parser=impl, limits=LIMITS)
+    # Client bytes and server bytes from the same input, alternating.
+    half = len(data) // 2
+    client, server = data[:half], data[half:]
+    for i in range(0, max(len(client), len(server)), 7):
+        for cmd in engine.client_data(client[i : i + 7] or b"x"):
+            if type(cmd) is ParseError and not isinstance(cmd.error, Http1Error):
+                raise AssertionError(f"untyped error {cmd.error!r}")
+        engine.server_data(server[i : i + 7] or b"y")
+    engine.client_data(b"")
+    engine.server_data(b"")
+
+
+def engine_c(data: bytes) -> None:
+    _engine("c", data)
+
+
+def engine_python(data: bytes) -> None:
+    _engine("python", data)
+
+
+TARGETS = {"readers": readers, "engine_c": engine_c, "engine_python": engine_python}
