@@ -18,11 +18,12 @@ DATA, TRAILERS, END, RESET = 0, 1, 2, 3
 
 
 class Pipe:
-    __slots__ = ("items", "unacked")
+    __slots__ = ("items", "unacked", "end_queued")
 
     def __init__(self) -> None:
         self.items: deque = deque()
         self.unacked = 0  # flow-controlled bytes queued and not yet acknowledged
+        self.end_queued = False  # END (or trailers) is in ``items`` already
 
 
 class GrpcCounter:

@@ -310,12 +310,16 @@ class H2Engine:
         pipe = stream.to_server
         pipe.items.append((DATA, data, event.flow_controlled_length))
         pipe.unacked += event.flow_controlled_length
+        if event.stream_ended is not None:
+            # END_STREAM on this DATA frame: forward it on the same frame.
+            pipe.items.append((END,))
+            pipe.end_queued = True
         if stream.sid is not None:
             self._flush(stream, True)
 
     def _on_client_end(self, event: ev.StreamEnded) -> None:
         stream = self._streams.get(event.stream_id)
-        if stream is None or stream.request_ended or stream.request_done:
+        if stream is None or stream.request_ended or stream.request_done or stream.to_server.end_queued:
             return
         stream.to_server.items.append((END,))
         if stream.sid is not None:
@@ -404,11 +408,14 @@ class H2Engine:
         pipe = stream.to_client
         pipe.items.append((DATA, data, event.flow_controlled_length))
         pipe.unacked += event.flow_controlled_length
+        if event.stream_ended is not None:
+            pipe.items.append((END,))
+            pipe.end_queued = True
         self._flush(stream, False)
 
     def _on_server_end(self, event: ev.StreamEnded) -> None:
         stream = self._by_sid.get(event.stream_id)
-        if stream is None or stream.response_done:
+        if stream is None or stream.response_done or stream.to_client.end_queued:
             return
         stream.to_client.items.append((END,))
         self._flush(stream, False)
