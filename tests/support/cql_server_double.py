@@ -313,8 +313,13 @@ def _select(p: _Parser) -> Plan:
         columns = [("count", "bigint")]
 
     def run(values):
+        want = {c: get(values) for c, get in conds}
         with p.store.lock:
-            rows = [r for r in table.rows.values() if all(r.get(c) == get(values) for c, get in conds)]
+            if sorted(want) == sorted(table.key):  # a primary-key lookup: no scan
+                row = table.rows.get(tuple(want[k] for k in table.key))
+                rows = [row] if row is not None else []
+            else:
+                rows = [r for r in table.rows.values() if all(r.get(c) == v for c, v in want.items())]
         if count:
             return Result("rows", columns, [[len(rows)]], table=f"{ks}.{name}")
         if limit is not None:
@@ -984,3 +989,28 @@ def running_cql_double(max_version: int = 5, credentials: tuple[str, str] | None
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+def main() -> None:
+    """``python -m tests.support.cql_server_double [--max-version N]``: serve until killed
+    (benchmarks run the double in its own process so its CPU is not the proxy's)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="CQL server test double")
+    parser.add_argument("--max-version", type=int, default=5)
+    args = parser.parse_args()
+    double = CqlServerDouble(args.max_version)
+
+    async def serve():
+        await double._start()
+        print(f"cql server double listening on {double.host}:{double.port}", flush=True)
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
