@@ -38,6 +38,7 @@ from parsers.base import (
     ToClient,
     ToServer,
 )
+from parsers.kafka_frames import FrameBuffer
 from parsers.requests import KafkaRequest
 
 # Kafka's own default for socket.request.max.bytes.
@@ -53,6 +54,9 @@ _LOOKUP_VERSION = 12
 
 # What handling one request frame leads to.
 _OK, _FAIL, _HOLD = "ok", "fail", "hold"
+
+# Responses above this size are passed through as they arrive.
+_STREAM_OVER = 64 * 1024
 
 _size = struct.Struct(">i")
 _fixed_header = struct.Struct(">hhih")
@@ -95,8 +99,12 @@ class KafkaEngine:
     def __init__(self, decide: Decide, *, max_frame: int = DEFAULT_MAX_FRAME):
         self._decide = decide
         self._max_frame = max_frame
-        self._client = bytearray()
-        self._server = bytearray()
+        self._client = FrameBuffer()
+        self._server = FrameBuffer()
+        # A large response being passed through as it arrives (see server_data).
+        self._stream: _Owed | None = None
+        self._stream_left = 0
+        self._stream_parts: list[bytes] = []
         self._owed: deque[_Owed] = deque()
         self._topic_names: dict[uuid.UUID, str] = {}
         self._cluster = ClusterView()
@@ -107,7 +115,7 @@ class KafkaEngine:
     @property
     def reading_headers(self) -> bool:
         # Kafka has no separate head: a partial frame is a partial request.
-        return bool(self._client) and self._held is None
+        return len(self._client) > 0 and self._held is None
 
     @property
     def topic_names(self) -> dict[uuid.UUID, str]:
@@ -122,7 +130,7 @@ class KafkaEngine:
             return []
         if not data:
             return [ShutdownServer()]
-        self._client += data
+        self._client.feed(data)
         out: list[Command] = []
         if self._held is None:
             self._drain_client(out)
@@ -130,27 +138,20 @@ class KafkaEngine:
 
     def _drain_client(self, out: list[Command]) -> None:
         buf = self._client
-        pos = 0
-        end = len(buf)
-        # Each complete frame is copied out once (it is forwarded as is); the
-        # buffer itself is never exported, so it can be trimmed afterwards.
-        while end - pos >= 4:
-            (size,) = _size.unpack_from(buf, pos)
+        while len(buf) >= 4:
+            (size,) = _size.unpack(buf.peek(4))
             if size < _MIN_REQUEST_HEADER or size > self._max_frame:
                 out.append(ParseError("client", self._bad_size("client", size)))
                 self._failed = True
-                break
-            if end - pos - 4 < size:
-                break
-            frame = bytes(buf[pos : pos + 4 + size])
-            pos += 4 + size
-            status = self._request(frame, out)
+                return
+            if len(buf) < 4 + size:
+                return
+            status = self._request(buf.take(4 + size), out)
             if status is _FAIL:
                 self._failed = True
-                break
+                return
             if status is _HOLD:
-                break  # later frames wait until the held one is judged
-        del buf[:pos]
+                return  # later frames wait until the held one is judged
 
     def _bad_size(self, side: str, size: int) -> ProtocolError:
         if size > self._max_frame:
@@ -385,49 +386,83 @@ class KafkaEngine:
             return []
         if not data:
             out: list[Command] = []
-            if self._owed:
-                out.append(
-                    Log(f"broker closed with {len(self._owed)} response(s) owed", level="info")
-                )
+            if self._owed or self._stream is not None:
+                out.append(Log("broker closed with response(s) still owed", level="info"))
             out.append(ShutdownClient())
             return out
         buf = self._server
-        buf += data
+        buf.feed(data)
         out = []
-        pos = 0
-        end = len(buf)
-        while end - pos >= 4:
-            (size,) = _size.unpack_from(buf, pos)
+        while True:
+            if self._stream is not None:
+                if not len(buf) or not self._pass_through(out):
+                    break
+                continue
+            head = buf.peek(4)
+            if head is None:
+                break
+            (size,) = _size.unpack(head)
             if size < 4 or size > self._max_frame:
                 out.append(ParseError("server", self._bad_size("server", size)))
                 self._failed = True
                 break
-            if end - pos - 4 < size:
+            head = buf.peek(8)
+            if head is None:
                 break
-            frame = bytes(buf[pos : pos + 4 + size])
-            pos += 4 + size
-            if not self._response(frame, out):
+            owed = self._expected(_size.unpack_from(head, 4)[0], out)
+            if owed is None:
                 self._failed = True
                 break
-        del buf[:pos]
+            if size + 4 > _STREAM_OVER and not owed.internal and not owed.denied_topics:
+                # Large responses (fetches) go through as they arrive rather
+                # than after the last byte: store-and-forward would add a whole
+                # frame's transfer time to every fetch.
+                self._owed.popleft()
+                self._stream, self._stream_left = owed, size + 4
+                continue
+            if len(buf) < size + 4:
+                break
+            self._owed.popleft()
+            self._response(owed, buf.take(size + 4), out)
+            if self._failed:
+                break
         return out
 
-    def _response(self, frame: bytes, out: list[Command]) -> bool:
-        (correlation_id,) = _size.unpack_from(frame, 4)
+    def _pass_through(self, out: list[Command]) -> bool:
+        """Forward what has arrived of the streamed response; True when it is complete."""
+        pieces = self._server.take_upto(self._stream_left)
+        for piece in pieces:
+            out.append(ToClient(piece))
+            self._stream_left -= len(piece)
+        self._stream_parts += pieces
+        if self._stream_left:
+            return False
+        owed, self._stream = self._stream, None
+        frame = b"".join(self._stream_parts)
+        self._stream_parts = []
+        out.append(Reply(owed.correlation_id, self._response_fields(owed, frame)))
+        self._flush_denials(out)
+        return True
+
+    def _expected(self, correlation_id: int, out: list[Command]) -> _Owed | None:
+        """The response the broker owes next, if ``correlation_id`` is it."""
         if not self._owed:
             error = ProtocolError(
                 f"broker sent response {correlation_id} nobody asked for", code="unsolicited"
             )
             out.append(ParseError("server", error))
-            return False
-        owed = self._owed.popleft()
+            return None
+        owed = self._owed[0]
         if owed.correlation_id != correlation_id:
             error = ProtocolError(
                 f"broker answered correlation id {correlation_id}, expected {owed.correlation_id}",
                 code="correlation_mismatch",
             )
             out.append(ParseError("server", error))
-            return False
+            return None
+        return owed
+
+    def _response(self, owed: _Owed, frame: bytes, out: list[Command]) -> None:
         fields = self._response_fields(owed, frame)
         if owed.internal:
             if "decode_error" in fields:
@@ -437,7 +472,7 @@ class KafkaEngine:
             self._flush_denials(out)
             if self._held is not None:
                 self._resume(out)
-            return True
+            return
         if owed.denied_topics:
             try:
                 frame = self._add_denied_topics(owed, frame, fields)
@@ -446,9 +481,8 @@ class KafkaEngine:
                     Log(f"could not add denied topics to Metadata reply: {exc}", level="warning")
                 )
         out.append(ToClient(frame))
-        out.append(Reply(correlation_id, fields))
+        out.append(Reply(owed.correlation_id, fields))
         self._flush_denials(out)
-        return True
 
     def _add_denied_topics(self, owed: _Owed, frame: bytes, fields: dict) -> bytes:
         cls = kafka_apis.response_class(owed.api_key, owed.api_version)[owed.api_version]

@@ -689,3 +689,39 @@ def test_random_bytes_on_either_side_never_crash(data):
     engine.server_data(data)
     engine.client_data(b"")
     engine.server_data(b"")
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_large_fetch_response_is_passed_through_as_it_arrives(how):
+    from kafka.protocol.consumer import FetchResponse
+
+    engine = KafkaEngine(allow_topics("orders"))
+    F = FetchRequest.FetchTopic
+    fetch = FetchRequest(max_wait_ms=1, min_bytes=1, topics=[F(topic="orders", partitions=[])])
+    engine.client_data(frame(fetch, 12, 1) + frame(produce("secrets"), 9, 2))
+    R = FetchResponse.FetchableTopicResponse
+    big = response(
+        FetchResponse,
+        12,
+        1,
+        responses=[
+            R(
+                topic="orders",
+                partitions=[
+                    R.PartitionData(
+                        partition_index=0, error_code=0, high_watermark=1, records=b"r" * 300_000
+                    )
+                ],
+            )
+        ],
+    )
+    first = engine.server_data(big[:100_000])
+    assert b"".join(c.data for c in first if isinstance(c, ToClient)) == big[:100_000]
+    assert not any(isinstance(c, Reply) for c in first)
+    rest = feed(engine.server_data, big[100_000:], how)
+    sent = b"".join(c.data for c in first + rest if isinstance(c, ToClient))
+    denial_len = len(sent) - len(big)
+    assert sent[: len(big)] == big and denial_len > 0, (
+        "the queued denial follows the streamed reply"
+    )
+    assert [c.key for c in rest if isinstance(c, Reply)] == [1, 2]
