@@ -210,3 +210,47 @@ def test_refuses_to_start_on_a_bad_policy(tmp_path):
     )
     assert run.returncode == 1
     assert f"policy rejected: {bad}: line 4" in run.stderr
+
+
+def _rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_slow_reader_does_not_grow_the_proxy_memory(firewall):
+    baseline = _rss_kib(firewall.proc.pid)
+    with socket.create_connection(firewall.address, timeout=10) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        s.sendall(b"GET /big?mb=512 HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.recv(1024)  # the response has started
+        time.sleep(3)  # the upstream can send 512 MiB in far less; only backpressure stops it
+        grown_mib = (_rss_kib(firewall.proc.pid) - baseline) / 1024
+        assert grown_mib < 32, f"proxy RSS grew by {grown_mib:.0f} MiB while the client read nothing"
+        got = 0
+        s.settimeout(30)
+        while got < 8 << 20:  # and the stream still flows once the client reads
+            chunk = s.recv(1 << 20)
+            assert chunk
+            got += len(chunk)
+
+
+def test_observe_filters_the_flow_log(firewall):
+    import json
+    import subprocess
+    import sys
+
+    conn = http.client.HTTPConnection(*firewall.address, timeout=5)
+    for method in ("GET", "DELETE", "GET"):
+        conn.request(method, "/v1/x")
+        conn.getresponse().read()
+    firewall.flows(wait_for=3)
+    run = subprocess.run(
+        [sys.executable, "-m", "l7proxy", "observe", "--file", str(firewall.flowlog), "--verdict", "DENIED", "--json"],
+        capture_output=True, text=True, timeout=30,
+    )
+    records = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [(r["verdict"], r["l7"]["method"], r["reply"]["status"]) for r in records] == [("DENIED", "DELETE", 403)]
+    text = subprocess.run([sys.executable, "-m", "l7proxy", "observe", "--file", str(firewall.flowlog), "--protocol", "http"], capture_output=True, text=True, timeout=30).stdout
+    assert len(text.splitlines()) == 3 and "DENIED" in text and "DELETE http://" in text
