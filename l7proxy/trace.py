@@ -115,9 +115,18 @@ def build_requests(args) -> list[Any]:
     return []
 
 
+# Kafka APIs whose requests name a group (JoinGroup, Heartbeat, LeaveGroup,
+# SyncGroup, DescribeGroups, DeleteGroups, ConsumerGroupHeartbeat/Describe) or
+# a transactional id (InitProducerId, EndTxn) rather than topics.
+_GROUP_APIS = frozenset({11, 12, 13, 14, 15, 42, 68, 69})
+_TXN_APIS = frozenset({22, 26})
+
+
 def kafka_request(text: str) -> KafkaRequest:
-    """``ROLE|API[:VERSION] [topic[,topic...]] [client-id]`` plus optional
-    ``group=NAME`` / ``txn=ID`` words, e.g. ``produce orders billing``."""
+    """``ROLE|API[:VERSION] [resource[,resource...]] [client-id]`` plus optional
+    ``group=NAME`` / ``txn=ID`` words, e.g. ``produce orders billing`` or
+    ``joingroup billing-consumers``. The resource is a topic, or a group /
+    transactional id for the APIs that name those instead."""
     from l7proxy.policy.rules.kafka import API_KEYS
 
     try:
@@ -144,9 +153,17 @@ def kafka_request(text: str) -> KafkaRequest:
         raise UsageError(f"--kafka: unknown role or API {words[0]!r} (e.g. produce, consume, metadata, joingroup, 19)")
     if version and not version.lstrip("v").isdigit():
         raise UsageError(f"--kafka: bad API version {version!r}")
-    topics = tuple(t for t in words[1].split(",") if t) if len(words) > 1 else ()
+    names = [t for t in words[1].split(",") if t] if len(words) > 1 else []
+    topics: list[str] = []
+    # The positional resource is whatever that API's request names.
+    if api_key in _GROUP_APIS:
+        groups += names
+    elif api_key in _TXN_APIS:
+        txns += names
+    else:
+        topics = names
     client_id = words[2] if len(words) > 2 else None
-    return KafkaRequest(api_key, int(version.lstrip("v") or 0), 0, client_id, topics, tuple(groups), tuple(txns))
+    return KafkaRequest(api_key, int(version.lstrip("v") or 0), 0, client_id, tuple(topics), tuple(groups), tuple(txns))
 
 
 def cql_requests(statement: str) -> list[CqlRequest]:

@@ -213,6 +213,20 @@ def test_kafka_roles_and_client_id(tmp_path):
     assert code == 0 and result["l7"][0]["request"]["api_key"] == 3
 
 
+def test_kafka_group_apis_name_a_group_not_a_topic(tmp_path):
+    policy = tmp_path / "kafka-groups.yaml"
+    policy.write_text(KAFKA_POLICY.replace("{role: consume, topic: orders, clientID: auditor}", "{role: consume, topic: orders, group: billing-consumers}"))
+    common = ("--policy", str(policy), "--from", "app=billing", "--to", "app=kafka", "--port", "9092")
+    code, result = trace_json(*common, "--kafka", "joingroup billing-consumers")
+    assert code == 0 and result["verdict"]["rule"] == "spec.ingress[0].toPorts[0].rules.kafka[1]"
+    assert (result["l7"][0]["request"]["api_key"], result["l7"][0]["request"]["groups"], result["l7"][0]["request"]["topics"]) == (11, ["billing-consumers"], [])
+    code, result = trace_json(*common, "--kafka", "joingroup thieves")
+    assert code == 1
+    assert "group 'thieves' != 'billing-consumers'" in " ".join(result["l7"][0]["trace"])
+    code, result = trace_json(*common, "--kafka", "offsetcommit:8 orders group=thieves")
+    assert code == 1 and result["l7"][0]["request"]["api_version"] == 8
+
+
 def test_cql_statements_and_batches_are_classified_by_the_cql_lexer():
     common = ("--policy", CASSANDRA_RO, "--from", "app=reporting", "--to", "app=cassandra", "--port", "9042")
     code, result = trace_json(*common, "--cql", "SELECT * FROM attendance.daily_records WHERE day = '2024-01-01'")
