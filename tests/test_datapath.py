@@ -479,3 +479,96 @@ def test_a_syn_never_rides_the_conntrack_entry_of_the_opposite_direction(pair):
         assert events and events[0].reason == "default-deny"
     finally:
         host_listener.close()
+
+
+def test_egress_redirect_and_ingress_proxy_port_preferred(pair):
+    t = pair
+    client, server = t["client"], t["server"]
+    t.attach("client")
+    t.attach("server")
+    t.serve("server", 8080)
+    t.serve("server", 9090)
+    egress_proxy, ingress_proxy = transparent_listener(), transparent_listener()
+    try:
+        for lst in (egress_proxy, ingress_proxy):
+            lst.settimeout(2)
+            t.dp.register_proxy_listener(lst.getsockname()[1], lst)
+        t.dp.sync_policy([
+            redirect(client, "egress", 0, 8080, egress_proxy.getsockname()[1]),
+            redirect(client, "egress", 0, 9090, egress_proxy.getsockname()[1]),
+            redirect(server, "ingress", 0, 9090, ingress_proxy.getsockname()[1]),
+        ])
+        # Only the client's egress redirects 8080.
+        first = t.connect("client", server.ip, 8080)
+        accepted, _ = egress_proxy.accept()
+        assert accepted.getsockname() == (str(server.ip), 8080)
+        accepted.close()
+        # Both directions redirect 9090: the destination's ingress proxy wins.
+        second = t.connect("client", server.ip, 9090)
+        accepted, _ = ingress_proxy.accept()
+        assert accepted.getsockname() == (str(server.ip), 9090)
+        accepted.close()
+        first.close()
+        second.close()
+    finally:
+        egress_proxy.close()
+        ingress_proxy.close()
+
+
+def test_udp_redirect_fails_closed(pair):
+    t = pair
+    server = t["server"]
+    t.attach("client")
+    t.attach("server")
+    listener = transparent_listener()
+    try:
+        t.dp.register_proxy_listener(listener.getsockname()[1], listener)
+        t.dp.sync_policy([redirect(server, "ingress", 0, 5353, listener.getsockname()[1],
+                                   proto=UDP)])
+        rx = t.socket_in("server", socket.SOCK_DGRAM)
+        rx.bind((str(server.ip), 5353))
+        rx.settimeout(DROP_TIMEOUT)
+        tx = t.socket_in("client", socket.SOCK_DGRAM)
+        tx.sendto(b"q", (str(server.ip), 5353))
+        with pytest.raises(TimeoutError):
+            rx.recvfrom(100)
+        assert drops_until(t.dp, lambda e: e.reason == "proxy-unavailable" and e.proto == UDP)
+    finally:
+        listener.close()
+
+
+def test_any_protocol_entry_covers_tcp_and_udp(pair):
+    t = pair
+    client, server = t["client"], t["server"]
+    t.attach("client")
+    t.attach("server", ingress=True)
+    t.serve("server", 7000)
+    t.dp.sync_policy([allow(server, "ingress", client.identity, 7000, proto=0)])
+    assert t.can_connect("client", server.ip, 7000)
+    rx = t.socket_in("server", socket.SOCK_DGRAM)
+    rx.bind((str(server.ip), 7000))
+    rx.settimeout(1)
+    tx = t.socket_in("client", socket.SOCK_DGRAM)
+    tx.sendto(b"q", (str(server.ip), 7000))
+    assert rx.recvfrom(100)[0] == b"q"
+
+
+def test_map_fill_and_status_report_what_is_loaded(pair):
+    t = pair
+    client, server = t["client"], t["server"]
+    t.attach("client")
+    t.attach("server", ingress=True)
+    t.serve("server", 8080)
+    t.dp.sync_ipcache({t.net: 4242})
+    t.dp.sync_policy([allow(server, "ingress", client.identity, 8000, 8090)])
+    assert t.can_connect("client", server.ip, 8080)
+
+    fill = t.dp.map_fill()
+    assert fill["ipcache"][0] == 3            # the /24 and two endpoint /32s
+    assert fill["endpoints"][0] == 2
+    assert fill["policy"][0] == 5             # 8000/10, 8064/12, 8080/13, 8088/15, 8090/16
+    assert fill["conntrack"][0] >= 1
+    status = t.dp.status()
+    assert status["loaded"] and set(status["attached"]) == {client.endpoint_id, server.endpoint_id}
+    assert status["policy_revision"] >= 4
+    assert set(status["programs"]) == {"from_endpoint", "to_endpoint"}
