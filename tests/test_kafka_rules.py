@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -214,3 +215,52 @@ def test_loader_reports_full_yaml_path_for_a_bad_kafka_rule():
     with pytest.raises(PolicyError) as err:
         load_text(bad)
     assert err.value.path.endswith("rules.kafka[2].role")
+
+
+# ---------------------------------------------------------------------------
+# The shipped example policies mean what their comments say.
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def example_state():
+    from l7proxy.policy.load import load_paths
+
+    identities = IdentityAllocator()
+    endpoints = [
+        Endpoint(
+            i + 1,
+            name,
+            identities.for_labels({"app": name}),
+            ipaddress.IPv4Address(f"10.0.0.{i + 1}"),
+        )
+        for i, name in enumerate(["kafka", "billing", "analytics", "empire-outpost"])
+    ]
+    policies = load_paths(
+        [REPO / "policies/kafka-orders.yaml", REPO / "policies/kafka-cilium-classic.yaml"]
+    )
+    state = PolicyState(compile_policy(policies, endpoints, identities))
+    return lambda src: state.connection(state.side(src, 40000), state.side("10.0.0.1", 9092))
+
+
+def test_example_policy_orders():
+    conn = example_state()
+    billing, analytics = conn("10.0.0.2"), conn("10.0.0.3")
+    assert billing.decide(req(topics=["orders"])).allowed
+    assert billing.decide(req(api_key=INIT_PRODUCER_ID, txns=["billing-tx"])).allowed
+    assert not billing.decide(req(api_key=INIT_PRODUCER_ID, txns=["other-tx"])).allowed
+    assert not billing.decide(req(topics=["payroll"])).allowed
+    assert not billing.decide(req(api_key=FETCH, topics=["orders"])).allowed
+    assert analytics.decide(req(api_key=FETCH, topics=["orders.eu", "orders"])).allowed
+    assert not analytics.decide(req(api_key=JOIN_GROUP, groups=["billing"])).allowed
+    assert analytics.decide(req(api_key=JOIN_GROUP, groups=["analytics"])).allowed
+
+
+def test_example_policy_cilium_classic_client_id():
+    outpost = example_state()("10.0.0.4")
+    assert outpost.decide(
+        req(api_key=FETCH, topics=["deathstar-plans"], client_id="outpost")
+    ).allowed
+    assert not outpost.decide(
+        req(api_key=FETCH, topics=["deathstar-plans"], client_id="rebel")
+    ).allowed
