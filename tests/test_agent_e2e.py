@@ -189,3 +189,20 @@ def test_a_failing_test_still_removes_everything():
     ns, ifname = run.stdout.split()
     assert ns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert subprocess.run(["ip", "link", "show", ifname], capture_output=True).returncode != 0
+
+
+def test_audit_mode_logs_would_be_denials_and_lets_traffic_through(node):
+    audited = RULE1_L7.replace("metadata: {name: rule1}", 'metadata: {name: rule1, annotations: {l7proxy.io/audit: "true"}}')
+    node.import_policy(audited)
+    # L3/L4: the kernel marks the would-be drop as audited and passes the flow.
+    assert node.curl("xwing", "POST", "deathstar", "/v1/request-landing").status == 200
+    # L7: the request is judged, logged as AUDIT, and forwarded.
+    exhaust = node.curl("tiefighter", "PUT", "deathstar", "/v1/exhaust-port")
+    assert (exhaust.status, exhaust.body) == (503, "Panic: deathstar exploded")
+    records = node.flows(wait_for=lambda r: r["type"] == "l7" and r["verdict"] == "AUDIT")
+    kernel = [r for r in records if r["type"] == "drop"]
+    assert kernel and all(r["verdict"] == "AUDIT" for r in kernel)
+    assert kernel[0]["source"]["endpoint"] == "xwing"
+    l7 = [r for r in records if r["type"] == "l7"]
+    assert [(r["verdict"], r["l7"]["method"], r["reply"]["status"], r["policy"]) for r in l7] == [("AUDIT", "PUT", 503, "rule1")]
+    assert node.kernel_counter("audited") >= 1
