@@ -40,7 +40,8 @@ from parsers.requests import CqlRequest
 
 _USE_ALLOWED = Decision(True, reason="USE only selects the keyspace; never judged (as in Cilium)")
 _UNPREPARED = Decision(
-    False, reason="unknown prepared id: answered Unprepared so the client re-prepares through the proxy"
+    False,
+    reason="unknown prepared id: answered Unprepared so the client re-prepares through the proxy",
 )
 
 
@@ -95,7 +96,9 @@ class CqlEngine:
         if not data:
             out: list[Command] = []
             if self._cbuf:
-                out.append(Log(f"client EOF inside a frame ({len(self._cbuf)} bytes dropped)", "info"))
+                out.append(
+                    Log(f"client EOF inside a frame ({len(self._cbuf)} bytes dropped)", "info")
+                )
             return out + [ShutdownServer()]
         self._cbuf += data
         out = []
@@ -117,7 +120,9 @@ class CqlEngine:
         if not data:
             out: list[Command] = []
             if self._sbuf:
-                out.append(Log(f"server EOF inside a frame ({len(self._sbuf)} bytes dropped)", "info"))
+                out.append(
+                    Log(f"server EOF inside a frame ({len(self._sbuf)} bytes dropped)", "info")
+                )
             return out + [ShutdownClient()]
         self._sbuf += data
         out = []
@@ -133,7 +138,9 @@ class CqlEngine:
     def _fail(self, side: str, error: CqlError, out: list[Command]) -> None:
         # Framing is lost: nothing after this point can be trusted or forwarded.
         if side == "client" and error.stream is not None and not error.wire_reply:
-            error.wire_reply = self._error_reply(self._version or 4, error.stream, w.ERR_PROTOCOL, str(error))
+            error.wire_reply = self._error_reply(
+                self._version or 4, error.stream, w.ERR_PROTOCOL, str(error)
+            )
         if error.wire_reply:
             out.append(ToClient(error.wire_reply))
         out.append(ParseError(side, error, close=True))
@@ -161,7 +168,9 @@ class CqlEngine:
                 end = pos + w.HEADER_LEN + length
                 if len(buf) < end:
                     break
-                env = w.Envelope(version, flags, stream, opcode, bytes(buf[pos + w.HEADER_LEN:end]))
+                env = w.Envelope(
+                    version, flags, stream, opcode, bytes(buf[pos + w.HEADER_LEN : end])
+                )
                 answer = self._request(env, vbyte, out)
                 if answer is not None:
                     if fwd < pos:
@@ -192,8 +201,12 @@ class CqlEngine:
                         if fwd < pos:
                             out.append(ToServer(bytes(buf[fwd:pos])))
                         if kept:
-                            out.append(ToServer(w.encode_segments(b"".join(kept), self._segment_lz4)))
-                        out.append(ToClient(w.encode_segments(b"".join(answers), self._segment_lz4)))
+                            out.append(
+                                ToServer(w.encode_segments(b"".join(kept), self._segment_lz4))
+                            )
+                        out.append(
+                            ToClient(w.encode_segments(b"".join(answers), self._segment_lz4))
+                        )
                         fwd = end
                 else:
                     # Part of one large envelope: hold its segments until it is whole.
@@ -210,7 +223,9 @@ class CqlEngine:
                         self._client_big = None
                         kept, answers = self._requests_in(payload, out)
                         if answers:
-                            out.append(ToClient(w.encode_segments(b"".join(answers), self._segment_lz4)))
+                            out.append(
+                                ToClient(w.encode_segments(b"".join(answers), self._segment_lz4))
+                            )
                         else:
                             out.append(ToServer(b"".join(raws)))
                 pos = end
@@ -244,7 +259,9 @@ class CqlEngine:
             end = pos + w.HEADER_LEN + length
             if end > len(payload):
                 raise CqlError("segment payload ends inside an envelope", stream=stream)
-            env = w.Envelope(vbyte & 0x7F, flags, stream, opcode, bytes(payload[pos + w.HEADER_LEN:end]))
+            env = w.Envelope(
+                vbyte & 0x7F, flags, stream, opcode, bytes(payload[pos + w.HEADER_LEN : end])
+            )
             answer = self._request(env, vbyte, out)
             if answer is None:
                 kept.append(bytes(payload[pos:end]))
@@ -270,9 +287,13 @@ class CqlEngine:
             return self._refuse(env, "a response envelope was sent by the client", out)
         if version not in w.SUPPORTED_VERSIONS:
             answer_version = min(version, 5)
-            out.append(Log(f"client asked for CQL protocol v{version}; answering ProtocolError", "info"))
+            out.append(
+                Log(f"client asked for CQL protocol v{version}; answering ProtocolError", "info")
+            )
             return self._error_envelope(
-                answer_version, stream, w.ERR_PROTOCOL,
+                answer_version,
+                stream,
+                w.ERR_PROTOCOL,
                 f"Invalid or unsupported protocol version ({version}); supported versions are (3/v3, 4/v4, 5/v5)",
             )
         if self._version is None:
@@ -292,7 +313,9 @@ class CqlEngine:
             if env.opcode == w.QUERY:
                 text = reader.long_string()
                 keyspace = self._query_keyspace(reader, version)
-                return self._judge(env, "query", [(text, classify(text, keyspace or self._keyspace))], out)
+                return self._judge(
+                    env, "query", [(text, classify(text, keyspace or self._keyspace))], out
+                )
             if env.opcode == w.PREPARE:
                 text = reader.long_string()
                 keyspace = ""
@@ -317,8 +340,10 @@ class CqlEngine:
         body = env.body
         if env.flags & w.FLAG_COMPRESSED and env.version < 5 and body:
             if self._frame_codec is None:
-                raise CqlError("compressed frame but no compression was negotiated", stream=env.stream)
-            body = self._frame_codec[1](body)
+                raise CqlError(
+                    "compressed frame but no compression was negotiated", stream=env.stream
+                )
+            body = self._frame_codec[1](body, self._max_frame)
         reader = w.BodyReader(body, env.stream)
         if env.flags & w.FLAG_CUSTOM_PAYLOAD:
             reader.bytes_map()
@@ -384,8 +409,14 @@ class CqlEngine:
     def _judge(self, env: w.Envelope, opcode: str, members, out: list[Command]) -> bytes | None:
         stream = env.stream
         requests = [
-            CqlRequest(opcode=opcode, action=st.action, table=st.table, statement=text,
-                       stream=stream, version=env.version)
+            CqlRequest(
+                opcode=opcode,
+                action=st.action,
+                table=st.table,
+                statement=text,
+                stream=stream,
+                version=env.version,
+            )
             for text, statements in members
             for st in statements
         ]
@@ -403,21 +434,36 @@ class CqlEngine:
             if decision.allowed:
                 # Its batch is refused as a whole: say so in its own record.
                 decision = Decision(
-                    False, refused.policy, refused.rule,
-                    f"batch refused: {culprit.action} {culprit.table or '-'} is denied", decision.audit,
+                    False,
+                    refused.policy,
+                    refused.rule,
+                    f"batch refused: {culprit.action} {culprit.table or '-'} is denied",
+                    decision.audit,
                 )
             out.append(Access(request, decision, key))
             out.append(Reply(key, {"opcode": "ERROR", "error_code": w.ERR_UNAUTHORIZED}))
-        return self._error_envelope(env.version, stream, w.ERR_UNAUTHORIZED, _denial_message(culprit, refused))
+        return self._error_envelope(
+            env.version, stream, w.ERR_UNAUTHORIZED, _denial_message(culprit, refused)
+        )
 
     def _unprepared(self, env: w.Envelope, prepared_id: bytes, out: list[Command]) -> bytes:
-        request = CqlRequest(opcode=w.OPCODE_NAMES[env.opcode].lower(), action="unknown", table="",
-                             stream=env.stream, version=env.version)
+        request = CqlRequest(
+            opcode=w.OPCODE_NAMES[env.opcode].lower(),
+            action="unknown",
+            table="",
+            stream=env.stream,
+            version=env.version,
+        )
         out.append(Access(request, _UNPREPARED, env.stream))
         out.append(Reply(env.stream, {"opcode": "ERROR", "error_code": w.ERR_UNPREPARED}))
         extra = struct.pack(">H", len(prepared_id)) + prepared_id
-        return self._error_envelope(env.version, env.stream, w.ERR_UNPREPARED,
-                                    "Prepared statement unknown to the proxy; prepare it again", extra)
+        return self._error_envelope(
+            env.version,
+            env.stream,
+            w.ERR_UNPREPARED,
+            "Prepared statement unknown to the proxy; prepare it again",
+            extra,
+        )
 
     def _refuse(self, env: w.Envelope, why: str, out: list[Command]) -> bytes:
         # A bad message inside intact framing: answer it, keep the connection.
@@ -428,7 +474,9 @@ class CqlEngine:
     # ------------------------------------------------------------------
     # Answers the proxy writes itself
 
-    def _error_envelope(self, version: int, stream: int, code: int, message: str, extra: bytes = b"") -> bytes:
+    def _error_envelope(
+        self, version: int, stream: int, code: int, message: str, extra: bytes = b""
+    ) -> bytes:
         body = w.error_body(code, message, extra)
         flags = 0
         if self._frame_codec is not None and version < 5:
@@ -466,7 +514,9 @@ class CqlEngine:
                 end = pos + w.HEADER_LEN + length
                 if len(buf) < end:
                     break
-                env = w.Envelope(vbyte & 0x7F, flags, stream, opcode, bytes(buf[pos + w.HEADER_LEN:end]))
+                env = w.Envelope(
+                    vbyte & 0x7F, flags, stream, opcode, bytes(buf[pos + w.HEADER_LEN : end])
+                )
                 pos = end
                 self._response(env, out)
         finally:
@@ -497,12 +547,18 @@ class CqlEngine:
             end = pos + w.HEADER_LEN + length
             if end > len(payload):
                 raise CqlError("segment payload ends inside an envelope")
-            self._response(w.Envelope(vbyte & 0x7F, flags, stream, opcode, bytes(payload[pos + 9:end])), out)
+            self._response(
+                w.Envelope(vbyte & 0x7F, flags, stream, opcode, bytes(payload[pos + 9 : end])), out
+            )
             pos = end
 
     def _response(self, env: w.Envelope, out: list[Command]) -> None:
         stream, opcode = env.stream, env.opcode
-        startup = self._startups.pop(stream, None) if opcode in (w.READY, w.AUTHENTICATE, w.ERROR) else None
+        startup = (
+            self._startups.pop(stream, None)
+            if opcode in (w.READY, w.AUTHENTICATE, w.ERROR)
+            else None
+        )
         if startup is not None and opcode != w.ERROR:
             version, compression = startup
             if version >= 5:
@@ -510,8 +566,12 @@ class CqlEngine:
                 self._segment_lz4 = compression == "lz4"
             elif compression:
                 self._frame_codec = w.FRAME_CODECS.get(compression)
-            out.append(Log(f"CQL v{version} ready, compression={compression or 'none'}"
-                           f"{', v5 segments' if version >= 5 else ''}"))
+            out.append(
+                Log(
+                    f"CQL v{version} ready, compression={compression or 'none'}"
+                    f"{', v5 segments' if version >= 5 else ''}"
+                )
+            )
         keys = self._inflight.pop(stream, None) if stream >= 0 else None
         preparing = self._preparing.pop(stream, None) if stream >= 0 else None
         if keys is None and preparing is None and opcode != w.RESULT:
@@ -536,7 +596,7 @@ class CqlEngine:
         if env.flags & w.FLAG_COMPRESSED and env.version < 5 and body:
             if self._frame_codec is None:
                 raise CqlError("server sent a compressed frame but no compression was negotiated")
-            body = self._frame_codec[1](body)
+            body = self._frame_codec[1](body, self._max_frame)
         reader = w.BodyReader(body, env.stream)
         if env.flags & w.FLAG_TRACING:
             reader.skip(16)

@@ -52,7 +52,7 @@ def tokenize(text: str) -> list[Token]:
             end = text.find("$$", i + 2)
             if end < 0:
                 raise LexError("unterminated $$ string")
-            tokens.append(Token(STRING, text[i + 2:end]))
+            tokens.append(Token(STRING, text[i + 2 : end]))
             i = end + 2
         elif c.isalpha() or c == "_":
             j = i + 1
@@ -107,35 +107,91 @@ UNKNOWN = Statement("unknown")
 # alter-materialized-view which Cilium lacks. ``table`` is the qualified name
 # of the object the statement touches; role, user and permission statements
 # name no table (Cilium rejects a query_table next to those actions).
-ACTIONS_WITHOUT_TABLE = frozenset({
-    "create-role", "alter-role", "drop-role", "grant-role", "revoke-role", "list-roles",
-    "grant-permission", "revoke-permission", "list-permissions",
-    "create-user", "alter-user", "drop-user", "list-users",
-})
-ACTIONS_WITH_TABLE = frozenset({
-    "select", "insert", "update", "delete", "truncate-table",
-    "create-table", "alter-table", "drop-table",
-    "use", "create-keyspace", "alter-keyspace", "drop-keyspace",
-    "create-index", "drop-index",
-    "create-materialized-view", "alter-materialized-view", "drop-materialized-view",
-    "create-type", "alter-type", "drop-type",
-    "create-function", "drop-function", "create-aggregate", "drop-aggregate",
-    "create-trigger", "drop-trigger",
-})
+ACTIONS_WITHOUT_TABLE = frozenset(
+    {
+        "create-role",
+        "alter-role",
+        "drop-role",
+        "grant-role",
+        "revoke-role",
+        "list-roles",
+        "grant-permission",
+        "revoke-permission",
+        "list-permissions",
+        "create-user",
+        "alter-user",
+        "drop-user",
+        "list-users",
+    }
+)
+ACTIONS_WITH_TABLE = frozenset(
+    {
+        "select",
+        "insert",
+        "update",
+        "delete",
+        "truncate-table",
+        "create-table",
+        "alter-table",
+        "drop-table",
+        "use",
+        "create-keyspace",
+        "alter-keyspace",
+        "drop-keyspace",
+        "create-index",
+        "drop-index",
+        "create-materialized-view",
+        "alter-materialized-view",
+        "drop-materialized-view",
+        "create-type",
+        "alter-type",
+        "drop-type",
+        "create-function",
+        "drop-function",
+        "create-aggregate",
+        "drop-aggregate",
+        "create-trigger",
+        "drop-trigger",
+    }
+)
 ACTIONS = ACTIONS_WITH_TABLE | ACTIONS_WITHOUT_TABLE
 
 _OBJECTS = {
     # second word(s) after CREATE/ALTER/DROP -> object name in the action
-    "keyspace": "keyspace", "schema": "keyspace", "table": "table", "columnfamily": "table",
-    "index": "index", "type": "type", "function": "function", "aggregate": "aggregate",
-    "trigger": "trigger", "role": "role", "user": "user",
+    "keyspace": "keyspace",
+    "schema": "keyspace",
+    "table": "table",
+    "columnfamily": "table",
+    "index": "index",
+    "type": "type",
+    "function": "function",
+    "aggregate": "aggregate",
+    "trigger": "trigger",
+    "role": "role",
+    "user": "user",
 }
 
 
-@lru_cache(maxsize=4096)
+_CACHE_LIMIT = 2048  # statements longer than this are classified afresh each time
+
+
 def classify(text: str, keyspace: str = "") -> tuple[Statement, ...]:
     """Classify every statement in ``text`` (one, or the members of a
-    ``BEGIN BATCH ... APPLY BATCH``). Unqualified names resolve in ``keyspace``."""
+    ``BEGIN BATCH ... APPLY BATCH``). Unqualified names resolve in ``keyspace``.
+
+    Drivers repeat the same few statements, so short ones are cached; long
+    ones are not, so a client cannot fill the cache with megabytes of text."""
+    if len(text) <= _CACHE_LIMIT:
+        return _classify_cached(text, keyspace)
+    return _classify(text, keyspace)
+
+
+@lru_cache(maxsize=4096)
+def _classify_cached(text: str, keyspace: str) -> tuple[Statement, ...]:
+    return _classify(text, keyspace)
+
+
+def _classify(text: str, keyspace: str) -> tuple[Statement, ...]:
     try:
         tokens = tokenize(text)
     except LexError:
@@ -166,8 +222,14 @@ def _split(tokens: list[Token]) -> list[list[Token]]:
             current = []
             continue
         current.append(tok)
-        if in_batch and tok.kind == WORD and tok.text == "batch" and k > 0 \
-                and tokens[k - 1].kind == WORD and tokens[k - 1].text == "apply":
+        if (
+            in_batch
+            and tok.kind == WORD
+            and tok.text == "batch"
+            and k > 0
+            and tokens[k - 1].kind == WORD
+            and tokens[k - 1].text == "apply"
+        ):
             in_batch = False
     if current:
         out.append(current)
@@ -183,7 +245,7 @@ def _batch(tokens: list[Token], keyspace: str) -> list[Statement]:
         return [UNKNOWN]
     current: list[Token] | None = None
     applied = False
-    for tok in tokens[i + 1:]:
+    for tok in tokens[i + 1 :]:
         if tok.kind == WORD and tok.text in ("insert", "update", "delete", "apply"):
             if current:
                 members.append(current)
@@ -273,7 +335,7 @@ class _Cursor:
     def has_top_level(self, word: str, before: str) -> bool:
         """True if ``word`` occurs at depth 0 before ``before`` (from here)."""
         depth = 0
-        for tok in self.toks[self.i:]:
+        for tok in self.toks[self.i :]:
             if tok.kind == PUNCT:
                 depth += tok.text in "([{"
                 depth -= tok.text in ")]}"
@@ -379,8 +441,20 @@ def _list(c: _Cursor) -> Statement | None:
         return Statement("list-roles")
     if what == "users":
         return Statement("list-users")
-    if what in ("all", "alter", "authorize", "create", "describe", "drop", "execute",
-                "modify", "select", "permissions", "unmask", "select_masked"):
+    if what in (
+        "all",
+        "alter",
+        "authorize",
+        "create",
+        "describe",
+        "drop",
+        "execute",
+        "modify",
+        "select",
+        "permissions",
+        "unmask",
+        "select_masked",
+    ):
         return Statement("list-permissions")
     return None
 

@@ -44,13 +44,26 @@ PREPARE, EXECUTE, REGISTER, EVENT = 0x09, 0x0A, 0x0B, 0x0C
 BATCH, AUTH_CHALLENGE, AUTH_RESPONSE, AUTH_SUCCESS = 0x0D, 0x0E, 0x0F, 0x10
 
 OPCODE_NAMES = {
-    ERROR: "ERROR", STARTUP: "STARTUP", READY: "READY", AUTHENTICATE: "AUTHENTICATE",
-    OPTIONS: "OPTIONS", SUPPORTED: "SUPPORTED", QUERY: "QUERY", RESULT: "RESULT",
-    PREPARE: "PREPARE", EXECUTE: "EXECUTE", REGISTER: "REGISTER", EVENT: "EVENT",
-    BATCH: "BATCH", AUTH_CHALLENGE: "AUTH_CHALLENGE", AUTH_RESPONSE: "AUTH_RESPONSE",
+    ERROR: "ERROR",
+    STARTUP: "STARTUP",
+    READY: "READY",
+    AUTHENTICATE: "AUTHENTICATE",
+    OPTIONS: "OPTIONS",
+    SUPPORTED: "SUPPORTED",
+    QUERY: "QUERY",
+    RESULT: "RESULT",
+    PREPARE: "PREPARE",
+    EXECUTE: "EXECUTE",
+    REGISTER: "REGISTER",
+    EVENT: "EVENT",
+    BATCH: "BATCH",
+    AUTH_CHALLENGE: "AUTH_CHALLENGE",
+    AUTH_RESPONSE: "AUTH_RESPONSE",
     AUTH_SUCCESS: "AUTH_SUCCESS",
 }
-REQUEST_OPCODES = frozenset({STARTUP, OPTIONS, QUERY, PREPARE, EXECUTE, REGISTER, BATCH, AUTH_RESPONSE})
+REQUEST_OPCODES = frozenset(
+    {STARTUP, OPTIONS, QUERY, PREPARE, EXECUTE, REGISTER, BATCH, AUTH_RESPONSE}
+)
 
 # RESULT kinds
 RESULT_VOID, RESULT_ROWS, RESULT_SET_KEYSPACE, RESULT_PREPARED, RESULT_SCHEMA_CHANGE = 1, 2, 3, 4, 5
@@ -76,7 +89,9 @@ class CqlError(ProtocolError):
     """Malformed CQL traffic. ``stream`` is the offending envelope's stream
     id when known, so the engine can answer on it."""
 
-    def __init__(self, message: str, *, stream: int | None = None, code: str = "cql_protocol_error"):
+    def __init__(
+        self, message: str, *, stream: int | None = None, code: str = "cql_protocol_error"
+    ):
         super().__init__(message, code=code)
         self.stream = stream
 
@@ -130,7 +145,7 @@ class BodyReader:
         end = self.pos + n
         if n < 0 or end > len(self.data):
             raise CqlError("truncated message body", stream=self.stream)
-        chunk = self.data[self.pos:end]
+        chunk = self.data[self.pos : end]
         self.pos = end
         return chunk
 
@@ -196,10 +211,12 @@ def lz4_frame_compress(body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + lz4.block.compress(body, store_size=False)
 
 
-def lz4_frame_decompress(body: bytes) -> bytes:
+def lz4_frame_decompress(body: bytes, limit: int = SPEC_MAX_FRAME) -> bytes:
     if len(body) < 4:
         raise CqlError("LZ4 body shorter than its length prefix")
     size = struct.unpack_from(">I", body)[0]
+    if size > limit:  # checked before lz4 allocates the output buffer
+        raise CqlError(f"LZ4 body claims {size} bytes uncompressed, over the {limit} limit")
     try:
         return lz4.block.decompress(body[4:], uncompressed_size=size)
     except lz4.block.LZ4BlockError as e:
@@ -216,11 +233,24 @@ def snappy_frame_compress(body: bytes) -> bytes:
     return _snappy().compress(body)
 
 
-def snappy_frame_decompress(body: bytes) -> bytes:
+def snappy_frame_decompress(body: bytes, limit: int = SPEC_MAX_FRAME) -> bytes:
+    size = _varint(body)
+    if size is None or size > limit:
+        raise CqlError(f"Snappy body with a bad or oversized length ({size}, limit {limit})")
     try:
         return _snappy().uncompress(body)
     except Exception as e:  # snappy raises its own (unexported) error types
         raise CqlError(f"bad Snappy body: {e}") from None
+
+
+def _varint(data: bytes) -> int | None:
+    """Snappy's leading varint: the uncompressed length."""
+    value = 0
+    for i, byte in enumerate(data[:5]):
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            return value
+    return None
 
 
 FRAME_CODECS = {
@@ -271,8 +301,8 @@ def read_segment(buf, pos: int, compressed: bool, max_len: int | None = None) ->
     hlen = 5 if compressed else 3
     if len(buf) - pos < hlen + 3:
         return None
-    header = int.from_bytes(buf[pos:pos + hlen], "little")
-    expected = int.from_bytes(buf[pos + hlen:pos + hlen + 3], "little")
+    header = int.from_bytes(buf[pos : pos + hlen], "little")
+    expected = int.from_bytes(buf[pos + hlen : pos + hlen + 3], "little")
     if crc24(header, hlen) != expected:
         raise CqlError("segment header CRC24 mismatch")
     length = header & SEGMENT_MAX_PAYLOAD
@@ -286,8 +316,8 @@ def read_segment(buf, pos: int, compressed: bool, max_len: int | None = None) ->
     if len(buf) - pos < total:
         return None
     start = pos + hlen + 3
-    payload = bytes(buf[start:start + length])
-    if crc32(payload) != int.from_bytes(buf[start + length:start + length + 4], "little"):
+    payload = bytes(buf[start : start + length])
+    if crc32(payload) != int.from_bytes(buf[start + length : start + length + 4], "little"):
         raise CqlError("segment payload CRC32 mismatch")
     if uncompressed:
         try:
@@ -303,7 +333,7 @@ def encode_segments(payload: bytes, compressed: bool) -> bytes:
     if len(payload) <= SEGMENT_MAX_PAYLOAD:
         return _encode_segment(payload, compressed, True)
     return b"".join(
-        _encode_segment(payload[i:i + SEGMENT_MAX_PAYLOAD], compressed, False)
+        _encode_segment(payload[i : i + SEGMENT_MAX_PAYLOAD], compressed, False)
         for i in range(0, len(payload), SEGMENT_MAX_PAYLOAD)
     )
 

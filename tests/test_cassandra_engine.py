@@ -385,3 +385,64 @@ def test_eof_is_passed_on():
     engine = started()
     assert engine.client_data(b"") == [ShutdownServer()]
     assert engine.server_data(b"") == [ShutdownClient()]
+
+
+# --------------------------------------------------------------------------
+# Bad input never crashes the engine: it answers, or closes, and stops.
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _feed_safely(engine: CqlEngine, chunks) -> list:
+    out = []
+    for side, data in chunks:
+        out += (engine.client_data if side == "c" else engine.server_data)(data)
+    closing = [c for c in out if isinstance(c, ParseError) and c.close]
+    if closing:
+        # after a close-worthy error the engine is inert
+        assert engine.client_data(b"\x04\x00\x00\x01\x07\x00\x00\x00\x00") == []
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("cs"), st.binary(min_size=1, max_size=64)), max_size=12),
+       st.sampled_from([3, 4, 5]), st.sampled_from([None, "lz4", "snappy"]))
+def test_random_bytes_never_crash_the_engine(chunks, version, compression):
+    if version == 5 and compression == "snappy":
+        compression = None
+    _feed_safely(started(version=version, compression=compression), chunks)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0), st.integers(min_value=0, max_value=255), st.sampled_from([4, 5]))
+def test_corrupted_driver_frames_never_crash_the_engine(position, value, version):
+    codec = SegmentCodec()
+    frames = b"".join([
+        request(QueryMessage("SELECT * FROM ks.t WHERE a = 1", ONE), 1, version),
+        request(PrepareMessage("INSERT INTO t (a, b) VALUES (?, ?)"), 2, version),
+        request(ExecuteMessage(b"abc", [b"\x00\x00\x00\x01", None], ONE, result_metadata_id=b"m"), 3, version),
+        request(BatchMessage(BatchType.LOGGED, [(False, "DELETE FROM ks.t WHERE a = 2", []),
+                                                (True, b"abc", [b"x"])], ONE), 4, version),
+    ])
+    if version == 5:
+        buf = io.BytesIO()
+        codec.encode(buf, frames)
+        frames = buf.getvalue()
+    corrupted = bytearray(frames)
+    corrupted[position % len(corrupted)] = value
+    out = _feed_safely(started(version=version), [("c", bytes(corrupted))])
+    assert all(isinstance(c, (Access, Reply, ToServer, ToClient, ParseError, Log)) for c in out)
+
+
+@pytest.mark.parametrize("compression, body", [
+    ("lz4", struct.pack(">I", 0xFFFFFFF0) + b"\x00" * 8),  # claims ~4 GiB uncompressed
+    ("snappy", b"\xff\xff\xff\xff\x0f" + b"\x00" * 8),
+])
+def test_compressed_bodies_claiming_huge_sizes_are_refused_before_inflating(compression, body):
+    engine = started(version=4, compression=compression, max_frame=1 << 20)
+    frame = struct.pack(">BBhBI", 4, 0x01, 5, 0x07, len(body)) + body
+    out = engine.client_data(frame)
+    assert not [c for c in out if isinstance(c, ToServer)]
+    [answer] = [c.data for c in out if isinstance(c, ToClient)]
+    assert struct.unpack(">h", answer[2:4])[0] == 5
