@@ -3,6 +3,7 @@ sockets. Each test builds its own random 10.X.Y.0/24 topology and tears it down.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import subprocess
 import time
@@ -572,3 +573,34 @@ def test_map_fill_and_status_report_what_is_loaded(pair):
     assert status["loaded"] and set(status["attached"]) == {client.endpoint_id, server.endpoint_id}
     assert status["policy_revision"] >= 4
     assert set(status["programs"]) == {"from_endpoint", "to_endpoint"}
+
+
+def test_replies_pass_an_enforced_ingress_of_the_initiator(pair):
+    t = pair
+    client, server = t["client"], t["server"]
+    t.attach("client", ingress=True)   # nothing may come in, except replies
+    t.attach("server")
+    t.serve("server", 8080)
+    conn = t.connect("client", server.ip, 8080)
+    assert echo(conn, b"reply me") == b"reply me"
+    # While the server cannot open anything towards the client.
+    t.serve("client", 8080)
+    assert not t.can_connect("server", client.ip, 8080, DROP_TIMEOUT)
+
+
+def test_identity_change_revokes_established_flow(pair):
+    t = pair
+    client, server = t["client"], t["server"]
+    t.attach("client")
+    t.attach("server", ingress=True)
+    t.serve("server", 8080)
+    t.dp.sync_policy([allow(server, "ingress", client.identity, 8080)])
+    conn = t.connect("client", server.ip, 8080)
+    assert echo(conn, b"before") == b"before"
+
+    t.dp.set_endpoint(dataclasses.replace(t.info("client"), identity=7777))
+    conn.settimeout(DROP_TIMEOUT)
+    with pytest.raises(TimeoutError):
+        echo(conn, b"after")
+    events = drops_until(t.dp, lambda e: e.src_identity == 7777)
+    assert events and events[0].reason == "default-deny"
