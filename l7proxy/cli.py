@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cql", metavar="'STATEMENT'")
     t.add_argument("--header", action="append", default=[], metavar="'Name: value'")
     t.add_argument("--json", action="store_true")
+    t.add_argument("--audit", action="store_true", help="simulate global audit mode")
     from l7proxy import agent_cli
 
     agent_cli.add_policy_commands(psub)

@@ -210,7 +210,9 @@ def build_scenario(args) -> Scenario:
         raise UsageError(f"--port {args.port}: not a TCP port")
     store = Store(args.state_dir)
     notes: list[str] = []
-    audit_all = False
+    audit_all = bool(getattr(args, "audit", False))
+    if audit_all:
+        notes.append("global audit mode (--audit)")
     if args.policy:
         from l7proxy.policy.load import load_paths
 
@@ -226,8 +228,8 @@ def build_scenario(args) -> Scenario:
         from l7proxy.agent_cli import read_status
 
         status = read_status(store)
-        audit_all = bool(status and status.get("audit"))
-        if audit_all:
+        if status and status.get("audit") and not audit_all:
+            audit_all = True
             notes.append("the running agent is in global audit mode (--audit)")
 
     # Endpoints: the agent's, if a name needs them; labels become virtual endpoints.
