@@ -446,3 +446,23 @@ def test_compressed_bodies_claiming_huge_sizes_are_refused_before_inflating(comp
     assert not [c for c in out if isinstance(c, ToServer)]
     [answer] = [c.data for c in out if isinstance(c, ToClient)]
     assert struct.unpack(">h", answer[2:4])[0] == 5
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_custom_payload_tracing_and_beta_flags_on_requests(version):
+    engine = started(version=version)
+    msg = QueryMessage("DELETE FROM ks.t WHERE a = 1", ONE)
+    msg.custom_payload = {"tenant": b"blue", "trace-tag": b"x"}
+    msg.tracing = True
+    frame = bytearray(request(msg, 11, version))
+    frame[1] |= 0x10  # beta flag: allowed, ignored
+    assert frame[1] & 0x04 and frame[1] & 0x02
+    if version == 5:
+        buf = io.BytesIO()
+        SegmentCodec().encode(buf, bytes(frame))
+        wire = buf.getvalue()
+    else:
+        wire = bytes(frame)
+    out = engine.client_data(wire)
+    assert [(c.request.action, c.request.table) for c in out if isinstance(c, Access)] == [("delete", "ks.t")]
+    assert out[-1] == ToServer(wire)

@@ -135,3 +135,17 @@ def test_shipped_example_policies_load():
     assert paths, "policies/cassandra-*.yaml missing"
     for path in paths:
         assert load_paths([path])
+
+
+def test_a_deny_section_wins_over_an_allow_all_rule():
+    policy = POLICY.replace("- query_action: insert", "- {}") + (
+        "  ingressDeny:\n"
+        "  - toPorts:\n"
+        "    - ports: [{port: \"9042\", protocol: TCP}]\n"
+        "      rules:\n"
+        "        l7proto: cassandra\n"
+        "        l7:\n"
+        "        - query_action: truncate-table\n"
+    )
+    assert decide(policy, q("delete", "ks.anything")).allowed
+    assert not decide(policy, q("truncate-table", "ks.anything")).allowed
