@@ -142,6 +142,23 @@ def remove_namespace(ns_name: str) -> None:
             netns.remove(ns_name)
 
 
+def link_index_in(ns_name: str, ifname: str) -> int | None:
+    """ifindex of a link inside a namespace."""
+    with NetNS(ns_name) as ns:
+        return _link_index(ns, ifname)
+
+
+def link_local_v6(ifindex: int) -> str | None:
+    """The fe80:: address of a root-namespace link, once it is no longer tentative."""
+    with IPRoute() as ipr:
+        for a in ipr.get_addr(family=socket.AF_INET6, index=ifindex):
+            addr = a.get_attr("IFA_ADDRESS")
+            tentative = (a.get_attr("IFA_FLAGS") or a["flags"]) & 0x40   # IFA_F_TENTATIVE
+            if addr and addr.startswith("fe80") and not tentative:
+                return addr
+    return None
+
+
 def host_addresses() -> list[IPv4Address]:
     """IPv4 addresses of the root namespace (the agent maps them to identity host)."""
     with IPRoute() as ipr:
