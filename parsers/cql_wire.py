@@ -268,17 +268,29 @@ _CRC24_POLY = 0x1974F0B
 _CRC32_INIT = zlib.crc32(b"\xfa\x2d\x55\xca")
 
 
-def crc24(value: int, nbytes: int) -> int:
-    """CRC24 over the ``nbytes`` little-endian bytes of the header integer."""
-    crc = _CRC24_INIT
-    for _ in range(nbytes):
-        crc ^= (value & 0xFF) << 16
-        value >>= 8
+def _crc24_table() -> tuple[int, ...]:
+    table = []
+    for i in range(256):
+        crc = i << 16
         for _ in range(8):
             crc <<= 1
             if crc & 0x1000000:
                 crc ^= _CRC24_POLY
-    return crc & 0xFFFFFF
+        table.append(crc & 0xFFFFFF)
+    return tuple(table)
+
+
+_CRC24_TABLE = _crc24_table()
+
+
+def crc24(value: int, nbytes: int) -> int:
+    """CRC24 over the ``nbytes`` little-endian bytes of the header integer
+    (MSB-first, init 0x875060, polynomial 0x1974F0B), a byte at a time."""
+    crc = _CRC24_INIT
+    for _ in range(nbytes):
+        crc = ((crc << 8) & 0xFFFFFF) ^ _CRC24_TABLE[((crc >> 16) ^ value) & 0xFF]
+        value >>= 8
+    return crc
 
 
 def crc32(payload) -> int:
