@@ -133,3 +133,15 @@ def test_interface_names_longer_than_the_kernel_allows_are_refused():
     with pytest.raises(ValueError):
         netns.create_endpoint("l7t-000000-long", "l7t-way-too-long-name", "10.0.0.1")
     assert "l7t-000000-long" not in netns.list_namespaces("l7t-")
+
+
+def test_sweeper_leaves_unmarked_namespaces_newer_than_this_process():
+    tag = secrets.token_hex(3)
+    ns, ifname = f"l7t-{tag}-young", f"l7t{tag}0"
+    net = free_test_network()
+    try:
+        netns.create_endpoint(ns, ifname, next(net.hosts()))
+        sweep_stale()
+        assert netns.endpoint_exists(ns, ifname)
+    finally:
+        netns.delete_endpoint(ns, ifname)

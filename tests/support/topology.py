@@ -74,14 +74,25 @@ def sweep_stale() -> list[str]:
             live_tags.add(marker.stem)
         else:
             stale[marker.stem] = meta
+    started = os.stat(f"/proc/{os.getpid()}").st_ctime
     for ns in netns.list_namespaces("l7t-"):
         m = _NS_RE.match(ns)
-        if m and m.group(1) not in live_tags:
-            netns.remove_namespace(ns)
-            removed.append(ns)
+        if not m or m.group(1) in live_tags:
+            continue
+        if m.group(1) not in stale:
+            # No marker at all: only if it predates this process.
+            try:
+                if (netns.NETNS_DIR / ns).stat().st_mtime >= started:
+                    continue
+            except FileNotFoundError:
+                continue
+        netns.remove_namespace(ns)
+        removed.append(ns)
+    namespaces = set(netns.list_namespaces("l7t-"))
     for name, _ in netns.list_links("l7t"):
         m = _LINK_RE.match(name)
-        if m and m.group(1) not in live_tags:
+        if m and m.group(1) not in live_tags and not any(
+                n.startswith(f"l7t-{m.group(1)}-") for n in namespaces):
             netns.delete_link(name)
             removed.append(name)
     for tag, meta in stale.items():
