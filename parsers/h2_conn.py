@@ -5,7 +5,8 @@ after it is a protocol error. RFC 9113 §6.8 wants a graceful GOAWAY (NO_ERROR)
 to let in-flight streams finish, which a proxy must honour in both directions
 (gRPC servers send one on every graceful shutdown). ``RelayConnection``
 keeps the connection open after a NO_ERROR GOAWAY; the engine itself refuses
-new streams from then on.
+new streams from then on. It also turns a content-length mismatch, which h2
+treats as a connection error, into the stream error RFC 9113 asks for.
 """
 
 from __future__ import annotations
@@ -15,13 +16,43 @@ import base64
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import ConnectionTerminated
+from h2.events import ConnectionTerminated, Event
+from h2.exceptions import InvalidBodyLengthError
 from h2.settings import SettingCodes, Settings
-from hyperframe.frame import GoAwayFrame, SettingsFrame
+from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, SettingsFrame
+
+
+class MalformedStream(Event):
+    """A message whose body contradicts its content-length (RFC 9113 §8.1.1).
+
+    h2 raises that as a connection error; it is a stream error. The stream has
+    already been reset with PROTOCOL_ERROR when this event is delivered.
+    """
+
+    def __init__(self, stream_id: int, reason: str) -> None:
+        self.stream_id = stream_id
+        self.reason = reason
 
 
 class RelayConnection(H2Connection):
     peer_going_away = False
+
+    def _receive_data_frame(self, frame: DataFrame):  # type: ignore[override]
+        try:
+            return super()._receive_data_frame(frame)
+        except InvalidBodyLengthError as exc:
+            self.reset_stream(frame.stream_id, ErrorCodes.PROTOCOL_ERROR)
+            # The bytes were counted against the connection window: give them back.
+            self.acknowledge_received_data(frame.flow_controlled_length, frame.stream_id)
+            return [], [MalformedStream(frame.stream_id, str(exc))]
+
+    def _receive_headers_frame(self, frame: HeadersFrame):  # type: ignore[override]
+        try:
+            return super()._receive_headers_frame(frame)
+        except InvalidBodyLengthError as exc:
+            # The header block was decoded before the check: HPACK state is intact.
+            self.reset_stream(frame.stream_id, ErrorCodes.PROTOCOL_ERROR)
+            return [], [MalformedStream(frame.stream_id, str(exc))]
 
     def _receive_goaway_frame(self, frame: GoAwayFrame):  # type: ignore[override]
         if frame.error_code != 0:
@@ -35,7 +66,9 @@ class RelayConnection(H2Connection):
 
     def send_graceful_goaway(self, last_stream_id: int) -> None:
         """GOAWAY(NO_ERROR) without giving up the streams in flight."""
-        self._prepare_for_sending([GoAwayFrame(stream_id=0, last_stream_id=last_stream_id, error_code=0)])
+        self._prepare_for_sending(
+            [GoAwayFrame(stream_id=0, last_stream_id=last_stream_id, error_code=0)]
+        )
 
 
 def relay_connection(*, client_side: bool) -> RelayConnection:

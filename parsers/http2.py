@@ -39,7 +39,7 @@ from parsers.base import (
     ToClient,
     ToServer,
 )
-from parsers.h2_conn import RelayConnection, decode_settings_header, relay_connection, settings
+from parsers.h2_conn import MalformedStream, RelayConnection, decode_settings_header, relay_connection, settings
 from parsers.h2_headers import (
     apply_edits,
     build_request,
@@ -82,7 +82,13 @@ _NOT_SENT = object()
 class H2Engine:
     protocol = "http2"
 
-    def __init__(self, decide: Decide, *, limits: H2Limits = H2Limits(), upgrade_settings: bytes | None = None):
+    def __init__(
+        self,
+        decide: Decide,
+        *,
+        limits: H2Limits = H2Limits(),
+        upgrade_settings: bytes | None = None,
+    ):
         self._decide = decide
         self._limits = limits
         self.down: RelayConnection = relay_connection(client_side=False)
@@ -105,6 +111,7 @@ class H2Engine:
             ev.RemoteSettingsChanged: self._on_client_settings,
             ev.SettingsAcknowledged: self._on_settings_ack,
             ev.ConnectionTerminated: self._on_client_goaway,
+            MalformedStream: self._on_client_malformed,
         }
         self._server_handlers = {
             ev.ResponseReceived: self._on_response,
@@ -116,6 +123,7 @@ class H2Engine:
             ev.WindowUpdated: self._on_server_window,
             ev.RemoteSettingsChanged: self._on_server_settings,
             ev.ConnectionTerminated: self._on_server_goaway,
+            MalformedStream: self._on_server_malformed,
         }
 
     def _setup(self, upgrade_settings: bytes | None) -> None:
@@ -231,7 +239,11 @@ class H2Engine:
         if size > self._limits.max_header_list_size:
             self._answer(cid, ended, *http_denial(431, b"Request header fields too large"))
             self._out.append(
-                ParseError("client", ProtocolError(f"header list of {size} bytes", code="header_list_too_large"), close=False)
+                ParseError(
+                    "client",
+                    ProtocolError(f"header list of {size} bytes", code="header_list_too_large"),
+                    close=False,
+                )
             )
             return
         request = build_request(headers)
@@ -266,7 +278,12 @@ class H2Engine:
             self.down.send_headers(cid, grpc_denial(denial_reason(decision)), end_stream=True)
             if not ended:
                 self._reset(self.down, cid, _NO_ERROR)
-            fields = {"status": 200, "grpc_status": 7, "request_messages": 0, "response_messages": 0}
+            fields = {
+                "status": 200,
+                "grpc_status": 7,
+                "request_messages": 0,
+                "response_messages": 0,
+            }
         else:
             self._answer(cid, ended, *http_denial())
             fields = {"status": 403}
@@ -319,7 +336,12 @@ class H2Engine:
 
     def _on_client_end(self, event: ev.StreamEnded) -> None:
         stream = self._streams.get(event.stream_id)
-        if stream is None or stream.request_ended or stream.request_done or stream.to_server.end_queued:
+        if (
+            stream is None
+            or stream.request_ended
+            or stream.request_done
+            or stream.to_server.end_queued
+        ):
             return
         stream.to_server.items.append((END,))
         if stream.sid is not None:
@@ -344,8 +366,11 @@ class H2Engine:
         if stream.sid is None:
             self._waiting.remove(stream)
         elif not (stream.request_done and stream.response_done):
-            self._reset(self.up, stream.sid, event.error_code)
+            self._reset(self.up, stream.sid, _relayed_code(event.error_code))
         self._drop(stream, f"client reset {_name(event.error_code)}")
+
+    def _on_client_malformed(self, event: MalformedStream) -> None:
+        self._stream_error("client", event.stream_id, event.reason)
 
     def _on_client_window(self, event: ev.WindowUpdated) -> None:
         if event.stream_id:
@@ -445,8 +470,11 @@ class H2Engine:
             stream.request_done = True
             return
         if not (stream.request_done and stream.response_done):
-            self._reset(self.down, stream.cid, code)
+            self._reset(self.down, stream.cid, _relayed_code(code))
         self._drop(stream, f"server reset {_name(code)}")
+
+    def _on_server_malformed(self, event: MalformedStream) -> None:
+        self._stream_error("server", event.stream_id, event.reason)
 
     def _on_server_window(self, event: ev.WindowUpdated) -> None:
         if event.stream_id:
@@ -465,7 +493,9 @@ class H2Engine:
 
     def _on_server_goaway(self, event: ev.ConnectionTerminated) -> None:
         if event.error_code != _NO_ERROR:
-            self._abort(f"server GOAWAY {_name(event.error_code)}", to_client=ErrorCodes.INTERNAL_ERROR)
+            self._abort(
+                f"server GOAWAY {_name(event.error_code)}", to_client=ErrorCodes.INTERNAL_ERROR
+            )
             return
         # Streams above last_stream_id were never processed: the client may retry them.
         self._refusing = True
@@ -482,9 +512,21 @@ class H2Engine:
     def _flush(self, stream: Stream, to_server: bool) -> None:
         """Move queued items to the other connection as far as its windows allow."""
         if to_server:
-            pipe, out, out_id, inbound, in_id = stream.to_server, self.up, stream.sid, self.down, stream.cid
+            pipe, out, out_id, inbound, in_id = (
+                stream.to_server,
+                self.up,
+                stream.sid,
+                self.down,
+                stream.cid,
+            )
         else:
-            pipe, out, out_id, inbound, in_id = stream.to_client, self.down, stream.cid, self.up, stream.sid
+            pipe, out, out_id, inbound, in_id = (
+                stream.to_client,
+                self.down,
+                stream.cid,
+                self.up,
+                stream.sid,
+            )
         items = pipe.items
         while items:
             item = items[0]
@@ -637,12 +679,16 @@ class H2Engine:
             self._abort("", to_client=ErrorCodes.INTERNAL_ERROR, server_wire=wire)
         out = self._out
         self._out = []
-        error = ProtocolError(f"{exc} ({_name(code)})", code=f"h2_{_name(code).lower()}", wire_reply=wire)
+        error = ProtocolError(
+            f"{exc} ({_name(code)})", code=f"h2_{_name(code).lower()}", wire_reply=wire
+        )
         # _abort already queued the wire bytes and Close; the ParseError goes before Close.
         out.insert(len(out) - 1, ParseError(side, error, close=True))
         return out
 
-    def _abort(self, reason: str, *, to_client=None, to_server=None, client_wire=None, server_wire=None) -> None:
+    def _abort(
+        self, reason: str, *, to_client=None, to_server=None, client_wire=None, server_wire=None
+    ) -> None:
         """Tear the connection down: reset every stream on the healthy side, GOAWAY, close."""
         for stream in list(self._streams.values()):
             self._reply(stream, "connection closed")
@@ -666,12 +712,25 @@ class H2Engine:
 
     def _finish_on_eof(self, side: str) -> list[Command]:
         if side == "client":
-            self._abort("client closed", to_server=ErrorCodes.CANCEL if self._streams else _NO_ERROR)
+            self._abort(
+                "client closed", to_server=ErrorCodes.CANCEL if self._streams else _NO_ERROR
+            )
         else:
-            self._abort("server closed", to_client=ErrorCodes.INTERNAL_ERROR if self._streams else _NO_ERROR)
+            self._abort(
+                "server closed", to_client=ErrorCodes.INTERNAL_ERROR if self._streams else _NO_ERROR
+            )
         out = self._out
         self._out = []
         return out
+
+
+# Reset codes that say something about the stream itself travel on; codes
+# that blame the sender's framing concern only the hop where they happened.
+_END_TO_END_CODES = {ErrorCodes.NO_ERROR, ErrorCodes.CANCEL, ErrorCodes.REFUSED_STREAM, ErrorCodes.ENHANCE_YOUR_CALM, ErrorCodes.INTERNAL_ERROR, ErrorCodes.HTTP_1_1_REQUIRED}
+
+
+def _relayed_code(code) -> ErrorCodes:
+    return code if code in _END_TO_END_CODES else ErrorCodes.CANCEL
 
 
 def _check_announced_length(conn: RelayConnection) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import h2.events as ev
 import pytest
 from h2.errors import ErrorCodes
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import DataFrame, GoAwayFrame
 
 from parsers.base import Access, Close, Decision, ParseError, Reply
 from parsers.http2 import H2Engine, H2Limits
@@ -372,3 +372,45 @@ def test_oversized_frame_is_refused_from_its_header_alone(split):
     (goaway,) = t.of(ev.ConnectionTerminated, "client")
     assert goaway.error_code == ErrorCodes.FRAME_SIZE_ERROR
     assert isinstance(t.commands[-1], Close)
+
+
+def test_body_longer_than_content_length_is_a_stream_error(split):
+    t = Transcript(H2Engine(decide), split, strict_client=False).start()
+    t.client.send_headers(1, request_headers("/upload", "POST", extra=[(b"content-length", b"3")]))
+    t.client.send_data(1, b"abcdef", end_stream=True)
+    t.client.send_headers(3, request_headers("/next"), end_stream=True)
+    t.pump()
+    assert [(e.stream_id, e.error_code) for e in t.of(ev.StreamReset, "client")] == [(1, ErrorCodes.PROTOCOL_ERROR)]
+    assert not t.of(ev.ConnectionTerminated, "client")
+    # Upstream, the half-forwarded request is cancelled and the next one goes through.
+    upstream = {dict(e.headers)[b":path"]: e.stream_id for e in t.of(ev.RequestReceived, "server")}
+    assert set(upstream) == {b"/upload", b"/next"}
+    assert [(e.stream_id, e.error_code) for e in t.of(ev.StreamReset, "server")] == [(upstream[b"/upload"], ErrorCodes.CANCEL)]
+    assert not t.body("server", upstream[b"/upload"]).endswith(b"def")
+    errors = t.of(ParseError)
+    assert [(e.side, e.close) for e in errors] == [("client", False)]
+
+
+def test_data_after_end_stream_is_a_stream_closed_error(split):
+    t = Transcript(H2Engine(decide), split).start()
+    t.client.send_headers(1, request_headers("/"), end_stream=True)
+    t.pump()
+    late = DataFrame(1, data=b"late", flags=["END_STREAM"])
+    t.client_raw(late.serialize())
+    assert [(e.stream_id, e.error_code) for e in t.of(ev.StreamReset, "client")] == [(1, ErrorCodes.STREAM_CLOSED)]
+    assert not t.of(ev.ConnectionTerminated, "client")
+    # The server's request is cancelled (STREAM_CLOSED concerns only the client hop).
+    assert [e.error_code for e in t.of(ev.StreamReset, "server")] == [ErrorCodes.CANCEL]
+
+
+def test_response_body_shorter_than_content_length_resets_the_client_stream(split):
+    t = Transcript(H2Engine(decide), split).start()
+    t.client.send_headers(1, request_headers("/"), end_stream=True)
+    t.pump()
+    t.server.config.validate_outbound_headers = False
+    t.server.send_headers(1, [(b":status", b"200"), (b"content-length", b"10")])
+    t.server.send_data(1, b"short", end_stream=True)
+    t.pump()
+    assert [(e.stream_id, e.error_code) for e in t.of(ev.StreamReset, "client")] == [(1, ErrorCodes.INTERNAL_ERROR)]
+    assert not t.of(ev.ConnectionTerminated, "client")
+    assert [e.side for e in t.of(ParseError)] == ["server"]
