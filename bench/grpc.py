@@ -21,7 +21,17 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.h2_tools import REPO, free_port, h2load, haproxy_h2c, l7proxy_firewall, measure, table, wait_port, write_results
+from bench.h2_tools import (
+    REPO,
+    free_port,
+    h2load,
+    haproxy_h2c,
+    l7proxy_firewall,
+    measure,
+    table,
+    wait_port,
+    write_results,
+)
 
 LABELS = {"app": "bench-grpc"}
 POLICY = """

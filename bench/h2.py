@@ -16,7 +16,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.h2_tools import h2load, haproxy_h2c, l7proxy_firewall, measure, nghttpd, table, top_functions, write_results
+from bench.h2_tools import (
+    h2load,
+    haproxy_h2c,
+    l7proxy_firewall,
+    measure,
+    nghttpd,
+    table,
+    top_functions,
+    write_results,
+)
 
 LABELS = {"app": "bench-h2"}
 POLICY = """

@@ -18,7 +18,13 @@ Headers = list[tuple[bytes, bytes]]
 
 _REQUEST_PSEUDO = {b":method", b":scheme", b":authority", b":path"}
 # RFC 9113 §8.2.2: connection-specific fields must not appear in HTTP/2.
-_CONNECTION_SPECIFIC = {b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"}
+_CONNECTION_SPECIFIC = {
+    b"connection",
+    b"proxy-connection",
+    b"keep-alive",
+    b"transfer-encoding",
+    b"upgrade",
+}
 # A field name is a lower-case token (RFC 9110 §5.1, RFC 9113 §8.2.1).
 _NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")

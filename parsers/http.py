@@ -38,7 +38,7 @@ class HttpEngine:
 
     @property
     def version(self) -> str:
-        """"2" or "1.1" once the client's first bytes have decided it ("" before)."""
+        """Either "2" or "1.1" once the client's first bytes have decided it ("" before)."""
         if self._inner is None:
             return ""
         return "2" if isinstance(self._inner, H2Engine) else "1.1"

@@ -39,7 +39,13 @@ from parsers.base import (
     ToClient,
     ToServer,
 )
-from parsers.h2_conn import MalformedStream, RelayConnection, decode_settings_header, relay_connection, settings
+from parsers.h2_conn import (
+    MalformedStream,
+    RelayConnection,
+    decode_settings_header,
+    relay_connection,
+    settings,
+)
 from parsers.h2_headers import (
     apply_edits,
     build_request,

@@ -16,7 +16,13 @@ import pytest
 grpc = pytest.importorskip("grpc")
 
 from tests.support.firewall import running_firewall  # noqa: E402
-from tests.support.grpc_interop import ECHO_INITIAL, ECHO_TRAILING, interop, interop_server, stub_for  # noqa: E402
+from tests.support.grpc_interop import (  # noqa: E402
+    ECHO_INITIAL,
+    ECHO_TRAILING,
+    interop,
+    interop_server,
+    stub_for,
+)
 
 LABELS = {"app": "interop"}
 # Everything in TestService except CacheableUnaryCall (and nothing from other services).
