@@ -46,7 +46,8 @@ DEFAULT_MAX_FRAME = 100 * 1024 * 1024
 # api key + api version + correlation id + client id length
 _MIN_REQUEST_HEADER = 10
 
-_PRODUCE, _METADATA, _CREATE_TOPICS, _DESCRIBE_TOPIC_PARTITIONS = 0, 3, 19, 75
+_PRODUCE, _METADATA, _CONTROLLED_SHUTDOWN, _CREATE_TOPICS = 0, 3, 7, 19
+_DESCRIBE_TOPIC_PARTITIONS = 75
 
 # Metadata version of our own topic-id lookups (v10+ carries topic ids; v12
 # is what Kafka 3.x and Tansu serve, and what clients that send ids use).
@@ -162,6 +163,8 @@ class KafkaEngine:
         api_key, api_version, correlation_id, client_len = _fixed_header.unpack_from(frame, 4)
         pos = 14
         client_id = None
+        if api_key == _CONTROLLED_SHUTDOWN and api_version == 0:
+            pos, client_len = 12, -1  # the one request with header v0: no client id
         if client_len >= 0:
             if pos + client_len > len(frame):
                 out.append(

@@ -725,3 +725,12 @@ def test_large_fetch_response_is_passed_through_as_it_arrives(how):
         "the queued denial follows the streamed reply"
     )
     assert [c.key for c in rest if isinstance(c, Reply)] == [1, 2]
+
+
+def test_controlled_shutdown_v0_has_header_v0_without_client_id():
+    # api key 7, version 0, correlation id 5, then the body (broker id 1): no client id field.
+    wire = _framed(bytes.fromhex("0007 0000 00000005 00000001".replace(" ", "")))
+    seen = []
+    cmds = KafkaEngine(lambda r: seen.append(r) or Decision(True)).client_data(wire)
+    assert seen[0].api_key == 7 and seen[0].correlation_id == 5 and seen[0].client_id is None
+    assert isinstance(cmds[1], ToServer)
