@@ -17,7 +17,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, Event
-from h2.exceptions import InvalidBodyLengthError
+from h2.exceptions import InvalidBodyLengthError, TooManyStreamsError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, SettingsFrame
 
@@ -46,9 +46,27 @@ class RelayConnection(H2Connection):
             self.acknowledge_received_data(frame.flow_controlled_length, frame.stream_id)
             return [], [MalformedStream(frame.stream_id, str(exc))]
 
+    _admit_over_limit = False
+
+    @property
+    def open_inbound_streams(self) -> int:  # type: ignore[override]
+        return 0 if self._admit_over_limit else super().open_inbound_streams
+
     def _receive_headers_frame(self, frame: HeadersFrame):  # type: ignore[override]
         try:
             return super()._receive_headers_frame(frame)
+        except TooManyStreamsError:
+            # RFC 9113 §5.1.2: a stream over our SETTINGS_MAX_CONCURRENT_STREAMS is
+            # a stream error. h2 checks before decoding, so process the block
+            # normally (HPACK state stays in step), then refuse the stream; the
+            # engine never sees the request. REFUSED_STREAM is safe to retry.
+            self._admit_over_limit = True
+            try:
+                frames, events = super()._receive_headers_frame(frame)
+            finally:
+                self._admit_over_limit = False
+            self.reset_stream(frame.stream_id, ErrorCodes.REFUSED_STREAM)
+            return frames, [e for e in events if getattr(e, "stream_id", None) != frame.stream_id]
         except InvalidBodyLengthError as exc:
             # The header block was decoded before the check: HPACK state is intact.
             self.reset_stream(frame.stream_id, ErrorCodes.PROTOCOL_ERROR)

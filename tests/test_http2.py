@@ -414,3 +414,24 @@ def test_response_body_shorter_than_content_length_resets_the_client_stream(spli
     assert [(e.stream_id, e.error_code) for e in t.of(ev.StreamReset, "client")] == [(1, ErrorCodes.INTERNAL_ERROR)]
     assert not t.of(ev.ConnectionTerminated, "client")
     assert [e.side for e in t.of(ParseError)] == ["server"]
+
+
+def test_streams_over_our_concurrency_limit_are_refused_one_by_one(split):
+    limits = H2Limits(max_concurrent_streams=3)
+    t = Transcript(H2Engine(decide, limits=limits), split).start()
+    # The h2 client object respects the limit; lift it to play a client that does not.
+    t.client.remote_settings = type(t.client.remote_settings)(client=False, initial_values={ev.SettingCodes.MAX_CONCURRENT_STREAMS: 100})
+    for cid in (1, 3, 5, 7, 9):
+        t.client.send_headers(cid, request_headers(f"/s{cid}"))
+    t.pump()
+    assert [(e.stream_id, e.error_code) for e in t.of(ev.StreamReset, "client")] == [(7, ErrorCodes.REFUSED_STREAM), (9, ErrorCodes.REFUSED_STREAM)]
+    assert [dict(e.headers)[b":path"] for e in t.of(ev.RequestReceived, "server")] == [b"/s1", b"/s3", b"/s5"]
+    assert not t.of(ev.ConnectionTerminated, "client")
+    # Once one ends, a new stream is accepted.
+    t.client.end_stream(1)
+    t.pump()
+    t.server.send_headers(1, [(b":status", b"204")], end_stream=True)
+    t.pump()
+    t.client.send_headers(11, request_headers("/s11"), end_stream=True)
+    t.pump()
+    assert dict(t.of(ev.RequestReceived, "server")[-1].headers)[b":path"] == b"/s11"
