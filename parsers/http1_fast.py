@@ -22,7 +22,7 @@ from parsers.http1_head import (
     FIELD_VALUE_CHARS,
     KNOWN_METHODS,
     MessageHead,
-    check_request_line_prefix,
+    StartLineWatch,
     explain_line,
     frame_request,
     frame_response,
@@ -55,6 +55,8 @@ class _CHead:
     parser_class: type = httptools.HttpRequestParser
 
     def __init__(self) -> None:
+        self._watch = StartLineWatch()
+        self._line_done = False
         self._parser = None
         self._fed = 0
         self._headers: list[tuple[bytes, bytes]] = []
@@ -62,6 +64,8 @@ class _CHead:
         self._done = False
 
     def reset(self) -> None:
+        self._watch.reset()
+        self._line_done = False
         self._parser = None
         self._fed = 0
         self._headers = []
@@ -83,7 +87,9 @@ class _CHead:
         if buf[:1] in (b"\r", b"\n"):
             # llhttp skips stray CR/LF before a message; the reader has
             # already dropped whole empty lines, so this one is bare.
-            raise MalformedMessage("bare CR or LF before the start line", code="bare_cr", side=self.side)
+            raise MalformedMessage(
+                "bare CR or LF before the start line", code="bare_cr", side=self.side
+            )
         if self._parser is None:
             self._parser = self.parser_class(self)
         if len(buf) > self._fed:
@@ -100,9 +106,10 @@ class _CHead:
 
     def partial(self, buf: bytes | bytearray) -> None:
         self._feed(buf)
-        if self.side == "client":
-            eol = buf.find(b"\r\n")
-            check_request_line_prefix(bytes(buf[: eol if eol >= 0 else len(buf)]))
+        if self.side == "client" and not self._line_done:
+            eol = buf.find(b"\r\n", max(0, self._watch.checked - 1))
+            self._line_done = eol >= 0
+            self._watch.check(buf, eol if eol >= 0 else len(buf))
 
     def _finish(self, head: bytes) -> None:
         self._feed(head)

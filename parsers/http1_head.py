@@ -44,9 +44,16 @@ STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: (" + FIELD_VALUE_CHARS 
 FIELD_LINE = re.compile(rb"(" + TOKEN + rb"):[ \t]*(" + FIELD_VALUE_CHARS + rb"*?)[ \t]*")
 # What an unfinished line may look like and still become valid.
 _VERSION_PREFIX = rb"(?:H(?:T(?:T(?:P(?:/(?:1(?:\.(?:[01]\r?)?)?)?)?)?)?)?)?"
-REQUEST_PREFIX = re.compile(rb"(" + TOKEN + rb")?(?:( )(?:([\x21-\x7e]+)( " + _VERSION_PREFIX + rb")?)?)?")
-STATUS_PREFIX = re.compile(_VERSION_PREFIX + rb"|HTTP/1\.[01](?: [0-9]{0,3}(?: " + FIELD_VALUE_CHARS + rb"*)?)?\r?")
-FIELD_PREFIX = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]*(?::" + FIELD_VALUE_CHARS + rb"*)?\r?")
+REQUEST_PREFIX = re.compile(
+    rb"(" + TOKEN + rb")?(?:( )(?:([\x21-\x7e]+)( " + _VERSION_PREFIX + rb")?)?)?"
+)
+STATUS_PREFIX = re.compile(
+    _VERSION_PREFIX + rb"|HTTP/1\.[01](?: [0-9]{0,3}(?: " + FIELD_VALUE_CHARS + rb"*)?)?\r?"
+)
+CONNECTION_OPTION = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]*")  # lower-cased token, or empty
+TOKEN_RUN = re.compile(TOKEN.replace(b"]+", b"]*"))
+VALUE_RUN = re.compile(FIELD_VALUE_CHARS + rb"*")
+TARGET_RUN = re.compile(rb"[\x21-\x7e]*")
 CONTENT_LENGTH = re.compile(rb"[ \t]*([0-9]+)[ \t]*")
 
 # Request-target forms (RFC 9112 section 3.2). A fragment is never part of
@@ -97,19 +104,39 @@ class MessageHead:
 # Shared framing semantics (RFC 9112 section 6).
 
 
-def _connection_tokens(head: MessageHead) -> set[str]:
+FRAMING_NAMES = frozenset(
+    {b"connection", b"content-length", b"transfer-encoding", b"host", b"upgrade", b"expect"}
+)
+
+
+def _framing_fields(head: MessageHead) -> dict[bytes, list[bytes]]:
+    """The few fields that frame or route a message, in one pass."""
+    found: dict[bytes, list[bytes]] = {}
+    for name, value in head.headers:
+        key = name.lower()
+        if key in FRAMING_NAMES:
+            found.setdefault(key, []).append(value)
+    return found
+
+
+def _connection_tokens(values: list[bytes], side: str = "server") -> set[str]:
     tokens: set[str] = set()
-    for value in head.values(b"connection"):
-        tokens.update(t.strip().lower() for t in value.decode("latin-1").split(","))
+    for value in values:
+        tokens.update(t.strip(" \t").lower() for t in value.decode("latin-1").split(","))
+    if side == "client" and not all(CONNECTION_OPTION.fullmatch(t) for t in tokens):
+        # Connection is a list of tokens; servers that search it for "close"
+        # as a substring would keep a different connection than we do.
+        raise MalformedMessage("invalid Connection option", code="invalid_connection", side=side)
     return tokens
 
 
-def _content_length(head: MessageHead, side: str) -> int | None:
-    values = head.values(b"content-length")
+def _content_length(values: list[bytes] | None, side: str) -> int | None:
     if not values:
         return None
     if len(values) > 1:
-        raise AmbiguousFraming("more than one Content-Length", code="duplicate_content_length", side=side)
+        raise AmbiguousFraming(
+            "more than one Content-Length", code="duplicate_content_length", side=side
+        )
     match = CONTENT_LENGTH.fullmatch(values[0])
     if match is None:
         raise AmbiguousFraming("invalid Content-Length", code="invalid_content_length", side=side)
@@ -119,13 +146,12 @@ def _content_length(head: MessageHead, side: str) -> int | None:
     return length
 
 
-def _transfer_codings(head: MessageHead, side: str) -> list[str] | None:
-    values = head.values(b"transfer-encoding")
+def _transfer_codings(values: list[bytes] | None, side: str) -> list[str] | None:
     if not values:
         return None
     codings: list[str] = []
     for value in values:
-        codings.extend(p.strip().lower() for p in value.decode("latin-1").split(","))
+        codings.extend(p.strip(" \t").lower() for p in value.decode("latin-1").split(","))
     if side == "client" and "" in codings:
         # Empty list elements are legal (RFC 9110 5.6.1) but parsers differ
         # on them (h11 refuses): a request that has them is refused.
@@ -136,45 +162,60 @@ def _transfer_codings(head: MessageHead, side: str) -> list[str] | None:
 def frame_request(head: MessageHead) -> MessageHead:
     """Decide how the request body is delimited, refusing anything ambiguous."""
     side = "client"
-    tokens = _connection_tokens(head)
+    fields = _framing_fields(head)
+    tokens = _connection_tokens(fields[b"connection"], side) if b"connection" in fields else set()
     if head.version == "1.1":
         head.keep_alive = "close" not in tokens
     else:
         head.keep_alive = "keep-alive" in tokens and "close" not in tokens
-    hosts = head.values(b"host")
-    if len(hosts) > 1:
-        raise AmbiguousFraming("more than one Host", code="duplicate_host", side=side)
-    if hosts and HOST_VALUE.fullmatch(hosts[0]) is None:
-        # Host-based rules must see one well-formed authority (RFC 9110 7.2).
-        raise MalformedMessage("invalid Host", code="invalid_host", side=side)
-    length = _content_length(head, side)
-    codings = _transfer_codings(head, side)
+    hosts = fields.get(b"host")
+    if hosts:
+        if len(hosts) > 1:
+            raise AmbiguousFraming("more than one Host", code="duplicate_host", side=side)
+        if HOST_VALUE.fullmatch(hosts[0]) is None:
+            # Host-based rules must see one well-formed authority (RFC 9110 7.2).
+            raise MalformedMessage("invalid Host", code="invalid_host", side=side)
+    length = _content_length(fields.get(b"content-length"), side)
+    codings = _transfer_codings(fields.get(b"transfer-encoding"), side)
     if head.method == "CONNECT":
         # A CONNECT request has no content (RFC 9110 9.3.6); as llhttp does,
         # what follows the head belongs to the tunnel, whatever it announces.
         codings = length = None
     if codings is not None:
         if length is not None:
-            raise AmbiguousFraming("both Content-Length and Transfer-Encoding", code="cl_and_te", side=side)
+            raise AmbiguousFraming(
+                "both Content-Length and Transfer-Encoding", code="cl_and_te", side=side
+            )
         if head.version != "1.1":
-            raise AmbiguousFraming("Transfer-Encoding in an HTTP/1.0 request", code="te_http10", side=side)
+            raise AmbiguousFraming(
+                "Transfer-Encoding in an HTTP/1.0 request", code="te_http10", side=side
+            )
         if not codings or codings[-1] != "chunked":
-            raise AmbiguousFraming("final transfer coding is not chunked", code="te_not_chunked", side=side)
+            raise AmbiguousFraming(
+                "final transfer coding is not chunked", code="te_not_chunked", side=side
+            )
         if codings.count("chunked") != 1:
-            raise AmbiguousFraming("chunked applied more than once", code="te_chunked_twice", side=side)
+            raise AmbiguousFraming(
+                "chunked applied more than once", code="te_chunked_twice", side=side
+            )
         unknown = [c for c in codings if c not in KNOWN_CODINGS]
         if unknown:
-            raise AmbiguousFraming(f"unknown transfer coding {unknown[0]!r}", code="te_unknown", side=side)
+            raise AmbiguousFraming(
+                f"unknown transfer coding {unknown[0]!r}", code="te_unknown", side=side
+            )
         if len(codings) > 1:
             # Known but not supported by common servers (nginx answers 501, h11
             # refuses): a request body is only ever forwarded as plain chunked.
-            raise AmbiguousFraming(f"transfer coding {codings[0]!r} in a request", code="te_unsupported", side=side)
+            raise AmbiguousFraming(
+                f"transfer coding {codings[0]!r} in a request", code="te_unsupported", side=side
+            )
         head.framing, head.codings = "chunked", tuple(codings[:-1])
     elif length:
         head.framing, head.length = "length", length
     _check_target(head)
-    head.upgrade = head.method == "CONNECT" or ("upgrade" in tokens and bool(head.values(b"upgrade")))
-    head.expect_continue = any(v.lower() == b"100-continue" for v in head.values(b"expect"))
+    head.upgrade = head.method == "CONNECT" or ("upgrade" in tokens and b"upgrade" in fields)
+    expect = fields.get(b"expect")
+    head.expect_continue = bool(expect) and any(v.lower() == b"100-continue" for v in expect)
     return head
 
 
@@ -189,22 +230,27 @@ def _check_target(head: MessageHead) -> None:
     else:
         ok = ABSOLUTE_FORM.fullmatch(target) is not None
     if not ok:
-        raise MalformedMessage(f"request target not allowed: {target[:80]!r}", code="invalid_target")
+        raise MalformedMessage(
+            f"request target not allowed: {target[:80]!r}", code="invalid_target"
+        )
 
 
 def frame_response(head: MessageHead, request_method: str = "GET") -> MessageHead:
     """Decide how a response body is delimited, given the request it answers."""
     side = "server"
-    tokens = _connection_tokens(head)
+    fields = _framing_fields(head)
+    tokens = _connection_tokens(fields[b"connection"]) if b"connection" in fields else set()
     if head.version == "1.1":
         head.keep_alive = "close" not in tokens
     else:
         head.keep_alive = "keep-alive" in tokens and "close" not in tokens
     status = head.status
-    length = _content_length(head, side)
-    codings = _transfer_codings(head, side)
+    length = _content_length(fields.get(b"content-length"), side)
+    codings = _transfer_codings(fields.get(b"transfer-encoding"), side)
     if length is not None and codings is not None:
-        raise AmbiguousFraming("both Content-Length and Transfer-Encoding", code="cl_and_te", side=side)
+        raise AmbiguousFraming(
+            "both Content-Length and Transfer-Encoding", code="cl_and_te", side=side
+        )
     if status < 200 or status in (204, 304) or request_method == "HEAD":
         head.framing = "none"
     elif request_method == "CONNECT" and status < 300:
@@ -212,7 +258,9 @@ def frame_response(head: MessageHead, request_method: str = "GET") -> MessageHea
     elif codings is not None:
         if codings and codings[-1] == "chunked":
             if codings.count("chunked") != 1:
-                raise AmbiguousFraming("chunked applied more than once", code="te_chunked_twice", side=side)
+                raise AmbiguousFraming(
+                    "chunked applied more than once", code="te_chunked_twice", side=side
+                )
             head.framing, head.codings = "chunked", tuple(codings[:-1])
         else:
             # RFC 9112 6.3: a response whose final coding is not chunked
@@ -247,7 +295,9 @@ def explain_line(line: bytes, side: str, what: str = "header") -> Http1Error:
         return MalformedMessage("bare LF", code="bare_lf", side=side)
     name, colon, _ = line.partition(b":")
     if colon and name[-1:] in (b" ", b"\t"):
-        return MalformedMessage("whitespace between field name and colon", code="space_before_colon", side=side)
+        return MalformedMessage(
+            "whitespace between field name and colon", code="space_before_colon", side=side
+        )
     if any(b < 0x20 and b != 9 or b == 0x7F for b in line):
         return MalformedMessage(f"control character in {what}", code="ctl", side=side)
     return MalformedMessage(f"invalid {what} line", code=f"invalid_{what}", side=side)
@@ -260,16 +310,20 @@ class _PyHead:
     max_lines = 1000
 
     def __init__(self) -> None:
-        self._checked = 0  # bytes of the pending head already validated
-        self._lengths = 0
+        self._watch = StartLineWatch()
+        self.reset()
 
     def reset(self) -> None:
         self._checked = 0
         self._lengths = 0
+        self._scan = 0  # bytes of the unfinished line already checked
+        self._in_value = False  # the unfinished field line is past its colon
+        self._watch.reset()
 
     def partial(self, buf: bytes | bytearray) -> None:
         """Validate the complete lines of an unfinished head, so an error
-        shows up as soon as its line has arrived (as llhttp does)."""
+        shows up as soon as its line has arrived (as llhttp does). Each byte
+        is looked at a bounded number of times, however the head is split."""
         pos = self._checked
         while True:
             eol = buf.find(b"\r\n", pos)
@@ -281,17 +335,35 @@ class _PyHead:
             else:
                 self._field_line(line)
             pos = eol + 2
-        self._checked = pos
-        rest = bytes(buf[pos:])
-        if b"\n" in rest or has_bare_cr_or_lf(rest):
-            raise explain_line(rest, self.side, "start" if pos == 0 else "header")
+        if pos != self._checked:
+            self._checked = pos
+            self._scan = 0
+            self._in_value = False
+        end = len(buf)
+        back = pos + max(0, self._scan - 1)  # one byte back: a CR may now have a follower
+        if buf.find(b"\n", back) >= 0 or has_bare_cr_or_lf(buf[back:]):
+            raise explain_line(bytes(buf[pos:]), self.side, "start" if pos == 0 else "header")
         # The unfinished line must still be able to become a valid line.
         if pos == 0:
-            self._start_prefix(rest)
-        elif rest and FIELD_PREFIX.fullmatch(rest) is None:
-            raise explain_line(rest, self.side)
+            self._start_prefix(buf, end)
+        elif end > pos:
+            self._field_prefix(buf, pos, pos + self._scan, end)
+        self._scan = end - pos
 
-    def _start_prefix(self, rest: bytes) -> None:
+    def _field_prefix(self, buf, line_start: int, start: int, end: int) -> None:
+        stop = end - 1 if buf[end - 1] == 13 else end  # a last CR may be half a CRLF
+        i = start
+        if not self._in_value:
+            i = TOKEN_RUN.match(buf, i, stop).end()
+            if i < stop:
+                if buf[i] != 58 or i == line_start:  # ":" after a non-empty name
+                    raise explain_line(bytes(buf[line_start:end]), self.side)
+                self._in_value = True
+                i += 1
+        if self._in_value and i < stop and VALUE_RUN.match(buf, i, stop).end() != stop:
+            raise explain_line(bytes(buf[line_start:end]), self.side)
+
+    def _start_prefix(self, buf, end: int) -> None:
         pass
 
     def _field_line(self, line: bytes) -> tuple[bytes, bytes]:
@@ -302,11 +374,17 @@ class _PyHead:
         if len(name) == 14 and name.lower() == b"content-length":
             self._lengths += 1
             if self._lengths > 1:
-                raise AmbiguousFraming("more than one Content-Length", code="duplicate_content_length", side=self.side)
+                raise AmbiguousFraming(
+                    "more than one Content-Length", code="duplicate_content_length", side=self.side
+                )
             if not value.isdigit():
-                raise AmbiguousFraming("invalid Content-Length", code="invalid_content_length", side=self.side)
+                raise AmbiguousFraming(
+                    "invalid Content-Length", code="invalid_content_length", side=self.side
+                )
             if len(value) > 19 and int(value) > MAX_CONTENT_LENGTH:
-                raise AmbiguousFraming("Content-Length overflows", code="invalid_content_length", side=self.side)
+                raise AmbiguousFraming(
+                    "Content-Length overflows", code="invalid_content_length", side=self.side
+                )
         return name, value
 
     def _fields(self, lines: list[bytes]) -> list[tuple[bytes, bytes]]:
@@ -330,27 +408,62 @@ def check_request_line_prefix(rest: bytes) -> None:
     if method not in (KNOWN_METHODS if match.group(2) is not None else METHOD_PREFIXES):
         raise MalformedMessage("unknown method", code="invalid_method")
     if match.group(4) is not None:
-        _check_target(MessageHead(method=method.decode("ascii"), target=match.group(3).decode("ascii")))
+        _check_target(
+            MessageHead(method=method.decode("ascii"), target=match.group(3).decode("ascii"))
+        )
+
+
+class StartLineWatch:
+    """Runs ``check_request_line_prefix`` on an unfinished request line in
+    time linear in its length, however it is split: while a long target
+    streams in, only its new bytes are checked (the rest is unchanged)."""
+
+    __slots__ = ("checked", "spaces")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.checked = 0
+        self.spaces = 0
+
+    def check(self, buf, end: int) -> None:
+        start = self.checked
+        if end <= start:
+            return
+        spaces = self.spaces + buf.count(b" ", start, end)
+        if end > 1024 and self.spaces == 1 and spaces == 1:
+            if TARGET_RUN.fullmatch(buf, start, end) is None:
+                check_request_line_prefix(bytes(buf[:end]))  # raises, naming the problem
+        else:
+            check_request_line_prefix(bytes(buf[:end]))
+        self.checked, self.spaces = end, spaces
 
 
 class PyRequestHead(_PyHead):
     side = "client"
 
-    def _start_prefix(self, rest: bytes) -> None:
-        check_request_line_prefix(rest)
+    def _start_prefix(self, buf, end: int) -> None:
+        self._watch.check(buf, end)
 
     def _start_line(self, line: bytes):
         match = REQUEST_LINE.fullmatch(line)
         if match is not None and match.group(1) in KNOWN_METHODS:
-            _check_target(MessageHead(method=match.group(1).decode("ascii"), target=match.group(2).decode("ascii")))
+            _check_target(
+                MessageHead(
+                    method=match.group(1).decode("ascii"), target=match.group(2).decode("ascii")
+                )
+            )
         if match is None:
             if line.startswith(b" ") or line.count(b" ") != 2:
                 raise MalformedMessage("invalid request line", code="invalid_request_line")
             method, _, rest = line.partition(b" ")
             if re.fullmatch(TOKEN, method) is None:
                 raise MalformedMessage("invalid method", code="invalid_method")
-            raise explain_line(line, "client", "request") if not rest.endswith((b"HTTP/1.0", b"HTTP/1.1")) else MalformedMessage(
-                "invalid request target", code="invalid_target"
+            raise (
+                explain_line(line, "client", "request")
+                if not rest.endswith((b"HTTP/1.0", b"HTTP/1.1"))
+                else MalformedMessage("invalid request target", code="invalid_target")
             )
         if match.group(1) not in KNOWN_METHODS:
             raise MalformedMessage("unknown method", code="invalid_method")
@@ -374,8 +487,15 @@ class PyRequestHead(_PyHead):
 class PyResponseHead(_PyHead):
     side = "server"
 
-    def _start_prefix(self, rest: bytes) -> None:
-        if STATUS_PREFIX.fullmatch(rest) is None:
+    def _start_prefix(self, buf, end: int) -> None:
+        start = self._scan
+        if end > 1024 and start > 0:
+            # Deep in the reason phrase: only the new bytes can be wrong.
+            stop = end - 1 if buf[end - 1] == 13 else end
+            ok = VALUE_RUN.match(buf, start, stop).end() == stop
+        else:
+            ok = STATUS_PREFIX.fullmatch(buf, 0, end) is not None
+        if not ok:
             raise MalformedMessage("invalid status line", code="invalid_status_line", side="server")
 
     def _start_line(self, line: bytes):

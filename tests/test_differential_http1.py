@@ -86,6 +86,8 @@ def classics() -> list[tuple[str, bytes]]:
         "te_tab_name": (b"Transfer-Encoding\t: chunked\r\n", b"0\r\n\r\n"),
         "te_vtab": (b"Transfer-Encoding: \x0bchunked\r\n", b"0\r\n\r\n"),
         "te_ff": (b"Transfer-Encoding: \x0cchunked\r\n", b"0\r\n\r\n"),
+        "te_nbsp": (b"Transfer-Encoding:\xa0chunked\r\n", b"0\r\n\r\n"),
+        "connection_nbsp": (b"Connection:\xa0close\r\nContent-Length: 1\r\n", b"x"),
         "te_nul": (b"Transfer-Encoding: chunked\x00\r\n", b"0\r\n\r\n"),
         "te_double": (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n", b"0\r\n\r\n"),
         "te_double_chunked": (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n"),

@@ -243,6 +243,9 @@ STRICT_CASES = [
     ("te_empty_element", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: , chunked\r\n\r\n0\r\n\r\n", AmbiguousFraming),
     ("te_twice", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", AmbiguousFraming),
     ("te_http10", b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", AmbiguousFraming),
+    # Found by the fuzzer: str.strip() took NBSP (0xA0) for whitespace.
+    ("te_nbsp", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \xa0chunked\r\n\r\n0\r\n\r\n", AmbiguousFraming),
+    ("connection_not_token", b"GET / HTTP/1.1\r\nHost: a\r\nConnection: \xa0close\r\n\r\n", MalformedMessage),
     ("te_obfuscated", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", AmbiguousFraming),
     ("obs_fold", b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n 2\r\n\r\n", MalformedMessage),
     ("space_before_colon", b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n", MalformedMessage),
