@@ -23,7 +23,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-from parsers import kafka_apis, kafka_deny
+from parsers import kafka_apis, kafka_deny, kafka_fetch
 from parsers.base import (
     Access,
     Command,
@@ -46,7 +46,7 @@ DEFAULT_MAX_FRAME = 100 * 1024 * 1024
 # api key + api version + correlation id + client id length
 _MIN_REQUEST_HEADER = 10
 
-_PRODUCE, _METADATA, _CONTROLLED_SHUTDOWN, _CREATE_TOPICS = 0, 3, 7, 19
+_PRODUCE, _FETCH, _METADATA, _CONTROLLED_SHUTDOWN, _CREATE_TOPICS = 0, 1, 3, 7, 19
 _DESCRIBE_TOPIC_PARTITIONS = 75
 
 # Metadata version of our own topic-id lookups (v10+ carries topic ids; v12
@@ -441,11 +441,20 @@ class KafkaEngine:
         if self._stream_left:
             return False
         owed, self._stream = self._stream, None
-        frame = b"".join(self._stream_parts)
-        self._stream_parts = []
-        out.append(Reply(owed.correlation_id, self._response_fields(owed, frame)))
+        parts, self._stream_parts = self._stream_parts, []
+        out.append(Reply(owed.correlation_id, self._streamed_fields(owed, parts)))
         self._flush_denials(out)
         return True
+
+    def _streamed_fields(self, owed: _Owed, parts: list[bytes]) -> dict:
+        if owed.api_key == _FETCH:
+            try:
+                code = kafka_fetch.first_error(parts, owed.api_version)
+            except (ValueError, IndexError, struct.error) as exc:
+                return {"api": "Fetch", "decode_error": f"{type(exc).__name__}: {exc}"}
+            if code is not None:
+                return {"api": "Fetch", "error_code": code}
+        return self._response_fields(owed, b"".join(parts))
 
     def _expected(self, correlation_id: int, out: list[Command]) -> _Owed | None:
         """The response the broker owes next, if ``correlation_id`` is it."""
