@@ -177,7 +177,11 @@ class H2Engine:
 
     @property
     def reading_headers(self) -> bool:
-        return not self._preface_seen and not self._dead
+        """Until the client's preface and SETTINGS are in, and while a request
+        header block waits for its CONTINUATION frames (h2's frame buffer)."""
+        if self._dead:
+            return False
+        return not self._preface_seen or bool(self.down.incoming_buffer._headers_buffer)
 
     def client_data(self, data: bytes) -> list[Command]:
         if self._dead:
@@ -732,7 +736,14 @@ class H2Engine:
 
 # Reset codes that say something about the stream itself travel on; codes
 # that blame the sender's framing concern only the hop where they happened.
-_END_TO_END_CODES = {ErrorCodes.NO_ERROR, ErrorCodes.CANCEL, ErrorCodes.REFUSED_STREAM, ErrorCodes.ENHANCE_YOUR_CALM, ErrorCodes.INTERNAL_ERROR, ErrorCodes.HTTP_1_1_REQUIRED}
+_END_TO_END_CODES = {
+    ErrorCodes.NO_ERROR,
+    ErrorCodes.CANCEL,
+    ErrorCodes.REFUSED_STREAM,
+    ErrorCodes.ENHANCE_YOUR_CALM,
+    ErrorCodes.INTERNAL_ERROR,
+    ErrorCodes.HTTP_1_1_REQUIRED,
+}
 
 
 def _relayed_code(code) -> ErrorCodes:

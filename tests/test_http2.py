@@ -435,3 +435,17 @@ def test_streams_over_our_concurrency_limit_are_refused_one_by_one(split):
     t.client.send_headers(11, request_headers("/s11"), end_stream=True)
     t.pump()
     assert dict(t.of(ev.RequestReceived, "server")[-1].headers)[b":path"] == b"/s11"
+
+
+def test_reading_headers_covers_the_preface_and_unfinished_header_blocks():
+    engine = H2Engine(decide)
+    assert engine.reading_headers
+    t = Transcript(engine).start()
+    assert not engine.reading_headers
+    block = t.client.encoder.encode(request_headers("/slow"))
+    # HEADERS without END_HEADERS: the rest of the block is still to come.
+    t.client_raw(len(block[:5]).to_bytes(3, "big") + b"\x01\x01\x00\x00\x00\x01" + block[:5])
+    assert engine.reading_headers
+    t.client_raw(len(block[5:]).to_bytes(3, "big") + b"\x09\x04\x00\x00\x00\x01" + block[5:])
+    assert not engine.reading_headers
+    assert [dict(e.headers)[b":path"] for e in t.of(ev.RequestReceived, "server")] == [b"/slow"]
