@@ -449,3 +449,16 @@ def test_reading_headers_covers_the_preface_and_unfinished_header_blocks():
     t.client_raw(len(block[5:]).to_bytes(3, "big") + b"\x09\x04\x00\x00\x00\x01" + block[5:])
     assert not engine.reading_headers
     assert [dict(e.headers)[b":path"] for e in t.of(ev.RequestReceived, "server")] == [b"/slow"]
+
+
+def test_decision_header_edits_are_applied_before_forwarding(split):
+    edits = (("add", "X-Probe", "true"), ("delete", "x-secret", ""), ("replace", "x-tenant", "blue"))
+    t = Transcript(H2Engine(lambda request: Decision(True, edits=edits)), split).start()
+    extra = [(b"x-secret", b"s3"), (b"x-tenant", b"red"), (b"accept", b"*/*")]
+    t.client.send_headers(1, request_headers("/edited", extra=extra), end_stream=True)
+    t.pump()
+    (received,) = t.of(ev.RequestReceived, "server")
+    regular = [(n, v) for n, v in received.headers if not n.startswith(b":")]
+    assert regular == [(b"accept", b"*/*"), (b"x-probe", b"true"), (b"x-tenant", b"blue")]
+    # The judged request is the one the client sent.
+    assert t.of(Access)[0].request.header_values("x-secret") == ["s3"]
