@@ -1,8 +1,10 @@
 """Run benchmarks: ``python -m bench`` runs all, ``python -m bench a b`` runs a subset.
 
 A benchmark is any module of this package that exposes ``main()``; it is
-called with no arguments. One failing benchmark does not stop the others,
-but makes the exit status non-zero.
+called with no arguments (and ``sys.argv`` holding just its name, so an
+argparse default of ``sys.argv[1:]`` sees no options) and returns 0/None
+on success. One failing benchmark does not stop the others, but makes the
+exit status non-zero.
 """
 
 from __future__ import annotations
@@ -41,11 +43,14 @@ def run(names: list[str]) -> int:
             continue  # a helper module, not a benchmark
         print(f"\n=== bench.{name} ===", flush=True)
         started = time.monotonic()
+        saved_argv, sys.argv = sys.argv, [f"bench.{name}"]
         try:
             status = entry()
         except Exception:  # noqa: BLE001 - report and go on with the next benchmark
             traceback.print_exc()
             status = 1
+        finally:
+            sys.argv = saved_argv
         print(f"=== bench.{name}: {'ok' if not status else 'FAILED'} in {time.monotonic() - started:.0f} s ===", flush=True)
         if status:
             failed.append(name)

@@ -87,8 +87,9 @@ spec:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.http1_proxy", description=__doc__.split("\n\n")[0])
+    argv = [] if argv is None else argv  # called by the runner: defaults
     p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved wrk runs per path (medians reported)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved wrk runs per path (medians reported)")
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-download", dest="download", action="store_false")
@@ -499,4 +500,4 @@ def report(doc: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
