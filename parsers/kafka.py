@@ -374,6 +374,8 @@ class KafkaEngine:
         return kafka_deny.CLUSTER_AUTHORIZATION_FAILED
 
     def _flush_denials(self, out: list[Command]) -> None:
+        if self._stream is not None:
+            return  # a response is half through: denials wait for its last byte
         owed = self._owed
         while owed and owed[0].denial is not None:
             entry = owed.popleft()

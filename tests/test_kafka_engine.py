@@ -734,3 +734,39 @@ def test_controlled_shutdown_v0_has_header_v0_without_client_id():
     cmds = KafkaEngine(lambda r: seen.append(r) or Decision(True)).client_data(wire)
     assert seen[0].api_key == 7 and seen[0].correlation_id == 5 and seen[0].client_id is None
     assert isinstance(cmds[1], ToServer)
+
+
+def test_denial_arriving_mid_stream_waits_for_the_streamed_response_to_end():
+    from kafka.protocol.consumer import FetchResponse
+
+    engine = KafkaEngine(allow_topics("orders"))
+    F = FetchRequest.FetchTopic
+    engine.client_data(
+        frame(
+            FetchRequest(max_wait_ms=1, min_bytes=1, topics=[F(topic="orders", partitions=[])]),
+            12,
+            1,
+        )
+    )
+    R = FetchResponse.FetchableTopicResponse
+    big = response(
+        FetchResponse,
+        12,
+        1,
+        responses=[
+            R(
+                topic="orders",
+                partitions=[R.PartitionData(partition_index=0, records=b"r" * 200_000)],
+            )
+        ],
+    )
+    head = engine.server_data(big[:70_000])
+    denied = engine.client_data(frame(produce("secrets"), 9, 2))
+    assert not any(isinstance(c, ToClient) for c in denied), (
+        "must not cut into the streamed response"
+    )
+    tail = engine.server_data(big[70_000:])
+    out = b"".join(c.data for c in head + tail if isinstance(c, ToClient))
+    assert out[: len(big)] == big
+    decoded = ProduceResponse.decode(out[len(big) :], version=9, header=True, framed=True)
+    assert decoded.header.correlation_id == 2
