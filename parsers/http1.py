@@ -105,13 +105,17 @@ def request_reader(impl: str = "auto", limits: Http1Limits = Http1Limits()) -> M
     """A reader of requests (client side) with the chosen head parser."""
     impl = ACTIVE_IMPLEMENTATION if impl == "auto" else _choose(impl)
     heads = CRequestHead() if impl == "c" else PyRequestHead()
-    return MessageReader("client", heads, max_head=limits.max_head, max_chunk_line=limits.max_chunk_line)
+    return MessageReader(
+        "client", heads, max_head=limits.max_head, max_chunk_line=limits.max_chunk_line
+    )
 
 
 def response_reader(impl: str = "auto", limits: Http1Limits = Http1Limits()) -> MessageReader:
     impl = ACTIVE_IMPLEMENTATION if impl == "auto" else _choose(impl)
     heads = CResponseHead() if impl == "c" else PyResponseHead()
-    return MessageReader("server", heads, max_head=limits.max_head, max_chunk_line=limits.max_chunk_line)
+    return MessageReader(
+        "server", heads, max_head=limits.max_head, max_chunk_line=limits.max_chunk_line
+    )
 
 
 # --------------------------------------------------------------------------
@@ -160,7 +164,11 @@ def serialise_request(head: MessageHead, edits=()) -> bytes:
 
 
 def serialise_response(head: MessageHead) -> bytes:
-    line = f"HTTP/{head.version} {head.status} ".encode("ascii") + head.reason.encode("latin-1") + b"\r\n"
+    line = (
+        f"HTTP/{head.version} {head.status} ".encode("ascii")
+        + head.reason.encode("latin-1")
+        + b"\r\n"
+    )
     if head.framing in ("none", "close"):
         # HEAD/204/304 answers keep the length they announce; close-delimited
         # bodies keep their (non-chunked) codings.
@@ -186,7 +194,9 @@ def http_request(head: MessageHead) -> HttpRequest:
         host, path = rest[:slash], rest[slash:] or "/"
         if path.startswith("?"):
             path = "/" + path
-    return HttpRequest(method=head.method, path=path, host=host, headers=headers, version=head.version)
+    return HttpRequest(
+        method=head.method, path=path, host=host, headers=headers, version=head.version
+    )
 
 
 def _coalesce(out: list) -> list:
@@ -238,7 +248,14 @@ class Http1Engine:
 
     protocol = "http"
 
-    def __init__(self, decide: Decide, *, limits: Http1Limits = Http1Limits(), parser: str = "auto", upgrade_handler=None):
+    def __init__(
+        self,
+        decide: Decide,
+        *,
+        limits: Http1Limits = Http1Limits(),
+        parser: str = "auto",
+        upgrade_handler=None,
+    ):
         self.decide = decide
         self.limits = limits
         self.implementation = ACTIVE_IMPLEMENTATION if parser == "auto" else _choose(parser)
@@ -354,6 +371,11 @@ class Http1Engine:
         if isinstance(exc, DataAfterClose):
             out.append(Log(f"ignored client bytes after Connection: close ({exc})"))
             return
+        if isinstance(exc, IncompleteMessage):
+            # The client went away mid-request: nobody is left to answer.
+            out.append(Close("client closed mid-request"))
+            self._closed = True
+            return
         ex = self._current
         if ex is not None and ex.allowed:
             # Its head is already at the server, the bad bytes never will be:
@@ -362,10 +384,6 @@ class Http1Engine:
                 out.append(ToClient(exc.wire_reply))
                 out.append(Reply(ex.key, {"status": exc.status}))
             out.append(ParseError("client", exc, close=True))
-            self._closed = True
-            return
-        if isinstance(exc, IncompleteMessage):
-            out.append(Close("client closed mid-request"))
             self._closed = True
             return
         err = _Exchange(-1, None, None, False, reply=exc.wire_reply, close=True, error=exc)
@@ -391,7 +409,9 @@ class Http1Engine:
         self._on_server_events(events, out)
         if not data and not self._closed:
             if self._awaiting:
-                self._on_server_error(IncompleteMessage("server closed before answering", side="server"), out)
+                self._on_server_error(
+                    IncompleteMessage("server closed before answering", side="server"), out
+                )
             else:
                 self._closed = True
                 out.append(Close("server closed"))
@@ -408,7 +428,9 @@ class Http1Engine:
             elif type(event) is Head:
                 head = event.head
                 if not self._awaiting:
-                    self._on_server_error(MalformedMessage("response without a request", side="server"), out)
+                    self._on_server_error(
+                        MalformedMessage("response without a request", side="server"), out
+                    )
                     return
                 self._response_head = head
                 self._awaiting[0].started = True

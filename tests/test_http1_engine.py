@@ -417,6 +417,12 @@ def test_server_eof_before_answer_is_502(impl):
     assert [type(c) for c in out] == [ParseError, ToClient, Reply, Close]
 
 
+def test_client_eof_mid_body_closes(impl):
+    engine = engine_for(impl)
+    engine.client_data(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+    assert engine.client_data(b"") == [Close("client closed mid-request")]
+
+
 def test_client_eof_after_request_half_closes(impl):
     engine = engine_for(impl)
     engine.client_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
