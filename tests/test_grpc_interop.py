@@ -17,6 +17,7 @@ grpc = pytest.importorskip("grpc")
 
 from tests.support.firewall import running_firewall  # noqa: E402
 from tests.support.grpc_interop import (  # noqa: E402
+    RUNNING_SERVERS,
     ECHO_INITIAL,
     ECHO_TRAILING,
     interop,
@@ -286,3 +287,32 @@ def test_denied_client_stream_body_never_reaches_server(targets, pb):
         channel.close()
     assert code == "PERMISSION_DENIED"
     assert ok == b""
+
+
+def _stop_server_on(port: int) -> None:
+    RUNNING_SERVERS[port].stop(grace=10).wait(10)
+
+
+def test_server_graceful_shutdown_lets_the_call_in_flight_finish(pb):
+    """grpc's server.stop(grace) sends GOAWAY(NO_ERROR); the call in flight must still complete."""
+    m = pb.messages_pb2
+    request = m.StreamingOutputCallRequest(response_parameters=[m.ResponseParameters(size=7, interval_us=150_000) for _ in range(4)])
+
+    def run(through_proxy: bool):
+        with interop_server() as port:
+            with running_firewall(POLICY.format(port=port), ("127.0.0.1", port), LABELS) as fw:
+                host, target = (fw.host, fw.port) if through_proxy else ("127.0.0.1", port)
+                channel, stub = stub_for(host, target)
+                try:
+                    stub.EmptyCall(pb.empty_pb2.Empty(), timeout=10)  # connected
+                    call = stub.StreamingOutputCall(request, timeout=20)
+                    first = next(call)  # the call is in flight on the server
+                    stopper = threading.Thread(target=lambda: _stop_server_on(port))
+                    stopper.start()
+                    rest = list(call)
+                    stopper.join(10)
+                    return [len(first.payload.body)] + [len(r.payload.body) for r in rest], call.code().name
+                finally:
+                    channel.close()
+
+    assert run(True) == run(False) == ([7, 7, 7, 7], "OK")

@@ -157,6 +157,9 @@ def _servicer_class(pb: SimpleNamespace):
     return TestService
 
 
+# port -> grpc.Server, for tests that stop a server themselves (graceful shutdown).
+RUNNING_SERVERS: dict = {}
+
 MAX_MESSAGE = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
 
@@ -171,9 +174,11 @@ def interop_server(workers: int = 16):
     pb.test_pb2_grpc.add_TestServiceServicer_to_server(_servicer_class(pb)(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
+    RUNNING_SERVERS[port] = server
     try:
         yield port
     finally:
+        RUNNING_SERVERS.pop(port, None)
         server.stop(grace=None).wait(5)
 
 
