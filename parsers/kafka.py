@@ -49,8 +49,9 @@ _MIN_REQUEST_HEADER = 10
 _PRODUCE, _FETCH, _METADATA, _CONTROLLED_SHUTDOWN, _CREATE_TOPICS = 0, 1, 3, 7, 19
 _DESCRIBE_TOPIC_PARTITIONS = 75
 
-# Metadata version of our own topic-id lookups (v10+ carries topic ids; v12
-# is what Kafka 3.x and Tansu serve, and what clients that send ids use).
+# Metadata version of our own topic-id lookups, unless the client used another
+# (v10+) on the connection: v10+ carries topic ids, v12 is what Kafka 3.x and
+# Tansu serve, and what clients that send ids use.
 _LOOKUP_VERSION = 12
 
 # What handling one request frame leads to.
@@ -112,6 +113,7 @@ class KafkaEngine:
         self._failed = False
         self._held: bytes | None = None  # request waiting for a topic-id lookup
         self._lookups = 0
+        self._metadata_version = _LOOKUP_VERSION
 
     @property
     def reading_headers(self) -> bool:
@@ -175,6 +177,8 @@ class KafkaEngine:
                 return _FAIL
             client_id = frame[pos : pos + client_len].decode("utf-8", "replace")
             pos += client_len
+        if api_key == _METADATA and api_version >= 10 and _metadata_encodable(api_version):
+            self._metadata_version = api_version  # the broker serves what the client negotiated
         name = kafka_apis.api_name(api_key)
         message, request, unresolved = self._decode(
             frame, pos, api_key, api_version, correlation_id, client_id
@@ -235,13 +239,14 @@ class KafkaEngine:
         """
         self._lookups += 1
         correlation_id = -self._lookups  # clients count up from 0; ours stay apart
-        lookup = kafka_apis.REQUESTS[_METADATA][_LOOKUP_VERSION](
+        version = self._metadata_version
+        lookup = kafka_apis.REQUESTS[_METADATA][version](
             topics=None, allow_auto_topic_creation=False, include_topic_authorized_operations=False
         )
         lookup.with_header(correlation_id=correlation_id, client_id="l7proxy")
-        out.append(Log("looking up topic ids with a Metadata request of our own"))
+        out.append(Log(f"looking up topic ids with a Metadata v{version} request of our own"))
         out.append(ToServer(bytes(lookup.encode(header=True, framed=True))))
-        self._owed.append(_Owed(correlation_id, _METADATA, _LOOKUP_VERSION, internal=True))
+        self._owed.append(_Owed(correlation_id, _METADATA, version, internal=True))
         self._held = frame
 
     def _resume(self, out: list[Command]) -> None:
@@ -545,6 +550,11 @@ class KafkaEngine:
                 cluster_id=response.cluster_id,
                 controller_id=response.controller_id,
             )
+
+
+def _metadata_encodable(version: int) -> bool:
+    """A Metadata version kafka-python can encode (for our own lookups)."""
+    return version <= kafka_apis.REQUESTS[_METADATA].max_version
 
 
 # --------------------------------------------------------------------------
