@@ -41,6 +41,7 @@ REASONS = {1: "policy-deny", 2: "default-deny", 3: "proxy-unavailable",
 
 _TC_INGRESS = "ffff:fff2"
 _TC_EGRESS = "ffff:fff3"
+_TC_PRIO = 0xC1F   # our filters' priority on both hooks
 _SOL_IP = 0
 _IP_TRANSPARENT = 19
 
@@ -309,14 +310,30 @@ class Datapath:
                 ipr.tc("add", "clsact", info.ifindex)
                 record.hooks.append("clsact")   # ours: removed again on detach
             except NetlinkError as e:
-                if e.code != 17:   # EEXIST: someone else's clsact stays
+                if e.code != 17:   # EEXIST
                     raise
+                if self._has_own_filters(ipr, info.ifindex):
+                    # Left by an earlier run of this instance that did not
+                    # detach (a crash): the clsact is ours and its filters are
+                    # replaced below in place, without a gap.
+                    record.hooks.append("clsact")
             for parent, prog in ((_TC_INGRESS, "from_endpoint"), (_TC_EGRESS, "to_endpoint")):
                 fn = self._progs[prog]
-                ipr.tc("add-filter", "bpf", info.ifindex, ":1", fd=fn.fd,
+                # A fixed priority and handle make "replace" swap the program atomically.
+                ipr.tc("replace-filter", "bpf", info.ifindex, ":1", fd=fn.fd,
                        name=f"l7p-{self.instance}-{prog}", parent=parent, classid=1,
-                       direct_action=True)
+                       prio=_TC_PRIO, direct_action=True)
                 record.hooks.append(parent)
+
+    def _has_own_filters(self, ipr, ifindex: int) -> bool:
+        prefix = f"l7p-{self.instance}-"
+        for parent in (0xFFFFFFF2, 0xFFFFFFF3):
+            for f in ipr.get_filters(index=ifindex, parent=parent):
+                opts = f.get_attr("TCA_OPTIONS")
+                name = opts.get_attr("TCA_BPF_NAME") if opts else None
+                if name and name.startswith(prefix):
+                    return True
+        return False
 
     def detach(self, endpoint_id: int) -> None:
         """Reverse of attach; tolerant of a veth that is already gone."""
@@ -332,7 +349,7 @@ class Datapath:
                             ipr.tc("del", "clsact", record.info.ifindex)
                         else:
                             ipr.tc("del-filter", "bpf", record.info.ifindex, ":1",
-                                   parent=hook)
+                                   parent=hook, prio=_TC_PRIO)
         if endpoint_id in self._endpoints and self._bpf is not None:
             self.remove_endpoint(endpoint_id)
 

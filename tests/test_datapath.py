@@ -637,3 +637,45 @@ def test_ipv6_is_dropped_at_enforced_endpoints(pair):
         assert t.dp.counters()["total"]["unsupported"] >= 1
     finally:
         listener.close()
+
+
+def test_a_restarted_instance_replaces_the_filters_of_a_crashed_one():
+    with topology(["client", "server"]) as t:
+        server = t["server"]
+        t.attach("client")
+        t.attach("server", ingress=True)   # default deny by the first instance
+        t.serve("server", 8080)
+        assert not t.can_connect("client", server.ip, 8080, DROP_TIMEOUT)
+
+        from l7proxy.datapath import Datapath
+        second = Datapath(proxy_mark=t.proxy_mark, redirect_mark=t.redirect_mark,
+                          instance=t.dp.instance)
+        try:
+            second.load()
+            second.attach(t.info("client"))
+            second.attach(t.info("server"))   # the new run does not enforce
+            assert sorted(netns.tc_bpf_filters(server.ifindex)) == [
+                f"l7p-{t.dp.instance}-from_endpoint", f"l7p-{t.dp.instance}-to_endpoint"]
+            assert t.can_connect("client", server.ip, 8080)
+            assert second.counters()["total"]["allowed"] >= 1
+        finally:
+            # The first instance "crashed": forget its attachments without detaching.
+            t.dp._attached.clear()
+            second.close()
+        assert netns.tc_bpf_filters(server.ifindex) == []
+
+
+def test_cleanup_happens_when_the_test_body_fails():
+    with pytest.raises(RuntimeError, match="boom"):
+        with topology(["a"]) as t:
+            t.attach("a", ingress=True)
+            tag, table, mark = t.tag, t.table, t.redirect_mark
+            programs = list(t.dp.program_ids().values())
+            raise RuntimeError("boom")
+    assert netns.list_namespaces(f"l7t-{tag}") == []
+    assert netns.list_links(f"l7t{tag}") == []
+    assert not netns.proxy_routing_installed(mark, table)
+    deadline = time.monotonic() + 2
+    while any(_prog_exists(p) for p in programs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_prog_exists(p) for p in programs)
