@@ -1,4 +1,4 @@
-"""CQL: cassandra-driver -> {direct, l7proxy firewall} -> the CQL server test double.
+"""CQL: cassandra-driver -> {direct, haproxy (TCP), l7proxy firewall} -> the CQL server test double.
 
     python -m bench.cassandra [--queries N] [--concurrency C]
 
@@ -8,8 +8,9 @@ C requests in flight on one connection. Workloads: a prepared SELECT
 (EXECUTE), a simple SELECT (QUERY: the proxy lexes every statement) and a
 BATCH of four prepared INSERTs, on protocol v4 and on v5 with LZ4 segments.
 Reported per workload: requests/s through each path (a BATCH is one
-request), CPU microseconds per request in the proxy process, and the
-proxy/direct throughput ratio, each the median of three runs. The direct path
+request), CPU microseconds per request in the proxy process (haproxy, one
+thread, TCP mode: the cost of a hop that parses nothing; l7proxy), and the
+throughput ratios, each the median of three runs. The direct path
 is measured in the same run against a fresh double. The pure-Python double and
 driver cap both paths, so the proxy's own cost is best read from its CPU per
 request and from ``engine_us_per_request_and_response`` (the engine alone, fed
@@ -34,10 +35,12 @@ from cassandra.query import BatchStatement
 from bench.common import (
     CpuMeter,
     Service,
+    free_port,
     markdown_table,
     ratio,
     started,
     us_per_request,
+    wait_port,
     write_results,
 )
 
@@ -86,6 +89,36 @@ def l7proxy(upstream: Service, workdir: Path):
     with started(argv, log=workdir / "l7proxy.log", ready_line=r"listening on") as (proc, line):
         host, _, port = line.rsplit(" ", 1)[-1].rpartition(":")
         yield Service("l7proxy", proc, host, int(port), workdir)
+
+
+@contextmanager
+def haproxy_tcp(upstream: Service, workdir: Path):
+    """haproxy in TCP mode, one thread: the cost of a plain hop, no CQL parsing."""
+    import shutil
+
+    port = free_port()
+    root = workdir / "haproxy"
+    root.mkdir(exist_ok=True)
+    conf = root / "haproxy.cfg"
+    conf.write_text(f"""
+global
+    nbthread 1
+    maxconn 4000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+frontend cql
+    bind 127.0.0.1:{port}
+    default_backend double
+backend double
+    server double {upstream.host}:{upstream.port}
+""")
+    exe = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    with started([exe, "-db", "-f", str(conf)], log=root / "stderr.log") as (proc, _):
+        wait_port("127.0.0.1", port, proc=proc, log=root / "stderr.log")
+        yield Service("haproxy", proc, "127.0.0.1", port, root)
 
 
 def run_workloads(host: str, port: int, version: int, compression, queries: int, concurrency: int,
@@ -176,30 +209,40 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-cql-") as tmp:
         workdir = Path(tmp)
         for label, version, compression in PROTOCOLS:
-            # a fresh double for each path, so both see the same table sizes
+            # a fresh double for each path, so all see the same table sizes
             with cql_double(workdir) as double:
                 direct = run_workloads(double.host, double.port, version, compression, args.queries,
                                        args.concurrency, None)
+            with cql_double(workdir) as double, haproxy_tcp(double, workdir) as hap:
+                haproxy = run_workloads(hap.host, hap.port, version, compression, args.queries,
+                                        args.concurrency, hap.pid)
             with cql_double(workdir) as double, l7proxy(double, workdir) as fw:
                 proxied = run_workloads(fw.host, fw.port, version, compression, args.queries,
                                         args.concurrency, fw.pid)
             for workload in direct:
-                d, p = direct[workload], proxied[workload]
+                d, h, p = direct[workload], haproxy[workload], proxied[workload]
                 rows.append({
                     "protocol": label,
                     "workload": workload,
                     "direct_requests_per_s": d["requests_per_s"],
+                    "haproxy_tcp_requests_per_s": h["requests_per_s"],
                     "l7proxy_requests_per_s": p["requests_per_s"],
                     "l7proxy_vs_direct": round(ratio(p["requests_per_s"], d["requests_per_s"]), 3),
+                    "l7proxy_vs_haproxy": round(ratio(p["requests_per_s"], h["requests_per_s"]), 3),
+                    "haproxy_cpu_us_per_request": h["proxy_cpu_us_per_request"],
                     "l7proxy_cpu_us_per_request": p["proxy_cpu_us_per_request"],
-                    "succeeded": [d["succeeded"], p["succeeded"]],
+                    "l7proxy_cpu_vs_haproxy": round(ratio(p["proxy_cpu_us_per_request"] or 0,
+                                                          h["proxy_cpu_us_per_request"] or 0), 2),
+                    "succeeded": [d["succeeded"], h["succeeded"], p["succeeded"]],
                     "requests": d["requests"],
                 })
     engine = engine_cost()
-    headers = ["protocol", "workload", "direct req/s", "l7proxy req/s", "ratio", "proxy CPU us/req"]
+    headers = ["protocol", "workload", "direct req/s", "haproxy req/s", "l7proxy req/s", "vs direct",
+               "vs haproxy", "haproxy CPU us/req", "l7proxy CPU us/req"]
     print(markdown_table(headers, [
-        [r["protocol"], r["workload"], r["direct_requests_per_s"], r["l7proxy_requests_per_s"],
-         r["l7proxy_vs_direct"], r["l7proxy_cpu_us_per_request"]] for r in rows
+        [r["protocol"], r["workload"], r["direct_requests_per_s"], r["haproxy_tcp_requests_per_s"],
+         r["l7proxy_requests_per_s"], r["l7proxy_vs_direct"], r["l7proxy_vs_haproxy"],
+         r["haproxy_cpu_us_per_request"], r["l7proxy_cpu_us_per_request"]] for r in rows
     ]))
     print(markdown_table(["engine only (in process)", "us per request+response"],
                          [[k, v] for k, v in engine.items()]))
