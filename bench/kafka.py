@@ -1,18 +1,20 @@
-"""Kafka: librdkafka (confluent-kafka) -> {direct, l7proxy firewall} -> Tansu.
+"""Kafka: librdkafka (confluent-kafka) -> {direct, L4-only proxy, l7proxy} -> Tansu.
 
     python -m bench.kafka [--messages N] [--size BYTES] [--rounds R] [--warmup W]
 
-Two Tansu brokers run side by side: one advertises itself (the direct path),
-the other advertises the firewall in front of it (so every connection the
-client opens after bootstrap is proxied too). The same workload runs on both,
-alternating, in the same run:
+Three Tansu brokers run side by side: one advertises itself (the direct
+path); the others advertise a firewall in front of them (so every connection
+the client opens after bootstrap is proxied too), one with an L4-only policy
+(the proxy passes bytes through: the cost of the proxy's I/O alone) and one
+with ``rules.kafka`` (every request parsed and judged, flow log on). The same
+workload runs on all three, in the same run:
 
 - produce: N messages of SIZE bytes, acks=all, no compression, flushed;
 - fetch: the same N messages read back by a consumer with an assigned partition (no group join).
 
-Rounds alternate which path goes first; warmup rounds are not counted; the
+Rounds rotate which path goes first; warmup rounds are not counted; the
 figures are medians over rounds. Reported per phase: messages/s and MB/s on
-each path, proxy/direct ratio,
+each path, the ratios l7proxy/direct and l7proxy/L4-proxy,
 and the firewall's own CPU time per Kafka request and per MB (requests are
 counted from its flow log, which stays on as in production).
 """
@@ -49,6 +51,18 @@ spec:
         - {{role: produce, topicPrefix: "bench."}}
         - {{role: consume, topicPrefix: "bench."}}
         - {{apiKey: createtopics, topicPrefix: "bench."}}
+"""
+
+
+L4_POLICY = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: bench-kafka-l4}}
+spec:
+  endpointSelector: {{matchLabels: {{app: bench-kafka}}}}
+  ingress:
+  - toPorts:
+    - ports: [{{port: "{port}", protocol: TCP}}]
 """
 
 
@@ -125,46 +139,53 @@ def main(argv: list[str] | None = None) -> int:
     mb = args.messages * args.size / 1e6
 
     times: dict[tuple[str, str], list[float]] = {}
-    cpu: dict[str, float] = {"produce": 0.0, "fetch": 0.0}
+    cpu: dict[tuple[str, str], float] = {}
     requests: dict[str, int] = {"produce": 0, "fetch": 0}
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        direct = stack.enter_context(running_broker())
-        proxied_port = free_port()
-        fw = stack.enter_context(
-            start_firewall(
-                POLICY.format(port=proxied_port),
-                ("127.0.0.1", proxied_port),
-                LABELS,
-                Path(tmp),
-                flowlog=True,
+        paths = {"direct": stack.enter_context(running_broker()).bootstrap}
+        firewalls = {}
+        for name, policy in (("l4proxy", L4_POLICY), ("l7proxy", POLICY)):
+            port = free_port()
+            fw = stack.enter_context(
+                start_firewall(
+                    policy.format(port=port),
+                    ("127.0.0.1", port),
+                    LABELS,
+                    Path(tmp),
+                    flowlog=name == "l7proxy",
+                    name=name,
+                )
             )
-        )
-        proxied = stack.enter_context(
-            running_broker(port=proxied_port, advertise=(fw.host, fw.port))
-        )
-        flowlog = fw.workdir / "flows.jsonl"
-        paths = {"direct": direct.bootstrap, "l7proxy": proxied.bootstrap}
+            broker = stack.enter_context(running_broker(port=port, advertise=(fw.host, fw.port)))
+            paths[name] = broker.bootstrap
+            firewalls[name] = fw
+        flowlog = firewalls["l7proxy"].workdir / "flows.jsonl"
         for r in range(args.warmup + args.rounds):
             counted = r >= args.warmup
-            # Alternate which path goes first, so neither always runs on a warmer broker.
-            order = list(paths.items()) if r % 2 == 0 else list(reversed(paths.items()))
-            for path, bootstrap in order:
+            # Rotate which path goes first, so none always runs on a warmer machine.
+            names = list(paths)
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for path in order:
+                bootstrap = paths[path]
                 topic = f"bench.{r}.{uuid.uuid4().hex[:6]}"
                 create_topic(bootstrap, topic)
                 for phase in ("produce", "fetch"):
-                    if path == "l7proxy" and counted:
-                        time.sleep(1.2)  # the flow log is flushed every second
-                        before = count_requests(flowlog)
+                    fw = firewalls.get(path)
+                    if fw is not None and counted:
+                        if path == "l7proxy":
+                            time.sleep(1.2)  # the flow log is flushed every second
+                            before = count_requests(flowlog)
                         meter = CpuMeter(fw.pid)
                     if phase == "produce":
                         elapsed = produce(bootstrap, topic, args.messages, args.size)
                     else:
                         elapsed = fetch(bootstrap, topic, args.messages)
-                    if path == "l7proxy" and counted:
-                        cpu[phase] += meter.stop()
-                        time.sleep(1.2)
-                        after = count_requests(flowlog)
-                        requests[phase] += sum(after.values()) - sum(before.values())
+                    if fw is not None and counted:
+                        cpu[(path, phase)] = cpu.get((path, phase), 0.0) + meter.stop()
+                        if path == "l7proxy":
+                            time.sleep(1.2)
+                            after = count_requests(flowlog)
+                            requests[phase] += sum(after.values()) - sum(before.values())
                     if counted:
                         times.setdefault((path, phase), []).append(elapsed)
                     label = "warmup" if not counted else f"round {r - args.warmup}"
@@ -176,33 +197,34 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     rows = []
     for phase in ("produce", "fetch"):
-        d = median(times[("direct", phase)])
-        p = median(times[("l7proxy", phase)])
-        entry = {
-            "direct_msgs_per_s": args.messages / d,
-            "direct_mb_per_s": mb / d,
-            "l7proxy_msgs_per_s": args.messages / p,
-            "l7proxy_mb_per_s": mb / p,
-            "ratio_l7proxy_to_direct": ratio(d, p),
-            "l7proxy_requests": requests[phase],
-            "l7proxy_cpu_s": cpu[phase],
-            "l7proxy_cpu_us_per_request": cpu[phase] * 1e6 / requests[phase]
-            if requests[phase]
-            else float("nan"),
-            "l7proxy_cpu_ms_per_mb": cpu[phase] * 1e3 / (mb * args.rounds),
-            "direct_msgs_per_s_by_round": [args.messages / t for t in times[("direct", phase)]],
-            "l7proxy_msgs_per_s_by_round": [args.messages / t for t in times[("l7proxy", phase)]],
-        }
+        med = {path: median(times[(path, phase)]) for path in ("direct", "l4proxy", "l7proxy")}
+        entry = {}
+        for path, t in med.items():
+            entry[f"{path}_msgs_per_s"] = args.messages / t
+            entry[f"{path}_mb_per_s"] = mb / t
+            entry[f"{path}_msgs_per_s_by_round"] = [args.messages / x for x in times[(path, phase)]]
+        entry["ratio_l7proxy_to_direct"] = ratio(med["direct"], med["l7proxy"])
+        entry["ratio_l4proxy_to_direct"] = ratio(med["direct"], med["l4proxy"])
+        entry["ratio_l7proxy_to_l4proxy"] = ratio(med["l4proxy"], med["l7proxy"])
+        entry["l7proxy_requests"] = requests[phase]
+        for path in ("l4proxy", "l7proxy"):
+            entry[f"{path}_cpu_s"] = cpu[(path, phase)]
+            entry[f"{path}_cpu_ms_per_mb"] = cpu[(path, phase)] * 1e3 / (mb * args.rounds)
+        entry["l7proxy_cpu_us_per_request"] = (
+            cpu[("l7proxy", phase)] * 1e6 / requests[phase] if requests[phase] else float("nan")
+        )
         results[phase] = entry
         rows.append(
             [
                 phase,
-                entry["direct_msgs_per_s"],
                 entry["direct_mb_per_s"],
-                entry["l7proxy_msgs_per_s"],
+                entry["l4proxy_mb_per_s"],
                 entry["l7proxy_mb_per_s"],
+                entry["l7proxy_msgs_per_s"],
                 entry["ratio_l7proxy_to_direct"],
+                entry["ratio_l7proxy_to_l4proxy"],
                 entry["l7proxy_cpu_us_per_request"],
+                entry["l4proxy_cpu_ms_per_mb"],
                 entry["l7proxy_cpu_ms_per_mb"],
             ]
         )
@@ -210,13 +232,15 @@ def main(argv: list[str] | None = None) -> int:
         markdown_table(
             [
                 "phase",
-                "direct msg/s",
                 "direct MB/s",
-                "l7proxy msg/s",
+                "L4 proxy MB/s",
                 "l7proxy MB/s",
-                "ratio",
-                "proxy CPU us/req",
-                "proxy CPU ms/MB",
+                "l7proxy msg/s",
+                "l7/direct",
+                "l7/L4",
+                "l7 CPU us/req",
+                "L4 CPU ms/MB",
+                "l7 CPU ms/MB",
             ],
             rows,
         )
@@ -231,7 +255,12 @@ def main(argv: list[str] | None = None) -> int:
                 "message_bytes": args.size,
                 "rounds": args.rounds,
                 "warmup_rounds": args.warmup,
-                "note": "median of rounds; ratio = l7proxy throughput / direct throughput",
+                "paths": {
+                    "direct": "client -> broker",
+                    "l4proxy": "client -> l7proxy firewall, L4-only policy (bytes passed through) -> broker",
+                    "l7proxy": "client -> l7proxy firewall, rules.kafka (every request parsed and judged, flow log on) -> broker",
+                },
+                "note": "median of rounds; ratios are throughput ratios",
             },
             "results": results,
         },
