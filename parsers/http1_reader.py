@@ -36,10 +36,14 @@ from parsers.http1_head import FIELD_LINE, MessageHead, explain_line, has_bare_c
 
 TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
-CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)((?:;" + TOKEN + rb"(?:=(?:" + TOKEN + rb"|" + QUOTED + rb"))?)*)")
+CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]+)((?:;" + TOKEN + rb"(?:=(?:" + TOKEN + rb"|" + QUOTED + rb"))?)*)"
+)
 MAX_CHUNK_SIZE = 2**63 - 1
 # Fields that frame or route a message may not arrive late, in a trailer.
-FORBIDDEN_TRAILERS = frozenset({b"content-length", b"transfer-encoding", b"host", b"trailer", b"connection"})
+FORBIDDEN_TRAILERS = frozenset(
+    {b"content-length", b"transfer-encoding", b"host", b"trailer", b"connection"}
+)
 
 
 @dataclass(slots=True)
@@ -58,13 +62,17 @@ class End:
 
 
 # Reader states
-HEAD, LENGTH, CHUNK_SIZE, CHUNK_DATA, CHUNK_CRLF, TRAILERS, UNTIL_CLOSE, PAUSED, CLOSED, DONE = range(10)
+HEAD, LENGTH, CHUNK_SIZE, CHUNK_DATA, CHUNK_CRLF, TRAILERS, UNTIL_CLOSE, PAUSED, CLOSED, DONE = (
+    range(10)
+)
 
 
 class MessageReader:
     """Reads requests (``side="client"``) or responses (``side="server"``)."""
 
-    def __init__(self, side: str, head_parser, *, max_head: int = 65536, max_chunk_line: int = 4096):
+    def __init__(
+        self, side: str, head_parser, *, max_head: int = 65536, max_chunk_line: int = 4096
+    ):
         self.side = side
         self._heads = head_parser
         self.max_head = max_head
@@ -154,7 +162,9 @@ class MessageReader:
                     self._pending += data[pos:]
                     pos = end
                 elif state == CLOSED:
-                    raise DataAfterClose("data after the message that closed the connection", side=self.side)
+                    raise DataAfterClose(
+                        "data after the message that closed the connection", side=self.side
+                    )
                 else:  # DONE
                     pos = end
         except Exception as exc:
@@ -224,7 +234,9 @@ class MessageReader:
             msg = self._heads.complete(head, method)
             if msg.status == 101 or (method == "CONNECT" and 200 <= msg.status < 300):
                 if not upgrade and not self.standalone:
-                    raise MalformedMessage("101 without an Upgrade request", code="unexpected_101", side="server")
+                    raise MalformedMessage(
+                        "101 without an Upgrade request", code="unexpected_101", side="server"
+                    )
                 self.switched = True
             elif msg.status >= 200 and self._requests:
                 self._requests.popleft()
@@ -274,7 +286,7 @@ class MessageReader:
         return data[pos:idx], idx + 2
 
     def _check_partial_line(self, buf: bytearray, limit: int) -> None:
-        if len(buf) > limit:
+        if len(buf) - buf.endswith(b"\r") > limit:  # a last CR may be half the CRLF
             raise InvalidChunk("chunk line too long", side=self.side)
         if b"\n" in buf or has_bare_cr_or_lf(buf):
             raise InvalidChunk("bare CR or LF in chunk line", side=self.side)
@@ -283,6 +295,8 @@ class MessageReader:
         line, pos = self._line(data, pos, self.max_chunk_line)
         if line is None:
             return pos
+        if len(line) > self.max_chunk_line:  # also when the line came whole
+            raise InvalidChunk("chunk line too long", side=self.side)
         match = CHUNK_LINE.fullmatch(line)
         if match is None:
             raise InvalidChunk("invalid chunk size line", side=self.side)
@@ -328,6 +342,8 @@ class MessageReader:
             if has_bare_cr_or_lf(buf):
                 raise InvalidChunk("bare CR or LF in trailer section", side=self.side)
             return len(data)
+        if idx + 4 > self.max_head:
+            raise HeadersTooLarge("trailer section too large", side=self.side)
         block = bytes(buf[:idx])
         buf.clear()
         trailers = []
@@ -335,10 +351,14 @@ class MessageReader:
             match = FIELD_LINE.fullmatch(line)
             if match is None:
                 err = explain_line(line, self.side, "trailer")
-                raise InvalidChunk(f"invalid trailer: {err}", code="invalid_trailer", side=self.side)
+                raise InvalidChunk(
+                    f"invalid trailer: {err}", code="invalid_trailer", side=self.side
+                )
             name, value = match.groups()
             if name.lower() in FORBIDDEN_TRAILERS:
-                raise AmbiguousFraming(f"{name.decode()} in a trailer", code="forbidden_trailer", side=self.side)
+                raise AmbiguousFraming(
+                    f"{name.decode()} in a trailer", code="forbidden_trailer", side=self.side
+                )
             trailers.append((name, value))
         self._finish(events, tuple(trailers))
         return pos + idx + 4 - start
