@@ -7,7 +7,13 @@ from __future__ import annotations
 import pytest
 
 from parsers.http1 import Http1Limits, request_reader, response_reader
-from parsers.http1_errors import AmbiguousFraming, HeadersTooLarge, Http1Error, IncompleteMessage, InvalidChunk
+from parsers.http1_errors import (
+    AmbiguousFraming,
+    HeadersTooLarge,
+    Http1Error,
+    IncompleteMessage,
+    InvalidChunk,
+)
 from parsers.http1_reader import Data, End, Head
 from tests.fuzz.targets import readers as fuzz_readers
 from tests.test_http1_helpers import IMPLS, splits
