@@ -105,6 +105,7 @@ class H2Engine:
         self._out: list[Command] = []
         self._preface_seen = False
         self._refusing = False  # a GOAWAY was seen: no new streams
+        self._server_gone = False  # server EOF: finish delivering complete responses only
         self._dead = False
         self._setup(upgrade_settings)
         self._client_handlers = {
@@ -223,9 +224,11 @@ class H2Engine:
         down = self.down.data_to_send()
         if down:
             out.append(ToClient(down))
-        if self._preface_seen:  # nothing goes upstream for a client that is not speaking HTTP/2
+        # Nothing goes upstream for a client that is not speaking HTTP/2, nor
+        # to a server that has closed (its window updates would be lost anyway).
+        if self._preface_seen:
             up = self.up.data_to_send()
-            if up:
+            if up and not self._server_gone:
                 out.append(ToServer(up))
         if self._refusing and not self._streams and not self._dead:
             self._dead = True
@@ -722,17 +725,36 @@ class H2Engine:
 
     def _finish_on_eof(self, side: str) -> list[Command]:
         if side == "client":
-            self._abort(
-                "client closed", to_server=ErrorCodes.CANCEL if self._streams else _NO_ERROR
-            )
-        else:
-            self._abort(
-                "server closed", to_client=ErrorCodes.INTERNAL_ERROR if self._streams else _NO_ERROR
-            )
+            # The client can send nothing more, not even WINDOW_UPDATE: stop.
+            self._abort("client closed", to_server=ErrorCodes.CANCEL if self._streams else _NO_ERROR)
+        elif not self._server_gone:
+            self._server_closed()
+            return self._drain()
         out = self._out
         self._out = []
         return out
 
+    def _server_closed(self) -> None:
+        """Server EOF. Responses it completed may still be waiting for the
+        client's window: deliver those, reset the rest, refuse new streams."""
+        self._server_gone = True
+        self._refusing = True
+        waiting, self._waiting = self._waiting, []
+        for stream in waiting:
+            self._reset(self.down, stream.cid, ErrorCodes.REFUSED_STREAM)  # never reached the server
+            self._drop(stream, "server closed")
+        for stream in list(self._streams.values()):
+            items = stream.to_client.items
+            complete = stream.response_done or (items and items[-1][0] in (END, TRAILERS, RESET))
+            if not complete:
+                self._reset(self.down, stream.cid, ErrorCodes.INTERNAL_ERROR)
+                self._drop(stream, "server closed")
+            elif not stream.request_done:
+                self._discard(stream, True)
+                stream.request_done = True
+                if stream.response_done:
+                    self._forget(stream)
+        self.down.send_graceful_goaway(max(self._streams, default=0))
 
 # Reset codes that say something about the stream itself travel on; codes
 # that blame the sender's framing concern only the hop where they happened.

@@ -462,3 +462,28 @@ def test_decision_header_edits_are_applied_before_forwarding(split):
     assert regular == [(b"accept", b"*/*"), (b"x-probe", b"true"), (b"x-tenant", b"blue")]
     # The judged request is the one the client sent.
     assert t.of(Access)[0].request.header_values("x-secret") == ["s3"]
+
+
+def test_server_eof_after_a_complete_response_still_delivers_it(split):
+    t = Transcript(H2Engine(decide), split, graceful_client=True).start()
+    t.client_reads = False
+    t.client.send_headers(1, request_headers("/big"), end_stream=True)
+    t.client.send_headers(3, request_headers("/unanswered"), end_stream=True)
+    t.pump()
+    body = bytes(range(256)) * 600  # 150 KB: more than the client's 64 KiB window
+    t.server.send_headers(1, [(b":status", b"200")])
+    t.send_body(t.server, 1, body, end_stream=True)
+    assert len(t.body("client", 1)) == 65535  # the rest waits in the proxy
+    t._run(t.engine.server_data(b""))  # the server closes its socket
+    assert not t.of(Close)
+    assert [(e.stream_id, e.error_code) for e in t.of(ev.StreamReset, "client")] == [(3, ErrorCodes.INTERNAL_ERROR)]
+    # The client reads on: the whole body arrives, then the connection closes.
+    for event in t.of(ev.DataReceived, "client"):
+        t.client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+    t.client_reads = True
+    t.pump()
+    assert t.body("client", 1) == body
+    assert t.of(ev.StreamEnded, "client")[-1].stream_id == 1
+    assert isinstance(t.commands[-1], Close)
+    # New streams after the server left are refused, not hung.
+    assert t.of(ev.ConnectionTerminated, "client")[0].error_code == ErrorCodes.NO_ERROR
