@@ -227,3 +227,19 @@ def client_envelopes(data: bytes, segmented: bool, lz4: bool) -> list[bytes]:
         out.append(bytes(payload[pos:pos + 9 + length]))
         pos += 9 + length
     return out
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_recordings_cover_every_request_type(scenario):
+    version = SCENARIOS[scenario]["protocol_version"]
+    lz4 = SCENARIOS[scenario].get("compression") == "lz4"
+    opcodes = set()
+    for conn in load(scenario):
+        for envelope in client_envelopes(b"".join(d for t, d in conn if t == "c"), version >= 5, lz4):
+            vbyte, *_, opcode, _length = w.parse_header(envelope)
+            assert vbyte == version
+            opcodes.add(w.OPCODE_NAMES[opcode])
+    expected = {"OPTIONS", "STARTUP", "REGISTER", "QUERY", "PREPARE", "EXECUTE", "BATCH"}
+    if SCENARIOS[scenario].get("auth"):
+        expected.add("AUTH_RESPONSE")
+    assert opcodes == expected
