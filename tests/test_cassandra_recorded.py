@@ -243,3 +243,13 @@ def test_recordings_cover_every_request_type(scenario):
     if SCENARIOS[scenario].get("auth"):
         expected.add("AUTH_RESPONSE")
     assert opcodes == expected
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_trailing_garbage_after_a_recorded_session_closes_cleanly(scenario):
+    conn = session_of(load(scenario))
+    engine, commands = replay(conn, lambda r: ALLOW, whole)
+    garbage = engine.client_data(b"\xff" * 16)
+    assert [type(c).__name__ for c in garbage][-1] == "ParseError" and garbage[-1].close
+    assert not [c for c in garbage if isinstance(c, ToServer)]
+    assert joined(commands, ToServer) == b"".join(d for t, d in conn if t == "c")
