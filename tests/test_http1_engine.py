@@ -482,6 +482,22 @@ def test_refused_upgrade_stays_http(impl):
     assert out[3] == ToServer(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
 
 
+def test_denied_upgrade_stays_http(impl):
+    wire = UPGRADE.replace(b"/ws", b"/admin/ws") + b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
+    out = three_ways(impl, wire, deny_path("/admin"))
+    assert [type(c) for c in out] == [Access, ToClient, Reply, Access, ToServer]
+    assert out[1] == ToClient(DENIED_403)
+    assert out[4] == ToServer(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+
+
+def test_early_response_while_the_body_streams(impl):
+    engine = engine_for(impl)
+    engine.client_data(b"PUT /f HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\n\r\nabc")
+    out = engine.server_data(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n")
+    assert out == [ToClient(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n"), Reply(0, {"status": 413})]
+    assert engine.client_data(b"defGET / HTTP/1.1\r\nHost: a\r\n\r\n")[0] == ToServer(b"def")
+
+
 def test_unrequested_101_is_garbage(impl):
     engine = engine_for(impl)
     engine.client_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
