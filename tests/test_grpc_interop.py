@@ -316,3 +316,30 @@ def test_server_graceful_shutdown_lets_the_call_in_flight_finish(pb):
                     channel.close()
 
     assert run(True) == run(False) == ([7, 7, 7, 7], "OK")
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_client_that_stops_reading_stops_the_server_not_the_proxys_memory(targets, pb):
+    """200 MB of server-streaming to a client that pauses: the proxy buffers a window, not the stream."""
+    m = pb.messages_pb2
+    fw = targets["firewall"]
+    stub = targets["proxy"]
+    size, count = 1024 * 1024, 200
+    request = m.StreamingOutputCallRequest(response_parameters=[m.ResponseParameters(size=size) for _ in range(count)])
+    baseline = _rss_bytes(fw.proc.pid)
+    call = stub.StreamingOutputCall(request, timeout=120)
+    received = [len(next(call).payload.body)]
+    peak = baseline
+    for _ in range(20):  # the client pauses; sample the proxy while the server pushes
+        threading.Event().wait(0.05)
+        peak = max(peak, _rss_bytes(fw.proc.pid))
+    received += [len(r.payload.body) for r in call]
+    assert received == [size] * count
+    # Bounded by the windows (a few MiB), far below the 200 MB that went through.
+    assert peak - baseline < 40 * 1024 * 1024
