@@ -26,8 +26,10 @@ from parsers.base import (
     Command,
     Decide,
     Decision,
+    FrameTooLarge,
     Log,
     ParseError,
+    ProtocolError,
     Reply,
     ShutdownClient,
     ShutdownServer,
@@ -107,7 +109,7 @@ class CqlEngine:
                 self._client_segments(out)
             else:
                 self._client_frames(out)
-        except CqlError as e:
+        except (CqlError, FrameTooLarge) as e:
             self._fail("client", e, out)
         if self._server_big is not None and any(isinstance(c, ToClient) for c in out):
             self._held += [c for c in out if isinstance(c, ToClient)]
@@ -128,19 +130,18 @@ class CqlEngine:
         out = []
         try:
             self._server_input(out)
-        except CqlError as e:
+        except (CqlError, FrameTooLarge) as e:
             self._fail("server", e, out)
         if self._held and self._server_big is None:
             out += self._held
             self._held = []
         return out
 
-    def _fail(self, side: str, error: CqlError, out: list[Command]) -> None:
+    def _fail(self, side: str, error: ProtocolError, out: list[Command]) -> None:
         # Framing is lost: nothing after this point can be trusted or forwarded.
-        if side == "client" and error.stream is not None and not error.wire_reply:
-            error.wire_reply = self._error_reply(
-                self._version or 4, error.stream, w.ERR_PROTOCOL, str(error)
-            )
+        stream = getattr(error, "stream", None)
+        if side == "client" and stream is not None and not error.wire_reply:
+            error.wire_reply = self._error_reply(self._version or 4, stream, w.ERR_PROTOCOL, str(error))
         if error.wire_reply:
             out.append(ToClient(error.wire_reply))
         out.append(ParseError(side, error, close=True))
@@ -272,10 +273,8 @@ class CqlEngine:
 
     def _check_length(self, length: int, stream: int) -> None:
         if length > self._max_frame:
-            raise CqlError(
-                f"frame body of {length} bytes exceeds the maximum of {self._max_frame}",
-                stream=stream,
-                code="frame_too_large",
+            raise w.CqlFrameTooLarge(
+                f"frame body of {length} bytes exceeds the maximum of {self._max_frame}", stream=stream
             )
 
     # ------------------------------------------------------------------

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import lz4.block
 
-from parsers.base import ProtocolError
+from parsers.base import FrameTooLarge, ProtocolError
 
 HEADER = struct.Struct(">BBhBI")
 HEADER_LEN = 9
@@ -93,6 +93,14 @@ class CqlError(ProtocolError):
         self, message: str, *, stream: int | None = None, code: str = "cql_protocol_error"
     ):
         super().__init__(message, code=code)
+        self.stream = stream
+
+
+class CqlFrameTooLarge(FrameTooLarge):
+    """An envelope longer than the engine's ``max_frame``."""
+
+    def __init__(self, message: str, *, stream: int | None = None):
+        super().__init__(message)
         self.stream = stream
 
 
