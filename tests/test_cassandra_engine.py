@@ -466,3 +466,21 @@ def test_custom_payload_tracing_and_beta_flags_on_requests(version):
     out = engine.client_data(wire)
     assert [(c.request.action, c.request.table) for c in out if isinstance(c, Access)] == [("delete", "ks.t")]
     assert out[-1] == ToServer(wire)
+
+
+def test_server_events_and_heartbeats_pass_without_judgement():
+    engine = started(version=5)
+    codec = SegmentCodec()
+
+    def seg(frame):
+        buf = io.BytesIO()
+        codec.encode(buf, frame)
+        return buf.getvalue()
+
+    heartbeat = seg(request(OptionsMessage(), 30, 5))
+    assert engine.client_data(heartbeat) == [ToServer(heartbeat)]
+    event_body = string("SCHEMA_CHANGE") + string("CREATED") + string("KEYSPACE") + string("ks")
+    event = seg(response(0x0C, event_body, -1, 5))
+    assert engine.server_data(event) == [ToClient(event)]
+    supported = seg(response(0x06, struct.pack(">H", 0), 30, 5))
+    assert engine.server_data(supported) == [ToClient(supported)]
