@@ -134,8 +134,15 @@ def format_record(r: Record) -> str:
     return f"{r.get('time_iso', '')} {r.get('verdict', ''):<9} {who} {proto} {what} {status}{lat_s}{rule} ({r.get('reason', '')})"
 
 
+_second = -1
+_second_text = ""
+
+
 def now_fields() -> dict[str, Any]:
+    """Wall-clock fields of a record. The HH:MM:SS text is formatted once per second."""
+    global _second, _second_text
     t = time.time()
-    return {"time": t, "time_iso": time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"}
-
-
+    sec = int(t)
+    if sec != _second:
+        _second, _second_text = sec, time.strftime("%H:%M:%S", time.localtime(sec))
+    return {"time": t, "time_iso": f"{_second_text}.{int(t * 1000) % 1000:03d}"}

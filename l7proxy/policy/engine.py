@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from l7proxy.identity import HOST, WORLD, Identity, IdentityAllocator, IpCache
-from l7proxy.policy.model import EGRESS, INGRESS, L7RuleRef, Peers, Policy, PortRule, Rule
+from l7proxy.policy.model import EGRESS, INGRESS, L7RuleRef, Peers, Policy, Rule
 from parsers.base import Decision
 
 PROTO_NUMBERS = {"TCP": 6, "UDP": 17, "ANY": 0}
@@ -92,6 +92,48 @@ class PortVerdict:
     audit: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class PortMatcher:
+    """L7 rules for one (endpoint, direction, peer, port), with every possible
+    decision built in advance: deciding a request allocates nothing unless a
+    rule edits headers. The same loop records a trace when asked to."""
+
+    denies: tuple[tuple[str, L7RuleRef, Decision], ...] = ()
+    allows: tuple[tuple[str, L7RuleRef, Decision], ...] = ()
+    allow_all: Decision | None = None
+    allow_all_note: str = ""
+    default: Decision | None = None
+    first_policy: str = ""
+
+    def decide(self, request: Any, trace: list | None = None) -> Decision:
+        for policy, ref, denied in self.denies:  # deny wins
+            hit = ref.rule.matches(request)
+            if trace is not None:
+                trace.append(f"  deny {policy} {ref.path} [{ref.rule.describe()}]: {'MATCH' if hit else 'no match'} ({ref.rule.explain(request)})")
+            if hit:
+                return denied
+        if self.allow_all is not None:
+            if trace is not None and self.allow_all_note:
+                trace.append(self.allow_all_note)
+            return self.allow_all
+        for policy, ref, allowed in self.allows:
+            hit = ref.rule.matches(request)
+            if trace is not None:
+                trace.append(f"  allow {policy} {ref.path} [{ref.rule.describe()}]: {'MATCH' if hit else 'no match'} ({ref.rule.explain(request)})")
+            if hit:
+                edits = getattr(ref.rule, "edits", None)
+                found = edits(request) if edits is not None else ()
+                return replace(allowed, edits=found) if found else allowed
+        # Protocol-specific coverage across several rules (Kafka: every topic of
+        # a request must be allowed, possibly by different rules).
+        combined = _combined_allow([ref for _, ref, _ in self.allows], request)
+        if combined is not None:
+            if trace is not None:
+                trace.append(f"  allow: covered jointly by {combined}")
+            return Decision(True, policy=self.first_policy, rule=combined, reason="allowed jointly by several rules")
+        return self.default
+
+
 @dataclass
 class CompiledPolicy:
     revision: int
@@ -102,6 +144,7 @@ class CompiledPolicy:
     identities: IdentityAllocator
     audit_all: bool = False
     endpoints_by_ip: dict[str, Endpoint] = field(default_factory=dict)
+    _matchers: dict[tuple, PortMatcher] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ L3/L4
 
@@ -139,62 +182,53 @@ class CompiledPolicy:
     # ------------------------------------------------------------------ L7
 
     def l7_decide(self, endpoint_id: int, direction: str, peer: int, port: int, request: Any, trace: list | None = None) -> Decision:
+        return self.l7_matcher(endpoint_id, direction, peer, port).decide(request, trace)
+
+    def l7_matcher(self, endpoint_id: int, direction: str, peer: int, port: int) -> PortMatcher:
+        """The L7 rules that apply to one (endpoint, direction, peer, port), compiled
+        once per policy revision and shared by every connection that needs them."""
+        key = (endpoint_id, direction, peer, port)
+        matcher = self._matchers.get(key)
+        if matcher is None:
+            matcher = self._matchers[key] = self._build_matcher(endpoint_id, direction, peer, port)
+        return matcher
+
+    def _build_matcher(self, endpoint_id: int, direction: str, peer: int, port: int) -> PortMatcher:
         dp = self.directions.get((endpoint_id, direction))
         if dp is None or not dp.enforced:
-            return Decision(True, reason="no policy in this direction")
-        # Deny rules first: deny wins.
+            return PortMatcher(allow_all=Decision(True, reason="no policy in this direction"), allow_all_note="no policy in this direction")
+        denies = []
         for eff in dp.rules:
-            if not eff.rule.deny or not eff.peer_matches(peer):
-                continue
-            for pr in eff.rule.to_ports:
-                if not pr.covers(port, "TCP") or pr.parser is None:
-                    continue
-                for ref in pr.l7:
-                    hit = ref.rule.matches(request)
-                    if trace is not None:
-                        trace.append(f"  deny {eff.policy.key} {ref.path} [{ref.rule.describe()}]: {'MATCH' if hit else 'no match'} ({ref.rule.explain(request)})")
-                    if hit:
-                        return self._deny(eff.policy, ref.path, f"denied by L7 deny rule {ref.rule.describe()}", dp)
-        candidates: list[tuple[EffectiveRule, PortRule]] = []
+            if eff.rule.deny and eff.peer_matches(peer):
+                for pr in eff.rule.to_ports:
+                    if pr.covers(port, "TCP") and pr.parser is not None:
+                        denies += [(eff.policy.key, ref, self._deny(eff.policy, ref.path, f"denied by L7 deny rule {ref.rule.describe()}", dp)) for ref in pr.l7]
+        allows = []
+        allow_all = None
+        note = ""
+        first_policy = None
         for eff in dp.rules:
             if eff.rule.deny or not eff.peer_matches(peer):
                 continue
-            if not eff.rule.to_ports:
-                candidates.append((eff, None))  # L3-only rule: all ports, all L7
-                continue
-            candidates.extend((eff, pr) for pr in eff.rule.to_ports if pr.covers(port, "TCP"))
-        matches: list[tuple[EffectiveRule, L7RuleRef]] = []
-        for eff, pr in candidates:
-            if pr is None or not pr.l7:
-                where = eff.rule.path if pr is None else pr.path
-                if trace is not None:
-                    trace.append(f"  allow {eff.policy.key} {where}: no L7 rules -> all requests allowed")
-                return Decision(True, policy=eff.policy.key, rule=where, reason="L4 rule allows all L7")
-            group = [ref for ref in pr.l7]
-            for ref in group:
-                hit = ref.rule.matches(request)
-                if trace is not None:
-                    trace.append(f"  allow {eff.policy.key} {ref.path} [{ref.rule.describe()}]: {'MATCH' if hit else 'no match'} ({ref.rule.explain(request)})")
-                if hit:
-                    matches.append((eff, ref))
-                    if trace is None:
-                        break
-            if matches and trace is None:
-                break
-        if matches:
-            eff, ref = matches[0]
-            edits = getattr(ref.rule, "edits", None)
-            return Decision(True, policy=eff.policy.key, rule=ref.path, reason=f"allowed by {ref.rule.describe()}", edits=edits(request) if edits else ())
-        # Protocol-specific coverage across several rules (Kafka: every topic of
-        # a request must be allowed, possibly by different rules).
-        combined = _combined_allow([ref for _, pr in candidates if pr is not None for ref in pr.l7], request)
-        if combined is not None:
-            eff = candidates[0][0]
-            if trace is not None:
-                trace.append(f"  allow: covered jointly by {combined}")
-            return Decision(True, policy=eff.policy.key, rule=combined, reason="allowed jointly by several rules")
-        policy = candidates[0][0].policy if candidates else None
-        return self._deny(policy, "", "no L7 rule matches" if candidates else "no rule allows this peer and port", dp)
+            port_rules = [None] if not eff.rule.to_ports else [pr for pr in eff.rule.to_ports if pr.covers(port, "TCP")]
+            for pr in port_rules:
+                first_policy = first_policy or eff.policy
+                if pr is None or not pr.l7:
+                    if allow_all is None:
+                        where = eff.rule.path if pr is None else pr.path
+                        allow_all = Decision(True, policy=eff.policy.key, rule=where, reason="L4 rule allows all L7")
+                        note = f"  allow {eff.policy.key} {where}: no L7 rules -> all requests allowed"
+                    continue
+                allows += [(eff.policy.key, ref, Decision(True, policy=eff.policy.key, rule=ref.path, reason=f"allowed by {ref.rule.describe()}")) for ref in pr.l7]
+        reason = "no L7 rule matches" if first_policy else "no rule allows this peer and port"
+        return PortMatcher(
+            denies=tuple(denies),
+            allows=tuple(allows),
+            allow_all=allow_all,
+            allow_all_note=note,
+            default=self._deny(first_policy, "", reason, dp),
+            first_policy=first_policy.key if first_policy else "",
+        )
 
     def _deny(self, policy: Policy | None, rule: str, reason: str, dp: DirectionPolicy) -> Decision:
         key = policy.key if policy else ""

@@ -36,6 +36,9 @@ class Side:
         }
 
 
+NO_LOCAL_ENDPOINT = Decision(True, reason="no local endpoint on either side")
+
+
 class PolicyState:
     def __init__(self, compiled: CompiledPolicy):
         self.current = compiled
@@ -57,13 +60,15 @@ class PolicyState:
 class ConnectionPolicy:
     """Decides every request of one connection from ``src`` to ``dst``."""
 
-    __slots__ = ("state", "src", "dst", "l4", "parser")
+    __slots__ = ("state", "src", "dst", "l4", "parser", "_policy", "_matchers")
 
     def __init__(self, state: PolicyState, src: Side, dst: Side):
         self.state = state
         self.src = src
         self.dst = dst
         self.l4, self.parser = self._l4()
+        self._policy = None
+        self._matchers: list = []
 
     def _l4(self):
         policy = self.state.current
@@ -82,25 +87,41 @@ class ConnectionPolicy:
 
     def decide(self, request: Any, trace: list | None = None) -> Decision:
         policy = self.state.current
+        if trace is not None:
+            return self._decide_traced(policy, request, trace)
+        if policy is not self._policy:
+            self._policy = policy
+            self._matchers = self._current_matchers(policy)
+        decision = None
+        for matcher in self._matchers:
+            d = matcher.decide(request)
+            if not d.allowed:
+                return d
+            if decision is None or (d.audit and not decision.audit) or (d.edits and not decision.edits):
+                decision = d
+        return decision if decision is not None else NO_LOCAL_ENDPOINT
+
+    def _current_matchers(self, policy) -> list:
+        out = []
+        if self.dst.endpoint is not None:
+            out.append(policy.l7_matcher(self.dst.endpoint.id, INGRESS, self.src.identity, self.dst.port))
+        if self.src.endpoint is not None:
+            out.append(policy.l7_matcher(self.src.endpoint.id, EGRESS, self.dst.identity, self.dst.port))
+        return out
+
+    def _decide_traced(self, policy, request: Any, trace: list) -> Decision:
         decisions = []
         if self.dst.endpoint is not None:
-            if trace is not None:
-                trace.append(f"ingress of {self.dst.endpoint.name} from identity {self.src.identity}:")
+            trace.append(f"ingress of {self.dst.endpoint.name} from identity {self.src.identity}:")
             decisions.append(policy.l7_decide(self.dst.endpoint.id, INGRESS, self.src.identity, self.dst.port, request, trace))
         if self.src.endpoint is not None:
-            if trace is not None:
-                trace.append(f"egress of {self.src.endpoint.name} to identity {self.dst.identity}:")
+            trace.append(f"egress of {self.src.endpoint.name} to identity {self.dst.identity}:")
             decisions.append(policy.l7_decide(self.src.endpoint.id, EGRESS, self.dst.identity, self.dst.port, request, trace))
         if not decisions:
-            return Decision(True, reason="no local endpoint on either side")
+            return NO_LOCAL_ENDPOINT
         for d in decisions:
             if not d.allowed:
                 return d
-        for d in decisions:
-            if d.audit:
-                return d
-        if len(decisions) == 2 and decisions[1].edits and not decisions[0].edits:
-            return decisions[1]
-        return decisions[0]
+        return next((d for d in decisions if d.audit), None) or next((d for d in decisions if d.edits), decisions[0])
 
     __call__ = decide
