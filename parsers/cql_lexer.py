@@ -38,8 +38,9 @@ def tokenize(text: str) -> list[Token]:
         if c.isspace():
             i += 1
         elif c == "-" and text.startswith("--", i) or c == "/" and text.startswith("//", i):
-            end = text.find("\n", i)
-            i = n if end < 0 else end + 1
+            # Cassandra ends a line comment at \n *or* \r; stopping only at \n
+            # would let "FROM --\r ks.secret ... --\n ks.public" fool us.
+            i = _line_end(text, i)
         elif c == "/" and text.startswith("/*", i):
             end = text.find("*/", i + 2)
             if end < 0:
@@ -70,6 +71,11 @@ def tokenize(text: str) -> list[Token]:
             tokens.append(Token(PUNCT, c))
             i += 1
     return tokens
+
+
+def _line_end(text: str, i: int) -> int:
+    ends = [e for e in (text.find("\n", i), text.find("\r", i)) if e >= 0]
+    return min(ends) + 1 if ends else len(text)
 
 
 def _quoted(text: str, i: int, quote: str) -> tuple[str, int]:

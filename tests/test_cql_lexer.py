@@ -33,6 +33,9 @@ TABLE = [
     ("SELECT * FROM // ks.public\n ks.secret", [("select", "ks.secret")]),
     ("-- leading comment\nSELECT * FROM t", [("select", "cur.t")]),
     ("SELECT * /* FROM ks.public */ FROM ks.secret", [("select", "ks.secret")]),
+    # a line comment ends at \r as well as \n, as in Cassandra's lexer
+    ("SELECT * FROM --\r ks.secret WHERE a = --\n system.now()", [("select", "ks.secret")]),
+    ("SELECT * FROM //\r ks.secret", [("select", "ks.secret")]),
     # string literals containing keywords, comment markers and quotes
     ("INSERT INTO t (a, b) VALUES (1, 'DROP TABLE x; -- from y')", [("insert", "cur.t")]),
     ("SELECT * FROM t WHERE b = 'it''s FROM other'", [("select", "cur.t")]),
