@@ -13,6 +13,7 @@
 #include <uapi/linux/in.h>
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
+#include <uapi/linux/icmp.h>
 
 #ifndef PROXY_MARK
 #define PROXY_MARK 0
@@ -174,6 +175,11 @@ struct packet {
     u16 sport, dport;    // network byte order
     u8  proto;
     u8  tcp_flags;       // TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK
+    // ICMP errors: the header of the packet they report on.
+    u8  related;
+    u8  in_proto;
+    u32 in_saddr, in_daddr;
+    u16 in_sport, in_dport;
 };
 
 #define TCP_FIN 1
@@ -244,8 +250,51 @@ static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
             return UNSUPPORTED;
         p->sport = udp->source;
         p->dport = udp->dest;
+    } else if (p->proto == IPPROTO_ICMP) {
+        struct icmphdr *icmp = l4;
+        if ((void *)(icmp + 1) > data_end)
+            return UNSUPPORTED;
+        u8 type = icmp->type;
+        if (type != ICMP_DEST_UNREACH && type != ICMP_TIME_EXCEEDED && type != ICMP_PARAMETERPROB)
+            return PARSED;
+        // An error quotes the offending packet's IP header and first 8 bytes.
+        struct iphdr *inner = (void *)(icmp + 1);
+        if ((void *)(inner + 1) > data_end || inner->ihl != 5)
+            return PARSED;
+        u16 *ports = (void *)(inner + 1);
+        if ((void *)(ports + 2) > data_end)
+            return PARSED;
+        p->related = 1;
+        p->in_proto = inner->protocol;
+        p->in_saddr = inner->saddr;
+        p->in_daddr = inner->daddr;
+        if (inner->protocol == IPPROTO_TCP || inner->protocol == IPPROTO_UDP) {
+            p->in_sport = ports[0];
+            p->in_dport = ports[1];
+        }
     }
     return PARSED;
+}
+
+// An ICMP error about a packet of a tracked flow (either direction) belongs
+// to that flow: path MTU discovery and port-unreachable keep working.
+static __always_inline int related_to_tracked_flow(struct packet *p)
+{
+    if (!p->related)
+        return 0;
+    struct ct_key k = {};
+    k.proto = p->in_proto;
+    k.saddr = p->in_saddr;
+    k.daddr = p->in_daddr;
+    k.sport = p->in_sport;
+    k.dport = p->in_dport;
+    if (conntrack.lookup(&k))
+        return 1;
+    k.saddr = p->in_daddr;
+    k.daddr = p->in_saddr;
+    k.sport = p->in_dport;
+    k.dport = p->in_sport;
+    return conntrack.lookup(&k) != 0;
 }
 
 // What to do with a frame parse() could not judge, at an endpoint's hook.
@@ -593,6 +642,10 @@ int from_endpoint(struct __sk_buff *skb)
     int parsed = parse(skb, &p);
     if (parsed != PARSED)
         return unparsed(parsed, src_ep);
+    if (related_to_tracked_flow(&p)) {
+        count(C_CT_HITS, src_ep);
+        return TC_ACT_OK;
+    }
     u32 rev = policy_revision();
 
     struct ct_key k;
@@ -671,6 +724,10 @@ int to_endpoint(struct __sk_buff *skb)
     int parsed = parse(skb, &p);
     if (parsed != PARSED)
         return unparsed(parsed, dst_ep);
+    if (related_to_tracked_flow(&p)) {
+        count(C_CT_HITS, dst_ep);
+        return TC_ACT_OK;
+    }
     u32 rev = policy_revision();
 
     struct ct_key k;

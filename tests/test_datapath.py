@@ -679,3 +679,18 @@ def test_cleanup_happens_when_the_test_body_fails():
     while any(_prog_exists(p) for p in programs) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(_prog_exists(p) for p in programs)
+
+
+def test_icmp_errors_of_a_tracked_flow_reach_the_sender(pair):
+    t = pair
+    client, server = t["client"], t["server"]
+    t.attach("client", ingress=True)   # no ICMP may come in on its own
+    t.attach("server")
+    sender = t.socket_in("client", socket.SOCK_DGRAM)
+    sender.settimeout(2)
+    sender.connect((str(server.ip), 5999))   # nothing listens there
+    sender.send(b"anyone?")
+    # The server's port-unreachable belongs to the tracked UDP flow.
+    with pytest.raises(ConnectionRefusedError):
+        sender.recv(100)
+    assert not drops_until(t.dp, lambda e: e.proto == 1, timeout=0.3)
