@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import h2.events as ev
 from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
-from h2.exceptions import FrameTooLargeError
+from h2.exceptions import FrameTooLargeError, StreamClosedError
 from h2.exceptions import ProtocolError as H2ProtocolError
 from h2.settings import SettingCodes
 
@@ -241,8 +241,11 @@ class H2Engine:
         cid = event.stream_id
         headers = event.headers
         ended = event.stream_ended is not None
+        h2_stream = self.down.streams.get(cid)
+        if h2_stream is None or h2_stream.closed:
+            return  # reset by the client in the same read: nothing left to judge or answer
         if self._refusing:
-            self.down.reset_stream(cid, ErrorCodes.REFUSED_STREAM)
+            self._reset(self.down, cid, ErrorCodes.REFUSED_STREAM)
             return
         problem = request_problem(headers)
         if problem:
@@ -524,6 +527,14 @@ class H2Engine:
 
     def _flush(self, stream: Stream, to_server: bool) -> None:
         """Move queued items to the other connection as far as its windows allow."""
+        try:
+            self._flush_items(stream, to_server)
+        except StreamClosedError:
+            # The receiving peer reset this stream in the very read being
+            # handled; its StreamReset event comes next and cleans up.
+            pass
+
+    def _flush_items(self, stream: Stream, to_server: bool) -> None:
         if to_server:
             pipe, out, out_id, inbound, in_id = (
                 stream.to_server,

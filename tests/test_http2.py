@@ -487,3 +487,41 @@ def test_server_eof_after_a_complete_response_still_delivers_it(split):
     assert isinstance(t.commands[-1], Close)
     # New streams after the server left are refused, not hung.
     assert t.of(ev.ConnectionTerminated, "client")[0].error_code == ErrorCodes.NO_ERROR
+
+
+@pytest.mark.parametrize("path", ["/admin/x", "/allowed"])
+def test_headers_and_reset_in_one_read(path):
+    """The client gives up on a stream in the same read that opened it."""
+    t = Transcript(H2Engine(decide)).start()
+    t.client.send_headers(1, request_headers(path, "POST"))
+    t.client.reset_stream(1, ErrorCodes.CANCEL)
+    t.client.send_headers(3, request_headers("/next"), end_stream=True)
+    t.pump()
+    assert [dict(e.headers)[b":path"] for e in t.of(ev.RequestReceived, "server")][-1] == b"/next"
+    assert not t.of(ev.ConnectionTerminated, "client")
+    assert not any(isinstance(e, ev.ResponseReceived) and e.stream_id == 1 for e in t.client_events)
+
+
+def test_window_update_and_reset_in_one_read_while_data_waits(split):
+    limits = H2Limits(stream_window=65535 * 2)
+    t = Transcript(H2Engine(decide, limits=limits), split).start()
+    t.server_reads = False
+    t.client.send_headers(1, request_headers("/up", "POST"))
+    for _ in range(10):
+        step = min(t.client.local_flow_control_window(1), t.client.max_outbound_frame_size)
+        if not step:
+            break
+        t.client.send_data(1, b"u" * step)
+        t.pump()
+    # The server opens its window and resets the stream in the same write.
+    t.server.acknowledge_received_data(65535, 1)
+    t.server.reset_stream(1, ErrorCodes.CANCEL)
+    t.pump()
+    assert [(e.stream_id, e.error_code) for e in t.of(ev.StreamReset, "client")] == [(1, ErrorCodes.CANCEL)]
+    assert not t.of(ev.ConnectionTerminated, "client")
+    # The discarded bytes went back to the client's connection window: a new
+    # upload larger than what is left of it still goes through.
+    t.server_reads = True
+    t.client.send_headers(3, request_headers("/after", "POST"))
+    t.send_body(t.client, 3, b"a" * 200_000, end_stream=True)
+    assert t.body("server", 3) == b"a" * 200_000
