@@ -385,6 +385,8 @@ class Datapath:
 
     def set_endpoint(self, info: EndpointInfo) -> None:
         bpf = self._require()
+        if info.endpoint_id <= 0 or info.ifindex <= 0 or info.identity <= 0:
+            raise ValueError(f"endpoint id, ifindex and identity must be positive: {info!r}")
         old = self._endpoints.get(info.endpoint_id)
         endpoints, by_ifindex = bpf[b"endpoints"], bpf[b"ifindex_endpoint"]
         endpoints[endpoints.Key(info.endpoint_id)] = endpoints.Leaf(info.identity, info.flags())
@@ -413,7 +415,10 @@ class Datapath:
         """Full desired prefix -> identity map (endpoint /32s are added by
         set_endpoint and win over a caller's entry for the same address)."""
         self._require()
-        self._ipcache_desired = {IPv4Network(p): int(i) for p, i in prefixes.items()}
+        desired = {IPv4Network(p): int(i) for p, i in prefixes.items()}
+        if any(i <= 0 for i in desired.values()):
+            raise ValueError("identities must be positive")
+        self._ipcache_desired = desired
         if self._write_ipcache():
             self._bump_revision()
 
