@@ -281,12 +281,18 @@ class Datapath:
             f"-DCT_SIZE={self.ct_size}",
             "-w",
         ])
-        for name in ("from_endpoint", "to_endpoint"):
-            self._progs[name] = self._bpf.load_func(name.encode(), BPF.SCHED_CLS)
-        self._listener_fd = lib.bpf_table_fd(self._bpf.module, b"proxy_listeners")
-        if self._listener_fd < 0:
-            raise RuntimeError("proxy_listeners map has no fd")
-        self._bpf[b"drop_events"].open_ring_buffer(self._on_event)
+        try:
+            for name in ("from_endpoint", "to_endpoint"):
+                self._progs[name] = self._bpf.load_func(name.encode(), BPF.SCHED_CLS)
+            self._listener_fd = lib.bpf_table_fd(self._bpf.module, b"proxy_listeners")
+            if self._listener_fd < 0:
+                raise RuntimeError("proxy_listeners map has no fd")
+            self._bpf[b"drop_events"].open_ring_buffer(self._on_event)
+        except BaseException:
+            bpf, self._bpf = self._bpf, None
+            self._progs.clear()
+            bpf.cleanup()
+            raise
 
     def _require(self):
         if self._bpf is None:

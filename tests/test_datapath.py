@@ -324,6 +324,11 @@ def test_redirect_fails_closed_without_listener(pair):
         assert t.can_connect("client", server.ip, 8080)
         t.dp.unregister_proxy_listener(port)
         assert not t.can_connect("client", server.ip, 8080, DROP_TIMEOUT)
+        # A proxy that dies without unregistering: closing the socket takes it
+        # out of the sockhash, and the redirect fails closed again.
+        t.dp.register_proxy_listener(port, listener)
+        listener.close()
+        assert not t.can_connect("client", server.ip, 8080, DROP_TIMEOUT)
     finally:
         listener.close()
 
@@ -683,7 +688,7 @@ def test_cleanup_happens_when_the_test_body_fails():
 
 def test_icmp_errors_of_a_tracked_flow_reach_the_sender(pair):
     t = pair
-    client, server = t["client"], t["server"]
+    server = t["server"]
     t.attach("client", ingress=True)   # no ICMP may come in on its own
     t.attach("server")
     sender = t.socket_in("client", socket.SOCK_DGRAM)
