@@ -163,7 +163,7 @@ BPF_HASH(ifindex_endpoint, u32, u32, 1024);
 BPF_LPM_TRIE(policy, struct policy_key, struct policy_value, 65536);
 BPF_TABLE("lru_hash", struct ct_key, struct ct_value, conntrack, CT_SIZE);
 BPF_PERCPU_ARRAY(counters, u64, C_MAX);
-BPF_TABLE("percpu_hash", struct ep_counter_key, u64, endpoint_counters, 8192);
+BPF_TABLE("percpu_hash", struct ep_counter_key, u64, endpoint_counters, 16384);  // 1024 endpoints x C_MAX
 BPF_ARRAY(config, u32, 1);   // [0] = policy revision
 // Proxy transparent listeners by proxy port. bcc cannot open a sockhash
 // (unknown table type 18), so user space fills it by fd with raw bpf().

@@ -161,14 +161,14 @@ class Topology:
         self._closers.append(server.close)
         return server
 
-    def connect(self, name: str, ip, port: int, timeout: float = 1.0) -> socket.socket:
+    def connect(self, name: str, ip, port: int, timeout: float = 2.0) -> socket.socket:
         """Connect from inside an endpoint; raises on refusal or timeout."""
         s = self.socket_in(name)
         s.settimeout(timeout)
         s.connect((str(ip), port))
         return s
 
-    def can_connect(self, name: str, ip, port: int, timeout: float = 1.0) -> bool:
+    def can_connect(self, name: str, ip, port: int, timeout: float = 2.0) -> bool:
         try:
             s = self.connect(name, ip, port, timeout)
         except OSError:
