@@ -23,7 +23,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-from parsers import kafka_apis, kafka_deny, kafka_fetch
+from parsers import kafka_apis, kafka_deny, kafka_fetch, kafka_produce
 from parsers.base import (
     Access,
     Command,
@@ -57,8 +57,11 @@ _LOOKUP_VERSION = 12
 # What handling one request frame leads to.
 _OK, _FAIL, _HOLD = "ok", "fail", "hold"
 
-# Responses above this size are passed through as they arrive.
+# Frames above this size are passed through as they arrive: responses always,
+# Produce requests when their prefix names one topic and is allowed.
 _STREAM_OVER = 64 * 1024
+# How far into a Produce request its topic must appear to be judged early.
+_PREFIX_PEEK = 64 * 1024
 
 _size = struct.Struct(">i")
 _fixed_header = struct.Struct(">hhih")
@@ -114,11 +117,15 @@ class KafkaEngine:
         self._held: bytes | None = None  # request waiting for a topic-id lookup
         self._lookups = 0
         self._metadata_version = _LOOKUP_VERSION
+        # A large Produce judged from its prefix, being passed through.
+        self._upload_left = 0
+        self._upload_done: Reply | None = None
+        self._whole_frame = False  # the frame at the head must be read whole
 
     @property
     def reading_headers(self) -> bool:
         # Kafka has no separate head: a partial frame is a partial request.
-        return len(self._client) > 0 and self._held is None
+        return len(self._client) > 0 and self._held is None and not self._upload_left
 
     @property
     def topic_names(self) -> dict[uuid.UUID, str]:
@@ -141,20 +148,85 @@ class KafkaEngine:
 
     def _drain_client(self, out: list[Command]) -> None:
         buf = self._client
-        while len(buf) >= 4:
+        while True:
+            if self._upload_left:
+                if not len(buf):
+                    return
+                for piece in buf.take_upto(self._upload_left):
+                    out.append(ToServer(piece))
+                    self._upload_left -= len(piece)
+                if not self._upload_left and self._upload_done is not None:
+                    out.append(self._upload_done)  # acks=0: complete once sent
+                    self._upload_done = None
+                continue
+            if len(buf) < 4:
+                return
             (size,) = _size.unpack(buf.peek(4))
             if size < _MIN_REQUEST_HEADER or size > self._max_frame:
                 out.append(ParseError("client", self._bad_size("client", size)))
                 self._failed = True
                 return
             if len(buf) < 4 + size:
+                if size + 4 > _STREAM_OVER and not self._whole_frame:
+                    if self._judge_prefix(size, out):
+                        continue
                 return
+            self._whole_frame = False
             status = self._request(buf.take(4 + size), out)
             if status is _FAIL:
                 self._failed = True
                 return
             if status is _HOLD:
                 return  # later frames wait until the held one is judged
+
+    def _judge_prefix(self, size: int, out: list[Command]) -> bool:
+        """Judge a large, still incomplete Produce from its first bytes.
+
+        True: it was allowed and its bytes now pass through as they arrive.
+        False: wait for more bytes, or (``_whole_frame`` set) for the whole
+        frame, which then takes the ordinary path (denials need it whole).
+        """
+        want = min(4 + size, _PREFIX_PEEK)
+        head = self._client.peek(min(len(self._client), want))
+        try:
+            api_key, api_version, correlation_id, client_len = _fixed_header.unpack_from(head, 4)
+            if api_key != _PRODUCE or kafka_apis.request_class(api_key, api_version) is None:
+                self._whole_frame = True
+                return False
+            pos = 14 + max(client_len, 0)
+            if pos > len(head):
+                raise kafka_produce.NeedMore
+            client_id = head[14:pos].decode("utf-8", "replace") if client_len >= 0 else None
+            flexible = kafka_apis.is_flexible(api_key, api_version)
+            if flexible:
+                pos = _skip_tagged_fields(head, pos)
+            prefix = kafka_produce.read_prefix(head, pos, api_version, flexible)
+        except (kafka_produce.NeedMore, IndexError, ValueError, struct.error):
+            if len(head) >= want:  # malformed, or a prefix longer than any sane one
+                self._whole_frame = True
+            return False
+        if prefix.topic_count != 1 or prefix.topic is None:
+            self._whole_frame = True  # several topics, or ids: judge the whole request
+            return False
+        request = KafkaRequest(
+            api_key,
+            api_version,
+            correlation_id,
+            client_id,
+            topics=(prefix.topic,),
+            transactional_ids=(prefix.transactional_id,) if prefix.transactional_id else (),
+        )
+        decision = self._decide(request)
+        if not decision.allowed:
+            self._whole_frame = True
+            return False
+        out.append(Access(request, decision, key=correlation_id))
+        if prefix.acks == 0:
+            self._upload_done = Reply(correlation_id, {"api": "Produce", "acks": 0})
+        else:
+            self._owed.append(_Owed(correlation_id, api_key, api_version))
+        self._upload_left = 4 + size
+        return True
 
     def _bad_size(self, side: str, size: int) -> ProtocolError:
         if size > self._max_frame:

@@ -770,3 +770,83 @@ def test_denial_arriving_mid_stream_waits_for_the_streamed_response_to_end():
     assert out[: len(big)] == big
     decoded = ProduceResponse.decode(out[len(big) :], version=9, header=True, framed=True)
     assert decoded.header.correlation_id == 2
+
+
+# ---------------------------------------------------------------------------
+# Large produce requests: judged from their prefix, passed through as they arrive.
+
+
+def big_produce(topics=("orders",), acks=1, version=9, transactional_id=None, size=80_000):
+    P = ProduceRequest
+    data = [
+        P.TopicProduceData(
+            name=t,
+            partition_data=[
+                P.TopicProduceData.PartitionProduceData(index=i, records=b"b" * size)
+                for i in range(2)
+            ],
+        )
+        for t in topics
+    ]
+    msg = P(acks=acks, timeout_ms=1000, transactional_id=transactional_id, topic_data=data)
+    return msg
+
+
+@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("version", [3, 9, 12])
+def test_large_allowed_produce_is_judged_early_and_streamed(version, how):
+    seen = []
+    engine = KafkaEngine(lambda r: seen.append(r) or Decision(True))
+    wire = frame(
+        big_produce(version=version, transactional_id="tx" if version >= 3 else None), version, 7
+    )
+    wire += frame(produce("orders"), version, 8)  # pipelined behind it
+    first = engine.client_data(wire[:1000])
+    assert [type(c) for c in first] == [Access, ToServer], "judged before the batches arrive"
+    assert first[0].request.topics == ("orders",) and first[0].request.transactional_ids == ("tx",)
+    rest = feed(engine.client_data, wire[1000:], how)
+    assert b"".join(c.data for c in first + rest if isinstance(c, ToServer)) == wire
+    assert [c.key for c in first + rest if isinstance(c, Access)] == [7, 8]
+    replies = engine.server_data(
+        response(ProduceResponse, version, 7, responses=[])
+        + response(ProduceResponse, version, 8, responses=[])
+    )
+    assert [c.key for c in replies if isinstance(c, Reply)] == [7, 8]
+
+
+def test_large_denied_produce_is_read_whole_and_denied_per_partition():
+    engine = KafkaEngine(allow_topics("orders"))
+    wire = frame(big_produce(topics=("secrets",)), 9, 3)
+    cmds = [c for part in chunks_of(wire, 10_000) for c in engine.client_data(part)]
+    assert not any(isinstance(c, ToServer) for c in cmds)
+    (denial,) = [c.data for c in cmds if isinstance(c, ToClient)]
+    decoded = ProduceResponse.decode(denial, version=9, header=True, framed=True)
+    assert [(p.index, p.error_code) for p in decoded.responses[0].partition_responses] == [
+        (0, 29),
+        (1, 29),
+    ]
+    assert len([c for c in cmds if isinstance(c, Access)]) == 1
+
+
+def test_large_produce_naming_several_topics_waits_for_the_whole_request():
+    engine = KafkaEngine(allow_topics("orders", "audit"))
+    wire = frame(big_produce(topics=("orders", "audit")), 9, 4)
+    early = engine.client_data(wire[:-1])
+    assert early == []
+    cmds = engine.client_data(wire[-1:])
+    assert cmds[0].request.topics == ("orders", "audit") and cmds[1] == ToServer(wire)
+
+
+def test_large_acks0_produce_streams_and_owes_nothing():
+    engine = KafkaEngine(allow_topics("orders"))
+    wire = frame(big_produce(acks=0), 9, 5)
+    cmds = [c for part in chunks_of(wire, 30_000) for c in engine.client_data(part)]
+    assert [type(c).__name__ for c in cmds][:2] == ["Access", "ToServer"]
+    assert type(cmds[-1]).__name__ == "Reply" and cmds[-1].fields["acks"] == 0
+    assert b"".join(c.data for c in cmds if isinstance(c, ToServer)) == wire
+    later = engine.client_data(frame(produce("secrets"), 9, 6))
+    assert any(isinstance(c, ToClient) for c in later), "nothing owed: the denial goes straight out"
+
+
+def chunks_of(data: bytes, n: int) -> list[bytes]:
+    return [data[i : i + n] for i in range(0, len(data), n)]
