@@ -1,4 +1,4 @@
-"""CQL: cassandra-driver -> {direct, haproxy (TCP), l7proxy firewall} -> the CQL server test double.
+"""CQL: cassandra-driver -> {direct, haproxy (TCP), L4-only proxy, l7proxy} -> the CQL server test double.
 
     python -m bench.cassandra [--queries N] [--concurrency C]
 
@@ -9,7 +9,9 @@ C requests in flight on one connection. Workloads: a prepared SELECT
 BATCH of four prepared INSERTs, on protocol v4 and on v5 with LZ4 segments.
 Reported per workload: requests/s through each path (a BATCH is one
 request), CPU microseconds per request in the proxy process (haproxy, one
-thread, TCP mode: the cost of a hop that parses nothing; l7proxy), and the
+thread, TCP mode: the cost of a hop that parses nothing; ``l7proxy firewall``
+with an L4-only policy, which passes bytes through: the proxy's I/O without
+CQL parsing; ``l7proxy firewall`` with CQL rules), and the
 throughput ratios, each the median of three runs. The direct path
 is measured in the same run against a fresh double. The pure-Python double and
 driver cap both paths, so the proxy's own cost is best read from its CPU per
@@ -66,6 +68,16 @@ spec:
         - query_action: insert
           query_table: "bench\\\\.kv"
 """
+L4_POLICY = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: bench-cql-l4}}
+spec:
+  endpointSelector: {{matchLabels: {{app: bench-cql}}}}
+  ingress:
+  - toPorts:
+    - ports: [{{port: "{port}", protocol: TCP}}]
+"""
 PROTOCOLS = [("v4", 4, False), ("v5-lz4", 5, "lz4")]
 
 
@@ -78,9 +90,9 @@ def cql_double(workdir: Path):
 
 
 @contextmanager
-def l7proxy(upstream: Service, workdir: Path):
+def l7proxy(upstream: Service, workdir: Path, policy_text: str = POLICY):
     policy = workdir / "policy.yaml"
-    policy.write_text(POLICY.format(port=upstream.port))
+    policy.write_text(policy_text.format(port=upstream.port))
     argv = [
         sys.executable, "-m", "l7proxy", "firewall", "--listen", "127.0.0.1:0",
         "--upstream", f"{upstream.host}:{upstream.port}",
@@ -216,33 +228,39 @@ def main(argv: list[str] | None = None) -> None:
             with cql_double(workdir) as double, haproxy_tcp(double, workdir) as hap:
                 haproxy = run_workloads(hap.host, hap.port, version, compression, args.queries,
                                         args.concurrency, hap.pid)
+            with cql_double(workdir) as double, l7proxy(double, workdir, L4_POLICY) as fw:
+                l4 = run_workloads(fw.host, fw.port, version, compression, args.queries,
+                                   args.concurrency, fw.pid)
             with cql_double(workdir) as double, l7proxy(double, workdir) as fw:
                 proxied = run_workloads(fw.host, fw.port, version, compression, args.queries,
                                         args.concurrency, fw.pid)
             for workload in direct:
-                d, h, p = direct[workload], haproxy[workload], proxied[workload]
+                d, h, p, p4 = direct[workload], haproxy[workload], proxied[workload], l4[workload]
                 rows.append({
                     "protocol": label,
                     "workload": workload,
                     "direct_requests_per_s": d["requests_per_s"],
                     "haproxy_tcp_requests_per_s": h["requests_per_s"],
+                    "l4proxy_requests_per_s": p4["requests_per_s"],
                     "l7proxy_requests_per_s": p["requests_per_s"],
                     "l7proxy_vs_direct": round(ratio(p["requests_per_s"], d["requests_per_s"]), 3),
                     "l7proxy_vs_haproxy": round(ratio(p["requests_per_s"], h["requests_per_s"]), 3),
                     "haproxy_cpu_us_per_request": h["proxy_cpu_us_per_request"],
+                    "l4proxy_cpu_us_per_request": p4["proxy_cpu_us_per_request"],
                     "l7proxy_cpu_us_per_request": p["proxy_cpu_us_per_request"],
                     "l7proxy_cpu_vs_haproxy": round(ratio(p["proxy_cpu_us_per_request"] or 0,
                                                           h["proxy_cpu_us_per_request"] or 0), 2),
-                    "succeeded": [d["succeeded"], h["succeeded"], p["succeeded"]],
+                    "succeeded": [d["succeeded"], h["succeeded"], p4["succeeded"], p["succeeded"]],
                     "requests": d["requests"],
                 })
     engine = engine_cost()
-    headers = ["protocol", "workload", "direct req/s", "haproxy req/s", "l7proxy req/s", "vs direct",
-               "vs haproxy", "haproxy CPU us/req", "l7proxy CPU us/req"]
+    headers = ["protocol", "workload", "direct req/s", "haproxy req/s", "L4 proxy req/s", "l7proxy req/s",
+               "vs direct", "vs haproxy", "haproxy CPU us/req", "L4 proxy CPU us/req", "l7proxy CPU us/req"]
     print(markdown_table(headers, [
         [r["protocol"], r["workload"], r["direct_requests_per_s"], r["haproxy_tcp_requests_per_s"],
-         r["l7proxy_requests_per_s"], r["l7proxy_vs_direct"], r["l7proxy_vs_haproxy"],
-         r["haproxy_cpu_us_per_request"], r["l7proxy_cpu_us_per_request"]] for r in rows
+         r["l4proxy_requests_per_s"], r["l7proxy_requests_per_s"], r["l7proxy_vs_direct"],
+         r["l7proxy_vs_haproxy"], r["haproxy_cpu_us_per_request"], r["l4proxy_cpu_us_per_request"],
+         r["l7proxy_cpu_us_per_request"]] for r in rows
     ]))
     print(markdown_table(["engine only (in process)", "us per request+response"],
                          [[k, v] for k, v in engine.items()]))
