@@ -141,7 +141,9 @@ class CqlEngine:
         # Framing is lost: nothing after this point can be trusted or forwarded.
         stream = getattr(error, "stream", None)
         if side == "client" and stream is not None and not error.wire_reply:
-            error.wire_reply = self._error_reply(self._version or 4, stream, w.ERR_PROTOCOL, str(error))
+            error.wire_reply = self._error_reply(
+                self._version or 4, stream, w.ERR_PROTOCOL, str(error)
+            )
         if error.wire_reply:
             out.append(ToClient(error.wire_reply))
         out.append(ParseError(side, error, close=True))
@@ -274,7 +276,8 @@ class CqlEngine:
     def _check_length(self, length: int, stream: int) -> None:
         if length > self._max_frame:
             raise w.CqlFrameTooLarge(
-                f"frame body of {length} bytes exceeds the maximum of {self._max_frame}", stream=stream
+                f"frame body of {length} bytes exceeds the maximum of {self._max_frame}",
+                stream=stream,
             )
 
     # ------------------------------------------------------------------
