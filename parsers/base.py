@@ -137,7 +137,17 @@ class Log:
     level: str = "debug"
 
 
-Command = ToServer | ToClient | Access | Reply | ParseError | ShutdownServer | ShutdownClient | Close | Log
+Command = (
+    ToServer
+    | ToClient
+    | Access
+    | Reply
+    | ParseError
+    | ShutdownServer
+    | ShutdownClient
+    | Close
+    | Log
+)
 
 
 # --------------------------------------------------------------------------
