@@ -122,11 +122,11 @@ def _can_reset(conn, stream_id) -> bool:
     return _state(conn, stream_id) in ("OPEN", "HALF_CLOSED_REMOTE", "HALF_CLOSED_LOCAL")
 
 
-def _try(fn) -> None:
+def _try(fn, *args, **kwargs) -> None:
     from h2.exceptions import ProtocolError as PeerRefused
 
     try:
-        fn()
+        fn(*args, **kwargs)
     except (PeerRefused, KeyError):
         pass  # not a legal move for that peer right now (closed stream, no window, ...)
 
@@ -154,38 +154,38 @@ def test_random_legal_traffic_from_both_peers(actions, mode):
         cid, sid = client_id(i), server_id(i)
         if action in ("open", "open_end"):
             new = t.client.get_next_available_stream_id()
-            _try(lambda: t.client.send_headers(new, request_headers(f"/p/{len(opened)}", "POST"), end_stream=action == "open_end"))
+            _try(t.client.send_headers, new, request_headers(f"/p/{len(opened)}", "POST"), end_stream=action == "open_end")
             opened.append(new)
         elif action == "c_data" and cid and _can_send(t.client, cid):
-            _try(lambda: t.client.send_data(cid, b"c" * min(n, t.client.local_flow_control_window(cid), t.client.max_outbound_frame_size)))
+            _try(t.client.send_data, cid, b"c" * min(n, t.client.local_flow_control_window(cid), t.client.max_outbound_frame_size))
         elif action == "c_end" and cid and _can_send(t.client, cid):
-            _try(lambda: t.client.end_stream(cid))
+            _try(t.client.end_stream, cid)
         elif action == "c_reset" and cid and _can_reset(t.client, cid):
-            _try(lambda: t.client.reset_stream(cid, 8))
+            _try(t.client.reset_stream, cid, 8)
         elif action == "respond" and sid and sid not in responded and _can_send(t.server, sid):
             responded.add(sid)
-            _try(lambda: t.server.send_headers(sid, [(b":status", b"200")]))
+            _try(t.server.send_headers, sid, [(b":status", b"200")])
         elif action == "s_data" and sid in responded and _can_send(t.server, sid):
-            _try(lambda: t.server.send_data(sid, b"s" * min(n, t.server.local_flow_control_window(sid), t.server.max_outbound_frame_size)))
+            _try(t.server.send_data, sid, b"s" * min(n, t.server.local_flow_control_window(sid), t.server.max_outbound_frame_size))
         elif action == "s_end" and sid in responded and _can_send(t.server, sid):
-            _try(lambda: t.server.end_stream(sid))
+            _try(t.server.end_stream, sid)
         elif action == "s_trailers" and sid in responded and _can_send(t.server, sid):
-            _try(lambda: t.server.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True))
+            _try(t.server.send_headers, sid, [(b"grpc-status", b"0")], end_stream=True)
         elif action == "s_reset" and sid and _can_reset(t.server, sid):
-            _try(lambda: t.server.reset_stream(sid, 8))
+            _try(t.server.reset_stream, sid, 8)
         elif action == "c_ack":
             for e in t.client_events:
                 if type(e).__name__ == "DataReceived" and e.flow_controlled_length:
-                    _try(lambda e=e: t.client.acknowledge_received_data(e.flow_controlled_length, e.stream_id))
+                    _try(t.client.acknowledge_received_data, e.flow_controlled_length, e.stream_id)
             t.client_events = [e for e in t.client_events if type(e).__name__ != "DataReceived"]
         elif action == "s_ack":
             for size, stream in t.server_unacked:
-                _try(lambda size=size, stream=stream: t.server.acknowledge_received_data(size, stream))
+                _try(t.server.acknowledge_received_data, size, stream)
             t.server_unacked.clear()
         elif action == "ping":
-            _try(lambda: t.client.ping(b"01234567"))
+            _try(t.client.ping, b"01234567")
         elif action == "c_window" and cid and _can_reset(t.client, cid):
-            _try(lambda: t.client.increment_flow_control_window(n + 1, cid))
+            _try(t.client.increment_flow_control_window, n + 1, cid)
         elif action == "pump":
             t.pump()
     t.pump()
