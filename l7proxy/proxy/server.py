@@ -160,7 +160,10 @@ class Proxy:
             sock.setblocking(False)
             if self.mark:
                 sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
-            if self.preserve_source:
+            # The server's replies can only be steered back to a socket bound to
+            # the client's address when the server sits behind an endpoint veth;
+            # toward the host or the world, connect from our own address.
+            if self.preserve_source and dst_ip in self.state.current.endpoints_by_ip:
                 sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind((src_ip, 0))
