@@ -117,6 +117,7 @@ FUZZ_REGRESSIONS = [
     b"\x00\rGET / HTTP/1.1\r\nHost: a\r\n\r\n",
     b"\x01o",
     b"\x02GET old HTTP/1.0\r\n",
+    b"\x00HTTP/1.1 200 OK\r\nVary: Accept-Encoding\r\n_onnection: Keep-Alive\r\nTransfer-Encoding: \r\n\r\n",
 ]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from tests.fuzz.seeds import write_seeds
 from tests.fuzz.targets import TARGETS
 
-RUNS = re.compile(r"Done (\d+) runs in (\d+) second")
+RUNS = re.compile(r"stat::number_of_executed_units: (\d+)")
 
 
 def main(argv: list[str] | None = None) -> int:
