@@ -394,3 +394,39 @@ def test_librdkafka_survives_denied_telemetry_under_explicit_api_rules():
             assert telemetry and all(
                 f["verdict"] == "DENIED" and f["reply"]["error_code"] == 31 for f in telemetry
             )
+
+
+def test_large_messages_stream_through_both_ways(stack):
+    """Requests and responses above 64 KiB take the streaming paths."""
+    fw, broker = stack
+    topic = f"{OK}.big"
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    try:
+        admin.create_topics([NewTopic(topic, 1, 1)])
+    finally:
+        admin.close()
+    values = [bytes([65 + i]) * 300_000 for i in range(4)]
+    producer = KafkaProducer(
+        bootstrap_servers=broker.bootstrap, linger_ms=50, max_request_size=4_000_000
+    )
+    try:
+        for value in values:
+            producer.send(topic, value)
+        producer.flush(timeout=20)
+    finally:
+        producer.close()
+    consumer = KafkaConsumer(
+        bootstrap_servers=broker.bootstrap, group_id=None, auto_offset_reset="earliest"
+    )
+    try:
+        consumer.assign([TopicPartition(topic, 0)])
+        consumer.seek_to_beginning()
+        assert read_all(consumer, len(values)) == values
+    finally:
+        consumer.close()
+    produced = flows_for(fw, 0, topic)
+    assert produced and all(
+        f["verdict"] == "FORWARDED" and f["reply"]["error_code"] == 0 for f in produced
+    )
+    fetched = flows_for(fw, 1, topic)
+    assert fetched and all(f["reply"].get("error_code") == 0 for f in fetched)
