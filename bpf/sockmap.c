@@ -157,17 +157,29 @@ struct drop_event {
     u32 endpoint_id;
 };
 
-BPF_LPM_TRIE(ipcache, struct ipcache_key, struct ipcache_value, 16384);
-BPF_HASH(endpoints, u32, struct endpoint_info, 1024);
-BPF_HASH(ifindex_endpoint, u32, u32, 1024);
-BPF_LPM_TRIE(policy, struct policy_key, struct policy_value, 65536);
-BPF_TABLE("lru_hash", struct ct_key, struct ct_value, conntrack, CT_SIZE);
-BPF_PERCPU_ARRAY(counters, u64, C_MAX);
-BPF_TABLE("percpu_hash", struct ep_counter_key, u64, endpoint_counters, 16384);  // 1024 endpoints x C_MAX
-BPF_ARRAY(config, u32, 1);   // [0] = policy revision
+// With -DPIN_DIR="/sys/fs/bpf/l7proxy-<instance>" every state map is pinned
+// there: bcc reuses a map already pinned at its path, so a restarted agent
+// keeps conntrack, policy and counters (docs/restarts.md). Without it the
+// maps are private to this load, as before.
+#ifdef PIN_DIR
+#define STATE_MAP(type, key, leaf, name, max, flags) \
+    BPF_TABLE_PINNED7(type, key, leaf, name, max, PIN_DIR "/" #name, flags)
+#else
+#define STATE_MAP(type, key, leaf, name, max, flags) \
+    BPF_F_TABLE(type, key, leaf, name, max, flags)
+#endif
+
+STATE_MAP("lpm_trie", struct ipcache_key, struct ipcache_value, ipcache, 16384, BPF_F_NO_PREALLOC);
+STATE_MAP("hash", u32, struct endpoint_info, endpoints, 1024, 0);
+STATE_MAP("hash", u32, u32, ifindex_endpoint, 1024, 0);
+STATE_MAP("lpm_trie", struct policy_key, struct policy_value, policy, 65536, BPF_F_NO_PREALLOC);
+STATE_MAP("lru_hash", struct ct_key, struct ct_value, conntrack, CT_SIZE, 0);
+STATE_MAP("percpu_array", u32, u64, counters, C_MAX, 0);
+STATE_MAP("percpu_hash", struct ep_counter_key, u64, endpoint_counters, 16384, 0);  // 1024 endpoints x C_MAX
+STATE_MAP("array", u32, u32, config, 1, 0);   // [0] = policy revision
 // Proxy transparent listeners by proxy port. bcc cannot open a sockhash
 // (unknown table type 18), so user space fills it by fd with raw bpf().
-BPF_TABLE("sockhash", u32, int, proxy_listeners, 256);
+STATE_MAP("sockhash", u32, int, proxy_listeners, 256, 0);
 BPF_RINGBUF_OUTPUT(drop_events, 64);
 
 struct packet {
