@@ -67,12 +67,14 @@ def test_random_server_frames_mid_request(frame_list):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.binary(min_size=1, max_size=200))
+@given(st.one_of(st.binary(min_size=1, max_size=200), st.integers(1, 23).map(lambda n: PREFACE[:n])))
 def test_garbage_instead_of_a_preface(garbage):
     engine = H2Engine(allow_all)
     commands = engine.client_data(garbage)
     if PREFACE.startswith(garbage):
-        assert commands == [] and engine.reading_headers
+        # Still possibly HTTP/2: our SETTINGS may go out, nothing else happens yet.
+        assert [type(c).__name__ for c in commands] in ([], ["ToClient"])
+        assert engine.reading_headers
     else:
         assert check(commands)
         assert not any(type(c).__name__ == "ToServer" for c in commands)  # never bother the server
