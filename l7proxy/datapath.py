@@ -242,7 +242,8 @@ class Datapath:
     """
 
     def __init__(self, *, bpf_source: Path = Path("bpf/sockmap.c"), proxy_mark: int,
-                 instance: str, redirect_mark: int | None = None, ct_size: int = 65536):
+                 instance: str, redirect_mark: int | None = None, ct_size: int = 65536,
+                 pin_dir: Path | None = None):
         source = Path(bpf_source)
         if not source.is_absolute() and not source.exists():
             source = REPO_ROOT / source
@@ -253,6 +254,10 @@ class Datapath:
             raise ValueError("proxy_mark must be non-zero and differ from redirect_mark")
         self.instance = instance
         self.ct_size = ct_size
+        # Maps pinned here survive this object: a restarted agent adopts them
+        # (l7proxy/pins.py, docs/restarts.md). None: private maps.
+        self.pin_dir = Path(pin_dir) if pin_dir is not None else None
+        self._adopted: set[int] = set()   # endpoint ids found in pinned maps
         self._bpf = None
         self._progs: dict[str, object] = {}
         self._attached: dict[int, _Attached] = {}
@@ -275,13 +280,23 @@ class Datapath:
         from bcc import BPF
         from bcc.libbcc import lib
 
-        self._bpf = BPF(src_file=str(self.bpf_source).encode(), cflags=[
+        cflags = [
             f"-DPROXY_MARK={self.proxy_mark:#x}",
             f"-DREDIRECT_MARK={self.redirect_mark:#x}",
             f"-DCT_SIZE={self.ct_size}",
             "-w",
-        ])
+        ]
+        if self.pin_dir is None:
+            self._bpf = BPF(src_file=str(self.bpf_source).encode(), cflags=cflags)
+        else:
+            from l7proxy import pins
+
+            self._bpf = pins.load_pinned(
+                lambda extra: BPF(src_file=str(self.bpf_source).encode(), cflags=cflags + extra),
+                self.pin_dir)
         try:
+            if self.pin_dir is not None:
+                self._adopt()
             for name in ("from_endpoint", "to_endpoint"):
                 self._progs[name] = self._bpf.load_func(name.encode(), BPF.SCHED_CLS)
             self._listener_fd = lib.bpf_table_fd(self._bpf.module, b"proxy_listeners")
@@ -359,8 +374,19 @@ class Datapath:
         if endpoint_id in self._endpoints and self._bpf is not None:
             self.remove_endpoint(endpoint_id)
 
-    def close(self) -> None:
-        """Detach everything in reverse order and unload. Idempotent."""
+    def close(self, keep: bool = False) -> None:
+        """Detach everything in reverse order, unload and unpin. Idempotent.
+
+        keep=True is a handover: programs stay attached and pinned maps (with
+        the listener sockhash) stay as they are, for the successor to adopt."""
+        if keep:
+            if self._bpf is not None:
+                bpf, self._bpf = self._bpf, None
+                self._progs.clear()
+                bpf.cleanup()
+            self._attached.clear()
+            self._listeners.clear()
+            return
         for endpoint_id in reversed(list(self._attached)):
             with contextlib.suppress(Exception):
                 self.detach(endpoint_id)
@@ -374,6 +400,54 @@ class Datapath:
         self._endpoints.clear()
         self._ipcache_state.clear()
         self._policy_state.clear()
+        if self.pin_dir is not None:
+            from l7proxy import pins
+
+            pins.remove(self.pin_dir)
+
+    def _adopt(self) -> None:
+        """Take what a previous agent left in the pinned maps as our state, so
+        the next sync diffs against it (stale keys are removed, equal keys are
+        not rewritten) and the revision continues instead of restarting at 1."""
+        bpf = self._bpf
+        config = bpf[b"config"]
+        self._revision = int(config[config.Key(0)].value)
+        for k, v in bpf[b"policy"].items():
+            key = (k.endpoint_id, k.direction, k.identity, k.protocol,
+                   int.from_bytes(int(k.port).to_bytes(2, "little"), "big"),
+                   k.prefixlen - POLICY_PREFIX_BASE)
+            self._policy_state[key] = (v.flags, v.proxy_port)
+        ips: dict[int, IPv4Address] = {}
+        for k, v in bpf[b"ipcache"].items():
+            net = IPv4Network((_ip_from_be32(k.addr), k.prefixlen))
+            self._ipcache_state[net] = (v.identity, v.endpoint_id)
+            if v.endpoint_id and k.prefixlen == 32:
+                ips[v.endpoint_id] = net.network_address
+            elif not v.endpoint_id:
+                self._ipcache_desired[net] = v.identity
+        endpoints = bpf[b"endpoints"]
+        for k, v in bpf[b"ifindex_endpoint"].items():
+            ep_id, ifindex = v.value, k.value
+            ep = endpoints.get(endpoints.Key(ep_id))
+            if ep is None or ep_id not in ips:
+                continue
+            self._endpoints[ep_id] = EndpointInfo(
+                endpoint_id=ep_id, ifindex=ifindex, ip=ips[ep_id], identity=ep.identity,
+                ingress_enforced=bool(ep.flags & EP_INGRESS_ENFORCED),
+                egress_enforced=bool(ep.flags & EP_EGRESS_ENFORCED),
+                audit=bool(ep.flags & EP_AUDIT))
+            self._adopted.add(ep_id)
+
+    def prune_adopted(self) -> list[int]:
+        """After the first sync: endpoints found in the pinned maps that were
+        not attached again are gone; remove their entries and tc filters."""
+        gone = [i for i in self._adopted if i not in self._attached and i in self._endpoints]
+        for ep_id in gone:
+            info = self._endpoints[ep_id]
+            self._attached[ep_id] = _Attached(info, ["clsact", _TC_INGRESS, _TC_EGRESS])
+            self.detach(ep_id)
+        self._adopted.clear()
+        return gone
 
     def __enter__(self) -> Datapath:
         return self
