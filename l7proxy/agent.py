@@ -7,6 +7,12 @@ datapath, then compiles the policy in force and writes it to the kernel maps.
 and updates maps in place (no program reload; open connections stay open and
 their next request is judged by the new policy). ``Agent.stop`` detaches
 everything, in reverse order.
+
+Restarts lose nothing (docs/restarts.md): the BPF maps are pinned, and a new
+agent started while this one runs takes over through ``STATE/agent.sock``
+(l7proxy/handover.py): it adopts the pinned maps and this agent's listening
+sockets, replaces the tc programs in place, then this agent drains
+(``Agent.drain_and_exit``) and leaves programs, pins and route to it.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-from l7proxy import __version__, netns
+from l7proxy import __version__, netns, pins
 from l7proxy.flowlog import FlowLog, now_fields
+from l7proxy.handover import ControlServer, Predecessor, socket_path
 from l7proxy.policy.engine import CompiledPolicy, Endpoint, compile_policy
 from l7proxy.policy.errors import PolicyError
 from l7proxy.policy.load import load_paths
@@ -36,11 +43,22 @@ from l7proxy.store import FAMILIES, AgentState, Store
 log = logging.getLogger("l7proxy.agent")
 
 PROXY_HOST = "127.0.0.1"
+# After the drain deadline, a request still in flight gets this long to finish.
+IN_FLIGHT_GRACE = 5.0
 
 
 class Agent:
-    def __init__(self, store: Store, *, audit: bool = False, extra_policies: list[Path] = (), limits: ProxyLimits | None = None):
+    def __init__(self, store: Store, *, audit: bool = False, extra_policies: list[Path] = (), limits: ProxyLimits | None = None,
+                 predecessor: Predecessor | None = None, drain_timeout: float = 30.0):
         self.store = store
+        self.predecessor = predecessor   # the running agent this one takes over from
+        self.drain_timeout = drain_timeout
+        self.control: ControlServer | None = None
+        self.listen_socks: dict[str, object] = {}
+        self.handed_over = False   # a successor owns the node now; we only drain
+        self.handover_drain = drain_timeout
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.audit = audit
         self.extra_policies = list(extra_policies)
         self.limits = limits or ProxyLimits()
@@ -73,27 +91,55 @@ class Agent:
                     st.proxy_ports[family] = _free_port()
             self.agent_state = st
         st = self.agent_state
-        self.datapath = Datapath(proxy_mark=st.proxy_mark, redirect_mark=st.redirect_mark, instance=st.instance)
+        self._loop = asyncio.get_running_loop()
+        self.datapath = Datapath(proxy_mark=st.proxy_mark, redirect_mark=st.redirect_mark, instance=st.instance, pin_dir=pins.pin_dir(st.instance))
+        inherited: dict = {}
         try:
             await self._kernel(self.datapath.load)
             await self._kernel(netns.ensure_forwarding)
             await self._kernel(netns.install_proxy_routing, st.redirect_mark, st.route_table)
             self._routing = True
             self._host_prefixes = await self._kernel(_host_prefixes)
+            if self.predecessor is not None:   # revisions continue across a takeover
+                self.revision = int(self.predecessor.info.get("policy_revision", 0))
             self._load_policies(initial=True)
             self.state = PolicyState(self._compile(st))
             self.proxy = Proxy(self.state, self.flowlog, limits=self.limits, mark=st.proxy_mark)
+            if self.predecessor is not None:
+                # Same kernel sockets: their accept queue bridges the swap.
+                inherited = await asyncio.to_thread(self.predecessor.listeners)
             for family, port in st.proxy_ports.items():
-                sock = make_listener(PROXY_HOST, port, transparent=True)
+                sock = inherited.pop(family, None)
+                if sock is not None and sock.getsockname()[1] != port:
+                    sock.close()
+                    sock = None
+                if sock is None:
+                    sock = make_listener(PROXY_HOST, port, transparent=True)
+                self.listen_socks[family] = sock
                 await self.proxy.listen(PROXY_HOST, port, sock=sock)
                 await self._kernel(self.datapath.register_proxy_listener, port, sock)
                 self.listeners[family] = port
+            # Attaching replaces the programs in place (fixed tc prio/handle).
             await self._kernel(self._sync_kernel, self.state.current)
+            await self._kernel(self.datapath.prune_adopted)
             self._stamp = self._watch_stamp()
             self.store.pid_file.write_text(str(os.getpid()))
+            self.control = ControlServer(socket_path(self.store.root), hello=self._hello, listeners=self._give_listeners, drain=self._drain_requested)
+            self.control.start()
         except BaseException:
+            for sock in inherited.values():
+                sock.close()
             await self.stop()
             raise
+        if self.predecessor is not None:
+            pred, self.predecessor = self.predecessor, None
+            try:
+                reply = await asyncio.to_thread(pred.drain, self.drain_timeout)
+                log.info("took over from agent pid %s (%s connections draining)", pred.pid, reply.get("connections"))
+            except Exception as exc:  # noqa: BLE001 - it may have died meanwhile; we serve anyway
+                log.warning("predecessor pid %s did not confirm the drain: %s", pred.pid, exc)
+            finally:
+                pred.close()
 
     async def _kernel(self, fn, *args):
         """Run a datapath/netlink call on the agent's one kernel thread.
@@ -103,11 +149,24 @@ class Agent:
         return await asyncio.get_running_loop().run_in_executor(self._kexec, fn, *args)
 
     async def stop(self) -> None:
+        """Full stop: detach, unpin, remove the route. A takeover that failed
+        before its predecessor was told to drain only lets go: the predecessor
+        still runs on the same programs, pins and route."""
+        if self.control is not None:
+            self.control.close()
         if self.proxy is not None:
             await self.proxy.close()
+        letting_go = self.predecessor is not None
+        if letting_go:
+            self.predecessor.close()
+            self.predecessor = None
         if self.datapath is not None:
             with contextlib.suppress(Exception):
-                await self._kernel(self.datapath.close)
+                await self._kernel(self.datapath.close, letting_go)
+        if letting_go:
+            self._kexec.shutdown(wait=True)
+            self.flowlog.close()
+            return
         if self._routing and self.agent_state is not None:
             with contextlib.suppress(Exception):
                 await self._kernel(netns.remove_proxy_routing, self.agent_state.redirect_mark, self.agent_state.route_table)
@@ -117,14 +176,75 @@ class Agent:
         for f in (self.store.pid_file, self.store.status_file):
             f.unlink(missing_ok=True)
 
+    # ------------------------------------------------------------------ handover
+
+    def _hello(self) -> dict:
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "listeners": dict(self.listeners),
+            "policy_revision": self.revision,
+        }
+
+    def _give_listeners(self) -> tuple[list[str], list[int]]:
+        families = list(self.listen_socks)
+        return families, [self.listen_socks[f].fileno() for f in families]
+
+    def _drain_requested(self, timeout: float) -> dict:
+        """Called on the control thread: the successor is serving."""
+        self.handed_over = True   # from now on, never write status or kernel state
+        self.handover_drain = timeout
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        return {"draining": True, "connections": len(self.proxy.pipes) if self.proxy else 0}
+
+    async def drain_and_exit(self, cut_short: asyncio.Event | None = None) -> dict:
+        """After a handover: stop accepting, let open connections finish until
+        the drain deadline, close the idle ones then, give requests still in
+        flight IN_FLIGHT_GRACE more, and let go of the kernel without undoing
+        anything (the successor uses the same programs, pins and route)."""
+        loop = asyncio.get_running_loop()
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        for server in self.proxy.servers:
+            server.close()   # our fds only: the successor holds the same sockets
+        at_start = len(self.proxy.pipes)
+        cut_short = cut_short or asyncio.Event()
+        deadline = loop.time() + self.handover_drain
+        while self.proxy.pipes and loop.time() < deadline and not cut_short.is_set():
+            await asyncio.sleep(0.05)
+        idle_closed = 0
+        grace_end = loop.time() + (0 if cut_short.is_set() else IN_FLIGHT_GRACE)
+        while self.proxy.pipes:
+            for pipe in list(self.proxy.pipes):
+                # Idle: nothing judged awaits its reply, and no request has begun.
+                if not pipe.closing and not pipe.pending and getattr(pipe.engine, "reading_headers", True):
+                    pipe.close("agent handed over")
+                    idle_closed += 1
+            if loop.time() >= grace_end or cut_short.is_set():
+                break
+            await asyncio.sleep(0.05)
+        left = len(self.proxy.pipes)
+        await self.proxy.close()
+        log.info("drained: %d connections at handover, %d idle closed at the deadline, %d cut", at_start, idle_closed, left)
+        with contextlib.suppress(Exception):
+            await self._kernel(self.datapath.close, True)
+        self._kexec.shutdown(wait=True)
+        self.flowlog.close()
+        return {"connections": at_start, "idle_closed": idle_closed, "cut": left}
+
     async def run(self, stop: asyncio.Event) -> None:
         """Reconcile on change, drain kernel drop events, publish status, until ``stop``."""
+        self._stop = stop
         last_status = 0.0
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), 0.2)
             except TimeoutError:
                 pass
+            if self.handed_over:
+                break
             stamp = self._watch_stamp()
             if stamp != self._stamp:
                 self._stamp = stamp
@@ -174,6 +294,8 @@ class Agent:
     def _sync_kernel(self, compiled: CompiledPolicy) -> None:
         from l7proxy.datapath import EndpointInfo, PolicyEntry
 
+        if self.handed_over:
+            return   # the kernel state is the successor's
         dp = self.datapath
         links = dict(netns.list_links(f"l7p{self.agent_state.instance}"))
         desired = {}
@@ -271,7 +393,9 @@ class Agent:
         }
 
     def write_status(self, dp_status: dict) -> None:
-        tmp = self.store.status_file.with_suffix(".tmp")
+        if self.handed_over:
+            return   # the status file is the successor's
+        tmp = self.store.status_file.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.status(dp_status), indent=1, default=str))
         os.replace(tmp, self.store.status_file)
 

@@ -26,6 +26,9 @@ def add_commands(sub) -> None:
     run.add_argument("--header-timeout", type=float, default=10.0)
     run.add_argument("--idle-timeout", type=float, default=300.0)
     run.add_argument("--metrics", type=_addr, metavar="ADDR:PORT", help="serve Prometheus /metrics and /healthz here")
+    run.add_argument("--takeover", action="store_true", help="require a running agent to take over from (the default takes over if one runs)")
+    run.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="on takeover, how long the old agent keeps serving its open connections (default 30)")
 
     st = sub.add_parser("status", help="health of the running agent")
     st.add_argument("--json", action="store_true")
@@ -72,13 +75,22 @@ def cmd_run(args, store: Store) -> int:
     from l7proxy.agent import Agent
     from l7proxy.cli import loop_factory
     from l7proxy.datapath import kernel_support
+    from l7proxy.handover import Predecessor, socket_path
     from l7proxy.proxy.driver import ProxyLimits
 
     problem = kernel_support()
     if problem:
         print(f"cannot run the datapath here: {problem}", file=sys.stderr)
         return 2
-    agent = Agent(store, audit=args.audit, extra_policies=args.policy, limits=ProxyLimits(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout))
+    # A live agent answering on the control socket is taken over, not fought.
+    predecessor = Predecessor.connect(socket_path(store.root)) if store.root.exists() else None
+    if predecessor is None and args.takeover:
+        print("--takeover: no running agent answers on " + str(socket_path(store.root)), file=sys.stderr)
+        return 1
+    if predecessor is not None:
+        print(f"l7proxy taking over from agent pid {predecessor.pid}", flush=True)
+    agent = Agent(store, audit=args.audit, extra_policies=args.policy, limits=ProxyLimits(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout),
+                  predecessor=predecessor, drain_timeout=args.drain_timeout)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -97,8 +109,17 @@ def cmd_run(args, store: Store) -> int:
         finally:
             if agent.metrics is not None:
                 await agent.metrics.close()
-            # Explicit clean-up: under uvloop a signal-raised KeyboardInterrupt can be swallowed.
-            await agent.stop()
+            if agent.handed_over:
+                # A successor serves now: finish our connections, undo nothing.
+                cut_short = asyncio.Event()
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(sig, cut_short.set)
+                print(f"l7proxy handed over; draining for up to {agent.handover_drain:g}s", flush=True)
+                result = await agent.drain_and_exit(cut_short)
+                print(f"l7proxy drained: {result}", flush=True)
+            else:
+                # Explicit clean-up: under uvloop a signal-raised KeyboardInterrupt can be swallowed.
+                await agent.stop()
 
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(main())
@@ -190,8 +211,11 @@ def cmd_cleanup(args, store: Store) -> int:
     state = store.read()
     for name in delete_all(store):
         print(f"endpoint {name} deleted")
-    # A killed agent cannot remove its policy route; do it here.
+    # A killed agent cannot remove its policy route or its pinned maps; do it here.
     netns.remove_proxy_routing(state.redirect_mark, state.route_table)
+    from l7proxy import pins
+
+    pins.remove(pins.pin_dir(state.instance))
     shutil.rmtree(store.policy_dir, ignore_errors=True)
     return 0
 
