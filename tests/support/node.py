@@ -166,6 +166,7 @@ class Node:
             state = self.store.read()
             delete_all(self.store)
             netns.remove_proxy_routing(state.redirect_mark, state.route_table)
+            shutil.rmtree(f"/sys/fs/bpf/l7proxy-{state.instance}", ignore_errors=True)  # pinned maps a killed agent left
 
 
 @contextmanager
