@@ -17,9 +17,9 @@ grpc = pytest.importorskip("grpc")
 
 from tests.support.firewall import running_firewall  # noqa: E402
 from tests.support.grpc_interop import (  # noqa: E402
-    RUNNING_SERVERS,
     ECHO_INITIAL,
     ECHO_TRAILING,
+    RUNNING_SERVERS,
     interop,
     interop_server,
     stub_for,
@@ -56,7 +56,7 @@ def targets(pb):
         direct_channel, direct = stub_for("127.0.0.1", port)
         proxy_channel, proxied = stub_for(fw.host, fw.port)
         try:
-            yield {"direct": direct, "proxy": proxied, "firewall": fw}
+            yield {"direct": direct, "proxy": proxied, "firewall": fw, "port": port}
         finally:
             direct_channel.close()
             proxy_channel.close()
@@ -343,3 +343,25 @@ def test_a_client_that_stops_reading_stops_the_server_not_the_proxys_memory(targ
     assert received == [size] * count
     # Bounded by the windows (a few MiB), far below the 200 MB that went through.
     assert peak - baseline < 40 * 1024 * 1024
+
+
+def test_compressed_messages_and_keepalive_pings(targets, pb):
+    """gzip-compressed messages (flag byte 1) and client keepalive PINGs pass unchanged."""
+    m = pb.messages_pb2
+    fw = targets["firewall"]
+    options = [("grpc.keepalive_time_ms", 200), ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+
+    def run(host, port):
+        channel = grpc.insecure_channel(f"{host}:{port}", options=options, compression=grpc.Compression.Gzip)
+        try:
+            stub = pb.test_pb2_grpc.TestServiceStub(channel)
+            sizes = []
+            for _ in range(3):
+                reply = stub.UnaryCall(m.SimpleRequest(response_size=50_000, payload=m.Payload(body=b"\x00" * 50_000)), timeout=10)
+                sizes.append(len(reply.payload.body))
+                threading.Event().wait(0.3)  # idle long enough for a keepalive PING
+            return sizes
+        finally:
+            channel.close()
+
+    assert run(fw.host, fw.port) == run("127.0.0.1", targets["port"]) == [50_000] * 3
