@@ -17,7 +17,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, Event
-from h2.exceptions import InvalidBodyLengthError, TooManyStreamsError
+from h2.exceptions import FrameTooLargeError, InvalidBodyLengthError, TooManyStreamsError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, SettingsFrame
 
@@ -119,3 +119,39 @@ def settings(client_side: bool, values: dict[int, int]) -> Settings:
         client=client_side,
         initial_values={SettingCodes(k): v for k, v in values.items() if k in known},
     )
+
+
+# Reset codes that say something about the stream itself travel on; codes
+# that blame the sender's framing concern only the hop where they happened.
+END_TO_END_CODES = {
+    ErrorCodes.NO_ERROR,
+    ErrorCodes.CANCEL,
+    ErrorCodes.REFUSED_STREAM,
+    ErrorCodes.ENHANCE_YOUR_CALM,
+    ErrorCodes.INTERNAL_ERROR,
+    ErrorCodes.HTTP_1_1_REQUIRED,
+}
+
+
+def relayed_code(code) -> ErrorCodes:
+    return code if code in END_TO_END_CODES else ErrorCodes.CANCEL
+
+
+def check_announced_length(conn: RelayConnection) -> None:
+    """FRAME_SIZE_ERROR as soon as an oversized frame's header is in, not after its body.
+
+    h2 validates a frame's length only once the whole frame is buffered, so a
+    peer announcing 16 MiB would make us hold 16 MiB first. Reads h2's frame
+    buffer (h2 is pinned); O(1) per call.
+    """
+    pending = conn.incoming_buffer._data
+    if len(pending) >= 9 and int.from_bytes(pending[:3], "big") > conn.max_inbound_frame_size:
+        conn.close_connection(ErrorCodes.FRAME_SIZE_ERROR)
+        raise FrameTooLargeError(f"frame of {int.from_bytes(pending[:3], 'big')} bytes announced")
+
+
+def code_name(code) -> str:
+    try:
+        return ErrorCodes(code).name
+    except ValueError:
+        return str(code)

@@ -209,3 +209,17 @@ def denial_reason(decision) -> str:
         who += f" rule {decision.rule}"
     text = f"Access denied by {who}"
     return f"{text}: {decision.reason}" if decision.reason else text
+
+
+def headers_value(headers, name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def int_or_none(value: bytes | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import h2.events as ev
 from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
-from h2.exceptions import FrameTooLargeError, StreamClosedError
 from h2.exceptions import ProtocolError as H2ProtocolError
+from h2.exceptions import StreamClosedError
 from h2.settings import SettingCodes
 
 from parsers.base import (
@@ -42,8 +42,11 @@ from parsers.base import (
 from parsers.h2_conn import (
     MalformedStream,
     RelayConnection,
+    check_announced_length,
+    code_name,
     decode_settings_header,
     relay_connection,
+    relayed_code,
     settings,
 )
 from parsers.h2_headers import (
@@ -52,7 +55,9 @@ from parsers.h2_headers import (
     denial_reason,
     grpc_denial,
     header_list_size,
+    headers_value,
     http_denial,
+    int_or_none,
     request_problem,
     response_problem,
     trailers_problem,
@@ -191,7 +196,7 @@ class H2Engine:
             return self._finish_on_eof("client")
         try:
             events = self.down.receive_data(data)
-            _check_announced_length(self.down)
+            check_announced_length(self.down)
         except H2ProtocolError as exc:
             return self._connection_error("client", exc)
         handlers = self._client_handlers
@@ -208,7 +213,7 @@ class H2Engine:
             return self._finish_on_eof("server")
         try:
             events = self.up.receive_data(data)
-            _check_announced_length(self.up)
+            check_announced_length(self.up)
         except H2ProtocolError as exc:
             return self._connection_error("server", exc)
         handlers = self._server_handlers
@@ -382,8 +387,8 @@ class H2Engine:
         if stream.sid is None:
             self._waiting.remove(stream)
         elif not (stream.request_done and stream.response_done):
-            self._reset(self.up, stream.sid, _relayed_code(event.error_code))
-        self._drop(stream, f"client reset {_name(event.error_code)}")
+            self._reset(self.up, stream.sid, relayed_code(event.error_code))
+        self._drop(stream, f"client reset {code_name(event.error_code)}")
 
     def _on_client_malformed(self, event: MalformedStream) -> None:
         self._stream_error("client", event.stream_id, event.reason)
@@ -408,7 +413,7 @@ class H2Engine:
 
     def _on_client_goaway(self, event: ev.ConnectionTerminated) -> None:
         if event.error_code != _NO_ERROR:
-            self._abort(f"client GOAWAY {_name(event.error_code)}", to_server=ErrorCodes.CANCEL)
+            self._abort(f"client GOAWAY {code_name(event.error_code)}", to_server=ErrorCodes.CANCEL)
             return
         self._refusing = True
         self.up.send_graceful_goaway(0)
@@ -428,7 +433,7 @@ class H2Engine:
         stream.status = status
         ended = event.stream_ended is not None
         if ended and stream.grpc_in is not None:
-            stream.grpc_status = _int_or_none(headers_value(headers, b"grpc-status"))
+            stream.grpc_status = int_or_none(headers_value(headers, b"grpc-status"))
         self.down.send_headers(stream.cid, headers, end_stream=ended)
         if ended:
             self._ended(stream, False)
@@ -470,7 +475,7 @@ class H2Engine:
             self._stream_error("server", event.stream_id, problem)
             return
         if stream.grpc_in is not None:
-            stream.grpc_status = _int_or_none(headers_value(event.headers, b"grpc-status"))
+            stream.grpc_status = int_or_none(headers_value(event.headers, b"grpc-status"))
         stream.to_client.items.append((TRAILERS, event.headers))
         self._flush(stream, False)
 
@@ -486,8 +491,8 @@ class H2Engine:
             stream.request_done = True
             return
         if not (stream.request_done and stream.response_done):
-            self._reset(self.down, stream.cid, _relayed_code(code))
-        self._drop(stream, f"server reset {_name(code)}")
+            self._reset(self.down, stream.cid, relayed_code(code))
+        self._drop(stream, f"server reset {code_name(code)}")
 
     def _on_server_malformed(self, event: MalformedStream) -> None:
         self._stream_error("server", event.stream_id, event.reason)
@@ -510,7 +515,7 @@ class H2Engine:
     def _on_server_goaway(self, event: ev.ConnectionTerminated) -> None:
         if event.error_code != _NO_ERROR:
             self._abort(
-                f"server GOAWAY {_name(event.error_code)}", to_client=ErrorCodes.INTERNAL_ERROR
+                f"server GOAWAY {code_name(event.error_code)}", to_client=ErrorCodes.INTERNAL_ERROR
             )
             return
         # Streams above last_stream_id were never processed: the client may retry them.
@@ -704,7 +709,7 @@ class H2Engine:
         out = self._out
         self._out = []
         error = ProtocolError(
-            f"{exc} ({_name(code)})", code=f"h2_{_name(code).lower()}", wire_reply=wire
+            f"{exc} ({code_name(code)})", code=f"h2_{code_name(code).lower()}", wire_reply=wire
         )
         # _abort already queued the wire bytes and Close; the ParseError goes before Close.
         out.insert(len(out) - 1, ParseError(side, error, close=True))
@@ -737,7 +742,9 @@ class H2Engine:
     def _finish_on_eof(self, side: str) -> list[Command]:
         if side == "client":
             # The client can send nothing more, not even WINDOW_UPDATE: stop.
-            self._abort("client closed", to_server=ErrorCodes.CANCEL if self._streams else _NO_ERROR)
+            self._abort(
+                "client closed", to_server=ErrorCodes.CANCEL if self._streams else _NO_ERROR
+            )
         elif not self._server_gone:
             self._server_closed()
             return self._drain()
@@ -752,7 +759,9 @@ class H2Engine:
         self._refusing = True
         waiting, self._waiting = self._waiting, []
         for stream in waiting:
-            self._reset(self.down, stream.cid, ErrorCodes.REFUSED_STREAM)  # never reached the server
+            self._reset(
+                self.down, stream.cid, ErrorCodes.REFUSED_STREAM
+            )  # never reached the server
             self._drop(stream, "server closed")
         for stream in list(self._streams.values()):
             items = stream.to_client.items
@@ -767,51 +776,3 @@ class H2Engine:
                     self._forget(stream)
         self.down.send_graceful_goaway(max(self._streams, default=0))
 
-# Reset codes that say something about the stream itself travel on; codes
-# that blame the sender's framing concern only the hop where they happened.
-_END_TO_END_CODES = {
-    ErrorCodes.NO_ERROR,
-    ErrorCodes.CANCEL,
-    ErrorCodes.REFUSED_STREAM,
-    ErrorCodes.ENHANCE_YOUR_CALM,
-    ErrorCodes.INTERNAL_ERROR,
-    ErrorCodes.HTTP_1_1_REQUIRED,
-}
-
-
-def _relayed_code(code) -> ErrorCodes:
-    return code if code in _END_TO_END_CODES else ErrorCodes.CANCEL
-
-
-def _check_announced_length(conn: RelayConnection) -> None:
-    """FRAME_SIZE_ERROR as soon as an oversized frame's header is in, not after its body.
-
-    h2 validates a frame's length only once the whole frame is buffered, so a
-    peer announcing 16 MiB would make us hold 16 MiB first. Reads h2's frame
-    buffer (h2 is pinned); O(1) per call.
-    """
-    pending = conn.incoming_buffer._data
-    if len(pending) >= 9 and int.from_bytes(pending[:3], "big") > conn.max_inbound_frame_size:
-        conn.close_connection(ErrorCodes.FRAME_SIZE_ERROR)
-        raise FrameTooLargeError(f"frame of {int.from_bytes(pending[:3], 'big')} bytes announced")
-
-
-def headers_value(headers, name: bytes) -> bytes | None:
-    for key, value in headers:
-        if key == name:
-            return value
-    return None
-
-
-def _int_or_none(value: bytes | None) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _name(code) -> str:
-    try:
-        return ErrorCodes(code).name
-    except ValueError:
-        return str(code)
