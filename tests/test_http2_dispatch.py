@@ -55,10 +55,6 @@ def test_http1_request_goes_to_the_http1_engine(split):
     assert b"".join(c.data for c in out if isinstance(c, ToServer)).startswith(b"GET /index HTTP/1.1\r\n")
 
 
-@pytest.mark.xfail(
-    reason="needs Http1Engine to call upgrade_handler after a 101",
-    strict=False,
-)
 def test_h2c_upgrade_continues_as_judged_http2(split):
     engine = HttpEngine(decide)
     client = H2Connection(H2Configuration(client_side=True, header_encoding=None))

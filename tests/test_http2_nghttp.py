@@ -147,7 +147,6 @@ def test_h2load_mixed_allowed_and_denied(site):
     assert summary["done"] == 400 and summary["2xx"] == 200 and summary["4xx"] == 200
 
 
-@pytest.mark.xfail(reason="needs Http1Engine to call upgrade_handler after a 101", strict=False)
 def test_nghttp_h2c_upgrade_through_the_proxy():
     """HTTP/1.1 Upgrade: h2c, the first request judged as HTTP/1.1 and the rest as HTTP/2.
 
