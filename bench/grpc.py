@@ -51,10 +51,10 @@ spec:
 SERVER = """
 import sys, grpc
 from concurrent import futures
-from tests.support.grpc_interop import interop, _servicer_class
+from tests.support.grpc_interop import interop, servicer_class
 pb = interop()
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-pb.test_pb2_grpc.add_TestServiceServicer_to_server(_servicer_class(pb)(), server)
+pb.test_pb2_grpc.add_TestServiceServicer_to_server(servicer_class(pb)(), server)
 server.add_insecure_port("127.0.0.1:" + sys.argv[1])
 server.start()
 print("ready", flush=True)

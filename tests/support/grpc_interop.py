@@ -87,7 +87,7 @@ ECHO_INITIAL = "x-grpc-test-echo-initial"
 ECHO_TRAILING = "x-grpc-test-echo-trailing-bin"
 
 
-def _servicer_class(pb: SimpleNamespace):
+def servicer_class(pb: SimpleNamespace):
     import grpc
 
     messages = pb.messages_pb2
@@ -171,7 +171,7 @@ def interop_server(workers: int = 16):
 
     pb = interop()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS)
-    pb.test_pb2_grpc.add_TestServiceServicer_to_server(_servicer_class(pb)(), server)
+    pb.test_pb2_grpc.add_TestServiceServicer_to_server(servicer_class(pb)(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     RUNNING_SERVERS[port] = server
