@@ -528,3 +528,16 @@ def test_window_update_and_reset_in_one_read_while_data_waits(split):
     t.client.send_headers(3, request_headers("/after", "POST"))
     t.send_body(t.client, 3, b"a" * 200_000, end_stream=True)
     assert t.body("server", 3) == b"a" * 200_000
+
+
+def test_graceful_goaway_from_client_finishes_streams_then_closes(split):
+    t = Transcript(H2Engine(decide), split, graceful_client=True, graceful_server=True).start()
+    t.client.send_headers(1, request_headers("/in-flight"), end_stream=True)
+    t.pump()
+    t.client_raw(GoAwayFrame(0, last_stream_id=0, error_code=0).serialize())
+    # The server hears a graceful GOAWAY too (no pushes accepted: last_stream_id 0).
+    assert [(e.error_code, e.last_stream_id) for e in t.of(ev.ConnectionTerminated, "server")] == [(ErrorCodes.NO_ERROR, 0)]
+    assert not t.of(Close)
+    respond(t, 1, b"still delivered")
+    assert t.body("client", 1) == b"still delivered"
+    assert isinstance(t.commands[-1], Close)

@@ -58,13 +58,21 @@ def _config(client_side: bool, strict: bool = True) -> H2Configuration:
 
 
 class Transcript:
-    def __init__(self, engine, split: Split = whole, *, strict_client: bool = True, graceful_client: bool = False):
+    def __init__(
+        self,
+        engine,
+        split: Split = whole,
+        *,
+        strict_client: bool = True,
+        graceful_client: bool = False,
+        graceful_server: bool = False,
+    ):
         self.engine = engine
         self.split = split
         # Plain h2 treats any GOAWAY as the end; real clients finish their streams.
         client_class = RelayConnection if graceful_client else H2Connection
         self.client = client_class(config=_config(True, strict_client))
-        self.server = H2Connection(_config(False))
+        self.server = (RelayConnection if graceful_server else H2Connection)(config=_config(False))
         self.client_events: list = []
         self.server_events: list = []
         self.commands: list = []  # everything the engine emitted except bytes
