@@ -45,6 +45,8 @@ log = logging.getLogger("l7proxy.agent")
 PROXY_HOST = "127.0.0.1"
 # After the drain deadline, a request still in flight gets this long to finish.
 IN_FLIGHT_GRACE = 5.0
+# A connection with no traffic for this long is closed at the drain deadline.
+QUIET_SECONDS = 0.25
 
 
 class Agent:
@@ -216,23 +218,34 @@ class Agent:
             await asyncio.sleep(0.05)
         idle_closed = 0
         grace_end = loop.time() + (0 if cut_short.is_set() else IN_FLIGHT_GRACE)
-        while self.proxy.pipes:
+        watchers = [_CloseAfterReply(pipe.flowlog, pipe, loop) for pipe in self.proxy.pipes if not pipe.closing]
+        for watcher in watchers:
+            watcher.pipe.flowlog = watcher
+        while self.proxy.pipes and loop.time() < grace_end and not cut_short.is_set():
+            now = loop.time()
             for pipe in list(self.proxy.pipes):
-                # Idle: nothing judged awaits its reply, and no request has begun.
-                if not pipe.closing and not pipe.pending and getattr(pipe.engine, "reading_headers", True):
+                # Quiet: nothing judged awaits its reply, no request has begun,
+                # and no byte moved for a while. A busy connection is closed by
+                # _CloseAfterReply instead, right behind its next response.
+                if (
+                    not pipe.closing
+                    and not pipe.pending
+                    and getattr(pipe.engine, "reading_headers", True)
+                    and now - pipe.last_activity >= QUIET_SECONDS
+                ):
                     pipe.close("agent handed over")
                     idle_closed += 1
-            if loop.time() >= grace_end or cut_short.is_set():
-                break
             await asyncio.sleep(0.05)
-        left = len(self.proxy.pipes)
+        left = sum(1 for pipe in self.proxy.pipes if not pipe.closing)
         await self.proxy.close()
-        log.info("drained: %d connections at handover, %d idle closed at the deadline, %d cut", at_start, idle_closed, left)
+        after_reply = sum(1 for w in watchers if w.closed)
+        log.info("drained: %d connections at handover; at the deadline %d quiet ones closed, %d closed after a reply, %d cut",
+                 at_start, idle_closed, after_reply, left)
         with contextlib.suppress(Exception):
             await self._kernel(self.datapath.close, True)
         self._kexec.shutdown(wait=True)
         self.flowlog.close()
-        return {"connections": at_start, "idle_closed": idle_closed, "cut": left}
+        return {"connections": at_start, "quiet_closed": idle_closed, "closed_after_reply": after_reply, "cut": left}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Reconcile on change, drain kernel drop events, publish status, until ``stop``."""
@@ -398,6 +411,35 @@ class Agent:
         tmp = self.store.status_file.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.status(dp_status), indent=1, default=str))
         os.replace(tmp, self.store.status_file)
+
+
+class _CloseAfterReply:
+    """A draining pipe's flow log: passes records on and, once no request is in
+    flight, closes the pipe right behind the response just written. A client
+    that checks its idle connection before reusing it (as HTTP client pools
+    do) then sees the close before it sends its next request: no request is
+    lost to the close."""
+
+    def __init__(self, flowlog: FlowLog, pipe, loop: asyncio.AbstractEventLoop):
+        self._flowlog = flowlog
+        self.pipe = pipe
+        self._loop = loop
+        self.closed = False
+
+    def emit(self, rec: dict) -> None:
+        self._flowlog.emit(rec)
+        if rec.get("type") == "l7" and not self.pipe.pending:
+            # After the current batch of commands: the response is written in full.
+            self._loop.call_soon(self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        pipe = self.pipe
+        if not pipe.closing and not pipe.pending:
+            self.closed = True
+            pipe.close("agent handed over")
+
+    def __getattr__(self, name):
+        return getattr(self._flowlog, name)
 
 
 def _side(ip, port, identity, ep, compiled: CompiledPolicy) -> dict:
