@@ -356,6 +356,155 @@ def _delete_groups(R, req, code):
     return R(results=[X(group_id=g, error_code=code) for g in req.groups_names])
 
 
+def _create_acls(R, req, code):
+    X = R.AclCreationResult
+    return R(results=[X(error_code=code, error_message=None) for _ in req.creations])
+
+
+def _delete_acls(R, req, code):
+    X = R.DeleteAclsFilterResult
+    return R(
+        filter_results=[
+            X(error_code=code, error_message=None, matching_acls=[]) for _ in req.filters
+        ]
+    )
+
+
+def _describe_log_dirs(R, req, code):
+    X = R.DescribeLogDirsResult
+    return R(error_code=code, results=[X(error_code=code, log_dir="", topics=[])])
+
+
+def _alter_replica_log_dirs(R, req, code):
+    T = R.AlterReplicaLogDirTopicResult
+    P = T.AlterReplicaLogDirPartitionResult
+    return R(
+        results=[
+            T(
+                topic_name=t.name,
+                partitions=[P(partition_index=i, error_code=code) for i in t.partitions],
+            )
+            for d in req.dirs
+            for t in d.topics
+        ]
+    )
+
+
+def _write_txn_markers(R, req, code):
+    M = R.WritableTxnMarkerResult
+    T = M.WritableTxnMarkerTopicResult
+    P = T.WritableTxnMarkerPartitionResult
+    return R(
+        markers=[
+            M(
+                producer_id=m.producer_id,
+                topics=[
+                    T(
+                        name=t.name,
+                        partitions=[
+                            P(partition_index=i, error_code=code) for i in t.partition_indexes
+                        ],
+                    )
+                    for t in m.topics
+                ],
+            )
+            for m in req.markers
+        ]
+    )
+
+
+def _elect_leaders(R, req, code):
+    X = R.ReplicaElectionResult
+    P = X.PartitionResult
+    return R(
+        error_code=code,
+        replica_election_results=[
+            X(
+                topic=t.topic,
+                partition_result=[
+                    P(partition_id=i, error_code=code, error_message=None) for i in t.partitions
+                ],
+            )
+            for t in req.topic_partitions or ()
+        ],
+    )
+
+
+def _alter_client_quotas(R, req, code):
+    X = R.EntryData
+    E = X.EntityData
+    return R(
+        entries=[
+            X(
+                error_code=code,
+                error_message=None,
+                entity=[E(entity_type=e.entity_type, entity_name=e.entity_name) for e in x.entity],
+            )
+            for x in req.entries
+        ]
+    )
+
+
+def _alter_user_scram_credentials(R, req, code):
+    X = R.AlterUserScramCredentialsResult
+    users = [d.name for d in req.deletions] + [u.name for u in req.upsertions]
+    return R(results=[X(user=u, error_code=code, error_message=None) for u in users])
+
+
+def _describe_producers(R, req, code):
+    T = R.TopicResponse
+    P = T.PartitionResponse
+    return R(
+        topics=[
+            T(
+                name=t.name,
+                partitions=[
+                    P(partition_index=i, error_code=code, error_message=None, active_producers=[])
+                    for i in t.partition_indexes
+                ],
+            )
+            for t in req.topics
+        ]
+    )
+
+
+def _describe_transactions(R, req, code):
+    X = R.TransactionState
+    return R(
+        transaction_states=[
+            X(
+                error_code=code,
+                transactional_id=t,
+                transaction_state="",
+                transaction_timeout_ms=0,
+                transaction_start_time_ms=-1,
+                producer_id=-1,
+                producer_epoch=-1,
+                topics=[],
+            )
+            for t in req.transactional_ids
+        ]
+    )
+
+
+def _describe_topic_partitions(R, req, code):
+    T = R.DescribeTopicPartitionsResponseTopic
+    return R(
+        topics=[
+            T(
+                error_code=code,
+                name=t.name,
+                topic_id=ZERO_UUID,
+                is_internal=False,
+                partitions=[],
+                topic_authorized_operations=-(2**31),
+            )
+            for t in req.topics
+        ],
+        next_cursor=None,
+    )
+
+
 # api key -> builder(R, req, code[, version]); all others use a top-level error_code.
 _BUILDERS = {
     0: _produce,
@@ -373,6 +522,17 @@ _BUILDERS = {
     47: _offset_delete,
     15: _describe_groups,
     42: _delete_groups,
+    27: _write_txn_markers,
+    30: _create_acls,
+    31: _delete_acls,
+    34: _alter_replica_log_dirs,
+    35: _describe_log_dirs,
+    43: _elect_leaders,
+    49: _alter_client_quotas,
+    51: _alter_user_scram_credentials,
+    61: _describe_producers,
+    65: _describe_transactions,
+    75: _describe_topic_partitions,
 }
 _VERSIONED_BUILDERS = {
     9: _offset_fetch,

@@ -850,3 +850,35 @@ def test_large_acks0_produce_streams_and_owes_nothing():
 
 def chunks_of(data: bytes, n: int) -> list[bytes]:
     return [data[i : i + n] for i in range(0, len(data), n)]
+
+
+# ---------------------------------------------------------------------------
+# Every API key and version kafka-python knows: decoded, forwarded unchanged,
+# and denied with a response kafka-python itself decodes.
+
+from parsers import kafka_apis  # noqa: E402
+
+EVERY_VERSION = [
+    (k, v) for k, cls in sorted(kafka_apis.REQUESTS.items()) for v in range(cls.max_version + 1)
+]
+
+
+@pytest.mark.parametrize(
+    "api_key,version",
+    EVERY_VERSION,
+    ids=[f"{kafka_apis.api_name(k)}-v{v}" for k, v in EVERY_VERSION],
+)
+def test_every_known_api_version_decodes_forwards_and_denies(api_key, version):
+    message = kafka_apis.REQUESTS[api_key][version]()
+    if api_key == 0:
+        message.acks = 1  # acks=0 (the schema default) owes no response at all
+    wire = frame(message, version, 3)
+    seen = []
+    allowed = KafkaEngine(lambda r: seen.append(r) or Decision(True)).client_data(wire)
+    assert seen[0].undecodable is None and allowed[1] == ToServer(wire)
+
+    denied = KafkaEngine(lambda r: Decision(False)).client_data(wire)
+    (answer,) = [c.data for c in denied if isinstance(c, ToClient)]
+    cls = kafka_apis.RESPONSES[api_key]
+    decoded = cls.decode(answer, version=0 if api_key == 18 else version, header=True, framed=True)
+    assert decoded.header.correlation_id == 3
