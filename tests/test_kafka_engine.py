@@ -882,3 +882,17 @@ def test_every_known_api_version_decodes_forwards_and_denies(api_key, version):
     cls = kafka_apis.RESPONSES[api_key]
     decoded = cls.decode(answer, version=0 if api_key == 18 else version, header=True, framed=True)
     assert decoded.header.correlation_id == 3
+
+
+def test_consumer_group_heartbeat_kip848_group_is_extracted_and_denied_with_30():
+    # ConsumerGroupHeartbeat v0 (flexible from v0): header v2, then GroupId as a compact string.
+    header = bytes.fromhex("0044 0000 00000009 0001") + b"c" + b"\x00"
+    body = b"\x07billing" + b"\x01" + bytes.fromhex("00000000") + b"\x00" * 8
+    seen = []
+    cmds = KafkaEngine(lambda r: seen.append(r) or Decision(False)).client_data(
+        _framed(header + body)
+    )
+    assert seen[0].groups == ("billing",) and seen[0].undecodable is None
+    (denial,) = [c.data for c in cmds if isinstance(c, ToClient)]
+    # size, correlation id, empty header tags, throttle, then the error code
+    assert int.from_bytes(denial[4:8], "big") == 9 and int.from_bytes(denial[13:15], "big") == 30
