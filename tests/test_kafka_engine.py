@@ -887,7 +887,7 @@ def test_every_known_api_version_decodes_forwards_and_denies(api_key, version):
 def test_consumer_group_heartbeat_kip848_group_is_extracted_and_denied_with_30():
     # ConsumerGroupHeartbeat v0 (flexible from v0): header v2, then GroupId as a compact string.
     header = bytes.fromhex("0044 0000 00000009 0001") + b"c" + b"\x00"
-    body = b"\x07billing" + b"\x01" + bytes.fromhex("00000000") + b"\x00" * 8
+    body = b"\x08billing" + b"\x01" + bytes.fromhex("00000000") + b"\x00" * 8
     seen = []
     cmds = KafkaEngine(lambda r: seen.append(r) or Decision(False)).client_data(
         _framed(header + body)
