@@ -896,3 +896,10 @@ def test_consumer_group_heartbeat_kip848_group_is_extracted_and_denied_with_30()
     (denial,) = [c.data for c in cmds if isinstance(c, ToClient)]
     # size, correlation id, empty header tags, throttle, then the error code
     assert int.from_bytes(denial[4:8], "big") == 9 and int.from_bytes(denial[13:15], "big") == 30
+
+
+def test_trailing_garbage_after_a_good_frame_is_a_clean_protocol_error():
+    wire = frame(produce("orders"), 9, 1) + b"\xff\xff\xff\xfe garbage"
+    cmds = KafkaEngine(allow_topics("orders")).client_data(wire)
+    assert [type(c) for c in cmds] == [Access, ToServer, ParseError]
+    assert cmds[1].data == wire[: -len(b"\xff\xff\xff\xfe garbage")]
