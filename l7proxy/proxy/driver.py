@@ -65,7 +65,7 @@ class Pipe:
         "loop", "engine", "policy", "flowlog", "protocol", "limits", "stats",
         "client", "server", "pending_server", "server_eof_pending", "closing",
         "last_activity", "pending", "timer", "src_info", "dst_info", "client_paused_by_us",
-        "server_paused_by_us", "opened",
+        "server_paused_by_us", "opened", "client_eof_sent", "server_eof_sent",
     )
 
     def __init__(self, loop, engine, policy: ConnectionPolicy, flowlog: FlowLog, protocol: str, limits: ProxyLimits, stats: ProxyStats):
@@ -89,6 +89,8 @@ class Pipe:
         self.client_paused_by_us = False
         self.server_paused_by_us = False
         self.opened = time.monotonic()
+        self.client_eof_sent = False
+        self.server_eof_sent = False
 
     # ------------------------------------------------------------- input
 
@@ -106,25 +108,31 @@ class Pipe:
         for cmd in commands:
             kind = type(cmd)
             if kind is ToServer:
-                if self.server is not None:
+                if self.server_eof_sent:
+                    log.debug("%s engine wrote to the server after shutting it down; dropped", self.protocol)
+                elif self.server is not None:
                     self.server.write(cmd.data)
                 else:
                     self.pending_server.append(cmd.data)
             elif kind is ToClient:
-                if self.client is not None and not self.client.is_closing():
+                if self.client is not None and not self.client_eof_sent and not self.client.is_closing():
                     self.client.write(cmd.data)
             elif kind is Access:
                 self.pending[cmd.key] = (time.monotonic(), cmd.request, cmd.decision)
             elif kind is Reply:
                 self.record(cmd.key, cmd.fields)
             elif kind is ShutdownServer:
+                if self.server_eof_sent:
+                    continue
+                self.server_eof_sent = True
                 if self.server is not None:
                     if self.server.can_write_eof():
                         self.server.write_eof()
                 else:
                     self.server_eof_pending = True
             elif kind is ShutdownClient:
-                if self.client is not None and self.client.can_write_eof():
+                if self.client is not None and not self.client_eof_sent and self.client.can_write_eof():
+                    self.client_eof_sent = True
                     self.client.write_eof()
             elif kind is ParseError:
                 errs = self.stats.parse_errors
@@ -179,7 +187,8 @@ class Pipe:
             self.server.close()  # flushes what is buffered, then closes
         client = self.client
         if client is not None and not client.is_closing():
-            if client.can_write_eof():
+            if client.can_write_eof() and not self.client_eof_sent:
+                self.client_eof_sent = True
                 # Lingering close: send our FIN after the buffered reply, then
                 # read and discard until the client closes (or a short while
                 # passes). Closing with unread input would send an RST that can
