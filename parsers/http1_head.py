@@ -247,7 +247,8 @@ def frame_response(head: MessageHead, request_method: str = "GET") -> MessageHea
     status = head.status
     length = _content_length(fields.get(b"content-length"), side)
     codings = _transfer_codings(fields.get(b"transfer-encoding"), side)
-    if codings == []:  # "Transfer-Encoding:" with no coding at all (llhttp refuses it too)
+    te_values = fields.get(b"transfer-encoding", ())
+    if any(not v.strip(b" \t") for v in te_values):  # an empty "Transfer-Encoding:" (llhttp refuses it too)
         raise AmbiguousFraming("empty Transfer-Encoding", code="te_empty", side=side)
     if length is not None and codings is not None:
         raise AmbiguousFraming(
