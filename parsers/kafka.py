@@ -43,6 +43,9 @@ from parsers.requests import KafkaRequest
 
 # Kafka's own default for socket.request.max.bytes.
 DEFAULT_MAX_FRAME = 100 * 1024 * 1024
+# Responses a connection may owe at once (Kafka brokers queue 500 requests by
+# default; clients keep 5, librdkafka up to 1,000,000 but in practice a few).
+DEFAULT_MAX_IN_FLIGHT = 1000
 # api key + api version + correlation id + client id length
 _MIN_REQUEST_HEADER = 10
 
@@ -101,9 +104,16 @@ class _Owed:
 class KafkaEngine:
     protocol = "kafka"
 
-    def __init__(self, decide: Decide, *, max_frame: int = DEFAULT_MAX_FRAME):
+    def __init__(
+        self,
+        decide: Decide,
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    ):
         self._decide = decide
         self._max_frame = max_frame
+        self._max_in_flight = max_in_flight
         self._client = FrameBuffer()
         self._server = FrameBuffer()
         # A large response being passed through as it arrives (see server_data).
@@ -164,6 +174,16 @@ class KafkaEngine:
             (size,) = _size.unpack(buf.peek(4))
             if size < _MIN_REQUEST_HEADER or size > self._max_frame:
                 out.append(ParseError("client", self._bad_size("client", size)))
+                self._failed = True
+                return
+            if len(self._owed) >= self._max_in_flight:
+                # Denials queue here behind slow broker answers; a client that
+                # keeps pipelining past any real client's limit is cut off.
+                error = ProtocolError(
+                    f"more than {self._max_in_flight} kafka requests in flight",
+                    code="too_many_in_flight",
+                )
+                out.append(ParseError("client", error))
                 self._failed = True
                 return
             if len(buf) < 4 + size:

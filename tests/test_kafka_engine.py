@@ -903,3 +903,11 @@ def test_trailing_garbage_after_a_good_frame_is_a_clean_protocol_error():
     cmds = KafkaEngine(allow_topics("orders")).client_data(wire)
     assert [type(c) for c in cmds] == [Access, ToServer, ParseError]
     assert cmds[1].data == wire[: -len(b"\xff\xff\xff\xfe garbage")]
+
+
+def test_pipelining_past_the_in_flight_limit_closes_cleanly():
+    engine = KafkaEngine(allow_topics("orders"), max_in_flight=3)
+    wire = b"".join(frame(produce("orders"), 9, i) for i in range(5))
+    cmds = engine.client_data(wire)
+    assert [type(c) for c in cmds].count(ToServer) == 3
+    assert isinstance(cmds[-1], ParseError) and cmds[-1].error.code == "too_many_in_flight"
