@@ -374,6 +374,11 @@ class _PyHead:
         if match is None:
             raise explain_line(line, self.side)
         name, value = match.groups()
+        if self.side == "client" and len(name) == 17 and b"\t" in line[len(line.rstrip(b" \t")) :]:
+            if name.lower() == b"transfer-encoding":
+                # llhttp refuses HTAB in the trailing whitespace of a request's
+                # Transfer-Encoding; so do we, so both parsers agree.
+                raise AmbiguousFraming("HTAB after Transfer-Encoding", code="te_trailing_tab", side=self.side)
         if len(name) == 14 and name.lower() == b"content-length":
             self._lengths += 1
             if self._lengths > 1:

@@ -119,6 +119,8 @@ FUZZ_REGRESSIONS = [
     b"\x02GET old HTTP/1.0\r\n",
     b"\x00HTTP/1.1 200 OK\r\nVary: Accept-Encoding\r\n_onnection: Keep-Alive\r\nTransfer-Encoding: \r\n\r\n",
     b"\x00HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: \r\nTransfer-Encoding: x\r\n\r\n0\r\n\r\n",
+    b"\x05PUT /url HTTP/1.1\r\nTransfer-Encoding: chunked" + b"\t" * 100 + b"\r\n\r\n3\r\nfoo\r\n\r\n",
+    b"\x00PUT /url HTTP/1.1\r\nTransfer-Encoding: gzip \t\r\n\r\n",
 ]
 
 
