@@ -22,7 +22,18 @@ from parsers.conformance.registry import (
 
 CORPUS_MODULES = ["parsers.conformance.http1"]
 
-__all__ = ["CORPORA_DIR", "CORPUS_MODULES", "REGISTRY", "Case", "Corpus", "Outcome", "Result", "load_all", "register", "run_corpus"]
+__all__ = [
+    "CORPORA_DIR",
+    "CORPUS_MODULES",
+    "REGISTRY",
+    "Case",
+    "Corpus",
+    "Outcome",
+    "Result",
+    "load_all",
+    "register",
+    "run_corpus",
+]
 
 
 def load_all() -> dict[str, Corpus]:

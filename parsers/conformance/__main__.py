@@ -24,7 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         if corpus.source is not None and not corpus.source.exists():
             print(f"skip {name}: {corpus.source} not found", file=sys.stderr)
             continue
-        impls = corpus.implementations if args.impl == "both" else tuple(i for i in corpus.implementations if i == args.impl)
+        impls = (
+            corpus.implementations
+            if args.impl == "both"
+            else tuple(i for i in corpus.implementations if i == args.impl)
+        )
         results, disagreements = run_corpus(corpus, impls)
         for impl, res in results.items():
             report["corpora"].append(
@@ -38,14 +42,18 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
         for case_id, summaries in disagreements:
-            report["disagreements"].append({"corpus": name, "case": case_id, "summaries": summaries})
+            report["disagreements"].append(
+                {"corpus": name, "case": case_id, "summaries": summaries}
+            )
 
     if args.json:
         print(json.dumps(report, indent=2, default=repr))
         return 0
     print(f"{'corpus':<16} {'impl':<7} {'cases':>5} {'pass':>5} {'fail':>5}")
     for row in report["corpora"]:
-        print(f"{row['corpus']:<16} {row['implementation']:<7} {row['cases']:>5} {row['passed']:>5} {row['failed']:>5}")
+        print(
+            f"{row['corpus']:<16} {row['implementation']:<7} {row['cases']:>5} {row['passed']:>5} {row['failed']:>5}"
+        )
         if args.failures:
             for case_id in row["failures"]:
                 print(f"    fail: {case_id}")

@@ -24,7 +24,9 @@ OWS = " \t"
 UPGRADE_PAUSES = {"PAUSED_UPGRADE"}
 
 
-def parse_stream(kind: str, raw: bytes, impl: str, *, eof: bool = False, expect: str | None = None) -> Outcome:
+def parse_stream(
+    kind: str, raw: bytes, impl: str, *, eof: bool = False, expect: str | None = None
+) -> Outcome:
     """Read ``raw`` as a stream of requests or responses; summarise."""
     reader = request_reader(impl) if kind == "request" else response_reader(impl)
     if expect is not None:
@@ -60,7 +62,9 @@ def parse_stream(kind: str, raw: bytes, impl: str, *, eof: bool = False, expect:
             messages[-1]["body"] += event.data
         elif type(event) is End:
             messages[-1]["complete"] = True
-            messages[-1]["trailers"] = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.trailers]
+            messages[-1]["trailers"] = [
+                (n.decode("latin-1"), v.decode("latin-1")) for n, v in event.trailers
+            ]
     summary = {
         "messages": messages,
         "upgrade": reader._state == PAUSED,
@@ -127,11 +131,17 @@ def _check_llhttp(case: Case, outcome: Outcome) -> bool:
     got = outcome.summary["messages"]
     bodies = _expected_bodies(record, case.data[1])
     # A message whose head never completed is not reported by our readers.
-    want = [(w, b) for w, b in zip(record["expected_messages"], bodies, strict=False) if "headers_complete" in w]
+    want = [
+        (w, b)
+        for w, b in zip(record["expected_messages"], bodies, strict=False)
+        if "headers_complete" in w
+    ]
     if len(got) != len(want):
         return False
     for g, (w, body) in zip(got, want, strict=True):
-        if record["type"] == "request" and (g["method"] != w["method"] or g["url"] != _utf8(w["url"])):
+        if record["type"] == "request" and (
+            g["method"] != w["method"] or g["url"] != _utf8(w["url"])
+        ):
             return False
         if record["type"] == "response" and g["reason"] != _utf8(w["status"]):
             return False
@@ -200,7 +210,9 @@ def _run_h11(case: Case, impl: str) -> Outcome:
 def _check_h11(case: Case, outcome: Outcome) -> bool:
     record = case.expected
     expected = record.get("expected")
-    if record["outcome"].startswith("error") or (isinstance(expected, list) and "error" in expected[-1]):
+    if record["outcome"].startswith("error") or (
+        isinstance(expected, list) and "error" in expected[-1]
+    ):
         return not outcome.accepted and isinstance(outcome.error, Http1Error)
     if not outcome.accepted:
         return False
@@ -216,7 +228,9 @@ def _check_h11(case: Case, outcome: Outcome) -> bool:
             if (msg["status"], msg["reason"]) != (expected["status_code"], expected["reason"]):
                 return False
         headers = [(n.lower(), v) for n, v in msg["headers"]]
-        return msg["version"] == expected["http_version"] and headers == [tuple(h) for h in expected["headers"]]
+        return msg["version"] == expected["http_version"] and headers == [
+            tuple(h) for h in expected["headers"]
+        ]
     body = b"".join(e["data"].encode("latin-1") for e in expected if e.get("event") == "Data")
     ends = [e for e in expected if e.get("event") == "EndOfMessage"]
     if msg["body"] != body or msg["complete"] != bool(ends):
