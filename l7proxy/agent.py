@@ -45,7 +45,7 @@ log = logging.getLogger("l7proxy.agent")
 PROXY_HOST = "127.0.0.1"
 # After the drain deadline, a request still in flight gets this long to finish.
 IN_FLIGHT_GRACE = 5.0
-# A connection with no traffic for this long is closed at the drain deadline.
+# A connection with no traffic for this long is ended at the drain deadline.
 QUIET_SECONDS = 0.25
 
 
@@ -216,36 +216,26 @@ class Agent:
         deadline = loop.time() + self.handover_drain
         while self.proxy.pipes and loop.time() < deadline and not cut_short.is_set():
             await asyncio.sleep(0.05)
-        idle_closed = 0
         grace_end = loop.time() + (0 if cut_short.is_set() else IN_FLIGHT_GRACE)
-        watchers = [_CloseAfterReply(pipe.flowlog, pipe, loop) for pipe in self.proxy.pipes if not pipe.closing]
+        watchers = [_ResetWhenIdle(pipe.flowlog, pipe, loop) for pipe in self.proxy.pipes if not pipe.closing]
         for watcher in watchers:
             watcher.pipe.flowlog = watcher
-        while self.proxy.pipes and loop.time() < grace_end and not cut_short.is_set():
-            now = loop.time()
-            for pipe in list(self.proxy.pipes):
-                # Quiet: nothing judged awaits its reply, no request has begun,
-                # and no byte moved for a while. A busy connection is closed by
-                # _CloseAfterReply instead, right behind its next response.
-                if (
-                    not pipe.closing
-                    and not pipe.pending
-                    and getattr(pipe.engine, "reading_headers", True)
-                    and now - pipe.last_activity >= QUIET_SECONDS
-                ):
-                    pipe.close("agent handed over")
-                    idle_closed += 1
+            watcher.check()
+        while any(not w.done for w in watchers) and loop.time() < grace_end and not cut_short.is_set():
             await asyncio.sleep(0.05)
+            for watcher in watchers:
+                watcher.check()
         left = sum(1 for pipe in self.proxy.pipes if not pipe.closing)
         await self.proxy.close()
-        after_reply = sum(1 for w in watchers if w.closed)
-        log.info("drained: %d connections at handover; at the deadline %d quiet ones closed, %d closed after a reply, %d cut",
-                 at_start, idle_closed, after_reply, left)
+        quiet = sum(1 for w in watchers if w.reset == "quiet")
+        after_reply = sum(1 for w in watchers if w.reset == "after reply")
+        log.info("drained: %d connections at handover; at the deadline %d quiet ones reset, %d reset after a reply, %d cut",
+                 at_start, quiet, after_reply, left)
         with contextlib.suppress(Exception):
             await self._kernel(self.datapath.close, True)
         self._kexec.shutdown(wait=True)
         self.flowlog.close()
-        return {"connections": at_start, "quiet_closed": idle_closed, "closed_after_reply": after_reply, "cut": left}
+        return {"connections": at_start, "quiet_reset": quiet, "reset_after_reply": after_reply, "cut": left}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Reconcile on change, drain kernel drop events, publish status, until ``stop``."""
@@ -413,33 +403,81 @@ class Agent:
         os.replace(tmp, self.store.status_file)
 
 
-class _CloseAfterReply:
-    """A draining pipe's flow log: passes records on and, once no request is in
-    flight, closes the pipe right behind the response just written. A client
-    that checks its idle connection before reusing it (as HTTP client pools
-    do) then sees the close before it sends its next request: no request is
-    lost to the close."""
+class _ResetWhenIdle:
+    """Ends a draining connection between requests, without losing one.
+
+    It stands in for the pipe's flow log so that it hears of every completed
+    request. The connection ends once nothing is in flight and the last
+    response is delivered (our send queue is empty and acknowledged): right
+    behind a response on a busy connection, or after QUIET_SECONDS of silence.
+    A client that checks its idle connection before reusing it (as HTTP client
+    pools do) sees the end before it sends its next request.
+
+    It ends with a reset, not a FIN: closing first would leave our accepted
+    socket in TIME_WAIT on the client's 4-tuple, and a later SYN that reuses
+    that tuple is assigned to the proxy's listener by the datapath, where the
+    kernel drops it as a duplicate of the TIME_WAIT entry (the client's
+    connect() hangs until TIME_WAIT ends). A reset leaves no TIME_WAIT and
+    removes the conntrack entry. It is sent only once the response has left
+    our send queue; proxied clients are endpoints on this node's veths, where
+    a sent segment is a delivered one.
+    """
 
     def __init__(self, flowlog: FlowLog, pipe, loop: asyncio.AbstractEventLoop):
         self._flowlog = flowlog
         self.pipe = pipe
         self._loop = loop
-        self.closed = False
+        self._replied = False
+        self.reset = ""   # "quiet" or "after reply" once done
+
+    @property
+    def done(self) -> bool:
+        return self.pipe.closing or bool(self.reset)
 
     def emit(self, rec: dict) -> None:
         self._flowlog.emit(rec)
         if rec.get("type") == "l7" and not self.pipe.pending:
-            # After the current batch of commands: the response is written in full.
-            self._loop.call_soon(self._close_if_idle)
+            self._replied = True
+            self._loop.call_later(0.001, self.check)
 
-    def _close_if_idle(self) -> None:
+    def check(self) -> None:
         pipe = self.pipe
-        if not pipe.closing and not pipe.pending:
-            self.closed = True
-            pipe.close("agent handed over")
+        if self.done or pipe.pending or getattr(pipe.engine, "reading_headers", False):
+            return
+        quiet = self._loop.time() - pipe.last_activity >= QUIET_SECONDS
+        if not (quiet or self._replied):
+            return
+        client = pipe.client
+        # Quiet: everything acknowledged. Right behind a reply: everything sent
+        # (waiting for the ACK would wait for the client's delayed ACK, which
+        # comes with its next request).
+        unsafe = _send_queue(client, SIOCOUTQNSD if self._replied and not quiet else TIOCOUTQ) if client else 1
+        if client is None or client.get_write_buffer_size() or unsafe:
+            if self._replied:
+                self._loop.call_later(0.001, self.check)
+            return
+        self.reset = "after reply" if self._replied else "quiet"
+        client.abort()   # connection_lost then closes the pipe and its upstream
 
     def __getattr__(self, name):
         return getattr(self._flowlog, name)
+
+
+TIOCOUTQ = 0x5411   # bytes in the send queue not yet acknowledged
+SIOCOUTQNSD = 0x894B   # bytes in the send queue not yet sent
+
+
+def _send_queue(transport, request: int) -> int:
+    import fcntl
+    import struct
+
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
 
 
 def _side(ip, port, identity, ep, compiled: CompiledPolicy) -> dict:
