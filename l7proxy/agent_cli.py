@@ -103,6 +103,8 @@ def cmd_run(args, store: Store) -> int:
             if args.metrics:  # /metrics and /healthz (l7proxy/metrics.py)
                 from l7proxy.metrics import start_agent_metrics
 
+                if predecessor is not None:
+                    await _port_free(args.metrics)  # the predecessor lets go of it within moments
                 print(f"l7proxy metrics on {(await start_agent_metrics(agent, args.metrics)).url}", flush=True)
             print(f"l7proxy agent running: listeners {agent.listeners}", flush=True)
             await agent.run(stop)
@@ -124,6 +126,21 @@ def cmd_run(args, store: Store) -> int:
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(main())
     return 0
+
+
+async def _port_free(address: tuple[str, int], timeout: float = 5.0) -> None:
+    import socket
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+                return
+            except OSError:
+                await asyncio.sleep(0.1)
 
 
 # --------------------------------------------------------------------------- status
