@@ -46,7 +46,7 @@ LOAD_CLIENT = textwrap.dedent(
 
     def fail(what):
         with lock:
-            out["failures"].append(what)
+            out["failures"].append(f"{time.time():.3f} {what}")
 
     def ask(conn, method, path):
         conn.request(method, path)
@@ -59,7 +59,11 @@ LOAD_CLIENT = textwrap.dedent(
             method, path, want = CASES[i % 2]
             i += 1
             conn = http.client.HTTPConnection(host, 80, timeout=5)
+            # Our own socket, so a failure can name its port even if connect() fails.
+            sock = conn.sock = socket.socket()
+            sock.settimeout(5)
             try:
+                sock.connect((host, 80))
                 status, body = ask(conn, method, path)
                 if status != want or (want == 403 and body != "Access denied"):
                     fail(f"fresh {method} {path}: {status} {body!r}")
@@ -68,7 +72,11 @@ LOAD_CLIENT = textwrap.dedent(
                 else:
                     out["fresh_denied"] += 1
             except Exception as exc:
-                fail(f"fresh {method} {path}: {exc!r}")
+                port = sock.getsockname()[1]
+                fail(f"fresh {method} {path} from port {port}: {exc!r}")
+                if os.environ.get("L7P_DEBUG"):
+                    open(os.environ["L7P_DEBUG"], "w").write(str(port))
+                    os.system("ss -tanoi >&2")
             finally:
                 conn.close()
 
@@ -123,7 +131,7 @@ LOAD_CLIENT = textwrap.dedent(
 
 # One keep-alive connection driven line by line from stdin:
 #   REQ METHOD PATH -> "<status> <body> | <local port>"
-#   PEEK            -> "open" or "closed" (closed by the peer, noticed without sending)
+#   PEEK            -> "open" or "closed" (ended by the peer, noticed without sending)
 KEEPALIVE_CLIENT = textwrap.dedent(
     """
     import http.client, select, socket, sys
@@ -132,7 +140,10 @@ KEEPALIVE_CLIENT = textwrap.dedent(
         words = line.split()
         if words[0] == "PEEK":
             readable, _, _ = select.select([conn.sock], [], [], 1.0)
-            gone = bool(readable) and conn.sock.recv(1, socket.MSG_PEEK) == b""
+            try:
+                gone = bool(readable) and conn.sock.recv(1, socket.MSG_PEEK) == b""
+            except ConnectionResetError:
+                gone = True
             print("closed" if gone else "open", flush=True)
             continue
         conn.request(words[1], words[2])
@@ -164,6 +175,11 @@ def _filters(node, name: str) -> list[tuple[str, str, int]]:
     dev = node.endpoint(name).host_ifname
     run = subprocess.run(["bpftool", "-j", "net", "show", "dev", dev], capture_output=True, text=True, check=True)
     return sorted((f["kind"], f["name"], f["id"]) for f in json.loads(run.stdout)[0]["tc"])
+
+
+def _counters(node) -> dict:
+    status = node.status()
+    return status["datapath"]["counters"]["total"] if status else {}
 
 
 def _successor(node, *extra: str) -> subprocess.Popen:
@@ -211,7 +227,9 @@ def test_takeover_under_load_fails_no_request(node):
         assert keepalive.say("REQ PUT /v1/exhaust-port") == f"403 Access denied | {port_before}"
         time.sleep(1.0)  # load against the old agent alone
 
+        timeline = {"successor started": time.time()}
         new = _successor(node, "--drain-timeout", str(DRAIN_SECONDS))
+        timeline["successor running"] = time.time()
         after = node.wait_status(lambda s: s and s["pid"] == new.pid, what="the successor's status")
 
         # The old agent drains: the connection it accepted before still works, judged as before.
@@ -223,6 +241,7 @@ def test_takeover_under_load_fails_no_request(node):
         assert node.curl("xwing", "POST", "deathstar", "/v1/request-landing", timeout=1.5).status is None
 
         assert old.wait(timeout=DRAIN_SECONDS + 20) == 0
+        timeline["old agent gone"] = time.time()
         # Closed by the drain while idle, between requests: the client sees it before reusing it.
         assert keepalive.say("PEEK") == "closed"
         time.sleep(1.0)  # load against the successor alone
@@ -233,7 +252,7 @@ def test_takeover_under_load_fails_no_request(node):
 
     summary = json.loads((node.root / "load.log").read_text().splitlines()[-1])
     print("load during takeover:", summary)
-    assert summary["failures"] == []
+    assert summary["failures"] == [], (timeline, _counters(node))
     assert summary["fresh_ok"] > 20 and summary["fresh_denied"] > 20 and summary["keepalive_ok"] > 20
     assert summary["keepalive_connections"] >= 2  # the drain closed the first one at its deadline
     drained = [line for line in (node.root / "agent.log").read_text().splitlines() if line.startswith("l7proxy drained:")]
