@@ -9,6 +9,7 @@ the old agent drains, and be closed between requests when it is done.
 
 from __future__ import annotations
 
+import ast
 import json
 import signal
 import socket
@@ -256,6 +257,9 @@ def test_takeover_under_load_fails_no_request(node):
     assert summary["keepalive_connections"] >= 2  # the drain closed the first one at its deadline
     drained = [line for line in (node.root / "agent.log").read_text().splitlines() if line.startswith("l7proxy drained:")]
     assert drained, "the old agent did not report its drain"
+    drain = ast.literal_eval(drained[0].removeprefix("l7proxy drained:").strip())
+    print("old agent's drain:", drain)
+    assert drain["cut"] == 0  # nothing was in flight when the old agent let go
 
     # State carried over: identities, policy revisions continue, the successor serves.
     assert {e["name"]: e["identity"] for e in after["endpoints"]} == identities
