@@ -54,11 +54,11 @@ class Agent:
                  predecessor: Predecessor | None = None, drain_timeout: float = 30.0):
         self.store = store
         self.predecessor = predecessor   # the running agent this one takes over from
-        self.drain_timeout = drain_timeout
+        self.drain_timeout = drain_timeout   # what we give our predecessor
         self.control: ControlServer | None = None
         self.listen_socks: dict[str, object] = {}
         self.handed_over = False   # a successor owns the node now; we only drain
-        self.handover_drain = drain_timeout
+        self.handover_drain = drain_timeout   # what our successor gives us
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.audit = audit
@@ -202,9 +202,10 @@ class Agent:
 
     async def drain_and_exit(self, cut_short: asyncio.Event | None = None) -> dict:
         """After a handover: stop accepting, let open connections finish until
-        the drain deadline, close the idle ones then, give requests still in
-        flight IN_FLIGHT_GRACE more, and let go of the kernel without undoing
-        anything (the successor uses the same programs, pins and route)."""
+        the drain deadline, then end each one between requests (_ResetWhenIdle),
+        giving requests still in flight IN_FLIGHT_GRACE more, and let go of the
+        kernel without undoing anything (the successor uses the same programs,
+        pins and route)."""
         loop = asyncio.get_running_loop()
         if self.control is not None:
             self.control.close()
@@ -408,8 +409,8 @@ class _ResetWhenIdle:
 
     It stands in for the pipe's flow log so that it hears of every completed
     request. The connection ends once nothing is in flight and the last
-    response is delivered (our send queue is empty and acknowledged): right
-    behind a response on a busy connection, or after QUIET_SECONDS of silence.
+    response has left our send queue: right behind a response on a busy
+    connection, or after QUIET_SECONDS of silence (then also acknowledged).
     A client that checks its idle connection before reusing it (as HTTP client
     pools do) sees the end before it sends its next request.
 
