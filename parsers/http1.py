@@ -228,6 +228,8 @@ def _coalesce(out: list) -> list:
 # --------------------------------------------------------------------------
 # The engine
 
+_MEMO_SIZE = 32  # distinct repeated heads remembered per connection
+
 
 @dataclass(slots=True)
 class _Exchange:
@@ -271,6 +273,11 @@ class Http1Engine:
         self._closed = False
         self._tunnel = False
         self._inner: Engine | None = None
+        # Keep-alive clients repeat themselves: a head seen before on this
+        # connection, byte for byte, in the same reader state, parses to the
+        # same result. These small per-connection memos skip re-parsing it.
+        self._seen_requests: dict[bytes, tuple[MessageHead, HttpRequest, bytes]] = {}
+        self._seen_responses: dict[tuple[str, bytes], tuple[MessageHead, bytes | None]] = {}
 
     @property
     def reading_headers(self) -> bool:
@@ -287,9 +294,18 @@ class Http1Engine:
             return [ToServer(data)] if data else [Close("client closed the tunnel")]
         if self._closed or self._client_dead:
             return []
+        clean = data and self._current is None and self._requests.at_message_start
+        if clean:
+            seen = self._seen_requests.get(data)
+            if seen is not None:
+                fast = self._repeat_request(*seen)
+                if fast is not None:
+                    return fast
         out: list = []
         if not self._read_client(self._requests.feed, data, out):
             return _coalesce(out)
+        if clean:
+            self._remember_request(data)
         if not data and not self._closed:
             # Client EOF between requests: let owed answers finish first.
             if self._queue:
@@ -298,6 +314,38 @@ class Http1Engine:
                 self._closed = True
                 out.append(Close("client closed"))
         return _coalesce(out)
+
+    def _repeat_request(self, head: MessageHead, request: HttpRequest, wire: bytes) -> list | None:
+        decision: Decision = self.decide(request)
+        if not decision.allowed or decision.edits:
+            return None  # the general path answers denials and applies edits
+        key = self._seq
+        self._seq += 1
+        ex = _Exchange(key, request, head, True)
+        self._queue.append(ex)
+        self._awaiting.append(ex)
+        self._requests.repeat(head)
+        self._responses.expect(head.method, False)
+        return [Access(request, decision, key), ToServer(wire)]
+
+    def _remember_request(self, data: bytes) -> None:
+        """Memo ``data`` if it was exactly one bodiless keep-alive request, now forwarded."""
+        if len(self._queue) == 0 or self._current is not None or not self._requests.at_message_start:
+            return
+        ex = self._queue[-1]
+        head = ex.head
+        if (
+            ex.allowed
+            and head is not None
+            and head.framing == "none"
+            and head.keep_alive
+            and not head.upgrade
+            and not head.expect_continue
+            and head.size == len(data)
+        ):
+            if len(self._seen_requests) >= _MEMO_SIZE:
+                self._seen_requests.clear()
+            self._seen_requests[data] = (head, ex.request, serialise_request(head))
 
     def _read_client(self, read, data, out: list) -> bool:
         """Parse client bytes and act on them; False after a client error."""
@@ -399,6 +447,14 @@ class Http1Engine:
             return [ToClient(data)] if data else [Close("server closed the tunnel")]
         if self._closed:
             return []
+        memo_key = None
+        if data and len(self._queue) == 1 and len(self._awaiting) == 1 and self._responses.at_message_start:
+            end = data.find(b"\r\n\r\n")
+            if end > 0:
+                memo_key = (self._awaiting[0].head.method, data[: end + 4])
+                seen = self._seen_responses.get(memo_key)
+                if seen is not None and len(data) == end + 4 + seen[0].length:
+                    return self._repeat_response(data, end + 4, *seen)
         out: list = []
         try:
             events = self._responses.feed(data)
@@ -407,6 +463,8 @@ class Http1Engine:
             self._on_server_error(exc, out)
             return _coalesce(out)
         self._on_server_events(events, out)
+        if memo_key is not None:
+            self._remember_response(memo_key, len(data))
         if not data and not self._closed:
             if self._awaiting:
                 self._on_server_error(
@@ -455,6 +513,37 @@ class Http1Engine:
                     self._closed = True
                     out.append(Close("server ended the connection"))
                     return
+
+    def _repeat_response(self, data: bytes, head_end: int, head: MessageHead, wire: bytes | None) -> list:
+        ex = self._awaiting.popleft()
+        self._queue.popleft()
+        self._responses.repeat(head)
+        self._response_head = head
+        # The canonical head is usually the head as received: forward the bytes as they are.
+        body = data if wire is None else wire + data[head_end:]
+        return [ToClient(body), Reply(ex.key, {"status": head.status})]
+
+    def _remember_response(self, memo_key: tuple[str, bytes], size: int) -> None:
+        """Memo a head that arrived with exactly its Content-Length body and completed
+        the only outstanding exchange on a connection that stays open."""
+        head = self._response_head
+        if (
+            self._closed
+            or self._queue
+            or head is None
+            or head.framing != "length"
+            or not head.keep_alive
+            or not 200 <= head.status < 300
+            or self._responses.switched
+            or not self._responses.at_message_start
+            or head.size != len(memo_key[1])
+            or size != head.size + head.length
+        ):
+            return
+        wire = serialise_response(head)
+        if len(self._seen_responses) >= _MEMO_SIZE:
+            self._seen_responses.clear()
+        self._seen_responses[memo_key] = (head, None if wire == memo_key[1] else wire)
 
     def _on_server_error(self, exc: Http1Error, out: list) -> None:
         out.append(ParseError("server", exc, close=True))

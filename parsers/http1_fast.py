@@ -21,6 +21,7 @@ from parsers.http1_errors import AmbiguousFraming, Http1Error, MalformedMessage
 from parsers.http1_head import (
     FIELD_VALUE_CHARS,
     KNOWN_METHODS,
+    STATUS_PREFIX,
     MessageHead,
     StartLineWatch,
     explain_line,
@@ -145,6 +146,17 @@ class CRequestHead(_CHead):
 class CResponseHead(_CHead):
     side = "server"
     parser_class = httptools.HttpResponseParser
+
+    def partial(self, buf: bytes | bytearray) -> None:
+        self._feed(buf)
+        if not self._line_done:
+            # llhttp waits for more bytes where the status line can no longer
+            # become valid; refuse at the same byte as the Python parser.
+            eol = buf.find(b"\r\n")
+            self._line_done = eol >= 0
+            end = eol if eol >= 0 else len(buf)
+            if end <= 1024 and STATUS_PREFIX.fullmatch(buf, 0, end) is None and eol < 0:
+                raise MalformedMessage("invalid status line", code="invalid_status_line", side="server")
 
     def complete(self, head: bytes, request_method: str = "GET") -> MessageHead:
         self._finish(head)

@@ -98,6 +98,19 @@ class MessageReader:
         """Between messages (nothing partial buffered)."""
         return self._state in (HEAD, CLOSED, DONE) and not self._buf
 
+    @property
+    def at_message_start(self) -> bool:
+        """Ready for a new head with nothing buffered (where a repeat can be recognised)."""
+        return self._state == HEAD and not self._buf
+
+    def repeat(self, head: MessageHead) -> None:
+        """Account for a whole keep-alive message the caller recognised as a byte-for-byte
+        repeat of one this reader already parsed and validated (same state, same
+        bytes, same result), without parsing it again."""
+        self._head = head
+        if self.side == "server" and self._requests:
+            self._requests.popleft()
+
     def expect(self, method: str, upgrade: bool) -> None:
         """A response reader: the next unanswered request was ``method``."""
         self.standalone = False
