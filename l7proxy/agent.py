@@ -23,6 +23,8 @@ import ipaddress
 import json
 import logging
 import os
+import socket
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -458,6 +460,10 @@ class _ResetWhenIdle:
                 self._loop.call_later(0.001, self.check)
             return
         self.reset = "after reply" if self._replied else "quiet"
+        sock = client.get_extra_info("socket")
+        if sock is not None:
+            # Linger 0: close() sends RST and leaves no TIME_WAIT (abort() alone sends a FIN).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.abort()   # connection_lost then closes the pipe and its upstream
 
     def __getattr__(self, name):
@@ -470,7 +476,6 @@ SIOCOUTQNSD = 0x894B   # bytes in the send queue not yet sent
 
 def _send_queue(transport, request: int) -> int:
     import fcntl
-    import struct
 
     sock = transport.get_extra_info("socket")
     if sock is None:
