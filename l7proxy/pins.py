@@ -26,8 +26,17 @@ log = logging.getLogger("l7proxy.datapath")
 
 # Pinned state maps, by name in bpf/sockmap.c. The ring buffer is not pinned:
 # each agent reads its own program's drop events.
-PINNED_MAPS = ("ipcache", "endpoints", "ifindex_endpoint", "policy", "conntrack",
-               "counters", "endpoint_counters", "config", "proxy_listeners")
+PINNED_MAPS = (
+    "ipcache",
+    "endpoints",
+    "ifindex_endpoint",
+    "policy",
+    "conntrack",
+    "counters",
+    "endpoint_counters",
+    "config",
+    "proxy_listeners",
+)
 
 
 def pin_dir(instance: str, root: Path = BPFFS) -> Path:
@@ -73,14 +82,21 @@ def leftovers(root: Path = BPFFS) -> list[Path]:
 
 class _MapInfo(ctypes.Structure):
     # struct bpf_map_info, the leading fields.
-    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
-                ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
-                ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32)]
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+    ]
 
 
 def map_info(fd: int) -> _MapInfo:
     info = _MapInfo()
-    attr = bpfsys._InfoByFdAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    attr = bpfsys._InfoByFdAttr(
+        bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info)
+    )
     bpfsys._bpf(bpfsys.BPF_OBJ_GET_INFO_BY_FD, attr)
     return info
 
@@ -107,10 +123,12 @@ def mismatches(bpf) -> list[str]:
             "max_entries": lib.bpf_table_max_entries_id(bpf.module, table_id),
             "map_flags": lib.bpf_table_flags_id(bpf.module, table_id),
         }
-        if name != "proxy_listeners":   # bcc cannot open a sockhash to ask its sizes
+        if name != "proxy_listeners":  # bcc cannot open a sockhash to ask its sizes
             table = bpf[bname]
             want["key_size"] = ctypes.sizeof(table.Key)
-            want["value_size"] = ctypes.sizeof(table.sLeaf) if hasattr(table, "sLeaf") else ctypes.sizeof(table.Leaf)
+            want["value_size"] = (
+                ctypes.sizeof(table.sLeaf) if hasattr(table, "sLeaf") else ctypes.sizeof(table.Leaf)
+            )
         for field, value in want.items():
             if getattr(have, field) != value:
                 out.append(f"{name}: pinned {field} {getattr(have, field)}, program wants {value}")
@@ -129,7 +147,11 @@ def load_pinned(compile_with, path: Path):
     bad = mismatches(bpf)
     if not bad:
         return bpf
-    log.warning("pinned maps in %s do not fit this program (%s); starting with fresh maps", path, "; ".join(bad))
+    log.warning(
+        "pinned maps in %s do not fit this program (%s); starting with fresh maps",
+        path,
+        "; ".join(bad),
+    )
     bpf.cleanup()
     remove(path)
     prepare(path)
