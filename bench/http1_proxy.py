@@ -149,17 +149,28 @@ def raw_response(host: str, port: int, request: bytes) -> bytes:
 # ---------------------------------------------------------------- load
 
 
-def measure_load(paths: dict[str, Any], nginx, args, workdir: Path) -> dict[str, list[dict[str, Any]]]:
+# Every request a different target (/?n=1, /?n=2, ...): nothing repeats, so
+# this measures the full parse path rather than the keep-alive repeat memo.
+VARIED_LUA = """
+local counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format("GET", "/?n=" .. counter)
+end
+"""
+
+
+def measure_load(paths: dict[str, Any], nginx, args, workdir: Path, *, lua: str = "") -> dict[str, list[dict[str, Any]]]:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
     for svc in paths.values():  # warm-up: connections, caches, the interpreter
-        run_wrk(svc.url + "/", threads=args.threads, connections=args.connections, duration=2, workdir=workdir)
+        run_wrk(svc.url + "/", threads=args.threads, connections=args.connections, duration=2, workdir=workdir, extra_lua=lua)
     for rnd in range(args.rounds):
         order = list(paths) if rnd % 2 == 0 else list(reversed(paths))  # spread drift over all paths
         for name in order:
             svc = paths[name]
             proxy_cpu = CpuMeter(svc.pid) if svc is not nginx else None
             nginx_cpu = CpuMeter(nginx.pid)
-            result = run_wrk(svc.url + "/", threads=args.threads, connections=args.connections, duration=args.duration, workdir=workdir)
+            result = run_wrk(svc.url + "/", threads=args.threads, connections=args.connections, duration=args.duration, workdir=workdir, extra_lua=lua)
             run = result.as_dict()
             run["round"] = rnd
             run["nginx_cpu_s"] = nginx_cpu.stop()
@@ -391,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
         checks = check_correctness(load_paths)
         print(f"load: wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s x {args.rounds} rounds ...", flush=True)
         runs = measure_load(load_paths, nginx, args, workdir)
+        print("load, every request a different target (no repeats) ...", flush=True)
+        varied_paths = {"direct": nginx, "l7proxy": l7, "haproxy": haproxy}
+        varied_runs = measure_load(varied_paths, nginx, args, workdir, lua=VARIED_LUA)
         download = {}
         if args.download:
             print("download: 1 GiB with curl ...", flush=True)
@@ -405,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             profiles["firewall_cprofile"] = profile_firewall(nginx, args, workdir)
 
     load = summarise_load(runs)
+    load_varied = summarise_load(varied_runs)
     l7_us, ha_us = load["l7proxy"]["proxy_us_per_req"], load["haproxy"]["proxy_us_per_req"]
     per_round = [ratio(a["proxy_us_per_req"], b["proxy_us_per_req"]) for a, b in zip(runs["l7proxy"], runs["haproxy"], strict=True)]
     headline = {
@@ -412,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         "l7proxy_over_haproxy_cpu_per_req_by_round": per_round,
         "l7proxy_flowlog_over_haproxy_cpu_per_req": ratio(load["l7proxy+flowlog"]["proxy_us_per_req"], ha_us),
         "l7proxy_over_haproxy_rps": ratio(load["l7proxy"]["rps"], load["haproxy"]["rps"]),
+        "varied_l7proxy_over_haproxy_cpu_per_req": ratio(load_varied["l7proxy"]["proxy_us_per_req"], load_varied["haproxy"]["proxy_us_per_req"]),
         "target_ratio_issue": 3.0,
         "target_ratio_goal": 1.5,
     }
@@ -419,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         headline["download_l7proxy_over_haproxy_cpu_s"] = ratio(download["l7proxy"]["proxy_cpu_s"], download["haproxy"]["proxy_cpu_s"])
     problems = [f"{name}: correctness {c}" for name, c in checks.items() if not c["ok"]]
     problems += [f"{name}: {s['non_2xx']} non-2xx, {s['socket_errors']} socket errors under load" for name, s in load.items() if s["non_2xx"] or s["socket_errors"]]
+    problems += [f"{name} (varied): {s['non_2xx']} non-2xx, {s['socket_errors']} socket errors" for name, s in load_varied.items() if s["non_2xx"] or s["socket_errors"]]
     problems += [f"download via {name}: status {d['status']}, {d['bytes']} bytes" for name, d in download.items() if d["status"] != 200 or not d["complete"]]
     flowlog_runs = runs["l7proxy+flowlog"]
     if flowlog_runs and flowlog_runs[-1].get("flow_records_total", 0) < sum(r["requests"] for r in flowlog_runs):
@@ -444,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         "correctness": checks,
         "load": load,
         "load_runs": runs,
+        "load_varied": load_varied,
+        "load_varied_runs": varied_runs,
         "download": download,
         "profiles": profiles,
         "problems": problems,
@@ -478,6 +497,13 @@ def report(doc: dict[str, Any]) -> str:
     out.write(f"\n\nl7proxy / haproxy CPU per request: **{h['l7proxy_over_haproxy_cpu_per_req']:.2f}x** "
               f"(rounds: {', '.join(f'{r:.2f}' for r in h['l7proxy_over_haproxy_cpu_per_req_by_round'])}; "
               f"with flow-log file {h['l7proxy_flowlog_over_haproxy_cpu_per_req']:.2f}x; issue target <= 3x, goal 1.5x)\n")
+    if doc.get("load_varied"):
+        nan = float("nan")
+        rows = [[name, s["rps"], s["p50_ms"], s["p99_ms"], s.get("proxy_us_per_req", nan), s.get("proxy_user_us_per_req", nan), s.get("proxy_sys_us_per_req", nan), s["non_2xx"]]
+                for name, s in doc["load_varied"].items()]
+        out.write("\nEvery request a different target (no keep-alive repeats):\n\n")
+        out.write(markdown_table(["path", "req/s", "p50 ms", "p99 ms", "proxy CPU us/req", "(user)", "(sys)", "non-2xx"], rows))
+        out.write(f"\n\nl7proxy / haproxy CPU per request, varied targets: **{h['varied_l7proxy_over_haproxy_cpu_per_req']:.2f}x**\n")
     if doc["download"]:
         nan = float("nan")
         rows = [[name, d["gbit_s"], d["seconds"], d.get("proxy_cpu_s", nan), d.get("proxy_user_s", nan), d.get("proxy_sys_s", nan), d["nginx_cpu_s"], d["status"]]

@@ -954,7 +954,7 @@ class CqlServerDouble:
         async def accept(reader, writer):
             await _Connection(self, reader, writer).serve()
 
-        self._server = await asyncio.start_server(accept, self.host, 0)
+        self._server = await asyncio.start_server(accept, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
 
@@ -998,8 +998,11 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description="CQL server test double")
     parser.add_argument("--max-version", type=int, default=5)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     double = CqlServerDouble(args.max_version)
+    double.host, double.port = args.host, args.port
 
     async def serve():
         await double._start()
