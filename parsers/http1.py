@@ -19,8 +19,9 @@ is ``ACTIVE_IMPLEMENTATION``, forced with ``L7PROXY_HTTP1_PARSER=c|python``.
 from __future__ import annotations
 
 import os
+import re
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from parsers.base import (
     Access,
@@ -229,6 +230,9 @@ def _coalesce(out: list) -> list:
 # The engine
 
 _MEMO_SIZE = 32  # distinct repeated heads remembered per connection
+# Origin-form targets the repeat path may take without a full parse: a strict
+# subset of what both head parsers accept (tests/test_http1_repeat.py checks it).
+SIMPLE_TARGET = re.compile(rb"/(?:[A-Za-z0-9._~!$&'()*+,;=:/?\-]|%[0-9A-Fa-f]{2})*")
 
 
 @dataclass(slots=True)
@@ -278,6 +282,9 @@ class Http1Engine:
         # same result. These small per-connection memos skip re-parsing it.
         self._seen_requests: dict[bytes, tuple[MessageHead, HttpRequest, bytes]] = {}
         self._seen_responses: dict[tuple[str, bytes], tuple[MessageHead, bytes | None]] = {}
+        # The same, for requests that differ only in an origin-form target
+        # (GET /items/1, GET /items/2, ...): keyed by method and the bytes after the target.
+        self._seen_shapes: dict[tuple[bytes, bytes], tuple[MessageHead, HttpRequest, bool]] = {}
 
     @property
     def reading_headers(self) -> bool:
@@ -299,6 +306,10 @@ class Http1Engine:
             seen = self._seen_requests.get(data)
             if seen is not None:
                 fast = self._repeat_request(*seen)
+                if fast is not None:
+                    return fast
+            elif self._seen_shapes:
+                fast = self._repeat_shape(data)
                 if fast is not None:
                     return fast
         out: list = []
@@ -328,6 +339,21 @@ class Http1Engine:
         self._responses.expect(head.method, False)
         return [Access(request, decision, key), ToServer(wire)]
 
+    def _repeat_shape(self, data: bytes) -> list | None:
+        """A request whose only difference from one seen before is its target."""
+        sp1 = data.find(b" ", 0, 24)
+        sp2 = data.find(b" ", sp1 + 1, sp1 + 8192)
+        if sp1 <= 0 or sp2 < 0:
+            return None
+        seen = self._seen_shapes.get((data[:sp1], data[sp2:]))
+        if seen is None or SIMPLE_TARGET.fullmatch(data, sp1 + 1, sp2) is None:
+            return None
+        head, request, wire_is_data = seen
+        target = data[sp1 + 1 : sp2].decode("ascii")
+        head = replace(head, target=target, size=len(data))
+        request = replace(request, path=target)
+        return self._repeat_request(head, request, data if wire_is_data else serialise_request(head))
+
     def _remember_request(self, data: bytes) -> None:
         """Memo ``data`` if it was exactly one bodiless keep-alive request, now forwarded."""
         if len(self._queue) == 0 or self._current is not None or not self._requests.at_message_start:
@@ -345,7 +371,14 @@ class Http1Engine:
         ):
             if len(self._seen_requests) >= _MEMO_SIZE:
                 self._seen_requests.clear()
-            self._seen_requests[data] = (head, ex.request, serialise_request(head))
+            wire = serialise_request(head)
+            self._seen_requests[data] = (head, ex.request, wire)
+            target = head.target.encode("ascii")
+            line_start = head.method.encode("ascii") + b" " + target + b" "
+            if data.startswith(line_start) and SIMPLE_TARGET.fullmatch(target) and ex.request.path == head.target:
+                if len(self._seen_shapes) >= _MEMO_SIZE:
+                    self._seen_shapes.clear()
+                self._seen_shapes[(head.method.encode("ascii"), data[len(line_start) - 1 :])] = (head, ex.request, wire == data)
 
     def _read_client(self, read, data, out: list) -> bool:
         """Parse client bytes and act on them; False after a client error."""
