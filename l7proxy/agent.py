@@ -75,6 +75,7 @@ class Agent:
         self.policy_imports = 0
         self.policy_import_errors = 0
         self.revision = 0
+        self.kernel_revision = 0
         self.agent_state: AgentState | None = None
         self.listeners: dict[str, int] = {}
         self._stamp: tuple = ()
@@ -333,6 +334,7 @@ class Agent:
                 dp.set_endpoint(info)
             else:
                 dp.attach(info)
+        self.kernel_revision = compiled.revision  # the maps now say what this policy says
 
     def _watch_stamp(self) -> tuple:
         items = []
@@ -373,11 +375,15 @@ class Agent:
         from parsers import http1
 
         compiled = self.state.current if self.state else None
+        in_sync = compiled is not None and self.kernel_revision == compiled.revision
+        listeners_up = bool(self.proxy) and set(self.listeners) == set(FAMILIES)
         return {
             "version": __version__,
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
-            "healthy": bool(dp_status.get("loaded")) and self.policy_error is None,
+            "healthy": bool(dp_status.get("loaded")) and self.policy_error is None and in_sync and listeners_up,
+            "maps_in_sync": in_sync,
+            "listeners_up": listeners_up,
             "datapath": dp_status,
             "endpoints": [
                 {**asdict(e), "identity": compiled.endpoints[e.id].identity.number if compiled and e.id in compiled.endpoints else None}

@@ -106,6 +106,9 @@ def cmd_run(args, store: Store) -> int:
                 if predecessor is not None:
                     await _port_free(args.metrics)  # the predecessor lets go of it within moments
                 print(f"l7proxy metrics on {(await start_agent_metrics(agent, args.metrics)).url}", flush=True)
+            from l7proxy.protocols import active_parsers
+
+            log.info("parsers: %s", ", ".join(f"{k}={v}" for k, v in active_parsers().items()))
             print(f"l7proxy agent running: listeners {agent.listeners}", flush=True)
             await agent.run(stop)
         finally:
@@ -158,6 +161,9 @@ def cmd_status(args, store: Store) -> int:
         return 0
     dp = status["datapath"]
     print(f"l7proxy {status['version']}  pid {status['pid']}  up {status['uptime_s']}s  {'healthy' if status['healthy'] else 'UNHEALTHY'}")
+    print(f"health: datapath {'loaded' if status['datapath'].get('loaded') else 'NOT LOADED'}, "
+          f"maps {'in sync with' if status.get('maps_in_sync') else 'NOT in sync with'} policy revision {status['policy_revision']}, "
+          f"listeners {'up' if status.get('listeners_up') else 'DOWN'}")
     print(f"datapath: {'loaded' if dp.get('loaded') else 'not loaded'}, policy revision {dp.get('policy_revision')}, attached to {len(dp.get('attached', {}))} endpoints")
     for name, (used, cap) in sorted(dp.get("maps", {}).items()):
         print(f"  map {name:<17} {used:>6} / {cap}")

@@ -107,6 +107,9 @@ async def run_firewall(fw: Firewall, *, ready=print, metrics: tuple[str, int] | 
         from l7proxy.metrics import start_firewall_metrics
 
         served = await start_firewall_metrics(fw, metrics)
+    from l7proxy.protocols import active_parsers
+
+    log.info("parsers: %s", ", ".join(f"{k}={v}" for k, v in active_parsers().items()))
     ready(f"l7proxy firewall listening on {host}:{port}")
     if served is not None:
         ready(f"l7proxy metrics on {served.url}")

@@ -31,3 +31,10 @@ def engine_factory(family: str) -> EngineFactory:
         factory = getattr(importlib.import_module(module), name)
         _cache[family] = factory
     return factory
+
+
+def active_parsers() -> dict[str, str]:
+    """Which implementation each parser with a choice is using (for status and logs)."""
+    from parsers import http1
+
+    return {"http1": http1.active_implementation()}

@@ -206,3 +206,32 @@ def test_audit_mode_logs_would_be_denials_and_lets_traffic_through(node):
     l7 = [r for r in records if r["type"] == "l7"]
     assert [(r["verdict"], r["l7"]["method"], r["reply"]["status"], r["policy"]) for r in l7] == [("AUDIT", "PUT", 503, "rule1")]
     assert node.kernel_counter("audited") >= 1
+
+
+def test_l7_deny_rule_wins_over_an_allow_with_real_traffic(node):
+    allow_all_but_deny_put = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: no-exhaust}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {org: empire}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+  ingressDeny:
+  - toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http: [{method: PUT, path: /v1/exhaust-port}]
+"""
+    node.import_policy(allow_all_but_deny_put)
+    status = node.status()
+    assert status["maps_in_sync"] and status["listeners_up"] and status["healthy"]
+    # The L4 allow alone would let everything through; the L7 deny rule pulls the port into the proxy.
+    assert node.curl("tiefighter", "POST", "deathstar", "/v1/request-landing").status == 200
+    denied = node.curl("tiefighter", "PUT", "deathstar", "/v1/exhaust-port")
+    assert (denied.status, denied.body) == (403, "Access denied")
+    records = node.flows(wait_for=lambda r: r.get("verdict") == "DENIED")
+    deny = next(r for r in records if r.get("verdict") == "DENIED")
+    assert (deny["policy"], deny["rule"]) == ("no-exhaust", "spec.ingressDeny[0].toPorts[0].rules.http[0]")
+    assert node.curl("xwing", "POST", "deathstar", "/v1/request-landing", timeout=1.5).status is None  # still L3 default deny

@@ -334,3 +334,19 @@ def test_host_prefixes_map_to_host_identity():
     compiled = compile_policy([], [], identities, host_prefixes=[ipaddress.IPv4Network("127.0.0.0/8")])
     assert compiled.ipcache.lookup("127.0.0.1") == HOST
     assert compiled.ipcache.lookup("8.8.8.8") == WORLD
+
+
+def test_an_l7_deny_rule_alone_puts_an_l4_allowed_port_under_its_parser():
+    doc = cnp(
+        """
+        endpointSelector: {matchLabels: {class: deathstar}}
+        ingress:
+        - toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+        ingressDeny:
+        - toPorts: [{ports: [{port: "80", protocol: TCP}], rules: {http: [{method: PUT}]}}]
+        """
+    )
+    conn = connect(build(doc), "tiefighter", "deathstar", 80)
+    assert (conn.l4.allowed, conn.parser) == (True, "http")
+    assert conn.decide(http("GET", "/")).allowed
+    assert not conn.decide(http("PUT", "/")).allowed

@@ -169,7 +169,9 @@ class CompiledPolicy:
                 if not port_rules or all(pr.parser is None for pr in port_rules):
                     audit = self.audit_all or eff.policy.audit
                     return PortVerdict(audit, None, f"denied by {eff.name}", audit)
-                continue  # an L7 deny rule is judged per request
+                # An L7 deny rule is judged per request: the port needs its parser.
+                parser = next(pr.parser for pr in port_rules if pr.parser)
+                continue
             allowed_by.append(eff.name)
             for pr in port_rules or ():
                 if pr.parser:
