@@ -49,9 +49,9 @@ import sys, time
 from concurrent import futures
 sys.path.insert(0, {repo!r})
 import grpc
-from tests.support.grpc_interop import interop, servicer_class
+from tests.support.grpc_interop import CHANNEL_OPTIONS, interop, servicer_class
 pb = interop()
-server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=CHANNEL_OPTIONS)
 pb.test_pb2_grpc.add_TestServiceServicer_to_server(servicer_class(pb)(), server)
 server.add_insecure_port("0.0.0.0:50051")
 server.start()
@@ -59,38 +59,76 @@ print("grpc ready", flush=True)
 server.wait_for_termination()
 """
 
+# Runs the same interop scenarios direct... through whatever address it is given,
+# printing one "name result" line per scenario.
 GRPC_CLIENT = """
 import sys
+from concurrent import futures
 sys.path.insert(0, {repo!r})
 import grpc
-from tests.support.grpc_interop import interop
+from tests.support.grpc_interop import CHANNEL_OPTIONS, ECHO_INITIAL, ECHO_TRAILING, interop
 pb = interop()
-channel = grpc.insecure_channel(sys.argv[1] + ":50051")
+m = pb.messages_pb2
+channel = grpc.insecure_channel(sys.argv[1] + ":50051", options=CHANNEL_OPTIONS)
 stub = pb.test_pb2_grpc.TestServiceStub(channel)
-reply = stub.UnaryCall(pb.messages_pb2.SimpleRequest(response_size=10), timeout=10)
-print("unary", len(reply.payload.body))
+out = []
+reply = stub.UnaryCall(m.SimpleRequest(response_size=10), timeout=10)
+out.append(("unary", len(reply.payload.body)))
+big = stub.UnaryCall(m.SimpleRequest(response_size=4 << 20, payload=m.Payload(body=b"x" * (3 << 20))), timeout=30)
+out.append(("large", len(big.payload.body)))
+sizes = [len(r.payload.body) for r in stub.StreamingOutputCall(m.StreamingOutputCallRequest(response_parameters=[m.ResponseParameters(size=n) for n in (1, 10, 100, 1000)]), timeout=10)]
+out.append(("server-streaming", sum(sizes)))
+agg = stub.StreamingInputCall(iter([m.StreamingInputCallRequest(payload=m.Payload(body=b"y" * n)) for n in (3, 30, 300)]), timeout=10)
+out.append(("client-streaming", agg.aggregated_payload_size))
+bidi = [len(r.payload.body) for r in stub.FullDuplexCall(iter([m.StreamingOutputCallRequest(response_parameters=[m.ResponseParameters(size=n)]) for n in (5, 50)]), timeout=10)]
+out.append(("bidi", sum(bidi)))
+call = stub.UnaryCall.with_call(m.SimpleRequest(response_size=1), metadata=((ECHO_INITIAL, "hello"), (ECHO_TRAILING, b"\\x00\\xff")), timeout=10)[1]
+out.append(("metadata", dict(call.initial_metadata()).get(ECHO_INITIAL) == "hello" and dict(call.trailing_metadata()).get(ECHO_TRAILING) == b"\\x00\\xff"))
+try:
+    stub.UnaryCall(m.SimpleRequest(response_status=m.EchoStatus(code=5, message="no such ship")), timeout=10)
+except grpc.RpcError as exc:
+    out.append(("status", exc.code().name + ":" + exc.details().replace(" ", "_")))
+try:
+    stub.StreamingOutputCall(m.StreamingOutputCallRequest(response_parameters=[m.ResponseParameters(size=1, interval_us=2_000_000)]), timeout=0.5).next()
+except grpc.RpcError as exc:
+    out.append(("deadline", exc.code().name))
+with futures.ThreadPoolExecutor(16) as pool:
+    results = list(pool.map(lambda i: len(stub.UnaryCall(m.SimpleRequest(response_size=i), timeout=20).payload.body), range(100)))
+out.append(("concurrent", sum(results)))
 try:
     stub.EmptyCall(pb.empty_pb2.Empty(), timeout=10)
-    print("empty", "OK")
+    out.append(("empty", "OK"))
 except grpc.RpcError as exc:
-    print("empty", exc.code().name)
-reply = stub.UnaryCall(pb.messages_pb2.SimpleRequest(response_size=20), timeout=10)
-print("unary-after-deny", len(reply.payload.body))
+    out.append(("empty", exc.code().name))
+reply = stub.UnaryCall(m.SimpleRequest(response_size=20), timeout=10)
+out.append(("unary-after-deny", len(reply.payload.body)))
+for name, value in out:
+    print(name, value)
 """
 
+GRPC_EXPECTED = [
+    "unary", "10", "large", str(4 << 20), "server-streaming", "1111", "client-streaming", "333", "bidi", "55",
+    "metadata", "True", "status", "NOT_FOUND:no_such_ship", "deadline", "DEADLINE_EXCEEDED",
+    "concurrent", str(sum(range(100))),
+]
 
-def test_grpc_method_rules_behind_the_kernel_redirect():
+
+def test_grpc_interop_and_method_rules_behind_the_kernel_redirect():
     from tests.support.grpc_interop import interop
 
     interop()  # compile the protos once, outside the namespaces
     with running_node(ENDPOINTS) as node:
         node.spawn(["ip", "netns", "exec", node.endpoint("server").netns, sys.executable, "-c", GRPC_SERVER.format(repo=str(REPO))], "grpc ready", "grpc-server")
-        node.import_policy(policy(50051, "grpc:\n- {service: grpc.testing.TestService, method: UnaryCall}\n"))
-        out = run_client(node, GRPC_CLIENT.format(repo=str(REPO)), node.ip("server"))
-        assert out == ["unary", "10", "empty", "PERMISSION_DENIED", "unary-after-deny", "20"]
+        client = GRPC_CLIENT.format(repo=str(REPO))
+        # Without policy the flow never leaves the kernel: the reference behaviour.
+        assert run_client(node, client, node.ip("server")) == GRPC_EXPECTED + ["empty", "OK", "unary-after-deny", "20"]
+        node.import_policy(policy(50051, "grpc:\n- {service: grpc.testing.TestService, method: \"(Unary|StreamingOutput|StreamingInput|FullDuplex)Call\"}\n"))
+        # Through the transparent proxy: the same results, and EmptyCall denied natively.
+        assert run_client(node, client, node.ip("server")) == GRPC_EXPECTED + ["empty", "PERMISSION_DENIED", "unary-after-deny", "20"]
         records = node.flows(wait_for=lambda r: r.get("verdict") == "DENIED")
         calls = [(r["l7"]["method"], r["verdict"], r["reply"].get("grpc_status")) for r in records if r.get("protocol") == "grpc"]
-        assert calls == [("UnaryCall", "FORWARDED", 0), ("EmptyCall", "DENIED", 7), ("UnaryCall", "FORWARDED", 0)]
+        assert ("EmptyCall", "DENIED", 7) in calls and ("UnaryCall", "FORWARDED", 5) in calls
+        assert sum(1 for c in calls if c[1] == "FORWARDED") == len(calls) - 1
 
 
 KAFKA_CLIENT = """
