@@ -70,13 +70,19 @@ class ConnectionPolicy:
         self._policy = None
         self._matchers: list = []
 
+    def _legs(self) -> list[tuple[str, int, str, int]]:
+        """The directions that apply: the destination's ingress and the source's egress,
+        each as (trace header, endpoint id, direction, peer identity)."""
+        legs = []
+        if self.dst.endpoint is not None:
+            legs.append((f"ingress of {self.dst.endpoint.name} from identity {self.src.identity}:", self.dst.endpoint.id, INGRESS, self.src.identity))
+        if self.src.endpoint is not None:
+            legs.append((f"egress of {self.src.endpoint.name} to identity {self.dst.identity}:", self.src.endpoint.id, EGRESS, self.dst.identity))
+        return legs
+
     def _l4(self):
         policy = self.state.current
-        verdicts = []
-        if self.dst.endpoint is not None:
-            verdicts.append(policy.port_verdict(self.dst.endpoint.id, INGRESS, self.src.identity, self.dst.port))
-        if self.src.endpoint is not None:
-            verdicts.append(policy.port_verdict(self.src.endpoint.id, EGRESS, self.dst.identity, self.dst.port))
+        verdicts = [policy.port_verdict(ep, direction, peer, self.dst.port) for _, ep, direction, peer in self._legs()]
         denied = [v for v in verdicts if not v.allowed]
         if denied:
             return denied[0], None
@@ -88,40 +94,25 @@ class ConnectionPolicy:
     def decide(self, request: Any, trace: list | None = None) -> Decision:
         policy = self.state.current
         if trace is not None:
-            return self._decide_traced(policy, request, trace)
+            decisions = []
+            for header, ep, direction, peer in self._legs():
+                trace.append(header)
+                decisions.append(policy.l7_decide(ep, direction, peer, self.dst.port, request, trace))
+            return _combine(decisions)
         if policy is not self._policy:
             self._policy = policy
-            self._matchers = self._current_matchers(policy)
-        decision = None
-        for matcher in self._matchers:
-            d = matcher.decide(request)
-            if not d.allowed:
-                return d
-            if decision is None or (d.audit and not decision.audit) or (d.edits and not decision.edits):
-                decision = d
-        return decision if decision is not None else NO_LOCAL_ENDPOINT
-
-    def _current_matchers(self, policy) -> list:
-        out = []
-        if self.dst.endpoint is not None:
-            out.append(policy.l7_matcher(self.dst.endpoint.id, INGRESS, self.src.identity, self.dst.port))
-        if self.src.endpoint is not None:
-            out.append(policy.l7_matcher(self.src.endpoint.id, EGRESS, self.dst.identity, self.dst.port))
-        return out
-
-    def _decide_traced(self, policy, request: Any, trace: list) -> Decision:
-        decisions = []
-        if self.dst.endpoint is not None:
-            trace.append(f"ingress of {self.dst.endpoint.name} from identity {self.src.identity}:")
-            decisions.append(policy.l7_decide(self.dst.endpoint.id, INGRESS, self.src.identity, self.dst.port, request, trace))
-        if self.src.endpoint is not None:
-            trace.append(f"egress of {self.src.endpoint.name} to identity {self.dst.identity}:")
-            decisions.append(policy.l7_decide(self.src.endpoint.id, EGRESS, self.dst.identity, self.dst.port, request, trace))
-        if not decisions:
-            return NO_LOCAL_ENDPOINT
-        for d in decisions:
-            if not d.allowed:
-                return d
-        return next((d for d in decisions if d.audit), None) or next((d for d in decisions if d.edits), decisions[0])
+            self._matchers = [policy.l7_matcher(ep, direction, peer, self.dst.port) for _, ep, direction, peer in self._legs()]
+        return _combine([m.decide(request) for m in self._matchers])
 
     __call__ = decide
+
+
+def _combine(decisions: list[Decision]) -> Decision:
+    """Both legs must allow: a denial wins, then an audit (so it is logged), then a
+    decision carrying header edits."""
+    if not decisions:
+        return NO_LOCAL_ENDPOINT
+    for d in decisions:
+        if not d.allowed:
+            return d
+    return next((d for d in decisions if d.audit), None) or next((d for d in decisions if d.edits), decisions[0])

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +53,6 @@ class ProxyStats:
     connections_refused: int = 0
     upstream_failures: int = 0
     parse_errors: dict[str, int] = field(default_factory=dict)
-    on_record: list[Callable[[dict], None]] = field(default_factory=list)
 
 
 class Pipe:
@@ -65,7 +62,7 @@ class Pipe:
         "loop", "engine", "policy", "flowlog", "protocol", "limits", "stats",
         "client", "server", "pending_server", "server_eof_pending", "closing",
         "last_activity", "pending", "timer", "src_info", "dst_info", "client_paused_by_us",
-        "server_paused_by_us", "opened", "client_eof_sent", "server_eof_sent",
+        "server_paused_by_us", "client_eof_sent", "server_eof_sent",
     )
 
     def __init__(self, loop, engine, policy: ConnectionPolicy, flowlog: FlowLog, protocol: str, limits: ProxyLimits, stats: ProxyStats):
@@ -88,7 +85,6 @@ class Pipe:
         self.dst_info = None
         self.client_paused_by_us = False
         self.server_paused_by_us = False
-        self.opened = time.monotonic()
         self.client_eof_sent = False
         self.server_eof_sent = False
 
@@ -297,6 +293,3 @@ class ServerSide(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.pipe.close("server closed")
 
-
-def set_socket_options(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
