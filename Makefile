@@ -27,4 +27,4 @@ lint: setup
 	.venv/bin/ruff check .
 
 clean:
-	$(PY) -m l7proxy.cli cleanup || true
+	$(PY) -m l7proxy cleanup || true

@@ -33,7 +33,10 @@ def run(names: list[str]) -> int:
     available = discover()
     unknown = [n for n in names if n not in available]
     if unknown:
-        print(f"unknown benchmark(s): {', '.join(unknown)}; available: {', '.join(available)}", file=sys.stderr)
+        print(
+            f"unknown benchmark(s): {', '.join(unknown)}; available: {', '.join(available)}",
+            file=sys.stderr,
+        )
         return 2
     failed = []
     for name in names or available:
@@ -51,7 +54,11 @@ def run(names: list[str]) -> int:
             status = 1
         finally:
             sys.argv = saved_argv
-        print(f"=== bench.{name}: {'ok' if not status else 'FAILED'} in {time.monotonic() - started:.0f} s ===", flush=True)
+        print(
+            f"=== bench.{name}: {'ok' if not status else 'FAILED'} in "
+            f"{time.monotonic() - started:.0f} s ===",
+            flush=True,
+        )
         if status:
             failed.append(name)
     if failed:

@@ -94,9 +94,18 @@ def l7proxy(upstream: Service, workdir: Path, policy_text: str = POLICY):
     policy = workdir / "policy.yaml"
     policy.write_text(policy_text.format(port=upstream.port))
     argv = [
-        sys.executable, "-m", "l7proxy", "firewall", "--listen", "127.0.0.1:0",
-        "--upstream", f"{upstream.host}:{upstream.port}",
-        "--labels", ",".join(f"{k}={v}" for k, v in LABELS.items()), "--policy", str(policy),
+        sys.executable,
+        "-m",
+        "l7proxy",
+        "firewall",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        f"{upstream.host}:{upstream.port}",
+        "--labels",
+        ",".join(f"{k}={v}" for k, v in LABELS.items()),
+        "--policy",
+        str(policy),
     ]
     with started(argv, log=workdir / "l7proxy.log", ready_line=r"listening on") as (proc, line):
         host, _, port = line.rsplit(" ", 1)[-1].rpartition(":")
@@ -133,17 +142,34 @@ backend double
         yield Service("haproxy", proc, "127.0.0.1", port, root)
 
 
-def run_workloads(host: str, port: int, version: int, compression, queries: int, concurrency: int,
-                  proxy_pid: int | None, repeats: int = 3) -> dict[str, dict]:
-    cluster = Cluster([host], port=port, protocol_version=version, compression=compression,
-                      load_balancing_policy=RoundRobinPolicy())
+def run_workloads(
+    host: str,
+    port: int,
+    version: int,
+    compression,
+    queries: int,
+    concurrency: int,
+    proxy_pid: int | None,
+    repeats: int = 3,
+) -> dict[str, dict]:
+    cluster = Cluster(
+        [host],
+        port=port,
+        protocol_version=version,
+        compression=compression,
+        load_balancing_policy=RoundRobinPolicy(),
+    )
     session = cluster.connect()
     try:
-        session.execute("CREATE KEYSPACE IF NOT EXISTS bench WITH replication = "
-                        "{'class': 'SimpleStrategy', 'replication_factor': 1}")
+        session.execute(
+            "CREATE KEYSPACE IF NOT EXISTS bench WITH replication = "
+            "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+        )
         session.execute("CREATE TABLE IF NOT EXISTS bench.kv (k int PRIMARY KEY, v text)")
         insert = session.prepare("INSERT INTO bench.kv (k, v) VALUES (?, ?)")
-        execute_concurrent_with_args(session, insert, [(i, f"value-{i}") for i in range(100)], concurrency=concurrency)
+        execute_concurrent_with_args(
+            session, insert, [(i, f"value-{i}") for i in range(100)], concurrency=concurrency
+        )
         select = session.prepare("SELECT v FROM bench.kv WHERE k = ?")
 
         def batch(i):
@@ -155,7 +181,9 @@ def run_workloads(host: str, port: int, version: int, compression, queries: int,
         batches = max(queries // 4, 1)
         workloads = {
             "prepared_select": [(select, (i % 100,)) for i in range(queries)],
-            "simple_select": [(f"SELECT v FROM bench.kv WHERE k = {i % 100}", ()) for i in range(queries)],
+            "simple_select": [
+                (f"SELECT v FROM bench.kv WHERE k = {i % 100}", ()) for i in range(queries)
+            ],
             "batch_of_4": [(batch(i), ()) for i in range(batches)],
         }
         results = {}
@@ -165,17 +193,23 @@ def run_workloads(host: str, port: int, version: int, compression, queries: int,
             for _ in range(repeats):
                 cpu = CpuMeter(proxy_pid) if proxy_pid else None
                 start = time.perf_counter()
-                outcome = execute_concurrent(session, statements, concurrency=concurrency, raise_on_first_error=True)
+                outcome = execute_concurrent(
+                    session, statements, concurrency=concurrency, raise_on_first_error=True
+                )
                 elapsed = time.perf_counter() - start
                 cpu_s = cpu.stop() if cpu else None
-                runs.append((len(statements) / elapsed, cpu_s, sum(1 for success, _ in outcome if success)))
+                runs.append(
+                    (len(statements) / elapsed, cpu_s, sum(1 for success, _ in outcome if success))
+                )
             runs.sort(key=lambda r: r[0])
             rate, cpu_s, ok = runs[len(runs) // 2]  # the median run
             results[name] = {
                 "requests": len(statements),
                 "succeeded": ok,
                 "requests_per_s": round(rate, 1),
-                "proxy_cpu_us_per_request": round(us_per_request(cpu_s, len(statements)), 1) if cpu_s is not None else None,
+                "proxy_cpu_us_per_request": round(us_per_request(cpu_s, len(statements)), 1)
+                if cpu_s is not None
+                else None,
             }
         return results
     finally:
@@ -191,7 +225,7 @@ def engine_cost(rounds: int = 20) -> dict[str, float]:
     import json
 
     from parsers.base import Access, allow_all
-    from parsers.cassandra import CqlEngine
+    from parsers.cql.engine import CqlEngine
 
     fixtures = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "cql"
     out = {}
@@ -214,7 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queries", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=32)
-    args = parser.parse_args(argv if argv is not None else sys.argv[1:] if __name__ == "__main__" else [])
+    args = parser.parse_args(
+        argv if argv is not None else sys.argv[1:] if __name__ == "__main__" else []
+    )
     logging.getLogger("cassandra").setLevel(logging.ERROR)
 
     rows = []
@@ -223,55 +259,123 @@ def main(argv: list[str] | None = None) -> None:
         for label, version, compression in PROTOCOLS:
             # a fresh double for each path, so all see the same table sizes
             with cql_double(workdir) as double:
-                direct = run_workloads(double.host, double.port, version, compression, args.queries,
-                                       args.concurrency, None)
+                direct = run_workloads(
+                    double.host,
+                    double.port,
+                    version,
+                    compression,
+                    args.queries,
+                    args.concurrency,
+                    None,
+                )
             with cql_double(workdir) as double, haproxy_tcp(double, workdir) as hap:
-                haproxy = run_workloads(hap.host, hap.port, version, compression, args.queries,
-                                        args.concurrency, hap.pid)
+                haproxy = run_workloads(
+                    hap.host,
+                    hap.port,
+                    version,
+                    compression,
+                    args.queries,
+                    args.concurrency,
+                    hap.pid,
+                )
             with cql_double(workdir) as double, l7proxy(double, workdir, L4_POLICY) as fw:
-                l4 = run_workloads(fw.host, fw.port, version, compression, args.queries,
-                                   args.concurrency, fw.pid)
+                l4 = run_workloads(
+                    fw.host, fw.port, version, compression, args.queries, args.concurrency, fw.pid
+                )
             with cql_double(workdir) as double, l7proxy(double, workdir) as fw:
-                proxied = run_workloads(fw.host, fw.port, version, compression, args.queries,
-                                        args.concurrency, fw.pid)
+                proxied = run_workloads(
+                    fw.host, fw.port, version, compression, args.queries, args.concurrency, fw.pid
+                )
             for workload in direct:
                 d, h, p, p4 = direct[workload], haproxy[workload], proxied[workload], l4[workload]
-                rows.append({
-                    "protocol": label,
-                    "workload": workload,
-                    "direct_requests_per_s": d["requests_per_s"],
-                    "haproxy_tcp_requests_per_s": h["requests_per_s"],
-                    "l4proxy_requests_per_s": p4["requests_per_s"],
-                    "l7proxy_requests_per_s": p["requests_per_s"],
-                    "l7proxy_vs_direct": round(ratio(p["requests_per_s"], d["requests_per_s"]), 3),
-                    "l7proxy_vs_haproxy": round(ratio(p["requests_per_s"], h["requests_per_s"]), 3),
-                    "haproxy_cpu_us_per_request": h["proxy_cpu_us_per_request"],
-                    "l4proxy_cpu_us_per_request": p4["proxy_cpu_us_per_request"],
-                    "l7proxy_cpu_us_per_request": p["proxy_cpu_us_per_request"],
-                    "l7proxy_cpu_vs_haproxy": round(ratio(p["proxy_cpu_us_per_request"] or 0,
-                                                          h["proxy_cpu_us_per_request"] or 0), 2),
-                    "succeeded": [d["succeeded"], h["succeeded"], p4["succeeded"], p["succeeded"]],
-                    "requests": d["requests"],
-                })
+                rows.append(
+                    {
+                        "protocol": label,
+                        "workload": workload,
+                        "direct_requests_per_s": d["requests_per_s"],
+                        "haproxy_tcp_requests_per_s": h["requests_per_s"],
+                        "l4proxy_requests_per_s": p4["requests_per_s"],
+                        "l7proxy_requests_per_s": p["requests_per_s"],
+                        "l7proxy_vs_direct": round(
+                            ratio(p["requests_per_s"], d["requests_per_s"]), 3
+                        ),
+                        "l7proxy_vs_haproxy": round(
+                            ratio(p["requests_per_s"], h["requests_per_s"]), 3
+                        ),
+                        "haproxy_cpu_us_per_request": h["proxy_cpu_us_per_request"],
+                        "l4proxy_cpu_us_per_request": p4["proxy_cpu_us_per_request"],
+                        "l7proxy_cpu_us_per_request": p["proxy_cpu_us_per_request"],
+                        "l7proxy_cpu_vs_haproxy": round(
+                            ratio(
+                                p["proxy_cpu_us_per_request"] or 0,
+                                h["proxy_cpu_us_per_request"] or 0,
+                            ),
+                            2,
+                        ),
+                        "succeeded": [
+                            d["succeeded"],
+                            h["succeeded"],
+                            p4["succeeded"],
+                            p["succeeded"],
+                        ],
+                        "requests": d["requests"],
+                    }
+                )
     engine = engine_cost()
-    headers = ["protocol", "workload", "direct req/s", "haproxy req/s", "L4 proxy req/s", "l7proxy req/s",
-               "vs direct", "vs haproxy", "haproxy CPU us/req", "L4 proxy CPU us/req", "l7proxy CPU us/req"]
-    print(markdown_table(headers, [
-        [r["protocol"], r["workload"], r["direct_requests_per_s"], r["haproxy_tcp_requests_per_s"],
-         r["l4proxy_requests_per_s"], r["l7proxy_requests_per_s"], r["l7proxy_vs_direct"],
-         r["l7proxy_vs_haproxy"], r["haproxy_cpu_us_per_request"], r["l4proxy_cpu_us_per_request"],
-         r["l7proxy_cpu_us_per_request"]] for r in rows
-    ]))
-    print(markdown_table(["engine only (in process)", "us per request+response"],
-                         [[k, v] for k, v in engine.items()]))
-    path = write_results("cassandra", {
-        "command": "python -m bench.cassandra",
-        "workload": {"queries": args.queries, "concurrency": args.concurrency,
-                     "client": "cassandra-driver execute_concurrent, one connection",
-                     "server": "CQL server test double (tests/support/cql_server_double.py), own process"},
-        "rows": rows,
-        "engine_us_per_request_and_response": engine,
-    })
+    headers = [
+        "protocol",
+        "workload",
+        "direct req/s",
+        "haproxy req/s",
+        "L4 proxy req/s",
+        "l7proxy req/s",
+        "vs direct",
+        "vs haproxy",
+        "haproxy CPU us/req",
+        "L4 proxy CPU us/req",
+        "l7proxy CPU us/req",
+    ]
+    print(
+        markdown_table(
+            headers,
+            [
+                [
+                    r["protocol"],
+                    r["workload"],
+                    r["direct_requests_per_s"],
+                    r["haproxy_tcp_requests_per_s"],
+                    r["l4proxy_requests_per_s"],
+                    r["l7proxy_requests_per_s"],
+                    r["l7proxy_vs_direct"],
+                    r["l7proxy_vs_haproxy"],
+                    r["haproxy_cpu_us_per_request"],
+                    r["l4proxy_cpu_us_per_request"],
+                    r["l7proxy_cpu_us_per_request"],
+                ]
+                for r in rows
+            ],
+        )
+    )
+    print(
+        markdown_table(
+            ["engine only (in process)", "us per request+response"],
+            [[k, v] for k, v in engine.items()],
+        )
+    )
+    path = write_results(
+        "cassandra",
+        {
+            "command": "python -m bench.cassandra",
+            "workload": {
+                "queries": args.queries,
+                "concurrency": args.concurrency,
+                "client": "cassandra-driver execute_concurrent, one connection",
+                "server": "CQL server test double (tests/support/cql_server_double.py), own process",
+            },
+            "rows": rows,
+            "engine_us_per_request_and_response": engine,
+        },
+    )
     print(f"wrote {path}")
 
 

@@ -50,19 +50,30 @@ def free_port(host: str = LOOPBACK) -> int:
         return s.getsockname()[1]
 
 
-def wait_port(host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+def wait_port(
+    host: str,
+    port: int,
+    timeout: float = 10.0,
+    proc: subprocess.Popen | None = None,
+    log: Path | None = None,
+) -> None:
     """Wait until something accepts on host:port (or ``proc`` dies, or time runs out)."""
     deadline = time.monotonic() + timeout
     while True:
         if proc is not None and proc.poll() is not None:
             tail = log.read_text()[-2000:] if log is not None and log.exists() else ""
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening on {host}:{port}:\n{tail}")
+            raise RuntimeError(
+                f"{proc.args[0]} exited with {proc.returncode} before listening on "
+                f"{host}:{port}:\n{tail}"
+            )
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s") from None
+                raise TimeoutError(
+                    f"nothing listening on {host}:{port} after {timeout} s"
+                ) from None
             time.sleep(0.05)
 
 
@@ -104,8 +115,16 @@ def stop_process(proc: subprocess.Popen, grace: float = 5.0) -> None:
 
 
 @contextmanager
-def started(argv: Sequence[str], *, log: Path, ready_line: str | None = None, cwd: Path | None = None,
-            env: dict[str, str] | None = None, timeout: float = 20.0, grace: float = 5.0) -> Iterator[tuple[subprocess.Popen, str]]:
+def started(
+    argv: Sequence[str],
+    *,
+    log: Path,
+    ready_line: str | None = None,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 20.0,
+    grace: float = 5.0,
+) -> Iterator[tuple[subprocess.Popen, str]]:
     """Start ``argv`` with stderr to ``log``; yields (process, ready line).
 
     With ``ready_line`` (a regex), stdout is read line by line until one
@@ -113,7 +132,11 @@ def started(argv: Sequence[str], *, log: Path, ready_line: str | None = None, cw
     """
     err = open(log, "w")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
-        list(argv), cwd=cwd or REPO, env=env, text=True, stderr=err,
+        list(argv),
+        cwd=cwd or REPO,
+        env=env,
+        text=True,
+        stderr=err,
         stdout=subprocess.PIPE if ready_line else subprocess.DEVNULL,
     )
     try:
@@ -145,7 +168,10 @@ def _await_line(proc: subprocess.Popen, pattern: re.Pattern, timeout: float, log
         elif proc.poll() is not None:
             break
     tail = log.read_text()[-2000:] if log.exists() else ""
-    raise RuntimeError(f"{proc.args[0]} never printed /{pattern.pattern}/ (exit {proc.poll()}); stdout={''.join(seen)!r} stderr tail:\n{tail}")
+    raise RuntimeError(
+        f"{proc.args[0]} never printed /{pattern.pattern}/ (exit {proc.poll()}); "
+        f"stdout={''.join(seen)!r} stderr tail:\n{tail}"
+    )
 
 
 # --------------------------------------------------------------------- CPU time
@@ -156,7 +182,7 @@ def cpu_times(pid: int) -> tuple[float, float]:
     with open(f"/proc/{pid}/stat", "rb") as f:
         stat = f.read()
     # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rindex(b")") + 2:].split()
+    fields = stat[stat.rindex(b")") + 2 :].split()
     utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
     return utime / CLK_TCK, stime / CLK_TCK
 
@@ -281,19 +307,38 @@ def wrk_available() -> bool:
     return shutil.which("wrk") is not None
 
 
-def run_wrk(url: str, *, threads: int = 1, connections: int = 32, duration: float = 10.0,
-            workdir: Path, extra_lua: str = "", timeout_s: int = 5) -> WrkResult:
+def run_wrk(
+    url: str,
+    *,
+    threads: int = 1,
+    connections: int = 32,
+    duration: float = 10.0,
+    workdir: Path,
+    extra_lua: str = "",
+    timeout_s: int = 5,
+) -> WrkResult:
     """Run wrk against ``url``; latency percentiles come from its done() hook."""
     script = workdir / "wrk_report.lua"
     script.write_text(extra_lua + WRK_REPORT)
-    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", f"--timeout={timeout_s}s", "-s", str(script), url]
+    argv = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{duration:g}s",
+        f"--timeout={timeout_s}s",
+        "-s",
+        str(script),
+        url,
+    ]
     cpu = ChildrenCpu()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
     wrk_cpu = cpu.stop()
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("WRK_JSON ")), None)
     if done.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-1000:]} {done.stderr[-1000:]}")
-    return WrkResult(**json.loads(line[len("WRK_JSON "):]), wrk_cpu_s=wrk_cpu)
+        raise RuntimeError(
+            f"wrk failed ({done.returncode}): {done.stdout[-1000:]} {done.stderr[-1000:]}"
+        )
+    return WrkResult(**json.loads(line[len("WRK_JSON ") :]), wrk_cpu_s=wrk_cpu)
 
 
 # --------------------------------------------------------------------- servers
@@ -308,7 +353,9 @@ def _run_as_line() -> str:
 
 
 @contextmanager
-def start_nginx(workdir: Path, *, locations: str = "", port: int | None = None, name: str = "nginx") -> Iterator[Service]:
+def start_nginx(
+    workdir: Path, *, locations: str = "", port: int | None = None, name: str = "nginx"
+) -> Iterator[Service]:
     """nginx as a fast upstream: one process (no master), access log off.
 
     ``location / { return 200 "ok"; }`` is always there; ``locations`` adds
@@ -353,8 +400,14 @@ http {{
 
 
 @contextmanager
-def start_haproxy(workdir: Path, upstream: tuple[str, int], *, frontend_rules: str = "", port: int | None = None,
-                  name: str = "haproxy") -> Iterator[Service]:
+def start_haproxy(
+    workdir: Path,
+    upstream: tuple[str, int],
+    *,
+    frontend_rules: str = "",
+    port: int | None = None,
+    name: str = "haproxy",
+) -> Iterator[Service]:
     """haproxy in http mode, one thread, keep-alive both sides, ``frontend_rules`` in force."""
     exe = shutil.which("haproxy") or "/usr/sbin/haproxy"
     port = port or free_port()
@@ -392,9 +445,18 @@ backend upstream
 
 
 @contextmanager
-def start_firewall(policy_yaml: str, upstream: tuple[str, int], labels: dict[str, str], workdir: Path, *,
-                   flowlog: bool = False, launcher: Sequence[str] = ("-m", "l7proxy"), extra_args: Sequence[str] = (),
-                   env: dict[str, str] | None = None, name: str = "l7proxy") -> Iterator[Service]:
+def start_firewall(
+    policy_yaml: str,
+    upstream: tuple[str, int],
+    labels: dict[str, str],
+    workdir: Path,
+    *,
+    flowlog: bool = False,
+    launcher: Sequence[str] = ("-m", "l7proxy"),
+    extra_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    name: str = "l7proxy",
+) -> Iterator[Service]:
     """The shipped ``python -m l7proxy firewall`` in front of ``upstream``.
 
     ``launcher`` replaces ``-m l7proxy`` (e.g. ``["-m", "bench._profile_firewall", OUT]``).
@@ -405,16 +467,28 @@ def start_firewall(policy_yaml: str, upstream: tuple[str, int], labels: dict[str
     policy = root / "policy.yaml"
     policy.write_text(policy_yaml)
     argv = [
-        sys.executable, *launcher, "firewall",
-        "--listen", f"{LOOPBACK}:0",
-        "--upstream", f"{upstream[0]}:{upstream[1]}",
-        "--labels", ",".join(f"{k}={v}" for k, v in labels.items()),
-        "--policy", str(policy),
+        sys.executable,
+        *launcher,
+        "firewall",
+        "--listen",
+        f"{LOOPBACK}:0",
+        "--upstream",
+        f"{upstream[0]}:{upstream[1]}",
+        "--labels",
+        ",".join(f"{k}={v}" for k, v in labels.items()),
+        "--policy",
+        str(policy),
         *(["--flowlog", str(root / "flows.jsonl")] if flowlog else []),
         *extra_args,
     ]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    with started(argv, log=root / "stderr.log", ready_line=r"l7proxy firewall listening on", env=full_env, grace=15.0) as (proc, line):
+    with started(
+        argv,
+        log=root / "stderr.log",
+        ready_line=r"l7proxy firewall listening on",
+        env=full_env,
+        grace=15.0,
+    ) as (proc, line):
         host, _, port = line.rsplit(" ", 1)[-1].rpartition(":")
         yield Service(name, proc, host, int(port), root)
 

@@ -66,7 +66,13 @@ server.stop(None)
 @contextmanager
 def interop_server_process():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER, str(port)],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         if proc.stdout.readline().strip() != "ready":
             raise RuntimeError("interop server did not start")
@@ -91,7 +97,9 @@ def grpcio_calls(port: int, calls: int, in_flight: int = 32) -> dict:
     pb = interop()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = pb.test_pb2_grpc.TestServiceStub(channel)
-    request = pb.messages_pb2.SimpleRequest(response_size=64, payload=pb.messages_pb2.Payload(body=b"x" * 64))
+    request = pb.messages_pb2.SimpleRequest(
+        response_size=64, payload=pb.messages_pb2.Payload(body=b"x" * 64)
+    )
     try:
         stub.UnaryCall(request, timeout=10)  # connect
         slots = threading.BoundedSemaphore(in_flight)
@@ -125,29 +133,74 @@ def run(calls: int = 5000, h2load_calls: int = 20000) -> dict:
     body.write_bytes(b"\x00\x00\x00\x00\x00")  # one empty grpc.testing.Empty message
     rows = []
     with interop_server_process() as (server_port, _server_pid):
-        with haproxy_h2c(server_port) as (ha_port, ha_pid), l7proxy_firewall(POLICY.format(port=server_port), server_port, LABELS) as (fw_port, fw_pid):
-            paths = (("direct", server_port, None), ("haproxy", ha_port, ha_pid), ("l7proxy", fw_port, fw_pid))
+        with (
+            haproxy_h2c(server_port) as (ha_port, ha_pid),
+            l7proxy_firewall(POLICY.format(port=server_port), server_port, LABELS) as (
+                fw_port,
+                fw_pid,
+            ),
+        ):
+            paths = (
+                ("direct", server_port, None),
+                ("haproxy", ha_port, ha_pid),
+                ("l7proxy", fw_port, fw_pid),
+            )
             for name, port, pid in paths:
                 grpcio_calls(port, 500)  # warm-up
                 result, cpu = measure(pid, lambda port=port: grpcio_calls(port, calls))
-                rows.append({"client": "grpcio", "config": name, **result, "proxy_cpu_us_per_call": None if cpu is None else cpu * 1e6 / calls})
+                rows.append(
+                    {
+                        "client": "grpcio",
+                        "config": name,
+                        **result,
+                        "proxy_cpu_us_per_call": None if cpu is None else cpu * 1e6 / calls,
+                    }
+                )
             for name, port, pid in paths:
                 url = f"http://127.0.0.1:{port}/grpc.testing.TestService/EmptyCall"
-                extra = ["-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers"]
+                extra = [
+                    "-d",
+                    str(body),
+                    "-H",
+                    "content-type: application/grpc",
+                    "-H",
+                    "te: trailers",
+                ]
                 h2load(url, requests=1000, clients=4, streams=16, extra=extra)
-                result, cpu = measure(pid, lambda url=url, extra=extra: h2load(url, requests=h2load_calls, clients=4, streams=16, extra=extra))
-                rows.append({"client": "h2load", "config": name, **result, "proxy_cpu_us_per_call": None if cpu is None else cpu * 1e6 / h2load_calls})
+                result, cpu = measure(
+                    pid,
+                    lambda url=url, extra=extra: h2load(
+                        url, requests=h2load_calls, clients=4, streams=16, extra=extra
+                    ),
+                )
+                rows.append(
+                    {
+                        "client": "h2load",
+                        "config": name,
+                        **result,
+                        "proxy_cpu_us_per_call": None if cpu is None else cpu * 1e6 / h2load_calls,
+                    }
+                )
     for client in ("grpcio", "h2load"):
         group = {r["config"]: r for r in rows if r["client"] == client}
         for r in group.values():
             r["vs_direct"] = r["req_per_s"] / group["direct"]["req_per_s"]
             r["vs_haproxy"] = r["req_per_s"] / group["haproxy"]["req_per_s"]
             ha = group["haproxy"]["proxy_cpu_us_per_call"]
-            r["cpu_vs_haproxy"] = None if r["proxy_cpu_us_per_call"] is None or not ha else r["proxy_cpu_us_per_call"] / ha
+            r["cpu_vs_haproxy"] = (
+                None
+                if r["proxy_cpu_us_per_call"] is None or not ha
+                else r["proxy_cpu_us_per_call"] / ha
+            )
     return {
         "benchmark": "grpc",
         "command": "python -m bench.grpc",
-        "workload": {"grpcio_unary_calls": calls, "grpcio_in_flight": 32, "h2load_empty_calls": h2load_calls, "h2load": "-c 4 -m 16"},
+        "workload": {
+            "grpcio_unary_calls": calls,
+            "grpcio_in_flight": 32,
+            "h2load_empty_calls": h2load_calls,
+            "h2load": "-c 4 -m 16",
+        },
         "rows": rows,
     }
 

@@ -50,20 +50,36 @@ def run(requests: int = 20000, clients: int = 4, streams: int = 16, profile: boo
     prof_path = docroot / "l7proxy.prof" if profile else None
     rows = []
     with nghttpd(docroot) as (server_port, server_pid):
-        with haproxy_h2c(server_port) as (ha_port, ha_pid), l7proxy_firewall(
-            POLICY.format(port=server_port), server_port, LABELS, profile=prof_path
-        ) as (fw_port, fw_pid):
-            for name, port, proxy_pid in (("direct", server_port, None), ("haproxy", ha_port, ha_pid), ("l7proxy", fw_port, fw_pid)):
+        with (
+            haproxy_h2c(server_port) as (ha_port, ha_pid),
+            l7proxy_firewall(
+                POLICY.format(port=server_port), server_port, LABELS, profile=prof_path
+            ) as (fw_port, fw_pid),
+        ):
+            for name, port, proxy_pid in (
+                ("direct", server_port, None),
+                ("haproxy", ha_port, ha_pid),
+                ("l7proxy", fw_port, fw_pid),
+            ):
                 url = f"http://127.0.0.1:{port}/public/small.txt"
                 h2load(url, requests=1000, clients=clients, streams=streams)  # warm-up
-                (result, proxy_cpu), = [measure(proxy_pid, lambda url=url: h2load(url, requests=requests, clients=clients, streams=streams))]
+                ((result, proxy_cpu),) = [
+                    measure(
+                        proxy_pid,
+                        lambda url=url: h2load(
+                            url, requests=requests, clients=clients, streams=streams
+                        ),
+                    )
+                ]
                 rows.append(
                     {
                         "config": name,
                         "req_per_s": result["req_per_s"],
                         "succeeded": result["succeeded"],
                         "failed": result["failed"],
-                        "proxy_cpu_us_per_req": None if proxy_cpu is None else proxy_cpu * 1e6 / requests,
+                        "proxy_cpu_us_per_req": None
+                        if proxy_cpu is None
+                        else proxy_cpu * 1e6 / requests,
                     }
                 )
     by = {r["config"]: r for r in rows}
@@ -75,7 +91,12 @@ def run(requests: int = 20000, clients: int = 4, streams: int = 16, profile: boo
     payload = {
         "benchmark": "h2",
         "command": "python -m bench.h2",
-        "workload": {"requests": requests, "h2load_clients": clients, "streams_per_client": streams, "body_bytes": 64},
+        "workload": {
+            "requests": requests,
+            "h2load_clients": clients,
+            "streams_per_client": streams,
+            "body_bytes": 64,
+        },
         "rows": rows,
     }
     if prof_path is not None and prof_path.exists():
@@ -97,7 +118,11 @@ COLUMNS = [
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.h2")
     parser.add_argument("--requests", type=int, default=20000)
-    parser.add_argument("--profile", action="store_true", help="run l7proxy under cProfile and print the top functions")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run l7proxy under cProfile and print the top functions",
+    )
     args = parser.parse_args(argv or [])
     payload = run(args.requests, profile=args.profile)
     path = write_results("h2", payload)

@@ -98,7 +98,9 @@ def haproxy_h2c(upstream: int):
     port = free_port()
     config = workdir / "haproxy.cfg"
     config.write_text(HAPROXY_CONFIG.format(listen=port, upstream=upstream))
-    proc = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["haproxy", "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         wait_port(port)
         yield port, proc.pid
@@ -108,7 +110,9 @@ def haproxy_h2c(upstream: int):
 
 
 @contextmanager
-def l7proxy_firewall(policy: str, upstream: int, labels: dict[str, str], *, profile: Path | None = None):
+def l7proxy_firewall(
+    policy: str, upstream: int, labels: dict[str, str], *, profile: Path | None = None
+):
     """``l7proxy firewall`` as users run it (optionally under cProfile); yields (port, pid)."""
     workdir = Path(tempfile.mkdtemp(prefix="bench-l7proxy-"))
     (workdir / "policy.yaml").write_text(policy)
@@ -116,14 +120,23 @@ def l7proxy_firewall(policy: str, upstream: int, labels: dict[str, str], *, prof
     if profile is not None:
         argv += ["-m", "cProfile", "-o", str(profile)]
     argv += [
-        "-m", "l7proxy", "firewall",
-        "--listen", "127.0.0.1:0",
-        "--upstream", f"127.0.0.1:{upstream}",
-        "--labels", ",".join(f"{k}={v}" for k, v in labels.items()),
-        "--policy", str(workdir / "policy.yaml"),
-        "--flowlog", str(workdir / "flows.jsonl"),
+        "-m",
+        "l7proxy",
+        "firewall",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        f"127.0.0.1:{upstream}",
+        "--labels",
+        ",".join(f"{k}={v}" for k, v in labels.items()),
+        "--policy",
+        str(workdir / "policy.yaml"),
+        "--flowlog",
+        str(workdir / "flows.jsonl"),
     ]
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     try:
         port = None
         deadline = time.monotonic() + 30
@@ -146,12 +159,27 @@ def l7proxy_firewall(policy: str, upstream: int, labels: dict[str, str], *, prof
 
 
 H2LOAD_RE = re.compile(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s")
-DONE_RE = re.compile(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored")
+DONE_RE = re.compile(
+    r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) "
+    r"errored"
+)
 
 
 def h2load(url: str, *, requests: int, clients: int, streams: int, extra: list[str] = ()) -> dict:
     run = subprocess.run(
-        ["h2load", "-n", str(requests), "-c", str(clients), "-m", str(streams), "-t", "1", *extra, url],
+        [
+            "h2load",
+            "-n",
+            str(requests),
+            "-c",
+            str(clients),
+            "-m",
+            str(streams),
+            "-t",
+            "1",
+            *extra,
+            url,
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -160,7 +188,11 @@ def h2load(url: str, *, requests: int, clients: int, streams: int, extra: list[s
     done = DONE_RE.search(run.stdout)
     if not speed or not done:
         raise RuntimeError(f"h2load output not understood:\n{run.stdout}\n{run.stderr}")
-    return {"req_per_s": float(speed[3]), "succeeded": int(done[4]), "failed": int(done[5]) + int(done[6])}
+    return {
+        "req_per_s": float(speed[3]),
+        "succeeded": int(done[4]),
+        "failed": int(done[5]) + int(done[6]),
+    }
 
 
 def measure(pid: int | None, run) -> tuple[dict, float | None]:
@@ -181,7 +213,10 @@ def write_results(name: str, payload: dict) -> Path:
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """Rows of dicts as a fixed-width table; columns are (key, title, format)."""
     head = [title for _, title, _ in columns]
-    body = [[("-" if row.get(key) is None else fmt.format(row[key])) for key, _, fmt in columns] for row in rows]
+    body = [
+        [("-" if row.get(key) is None else fmt.format(row[key])) for key, _, fmt in columns]
+        for row in rows
+    ]
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))

@@ -86,24 +86,35 @@ spec:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.http1_proxy", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.http1_proxy", description=__doc__.split("\n\n")[0]
+    )
     argv = [] if argv is None else argv  # called by the runner: defaults
     p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved wrk runs per path (medians reported)")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="interleaved wrk runs per path (medians reported)"
+    )
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-download", dest="download", action="store_false")
     p.add_argument("--download-repeats", type=int, default=3)
     p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument("--profile-duration", type=float, default=6.0)
-    p.add_argument("--engine-requests", type=int, default=30000, help="requests for the in-process engine profile")
+    p.add_argument(
+        "--engine-requests",
+        type=int,
+        default=30000,
+        help="requests for the in-process engine profile",
+    )
     return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------- correctness
 
 
-def exchange(host: str, port: int, steps: list[tuple[str, str, bytes | None]]) -> list[tuple[int, bytes]]:
+def exchange(
+    host: str, port: int, steps: list[tuple[str, str, bytes | None]]
+) -> list[tuple[int, bytes]]:
     """Send requests one after another on ONE connection; (status, body) for each."""
     conn = http.client.HTTPConnection(host, port, timeout=10)
     try:
@@ -123,11 +134,16 @@ def check_correctness(paths: dict[str, Any]) -> dict[str, Any]:
         got = {"GET /": exchange(svc.host, svc.port, [("GET", "/", None)])[0][0]}
         if name != "direct":
             # The denial, then the same connection must still carry an allowed request.
-            (post_status, post_body), (after_status, _) = exchange(svc.host, svc.port, [("POST", "/", b"x"), ("GET", "/", None)])
+            (post_status, post_body), (after_status, _) = exchange(
+                svc.host, svc.port, [("POST", "/", b"x"), ("GET", "/", None)]
+            )
             got["POST /"] = post_status
             got["POST / body"] = post_body.decode("latin-1").strip()[:60]
             got["GET / after 403, same connection"] = after_status
-        ok = got["GET /"] == 200 and (name == "direct" or (got["POST /"] == 403 and got["GET / after 403, same connection"] == 200))
+        ok = got["GET /"] == 200 and (
+            name == "direct"
+            or (got["POST /"] == 403 and got["GET / after 403, same connection"] == 200)
+        )
         got["ok"] = ok
         checks[name] = got
     return checks
@@ -160,17 +176,35 @@ end
 """
 
 
-def measure_load(paths: dict[str, Any], nginx, args, workdir: Path, *, lua: str = "") -> dict[str, list[dict[str, Any]]]:
+def measure_load(
+    paths: dict[str, Any], nginx, args, workdir: Path, *, lua: str = ""
+) -> dict[str, list[dict[str, Any]]]:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
     for svc in paths.values():  # warm-up: connections, caches, the interpreter
-        run_wrk(svc.url + "/", threads=args.threads, connections=args.connections, duration=2, workdir=workdir, extra_lua=lua)
+        run_wrk(
+            svc.url + "/",
+            threads=args.threads,
+            connections=args.connections,
+            duration=2,
+            workdir=workdir,
+            extra_lua=lua,
+        )
     for rnd in range(args.rounds):
-        order = list(paths) if rnd % 2 == 0 else list(reversed(paths))  # spread drift over all paths
+        order = (
+            list(paths) if rnd % 2 == 0 else list(reversed(paths))
+        )  # spread drift over all paths
         for name in order:
             svc = paths[name]
             proxy_cpu = CpuMeter(svc.pid) if svc is not nginx else None
             nginx_cpu = CpuMeter(nginx.pid)
-            result = run_wrk(svc.url + "/", threads=args.threads, connections=args.connections, duration=args.duration, workdir=workdir, extra_lua=lua)
+            result = run_wrk(
+                svc.url + "/",
+                threads=args.threads,
+                connections=args.connections,
+                duration=args.duration,
+                workdir=workdir,
+                extra_lua=lua,
+            )
             run = result.as_dict()
             run["round"] = rnd
             run["nginx_cpu_s"] = nginx_cpu.stop()
@@ -186,9 +220,14 @@ def measure_load(paths: dict[str, Any], nginx, args, workdir: Path, *, lua: str 
                 time.sleep(1.5)  # the flow log is flushed on a 1 s timer
                 run["flow_records_total"] = sum(1 for _ in open(flows, "rb"))
             runs[name].append(run)
-            print(f"  round {rnd} {name:<16} {run['rps']:>9,.0f} req/s  p50 {run['p50_us'] / 1000:6.2f} ms  "
-                  f"p99 {run['p99_us'] / 1000:6.2f} ms  proxy {run.get('proxy_us_per_req', float('nan')):6.1f} us/req  "
-                  f"errors {result.status_errors + result.socket_errors}", flush=True)
+            print(
+                f"  round {rnd} {name:<16} {run['rps']:>9,.0f} req/s  p50 "
+                f"{run['p50_us'] / 1000:6.2f} ms  "
+                f"p99 {run['p99_us'] / 1000:6.2f} ms  proxy "
+                f"{run.get('proxy_us_per_req', float('nan')):6.1f} us/req  "
+                f"errors {result.status_errors + result.socket_errors}",
+                flush=True,
+            )
     return runs
 
 
@@ -203,7 +242,10 @@ def summarise_load(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str,
             "wrk_us_per_req": median([r["wrk_us_per_req"] for r in rs]),
             "requests": sum(r["requests"] for r in rs),
             "non_2xx": sum(r["status_errors"] for r in rs),
-            "socket_errors": sum(r["connect_errors"] + r["read_errors"] + r["write_errors"] + r["timeouts"] for r in rs),
+            "socket_errors": sum(
+                r["connect_errors"] + r["read_errors"] + r["write_errors"] + r["timeouts"]
+                for r in rs
+            ),
         }
         if "proxy_us_per_req" in rs[0]:
             for key in ("proxy_us_per_req", "proxy_user_us_per_req", "proxy_sys_us_per_req"):
@@ -226,10 +268,18 @@ def measure_download(paths: dict[str, Any], nginx, repeats: int) -> dict[str, di
         rows.sort(key=lambda r: r["seconds"])
         row = dict(rows[len(rows) // 2])
         row["gbit_s_all"] = [round(r["gbit_s"], 2) for r in rows]
-        row["status"] = max(r["status"] for r in rows) if all(r["status"] == 200 for r in rows) else min(r["status"] for r in rows)
+        row["status"] = (
+            max(r["status"] for r in rows)
+            if all(r["status"] == 200 for r in rows)
+            else min(r["status"] for r in rows)
+        )
         row["complete"] = all(r["complete"] for r in rows)
         out[name] = row
-        print(f"  download {name:<10} {row['gbit_s']:6.2f} Gbit/s  {row['seconds']:6.2f} s  proxy CPU {row.get('proxy_cpu_s', float('nan')):.2f} s", flush=True)
+        print(
+            f"  download {name:<10} {row['gbit_s']:6.2f} Gbit/s  {row['seconds']:6.2f} s  proxy "
+            f"CPU {row.get('proxy_cpu_s', float('nan')):.2f} s",
+            flush=True,
+        )
     return out
 
 
@@ -237,8 +287,20 @@ def download_once(svc, nginx) -> dict[str, Any]:
     proxy_cpu = CpuMeter(svc.pid) if svc is not nginx else None
     nginx_cpu = CpuMeter(nginx.pid)
     done = subprocess.run(
-        ["curl", "-s", "-o", "/dev/null", "--max-time", "300", "-w", "%{http_code} %{size_download} %{time_total}", svc.url + "/big"],
-        capture_output=True, text=True, timeout=320,
+        [
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "300",
+            "-w",
+            "%{http_code} %{size_download} %{time_total}",
+            svc.url + "/big",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=320,
     )
     status, size, seconds = done.stdout.split()
     row = {
@@ -262,10 +324,29 @@ def profile_firewall(nginx, args, workdir: Path) -> dict[str, Any]:
     """The real firewall process under wrk load, profiled (cProfile) during the load only."""
     prof_file = workdir / "firewall.prof"
     launcher = ["-m", "bench._profile_firewall", str(prof_file)]
-    with start_firewall(policy_yaml(nginx.port), (nginx.host, nginx.port), LABELS, workdir, launcher=launcher, name="l7proxy-cprofile") as fw:
-        run_wrk(fw.url + "/", threads=args.threads, connections=args.connections, duration=1, workdir=workdir)  # warm
+    with start_firewall(
+        policy_yaml(nginx.port),
+        (nginx.host, nginx.port),
+        LABELS,
+        workdir,
+        launcher=launcher,
+        name="l7proxy-cprofile",
+    ) as fw:
+        run_wrk(
+            fw.url + "/",
+            threads=args.threads,
+            connections=args.connections,
+            duration=1,
+            workdir=workdir,
+        )  # warm
         os.kill(fw.pid, signal.SIGUSR1)
-        result = run_wrk(fw.url + "/", threads=args.threads, connections=args.connections, duration=args.profile_duration, workdir=workdir)
+        result = run_wrk(
+            fw.url + "/",
+            threads=args.threads,
+            connections=args.connections,
+            duration=args.profile_duration,
+            workdir=workdir,
+        )
         os.kill(fw.pid, signal.SIGUSR2)
         deadline = time.monotonic() + 30
         while not prof_file.exists() and time.monotonic() < deadline and fw.proc.poll() is None:
@@ -273,9 +354,12 @@ def profile_firewall(nginx, args, workdir: Path) -> dict[str, Any]:
     if not prof_file.exists():
         return {"error": "the profiled firewall wrote no profile"}
     stats = pstats.Stats(str(prof_file))
-    return {"requests": result.requests, "rps_under_profiler": round(result.rps, 1),
-            "note": "cProfile inflates Python-heavy code several times; read shares, not absolute times",
-            **top_functions(stats, result.requests)}
+    return {
+        "requests": result.requests,
+        "rps_under_profiler": round(result.rps, 1),
+        "note": "cProfile inflates Python-heavy code several times; read shares, not absolute times",
+        **top_functions(stats, result.requests),
+    }
 
 
 class _Sink:
@@ -300,21 +384,32 @@ class _Sink:
         pass
 
 
-def profile_engine(upstream: tuple[str, int], request: bytes, response: bytes, n: int, workdir: Path) -> dict[str, Any]:
+def profile_engine(
+    upstream: tuple[str, int], request: bytes, response: bytes, n: int, workdir: Path
+) -> dict[str, Any]:
     """The sans-I/O engine and the driver's command loop, no sockets: the Python floor per request."""
-    from l7proxy.firewall import Firewall
-    from l7proxy.flowlog import FlowLog
-    from l7proxy.protocols import engine_factory
+    from l7proxy.observe.flowlog import FlowLog
     from l7proxy.proxy.driver import Pipe, ProxyLimits, ProxyStats
+    from l7proxy.proxy.firewall import Firewall
+    from parsers.registry import engine_factory
 
     policy_file = workdir / "engine-policy.yaml"
     policy_file.write_text(policy_yaml(upstream[1]))
-    fw = Firewall(listen=(LOOPBACK, 0), upstream=upstream, labels=LABELS, policy_paths=[policy_file], flowlog=FlowLog())
+    fw = Firewall(
+        listen=(LOOPBACK, 0),
+        upstream=upstream,
+        labels=LABELS,
+        policy_paths=[policy_file],
+        flowlog=FlowLog(),
+    )
     state = fw.state
-    conn_policy = state.connection(state.side(LOOPBACK, 40000), state.side(upstream[0], upstream[1], fw.service))
+    conn_policy = state.connection(
+        state.side(LOOPBACK, 40000), state.side(upstream[0], upstream[1], fw.service)
+    )
     factory = engine_factory(conn_policy.parser)
     loop = asyncio.new_event_loop()
     try:
+
         def engine_only() -> None:
             engine = factory(conn_policy.decide)
             for _ in range(n):
@@ -322,7 +417,15 @@ def profile_engine(upstream: tuple[str, int], request: bytes, response: bytes, n
                 engine.server_data(response)
 
         def engine_and_driver() -> None:
-            pipe = Pipe(loop, factory(conn_policy.decide), conn_policy, FlowLog(), conn_policy.parser, ProxyLimits(), ProxyStats())
+            pipe = Pipe(
+                loop,
+                factory(conn_policy.decide),
+                conn_policy,
+                FlowLog(),
+                conn_policy.parser,
+                ProxyLimits(),
+                ProxyStats(),
+            )
             pipe.client = _Sink()
             pipe.server_connected(_Sink())
             for _ in range(n):
@@ -342,7 +445,13 @@ def profile_engine(upstream: tuple[str, int], request: bytes, response: bytes, n
         stats = pstats.Stats(prof)
     finally:
         loop.close()
-    return {"requests": n, "request_bytes": len(request), "response_bytes": len(response), **timings, **top_functions(stats, n)}
+    return {
+        "requests": n,
+        "request_bytes": len(request),
+        "response_bytes": len(response),
+        **timings,
+        **top_functions(stats, n),
+    }
 
 
 def top_functions(stats: pstats.Stats, requests: int, limit: int = 20) -> dict[str, Any]:
@@ -357,21 +466,33 @@ def top_functions(stats: pstats.Stats, requests: int, limit: int = 20) -> dict[s
         rows.append((tottime, cumtime, ncalls, f"{short}:{line}({func})"))
     rows.sort(reverse=True)
     top = [
-        {"function": where, "calls_per_req": round(ncalls / requests, 2), "own_share": round(tt / total, 4),
-         "own_us_per_req": round(tt * 1e6 / requests, 2), "cum_us_per_req": round(ct * 1e6 / requests, 2)}
+        {
+            "function": where,
+            "calls_per_req": round(ncalls / requests, 2),
+            "own_share": round(tt / total, 4),
+            "own_us_per_req": round(tt * 1e6 / requests, 2),
+            "cum_us_per_req": round(ct * 1e6 / requests, 2),
+        }
         for tt, ct, ncalls, where in rows[:limit]
     ]
     files = sorted(by_file.items(), key=lambda kv: -kv[1])[:limit]
     return {
         "profiled_us_per_req": round(total * 1e6 / requests, 2),
         "top_functions": top,
-        "by_file": [{"file": f, "own_share": round(t / total, 4), "own_us_per_req": round(t * 1e6 / requests, 2)} for f, t in files],
+        "by_file": [
+            {
+                "file": f,
+                "own_share": round(t / total, 4),
+                "own_us_per_req": round(t * 1e6 / requests, 2),
+            }
+            for f, t in files
+        ],
     }
 
 
 def _short(filename: str) -> str:
     if filename.startswith(str(REPO)):
-        return filename[len(str(REPO)) + 1:]
+        return filename[len(str(REPO)) + 1 :]
     if filename == "~":
         return "(builtins)"
     for marker in ("site-packages/", "python3.11/"):
@@ -394,13 +515,28 @@ def main(argv: list[str] | None = None) -> int:
         nginx = stack.enter_context(start_nginx(workdir, locations=NGINX_LOCATIONS))
         upstream = (nginx.host, nginx.port)
         l7 = stack.enter_context(start_firewall(policy_yaml(nginx.port), upstream, LABELS, workdir))
-        l7_log = stack.enter_context(start_firewall(policy_yaml(nginx.port), upstream, LABELS, workdir, flowlog=True, name="l7proxy-flowlog"))
-        haproxy = stack.enter_context(start_haproxy(workdir, upstream, frontend_rules=HAPROXY_RULES))
+        l7_log = stack.enter_context(
+            start_firewall(
+                policy_yaml(nginx.port),
+                upstream,
+                LABELS,
+                workdir,
+                flowlog=True,
+                name="l7proxy-flowlog",
+            )
+        )
+        haproxy = stack.enter_context(
+            start_haproxy(workdir, upstream, frontend_rules=HAPROXY_RULES)
+        )
         load_paths = {"direct": nginx, "l7proxy": l7, "l7proxy+flowlog": l7_log, "haproxy": haproxy}
 
         print("correctness ...", flush=True)
         checks = check_correctness(load_paths)
-        print(f"load: wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s x {args.rounds} rounds ...", flush=True)
+        print(
+            f"load: wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s x "
+            f"{args.rounds} rounds ...",
+            flush=True,
+        )
         runs = measure_load(load_paths, nginx, args, workdir)
         print("load, every request a different target (no repeats) ...", flush=True)
         varied_paths = {"direct": nginx, "l7proxy": l7, "haproxy": haproxy}
@@ -408,37 +544,64 @@ def main(argv: list[str] | None = None) -> int:
         download = {}
         if args.download:
             print("download: 1 GiB with curl ...", flush=True)
-            download = measure_download({"direct": nginx, "l7proxy": l7, "haproxy": haproxy}, nginx, args.download_repeats)
+            download = measure_download(
+                {"direct": nginx, "l7proxy": l7, "haproxy": haproxy}, nginx, args.download_repeats
+            )
         request = f"GET / HTTP/1.1\r\nHost: {nginx.host}:{nginx.port}\r\n\r\n".encode()
         response = raw_response(nginx.host, nginx.port, request)
         profiles: dict[str, Any] = {}
         if args.profile:
             print("profile: engine + driver in-process ...", flush=True)
-            profiles["engine_in_process"] = profile_engine(upstream, request, response, args.engine_requests, workdir)
+            profiles["engine_in_process"] = profile_engine(
+                upstream, request, response, args.engine_requests, workdir
+            )
             print("profile: firewall under wrk inside cProfile ...", flush=True)
             profiles["firewall_cprofile"] = profile_firewall(nginx, args, workdir)
 
     load = summarise_load(runs)
     load_varied = summarise_load(varied_runs)
     l7_us, ha_us = load["l7proxy"]["proxy_us_per_req"], load["haproxy"]["proxy_us_per_req"]
-    per_round = [ratio(a["proxy_us_per_req"], b["proxy_us_per_req"]) for a, b in zip(runs["l7proxy"], runs["haproxy"], strict=True)]
+    per_round = [
+        ratio(a["proxy_us_per_req"], b["proxy_us_per_req"])
+        for a, b in zip(runs["l7proxy"], runs["haproxy"], strict=True)
+    ]
     headline = {
         "l7proxy_over_haproxy_cpu_per_req": ratio(l7_us, ha_us),
         "l7proxy_over_haproxy_cpu_per_req_by_round": per_round,
-        "l7proxy_flowlog_over_haproxy_cpu_per_req": ratio(load["l7proxy+flowlog"]["proxy_us_per_req"], ha_us),
+        "l7proxy_flowlog_over_haproxy_cpu_per_req": ratio(
+            load["l7proxy+flowlog"]["proxy_us_per_req"], ha_us
+        ),
         "l7proxy_over_haproxy_rps": ratio(load["l7proxy"]["rps"], load["haproxy"]["rps"]),
-        "varied_l7proxy_over_haproxy_cpu_per_req": ratio(load_varied["l7proxy"]["proxy_us_per_req"], load_varied["haproxy"]["proxy_us_per_req"]),
+        "varied_l7proxy_over_haproxy_cpu_per_req": ratio(
+            load_varied["l7proxy"]["proxy_us_per_req"], load_varied["haproxy"]["proxy_us_per_req"]
+        ),
         "target_ratio_issue": 3.0,
         "target_ratio_goal": 1.5,
     }
     if download:
-        headline["download_l7proxy_over_haproxy_cpu_s"] = ratio(download["l7proxy"]["proxy_cpu_s"], download["haproxy"]["proxy_cpu_s"])
+        headline["download_l7proxy_over_haproxy_cpu_s"] = ratio(
+            download["l7proxy"]["proxy_cpu_s"], download["haproxy"]["proxy_cpu_s"]
+        )
     problems = [f"{name}: correctness {c}" for name, c in checks.items() if not c["ok"]]
-    problems += [f"{name}: {s['non_2xx']} non-2xx, {s['socket_errors']} socket errors under load" for name, s in load.items() if s["non_2xx"] or s["socket_errors"]]
-    problems += [f"{name} (varied): {s['non_2xx']} non-2xx, {s['socket_errors']} socket errors" for name, s in load_varied.items() if s["non_2xx"] or s["socket_errors"]]
-    problems += [f"download via {name}: status {d['status']}, {d['bytes']} bytes" for name, d in download.items() if d["status"] != 200 or not d["complete"]]
+    problems += [
+        f"{name}: {s['non_2xx']} non-2xx, {s['socket_errors']} socket errors under load"
+        for name, s in load.items()
+        if s["non_2xx"] or s["socket_errors"]
+    ]
+    problems += [
+        f"{name} (varied): {s['non_2xx']} non-2xx, {s['socket_errors']} socket errors"
+        for name, s in load_varied.items()
+        if s["non_2xx"] or s["socket_errors"]
+    ]
+    problems += [
+        f"download via {name}: status {d['status']}, {d['bytes']} bytes"
+        for name, d in download.items()
+        if d["status"] != 200 or not d["complete"]
+    ]
     flowlog_runs = runs["l7proxy+flowlog"]
-    if flowlog_runs and flowlog_runs[-1].get("flow_records_total", 0) < sum(r["requests"] for r in flowlog_runs):
+    if flowlog_runs and flowlog_runs[-1].get("flow_records_total", 0) < sum(
+        r["requests"] for r in flowlog_runs
+    ):
         problems.append("flow log has fewer records than requests served")
 
     doc = {
@@ -448,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
             "download": "curl -o /dev/null of a 1 GiB sparse file served by nginx (sendfile)",
             "l7proxy": "python -m l7proxy firewall, L7 rule GET /.* in force (uvloop, C head parser)",
             "haproxy": f"nbthread 1, mode http, {HAPROXY_RULES}",
-            "nginx": "master_process off, 1 worker, return 200 \"ok\"",
+            "nginx": 'master_process off, 1 worker, return 200 "ok"',
         },
         "versions": {
             "nginx": tool_version(["nginx", "-v"]),
@@ -478,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _http1_impl() -> str:
-    from parsers.http1 import ACTIVE_IMPLEMENTATION
+    from parsers.http1.engine import ACTIVE_IMPLEMENTATION
 
     return ACTIVE_IMPLEMENTATION
 
@@ -489,30 +652,134 @@ def report(doc: dict[str, Any]) -> str:
     rows = []
     for name, s in load.items():
         nan = float("nan")
-        rows.append([name, s["rps"], s["p50_ms"], s["p99_ms"], s.get("proxy_us_per_req", nan), s.get("proxy_user_us_per_req", nan),
-                     s.get("proxy_sys_us_per_req", nan), s["nginx_us_per_req"], s["wrk_us_per_req"], s["non_2xx"]])
+        rows.append(
+            [
+                name,
+                s["rps"],
+                s["p50_ms"],
+                s["p99_ms"],
+                s.get("proxy_us_per_req", nan),
+                s.get("proxy_user_us_per_req", nan),
+                s.get("proxy_sys_us_per_req", nan),
+                s["nginx_us_per_req"],
+                s["wrk_us_per_req"],
+                s["non_2xx"],
+            ]
+        )
     out = io.StringIO()
-    out.write(markdown_table(["path", "req/s", "p50 ms", "p99 ms", "proxy CPU us/req", "(user)", "(sys)", "nginx CPU us/req", "wrk CPU us/req", "non-2xx"], rows))
+    out.write(
+        markdown_table(
+            [
+                "path",
+                "req/s",
+                "p50 ms",
+                "p99 ms",
+                "proxy CPU us/req",
+                "(user)",
+                "(sys)",
+                "nginx CPU us/req",
+                "wrk CPU us/req",
+                "non-2xx",
+            ],
+            rows,
+        )
+    )
     h = doc["headline"]
-    out.write(f"\n\nl7proxy / haproxy CPU per request: **{h['l7proxy_over_haproxy_cpu_per_req']:.2f}x** "
-              f"(rounds: {', '.join(f'{r:.2f}' for r in h['l7proxy_over_haproxy_cpu_per_req_by_round'])}; "
-              f"with flow-log file {h['l7proxy_flowlog_over_haproxy_cpu_per_req']:.2f}x; issue target <= 3x, goal 1.5x)\n")
+    out.write(
+        f"\n\nl7proxy / haproxy CPU per request: **{h['l7proxy_over_haproxy_cpu_per_req']:.2f}x** "
+        f"(rounds: {', '.join(f'{r:.2f}' for r in h['l7proxy_over_haproxy_cpu_per_req_by_round'])}; "
+        f"with flow-log file {h['l7proxy_flowlog_over_haproxy_cpu_per_req']:.2f}x; issue target "
+        "<= 3x, goal 1.5x)\n"
+    )
     if doc.get("load_varied"):
         nan = float("nan")
-        rows = [[name, s["rps"], s["p50_ms"], s["p99_ms"], s.get("proxy_us_per_req", nan), s.get("proxy_user_us_per_req", nan), s.get("proxy_sys_us_per_req", nan), s["non_2xx"]]
-                for name, s in doc["load_varied"].items()]
+        rows = [
+            [
+                name,
+                s["rps"],
+                s["p50_ms"],
+                s["p99_ms"],
+                s.get("proxy_us_per_req", nan),
+                s.get("proxy_user_us_per_req", nan),
+                s.get("proxy_sys_us_per_req", nan),
+                s["non_2xx"],
+            ]
+            for name, s in doc["load_varied"].items()
+        ]
         out.write("\nEvery request a different target (no keep-alive repeats):\n\n")
-        out.write(markdown_table(["path", "req/s", "p50 ms", "p99 ms", "proxy CPU us/req", "(user)", "(sys)", "non-2xx"], rows))
-        out.write(f"\n\nl7proxy / haproxy CPU per request, varied targets: **{h['varied_l7proxy_over_haproxy_cpu_per_req']:.2f}x**\n")
+        out.write(
+            markdown_table(
+                [
+                    "path",
+                    "req/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "proxy CPU us/req",
+                    "(user)",
+                    "(sys)",
+                    "non-2xx",
+                ],
+                rows,
+            )
+        )
+        out.write(
+            "\n\nl7proxy / haproxy CPU per request, varied targets: "
+            f"**{h['varied_l7proxy_over_haproxy_cpu_per_req']:.2f}x**\n"
+        )
     if doc["download"]:
         nan = float("nan")
-        rows = [[name, d["gbit_s"], d["seconds"], d.get("proxy_cpu_s", nan), d.get("proxy_user_s", nan), d.get("proxy_sys_s", nan), d["nginx_cpu_s"], d["status"]]
-                for name, d in doc["download"].items()]
-        out.write("\n" + markdown_table(["1 GiB download", "Gbit/s", "seconds", "proxy CPU s", "(user)", "(sys)", "nginx CPU s", "status"], rows) + "\n")
+        rows = [
+            [
+                name,
+                d["gbit_s"],
+                d["seconds"],
+                d.get("proxy_cpu_s", nan),
+                d.get("proxy_user_s", nan),
+                d.get("proxy_sys_s", nan),
+                d["nginx_cpu_s"],
+                d["status"],
+            ]
+            for name, d in doc["download"].items()
+        ]
+        out.write(
+            "\n"
+            + markdown_table(
+                [
+                    "1 GiB download",
+                    "Gbit/s",
+                    "seconds",
+                    "proxy CPU s",
+                    "(user)",
+                    "(sys)",
+                    "nginx CPU s",
+                    "status",
+                ],
+                rows,
+            )
+            + "\n"
+        )
     checks = doc["correctness"]
-    rows = [[name, c.get("GET /"), c.get("POST /", "-"), c.get("GET / after 403, same connection", "-"), "yes" if c["ok"] else "NO"] for name, c in checks.items()]
-    out.write("\n" + markdown_table(["correctness", "GET /", "POST /", "GET after 403 (same conn)", "ok"], rows) + "\n")
-    for key, title in (("engine_in_process", "engine + driver in-process"), ("firewall_cprofile", "firewall under wrk, cProfile")):
+    rows = [
+        [
+            name,
+            c.get("GET /"),
+            c.get("POST /", "-"),
+            c.get("GET / after 403, same connection", "-"),
+            "yes" if c["ok"] else "NO",
+        ]
+        for name, c in checks.items()
+    ]
+    out.write(
+        "\n"
+        + markdown_table(
+            ["correctness", "GET /", "POST /", "GET after 403 (same conn)", "ok"], rows
+        )
+        + "\n"
+    )
+    for key, title in (
+        ("engine_in_process", "engine + driver in-process"),
+        ("firewall_cprofile", "firewall under wrk, cProfile"),
+    ):
         prof = doc["profiles"].get(key)
         if not prof or "top_functions" not in prof:
             continue
@@ -520,8 +787,14 @@ def report(doc: dict[str, Any]) -> str:
         if key == "engine_in_process":
             extra = f" (engine alone {prof['engine_us_per_req']:.1f} us/req, engine + driver {prof['engine_and_driver_us_per_req']:.1f} us/req, unprofiled)"
         out.write(f"\nProfile, {title}{extra}: top functions by own time\n\n")
-        rows = [[f["function"], f["calls_per_req"], f"{f['own_share'] * 100:.1f}%", f["own_us_per_req"]] for f in prof["top_functions"][:15]]
-        out.write(markdown_table(["function", "calls/req", "own share", "own us/req (profiled)"], rows) + "\n")
+        rows = [
+            [f["function"], f["calls_per_req"], f"{f['own_share'] * 100:.1f}%", f["own_us_per_req"]]
+            for f in prof["top_functions"][:15]
+        ]
+        out.write(
+            markdown_table(["function", "calls/req", "own share", "own us/req (profiled)"], rows)
+            + "\n"
+        )
     return out.getvalue()
 
 

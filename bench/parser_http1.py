@@ -22,7 +22,7 @@ import h11
 import httptools
 
 from parsers.base import allow_all
-from parsers.http1 import Http1Engine, request_reader
+from parsers.http1.engine import Http1Engine, request_reader
 
 RESULTS = Path(__file__).resolve().parent / "results" / "parser_http1.json"
 READ_SIZE = 16384
@@ -41,7 +41,9 @@ BROWSER_GET = (
     b"Connection: keep-alive\r\n\r\n"
 )
 API_GET = b"GET /api/v1/orders/123456?expand=items HTTP/1.1\r\nHost: api.internal\r\nAuthorization: Bearer abc.def.ghi\r\nAccept: application/json\r\n\r\n"
-JSON_BODY = json.dumps({"items": [{"sku": f"SKU-{i}", "qty": i % 3 + 1} for i in range(40)]}).encode()
+JSON_BODY = json.dumps(
+    {"items": [{"sku": f"SKU-{i}", "qty": i % 3 + 1} for i in range(40)]}
+).encode()
 JSON_POST = (
     b"POST /api/v1/orders HTTP/1.1\r\nHost: api.internal\r\nContent-Type: application/json\r\n"
     b"Content-Length: %d\r\n\r\n" % len(JSON_BODY) + JSON_BODY
@@ -143,15 +145,25 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for name, measure in runs.items():
         seconds = measure()
-        rows[name] = {"seconds": seconds, "mb_per_s": len(data) / seconds / 1e6, "requests_per_s": count / seconds}
+        rows[name] = {
+            "seconds": seconds,
+            "mb_per_s": len(data) / seconds / 1e6,
+            "requests_per_s": count / seconds,
+        }
     base = rows["llhttp bare (baseline)"]["seconds"]
     for row in rows.values():
         row["time_vs_llhttp_bare"] = row["seconds"] / base
 
-    print(f"HTTP/1 request parsing: {count} requests, {len(data) / 1e6:.1f} MB, {READ_SIZE} B reads, best of {ROUNDS}")
+    print(
+        f"HTTP/1 request parsing: {count} requests, {len(data) / 1e6:.1f} MB, {READ_SIZE} B "
+        f"reads, best of {ROUNDS}"
+    )
     print(f"{'parser':<24} {'MB/s':>9} {'req/s':>11} {'time vs bare llhttp':>20}")
     for name, row in rows.items():
-        print(f"{name:<24} {row['mb_per_s']:>9.1f} {row['requests_per_s']:>11.0f} {row['time_vs_llhttp_bare']:>19.2f}x")
+        print(
+            f"{name:<24} {row['mb_per_s']:>9.1f} {row['requests_per_s']:>11.0f} "
+            f"{row['time_vs_llhttp_bare']:>19.2f}x"
+        )
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
@@ -171,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         + "\n"
     )
-    print(f"written {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS}")
+    print(
+        f"written {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS}"
+    )
     return 0
 
 

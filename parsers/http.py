@@ -10,8 +10,8 @@ judged stream by stream like any other.
 from __future__ import annotations
 
 from parsers.base import Command, Decide
-from parsers.http1 import Http1Engine
-from parsers.http2 import PREFACE, H2Engine
+from parsers.http1.engine import Http1Engine
+from parsers.http2.engine import PREFACE, H2Engine
 from parsers.requests import HttpRequest
 
 __all__ = ["HttpEngine"]

@@ -20,10 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from l7proxy import netns
-from l7proxy.endpoints import add_endpoint, delete_all
-from l7proxy.flowlog import format_record
-from l7proxy.store import Store
+from l7proxy.node import netns
+from l7proxy.node.endpoints import add_endpoint, delete_all
+from l7proxy.node.store import Store
+from l7proxy.observe.flowlog import format_record
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -49,11 +49,20 @@ class Demo:
     # ---------------------------------------------------------------- plumbing
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([PY, "-m", "l7proxy", "--state-dir", str(self.store.root), *args], capture_output=True, text=True, cwd=REPO)
+        return subprocess.run(
+            [PY, "-m", "l7proxy", "--state-dir", str(self.store.root), *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
 
-    def start(self, argv: list[str], ready: str, log: Path, timeout: float = 30) -> subprocess.Popen:
+    def start(
+        self, argv: list[str], ready: str, log: Path, timeout: float = 30
+    ) -> subprocess.Popen:
         out = open(log, "w")  # noqa: SIM115 - handed to the child
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+        )
         self.procs.append(proc)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -67,7 +76,16 @@ class Demo:
     def curl(self, ship: str, method: str, path: str) -> tuple[str, str]:
         ip = self.store.read().endpoint("deathstar").ip
         ns = self.store.read().endpoint(ship).netns
-        argv = ["curl", "-s", "-m", "3", "-w", "\\n%{http_code}", f"-X{method}", f"http://{ip}{path}"]
+        argv = [
+            "curl",
+            "-s",
+            "-m",
+            "3",
+            "-w",
+            "\\n%{http_code}",
+            f"-X{method}",
+            f"http://{ip}{path}",
+        ]
         say(f"  $ {ship}: curl -s -X{method} http://deathstar{path}")
         run = subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True)
         if run.returncode == 28:
@@ -103,17 +121,35 @@ class Demo:
         say("== Setting up: three endpoints, each in its own network namespace")
         for name, labels in SHIPS.items():
             rec = add_endpoint(self.store, name, labels)
-            say(f"  {name:<10} {rec.ip:<15} netns {rec.netns:<24} labels {','.join(f'{k}={v}' for k, v in labels.items())}")
+            say(
+                f"  {name:<10} {rec.ip:<15} netns {rec.netns:<24} labels "
+                f"{','.join(f'{k}={v}' for k, v in labels.items())}"
+            )
         ds = self.store.read().endpoint("deathstar")
-        self.start(["ip", "netns", "exec", ds.netns, PY, "-m", "l7proxy.demo.deathstar", "--port", "80"], "deathstar ready", self.root / "deathstar.log")
+        self.start(
+            ["ip", "netns", "exec", ds.netns, PY, "-m", "l7proxy.demo.deathstar", "--port", "80"],
+            "deathstar ready",
+            self.root / "deathstar.log",
+        )
         say("  deathstar serves HTTP on port 80 (POST /v1/request-landing, PUT /v1/exhaust-port)")
-        agent = self.start([PY, "-m", "l7proxy", "--state-dir", str(self.store.root), "run"], "agent running", self.root / "agent.log")
-        say(f"  agent started (pid {agent.pid}): BPF datapath attached, transparent proxy listening")
+        agent = self.start(
+            [PY, "-m", "l7proxy", "--state-dir", str(self.store.root), "run"],
+            "agent running",
+            self.root / "agent.log",
+        )
+        say(
+            f"  agent started (pid {agent.pid}): BPF datapath attached, transparent proxy listening"
+        )
 
         say("\n== Stage 1: no policy. Both ships can land.")
         for ship in ("tiefighter", "xwing"):
             code, body = self.curl(ship, "POST", "/v1/request-landing")
-            self.check("1 no policy", f"{ship} POST /v1/request-landing", "landed", "landed" if code == "200" and "landed" in body else f"{code} {body}")
+            self.check(
+                "1 no policy",
+                f"{ship} POST /v1/request-landing",
+                "landed",
+                "landed" if code == "200" and "landed" in body else f"{code} {body}",
+            )
         self.show_flows()
 
         say("\n== Stage 2: L3/L4 policy rule1: only org=empire may reach deathstar on TCP/80")
@@ -121,24 +157,52 @@ class Demo:
         self.import_policy("policies/sw-l3-l4.yaml")
         before = self.kernel_denied()
         code, body = self.curl("tiefighter", "POST", "/v1/request-landing")
-        self.check("2 L3/L4", "tiefighter POST /v1/request-landing", "landed", "landed" if code == "200" and "landed" in body else f"{code} {body}")
+        self.check(
+            "2 L3/L4",
+            "tiefighter POST /v1/request-landing",
+            "landed",
+            "landed" if code == "200" and "landed" in body else f"{code} {body}",
+        )
         code, body = self.curl("xwing", "POST", "/v1/request-landing")
-        self.check("2 L3/L4", "xwing POST /v1/request-landing", "timeout", "timeout" if code == "timeout" else f"{code} {body}")
+        self.check(
+            "2 L3/L4",
+            "xwing POST /v1/request-landing",
+            "timeout",
+            "timeout" if code == "timeout" else f"{code} {body}",
+        )
         time.sleep(1.2)
         after = self.kernel_denied()
         say(f"  kernel drop counter: {before} -> {after}")
-        self.check("2 L3/L4", "kernel drop counter rises", "rises", "rises" if after > before else f"{before} -> {after}")
+        self.check(
+            "2 L3/L4",
+            "kernel drop counter rises",
+            "rises",
+            "rises" if after > before else f"{before} -> {after}",
+        )
         self.show_flows()
 
-        say("\n== Stage 3: L7 policy: the same rule, plus rules.http [{method: POST, path: /v1/request-landing}]")
+        say(
+            "\n== Stage 3: L7 policy: the same rule, plus rules.http [{method: POST, path: "
+            "/v1/request-landing}]"
+        )
         say("  $ l7proxy policy import policies/sw-l3-l4-l7.yaml")
         self.import_policy("policies/sw-l3-l4-l7.yaml")
         code, body = self.curl("tiefighter", "POST", "/v1/request-landing")
-        self.check("3 L7", "tiefighter POST /v1/request-landing", "landed", "landed" if code == "200" and "landed" in body else f"{code} {body}")
+        self.check(
+            "3 L7",
+            "tiefighter POST /v1/request-landing",
+            "landed",
+            "landed" if code == "200" and "landed" in body else f"{code} {body}",
+        )
         code, body = self.curl("tiefighter", "PUT", "/v1/exhaust-port")
         self.check("3 L7", "tiefighter PUT /v1/exhaust-port", "403 Access denied", f"{code} {body}")
         code, body = self.curl("xwing", "POST", "/v1/request-landing")
-        self.check("3 L7", "xwing POST /v1/request-landing", "timeout", "timeout" if code == "timeout" else f"{code} {body}")
+        self.check(
+            "3 L7",
+            "xwing POST /v1/request-landing",
+            "timeout",
+            "timeout" if code == "timeout" else f"{code} {body}",
+        )
         self.show_flows()
         return self.report()
 
@@ -156,8 +220,15 @@ class Demo:
         for stage, attempt, expected, observed in self.results:
             ok = expected == observed
             ok_all &= ok
-            say(f"  {stage:<12} {attempt:<{width}}  {expected:<18} {observed:<18} {'yes' if ok else 'NO'}")
-        say("\nAll outcomes as expected." if ok_all else "\nSOME OUTCOMES DIFFER FROM WHAT WAS EXPECTED.")
+            say(
+                f"  {stage:<12} {attempt:<{width}}  {expected:<18} {observed:<18} "
+                f"{'yes' if ok else 'NO'}"
+            )
+        say(
+            "\nAll outcomes as expected."
+            if ok_all
+            else "\nSOME OUTCOMES DIFFER FROM WHAT WAS EXPECTED."
+        )
         return ok_all
 
     def cleanup(self) -> None:
@@ -176,7 +247,7 @@ class Demo:
 
 
 def main() -> int:
-    from l7proxy.datapath import kernel_support
+    from l7proxy.datapath.loader import kernel_support
 
     problem = kernel_support()
     if problem:

@@ -37,7 +37,13 @@ def main() -> None:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=80)
     args = parser.parse_args()
-    web.run_app(app(), host=args.host, port=args.port, print=lambda *_: print("deathstar ready", flush=True), access_log=None)
+    web.run_app(
+        app(),
+        host=args.host,
+        port=args.port,
+        print=lambda *_: print("deathstar ready", flush=True),
+        access_log=None,
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from l7proxy.identity import HOST, WORLD, Identity, IdentityAllocator, IpCache
+from l7proxy.policy.identity import HOST, WORLD, Identity, IdentityAllocator, IpCache
 from l7proxy.policy.model import EGRESS, INGRESS, L7RuleRef, Peers, Policy, Rule
 from parsers.base import Decision
 
@@ -109,7 +109,10 @@ class PortMatcher:
         for policy, ref, denied in self.denies:  # deny wins
             hit = ref.rule.matches(request)
             if trace is not None:
-                trace.append(f"  deny {policy} {ref.path} [{ref.rule.describe()}]: {'MATCH' if hit else 'no match'} ({ref.rule.explain(request)})")
+                trace.append(
+                    f"  deny {policy} {ref.path} [{ref.rule.describe()}]: "
+                    f"{'MATCH' if hit else 'no match'} ({ref.rule.explain(request)})"
+                )
             if hit:
                 return denied
         if self.allow_all is not None:
@@ -119,7 +122,10 @@ class PortMatcher:
         for policy, ref, allowed in self.allows:
             hit = ref.rule.matches(request)
             if trace is not None:
-                trace.append(f"  allow {policy} {ref.path} [{ref.rule.describe()}]: {'MATCH' if hit else 'no match'} ({ref.rule.explain(request)})")
+                trace.append(
+                    f"  allow {policy} {ref.path} [{ref.rule.describe()}]: "
+                    f"{'MATCH' if hit else 'no match'} ({ref.rule.explain(request)})"
+                )
             if hit:
                 edits = getattr(ref.rule, "edits", None)
                 found = edits(request) if edits is not None else ()
@@ -130,7 +136,12 @@ class PortMatcher:
         if combined is not None:
             if trace is not None:
                 trace.append(f"  allow: covered jointly by {combined}")
-            return Decision(True, policy=self.first_policy, rule=combined, reason="allowed jointly by several rules")
+            return Decision(
+                True,
+                policy=self.first_policy,
+                rule=combined,
+                reason="allowed jointly by several rules",
+            )
         return self.default
 
 
@@ -148,21 +159,38 @@ class CompiledPolicy:
 
     # ------------------------------------------------------------------ L3/L4
 
-    def port_verdict(self, endpoint_id: int, direction: str, peer: int, port: int, protocol: str = "TCP", trace: list | None = None) -> PortVerdict:
+    def port_verdict(
+        self,
+        endpoint_id: int,
+        direction: str,
+        peer: int,
+        port: int,
+        protocol: str = "TCP",
+        trace: list | None = None,
+    ) -> PortVerdict:
         dp = self.directions.get((endpoint_id, direction))
         if dp is None or not dp.enforced:
             if trace is not None:
-                trace.append(f"{direction}: no policy selects this endpoint in this direction -> allowed")
+                trace.append(
+                    f"{direction}: no policy selects this endpoint in this direction -> allowed"
+                )
             return PortVerdict(True, None, "not enforced")
         allowed_by: list[str] = []
         parser = None
         for eff in dp.rules:
             ok_peer = eff.peer_matches(peer)
-            port_rules = [pr for pr in eff.rule.to_ports if pr.covers(port, protocol)] if eff.rule.to_ports else None
+            port_rules = (
+                [pr for pr in eff.rule.to_ports if pr.covers(port, protocol)]
+                if eff.rule.to_ports
+                else None
+            )
             ok_port = port_rules is None or bool(port_rules)
             if trace is not None:
                 what = "deny" if eff.rule.deny else "allow"
-                trace.append(f"  {what} {eff.name}: peer {'matches' if ok_peer else 'does not match'}, port {'matches' if ok_port else 'does not match'}")
+                trace.append(
+                    f"  {what} {eff.name}: peer {'matches' if ok_peer else 'does not match'}, "
+                    f"port {'matches' if ok_port else 'does not match'}"
+                )
             if not (ok_peer and ok_port):
                 continue
             if eff.rule.deny:
@@ -178,12 +206,22 @@ class CompiledPolicy:
                     parser = pr.parser
         if not allowed_by:
             audit = self.audit_all or dp.audit
-            return PortVerdict(audit, None, "default deny: no rule allows this peer and port", audit)
+            return PortVerdict(
+                audit, None, "default deny: no rule allows this peer and port", audit
+            )
         return PortVerdict(True, parser, f"allowed by {', '.join(allowed_by)}")
 
     # ------------------------------------------------------------------ L7
 
-    def l7_decide(self, endpoint_id: int, direction: str, peer: int, port: int, request: Any, trace: list | None = None) -> Decision:
+    def l7_decide(
+        self,
+        endpoint_id: int,
+        direction: str,
+        peer: int,
+        port: int,
+        request: Any,
+        trace: list | None = None,
+    ) -> Decision:
         return self.l7_matcher(endpoint_id, direction, peer, port).decide(request, trace)
 
     def l7_matcher(self, endpoint_id: int, direction: str, peer: int, port: int) -> PortMatcher:
@@ -198,13 +236,28 @@ class CompiledPolicy:
     def _build_matcher(self, endpoint_id: int, direction: str, peer: int, port: int) -> PortMatcher:
         dp = self.directions.get((endpoint_id, direction))
         if dp is None or not dp.enforced:
-            return PortMatcher(allow_all=Decision(True, reason="no policy in this direction"), allow_all_note="no policy in this direction")
+            return PortMatcher(
+                allow_all=Decision(True, reason="no policy in this direction"),
+                allow_all_note="no policy in this direction",
+            )
         denies = []
         for eff in dp.rules:
             if eff.rule.deny and eff.peer_matches(peer):
                 for pr in eff.rule.to_ports:
                     if pr.covers(port, "TCP") and pr.parser is not None:
-                        denies += [(eff.policy.key, ref, self._deny(eff.policy, ref.path, f"denied by L7 deny rule {ref.rule.describe()}", dp)) for ref in pr.l7]
+                        denies += [
+                            (
+                                eff.policy.key,
+                                ref,
+                                self._deny(
+                                    eff.policy,
+                                    ref.path,
+                                    f"denied by L7 deny rule {ref.rule.describe()}",
+                                    dp,
+                                ),
+                            )
+                            for ref in pr.l7
+                        ]
         allows = []
         allow_all = None
         note = ""
@@ -212,16 +265,36 @@ class CompiledPolicy:
         for eff in dp.rules:
             if eff.rule.deny or not eff.peer_matches(peer):
                 continue
-            port_rules = [None] if not eff.rule.to_ports else [pr for pr in eff.rule.to_ports if pr.covers(port, "TCP")]
+            port_rules = (
+                [None]
+                if not eff.rule.to_ports
+                else [pr for pr in eff.rule.to_ports if pr.covers(port, "TCP")]
+            )
             for pr in port_rules:
                 first_policy = first_policy or eff.policy
                 if pr is None or not pr.l7:
                     if allow_all is None:
                         where = eff.rule.path if pr is None else pr.path
-                        allow_all = Decision(True, policy=eff.policy.key, rule=where, reason="L4 rule allows all L7")
-                        note = f"  allow {eff.policy.key} {where}: no L7 rules -> all requests allowed"
+                        allow_all = Decision(
+                            True, policy=eff.policy.key, rule=where, reason="L4 rule allows all L7"
+                        )
+                        note = (
+                            f"  allow {eff.policy.key} {where}: no L7 rules -> all requests allowed"
+                        )
                     continue
-                allows += [(eff.policy.key, ref, Decision(True, policy=eff.policy.key, rule=ref.path, reason=f"allowed by {ref.rule.describe()}")) for ref in pr.l7]
+                allows += [
+                    (
+                        eff.policy.key,
+                        ref,
+                        Decision(
+                            True,
+                            policy=eff.policy.key,
+                            rule=ref.path,
+                            reason=f"allowed by {ref.rule.describe()}",
+                        ),
+                    )
+                    for ref in pr.l7
+                ]
         reason = "no L7 rule matches" if first_policy else "no rule allows this peer and port"
         return PortMatcher(
             denies=tuple(denies),
@@ -250,24 +323,67 @@ class CompiledPolicy:
                 if not eff.rule.to_ports:
                     ports = [(0, 0, 0, None)]
                 else:
-                    ports = [(PROTO_NUMBERS[p.protocol], p.port, p.end_port, pr.parser) for pr in eff.rule.to_ports for p in (pr.ports or ())]
+                    ports = [
+                        (PROTO_NUMBERS[p.protocol], p.port, p.end_port, pr.parser)
+                        for pr in eff.rule.to_ports
+                        for p in (pr.ports or ())
+                    ]
                     ports += [(0, 0, 0, pr.parser) for pr in eff.rule.to_ports if not pr.ports]
                 for peer in peer_ids:
                     for proto, lo, hi, parser in ports:
                         if eff.rule.deny:
                             if parser is not None:
                                 # An L7 deny rule: traffic must reach the proxy to be judged.
-                                out.append(KernelEntry(ep_id, direction, peer, proto, lo, hi, "redirect", proxy_ports[parser], audit))
+                                out.append(
+                                    KernelEntry(
+                                        ep_id,
+                                        direction,
+                                        peer,
+                                        proto,
+                                        lo,
+                                        hi,
+                                        "redirect",
+                                        proxy_ports[parser],
+                                        audit,
+                                    )
+                                )
                                 continue
-                            out.append(KernelEntry(ep_id, direction, peer, proto, lo, hi, "deny", 0, audit))
+                            out.append(
+                                KernelEntry(ep_id, direction, peer, proto, lo, hi, "deny", 0, audit)
+                            )
                         elif parser is not None:
-                            out.append(KernelEntry(ep_id, direction, peer, proto, lo, hi, "redirect", proxy_ports[parser], False))
+                            out.append(
+                                KernelEntry(
+                                    ep_id,
+                                    direction,
+                                    peer,
+                                    proto,
+                                    lo,
+                                    hi,
+                                    "redirect",
+                                    proxy_ports[parser],
+                                    False,
+                                )
+                            )
                         else:
-                            out.append(KernelEntry(ep_id, direction, peer, proto, lo, hi, "allow", 0, False))
-        return sorted(set(out), key=lambda e: (e.endpoint_id, e.direction, e.identity, e.protocol, e.port_lo, e.action))
+                            out.append(
+                                KernelEntry(
+                                    ep_id, direction, peer, proto, lo, hi, "allow", 0, False
+                                )
+                            )
+        return sorted(
+            set(out),
+            key=lambda e: (e.endpoint_id, e.direction, e.identity, e.protocol, e.port_lo, e.action),
+        )
 
     def parsers_in_use(self) -> set[str]:
-        return {pr.parser for dp in self.directions.values() for eff in dp.rules for pr in eff.rule.to_ports if pr.parser}
+        return {
+            pr.parser
+            for dp in self.directions.values()
+            for eff in dp.rules
+            for pr in eff.rule.to_ports
+            if pr.parser
+        }
 
 
 def _combined_allow(refs: list[L7RuleRef], request: Any) -> str | None:
@@ -308,7 +424,7 @@ def compile_policy(
                     cidr_ids[net] = identities.for_cidr(net)
     endpoint_identities = {ep.identity.number: ep.identity for ep in endpoints.values()}
     all_identities = {**endpoint_identities, **{i.number: i for i in cidr_ids.values()}}
-    from l7proxy.identity import RESERVED_IDENTITIES
+    from l7proxy.policy.identity import RESERVED_IDENTITIES
 
     all_identities.update(RESERVED_IDENTITIES)
 
@@ -326,7 +442,9 @@ def compile_policy(
                 dp.audit = dp.audit and pol.audit
                 if not rule.to_ports and rule.peers.any_peer:
                     continue  # `ingress: [{}]`: default-deny, allows nothing
-                dp.rules.append(EffectiveRule(pol, rule, _resolve_peers(rule.peers, all_identities)))
+                dp.rules.append(
+                    EffectiveRule(pol, rule, _resolve_peers(rule.peers, all_identities))
+                )
 
     ipcache: dict[ipaddress.IPv4Network, int] = {net: HOST for net in host_prefixes}
     ipcache.update({net: ident.number for net, ident in cidr_ids.items() if net.prefixlen})

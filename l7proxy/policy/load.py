@@ -53,7 +53,9 @@ def load_paths(paths: Iterable[str | Path]) -> list[Policy]:
     for path in paths:
         path = Path(path)
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+            files = sorted(
+                p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()
+            )
         elif path.exists():
             files = [path]
         else:
@@ -71,7 +73,9 @@ def load_text(text: str, *, source: str = "<string>") -> list[Policy]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise PolicyError(f"invalid YAML: {getattr(exc, 'problem', exc)}", path=where, file=source) from None
+        raise PolicyError(
+            f"invalid YAML: {getattr(exc, 'problem', exc)}", path=where, file=source
+        ) from None
     policies: list[Policy] = []
     try:
         for i, doc in enumerate(documents):
@@ -86,7 +90,11 @@ def _check_unique(policies: list[Policy]) -> None:
     seen: dict[str, str] = {}
     for p in policies:
         if p.key in seen:
-            raise PolicyError(f"duplicate policy name {p.key!r} (also in {seen[p.key]})", path="metadata.name", file=p.source)
+            raise PolicyError(
+                f"duplicate policy name {p.key!r} (also in {seen[p.key]})",
+                path="metadata.name",
+                file=p.source,
+            )
         seen[p.key] = p.source
 
 
@@ -122,7 +130,9 @@ def _string(node: Any, path: YamlPath, *, allow_empty: bool = False) -> str:
 
 
 def _kind(node: Any) -> str:
-    return {dict: "a mapping", list: "a list", type(None): "nothing"}.get(type(node), type(node).__name__)
+    return {dict: "a mapping", list: "a list", type(None): "nothing"}.get(
+        type(node), type(node).__name__
+    )
 
 
 # --------------------------------------------------------------------------
@@ -136,8 +146,12 @@ def _document(doc: Any, path: YamlPath, source: str) -> list[Policy]:
         raise path.key("apiVersion").error(f"expected cilium.io/v2, got {api!r}")
     kind = doc.get("kind")
     if kind not in ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy"):
-        raise path.key("kind").error(f"expected CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy, got {kind!r}")
-    meta = _mapping(doc.get("metadata"), path.key("metadata"), ("name", "namespace", "labels", "annotations"))
+        raise path.key("kind").error(
+            f"expected CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy, got {kind!r}"
+        )
+    meta = _mapping(
+        doc.get("metadata"), path.key("metadata"), ("name", "namespace", "labels", "annotations")
+    )
     name = _string(meta.get("name"), path.key("metadata").key("name"))
     namespace = "" if kind == "CiliumClusterwideNetworkPolicy" else str(meta.get("namespace") or "")
     annotations = meta.get("annotations") or {}
@@ -145,7 +159,12 @@ def _document(doc: Any, path: YamlPath, source: str) -> list[Policy]:
         raise path.key("metadata").key("annotations").error("expected a mapping")
     audit_value = str(annotations.get(AUDIT_ANNOTATION, "false")).lower()
     if audit_value not in ("true", "false"):
-        raise path.key("metadata").key("annotations").key(AUDIT_ANNOTATION).error('expected "true" or "false"')
+        raise (
+            path.key("metadata")
+            .key("annotations")
+            .key(AUDIT_ANNOTATION)
+            .error('expected "true" or "false"')
+        )
     labels = meta.get("labels") or {}
     if not isinstance(labels, dict):
         raise path.key("metadata").key("labels").error("expected a mapping")
@@ -155,7 +174,10 @@ def _document(doc: Any, path: YamlPath, source: str) -> list[Policy]:
     if "spec" in doc:
         specs = [(doc["spec"], path.key("spec"))]
     else:
-        specs = [(s, path.key("specs").index(i)) for i, s in enumerate(_list(doc["specs"], path.key("specs")))]
+        specs = [
+            (s, path.key("specs").index(i))
+            for i, s in enumerate(_list(doc["specs"], path.key("specs")))
+        ]
     out = []
     for i, (spec, spec_path) in enumerate(specs):
         selector, rules = _spec(spec, spec_path)
@@ -174,9 +196,13 @@ def _document(doc: Any, path: YamlPath, source: str) -> list[Policy]:
 
 
 def _spec(spec: Any, path: YamlPath) -> tuple[LabelSelector, tuple[Rule, ...]]:
-    spec = _mapping(spec, path, ("endpointSelector", "nodeSelector", "description", "labels", *_SECTIONS))
+    spec = _mapping(
+        spec, path, ("endpointSelector", "nodeSelector", "description", "labels", *_SECTIONS)
+    )
     if "nodeSelector" in spec:
-        raise path.key("nodeSelector").error("host policies (nodeSelector) are not supported; use endpointSelector")
+        raise path.key("nodeSelector").error(
+            "host policies (nodeSelector) are not supported; use endpointSelector"
+        )
     if "endpointSelector" not in spec:
         raise path.error("endpointSelector is required")
     selector = _selector(spec["endpointSelector"], path.key("endpointSelector"))
@@ -202,7 +228,13 @@ def _selector(node: Any, path: YamlPath) -> LabelSelector:
     if not isinstance(labels, dict):
         raise path.key("matchLabels").error("expected a mapping")
     match_labels = tuple(
-        sorted((_label_key(k, path.key("matchLabels").key(str(k))), _string(v, path.key("matchLabels").key(str(k)), allow_empty=True)) for k, v in labels.items())
+        sorted(
+            (
+                _label_key(k, path.key("matchLabels").key(str(k))),
+                _string(v, path.key("matchLabels").key(str(k)), allow_empty=True),
+            )
+            for k, v in labels.items()
+        )
     )
     requirements = []
     for i, expr in enumerate(_list(node.get("matchExpressions"), path.key("matchExpressions"))):
@@ -211,8 +243,13 @@ def _selector(node: Any, path: YamlPath) -> LabelSelector:
         key = _label_key(expr.get("key"), epath.key("key"))
         op = expr.get("operator")
         if op not in ("In", "NotIn", "Exists", "DoesNotExist"):
-            raise epath.key("operator").error(f"expected In, NotIn, Exists or DoesNotExist, got {op!r}")
-        values = [_string(v, epath.key("values").index(j), allow_empty=True) for j, v in enumerate(_list(expr.get("values"), epath.key("values")))]
+            raise epath.key("operator").error(
+                f"expected In, NotIn, Exists or DoesNotExist, got {op!r}"
+            )
+        values = [
+            _string(v, epath.key("values").index(j), allow_empty=True)
+            for j, v in enumerate(_list(expr.get("values"), epath.key("values")))
+        ]
         if op in ("In", "NotIn") and not values:
             raise epath.key("values").error(f"{op} needs at least one value")
         if op in ("Exists", "DoesNotExist") and values:
@@ -233,19 +270,31 @@ def _rule(node: Any, path: YamlPath, direction: str, deny: bool) -> Rule:
     peer_keys = _PEER_KEYS[direction]
     node = _mapping(node, path, (*peer_keys, "toPorts"))
     peers = _peers(node, path, peer_keys)
-    to_ports = tuple(_port_rule(p, path.key("toPorts").index(i), deny) for i, p in enumerate(_list(node.get("toPorts"), path.key("toPorts"))))
+    to_ports = tuple(
+        _port_rule(p, path.key("toPorts").index(i), deny)
+        for i, p in enumerate(_list(node.get("toPorts"), path.key("toPorts")))
+    )
     return Rule(direction, deny, peers, to_ports, str(path))
 
 
 def _peers(node: dict, path: YamlPath, keys: tuple[str, ...]) -> Peers:
     k_endpoints, k_cidr, k_cidrset, k_entities = keys
-    endpoints = tuple(_selector(s, path.key(k_endpoints).index(i)) for i, s in enumerate(_list(node.get(k_endpoints), path.key(k_endpoints))))
-    cidrs = [CidrRule(_network(c, path.key(k_cidr).index(i))) for i, c in enumerate(_list(node.get(k_cidr), path.key(k_cidr)))]
+    endpoints = tuple(
+        _selector(s, path.key(k_endpoints).index(i))
+        for i, s in enumerate(_list(node.get(k_endpoints), path.key(k_endpoints)))
+    )
+    cidrs = [
+        CidrRule(_network(c, path.key(k_cidr).index(i)))
+        for i, c in enumerate(_list(node.get(k_cidr), path.key(k_cidr)))
+    ]
     for i, item in enumerate(_list(node.get(k_cidrset), path.key(k_cidrset))):
         ipath = path.key(k_cidrset).index(i)
         item = _mapping(item, ipath, ("cidr", "except"))
         net = _network(item.get("cidr"), ipath.key("cidr"))
-        excepts = tuple(_network(e, ipath.key("except").index(j)) for j, e in enumerate(_list(item.get("except"), ipath.key("except"))))
+        excepts = tuple(
+            _network(e, ipath.key("except").index(j))
+            for j, e in enumerate(_list(item.get("except"), ipath.key("except")))
+        )
         for j, ex in enumerate(excepts):
             if not ex.subnet_of(net):
                 raise ipath.key("except").index(j).error(f"{ex} is not inside {net}")
@@ -254,7 +303,11 @@ def _peers(node: dict, path: YamlPath, keys: tuple[str, ...]) -> Peers:
     for i, e in enumerate(_list(node.get(k_entities), path.key(k_entities))):
         e = _string(e, path.key(k_entities).index(i))
         if e not in ENTITIES:
-            raise path.key(k_entities).index(i).error(f"unsupported entity {e!r} (expected one of: {', '.join(ENTITIES)})")
+            raise (
+                path.key(k_entities)
+                .index(i)
+                .error(f"unsupported entity {e!r} (expected one of: {', '.join(ENTITIES)})")
+            )
         entities.append(e)
     return Peers(endpoints, tuple(cidrs), tuple(entities))
 
@@ -272,12 +325,17 @@ def _network(node: Any, path: YamlPath) -> ipaddress.IPv4Network:
 
 def _port_rule(node: Any, path: YamlPath, deny: bool) -> PortRule:
     node = _mapping(node, path, ("ports", "rules"))
-    ports = tuple(_port(p, path.key("ports").index(i)) for i, p in enumerate(_list(node.get("ports"), path.key("ports"))))
+    ports = tuple(
+        _port(p, path.key("ports").index(i))
+        for i, p in enumerate(_list(node.get("ports"), path.key("ports")))
+    )
     parser, l7 = _l7_rules(node.get("rules"), path.key("rules"))
     if parser and not ports:
         raise path.key("rules").error("L7 rules need toPorts[].ports")
     if parser and any(p.port == 0 or p.end_port != p.port or p.protocol == "UDP" for p in ports):
-        raise path.key("ports").error("L7 rules apply to single TCP ports only (no port 0, endPort or UDP)")
+        raise path.key("ports").error(
+            "L7 rules apply to single TCP ports only (no port 0, endPort or UDP)"
+        )
     return PortRule(ports, parser, l7, str(path))
 
 
@@ -287,12 +345,21 @@ def _port(node: Any, path: YamlPath) -> PortProtocol:
     try:
         port = int(str(raw))
     except ValueError:
-        raise path.key("port").error(f"expected a port number, got {raw!r} (named ports are not supported)") from None
+        raise path.key("port").error(
+            f"expected a port number, got {raw!r} (named ports are not supported)"
+        ) from None
     if not 0 <= port <= 65535:
         raise path.key("port").error(f"port {port} out of range 0-65535")
     end = node.get("endPort", port)
-    if isinstance(end, bool) or not isinstance(end, int) or not port <= end <= 65535 or (end != port and port == 0):
-        raise path.key("endPort").error(f"endPort must be an integer between port ({port}) and 65535")
+    if (
+        isinstance(end, bool)
+        or not isinstance(end, int)
+        or not port <= end <= 65535
+        or (end != port and port == 0)
+    ):
+        raise path.key("endPort").error(
+            f"endPort must be an integer between port ({port}) and 65535"
+        )
     proto = str(node.get("protocol", "ANY")).upper()
     if proto not in ("TCP", "UDP", "ANY"):
         raise path.key("protocol").error(f"expected TCP, UDP or ANY, got {node.get('protocol')!r}")
@@ -313,18 +380,30 @@ def _l7_rules(node: Any, path: YamlPath) -> tuple[str | None, tuple[L7RuleRef, .
             kind = kinds[key]
             parsers.add(kind.parser)
             for i, item in enumerate(_list(node[key], path.key(key))):
-                refs.append(L7RuleRef(key, kind.compile(item, path.key(key).index(i)), str(path.key(key).index(i))))
+                refs.append(
+                    L7RuleRef(
+                        key, kind.compile(item, path.key(key).index(i)), str(path.key(key).index(i))
+                    )
+                )
     if "l7proto" in node or "l7" in node:
         proto = _string(node.get("l7proto"), path.key("l7proto")) if "l7proto" in node else ""
         kind = kinds.get(proto)
         if kind is None or not kind.generic:
             generic = sorted(k for k, v in kinds.items() if v.generic)
-            raise path.key("l7proto").error(f"unknown L7 protocol {proto!r} (known: {', '.join(generic) or 'none'})")
+            raise path.key("l7proto").error(
+                f"unknown L7 protocol {proto!r} (known: {', '.join(generic) or 'none'})"
+            )
         parsers.add(kind.parser)
         for i, item in enumerate(_list(node.get("l7"), path.key("l7"))):
-            refs.append(L7RuleRef(proto, kind.compile(item, path.key("l7").index(i)), str(path.key("l7").index(i))))
+            refs.append(
+                L7RuleRef(
+                    proto, kind.compile(item, path.key("l7").index(i)), str(path.key("l7").index(i))
+                )
+            )
     if len(parsers) > 1:
-        raise path.error(f"rules for different L7 protocols on one port: {', '.join(sorted(parsers))}")
+        raise path.error(
+            f"rules for different L7 protocols on one port: {', '.join(sorted(parsers))}"
+        )
     if not parsers:
         return None, ()
     return parsers.pop(), tuple(refs)

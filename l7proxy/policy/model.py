@@ -92,7 +92,13 @@ class PortProtocol:
         return self.port == 0 or self.port <= port <= self.end_port
 
     def __str__(self) -> str:
-        ports = "*" if self.port == 0 else str(self.port) if self.end_port == self.port else f"{self.port}-{self.end_port}"
+        ports = (
+            "*"
+            if self.port == 0
+            else str(self.port)
+            if self.end_port == self.port
+            else f"{self.port}-{self.end_port}"
+        )
         return f"{ports}/{self.protocol}"
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from l7proxy.identity import Identity
 from l7proxy.policy.engine import CompiledPolicy, Endpoint
+from l7proxy.policy.identity import Identity
 from l7proxy.policy.model import EGRESS, INGRESS
 from parsers.base import Decision
 
@@ -75,14 +75,31 @@ class ConnectionPolicy:
         each as (trace header, endpoint id, direction, peer identity)."""
         legs = []
         if self.dst.endpoint is not None:
-            legs.append((f"ingress of {self.dst.endpoint.name} from identity {self.src.identity}:", self.dst.endpoint.id, INGRESS, self.src.identity))
+            legs.append(
+                (
+                    f"ingress of {self.dst.endpoint.name} from identity {self.src.identity}:",
+                    self.dst.endpoint.id,
+                    INGRESS,
+                    self.src.identity,
+                )
+            )
         if self.src.endpoint is not None:
-            legs.append((f"egress of {self.src.endpoint.name} to identity {self.dst.identity}:", self.src.endpoint.id, EGRESS, self.dst.identity))
+            legs.append(
+                (
+                    f"egress of {self.src.endpoint.name} to identity {self.dst.identity}:",
+                    self.src.endpoint.id,
+                    EGRESS,
+                    self.dst.identity,
+                )
+            )
         return legs
 
     def _l4(self):
         policy = self.state.current
-        verdicts = [policy.port_verdict(ep, direction, peer, self.dst.port) for _, ep, direction, peer in self._legs()]
+        verdicts = [
+            policy.port_verdict(ep, direction, peer, self.dst.port)
+            for _, ep, direction, peer in self._legs()
+        ]
         denied = [v for v in verdicts if not v.allowed]
         if denied:
             return denied[0], None
@@ -97,11 +114,16 @@ class ConnectionPolicy:
             decisions = []
             for header, ep, direction, peer in self._legs():
                 trace.append(header)
-                decisions.append(policy.l7_decide(ep, direction, peer, self.dst.port, request, trace))
+                decisions.append(
+                    policy.l7_decide(ep, direction, peer, self.dst.port, request, trace)
+                )
             return _combine(decisions)
         if policy is not self._policy:
             self._policy = policy
-            self._matchers = [policy.l7_matcher(ep, direction, peer, self.dst.port) for _, ep, direction, peer in self._legs()]
+            self._matchers = [
+                policy.l7_matcher(ep, direction, peer, self.dst.port)
+                for _, ep, direction, peer in self._legs()
+            ]
         return _combine([m.decide(request) for m in self._matchers])
 
     __call__ = decide
@@ -115,4 +137,6 @@ def _combine(decisions: list[Decision]) -> Decision:
     for d in decisions:
         if not d.allowed:
             return d
-    return next((d for d in decisions if d.audit), None) or next((d for d in decisions if d.edits), decisions[0])
+    return next((d for d in decisions if d.audit), None) or next(
+        (d for d in decisions if d.edits), decisions[0]
+    )

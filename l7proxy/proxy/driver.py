@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from l7proxy.flowlog import FlowLog, now_fields, request_fields
+from l7proxy.observe.flowlog import FlowLog, now_fields, request_fields
 from l7proxy.policy.state import ConnectionPolicy
 from parsers.base import (
     Access,
@@ -59,13 +59,39 @@ class Pipe:
     """One proxied connection. Created by the client-side protocol."""
 
     __slots__ = (
-        "loop", "engine", "policy", "flowlog", "protocol", "limits", "stats",
-        "client", "server", "pending_server", "server_eof_pending", "closing",
-        "last_activity", "pending", "timer", "src_info", "dst_info", "client_paused_by_us",
-        "server_paused_by_us", "client_eof_sent", "server_eof_sent",
+        "loop",
+        "engine",
+        "policy",
+        "flowlog",
+        "protocol",
+        "limits",
+        "stats",
+        "client",
+        "server",
+        "pending_server",
+        "server_eof_pending",
+        "closing",
+        "last_activity",
+        "pending",
+        "timer",
+        "src_info",
+        "dst_info",
+        "client_paused_by_us",
+        "server_paused_by_us",
+        "client_eof_sent",
+        "server_eof_sent",
     )
 
-    def __init__(self, loop, engine, policy: ConnectionPolicy, flowlog: FlowLog, protocol: str, limits: ProxyLimits, stats: ProxyStats):
+    def __init__(
+        self,
+        loop,
+        engine,
+        policy: ConnectionPolicy,
+        flowlog: FlowLog,
+        protocol: str,
+        limits: ProxyLimits,
+        stats: ProxyStats,
+    ):
         self.loop = loop
         self.engine = engine
         self.policy = policy
@@ -105,13 +131,20 @@ class Pipe:
             kind = type(cmd)
             if kind is ToServer:
                 if self.server_eof_sent:
-                    log.debug("%s engine wrote to the server after shutting it down; dropped", self.protocol)
+                    log.debug(
+                        "%s engine wrote to the server after shutting it down; dropped",
+                        self.protocol,
+                    )
                 elif self.server is not None:
                     self.server.write(cmd.data)
                 else:
                     self.pending_server.append(cmd.data)
             elif kind is ToClient:
-                if self.client is not None and not self.client_eof_sent and not self.client.is_closing():
+                if (
+                    self.client is not None
+                    and not self.client_eof_sent
+                    and not self.client.is_closing()
+                ):
                     self.client.write(cmd.data)
             elif kind is Access:
                 self.pending[cmd.key] = (time.monotonic(), cmd.request, cmd.decision)
@@ -127,7 +160,11 @@ class Pipe:
                 else:
                     self.server_eof_pending = True
             elif kind is ShutdownClient:
-                if self.client is not None and not self.client_eof_sent and self.client.can_write_eof():
+                if (
+                    self.client is not None
+                    and not self.client_eof_sent
+                    and self.client.can_write_eof()
+                ):
                     self.client_eof_sent = True
                     self.client.write_eof()
             elif kind is ParseError:
@@ -210,10 +247,16 @@ class Pipe:
         if idle > self.limits.idle_timeout:
             self.close("idle timeout")
             return
-        if self.engine is not None and self.engine.reading_headers and idle > self.limits.header_timeout:
+        if (
+            self.engine is not None
+            and self.engine.reading_headers
+            and idle > self.limits.header_timeout
+        ):
             self.close("header read timeout")
             return
-        self.timer = self.loop.call_later(min(self.limits.header_timeout, self.limits.idle_timeout) / 2, self.check_timers)
+        self.timer = self.loop.call_later(
+            min(self.limits.header_timeout, self.limits.idle_timeout) / 2, self.check_timers
+        )
 
 
 class ClientSide(asyncio.Protocol):
@@ -292,4 +335,3 @@ class ServerSide(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.pipe.close("server closed")
-

@@ -18,10 +18,9 @@ import logging
 import socket
 from dataclasses import dataclass
 
-from l7proxy.flowlog import FlowLog, now_fields
+from l7proxy.observe.flowlog import FlowLog, now_fields
 from l7proxy.policy.engine import Endpoint
 from l7proxy.policy.state import PolicyState
-from l7proxy.protocols import engine_factory
 from l7proxy.proxy.driver import (
     WRITE_HIGH_WATER,
     WRITE_LOW_WATER,
@@ -32,6 +31,7 @@ from l7proxy.proxy.driver import (
     ServerSide,
 )
 from l7proxy.proxy.passthrough import PassthroughEngine
+from parsers.registry import engine_factory
 
 log = logging.getLogger("l7proxy.proxy")
 
@@ -72,7 +72,9 @@ class Proxy:
 
     # ------------------------------------------------------------ listeners
 
-    async def listen(self, host: str, port: int, *, transparent: bool = False, sock: socket.socket | None = None) -> socket.socket:
+    async def listen(
+        self, host: str, port: int, *, transparent: bool = False, sock: socket.socket | None = None
+    ) -> socket.socket:
         loop = asyncio.get_running_loop()
         if sock is None:
             sock = make_listener(host, port, transparent=transparent)
@@ -100,10 +102,18 @@ class Proxy:
         local = transport.get_extra_info("sockname")
         src_ip, src_port = _v4(peer[0]), peer[1]
         if self.upstream is not None:
-            dst_ip, dst_port, dst_ep = self.upstream.host, self.upstream.port, self.upstream.endpoint
+            dst_ip, dst_port, dst_ep = (
+                self.upstream.host,
+                self.upstream.port,
+                self.upstream.endpoint,
+            )
         else:
             dst_ip, dst_port, dst_ep = _v4(local[0]), local[1], None
-            if dst_port in self.listen_ports and self.state.current.endpoints_by_ip.get(dst_ip) is None and _is_local(dst_ip):
+            if (
+                dst_port in self.listen_ports
+                and self.state.current.endpoints_by_ip.get(dst_ip) is None
+                and _is_local(dst_ip)
+            ):
                 # A direct connection to the proxy port itself, not a redirected flow.
                 self.stats.connections_refused += 1
                 return None
@@ -116,7 +126,14 @@ class Proxy:
         if not policy.l4.allowed:
             self.stats.connections_refused += 1
             rec = now_fields()
-            rec.update(type="drop", protocol="tcp", source=src_info, destination=dst_info, verdict="DROPPED", reason=policy.l4.reason)
+            rec.update(
+                type="drop",
+                protocol="tcp",
+                source=src_info,
+                destination=dst_info,
+                verdict="DROPPED",
+                reason=policy.l4.reason,
+            )
             self.flowlog.emit(rec)
             return None
         parser = policy.parser
@@ -131,7 +148,9 @@ class Proxy:
         self.pipes.add(pipe)
         self.stats.connections_total += 1
         self.stats.connections_active += 1
-        pipe.timer = loop.call_later(min(self.limits.header_timeout, self.limits.idle_timeout) / 2, pipe.check_timers)
+        pipe.timer = loop.call_later(
+            min(self.limits.header_timeout, self.limits.idle_timeout) / 2, pipe.check_timers
+        )
         loop.create_task(self._connect_upstream(pipe, src_ip, dst_ip, dst_port))
         return pipe
 
@@ -178,7 +197,9 @@ class Proxy:
             raise
 
 
-def make_listener(host: str, port: int, *, transparent: bool = False, backlog: int = 1024) -> socket.socket:
+def make_listener(
+    host: str, port: int, *, transparent: bool = False, backlog: int = 1024
+) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

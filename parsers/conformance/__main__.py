@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'corpus':<16} {'impl':<7} {'cases':>5} {'pass':>5} {'fail':>5}")
     for row in report["corpora"]:
         print(
-            f"{row['corpus']:<16} {row['implementation']:<7} {row['cases']:>5} {row['passed']:>5} {row['failed']:>5}"
+            f"{row['corpus']:<16} {row['implementation']:<7} {row['cases']:>5} {row['passed']:>5} "
+            f"{row['failed']:>5}"
         )
         if args.failures:
             for case_id in row["failures"]:

@@ -13,9 +13,9 @@ import json
 import re
 
 from parsers.conformance.registry import CORPORA_DIR, Case, Corpus, Outcome, register
-from parsers.http1 import C_AVAILABLE, request_reader, response_reader
-from parsers.http1_errors import Http1Error
-from parsers.http1_reader import PAUSED, Data, End, Head
+from parsers.http1.engine import C_AVAILABLE, request_reader, response_reader
+from parsers.http1.errors import Http1Error
+from parsers.http1.reader import PAUSED, Data, End, Head
 
 IMPLEMENTATIONS = ("c", "python") if C_AVAILABLE else ("python",)
 LLHTTP = CORPORA_DIR / "http1" / "llhttp_vectors.json"

@@ -24,8 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.fuzz", description=__doc__)
     ap.add_argument("--budget", type=float, default=60, help="total seconds over all targets")
     ap.add_argument("--targets", nargs="*", default=sorted(TARGETS))
-    ap.add_argument("--artifacts", type=Path, default=Path(tempfile.gettempdir()) / "l7proxy-fuzz-artifacts")
-    ap.add_argument("--timeout", type=int, default=5, help="seconds per input before it counts as a hang")
+    ap.add_argument(
+        "--artifacts", type=Path, default=Path(tempfile.gettempdir()) / "l7proxy-fuzz-artifacts"
+    )
+    ap.add_argument(
+        "--timeout", type=int, default=5, help="seconds per input before it counts as a hang"
+    )
     ap.add_argument("--rss-limit-mb", type=int, default=1024)
     args = ap.parse_args(argv)
 

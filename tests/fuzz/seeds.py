@@ -16,7 +16,7 @@ def seeds() -> list[bytes]:
         path = CORPORA_DIR / "http1" / name
         if path.exists():
             out += [base64.b64decode(r["raw_b64"]) for r in json.loads(path.read_text())]
-    from tests.test_differential_http1 import CORPUS
+    from tests.parsers.http1.test_differential_http1 import CORPUS
 
     out += [data for _, data in CORPUS]
     # The first byte of an input chooses the split (see targets._pieces).

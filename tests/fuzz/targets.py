@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from parsers.base import Decision, ParseError
-from parsers.http1 import Http1Engine, Http1Limits, request_reader, response_reader
-from parsers.http1_errors import Http1Error
-from parsers.http1_reader import Data, End, Head
+from parsers.http1.engine import Http1Engine, Http1Limits, request_reader, response_reader
+from parsers.http1.errors import Http1Error
+from parsers.http1.reader import Data, End, Head
 
 LIMITS = Http1Limits(max_head=4096, max_chunk_line=256)
 
@@ -35,7 +35,9 @@ def _summarise(events, summary: list) -> None:
     for event in events:
         if type(event) is Head:
             h = event.head
-            summary.append(("head", h.method, h.target, h.status, h.version, tuple(h.headers), h.framing))
+            summary.append(
+                ("head", h.method, h.target, h.status, h.version, tuple(h.headers), h.framing)
+            )
         elif type(event) is Data:
             summary.append(("data", event.data))
         elif type(event) is End:
@@ -61,15 +63,21 @@ def readers(data: bytes) -> None:
         c_split = _read(kind, "c", pieces)
         py_split = _read(kind, "python", pieces)
         if c_split != py_split:
-            raise AssertionError(f"C and Python parsers disagree on {kind} {body!r}: {c_split!r} != {py_split!r}")
+            raise AssertionError(
+                f"C and Python parsers disagree on {kind} {body!r}: {c_split!r} != {py_split!r}"
+            )
         whole = _read(kind, "python", [body])
         if whole != py_split:
-            raise AssertionError(f"split changes the {kind} reading of {body!r}: {whole!r} != {py_split!r}")
+            raise AssertionError(
+                f"split changes the {kind} reading of {body!r}: {whole!r} != {py_split!r}"
+            )
 
 
 def _engine(impl: str, data: bytes) -> None:
     deny_every_other = iter([True, False] * len(data))
-    engine = Http1Engine(lambda _req: Decision(next(deny_every_other, True)), parser=impl, limits=LIMITS)
+    engine = Http1Engine(
+        lambda _req: Decision(next(deny_every_other, True)), parser=impl, limits=LIMITS
+    )
     # Client bytes and server bytes from the same input, alternating.
     half = len(data) // 2
     client, server = data[:half], data[half:]

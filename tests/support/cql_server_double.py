@@ -55,7 +55,7 @@ from cassandra.protocol import (
 )
 from cassandra.segment import SegmentCodec
 
-from parsers.cql_lexer import NUMBER, PUNCT, QUOTED, STRING, WORD, Token, tokenize
+from parsers.cql.lexer import NUMBER, PUNCT, QUOTED, STRING, WORD, Token, tokenize
 
 HEADER = struct.Struct(">BBhBI")
 
@@ -199,7 +199,10 @@ class _Parser:
         if self.punct("."):
             return first, self.ident()
         if not self.keyspace:
-            raise invalid("No keyspace has been specified. USE a keyspace, or explicitly specify keyspace.tablename")
+            raise invalid(
+                "No keyspace has been specified. USE a keyspace, or explicitly specify "
+                "keyspace.tablename"
+            )
         return self.keyspace, first
 
     def done(self) -> None:
@@ -299,7 +302,14 @@ def _select(p: _Parser) -> Plan:
                 break
     p.expect("from")
     ks, name = p.qualified()
-    if ks in ("system", "system_schema", "system_virtual_schema", "system_distributed", "system_auth", "system_traces"):
+    if ks in (
+        "system",
+        "system_schema",
+        "system_virtual_schema",
+        "system_distributed",
+        "system_auth",
+        "system_traces",
+    ):
         return _select_system(p, ks, name, selectors)
     table = p.store.table(ks, name)
     conds = p.where(table)
@@ -319,27 +329,47 @@ def _select(p: _Parser) -> Plan:
                 row = table.rows.get(tuple(want[k] for k in table.key))
                 rows = [row] if row is not None else []
             else:
-                rows = [r for r in table.rows.values() if all(r.get(c) == v for c, v in want.items())]
+                rows = [
+                    r for r in table.rows.values() if all(r.get(c) == v for c, v in want.items())
+                ]
         if count:
             return Result("rows", columns, [[len(rows)]], table=f"{ks}.{name}")
         if limit is not None:
             rows = rows[:limit]
-        return Result("rows", columns, [[r.get(c) for c, _ in columns] for r in rows], keyspace=ks, table=name)
+        return Result(
+            "rows", columns, [[r.get(c) for c, _ in columns] for r in rows], keyspace=ks, table=name
+        )
 
     return Plan("select", table, p.binds, columns, run)
 
 
 _LOCAL_COLUMNS = [
-    ("key", "text"), ("bootstrapped", "text"), ("broadcast_address", "inet"),
-    ("cluster_name", "text"), ("cql_version", "text"), ("data_center", "text"),
-    ("host_id", "uuid"), ("listen_address", "inet"), ("native_protocol_version", "text"),
-    ("partitioner", "text"), ("rack", "text"), ("release_version", "text"),
-    ("rpc_address", "inet"), ("schema_version", "uuid"), ("tokens", SET_TEXT),
+    ("key", "text"),
+    ("bootstrapped", "text"),
+    ("broadcast_address", "inet"),
+    ("cluster_name", "text"),
+    ("cql_version", "text"),
+    ("data_center", "text"),
+    ("host_id", "uuid"),
+    ("listen_address", "inet"),
+    ("native_protocol_version", "text"),
+    ("partitioner", "text"),
+    ("rack", "text"),
+    ("release_version", "text"),
+    ("rpc_address", "inet"),
+    ("schema_version", "uuid"),
+    ("tokens", SET_TEXT),
 ]
 _PEERS_COLUMNS = [
-    ("peer", "inet"), ("data_center", "text"), ("host_id", "uuid"), ("preferred_ip", "inet"),
-    ("rack", "text"), ("release_version", "text"), ("rpc_address", "inet"),
-    ("schema_version", "uuid"), ("tokens", SET_TEXT),
+    ("peer", "inet"),
+    ("data_center", "text"),
+    ("host_id", "uuid"),
+    ("preferred_ip", "inet"),
+    ("rack", "text"),
+    ("release_version", "text"),
+    ("rpc_address", "inet"),
+    ("schema_version", "uuid"),
+    ("tokens", SET_TEXT),
 ]
 
 
@@ -349,12 +379,21 @@ def _select_system(p: _Parser, ks: str, name: str, selectors: list[str] | None) 
     store = p.store
     if (ks, name) == ("system", "local"):
         row = {
-            "key": "local", "bootstrapped": "COMPLETED", "broadcast_address": "127.0.0.1",
-            "cluster_name": "cql-double", "cql_version": "3.4.5", "data_center": "dc1",
-            "host_id": store.host_id, "listen_address": "127.0.0.1", "native_protocol_version": "5",
-            "partitioner": "org.apache.cassandra.dht.Murmur3Partitioner", "rack": "rack1",
-            "release_version": "4.0.11", "rpc_address": "127.0.0.1",
-            "schema_version": store.schema_version, "tokens": {"0"},
+            "key": "local",
+            "bootstrapped": "COMPLETED",
+            "broadcast_address": "127.0.0.1",
+            "cluster_name": "cql-double",
+            "cql_version": "3.4.5",
+            "data_center": "dc1",
+            "host_id": store.host_id,
+            "listen_address": "127.0.0.1",
+            "native_protocol_version": "5",
+            "partitioner": "org.apache.cassandra.dht.Murmur3Partitioner",
+            "rack": "rack1",
+            "release_version": "4.0.11",
+            "rpc_address": "127.0.0.1",
+            "schema_version": store.schema_version,
+            "tokens": {"0"},
         }
         all_columns, rows = _LOCAL_COLUMNS, [row]
     elif (ks, name) in (("system", "peers"), ("system", "peers_v2")):
@@ -370,7 +409,9 @@ def _select_system(p: _Parser, ks: str, name: str, selectors: list[str] | None) 
         columns = [(c, known.get(c, "text")) for c in selectors]
 
     def run(values):
-        return Result("rows", columns, [[r.get(c) for c, _ in columns] for r in rows], keyspace=ks, table=name)
+        return Result(
+            "rows", columns, [[r.get(c) for c, _ in columns] for r in rows], keyspace=ks, table=name
+        )
 
     return Plan("select", None, [], columns, run)
 
@@ -609,8 +650,15 @@ def _drop(p: _Parser) -> Plan:
 
 
 _STATEMENTS = {
-    "select": _select, "insert": _insert, "update": _update, "delete": _delete,
-    "use": _use, "truncate": _truncate, "create": _create, "alter": _alter, "drop": _drop,
+    "select": _select,
+    "insert": _insert,
+    "update": _update,
+    "delete": _delete,
+    "use": _use,
+    "truncate": _truncate,
+    "create": _create,
+    "alter": _alter,
+    "drop": _drop,
 }
 
 
@@ -645,8 +693,14 @@ def _deserialize(typ: str, raw: bytes | None, version: int):
     return TYPES[typ][1].deserialize(raw, version)
 
 
-def _metadata(buf: io.BytesIO, columns, ks: str, table: str, paging_state: bytes | None = None,
-              pk_indexes: list[int] | None = None) -> None:
+def _metadata(
+    buf: io.BytesIO,
+    columns,
+    ks: str,
+    table: str,
+    paging_state: bytes | None = None,
+    pk_indexes: list[int] | None = None,
+) -> None:
     flags = 0x0001 | (0x0002 if paging_state is not None else 0)
     write_int(buf, flags)
     write_int(buf, len(columns))
@@ -707,11 +761,13 @@ class _Connection:
             length = struct.unpack_from(">I", self.envelopes, 5)[0]
             if len(self.envelopes) < 9 + length:
                 break
-            header, body = bytes(self.envelopes[:9]), bytes(self.envelopes[9:9 + length])
-            del self.envelopes[:9 + length]
+            header, body = bytes(self.envelopes[:9]), bytes(self.envelopes[9 : 9 + length])
+            del self.envelopes[: 9 + length]
             await self.handle(header, body)
 
-    async def send(self, version: int, stream: int, opcode: int, body: bytes, flags: int = 0) -> None:
+    async def send(
+        self, version: int, stream: int, opcode: int, body: bytes, flags: int = 0
+    ) -> None:
         if self.frame_compression is not None and body and self.segments is None:
             body = self.frame_compression[0](body)
             flags |= 0x01
@@ -723,7 +779,9 @@ class _Connection:
         self.writer.write(envelope)
         await self.writer.drain()
 
-    async def error(self, version: int, stream: int, code: int, message: str, extra: bytes = b"") -> None:
+    async def error(
+        self, version: int, stream: int, code: int, message: str, extra: bytes = b""
+    ) -> None:
         buf = io.BytesIO()
         write_int(buf, code)
         write_string(buf, message)
@@ -735,9 +793,13 @@ class _Connection:
         version = vbyte & 0x7F
         if version > self.double.max_version or version < 3:
             # What Cassandra answers, so that drivers downgrade.
-            await self.error(self.double.max_version, stream, 0x000A,
-                             f"Invalid or unsupported protocol version ({version}); "
-                             f"highest supported version is {self.double.max_version}")
+            await self.error(
+                self.double.max_version,
+                stream,
+                0x000A,
+                f"Invalid or unsupported protocol version ({version}); "
+                f"highest supported version is {self.double.max_version}",
+            )
             return
         self.version = version
         if flags & 0x01 and version < 5:
@@ -757,21 +819,34 @@ class _Connection:
         if opcode == 0x05:  # OPTIONS
             double.seen.append(Seen(opcode, stream, version))
             buf = io.BytesIO()
-            write_stringmultimap(buf, {
-                "CQL_VERSION": ["3.4.5"], "COMPRESSION": ["lz4", "snappy"],
-                "PROTOCOL_VERSIONS": [f"{v}/v{v}" for v in range(3, double.max_version + 1)],
-            })
+            write_stringmultimap(
+                buf,
+                {
+                    "CQL_VERSION": ["3.4.5"],
+                    "COMPRESSION": ["lz4", "snappy"],
+                    "PROTOCOL_VERSIONS": [f"{v}/v{v}" for v in range(3, double.max_version + 1)],
+                },
+            )
             await self.send(version, stream, 0x06, buf.getvalue())
         elif opcode == 0x01:  # STARTUP
             options = read_stringmap(f)
             double.seen.append(Seen(opcode, stream, version, str(options)))
             compression = options.get("COMPRESSION", "").lower()
             if double.credentials is not None:
-                await self.send(version, stream, 0x03, _strings("org.apache.cassandra.auth.PasswordAuthenticator"))
+                await self.send(
+                    version,
+                    stream,
+                    0x03,
+                    _strings("org.apache.cassandra.auth.PasswordAuthenticator"),
+                )
             else:
                 await self.send(version, stream, 0x02, b"")
             if version >= 5:
-                self.segments = SegmentCodec(lz4_compress, lz4_decompress) if compression == "lz4" else SegmentCodec()
+                self.segments = (
+                    SegmentCodec(lz4_compress, lz4_decompress)
+                    if compression == "lz4"
+                    else SegmentCodec()
+                )
             elif compression:
                 self.frame_compression = _FRAME_CODECS[compression]
         elif opcode == 0x0F:  # AUTH_RESPONSE
@@ -792,7 +867,10 @@ class _Connection:
             params = _read_params(f, version)
             keyspace = params.get("keyspace") or self.keyspace
             p = plan(text, keyspace, double.store)
-            values = [_deserialize(t, v, version) for (_, t), v in zip(p.bind_types, params["values"], strict=False)]
+            values = [
+                _deserialize(t, v, version)
+                for (_, t), v in zip(p.bind_types, params["values"], strict=False)
+            ]
             await self.result(version, stream, p, values, params)
         elif opcode == 0x09:  # PREPARE
             text = read_longstring(f)
@@ -811,10 +889,17 @@ class _Connection:
             known = double.prepared.get(prepared_id)
             double.seen.append(Seen(opcode, stream, version, known[0] if known else ""))
             if known is None or prepared_id in double.forgotten:
-                raise CqlFailure(0x2500, "Prepared query with ID not found", struct.pack(">H", len(prepared_id)) + prepared_id)
+                raise CqlFailure(
+                    0x2500,
+                    "Prepared query with ID not found",
+                    struct.pack(">H", len(prepared_id)) + prepared_id,
+                )
             p = plan(known[0], known[1], double.store)
             params = _read_params(f, version)
-            values = [_deserialize(t, v, version) for (_, t), v in zip(p.bind_types, params["values"], strict=False)]
+            values = [
+                _deserialize(t, v, version)
+                for (_, t), v in zip(p.bind_types, params["values"], strict=False)
+            ]
             await self.result(version, stream, p, values, params)
         elif opcode == 0x0D:  # BATCH
             await self.batch(version, stream, f)
@@ -832,8 +917,11 @@ class _Connection:
             else:
                 prepared_id = read_binary_string(f)
                 if prepared_id not in double.prepared:
-                    raise CqlFailure(0x2500, "Prepared query with ID not found",
-                                     struct.pack(">H", len(prepared_id)) + prepared_id)
+                    raise CqlFailure(
+                        0x2500,
+                        "Prepared query with ID not found",
+                        struct.pack(">H", len(prepared_id)) + prepared_id,
+                    )
                 text, keyspace = double.prepared[prepared_id]
             raw_values = [read_value(f) for _ in range(read_short(f))]
             members.append((text, keyspace, raw_values))
@@ -843,7 +931,15 @@ class _Connection:
             p = plan(text, keyspace if keyspace is not None else self.keyspace, double.store)
             if p.kind not in ("insert", "update", "delete"):
                 raise invalid("Only INSERT, UPDATE and DELETE statements are allowed in a BATCH")
-            plans.append((p, [_deserialize(t, v, version) for (_, t), v in zip(p.bind_types, raw_values, strict=False)]))
+            plans.append(
+                (
+                    p,
+                    [
+                        _deserialize(t, v, version)
+                        for (_, t), v in zip(p.bind_types, raw_values, strict=False)
+                    ],
+                )
+            )
         for p, values in plans:
             p.run(values)
         await self.send(version, stream, 0x08, struct.pack(">i", 1))
@@ -869,7 +965,7 @@ class _Connection:
             rows = res.rows
             start = int(params["paging_state"]) if params.get("paging_state") else 0
             size = params.get("page_size") or len(rows) or 1
-            page = rows[start:start + size]
+            page = rows[start : start + size]
             more = str(start + size).encode() if start + size < len(rows) else None
             write_int(buf, 2)
             _metadata(buf, res.columns, res.keyspace, res.table, paging_state=more)
@@ -888,10 +984,22 @@ class _Connection:
             write_short(buf, 16)
             buf.write(hashlib.md5(repr(p.result_columns).encode()).digest())
         table = p.table
-        pk = [i for i, (c, _) in enumerate(p.bind_types) if table and c in table.key] if version >= 4 else None
-        _metadata(buf, p.bind_types, table.keyspace if table else "", table.name if table else "", pk_indexes=pk)
+        pk = (
+            [i for i, (c, _) in enumerate(p.bind_types) if table and c in table.key]
+            if version >= 4
+            else None
+        )
+        _metadata(
+            buf,
+            p.bind_types,
+            table.keyspace if table else "",
+            table.name if table else "",
+            pk_indexes=pk,
+        )
         if p.result_columns:
-            _metadata(buf, p.result_columns, table.keyspace if table else "", table.name if table else "")
+            _metadata(
+                buf, p.result_columns, table.keyspace if table else "", table.name if table else ""
+            )
         else:
             write_int(buf, 0x0004)
             write_int(buf, 0)
@@ -979,6 +1087,7 @@ def running_cql_double(max_version: int = 5, credentials: tuple[str, str] | None
     try:
         yield double
     finally:
+
         async def stop():
             double._server.close()
             for task in asyncio.all_tasks():

@@ -24,7 +24,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class RunningFirewall:
-    def __init__(self, proc: subprocess.Popen, host: str, port: int, flowlog: Path, policy: Path, workdir: Path):
+    def __init__(
+        self,
+        proc: subprocess.Popen,
+        host: str,
+        port: int,
+        flowlog: Path,
+        policy: Path,
+        workdir: Path,
+    ):
         self.proc = proc
         self.host = host
         self.port = port
@@ -60,24 +68,41 @@ class RunningFirewall:
 
 
 @contextmanager
-def running_firewall(policy_yaml: str, upstream: tuple[str, int], labels: dict[str, str], *, extra_args: list[str] = (), listen_host: str = "127.0.0.1"):
+def running_firewall(
+    policy_yaml: str,
+    upstream: tuple[str, int],
+    labels: dict[str, str],
+    *,
+    extra_args: list[str] = (),
+    listen_host: str = "127.0.0.1",
+):
     workdir = Path(tempfile.mkdtemp(prefix="l7fw-"))
     policy = workdir / "policy.yaml"
     policy.write_text(policy_yaml)
     flowlog = workdir / "flows.jsonl"
     stderr = workdir / "stderr.log"
     argv = [
-        sys.executable, "-m", "l7proxy", "firewall",
-        "--listen", f"{listen_host}:0",
-        "--upstream", f"{upstream[0]}:{upstream[1]}",
-        "--labels", ",".join(f"{k}={v}" for k, v in labels.items()),
-        "--policy", str(policy),
-        "--flowlog", str(flowlog),
+        sys.executable,
+        "-m",
+        "l7proxy",
+        "firewall",
+        "--listen",
+        f"{listen_host}:0",
+        "--upstream",
+        f"{upstream[0]}:{upstream[1]}",
+        "--labels",
+        ",".join(f"{k}={v}" for k, v in labels.items()),
+        "--policy",
+        str(policy),
+        "--flowlog",
+        str(flowlog),
         *extra_args,
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(stderr, "w") as err:
-        proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=err, env=env, text=True)
+        proc = subprocess.Popen(
+            argv, cwd=REPO, stdout=subprocess.PIPE, stderr=err, env=env, text=True
+        )
     try:
         try:
             line = _read_ready_line(proc, timeout=20)

@@ -52,11 +52,22 @@ def _compile() -> None:
         import grpc_tools
 
         well_known = Path(grpc_tools.__file__).parent / "_proto"
-        args = ["protoc", f"-I{staging / 'include'}", f"-I{well_known}", f"--python_out={out}", f"--grpc_python_out={out}"]
+        args = [
+            "protoc",
+            f"-I{staging / 'include'}",
+            f"-I{well_known}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+        ]
         args += [f"src/proto/grpc/testing/{name}" for name in PROTOS]
         if protoc.main(args) != 0:
             raise RuntimeError("grpc_tools.protoc failed on the interop protos")
-        for pkg in (out / "src", out / "src" / "proto", out / "src" / "proto" / "grpc", out / "src" / "proto" / "grpc" / "testing"):
+        for pkg in (
+            out / "src",
+            out / "src" / "proto",
+            out / "src" / "proto" / "grpc",
+            out / "src" / "proto" / "grpc" / "testing",
+        ):
             (pkg / "__init__.py").touch()
         try:
             os.rename(out, GEN)
@@ -79,7 +90,12 @@ def interop() -> SimpleNamespace:
     if str(GEN) not in sys.path:
         sys.path.insert(0, str(GEN))
     base = "src.proto.grpc.testing."
-    _cached = SimpleNamespace(**{name: importlib.import_module(base + name) for name in ("empty_pb2", "messages_pb2", "test_pb2", "test_pb2_grpc")})
+    _cached = SimpleNamespace(
+        **{
+            name: importlib.import_module(base + name)
+            for name in ("empty_pb2", "messages_pb2", "test_pb2", "test_pb2_grpc")
+        }
+    )
     return _cached
 
 
@@ -104,7 +120,10 @@ def servicer_class(pb: SimpleNamespace):
 
     def apply_status(request, context) -> None:
         if request.HasField("response_status") and request.response_status.code != 0:
-            context.abort(grpc.StatusCode(_status_tuple(request.response_status.code)), request.response_status.message)
+            context.abort(
+                grpc.StatusCode(_status_tuple(request.response_status.code)),
+                request.response_status.message,
+            )
 
     def _status_tuple(code: int):
         for status in grpc.StatusCode:
@@ -161,7 +180,10 @@ def servicer_class(pb: SimpleNamespace):
 RUNNING_SERVERS: dict = {}
 
 MAX_MESSAGE = 64 * 1024 * 1024
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+]
 
 
 @contextmanager

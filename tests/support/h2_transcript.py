@@ -18,7 +18,7 @@ from h2.events import DataReceived
 from h2.settings import Settings
 
 from parsers.base import ToClient, ToServer
-from parsers.h2_conn import RelayConnection
+from parsers.http2.conn import RelayConnection
 
 Split = Callable[[bytes], list[bytes]]
 
@@ -81,7 +81,9 @@ class Transcript:
         self.client_reads = True
         self.server_unacked: list[tuple[int, int]] = []
 
-    def start(self, server_settings: dict | None = None, client_settings: dict | None = None) -> Transcript:
+    def start(
+        self, server_settings: dict | None = None, client_settings: dict | None = None
+    ) -> Transcript:
         if client_settings:
             self.client.update_settings(client_settings)
         self.client.initiate_connection()
@@ -150,13 +152,19 @@ class Transcript:
         self.server_unacked.clear()
         self.pump()
 
-    def send_body(self, conn: H2Connection, stream_id: int, body: bytes, end_stream: bool = False) -> None:
+    def send_body(
+        self, conn: H2Connection, stream_id: int, body: bytes, end_stream: bool = False
+    ) -> None:
         """Send as a real peer would: frame-sized pieces, waiting (pumping) for window."""
         pos = 0
         for _ in range(10_000):
             if pos >= len(body):
                 break
-            step = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size, len(body) - pos)
+            step = min(
+                conn.local_flow_control_window(stream_id),
+                conn.max_outbound_frame_size,
+                len(body) - pos,
+            )
             if step == 0:
                 self.pump()
                 continue
@@ -171,15 +179,23 @@ class Transcript:
     # ---------------------------------------------------------------- queries
 
     def of(self, kind, side: str = "commands") -> list:
-        source = {"commands": self.commands, "client": self.client_events, "server": self.server_events}[side]
+        source = {
+            "commands": self.commands,
+            "client": self.client_events,
+            "server": self.server_events,
+        }[side]
         return [x for x in source if isinstance(x, kind)]
 
     def body(self, side: str, stream_id: int) -> bytes:
         events = self.client_events if side == "client" else self.server_events
-        return b"".join(e.data for e in events if type(e) is DataReceived and e.stream_id == stream_id)
+        return b"".join(
+            e.data for e in events if type(e) is DataReceived and e.stream_id == stream_id
+        )
 
 
-def request_headers(path: str = "/", method: str = "GET", authority: str = "example.test", extra=()) -> list:
+def request_headers(
+    path: str = "/", method: str = "GET", authority: str = "example.test", extra=()
+) -> list:
     return [
         (b":method", method.encode()),
         (b":scheme", b"http"),

@@ -48,19 +48,29 @@ class _Handler(socketserver.BaseRequestHandler):
         else:
             request_head, _, leftover = head.partition(b"\r\n\r\n")
             lines = request_head.split(b"\r\n")
-            fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
+            fields = {
+                k.strip().lower(): v.strip()
+                for k, _, v in (line.partition(b":") for line in lines[1:])
+            }
             if fields.get(b"upgrade", b"").lower() != b"h2c" or b"http2-settings" not in fields:
-                sock.sendall(b"HTTP/1.1 505 HTTP Version Not Supported\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                sock.sendall(
+                    b"HTTP/1.1 505 HTTP Version Not Supported\r\ncontent-length: 0\r\nconnection: "
+                    b"close\r\n\r\n"
+                )
                 return
             path = lines[0].split(b" ")[1]
-            sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+            sock.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+            )
             conn.initiate_upgrade_connection(fields[b"http2-settings"])
             self._respond(conn, 1, path)
         self._serve(sock, conn, leftover)
 
     def _respond(self, conn: H2Connection, stream_id: int, path: bytes) -> None:
         body = body_for(path)
-        conn.send_headers(stream_id, [(b":status", b"200"), (b"content-length", str(len(body)).encode())])
+        conn.send_headers(
+            stream_id, [(b":status", b"200"), (b"content-length", str(len(body)).encode())]
+        )
         conn.send_data(stream_id, body, end_stream=True)
 
     def _serve(self, sock: socket.socket, conn: H2Connection, data: bytes) -> None:
@@ -70,7 +80,9 @@ class _Handler(socketserver.BaseRequestHandler):
                     if isinstance(event, ev.RequestReceived):
                         self._respond(conn, event.stream_id, dict(event.headers)[b":path"])
                     elif isinstance(event, ev.DataReceived):
-                        conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                        conn.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
                     elif isinstance(event, ev.ConnectionTerminated):
                         sock.sendall(conn.data_to_send())
                         return
@@ -93,7 +105,9 @@ class _Server(socketserver.ThreadingTCPServer):
 @contextmanager
 def h2c_server():
     server = _Server(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     try:
         yield server.server_address[1]

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def require_kernel() -> None:
-    from l7proxy.datapath import kernel_support
+    from l7proxy.datapath.loader import kernel_support
 
     problem = kernel_support()
     if problem:
@@ -48,7 +48,7 @@ class CurlResult:
 
 class Node:
     def __init__(self, root: Path):
-        from l7proxy.store import Store
+        from l7proxy.node.store import Store
 
         self.root = root
         self.store = Store(root / "state")
@@ -57,10 +57,14 @@ class Node:
 
     # ------------------------------------------------------------ processes
 
-    def spawn(self, argv: list[str], ready: str | None, name: str, timeout: float = 30) -> subprocess.Popen:
+    def spawn(
+        self, argv: list[str], ready: str | None, name: str, timeout: float = 30
+    ) -> subprocess.Popen:
         log = self.root / f"{name}.log"
         with open(log, "w") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+            proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+            )
         self.procs.append(proc)
         if ready is None:
             return proc
@@ -74,7 +78,11 @@ class Node:
         raise RuntimeError(f"{name} not ready in {timeout}s:\n{log.read_text()}")
 
     def start_agent(self, *extra: str) -> subprocess.Popen:
-        self.agent = self.spawn([sys.executable, "-m", "l7proxy", "--state-dir", str(self.store.root), "run", *extra], "agent running", "agent")
+        self.agent = self.spawn(
+            [sys.executable, "-m", "l7proxy", "--state-dir", str(self.store.root), "run", *extra],
+            "agent running",
+            "agent",
+        )
         self.wait_status(lambda s: s is not None)
         return self.agent
 
@@ -84,7 +92,12 @@ class Node:
         return proc.wait(timeout=20)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        run = subprocess.run([sys.executable, "-m", "l7proxy", "--state-dir", str(self.store.root), *args], capture_output=True, text=True, cwd=REPO)
+        run = subprocess.run(
+            [sys.executable, "-m", "l7proxy", "--state-dir", str(self.store.root), *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
         if check and run.returncode != 0:
             raise AssertionError(f"l7proxy {' '.join(args)} failed: {run.stderr}")
         return run
@@ -99,13 +112,49 @@ class Node:
 
     def serve_http(self, name: str, port: int = 80) -> None:
         ns = self.endpoint(name).netns
-        self.spawn(["ip", "netns", "exec", ns, sys.executable, "-m", "l7proxy.demo.deathstar", "--port", str(port)], "deathstar ready", f"http-{name}")
+        self.spawn(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                sys.executable,
+                "-m",
+                "l7proxy.demo.deathstar",
+                "--port",
+                str(port),
+            ],
+            "deathstar ready",
+            f"http-{name}",
+        )
 
-    def run_in(self, name: str, argv: list[str], timeout: float = 30, input: str | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "netns", "exec", self.endpoint(name).netns, *argv], capture_output=True, text=True, timeout=timeout, input=input)
+    def run_in(
+        self, name: str, argv: list[str], timeout: float = 30, input: str | None = None
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["ip", "netns", "exec", self.endpoint(name).netns, *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+        )
 
-    def curl(self, src: str, method: str, dst: str, path: str, port: int = 80, timeout: float = 2.0) -> CurlResult:
-        run = self.run_in(src, ["curl", "-s", "-m", str(timeout), "-w", "\n%{http_code}", f"-X{method}", f"http://{self.ip(dst)}:{port}{path}"])
+    def curl(
+        self, src: str, method: str, dst: str, path: str, port: int = 80, timeout: float = 2.0
+    ) -> CurlResult:
+        run = self.run_in(
+            src,
+            [
+                "curl",
+                "-s",
+                "-m",
+                str(timeout),
+                "-w",
+                "\n%{http_code}",
+                f"-X{method}",
+                f"http://{self.ip(dst)}:{port}{path}",
+            ],
+        )
         body, _, code = run.stdout.rpartition("\n")
         status = int(code) if code.isdigit() and code != "000" else None
         return CurlResult(status, body.strip(), run.returncode)
@@ -117,10 +166,12 @@ class Node:
         path.write_text(text)
         before = self.status()["policy_revision"]
         self.cli("policy", "import", "--replace", str(path))
-        self.wait_status(lambda s: s and s["policy_revision"] > before, what="policy to take effect")
+        self.wait_status(
+            lambda s: s and s["policy_revision"] > before, what="policy to take effect"
+        )
 
     def status(self) -> dict | None:
-        from l7proxy.agent_cli import read_status
+        from l7proxy.agent.status import read_status
 
         return read_status(self.store)
 
@@ -143,7 +194,11 @@ class Node:
         deadline = time.monotonic() + timeout
         while True:
             path = self.store.flowlog
-            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+            records = (
+                [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                if path.exists()
+                else []
+            )
             if wait_for is None or any(wait_for(r) for r in records) or time.monotonic() > deadline:
                 return records
             time.sleep(0.1)
@@ -151,8 +206,8 @@ class Node:
     # ------------------------------------------------------------ teardown
 
     def teardown(self) -> None:
-        from l7proxy import netns
-        from l7proxy.endpoints import delete_all
+        from l7proxy.node import netns
+        from l7proxy.node.endpoints import delete_all
 
         for proc in reversed(self.procs):
             if proc.poll() is None:
@@ -166,12 +221,14 @@ class Node:
             state = self.store.read()
             delete_all(self.store)
             netns.remove_proxy_routing(state.redirect_mark, state.route_table)
-            shutil.rmtree(f"/sys/fs/bpf/l7proxy-{state.instance}", ignore_errors=True)  # pinned maps a killed agent left
+            shutil.rmtree(
+                f"/sys/fs/bpf/l7proxy-{state.instance}", ignore_errors=True
+            )  # pinned maps a killed agent left
 
 
 @contextmanager
 def running_node(endpoints: dict[str, dict[str, str]], *, start_agent: bool = True):
-    from l7proxy.endpoints import add_endpoint
+    from l7proxy.node.endpoints import add_endpoint
 
     require_kernel()
     root = Path(tempfile.mkdtemp(prefix="l7node-"))

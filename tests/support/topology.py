@@ -36,7 +36,7 @@ SOL_IP = 0
 
 
 def skip_reason() -> str | None:
-    from l7proxy.datapath import kernel_support
+    from l7proxy.datapath.loader import kernel_support
 
     return kernel_support()
 
@@ -49,6 +49,7 @@ def require_kernel() -> None:
 
 # --- stale leftovers -----------------------------------------------------
 
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -59,7 +60,7 @@ def _alive(pid: int) -> bool:
 
 def sweep_stale() -> list[str]:
     """Remove resources of earlier runs whose owner process is gone."""
-    from l7proxy import netns
+    from l7proxy.node import netns
 
     removed = []
     MARKER_DIR.mkdir(parents=True, exist_ok=True)
@@ -91,8 +92,11 @@ def sweep_stale() -> list[str]:
     namespaces = set(netns.list_namespaces("l7t-"))
     for name, _ in netns.list_links("l7t"):
         m = _LINK_RE.match(name)
-        if m and m.group(1) not in live_tags and not any(
-                n.startswith(f"l7t-{m.group(1)}-") for n in namespaces):
+        if (
+            m
+            and m.group(1) not in live_tags
+            and not any(n.startswith(f"l7t-{m.group(1)}-") for n in namespaces)
+        ):
             netns.delete_link(name)
             removed.append(name)
     for tag, meta in stale.items():
@@ -104,6 +108,7 @@ def sweep_stale() -> list[str]:
 
 
 # --- the topology -------------------------------------------------------------
+
 
 @dataclass
 class Endpoint:
@@ -130,13 +135,19 @@ class Topology:
     def __getitem__(self, name: str) -> Endpoint:
         return self.endpoints[name]
 
-    def info(self, name: str, *, ingress: bool = False, egress: bool = False,
-             audit: bool = False):
-        from l7proxy.datapath import EndpointInfo
+    def info(self, name: str, *, ingress: bool = False, egress: bool = False, audit: bool = False):
+        from l7proxy.datapath.loader import EndpointInfo
 
         ep = self.endpoints[name]
-        return EndpointInfo(ep.endpoint_id, ep.ifindex, ep.ip, ep.identity,
-                            ingress_enforced=ingress, egress_enforced=egress, audit=audit)
+        return EndpointInfo(
+            ep.endpoint_id,
+            ep.ifindex,
+            ep.ip,
+            ep.identity,
+            ingress_enforced=ingress,
+            egress_enforced=egress,
+            audit=audit,
+        )
 
     def attach(self, name: str, **flags) -> None:
         self.dp.attach(self.info(name, **flags))
@@ -146,7 +157,7 @@ class Topology:
             self.attach(name, **flags)
 
     def socket_in(self, name: str, type: int = socket.SOCK_STREAM) -> socket.socket:
-        from l7proxy import netns
+        from l7proxy.node import netns
 
         s = netns.open_socket_in_netns(self.endpoints[name].ns, socket.AF_INET, type)
         self._closers.append(s.close)
@@ -223,7 +234,7 @@ class EchoServer:
 
 def free_test_network() -> IPv4Network:
     """A random 10.X.Y.0/24 overlapping no route or address on this machine."""
-    from l7proxy import netns
+    from l7proxy.node import netns
 
     for _ in range(200):
         net = IPv4Network(f"10.{random.randint(1, 254)}.{random.randint(0, 255)}.0/24")
@@ -233,7 +244,7 @@ def free_test_network() -> IPv4Network:
 
 
 def _free_table() -> int:
-    from l7proxy import netns
+    from l7proxy.node import netns
 
     used = {t for _, t in netns.list_rules_by_table(range(20000, 30000))}
     for _ in range(100):
@@ -244,10 +255,11 @@ def _free_table() -> int:
 
 
 @contextlib.contextmanager
-def topology(names: Sequence[str], *, load: bool = True,
-             routing: bool = True) -> Iterator[Topology]:
-    from l7proxy import netns
-    from l7proxy.datapath import Datapath
+def topology(
+    names: Sequence[str], *, load: bool = True, routing: bool = True
+) -> Iterator[Topology]:
+    from l7proxy.datapath.loader import Datapath
+    from l7proxy.node import netns
 
     if load:
         require_kernel()
@@ -260,8 +272,11 @@ def topology(names: Sequence[str], *, load: bool = True,
     table = _free_table()
     MARKER_DIR.mkdir(parents=True, exist_ok=True)
     marker = MARKER_DIR / f"{tag}.json"
-    marker.write_text(json.dumps({"pid": os.getpid(), "mark": redirect_mark, "table": table,
-                                  "started": time.time()}))
+    marker.write_text(
+        json.dumps(
+            {"pid": os.getpid(), "mark": redirect_mark, "table": table, "started": time.time()}
+        )
+    )
     topo = Topology(tag, free_test_network(), proxy_mark, redirect_mark, table, {})
     created: list[Endpoint] = []
     try:
@@ -271,15 +286,17 @@ def topology(names: Sequence[str], *, load: bool = True,
             ip = next(hosts)
             ns, ifname = f"l7t-{tag}-{name}", f"l7t{tag}{i}"
             link = netns.create_endpoint(ns, ifname, ip)
-            ep = Endpoint(name, ns, ifname, link.host_ifindex, ip, endpoint_id=100 + i,
-                          identity=1000 + i)
+            ep = Endpoint(
+                name, ns, ifname, link.host_ifindex, ip, endpoint_id=100 + i, identity=1000 + i
+            )
             created.append(ep)
             topo.endpoints[name] = ep
         if routing:
             netns.install_proxy_routing(redirect_mark, table)
         if load:
-            topo.dp = Datapath(proxy_mark=proxy_mark, redirect_mark=redirect_mark,
-                               instance=f"t{tag}")
+            topo.dp = Datapath(
+                proxy_mark=proxy_mark, redirect_mark=redirect_mark, instance=f"t{tag}"
+            )
             topo.dp.load()
         yield topo
     finally:
@@ -305,8 +322,9 @@ def transparent_listener(ip: str = "127.0.0.1") -> socket.socket:
     return s
 
 
-def transparent_upstream(client_ip, server_ip, server_port: int, mark: int,
-                         timeout: float = 2.0) -> socket.socket:
+def transparent_upstream(
+    client_ip, server_ip, server_port: int, mark: int, timeout: float = 2.0
+) -> socket.socket:
     """Connect like the proxy does upstream: bound to the client's address
     (IP_TRANSPARENT) and carrying the proxy's SO_MARK."""
     s = socket.socket()

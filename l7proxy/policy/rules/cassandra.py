@@ -22,7 +22,7 @@ from typing import Any
 
 from l7proxy.policy.errors import YamlPath
 from l7proxy.policy.rules import L7Kind, register
-from parsers.cql_lexer import ACTIONS, ACTIONS_WITHOUT_TABLE
+from parsers.cql.lexer import ACTIONS, ACTIONS_WITHOUT_TABLE
 from parsers.requests import CqlRequest
 
 _FIELDS = ("query_action", "query_table")
@@ -78,7 +78,9 @@ def compile_rule(node: Any, path: YamlPath) -> CassandraRule:
         if not isinstance(table, str) or not table:
             raise path.key("query_table").error(f"expected a non-empty regex string, got {table!r}")
         if action in ACTIONS_WITHOUT_TABLE:
-            raise path.key("query_table").error(f"query_action {action!r} names no table; drop query_table")
+            raise path.key("query_table").error(
+                f"query_action {action!r} names no table; drop query_table"
+            )
         try:
             pattern = re.compile(table)
         except re.error as e:

@@ -79,7 +79,9 @@ def _name(node: Any, path: YamlPath, exact: re.Pattern[str]) -> NameMatch | None
         raise path.error(f"expected a non-empty name or regex string, got {node!r}")
     if _METACHARACTERS.search(node) is None:
         if exact.fullmatch(node) is None:
-            raise path.error(f"{node!r} is not a valid protobuf name (and has no regex metacharacters)")
+            raise path.error(
+                f"{node!r} is not a valid protobuf name (and has no regex metacharacters)"
+            )
         return NameMatch(node, None)
     try:
         return NameMatch(node, re.compile(node))
@@ -91,7 +93,9 @@ def compile_rule(node: Any, path: YamlPath) -> GrpcRule:
     if node is None:
         node = {}
     if not isinstance(node, dict):
-        raise path.error(f"expected a mapping with service and/or method, got {type(node).__name__}")
+        raise path.error(
+            f"expected a mapping with service and/or method, got {type(node).__name__}"
+        )
     for key in node:
         if key not in _FIELDS:
             raise path.key(str(key)).error(f"unknown field {key!r} (known: {', '.join(_FIELDS)})")

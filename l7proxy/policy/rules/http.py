@@ -82,10 +82,16 @@ class HttpRule:
         if http is None:
             return f"not an HTTP request ({type(request).__name__})"
         reasons = []
-        for name, pattern, value in (("method", self.method, http.method), ("path", self.path, http.path), ("host", self.host, http.host)):
+        for name, pattern, value in (
+            ("method", self.method, http.method),
+            ("path", self.path, http.path),
+            ("host", self.host, http.host),
+        ):
             if pattern is not None:
                 ok = pattern.fullmatch(value) is not None
-                reasons.append(f"{name} {value!r} {'matches' if ok else 'does not match'} {pattern.pattern!r}")
+                reasons.append(
+                    f"{name} {value!r} {'matches' if ok else 'does not match'} {pattern.pattern!r}"
+                )
         reasons += [h.check(http)[2] for h in self.headers]
         return "; ".join(reasons) or "matches every request"
 
@@ -132,7 +138,9 @@ def _header_matches(node: Any, path: YamlPath) -> list[HeaderMatch]:
             raise ipath.error("expected a mapping with name, value and optional mismatch")
         for key in item:
             if key not in ("name", "value", "mismatch", "secret"):
-                raise ipath.key(str(key)).error("unknown field (expected one of: name, value, mismatch)")
+                raise ipath.key(str(key)).error(
+                    "unknown field (expected one of: name, value, mismatch)"
+                )
         if "secret" in item:
             raise ipath.key("secret").error("secrets are not supported on this node; use value")
         name = item.get("name")
@@ -143,7 +151,9 @@ def _header_matches(node: Any, path: YamlPath) -> list[HeaderMatch]:
             raise ipath.key("value").error("expected a string")
         mismatch = item.get("mismatch")
         if mismatch is not None and mismatch not in MISMATCH_ACTIONS:
-            raise ipath.key("mismatch").error(f"expected one of {', '.join(MISMATCH_ACTIONS)}, got {mismatch!r}")
+            raise ipath.key("mismatch").error(
+                f"expected one of {', '.join(MISMATCH_ACTIONS)}, got {mismatch!r}"
+            )
         if mismatch in ("ADD", "REPLACE") and value is None:
             raise ipath.key("value").error(f"mismatch {mismatch} needs a value")
         out.append(HeaderMatch(name.lower(), None if value is None else str(value), mismatch))

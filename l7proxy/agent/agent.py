@@ -1,0 +1,596 @@
+"""The node agent: datapath, proxy listeners and policy, kept in step.
+
+``Agent.start`` loads the BPF program, installs the proxy's policy route,
+opens one transparent listener per L7 parser family and registers it with the
+datapath, then compiles the policy in force and writes it to the kernel maps.
+``Agent.reconcile`` runs whenever endpoints or policies change: it recompiles
+and updates maps in place (no program reload; open connections stay open and
+their next request is judged by the new policy). ``Agent.stop`` detaches
+everything, in reverse order.
+
+Restarts lose nothing (docs/restarts.md): the BPF maps are pinned, and a new
+agent started while this one runs takes over through ``STATE/agent.sock``
+(l7proxy/agent/handover.py): it adopts the pinned maps and this agent's listening
+sockets, replaces the tc programs in place, then this agent drains
+(``Agent.drain_and_exit``) and leaves programs, pins and route to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import socket
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+from l7proxy import __version__
+from l7proxy.agent.handover import ControlServer, Predecessor, socket_path
+from l7proxy.datapath import pins
+from l7proxy.node import netns
+from l7proxy.node.store import FAMILIES, AgentState, Store
+from l7proxy.observe.flowlog import FlowLog, now_fields
+from l7proxy.policy.engine import CompiledPolicy, Endpoint, compile_policy
+from l7proxy.policy.errors import PolicyError
+from l7proxy.policy.load import load_paths
+from l7proxy.policy.model import EGRESS, INGRESS, Policy
+from l7proxy.policy.state import PolicyState
+from l7proxy.proxy.driver import ProxyLimits
+from l7proxy.proxy.server import Proxy, make_listener
+
+log = logging.getLogger("l7proxy.agent.agent")
+
+PROXY_HOST = "127.0.0.1"
+# After the drain deadline, a request still in flight gets this long to finish.
+IN_FLIGHT_GRACE = 5.0
+# A connection with no traffic for this long is ended at the drain deadline.
+QUIET_SECONDS = 0.25
+
+
+class Agent:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        audit: bool = False,
+        extra_policies: list[Path] = (),
+        limits: ProxyLimits | None = None,
+        predecessor: Predecessor | None = None,
+        drain_timeout: float = 30.0,
+    ):
+        self.store = store
+        self.predecessor = predecessor  # the running agent this one takes over from
+        self.drain_timeout = drain_timeout  # what we give our predecessor
+        self.control: ControlServer | None = None
+        self.listen_socks: dict[str, object] = {}
+        self.handed_over = False  # a successor owns the node now; we only drain
+        self.handover_drain = drain_timeout  # what our successor gives us
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.audit = audit
+        self.extra_policies = list(extra_policies)
+        self.limits = limits or ProxyLimits()
+        self.datapath = None
+        self.proxy: Proxy | None = None
+        self.state: PolicyState | None = None
+        self.flowlog = FlowLog(store.flowlog)
+        self.policies: list[Policy] = []
+        self.policy_error: PolicyError | None = None
+        self.policy_imports = 0
+        self.policy_import_errors = 0
+        self.revision = 0
+        self.kernel_revision = 0
+        self.agent_state: AgentState | None = None
+        self.listeners: dict[str, int] = {}
+        self._stamp: tuple = ()
+        self._routing = False
+        self.started = time.time()
+        self.metrics = None
+        self._host_prefixes: list[ipaddress.IPv4Network] = []
+        self._kexec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="l7proxy-kernel")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        from l7proxy.datapath.loader import Datapath
+
+        with self.store.locked() as st:
+            for family in FAMILIES:
+                if not st.proxy_ports.get(family):
+                    st.proxy_ports[family] = _free_port()
+            self.agent_state = st
+        st = self.agent_state
+        self._loop = asyncio.get_running_loop()
+        self.datapath = Datapath(
+            proxy_mark=st.proxy_mark,
+            redirect_mark=st.redirect_mark,
+            instance=st.instance,
+            pin_dir=pins.pin_dir(st.instance),
+        )
+        inherited: dict = {}
+        try:
+            await self._kernel(self.datapath.load)
+            await self._kernel(netns.ensure_forwarding)
+            await self._kernel(netns.install_proxy_routing, st.redirect_mark, st.route_table)
+            self._routing = True
+            self._host_prefixes = await self._kernel(_host_prefixes)
+            if self.predecessor is not None:  # revisions continue across a takeover
+                self.revision = int(self.predecessor.info.get("policy_revision", 0))
+            self._load_policies(initial=True)
+            self.state = PolicyState(self._compile(st))
+            self.proxy = Proxy(self.state, self.flowlog, limits=self.limits, mark=st.proxy_mark)
+            if self.predecessor is not None:
+                # Same kernel sockets: their accept queue bridges the swap.
+                inherited = await asyncio.to_thread(self.predecessor.listeners)
+            for family, port in st.proxy_ports.items():
+                sock = inherited.pop(family, None)
+                if sock is not None and sock.getsockname()[1] != port:
+                    sock.close()
+                    sock = None
+                if sock is None:
+                    sock = make_listener(PROXY_HOST, port, transparent=True)
+                self.listen_socks[family] = sock
+                await self.proxy.listen(PROXY_HOST, port, sock=sock)
+                await self._kernel(self.datapath.register_proxy_listener, port, sock)
+                self.listeners[family] = port
+            # Attaching replaces the programs in place (fixed tc prio/handle).
+            await self._kernel(self._sync_kernel, self.state.current)
+            await self._kernel(self.datapath.prune_adopted)
+            self._stamp = self._watch_stamp()
+            self.store.pid_file.write_text(str(os.getpid()))
+            self.control = ControlServer(
+                socket_path(self.store.root),
+                hello=self._hello,
+                listeners=self._give_listeners,
+                drain=self._drain_requested,
+            )
+            self.control.start()
+        except BaseException:
+            for sock in inherited.values():
+                sock.close()
+            await self.stop()
+            raise
+        if self.predecessor is not None:
+            pred, self.predecessor = self.predecessor, None
+            try:
+                reply = await asyncio.to_thread(pred.drain, self.drain_timeout)
+                log.info(
+                    "took over from agent pid %s (%s connections draining)",
+                    pred.pid,
+                    reply.get("connections"),
+                )
+            except Exception as exc:  # noqa: BLE001 - it may have died meanwhile; we serve anyway
+                log.warning("predecessor pid %s did not confirm the drain: %s", pred.pid, exc)
+            finally:
+                pred.close()
+
+    async def _kernel(self, fn, *args):
+        """Run a datapath/netlink call on the agent's one kernel thread.
+
+        pyroute2 drives its own asyncio loop internally, which cannot nest in
+        ours, and bcc is not thread-safe: one dedicated thread serialises both."""
+        return await asyncio.get_running_loop().run_in_executor(self._kexec, fn, *args)
+
+    async def stop(self) -> None:
+        """Full stop: detach, unpin, remove the route. A takeover that failed
+        before its predecessor was told to drain only lets go: the predecessor
+        still runs on the same programs, pins and route."""
+        if self.control is not None:
+            self.control.close()
+        if self.proxy is not None:
+            await self.proxy.close()
+        letting_go = self.predecessor is not None
+        if letting_go:
+            self.predecessor.close()
+            self.predecessor = None
+        if self.datapath is not None:
+            with contextlib.suppress(Exception):
+                await self._kernel(self.datapath.close, letting_go)
+        if letting_go:
+            self._kexec.shutdown(wait=True)
+            self.flowlog.close()
+            return
+        if self._routing and self.agent_state is not None:
+            with contextlib.suppress(Exception):
+                await self._kernel(
+                    netns.remove_proxy_routing,
+                    self.agent_state.redirect_mark,
+                    self.agent_state.route_table,
+                )
+            self._routing = False
+        self._kexec.shutdown(wait=True)
+        self.flowlog.close()
+        for f in (self.store.pid_file, self.store.status_file):
+            f.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ handover
+
+    def _hello(self) -> dict:
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "listeners": dict(self.listeners),
+            "policy_revision": self.revision,
+        }
+
+    def _give_listeners(self) -> tuple[list[str], list[int]]:
+        families = list(self.listen_socks)
+        return families, [self.listen_socks[f].fileno() for f in families]
+
+    def _drain_requested(self, timeout: float) -> dict:
+        """Called on the control thread: the successor is serving."""
+        self.handed_over = True  # from now on, never write status or kernel state
+        self.handover_drain = timeout
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        return {"draining": True, "connections": len(self.proxy.pipes) if self.proxy else 0}
+
+    async def drain_and_exit(self, cut_short: asyncio.Event | None = None) -> dict:
+        """After a handover: stop accepting, let open connections finish until
+        the drain deadline, then end each one between requests (_ResetWhenIdle),
+        giving requests still in flight IN_FLIGHT_GRACE more, and let go of the
+        kernel without undoing anything (the successor uses the same programs,
+        pins and route)."""
+        loop = asyncio.get_running_loop()
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        for server in self.proxy.servers:
+            server.close()  # our fds only: the successor holds the same sockets
+        at_start = len(self.proxy.pipes)
+        cut_short = cut_short or asyncio.Event()
+        deadline = loop.time() + self.handover_drain
+        while self.proxy.pipes and loop.time() < deadline and not cut_short.is_set():
+            await asyncio.sleep(0.05)
+        grace_end = loop.time() + (0 if cut_short.is_set() else IN_FLIGHT_GRACE)
+        watchers = [
+            _ResetWhenIdle(pipe.flowlog, pipe, loop)
+            for pipe in self.proxy.pipes
+            if not pipe.closing
+        ]
+        for watcher in watchers:
+            watcher.pipe.flowlog = watcher
+            watcher.check()
+        while (
+            any(not w.done for w in watchers) and loop.time() < grace_end and not cut_short.is_set()
+        ):
+            await asyncio.sleep(0.05)
+            for watcher in watchers:
+                watcher.check()
+        left = sum(1 for pipe in self.proxy.pipes if not pipe.closing)
+        await self.proxy.close()
+        quiet = sum(1 for w in watchers if w.reset == "quiet")
+        after_reply = sum(1 for w in watchers if w.reset == "after reply")
+        log.info(
+            "drained: %d connections at handover; at the deadline %d quiet ones reset, %d reset "
+            "after a reply, %d cut",
+            at_start,
+            quiet,
+            after_reply,
+            left,
+        )
+        with contextlib.suppress(Exception):
+            await self._kernel(self.datapath.close, True)
+        self._kexec.shutdown(wait=True)
+        self.flowlog.close()
+        return {
+            "connections": at_start,
+            "quiet_reset": quiet,
+            "reset_after_reply": after_reply,
+            "cut": left,
+        }
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Reconcile on change, drain kernel drop events, publish status, until ``stop``."""
+        self._stop = stop
+        last_status = 0.0
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), 0.2)
+            except TimeoutError:
+                pass
+            if self.handed_over:
+                break
+            stamp = self._watch_stamp()
+            if stamp != self._stamp:
+                self._stamp = stamp
+                await self.reconcile()
+            self.emit_drops(await self._kernel(self.datapath.poll_drops, 0))
+            now = time.monotonic()
+            if now - last_status >= 1.0:
+                last_status = now
+                self.flowlog.flush()
+                self.write_status(await self._kernel(self.datapath.status))
+
+    # ------------------------------------------------------------------ policy
+
+    def _policy_paths(self) -> list[Path]:
+        return [self.store.policy_dir, *self.extra_policies]
+
+    def _load_policies(self, initial: bool = False) -> bool:
+        try:
+            policies = load_paths(self._policy_paths())
+        except PolicyError as err:
+            self.policy_error = err
+            self.policy_import_errors += 1
+            log.error("policy rejected, keeping the last good policy: %s", err)
+            if initial:
+                self.policies = []
+            return False
+        self.policy_error = None
+        self.policies = policies
+        self.policy_imports += 1
+        return True
+
+    def _compile(self, st: AgentState) -> CompiledPolicy:
+        alloc = st.allocator()
+        endpoints = [
+            Endpoint(e.id, e.name, alloc.for_labels(e.labels), ipaddress.IPv4Address(e.ip))
+            for e in st.endpoints
+        ]
+        self.revision += 1
+        return compile_policy(
+            self.policies,
+            endpoints,
+            alloc,
+            revision=self.revision,
+            audit_all=self.audit,
+            host_prefixes=self._host_prefixes,
+        )
+
+    async def reconcile(self) -> None:
+        """Endpoints or policies changed: recompile, then update maps in place."""
+        self._load_policies()
+        self.agent_state = self.store.read()
+        compiled = self._compile(self.agent_state)
+        self.state.swap(compiled)
+        await self._kernel(self._sync_kernel, compiled)
+        log.info(
+            "policy revision %d: %d policies, %d endpoints",
+            compiled.revision,
+            len(self.policies),
+            len(compiled.endpoints),
+        )
+
+    def _sync_kernel(self, compiled: CompiledPolicy) -> None:
+        from l7proxy.datapath.loader import EndpointInfo, PolicyEntry
+
+        if self.handed_over:
+            return  # the kernel state is the successor's
+        dp = self.datapath
+        links = dict(netns.list_links(f"l7p{self.agent_state.instance}"))
+        desired = {}
+        for rec in self.agent_state.endpoints:
+            ifindex = links.get(rec.host_ifname)
+            if ifindex is None:
+                log.warning("endpoint %s has no veth %s; skipping", rec.name, rec.host_ifname)
+                continue
+            ep = compiled.endpoints[rec.id]
+            ing = compiled.directions[(rec.id, INGRESS)]
+            eg = compiled.directions[(rec.id, EGRESS)]
+            desired[rec.id] = EndpointInfo(
+                endpoint_id=rec.id,
+                ifindex=ifindex,
+                ip=ipaddress.IPv4Address(rec.ip),
+                identity=ep.identity.number,
+                ingress_enforced=ing.enforced,
+                egress_enforced=eg.enforced,
+                audit=self.audit or (ing.enforced and ing.audit) or (eg.enforced and eg.audit),
+            )
+        attached = dp.status()["attached"]
+        for ep_id in [i for i in attached if i not in desired]:
+            dp.detach(ep_id)
+        dp.sync_ipcache(compiled.ipcache.prefixes)
+        entries = [
+            PolicyEntry(**asdict(e))
+            for e in compiled.kernel_entries(self.listeners or self.agent_state.proxy_ports)
+        ]
+        dp.sync_policy(entries)
+        for ep_id, info in desired.items():
+            if ep_id in attached and attached[ep_id] == info.ifindex:
+                dp.set_endpoint(info)
+            else:
+                dp.attach(info)
+        self.kernel_revision = compiled.revision  # the maps now say what this policy says
+
+    def _watch_stamp(self) -> tuple:
+        items = []
+        for path in [self.store.state_file, *self._policy_paths()]:
+            files = sorted(path.iterdir()) if path.is_dir() else [path]
+            for f in files:
+                with contextlib.suppress(FileNotFoundError):
+                    st = f.stat()
+                    items.append((str(f), st.st_mtime_ns, st.st_size))
+        return tuple(items)
+
+    # ------------------------------------------------------------------ observation
+
+    def emit_drops(self, events) -> None:
+        if not events:
+            return
+        compiled = self.state.current
+        by_id = {ep.id: ep for ep in compiled.endpoints.values()}
+        for ev in events:
+            src_ep = compiled.endpoints_by_ip.get(str(ev.src_ip))
+            dst_ep = compiled.endpoints_by_ip.get(str(ev.dst_ip))
+            rec = now_fields()
+            rec.update(
+                type="drop",
+                protocol={6: "tcp", 17: "udp"}.get(ev.proto, str(ev.proto)),
+                source=_side(ev.src_ip, ev.src_port, ev.src_identity, src_ep, compiled),
+                destination=_side(ev.dst_ip, ev.dst_port, ev.dst_identity, dst_ep, compiled),
+                verdict="AUDIT" if ev.audited else "DROPPED",
+                reason=ev.reason,
+                direction=ev.direction,
+                endpoint=by_id[ev.endpoint_id].name if ev.endpoint_id in by_id else None,
+                policy="",
+                rule="",
+            )
+            self.flowlog.emit(rec)
+
+    def status(self, dp_status: dict) -> dict:
+        from parsers.http1 import engine as http1
+
+        compiled = self.state.current if self.state else None
+        in_sync = compiled is not None and self.kernel_revision == compiled.revision
+        listeners_up = bool(self.proxy) and set(self.listeners) == set(FAMILIES)
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "healthy": bool(dp_status.get("loaded"))
+            and self.policy_error is None
+            and in_sync
+            and listeners_up,
+            "maps_in_sync": in_sync,
+            "listeners_up": listeners_up,
+            "datapath": dp_status,
+            "endpoints": [
+                {
+                    **asdict(e),
+                    "identity": compiled.endpoints[e.id].identity.number
+                    if compiled and e.id in compiled.endpoints
+                    else None,
+                }
+                for e in (self.agent_state.endpoints if self.agent_state else [])
+            ],
+            "policies": [
+                {"name": p.key, "source": p.source, "audit": p.audit} for p in self.policies
+            ],
+            "policy_revision": compiled.revision if compiled else 0,
+            "policy_error": str(self.policy_error) if self.policy_error else None,
+            "policy_imports": self.policy_imports,
+            "policy_import_errors": self.policy_import_errors,
+            "listeners": {fam: f"{PROXY_HOST}:{port}" for fam, port in self.listeners.items()},
+            "parsers": {"http1": http1.active_implementation()},
+            "proxy": {
+                "connections_total": self.proxy.stats.connections_total if self.proxy else 0,
+                "connections_active": self.proxy.stats.connections_active if self.proxy else 0,
+                "parse_errors": dict(self.proxy.stats.parse_errors) if self.proxy else {},
+            },
+            "audit": self.audit,
+        }
+
+    async def publish_status(self) -> None:
+        """Write the status file from a fresh read of the datapath."""
+        self.write_status(await self._kernel(self.datapath.status))
+
+    def write_status(self, dp_status: dict) -> None:
+        if self.handed_over:
+            return  # the status file is the successor's
+        tmp = self.store.status_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.status(dp_status), indent=1, default=str))
+        os.replace(tmp, self.store.status_file)
+
+
+class _ResetWhenIdle:
+    """Ends a draining connection between requests, without losing one.
+
+    It stands in for the pipe's flow log so that it hears of every completed
+    request. The connection ends once nothing is in flight and the last
+    response has left our send queue: right behind a response on a busy
+    connection, or after QUIET_SECONDS of silence (then also acknowledged).
+    A client that checks its idle connection before reusing it (as HTTP client
+    pools do) sees the end before it sends its next request.
+
+    It ends with a reset, not a FIN: closing first would leave our accepted
+    socket in TIME_WAIT on the client's 4-tuple, and a later SYN that reuses
+    that tuple is assigned to the proxy's listener by the datapath, where the
+    kernel drops it as a duplicate of the TIME_WAIT entry (the client's
+    connect() hangs until TIME_WAIT ends). A reset leaves no TIME_WAIT and
+    removes the conntrack entry. It is sent only once the response has left
+    our send queue; proxied clients are endpoints on this node's veths, where
+    a sent segment is a delivered one.
+    """
+
+    def __init__(self, flowlog: FlowLog, pipe, loop: asyncio.AbstractEventLoop):
+        self._flowlog = flowlog
+        self.pipe = pipe
+        self._loop = loop
+        self._replied = False
+        self.reset = ""  # "quiet" or "after reply" once done
+
+    @property
+    def done(self) -> bool:
+        return self.pipe.closing or bool(self.reset)
+
+    def emit(self, rec: dict) -> None:
+        self._flowlog.emit(rec)
+        if rec.get("type") == "l7" and not self.pipe.pending:
+            self._replied = True
+            self._loop.call_later(0.001, self.check)
+
+    def check(self) -> None:
+        pipe = self.pipe
+        if self.done or pipe.pending or getattr(pipe.engine, "reading_headers", False):
+            return
+        quiet = self._loop.time() - pipe.last_activity >= QUIET_SECONDS
+        if not (quiet or self._replied):
+            return
+        client = pipe.client
+        # Quiet: everything acknowledged. Right behind a reply: everything sent
+        # (waiting for the ACK would wait for the client's delayed ACK, which
+        # comes with its next request).
+        unsafe = (
+            _send_queue(client, SIOCOUTQNSD if self._replied and not quiet else TIOCOUTQ)
+            if client
+            else 1
+        )
+        if client is None or client.get_write_buffer_size() or unsafe:
+            if self._replied:
+                self._loop.call_later(0.001, self.check)
+            return
+        self.reset = "after reply" if self._replied else "quiet"
+        sock = client.get_extra_info("socket")
+        if sock is not None:
+            # Linger 0: close() sends RST and leaves no TIME_WAIT (abort() alone sends a FIN).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.abort()  # connection_lost then closes the pipe and its upstream
+
+    def __getattr__(self, name):
+        return getattr(self._flowlog, name)
+
+
+TIOCOUTQ = 0x5411  # bytes in the send queue not yet acknowledged
+SIOCOUTQNSD = 0x894B  # bytes in the send queue not yet sent
+
+
+def _send_queue(transport, request: int) -> int:
+    import fcntl
+
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
+
+
+def _side(ip, port, identity, ep, compiled: CompiledPolicy) -> dict:
+    ident = compiled.identities.get(identity)
+    return {
+        "ip": str(ip),
+        "port": port,
+        "identity": identity,
+        "endpoint": ep.name if ep else None,
+        "labels": ident.label_map if ident else {},
+    }
+
+
+def _host_prefixes() -> list[ipaddress.IPv4Network]:
+    return [ipaddress.IPv4Network(f"{ip}/32") for ip in netns.host_addresses()]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((PROXY_HOST, 0))
+        return s.getsockname()[1]

@@ -1,0 +1,227 @@
+"""``l7proxy run``, ``status`` and ``cleanup``: the node agent's life cycle."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from l7proxy.agent.status import read_status
+from l7proxy.cli.common import add_proxy_options, log, loop_factory
+from l7proxy.node.store import Store
+
+
+def register(commands: Any) -> None:
+    run_cmd = commands.add_parser("run", help="run the agent in the foreground (datapath + proxy)")
+    run_cmd.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE|DIR",
+        help="extra policy paths to watch",
+    )
+    add_proxy_options(run_cmd)
+    run_cmd.add_argument(
+        "--takeover",
+        action="store_true",
+        help="require a running agent to take over from (the default takes over if one runs)",
+    )
+    run_cmd.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on takeover, how long the old agent keeps serving its open connections",
+    )
+    run_cmd.set_defaults(func=run)
+
+    status_cmd = commands.add_parser("status", help="health of the running agent")
+    status_cmd.add_argument("--json", action="store_true")
+    status_cmd.set_defaults(func=status)
+
+    cleanup_cmd = commands.add_parser(
+        "cleanup", help="delete every endpoint and imported policy of this state dir"
+    )
+    cleanup_cmd.set_defaults(func=cleanup)
+
+
+def run(args: argparse.Namespace) -> int:
+    store = Store(args.state_dir)
+    from l7proxy.agent.agent import Agent
+    from l7proxy.agent.handover import Predecessor, socket_path
+    from l7proxy.datapath.loader import kernel_support
+    from l7proxy.proxy.driver import ProxyLimits
+
+    problem = kernel_support()
+    if problem:
+        print(f"cannot run the datapath here: {problem}", file=sys.stderr)
+        return 2
+    # A live agent answering on the control socket is taken over, not fought.
+    predecessor = Predecessor.connect(socket_path(store.root)) if store.root.exists() else None
+    if predecessor is None and args.takeover:
+        print(
+            "--takeover: no running agent answers on " + str(socket_path(store.root)),
+            file=sys.stderr,
+        )
+        return 1
+    if predecessor is not None:
+        print(f"l7proxy taking over from agent pid {predecessor.pid}", flush=True)
+    agent = Agent(
+        store,
+        audit=args.audit,
+        extra_policies=args.policy,
+        limits=ProxyLimits(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout),
+        predecessor=predecessor,
+        drain_timeout=args.drain_timeout,
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await agent.start()
+        try:
+            await agent.publish_status()
+            if args.metrics:  # /metrics and /healthz (l7proxy/observe/metrics.py)
+                from l7proxy.observe.metrics import start_agent_metrics
+
+                if predecessor is not None:
+                    await _port_free(args.metrics)  # the predecessor lets go of it within moments
+                print(
+                    f"l7proxy metrics on {(await start_agent_metrics(agent, args.metrics)).url}",
+                    flush=True,
+                )
+            from parsers.registry import active_parsers
+
+            log.info("parsers: %s", ", ".join(f"{k}={v}" for k, v in active_parsers().items()))
+            print(f"l7proxy agent running: listeners {agent.listeners}", flush=True)
+            await agent.run(stop)
+        finally:
+            if agent.metrics is not None:
+                await agent.metrics.close()
+            if agent.handed_over:
+                # A successor serves now: finish our connections, undo nothing.
+                cut_short = asyncio.Event()
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(sig, cut_short.set)
+                print(
+                    f"l7proxy handed over; draining for up to {agent.handover_drain:g}s", flush=True
+                )
+                result = await agent.drain_and_exit(cut_short)
+                print(f"l7proxy drained: {result}", flush=True)
+            else:
+                # Explicit clean-up: under uvloop a signal-raised KeyboardInterrupt can be
+                # swallowed.
+                await agent.stop()
+
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(main())
+    return 0
+
+
+async def _port_free(address: tuple[str, int], timeout: float = 5.0) -> None:
+    import socket
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+                return
+            except OSError:
+                await asyncio.sleep(0.1)
+
+
+async def _port_free(address: tuple[str, int], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+                return
+            except OSError:
+                await asyncio.sleep(0.1)
+
+
+def status(args: argparse.Namespace) -> int:
+    state = read_status(Store(args.state_dir))
+    if state is None:
+        print("agent: not running", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"running": False}))
+        return 1
+    if args.json:
+        print(json.dumps(state, indent=1))
+        return 0
+    dp = state["datapath"]
+    print(
+        f"l7proxy {state['version']}  pid {state['pid']}  up {state['uptime_s']}s  "
+        f"{'healthy' if state['healthy'] else 'UNHEALTHY'}"
+    )
+    print(
+        f"health: datapath {'loaded' if state['datapath'].get('loaded') else 'NOT LOADED'}, "
+        f"maps {'in sync with' if state.get('maps_in_sync') else 'NOT in sync with'} policy "
+        f"revision {state['policy_revision']}, "
+        f"listeners {'up' if state.get('listeners_up') else 'DOWN'}"
+    )
+    print(
+        f"datapath: {'loaded' if dp.get('loaded') else 'not loaded'}, policy revision "
+        f"{dp.get('policy_revision')}, attached to {len(dp.get('attached', {}))} endpoints"
+    )
+    for name, (used, cap) in sorted(dp.get("maps", {}).items()):
+        print(f"  map {name:<17} {used:>6} / {cap}")
+    totals = dp.get("counters", {}).get("total", {})
+    print("  kernel counters: " + ", ".join(f"{k}={v}" for k, v in totals.items()))
+    print("listeners: " + ", ".join(f"{fam} {addr}" for fam, addr in state["listeners"].items()))
+    print("parsers: " + ", ".join(f"{k}={v}" for k, v in state["parsers"].items()))
+    print(
+        f"proxy: {state['proxy']['connections_active']} active, "
+        f"{state['proxy']['connections_total']} total connections"
+    )
+    print(f"policies ({len(state['policies'])}):" + ("" if state["policies"] else " none"))
+    for p in state["policies"]:
+        print(f"  {p['name']}  {p['source']}{'  [audit]' if p['audit'] else ''}")
+    if state.get("policy_error"):
+        print(f"last policy import FAILED (last good policy in force): {state['policy_error']}")
+    print(f"endpoints ({len(state['endpoints'])}):")
+    for e in state["endpoints"]:
+        print(
+            f"  {e['name']:<12} id {e['id']:<3} identity {e['identity']:<5} {e['ip']:<15} "
+            f"{','.join(f'{k}={v}' for k, v in e['labels'].items())}"
+        )
+    return 0
+
+
+def cleanup(args: argparse.Namespace) -> int:
+    store = Store(args.state_dir)
+    from l7proxy.node.endpoints import delete_all
+
+    if read_status(store) is not None:
+        print("the agent is running; stop it first", file=sys.stderr)
+        return 1
+    if not store.exists():
+        return 0
+    from l7proxy.node import netns
+
+    state = store.read()
+    for name in delete_all(store):
+        print(f"endpoint {name} deleted")
+    # A killed agent cannot remove its policy route or its pinned maps; do it here.
+    netns.remove_proxy_routing(state.redirect_mark, state.route_table)
+    from l7proxy.datapath import pins
+
+    pins.remove(pins.pin_dir(state.instance))
+    shutil.rmtree(store.policy_dir, ignore_errors=True)
+    return 0

@@ -1,0 +1,66 @@
+"""Argument types and the event loop shared by the command groups."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from l7proxy.policy.identity import parse_labels
+
+DEFAULT_STATE = Path("/var/lib/l7proxy")
+
+log = logging.getLogger("l7proxy")
+
+
+def address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (an empty host means every address)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host or "0.0.0.0", int(port)
+
+
+def labels(text: str) -> dict[str, str]:
+    """``k=v,...``"""
+    try:
+        return parse_labels(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_proxy_options(parser: argparse.ArgumentParser) -> None:
+    """Options every command that runs the proxy takes (``run`` and ``firewall``)."""
+    parser.add_argument(
+        "--audit",
+        action="store_true",
+        help="compute verdicts, log would-denies as AUDIT, allow all",
+    )
+    parser.add_argument("--header-timeout", type=float, default=10.0)
+    parser.add_argument("--idle-timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--metrics",
+        type=address,
+        metavar="ADDR:PORT",
+        help="serve Prometheus /metrics and /healthz here",
+    )
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop for the proxy's own loop, without making it the global policy:
+    pyroute2 runs its own asyncio loop in the agent's kernel thread and needs
+    the standard one (uvloop cannot open netlink datagram endpoints).
+    ``L7PROXY_LOOP=asyncio`` forces the standard loop."""
+    if os.environ.get("L7PROXY_LOOP", "uvloop") == "uvloop":
+        try:
+            import uvloop
+
+            log.info("event loop: uvloop")
+            return uvloop.new_event_loop
+        except ImportError:  # pragma: no cover
+            pass
+    log.info("event loop: asyncio")
+    return asyncio.new_event_loop

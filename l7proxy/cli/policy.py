@@ -1,0 +1,226 @@
+"""``l7proxy policy validate|import|list|delete|trace``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from l7proxy.node.store import Store
+from l7proxy.policy.errors import PolicyError
+from l7proxy.policy.load import load_paths, load_text
+
+
+def register(commands: Any) -> None:
+    pol = commands.add_parser("policy", help="validate, import, list, delete and trace policies")
+    sub = pol.add_subparsers(dest="policy_command", required=True)
+
+    validate_cmd = sub.add_parser(
+        "validate", help="check policy files; exit 1 with file, YAML path and reason on error"
+    )
+    validate_cmd.add_argument("paths", nargs="+")
+    validate_cmd.set_defaults(func=validate)
+
+    import_cmd = sub.add_parser("import", help="validate and install policy files into the agent")
+    import_cmd.add_argument("paths", nargs="+")
+    import_cmd.add_argument(
+        "--replace", action="store_true", help="remove every imported policy first"
+    )
+    import_cmd.set_defaults(func=import_)
+
+    list_cmd = sub.add_parser("list", help="imported policies")
+    list_cmd.add_argument("--json", action="store_true")
+    list_cmd.set_defaults(func=list_)
+
+    delete_cmd = sub.add_parser("delete", help="remove an imported policy by name")
+    delete_cmd.add_argument("name")
+    delete_cmd.set_defaults(func=delete)
+
+    t = sub.add_parser("trace", help="explain the verdict for a hypothetical request")
+    t.add_argument(
+        "--policy",
+        action="append",
+        metavar="FILE|DIR",
+        help="policies to use (default: the agent's)",
+    )
+    t.add_argument("--from", dest="src", required=True, metavar="LABELS|ENDPOINT|CIDR")
+    t.add_argument("--to", dest="dst", required=True, metavar="LABELS|ENDPOINT|CIDR")
+    t.add_argument("--port", type=int, required=True)
+    kind = t.add_mutually_exclusive_group()
+    kind.add_argument("--http", metavar="'METHOD /path [host]'")
+    kind.add_argument("--grpc", metavar="Service/Method")
+    kind.add_argument("--kafka", metavar="'ROLE|API topic [client-id]'")
+    kind.add_argument("--cql", metavar="'STATEMENT'")
+    t.add_argument("--header", action="append", default=[], metavar="'Name: value'")
+    t.add_argument("--json", action="store_true")
+    t.add_argument("--audit", action="store_true", help="simulate global audit mode")
+    t.set_defaults(func=trace)
+
+
+def validate(args: argparse.Namespace) -> int:
+    try:
+        policies = load_paths(args.paths)
+    except PolicyError as err:
+        print(f"invalid: {err}", file=sys.stderr)
+        return 1
+    for pol in policies:
+        audit = " [audit]" if pol.audit else ""
+        print(f"ok: {pol.key} ({pol.source}): {len(pol.rules)} rules{audit}")
+    return 0
+
+
+def import_(args: argparse.Namespace) -> int:
+    store = Store(args.state_dir)
+    store.policy_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        incoming = [(Path(p), load_paths([p])) for p in args.paths]
+    except PolicyError as err:
+        print(f"policy rejected, nothing changed: {err}", file=sys.stderr)
+        return 1
+    # The resulting set must load as a whole (e.g. no duplicate names).
+    current = {} if args.replace else _imported(store)
+    for _path, policies in incoming:
+        for pol in policies:
+            for old_file, names in list(current.items()):
+                if pol.key in names:
+                    current.pop(old_file)
+    files = [f for f in current] + [p for p, _ in incoming]
+    try:
+        load_paths(files)
+    except PolicyError as err:
+        print(f"policy rejected, nothing changed: {err}", file=sys.stderr)
+        return 1
+    for old in [f for f in store.policy_dir.glob("*.yaml") if f not in current]:
+        old.unlink()
+    for path, _policies in incoming:
+        sources = sorted(path.glob("*.y*ml")) if path.is_dir() else [path]
+        for src in sources:
+            target = store.policy_dir / (src.stem + ".yaml")
+            tmp = target.with_suffix(".tmp")
+            tmp.write_text(src.read_text())
+            os.replace(tmp, target)  # atomic: the agent never sees half a file
+            for pol in load_text(src.read_text(), source=str(src)):
+                print(f"imported {pol.key} from {src}")
+    return 0
+
+
+def list_(args: argparse.Namespace) -> int:
+    store = Store(args.state_dir)
+    rows = [{"name": n, "file": str(f)} for f, names in _imported(store).items() for n in names]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            print(f"{r['name']:<24} {r['file']}")
+    return 0
+
+
+def delete(args: argparse.Namespace) -> int:
+    store = Store(args.state_dir)
+    for file, names in _imported(store).items():
+        if args.name in names:
+            file.unlink()
+            print(f"deleted {args.name}")
+            return 0
+    print(f"no imported policy named {args.name!r}", file=sys.stderr)
+    return 1
+
+
+def _imported(store: Store) -> dict[Path, list[str]]:
+    out = {}
+    for f in sorted(store.policy_dir.glob("*.yaml")):
+        try:
+            out[f] = [p.key for p in load_text(f.read_text(), source=str(f))]
+        except Exception:  # noqa: BLE001 - a broken file is still listed so it can be deleted
+            out[f] = [f.stem]
+    return out
+
+
+# --------------------------------------------------------------------------- trace
+
+
+def trace(args: argparse.Namespace) -> int:
+    from l7proxy.policy import trace as tracing
+
+    try:
+        scenario = _scenario(args)
+        requests = tracing.build_requests(
+            tracing.RequestSpec(args.http, args.grpc, args.kafka, args.cql, tuple(args.header))
+        )
+        result = tracing.trace(scenario, requests)
+    except tracing.UsageError as err:
+        print(f"policy trace: {err}", file=sys.stderr)
+        return 2
+    except PolicyError as err:
+        print(f"policy trace: policy rejected: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(tracing.format_text(result, scenario.compiled))
+    return 0 if result["verdict"]["allowed"] else 1
+
+
+def _scenario(args: argparse.Namespace) -> Any:
+    """Gather what the trace needs: the policies (given, or the agent's), the
+    agent's endpoints when a peer names one, and global audit mode."""
+    from l7proxy.agent.status import read_status
+    from l7proxy.policy import trace as tracing
+    from l7proxy.policy.engine import Endpoint
+    from l7proxy.policy.identity import IdentityAllocator
+
+    src_spec, dst_spec = tracing.parse_peer(args.src), tracing.parse_peer(args.dst)
+    store = Store(args.state_dir)
+    notes: list[str] = []
+    audit_all = bool(args.audit)
+    if audit_all:
+        notes.append("global audit mode (--audit)")
+    if args.policy:
+        policies = load_paths(args.policy)
+        notes.append(f"policies: {', '.join(args.policy)}")
+    else:
+        if not store.exists():
+            raise tracing.UsageError(
+                f"no agent state in {store.root}: give --policy FILE|DIR, "
+                "or --state-dir of a running agent"
+            )
+        policies = load_paths([store.policy_dir]) if store.policy_dir.is_dir() else []
+        notes.append(f"policies: the agent's ({store.policy_dir})")
+        status = read_status(store)
+        if status and status.get("audit") and not audit_all:
+            audit_all = True
+            notes.append("the running agent is in global audit mode (--audit)")
+
+    identities = IdentityAllocator()
+    endpoints: list[Endpoint] = []
+    if src_spec.endpoint_name or dst_spec.endpoint_name or not args.policy:
+        if store.exists():
+            state = store.read()
+            identities = state.allocator()
+            endpoints = [
+                Endpoint(e.id, e.name, identities.for_labels(e.labels), ipaddress.IPv4Address(e.ip))
+                for e in state.endpoints
+            ]
+    host_prefixes = [tracing.LOOPBACK]
+    if not args.policy:
+        # The agent maps this node's own addresses to the host identity too.
+        with contextlib.suppress(Exception):
+            from l7proxy.node import netns
+
+            host_prefixes += [ipaddress.IPv4Network(f"{ip}/32") for ip in netns.host_addresses()]
+    return tracing.build_scenario(
+        policies,
+        endpoints,
+        identities,
+        src_spec,
+        dst_spec,
+        args.port,
+        audit_all=audit_all,
+        host_prefixes=host_prefixes,
+        notes=notes,
+    )

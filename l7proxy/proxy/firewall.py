@@ -1,0 +1,135 @@
+"""API-firewall mode: the same pipeline, policy engine and flow log in front of
+one service, with no kernel datapath and no namespaces.
+
+The service is a virtual endpoint with the labels given on the command line,
+so ingress policies that select it apply. Clients are identified by address:
+``fromCIDR`` prefixes get CIDR identities, loopback and this host's addresses
+are ``host``, everything else is ``world``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+
+from l7proxy.observe.flowlog import FlowLog
+from l7proxy.policy.engine import Endpoint, compile_policy
+from l7proxy.policy.identity import IdentityAllocator
+from l7proxy.policy.model import Policy
+from l7proxy.policy.source import PolicySource
+from l7proxy.policy.state import PolicyState
+from l7proxy.proxy.driver import ProxyLimits
+from l7proxy.proxy.server import Proxy, Upstream
+
+log = logging.getLogger("l7proxy.proxy.firewall")
+
+SERVICE_ENDPOINT_ID = 1
+HOST_PREFIXES = (ipaddress.IPv4Network("127.0.0.0/8"),)
+
+
+class Firewall:
+    def __init__(
+        self,
+        *,
+        listen: tuple[str, int],
+        upstream: tuple[str, int],
+        labels: dict[str, str],
+        policy_paths: Sequence[str | Path],
+        flowlog: FlowLog,
+        audit: bool = False,
+        limits: ProxyLimits | None = None,
+        poll_interval: float = 1.0,
+    ):
+        self.listen_addr = listen
+        self.identities = IdentityAllocator()
+        self.service = Endpoint(
+            SERVICE_ENDPOINT_ID,
+            f"service:{upstream[0]}:{upstream[1]}",
+            self.identities.for_labels(labels),
+            None,
+        )
+        self.audit = audit
+        self.revision = 0
+        self.state: PolicyState | None = None
+        self.source = PolicySource(policy_paths, self._apply)
+        self.source.load()  # raises PolicyError: refuse to start on a bad policy
+        self.proxy = Proxy(
+            self.state,
+            flowlog,
+            limits=limits,
+            upstream=Upstream(upstream[0], upstream[1], self.service),
+        )
+        self.poll_interval = poll_interval
+        self.sock: socket.socket | None = None
+
+    def _apply(self, policies: list[Policy]) -> None:
+        self.revision += 1
+        compiled = compile_policy(
+            policies,
+            [self.service],
+            self.identities,
+            revision=self.revision,
+            audit_all=self.audit,
+            host_prefixes=HOST_PREFIXES + tuple(_local_prefixes(self.listen_addr[0])),
+        )
+        if self.state is None:
+            self.state = PolicyState(compiled)
+        else:
+            self.state.swap(compiled)
+
+    async def start(self) -> tuple[str, int]:
+        self.sock = await self.proxy.listen(*self.listen_addr)
+        return self.sock.getsockname()[:2]
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            self.source.poll()
+            self.proxy.flowlog.flush()
+
+    async def close(self) -> None:
+        await self.proxy.close()
+
+
+def _local_prefixes(listen_host: str) -> list[ipaddress.IPv4Network]:
+    """The listen address, when specific, is this host too."""
+    try:
+        ip = ipaddress.IPv4Address(listen_host)
+    except ValueError:
+        return []
+    return [] if ip.is_unspecified else [ipaddress.IPv4Network(f"{ip}/32")]
+
+
+async def run_firewall(
+    fw: Firewall, *, ready=print, metrics: tuple[str, int] | None = None
+) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    host, port = await fw.start()
+    # --metrics: /metrics and /healthz (l7proxy/observe/metrics.py)
+    served = None
+    if metrics is not None:
+        from l7proxy.observe.metrics import start_firewall_metrics
+
+        served = await start_firewall_metrics(fw, metrics)
+    from parsers.registry import active_parsers
+
+    log.info("parsers: %s", ", ".join(f"{k}={v}" for k, v in active_parsers().items()))
+    ready(f"l7proxy firewall listening on {host}:{port}")
+    if served is not None:
+        ready(f"l7proxy metrics on {served.url}")
+    watcher = loop.create_task(fw.watch())
+    try:
+        await stop.wait()
+    finally:
+        watcher.cancel()
+        if served is not None:
+            await served.close()
+        await fw.close()

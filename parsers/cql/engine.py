@@ -1,0 +1,628 @@
+"""The ``cassandra`` parser family: CQL native protocol v3, v4 and v5.
+
+One ``CqlEngine`` per proxied connection, sans-I/O (see ``parsers/base.py``).
+
+    client bytes -> envelopes (v3/v4 frames, or v5 segments once STARTUP is done)
+                 -> QUERY / PREPARE / EXECUTE / BATCH judged statement by statement
+                 -> forwarded as received, or answered with ERROR 0x2100 Unauthorized
+    server bytes -> forwarded whole frames/segments as received; READY switches
+                    framing and compression, RESULT teaches prepared ids and the
+                    keyspace, every response completes the request on its stream
+
+Bytes are forwarded exactly as received; only a v5 segment that mixes allowed
+and denied envelopes is rebuilt (the allowed ones, re-framed). Denials and
+other synthesized answers are written to the client only between whole
+server frames/segments, so they never split a forwarded one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+from parsers.base import (
+    Access,
+    Command,
+    Decide,
+    Decision,
+    FrameTooLarge,
+    Log,
+    ParseError,
+    ProtocolError,
+    Reply,
+    ShutdownClient,
+    ShutdownServer,
+    ToClient,
+    ToServer,
+)
+from parsers.cql import wire as w
+from parsers.cql.lexer import Statement, classify
+from parsers.cql.wire import CqlError
+from parsers.requests import CqlRequest
+
+_USE_ALLOWED = Decision(True, reason="USE only selects the keyspace; never judged (as in Cilium)")
+_UNPREPARED = Decision(
+    False,
+    reason="unknown prepared id: answered Unprepared so the client re-prepares through the proxy",
+)
+
+
+@dataclasses.dataclass(slots=True)
+class _Prepared:
+    statement: str
+    statements: tuple[Statement, ...]
+
+
+class CqlEngine:
+    """Policy enforcement for one CQL connection."""
+
+    protocol = "cassandra"
+
+    def __init__(self, decide: Decide, *, max_frame: int = w.SPEC_MAX_FRAME):
+        self._decide = decide
+        self._max_frame = max_frame
+        self._cbuf = bytearray()
+        self._sbuf = bytearray()
+        self._version: int | None = None
+        self._keyspace = ""
+        self._frame_codec = None  # (compress, decompress) for v3/v4 bodies
+        self._segments = False  # v5 framing on, both directions
+        self._segment_lz4 = False
+        self._startups: dict[int, tuple[int, str]] = {}  # stream -> (version, compression)
+        self._preparing: dict[int, _Prepared] = {}  # stream of a PREPARE in flight
+        self._prepared: dict[bytes, _Prepared] = {}  # prepared id -> statement
+        self._inflight: dict[int, list] = {}  # stream -> Access keys awaiting a Reply
+        # a v5 envelope cut over several segments, per direction: (payload, raw segments)
+        self._client_big: tuple[bytearray, list[bytes]] | None = None
+        self._server_big: tuple[bytearray, list[bytes]] | None = None
+        # answers for the client held back while a multi-segment server
+        # envelope is being forwarded (a segment must not land inside it)
+        self._held: list[Command] = []
+        self._dead = False
+
+    # ------------------------------------------------------------------
+    # Engine contract
+
+    @property
+    def reading_headers(self) -> bool:
+        need = w.segment_header_len(self._segment_lz4) if self._segments else w.HEADER_LEN
+        return 0 < len(self._cbuf) < need
+
+    @property
+    def keyspace(self) -> str:
+        return self._keyspace
+
+    def client_data(self, data: bytes) -> list[Command]:
+        if self._dead:
+            return []
+        if not data:
+            out: list[Command] = []
+            if self._cbuf:
+                out.append(
+                    Log(f"client EOF inside a frame ({len(self._cbuf)} bytes dropped)", "info")
+                )
+            return out + [ShutdownServer()]
+        self._cbuf += data
+        out = []
+        try:
+            if self._segments:
+                self._client_segments(out)
+            else:
+                self._client_frames(out)
+        except (CqlError, FrameTooLarge) as e:
+            self._fail("client", e, out)
+        if self._server_big is not None and any(isinstance(c, ToClient) for c in out):
+            self._held += [c for c in out if isinstance(c, ToClient)]
+            out = [c for c in out if not isinstance(c, ToClient)]
+        return out
+
+    def server_data(self, data: bytes) -> list[Command]:
+        if self._dead:
+            return []
+        if not data:
+            out: list[Command] = []
+            if self._sbuf:
+                out.append(
+                    Log(f"server EOF inside a frame ({len(self._sbuf)} bytes dropped)", "info")
+                )
+            return out + [ShutdownClient()]
+        self._sbuf += data
+        out = []
+        try:
+            self._server_input(out)
+        except (CqlError, FrameTooLarge) as e:
+            self._fail("server", e, out)
+        if self._held and self._server_big is None:
+            out += self._held
+            self._held = []
+        return out
+
+    def _fail(self, side: str, error: ProtocolError, out: list[Command]) -> None:
+        # Framing is lost: nothing after this point can be trusted or forwarded.
+        stream = getattr(error, "stream", None)
+        if side == "client" and stream is not None and not error.wire_reply:
+            error.wire_reply = self._error_reply(
+                self._version or 4, stream, w.ERR_PROTOCOL, str(error)
+            )
+        if error.wire_reply:
+            out.append(ToClient(error.wire_reply))
+        out.append(ParseError(side, error, close=True))
+        self._dead = True
+        self._cbuf.clear()
+        self._sbuf.clear()
+
+    # ------------------------------------------------------------------
+    # Client -> server
+
+    def _client_frames(self, out: list[Command]) -> None:
+        buf = self._cbuf
+        pos = fwd = 0
+        try:
+            while len(buf) - pos >= w.HEADER_LEN:
+                vbyte, flags, stream, opcode, length = w.parse_header(buf, pos)
+                version = vbyte & 0x7F
+                if version < 3:
+                    # v1/v2 headers are 8 bytes: we cannot even frame them.
+                    raise CqlError(
+                        f"Invalid or unsupported protocol version ({version}); supported versions "
+                        "are (3/v3, 4/v4, 5/v5)",
+                        stream=stream,
+                    )
+                self._check_length(length, stream)
+                end = pos + w.HEADER_LEN + length
+                if len(buf) < end:
+                    break
+                env = w.Envelope(
+                    version, flags, stream, opcode, bytes(buf[pos + w.HEADER_LEN : end])
+                )
+                answer = self._request(env, vbyte, out)
+                if answer is not None:
+                    if fwd < pos:
+                        out.append(ToServer(bytes(buf[fwd:pos])))
+                    out.append(ToClient(self._wire(answer)))
+                    fwd = end
+                pos = end
+        finally:
+            # frames judged before an error still go out
+            if fwd < pos:
+                out.append(ToServer(bytes(buf[fwd:pos])))
+            del buf[:pos]
+
+    def _client_segments(self, out: list[Command]) -> None:
+        buf = self._cbuf
+        pos = fwd = 0
+        try:
+            while True:
+                seg = w.read_segment(buf, pos, self._segment_lz4)
+                if seg is None:
+                    break
+                end = pos + seg.raw_len
+                if seg.self_contained:
+                    if self._client_big is not None:
+                        raise CqlError("self-contained segment inside a multi-segment envelope")
+                    kept, answers = self._requests_in(seg.payload, out)
+                    if answers:
+                        if fwd < pos:
+                            out.append(ToServer(bytes(buf[fwd:pos])))
+                        if kept:
+                            out.append(
+                                ToServer(w.encode_segments(b"".join(kept), self._segment_lz4))
+                            )
+                        out.append(
+                            ToClient(w.encode_segments(b"".join(answers), self._segment_lz4))
+                        )
+                        fwd = end
+                else:
+                    # Part of one large envelope: hold its segments until it is whole.
+                    if fwd < pos:
+                        out.append(ToServer(bytes(buf[fwd:pos])))
+                    fwd = end
+                    if self._client_big is None:
+                        self._client_big = (bytearray(), [])
+                    payload, raws = self._client_big
+                    payload += seg.payload
+                    raws.append(bytes(buf[pos:end]))
+                    whole = self._whole_envelope(payload)
+                    if whole is not None:
+                        self._client_big = None
+                        kept, answers = self._requests_in(payload, out)
+                        if answers:
+                            out.append(
+                                ToClient(w.encode_segments(b"".join(answers), self._segment_lz4))
+                            )
+                        else:
+                            out.append(ToServer(b"".join(raws)))
+                pos = end
+        finally:
+            if fwd < pos:
+                out.append(ToServer(bytes(buf[fwd:pos])))
+            del buf[:pos]
+
+    def _whole_envelope(self, payload: bytearray) -> bool | None:
+        if len(payload) < w.HEADER_LEN:
+            return None
+        *_, stream, _op, length = w.parse_header(payload)
+        self._check_length(length, stream)
+        need = w.HEADER_LEN + length
+        if len(payload) < need:
+            return None
+        if len(payload) > need:
+            raise CqlError("multi-segment payload longer than its envelope", stream=stream)
+        return True
+
+    def _requests_in(self, payload, out: list[Command]) -> tuple[list[bytes], list[bytes]]:
+        """Judge every envelope in a segment payload: (kept envelopes, answers)."""
+        kept: list[bytes] = []
+        answers: list[bytes] = []
+        pos = 0
+        while pos < len(payload):
+            if len(payload) - pos < w.HEADER_LEN:
+                raise CqlError("segment payload ends inside an envelope header")
+            vbyte, flags, stream, opcode, length = w.parse_header(payload, pos)
+            self._check_length(length, stream)
+            end = pos + w.HEADER_LEN + length
+            if end > len(payload):
+                raise CqlError("segment payload ends inside an envelope", stream=stream)
+            env = w.Envelope(
+                vbyte & 0x7F, flags, stream, opcode, bytes(payload[pos + w.HEADER_LEN : end])
+            )
+            answer = self._request(env, vbyte, out)
+            if answer is None:
+                kept.append(bytes(payload[pos:end]))
+            else:
+                answers.append(answer)
+            pos = end
+        return kept, answers
+
+    def _check_length(self, length: int, stream: int) -> None:
+        if length > self._max_frame:
+            raise w.CqlFrameTooLarge(
+                f"frame body of {length} bytes exceeds the maximum of {self._max_frame}",
+                stream=stream,
+            )
+
+    # ------------------------------------------------------------------
+    # One request envelope: returns None to forward it, or the answer envelope.
+
+    def _request(self, env: w.Envelope, vbyte: int, out: list[Command]) -> bytes | None:
+        version, stream = env.version, env.stream
+        if vbyte & w.RESPONSE_BIT:
+            return self._refuse(env, "a response envelope was sent by the client", out)
+        if version not in w.SUPPORTED_VERSIONS:
+            answer_version = min(version, 5)
+            out.append(
+                Log(f"client asked for CQL protocol v{version}; answering ProtocolError", "info")
+            )
+            return self._error_envelope(
+                answer_version,
+                stream,
+                w.ERR_PROTOCOL,
+                f"Invalid or unsupported protocol version ({version}); supported versions are "
+                "(3/v3, 4/v4, 5/v5)",
+            )
+        if self._version is None:
+            self._version = version
+        elif version != self._version:
+            return self._refuse(env, f"protocol v{version} on a v{self._version} connection", out)
+        if env.opcode not in w.REQUEST_OPCODES:
+            return self._refuse(env, f"opcode {env.opcode_name} is not a request", out)
+        try:
+            reader = self._body(env)
+            if env.opcode == w.STARTUP:
+                options = {k.upper(): v for k, v in reader.string_map().items()}
+                self._startups[stream] = (version, options.get("COMPRESSION", "").lower())
+                return None
+            if env.opcode in (w.OPTIONS, w.REGISTER, w.AUTH_RESPONSE):
+                return None  # connection plumbing: not judged, as in Cilium
+            if env.opcode == w.QUERY:
+                text = reader.long_string()
+                keyspace = self._query_keyspace(reader, version)
+                return self._judge(
+                    env, "query", [(text, classify(text, keyspace or self._keyspace))], out
+                )
+            if env.opcode == w.PREPARE:
+                text = reader.long_string()
+                keyspace = ""
+                if version >= 5 and reader.int() & 0x01:
+                    keyspace = reader.string()
+                statements = classify(text, keyspace or self._keyspace)
+                answer = self._judge(env, "prepare", [(text, statements)], out)
+                if answer is None:
+                    self._preparing[stream] = _Prepared(text, statements)
+                return answer
+            if env.opcode == w.EXECUTE:
+                prepared_id = reader.short_bytes()
+                known = self._prepared.get(prepared_id)
+                if known is None:
+                    return self._unprepared(env, prepared_id, out)
+                return self._judge(env, "execute", [(known.statement, known.statements)], out)
+            return self._batch(env, reader, out)
+        except CqlError as e:
+            return self._refuse(env, str(e), out)
+
+    def _body(self, env: w.Envelope) -> w.BodyReader:
+        body = env.body
+        if env.flags & w.FLAG_COMPRESSED and env.version < 5 and body:
+            if self._frame_codec is None:
+                raise CqlError(
+                    "compressed frame but no compression was negotiated", stream=env.stream
+                )
+            body = self._frame_codec[1](body, self._max_frame)
+        reader = w.BodyReader(body, env.stream)
+        if env.flags & w.FLAG_CUSTOM_PAYLOAD:
+            reader.bytes_map()
+        return reader
+
+    @staticmethod
+    def _query_keyspace(reader: w.BodyReader, version: int) -> str:
+        """The v5 per-query keyspace from <query_parameters>, or ''."""
+        if version < 5:
+            return ""
+        reader.short()  # consistency
+        flags = reader.int()
+        if not flags & w.QF_KEYSPACE:
+            return ""
+        _skip_values(reader, flags)
+        if flags & w.QF_PAGE_SIZE:
+            reader.int()
+        if flags & w.QF_PAGING_STATE:
+            reader.bytes_()
+        if flags & w.QF_SERIAL_CONSISTENCY:
+            reader.short()
+        if flags & w.QF_TIMESTAMP:
+            reader.skip(8)
+        return reader.string()
+
+    def _batch(self, env: w.Envelope, reader: w.BodyReader, out: list[Command]) -> bytes | None:
+        reader.byte()  # LOGGED / UNLOGGED / COUNTER
+        members: list[tuple[str, bytes | None]] = []
+        for _ in range(reader.short()):
+            kind = reader.byte()
+            if kind == 0:
+                members.append((reader.long_string(), None))
+            elif kind == 1:
+                members.append(("", reader.short_bytes()))
+            else:
+                raise CqlError(f"unknown BATCH member kind {kind}", stream=env.stream)
+            for _ in range(reader.short()):
+                reader.value()
+        keyspace = ""
+        if env.version >= 5:
+            reader.short()  # consistency
+            flags = reader.int()
+            if flags & w.QF_SERIAL_CONSISTENCY:
+                reader.short()
+            if flags & w.QF_TIMESTAMP:
+                reader.skip(8)
+            if flags & w.QF_KEYSPACE:
+                keyspace = reader.string()
+        judged: list[tuple[str, tuple[Statement, ...]]] = []
+        for text, prepared_id in members:
+            if prepared_id is not None:
+                known = self._prepared.get(prepared_id)
+                if known is None:
+                    return self._unprepared(env, prepared_id, out)
+                judged.append((known.statement, known.statements))
+            else:
+                judged.append((text, classify(text, keyspace or self._keyspace)))
+        return self._judge(env, "batch", judged, out)
+
+    # ------------------------------------------------------------------
+    # Judging
+
+    def _judge(self, env: w.Envelope, opcode: str, members, out: list[Command]) -> bytes | None:
+        stream = env.stream
+        requests = [
+            CqlRequest(
+                opcode=opcode,
+                action=st.action,
+                table=st.table,
+                statement=text,
+                stream=stream,
+                version=env.version,
+            )
+            for text, statements in members
+            for st in statements
+        ]
+        decisions = [_USE_ALLOWED if r.action == "use" else self._decide(r) for r in requests]
+        single = len(requests) == 1 and opcode != "batch"
+        keys = [stream] if single else [(stream, i) for i in range(len(requests))]
+        refused = next((d for d in decisions if not d.allowed), None)
+        if refused is None:
+            for request, decision, key in zip(requests, decisions, keys, strict=True):
+                out.append(Access(request, decision, key))
+            self._inflight[stream] = keys
+            return None
+        culprit = requests[decisions.index(refused)]
+        for request, decision, key in zip(requests, decisions, keys, strict=True):
+            if decision.allowed:
+                # Its batch is refused as a whole: say so in its own record.
+                decision = Decision(
+                    False,
+                    refused.policy,
+                    refused.rule,
+                    f"batch refused: {culprit.action} {culprit.table or '-'} is denied",
+                    decision.audit,
+                )
+            out.append(Access(request, decision, key))
+            out.append(Reply(key, {"opcode": "ERROR", "error_code": w.ERR_UNAUTHORIZED}))
+        return self._error_envelope(
+            env.version, stream, w.ERR_UNAUTHORIZED, _denial_message(culprit, refused)
+        )
+
+    def _unprepared(self, env: w.Envelope, prepared_id: bytes, out: list[Command]) -> bytes:
+        request = CqlRequest(
+            opcode=w.OPCODE_NAMES[env.opcode].lower(),
+            action="unknown",
+            table="",
+            stream=env.stream,
+            version=env.version,
+        )
+        out.append(Access(request, _UNPREPARED, env.stream))
+        out.append(Reply(env.stream, {"opcode": "ERROR", "error_code": w.ERR_UNPREPARED}))
+        extra = struct.pack(">H", len(prepared_id)) + prepared_id
+        return self._error_envelope(
+            env.version,
+            env.stream,
+            w.ERR_UNPREPARED,
+            "Prepared statement unknown to the proxy; prepare it again",
+            extra,
+        )
+
+    def _refuse(self, env: w.Envelope, why: str, out: list[Command]) -> bytes:
+        # A bad message inside intact framing: answer it, keep the connection.
+        out.append(ParseError("client", CqlError(why, stream=env.stream), close=False))
+        version = env.version if env.version in w.SUPPORTED_VERSIONS else (self._version or 4)
+        return self._error_envelope(version, env.stream, w.ERR_PROTOCOL, why)
+
+    # ------------------------------------------------------------------
+    # Answers the proxy writes itself
+
+    def _error_envelope(
+        self, version: int, stream: int, code: int, message: str, extra: bytes = b""
+    ) -> bytes:
+        body = w.error_body(code, message, extra)
+        flags = 0
+        if self._frame_codec is not None and version < 5:
+            body = self._frame_codec[0](body)
+            flags = w.FLAG_COMPRESSED
+        return w.encode_envelope(version | w.RESPONSE_BIT, flags, stream, w.ERROR, body)
+
+    def _error_reply(self, version: int, stream: int, code: int, message: str) -> bytes:
+        return self._wire(self._error_envelope(version, stream, code, message))
+
+    def _wire(self, envelope: bytes) -> bytes:
+        return w.encode_segments(envelope, self._segment_lz4) if self._segments else envelope
+
+    # ------------------------------------------------------------------
+    # Server -> client: forward whole frames/segments, learn from them
+
+    def _server_input(self, out: list[Command]) -> None:
+        buf = self._sbuf
+        pos = fwd = 0
+        try:
+            while True:
+                if self._segments:
+                    seg = w.read_segment(buf, pos, self._segment_lz4)
+                    if seg is None:
+                        break
+                    self._server_segment(seg, buf, pos, out)
+                    pos += seg.raw_len
+                    continue
+                if len(buf) - pos < w.HEADER_LEN:
+                    break
+                vbyte, flags, stream, opcode, length = w.parse_header(buf, pos)
+                if not vbyte & w.RESPONSE_BIT:
+                    raise CqlError("server sent an envelope without the response bit")
+                self._check_length(length, stream)
+                end = pos + w.HEADER_LEN + length
+                if len(buf) < end:
+                    break
+                env = w.Envelope(
+                    vbyte & 0x7F, flags, stream, opcode, bytes(buf[pos + w.HEADER_LEN : end])
+                )
+                pos = end
+                self._response(env, out)
+        finally:
+            if fwd < pos:
+                out.append(ToClient(bytes(buf[fwd:pos])))
+            del buf[:pos]
+
+    def _server_segment(self, seg: w.Segment, buf, pos: int, out: list[Command]) -> None:
+        if seg.self_contained:
+            if self._server_big is not None:
+                raise CqlError("self-contained segment inside a multi-segment envelope")
+            self._responses_in(seg.payload, out)
+            return
+        if self._server_big is None:
+            self._server_big = (bytearray(), [])
+        payload, _ = self._server_big
+        payload += seg.payload
+        if self._whole_envelope(payload):
+            self._server_big = None
+            self._responses_in(payload, out)
+
+    def _responses_in(self, payload, out: list[Command]) -> None:
+        pos = 0
+        while pos < len(payload):
+            if len(payload) - pos < w.HEADER_LEN:
+                raise CqlError("segment payload ends inside an envelope header")
+            vbyte, flags, stream, opcode, length = w.parse_header(payload, pos)
+            end = pos + w.HEADER_LEN + length
+            if end > len(payload):
+                raise CqlError("segment payload ends inside an envelope")
+            self._response(
+                w.Envelope(vbyte & 0x7F, flags, stream, opcode, bytes(payload[pos + 9 : end])), out
+            )
+            pos = end
+
+    def _response(self, env: w.Envelope, out: list[Command]) -> None:
+        stream, opcode = env.stream, env.opcode
+        startup = (
+            self._startups.pop(stream, None)
+            if opcode in (w.READY, w.AUTHENTICATE, w.ERROR)
+            else None
+        )
+        if startup is not None and opcode != w.ERROR:
+            version, compression = startup
+            if version >= 5:
+                self._segments = True
+                self._segment_lz4 = compression == "lz4"
+            elif compression:
+                self._frame_codec = w.FRAME_CODECS.get(compression)
+            out.append(
+                Log(
+                    f"CQL v{version} ready, compression={compression or 'none'}"
+                    f"{', v5 segments' if version >= 5 else ''}"
+                )
+            )
+        keys = self._inflight.pop(stream, None) if stream >= 0 else None
+        preparing = self._preparing.pop(stream, None) if stream >= 0 else None
+        if keys is None and preparing is None and opcode != w.RESULT:
+            return
+        fields: dict = {"opcode": env.opcode_name}
+        if opcode in (w.RESULT, w.ERROR):
+            reader = self._response_body(env)
+            if opcode == w.ERROR:
+                fields["error_code"] = reader.int()
+            else:
+                kind = reader.int()
+                fields["result"] = w.RESULT_KIND_NAMES.get(kind, str(kind))
+                if kind == w.RESULT_SET_KEYSPACE:
+                    self._keyspace = reader.string()
+                elif kind == w.RESULT_PREPARED and preparing is not None:
+                    self._prepared[reader.short_bytes()] = preparing
+        for key in keys or ():
+            out.append(Reply(key, fields))
+
+    def _response_body(self, env: w.Envelope) -> w.BodyReader:
+        body = env.body
+        if env.flags & w.FLAG_COMPRESSED and env.version < 5 and body:
+            if self._frame_codec is None:
+                raise CqlError("server sent a compressed frame but no compression was negotiated")
+            body = self._frame_codec[1](body, self._max_frame)
+        reader = w.BodyReader(body, env.stream)
+        if env.flags & w.FLAG_TRACING:
+            reader.skip(16)
+        if env.flags & w.FLAG_WARNING:
+            reader.string_list()
+        if env.flags & w.FLAG_CUSTOM_PAYLOAD:
+            reader.bytes_map()
+        return reader
+
+
+def _skip_values(reader: w.BodyReader, flags: int) -> None:
+    if flags & w.QF_VALUES:
+        for _ in range(reader.short()):
+            if flags & w.QF_NAMES_FOR_VALUES:
+                reader.string()
+            reader.value()
+
+
+def _denial_message(request: CqlRequest, decision: Decision) -> str:
+    what = f"{request.action} on {request.table}" if request.table else request.action
+    who = f"policy {decision.policy}" if decision.policy else "policy (no rule allows it)"
+    if decision.rule:
+        who += f" rule {decision.rule}"
+    reason = f": {decision.reason}" if decision.reason else ""
+    return f"Request Unauthorized by l7proxy: {what} denied by {who}{reason}"

@@ -1,0 +1,377 @@
+"""Incremental HTTP/1.x message reader: one direction of one connection.
+
+``MessageReader.feed(data)`` returns events in wire order:
+
+    Head(head)      a request or response head (``MessageHead``)
+    Data(data)      body bytes, de-chunked
+    End(trailers)   the message is complete
+
+``feed(b"")`` is end of input. Errors are typed (``parsers.http1.errors``).
+The head parser is pluggable (C or pure Python); body framing is this one
+piece of code for both, and moves slices of the input: no per-byte loop, and
+nothing is buffered except an unfinished head, chunk-size line or trailer.
+
+After a request that asks to switch protocols (Upgrade, CONNECT) the reader
+pauses: further bytes are kept, unparsed, until ``resume()`` (the server
+said no) or ``take_leftover()`` (the connection became a tunnel). A
+response reader is told, per response, which request it answers
+(``expect``), because HEAD and CONNECT change how a response is framed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass
+
+from parsers.http1.errors import (
+    AmbiguousFraming,
+    DataAfterClose,
+    HeadersTooLarge,
+    IncompleteMessage,
+    InvalidChunk,
+    MalformedMessage,
+)
+from parsers.http1.head import FIELD_LINE, MessageHead, explain_line, has_bare_cr_or_lf
+
+TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]+)((?:;" + TOKEN + rb"(?:=(?:" + TOKEN + rb"|" + QUOTED + rb"))?)*)"
+)
+MAX_CHUNK_SIZE = 2**63 - 1
+# Fields that frame or route a message may not arrive late, in a trailer.
+FORBIDDEN_TRAILERS = frozenset(
+    {b"content-length", b"transfer-encoding", b"host", b"trailer", b"connection"}
+)
+
+
+@dataclass(slots=True)
+class Head:
+    head: MessageHead
+
+
+@dataclass(slots=True)
+class Data:
+    data: bytes
+
+
+@dataclass(slots=True)
+class End:
+    trailers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+# Reader states
+HEAD, LENGTH, CHUNK_SIZE, CHUNK_DATA, CHUNK_CRLF, TRAILERS, UNTIL_CLOSE, PAUSED, CLOSED, DONE = (
+    range(10)
+)
+
+
+class MessageReader:
+    """Reads requests (``side="client"``) or responses (``side="server"``)."""
+
+    def __init__(
+        self, side: str, head_parser, *, max_head: int = 65536, max_chunk_line: int = 4096
+    ):
+        self.side = side
+        self._heads = head_parser
+        self.max_head = max_head
+        self.max_chunk_line = max_chunk_line
+        self._state = HEAD
+        self._buf = bytearray()  # unfinished head / chunk line / trailers
+        self._remaining = 0
+        self._head: MessageHead | None = None
+        self._pending = bytearray()  # bytes held while paused
+        # For responses: the requests still owed an answer (method, upgrade asked).
+        self._requests: deque[tuple[str, bool]] = deque()
+        self.standalone = True  # response reader with no request context (corpus runs)
+        self.switched = False  # a 101 / CONNECT 2xx: the rest is not HTTP
+
+    # ---------------------------------------------------------------- API
+
+    @property
+    def reading_head(self) -> bool:
+        return self._state == HEAD and len(self._buf) > 0
+
+    @property
+    def idle(self) -> bool:
+        """Between messages (nothing partial buffered)."""
+        return self._state in (HEAD, CLOSED, DONE) and not self._buf
+
+    @property
+    def at_message_start(self) -> bool:
+        """Ready for a new head with nothing buffered (where a repeat can be recognised)."""
+        return self._state == HEAD and not self._buf
+
+    def repeat(self, head: MessageHead) -> None:
+        """Account for a whole keep-alive message the caller recognised as a byte-for-byte
+        repeat of one this reader already parsed and validated (same state, same
+        bytes, same result), without parsing it again."""
+        self._head = head
+        if self.side == "server" and self._requests:
+            self._requests.popleft()
+
+    def expect(self, method: str, upgrade: bool) -> None:
+        """A response reader: the next unanswered request was ``method``."""
+        self.standalone = False
+        self._requests.append((method, upgrade))
+
+    def resume(self) -> list:
+        """Continue parsing after a paused Upgrade request was refused."""
+        if self._state != PAUSED:
+            return []
+        self._state = HEAD if self._head is None or self._head.keep_alive else CLOSED
+        pending, self._pending = bytes(self._pending), bytearray()
+        return self.feed(pending) if pending else []
+
+    def take_leftover(self) -> bytes:
+        """Bytes received after the message that switched protocols."""
+        data = bytes(self._pending)
+        self._pending = bytearray()
+        self._state = DONE
+        return data
+
+    def feed(self, data: bytes) -> list:
+        if not data:
+            return self._eof()
+        state = self._state
+        if state == PAUSED:
+            self._pending += data
+            return []
+        if state == DONE:
+            return []
+        events: list = []
+        pos = 0
+        end = len(data)
+        try:
+            while pos < end:
+                state = self._state
+                if state == LENGTH:
+                    n = min(self._remaining, end - pos)
+                    events.append(Data(data if n == end else data[pos : pos + n]))
+                    pos += n
+                    self._remaining -= n
+                    if not self._remaining:
+                        self._finish(events)
+                elif state == HEAD:
+                    pos = self._read_head(data, pos, events)
+                elif state == CHUNK_DATA:
+                    n = min(self._remaining, end - pos)
+                    events.append(Data(data if n == end else data[pos : pos + n]))
+                    pos += n
+                    self._remaining -= n
+                    if not self._remaining:
+                        self._state = CHUNK_CRLF
+                elif state == CHUNK_SIZE:
+                    pos = self._read_chunk_size(data, pos)
+                elif state == CHUNK_CRLF:
+                    pos = self._read_chunk_crlf(data, pos)
+                elif state == TRAILERS:
+                    pos = self._read_trailers(data, pos, events)
+                elif state == UNTIL_CLOSE:
+                    events.append(Data(data if pos == 0 else data[pos:]))
+                    pos = end
+                elif state == PAUSED:
+                    self._pending += data[pos:]
+                    pos = end
+                elif state == CLOSED:
+                    raise DataAfterClose(
+                        "data after the message that closed the connection", side=self.side
+                    )
+                else:  # DONE
+                    pos = end
+        except Exception as exc:
+            exc.events = events  # type: ignore[attr-defined]  # read before the error
+            self._state = DONE
+            raise
+        return events
+
+    # --------------------------------------------------------- internals
+
+    def _eof(self) -> list:
+        state = self._state
+        if state == UNTIL_CLOSE:
+            self._state = DONE
+            return [End()]
+        if state in (HEAD, CLOSED, PAUSED, DONE) and not self._buf:
+            self._state = DONE
+            return []
+        self._state = DONE
+        raise IncompleteMessage("connection ended inside a message", side=self.side)
+
+    def _read_head(self, data: bytes, pos: int, events: list) -> int:
+        buf = self._buf
+        if not buf:
+            # Empty lines before a request line are ignored (RFC 9112 2.2).
+            while data.startswith(b"\r\n", pos):
+                pos += 2
+            if pos == len(data):
+                return pos
+            idx = data.find(b"\r\n\r\n", pos)
+            if idx >= 0 and idx + 4 - pos <= self.max_head:
+                head = data[pos : idx + 4]
+                self._on_head(head, events)
+                return idx + 4
+            start = 0
+            buf += data[pos:]
+        else:
+            start = len(buf)
+            buf += data[pos:]
+            if buf.startswith(b"\r\n"):  # a lone CR ended the last input: empty lines
+                while buf.startswith(b"\r\n"):
+                    del buf[:2]
+                    start -= 2
+                pos -= start  # ``start`` may now be negative: bytes of data dropped
+                start = 0
+            idx = buf.find(b"\r\n\r\n", max(0, start - 3))
+            if idx >= 0:
+                head = bytes(buf[: idx + 4])
+                used = idx + 4 - start
+                buf.clear()
+                if len(head) > self.max_head:
+                    raise HeadersTooLarge("header section too large", side=self.side)
+                self._on_head(head, events)
+                return pos + used
+        if len(buf) > self.max_head:
+            raise HeadersTooLarge("header section too large", side=self.side)
+        if buf == b"\r":
+            return len(data)
+        self._heads.partial(buf)
+        return len(data)
+
+    def _on_head(self, head: bytes, events: list) -> None:
+        if self.side == "client":
+            msg = self._heads.complete(head)
+        else:
+            method, upgrade = self._requests[0] if self._requests else ("GET", True)
+            msg = self._heads.complete(head, method)
+            if msg.status == 101 or (method == "CONNECT" and 200 <= msg.status < 300):
+                if not upgrade and not self.standalone:
+                    raise MalformedMessage(
+                        "101 without an Upgrade request", code="unexpected_101", side="server"
+                    )
+                self.switched = True
+            elif msg.status >= 200 and self._requests:
+                self._requests.popleft()
+        self._head = msg
+        events.append(Head(msg))
+        framing = msg.framing
+        if framing == "none":
+            self._finish(events)
+        elif framing == "length":
+            self._remaining = msg.length
+            self._state = LENGTH
+        elif framing == "chunked":
+            self._state = CHUNK_SIZE
+        else:
+            self._state = UNTIL_CLOSE
+
+    def _finish(self, events: list, trailers: tuple = ()) -> None:
+        events.append(End(trailers))
+        msg = self._head
+        if self.switched:
+            self._state = PAUSED
+        elif self.side == "client" and msg.upgrade:
+            self._state = PAUSED
+        elif self.side == "server" and msg.status < 200:
+            self._state = HEAD
+        else:
+            self._state = HEAD if msg.keep_alive else CLOSED
+
+    def _line(self, data: bytes, pos: int, limit: int) -> tuple[bytes | None, int]:
+        """One CRLF-terminated line from the buffer plus ``data``, or None."""
+        buf = self._buf
+        if buf:
+            start = len(buf)
+            buf += data[pos:]
+            idx = buf.find(b"\r\n", max(0, start - 1))
+            if idx < 0:
+                self._check_partial_line(buf, limit)
+                return None, len(data)
+            line = bytes(buf[:idx])
+            buf.clear()
+            return line, pos + idx + 2 - start
+        idx = data.find(b"\r\n", pos)
+        if idx < 0:
+            buf += data[pos:]
+            self._check_partial_line(buf, limit)
+            return None, len(data)
+        return data[pos:idx], idx + 2
+
+    def _check_partial_line(self, buf: bytearray, limit: int) -> None:
+        if len(buf) - buf.endswith(b"\r") > limit:  # a last CR may be half the CRLF
+            raise InvalidChunk("chunk line too long", side=self.side)
+        if b"\n" in buf or has_bare_cr_or_lf(buf):
+            raise InvalidChunk("bare CR or LF in chunk line", side=self.side)
+
+    def _read_chunk_size(self, data: bytes, pos: int) -> int:
+        line, pos = self._line(data, pos, self.max_chunk_line)
+        if line is None:
+            return pos
+        if len(line) > self.max_chunk_line:  # also when the line came whole
+            raise InvalidChunk("chunk line too long", side=self.side)
+        match = CHUNK_LINE.fullmatch(line)
+        if match is None:
+            raise InvalidChunk("invalid chunk size line", side=self.side)
+        digits = match.group(1)
+        if len(digits) > 16 and int(digits, 16) > MAX_CHUNK_SIZE:
+            raise InvalidChunk("chunk size overflows", code="chunk_overflow", side=self.side)
+        size = int(digits, 16)
+        if size > MAX_CHUNK_SIZE:
+            raise InvalidChunk("chunk size overflows", code="chunk_overflow", side=self.side)
+        if size:
+            self._remaining = size
+            self._state = CHUNK_DATA
+        else:
+            self._state = TRAILERS
+        return pos
+
+    def _read_chunk_crlf(self, data: bytes, pos: int) -> int:
+        need = 2 - len(self._buf)
+        got = data[pos : pos + need]
+        self._buf += got
+        if len(self._buf) < 2:
+            if self._buf != b"\r":
+                raise InvalidChunk("chunk data not followed by CRLF", side=self.side)
+            return pos + len(got)
+        if self._buf != b"\r\n":
+            raise InvalidChunk("chunk data not followed by CRLF", side=self.side)
+        self._buf.clear()
+        self._state = CHUNK_SIZE
+        return pos + len(got)
+
+    def _read_trailers(self, data: bytes, pos: int, events: list) -> int:
+        buf = self._buf
+        start = len(buf)
+        buf += data[pos:]
+        if buf.startswith(b"\r\n"):
+            buf.clear()
+            self._finish(events)
+            return pos + 2 - start
+        idx = buf.find(b"\r\n\r\n", max(0, start - 3))
+        if idx < 0:
+            if len(buf) > self.max_head:
+                raise HeadersTooLarge("trailer section too large", side=self.side)
+            if has_bare_cr_or_lf(buf):
+                raise InvalidChunk("bare CR or LF in trailer section", side=self.side)
+            return len(data)
+        if idx + 4 > self.max_head:
+            raise HeadersTooLarge("trailer section too large", side=self.side)
+        block = bytes(buf[:idx])
+        buf.clear()
+        trailers = []
+        for line in block.split(b"\r\n"):
+            match = FIELD_LINE.fullmatch(line)
+            if match is None:
+                err = explain_line(line, self.side, "trailer")
+                raise InvalidChunk(
+                    f"invalid trailer: {err}", code="invalid_trailer", side=self.side
+                )
+            name, value = match.groups()
+            if name.lower() in FORBIDDEN_TRAILERS:
+                raise AmbiguousFraming(
+                    f"{name.decode()} in a trailer", code="forbidden_trailer", side=self.side
+                )
+            trailers.append((name, value))
+        self._finish(events, tuple(trailers))
+        return pos + idx + 4 - start

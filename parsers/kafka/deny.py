@@ -1,0 +1,625 @@
+"""Kafka denials: the API's own response, with authorization error codes.
+
+A denied Kafka request is answered the way a broker with ACLs would answer
+it: the response of that API, at the request's version (flexible encoding
+included), with TOPIC/GROUP/CLUSTER/TRANSACTIONAL_ID_AUTHORIZATION_FAILED on
+every topic/partition/group the request named. Clients then raise their usual
+authorization errors and keep the connection.
+
+``denial(...)`` returns the framed bytes, or ``None`` when no faithful answer
+can be encoded for that API (the engine then closes the connection).
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+
+from parsers.kafka import apis as kafka_apis
+
+TOPIC_AUTHORIZATION_FAILED = 29
+GROUP_AUTHORIZATION_FAILED = 30
+CLUSTER_AUTHORIZATION_FAILED = 31
+TRANSACTIONAL_ID_AUTHORIZATION_FAILED = 53
+
+ZERO_UUID = uuid.UUID(int=0)
+
+
+def _produce(R, req, code):
+    T = R.TopicProduceResponse
+    P = T.PartitionProduceResponse
+    return R(
+        responses=[
+            T(
+                name=t.name,
+                topic_id=t.topic_id,
+                partition_responses=[
+                    P(index=p.index, error_code=code, base_offset=-1) for p in t.partition_data
+                ],
+            )
+            for t in req.topic_data
+        ]
+    )
+
+
+def _fetch(R, req, code):
+    T = R.FetchableTopicResponse
+    P = T.PartitionData
+    return R(
+        error_code=0 if code == TOPIC_AUTHORIZATION_FAILED else code,
+        session_id=req.session_id,
+        responses=[
+            T(
+                topic=t.topic,
+                topic_id=t.topic_id,
+                partitions=[
+                    P(
+                        partition_index=p.partition,
+                        error_code=code,
+                        high_watermark=-1,
+                        last_stable_offset=-1,
+                        log_start_offset=-1,
+                        records=b"",  # librdkafka rejects null records
+                    )
+                    for p in t.partitions
+                ],
+            )
+            for t in req.topics
+        ],
+    )
+
+
+def _list_offsets(R, req, code):
+    T = R.ListOffsetsTopicResponse
+    P = T.ListOffsetsPartitionResponse
+    return R(
+        topics=[
+            T(
+                name=t.name,
+                partitions=[
+                    P(partition_index=p.partition_index, error_code=code, timestamp=-1, offset=-1)
+                    for p in t.partitions
+                ],
+            )
+            for t in req.topics
+        ]
+    )
+
+
+def _metadata(R, req, code, cluster):
+    T = R.MetadataResponseTopic
+    B = R.MetadataResponseBroker
+    topics = [
+        T(
+            error_code=code,
+            name=t.name,
+            topic_id=t.topic_id or ZERO_UUID,
+            is_internal=False,
+            partitions=[],
+        )
+        for t in req.topics or ()
+    ]
+    return R(
+        brokers=[B(node_id=n, host=h, port=p, rack=r) for n, h, p, r in cluster.brokers],
+        cluster_id=cluster.cluster_id,
+        controller_id=cluster.controller_id,
+        topics=topics,
+        error_code=0 if topics else code,
+    )
+
+
+def _offset_commit(R, req, code):
+    T = R.OffsetCommitResponseTopic
+    P = T.OffsetCommitResponsePartition
+    return R(
+        topics=[
+            T(
+                name=t.name,
+                topic_id=t.topic_id,
+                partitions=[
+                    P(partition_index=p.partition_index, error_code=code) for p in t.partitions
+                ],
+            )
+            for t in req.topics
+        ]
+    )
+
+
+def _offset_fetch(R, req, code, version):
+    if version < 8:
+        T = R.OffsetFetchResponseTopic
+        P = T.OffsetFetchResponsePartition
+        topics = [
+            T(
+                name=t.name,
+                partitions=[
+                    P(partition_index=i, committed_offset=-1, metadata="", error_code=code)
+                    for i in t.partition_indexes
+                ],
+            )
+            for t in req.topics or ()
+        ]
+        return R(topics=topics, error_code=code)
+    G = R.OffsetFetchResponseGroup
+    T = G.OffsetFetchResponseTopics
+    P = T.OffsetFetchResponsePartitions
+    return R(
+        groups=[
+            G(
+                group_id=g.group_id,
+                error_code=code,
+                topics=[
+                    T(
+                        name=t.name,
+                        topic_id=t.topic_id,
+                        partitions=[
+                            P(partition_index=i, committed_offset=-1, metadata="", error_code=code)
+                            for i in t.partition_indexes
+                        ],
+                    )
+                    for t in g.topics or ()
+                ],
+            )
+            for g in req.groups
+        ]
+    )
+
+
+def _find_coordinator(R, req, code, version):
+    if version < 4:
+        return R(error_code=code, node_id=-1, host="", port=-1)
+    C = R.Coordinator
+    return R(
+        coordinators=[
+            C(key=k, node_id=-1, host="", port=-1, error_code=code) for k in req.coordinator_keys
+        ]
+    )
+
+
+def _create_topics(R, req, code):
+    T = R.CreatableTopicResult
+    return R(
+        topics=[
+            T(
+                name=t.name,
+                topic_id=ZERO_UUID,
+                error_code=code,
+                num_partitions=-1,
+                replication_factor=-1,
+                configs=None,
+            )
+            for t in req.topics
+        ]
+    )
+
+
+def _delete_topics(R, req, code, version):
+    T = R.DeletableTopicResult
+    if version < 6:
+        return R(responses=[T(name=n, error_code=code) for n in req.topic_names])
+    return R(
+        responses=[
+            T(name=t.name, topic_id=t.topic_id or ZERO_UUID, error_code=code) for t in req.topics
+        ]
+    )
+
+
+def _delete_records(R, req, code):
+    T = R.DeleteRecordsTopicResult
+    P = T.DeleteRecordsPartitionResult
+    return R(
+        topics=[
+            T(
+                name=t.name,
+                partitions=[
+                    P(partition_index=p.partition_index, low_watermark=-1, error_code=code)
+                    for p in t.partitions
+                ],
+            )
+            for t in req.topics
+        ]
+    )
+
+
+def _offset_for_leader_epoch(R, req, code):
+    T = R.OffsetForLeaderTopicResult
+    P = T.EpochEndOffset
+    return R(
+        topics=[
+            T(
+                topic=t.topic,
+                partitions=[
+                    P(error_code=code, partition=p.partition, leader_epoch=-1, end_offset=-1)
+                    for p in t.partitions
+                ],
+            )
+            for t in req.topics
+        ]
+    )
+
+
+def _add_partitions_to_txn(R, req, code, version):
+    T = R.AddPartitionsToTxnTopicResult
+    P = T.AddPartitionsToTxnPartitionResult
+
+    def topics(ts):
+        return [
+            T(
+                name=t.name,
+                results_by_partition=[
+                    P(partition_index=i, partition_error_code=code) for i in t.partitions
+                ],
+            )
+            for t in ts
+        ]
+
+    if version < 4:
+        return R(results_by_topic_v3_and_below=topics(req.v3_and_below_topics))
+    X = R.AddPartitionsToTxnResult
+    return R(
+        error_code=0,
+        results_by_transaction=[
+            X(transactional_id=x.transactional_id, topic_results=topics(x.topics))
+            for x in req.transactions
+        ],
+    )
+
+
+def _txn_offset_commit(R, req, code):
+    T = R.TxnOffsetCommitResponseTopic
+    P = T.TxnOffsetCommitResponsePartition
+    return R(
+        topics=[
+            T(
+                name=t.name,
+                partitions=[
+                    P(partition_index=p.partition_index, error_code=code) for p in t.partitions
+                ],
+            )
+            for t in req.topics
+        ]
+    )
+
+
+def _describe_configs(R, req, code):
+    X = R.DescribeConfigsResult
+    return R(
+        results=[
+            X(
+                error_code=code,
+                error_message=None,
+                resource_type=r.resource_type,
+                resource_name=r.resource_name,
+                configs=[],
+            )
+            for r in req.resources
+        ]
+    )
+
+
+def _alter_configs(R, req, code):
+    X = R.AlterConfigsResourceResponse
+    return R(
+        responses=[
+            X(
+                error_code=code,
+                error_message=None,
+                resource_type=r.resource_type,
+                resource_name=r.resource_name,
+            )
+            for r in req.resources
+        ]
+    )
+
+
+def _create_partitions(R, req, code):
+    X = R.CreatePartitionsTopicResult
+    return R(results=[X(name=t.name, error_code=code, error_message=None) for t in req.topics])
+
+
+def _offset_delete(R, req, code):
+    T = R.OffsetDeleteResponseTopic
+    P = T.OffsetDeleteResponsePartition
+    return R(
+        error_code=0 if code == TOPIC_AUTHORIZATION_FAILED else code,
+        topics=[
+            T(
+                name=t.name,
+                partitions=[
+                    P(partition_index=p.partition_index, error_code=code) for p in t.partitions
+                ],
+            )
+            for t in req.topics
+        ],
+    )
+
+
+def _describe_groups(R, req, code):
+    G = R.DescribedGroup
+    return R(
+        groups=[
+            G(
+                error_code=code,
+                group_id=g,
+                group_state="",
+                protocol_type="",
+                protocol_data="",
+                members=[],
+            )
+            for g in req.groups
+        ]
+    )
+
+
+def _delete_groups(R, req, code):
+    X = R.DeletableGroupResult
+    return R(results=[X(group_id=g, error_code=code) for g in req.groups_names])
+
+
+def _create_acls(R, req, code):
+    X = R.AclCreationResult
+    return R(results=[X(error_code=code, error_message=None) for _ in req.creations])
+
+
+def _delete_acls(R, req, code):
+    X = R.DeleteAclsFilterResult
+    return R(
+        filter_results=[
+            X(error_code=code, error_message=None, matching_acls=[]) for _ in req.filters
+        ]
+    )
+
+
+def _describe_log_dirs(R, req, code):
+    X = R.DescribeLogDirsResult
+    return R(error_code=code, results=[X(error_code=code, log_dir="", topics=[])])
+
+
+def _alter_replica_log_dirs(R, req, code):
+    T = R.AlterReplicaLogDirTopicResult
+    P = T.AlterReplicaLogDirPartitionResult
+    return R(
+        results=[
+            T(
+                topic_name=t.name,
+                partitions=[P(partition_index=i, error_code=code) for i in t.partitions],
+            )
+            for d in req.dirs
+            for t in d.topics
+        ]
+    )
+
+
+def _write_txn_markers(R, req, code):
+    M = R.WritableTxnMarkerResult
+    T = M.WritableTxnMarkerTopicResult
+    P = T.WritableTxnMarkerPartitionResult
+    return R(
+        markers=[
+            M(
+                producer_id=m.producer_id,
+                topics=[
+                    T(
+                        name=t.name,
+                        partitions=[
+                            P(partition_index=i, error_code=code) for i in t.partition_indexes
+                        ],
+                    )
+                    for t in m.topics
+                ],
+            )
+            for m in req.markers
+        ]
+    )
+
+
+def _elect_leaders(R, req, code):
+    X = R.ReplicaElectionResult
+    P = X.PartitionResult
+    return R(
+        error_code=code,
+        replica_election_results=[
+            X(
+                topic=t.topic,
+                partition_result=[
+                    P(partition_id=i, error_code=code, error_message=None) for i in t.partitions
+                ],
+            )
+            for t in req.topic_partitions or ()
+        ],
+    )
+
+
+def _alter_client_quotas(R, req, code):
+    X = R.EntryData
+    E = X.EntityData
+    return R(
+        entries=[
+            X(
+                error_code=code,
+                error_message=None,
+                entity=[E(entity_type=e.entity_type, entity_name=e.entity_name) for e in x.entity],
+            )
+            for x in req.entries
+        ]
+    )
+
+
+def _alter_user_scram_credentials(R, req, code):
+    X = R.AlterUserScramCredentialsResult
+    users = [d.name for d in req.deletions] + [u.name for u in req.upsertions]
+    return R(results=[X(user=u, error_code=code, error_message=None) for u in users])
+
+
+def _describe_producers(R, req, code):
+    T = R.TopicResponse
+    P = T.PartitionResponse
+    return R(
+        topics=[
+            T(
+                name=t.name,
+                partitions=[
+                    P(partition_index=i, error_code=code, error_message=None, active_producers=[])
+                    for i in t.partition_indexes
+                ],
+            )
+            for t in req.topics
+        ]
+    )
+
+
+def _describe_transactions(R, req, code):
+    X = R.TransactionState
+    return R(
+        transaction_states=[
+            X(
+                error_code=code,
+                transactional_id=t,
+                transaction_state="",
+                transaction_timeout_ms=0,
+                transaction_start_time_ms=-1,
+                producer_id=-1,
+                producer_epoch=-1,
+                topics=[],
+            )
+            for t in req.transactional_ids
+        ]
+    )
+
+
+def _describe_topic_partitions(R, req, code):
+    T = R.DescribeTopicPartitionsResponseTopic
+    return R(
+        topics=[
+            T(
+                error_code=code,
+                name=t.name,
+                topic_id=ZERO_UUID,
+                is_internal=False,
+                partitions=[],
+                topic_authorized_operations=-(2**31),
+            )
+            for t in req.topics
+        ],
+        next_cursor=None,
+    )
+
+
+# api key -> builder(R, req, code[, version]); all others use a top-level error_code.
+_BUILDERS = {
+    0: _produce,
+    1: _fetch,
+    2: _list_offsets,
+    8: _offset_commit,
+    19: _create_topics,
+    21: _delete_records,
+    23: _offset_for_leader_epoch,
+    28: _txn_offset_commit,
+    32: _describe_configs,
+    33: _alter_configs,
+    37: _create_partitions,
+    44: _alter_configs,
+    47: _offset_delete,
+    15: _describe_groups,
+    42: _delete_groups,
+    27: _write_txn_markers,
+    30: _create_acls,
+    31: _delete_acls,
+    34: _alter_replica_log_dirs,
+    35: _describe_log_dirs,
+    43: _elect_leaders,
+    49: _alter_client_quotas,
+    51: _alter_user_scram_credentials,
+    61: _describe_producers,
+    65: _describe_transactions,
+    75: _describe_topic_partitions,
+}
+_VERSIONED_BUILDERS = {
+    9: _offset_fetch,
+    10: _find_coordinator,
+    20: _delete_topics,
+    24: _add_partitions_to_txn,
+}
+
+
+def _encode(response, correlation_id: int) -> bytes:
+    # The response was built from its versioned class; passing version= to
+    # encode() again would trip kafka-python on a response header.
+    response.with_header(correlation_id=correlation_id)
+    return bytes(response.encode(header=True, framed=True))
+
+
+def denial(
+    api_key: int, api_version: int, correlation_id: int, message, code: int, cluster
+) -> bytes | None:
+    """Framed error response for a decoded request ``message``, or None."""
+    if api_key in kafka_apis.EXTRA_APIS:
+        return _extra_denial(api_key, api_version, correlation_id, message, code)
+    R = kafka_apis.response_class(api_key, api_version)
+    if R is None or message is None:
+        return None
+    if api_key == 18:
+        # Clients read a failed ApiVersions reply as v0, whatever they asked for
+        # (that is how brokers answer UNSUPPORTED_VERSION too).
+        return _encode(R[0](error_code=code, api_keys=[]), correlation_id)
+    R = R[api_version]
+    if api_key == 3:
+        response = _metadata(R, message, code, cluster)
+    elif api_key in _BUILDERS:
+        response = _BUILDERS[api_key](R, message, code)
+    elif api_key in _VERSIONED_BUILDERS:
+        response = _VERSIONED_BUILDERS[api_key](R, message, code, api_version)
+    elif "error_code" in R.fields and R.fields["error_code"].for_version_q(api_version):
+        response = R(error_code=code)
+        for name in ("producer_id", "producer_epoch", "generation_id", "member_epoch"):
+            field = R.fields.get(name)
+            if field is not None and field.for_version_q(api_version):
+                setattr(response, name, -1)
+    else:
+        return None
+    return _encode(response, correlation_id)
+
+
+# --------------------------------------------------------------------------
+# APIs kafka-python has no schema for: encoded by hand from Kafka's JSON specs.
+# All are flexible, so header v1 (correlation id + empty tagged fields).
+
+
+def _frame(correlation_id: int, body: bytes) -> bytes:
+    payload = struct.pack(">iB", correlation_id, 0) + body
+    return struct.pack(">i", len(payload)) + payload
+
+
+def _compact_str(s: str) -> bytes:
+    raw = s.encode()
+    return _uvarint(len(raw) + 1) + raw
+
+
+def _uvarint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _extra_denial(api_key, api_version, correlation_id, groups, code) -> bytes:
+    throttle = struct.pack(">i", 0)
+    if api_key == 68:  # ConsumerGroupHeartbeat
+        # error_code, error_message=null, member_id=null, member_epoch, heartbeat_interval_ms,
+        # assignment=null, tagged fields
+        body = throttle + struct.pack(">hBBiibB", code, 0, 0, -1, 0, -1, 0)
+    elif api_key == 69:  # ConsumerGroupDescribe
+        body = throttle + _uvarint(len(groups) + 1)
+        for group in groups:
+            body += struct.pack(">hB", code, 0) + _compact_str(group) + _compact_str("")
+            body += struct.pack(">ii", -1, -1) + _compact_str("") + _uvarint(1)
+            body += struct.pack(">iB", -(2**31), 0)
+        body += b"\x00"
+    elif api_key == 71:  # GetTelemetrySubscriptions
+        body = throttle + struct.pack(">h", code) + bytes(16) + struct.pack(">i", 0)
+        body += _uvarint(1) + struct.pack(">ii?", 0, 0, False) + _uvarint(1) + b"\x00"
+    else:  # 72 PushTelemetry
+        body = throttle + struct.pack(">hB", code, 0)
+    return _frame(correlation_id, body)

@@ -1,0 +1,40 @@
+"""Which engine parses which L7 protocol family.
+
+The policy names a parser family per port (``http``, ``kafka``,
+``cassandra``); this table turns it into an engine factory. Engines are
+imported lazily so that a port without L7 rules costs nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from parsers.base import EngineFactory
+
+# family -> "module:factory". The factory is called as factory(decide) -> Engine.
+ENGINES: dict[str, str] = {
+    "http": "parsers.http:HttpEngine",
+    "kafka": "parsers.kafka.engine:KafkaEngine",
+    "cassandra": "parsers.cql.engine:CqlEngine",
+}
+
+_cache: dict[str, EngineFactory] = {}
+
+
+def engine_factory(family: str) -> EngineFactory:
+    factory = _cache.get(family)
+    if factory is None:
+        target = ENGINES.get(family)
+        if target is None:
+            raise KeyError(f"no engine for L7 protocol {family!r}")
+        module, _, name = target.partition(":")
+        factory = getattr(importlib.import_module(module), name)
+        _cache[family] = factory
+    return factory
+
+
+def active_parsers() -> dict[str, str]:
+    """Which implementation each parser with a choice is using (for status and logs)."""
+    from parsers.http1 import engine as http1
+
+    return {"http1": http1.active_implementation()}
