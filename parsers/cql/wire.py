@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import lz4.block
 
 from parsers.base import FrameTooLarge, ProtocolError
+from parsers.varint import VarintError, decode_uvarint
 
 HEADER = struct.Struct(">BBhBI")
 HEADER_LEN = 9
@@ -252,13 +253,11 @@ def snappy_frame_decompress(body: bytes, limit: int = SPEC_MAX_FRAME) -> bytes:
 
 
 def _varint(data: bytes) -> int | None:
-    """Snappy's leading varint: the uncompressed length."""
-    value = 0
-    for i, byte in enumerate(data[:5]):
-        value |= (byte & 0x7F) << (7 * i)
-        if not byte & 0x80:
-            return value
-    return None
+    """Snappy's leading varint: the uncompressed length (None if malformed)."""
+    try:
+        return decode_uvarint(data)[0]
+    except VarintError:
+        return None
 
 
 FRAME_CODECS = {

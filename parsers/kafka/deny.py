@@ -16,6 +16,7 @@ import struct
 import uuid
 
 from parsers.kafka import apis as kafka_apis
+from parsers.varint import encode_uvarint
 
 TOPIC_AUTHORIZATION_FAILED = 29
 GROUP_AUTHORIZATION_FAILED = 30
@@ -592,16 +593,7 @@ def _frame(correlation_id: int, body: bytes) -> bytes:
 
 def _compact_str(s: str) -> bytes:
     raw = s.encode()
-    return _uvarint(len(raw) + 1) + raw
-
-
-def _uvarint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+    return encode_uvarint(len(raw) + 1) + raw
 
 
 def _extra_denial(api_key, api_version, correlation_id, groups, code) -> bytes:
@@ -611,15 +603,15 @@ def _extra_denial(api_key, api_version, correlation_id, groups, code) -> bytes:
         # assignment=null, tagged fields
         body = throttle + struct.pack(">hBBiibB", code, 0, 0, -1, 0, -1, 0)
     elif api_key == 69:  # ConsumerGroupDescribe
-        body = throttle + _uvarint(len(groups) + 1)
+        body = throttle + encode_uvarint(len(groups) + 1)
         for group in groups:
             body += struct.pack(">hB", code, 0) + _compact_str(group) + _compact_str("")
-            body += struct.pack(">ii", -1, -1) + _compact_str("") + _uvarint(1)
+            body += struct.pack(">ii", -1, -1) + _compact_str("") + encode_uvarint(1)
             body += struct.pack(">iB", -(2**31), 0)
         body += b"\x00"
     elif api_key == 71:  # GetTelemetrySubscriptions
         body = throttle + struct.pack(">h", code) + bytes(16) + struct.pack(">i", 0)
-        body += _uvarint(1) + struct.pack(">ii?", 0, 0, False) + _uvarint(1) + b"\x00"
+        body += encode_uvarint(1) + struct.pack(">ii?", 0, 0, False) + encode_uvarint(1) + b"\x00"
     else:  # 72 PushTelemetry
         body = throttle + struct.pack(">hB", code, 0)
     return _frame(correlation_id, body)

@@ -3,7 +3,8 @@
     engine = KafkaEngine(decide)
     engine.client_data(frame)   # -> [Access(KafkaRequest(...), decision, key=correlation_id),
                                 #     ToServer(frame)]
-    engine.server_data(reply)   # -> [ToClient(reply), Reply(correlation_id, {"error_code": 0, ...})]
+    engine.server_data(reply)   # -> [ToClient(reply),
+                                #     Reply(correlation_id, {"error_code": 0, ...})]
 
 Kafka answers strictly in request order on a connection, so the engine keeps
 the list of responses the client is owed. A denied request never reaches the
@@ -43,6 +44,7 @@ from parsers.kafka import fetch as kafka_fetch
 from parsers.kafka import produce as kafka_produce
 from parsers.kafka.frames import FrameBuffer
 from parsers.requests import KafkaRequest
+from parsers.varint import decode_uvarint
 
 # Kafka's own default for socket.request.max.bytes.
 DEFAULT_MAX_FRAME = 100 * 1024 * 1024
@@ -436,7 +438,7 @@ class KafkaEngine:
                 group, pos = _compact_string(frame, pos)
                 groups.append(group)
             elif extra.first_field == "groups":
-                count, pos = _uvarint(frame, pos)
+                count, pos = decode_uvarint(frame, pos)
                 for _ in range(count - 1):
                     group, pos = _compact_string(frame, pos)
                     groups.append(group)
@@ -656,24 +658,11 @@ def _metadata_encodable(version: int) -> bool:
 # Small wire helpers (the header is read by hand: it is tiny and hot).
 
 
-def _uvarint(buf, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-        if shift > 28:
-            raise ValueError("varint too long")
-
-
 def _skip_tagged_fields(buf, pos: int) -> int:
-    count, pos = _uvarint(buf, pos)
+    count, pos = decode_uvarint(buf, pos)
     for _ in range(count):
-        _tag, pos = _uvarint(buf, pos)
-        size, pos = _uvarint(buf, pos)
+        _tag, pos = decode_uvarint(buf, pos)
+        size, pos = decode_uvarint(buf, pos)
         pos += size
     if pos > len(buf):
         raise ValueError("tagged fields run past the frame")
@@ -681,7 +670,7 @@ def _skip_tagged_fields(buf, pos: int) -> int:
 
 
 def _compact_string(buf, pos: int) -> tuple[str, int]:
-    length, pos = _uvarint(buf, pos)
+    length, pos = decode_uvarint(buf, pos)
     if length == 0:
         raise ValueError("null string")
     end = pos + length - 1

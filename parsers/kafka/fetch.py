@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import struct
 
+from parsers.varint import MAX_UVARINT_BYTES, decode_uvarint
+
 MIN_VERSION, MAX_VERSION = 4, 18
 FLEXIBLE_FROM = 12
 
@@ -63,15 +65,21 @@ class _Reader:
         return struct.unpack(">i", self.read(4))[0]
 
     def uvarint(self) -> int:
-        value = shift = 0
-        while True:
-            byte = self.read(1)[0]
-            value |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return value
-            shift += 7
-            if shift > 28:
-                raise ValueError("varint too long")
+        value, size = decode_uvarint(self._peek(MAX_UVARINT_BYTES))
+        self._advance(size)
+        return value
+
+    def _peek(self, n: int) -> bytes:
+        """Up to ``n`` bytes from here (fewer at the end), not consumed."""
+        part = self._parts[self._i] if self._i < len(self._parts) else b""
+        if len(part) - self._off >= n:
+            return part[self._off : self._off + n]
+        out = bytearray(part[self._off :])
+        for part in self._parts[self._i + 1 :]:
+            if len(out) >= n:
+                break
+            out += part[: n - len(out)]
+        return bytes(out)
 
     def tagged_fields(self) -> None:
         for _ in range(self.uvarint()):

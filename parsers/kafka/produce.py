@@ -18,6 +18,8 @@ import struct
 import uuid
 from dataclasses import dataclass
 
+from parsers.varint import TruncatedVarint, decode_uvarint
+
 
 class NeedMore(Exception):
     """The prefix is not all there yet."""
@@ -44,17 +46,11 @@ def read_prefix(buf: bytes, pos: int, version: int, flexible: bool) -> ProducePr
 
     def uvarint() -> int:
         nonlocal pos
-        value = shift = 0
-        while True:
-            need(1)
-            byte = buf[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return value
-            shift += 7
-            if shift > 28:
-                raise ValueError("varint too long")
+        try:
+            value, pos = decode_uvarint(buf, pos)
+        except TruncatedVarint:
+            raise NeedMore from None
+        return value
 
     def string() -> str | None:
         nonlocal pos
