@@ -138,7 +138,7 @@ def kafka_request(text: str) -> KafkaRequest:
     ``group=NAME`` / ``txn=ID`` words, e.g. ``produce orders billing`` or
     ``joingroup billing-consumers``. The resource is a topic, or a group /
     transactional id for the APIs that name those instead."""
-    from l7proxy.policy.rules.kafka import API_KEYS
+    from parsers.kafka.apis import API_KEY_BY_POLICY_NAME as API_KEYS
 
     try:
         words = shlex.split(text)
@@ -205,9 +205,9 @@ def describe_request(request: Any) -> str:
             f" host={request.host}" if request.host else ""
         )
     if isinstance(request, KafkaRequest):
-        from l7proxy.policy.rules.kafka import _API_NAMES
+        from parsers.kafka.apis import policy_name
 
-        name = _API_NAMES.get(request.api_key, str(request.api_key))
+        name = policy_name(request.api_key)
         parts = [f"kafka {name} (apiKey {request.api_key} v{request.api_version})"]
         parts += [f"topics={','.join(request.topics)}"] if request.topics else []
         parts += [f"groups={','.join(request.groups)}"] if request.groups else []

@@ -69,25 +69,40 @@ class ExtraApi:
 
 
 EXTRA_APIS: dict[int, ExtraApi] = {
-    68: ExtraApi("ConsumerGroupHeartbeat", 1, "group"),
-    69: ExtraApi("ConsumerGroupDescribe", 1, "groups"),
-    71: ExtraApi("GetTelemetrySubscriptions", 0, None),
-    72: ExtraApi("PushTelemetry", 0, None),
+    int(key): ExtraApi(key.name, max_version, first_field)
+    for key, max_version, first_field in (
+        (ApiKey.ConsumerGroupHeartbeat, 1, "group"),
+        (ApiKey.ConsumerGroupDescribe, 1, "groups"),
+        (ApiKey.GetTelemetrySubscriptions, 0, None),
+        (ApiKey.PushTelemetry, 0, None),
+    )
 }
 
 # Every API added since KIP-482 (Kafka 2.4) is flexible from v0.
 _FIRST_ALWAYS_FLEXIBLE_KEY = 56
 
 
+# The one table of API names is kafka-python's ApiKey: every key Kafka defines,
+# including those kafka-python has no schema for (EXTRA_APIS).
+
+
 def api_name(api_key: int) -> str:
+    """Kafka's name for an API ("ListOffsets"), or the number if unknown."""
     try:
         return ApiKey(api_key).name
     except ValueError:
         return str(api_key)
 
 
-def api_key_by_name() -> dict[str, int]:
-    return {k.name: int(k) for k in ApiKey}
+# Names as a policy spells them: Cilium's lower case ("produce"), plus its
+# "offsets" for ListOffsets. Policy and trace both read this table.
+API_KEY_BY_POLICY_NAME: dict[str, int] = {k.name.lower(): int(k) for k in ApiKey}
+API_KEY_BY_POLICY_NAME["offsets"] = int(ApiKey.ListOffsets)
+
+
+def policy_name(api_key: int) -> str:
+    """An API's name in the policy's spelling ("listoffsets"), for messages."""
+    return api_name(api_key).lower()
 
 
 def request_class(api_key: int, api_version: int) -> type | None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import struct
 import uuid
 
+from kafka.protocol.api_key import ApiKey
+
 from parsers.kafka import apis as kafka_apis
 from parsers.varint import encode_uvarint
 
@@ -508,38 +510,38 @@ def _describe_topic_partitions(R, req, code):
 
 # api key -> builder(R, req, code[, version]); all others use a top-level error_code.
 _BUILDERS = {
-    0: _produce,
-    1: _fetch,
-    2: _list_offsets,
-    8: _offset_commit,
-    19: _create_topics,
-    21: _delete_records,
-    23: _offset_for_leader_epoch,
-    28: _txn_offset_commit,
-    32: _describe_configs,
-    33: _alter_configs,
-    37: _create_partitions,
-    44: _alter_configs,
-    47: _offset_delete,
-    15: _describe_groups,
-    42: _delete_groups,
-    27: _write_txn_markers,
-    30: _create_acls,
-    31: _delete_acls,
-    34: _alter_replica_log_dirs,
-    35: _describe_log_dirs,
-    43: _elect_leaders,
-    49: _alter_client_quotas,
-    51: _alter_user_scram_credentials,
-    61: _describe_producers,
-    65: _describe_transactions,
-    75: _describe_topic_partitions,
+    ApiKey.Produce: _produce,
+    ApiKey.Fetch: _fetch,
+    ApiKey.ListOffsets: _list_offsets,
+    ApiKey.OffsetCommit: _offset_commit,
+    ApiKey.CreateTopics: _create_topics,
+    ApiKey.DeleteRecords: _delete_records,
+    ApiKey.OffsetForLeaderEpoch: _offset_for_leader_epoch,
+    ApiKey.TxnOffsetCommit: _txn_offset_commit,
+    ApiKey.DescribeConfigs: _describe_configs,
+    ApiKey.AlterConfigs: _alter_configs,
+    ApiKey.CreatePartitions: _create_partitions,
+    ApiKey.IncrementalAlterConfigs: _alter_configs,
+    ApiKey.OffsetDelete: _offset_delete,
+    ApiKey.DescribeGroups: _describe_groups,
+    ApiKey.DeleteGroups: _delete_groups,
+    ApiKey.WriteTxnMarkers: _write_txn_markers,
+    ApiKey.CreateAcls: _create_acls,
+    ApiKey.DeleteAcls: _delete_acls,
+    ApiKey.AlterReplicaLogDirs: _alter_replica_log_dirs,
+    ApiKey.DescribeLogDirs: _describe_log_dirs,
+    ApiKey.ElectLeaders: _elect_leaders,
+    ApiKey.AlterClientQuotas: _alter_client_quotas,
+    ApiKey.AlterUserScramCredentials: _alter_user_scram_credentials,
+    ApiKey.DescribeProducers: _describe_producers,
+    ApiKey.DescribeTransactions: _describe_transactions,
+    ApiKey.DescribeTopicPartitions: _describe_topic_partitions,
 }
 _VERSIONED_BUILDERS = {
-    9: _offset_fetch,
-    10: _find_coordinator,
-    20: _delete_topics,
-    24: _add_partitions_to_txn,
+    ApiKey.OffsetFetch: _offset_fetch,
+    ApiKey.FindCoordinator: _find_coordinator,
+    ApiKey.DeleteTopics: _delete_topics,
+    ApiKey.AddPartitionsToTxn: _add_partitions_to_txn,
 }
 
 
@@ -559,12 +561,12 @@ def denial(
     R = kafka_apis.response_class(api_key, api_version)
     if R is None or message is None:
         return None
-    if api_key == 18:
+    if api_key == ApiKey.ApiVersions:
         # Clients read a failed ApiVersions reply as v0, whatever they asked for
         # (that is how brokers answer UNSUPPORTED_VERSION too).
         return _encode(R[0](error_code=code, api_keys=[]), correlation_id)
     R = R[api_version]
-    if api_key == 3:
+    if api_key == ApiKey.Metadata:
         response = _metadata(R, message, code, cluster)
     elif api_key in _BUILDERS:
         response = _BUILDERS[api_key](R, message, code)
@@ -598,18 +600,18 @@ def _compact_str(s: str) -> bytes:
 
 def _extra_denial(api_key, api_version, correlation_id, groups, code) -> bytes:
     throttle = struct.pack(">i", 0)
-    if api_key == 68:  # ConsumerGroupHeartbeat
+    if api_key == ApiKey.ConsumerGroupHeartbeat:
         # error_code, error_message=null, member_id=null, member_epoch, heartbeat_interval_ms,
         # assignment=null, tagged fields
         body = throttle + struct.pack(">hBBiibB", code, 0, 0, -1, 0, -1, 0)
-    elif api_key == 69:  # ConsumerGroupDescribe
+    elif api_key == ApiKey.ConsumerGroupDescribe:
         body = throttle + encode_uvarint(len(groups) + 1)
         for group in groups:
             body += struct.pack(">hB", code, 0) + _compact_str(group) + _compact_str("")
             body += struct.pack(">ii", -1, -1) + _compact_str("") + encode_uvarint(1)
             body += struct.pack(">iB", -(2**31), 0)
         body += b"\x00"
-    elif api_key == 71:  # GetTelemetrySubscriptions
+    elif api_key == ApiKey.GetTelemetrySubscriptions:
         body = throttle + struct.pack(">h", code) + bytes(16) + struct.pack(">i", 0)
         body += encode_uvarint(1) + struct.pack(">ii?", 0, 0, False) + encode_uvarint(1) + b"\x00"
     else:  # 72 PushTelemetry

@@ -24,6 +24,8 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field, replace
 
+from kafka.protocol.api_key import ApiKey
+
 from parsers.base import (
     Access,
     Command,
@@ -54,8 +56,10 @@ DEFAULT_MAX_IN_FLIGHT = 1000
 # api key + api version + correlation id + client id length
 _MIN_REQUEST_HEADER = 10
 
-_PRODUCE, _FETCH, _METADATA, _CONTROLLED_SHUTDOWN, _CREATE_TOPICS = 0, 1, 3, 7, 19
-_DESCRIBE_TOPIC_PARTITIONS = 75
+# Plain ints: compared on every frame, where an IntEnum comparison costs more.
+_PRODUCE, _FETCH, _METADATA = int(ApiKey.Produce), int(ApiKey.Fetch), int(ApiKey.Metadata)
+_CONTROLLED_SHUTDOWN, _CREATE_TOPICS = int(ApiKey.ControlledShutdown), int(ApiKey.CreateTopics)
+_DESCRIBE_TOPIC_PARTITIONS = int(ApiKey.DescribeTopicPartitions)
 
 # Metadata version of our own topic-id lookups, unless the client used another
 # (v10+) on the connection: v10+ carries topic ids, v12 is what Kafka 3.x and

@@ -33,6 +33,7 @@ from kafka.protocol.api_key import ApiKey
 
 from l7proxy.policy.errors import YamlPath
 from l7proxy.policy.rules import L7Kind, register
+from parsers.kafka.apis import API_KEY_BY_POLICY_NAME, policy_name
 from parsers.requests import KafkaRequest
 
 _FIELDS = (
@@ -46,14 +47,8 @@ _FIELDS = (
     "transactionalID",
 )
 
-# Names as Cilium spells them (lower case, "offsets" for ListOffsets) and as Kafka does.
-API_KEYS: dict[str, int] = {k.name.lower(): int(k) for k in ApiKey}
-API_KEYS.update({"offsets": int(ApiKey.ListOffsets)})
-API_KEYS.update({"consumergroupheartbeat": 68, "consumergroupdescribe": 69})
-API_KEYS.update({"gettelemetrysubscriptions": 71, "pushtelemetry": 72})
-_API_NAMES = {v: k for k, v in API_KEYS.items() if k != "offsets"}
-
-_TELEMETRY = {71, 72}  # KIP-714: librdkafka asks on every connection
+# KIP-714: librdkafka asks on every connection
+_TELEMETRY = {ApiKey.GetTelemetrySubscriptions, ApiKey.PushTelemetry}
 ROLES: dict[str, frozenset[int]] = {
     # Cilium's produce role (Produce, Metadata, ApiVersions) plus what a modern
     # idempotent or transactional producer sends.
@@ -86,7 +81,7 @@ ROLES: dict[str, frozenset[int]] = {
             ApiKey.SyncGroup,
             ApiKey.ApiVersions,
             ApiKey.OffsetForLeaderEpoch,
-            68,  # ConsumerGroupHeartbeat
+            ApiKey.ConsumerGroupHeartbeat,
             *_TELEMETRY,
         }
     ),
@@ -127,7 +122,7 @@ class KafkaRule:
         if not isinstance(request, KafkaRequest):
             return f"not a Kafka request ({type(request).__name__})"
         if self.api_keys is not None and request.api_key not in self.api_keys:
-            return f"api {_API_NAMES.get(request.api_key, request.api_key)} not in rule"
+            return f"api {policy_name(request.api_key)} not in rule"
         if self.api_version is not None and request.api_version != self.api_version:
             return f"apiVersion {request.api_version} != {self.api_version}"
         if self.client_id is not None and request.client_id != self.client_id:
@@ -210,8 +205,8 @@ def _api_key(node: Any, path: YamlPath) -> int:
         if not 0 <= node <= 32767:
             raise path.error(f"API key {node} out of range")
         return node
-    if isinstance(node, str) and node.lower() in API_KEYS:
-        return API_KEYS[node.lower()]
+    if isinstance(node, str) and node.lower() in API_KEY_BY_POLICY_NAME:
+        return API_KEY_BY_POLICY_NAME[node.lower()]
     raise path.error(f"unknown Kafka apiKey {node!r}")
 
 
