@@ -60,8 +60,6 @@ REASONS = {
 _TC_INGRESS = "ffff:fff2"
 _TC_EGRESS = "ffff:fff3"
 _TC_PRIO = 0xC1F  # our filters' priority on both hooks
-_SOL_IP = 0
-_IP_TRANSPARENT = 19
 
 
 @dataclass(frozen=True)
@@ -594,7 +592,7 @@ class Datapath:
         """Redirects for proxy_port go to this listening socket. It must have
         IP_TRANSPARENT (else the SYN-ACK cannot be routed) and listen already."""
         self._require()
-        if not sock.getsockopt(_SOL_IP, _IP_TRANSPARENT):
+        if not sock.getsockopt(socket.SOL_IP, socket.IP_TRANSPARENT):
             raise ValueError("proxy listener needs IP_TRANSPARENT")
         bpfsys.sockhash_put(self._listener_fd, proxy_port, sock.fileno())
         self._listeners[proxy_port] = sock.fileno()

@@ -35,9 +35,6 @@ from parsers.registry import engine_factory
 
 log = logging.getLogger("l7proxy.proxy")
 
-IP_TRANSPARENT = 19
-SO_MARK = 36
-
 
 @dataclass(frozen=True)
 class Upstream:
@@ -178,12 +175,12 @@ class Proxy:
         try:
             sock.setblocking(False)
             if self.mark:
-                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)
             # The server's replies can only be steered back to a socket bound to
             # the client's address when the server sits behind an endpoint veth;
             # toward the host or the world, connect from our own address.
             if self.preserve_source and dst_ip in self.state.current.endpoints_by_ip:
-                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind((src_ip, 0))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -204,7 +201,7 @@ def make_listener(
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if transparent:
-            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)

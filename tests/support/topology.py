@@ -31,8 +31,6 @@ import pytest
 MARKER_DIR = Path("/run/l7proxy-tests")
 _NS_RE = re.compile(r"^l7t-([0-9a-f]{6})-[a-z0-9]+$")
 _LINK_RE = re.compile(r"^l7t([0-9a-f]{6})\d+$")
-IP_TRANSPARENT = 19
-SOL_IP = 0
 
 
 def skip_reason() -> str | None:
@@ -315,7 +313,7 @@ def topology(
 def transparent_listener(ip: str = "127.0.0.1") -> socket.socket:
     """The smallest transparent proxy listener: IP_TRANSPARENT, any port."""
     s = socket.socket()
-    s.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
+    s.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((ip, 0))
     s.listen(16)
@@ -329,7 +327,7 @@ def transparent_upstream(
     (IP_TRANSPARENT) and carrying the proxy's SO_MARK."""
     s = socket.socket()
     try:
-        s.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
+        s.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         s.bind((str(client_ip), 0))
         s.settimeout(timeout)
