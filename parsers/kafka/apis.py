@@ -16,14 +16,23 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import Any, TypeAlias
 
-import kafka.protocol.admin  # noqa: F401  (imports register the classes)
-import kafka.protocol.consumer  # noqa: F401
-import kafka.protocol.metadata  # noqa: F401
-import kafka.protocol.producer  # noqa: F401
-import kafka.protocol.sasl  # noqa: F401
-from kafka.protocol.api_key import ApiKey
-from kafka.protocol.api_message import ApiMessage
+# kafka-python ships no type information: this module is the typed boundary,
+# and the rest of parsers/kafka imports ApiKey from here. Its imports register
+# the message classes.
+import kafka.protocol.admin  # type: ignore[import-untyped]  # noqa: F401
+import kafka.protocol.consumer  # type: ignore[import-untyped]  # noqa: F401
+import kafka.protocol.metadata  # type: ignore[import-untyped]  # noqa: F401
+import kafka.protocol.producer  # type: ignore[import-untyped]  # noqa: F401
+import kafka.protocol.sasl  # type: ignore[import-untyped]  # noqa: F401
+from kafka.protocol.api_key import ApiKey as ApiKey  # type: ignore[import-untyped]
+from kafka.protocol.api_message import ApiMessage  # type: ignore[import-untyped]
+
+# kafka-python's generated classes (one per API, indexed by version) and their
+# instances: untyped, so named here for what they are.
+MessageClass: TypeAlias = Any
+Message: TypeAlias = Any
 
 TOPIC, GROUP, TXN = "topicName", "groupId", "transactionalId"
 
@@ -38,16 +47,18 @@ _IGNORED_FIELDS = frozenset({"forgotten_topics_data"})
 
 
 def _all_subclasses(cls: type) -> list[type]:
-    out = []
+    out: list[type] = []
+    sub: type
     for sub in cls.__subclasses__():
         out.append(sub)
         out.extend(_all_subclasses(sub))
     return out
 
 
-def _message_classes() -> tuple[dict[int, type], dict[int, type]]:
-    requests: dict[int, type] = {}
-    responses: dict[int, type] = {}
+def _message_classes() -> tuple[dict[int, MessageClass], dict[int, MessageClass]]:
+    requests: dict[int, MessageClass] = {}
+    responses: dict[int, MessageClass] = {}
+    cls: MessageClass
     for cls in _all_subclasses(ApiMessage):
         if getattr(cls, "_class_version", None) is not None or cls.__dict__.get("_json") is None:
             continue
@@ -89,7 +100,7 @@ _FIRST_ALWAYS_FLEXIBLE_KEY = 56
 def api_name(api_key: int) -> str:
     """Kafka's name for an API ("ListOffsets"), or the number if unknown."""
     try:
-        return ApiKey(api_key).name
+        return str(ApiKey(api_key).name)
     except ValueError:
         return str(api_key)
 
@@ -105,14 +116,14 @@ def policy_name(api_key: int) -> str:
     return api_name(api_key).lower()
 
 
-def request_class(api_key: int, api_version: int) -> type | None:
+def request_class(api_key: int, api_version: int) -> MessageClass | None:
     cls = REQUESTS.get(api_key)
     if cls is None or not 0 <= api_version <= cls.max_version:
         return None
     return cls
 
 
-def response_class(api_key: int, api_version: int) -> type | None:
+def response_class(api_key: int, api_version: int) -> MessageClass | None:
     cls = RESPONSES.get(api_key)
     if cls is None or not 0 <= api_version <= cls.max_version:
         return None
@@ -123,7 +134,7 @@ def is_flexible(api_key: int, api_version: int) -> bool:
     """Whether this request/response uses tagged fields (header v2 / v1)."""
     cls = REQUESTS.get(api_key)
     if cls is not None:
-        return cls.flexible_version_q(api_version)
+        return bool(cls.flexible_version_q(api_version))
     return api_key >= _FIRST_ALWAYS_FLEXIBLE_KEY
 
 
@@ -145,11 +156,17 @@ class Resources:
     topic_ids: list[uuid.UUID]
 
 
+# Which fields hold resources: (field name, "array" | "struct" | "value", then
+# a sub-plan for structs, or what the field names: TOPIC, GROUP, TXN, "topicId"
+# or "typed").
+_PlanStep: TypeAlias = "tuple[str, str, _Plan | str]"
+_Plan: TypeAlias = "tuple[_PlanStep, ...]"
+
 # Memo of _plan (schema fields define __eq__ without __hash__, hence id()).
-_PLANS: dict[tuple[int, int], tuple] = {}
+_PLANS: dict[tuple[int, int], _Plan] = {}
 
 
-def _plan(struct, version: int) -> tuple:
+def _plan(struct: Any, version: int) -> _Plan:
     """Which fields of ``struct`` at ``version`` hold resources, as a nested plan.
 
     A pure function of the schema, memoized: the walk per request then touches
@@ -158,7 +175,7 @@ def _plan(struct, version: int) -> tuple:
     memo = _PLANS.get((id(struct), version))
     if memo is not None:
         return memo
-    plan = []
+    plan: list[_PlanStep] = []
     for field in struct._fields or ():
         if not field.for_version_q(version) or field.name in _IGNORED_FIELDS:
             continue
@@ -177,15 +194,17 @@ def _plan(struct, version: int) -> tuple:
     return memo
 
 
-def _typed_name(obj, field_name: str) -> str | None:
+def _typed_name(obj: Message, field_name: str) -> str | None:
     if field_name == "resource_name":
-        kind = getattr(obj, "resource_type", None)
+        kind: int | None = getattr(obj, "resource_type", None)
+        if kind is None:
+            return None
         return {CONFIG_RESOURCE_TOPIC: TOPIC, CONFIG_RESOURCE_GROUP: GROUP}.get(kind)
     kind = getattr(obj, "key_type", COORDINATOR_GROUP)
     return {COORDINATOR_GROUP: GROUP, COORDINATOR_TXN: TXN}.get(kind)
 
 
-def _walk(obj, plan: tuple, out: Resources) -> None:
+def _walk(obj: Message, plan: _Plan, out: Resources) -> None:
     for name, shape, what in plan:
         value = getattr(obj, name, None)
         if value is None:
@@ -195,25 +214,24 @@ def _walk(obj, plan: tuple, out: Resources) -> None:
                 if item is not None:
                     _walk(item, what, out)
             continue
-        if what == "typed":
-            what = _typed_name(obj, name)
-            if what is None:
-                continue
+        kind = _typed_name(obj, name) if what == "typed" else what
+        if kind is None:
+            continue
         values = value if shape == "array" else (value,)
         for v in values:
-            if what == "topicId":
+            if kind == "topicId":
                 if v is not None and v.int != 0:
                     out.topic_ids.append(v)
             elif v:  # empty/absent names (e.g. a v13 produce names topics by id only)
-                {TOPIC: out.topics, GROUP: out.groups, TXN: out.transactional_ids}[what].append(v)
+                {TOPIC: out.topics, GROUP: out.groups, TXN: out.transactional_ids}[kind].append(v)
 
 
-def extract(message, api_version: int) -> Resources:
+def extract(message: Message, api_version: int) -> Resources:
     out = Resources([], [], [], [])
     _walk(message, _plan(type(message)._struct, api_version), out)
     return out
 
 
-def metadata_wants_all_topics(message) -> bool:
+def metadata_wants_all_topics(message: Message) -> bool:
     """A Metadata request with null topics asks for every topic (v1+)."""
     return getattr(message, "topics", ()) is None

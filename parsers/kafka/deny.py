@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import struct
 import uuid
-
-from kafka.protocol.api_key import ApiKey
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from parsers.kafka import apis as kafka_apis
+from parsers.kafka.apis import ApiKey, Message, MessageClass
 from parsers.varint import encode_uvarint
+
+if TYPE_CHECKING:
+    from parsers.kafka.engine import ClusterView
 
 TOPIC_AUTHORIZATION_FAILED = 29
 GROUP_AUTHORIZATION_FAILED = 30
@@ -28,7 +32,7 @@ TRANSACTIONAL_ID_AUTHORIZATION_FAILED = 53
 ZERO_UUID = uuid.UUID(int=0)
 
 
-def _produce(R, req, code):
+def _produce(R: MessageClass, req: Message, code: int) -> Message:
     T = R.TopicProduceResponse
     P = T.PartitionProduceResponse
     return R(
@@ -45,7 +49,7 @@ def _produce(R, req, code):
     )
 
 
-def _fetch(R, req, code):
+def _fetch(R: MessageClass, req: Message, code: int) -> Message:
     T = R.FetchableTopicResponse
     P = T.PartitionData
     return R(
@@ -72,7 +76,7 @@ def _fetch(R, req, code):
     )
 
 
-def _list_offsets(R, req, code):
+def _list_offsets(R: MessageClass, req: Message, code: int) -> Message:
     T = R.ListOffsetsTopicResponse
     P = T.ListOffsetsPartitionResponse
     return R(
@@ -89,7 +93,7 @@ def _list_offsets(R, req, code):
     )
 
 
-def _metadata(R, req, code, cluster):
+def _metadata(R: MessageClass, req: Message, code: int, cluster: ClusterView) -> Message:
     T = R.MetadataResponseTopic
     B = R.MetadataResponseBroker
     topics = [
@@ -111,7 +115,7 @@ def _metadata(R, req, code, cluster):
     )
 
 
-def _offset_commit(R, req, code):
+def _offset_commit(R: MessageClass, req: Message, code: int) -> Message:
     T = R.OffsetCommitResponseTopic
     P = T.OffsetCommitResponsePartition
     return R(
@@ -128,7 +132,7 @@ def _offset_commit(R, req, code):
     )
 
 
-def _offset_fetch(R, req, code, version):
+def _offset_fetch(R: MessageClass, req: Message, code: int, version: int) -> Message:
     if version < 8:
         T = R.OffsetFetchResponseTopic
         P = T.OffsetFetchResponsePartition
@@ -168,7 +172,7 @@ def _offset_fetch(R, req, code, version):
     )
 
 
-def _find_coordinator(R, req, code, version):
+def _find_coordinator(R: MessageClass, req: Message, code: int, version: int) -> Message:
     if version < 4:
         return R(error_code=code, node_id=-1, host="", port=-1)
     C = R.Coordinator
@@ -179,7 +183,7 @@ def _find_coordinator(R, req, code, version):
     )
 
 
-def _create_topics(R, req, code):
+def _create_topics(R: MessageClass, req: Message, code: int) -> Message:
     T = R.CreatableTopicResult
     return R(
         topics=[
@@ -196,7 +200,7 @@ def _create_topics(R, req, code):
     )
 
 
-def _delete_topics(R, req, code, version):
+def _delete_topics(R: MessageClass, req: Message, code: int, version: int) -> Message:
     T = R.DeletableTopicResult
     if version < 6:
         return R(responses=[T(name=n, error_code=code) for n in req.topic_names])
@@ -207,7 +211,7 @@ def _delete_topics(R, req, code, version):
     )
 
 
-def _delete_records(R, req, code):
+def _delete_records(R: MessageClass, req: Message, code: int) -> Message:
     T = R.DeleteRecordsTopicResult
     P = T.DeleteRecordsPartitionResult
     return R(
@@ -224,7 +228,7 @@ def _delete_records(R, req, code):
     )
 
 
-def _offset_for_leader_epoch(R, req, code):
+def _offset_for_leader_epoch(R: MessageClass, req: Message, code: int) -> Message:
     T = R.OffsetForLeaderTopicResult
     P = T.EpochEndOffset
     return R(
@@ -241,11 +245,11 @@ def _offset_for_leader_epoch(R, req, code):
     )
 
 
-def _add_partitions_to_txn(R, req, code, version):
+def _add_partitions_to_txn(R: MessageClass, req: Message, code: int, version: int) -> Message:
     T = R.AddPartitionsToTxnTopicResult
     P = T.AddPartitionsToTxnPartitionResult
 
-    def topics(ts):
+    def topics(ts: list[Message]) -> list[Message]:
         return [
             T(
                 name=t.name,
@@ -268,7 +272,7 @@ def _add_partitions_to_txn(R, req, code, version):
     )
 
 
-def _txn_offset_commit(R, req, code):
+def _txn_offset_commit(R: MessageClass, req: Message, code: int) -> Message:
     T = R.TxnOffsetCommitResponseTopic
     P = T.TxnOffsetCommitResponsePartition
     return R(
@@ -284,7 +288,7 @@ def _txn_offset_commit(R, req, code):
     )
 
 
-def _describe_configs(R, req, code):
+def _describe_configs(R: MessageClass, req: Message, code: int) -> Message:
     X = R.DescribeConfigsResult
     return R(
         results=[
@@ -300,7 +304,7 @@ def _describe_configs(R, req, code):
     )
 
 
-def _alter_configs(R, req, code):
+def _alter_configs(R: MessageClass, req: Message, code: int) -> Message:
     X = R.AlterConfigsResourceResponse
     return R(
         responses=[
@@ -315,12 +319,12 @@ def _alter_configs(R, req, code):
     )
 
 
-def _create_partitions(R, req, code):
+def _create_partitions(R: MessageClass, req: Message, code: int) -> Message:
     X = R.CreatePartitionsTopicResult
     return R(results=[X(name=t.name, error_code=code, error_message=None) for t in req.topics])
 
 
-def _offset_delete(R, req, code):
+def _offset_delete(R: MessageClass, req: Message, code: int) -> Message:
     T = R.OffsetDeleteResponseTopic
     P = T.OffsetDeleteResponsePartition
     return R(
@@ -337,7 +341,7 @@ def _offset_delete(R, req, code):
     )
 
 
-def _describe_groups(R, req, code):
+def _describe_groups(R: MessageClass, req: Message, code: int) -> Message:
     G = R.DescribedGroup
     return R(
         groups=[
@@ -354,17 +358,17 @@ def _describe_groups(R, req, code):
     )
 
 
-def _delete_groups(R, req, code):
+def _delete_groups(R: MessageClass, req: Message, code: int) -> Message:
     X = R.DeletableGroupResult
     return R(results=[X(group_id=g, error_code=code) for g in req.groups_names])
 
 
-def _create_acls(R, req, code):
+def _create_acls(R: MessageClass, req: Message, code: int) -> Message:
     X = R.AclCreationResult
     return R(results=[X(error_code=code, error_message=None) for _ in req.creations])
 
 
-def _delete_acls(R, req, code):
+def _delete_acls(R: MessageClass, req: Message, code: int) -> Message:
     X = R.DeleteAclsFilterResult
     return R(
         filter_results=[
@@ -373,12 +377,12 @@ def _delete_acls(R, req, code):
     )
 
 
-def _describe_log_dirs(R, req, code):
+def _describe_log_dirs(R: MessageClass, req: Message, code: int) -> Message:
     X = R.DescribeLogDirsResult
     return R(error_code=code, results=[X(error_code=code, log_dir="", topics=[])])
 
 
-def _alter_replica_log_dirs(R, req, code):
+def _alter_replica_log_dirs(R: MessageClass, req: Message, code: int) -> Message:
     T = R.AlterReplicaLogDirTopicResult
     P = T.AlterReplicaLogDirPartitionResult
     return R(
@@ -393,7 +397,7 @@ def _alter_replica_log_dirs(R, req, code):
     )
 
 
-def _write_txn_markers(R, req, code):
+def _write_txn_markers(R: MessageClass, req: Message, code: int) -> Message:
     M = R.WritableTxnMarkerResult
     T = M.WritableTxnMarkerTopicResult
     P = T.WritableTxnMarkerPartitionResult
@@ -416,7 +420,7 @@ def _write_txn_markers(R, req, code):
     )
 
 
-def _elect_leaders(R, req, code):
+def _elect_leaders(R: MessageClass, req: Message, code: int) -> Message:
     X = R.ReplicaElectionResult
     P = X.PartitionResult
     return R(
@@ -433,7 +437,7 @@ def _elect_leaders(R, req, code):
     )
 
 
-def _alter_client_quotas(R, req, code):
+def _alter_client_quotas(R: MessageClass, req: Message, code: int) -> Message:
     X = R.EntryData
     E = X.EntityData
     return R(
@@ -448,13 +452,13 @@ def _alter_client_quotas(R, req, code):
     )
 
 
-def _alter_user_scram_credentials(R, req, code):
+def _alter_user_scram_credentials(R: MessageClass, req: Message, code: int) -> Message:
     X = R.AlterUserScramCredentialsResult
     users = [d.name for d in req.deletions] + [u.name for u in req.upsertions]
     return R(results=[X(user=u, error_code=code, error_message=None) for u in users])
 
 
-def _describe_producers(R, req, code):
+def _describe_producers(R: MessageClass, req: Message, code: int) -> Message:
     T = R.TopicResponse
     P = T.PartitionResponse
     return R(
@@ -471,7 +475,7 @@ def _describe_producers(R, req, code):
     )
 
 
-def _describe_transactions(R, req, code):
+def _describe_transactions(R: MessageClass, req: Message, code: int) -> Message:
     X = R.TransactionState
     return R(
         transaction_states=[
@@ -490,7 +494,7 @@ def _describe_transactions(R, req, code):
     )
 
 
-def _describe_topic_partitions(R, req, code):
+def _describe_topic_partitions(R: MessageClass, req: Message, code: int) -> Message:
     T = R.DescribeTopicPartitionsResponseTopic
     return R(
         topics=[
@@ -509,7 +513,7 @@ def _describe_topic_partitions(R, req, code):
 
 
 # api key -> builder(R, req, code[, version]); all others use a top-level error_code.
-_BUILDERS = {
+_BUILDERS: dict[int, Callable[[MessageClass, Message, int], Message]] = {
     ApiKey.Produce: _produce,
     ApiKey.Fetch: _fetch,
     ApiKey.ListOffsets: _list_offsets,
@@ -537,7 +541,7 @@ _BUILDERS = {
     ApiKey.DescribeTransactions: _describe_transactions,
     ApiKey.DescribeTopicPartitions: _describe_topic_partitions,
 }
-_VERSIONED_BUILDERS = {
+_VERSIONED_BUILDERS: dict[int, Callable[[MessageClass, Message, int, int], Message]] = {
     ApiKey.OffsetFetch: _offset_fetch,
     ApiKey.FindCoordinator: _find_coordinator,
     ApiKey.DeleteTopics: _delete_topics,
@@ -545,7 +549,7 @@ _VERSIONED_BUILDERS = {
 }
 
 
-def _encode(response, correlation_id: int) -> bytes:
+def _encode(response: Message, correlation_id: int) -> bytes:
     # The response was built from its versioned class; passing version= to
     # encode() again would trip kafka-python on a response header.
     response.with_header(correlation_id=correlation_id)
@@ -553,7 +557,12 @@ def _encode(response, correlation_id: int) -> bytes:
 
 
 def denial(
-    api_key: int, api_version: int, correlation_id: int, message, code: int, cluster
+    api_key: int,
+    api_version: int,
+    correlation_id: int,
+    message: Message,
+    code: int,
+    cluster: ClusterView,
 ) -> bytes | None:
     """Framed error response for a decoded request ``message``, or None."""
     if api_key in kafka_apis.EXTRA_APIS:
@@ -598,7 +607,9 @@ def _compact_str(s: str) -> bytes:
     return encode_uvarint(len(raw) + 1) + raw
 
 
-def _extra_denial(api_key, api_version, correlation_id, groups, code) -> bytes:
+def _extra_denial(
+    api_key: int, api_version: int, correlation_id: int, groups: list[str], code: int
+) -> bytes:
     throttle = struct.pack(">i", 0)
     if api_key == ApiKey.ConsumerGroupHeartbeat:
         # error_code, error_message=null, member_id=null, member_epoch, heartbeat_interval_ms,

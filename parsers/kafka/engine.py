@@ -22,14 +22,15 @@ from __future__ import annotations
 import struct
 import uuid
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-
-from kafka.protocol.api_key import ApiKey
+from typing import Any, TypeAlias
 
 from parsers.base import (
     Access,
     Command,
     Decide,
+    Decision,
     FrameTooLarge,
     Log,
     ParseError,
@@ -44,6 +45,7 @@ from parsers.kafka import apis as kafka_apis
 from parsers.kafka import deny as kafka_deny
 from parsers.kafka import fetch as kafka_fetch
 from parsers.kafka import produce as kafka_produce
+from parsers.kafka.apis import ApiKey, Message
 from parsers.kafka.frames import FrameBuffer
 from parsers.requests import KafkaRequest
 from parsers.varint import decode_uvarint
@@ -74,6 +76,9 @@ _OK, _FAIL, _HOLD = "ok", "fail", "hold"
 _STREAM_OVER = 64 * 1024
 # How far into a Produce request its topic must appear to be judged early.
 _PREFIX_PEEK = 64 * 1024
+
+# A request header: api key, api version, correlation id, client id.
+_Header: TypeAlias = tuple[int, int, int, str | None]
 
 _size = struct.Struct(">i")
 _fixed_header = struct.Struct(">hhih")
@@ -178,9 +183,10 @@ class KafkaEngine:
                     out.append(self._upload_done)  # acks=0: complete once sent
                     self._upload_done = None
                 continue
-            if len(buf) < 4:
+            head = buf.peek(4)
+            if head is None:
                 return
-            (size,) = _size.unpack(buf.peek(4))
+            (size,) = _size.unpack(head)
             if size < _MIN_REQUEST_HEADER or size > self._max_frame:
                 out.append(ParseError("client", self._bad_size("client", size)))
                 self._failed = True
@@ -216,7 +222,7 @@ class KafkaEngine:
         frame, which then takes the ordinary path (denials need it whole).
         """
         want = min(4 + size, _PREFIX_PEEK)
-        head = self._client.peek(min(len(self._client), want))
+        head = self._client.peek_upto(want)
         try:
             api_key, api_version, correlation_id, client_len = _fixed_header.unpack_from(head, 4)
             if api_key != _PRODUCE or kafka_apis.request_class(api_key, api_version) is None:
@@ -262,7 +268,8 @@ class KafkaEngine:
             return FrameTooLarge(f"kafka {side} frame of {size} bytes exceeds {self._max_frame}")
         return ProtocolError(f"kafka {side} frame size {size} is invalid", code="bad_frame_size")
 
-    def _request(self, frame: bytes, out: list[Command], *, may_look_up: bool = True):
+    def _request(self, frame: bytes, out: list[Command], *, may_look_up: bool = True) -> str:
+        """Judge one whole request frame: _OK, _FAIL or _HOLD."""
         api_key, api_version, correlation_id, client_len = _fixed_header.unpack_from(frame, 4)
         pos = 14
         client_id = None
@@ -282,7 +289,7 @@ class KafkaEngine:
             self._metadata_version = api_version  # the broker serves what the client negotiated
         name = kafka_apis.api_name(api_key)
         message, request, unresolved = self._decode(
-            frame, pos, api_key, api_version, correlation_id, client_id
+            frame, pos, (api_key, api_version, correlation_id, client_id)
         )
         if unresolved and may_look_up:
             self._look_up_topic_ids(frame, out)
@@ -352,13 +359,21 @@ class KafkaEngine:
 
     def _resume(self, out: list[Command]) -> None:
         frame, self._held = self._held, None
+        assert frame is not None, "resumed with no request held"
         status = self._request(frame, out, may_look_up=False)
         if status is _FAIL:
             self._failed = True
             return
         self._drain_client(out)
 
-    def _metadata_subset(self, request, message, decision, frame, out) -> bool:
+    def _metadata_subset(
+        self,
+        request: KafkaRequest,
+        message: Message,
+        decision: Decision,
+        frame: bytes,
+        out: list[Command],
+    ) -> bool:
         """Forward a Metadata request for its allowed topics only.
 
         Clients ask for the metadata of every topic they use in one request, so
@@ -389,20 +404,19 @@ class KafkaEngine:
         self._owed.append(owed)
         return True
 
-    def _decode(self, frame, pos, api_key, api_version, correlation_id, client_id):
-        base = dict(
-            api_key=api_key,
-            api_version=api_version,
-            correlation_id=correlation_id,
-            client_id=client_id,
-        )
+    def _decode(
+        self, frame: bytes, pos: int, head: _Header
+    ) -> tuple[Message | None, KafkaRequest, Sequence[uuid.UUID]]:
+        """The decoded body (None if it could not be), the request to judge, and
+        the topic ids it names that this connection has not seen named yet."""
+        api_key, api_version = head[0], head[1]
         extra = kafka_apis.EXTRA_APIS.get(api_key)
         if extra is not None:
-            return self._decode_extra(extra, frame, pos, base)
+            return self._decode_extra(extra, frame, pos, head)
         cls = kafka_apis.request_class(api_key, api_version)
         if cls is None:
             why = f"unknown API {kafka_apis.api_name(api_key)} v{api_version}"
-            return None, KafkaRequest(**base, undecodable=why), ()
+            return None, KafkaRequest(*head, undecodable=why), ()
         try:
             if cls.flexible_version_q(api_version):
                 pos = _skip_tagged_fields(frame, pos)
@@ -410,10 +424,10 @@ class KafkaEngine:
             found = kafka_apis.extract(message, api_version)
         except Exception as exc:  # kafka-python raises a mix of ValueError/struct.error/IndexError
             why = f"undecodable {cls.name} v{api_version} body: {type(exc).__name__}: {exc}"
-            return None, KafkaRequest(**base, undecodable=why), ()
+            return None, KafkaRequest(*head, undecodable=why), ()
         topics = found.topics
         undecodable = None
-        unresolved = []
+        unresolved: list[uuid.UUID] = []
         for topic_id in found.topic_ids:
             topic = self._topic_names.get(topic_id)
             if topic is None:
@@ -424,7 +438,7 @@ class KafkaEngine:
             elif topic not in topics:
                 topics.append(topic)
         request = KafkaRequest(
-            **base,
+            *head,
             topics=tuple(dict.fromkeys(topics)),
             groups=tuple(dict.fromkeys(found.groups)),
             transactional_ids=tuple(dict.fromkeys(found.transactional_ids)),
@@ -432,10 +446,12 @@ class KafkaEngine:
         )
         return message, request, unresolved
 
-    def _decode_extra(self, extra, frame, pos, base):
+    def _decode_extra(
+        self, extra: kafka_apis.ExtraApi, frame: bytes, pos: int, head: _Header
+    ) -> tuple[list[str] | None, KafkaRequest, Sequence[uuid.UUID]]:
         try:
             pos = _skip_tagged_fields(frame, pos)
-            if base["api_version"] > extra.max_version:
+            if head[1] > extra.max_version:
                 raise ValueError(f"version above {extra.max_version}")
             groups: list[str] = []
             if extra.first_field == "group":
@@ -447,9 +463,9 @@ class KafkaEngine:
                     group, pos = _compact_string(frame, pos)
                     groups.append(group)
         except (ValueError, IndexError, struct.error) as exc:
-            why = f"undecodable {extra.name} v{base['api_version']} body: {exc}"
-            return None, KafkaRequest(**base, undecodable=why), ()
-        return groups, KafkaRequest(**base, groups=tuple(groups)), ()
+            why = f"undecodable {extra.name} v{head[1]} body: {exc}"
+            return None, KafkaRequest(*head, undecodable=why), ()
+        return groups, KafkaRequest(*head, groups=tuple(groups)), ()
 
     def _blame(self, request: KafkaRequest) -> int:
         """Which authorization error fits: ask ``decide`` which resource it refused.
@@ -483,9 +499,12 @@ class KafkaEngine:
         if self._stream is not None:
             return  # a response is half through: denials wait for its last byte
         owed = self._owed
-        while owed and owed[0].denial is not None:
+        while owed:
+            denial = owed[0].denial
+            if denial is None:
+                break
             entry = owed.popleft()
-            out.append(ToClient(entry.denial))
+            out.append(ToClient(denial))
             fields = {"error_code": entry.error_code, "api": kafka_apis.api_name(entry.api_key)}
             out.append(Reply(entry.correlation_id, fields))
 
@@ -506,7 +525,7 @@ class KafkaEngine:
         out = []
         while True:
             if self._stream is not None:
-                if not len(buf) or not self._pass_through(out):
+                if not len(buf) or not self._pass_through(self._stream, out):
                     break
                 continue
             head = buf.peek(4)
@@ -539,7 +558,7 @@ class KafkaEngine:
                 break
         return out
 
-    def _pass_through(self, out: list[Command]) -> bool:
+    def _pass_through(self, owed: _Owed, out: list[Command]) -> bool:
         """Forward what has arrived of the streamed response; True when it is complete."""
         pieces = self._server.take_upto(self._stream_left)
         for piece in pieces:
@@ -548,13 +567,13 @@ class KafkaEngine:
         self._stream_parts += pieces
         if self._stream_left:
             return False
-        owed, self._stream = self._stream, None
+        self._stream = None
         parts, self._stream_parts = self._stream_parts, []
         out.append(Reply(owed.correlation_id, self._streamed_fields(owed, parts)))
         self._flush_denials(out)
         return True
 
-    def _streamed_fields(self, owed: _Owed, parts: list[bytes]) -> dict:
+    def _streamed_fields(self, owed: _Owed, parts: list[bytes]) -> dict[str, Any]:
         if owed.api_key == _FETCH:
             try:
                 code = kafka_fetch.first_error(parts, owed.api_version)
@@ -604,8 +623,11 @@ class KafkaEngine:
         out.append(Reply(owed.correlation_id, fields))
         self._flush_denials(out)
 
-    def _add_denied_topics(self, owed: _Owed, frame: bytes, fields: dict) -> bytes:
-        cls = kafka_apis.response_class(owed.api_key, owed.api_version)[owed.api_version]
+    def _add_denied_topics(self, owed: _Owed, frame: bytes, fields: dict[str, Any]) -> bytes:
+        versions = kafka_apis.response_class(owed.api_key, owed.api_version)
+        if versions is None:
+            raise ValueError(f"no response class for {kafka_apis.api_name(owed.api_key)}")
+        cls = versions[owed.api_version]
         response = cls.decode(frame, header=True, framed=True)
         topic = cls.MetadataResponseTopic
         for name in owed.denied_topics:
@@ -623,8 +645,8 @@ class KafkaEngine:
         response.with_header(correlation_id=owed.correlation_id)
         return bytes(response.encode(header=True, framed=True))
 
-    def _response_fields(self, owed: _Owed, frame: bytes) -> dict:
-        fields: dict = {"api": kafka_apis.api_name(owed.api_key)}
+    def _response_fields(self, owed: _Owed, frame: bytes) -> dict[str, Any]:
+        fields: dict[str, Any] = {"api": kafka_apis.api_name(owed.api_key)}
         cls = kafka_apis.response_class(owed.api_key, owed.api_version)
         if cls is None:
             return fields
@@ -640,7 +662,7 @@ class KafkaEngine:
             fields["decode_error"] = f"{type(exc).__name__}: {exc}"
         return fields
 
-    def _learn(self, api_key: int, response) -> None:
+    def _learn(self, api_key: int, response: Message) -> None:
         for topic in getattr(response, "topics", None) or ():
             topic_id = getattr(topic, "topic_id", None)
             if topic.name and topic_id is not None and topic_id.int != 0:
@@ -655,14 +677,15 @@ class KafkaEngine:
 
 def _metadata_encodable(version: int) -> bool:
     """A Metadata version kafka-python can encode (for our own lookups)."""
-    return version <= kafka_apis.REQUESTS[_METADATA].max_version
+    highest: int = kafka_apis.REQUESTS[_METADATA].max_version
+    return version <= highest
 
 
 # --------------------------------------------------------------------------
 # Small wire helpers (the header is read by hand: it is tiny and hot).
 
 
-def _skip_tagged_fields(buf, pos: int) -> int:
+def _skip_tagged_fields(buf: bytes, pos: int) -> int:
     count, pos = decode_uvarint(buf, pos)
     for _ in range(count):
         _tag, pos = decode_uvarint(buf, pos)
@@ -673,7 +696,7 @@ def _skip_tagged_fields(buf, pos: int) -> int:
     return pos
 
 
-def _compact_string(buf, pos: int) -> tuple[str, int]:
+def _compact_string(buf: bytes, pos: int) -> tuple[str, int]:
     length, pos = decode_uvarint(buf, pos)
     if length == 0:
         raise ValueError("null string")
@@ -686,9 +709,9 @@ def _compact_string(buf, pos: int) -> tuple[str, int]:
 _ERROR_FIELDS = ("error_code", "partition_error_code")
 
 
-def _first_error(message) -> int:
+def _first_error(message: Message) -> int:
     """The top-level error code if set, else the first non-zero nested one."""
-    top = getattr(message, "error_code", 0) or 0
+    top: int = getattr(message, "error_code", 0) or 0
     if top:
         return top
     stack = [message]
@@ -698,7 +721,7 @@ def _first_error(message) -> int:
             if not f.for_version_q(obj.version if obj.version is not None else 0):
                 continue
             if name in _ERROR_FIELDS:
-                code = getattr(obj, name, 0)
+                code: int = getattr(obj, name, 0)
                 if code:
                     return code
             elif f.is_struct_array():

@@ -20,6 +20,8 @@ from parsers.varint import MAX_UVARINT_BYTES, decode_uvarint
 MIN_VERSION, MAX_VERSION = 4, 18
 FLEXIBLE_FROM = 12
 
+_INT16, _INT32 = struct.Struct(">h"), struct.Struct(">i")
+
 
 class _Reader:
     """Sequential reads over a list of chunks."""
@@ -34,9 +36,9 @@ class _Reader:
     def read(self, n: int) -> bytes:
         part = self._parts[self._i]
         if len(part) - self._off >= n:
-            out = part[self._off : self._off + n]
+            whole = part[self._off : self._off + n]
             self._advance(n)
-            return out
+            return whole
         out = bytearray()
         while len(out) < n:
             part = self._parts[self._i]
@@ -59,10 +61,12 @@ class _Reader:
             raise ValueError("read past the end of the response")
 
     def int16(self) -> int:
-        return struct.unpack(">h", self.read(2))[0]
+        value: int = _INT16.unpack(self.read(2))[0]
+        return value
 
     def int32(self) -> int:
-        return struct.unpack(">i", self.read(4))[0]
+        value: int = _INT32.unpack(self.read(4))[0]
+        return value
 
     def uvarint(self) -> int:
         value, size = decode_uvarint(self._peek(MAX_UVARINT_BYTES))

@@ -32,6 +32,15 @@ class FrameBuffer:
         """The first ``n`` bytes (n small), not consumed; None if not there yet."""
         if self._have < n:
             return None
+        return self._head(n)
+
+    def peek_upto(self, n: int) -> bytes:
+        """The first ``n`` bytes, or all there are if fewer, not consumed."""
+        return self._head(min(n, self._have))
+
+    def _head(self, n: int) -> bytes:
+        if not n:
+            return b""
         first = self._parts[0]
         if len(first) - self._off >= n:
             return first[self._off : self._off + n]
@@ -60,7 +69,7 @@ class FrameBuffer:
         return [bytes(p) for p in self._take_pieces(min(n, self._have))]
 
     def _take_pieces(self, n: int) -> list[bytes | memoryview]:
-        pieces = []
+        pieces: list[bytes | memoryview] = []
         need = n
         parts = self._parts
         while need:

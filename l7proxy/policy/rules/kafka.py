@@ -29,11 +29,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from kafka.protocol.api_key import ApiKey
-
 from l7proxy.policy.errors import YamlPath
 from l7proxy.policy.rules import L7Kind, register
-from parsers.kafka.apis import API_KEY_BY_POLICY_NAME, policy_name
+from parsers.kafka.apis import API_KEY_BY_POLICY_NAME, ApiKey, policy_name
 from parsers.requests import KafkaRequest
 
 _FIELDS = (
