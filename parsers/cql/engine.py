@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from collections.abc import Hashable
+from typing import Any
 
 from parsers.base import (
     Access,
@@ -65,13 +67,14 @@ class CqlEngine:
         self._sbuf = bytearray()
         self._version: int | None = None
         self._keyspace = ""
-        self._frame_codec = None  # (compress, decompress) for v3/v4 bodies
+        # (compress, decompress) for v3/v4 bodies
+        self._frame_codec: w.FrameCodec | None = None
         self._segments = False  # v5 framing on, both directions
         self._segment_lz4 = False
         self._startups: dict[int, tuple[int, str]] = {}  # stream -> (version, compression)
         self._preparing: dict[int, _Prepared] = {}  # stream of a PREPARE in flight
         self._prepared: dict[bytes, _Prepared] = {}  # prepared id -> statement
-        self._inflight: dict[int, list] = {}  # stream -> Access keys awaiting a Reply
+        self._inflight: dict[int, list[Hashable]] = {}  # stream -> Access keys awaiting a Reply
         # a v5 envelope cut over several segments, per direction: (payload, raw segments)
         self._client_big: tuple[bytearray, list[bytes]] | None = None
         self._server_big: tuple[bytearray, list[bytes]] | None = None
@@ -250,7 +253,9 @@ class CqlEngine:
             raise CqlError("multi-segment payload longer than its envelope", stream=stream)
         return True
 
-    def _requests_in(self, payload, out: list[Command]) -> tuple[list[bytes], list[bytes]]:
+    def _requests_in(
+        self, payload: bytes | bytearray, out: list[Command]
+    ) -> tuple[list[bytes], list[bytes]]:
         """Judge every envelope in a segment payload: (kept envelopes, answers)."""
         kept: list[bytes] = []
         answers: list[bytes] = []
@@ -410,7 +415,13 @@ class CqlEngine:
     # ------------------------------------------------------------------
     # Judging
 
-    def _judge(self, env: w.Envelope, opcode: str, members, out: list[Command]) -> bytes | None:
+    def _judge(
+        self,
+        env: w.Envelope,
+        opcode: str,
+        members: list[tuple[str, tuple[Statement, ...]]],
+        out: list[Command],
+    ) -> bytes | None:
         stream = env.stream
         requests = [
             CqlRequest(
@@ -426,7 +437,7 @@ class CqlEngine:
         ]
         decisions = [_USE_ALLOWED if r.action == "use" else self._decide(r) for r in requests]
         single = len(requests) == 1 and opcode != "batch"
-        keys = [stream] if single else [(stream, i) for i in range(len(requests))]
+        keys: list[Hashable] = [stream] if single else [(stream, i) for i in range(len(requests))]
         refused = next((d for d in decisions if not d.allowed), None)
         if refused is None:
             for request, decision, key in zip(requests, decisions, keys, strict=True):
@@ -528,7 +539,7 @@ class CqlEngine:
                 out.append(ToClient(bytes(buf[fwd:pos])))
             del buf[:pos]
 
-    def _server_segment(self, seg: w.Segment, buf, pos: int, out: list[Command]) -> None:
+    def _server_segment(self, seg: w.Segment, buf: bytearray, pos: int, out: list[Command]) -> None:
         if seg.self_contained:
             if self._server_big is not None:
                 raise CqlError("self-contained segment inside a multi-segment envelope")
@@ -542,7 +553,7 @@ class CqlEngine:
             self._server_big = None
             self._responses_in(payload, out)
 
-    def _responses_in(self, payload, out: list[Command]) -> None:
+    def _responses_in(self, payload: bytes | bytearray, out: list[Command]) -> None:
         pos = 0
         while pos < len(payload):
             if len(payload) - pos < w.HEADER_LEN:
@@ -580,7 +591,7 @@ class CqlEngine:
         preparing = self._preparing.pop(stream, None) if stream >= 0 else None
         if keys is None and preparing is None and opcode != w.RESULT:
             return
-        fields: dict = {"opcode": env.opcode_name}
+        fields: dict[str, Any] = {"opcode": env.opcode_name}
         if opcode in (w.RESULT, w.ERROR):
             reader = self._response_body(env)
             if opcode == w.ERROR:

@@ -14,8 +14,10 @@ allows: the proxy never guesses in the client's favour.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TypeAlias
 
 WORD, QUOTED, STRING, NUMBER, PUNCT = "word", "quoted", "string", "number", "punct"
 
@@ -353,6 +355,10 @@ class _Cursor:
         return False
 
 
+# Reads the rest of a statement whose first word was its verb.
+_Handler: TypeAlias = Callable[[_Cursor], Statement | None]
+
+
 def _classify_one(toks: list[Token], keyspace: str) -> Statement:
     c = _Cursor(toks, keyspace)
     verb = c.word()
@@ -362,7 +368,7 @@ def _classify_one(toks: list[Token], keyspace: str) -> Statement:
     return handler(c) or UNKNOWN
 
 
-def _table_after(word: str, action: str):
+def _table_after(word: str, action: str) -> _Handler:
     def handle(c: _Cursor) -> Statement | None:
         if not c.seek_top_level(word):
             return None
@@ -395,7 +401,7 @@ def _use(c: _Cursor) -> Statement | None:
     return Statement("use", ks, keyspace=ks) if ks else None
 
 
-def _ddl(verb: str):
+def _ddl(verb: str) -> _Handler:
     def handle(c: _Cursor) -> Statement | None:
         if verb == "create" and c.accept("or"):
             if not c.accept("replace"):
@@ -432,7 +438,7 @@ def _ddl(verb: str):
     return handle
 
 
-def _grant_revoke(verb: str, preposition: str):
+def _grant_revoke(verb: str, preposition: str) -> _Handler:
     def handle(c: _Cursor) -> Statement:
         # GRANT perm ON resource TO role  vs  GRANT role TO role
         kind = "permission" if c.has_top_level("on", before=preposition) else "role"

@@ -17,14 +17,21 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TypeAlias
 
-import lz4.block
+import lz4.block  # type: ignore[import-untyped]  # python-lz4 ships no types
 
 from parsers.base import FrameTooLarge, ProtocolError
 from parsers.varint import VarintError, decode_uvarint
 
+# What the readers accept: whole frames, or slices of a receive buffer.
+_Bytes: TypeAlias = bytes | bytearray | memoryview
+
 HEADER = struct.Struct(">BBhBI")
+_USHORT, _INT = struct.Struct(">H"), struct.Struct(">i")
 HEADER_LEN = 9
 # The spec's ceiling for a frame body; the engine may be configured lower.
 SPEC_MAX_FRAME = 256 * 1024 * 1024
@@ -122,9 +129,10 @@ class Envelope:
         return OPCODE_NAMES.get(self.opcode, f"0x{self.opcode:02x}")
 
 
-def parse_header(buf, pos: int = 0) -> tuple[int, int, int, int, int]:
+def parse_header(buf: _Bytes, pos: int = 0) -> tuple[int, int, int, int, int]:
     """(version byte, flags, stream, opcode, body length) at ``pos``."""
-    return HEADER.unpack_from(buf, pos)
+    vbyte, flags, stream, opcode, length = HEADER.unpack_from(buf, pos)
+    return vbyte, flags, stream, opcode, length
 
 
 def encode_envelope(version: int, flags: int, stream: int, opcode: int, body: bytes) -> bytes:
@@ -165,10 +173,12 @@ class BodyReader:
         return self._take(1)[0]
 
     def short(self) -> int:
-        return struct.unpack(">H", self._take(2))[0]
+        value: int = _USHORT.unpack(self._take(2))[0]
+        return value
 
     def int(self) -> int:
-        return struct.unpack(">i", self._take(4))[0]
+        value: int = _INT.unpack(self._take(4))[0]
+        return value
 
     def string(self) -> str:
         return self._decode(self._take(self.short()))
@@ -217,7 +227,8 @@ class BodyReader:
 
 def lz4_frame_compress(body: bytes) -> bytes:
     # Cassandra prefixes the LZ4 block with the uncompressed length, big-endian.
-    return struct.pack(">I", len(body)) + lz4.block.compress(body, store_size=False)
+    compressed: bytes = lz4.block.compress(body, store_size=False)
+    return struct.pack(">I", len(body)) + compressed
 
 
 def lz4_frame_decompress(body: bytes, limit: int = SPEC_MAX_FRAME) -> bytes:
@@ -227,19 +238,23 @@ def lz4_frame_decompress(body: bytes, limit: int = SPEC_MAX_FRAME) -> bytes:
     if size > limit:  # checked before lz4 allocates the output buffer
         raise CqlError(f"LZ4 body claims {size} bytes uncompressed, over the {limit} limit")
     try:
-        return lz4.block.decompress(body[4:], uncompressed_size=size)
+        plain: bytes = lz4.block.decompress(body[4:], uncompressed_size=size)
     except lz4.block.LZ4BlockError as e:
         raise CqlError(f"bad LZ4 body: {e}") from None
+    return plain
 
 
-def _snappy():
-    import snappy  # python-snappy; imported lazily, only snappy connections pay for it
+def _snappy() -> ModuleType:
+    # python-snappy (untyped); imported lazily, only snappy connections pay for it
+    import snappy  # type: ignore[import-untyped]
 
-    return snappy
+    module: ModuleType = snappy
+    return module
 
 
 def snappy_frame_compress(body: bytes) -> bytes:
-    return _snappy().compress(body)
+    compressed: bytes = _snappy().compress(body)
+    return compressed
 
 
 def snappy_frame_decompress(body: bytes, limit: int = SPEC_MAX_FRAME) -> bytes:
@@ -247,9 +262,10 @@ def snappy_frame_decompress(body: bytes, limit: int = SPEC_MAX_FRAME) -> bytes:
     if size is None or size > limit:
         raise CqlError(f"Snappy body with a bad or oversized length ({size}, limit {limit})")
     try:
-        return _snappy().uncompress(body)
+        plain: bytes = _snappy().uncompress(body)
     except Exception as e:  # snappy raises its own (unexported) error types
         raise CqlError(f"bad Snappy body: {e}") from None
+    return plain
 
 
 def _varint(data: bytes) -> int | None:
@@ -260,7 +276,9 @@ def _varint(data: bytes) -> int | None:
         return None
 
 
-FRAME_CODECS = {
+# (compress, decompress with a size limit)
+FrameCodec: TypeAlias = tuple[Callable[[bytes], bytes], Callable[[bytes, int], bytes]]
+FRAME_CODECS: dict[str, FrameCodec] = {
     "lz4": (lz4_frame_compress, lz4_frame_decompress),
     "snappy": (snappy_frame_compress, snappy_frame_decompress),
 }
@@ -300,7 +318,7 @@ def crc24(value: int, nbytes: int) -> int:
     return crc
 
 
-def crc32(payload) -> int:
+def crc32(payload: _Bytes) -> int:
     return zlib.crc32(payload, _CRC32_INIT)
 
 
@@ -315,7 +333,9 @@ def segment_header_len(compressed: bool) -> int:
     return 8 if compressed else 6  # header (5 or 3) + CRC24 (3)
 
 
-def read_segment(buf, pos: int, compressed: bool, max_len: int | None = None) -> Segment | None:
+def read_segment(
+    buf: _Bytes, pos: int, compressed: bool, max_len: int | None = None
+) -> Segment | None:
     """Decode the segment at ``buf[pos:]``, or None if it is not complete yet."""
     hlen = 5 if compressed else 3
     if len(buf) - pos < hlen + 3:
