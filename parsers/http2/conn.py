@@ -12,6 +12,8 @@ treats as a connection error, into the stream error RFC 9113 asks for.
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
+from typing import TypeAlias
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -19,7 +21,7 @@ from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, Event
 from h2.exceptions import FrameTooLargeError, InvalidBodyLengthError, TooManyStreamsError
 from h2.settings import SettingCodes, Settings
-from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, SettingsFrame
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, SettingsFrame
 
 
 class MalformedStream(Event):
@@ -34,10 +36,14 @@ class MalformedStream(Event):
         self.reason = reason
 
 
+# What h2's frame handlers return: frames to send, events to deliver.
+_Received: TypeAlias = tuple[list[Frame], list[Event]]
+
+
 class RelayConnection(H2Connection):
     peer_going_away = False
 
-    def _receive_data_frame(self, frame: DataFrame):  # type: ignore[override]
+    def _receive_data_frame(self, frame: DataFrame) -> _Received:
         try:
             return super()._receive_data_frame(frame)
         except InvalidBodyLengthError as exc:
@@ -49,10 +55,10 @@ class RelayConnection(H2Connection):
     _admit_over_limit = False
 
     @property
-    def open_inbound_streams(self) -> int:  # type: ignore[override]
+    def open_inbound_streams(self) -> int:
         return 0 if self._admit_over_limit else super().open_inbound_streams
 
-    def _receive_headers_frame(self, frame: HeadersFrame):  # type: ignore[override]
+    def _receive_headers_frame(self, frame: HeadersFrame) -> _Received:
         try:
             return super()._receive_headers_frame(frame)
         except TooManyStreamsError:
@@ -72,7 +78,7 @@ class RelayConnection(H2Connection):
             self.reset_stream(frame.stream_id, ErrorCodes.PROTOCOL_ERROR)
             return [], [MalformedStream(frame.stream_id, str(exc))]
 
-    def _receive_goaway_frame(self, frame: GoAwayFrame):  # type: ignore[override]
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> _Received:
         if frame.error_code != 0:
             return super()._receive_goaway_frame(frame)
         self.peer_going_away = True
@@ -113,7 +119,7 @@ def decode_settings_header(value: bytes) -> dict[int, int]:
     return dict(frame.settings)
 
 
-def settings(client_side: bool, values: dict[int, int]) -> Settings:
+def settings(client_side: bool, values: Mapping[int, int]) -> Settings:
     known = {code.value for code in SettingCodes}
     return Settings(
         client=client_side,
@@ -133,7 +139,7 @@ END_TO_END_CODES = {
 }
 
 
-def relayed_code(code) -> ErrorCodes:
+def relayed_code(code: ErrorCodes | int) -> ErrorCodes | int:
     return code if code in END_TO_END_CODES else ErrorCodes.CANCEL
 
 
@@ -150,7 +156,9 @@ def check_announced_length(conn: RelayConnection) -> None:
         raise FrameTooLargeError(f"frame of {int.from_bytes(pending[:3], 'big')} bytes announced")
 
 
-def code_name(code) -> str:
+def code_name(code: int | None) -> str:
+    if code is None:  # h2 leaves a ConnectionTerminated's code unset until it is known
+        return "None"
     try:
         return ErrorCodes(code).name
     except ValueError:

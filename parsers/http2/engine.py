@@ -19,7 +19,9 @@ h2's code, then close).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import h2.events as ev
 from h2.connection import ConnectionState
@@ -33,6 +35,7 @@ from parsers.base import (
     Close,
     Command,
     Decide,
+    Decision,
     ParseError,
     ProtocolError,
     Reply,
@@ -50,6 +53,7 @@ from parsers.http2.conn import (
     settings,
 )
 from parsers.http2.headers import (
+    Headers,
     apply_edits,
     build_request,
     denial_reason,
@@ -113,7 +117,7 @@ class H2Engine:
         self._server_gone = False  # server EOF: finish delivering complete responses only
         self._dead = False
         self._setup(upgrade_settings)
-        self._client_handlers = {
+        self._client_handlers: dict[type[ev.Event], Callable[[Any], None]] = {
             ev.RequestReceived: self._on_request,
             ev.DataReceived: self._on_client_data,
             ev.StreamEnded: self._on_client_end,
@@ -125,7 +129,7 @@ class H2Engine:
             ev.ConnectionTerminated: self._on_client_goaway,
             MalformedStream: self._on_client_malformed,
         }
-        self._server_handlers = {
+        self._server_handlers: dict[type[ev.Event], Callable[[Any], None]] = {
             ev.ResponseReceived: self._on_response,
             ev.InformationalResponseReceived: self._on_informational,
             ev.DataReceived: self._on_server_data,
@@ -149,7 +153,7 @@ class H2Engine:
                 SettingCodes.MAX_HEADER_LIST_SIZE: lim.max_header_list_size,
             },
         )
-        ours = {
+        ours: dict[SettingCodes | int, int] = {
             SettingCodes.ENABLE_PUSH: 0,
             SettingCodes.INITIAL_WINDOW_SIZE: lim.stream_window,
             SettingCodes.MAX_FRAME_SIZE: lim.max_frame_size,
@@ -294,7 +298,7 @@ class H2Engine:
         else:
             self._open(stream)
 
-    def _deny(self, cid: int, ended: bool, decision, grpc: bool) -> None:
+    def _deny(self, cid: int, ended: bool, decision: Decision, grpc: bool) -> None:
         if grpc:
             self.down.send_headers(cid, grpc_denial(denial_reason(decision)), end_stream=True)
             if not ended:
@@ -310,7 +314,7 @@ class H2Engine:
             fields = {"status": 403}
         self._out.append(Reply(cid, fields))
 
-    def _answer(self, cid: int, ended: bool, headers, body: bytes) -> None:
+    def _answer(self, cid: int, ended: bool, headers: Headers, body: bytes) -> None:
         """A complete response from the proxy itself; the rest of the request is refused."""
         if self.down.local_flow_control_window(cid) >= len(body):
             self.down.send_headers(cid, headers)
@@ -322,6 +326,7 @@ class H2Engine:
             self._reset(self.down, cid, _NO_ERROR)
 
     def _open(self, stream: Stream) -> None:
+        assert stream.headers is not None, "a waiting stream keeps its request headers"
         sid = self.up.get_next_available_stream_id()
         self.up.send_headers(sid, stream.headers, end_stream=stream.request_ended)
         stream.headers = None
@@ -406,7 +411,7 @@ class H2Engine:
         if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
             self._flush_all(False)
 
-    def _on_settings_ack(self, _event) -> None:
+    def _on_settings_ack(self, _event: ev.SettingsAcknowledged) -> None:
         # h2 resets the HPACK limit to the advertised size on every ack; keep
         # the hard cap so that sizes in between get a 431 rather than a GOAWAY.
         self.down.decoder.max_header_list_size = self._limits.hard_header_list_size
@@ -520,8 +525,10 @@ class H2Engine:
             return
         # Streams above last_stream_id were never processed: the client may retry them.
         self._refusing = True
+        last = event.last_stream_id
+        assert last is not None, "h2 sets it from every GOAWAY frame"
         for stream in list(self._streams.values()):
-            if stream.sid is None or stream.sid > event.last_stream_id:
+            if stream.sid is None or stream.sid > last:
                 if stream.sid is None:
                     self._waiting.remove(stream)
                 self._reset(self.down, stream.cid, ErrorCodes.REFUSED_STREAM)
@@ -540,11 +547,13 @@ class H2Engine:
             pass
 
     def _flush_items(self, stream: Stream, to_server: bool) -> None:
+        sid = stream.sid
+        assert sid is not None, "only streams opened upstream are flushed"
         if to_server:
             pipe, out, out_id, inbound, in_id = (
                 stream.to_server,
                 self.up,
-                stream.sid,
+                sid,
                 self.down,
                 stream.cid,
             )
@@ -554,7 +563,7 @@ class H2Engine:
                 self.down,
                 stream.cid,
                 self.up,
-                stream.sid,
+                sid,
             )
         items = pipe.items
         while items:
@@ -629,8 +638,8 @@ class H2Engine:
         if stream.replied:
             return
         stream.replied = True
-        fields: dict = {"status": stream.status}
-        if stream.grpc_in is not None:
+        fields: dict[str, Any] = {"status": stream.status}
+        if stream.grpc_in is not None and stream.grpc_out is not None:
             fields["grpc_status"] = stream.grpc_status
             fields["request_messages"] = stream.grpc_in.messages
             fields["response_messages"] = stream.grpc_out.messages
@@ -649,8 +658,10 @@ class H2Engine:
         """Drop a pipe's queued items, returning their bytes to the sender's connection window."""
         pipe = stream.to_server if to_server else stream.to_client
         if pipe.unacked:
-            conn, sid = (self.down, stream.cid) if to_server else (self.up, stream.sid)
-            conn.acknowledge_received_data(pipe.unacked, sid)
+            if to_server:
+                self.down.acknowledge_received_data(pipe.unacked, stream.cid)
+            elif stream.sid is not None:  # a response came, so the stream was opened
+                self.up.acknowledge_received_data(pipe.unacked, stream.sid)
         pipe.unacked = 0
         pipe.items.clear()
 
@@ -665,7 +676,7 @@ class H2Engine:
         self._forget(stream)
 
     @staticmethod
-    def _reset(conn: RelayConnection, stream_id: int, code) -> None:
+    def _reset(conn: RelayConnection, stream_id: int, code: ErrorCodes | int) -> None:
         try:
             conn.reset_stream(stream_id, code)
         except H2ProtocolError:
@@ -716,7 +727,13 @@ class H2Engine:
         return out
 
     def _abort(
-        self, reason: str, *, to_client=None, to_server=None, client_wire=None, server_wire=None
+        self,
+        reason: str,
+        *,
+        to_client: ErrorCodes | None = None,
+        to_server: ErrorCodes | None = None,
+        client_wire: bytes | None = None,
+        server_wire: bytes | None = None,
     ) -> None:
         """Tear the connection down: reset every stream on the healthy side, GOAWAY, close."""
         for stream in list(self._streams.values()):

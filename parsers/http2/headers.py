@@ -11,7 +11,9 @@ Headers stay as h2 hands them over: ``(bytes, bytes)`` tuples, in wire order.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
+from parsers.base import Decision
 from parsers.requests import GrpcCall, HttpRequest
 
 Headers = list[tuple[bytes, bytes]]
@@ -203,7 +205,7 @@ def percent_encode(message: str) -> bytes:
     return bytes(out)
 
 
-def denial_reason(decision) -> str:
+def denial_reason(decision: Decision) -> str:
     who = decision.policy or "policy"
     if decision.rule:
         who += f" rule {decision.rule}"
@@ -211,7 +213,7 @@ def denial_reason(decision) -> str:
     return f"{text}: {decision.reason}" if decision.reason else text
 
 
-def headers_value(headers, name: bytes) -> bytes | None:
+def headers_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     for key, value in headers:
         if key == name:
             return value

@@ -10,18 +10,20 @@ advertised: a slow reader slows the writer instead of growing a buffer.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
+from typing import Any, TypeAlias
 
 # Pipe items: (DATA, payload, flow-controlled length) | (TRAILERS, headers) |
 # (END,) | (RESET, error_code). Plain tuples keep the hot path cheap.
 DATA, TRAILERS, END, RESET = 0, 1, 2, 3
+PipeItem: TypeAlias = tuple[Any, ...]  # one of the shapes above
 
 
 class Pipe:
     __slots__ = ("items", "unacked", "end_queued")
 
     def __init__(self) -> None:
-        self.items: deque = deque()
+        self.items: deque[PipeItem] = deque()
         self.unacked = 0  # flow-controlled bytes queued and not yet acknowledged
         self.end_queued = False  # END (or trailers) is in ``items`` already
 
@@ -88,7 +90,8 @@ class Stream:
         self.cid = cid
         self.sid: int | None = None  # upstream stream id, once opened
         self.key = key
-        self.headers = None  # request headers waiting for an upstream slot
+        # request headers waiting for an upstream slot
+        self.headers: Sequence[tuple[bytes, bytes]] | None = None
         self.request_ended = False  # END_STREAM came with the request HEADERS
         self.to_server = Pipe()
         self.to_client = Pipe()
