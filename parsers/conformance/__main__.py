@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from parsers.conformance import load_all, run_corpus
 
@@ -17,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--failures", action="store_true", help="list the failing case ids")
     args = ap.parse_args(argv)
 
-    report = {"corpora": [], "disagreements": []}
+    report: dict[str, list[dict[str, Any]]] = {"corpora": [], "disagreements": []}
     for name, corpus in load_all().items():
         if args.corpus and name not in args.corpus:
             continue

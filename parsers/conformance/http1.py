@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from typing import Any
 
 from parsers.conformance.registry import CORPORA_DIR, Case, Corpus, Outcome, register
 from parsers.http1.engine import C_AVAILABLE, request_reader, response_reader
@@ -33,14 +34,14 @@ def parse_stream(
         for _ in range(raw.count(b"HTTP/")):  # every response in the case answers ``expect``
             reader.expect(expect, False)
         reader.standalone = True
-    messages: list[dict] = []
+    messages: list[dict[str, Any]] = []
     error = None
     try:
         events = reader.feed(raw)
         if eof:
             events += reader.feed(b"")
     except Http1Error as exc:
-        events = exc.events  # type: ignore[attr-defined]
+        events = exc.events
         error = exc
     for event in events:
         if type(event) is Head:
@@ -101,7 +102,7 @@ def _run_llhttp(case: Case, impl: str) -> Outcome:
 _SPAN = re.compile(r"off=(\d+) len=(\d+) span\[body\]")
 
 
-def _expected_bodies(record: dict, raw: bytes) -> list[bytes]:
+def _expected_bodies(record: dict[str, Any], raw: bytes) -> list[bytes]:
     """Bodies per message, cut from the raw bytes at the offsets llhttp logged
     (the corpus's ``body`` strings lose escapes)."""
     bodies: list[bytearray] = []
@@ -189,7 +190,7 @@ def _load_h11() -> list[Case]:
     return cases
 
 
-def _h11_wrap(reader: str, raw: bytes, expected) -> tuple[str, bytes, bool]:
+def _h11_wrap(reader: str, raw: bytes, expected: Any) -> tuple[str, bytes, bool]:
     if reader == "CLIENT/IDLE":
         return "request", raw, False
     if reader == "SERVER/SEND_RESPONSE":

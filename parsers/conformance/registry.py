@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 # ../shared/corpora from the repository root (never copied into the repo).
 CORPORA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "corpora"
@@ -66,7 +66,13 @@ def register(corpus: Corpus) -> Corpus:
     return corpus
 
 
-def run_corpus(corpus: Corpus, implementations: tuple[str, ...]):
+# A case on which implementations disagree: (case id, {implementation: summary}).
+Disagreement: TypeAlias = tuple[str, dict[str, Any]]
+
+
+def run_corpus(
+    corpus: Corpus, implementations: tuple[str, ...]
+) -> tuple[dict[str, Result], list[Disagreement]]:
     """Run every case through each implementation.
 
     Returns (results per implementation, disagreements) where a disagreement
@@ -74,9 +80,9 @@ def run_corpus(corpus: Corpus, implementations: tuple[str, ...]):
     """
     cases = corpus.load()
     results = {impl: Result(corpus.name, impl) for impl in implementations}
-    disagreements = []
+    disagreements: list[Disagreement] = []
     for case in cases:
-        outcomes = {}
+        outcomes: dict[str, Outcome] = {}
         for impl in implementations:
             outcome = corpus.run(case, impl)
             outcomes[impl] = outcome
