@@ -53,6 +53,8 @@ from parsers.http2.conn import (
     settings,
 )
 from parsers.http2.headers import (
+    DENIED_STATUS,
+    GRPC_PERMISSION_DENIED,
     Headers,
     apply_edits,
     build_request,
@@ -305,13 +307,13 @@ class H2Engine:
                 self._reset(self.down, cid, _NO_ERROR)
             fields = {
                 "status": 200,
-                "grpc_status": 7,
+                "grpc_status": GRPC_PERMISSION_DENIED,
                 "request_messages": 0,
                 "response_messages": 0,
             }
         else:
             self._answer(cid, ended, *http_denial())
-            fields = {"status": 403}
+            fields = {"status": DENIED_STATUS}
         self._out.append(Reply(cid, fields))
 
     def _answer(self, cid: int, ended: bool, headers: Headers, body: bytes) -> None:

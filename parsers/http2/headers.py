@@ -174,9 +174,11 @@ def apply_edits(headers: Headers, edits: tuple[tuple[str, str, str], ...]) -> He
 # ---------------------------------------------------------------- denials
 
 DENIED_BODY = b"Access denied"
+DENIED_STATUS = 403
+GRPC_PERMISSION_DENIED = 7
 
 
-def http_denial(status: int = 403, body: bytes = DENIED_BODY) -> tuple[Headers, bytes]:
+def http_denial(status: int = DENIED_STATUS, body: bytes = DENIED_BODY) -> tuple[Headers, bytes]:
     return [
         (b":status", str(status).encode()),
         (b"content-type", b"text/plain"),
@@ -184,7 +186,7 @@ def http_denial(status: int = 403, body: bytes = DENIED_BODY) -> tuple[Headers, 
     ], body
 
 
-def grpc_denial(reason: str, status: int = 7) -> Headers:
+def grpc_denial(reason: str, status: int = GRPC_PERMISSION_DENIED) -> Headers:
     """A trailers-only gRPC response (one HEADERS frame with END_STREAM)."""
     return [
         (b":status", b"200"),
