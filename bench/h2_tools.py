@@ -9,7 +9,6 @@ busy the rest of the machine was.
 from __future__ import annotations
 
 import json
-import os
 import re
 import select
 import shutil
@@ -21,9 +20,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from bench.common import REPO, RESULTS, cpu_seconds
 
 
 def free_port() -> int:
@@ -41,13 +38,6 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing listening on 127.0.0.1:{port}")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # After the ")" that ends the command name: state is field 3, utime 14, stime 15.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def _stop(proc: subprocess.Popen) -> None:
