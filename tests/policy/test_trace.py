@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support import REPO
+from tests.support import POLICIES, REPO
 
-POLICIES = REPO / "policies"
 L7 = str(POLICIES / "sw-l3-l4-l7.yaml")
 L3L4 = str(POLICIES / "sw-l3-l4.yaml")
 DENY_ALLIANCE = str(POLICIES / "sw-deny-alliance.yaml")

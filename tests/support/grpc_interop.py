@@ -30,7 +30,8 @@ from types import SimpleNamespace
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import REPO
+
 CORPUS = REPO.parent / "shared" / "corpora" / "grpc" / "testing"
 GEN = REPO / "tests" / "grpc_gen"
 PROTOS = ("empty.proto", "messages.proto", "test.proto")
