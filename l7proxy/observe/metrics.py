@@ -335,7 +335,8 @@ def attach_metrics(
 
 
 async def start_agent_metrics(agent, address: tuple[str, int]) -> Metrics:
-    """``run --metrics``: call after ``Agent.start``; ``await metrics.close()`` before ``Agent.stop``."""
+    """``run --metrics``: call after ``Agent.start``; ``await metrics.close()`` before
+    ``Agent.stop``."""
     metrics = attach_metrics(agent.flowlog, agent_status_fn(agent))
     metrics.runner = await serve_metrics(metrics, *address)
     agent.metrics = metrics
