@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from typing import Any
 
 from l7proxy.datapath import bpfsys
 
@@ -288,8 +289,8 @@ class Datapath:
         # (l7proxy/datapath/pins.py, docs/restarts.md). None: private maps.
         self.pin_dir = Path(pin_dir) if pin_dir is not None else None
         self._adopted: set[int] = set()  # endpoint ids found in pinned maps
-        self._bpf = None
-        self._progs: dict[str, object] = {}
+        self._bpf: Any = None  # bcc's BPF object (bcc has no type hints)
+        self._progs: dict[str, Any] = {}
         self._attached: dict[int, _Attached] = {}
         self._endpoints: dict[int, EndpointInfo] = {}
         self._ipcache_desired: dict[IPv4Network, int] = {}
