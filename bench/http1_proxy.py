@@ -420,13 +420,12 @@ def profile_engine(
             pipe = Pipe(
                 loop,
                 factory(conn_policy.decide),
-                conn_policy,
                 FlowLog(),
                 conn_policy.parser,
                 ProxyLimits(),
                 ProxyStats(),
+                client=_Sink(),
             )
-            pipe.client = _Sink()
             pipe.server_connected(_Sink())
             for _ in range(n):
                 pipe.client_data(request)
