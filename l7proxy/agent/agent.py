@@ -25,10 +25,11 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from l7proxy import __version__
 from l7proxy.agent.handover import ControlServer, Predecessor, socket_path
@@ -44,6 +45,9 @@ from l7proxy.policy.state import PolicyState
 from l7proxy.proxy.driver import ENDED_AFTER_REPLY, ENDED_QUIET, ProxyLimits
 from l7proxy.proxy.server import Proxy, make_listener
 
+if TYPE_CHECKING:
+    from l7proxy.datapath.loader import Datapath
+
 log = logging.getLogger("l7proxy.agent.agent")
 
 PROXY_HOST = "127.0.0.1"
@@ -57,7 +61,7 @@ class Agent:
         store: Store,
         *,
         audit: bool = False,
-        extra_policies: list[Path] = (),
+        extra_policies: Sequence[Path] = (),
         limits: ProxyLimits | None = None,
         predecessor: Predecessor | None = None,
         drain_timeout: float = 30.0,
@@ -66,7 +70,7 @@ class Agent:
         self.predecessor = predecessor  # the running agent this one takes over from
         self.drain_timeout = drain_timeout  # what we give our predecessor
         self.control: ControlServer | None = None
-        self.listen_socks: dict[str, object] = {}
+        self.listen_socks: dict[str, socket.socket] = {}
         self.handed_over = False  # a successor owns the node now; we only drain
         self.handover_drain = drain_timeout  # what our successor gives us
         self._stop: asyncio.Event | None = None
@@ -74,7 +78,7 @@ class Agent:
         self.audit = audit
         self.extra_policies = list(extra_policies)
         self.limits = limits or ProxyLimits()
-        self.datapath = None
+        self.datapath: Datapath | None = None
         self.proxy: Proxy | None = None
         self.state: PolicyState | None = None
         self.flowlog = FlowLog(store.flowlog)
@@ -183,10 +187,10 @@ class Agent:
             self.control.close()
         if self.proxy is not None:
             await self.proxy.close()
-        letting_go = self.predecessor is not None
-        if letting_go:
-            self.predecessor.close()
-            self.predecessor = None
+        predecessor, self.predecessor = self.predecessor, None
+        letting_go = predecessor is not None
+        if predecessor is not None:
+            predecessor.close()
         if self.datapath is not None:
             with contextlib.suppress(Exception):
                 await self._kernel(self.datapath.close, letting_go)
@@ -225,7 +229,7 @@ class Agent:
         """Called on the control thread: the successor is serving."""
         self.handed_over = True  # from now on, never write status or kernel state
         self.handover_drain = timeout
-        if self._stop is not None:
+        if self._stop is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         return {"draining": True, "connections": self.proxy.connections if self.proxy else 0}
 
@@ -272,6 +276,7 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Reconcile on change, drain kernel drop events, publish status, until ``stop``."""
+        assert self.datapath is not None, "start() first"
         self._stop = stop
         last_status = 0.0
         while not stop.is_set():
@@ -333,6 +338,7 @@ class Agent:
         self._load_policies()
         self.agent_state = self.store.read()
         compiled = self._compile(self.agent_state)
+        assert self.state is not None, "start() first"
         self.state.swap(compiled)
         await self._kernel(self._sync_kernel, compiled)
         log.info(
@@ -347,6 +353,7 @@ class Agent:
 
         if self.handed_over:
             return  # the kernel state is the successor's
+        assert self.datapath is not None and self.agent_state is not None, "start() first"
         dp = self.datapath
         links = dict(netns.list_links(f"l7p{self.agent_state.instance}"))
         desired = {}
@@ -398,6 +405,7 @@ class Agent:
     def emit_drops(self, events) -> None:
         if not events:
             return
+        assert self.state is not None, "start() first"
         compiled = self.state.current
         by_id = {ep.id: ep for ep in compiled.endpoints.values()}
         for ev in events:
@@ -463,6 +471,7 @@ class Agent:
 
     async def publish_status(self) -> None:
         """Write the status file from a fresh read of the datapath."""
+        assert self.datapath is not None, "start() first"
         self.write_status(await self._kernel(self.datapath.status))
 
     def write_status(self, dp_status: dict) -> None:

@@ -414,9 +414,10 @@ class ClientSide(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's is not an asyncio.Transport subclass).
-        self._pipe = self._proxy.open_pipe(cast(asyncio.Transport, transport))
+        stream = cast(asyncio.Transport, transport)
+        self._pipe = self._proxy.open_pipe(stream)
         if self._pipe is None:
-            transport.abort()
+            stream.abort()
 
     def data_received(self, data: bytes) -> None:
         pipe = self._pipe
