@@ -26,7 +26,7 @@ import struct
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 from l7proxy.observe.flowlog import FlowLog, now_fields, request_fields
 from parsers.base import (
@@ -44,10 +44,19 @@ from parsers.base import (
     ToServer,
 )
 
-if TYPE_CHECKING:
-    from l7proxy.proxy.server import Proxy
-
 log = logging.getLogger("l7proxy.proxy")
+
+
+class PipeOwner(Protocol):
+    """What a client connection needs from whoever accepted it (``server.Proxy``)."""
+
+    def open_pipe(self, transport: asyncio.Transport) -> Pipe | None:
+        """A pipe for this accepted connection, or None to refuse it."""
+        ...
+
+    def pipe_closed(self, pipe: Pipe) -> None:
+        """The client connection of ``pipe`` is gone."""
+        ...
 
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
@@ -408,7 +417,7 @@ def _send_queue(transport: asyncio.Transport, request: int) -> int:
 class ClientSide(asyncio.Protocol):
     """Protocol for an accepted client connection."""
 
-    def __init__(self, proxy: Proxy):
+    def __init__(self, proxy: PipeOwner):
         self._proxy = proxy
         self._pipe: Pipe | None = None
 
