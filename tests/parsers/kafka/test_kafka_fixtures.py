@@ -14,6 +14,7 @@ from parsers.base import Access, Decision, Reply, ToClient, ToServer
 from parsers.kafka import apis as kafka_apis
 from parsers.kafka.engine import KafkaEngine
 from tests.support import FIXTURES
+from tests.support.kafka_wire import AUTHORIZATION_FAILED, assert_denied, read_answer
 
 FRAMES = json.loads((FIXTURES / "kafka" / "frames.json").read_text())
 TOPIC_APIS = {0, 1, 2, 8, 19}  # APIs the scenario used with exactly its one topic
@@ -115,11 +116,10 @@ def test_recorded_request_denied_gets_a_decodable_error_response(rec):
     assert isinstance(cmds[0], Access) and not cmds[0].decision.allowed
     assert not any(isinstance(c, ToServer) for c in cmds)
     (denial,) = [c.data for c in cmds if isinstance(c, ToClient)]
-    api_key, api_version, correlation_id = struct.unpack_from(">hhi", wire, 4)
-    assert struct.unpack_from(">ii", denial) == (len(denial) - 4, correlation_id)
-    cls = kafka_apis.response_class(api_key, api_version)
-    if cls is not None:
-        decoded = cls.decode(denial, version=api_version, header=True, framed=True)
-        assert decoded.header.correlation_id == correlation_id
-    (reply,) = [c for c in cmds if isinstance(c, Reply)]
-    assert reply.fields["error_code"] in (29, 30, 31, 53)
+    if rec["api_key"] == 3 and rec["api_version"] < 13 and not cmds[0].request.topics:
+        # Metadata for no topic at all: before v13 the response has no field
+        # that could carry an error, so the denial is an empty answer.
+        answer = read_answer(wire, denial)
+        assert answer.error_codes == [] and answer.message.topics == []
+        return
+    assert_denied(wire, denial, AUTHORIZATION_FAILED)
