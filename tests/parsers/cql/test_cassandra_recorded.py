@@ -17,6 +17,7 @@ from parsers.cql import wire as w
 from parsers.cql.engine import CqlEngine
 from tests.fixtures.cql.record import SCENARIOS
 from tests.support import FIXTURES as ALL_FIXTURES
+from tests.support.cql_wire import assert_unauthorized
 
 FIXTURES = ALL_FIXTURES / "cql"
 ALLOW = Decision(True, policy="test", reason="allowed")
@@ -157,26 +158,6 @@ def deny_secret(request):
     return ALLOW
 
 
-def decode_client_stream(data: bytes, segments: bool, lz4: bool):
-    """The envelopes a client would read from ``data`` (v5: inside segments)."""
-    payload = bytearray()
-    if segments:
-        pos = 0
-        while pos < len(data):
-            seg = w.read_segment(data, pos, lz4)
-            assert seg is not None, "truncated segment toward the client"
-            payload += seg.payload
-            pos += seg.raw_len
-    else:
-        payload = bytearray(data)
-    out, pos = [], 0
-    while pos < len(payload):
-        vbyte, flags, stream, opcode, length = w.parse_header(payload, pos)
-        out.append((vbyte, flags, stream, opcode, bytes(payload[pos + 9 : pos + 9 + length])))
-        pos += 9 + length
-    return out
-
-
 @pytest.mark.parametrize("split", SPLITTERS, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_denied_select_never_reaches_the_server_and_is_answered_unauthorized(scenario, split):
@@ -201,14 +182,9 @@ def test_denied_select_never_reaches_the_server_and_is_answered_unauthorized(sce
     # What the client receives: the server's bytes plus one ERROR Unauthorized on that stream.
     answers = [c.data for c in commands if isinstance(c, ToClient) and c.data not in server_bytes]
     answers = [a for a in answers if a not in b"".join(server_bytes)]
-    assert len(answers) == 1
-    [(vbyte, flags, err_stream, opcode, body)] = decode_client_stream(answers[0], version >= 5, lz4)
-    assert (vbyte, err_stream, opcode) == (0x80 | version, stream, w.ERROR)
-    if flags & w.FLAG_COMPRESSED:
-        body = w.FRAME_CODECS[SCENARIOS[scenario]["compression"]][1](body)
-    reader = w.BodyReader(body)
-    assert reader.int() == 0x2100
-    message = reader.string()
+    [answer] = answers
+    compression = SCENARIOS[scenario].get("compression")
+    message = assert_unauthorized(answer, version, stream, compression).message
     assert "select on ks.secret" in message and "cql-test" in message and "ingress[0]" in message
 
 
