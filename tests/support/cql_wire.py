@@ -7,7 +7,7 @@ driver's ``ProtocolHandler.decode_message``, the code a real client runs.
 The 9-byte envelope header is read with ``struct`` as the spec lays it out.
 
     answers = client_envelopes(data, version=5, compression="lz4")
-    assert_unauthorized(answers[0], version=5, stream=2)
+    assert_unauthorized(data, version=5, stream=2, compression="lz4")
 """
 
 from __future__ import annotations

@@ -14,7 +14,12 @@ from collections.abc import Callable
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from h2.events import DataReceived
+from h2.events import (
+    DataReceived,
+    InformationalResponseReceived,
+    ResponseReceived,
+    TrailersReceived,
+)
 from h2.settings import Settings
 
 from parsers.base import ToClient, ToServer
@@ -215,3 +220,20 @@ def grpc_headers(path: str, extra=()) -> list:
 
 def grpc_message(payload: bytes) -> bytes:
     return b"\x00" + len(payload).to_bytes(4, "big") + payload
+
+
+def assert_grpc_trailers_only(t: Transcript, stream_id: int, grpc_status: int) -> dict:
+    """What the h2 client read on ``stream_id`` is a gRPC trailers-only response:
+    one HEADERS frame with END_STREAM (:status 200, content-type
+    application/grpc, ``grpc_status``) and no DATA. Returns its headers."""
+    on_stream = [e for e in t.client_events if getattr(e, "stream_id", None) == stream_id]
+    (response,) = [e for e in on_stream if type(e) is ResponseReceived]
+    assert response.stream_ended is not None, "trailers-only: END_STREAM on the one HEADERS"
+    others = (DataReceived, TrailersReceived, InformationalResponseReceived)
+    assert not [e for e in on_stream if isinstance(e, others)], "nothing but the one HEADERS"
+    headers = dict(response.headers)
+    assert len(headers) == len(response.headers), "no header repeated"
+    assert headers[b":status"] == b"200"
+    assert headers[b"content-type"] == b"application/grpc"
+    assert headers[b"grpc-status"] == str(grpc_status).encode()
+    return headers
