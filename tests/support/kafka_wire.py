@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import struct
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -237,3 +238,36 @@ class _Reader:
 
     def rest(self) -> bytes:
         return self._data.read()
+
+
+# ---------------------------------------------------------------------------
+# Requests that name something everywhere they can
+
+
+def request_naming_everything(api_key: int, api_version: int) -> Any:
+    """A request of that API and version whose every array holds one entry and
+    every string says "a": each resource field is filled, so its denial has a
+    per-resource error code wherever the response has one."""
+    cls = kafka_apis.REQUESTS[api_key]
+    message = cls[api_version]()
+    _fill(message, cls._struct, api_version)
+    return message
+
+
+def _fill(obj: Any, struct_: Any, version: int) -> None:
+    for f in struct_._fields or ():
+        if not f.for_version_q(version) or f.tagged_field_q(version):
+            continue
+        if f.is_struct_array():
+            item = f.array_of._data_class()
+            _fill(item, f.array_of, version)
+            setattr(obj, f.name, [item])
+        elif f.is_struct():
+            item = f._data_class()
+            _fill(item, f, version)
+            setattr(obj, f.name, item)
+        elif f.is_array():
+            element = {"string": "a", "uuid": uuid.UUID(int=1)}.get(f.array_of.type_str, 0)
+            setattr(obj, f.name, [element])
+        elif f.type_str == "string":
+            setattr(obj, f.name, "a")
