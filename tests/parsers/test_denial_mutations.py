@@ -131,7 +131,7 @@ def test_cql_denial_answering_success_fails_the_denial_tests(mutant, monkeypatch
             "cql_wire.py",
             cql_recorded_suite.test_denied_select_never_reaches_the_server_and_is_answered_unauthorized,
             scenario,
-            cql_recorded_suite.whole,
+            "whole",
         )
 
 

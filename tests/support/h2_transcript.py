@@ -9,9 +9,6 @@ engine's non-byte commands are recorded for assertions.
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable
-
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import (
@@ -24,33 +21,13 @@ from h2.settings import Settings
 
 from parsers.base import ToClient, ToServer
 from parsers.http2.conn import RelayConnection
+from tests.support.feeding import WAYS, Splitter, splitter
 
-Split = Callable[[bytes], list[bytes]]
-
-
-def whole(data: bytes) -> list[bytes]:
-    return [data]
+Split = Splitter
 
 
-def bytewise(data: bytes) -> list[bytes]:
-    return [data[i : i + 1] for i in range(len(data))]
-
-
-def random_split(seed: int = 7) -> Split:
-    rng = random.Random(seed)
-
-    def split(data: bytes) -> list[bytes]:
-        chunks, pos = [], 0
-        while pos < len(data):
-            step = rng.randint(1, 64) if rng.random() < 0.5 else rng.randint(1, 4096)
-            chunks.append(data[pos : pos + step])
-            pos += step
-        return chunks
-
-    return split
-
-
-SPLITS = {"whole": whole, "bytewise": bytewise, "random": random_split()}
+# One splitter per way, shared by the module that uses them (see tests/support/feeding.py).
+SPLITS: dict[str, Split] = {way: splitter(way) for way in WAYS}
 
 
 def _config(client_side: bool, strict: bool = True) -> H2Configuration:
@@ -66,7 +43,7 @@ class Transcript:
     def __init__(
         self,
         engine,
-        split: Split = whole,
+        split: Split = SPLITS["whole"],
         *,
         strict_client: bool = True,
         graceful_client: bool = False,

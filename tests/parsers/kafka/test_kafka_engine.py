@@ -3,7 +3,6 @@ byte by byte and split at random points; transcripts of the commands out."""
 
 from __future__ import annotations
 
-import random
 import uuid
 
 import pytest
@@ -36,6 +35,7 @@ from kafka.protocol.producer import (
 from parsers.base import Access, Decision, ParseError, Reply, ToClient, ToServer
 from parsers.kafka.engine import KafkaEngine
 from parsers.requests import KafkaRequest
+from tests.support.feeding import WAYS, feed, split
 from tests.support.kafka_wire import (
     AUTHORIZATION_FAILED,
     assert_denied,
@@ -76,28 +76,11 @@ def allow_topics(*allowed: str, groups=None):
     return decide
 
 
-def feed(engine_side, data: bytes, how: str, seed: int = 7) -> list:
-    if how == "whole":
-        return engine_side(data)
-    if how == "bytewise":
-        return [c for i in range(len(data)) for c in engine_side(data[i : i + 1])]
-    rnd = random.Random(seed)
-    cuts = sorted(rnd.sample(range(1, len(data)), k=min(6, len(data) - 1)))
-    out, last = [], 0
-    for cut in [*cuts, len(data)]:
-        out += engine_side(data[last:cut])
-        last = cut
-    return out
-
-
-HOW = ["whole", "bytewise", "random"]
-
-
-@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("how", WAYS)
 def test_allowed_produce_is_forwarded_and_reply_carries_error_code(how):
     engine = KafkaEngine(allow_topics("orders"))
     wire = frame(produce("orders"), 9, 11)
-    cmds = feed(engine.client_data, wire, how)
+    cmds = feed(engine.client_data, split(wire, how, seed=7))
     assert [type(c) for c in cmds] == [Access, ToServer]
     assert cmds[0].request.topics == ("orders",) and cmds[0].request.client_id == "test-client"
     assert cmds[0].key == 11 and b"".join(c.data for c in cmds if isinstance(c, ToServer)) == wire
@@ -116,7 +99,7 @@ def test_allowed_produce_is_forwarded_and_reply_carries_error_code(how):
             )
         ],
     )
-    back = feed(engine.server_data, reply, how)
+    back = feed(engine.server_data, split(reply, how, seed=7))
     assert b"".join(c.data for c in back if isinstance(c, ToClient)) == reply
     assert [c for c in back if isinstance(c, Reply)] == [
         Reply(11, {"api": "Produce", "error_code": 6})
@@ -728,7 +711,7 @@ def test_random_bytes_on_either_side_never_crash(data):
     engine.server_data(b"")
 
 
-@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("how", WAYS)
 def test_large_fetch_response_is_passed_through_as_it_arrives(how):
     from kafka.protocol.consumer import FetchResponse
 
@@ -755,7 +738,7 @@ def test_large_fetch_response_is_passed_through_as_it_arrives(how):
     first = engine.server_data(big[:100_000])
     assert b"".join(c.data for c in first if isinstance(c, ToClient)) == big[:100_000]
     assert not any(isinstance(c, Reply) for c in first)
-    rest = feed(engine.server_data, big[100_000:], how)
+    rest = feed(engine.server_data, split(big[100_000:], how, seed=7))
     sent = b"".join(c.data for c in first + rest if isinstance(c, ToClient))
     denial_len = len(sent) - len(big)
     assert sent[: len(big)] == big and denial_len > 0, (
@@ -829,7 +812,7 @@ def big_produce(topics=("orders",), acks=1, version=9, transactional_id=None, si
     return msg
 
 
-@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("how", WAYS)
 @pytest.mark.parametrize("version", [3, 9, 12])
 def test_large_allowed_produce_is_judged_early_and_streamed(version, how):
     seen = []
@@ -841,7 +824,7 @@ def test_large_allowed_produce_is_judged_early_and_streamed(version, how):
     first = engine.client_data(wire[:1000])
     assert [type(c) for c in first] == [Access, ToServer], "judged before the batches arrive"
     assert first[0].request.topics == ("orders",) and first[0].request.transactional_ids == ("tx",)
-    rest = feed(engine.client_data, wire[1000:], how)
+    rest = feed(engine.client_data, split(wire[1000:], how, seed=7))
     assert b"".join(c.data for c in first + rest if isinstance(c, ToServer)) == wire
     assert [c.key for c in first + rest if isinstance(c, Access)] == [7, 8]
     replies = engine.server_data(
@@ -854,7 +837,7 @@ def test_large_allowed_produce_is_judged_early_and_streamed(version, how):
 def test_large_denied_produce_is_read_whole_and_denied_per_partition():
     engine = KafkaEngine(allow_topics("orders"))
     wire = frame(big_produce(topics=("secrets",)), 9, 3)
-    cmds = [c for part in chunks_of(wire, 10_000) for c in engine.client_data(part)]
+    cmds = feed(engine.client_data, chunks_of(wire, 10_000))
     assert not any(isinstance(c, ToServer) for c in cmds)
     (denial,) = [c.data for c in cmds if isinstance(c, ToClient)]
     assert assert_denied(wire, denial, 29).error_codes == [
@@ -876,7 +859,7 @@ def test_large_produce_naming_several_topics_waits_for_the_whole_request():
 def test_large_acks0_produce_streams_and_owes_nothing():
     engine = KafkaEngine(allow_topics("orders"))
     wire = frame(big_produce(acks=0), 9, 5)
-    cmds = [c for part in chunks_of(wire, 30_000) for c in engine.client_data(part)]
+    cmds = feed(engine.client_data, chunks_of(wire, 30_000))
     assert [type(c).__name__ for c in cmds][:2] == ["Access", "ToServer"]
     assert type(cmds[-1]).__name__ == "Reply" and cmds[-1].fields["acks"] == 0
     assert b"".join(c.data for c in cmds if isinstance(c, ToServer)) == wire

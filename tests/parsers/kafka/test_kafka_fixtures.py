@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import random
 import struct
 
 import pytest
@@ -14,6 +13,7 @@ from parsers.base import Access, Decision, Reply, ToClient, ToServer
 from parsers.kafka import apis as kafka_apis
 from parsers.kafka.engine import KafkaEngine
 from tests.support import FIXTURES
+from tests.support.feeding import WAYS, feed, split
 from tests.support.kafka_wire import AUTHORIZATION_FAILED, assert_denied, read_answer
 
 FRAMES = json.loads((FIXTURES / "kafka" / "frames.json").read_text())
@@ -27,15 +27,6 @@ def ident(rec):
 
 def request_bytes(rec) -> bytes:
     return base64.b64decode(rec["request_b64"])
-
-
-def chunks(data: bytes, how: str):
-    if how == "whole":
-        return [data]
-    if how == "bytewise":
-        return [data[i : i + 1] for i in range(len(data))]
-    cuts = sorted(random.Random(len(data)).sample(range(1, len(data)), k=min(5, len(data) - 1)))
-    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
 
 
 def metadata_first(rec):
@@ -66,7 +57,7 @@ def test_recording_covers_both_clients_and_the_core_apis():
             assert (client, api) in seen, (client, api)
 
 
-@pytest.mark.parametrize("how", ["whole", "bytewise", "random"])
+@pytest.mark.parametrize("how", WAYS)
 @pytest.mark.parametrize("rec", FRAMES, ids=ident)
 def test_recorded_request_is_judged_with_its_resources_and_forwarded_unchanged(rec, how):
     seen = []
@@ -77,7 +68,7 @@ def test_recorded_request_is_judged_with_its_resources_and_forwarded_unchanged(r
         engine.server_data(primer[1])
         seen.clear()
     wire = request_bytes(rec)
-    cmds = [c for part in chunks(wire, how) for c in engine.client_data(part)]
+    cmds = feed(engine.client_data, split(wire, how, seed=len(wire)))
     (request,) = seen
     api_key, api_version, correlation_id = struct.unpack_from(">hhi", wire, 4)
     assert (request.api_key, request.api_version, request.correlation_id) == (
@@ -99,7 +90,7 @@ def test_recorded_response_goes_back_unchanged_with_a_reply_record(rec):
     engine = primed(rec, allow_after=True)
     engine.client_data(request_bytes(rec))
     response = base64.b64decode(rec["response_b64"])
-    cmds = [c for part in chunks(response, "random") for c in engine.server_data(part)]
+    cmds = feed(engine.server_data, split(response, "random", seed=len(response)))
     assert b"".join(c.data for c in cmds if isinstance(c, ToClient)) == response
     (reply,) = [c for c in cmds if isinstance(c, Reply)]
     assert reply.key == struct.unpack_from(">i", request_bytes(rec), 8)[0]
