@@ -65,6 +65,17 @@ def test_every_kafka_denial_answering_success_fails_every_api_version(monkeypatc
             api_key,
             version,
         )
+    # The APIs encoded by hand, without kafka-python's schemas, too.
+    fails_in(
+        "kafka_wire.py",
+        kafka_suite.test_consumer_group_heartbeat_kip848_group_is_extracted_and_denied_with_30,
+    )
+    for case in kafka_suite.EXTRA_DENIALS:
+        fails_in(
+            "kafka_wire.py",
+            kafka_suite.test_apis_without_a_kafka_python_schema_are_denied_on_the_wire,
+            *case,
+        )
 
 
 def test_issue_10_mutation_fails_the_kafka_test_run():

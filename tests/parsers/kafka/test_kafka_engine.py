@@ -921,6 +921,34 @@ def test_consumer_group_heartbeat_kip848_group_is_extracted_and_denied_with_30()
     assert answer.message["member_epoch"] == -1
 
 
+# The other APIs kafka-python has no schema for, v0 bodies from Kafka's JSON specs.
+EXTRA_DENIALS = [
+    # ConsumerGroupDescribe: GroupIds (compact array), IncludeAuthorizedOperations, tags
+    (69, b"\x03" + b"\x08billing" + b"\x06audit" + b"\x00" + b"\x00", ("billing", "audit"), 30),
+    # GetTelemetrySubscriptions: ClientInstanceId, tags
+    (71, bytes(16) + b"\x00", (), 31),
+    # PushTelemetry: ClientInstanceId, SubscriptionId, Terminating, CompressionType,
+    # Metrics (empty compact bytes), tags
+    (72, bytes(16) + bytes(4) + b"\x00" + b"\x00" + b"\x01" + b"\x00", (), 31),
+]
+
+
+@pytest.mark.parametrize(
+    "api_key,body,groups,code", EXTRA_DENIALS, ids=[str(e[0]) for e in EXTRA_DENIALS]
+)
+def test_apis_without_a_kafka_python_schema_are_denied_on_the_wire(api_key, body, groups, code):
+    header = api_key.to_bytes(2, "big") + bytes.fromhex("0000 00000004 0001") + b"c" + b"\x00"
+    request = _framed(header + body)
+    seen = []
+    cmds = KafkaEngine(lambda r: seen.append(r) or Decision(False)).client_data(request)
+    assert seen[0].groups == groups and seen[0].undecodable is None
+    (denial,) = [c.data for c in cmds if isinstance(c, ToClient)]
+    answer = assert_denied(request, denial, code)
+    if api_key == 69:
+        assert [g["group_id"] for g in answer.message["groups"]] == list(groups)
+        assert len(answer.error_codes) == len(groups)
+
+
 def test_trailing_garbage_after_a_good_frame_is_a_clean_protocol_error():
     wire = frame(produce("orders"), 9, 1) + b"\xff\xff\xff\xfe garbage"
     cmds = KafkaEngine(allow_topics("orders")).client_data(wire)
