@@ -38,9 +38,8 @@ from l7proxy.node import netns
 from l7proxy.node.store import FAMILIES, AgentState, Store
 from l7proxy.observe.flowlog import FlowLog, now_fields
 from l7proxy.policy.engine import CompiledPolicy, Endpoint, compile_policy
-from l7proxy.policy.errors import PolicyError
-from l7proxy.policy.load import load_paths
 from l7proxy.policy.model import EGRESS, INGRESS, Policy
+from l7proxy.policy.source import PolicySource
 from l7proxy.policy.state import PolicyState
 from l7proxy.proxy.driver import ENDED_AFTER_REPLY, ENDED_QUIET, ProxyLimits
 from l7proxy.proxy.server import Proxy, make_listener
@@ -82,10 +81,10 @@ class Agent:
         self.proxy: Proxy | None = None
         self.state: PolicyState | None = None
         self.flowlog = FlowLog(store.flowlog)
-        self.policies: list[Policy] = []
-        self.policy_error: PolicyError | None = None
-        self.policy_imports = 0
-        self.policy_import_errors = 0
+        self.policies: list[Policy] = []  # the last good set, in force
+        self.policy_source = PolicySource(
+            [store.policy_dir, *self.extra_policies], self._policies_loaded
+        )
         self.revision = 0
         self.kernel_revision = 0
         self.agent_state: AgentState | None = None
@@ -124,7 +123,8 @@ class Agent:
             self._host_prefixes = await self._kernel(_host_prefixes)
             if self.predecessor is not None:  # revisions continue across a takeover
                 self.revision = int(self.predecessor.info.get("policy_revision", 0))
-            self._load_policies(initial=True)
+            # A bad policy at start is reported in status; the node runs with none.
+            self.policy_source.reload()
             self.state = PolicyState(self._compile(st))
             self.proxy = Proxy(self.state, self.flowlog, limits=self.limits, mark=st.proxy_mark)
             if self.predecessor is not None:
@@ -286,8 +286,9 @@ class Agent:
                 pass
             if self.handed_over:
                 break
+            policies_changed = self.policy_source.poll()
             stamp = self._watch_stamp()
-            if stamp != self._stamp:
+            if policies_changed or stamp != self._stamp:
                 self._stamp = stamp
                 await self.reconcile()
             self.emit_drops(await self._kernel(self.datapath.poll_drops, 0))
@@ -299,23 +300,8 @@ class Agent:
 
     # ------------------------------------------------------------------ policy
 
-    def _policy_paths(self) -> list[Path]:
-        return [self.store.policy_dir, *self.extra_policies]
-
-    def _load_policies(self, initial: bool = False) -> bool:
-        try:
-            policies = load_paths(self._policy_paths())
-        except PolicyError as err:
-            self.policy_error = err
-            self.policy_import_errors += 1
-            log.error("policy rejected, keeping the last good policy: %s", err)
-            if initial:
-                self.policies = []
-            return False
-        self.policy_error = None
+    def _policies_loaded(self, policies: list[Policy]) -> None:
         self.policies = policies
-        self.policy_imports += 1
-        return True
 
     def _compile(self, st: AgentState) -> CompiledPolicy:
         alloc = st.allocator()
@@ -335,7 +321,6 @@ class Agent:
 
     async def reconcile(self) -> None:
         """Endpoints or policies changed: recompile, then update maps in place."""
-        self._load_policies()
         self.agent_state = self.store.read()
         compiled = self._compile(self.agent_state)
         assert self.state is not None, "start() first"
@@ -349,7 +334,7 @@ class Agent:
         )
 
     def _sync_kernel(self, compiled: CompiledPolicy) -> None:
-        from l7proxy.datapath.loader import EndpointInfo, PolicyEntry
+        from l7proxy.datapath.loader import EndpointInfo
 
         if self.handed_over:
             return  # the kernel state is the successor's
@@ -378,11 +363,7 @@ class Agent:
         for ep_id in [i for i in attached if i not in desired]:
             dp.detach(ep_id)
         dp.sync_ipcache(compiled.ipcache.prefixes)
-        entries = [
-            PolicyEntry(**asdict(e))
-            for e in compiled.kernel_entries(self.listeners or self.agent_state.proxy_ports)
-        ]
-        dp.sync_policy(entries)
+        dp.sync_policy(compiled.kernel_entries(self.listeners or self.agent_state.proxy_ports))
         for ep_id, info in desired.items():
             if ep_id in attached and attached[ep_id] == info.ifindex:
                 dp.set_endpoint(info)
@@ -391,14 +372,11 @@ class Agent:
         self.kernel_revision = compiled.revision  # the maps now say what this policy says
 
     def _watch_stamp(self) -> tuple:
-        items = []
-        for path in [self.store.state_file, *self._policy_paths()]:
-            files = sorted(path.iterdir()) if path.is_dir() else [path]
-            for f in files:
-                with contextlib.suppress(FileNotFoundError):
-                    st = f.stat()
-                    items.append((str(f), st.st_mtime_ns, st.st_size))
-        return tuple(items)
+        """The endpoint state file's stamp (policy files are the policy source's)."""
+        with contextlib.suppress(FileNotFoundError):
+            st = self.store.state_file.stat()
+            return (st.st_mtime_ns, st.st_size)
+        return ()
 
     # ------------------------------------------------------------------ observation
 
@@ -430,6 +408,7 @@ class Agent:
         from parsers.http1 import engine as http1
 
         compiled = self.state.current if self.state else None
+        policy_error = self.policy_source.last_error
         in_sync = compiled is not None and self.kernel_revision == compiled.revision
         listeners_up = bool(self.proxy) and set(self.listeners) == set(FAMILIES)
         return {
@@ -437,7 +416,7 @@ class Agent:
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
             "healthy": bool(dp_status.get("loaded"))
-            and self.policy_error is None
+            and policy_error is None
             and in_sync
             and listeners_up,
             "maps_in_sync": in_sync,
@@ -456,9 +435,9 @@ class Agent:
                 {"name": p.key, "source": p.source, "audit": p.audit} for p in self.policies
             ],
             "policy_revision": compiled.revision if compiled else 0,
-            "policy_error": str(self.policy_error) if self.policy_error else None,
-            "policy_imports": self.policy_imports,
-            "policy_import_errors": self.policy_import_errors,
+            "policy_error": str(policy_error) if policy_error else None,
+            "policy_imports": self.policy_source.imports,
+            "policy_import_errors": self.policy_source.import_errors,
             "listeners": {fam: f"{PROXY_HOST}:{port}" for fam, port in self.listeners.items()},
             "parsers": {"http1": http1.active_implementation()},
             "proxy": {

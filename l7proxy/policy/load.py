@@ -382,7 +382,9 @@ def _l7_rules(node: Any, path: YamlPath) -> tuple[str | None, tuple[L7RuleRef, .
             for i, item in enumerate(_list(node[key], path.key(key))):
                 refs.append(
                     L7RuleRef(
-                        key, kind.compile(item, path.key(key).index(i)), str(path.key(key).index(i))
+                        kind,
+                        kind.compile(item, path.key(key).index(i)),
+                        str(path.key(key).index(i)),
                     )
                 )
     if "l7proto" in node or "l7" in node:
@@ -397,7 +399,7 @@ def _l7_rules(node: Any, path: YamlPath) -> tuple[str | None, tuple[L7RuleRef, .
         for i, item in enumerate(_list(node.get("l7"), path.key("l7"))):
             refs.append(
                 L7RuleRef(
-                    proto, kind.compile(item, path.key("l7").index(i)), str(path.key("l7").index(i))
+                    kind, kind.compile(item, path.key("l7").index(i)), str(path.key("l7").index(i))
                 )
             )
     if len(parsers) > 1:

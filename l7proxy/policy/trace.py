@@ -18,22 +18,19 @@ from __future__ import annotations
 
 import ipaddress
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from l7proxy.observe.flowlog import request_fields
 from l7proxy.policy.engine import CompiledPolicy, Endpoint, compile_policy
 from l7proxy.policy.identity import IdentityAllocator, parse_labels
 from l7proxy.policy.model import EGRESS, INGRESS, Policy
 from l7proxy.policy.state import ConnectionPolicy, PolicyState, Side
 from parsers.base import Decision
-from parsers.requests import CqlRequest, GrpcCall, HttpRequest, KafkaRequest
+from parsers.requests import CqlRequest, GrpcCall, HttpRequest, KafkaRequest, L7Request
 
 LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 FIRST_VIRTUAL_ID = 1
-
-# Which parser family a request kind needs (what the port must be parsed as).
-_FAMILY = {HttpRequest: "http", GrpcCall: "http", KafkaRequest: "kafka", CqlRequest: "cassandra"}
 
 
 class UsageError(Exception):
@@ -94,7 +91,7 @@ class RequestSpec:
     headers: tuple[str, ...] = ()
 
 
-def build_requests(spec: RequestSpec) -> list[Any]:
+def build_requests(spec: RequestSpec) -> list[L7Request]:
     """The typed request(s) an engine would hand to ``decide`` (a CQL batch
     is judged member by member, so it yields several)."""
     args = spec
@@ -197,32 +194,6 @@ def cql_requests(statement: str) -> list[CqlRequest]:
     ]
 
 
-def describe_request(request: Any) -> str:
-    if isinstance(request, GrpcCall):
-        return f"grpc {request.service}/{request.method}"
-    if isinstance(request, HttpRequest):
-        return f"http {request.method} {request.path}" + (
-            f" host={request.host}" if request.host else ""
-        )
-    if isinstance(request, KafkaRequest):
-        from l7proxy.policy.rules.kafka import _API_NAMES
-
-        name = _API_NAMES.get(request.api_key, str(request.api_key))
-        parts = [f"kafka {name} (apiKey {request.api_key} v{request.api_version})"]
-        parts += [f"topics={','.join(request.topics)}"] if request.topics else []
-        parts += [f"groups={','.join(request.groups)}"] if request.groups else []
-        parts += (
-            [f"transactionalIDs={','.join(request.transactional_ids)}"]
-            if request.transactional_ids
-            else []
-        )
-        parts += [f"clientID={request.client_id}"] if request.client_id else []
-        return " ".join(parts)
-    if isinstance(request, CqlRequest):
-        return f"cql {request.action}" + (f" {request.table}" if request.table else "")
-    return repr(request)
-
-
 # --------------------------------------------------------------------------- scenario
 
 
@@ -295,7 +266,7 @@ def _side(state: PolicyState, spec: PeerSpec, endpoint: Endpoint | None, port: i
 # --------------------------------------------------------------------------- the trace
 
 
-def trace(scenario: Scenario, requests: list[Any]) -> dict[str, Any]:
+def trace(scenario: Scenario, requests: Sequence[L7Request]) -> dict[str, Any]:
     """Run the real decision code with tracing on; return a plain dict."""
     compiled, src, dst, port = scenario.compiled, scenario.src, scenario.dst, scenario.port
     directions = []
@@ -352,7 +323,7 @@ def trace(scenario: Scenario, requests: list[Any]) -> dict[str, Any]:
         )
 
     for request in requests:
-        family = _FAMILY.get(type(request))
+        family = request.family
         if family != conn.parser:
             out["notes"].append(
                 f"this port is parsed as {conn.parser}, not {family}: real {family} traffic here "
@@ -360,11 +331,10 @@ def trace(scenario: Scenario, requests: list[Any]) -> dict[str, Any]:
             )
         lines = []
         decision = conn.decide(request, lines)
-        protocol, fields = request_fields(request)
         out["l7"].append(
             {
-                "request": {"protocol": protocol, **fields},
-                "summary": describe_request(request),
+                "request": {"protocol": request.protocol, **request.flow_fields()},
+                "summary": request.describe(),
                 "trace": lines,
                 "decision": _decision(decision),
             }

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from l7proxy.policy.engine import Endpoint, KernelEntry, compile_policy
+from l7proxy.policy.engine import Endpoint, PolicyEntry, compile_policy
 from l7proxy.policy.identity import HOST, WORLD, IdentityAllocator
 from l7proxy.policy.load import load_text
 from l7proxy.policy.state import PolicyState
@@ -349,7 +349,7 @@ def test_kernel_entries_for_star_wars_rule():
     deathstar = compiled.endpoints_by_ip["10.9.0.10"].id
     entries = compiled.kernel_entries({"http": 15001})
     # org=empire selects both empire identities: deathstar and tiefighter.
-    assert KernelEntry(deathstar, "ingress", tiefighter, 6, 80, 80, "redirect", 15001) in entries
+    assert PolicyEntry(deathstar, "ingress", tiefighter, 6, 80, 80, "redirect", 15001) in entries
     assert all(e.action == "redirect" and e.endpoint_id == deathstar for e in entries)
     assert {e.identity for e in entries} == {
         tiefighter,
