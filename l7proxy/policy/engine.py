@@ -33,7 +33,7 @@ from l7proxy.policy.identity import (
     IdentityAllocator,
     IpCache,
 )
-from l7proxy.policy.model import EGRESS, INGRESS, L7RuleRef, Peers, Policy, Rule
+from l7proxy.policy.model import EGRESS, INGRESS, L7RuleRef, Peers, Policy, PortRule, Rule
 from l7proxy.policy.rules import CompiledRule, any_rule_matches
 from parsers.base import Decision
 from parsers.requests import REQUEST_TYPES, L7Request
@@ -262,7 +262,9 @@ class CompiledPolicy:
     identities: IdentityAllocator
     audit_all: bool = False
     endpoints_by_ip: dict[str, Endpoint] = field(default_factory=dict)
-    _matchers: dict[tuple, PortMatcher] = field(default_factory=dict, repr=False)
+    _matchers: dict[tuple[int, str, int, int], PortMatcher] = field(
+        default_factory=dict, repr=False
+    )
 
     # ------------------------------------------------------------------ L3/L4
 
@@ -273,7 +275,7 @@ class CompiledPolicy:
         peer: int,
         port: int,
         protocol: str = "TCP",
-        trace: list | None = None,
+        trace: list[str] | None = None,
     ) -> PortVerdict:
         dp = self.directions.get((endpoint_id, direction))
         if dp is None or not dp.enforced:
@@ -326,8 +328,8 @@ class CompiledPolicy:
         direction: str,
         peer: int,
         port: int,
-        request: Any,
-        trace: list | None = None,
+        request: L7Request,
+        trace: list[str] | None = None,
     ) -> Decision:
         return self.l7_matcher(endpoint_id, direction, peer, port).decide(request, trace)
 
@@ -372,16 +374,17 @@ class CompiledPolicy:
         for eff in dp.rules:
             if eff.rule.deny or not eff.peer_matches(peer):
                 continue
-            port_rules = (
+            # None stands for "all ports" (a rule without toPorts).
+            port_rules: list[PortRule | None] = (
                 [None]
                 if not eff.rule.to_ports
                 else [pr for pr in eff.rule.to_ports if pr.covers(port, "TCP")]
             )
-            for pr in port_rules:
+            for port_rule in port_rules:
                 first_policy = first_policy or eff.policy
-                if pr is None or not pr.l7:
+                if port_rule is None or not port_rule.l7:
                     if allow_all is None:
-                        where = eff.rule.path if pr is None else pr.path
+                        where = eff.rule.path if port_rule is None else port_rule.path
                         allow_all = Decision(
                             True, policy=eff.policy.key, rule=where, reason="L4 rule allows all L7"
                         )
@@ -400,7 +403,7 @@ class CompiledPolicy:
                             reason=f"allowed by {ref.rule.describe()}",
                         ),
                     )
-                    for ref in pr.l7
+                    for ref in port_rule.l7
                 ]
         reason = "no L7 rule matches" if first_policy else "no rule allows this peer and port"
         return PortMatcher(
@@ -426,6 +429,8 @@ class CompiledPolicy:
             for eff in dp.rules:
                 peer_ids = [0] if eff.peer_ids is None else sorted(eff.peer_ids)
                 audit = self.audit_all or eff.policy.audit
+                # (protocol, first port, last port, parser family or None)
+                ports: list[tuple[int, int, int, str | None]]
                 if not eff.rule.to_ports:
                     ports = [(0, 0, 0, None)]
                 else:
@@ -506,7 +511,7 @@ def compile_policy(
     host_prefixes: Iterable[ipaddress.IPv4Network] = (),
 ) -> CompiledPolicy:
     policies = tuple(policies)
-    endpoints = {ep.id: ep for ep in endpoints}
+    by_id = {ep.id: ep for ep in endpoints}
     # CIDR identities for every prefix that a policy names (and its excepts).
     cidr_ids: dict[ipaddress.IPv4Network, Identity] = {}
     for pol in policies:
@@ -514,12 +519,12 @@ def compile_policy(
             for c in rule.peers.cidrs:
                 for net in (c.cidr, *c.excepts):
                     cidr_ids[net] = identities.for_cidr(net)
-    endpoint_identities = {ep.identity.number: ep.identity for ep in endpoints.values()}
+    endpoint_identities = {ep.identity.number: ep.identity for ep in by_id.values()}
     all_identities = {**endpoint_identities, **{i.number: i for i in cidr_ids.values()}}
     all_identities.update(RESERVED_IDENTITIES)
 
     directions: dict[tuple[int, str], DirectionPolicy] = {}
-    for ep in endpoints.values():
+    for ep in by_id.values():
         for direction in (INGRESS, EGRESS):
             directions[(ep.id, direction)] = DirectionPolicy()
         for pol in policies:
@@ -538,18 +543,18 @@ def compile_policy(
 
     ipcache: dict[ipaddress.IPv4Network, int] = {net: HOST for net in host_prefixes}
     ipcache.update({net: ident.number for net, ident in cidr_ids.items() if net.prefixlen})
-    for ep in endpoints.values():
+    for ep in by_id.values():
         if ep.ip is not None:
             ipcache[ipaddress.IPv4Network(f"{ep.ip}/32")] = ep.identity.number
     return CompiledPolicy(
         revision=revision,
         policies=policies,
-        endpoints=endpoints,
+        endpoints=by_id,
         directions=directions,
         ipcache=IpCache(ipcache),
         identities=identities,
         audit_all=audit_all,
-        endpoints_by_ip={str(ep.ip): ep for ep in endpoints.values() if ep.ip is not None},
+        endpoints_by_ip={str(ep.ip): ep for ep in by_id.values() if ep.ip is not None},
     )
 
 
@@ -570,9 +575,13 @@ def _resolve_peers(peers: Peers, identities: dict[int, Identity]) -> frozenset[i
             # Selectors naming reserved labels (reserved:host) select reserved identities.
             if any(sel.match_labels and sel.matches(ident.label_map) for sel in peers.endpoints):
                 out.add(ident.number)
-            if ident.number == WORLD and any(c.contains(ident.cidr) for c in peers.cidrs):
+            if ident.number == WORLD and _in_cidrs(ident, peers):
                 out.add(ident.number)
         elif ident.kind == "cidr":
-            if "world" in peers.entities or any(c.contains(ident.cidr) for c in peers.cidrs):
+            if "world" in peers.entities or _in_cidrs(ident, peers):
                 out.add(ident.number)
     return frozenset(out)
+
+
+def _in_cidrs(ident: Identity, peers: Peers) -> bool:
+    return ident.cidr is not None and any(c.contains(ident.cidr) for c in peers.cidrs)

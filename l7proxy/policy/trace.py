@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from l7proxy.policy.engine import CompiledPolicy, Endpoint, compile_policy
+from l7proxy.policy.engine import CompiledPolicy, Endpoint, PortVerdict, compile_policy
 from l7proxy.policy.identity import IdentityAllocator, parse_labels
 from l7proxy.policy.model import EGRESS, INGRESS, Policy
 from l7proxy.policy.state import ConnectionPolicy, PolicyState, Side
@@ -119,7 +119,7 @@ def build_requests(spec: RequestSpec) -> list[L7Request]:
     if args.kafka:
         return [kafka_request(args.kafka)]
     if args.cql:
-        return cql_requests(args.cql)
+        return list(cql_requests(args.cql))
     return []
 
 
@@ -260,7 +260,9 @@ def build_scenario(
 def _side(state: PolicyState, spec: PeerSpec, endpoint: Endpoint | None, port: int) -> Side:
     if endpoint is not None:
         return state.side(str(endpoint.ip) if endpoint.ip else "", port, endpoint)
-    return state.side(spec.ip, port)  # an endpoint's own IP resolves to that endpoint
+    # An endpoint's own IP resolves to that endpoint; a peer given as neither
+    # labels nor an endpoint name was given as an address.
+    return state.side(spec.ip or "", port)
 
 
 # --------------------------------------------------------------------------- the trace
@@ -308,6 +310,8 @@ def trace(scenario: Scenario, requests: Sequence[L7Request]) -> dict[str, Any]:
             )
         verdict = "AUDIT" if l4 is not None and l4.audit else "FORWARDED"
         return _final(out, verdict, True, "", "", f"L3/L4: {l4.reason if l4 else 'no policy'}")
+    # A parser was chosen, so a local endpoint's policy applies: there is an L3/L4 verdict.
+    assert l4 is not None
     if not requests:
         out["notes"].append(
             f"this port is parsed as {conn.parser}: give --http/--grpc/--kafka/--cql to trace a "
@@ -356,7 +360,7 @@ def trace(scenario: Scenario, requests: Sequence[L7Request]) -> dict[str, Any]:
 
 
 def _direction(
-    direction: str, endpoint: str, peer: int, verdict, lines: list[str]
+    direction: str, endpoint: str, peer: int, verdict: PortVerdict, lines: list[str]
 ) -> dict[str, Any]:
     return {
         "direction": direction,
@@ -383,7 +387,7 @@ def _decision(d: Decision) -> dict[str, Any]:
 
 
 def _final(
-    out: dict, verdict: str, allowed: bool, policy: str, rule: str, reason: str
+    out: dict[str, Any], verdict: str, allowed: bool, policy: str, rule: str, reason: str
 ) -> dict[str, Any]:
     out["verdict"] = {
         "verdict": verdict,
@@ -401,7 +405,7 @@ def _final(
 def format_text(result: dict[str, Any], compiled: CompiledPolicy) -> str:
     lines = []
 
-    def who(side: dict) -> str:
+    def who(side: dict[str, Any]) -> str:
         ident = compiled.identities.get(side["identity"])
         name = side["endpoint"] or side["ip"]
         return f"{name}  identity {ident if ident else side['identity']}"
@@ -462,5 +466,5 @@ def format_text(result: dict[str, Any], compiled: CompiledPolicy) -> str:
     return "\n".join(lines)
 
 
-def _where(d: dict) -> str:
+def _where(d: dict[str, Any]) -> str:
     return f"policy {d['policy']}" + (f" rule {d['rule']}" if d["rule"] else "")
