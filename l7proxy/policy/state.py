@@ -42,6 +42,7 @@ class Side:
 
 
 NO_LOCAL_ENDPOINT = Decision(True, reason="no local endpoint on either side")
+NO_LOCAL_ENDPOINT_L4 = PortVerdict(True, None, "no local endpoint on either side")
 
 
 class PolicyState:
@@ -99,7 +100,7 @@ class ConnectionPolicy:
             )
         return legs
 
-    def _l4(self) -> tuple[PortVerdict | None, str | None]:
+    def _l4(self) -> tuple[PortVerdict, str | None]:
         policy = self.state.current
         verdicts = [
             policy.port_verdict(ep, direction, peer, self.dst.port)
@@ -110,7 +111,7 @@ class ConnectionPolicy:
             return denied[0], None
         parsers = [v.parser for v in verdicts if v.parser]
         audited = [v for v in verdicts if v.audit]
-        chosen = audited[0] if audited else (verdicts[0] if verdicts else None)
+        chosen = audited[0] if audited else (verdicts[0] if verdicts else NO_LOCAL_ENDPOINT_L4)
         return chosen, (parsers[0] if parsers else None)
 
     def decide(self, request: L7Request, trace: list[str] | None = None) -> Decision:

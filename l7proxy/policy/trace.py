@@ -291,9 +291,9 @@ def trace(scenario: Scenario, requests: Sequence[L7Request]) -> dict[str, Any]:
         "notes": list(scenario.notes),
         "l3l4": {
             "directions": directions,
-            "allowed": l4.allowed if l4 else True,
-            "audit": l4.audit if l4 else False,
-            "reason": l4.reason if l4 else "no local endpoint on either side",
+            "allowed": l4.allowed,
+            "audit": l4.audit,
+            "reason": l4.reason,
             "parser": conn.parser,
         },
         "l7": [],
@@ -301,17 +301,17 @@ def trace(scenario: Scenario, requests: Sequence[L7Request]) -> dict[str, Any]:
     if not directions:
         out["notes"].append("neither side is a local endpoint: no policy applies")
 
-    if l4 is not None and not l4.allowed:
+    if not l4.allowed:
         return _final(out, "DROPPED", False, "", "", f"L3/L4: {l4.reason}")
     if conn.parser is None:
         if requests:
             out["notes"].append(
                 "no L7 rules apply on this port: traffic is not parsed, every request passes"
             )
-        verdict = "AUDIT" if l4 is not None and l4.audit else "FORWARDED"
-        return _final(out, verdict, True, "", "", f"L3/L4: {l4.reason if l4 else 'no policy'}")
-    # A parser was chosen, so a local endpoint's policy applies: there is an L3/L4 verdict.
-    assert l4 is not None
+        verdict = "AUDIT" if l4.audit else "FORWARDED"
+        return _final(
+            out, verdict, True, "", "", f"L3/L4: {l4.reason if directions else 'no policy'}"
+        )
     if not requests:
         out["notes"].append(
             f"this port is parsed as {conn.parser}: give --http/--grpc/--kafka/--cql to trace a "
