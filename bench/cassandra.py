@@ -1,4 +1,5 @@
-"""CQL: cassandra-driver -> {direct, haproxy (TCP), L4-only proxy, l7proxy} -> the CQL server test double.
+"""CQL: cassandra-driver -> {direct, haproxy (TCP), L4-only proxy, l7proxy} -> the CQL server
+test double.
 
     python -m bench.cassandra [--queries N] [--concurrency C]
 
@@ -370,7 +371,8 @@ def main(argv: list[str] | None = None) -> None:
                 "queries": args.queries,
                 "concurrency": args.concurrency,
                 "client": "cassandra-driver execute_concurrent, one connection",
-                "server": "CQL server test double (tests/support/cql_server_double.py), own process",
+                "server": "CQL server test double (tests/support/cql_server_double.py), "
+                "own process",
             },
             "rows": rows,
             "engine_us_per_request_and_response": engine,

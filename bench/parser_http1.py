@@ -40,7 +40,10 @@ BROWSER_GET = (
     b"Sec-Fetch-Dest: script\r\nSec-Fetch-Mode: no-cors\r\nSec-Fetch-Site: same-origin\r\n"
     b"Connection: keep-alive\r\n\r\n"
 )
-API_GET = b"GET /api/v1/orders/123456?expand=items HTTP/1.1\r\nHost: api.internal\r\nAuthorization: Bearer abc.def.ghi\r\nAccept: application/json\r\n\r\n"
+API_GET = (
+    b"GET /api/v1/orders/123456?expand=items HTTP/1.1\r\nHost: api.internal\r\n"
+    b"Authorization: Bearer abc.def.ghi\r\nAccept: application/json\r\n\r\n"
+)
 JSON_BODY = json.dumps(
     {"items": [{"sku": f"SKU-{i}", "qty": i % 3 + 1} for i in range(40)]}
 ).encode()
@@ -183,9 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         + "\n"
     )
-    print(
-        f"written {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS}"
-    )
+    shown = RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS
+    print(f"written {shown}")
     return 0
 
 

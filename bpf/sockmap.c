@@ -25,7 +25,10 @@
 #define CT_SIZE 65536
 #endif
 
+// The reserved world identity; the agent passes l7proxy.policy.identity.WORLD.
+#ifndef IDENTITY_WORLD
 #define IDENTITY_WORLD 2
+#endif
 
 // Bits of policy_value.flags, merged per port block by user space.
 #define POL_ALLOW      1

@@ -23,6 +23,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from parsers.requests import L7Request
+
 # --------------------------------------------------------------------------
 # Decisions
 
@@ -59,7 +61,7 @@ def allow_all(_request: object) -> Decision:
     return ALLOW_ALL
 
 
-Decide = Callable[[Any], Decision]
+Decide = Callable[[L7Request], Decision]
 
 
 # --------------------------------------------------------------------------

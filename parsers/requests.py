@@ -2,11 +2,34 @@
 
 They are the whole vocabulary shared between the parsers and the policy
 engine, so rules match typed fields, never strings like ``/query/select/t``.
+
+Every request type also says, by itself, how it is shown: its ``protocol``
+name and parser ``family``, its flow-log fields (``flow_fields``) and a
+one-line description for traces (``describe``). The flow log and the trace
+ask the request; neither switches on its type.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+
+class Request(Protocol):
+    """What every L7 request type offers besides its own fields."""
+
+    # The flow log's protocol name: http, grpc, kafka or cassandra.
+    protocol: ClassVar[str]
+    # The parser family that builds it, i.e. what a port must be parsed as.
+    family: ClassVar[str]
+
+    def flow_fields(self) -> dict[str, Any]:
+        """The request's fields in a flow record (plain JSON values)."""
+        ...
+
+    def describe(self) -> str:
+        """One line for traces, e.g. ``http GET /v1 host=api``."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,15 +40,36 @@ class HttpRequest:
     ``host`` is the Host header (HTTP/1.1) or ``:authority`` (HTTP/2).
     """
 
+    protocol: ClassVar[str] = "http"
+    family: ClassVar[str] = "http"
+
     method: str
     path: str
     host: str
     headers: tuple[tuple[str, str], ...]
     version: str = "1.1"
 
+    @property
+    def http(self) -> HttpRequest:
+        """The HTTP request head: itself (a ``GrpcCall`` carries one too, so
+        HTTP rules read ``request.http`` from either)."""
+        return self
+
     def header_values(self, name: str) -> list[str]:
         name = name.lower()
         return [v for k, v in self.headers if k == name]
+
+    def flow_fields(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "path": self.path,
+            "host": self.host,
+            "version": self.version,
+        }
+
+    def describe(self) -> str:
+        host = f" host={self.host}" if self.host else ""
+        return f"http {self.method} {self.path}{host}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,14 +79,31 @@ class GrpcCall:
     ``http`` is the underlying request, so ``rules.http`` still applies.
     """
 
+    protocol: ClassVar[str] = "grpc"
+    family: ClassVar[str] = "http"
+
     service: str
     method: str
     http: HttpRequest
+
+    def flow_fields(self) -> dict[str, Any]:
+        return {
+            "service": self.service,
+            "method": self.method,
+            "path": self.http.path,
+            "host": self.http.host,
+        }
+
+    def describe(self) -> str:
+        return f"grpc {self.service}/{self.method}"
 
 
 @dataclass(frozen=True, slots=True)
 class KafkaRequest:
     """One Kafka request, with every resource it names."""
+
+    protocol: ClassVar[str] = "kafka"
+    family: ClassVar[str] = "kafka"
 
     api_key: int
     api_version: int
@@ -54,6 +115,36 @@ class KafkaRequest:
     # Set when the body could not be decoded: rules that need resources must deny.
     undecodable: str | None = None
 
+    def flow_fields(self) -> dict[str, Any]:
+        return {
+            "api_key": self.api_key,
+            "api_version": self.api_version,
+            "correlation_id": self.correlation_id,
+            "client_id": self.client_id,
+            "topics": list(self.topics),
+            "groups": list(self.groups),
+            "transactional_ids": list(self.transactional_ids),
+        }
+
+    def describe(self) -> str:
+        # Imported here, not at the top: only traces describe requests, and the
+        # vocabulary module stays free of kafka-python for everyone else.
+        from parsers.kafka.apis import api_name
+
+        parts = [
+            f"kafka {api_name(self.api_key).lower()} (apiKey {self.api_key} v{self.api_version})"
+        ]
+        for label, names in (
+            ("topics", self.topics),
+            ("groups", self.groups),
+            ("transactionalIDs", self.transactional_ids),
+        ):
+            if names:
+                parts.append(f"{label}={','.join(names)}")
+        if self.client_id:
+            parts.append(f"clientID={self.client_id}")
+        return " ".join(parts)
+
 
 @dataclass(frozen=True, slots=True)
 class CqlRequest:
@@ -64,9 +155,29 @@ class CqlRequest:
     ``keyspace.table`` or ``""`` when the statement names none.
     """
 
+    protocol: ClassVar[str] = "cassandra"
+    family: ClassVar[str] = "cassandra"
+
     opcode: str
     action: str
     table: str
     statement: str = ""
     stream: int = 0
     version: int = 4
+
+    def flow_fields(self) -> dict[str, Any]:
+        return {
+            "opcode": self.opcode,
+            "action": self.action,
+            "table": self.table,
+            "stream": self.stream,
+            "version": self.version,
+        }
+
+    def describe(self) -> str:
+        return f"cql {self.action}" + (f" {self.table}" if self.table else "")
+
+
+# Every request an engine can hand to ``decide``.
+L7Request = HttpRequest | GrpcCall | KafkaRequest | CqlRequest
+REQUEST_TYPES: tuple[type[L7Request], ...] = (HttpRequest, GrpcCall, KafkaRequest, CqlRequest)

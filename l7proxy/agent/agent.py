@@ -24,11 +24,12 @@ import json
 import logging
 import os
 import socket
-import struct
 import time
+from collections.abc import Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from l7proxy import __version__
 from l7proxy.agent.handover import ControlServer, Predecessor, socket_path
@@ -37,20 +38,20 @@ from l7proxy.node import netns
 from l7proxy.node.store import FAMILIES, AgentState, Store
 from l7proxy.observe.flowlog import FlowLog, now_fields
 from l7proxy.policy.engine import CompiledPolicy, Endpoint, compile_policy
-from l7proxy.policy.errors import PolicyError
-from l7proxy.policy.load import load_paths
 from l7proxy.policy.model import EGRESS, INGRESS, Policy
+from l7proxy.policy.source import PolicySource
 from l7proxy.policy.state import PolicyState
-from l7proxy.proxy.driver import ProxyLimits
+from l7proxy.proxy.driver import ENDED_AFTER_REPLY, ENDED_QUIET, ProxyLimits
 from l7proxy.proxy.server import Proxy, make_listener
+
+if TYPE_CHECKING:
+    from l7proxy.datapath.loader import Datapath
 
 log = logging.getLogger("l7proxy.agent.agent")
 
 PROXY_HOST = "127.0.0.1"
 # After the drain deadline, a request still in flight gets this long to finish.
 IN_FLIGHT_GRACE = 5.0
-# A connection with no traffic for this long is ended at the drain deadline.
-QUIET_SECONDS = 0.25
 
 
 class Agent:
@@ -59,7 +60,7 @@ class Agent:
         store: Store,
         *,
         audit: bool = False,
-        extra_policies: list[Path] = (),
+        extra_policies: Sequence[Path] = (),
         limits: ProxyLimits | None = None,
         predecessor: Predecessor | None = None,
         drain_timeout: float = 30.0,
@@ -68,7 +69,7 @@ class Agent:
         self.predecessor = predecessor  # the running agent this one takes over from
         self.drain_timeout = drain_timeout  # what we give our predecessor
         self.control: ControlServer | None = None
-        self.listen_socks: dict[str, object] = {}
+        self.listen_socks: dict[str, socket.socket] = {}
         self.handed_over = False  # a successor owns the node now; we only drain
         self.handover_drain = drain_timeout  # what our successor gives us
         self._stop: asyncio.Event | None = None
@@ -76,14 +77,14 @@ class Agent:
         self.audit = audit
         self.extra_policies = list(extra_policies)
         self.limits = limits or ProxyLimits()
-        self.datapath = None
+        self.datapath: Datapath | None = None
         self.proxy: Proxy | None = None
         self.state: PolicyState | None = None
         self.flowlog = FlowLog(store.flowlog)
-        self.policies: list[Policy] = []
-        self.policy_error: PolicyError | None = None
-        self.policy_imports = 0
-        self.policy_import_errors = 0
+        self.policies: list[Policy] = []  # the last good set, in force
+        self.policy_source = PolicySource(
+            [store.policy_dir, *self.extra_policies], self._policies_loaded
+        )
         self.revision = 0
         self.kernel_revision = 0
         self.agent_state: AgentState | None = None
@@ -122,7 +123,8 @@ class Agent:
             self._host_prefixes = await self._kernel(_host_prefixes)
             if self.predecessor is not None:  # revisions continue across a takeover
                 self.revision = int(self.predecessor.info.get("policy_revision", 0))
-            self._load_policies(initial=True)
+            # A bad policy at start is reported in status; the node runs with none.
+            self.policy_source.reload()
             self.state = PolicyState(self._compile(st))
             self.proxy = Proxy(self.state, self.flowlog, limits=self.limits, mark=st.proxy_mark)
             if self.predecessor is not None:
@@ -185,10 +187,10 @@ class Agent:
             self.control.close()
         if self.proxy is not None:
             await self.proxy.close()
-        letting_go = self.predecessor is not None
-        if letting_go:
-            self.predecessor.close()
-            self.predecessor = None
+        predecessor, self.predecessor = self.predecessor, None
+        letting_go = predecessor is not None
+        if predecessor is not None:
+            predecessor.close()
         if self.datapath is not None:
             with contextlib.suppress(Exception):
                 await self._kernel(self.datapath.close, letting_go)
@@ -227,53 +229,39 @@ class Agent:
         """Called on the control thread: the successor is serving."""
         self.handed_over = True  # from now on, never write status or kernel state
         self.handover_drain = timeout
-        if self._stop is not None:
+        if self._stop is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
-        return {"draining": True, "connections": len(self.proxy.pipes) if self.proxy else 0}
+        return {"draining": True, "connections": self.proxy.connections if self.proxy else 0}
 
     async def drain_and_exit(self, cut_short: asyncio.Event | None = None) -> dict:
         """After a handover: stop accepting, let open connections finish until
-        the drain deadline, then end each one between requests (_ResetWhenIdle),
-        giving requests still in flight IN_FLIGHT_GRACE more, and let go of the
-        kernel without undoing anything (the successor uses the same programs,
-        pins and route)."""
-        loop = asyncio.get_running_loop()
+        the drain deadline, then end each one between requests
+        (``Proxy.close_when_idle``), giving requests still in flight
+        IN_FLIGHT_GRACE more, and let go of the kernel without undoing anything
+        (the successor uses the same programs, pins and route)."""
+        assert self.proxy is not None and self.datapath is not None
+        proxy = self.proxy
         if self.control is not None:
             self.control.close()
             self.control = None
-        for server in self.proxy.servers:
-            server.close()  # our fds only: the successor holds the same sockets
-        at_start = len(self.proxy.pipes)
+        proxy.stop_accepting()  # our fds only: the successor holds the same sockets
+        at_start = proxy.connections
         cut_short = cut_short or asyncio.Event()
-        deadline = loop.time() + self.handover_drain
-        while self.proxy.pipes and loop.time() < deadline and not cut_short.is_set():
-            await asyncio.sleep(0.05)
-        grace_end = loop.time() + (0 if cut_short.is_set() else IN_FLIGHT_GRACE)
-        watchers = [
-            _ResetWhenIdle(pipe.flowlog, pipe, loop)
-            for pipe in self.proxy.pipes
-            if not pipe.closing
-        ]
-        for watcher in watchers:
-            watcher.pipe.flowlog = watcher
-            watcher.check()
-        while (
-            any(not w.done for w in watchers) and loop.time() < grace_end and not cut_short.is_set()
-        ):
-            await asyncio.sleep(0.05)
-            for watcher in watchers:
-                watcher.check()
-        left = sum(1 for pipe in self.proxy.pipes if not pipe.closing)
-        await self.proxy.close()
-        quiet = sum(1 for w in watchers if w.reset == "quiet")
-        after_reply = sum(1 for w in watchers if w.reset == "after reply")
+        await _until_either(proxy.wait_all_closed(), cut_short, self.handover_drain)
+        endings = proxy.close_when_idle()
+        if endings and not cut_short.is_set():
+            await _until_either(asyncio.wait(endings), cut_short, IN_FLIGHT_GRACE)
+        ended = [e.result() for e in endings if e.done()]
+        cut = await proxy.close()
+        quiet = ended.count(ENDED_QUIET)
+        after_reply = ended.count(ENDED_AFTER_REPLY)
         log.info(
             "drained: %d connections at handover; at the deadline %d quiet ones reset, %d reset "
             "after a reply, %d cut",
             at_start,
             quiet,
             after_reply,
-            left,
+            cut,
         )
         with contextlib.suppress(Exception):
             await self._kernel(self.datapath.close, True)
@@ -283,11 +271,12 @@ class Agent:
             "connections": at_start,
             "quiet_reset": quiet,
             "reset_after_reply": after_reply,
-            "cut": left,
+            "cut": cut,
         }
 
     async def run(self, stop: asyncio.Event) -> None:
         """Reconcile on change, drain kernel drop events, publish status, until ``stop``."""
+        assert self.datapath is not None, "start() first"
         self._stop = stop
         last_status = 0.0
         while not stop.is_set():
@@ -297,8 +286,9 @@ class Agent:
                 pass
             if self.handed_over:
                 break
+            policies_changed = self.policy_source.poll()
             stamp = self._watch_stamp()
-            if stamp != self._stamp:
+            if policies_changed or stamp != self._stamp:
                 self._stamp = stamp
                 await self.reconcile()
             self.emit_drops(await self._kernel(self.datapath.poll_drops, 0))
@@ -310,23 +300,8 @@ class Agent:
 
     # ------------------------------------------------------------------ policy
 
-    def _policy_paths(self) -> list[Path]:
-        return [self.store.policy_dir, *self.extra_policies]
-
-    def _load_policies(self, initial: bool = False) -> bool:
-        try:
-            policies = load_paths(self._policy_paths())
-        except PolicyError as err:
-            self.policy_error = err
-            self.policy_import_errors += 1
-            log.error("policy rejected, keeping the last good policy: %s", err)
-            if initial:
-                self.policies = []
-            return False
-        self.policy_error = None
+    def _policies_loaded(self, policies: list[Policy]) -> None:
         self.policies = policies
-        self.policy_imports += 1
-        return True
 
     def _compile(self, st: AgentState) -> CompiledPolicy:
         alloc = st.allocator()
@@ -346,9 +321,9 @@ class Agent:
 
     async def reconcile(self) -> None:
         """Endpoints or policies changed: recompile, then update maps in place."""
-        self._load_policies()
         self.agent_state = self.store.read()
         compiled = self._compile(self.agent_state)
+        assert self.state is not None, "start() first"
         self.state.swap(compiled)
         await self._kernel(self._sync_kernel, compiled)
         log.info(
@@ -359,10 +334,11 @@ class Agent:
         )
 
     def _sync_kernel(self, compiled: CompiledPolicy) -> None:
-        from l7proxy.datapath.loader import EndpointInfo, PolicyEntry
+        from l7proxy.datapath.loader import EndpointInfo
 
         if self.handed_over:
             return  # the kernel state is the successor's
+        assert self.datapath is not None and self.agent_state is not None, "start() first"
         dp = self.datapath
         links = dict(netns.list_links(f"l7p{self.agent_state.instance}"))
         desired = {}
@@ -387,11 +363,7 @@ class Agent:
         for ep_id in [i for i in attached if i not in desired]:
             dp.detach(ep_id)
         dp.sync_ipcache(compiled.ipcache.prefixes)
-        entries = [
-            PolicyEntry(**asdict(e))
-            for e in compiled.kernel_entries(self.listeners or self.agent_state.proxy_ports)
-        ]
-        dp.sync_policy(entries)
+        dp.sync_policy(compiled.kernel_entries(self.listeners or self.agent_state.proxy_ports))
         for ep_id, info in desired.items():
             if ep_id in attached and attached[ep_id] == info.ifindex:
                 dp.set_endpoint(info)
@@ -400,20 +372,18 @@ class Agent:
         self.kernel_revision = compiled.revision  # the maps now say what this policy says
 
     def _watch_stamp(self) -> tuple:
-        items = []
-        for path in [self.store.state_file, *self._policy_paths()]:
-            files = sorted(path.iterdir()) if path.is_dir() else [path]
-            for f in files:
-                with contextlib.suppress(FileNotFoundError):
-                    st = f.stat()
-                    items.append((str(f), st.st_mtime_ns, st.st_size))
-        return tuple(items)
+        """The endpoint state file's stamp (policy files are the policy source's)."""
+        with contextlib.suppress(FileNotFoundError):
+            st = self.store.state_file.stat()
+            return (st.st_mtime_ns, st.st_size)
+        return ()
 
     # ------------------------------------------------------------------ observation
 
     def emit_drops(self, events) -> None:
         if not events:
             return
+        assert self.state is not None, "start() first"
         compiled = self.state.current
         by_id = {ep.id: ep for ep in compiled.endpoints.values()}
         for ev in events:
@@ -438,6 +408,7 @@ class Agent:
         from parsers.http1 import engine as http1
 
         compiled = self.state.current if self.state else None
+        policy_error = self.policy_source.last_error
         in_sync = compiled is not None and self.kernel_revision == compiled.revision
         listeners_up = bool(self.proxy) and set(self.listeners) == set(FAMILIES)
         return {
@@ -445,7 +416,7 @@ class Agent:
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
             "healthy": bool(dp_status.get("loaded"))
-            and self.policy_error is None
+            and policy_error is None
             and in_sync
             and listeners_up,
             "maps_in_sync": in_sync,
@@ -464,9 +435,9 @@ class Agent:
                 {"name": p.key, "source": p.source, "audit": p.audit} for p in self.policies
             ],
             "policy_revision": compiled.revision if compiled else 0,
-            "policy_error": str(self.policy_error) if self.policy_error else None,
-            "policy_imports": self.policy_imports,
-            "policy_import_errors": self.policy_import_errors,
+            "policy_error": str(policy_error) if policy_error else None,
+            "policy_imports": self.policy_source.imports,
+            "policy_import_errors": self.policy_source.import_errors,
             "listeners": {fam: f"{PROXY_HOST}:{port}" for fam, port in self.listeners.items()},
             "parsers": {"http1": http1.active_implementation()},
             "proxy": {
@@ -479,6 +450,7 @@ class Agent:
 
     async def publish_status(self) -> None:
         """Write the status file from a fresh read of the datapath."""
+        assert self.datapath is not None, "start() first"
         self.write_status(await self._kernel(self.datapath.status))
 
     def write_status(self, dp_status: dict) -> None:
@@ -489,88 +461,14 @@ class Agent:
         os.replace(tmp, self.store.status_file)
 
 
-class _ResetWhenIdle:
-    """Ends a draining connection between requests, without losing one.
-
-    It stands in for the pipe's flow log so that it hears of every completed
-    request. The connection ends once nothing is in flight and the last
-    response has left our send queue: right behind a response on a busy
-    connection, or after QUIET_SECONDS of silence (then also acknowledged).
-    A client that checks its idle connection before reusing it (as HTTP client
-    pools do) sees the end before it sends its next request.
-
-    It ends with a reset, not a FIN: closing first would leave our accepted
-    socket in TIME_WAIT on the client's 4-tuple, and a later SYN that reuses
-    that tuple is assigned to the proxy's listener by the datapath, where the
-    kernel drops it as a duplicate of the TIME_WAIT entry (the client's
-    connect() hangs until TIME_WAIT ends). A reset leaves no TIME_WAIT and
-    removes the conntrack entry. It is sent only once the response has left
-    our send queue; proxied clients are endpoints on this node's veths, where
-    a sent segment is a delivered one.
-    """
-
-    def __init__(self, flowlog: FlowLog, pipe, loop: asyncio.AbstractEventLoop):
-        self._flowlog = flowlog
-        self.pipe = pipe
-        self._loop = loop
-        self._replied = False
-        self.reset = ""  # "quiet" or "after reply" once done
-
-    @property
-    def done(self) -> bool:
-        return self.pipe.closing or bool(self.reset)
-
-    def emit(self, rec: dict) -> None:
-        self._flowlog.emit(rec)
-        if rec.get("type") == "l7" and not self.pipe.pending:
-            self._replied = True
-            self._loop.call_later(0.001, self.check)
-
-    def check(self) -> None:
-        pipe = self.pipe
-        if self.done or pipe.pending or getattr(pipe.engine, "reading_headers", False):
-            return
-        quiet = self._loop.time() - pipe.last_activity >= QUIET_SECONDS
-        if not (quiet or self._replied):
-            return
-        client = pipe.client
-        # Quiet: everything acknowledged. Right behind a reply: everything sent
-        # (waiting for the ACK would wait for the client's delayed ACK, which
-        # comes with its next request).
-        unsafe = (
-            _send_queue(client, SIOCOUTQNSD if self._replied and not quiet else TIOCOUTQ)
-            if client
-            else 1
-        )
-        if client is None or client.get_write_buffer_size() or unsafe:
-            if self._replied:
-                self._loop.call_later(0.001, self.check)
-            return
-        self.reset = "after reply" if self._replied else "quiet"
-        sock = client.get_extra_info("socket")
-        if sock is not None:
-            # Linger 0: close() sends RST and leaves no TIME_WAIT (abort() alone sends a FIN).
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        client.abort()  # connection_lost then closes the pipe and its upstream
-
-    def __getattr__(self, name):
-        return getattr(self._flowlog, name)
-
-
-TIOCOUTQ = 0x5411  # bytes in the send queue not yet acknowledged
-SIOCOUTQNSD = 0x894B  # bytes in the send queue not yet sent
-
-
-def _send_queue(transport, request: int) -> int:
-    import fcntl
-
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return 0
+async def _until_either(work: Awaitable[object], cut_short: asyncio.Event, timeout: float) -> None:
+    """Wait for ``work``, until ``cut_short`` is set, or ``timeout`` seconds."""
+    tasks = [asyncio.ensure_future(work), asyncio.ensure_future(cut_short.wait())]
     try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0"))[0]
-    except OSError:
-        return 0
+        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _side(ip, port, identity, ep, compiled: CompiledPolicy) -> dict:
@@ -589,8 +487,6 @@ def _host_prefixes() -> list[ipaddress.IPv4Network]:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind((PROXY_HOST, 0))
         return s.getsockname()[1]

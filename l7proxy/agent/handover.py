@@ -29,7 +29,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 log = logging.getLogger("l7proxy.agent.handover")
@@ -60,7 +60,7 @@ def _read_line(sock: socket.socket, first: bytes = b"") -> bytes:
     return line
 
 
-def _send(sock: socket.socket, message: dict, fds: list[int] = ()) -> None:
+def _send(sock: socket.socket, message: dict, fds: Sequence[int] = ()) -> None:
     data = json.dumps(message).encode() + b"\n"
     if fds:
         socket.send_fds(sock, [data], list(fds))
@@ -87,9 +87,11 @@ class ControlServer:
         drain: Callable[[float], dict],
     ):
         self.path = Path(path)
-        self._handlers = {"hello": hello, "listeners": listeners, "drain": drain}
+        self._hello = hello
+        self._listeners = listeners
+        self._drain = drain
         self._sock: socket.socket | None = None
-        self._ino = None
+        self._ino: int | None = None
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -121,9 +123,11 @@ class ControlServer:
                 self.path.unlink()
 
     def _serve(self) -> None:
+        sock = self._sock
+        assert sock is not None  # start() set it before starting this thread
         while not self._closed.is_set():
             try:
-                conn, _ = self._sock.accept()
+                conn, _ = sock.accept()
             except TimeoutError:
                 continue
             except OSError:
@@ -144,12 +148,12 @@ class ControlServer:
             request = json.loads(line)
             op = request.get("op")
             if op == "hello":
-                _send(conn, self._handlers["hello"]())
+                _send(conn, self._hello())
             elif op == "listeners":
-                families, fds = self._handlers["listeners"]()
+                families, fds = self._listeners()
                 _send(conn, {"families": families}, fds)
             elif op == "drain":
-                _send(conn, self._handlers["drain"](float(request.get("timeout", 30.0))))
+                _send(conn, self._drain(float(request.get("timeout", 30.0))))
                 return  # handed over: this agent answers no one any more
             else:
                 _send(conn, {"error": f"unknown op {op!r}"})

@@ -1,4 +1,5 @@
-"""The running agent's status file: written by the agent, read by ``status`` and ``policy trace``."""
+"""The running agent's status file: written by the agent, read by ``l7proxy status`` and
+``policy trace``."""
 
 from __future__ import annotations
 

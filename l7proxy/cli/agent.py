@@ -128,21 +128,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _port_free(address: tuple[str, int], timeout: float = 5.0) -> None:
-    import socket
-
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(address)
-                return
-            except OSError:
-                await asyncio.sleep(0.1)
-
-
-async def _port_free(address: tuple[str, int], timeout: float = 5.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             state = store.read()
             alloc = state.allocator()
-            rows = [
+            rows: list[dict[str, Any]] = [
                 {
                     "name": e.name,
                     "id": e.id,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from l7proxy.observe.flowlog import format_record, read_records
 
     path = args.file or Store(args.state_dir).flowlog
-    records = read_records(path, follow=args.follow)
+    records: Iterable[dict[str, Any]] = read_records(path, follow=args.follow)
     if args.last and not args.follow:
         records = list(records)[-args.last :]
     try:

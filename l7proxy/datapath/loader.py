@@ -14,19 +14,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from typing import Any
 
 from l7proxy.datapath import bpfsys
+from l7proxy.policy.engine import PolicyEntry
+from l7proxy.policy.identity import WORLD
 
 # The C program ships inside the package (a link to the top-level bpf/sockmap.c in a
 # checkout, a copy in a wheel), so an installed agent finds it without a checkout.
 BPF_SOURCE = Path(__file__).with_name("sockmap.c")
 
-IDENTITY_HOST = 1
-IDENTITY_WORLD = 2
-
 DIRECTIONS = {"ingress": 0, "egress": 1}
 _DIRECTION_NAMES = {v: k for k, v in DIRECTIONS.items()}
-ACTIONS = ("allow", "deny", "redirect")
 
 # bpf/sockmap.c: policy_value.flags
 POL_ALLOW, POL_DENY, POL_REDIRECT, POL_AUDIT_DENY = 1, 2, 4, 8
@@ -60,46 +59,6 @@ REASONS = {
 _TC_INGRESS = "ffff:fff2"
 _TC_EGRESS = "ffff:fff3"
 _TC_PRIO = 0xC1F  # our filters' priority on both hooks
-
-
-@dataclass(frozen=True)
-class PolicyEntry:
-    """One L3/L4 rule for one endpoint and direction.
-
-    identity 0 = any peer; protocol 0 = any; port_lo=port_hi=0 = any port;
-    port_hi 0 with port_lo set = the single port port_lo; otherwise the
-    inclusive range. audit on a deny turns it into a counted, reported pass.
-    """
-
-    endpoint_id: int
-    direction: str
-    identity: int
-    protocol: int
-    port_lo: int
-    port_hi: int
-    action: str
-    proxy_port: int = 0
-    audit: bool = False
-
-    def port_range(self) -> tuple[int, int]:
-        if self.port_lo == 0 and self.port_hi == 0:
-            return 0, 65535
-        return self.port_lo, self.port_hi or self.port_lo
-
-    def validate(self) -> None:
-        if self.direction not in DIRECTIONS:
-            raise ValueError(f"direction must be ingress or egress: {self!r}")
-        if self.action not in ACTIONS:
-            raise ValueError(f"action must be one of {ACTIONS}: {self!r}")
-        lo, hi = self.port_range()
-        if not (0 <= lo <= hi <= 65535):
-            raise ValueError(f"bad port range {self.port_lo}-{self.port_hi}: {self!r}")
-        if not (0 <= self.protocol <= 255):
-            raise ValueError(f"bad protocol: {self!r}")
-        if self.action == "redirect" and not (0 < self.proxy_port <= 65535):
-            raise ValueError(f"redirect needs a proxy port: {self!r}")
-        if self.endpoint_id <= 0 or self.identity < 0:
-            raise ValueError(f"bad endpoint or identity: {self!r}")
 
 
 @dataclass(frozen=True)
@@ -286,8 +245,8 @@ class Datapath:
         # (l7proxy/datapath/pins.py, docs/restarts.md). None: private maps.
         self.pin_dir = Path(pin_dir) if pin_dir is not None else None
         self._adopted: set[int] = set()  # endpoint ids found in pinned maps
-        self._bpf = None
-        self._progs: dict[str, object] = {}
+        self._bpf: Any = None  # bcc's BPF object (bcc has no type hints)
+        self._progs: dict[str, Any] = {}
         self._attached: dict[int, _Attached] = {}
         self._endpoints: dict[int, EndpointInfo] = {}
         self._ipcache_desired: dict[IPv4Network, int] = {}
@@ -312,6 +271,7 @@ class Datapath:
             f"-DPROXY_MARK={self.proxy_mark:#x}",
             f"-DREDIRECT_MARK={self.redirect_mark:#x}",
             f"-DCT_SIZE={self.ct_size}",
+            f"-DIDENTITY_WORLD={WORLD}",
             "-w",
         ]
         if self.pin_dir is None:
@@ -714,6 +674,4 @@ __all__ = [
     "compile_policy",
     "port_blocks",
     "kernel_support",
-    "IDENTITY_HOST",
-    "IDENTITY_WORLD",
 ]

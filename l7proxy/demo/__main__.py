@@ -22,7 +22,7 @@ from pathlib import Path
 
 from l7proxy.node import netns
 from l7proxy.node.endpoints import add_endpoint, delete_all
-from l7proxy.node.store import Store
+from l7proxy.node.store import EndpointRecord, Store
 from l7proxy.observe.flowlog import format_record
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,9 +73,15 @@ class Demo:
             time.sleep(0.1)
         raise RuntimeError(f"timed out waiting for {ready!r}:\n{log.read_text()}")
 
+    def endpoint(self, name: str) -> EndpointRecord:
+        record = self.store.read().endpoint(name)
+        if record is None:
+            raise RuntimeError(f"endpoint {name} is gone from {self.store.root}")
+        return record
+
     def curl(self, ship: str, method: str, path: str) -> tuple[str, str]:
-        ip = self.store.read().endpoint("deathstar").ip
-        ns = self.store.read().endpoint(ship).netns
+        ip = self.endpoint("deathstar").ip
+        ns = self.endpoint(ship).netns
         argv = [
             "curl",
             "-s",
@@ -125,7 +131,7 @@ class Demo:
                 f"  {name:<10} {rec.ip:<15} netns {rec.netns:<24} labels "
                 f"{','.join(f'{k}={v}' for k, v in labels.items())}"
             )
-        ds = self.store.read().endpoint("deathstar")
+        ds = self.endpoint("deathstar")
         self.start(
             ["ip", "netns", "exec", ds.netns, PY, "-m", "l7proxy.demo.deathstar", "--port", "80"],
             "deathstar ready",

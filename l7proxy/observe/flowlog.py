@@ -8,7 +8,6 @@ receive every record as it is made.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections import deque
@@ -16,60 +15,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from parsers.requests import CqlRequest, GrpcCall, HttpRequest, KafkaRequest
+from parsers.requests import L7Request
 
 Record = dict[str, Any]
 
 
-def request_fields(request: Any) -> tuple[str, dict[str, Any]]:
-    """(protocol, fields) for the flow log. Cheap: no reflection on the hot types."""
-    if type(request) is HttpRequest:
-        return "http", {
-            "method": request.method,
-            "path": request.path,
-            "host": request.host,
-            "version": request.version,
-        }
-    if type(request) is GrpcCall:
-        return "grpc", {
-            "service": request.service,
-            "method": request.method,
-            "path": request.http.path,
-            "host": request.http.host,
-        }
-    if type(request) is KafkaRequest:
-        return "kafka", {
-            "api_key": request.api_key,
-            "api_version": request.api_version,
-            "correlation_id": request.correlation_id,
-            "client_id": request.client_id,
-            "topics": list(request.topics),
-            "groups": list(request.groups),
-            "transactional_ids": list(request.transactional_ids),
-        }
-    if type(request) is CqlRequest:
-        return "cassandra", {
-            "opcode": request.opcode,
-            "action": request.action,
-            "table": request.table,
-            "stream": request.stream,
-            "version": request.version,
-        }
-    if dataclasses.is_dataclass(request):
-        return type(request).__name__.lower(), {
-            k: _plain(v) for k, v in dataclasses.asdict(request).items()
-        }
-    return "unknown", {"request": repr(request)}
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return str(value)
+def request_fields(request: L7Request) -> tuple[str, dict[str, Any]]:
+    """(protocol, fields) for the flow log: the request type says both."""
+    return request.protocol, request.flow_fields()
 
 
 class FlowLog:
@@ -135,9 +88,12 @@ def read_records(
 def format_record(r: Record) -> str:
     """One human line per record, e.g. for ``observe`` and the demo."""
     src, dst = r.get("source", {}), r.get("destination", {})
-    who = f"{src.get('endpoint') or src.get('ip')}:{src.get('port', '')} -> {dst.get('endpoint') or dst.get('ip')}:{dst.get('port', '')}"
+    source = f"{src.get('endpoint') or src.get('ip')}:{src.get('port', '')}"
+    destination = f"{dst.get('endpoint') or dst.get('ip')}:{dst.get('port', '')}"
+    who = f"{source} -> {destination}"
+    when = r.get("time_iso", "")
     if r.get("type") == "drop":
-        return f"{r.get('time_iso', '')} DROPPED   {who} {r.get('protocol', 'tcp')} reason={r.get('reason')}"
+        return f"{when} DROPPED   {who} {r.get('protocol', 'tcp')} reason={r.get('reason')}"
     l7 = r.get("l7", {})
     proto = r.get("protocol", "")
     if proto == "http":
@@ -145,7 +101,8 @@ def format_record(r: Record) -> str:
     elif proto == "grpc":
         what = f"{l7.get('service')}/{l7.get('method')}"
     elif proto == "kafka":
-        what = f"api={l7.get('api_key')} v{l7.get('api_version')} topics={','.join(l7.get('topics', []))}"
+        topics = ",".join(l7.get("topics", []))
+        what = f"api={l7.get('api_key')} v{l7.get('api_version')} topics={topics}"
     elif proto == "cassandra":
         what = f"{l7.get('action')} {l7.get('table')}"
     else:
@@ -155,7 +112,8 @@ def format_record(r: Record) -> str:
     lat = r.get("latency_ms")
     lat_s = f" {lat:.2f}ms" if isinstance(lat, (int, float)) else ""
     rule = f" policy={r['policy']}" if r.get("policy") else ""
-    return f"{r.get('time_iso', '')} {r.get('verdict', ''):<9} {who} {proto} {what} {status}{lat_s}{rule} ({r.get('reason', '')})"
+    verdict = f"{r.get('verdict', ''):<9}"
+    return f"{when} {verdict} {who} {proto} {what} {status}{lat_s}{rule} ({r.get('reason', '')})"
 
 
 _second = -1

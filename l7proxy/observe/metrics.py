@@ -135,6 +135,8 @@ class Metrics:
 
     @property
     def url(self) -> str:
+        if self.address is None:
+            raise RuntimeError("metrics are not served yet")
         host, port = self.address
         return f"http://{host}:{port}/metrics"
 
@@ -335,7 +337,8 @@ def attach_metrics(
 
 
 async def start_agent_metrics(agent, address: tuple[str, int]) -> Metrics:
-    """``run --metrics``: call after ``Agent.start``; ``await metrics.close()`` before ``Agent.stop``."""
+    """``run --metrics``: call after ``Agent.start``; ``await metrics.close()`` before
+    ``Agent.stop``."""
     metrics = attach_metrics(agent.flowlog, agent_status_fn(agent))
     metrics.runner = await serve_metrics(metrics, *address)
     agent.metrics = metrics
@@ -373,8 +376,8 @@ async def serve_metrics(
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
-    sock = site._server.sockets[0]  # aiohttp has no public accessor for the bound port
-    metrics.address = sock.getsockname()[:2]
+    bound = runner.addresses[0]  # the address actually bound (port 0 picks one)
+    metrics.address = (bound[0], bound[1])
     metrics.runner = runner
     return runner
 

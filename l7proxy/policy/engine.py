@@ -21,13 +21,22 @@ Semantics (Cilium's):
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from l7proxy.policy.identity import HOST, WORLD, Identity, IdentityAllocator, IpCache
-from l7proxy.policy.model import EGRESS, INGRESS, L7RuleRef, Peers, Policy, Rule
+from l7proxy.policy.identity import (
+    HOST,
+    RESERVED_IDENTITIES,
+    WORLD,
+    Identity,
+    IdentityAllocator,
+    IpCache,
+)
+from l7proxy.policy.model import EGRESS, INGRESS, L7RuleRef, Peers, Policy, PortRule, Rule
+from l7proxy.policy.rules import CompiledRule, any_rule_matches
 from parsers.base import Decision
+from parsers.requests import REQUEST_TYPES, L7Request
 
 PROTO_NUMBERS = {"TCP": 6, "UDP": 17, "ANY": 0}
 
@@ -46,19 +55,49 @@ class Endpoint:
         return self.identity.label_map
 
 
+ACTIONS = ("allow", "deny", "redirect")
+
+
 @dataclass(frozen=True, slots=True)
-class KernelEntry:
-    """One L3/L4 policy-map entry (mirrors ``datapath.PolicyEntry``)."""
+class PolicyEntry:
+    """One L3/L4 rule for one endpoint and direction: what the engine compiles
+    for the kernel and the datapath writes to its policy map (plain data, so
+    the policy never imports the datapath).
+
+    identity 0 = any peer; protocol 0 = any; port_lo=port_hi=0 = any port;
+    port_hi 0 with port_lo set = the single port port_lo; otherwise the
+    inclusive range. audit on a deny turns it into a counted, reported pass.
+    """
 
     endpoint_id: int
-    direction: str
-    identity: int  # 0 = any peer
-    protocol: int  # 0 = any
+    direction: str  # ingress | egress
+    identity: int
+    protocol: int
     port_lo: int
     port_hi: int
     action: str  # allow | deny | redirect
     proxy_port: int = 0
     audit: bool = False
+
+    def port_range(self) -> tuple[int, int]:
+        if self.port_lo == 0 and self.port_hi == 0:
+            return 0, 65535
+        return self.port_lo, self.port_hi or self.port_lo
+
+    def validate(self) -> None:
+        if self.direction not in (INGRESS, EGRESS):
+            raise ValueError(f"direction must be ingress or egress: {self!r}")
+        if self.action not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}: {self!r}")
+        lo, hi = self.port_range()
+        if not (0 <= lo <= hi <= 65535):
+            raise ValueError(f"bad port range {self.port_lo}-{self.port_hi}: {self!r}")
+        if not (0 <= self.protocol <= 255):
+            raise ValueError(f"bad protocol: {self!r}")
+        if self.action == "redirect" and not (0 < self.proxy_port <= 65535):
+            raise ValueError(f"redirect needs a proxy port: {self!r}")
+        if self.endpoint_id <= 0 or self.identity < 0:
+            raise ValueError(f"bad endpoint or identity: {self!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,56 +132,124 @@ class PortVerdict:
 
 
 @dataclass(frozen=True, slots=True)
+class Judge:
+    """One L7 rule on a port, with the decision it gives when it matches."""
+
+    policy: str
+    ref: L7RuleRef
+    decision: Decision
+
+    def hit(self, verb: str, request: L7Request, trace: list[str] | None) -> bool:
+        rule = self.ref.rule
+        hit = rule.matches(request)
+        if trace is not None:
+            trace.append(
+                f"  {verb} {self.policy} {self.ref.path} [{rule.describe()}]: "
+                f"{'MATCH' if hit else 'no match'} ({rule.explain(request)})"
+            )
+        return hit
+
+
+@dataclass(frozen=True, slots=True)
+class JointAllow:
+    """The allow rules of one kind whose own ``combine`` may allow a request that no
+    single rule allows (Kafka: every topic allowed, each by some rule)."""
+
+    combine: Callable[[Sequence[CompiledRule[Any]], Any], bool]
+    rules: tuple[CompiledRule[Any], ...]
+    paths: str  # "path + path", for the decision and the trace
+
+
+@dataclass(frozen=True, slots=True)
+class TypedRules:
+    """The L7 rules of one port that judge one request type, in policy order."""
+
+    denies: tuple[Judge, ...] = ()
+    allows: tuple[Judge, ...] = ()
+    joint: tuple[JointAllow, ...] = ()
+    # For traces: the port's rules that judge other request types, in words.
+    skipped: str = ""
+
+
+NO_RULES = TypedRules()
+
+
+@dataclass(frozen=True, slots=True)
 class PortMatcher:
     """L7 rules for one (endpoint, direction, peer, port), with every possible
     decision built in advance: deciding a request allocates nothing unless a
-    rule edits headers. The same loop records a trace when asked to."""
+    rule edits headers. The rules are sorted by the request type they judge
+    (each kind declares its types), so a request meets only rules written for
+    it. The same loop records a trace when asked to."""
 
-    denies: tuple[tuple[str, L7RuleRef, Decision], ...] = ()
-    allows: tuple[tuple[str, L7RuleRef, Decision], ...] = ()
+    by_type: Mapping[type, TypedRules] = field(default_factory=dict)
     allow_all: Decision | None = None
     allow_all_note: str = ""
-    default: Decision | None = None
+    default: Decision = Decision(False, reason="no L7 rule matches")
     first_policy: str = ""
 
-    def decide(self, request: Any, trace: list | None = None) -> Decision:
-        for policy, ref, denied in self.denies:  # deny wins
-            hit = ref.rule.matches(request)
-            if trace is not None:
-                trace.append(
-                    f"  deny {policy} {ref.path} [{ref.rule.describe()}]: "
-                    f"{'MATCH' if hit else 'no match'} ({ref.rule.explain(request)})"
-                )
-            if hit:
-                return denied
+    def decide(self, request: L7Request, trace: list[str] | None = None) -> Decision:
+        rules = self.by_type.get(type(request), NO_RULES)
+        if trace is not None and rules.skipped:
+            trace.append(rules.skipped)
+        for judge in rules.denies:  # deny wins
+            if judge.hit("deny", request, trace):
+                return judge.decision
         if self.allow_all is not None:
             if trace is not None and self.allow_all_note:
                 trace.append(self.allow_all_note)
             return self.allow_all
-        for policy, ref, allowed in self.allows:
-            hit = ref.rule.matches(request)
-            if trace is not None:
-                trace.append(
-                    f"  allow {policy} {ref.path} [{ref.rule.describe()}]: "
-                    f"{'MATCH' if hit else 'no match'} ({ref.rule.explain(request)})"
+        for judge in rules.allows:
+            if judge.hit("allow", request, trace):
+                edits = judge.ref.rule.edits(request)
+                return replace(judge.decision, edits=edits) if edits else judge.decision
+        # No single rule allows it; a kind with its own combine rule may, jointly.
+        for joint in rules.joint:
+            if joint.combine(joint.rules, request):
+                if trace is not None:
+                    trace.append(f"  allow: covered jointly by {joint.paths}")
+                return Decision(
+                    True,
+                    policy=self.first_policy,
+                    rule=joint.paths,
+                    reason="allowed jointly by several rules",
                 )
-            if hit:
-                edits = getattr(ref.rule, "edits", None)
-                found = edits(request) if edits is not None else ()
-                return replace(allowed, edits=found) if found else allowed
-        # Protocol-specific coverage across several rules (Kafka: every topic of
-        # a request must be allowed, possibly by different rules).
-        combined = _combined_allow([ref for _, ref, _ in self.allows], request)
-        if combined is not None:
-            if trace is not None:
-                trace.append(f"  allow: covered jointly by {combined}")
-            return Decision(
-                True,
-                policy=self.first_policy,
-                rule=combined,
-                reason="allowed jointly by several rules",
-            )
         return self.default
+
+
+def _typed_rules(request_type: type, denies: list[Judge], allows: list[Judge]) -> TypedRules:
+    """The rules of ``denies`` and ``allows`` whose kind judges ``request_type``."""
+
+    def judges(judge: Judge) -> bool:
+        return request_type in judge.ref.kind.request_types
+
+    mine_allows = [j for j in allows if judges(j)]
+    by_kind: dict[str, list[Judge]] = {}
+    for judge in mine_allows:
+        by_kind.setdefault(judge.ref.kind.key, []).append(judge)
+    # Rules one by one were tried already: only a kind's own combine rule adds anything.
+    joint = tuple(
+        JointAllow(
+            group[0].ref.kind.combine,
+            tuple(j.ref.rule for j in group),
+            " + ".join(j.ref.path for j in group),
+        )
+        for group in by_kind.values()
+        if group[0].ref.kind.combine is not any_rule_matches
+    )
+    others = sorted({j.ref.kind.key for j in (*denies, *allows) if not judges(j)})
+    skipped = ""
+    if others:
+        skipped = (
+            f"  {', '.join(others)} rules on this port do not judge "
+            f"{request_type.__name__} requests: skipped"
+        )
+    return TypedRules(
+        denies=tuple(j for j in denies if judges(j)),
+        allows=tuple(mine_allows),
+        joint=joint,
+        skipped=skipped,
+    )
 
 
 @dataclass
@@ -155,7 +262,9 @@ class CompiledPolicy:
     identities: IdentityAllocator
     audit_all: bool = False
     endpoints_by_ip: dict[str, Endpoint] = field(default_factory=dict)
-    _matchers: dict[tuple, PortMatcher] = field(default_factory=dict, repr=False)
+    _matchers: dict[tuple[int, str, int, int], PortMatcher] = field(
+        default_factory=dict, repr=False
+    )
 
     # ------------------------------------------------------------------ L3/L4
 
@@ -166,7 +275,7 @@ class CompiledPolicy:
         peer: int,
         port: int,
         protocol: str = "TCP",
-        trace: list | None = None,
+        trace: list[str] | None = None,
     ) -> PortVerdict:
         dp = self.directions.get((endpoint_id, direction))
         if dp is None or not dp.enforced:
@@ -219,8 +328,8 @@ class CompiledPolicy:
         direction: str,
         peer: int,
         port: int,
-        request: Any,
-        trace: list | None = None,
+        request: L7Request,
+        trace: list[str] | None = None,
     ) -> Decision:
         return self.l7_matcher(endpoint_id, direction, peer, port).decide(request, trace)
 
@@ -240,13 +349,13 @@ class CompiledPolicy:
                 allow_all=Decision(True, reason="no policy in this direction"),
                 allow_all_note="no policy in this direction",
             )
-        denies = []
+        denies: list[Judge] = []
         for eff in dp.rules:
             if eff.rule.deny and eff.peer_matches(peer):
                 for pr in eff.rule.to_ports:
                     if pr.covers(port, "TCP") and pr.parser is not None:
                         denies += [
-                            (
+                            Judge(
                                 eff.policy.key,
                                 ref,
                                 self._deny(
@@ -258,23 +367,24 @@ class CompiledPolicy:
                             )
                             for ref in pr.l7
                         ]
-        allows = []
+        allows: list[Judge] = []
         allow_all = None
         note = ""
         first_policy = None
         for eff in dp.rules:
             if eff.rule.deny or not eff.peer_matches(peer):
                 continue
-            port_rules = (
+            # None stands for "all ports" (a rule without toPorts).
+            port_rules: list[PortRule | None] = (
                 [None]
                 if not eff.rule.to_ports
                 else [pr for pr in eff.rule.to_ports if pr.covers(port, "TCP")]
             )
-            for pr in port_rules:
+            for port_rule in port_rules:
                 first_policy = first_policy or eff.policy
-                if pr is None or not pr.l7:
+                if port_rule is None or not port_rule.l7:
                     if allow_all is None:
-                        where = eff.rule.path if pr is None else pr.path
+                        where = eff.rule.path if port_rule is None else port_rule.path
                         allow_all = Decision(
                             True, policy=eff.policy.key, rule=where, reason="L4 rule allows all L7"
                         )
@@ -283,7 +393,7 @@ class CompiledPolicy:
                         )
                     continue
                 allows += [
-                    (
+                    Judge(
                         eff.policy.key,
                         ref,
                         Decision(
@@ -293,12 +403,11 @@ class CompiledPolicy:
                             reason=f"allowed by {ref.rule.describe()}",
                         ),
                     )
-                    for ref in pr.l7
+                    for ref in port_rule.l7
                 ]
         reason = "no L7 rule matches" if first_policy else "no rule allows this peer and port"
         return PortMatcher(
-            denies=tuple(denies),
-            allows=tuple(allows),
+            by_type={t: _typed_rules(t, denies, allows) for t in REQUEST_TYPES},
             allow_all=allow_all,
             allow_all_note=note,
             default=self._deny(first_policy, "", reason, dp),
@@ -312,14 +421,16 @@ class CompiledPolicy:
 
     # ------------------------------------------------------------------ kernel
 
-    def kernel_entries(self, proxy_ports: dict[str, int]) -> list[KernelEntry]:
-        out: list[KernelEntry] = []
+    def kernel_entries(self, proxy_ports: dict[str, int]) -> list[PolicyEntry]:
+        out: list[PolicyEntry] = []
         for (ep_id, direction), dp in self.directions.items():
             if not dp.enforced:
                 continue
             for eff in dp.rules:
                 peer_ids = [0] if eff.peer_ids is None else sorted(eff.peer_ids)
                 audit = self.audit_all or eff.policy.audit
+                # (protocol, first port, last port, parser family or None)
+                ports: list[tuple[int, int, int, str | None]]
                 if not eff.rule.to_ports:
                     ports = [(0, 0, 0, None)]
                 else:
@@ -335,7 +446,7 @@ class CompiledPolicy:
                             if parser is not None:
                                 # An L7 deny rule: traffic must reach the proxy to be judged.
                                 out.append(
-                                    KernelEntry(
+                                    PolicyEntry(
                                         ep_id,
                                         direction,
                                         peer,
@@ -349,11 +460,11 @@ class CompiledPolicy:
                                 )
                                 continue
                             out.append(
-                                KernelEntry(ep_id, direction, peer, proto, lo, hi, "deny", 0, audit)
+                                PolicyEntry(ep_id, direction, peer, proto, lo, hi, "deny", 0, audit)
                             )
                         elif parser is not None:
                             out.append(
-                                KernelEntry(
+                                PolicyEntry(
                                     ep_id,
                                     direction,
                                     peer,
@@ -367,7 +478,7 @@ class CompiledPolicy:
                             )
                         else:
                             out.append(
-                                KernelEntry(
+                                PolicyEntry(
                                     ep_id, direction, peer, proto, lo, hi, "allow", 0, False
                                 )
                             )
@@ -386,20 +497,6 @@ class CompiledPolicy:
         }
 
 
-def _combined_allow(refs: list[L7RuleRef], request: Any) -> str | None:
-    by_kind: dict[str, list[L7RuleRef]] = {}
-    for ref in refs:
-        by_kind.setdefault(ref.kind, []).append(ref)
-    from l7proxy.policy import rules as l7rules
-
-    for kind_name, group in by_kind.items():
-        kind = l7rules.kind(kind_name)
-        combine = getattr(kind, "combine", None) if kind else None
-        if combine is not None and combine([r.rule for r in group], request):
-            return " + ".join(r.path for r in group)
-    return None
-
-
 # ---------------------------------------------------------------------------
 # Compilation
 
@@ -414,7 +511,7 @@ def compile_policy(
     host_prefixes: Iterable[ipaddress.IPv4Network] = (),
 ) -> CompiledPolicy:
     policies = tuple(policies)
-    endpoints = {ep.id: ep for ep in endpoints}
+    by_id = {ep.id: ep for ep in endpoints}
     # CIDR identities for every prefix that a policy names (and its excepts).
     cidr_ids: dict[ipaddress.IPv4Network, Identity] = {}
     for pol in policies:
@@ -422,14 +519,12 @@ def compile_policy(
             for c in rule.peers.cidrs:
                 for net in (c.cidr, *c.excepts):
                     cidr_ids[net] = identities.for_cidr(net)
-    endpoint_identities = {ep.identity.number: ep.identity for ep in endpoints.values()}
+    endpoint_identities = {ep.identity.number: ep.identity for ep in by_id.values()}
     all_identities = {**endpoint_identities, **{i.number: i for i in cidr_ids.values()}}
-    from l7proxy.policy.identity import RESERVED_IDENTITIES
-
     all_identities.update(RESERVED_IDENTITIES)
 
     directions: dict[tuple[int, str], DirectionPolicy] = {}
-    for ep in endpoints.values():
+    for ep in by_id.values():
         for direction in (INGRESS, EGRESS):
             directions[(ep.id, direction)] = DirectionPolicy()
         for pol in policies:
@@ -448,18 +543,18 @@ def compile_policy(
 
     ipcache: dict[ipaddress.IPv4Network, int] = {net: HOST for net in host_prefixes}
     ipcache.update({net: ident.number for net, ident in cidr_ids.items() if net.prefixlen})
-    for ep in endpoints.values():
+    for ep in by_id.values():
         if ep.ip is not None:
             ipcache[ipaddress.IPv4Network(f"{ep.ip}/32")] = ep.identity.number
     return CompiledPolicy(
         revision=revision,
         policies=policies,
-        endpoints=endpoints,
+        endpoints=by_id,
         directions=directions,
         ipcache=IpCache(ipcache),
         identities=identities,
         audit_all=audit_all,
-        endpoints_by_ip={str(ep.ip): ep for ep in endpoints.values() if ep.ip is not None},
+        endpoints_by_ip={str(ep.ip): ep for ep in by_id.values() if ep.ip is not None},
     )
 
 
@@ -480,9 +575,13 @@ def _resolve_peers(peers: Peers, identities: dict[int, Identity]) -> frozenset[i
             # Selectors naming reserved labels (reserved:host) select reserved identities.
             if any(sel.match_labels and sel.matches(ident.label_map) for sel in peers.endpoints):
                 out.add(ident.number)
-            if ident.number == WORLD and any(c.contains(ident.cidr) for c in peers.cidrs):
+            if ident.number == WORLD and _in_cidrs(ident, peers):
                 out.add(ident.number)
         elif ident.kind == "cidr":
-            if "world" in peers.entities or any(c.contains(ident.cidr) for c in peers.cidrs):
+            if "world" in peers.entities or _in_cidrs(ident, peers):
                 out.add(ident.number)
     return frozenset(out)
+
+
+def _in_cidrs(ident: Identity, peers: Peers) -> bool:
+    return ident.cidr is not None and any(c.contains(ident.cidr) for c in peers.cidrs)

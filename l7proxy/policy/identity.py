@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 HOST = 1
 WORLD = 2
@@ -106,7 +107,7 @@ class IdentityAllocator:
         for number, ident in list(self._by_number.items()):
             if ident.kind != "reserved" and number not in keep:
                 del self._by_number[number]
-                if ident.kind == "cidr":
+                if ident.cidr is not None:
                     self._cidr.pop(ident.cidr, None)
                 else:
                     self._by_key.pop(labels_key(ident.label_map), None)
@@ -117,7 +118,7 @@ class IdentityAllocator:
     def all(self) -> list[Identity]:
         return sorted(self._by_number.values(), key=lambda i: i.number)
 
-    def snapshot(self) -> list[dict]:
+    def snapshot(self) -> list[dict[str, Any]]:
         return [
             {
                 "number": i.number,
@@ -129,7 +130,7 @@ class IdentityAllocator:
             if i.kind != "reserved"
         ]
 
-    def restore(self, items: list[dict]) -> None:
+    def restore(self, items: list[dict[str, Any]]) -> None:
         for item in items:
             if item["kind"] == "cidr":
                 net = ipaddress.IPv4Network(item["cidr"])

@@ -102,7 +102,7 @@ def _check_unique(policies: list[Policy]) -> None:
 # Walking helpers
 
 
-def _mapping(node: Any, path: YamlPath, allowed: Iterable[str]) -> dict:
+def _mapping(node: Any, path: YamlPath, allowed: Iterable[str]) -> dict[str, Any]:
     if not isinstance(node, dict):
         raise path.error(f"expected a mapping, got {_kind(node)}")
     allowed = tuple(allowed)
@@ -112,7 +112,7 @@ def _mapping(node: Any, path: YamlPath, allowed: Iterable[str]) -> dict:
     return node
 
 
-def _list(node: Any, path: YamlPath) -> list:
+def _list(node: Any, path: YamlPath) -> list[Any]:
     if node is None:
         return []
     if not isinstance(node, list):
@@ -277,7 +277,7 @@ def _rule(node: Any, path: YamlPath, direction: str, deny: bool) -> Rule:
     return Rule(direction, deny, peers, to_ports, str(path))
 
 
-def _peers(node: dict, path: YamlPath, keys: tuple[str, ...]) -> Peers:
+def _peers(node: dict[str, Any], path: YamlPath, keys: tuple[str, ...]) -> Peers:
     k_endpoints, k_cidr, k_cidrset, k_entities = keys
     endpoints = tuple(
         _selector(s, path.key(k_endpoints).index(i))
@@ -382,24 +382,23 @@ def _l7_rules(node: Any, path: YamlPath) -> tuple[str | None, tuple[L7RuleRef, .
             for i, item in enumerate(_list(node[key], path.key(key))):
                 refs.append(
                     L7RuleRef(
-                        key, kind.compile(item, path.key(key).index(i)), str(path.key(key).index(i))
+                        kind,
+                        kind.compile(item, path.key(key).index(i)),
+                        str(path.key(key).index(i)),
                     )
                 )
     if "l7proto" in node or "l7" in node:
         proto = _string(node.get("l7proto"), path.key("l7proto")) if "l7proto" in node else ""
-        kind = kinds.get(proto)
-        if kind is None or not kind.generic:
+        generic_kind = kinds.get(proto)
+        if generic_kind is None or not generic_kind.generic:
             generic = sorted(k for k, v in kinds.items() if v.generic)
             raise path.key("l7proto").error(
                 f"unknown L7 protocol {proto!r} (known: {', '.join(generic) or 'none'})"
             )
-        parsers.add(kind.parser)
+        parsers.add(generic_kind.parser)
         for i, item in enumerate(_list(node.get("l7"), path.key("l7"))):
-            refs.append(
-                L7RuleRef(
-                    proto, kind.compile(item, path.key("l7").index(i)), str(path.key("l7").index(i))
-                )
-            )
+            where = path.key("l7").index(i)
+            refs.append(L7RuleRef(generic_kind, generic_kind.compile(item, where), str(where)))
     if len(parsers) > 1:
         raise path.error(
             f"rules for different L7 protocols on one port: {', '.join(sorted(parsers))}"

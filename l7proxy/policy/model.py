@@ -10,8 +10,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from l7proxy.policy.rules import CompiledRule
+from l7proxy.policy.rules import CompiledRule, L7Kind
 
 INGRESS = "ingress"
 EGRESS = "egress"
@@ -106,8 +107,8 @@ class PortProtocol:
 class L7RuleRef:
     """One compiled L7 rule, with where it came from (for traces and flow logs)."""
 
-    kind: str  # http | grpc | kafka | cassandra ...
-    rule: CompiledRule
+    kind: L7Kind[Any, Any]  # http, grpc, kafka, cassandra...: which requests it judges
+    rule: CompiledRule[Any]
     path: str  # YAML path, e.g. spec.ingress[0].toPorts[0].rules.http[1]
 
 

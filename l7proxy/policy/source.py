@@ -1,7 +1,8 @@
 """Policy files on disk: load, validate, and reload without ever losing the last good set.
 
 A reload that fails leaves the policy in force untouched and reports the
-file, the YAML path and the reason.
+file, the YAML path and the reason. Both the agent and firewall mode read
+their policies through a ``PolicySource``.
 """
 
 from __future__ import annotations
@@ -17,27 +18,34 @@ from l7proxy.policy.model import Policy
 
 log = logging.getLogger("l7proxy.policy")
 
+# Per file: (path, modification time in ns, size), or (path, None, None) if it is gone.
+Stamp = tuple[tuple[str, int | None, int | None], ...]
+
 
 class PolicySource:
-    """Watches policy paths (files or directories) by modification stamp."""
+    """Watches policy paths (files or directories) by modification stamp.
+
+    ``on_change`` receives every policy set that was loaded whole; ``last_error``
+    is the reason the latest attempt was rejected, or None once one succeeds.
+    """
 
     def __init__(self, paths: Sequence[str | Path], on_change: Callable[[list[Policy]], None]):
         self.paths = [Path(p) for p in paths]
         self.on_change = on_change
-        self._stamp: tuple = ()
+        self._stamp: Stamp = ()
         self.last_error: PolicyError | None = None
         self.imports = 0
         self.import_errors = 0
 
-    def _current_stamp(self) -> tuple:
-        items = []
+    def _current_stamp(self) -> Stamp:
+        items: list[tuple[str, int | None, int | None]] = []
         for path in self.paths:
             files = sorted(path.iterdir()) if path.is_dir() else [path]
             for f in files:
                 try:
                     st = os.stat(f)
                 except FileNotFoundError:
-                    items.append((str(f), None))
+                    items.append((str(f), None, None))
                     continue
                 items.append((str(f), st.st_mtime_ns, st.st_size))
         return tuple(items)
@@ -52,10 +60,14 @@ class PolicySource:
 
     def poll(self) -> bool:
         """Reload if anything changed. Returns True if a new policy took effect."""
-        stamp = self._current_stamp()
-        if stamp == self._stamp:
+        if self._current_stamp() == self._stamp:
             return False
-        self._stamp = stamp
+        return self.reload()
+
+    def reload(self) -> bool:
+        """Load now. A rejected set is logged and counted, and the last good one
+        stays in force. Returns True if a new policy took effect."""
+        self._stamp = self._current_stamp()
         try:
             policies = load_paths(self.paths)
         except PolicyError as err:
@@ -66,5 +78,5 @@ class PolicySource:
         self.last_error = None
         self.imports += 1
         self.on_change(policies)
-        log.info("policy reloaded: %d policies", len(policies))
+        log.info("policy loaded: %d policies", len(policies))
         return True

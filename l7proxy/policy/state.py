@@ -10,10 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from l7proxy.policy.engine import CompiledPolicy, Endpoint
-from l7proxy.policy.identity import Identity
+from l7proxy.policy.engine import CompiledPolicy, Endpoint, PortMatcher, PortVerdict
+from l7proxy.policy.identity import IdentityAllocator
 from l7proxy.policy.model import EGRESS, INGRESS
 from parsers.base import Decision
+from parsers.requests import L7Request
+
+# One direction that applies to a connection: (trace header, endpoint id,
+# direction, peer identity).
+Leg = tuple[str, int, str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,8 +30,8 @@ class Side:
     identity: int
     endpoint: Endpoint | None
 
-    def describe(self, identities) -> dict[str, Any]:
-        ident: Identity | None = identities.get(self.identity)
+    def describe(self, identities: IdentityAllocator) -> dict[str, Any]:
+        ident = identities.get(self.identity)
         return {
             "ip": self.ip,
             "port": self.port,
@@ -37,6 +42,7 @@ class Side:
 
 
 NO_LOCAL_ENDPOINT = Decision(True, reason="no local endpoint on either side")
+NO_LOCAL_ENDPOINT_L4 = PortVerdict(True, None, "no local endpoint on either side")
 
 
 class PolicyState:
@@ -67,13 +73,13 @@ class ConnectionPolicy:
         self.src = src
         self.dst = dst
         self.l4, self.parser = self._l4()
-        self._policy = None
-        self._matchers: list = []
+        self._policy: CompiledPolicy | None = None
+        self._matchers: list[PortMatcher] = []
 
-    def _legs(self) -> list[tuple[str, int, str, int]]:
+    def _legs(self) -> list[Leg]:
         """The directions that apply: the destination's ingress and the source's egress,
         each as (trace header, endpoint id, direction, peer identity)."""
-        legs = []
+        legs: list[Leg] = []
         if self.dst.endpoint is not None:
             legs.append(
                 (
@@ -94,7 +100,7 @@ class ConnectionPolicy:
             )
         return legs
 
-    def _l4(self):
+    def _l4(self) -> tuple[PortVerdict, str | None]:
         policy = self.state.current
         verdicts = [
             policy.port_verdict(ep, direction, peer, self.dst.port)
@@ -105,10 +111,10 @@ class ConnectionPolicy:
             return denied[0], None
         parsers = [v.parser for v in verdicts if v.parser]
         audited = [v for v in verdicts if v.audit]
-        chosen = audited[0] if audited else (verdicts[0] if verdicts else None)
+        chosen = audited[0] if audited else (verdicts[0] if verdicts else NO_LOCAL_ENDPOINT_L4)
         return chosen, (parsers[0] if parsers else None)
 
-    def decide(self, request: Any, trace: list | None = None) -> Decision:
+    def decide(self, request: L7Request, trace: list[str] | None = None) -> Decision:
         policy = self.state.current
         if trace is not None:
             decisions = []

@@ -18,22 +18,19 @@ from __future__ import annotations
 
 import ipaddress
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from l7proxy.observe.flowlog import request_fields
-from l7proxy.policy.engine import CompiledPolicy, Endpoint, compile_policy
+from l7proxy.policy.engine import CompiledPolicy, Endpoint, PortVerdict, compile_policy
 from l7proxy.policy.identity import IdentityAllocator, parse_labels
 from l7proxy.policy.model import EGRESS, INGRESS, Policy
 from l7proxy.policy.state import ConnectionPolicy, PolicyState, Side
 from parsers.base import Decision
-from parsers.requests import CqlRequest, GrpcCall, HttpRequest, KafkaRequest
+from parsers.requests import CqlRequest, GrpcCall, HttpRequest, KafkaRequest, L7Request
 
 LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 FIRST_VIRTUAL_ID = 1
-
-# Which parser family a request kind needs (what the port must be parsed as).
-_FAMILY = {HttpRequest: "http", GrpcCall: "http", KafkaRequest: "kafka", CqlRequest: "cassandra"}
 
 
 class UsageError(Exception):
@@ -94,7 +91,7 @@ class RequestSpec:
     headers: tuple[str, ...] = ()
 
 
-def build_requests(spec: RequestSpec) -> list[Any]:
+def build_requests(spec: RequestSpec) -> list[L7Request]:
     """The typed request(s) an engine would hand to ``decide`` (a CQL batch
     is judged member by member, so it yields several)."""
     args = spec
@@ -122,7 +119,7 @@ def build_requests(spec: RequestSpec) -> list[Any]:
     if args.kafka:
         return [kafka_request(args.kafka)]
     if args.cql:
-        return cql_requests(args.cql)
+        return list(cql_requests(args.cql))
     return []
 
 
@@ -197,32 +194,6 @@ def cql_requests(statement: str) -> list[CqlRequest]:
     ]
 
 
-def describe_request(request: Any) -> str:
-    if isinstance(request, GrpcCall):
-        return f"grpc {request.service}/{request.method}"
-    if isinstance(request, HttpRequest):
-        return f"http {request.method} {request.path}" + (
-            f" host={request.host}" if request.host else ""
-        )
-    if isinstance(request, KafkaRequest):
-        from parsers.kafka.apis import policy_name
-
-        name = policy_name(request.api_key)
-        parts = [f"kafka {name} (apiKey {request.api_key} v{request.api_version})"]
-        parts += [f"topics={','.join(request.topics)}"] if request.topics else []
-        parts += [f"groups={','.join(request.groups)}"] if request.groups else []
-        parts += (
-            [f"transactionalIDs={','.join(request.transactional_ids)}"]
-            if request.transactional_ids
-            else []
-        )
-        parts += [f"clientID={request.client_id}"] if request.client_id else []
-        return " ".join(parts)
-    if isinstance(request, CqlRequest):
-        return f"cql {request.action}" + (f" {request.table}" if request.table else "")
-    return repr(request)
-
-
 # --------------------------------------------------------------------------- scenario
 
 
@@ -289,13 +260,15 @@ def build_scenario(
 def _side(state: PolicyState, spec: PeerSpec, endpoint: Endpoint | None, port: int) -> Side:
     if endpoint is not None:
         return state.side(str(endpoint.ip) if endpoint.ip else "", port, endpoint)
-    return state.side(spec.ip, port)  # an endpoint's own IP resolves to that endpoint
+    # An endpoint's own IP resolves to that endpoint; a peer given as neither
+    # labels nor an endpoint name was given as an address.
+    return state.side(spec.ip or "", port)
 
 
 # --------------------------------------------------------------------------- the trace
 
 
-def trace(scenario: Scenario, requests: list[Any]) -> dict[str, Any]:
+def trace(scenario: Scenario, requests: Sequence[L7Request]) -> dict[str, Any]:
     """Run the real decision code with tracing on; return a plain dict."""
     compiled, src, dst, port = scenario.compiled, scenario.src, scenario.dst, scenario.port
     directions = []
@@ -318,9 +291,9 @@ def trace(scenario: Scenario, requests: list[Any]) -> dict[str, Any]:
         "notes": list(scenario.notes),
         "l3l4": {
             "directions": directions,
-            "allowed": l4.allowed if l4 else True,
-            "audit": l4.audit if l4 else False,
-            "reason": l4.reason if l4 else "no local endpoint on either side",
+            "allowed": l4.allowed,
+            "audit": l4.audit,
+            "reason": l4.reason,
             "parser": conn.parser,
         },
         "l7": [],
@@ -328,15 +301,17 @@ def trace(scenario: Scenario, requests: list[Any]) -> dict[str, Any]:
     if not directions:
         out["notes"].append("neither side is a local endpoint: no policy applies")
 
-    if l4 is not None and not l4.allowed:
+    if not l4.allowed:
         return _final(out, "DROPPED", False, "", "", f"L3/L4: {l4.reason}")
     if conn.parser is None:
         if requests:
             out["notes"].append(
                 "no L7 rules apply on this port: traffic is not parsed, every request passes"
             )
-        verdict = "AUDIT" if l4 is not None and l4.audit else "FORWARDED"
-        return _final(out, verdict, True, "", "", f"L3/L4: {l4.reason if l4 else 'no policy'}")
+        verdict = "AUDIT" if l4.audit else "FORWARDED"
+        return _final(
+            out, verdict, True, "", "", f"L3/L4: {l4.reason if directions else 'no policy'}"
+        )
     if not requests:
         out["notes"].append(
             f"this port is parsed as {conn.parser}: give --http/--grpc/--kafka/--cql to trace a "
@@ -352,7 +327,7 @@ def trace(scenario: Scenario, requests: list[Any]) -> dict[str, Any]:
         )
 
     for request in requests:
-        family = _FAMILY.get(type(request))
+        family = request.family
         if family != conn.parser:
             out["notes"].append(
                 f"this port is parsed as {conn.parser}, not {family}: real {family} traffic here "
@@ -360,11 +335,10 @@ def trace(scenario: Scenario, requests: list[Any]) -> dict[str, Any]:
             )
         lines = []
         decision = conn.decide(request, lines)
-        protocol, fields = request_fields(request)
         out["l7"].append(
             {
-                "request": {"protocol": protocol, **fields},
-                "summary": describe_request(request),
+                "request": {"protocol": request.protocol, **request.flow_fields()},
+                "summary": request.describe(),
                 "trace": lines,
                 "decision": _decision(decision),
             }
@@ -386,7 +360,7 @@ def trace(scenario: Scenario, requests: list[Any]) -> dict[str, Any]:
 
 
 def _direction(
-    direction: str, endpoint: str, peer: int, verdict, lines: list[str]
+    direction: str, endpoint: str, peer: int, verdict: PortVerdict, lines: list[str]
 ) -> dict[str, Any]:
     return {
         "direction": direction,
@@ -413,7 +387,7 @@ def _decision(d: Decision) -> dict[str, Any]:
 
 
 def _final(
-    out: dict, verdict: str, allowed: bool, policy: str, rule: str, reason: str
+    out: dict[str, Any], verdict: str, allowed: bool, policy: str, rule: str, reason: str
 ) -> dict[str, Any]:
     out["verdict"] = {
         "verdict": verdict,
@@ -431,7 +405,7 @@ def _final(
 def format_text(result: dict[str, Any], compiled: CompiledPolicy) -> str:
     lines = []
 
-    def who(side: dict) -> str:
+    def who(side: dict[str, Any]) -> str:
         ident = compiled.identities.get(side["identity"])
         name = side["endpoint"] or side["ip"]
         return f"{name}  identity {ident if ident else side['identity']}"
@@ -492,5 +466,5 @@ def format_text(result: dict[str, Any], compiled: CompiledPolicy) -> str:
     return "\n".join(lines)
 
 
-def _where(d: dict) -> str:
+def _where(d: dict[str, Any]) -> str:
     return f"policy {d['policy']}" + (f" rule {d['rule']}" if d["rule"] else "")

@@ -6,21 +6,35 @@ commands it returns are executed here, in order. Backpressure is the
 transports' own: when one side's write buffer passes its high-water mark,
 reading from the other side pauses until it drains, so a slow reader never
 grows memory.
+
+Public surface, used by ``l7proxy/proxy/server.py`` and the agent's drain:
+
+- ``Pipe(...)``, ``client_data``, ``server_data``, ``server_connected``: I/O in;
+- ``close(reason)``: end now (flush, then a lingering close toward the client);
+- ``close_when_idle()``: end at the next point where no request is in flight
+  (docs/restarts.md); returns a future that says how the pipe ended;
+- ``closing``: True once the pipe is ending, whichever way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import socket
+import struct
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 from l7proxy.observe.flowlog import FlowLog, now_fields, request_fields
-from l7proxy.policy.state import ConnectionPolicy
 from parsers.base import (
     Access,
     Close,
+    Command,
+    Decision,
+    Engine,
     Log,
     ParseError,
     Reply,
@@ -32,9 +46,38 @@ from parsers.base import (
 
 log = logging.getLogger("l7proxy.proxy")
 
+
+class PipeOwner(Protocol):
+    """What a client connection needs from whoever accepted it (``server.Proxy``)."""
+
+    def open_pipe(self, transport: asyncio.Transport) -> Pipe | None:
+        """A pipe for this accepted connection, or None to refuse it."""
+        ...
+
+    def pipe_closed(self, pipe: Pipe) -> None:
+        """The client connection of ``pipe`` is gone."""
+        ...
+
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 LINGER_SECONDS = 2.0
+
+# close_when_idle: a connection with no traffic for this long is idle, even
+# without a response to end behind.
+QUIET_SECONDS = 0.25
+# How soon to look again while a response is still in our send queue.
+SEND_QUEUE_RECHECK = 0.001
+# How soon to look again while a request is in flight and silent, or a quiet
+# connection still has unacknowledged bytes (neither has an event to wait for).
+IDLE_RECHECK = 0.05
+
+# How a pipe asked to close when idle ended (the future's result).
+ENDED_QUIET = "quiet"
+ENDED_AFTER_REPLY = "after reply"
+ENDED_OTHERWISE = "closed"
+
+TIOCOUTQ = 0x5411  # bytes in the send queue not yet acknowledged
+SIOCOUTQNSD = 0x894B  # bytes in the send queue not yet sent
 
 
 @dataclass
@@ -56,131 +99,162 @@ class ProxyStats:
 
 
 class Pipe:
-    """One proxied connection. Created by the client-side protocol."""
+    """One proxied connection. Created by the proxy for each accepted client."""
 
     __slots__ = (
-        "loop",
-        "engine",
-        "policy",
-        "flowlog",
-        "protocol",
-        "limits",
-        "stats",
-        "client",
-        "server",
-        "pending_server",
-        "server_eof_pending",
         "closing",
-        "last_activity",
-        "pending",
-        "timer",
-        "src_info",
-        "dst_info",
-        "client_paused_by_us",
-        "server_paused_by_us",
-        "client_eof_sent",
-        "server_eof_sent",
+        "_loop",
+        "_engine",
+        "_flowlog",
+        "_protocol",
+        "_limits",
+        "_stats",
+        "_client",
+        "_server",
+        "_source",
+        "_destination",
+        "_to_server_early",
+        "_server_eof_early",
+        "_last_activity",
+        "_in_flight",
+        "_timer",
+        "_client_paused_by_us",
+        "_server_paused_by_us",
+        "_client_eof_sent",
+        "_server_eof_sent",
+        "_idle_end",
+        "_idle_check",
+        "_replied",
     )
 
     def __init__(
         self,
-        loop,
-        engine,
-        policy: ConnectionPolicy,
+        loop: asyncio.AbstractEventLoop,
+        engine: Engine,
         flowlog: FlowLog,
         protocol: str,
         limits: ProxyLimits,
         stats: ProxyStats,
+        *,
+        client: asyncio.Transport,
+        source: dict[str, Any] | None = None,
+        destination: dict[str, Any] | None = None,
     ):
-        self.loop = loop
-        self.engine = engine
-        self.policy = policy
-        self.flowlog = flowlog
-        self.protocol = protocol
-        self.limits = limits
-        self.stats = stats
-        self.client: asyncio.Transport | None = None
-        self.server: asyncio.Transport | None = None
-        self.pending_server: list[bytes] = []
-        self.server_eof_pending = False
         self.closing = False
-        self.last_activity = loop.time()
-        self.pending: dict[Any, tuple[float, Any, Any]] = {}
-        self.timer = None
-        self.src_info = None
-        self.dst_info = None
-        self.client_paused_by_us = False
-        self.server_paused_by_us = False
-        self.client_eof_sent = False
-        self.server_eof_sent = False
+        self._loop = loop
+        self._engine = engine
+        self._flowlog = flowlog
+        self._protocol = protocol
+        self._limits = limits
+        self._stats = stats
+        self._client = client
+        self._server: asyncio.Transport | None = None
+        self._source = source  # flow-log descriptions of both ends
+        self._destination = destination
+        # What the engine sent toward the server before the upstream connected.
+        self._to_server_early: list[bytes] = []
+        self._server_eof_early = False
+        self._last_activity = loop.time()
+        self._in_flight: dict[Hashable, tuple[float, Any, Decision]] = {}
+        self._client_paused_by_us = False
+        self._server_paused_by_us = False
+        self._client_eof_sent = False
+        self._server_eof_sent = False
+        # close_when_idle(): the future it returned, the pending re-check, and
+        # whether a response has completed since it was asked.
+        self._idle_end: asyncio.Future[str] | None = None
+        self._idle_check: asyncio.TimerHandle | None = None
+        self._replied = False
+        self._timer: asyncio.TimerHandle | None = loop.call_later(
+            self._timer_interval(), self._check_timers
+        )
 
     # ------------------------------------------------------------- input
 
     def client_data(self, data: bytes) -> None:
-        self.last_activity = self.loop.time()
-        self.execute(self.engine.client_data(data))
+        """Bytes read from the client; ``b""`` is its EOF."""
+        self._last_activity = self._loop.time()
+        self._execute(self._engine.client_data(data))
 
     def server_data(self, data: bytes) -> None:
-        self.last_activity = self.loop.time()
-        self.execute(self.engine.server_data(data))
+        """Bytes read from the server; ``b""`` is its EOF."""
+        self._last_activity = self._loop.time()
+        self._execute(self._engine.server_data(data))
+
+    # ------------------------------------------------------------- backpressure
+
+    def client_write_paused(self) -> None:
+        """The client's write buffer is full: stop reading the server."""
+        if self._server is not None:
+            self._server.pause_reading()
+            self._server_paused_by_us = True
+
+    def client_write_resumed(self) -> None:
+        if self._server is not None and self._server_paused_by_us:
+            self._server_paused_by_us = False
+            self._server.resume_reading()
+
+    def server_write_paused(self) -> None:
+        """The server's write buffer is full: stop reading the client."""
+        self._client.pause_reading()
+        self._client_paused_by_us = True
+
+    def server_write_resumed(self) -> None:
+        if self._client_paused_by_us:
+            self._client_paused_by_us = False
+            self._client.resume_reading()
 
     # ------------------------------------------------------------- commands
 
-    def execute(self, commands: list) -> None:
+    def _execute(self, commands: list[Command]) -> None:
+        cmd: Any  # dispatched on its exact type below: faster than isinstance or match
         for cmd in commands:
             kind = type(cmd)
             if kind is ToServer:
-                if self.server_eof_sent:
+                if self._server_eof_sent:
                     log.debug(
                         "%s engine wrote to the server after shutting it down; dropped",
-                        self.protocol,
+                        self._protocol,
                     )
-                elif self.server is not None:
-                    self.server.write(cmd.data)
+                elif self._server is not None:
+                    self._server.write(cmd.data)
                 else:
-                    self.pending_server.append(cmd.data)
+                    self._to_server_early.append(cmd.data)
             elif kind is ToClient:
-                if (
-                    self.client is not None
-                    and not self.client_eof_sent
-                    and not self.client.is_closing()
-                ):
-                    self.client.write(cmd.data)
+                if not self._client_eof_sent and not self._client.is_closing():
+                    self._client.write(cmd.data)
             elif kind is Access:
-                self.pending[cmd.key] = (time.monotonic(), cmd.request, cmd.decision)
+                self._in_flight[cmd.key] = (time.monotonic(), cmd.request, cmd.decision)
             elif kind is Reply:
-                self.record(cmd.key, cmd.fields)
+                self._record(cmd.key, cmd.fields)
             elif kind is ShutdownServer:
-                if self.server_eof_sent:
+                if self._server_eof_sent:
                     continue
-                self.server_eof_sent = True
-                if self.server is not None:
-                    if self.server.can_write_eof():
-                        self.server.write_eof()
+                self._server_eof_sent = True
+                if self._server is not None:
+                    if self._server.can_write_eof():
+                        self._server.write_eof()
                 else:
-                    self.server_eof_pending = True
+                    self._server_eof_early = True
             elif kind is ShutdownClient:
-                if (
-                    self.client is not None
-                    and not self.client_eof_sent
-                    and self.client.can_write_eof()
-                ):
-                    self.client_eof_sent = True
-                    self.client.write_eof()
+                if not self._client_eof_sent and self._client.can_write_eof():
+                    self._client_eof_sent = True
+                    self._client.write_eof()
             elif kind is ParseError:
-                errs = self.stats.parse_errors
-                key = f"{self.protocol}:{cmd.side}"
+                errs = self._stats.parse_errors
+                key = f"{self._protocol}:{cmd.side}"
                 errs[key] = errs.get(key, 0) + 1
-                log.info("%s parse error from %s: %s", self.protocol, cmd.side, cmd.error)
+                log.info("%s parse error from %s: %s", self._protocol, cmd.side, cmd.error)
                 if cmd.close:
                     self.close(f"parse error: {cmd.error}")
             elif kind is Close:
                 self.close(cmd.reason)
             elif kind is Log:
-                log.log(logging.INFO if cmd.level == "info" else logging.DEBUG, "%s", cmd.message)
+                level = logging.INFO if cmd.level == "info" else logging.DEBUG
+                log.log(level, "%s", cmd.message)
 
-    def record(self, key: Any, reply: dict | None) -> None:
-        started = self.pending.pop(key, None)
+    def _record(self, key: Hashable, reply: dict[str, Any] | None) -> None:
+        started = self._in_flight.pop(key, None)
         if started is None:
             return
         t0, request, decision = started
@@ -189,8 +263,8 @@ class Pipe:
         rec.update(
             type="l7",
             protocol=protocol,
-            source=self.src_info,
-            destination=self.dst_info,
+            source=self._source,
+            destination=self._destination,
             l7=fields,
             reply=reply or {},
             verdict=decision.verdict,
@@ -199,139 +273,212 @@ class Pipe:
             reason=decision.reason,
             latency_ms=round((time.monotonic() - t0) * 1000, 3),
         )
-        self.flowlog.emit(rec)
+        self._flowlog.emit(rec)
+        if self._idle_end is not None and not self._in_flight and not self.closing:
+            # The last response in flight is complete: end right behind it
+            # once it has left our send queue.
+            self._replied = True
+            self._recheck_idle(SEND_QUEUE_RECHECK)
 
     # ------------------------------------------------------------- lifecycle
 
     def server_connected(self, transport: asyncio.Transport) -> None:
-        self.server = transport
+        self._server = transport
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        if self.pending_server:
-            transport.writelines(self.pending_server)
-            self.pending_server = []
-        if self.server_eof_pending and transport.can_write_eof():
+        if self._to_server_early:
+            transport.writelines(self._to_server_early)
+            self._to_server_early = []
+        if self._server_eof_early and transport.can_write_eof():
             transport.write_eof()
 
     def close(self, reason: str = "") -> None:
+        """End both sides now: the server after flushing, the client with a
+        lingering close after flushing."""
         if self.closing:
             return
-        self.closing = True
-        if self.server is not None and not self.server.is_closing():
-            self.server.close()  # flushes what is buffered, then closes
-        client = self.client
-        if client is not None and not client.is_closing():
-            if client.can_write_eof() and not self.client_eof_sent:
-                self.client_eof_sent = True
+        self._stop(reason)
+        client = self._client
+        if not client.is_closing():
+            if client.can_write_eof() and not self._client_eof_sent:
+                self._client_eof_sent = True
                 # Lingering close: send our FIN after the buffered reply, then
                 # read and discard until the client closes (or a short while
                 # passes). Closing with unread input would send an RST that can
                 # destroy the error reply before the client reads it.
                 client.write_eof()
-                if self.client_paused_by_us:
+                if self._client_paused_by_us:
                     client.resume_reading()
-                self.loop.call_later(LINGER_SECONDS, client.close)
+                self._loop.call_later(LINGER_SECONDS, client.close)
             else:
                 client.close()
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        for key in list(self.pending):
-            self.record(key, {"closed": reason or "connection closed"})
 
-    def check_timers(self) -> None:
-        self.timer = None
+    def _stop(self, reason: str) -> None:
+        """What every way of ending shares: the server side, timers, open records."""
+        self.closing = True
+        if self._server is not None and not self._server.is_closing():
+            self._server.close()  # flushes what is buffered, then closes
+        for handle in (self._timer, self._idle_check):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._idle_check = None
+        for key in list(self._in_flight):
+            self._record(key, {"closed": reason or "connection closed"})
+        if self._idle_end is not None and not self._idle_end.done():
+            self._idle_end.set_result(ENDED_OTHERWISE)
+
+    def close_when_idle(self) -> asyncio.Future[str]:
+        """End the connection at the next point where no request is in flight.
+
+        That is right behind a response on a busy connection (once it has left
+        our send queue), or after QUIET_SECONDS of silence (once everything
+        sent is acknowledged). A client that checks its idle connection before
+        reusing it (as HTTP client pools do) sees the end before it sends its
+        next request.
+
+        It ends with a reset, not a FIN: closing first would leave our accepted
+        socket in TIME_WAIT on the client's 4-tuple, and a later SYN that reuses
+        that tuple is assigned to the proxy's listener by the datapath, where
+        the kernel drops it as a duplicate of the TIME_WAIT entry. A reset
+        leaves no TIME_WAIT and removes the conntrack entry. Proxied clients are
+        endpoints on this node's veths, where a sent segment is a delivered one.
+
+        The future's result is ENDED_AFTER_REPLY or ENDED_QUIET, or
+        ENDED_OTHERWISE if the pipe ended some other way first.
+        """
+        if self._idle_end is None:
+            self._idle_end = self._loop.create_future()
+            if self.closing:
+                self._idle_end.set_result(ENDED_OTHERWISE)
+            else:
+                self._end_if_idle()
+        return self._idle_end
+
+    def _recheck_idle(self, delay: float) -> None:
+        if self._idle_check is not None:
+            self._idle_check.cancel()
+        self._idle_check = self._loop.call_later(delay, self._end_if_idle)
+
+    def _end_if_idle(self) -> None:
+        self._idle_check = None
         if self.closing:
             return
-        now = self.loop.time()
-        idle = now - self.last_activity
-        if idle > self.limits.idle_timeout:
+        client = self._client
+        since_activity = self._loop.time() - self._last_activity
+        quiet = since_activity >= QUIET_SECONDS
+        if self._in_flight or self._engine.reading_headers or not (quiet or self._replied):
+            self._recheck_idle(max(QUIET_SECONDS - since_activity, IDLE_RECHECK))
+            return
+        # Quiet: everything acknowledged. Right behind a reply: everything sent
+        # (waiting for the ACK would wait for the client's delayed ACK, which
+        # comes with its next request).
+        after_reply = self._replied and not quiet
+        queued = _send_queue(client, SIOCOUTQNSD if after_reply else TIOCOUTQ)
+        if client.get_write_buffer_size() or queued:
+            self._recheck_idle(SEND_QUEUE_RECHECK if self._replied else IDLE_RECHECK)
+            return
+        assert self._idle_end is not None
+        self._idle_end.set_result(ENDED_AFTER_REPLY if self._replied else ENDED_QUIET)
+        self._stop("closed when idle")
+        sock = client.get_extra_info("socket")
+        if sock is not None:
+            # Linger 0: close() sends RST and leaves no TIME_WAIT (abort() alone sends a FIN).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.abort()
+
+    def _timer_interval(self) -> float:
+        return min(self._limits.header_timeout, self._limits.idle_timeout) / 2
+
+    def _check_timers(self) -> None:
+        self._timer = None
+        if self.closing:
+            return
+        idle = self._loop.time() - self._last_activity
+        if idle > self._limits.idle_timeout:
             self.close("idle timeout")
             return
-        if (
-            self.engine is not None
-            and self.engine.reading_headers
-            and idle > self.limits.header_timeout
-        ):
+        if self._engine.reading_headers and idle > self._limits.header_timeout:
             self.close("header read timeout")
             return
-        self.timer = self.loop.call_later(
-            min(self.limits.header_timeout, self.limits.idle_timeout) / 2, self.check_timers
-        )
+        self._timer = self._loop.call_later(self._timer_interval(), self._check_timers)
+
+
+def _send_queue(transport: asyncio.Transport, request: int) -> int:
+    """Bytes in the kernel send queue of the transport's socket (an ioctl)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        queued: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
+    return queued
 
 
 class ClientSide(asyncio.Protocol):
     """Protocol for an accepted client connection."""
 
-    def __init__(self, proxy):
-        self.proxy = proxy
-        self.pipe: Pipe | None = None
-        self.transport = None
+    def __init__(self, proxy: PipeOwner):
+        self._proxy = proxy
+        self._pipe: Pipe | None = None
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        self.pipe = self.proxy.open_pipe(transport)
-        if self.pipe is None:
-            transport.abort()
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport (uvloop's is not an asyncio.Transport subclass).
+        stream = cast(asyncio.Transport, transport)
+        self._pipe = self._proxy.open_pipe(stream)
+        if self._pipe is None:
+            stream.abort()
 
     def data_received(self, data: bytes) -> None:
-        if not self.pipe.closing:
-            self.pipe.client_data(data)
+        pipe = self._pipe
+        if pipe is not None and not pipe.closing:
+            pipe.client_data(data)
         # else: lingering close, discard
 
     def eof_received(self) -> bool:
-        if self.pipe is None:
+        pipe = self._pipe
+        if pipe is None:
             return False
-        if self.pipe.closing:
+        if pipe.closing:
             return False  # lingering close is over: let the transport close
-        self.pipe.client_data(b"")
+        pipe.client_data(b"")
         return True  # keep the write side open; the engine decides when to close
 
     def pause_writing(self) -> None:
-        server = self.pipe.server if self.pipe else None
-        if server is not None:
-            server.pause_reading()
-            self.pipe.server_paused_by_us = True
+        if self._pipe is not None:
+            self._pipe.client_write_paused()
 
     def resume_writing(self) -> None:
-        server = self.pipe.server if self.pipe else None
-        if server is not None and self.pipe.server_paused_by_us:
-            self.pipe.server_paused_by_us = False
-            server.resume_reading()
+        if self._pipe is not None:
+            self._pipe.client_write_resumed()
 
-    def connection_lost(self, exc) -> None:
-        if self.pipe is not None:
-            self.proxy.pipe_closed(self.pipe)
-            self.pipe.close("client closed")
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._pipe is not None:
+            self._proxy.pipe_closed(self._pipe)
+            self._pipe.close("client closed")
 
 
 class ServerSide(asyncio.Protocol):
     """Protocol for the upstream connection of one pipe."""
 
     def __init__(self, pipe: Pipe):
-        self.pipe = pipe
+        self._pipe = pipe
 
-    def connection_made(self, transport) -> None:
-        self.pipe.server_connected(transport)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._pipe.server_connected(cast(asyncio.Transport, transport))
 
     def data_received(self, data: bytes) -> None:
-        self.pipe.server_data(data)
+        self._pipe.server_data(data)
 
     def eof_received(self) -> bool:
-        if not self.pipe.closing:
-            self.pipe.server_data(b"")
+        if not self._pipe.closing:
+            self._pipe.server_data(b"")
         return True
 
     def pause_writing(self) -> None:
-        client = self.pipe.client
-        if client is not None:
-            client.pause_reading()
-            self.pipe.client_paused_by_us = True
+        self._pipe.server_write_paused()
 
     def resume_writing(self) -> None:
-        client = self.pipe.client
-        if client is not None and self.pipe.client_paused_by_us:
-            self.pipe.client_paused_by_us = False
-            client.resume_reading()
+        self._pipe.server_write_resumed()
 
-    def connection_lost(self, exc) -> None:
-        self.pipe.close("server closed")
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._pipe.close("server closed")

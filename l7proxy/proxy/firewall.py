@@ -58,13 +58,14 @@ class Firewall:
         self.state: PolicyState | None = None
         self.source = PolicySource(policy_paths, self._apply)
         self.source.load()  # raises PolicyError: refuse to start on a bad policy
-        self.proxy = Proxy(
+        assert self.state is not None  # _apply ran on the first load
+        self.proxy: Proxy = Proxy(
             self.state,
             flowlog,
             limits=limits,
             upstream=Upstream(upstream[0], upstream[1], self.service),
         )
-        self.poll_interval = poll_interval
+        self.poll_interval: float = poll_interval
         self.sock: socket.socket | None = None
 
     def _apply(self, policies: list[Policy]) -> None:

@@ -13,6 +13,7 @@ configured upstream, and the service is the endpoint named by ``--labels``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
@@ -63,9 +64,11 @@ class Proxy:
         self.upstream = upstream
         self.mark = mark
         self.preserve_source = preserve_source
-        self.pipes: set[Pipe] = set()
-        self.servers: list[asyncio.AbstractServer] = []
-        self.listen_ports: set[int] = set()
+        self._pipes: set[Pipe] = set()
+        self._no_pipes = asyncio.Event()  # set whenever _pipes is empty
+        self._no_pipes.set()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._listen_ports: set[int] = set()
 
     # ------------------------------------------------------------ listeners
 
@@ -76,20 +79,46 @@ class Proxy:
         if sock is None:
             sock = make_listener(host, port, transparent=transparent)
         server = await loop.create_server(lambda: ClientSide(self), sock=sock)
-        self.servers.append(server)
-        self.listen_ports.add(sock.getsockname()[1])
+        self._servers.append(server)
+        self._listen_ports.add(sock.getsockname()[1])
         return sock
 
-    async def close(self, grace: float = 0.0) -> None:
-        for server in self.servers:
+    # ------------------------------------------------------------ draining
+
+    @property
+    def connections(self) -> int:
+        """Open client connections, including those in their lingering close."""
+        return len(self._pipes)
+
+    def stop_accepting(self) -> None:
+        """Close our listening sockets' descriptors (a successor may hold the same sockets)."""
+        for server in self._servers:
             server.close()
-        if grace and self.pipes:
-            deadline = asyncio.get_running_loop().time() + grace
-            while self.pipes and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.05)
-        for pipe in list(self.pipes):
-            pipe.close("proxy shutting down")
+
+    async def wait_all_closed(self) -> None:
+        """Return once no client connection is open (at once if none is)."""
+        await self._no_pipes.wait()
+
+    def close_when_idle(self) -> list[asyncio.Future[str]]:
+        """Ask every connection not already ending to end at its next idle
+        point (``Pipe.close_when_idle``); one future per connection asked."""
+        return [pipe.close_when_idle() for pipe in list(self._pipes) if not pipe.closing]
+
+    async def close(self, grace: float = 0.0) -> int:
+        """Stop accepting; after up to ``grace`` seconds for connections to end
+        by themselves, close the rest. Returns how many were still open (not
+        already ending) and had to be cut."""
+        self.stop_accepting()
+        if grace:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wait_all_closed(), grace)
+        cut = 0
+        for pipe in list(self._pipes):
+            if not pipe.closing:
+                cut += 1
+                pipe.close("proxy shutting down")
         self.flowlog.flush()
+        return cut
 
     # ------------------------------------------------------------ per connection
 
@@ -107,7 +136,7 @@ class Proxy:
         else:
             dst_ip, dst_port, dst_ep = _v4(local[0]), local[1], None
             if (
-                dst_port in self.listen_ports
+                dst_port in self._listen_ports
                 and self.state.current.endpoints_by_ip.get(dst_ip) is None
                 and _is_local(dst_ip)
             ):
@@ -135,26 +164,35 @@ class Proxy:
             return None
         parser = policy.parser
         engine = engine_factory(parser)(policy.decide) if parser else PassthroughEngine()
-        pipe = Pipe(loop, engine, policy, self.flowlog, parser or "tcp", self.limits, self.stats)
-        pipe.client = transport
-        pipe.src_info, pipe.dst_info = src_info, dst_info
+        pipe = Pipe(
+            loop,
+            engine,
+            self.flowlog,
+            parser or "tcp",
+            self.limits,
+            self.stats,
+            client=transport,
+            source=src_info,
+            destination=dst_info,
+        )
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.pipes.add(pipe)
+        self._pipes.add(pipe)
+        self._no_pipes.clear()
         self.stats.connections_total += 1
         self.stats.connections_active += 1
-        pipe.timer = loop.call_later(
-            min(self.limits.header_timeout, self.limits.idle_timeout) / 2, pipe.check_timers
-        )
         loop.create_task(self._connect_upstream(pipe, src_ip, dst_ip, dst_port))
         return pipe
 
     def pipe_closed(self, pipe: Pipe) -> None:
-        if pipe in self.pipes:
-            self.pipes.discard(pipe)
+        """The client connection of ``pipe`` is gone (called by its protocol)."""
+        if pipe in self._pipes:
+            self._pipes.discard(pipe)
             self.stats.connections_active -= 1
+            if not self._pipes:
+                self._no_pipes.set()
 
     async def _connect_upstream(self, pipe: Pipe, src_ip: str, dst_ip: str, dst_port: int) -> None:
         loop = asyncio.get_running_loop()

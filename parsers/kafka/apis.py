@@ -18,16 +18,16 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-# kafka-python ships no type information: this module is the typed boundary,
-# and the rest of parsers/kafka imports ApiKey from here. Its imports register
-# the message classes.
-import kafka.protocol.admin  # type: ignore[import-untyped]  # noqa: F401
-import kafka.protocol.consumer  # type: ignore[import-untyped]  # noqa: F401
-import kafka.protocol.metadata  # type: ignore[import-untyped]  # noqa: F401
-import kafka.protocol.producer  # type: ignore[import-untyped]  # noqa: F401
-import kafka.protocol.sasl  # type: ignore[import-untyped]  # noqa: F401
-from kafka.protocol.api_key import ApiKey as ApiKey  # type: ignore[import-untyped]
-from kafka.protocol.api_message import ApiMessage  # type: ignore[import-untyped]
+# kafka-python ships no type information (pyproject.toml tells mypy so): this
+# module is the typed boundary, and the rest of the code imports ApiKey from
+# here. These imports also register the message classes.
+import kafka.protocol.admin  # noqa: F401
+import kafka.protocol.consumer  # noqa: F401
+import kafka.protocol.metadata  # noqa: F401
+import kafka.protocol.producer  # noqa: F401
+import kafka.protocol.sasl  # noqa: F401
+from kafka.protocol.api_key import ApiKey as ApiKey  # re-exported
+from kafka.protocol.api_message import ApiMessage
 
 # kafka-python's generated classes (one per API, indexed by version) and their
 # instances: untyped, so named here for what they are.

@@ -11,8 +11,9 @@ from ipaddress import IPv4Network
 
 import pytest
 
-from l7proxy.datapath.loader import IDENTITY_HOST, IDENTITY_WORLD, PolicyEntry
+from l7proxy.datapath.loader import PolicyEntry
 from l7proxy.node import netns
+from l7proxy.policy.identity import HOST, WORLD
 from tests.support.topology import (
     skip_reason,
     topology,
@@ -217,7 +218,7 @@ def test_cidr_identity_from_the_ipcache():
         assert drops_until(t.dp, lambda e: e.dst_identity == 4242)
         t.dp.sync_ipcache({})
         assert not t.can_connect("client", outside.ip, 8080, DROP_TIMEOUT)
-        assert drops_until(t.dp, lambda e: e.dst_identity == IDENTITY_WORLD), (
+        assert drops_until(t.dp, lambda e: e.dst_identity == WORLD), (
             "an address outside every prefix is judged as world"
         )
 
@@ -231,8 +232,8 @@ def test_host_traffic_is_judged_at_the_endpoint_egress_hook(pair):
 
     with pytest.raises(TimeoutError):
         socket.create_connection((str(server.ip), 8080), timeout=DROP_TIMEOUT)
-    t.dp.sync_ipcache({IPv4Network(f"{ip}/32"): IDENTITY_HOST for ip in host_ips})
-    t.dp.sync_policy([allow(server, "ingress", IDENTITY_HOST, 8080)])
+    t.dp.sync_ipcache({IPv4Network(f"{ip}/32"): HOST for ip in host_ips})
+    t.dp.sync_policy([allow(server, "ingress", HOST, 8080)])
     conn = socket.create_connection((str(server.ip), 8080), timeout=1)
     try:
         assert echo(conn) == b"ping"
@@ -474,9 +475,9 @@ def test_a_syn_never_rides_the_conntrack_entry_of_the_opposite_direction(pair):
     t = pair
     server = t["server"]
     host_ip = next(ip for ip in netns.host_addresses() if not ip.is_loopback)
-    t.dp.sync_ipcache({IPv4Network(f"{ip}/32"): IDENTITY_HOST for ip in netns.host_addresses()})
+    t.dp.sync_ipcache({IPv4Network(f"{ip}/32"): HOST for ip in netns.host_addresses()})
     t.attach("server", ingress=True, egress=True)
-    t.dp.sync_policy([allow(server, "ingress", IDENTITY_HOST, 8080)])
+    t.dp.sync_policy([allow(server, "ingress", HOST, 8080)])
     listener = t.serve("server", 8080)
 
     # host:P -> server:8080 is allowed and leaves a conntrack entry behind.

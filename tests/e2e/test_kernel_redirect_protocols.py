@@ -80,26 +80,46 @@ stub = pb.test_pb2_grpc.TestServiceStub(channel)
 out = []
 reply = stub.UnaryCall(m.SimpleRequest(response_size=10), timeout=10)
 out.append(("unary", len(reply.payload.body)))
-big = stub.UnaryCall(m.SimpleRequest(response_size=4 << 20, payload=m.Payload(body=b"x" * (3 << 20))), timeout=30)
+big = stub.UnaryCall(
+    m.SimpleRequest(response_size=4 << 20, payload=m.Payload(body=b"x" * (3 << 20))), timeout=30
+)
 out.append(("large", len(big.payload.body)))
-sizes = [len(r.payload.body) for r in stub.StreamingOutputCall(m.StreamingOutputCallRequest(response_parameters=[m.ResponseParameters(size=n) for n in (1, 10, 100, 1000)]), timeout=10)]
+streamed = m.StreamingOutputCallRequest(
+    response_parameters=[m.ResponseParameters(size=n) for n in (1, 10, 100, 1000)]
+)
+sizes = [len(r.payload.body) for r in stub.StreamingOutputCall(streamed, timeout=10)]
 out.append(("server-streaming", sum(sizes)))
-agg = stub.StreamingInputCall(iter([m.StreamingInputCallRequest(payload=m.Payload(body=b"y" * n)) for n in (3, 30, 300)]), timeout=10)
+uploads = [m.StreamingInputCallRequest(payload=m.Payload(body=b"y" * n)) for n in (3, 30, 300)]
+agg = stub.StreamingInputCall(iter(uploads), timeout=10)
 out.append(("client-streaming", agg.aggregated_payload_size))
-bidi = [len(r.payload.body) for r in stub.FullDuplexCall(iter([m.StreamingOutputCallRequest(response_parameters=[m.ResponseParameters(size=n)]) for n in (5, 50)]), timeout=10)]
+pings = [
+    m.StreamingOutputCallRequest(response_parameters=[m.ResponseParameters(size=n)])
+    for n in (5, 50)
+]
+bidi = [len(r.payload.body) for r in stub.FullDuplexCall(iter(pings), timeout=10)]
 out.append(("bidi", sum(bidi)))
-call = stub.UnaryCall.with_call(m.SimpleRequest(response_size=1), metadata=((ECHO_INITIAL, "hello"), (ECHO_TRAILING, b"\\x00\\xff")), timeout=10)[1]
-out.append(("metadata", dict(call.initial_metadata()).get(ECHO_INITIAL) == "hello" and dict(call.trailing_metadata()).get(ECHO_TRAILING) == b"\\x00\\xff"))
+echoed = ((ECHO_INITIAL, "hello"), (ECHO_TRAILING, b"\\x00\\xff"))
+call = stub.UnaryCall.with_call(m.SimpleRequest(response_size=1), metadata=echoed, timeout=10)[1]
+initial, trailing = dict(call.initial_metadata()), dict(call.trailing_metadata())
+echoed_back = initial.get(ECHO_INITIAL) == "hello" and trailing.get(ECHO_TRAILING) == b"\\x00\\xff"
+out.append(("metadata", echoed_back))
 try:
-    stub.UnaryCall(m.SimpleRequest(response_status=m.EchoStatus(code=5, message="no such ship")), timeout=10)
+    failing = m.SimpleRequest(response_status=m.EchoStatus(code=5, message="no such ship"))
+    stub.UnaryCall(failing, timeout=10)
 except grpc.RpcError as exc:
     out.append(("status", exc.code().name + ":" + exc.details().replace(" ", "_")))
 try:
-    stub.StreamingOutputCall(m.StreamingOutputCallRequest(response_parameters=[m.ResponseParameters(size=1, interval_us=2_000_000)]), timeout=0.5).next()
+    slow = m.StreamingOutputCallRequest(
+        response_parameters=[m.ResponseParameters(size=1, interval_us=2_000_000)]
+    )
+    stub.StreamingOutputCall(slow, timeout=0.5).next()
 except grpc.RpcError as exc:
     out.append(("deadline", exc.code().name))
 with futures.ThreadPoolExecutor(16) as pool:
-    results = list(pool.map(lambda i: len(stub.UnaryCall(m.SimpleRequest(response_size=i), timeout=20).payload.body), range(100)))
+    def unary(size):
+        return len(stub.UnaryCall(m.SimpleRequest(response_size=size), timeout=20).payload.body)
+
+    results = list(pool.map(unary, range(100)))
 out.append(("concurrent", sum(results)))
 try:
     stub.EmptyCall(pb.empty_pb2.Empty(), timeout=10)
@@ -193,7 +213,9 @@ bootstrap = sys.argv[1] + ":9092"
 admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=20000)
 admin.create_topics([NewTopic("orders", 1, 1), NewTopic("secrets", 1, 1)])
 admin.close()
-producer = KafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, acks=1, retries=0, max_block_ms=20000)
+producer = KafkaProducer(
+    bootstrap_servers=bootstrap, enable_idempotence=False, acks=1, retries=0, max_block_ms=20000
+)
 producer.send("orders", b"first").get(timeout=20)
 print("orders", "ok")
 try:
@@ -260,9 +282,13 @@ logging.disable(logging.CRITICAL)
 from cassandra import Unauthorized
 from cassandra.cluster import Cluster
 from cassandra.policies import RoundRobinPolicy
-cluster = Cluster([sys.argv[1]], port=9042, protocol_version=4, load_balancing_policy=RoundRobinPolicy())
+cluster = Cluster(
+    [sys.argv[1]], port=9042, protocol_version=4, load_balancing_policy=RoundRobinPolicy()
+)
 session = cluster.connect()
-session.execute("CREATE KEYSPACE shop WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}")
+session.execute(
+    "CREATE KEYSPACE shop WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}"
+)
 session.execute("CREATE TABLE shop.orders (id int PRIMARY KEY, item text)")
 session.execute("INSERT INTO shop.orders (id, item) VALUES (1, 'saber')")
 print("select", len(list(session.execute("SELECT * FROM shop.orders"))))

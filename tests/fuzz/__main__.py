@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             corpus.mkdir()
             cmd = [
                 sys.executable, "-m", "tests.fuzz.run", name,
-                f"-max_total_time={each}", f"-timeout={args.timeout}", f"-rss_limit_mb={args.rss_limit_mb}",
+                f"-max_total_time={each}", f"-timeout={args.timeout}",
+                f"-rss_limit_mb={args.rss_limit_mb}",
                 f"-artifact_prefix={args.artifacts}/{name}-", "-print_final_stats=1",
                 str(corpus), str(seeds),
             ]  # fmt: skip

@@ -96,3 +96,15 @@ def test_interop_readonly_refuses_other_services_and_plain_http(state):
 )
 def test_billing_health_and_explicit_deny(state, src, request_, expected):
     assert allowed(state, src, "billing", 9000, request_) is expected
+
+
+def test_a_plain_http_request_meets_no_grpc_rule_and_is_denied(state):
+    conn = state.connection(
+        state.side(ENDPOINTS["frontend"][1], 40000), state.side(ENDPOINTS["interop"][1], 50051)
+    )
+    trace: list[str] = []
+    decision = conn.decide(HttpRequest("GET", "/", "svc", (), "2"), trace)
+    assert (decision.allowed, decision.reason) == (False, "no L7 rule matches")
+    # The grpc kind judges GrpcCall only: its rules are skipped, and the trace says so.
+    assert "  grpc rules on this port do not judge HttpRequest requests: skipped" in trace
+    assert not any("MATCH" in line or "no match" in line for line in trace)

@@ -84,8 +84,11 @@ def test_omitted_fields_match_everything_but_only_grpc_calls():
     assert not any_method.matches(call("grpc.health.v1.Health", "Check"))
     everything = rule({})
     assert everything.matches(call("a.B", "C"))
-    assert not everything.matches(HTTP)  # plain HTTP/2 request: not a gRPC call
-    assert everything.explain(HTTP) == "not a gRPC call (HttpRequest)"
+    # A plain HTTP/2 request is not a gRPC call: the kind says so, and the engine
+    # never hands one to a grpc rule.
+    grpc = kind("grpc")
+    assert grpc is not None and grpc.request_types == (GrpcCall,)
+    assert type(HTTP) not in grpc.request_types
     assert everything.describe() == "grpc */*"
 
 
@@ -111,7 +114,7 @@ def test_grpc_and_http_rules_share_a_port_in_a_real_policy():
     (policy,) = load_text(POLICY)
     (port_rule,) = policy.rules[0].to_ports
     assert port_rule.parser == "http"
-    assert [(ref.kind, ref.path) for ref in port_rule.l7] == [
+    assert [(ref.kind.key, ref.path) for ref in port_rule.l7] == [
         ("grpc", "spec.ingress[0].toPorts[0].rules.grpc[0]"),
         ("grpc", "spec.ingress[0].toPorts[0].rules.grpc[1]"),
         ("http", "spec.ingress[0].toPorts[0].rules.http[0]"),

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from l7proxy.policy.engine import Endpoint, KernelEntry, compile_policy
+from l7proxy.policy.engine import Endpoint, PolicyEntry, compile_policy
 from l7proxy.policy.identity import HOST, WORLD, IdentityAllocator
 from l7proxy.policy.load import load_text
 from l7proxy.policy.state import PolicyState
@@ -349,7 +349,7 @@ def test_kernel_entries_for_star_wars_rule():
     deathstar = compiled.endpoints_by_ip["10.9.0.10"].id
     entries = compiled.kernel_entries({"http": 15001})
     # org=empire selects both empire identities: deathstar and tiefighter.
-    assert KernelEntry(deathstar, "ingress", tiefighter, 6, 80, 80, "redirect", 15001) in entries
+    assert PolicyEntry(deathstar, "ingress", tiefighter, 6, 80, 80, "redirect", 15001) in entries
     assert all(e.action == "redirect" and e.endpoint_id == deathstar for e in entries)
     assert {e.identity for e in entries} == {
         tiefighter,
@@ -380,3 +380,37 @@ def test_an_l7_deny_rule_alone_puts_an_l4_allowed_port_under_its_parser():
     assert (conn.l4.allowed, conn.parser) == (True, "http")
     assert conn.decide(http("GET", "/")).allowed
     assert not conn.decide(http("PUT", "/")).allowed
+
+
+def test_each_request_meets_only_the_rules_written_for_its_type():
+    doc = cnp(
+        """
+        endpointSelector: {matchLabels: {class: deathstar}}
+        ingress:
+        - toPorts:
+          - ports: [{port: "80", protocol: TCP}]
+            rules:
+              grpc: [{service: empire.Fleet, method: Dock}]
+              http: [{method: GET, path: /healthz}]
+        """
+    )
+    conn = connect(build(doc), "xwing", "deathstar", 80)
+    trace: list[str] = []
+    assert conn.decide(http("GET", "/healthz"), trace).allowed
+    assert "  grpc rules on this port do not judge HttpRequest requests: skipped" in trace
+    assert not any("[grpc " in line for line in trace)
+    # A gRPC call meets both kinds: its own, and the HTTP rules through its HTTP head.
+    dock = HttpRequest("POST", "/empire.Fleet/Dock", "deathstar", (), "2")
+    assert conn.decide(GrpcCall("empire.Fleet", "Dock", dock)).rule.endswith("rules.grpc[0]")
+    health = HttpRequest("GET", "/healthz", "deathstar", (), "2")
+    assert conn.decide(GrpcCall("grpc.health.v1.Health", "Check", health)).allowed
+    refused = conn.decide(GrpcCall("empire.Fleet", "Undock", dock))
+    assert (refused.allowed, refused.reason) == (False, "no L7 rule matches")
+
+
+def test_the_datapath_writes_the_entries_the_engine_computes():
+    from l7proxy.datapath import loader
+
+    assert loader.PolicyEntry is PolicyEntry  # one definition, no conversion
+    entries = build(RULE1_L7).current.kernel_entries({"http": 15001})
+    assert loader.compile_policy(entries)

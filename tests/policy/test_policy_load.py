@@ -142,7 +142,14 @@ def test_multi_document_files_name_the_document():
 
 
 def test_specs_list_and_clusterwide_kind():
-    text = "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: cw}\nspecs:\n- endpointSelector: {}\n- endpointSelector: {matchLabels: {a: b}}\n"
+    text = (
+        "apiVersion: cilium.io/v2\n"
+        "kind: CiliumClusterwideNetworkPolicy\n"
+        "metadata: {name: cw}\n"
+        "specs:\n"
+        "- endpointSelector: {}\n"
+        "- endpointSelector: {matchLabels: {a: b}}\n"
+    )
     names = [p.name for p in load_text(text)]
     assert names == ["cw#0", "cw#1"]
 
@@ -178,7 +185,9 @@ def test_cli_validate_reports_file_path_and_reason(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         HEAD
-        + "spec:\n  endpointSelector: {}\n  ingress: [{toPorts: [{ports: [{port: 80}], rules: {http: [{methd: GET}]}}]}]\n"
+        + "spec:\n"
+        + "  endpointSelector: {}\n"
+        + "  ingress: [{toPorts: [{ports: [{port: 80}], rules: {http: [{methd: GET}]}}]}]\n"
     )
     run = subprocess.run(
         [sys.executable, "-m", "l7proxy", "policy", "validate", str(bad)],
@@ -195,3 +204,18 @@ def test_example_policies_in_the_repository_all_validate():
     assert files, "policies/ must hold examples"
     for file in files:
         assert load_paths([file]), file
+
+
+def test_a_bad_first_load_leaves_no_policy_in_force_and_says_why(tmp_path):
+    # What the agent does at start: it runs with no policy rather than not at all.
+    file = tmp_path / "p.yaml"
+    file.write_text(HEAD + "spec: {endpointSelector: {matchLabels: {app: [}}\n")
+    in_force = []
+    source = PolicySource([file], in_force.append)
+    assert source.reload() is False
+    assert in_force == [] and (source.imports, source.import_errors) == (0, 1)
+    assert source.last_error is not None and source.last_error.file == str(file)
+    assert source.poll() is False  # nothing changed: not read again
+    file.write_text(HEAD + "spec: {endpointSelector: {matchLabels: {app: one}}}\n")
+    assert source.poll() is True
+    assert source.last_error is None and len(in_force) == 1

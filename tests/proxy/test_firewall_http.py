@@ -28,7 +28,9 @@ spec:
         - {method: "GET|POST", path: /echo}
         - {method: GET, path: "/big([?].*)?"}  # the path includes the query string, as in Cilium
         - {method: GET, path: /ws, headers: [Upgrade]}
-        - {method: PUT, path: /echo, headerMatches: [{name: X-Fleet, value: imperial, mismatch: REPLACE}]}
+        - method: PUT
+          path: /echo
+          headerMatches: [{name: X-Fleet, value: imperial, mismatch: REPLACE}]
 """
 
 
@@ -85,7 +87,11 @@ def test_allowed_and_denied_requests_share_one_keepalive_connection(firewall, up
 
 
 def test_pipelined_requests_answered_in_order_with_the_denial_in_the_middle(firewall, upstream):
-    data = b"GET /v1/a HTTP/1.1\r\nHost: x\r\n\r\nPATCH /v1/b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET /v1/c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    data = (
+        b"GET /v1/a HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"PATCH /v1/b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+        b"GET /v1/c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
     reply = raw_exchange(
         firewall, data, expect_close=True
     )  # no half-close: aiohttp drops pipelined work on EOF

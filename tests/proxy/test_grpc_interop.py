@@ -384,7 +384,8 @@ def _rss_bytes(pid: int) -> int:
 
 
 def test_a_client_that_stops_reading_stops_the_server_not_the_proxys_memory(targets, pb):
-    """200 MB of server-streaming to a client that pauses: the proxy buffers a window, not the stream."""
+    """200 MB of server-streaming to a client that pauses: the proxy buffers a window, not the
+    whole stream."""
     m = pb.messages_pb2
     fw = targets["firewall"]
     stub = targets["proxy"]

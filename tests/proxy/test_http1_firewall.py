@@ -29,17 +29,16 @@ spec:
 
 SMUGGLED = b"GET /v1/smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
 ATTACKS = {
-    "cl_te": b"POST /v1/a HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
-    + SMUGGLED,
-    "te_cl": b"POST /v1/a HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n27\r\n"
-    + SMUGGLED
-    + b"\r\n0\r\n\r\n",
-    "te_te": b"POST /v1/a HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n0\r\n\r\n"
-    + SMUGGLED,
+    "cl_te": b"POST /v1/a HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + SMUGGLED,
+    "te_cl": b"POST /v1/a HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+    b"Content-Length: 3\r\n\r\n27\r\n" + SMUGGLED + b"\r\n0\r\n\r\n",
+    "te_te": b"POST /v1/a HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+    b"Transfer-Encoding: x\r\n\r\n0\r\n\r\n" + SMUGGLED,
     "te_nbsp": b"POST /v1/a HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\xa0chunked\r\n\r\n0\r\n\r\n"
     + SMUGGLED,
-    "obs_fold_te": b"POST /v1/a HTTP/1.1\r\nHost: a\r\nX: y\r\n Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
-    + SMUGGLED,
+    "obs_fold_te": b"POST /v1/a HTTP/1.1\r\nHost: a\r\nX: y\r\n"
+    b" Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + SMUGGLED,
     "space_colon": b"POST /v1/a HTTP/1.1\r\nHost: a\r\nContent-Length : 4\r\n\r\nabcd" + SMUGGLED,
     "bare_lf": b"POST /v1/a HTTP/1.1\r\nHost: a\nContent-Length: 4\r\n\r\nabcd" + SMUGGLED,
     "dup_cl": b"POST /v1/a HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 39\r\n\r\n"

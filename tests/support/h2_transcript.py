@@ -9,43 +9,25 @@ engine's non-byte commands are recorded for assertions.
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable
-
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from h2.events import DataReceived
+from h2.events import (
+    DataReceived,
+    InformationalResponseReceived,
+    ResponseReceived,
+    TrailersReceived,
+)
 from h2.settings import Settings
 
 from parsers.base import ToClient, ToServer
 from parsers.http2.conn import RelayConnection
+from tests.support.feeding import WAYS, Splitter, splitter
 
-Split = Callable[[bytes], list[bytes]]
-
-
-def whole(data: bytes) -> list[bytes]:
-    return [data]
+Split = Splitter
 
 
-def bytewise(data: bytes) -> list[bytes]:
-    return [data[i : i + 1] for i in range(len(data))]
-
-
-def random_split(seed: int = 7) -> Split:
-    rng = random.Random(seed)
-
-    def split(data: bytes) -> list[bytes]:
-        chunks, pos = [], 0
-        while pos < len(data):
-            step = rng.randint(1, 64) if rng.random() < 0.5 else rng.randint(1, 4096)
-            chunks.append(data[pos : pos + step])
-            pos += step
-        return chunks
-
-    return split
-
-
-SPLITS = {"whole": whole, "bytewise": bytewise, "random": random_split()}
+# One splitter per way, shared by the module that uses them (see tests/support/feeding.py).
+SPLITS: dict[str, Split] = {way: splitter(way) for way in WAYS}
 
 
 def _config(client_side: bool, strict: bool = True) -> H2Configuration:
@@ -61,7 +43,7 @@ class Transcript:
     def __init__(
         self,
         engine,
-        split: Split = whole,
+        split: Split = SPLITS["whole"],
         *,
         strict_client: bool = True,
         graceful_client: bool = False,
@@ -215,3 +197,20 @@ def grpc_headers(path: str, extra=()) -> list:
 
 def grpc_message(payload: bytes) -> bytes:
     return b"\x00" + len(payload).to_bytes(4, "big") + payload
+
+
+def assert_grpc_trailers_only(t: Transcript, stream_id: int, grpc_status: int) -> dict:
+    """What the h2 client read on ``stream_id`` is a gRPC trailers-only response:
+    one HEADERS frame with END_STREAM (:status 200, content-type
+    application/grpc, ``grpc_status``) and no DATA. Returns its headers."""
+    on_stream = [e for e in t.client_events if getattr(e, "stream_id", None) == stream_id]
+    (response,) = [e for e in on_stream if type(e) is ResponseReceived]
+    assert response.stream_ended is not None, "trailers-only: END_STREAM on the one HEADERS"
+    others = (DataReceived, TrailersReceived, InformationalResponseReceived)
+    assert not [e for e in on_stream if isinstance(e, others)], "nothing but the one HEADERS"
+    headers = dict(response.headers)
+    assert len(headers) == len(response.headers), "no header repeated"
+    assert headers[b":status"] == b"200"
+    assert headers[b"content-type"] == b"application/grpc"
+    assert headers[b"grpc-status"] == str(grpc_status).encode()
+    return headers

@@ -46,11 +46,17 @@ class CurlResult:
     exit_code: int
 
 
+L7PROXY = [sys.executable, "-m", "l7proxy"]
+
+
 class Node:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, l7proxy: list[str] | None = None, cwd: Path = REPO):
         from l7proxy.node.store import Store
 
         self.root = root
+        # How to run the agent and its CLI (an installed wheel's script, for instance).
+        self.l7proxy = l7proxy or L7PROXY
+        self.cwd = cwd
         self.store = Store(root / "state")
         self.procs: list[subprocess.Popen] = []
         self.agent: subprocess.Popen | None = None
@@ -63,7 +69,7 @@ class Node:
         log = self.root / f"{name}.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+                argv, stdout=out, stderr=subprocess.STDOUT, cwd=self.cwd, start_new_session=True
             )
         self.procs.append(proc)
         if ready is None:
@@ -79,7 +85,7 @@ class Node:
 
     def start_agent(self, *extra: str) -> subprocess.Popen:
         self.agent = self.spawn(
-            [sys.executable, "-m", "l7proxy", "--state-dir", str(self.store.root), "run", *extra],
+            [*self.l7proxy, "--state-dir", str(self.store.root), "run", *extra],
             "agent running",
             "agent",
         )
@@ -93,10 +99,10 @@ class Node:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         run = subprocess.run(
-            [sys.executable, "-m", "l7proxy", "--state-dir", str(self.store.root), *args],
+            [*self.l7proxy, "--state-dir", str(self.store.root), *args],
             capture_output=True,
             text=True,
-            cwd=REPO,
+            cwd=self.cwd,
         )
         if check and run.returncode != 0:
             raise AssertionError(f"l7proxy {' '.join(args)} failed: {run.stderr}")
@@ -227,12 +233,18 @@ class Node:
 
 
 @contextmanager
-def running_node(endpoints: dict[str, dict[str, str]], *, start_agent: bool = True):
+def running_node(
+    endpoints: dict[str, dict[str, str]],
+    *,
+    start_agent: bool = True,
+    l7proxy: list[str] | None = None,
+    cwd: Path = REPO,
+):
     from l7proxy.node.endpoints import add_endpoint
 
     require_kernel()
     root = Path(tempfile.mkdtemp(prefix="l7node-"))
-    node = Node(root)
+    node = Node(root, l7proxy, cwd)
     try:
         for name, labels in endpoints.items():
             add_endpoint(node.store, name, labels)

@@ -2,8 +2,9 @@
 
 Each protocol contributes one module here that registers an ``L7Kind``:
 how to compile a YAML rule (validated at load time, with a YAML path in every
-error) and which parser family handles the traffic. The loader and engine
-know nothing protocol-specific beyond this registry.
+error), which request types its rules judge, how several of its rules combine,
+and which parser family handles the traffic. The loader and engine know
+nothing protocol-specific beyond this registry.
 
     rules:
       http:  [{method: GET, path: /v1/.*}]       -> kind "http",  parser "http"
@@ -15,21 +16,36 @@ know nothing protocol-specific beyond this registry.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from l7proxy.policy.errors import YamlPath
+from parsers.requests import L7Request
+
+# Header edits an allowed request must get before it is forwarded:
+# ("add" | "delete" | "replace", header name, value).
+Edits = tuple[tuple[str, str, str], ...]
+
+Req = TypeVar("Req", bound=L7Request)
+Req_contra = TypeVar("Req_contra", bound=L7Request, contravariant=True)
 
 
-class CompiledRule(Protocol):
-    """One compiled L7 rule. Immutable; built once when the policy loads."""
+class CompiledRule(Protocol[Req_contra]):
+    """One compiled L7 rule, for the request type(s) of its kind. Immutable;
+    built once when the policy loads. The engine hands a rule only requests of
+    its kind's ``request_types``."""
 
-    def matches(self, request: Any) -> bool:
+    def matches(self, request: Req_contra) -> bool:
         """True if this rule allows (or, in a deny section, denies) ``request``."""
         ...
 
-    def explain(self, request: Any) -> str:
+    def edits(self, request: Req_contra) -> Edits:
+        """Header edits a request this rule allows must get (HTTP headerMatches)."""
+        ...
+
+    def explain(self, request: Req_contra) -> str:
         """Why it matched or not, in words, e.g. ``method PUT != POST``."""
         ...
 
@@ -38,41 +54,59 @@ class CompiledRule(Protocol):
         ...
 
 
+# The compiled rule type of one kind (``KafkaRule``...), so that its combine
+# rule may use more than the ``CompiledRule`` protocol offers.
+Rule = TypeVar("Rule", bound=CompiledRule[Any])
+
+
+def any_rule_matches(rules: Sequence[CompiledRule[Req]], request: Req) -> bool:
+    """The default way rules combine: a request is allowed by one rule, whole."""
+    return any(rule.matches(request) for rule in rules)
+
+
 @dataclass(frozen=True)
-class L7Kind:
+class L7Kind(Generic[Req, Rule]):
     """A kind of L7 rule list under ``toPorts[].rules``.
 
     ``key`` is the YAML key under ``rules`` (``http``, ``grpc``, ``kafka``), or
     for generic ``l7proto``/``l7`` rules, the ``l7proto`` value (``cassandra``).
     ``parser`` names the engine family that parses traffic on that port; two
     kinds with the same parser (http and grpc) may be combined on one port.
-    ``compile`` turns one YAML mapping into a ``CompiledRule`` or raises
-    ``PolicyError`` via ``path.error(...)``.
+    ``request_types`` are the request classes its rules judge; a request of
+    another type never reaches them. ``compile`` turns one YAML mapping into a
+    ``CompiledRule`` or raises ``PolicyError`` via ``path.error(...)``.
+    ``combine`` says whether several of its rules together allow a request
+    (Kafka: every topic allowed, each by some rule).
     """
 
     key: str
     parser: str
-    compile: Callable[[Any, YamlPath], CompiledRule]
+    request_types: tuple[type[Req], ...]
+    compile: Callable[[Any, YamlPath], Rule]
+    combine: Callable[[Sequence[Rule], Req], bool] = any_rule_matches
     generic: bool = False  # True: written as l7proto + l7 (Cilium's generic form)
 
 
-_KINDS: dict[str, L7Kind] = {}
+_KINDS: dict[str, L7Kind[Any, Any]] = {}
 
 
-def register(kind: L7Kind) -> L7Kind:
+def register(kind: L7Kind[Req, Rule]) -> L7Kind[Req, Rule]:
     _KINDS[kind.key] = kind
     return kind
 
 
-def kind(key: str) -> L7Kind | None:
+def kind(key: str) -> L7Kind[Any, Any] | None:
     _load_builtin()
     return _KINDS.get(key)
 
 
-def all_kinds() -> dict[str, L7Kind]:
+def all_kinds() -> dict[str, L7Kind[Any, Any]]:
     _load_builtin()
     return dict(_KINDS)
 
+
+# One module per protocol in this package registers its kinds on import.
+BUILTIN = ["http", "kafka", "cassandra", "grpc"]
 
 _loaded = False
 
@@ -84,11 +118,5 @@ def _load_builtin() -> None:
     if _loaded:
         return
     _loaded = True
-    import importlib
-
     for name in BUILTIN:
         importlib.import_module(f"l7proxy.policy.rules.{name}")
-
-
-# One module per protocol in this package registers its kinds on import.
-BUILTIN = ["http", "kafka", "cassandra", "grpc"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from l7proxy.policy.errors import YamlPath
-from l7proxy.policy.rules import L7Kind, register
+from l7proxy.policy.rules import Edits, L7Kind, register
 from parsers.cql.lexer import ACTIONS, ACTIONS_WITHOUT_TABLE
 from parsers.requests import CqlRequest
 
@@ -33,9 +33,7 @@ class CassandraRule:
     action: str | None
     table: re.Pattern[str] | None
 
-    def _mismatch(self, request: Any) -> str | None:
-        if not isinstance(request, CqlRequest):
-            return f"not a CQL request ({type(request).__name__})"
+    def _mismatch(self, request: CqlRequest) -> str | None:
         if self.action is not None and request.action != self.action:
             return f"query_action {request.action} != {self.action}"
         if self.table is not None:
@@ -45,10 +43,13 @@ class CassandraRule:
                 return f"query_table {request.table!r} does not match {self.table.pattern!r}"
         return None
 
-    def matches(self, request: Any) -> bool:
+    def matches(self, request: CqlRequest) -> bool:
         return self._mismatch(request) is None
 
-    def explain(self, request: Any) -> str:
+    def edits(self, request: CqlRequest) -> Edits:
+        return ()
+
+    def explain(self, request: CqlRequest) -> str:
         return self._mismatch(request) or "matches"
 
     def describe(self) -> str:
@@ -88,4 +89,12 @@ def compile_rule(node: Any, path: YamlPath) -> CassandraRule:
     return CassandraRule(action, pattern)
 
 
-KIND = register(L7Kind(key="cassandra", parser="cassandra", compile=compile_rule, generic=True))
+KIND = register(
+    L7Kind[CqlRequest, CassandraRule](
+        key="cassandra",
+        parser="cassandra",
+        request_types=(CqlRequest,),
+        compile=compile_rule,
+        generic=True,
+    )
+)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from l7proxy.policy.errors import YamlPath
-from l7proxy.policy.rules import L7Kind, register
+from l7proxy.policy.rules import Edits, L7Kind, register
 from parsers.requests import GrpcCall
 
 _FIELDS = ("service", "method")
@@ -51,19 +51,20 @@ class GrpcRule:
     service: NameMatch | None
     method: NameMatch | None
 
-    def _mismatch(self, request: Any) -> str | None:
-        if type(request) is not GrpcCall:
-            return f"not a gRPC call ({type(request).__name__})"
+    def _mismatch(self, request: GrpcCall) -> str | None:
         if self.service is not None and not self.service(request.service):
             return f"service {request.service!r} does not match {self.service.text!r}"
         if self.method is not None and not self.method(request.method):
             return f"method {request.method!r} does not match {self.method.text!r}"
         return None
 
-    def matches(self, request: Any) -> bool:
+    def matches(self, request: GrpcCall) -> bool:
         return self._mismatch(request) is None
 
-    def explain(self, request: Any) -> str:
+    def edits(self, request: GrpcCall) -> Edits:
+        return ()
+
+    def explain(self, request: GrpcCall) -> str:
         return self._mismatch(request) or f"call {request.service}/{request.method} matches"
 
     def describe(self) -> str:
@@ -105,4 +106,8 @@ def compile_rule(node: Any, path: YamlPath) -> GrpcRule:
     )
 
 
-KIND = register(L7Kind(key="grpc", parser="http", compile=compile_rule))
+KIND = register(
+    L7Kind[GrpcCall, GrpcRule](
+        key="grpc", parser="http", request_types=(GrpcCall,), compile=compile_rule
+    )
+)

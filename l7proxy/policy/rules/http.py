@@ -11,11 +11,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from l7proxy.policy.errors import YamlPath
-from l7proxy.policy.rules import L7Kind, register
+from l7proxy.policy.rules import Edits, L7Kind, register
 from parsers.requests import GrpcCall, HttpRequest
 
 MISMATCH_ACTIONS = ("LOG", "ADD", "DELETE", "REPLACE")
 _FIELDS = ("method", "path", "host", "headers", "headerMatches")
+
+# An HTTP rule judges plain requests and gRPC calls alike, through ``request.http``.
+HttpOrGrpc = HttpRequest | GrpcCall
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,17 +55,8 @@ class HttpRule:
     host: re.Pattern[str] | None
     headers: tuple[HeaderMatch, ...]
 
-    def _http(self, request: Any) -> HttpRequest | None:
-        if isinstance(request, HttpRequest):
-            return request
-        if isinstance(request, GrpcCall):
-            return request.http
-        return None
-
-    def matches(self, request: Any) -> bool:
-        http = self._http(request)
-        if http is None:
-            return False
+    def matches(self, request: HttpOrGrpc) -> bool:
+        http = request.http
         if self.method is not None and not self.method.fullmatch(http.method):
             return False
         if self.path is not None and not self.path.fullmatch(http.path):
@@ -71,16 +65,11 @@ class HttpRule:
             return False
         return all(h.check(http)[0] for h in self.headers)
 
-    def edits(self, request: Any) -> tuple[tuple[str, str, str], ...]:
-        http = self._http(request)
-        if http is None:
-            return ()
-        return tuple(e for h in self.headers if (e := h.check(http)[1]) is not None)
+    def edits(self, request: HttpOrGrpc) -> Edits:
+        return tuple(e for h in self.headers if (e := h.check(request.http)[1]) is not None)
 
-    def explain(self, request: Any) -> str:
-        http = self._http(request)
-        if http is None:
-            return f"not an HTTP request ({type(request).__name__})"
+    def explain(self, request: HttpOrGrpc) -> str:
+        http = request.http
         reasons = []
         for name, pattern, value in (
             ("method", self.method, http.method),
@@ -179,4 +168,8 @@ def compile_rule(node: Any, path: YamlPath) -> HttpRule:
     )
 
 
-register(L7Kind(key="http", parser="http", compile=compile_rule))
+KIND = register(
+    L7Kind[HttpOrGrpc, HttpRule](
+        key="http", parser="http", request_types=(HttpRequest, GrpcCall), compile=compile_rule
+    )
+)

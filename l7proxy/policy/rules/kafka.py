@@ -25,12 +25,12 @@ one rule allows; ``allowed(rules, request)`` combines them the Cilium way.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from l7proxy.policy.errors import YamlPath
-from l7proxy.policy.rules import L7Kind, register
+from l7proxy.policy.rules import Edits, L7Kind, register
 from parsers.kafka.apis import API_KEY_BY_POLICY_NAME, ApiKey, policy_name
 from parsers.requests import KafkaRequest
 
@@ -115,10 +115,8 @@ class KafkaRule:
             for x in (self.topic, self.topic_prefix, self.group, self.transactional_id)
         )
 
-    def _head_mismatch(self, request: Any) -> str | None:
+    def _head_mismatch(self, request: KafkaRequest) -> str | None:
         """Why everything but the topics fails to match, or None if it matches."""
-        if not isinstance(request, KafkaRequest):
-            return f"not a Kafka request ({type(request).__name__})"
         if self.api_keys is not None and request.api_key not in self.api_keys:
             return f"api {policy_name(request.api_key)} not in rule"
         if self.api_version is not None and request.api_version != self.api_version:
@@ -139,18 +137,21 @@ class KafkaRule:
 
     # -- CompiledRule -------------------------------------------------------
 
-    def matches(self, request: Any) -> bool:
+    def matches(self, request: KafkaRequest) -> bool:
         if self._head_mismatch(request) is not None:
             return False
         return all(self._topic_ok(t) for t in request.topics)
 
-    def covers(self, request: Any) -> frozenset[str]:
+    def edits(self, request: KafkaRequest) -> Edits:
+        return ()
+
+    def covers(self, request: KafkaRequest) -> frozenset[str]:
         """The request's topics this rule allows (empty if the rule does not apply)."""
         if self._head_mismatch(request) is not None:
             return frozenset()
         return frozenset(t for t in request.topics if self._topic_ok(t))
 
-    def explain(self, request: Any) -> str:
+    def explain(self, request: KafkaRequest) -> str:
         why = self._head_mismatch(request)
         if why is not None:
             return why
@@ -164,21 +165,18 @@ class KafkaRule:
         return self.text
 
 
-def allowed(rules: Iterable[Any], request: Any) -> bool:
+def allowed(rules: Sequence[KafkaRule], request: KafkaRequest) -> bool:
     """Cilium's MatchesRule: some rule matches whole, or the rules together
     allow every topic of the request (each topic by a rule that applies)."""
-    rules = list(rules)
     if any(r.matches(request) for r in rules):
         return True
-    if not isinstance(request, KafkaRequest) or not request.topics:
+    if not request.topics:
         return False
     needed = set(request.topics)
     for rule in rules:
-        covers = getattr(rule, "covers", None)
-        if covers is not None:
-            needed -= covers(request)
-            if not needed:
-                return True
+        needed -= rule.covers(request)
+        if not needed:
+            return True
     return False
 
 
@@ -230,7 +228,7 @@ def compile_rule(node: Any, path: YamlPath) -> KafkaRule:
     if "topic" in node and "topicPrefix" in node:
         raise path.error("topic and topicPrefix are mutually exclusive")
 
-    api_keys = None
+    api_keys: frozenset[int] | None = None
     if "role" in node:
         role = node["role"]
         if not isinstance(role, str) or role.lower() not in ROLES:
@@ -239,30 +237,34 @@ def compile_rule(node: Any, path: YamlPath) -> KafkaRule:
     elif "apiKey" in node:
         api_keys = frozenset({_api_key(node["apiKey"], path.key("apiKey"))})
 
-    def opt(name: str, **kw) -> str | None:
-        return _string(node[name], path.key(name), **kw) if name in node else None
+    def opt(name: str, *, topic_like: bool = False) -> str | None:
+        if name not in node:
+            return None
+        return _string(node[name], path.key(name), topic_like=topic_like)
 
-    rule = dict(
+    api_version = None
+    if "apiVersion" in node:
+        api_version = _api_version(node["apiVersion"], path.key("apiVersion"))
+    return KafkaRule(
         api_keys=api_keys,
-        api_version=_api_version(node["apiVersion"], path.key("apiVersion"))
-        if "apiVersion" in node
-        else None,
+        api_version=api_version,
         client_id=opt("clientID"),
         topic=opt("topic", topic_like=True),
         topic_prefix=opt("topicPrefix", topic_like=True),
         group=opt("group"),
         transactional_id=opt("transactionalID"),
+        text=" ".join(f"{k}={node[k]}" for k in _FIELDS if k in node) or "any",
     )
-    text = " ".join(f"{k}={node[k]}" for k in _FIELDS if k in node) or "any"
-    return KafkaRule(**rule, text=text)
 
 
-@dataclass(frozen=True)
-class KafkaKind(L7Kind):
-    """The kafka kind, with ``combine``: the policy engine calls it when no single
-    rule matches, to allow a request whose topics several rules cover together."""
-
-    combine: Callable[[list[Any], Any], bool] = allowed
-
-
-KIND = register(KafkaKind(key="kafka", parser="kafka", compile=compile_rule))
+# ``combine``: the policy engine calls it when no single rule matches, to allow a
+# request whose topics several rules cover together.
+KIND = register(
+    L7Kind[KafkaRequest, KafkaRule](
+        key="kafka",
+        parser="kafka",
+        request_types=(KafkaRequest,),
+        compile=compile_rule,
+        combine=allowed,
+    )
+)

@@ -34,6 +34,7 @@ from parsers.base import (
 )
 from parsers.cql.engine import CqlEngine
 from parsers.requests import CqlRequest
+from tests.support.cql_wire import assert_unauthorized
 
 ONE = ConsistencyLevel.ONE
 ALLOW = Decision(True, policy="p", reason="ok")
@@ -84,20 +85,6 @@ def prepared(
     return response(0x08, body, stream, version, flags)
 
 
-def unauthorized(stream: int, version: int, message_contains: str, frame: bytes) -> None:
-    vbyte, flags, got_stream, opcode, length = struct.unpack(">BBhBI", frame[:9])
-    assert (vbyte, flags, got_stream, opcode, length) == (
-        0x80 | version,
-        0,
-        stream,
-        0x00,
-        len(frame) - 9,
-    )
-    code, n = struct.unpack(">iH", frame[9:15])
-    assert code == 0x2100
-    assert message_contains in frame[15 : 15 + n].decode()
-
-
 def started(
     decide=lambda r: ALLOW, version: int = 4, compression: str | None = None, **kw
 ) -> CqlEngine:
@@ -145,7 +132,6 @@ def test_denied_query_answered_unauthorized_on_its_stream_and_others_unaffected(
             "ToServer",
         ]
         assert out[3] == ToServer(a) and out[6] == ToServer(b)
-        denial = out[4].data
     else:
         # the three envelopes travel in one v5 segment; the proxy re-frames the allowed two
         buf = io.BytesIO()
@@ -157,11 +143,12 @@ def test_denied_query_answered_unauthorized_on_its_stream_and_others_unaffected(
         assert header.is_self_contained
         segment = codec.decode(io.BytesIO(to_server[0][6:]), header)
         assert segment.payload == a + b
-        [to_client] = [c.data for c in out if isinstance(c, ToClient)]
-        header = codec.decode_header(io.BytesIO(to_client[:6]))
-        denial = codec.decode(io.BytesIO(to_client[6:]), header).payload
-    unauthorized(
-        2, version, "select on ks.secret denied by policy cql-policy rule ingress[0].l7", denial
+    [denial] = [c.data for c in out if isinstance(c, ToClient)]
+    assert_unauthorized(
+        denial,
+        version,
+        stream=2,
+        message_contains="select on ks.secret denied by policy cql-policy rule ingress[0].l7",
     )
     access = [c for c in out if isinstance(c, Access)]
     assert [(c.request.table, c.decision.allowed, c.key) for c in access] == [
@@ -181,9 +168,8 @@ def test_v5_lz4_denial_is_a_compressed_segment_the_driver_codec_reads():
     out = engine.client_data(buf.getvalue())
     assert not [c for c in out if isinstance(c, ToServer)]
     [answer] = [c.data for c in out if isinstance(c, ToClient)]
-    header = codec.decode_header(io.BytesIO(answer[:8]))
-    assert header.is_self_contained
-    unauthorized(9, 5, "ks.secret", codec.decode(io.BytesIO(answer[8:]), header).payload)
+    assert codec.decode_header(io.BytesIO(answer[:8])).is_self_contained
+    assert_unauthorized(answer, 5, stream=9, compression="lz4", message_contains="ks.secret")
 
 
 def test_v5_large_query_split_over_segments_is_forwarded_as_received_or_denied_whole():
@@ -206,8 +192,7 @@ def test_v5_large_query_split_over_segments_is_forwarded_as_received_or_denied_w
     out = engine.client_data(wire)
     assert not [c for c in out if isinstance(c, ToServer)]
     [answer] = [c.data for c in out if isinstance(c, ToClient)]
-    header = codec.decode_header(io.BytesIO(answer[:6]))
-    unauthorized(4, 5, "ks.t", codec.decode(io.BytesIO(answer[6:]), header).payload)
+    assert_unauthorized(answer, 5, stream=4, message_contains="ks.t")
 
 
 def test_v4_lz4_bodies_are_judged_and_denials_compressed():
@@ -219,9 +204,7 @@ def test_v4_lz4_bodies_are_judged_and_denials_compressed():
     assert [c for c in out if isinstance(c, ToServer)] == [ToServer(ok)]
     denial = out[-1].data
     assert denial[1] == 0x01  # compressed, as negotiated
-    plain = denial[:1] + b"\x00" + denial[2:5] + struct.pack(">I", 0)
-    body = lz4_decompress(denial[9:])
-    unauthorized(2, 4, "ks.secret", plain[:5] + struct.pack(">I", len(body)) + body)
+    assert_unauthorized(denial, 4, stream=2, compression="lz4", message_contains="ks.secret")
 
 
 def test_unqualified_tables_resolve_through_use_and_the_v5_keyspace_flag():
@@ -297,7 +280,7 @@ def test_prepared_ids_are_learned_from_results_and_executes_judged_as_their_stat
     ]
     # a prepare that is denied is never learned, so its id stays unknown
     out = engine.client_data(request(PrepareMessage("SELECT * FROM ks.secret"), 4))
-    assert out[-1].data[9:13] == struct.pack(">i", 0x2100)
+    assert_unauthorized(out[-1].data, 4, stream=4, message_contains="select on ks.secret")
 
 
 def test_batch_is_allowed_only_if_every_member_is():
@@ -346,7 +329,7 @@ def test_batch_is_allowed_only_if_every_member_is():
         ("ks.secret", False),
     ]
     assert "batch refused: delete ks.secret is denied" in access[0].decision.reason
-    unauthorized(3, 4, "delete on ks.secret", out[-1].data)
+    assert_unauthorized(out[-1].data, 4, stream=3, message_contains="delete on ks.secret")
 
 
 def test_audit_decisions_are_forwarded():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import random
 
 import pytest
 
@@ -17,6 +16,8 @@ from parsers.cql import wire as w
 from parsers.cql.engine import CqlEngine
 from tests.fixtures.cql.record import SCENARIOS
 from tests.support import FIXTURES as ALL_FIXTURES
+from tests.support.cql_wire import assert_unauthorized
+from tests.support.feeding import WAYS, feed, splitter
 
 FIXTURES = ALL_FIXTURES / "cql"
 ALLOW = Decision(True, policy="test", reason="allowed")
@@ -46,35 +47,13 @@ def load(scenario: str) -> list[list[tuple[str, bytes]]]:
     return [[(tag, base64.b64decode(data)) for tag, data in conn] for conn in record["connections"]]
 
 
-def whole(data: bytes, rng: random.Random) -> list[bytes]:
-    return [data]
-
-
-def byte_by_byte(data: bytes, rng: random.Random) -> list[bytes]:
-    return [data[i : i + 1] for i in range(len(data))]
-
-
-def random_split(data: bytes, rng: random.Random) -> list[bytes]:
-    cuts = (
-        sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(1, 6))))
-        if len(data) > 1
-        else []
-    )
-    edges = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in zip(edges, edges[1:], strict=False)]
-
-
-SPLITTERS = [whole, byte_by_byte, random_split]
-
-
-def replay(conn, decide, split, seed=0):
+def replay(conn, decide, way="whole", seed=0):
+    """Each recorded read fed to the engine ``way``; random cuts from one seed."""
     engine = CqlEngine(decide)
-    rng = random.Random(seed)
+    cut = splitter(way, seed)
     commands = []
     for tag, data in conn:
-        for piece in split(data, rng):
-            feed = engine.client_data if tag == "c" else engine.server_data
-            commands += feed(piece)
+        commands += feed(engine.client_data if tag == "c" else engine.server_data, cut(data))
     return engine, commands
 
 
@@ -94,17 +73,17 @@ def requests(commands, system=True):
 
 def session_of(connections):
     for conn in connections:
-        _, commands = replay(conn, lambda r: ALLOW, whole)
+        _, commands = replay(conn, lambda r: ALLOW)
         if any(a == ("query", "use", "ks") for a in requests(commands)):
             return conn
     raise AssertionError("no session connection in the recording")
 
 
-@pytest.mark.parametrize("split", SPLITTERS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
-def test_allowed_traffic_is_forwarded_byte_for_byte(scenario, split):
+def test_allowed_traffic_is_forwarded_byte_for_byte(scenario, way):
     for conn in load(scenario):
-        engine, commands = replay(conn, lambda r: ALLOW, split, seed=len(conn))
+        engine, commands = replay(conn, lambda r: ALLOW, way, seed=len(conn))
         assert not [c for c in commands if isinstance(c, ParseError)]
         assert joined(commands, ToServer) == b"".join(d for t, d in conn if t == "c")
         assert joined(commands, ToClient) == b"".join(d for t, d in conn if t == "s")
@@ -114,10 +93,10 @@ def test_allowed_traffic_is_forwarded_byte_for_byte(scenario, split):
         assert sorted(map(str, keys)) == sorted(map(str, replies))
 
 
-@pytest.mark.parametrize("split", SPLITTERS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
-def test_session_statements_are_classified(scenario, split):
-    engine, commands = replay(session_of(load(scenario)), lambda r: ALLOW, split, seed=7)
+def test_session_statements_are_classified(scenario, way):
+    engine, commands = replay(session_of(load(scenario)), lambda r: ALLOW, way, seed=7)
     judged = requests(commands, system=False)
     # The driver re-sends USE on its own once the session's keyspace changed,
     # at a moment of its choosing: compare USE separately.
@@ -143,7 +122,7 @@ def test_control_connection_only_reads_system_tables(scenario):
     for conn in connections:
         if conn is session:
             continue
-        _, commands = replay(conn, lambda r: ALLOW, whole)
+        _, commands = replay(conn, lambda r: ALLOW)
         for opcode, action, table in requests(commands):
             assert (opcode, action) == ("query", "select")
             assert table.split(".")[0] in ("system", "system_schema", "system_virtual_schema"), (
@@ -157,31 +136,11 @@ def deny_secret(request):
     return ALLOW
 
 
-def decode_client_stream(data: bytes, segments: bool, lz4: bool):
-    """The envelopes a client would read from ``data`` (v5: inside segments)."""
-    payload = bytearray()
-    if segments:
-        pos = 0
-        while pos < len(data):
-            seg = w.read_segment(data, pos, lz4)
-            assert seg is not None, "truncated segment toward the client"
-            payload += seg.payload
-            pos += seg.raw_len
-    else:
-        payload = bytearray(data)
-    out, pos = [], 0
-    while pos < len(payload):
-        vbyte, flags, stream, opcode, length = w.parse_header(payload, pos)
-        out.append((vbyte, flags, stream, opcode, bytes(payload[pos + 9 : pos + 9 + length])))
-        pos += 9 + length
-    return out
-
-
-@pytest.mark.parametrize("split", SPLITTERS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
-def test_denied_select_never_reaches_the_server_and_is_answered_unauthorized(scenario, split):
+def test_denied_select_never_reaches_the_server_and_is_answered_unauthorized(scenario, way):
     conn = session_of(load(scenario))
-    engine, commands = replay(conn, deny_secret, split, seed=3)
+    engine, commands = replay(conn, deny_secret, way, seed=3)
     assert not [c for c in commands if isinstance(c, ParseError)]
     denied = [a for a in commands if isinstance(a, Access) and not a.decision.allowed]
     assert [(a.request.action, a.request.table) for a in denied] == [("select", "ks.secret")]
@@ -201,14 +160,9 @@ def test_denied_select_never_reaches_the_server_and_is_answered_unauthorized(sce
     # What the client receives: the server's bytes plus one ERROR Unauthorized on that stream.
     answers = [c.data for c in commands if isinstance(c, ToClient) and c.data not in server_bytes]
     answers = [a for a in answers if a not in b"".join(server_bytes)]
-    assert len(answers) == 1
-    [(vbyte, flags, err_stream, opcode, body)] = decode_client_stream(answers[0], version >= 5, lz4)
-    assert (vbyte, err_stream, opcode) == (0x80 | version, stream, w.ERROR)
-    if flags & w.FLAG_COMPRESSED:
-        body = w.FRAME_CODECS[SCENARIOS[scenario]["compression"]][1](body)
-    reader = w.BodyReader(body)
-    assert reader.int() == 0x2100
-    message = reader.string()
+    [answer] = answers
+    compression = SCENARIOS[scenario].get("compression")
+    message = assert_unauthorized(answer, version, stream, compression).message
     assert "select on ks.secret" in message and "cql-test" in message and "ingress[0]" in message
 
 
@@ -256,7 +210,7 @@ def test_recordings_cover_every_request_type(scenario):
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_trailing_garbage_after_a_recorded_session_closes_cleanly(scenario):
     conn = session_of(load(scenario))
-    engine, commands = replay(conn, lambda r: ALLOW, whole)
+    engine, commands = replay(conn, lambda r: ALLOW)
     garbage = engine.client_data(b"\xff" * 16)
     assert [type(c).__name__ for c in garbage][-1] == "ParseError" and garbage[-1].close
     assert not [c for c in garbage if isinstance(c, ToServer)]

@@ -27,19 +27,29 @@ from parsers.base import (
 from parsers.http1.engine import Http1Engine, Http1Limits, active_implementation
 from parsers.http1.errors import AmbiguousFraming, HeadersTooLarge, InvalidChunk, MalformedMessage
 from parsers.requests import HttpRequest
-from tests.parsers.http1.helpers import IMPLS, deny_path, feed, normalise, sent, splits
+from tests.parsers.http1.helpers import IMPLS, deny_path, normalise, sent
+from tests.support.feeding import feed, splits
 
 DENIED_403 = (
     b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\nAccess denied"
 )
-DENIED_403_CLOSE = b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 13\r\nConnection: close\r\n\r\nAccess denied"
-BAD_400 = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 11\r\nConnection: close\r\n\r\nBad Request"
+DENIED_403_CLOSE = (
+    b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n"
+    b"Connection: close\r\n\r\nAccess denied"
+)
+BAD_400 = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n"
+    b"Connection: close\r\n\r\nBad Request"
+)
 TOO_LARGE_431 = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\nContent-Length: "
     b"31\r\n"
     b"Connection: close\r\n\r\nRequest Header Fields Too Large"
 )
-BAD_GATEWAY_502 = b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: 11\r\nConnection: close\r\n\r\nBad Gateway"
+BAD_GATEWAY_502 = (
+    b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n"
+    b"Connection: close\r\n\r\nBad Gateway"
+)
 
 DENY = Decision(False, policy="test", rule="deny", reason="path /admin*")
 ALLOW = Decision(True, policy="test", rule="allow")
@@ -62,11 +72,12 @@ def three_ways(
     ``compare`` maps a transcript to what must agree (re-chunked bodies get
     chunk sizes from the input split, so those compare de-chunked)."""
     results = {}
-    for name, pieces in splits(data):
+    for name, pieces in splits(data, randoms=3):
         engine = engine_for(impl, decide, **kw)
         if prime:
             engine.client_data(prime)
-        results[name] = normalise(feed(engine, pieces, side))
+        receive = engine.client_data if side == "client" else engine.server_data
+        results[name] = normalise(feed(receive, pieces))
     whole = results["whole"]
     compare = compare or (lambda transcript: transcript)
     for name, got in results.items():
@@ -205,7 +216,10 @@ def test_header_edits_apply_before_forwarding(impl):
 
 
 def test_denied_request_gets_403_and_nothing_is_forwarded(impl):
-    wire = b"POST /admin/x HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nbodyGET /ok HTTP/1.1\r\nHost: a\r\n\r\n"
+    wire = (
+        b"POST /admin/x HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nbody"
+        b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
     out = three_ways(impl, wire, deny_path("/admin"))
     assert [type(c) for c in out] == [Access, ToClient, Reply, Access, ToServer]
     assert out[0].decision == DENY and out[0].key == 0
@@ -665,7 +679,10 @@ def test_active_implementation_is_stated_and_switchable():
     assert active_implementation() in IMPLS
     for forced in IMPLS:
         env = dict(os.environ, L7PROXY_HTTP1_PARSER=forced)
-        code = "import parsers.http1.engine as h; print(h.ACTIVE_IMPLEMENTATION, h.Http1Engine(None).implementation)"
+        code = (
+            "import parsers.http1.engine as h; "
+            "print(h.ACTIVE_IMPLEMENTATION, h.Http1Engine(None).implementation)"
+        )
         out = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
         )

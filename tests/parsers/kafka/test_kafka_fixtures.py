@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import random
 import struct
 
 import pytest
@@ -14,6 +13,8 @@ from parsers.base import Access, Decision, Reply, ToClient, ToServer
 from parsers.kafka import apis as kafka_apis
 from parsers.kafka.engine import KafkaEngine
 from tests.support import FIXTURES
+from tests.support.feeding import WAYS, feed, split
+from tests.support.kafka_wire import AUTHORIZATION_FAILED, assert_denied, read_answer
 
 FRAMES = json.loads((FIXTURES / "kafka" / "frames.json").read_text())
 TOPIC_APIS = {0, 1, 2, 8, 19}  # APIs the scenario used with exactly its one topic
@@ -26,15 +27,6 @@ def ident(rec):
 
 def request_bytes(rec) -> bytes:
     return base64.b64decode(rec["request_b64"])
-
-
-def chunks(data: bytes, how: str):
-    if how == "whole":
-        return [data]
-    if how == "bytewise":
-        return [data[i : i + 1] for i in range(len(data))]
-    cuts = sorted(random.Random(len(data)).sample(range(1, len(data)), k=min(5, len(data) - 1)))
-    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
 
 
 def metadata_first(rec):
@@ -65,7 +57,7 @@ def test_recording_covers_both_clients_and_the_core_apis():
             assert (client, api) in seen, (client, api)
 
 
-@pytest.mark.parametrize("how", ["whole", "bytewise", "random"])
+@pytest.mark.parametrize("how", WAYS)
 @pytest.mark.parametrize("rec", FRAMES, ids=ident)
 def test_recorded_request_is_judged_with_its_resources_and_forwarded_unchanged(rec, how):
     seen = []
@@ -76,7 +68,7 @@ def test_recorded_request_is_judged_with_its_resources_and_forwarded_unchanged(r
         engine.server_data(primer[1])
         seen.clear()
     wire = request_bytes(rec)
-    cmds = [c for part in chunks(wire, how) for c in engine.client_data(part)]
+    cmds = feed(engine.client_data, split(wire, how, seed=len(wire)))
     (request,) = seen
     api_key, api_version, correlation_id = struct.unpack_from(">hhi", wire, 4)
     assert (request.api_key, request.api_version, request.correlation_id) == (
@@ -98,7 +90,7 @@ def test_recorded_response_goes_back_unchanged_with_a_reply_record(rec):
     engine = primed(rec, allow_after=True)
     engine.client_data(request_bytes(rec))
     response = base64.b64decode(rec["response_b64"])
-    cmds = [c for part in chunks(response, "random") for c in engine.server_data(part)]
+    cmds = feed(engine.server_data, split(response, "random", seed=len(response)))
     assert b"".join(c.data for c in cmds if isinstance(c, ToClient)) == response
     (reply,) = [c for c in cmds if isinstance(c, Reply)]
     assert reply.key == struct.unpack_from(">i", request_bytes(rec), 8)[0]
@@ -115,11 +107,10 @@ def test_recorded_request_denied_gets_a_decodable_error_response(rec):
     assert isinstance(cmds[0], Access) and not cmds[0].decision.allowed
     assert not any(isinstance(c, ToServer) for c in cmds)
     (denial,) = [c.data for c in cmds if isinstance(c, ToClient)]
-    api_key, api_version, correlation_id = struct.unpack_from(">hhi", wire, 4)
-    assert struct.unpack_from(">ii", denial) == (len(denial) - 4, correlation_id)
-    cls = kafka_apis.response_class(api_key, api_version)
-    if cls is not None:
-        decoded = cls.decode(denial, version=api_version, header=True, framed=True)
-        assert decoded.header.correlation_id == correlation_id
-    (reply,) = [c for c in cmds if isinstance(c, Reply)]
-    assert reply.fields["error_code"] in (29, 30, 31, 53)
+    if rec["api_key"] == 3 and rec["api_version"] < 13 and not cmds[0].request.topics:
+        # Metadata for no topic at all: before v13 the response has no field
+        # that could carry an error, so the denial is an empty answer.
+        answer = read_answer(wire, denial)
+        assert answer.error_codes == [] and answer.message.topics == []
+        return
+    assert_denied(wire, denial, AUTHORIZATION_FAILED)

@@ -1,0 +1,69 @@
+"""Typed requests say by themselves how they appear in flow logs and traces."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from l7proxy.observe.flowlog import request_fields
+from parsers.requests import REQUEST_TYPES, CqlRequest, GrpcCall, HttpRequest, KafkaRequest
+
+HEAD = HttpRequest("POST", "/pkg.Svc/Get", "api:50051", (("content-type", "application/grpc"),))
+
+CASES = [
+    (
+        HttpRequest("GET", "/v1", "api", (("host", "api"),)),
+        "http",
+        "http",
+        {"method": "GET", "path": "/v1", "host": "api", "version": "1.1"},
+        "http GET /v1 host=api",
+    ),
+    (
+        GrpcCall("pkg.Svc", "Get", HEAD),
+        "grpc",
+        "http",
+        {"service": "pkg.Svc", "method": "Get", "path": "/pkg.Svc/Get", "host": "api:50051"},
+        "grpc pkg.Svc/Get",
+    ),
+    (
+        KafkaRequest(0, 9, 7, "billing", ("orders", "refunds"), transactional_ids=("tx",)),
+        "kafka",
+        "kafka",
+        {
+            "api_key": 0,
+            "api_version": 9,
+            "correlation_id": 7,
+            "client_id": "billing",
+            "topics": ["orders", "refunds"],
+            "groups": [],
+            "transactional_ids": ["tx"],
+        },
+        "kafka produce (apiKey 0 v9) topics=orders,refunds transactionalIDs=tx clientID=billing",
+    ),
+    (
+        CqlRequest("query", "select", "ks.t", "SELECT * FROM ks.t", stream=5),
+        "cassandra",
+        "cassandra",
+        {"opcode": "query", "action": "select", "table": "ks.t", "stream": 5, "version": 4},
+        "cql select ks.t",
+    ),
+]
+
+
+@pytest.mark.parametrize("request_, protocol, family, fields, line", CASES)
+def test_protocol_family_fields_and_trace_line(request_, protocol, family, fields, line):
+    assert (request_.protocol, request_.family) == (protocol, family)
+    assert request_.flow_fields() == fields
+    assert request_fields(request_) == (protocol, fields)
+    json.dumps(fields)  # a flow record is JSON
+    assert request_.describe() == line
+
+
+def test_every_request_type_is_covered():
+    assert {type(case[0]) for case in CASES} == set(REQUEST_TYPES)
+
+
+def test_http_rules_read_the_same_head_from_a_request_or_a_call():
+    assert HEAD.http is HEAD
+    assert GrpcCall("pkg.Svc", "Get", HEAD).http is HEAD

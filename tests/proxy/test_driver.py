@@ -1,0 +1,618 @@
+"""The driver, played like a transcript: engine commands in, transport calls out.
+
+A ``Pipe`` is fed client and server bytes; its two transports are fakes that
+record every call in one shared ``Wire``, so each test reads as the exact
+sequence of writes, half-closes, closes, aborts and read pauses the driver
+makes. The engines are real (``HttpEngine``) wherever the behaviour under test
+is a protocol's; a tiny scripted engine stands in where the point is one
+command. The last tests run the proxy with real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from l7proxy.observe.flowlog import FlowLog
+from l7proxy.proxy.driver import (
+    ENDED_AFTER_REPLY,
+    ENDED_OTHERWISE,
+    ENDED_QUIET,
+    LINGER_SECONDS,
+    QUIET_SECONDS,
+    Pipe,
+    ProxyLimits,
+    ProxyStats,
+    ServerSide,
+)
+from l7proxy.proxy.firewall import Firewall
+from parsers.base import (
+    Access,
+    Close,
+    Command,
+    Decision,
+    Log,
+    ParseError,
+    ProtocolError,
+    Reply,
+    ShutdownServer,
+    ToClient,
+    ToServer,
+    allow_all,
+)
+from parsers.http import HttpEngine
+from parsers.requests import HttpRequest
+
+GET = b"GET /v1/items HTTP/1.1\r\nHost: api\r\n\r\n"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+FORBIDDEN = (
+    b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\nAccess denied"
+)
+BAD_REQUEST = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n"
+    b"Connection: close\r\n\r\nBad Request"
+)
+CLIENT = {"ip": "10.0.0.1", "port": 40000}
+SERVICE = {"ip": "10.0.0.2", "port": 8080}
+
+
+# --------------------------------------------------------------------------- fakes
+
+
+class Wire:
+    """Every transport call of one pipe, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def take(self) -> list[tuple[Any, ...]]:
+        """The calls since the last take."""
+        calls, self.calls = self.calls, []
+        return calls
+
+
+class FakeTransport(asyncio.Transport):
+    """A stream transport that records what the driver does to it."""
+
+    def __init__(self, name: str, wire: Wire, *, sock: socket.socket | None = None):
+        super().__init__()
+        self.name = name
+        self.wire = wire
+        self.sock = sock
+        self.closing = False
+        self.buffered = 0  # what get_write_buffer_size reports
+        self.half_close = True  # what can_write_eof reports
+        self.limits: tuple[int, int] | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.wire.calls.append((self.name, "write", bytes(data)))
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.wire.calls.append((self.name, "writelines", [bytes(d) for d in list_of_data]))
+
+    def write_eof(self) -> None:
+        self.wire.calls.append((self.name, "write_eof"))
+
+    def can_write_eof(self) -> bool:
+        return self.half_close
+
+    def close(self) -> None:
+        self.wire.calls.append((self.name, "close"))
+        self.closing = True
+
+    def abort(self) -> None:
+        self.wire.calls.append((self.name, "abort"))
+        self.closing = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def pause_reading(self) -> None:
+        self.wire.calls.append((self.name, "pause_reading"))
+
+    def resume_reading(self) -> None:
+        self.wire.calls.append((self.name, "resume_reading"))
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.limits = (high or 0, low or 0)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"socket": self.sock}.get(name, default)
+
+
+class ScriptedEngine:
+    """Answers each input with the commands scripted for it (nothing otherwise)."""
+
+    protocol = "scripted"
+    reading_headers = False
+
+    def __init__(
+        self,
+        client: dict[bytes, list[Command]] | None = None,
+        server: dict[bytes, list[Command]] | None = None,
+    ):
+        self.on_client = client or {}
+        self.on_server = server or {}
+
+    def client_data(self, data: bytes) -> list[Command]:
+        return self.on_client.get(data, [])
+
+    def server_data(self, data: bytes) -> list[Command]:
+        return self.on_server.get(data, [])
+
+
+@dataclass
+class Played:
+    pipe: Pipe
+    client: FakeTransport
+    server: FakeTransport
+    wire: Wire
+    flowlog: FlowLog
+    stats: ProxyStats = field(default_factory=ProxyStats)
+
+
+def play(
+    engine: Any,
+    *,
+    limits: ProxyLimits | None = None,
+    connected: bool = True,
+    client_sock: socket.socket | None = None,
+) -> Played:
+    wire = Wire()
+    client = FakeTransport("client", wire, sock=client_sock)
+    server = FakeTransport("server", wire)
+    flowlog = FlowLog()
+    stats = ProxyStats()
+    pipe = Pipe(
+        asyncio.get_running_loop(),
+        engine,
+        flowlog,
+        engine.protocol,
+        limits or ProxyLimits(),
+        stats,
+        client=client,
+        source=CLIENT,
+        destination=SERVICE,
+    )
+    if connected:
+        pipe.server_connected(server)
+    return Played(pipe, client, server, wire, flowlog, stats)
+
+
+def deny(_request: object) -> Decision:
+    return Decision(False, policy="api", rule="rule 0", reason="no rule matches")
+
+
+@pytest.fixture
+def socket_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A real socket for the client transport, so socket options can be read back."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        yield ours, theirs
+
+
+def linger(sock: socket.socket) -> tuple[int, int]:
+    on, seconds = struct.unpack("ii", sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8))
+    return on, seconds
+
+
+# --------------------------------------------------------------------------- forwarding
+
+
+async def test_a_request_and_its_response_cross_unchanged_and_are_logged_once():
+    p = play(HttpEngine(allow_all))
+
+    p.pipe.client_data(GET)
+    assert p.wire.take() == [("server", "write", GET)]
+
+    p.pipe.server_data(OK)
+    assert p.wire.take() == [("client", "write", OK)]
+
+    [record] = p.flowlog.recent
+    assert record["type"] == "l7" and record["verdict"] == "FORWARDED"
+    assert record["source"] == CLIENT and record["destination"] == SERVICE
+    assert record["l7"]["method"] == "GET" and record["reply"] == {"status": 200}
+
+
+async def test_a_denied_request_is_answered_by_the_engine_and_never_reaches_the_server():
+    p = play(HttpEngine(deny))
+
+    p.pipe.client_data(GET)
+
+    assert p.wire.take() == [("client", "write", FORBIDDEN)]
+    [record] = p.flowlog.recent
+    assert record["verdict"] == "DENIED" and record["reply"] == {"status": 403}
+
+
+async def test_bytes_for_the_server_wait_until_it_is_connected_then_go_in_one_writelines():
+    p = play(HttpEngine(allow_all), connected=False)
+
+    p.pipe.client_data(GET)
+    p.pipe.client_data(GET)
+    p.pipe.client_data(b"")  # the client is done before the upstream answered the SYN
+    assert p.wire.take() == []
+
+    p.pipe.server_connected(p.server)
+
+    assert p.wire.take() == [("server", "writelines", [GET, GET]), ("server", "write_eof")]
+    assert p.server.limits == (256 * 1024, 64 * 1024)
+
+
+async def test_the_engine_writing_to_a_server_it_shut_down_is_dropped():
+    engine = ScriptedEngine(client={b"": [ShutdownServer(), ToServer(b"late")]})
+    p = play(engine)
+
+    p.pipe.client_data(b"")
+
+    assert p.wire.take() == [("server", "write_eof")]
+
+
+# --------------------------------------------------------------------------- backpressure
+
+
+async def test_a_full_server_buffer_pauses_reading_the_client_until_it_drains():
+    p = play(HttpEngine(allow_all))
+    upstream = ServerSide(p.pipe)
+
+    upstream.pause_writing()
+    assert p.wire.take() == [("client", "pause_reading")]
+
+    upstream.resume_writing()
+    assert p.wire.take() == [("client", "resume_reading")]
+
+    upstream.resume_writing()  # not paused by us: nothing to undo
+    assert p.wire.take() == []
+
+
+async def test_a_full_client_buffer_pauses_reading_the_server_until_it_drains():
+    p = play(HttpEngine(allow_all))
+
+    p.pipe.client_write_paused()
+    assert p.wire.take() == [("server", "pause_reading")]
+
+    p.pipe.client_write_resumed()
+    assert p.wire.take() == [("server", "resume_reading")]
+
+    p.pipe.client_write_resumed()
+    assert p.wire.take() == []
+
+
+# --------------------------------------------------------------------------- half-close and close
+
+
+async def test_client_eof_reaches_the_server_after_the_request_and_the_response_still_returns():
+    p = play(HttpEngine(allow_all))
+
+    p.pipe.client_data(GET)
+    p.pipe.client_data(b"")
+    assert p.wire.take() == [("server", "write", GET), ("server", "write_eof")]
+
+    p.pipe.server_data(OK)
+    assert p.wire.take() == [("client", "write", OK)]
+
+    p.pipe.server_data(b"")  # the server closes too: the engine ends the connection
+    assert p.wire.take() == [("server", "close"), ("client", "write_eof")]
+    assert p.pipe.closing
+
+
+async def test_close_flushes_then_closes_the_client_after_a_lingering_while():
+    engine = ScriptedEngine(client={b"quit": [ToClient(b"bye"), Close("done")]})
+    p = play(engine)
+    p.pipe.server_write_paused()
+    p.wire.take()
+
+    p.pipe.client_data(b"quit")
+
+    # The reply is written before the FIN; reading resumes so the client's
+    # late bytes are read and discarded rather than answered with an RST.
+    assert p.wire.take() == [
+        ("client", "write", b"bye"),
+        ("server", "close"),
+        ("client", "write_eof"),
+        ("client", "resume_reading"),
+    ]
+    await asyncio.sleep(LINGER_SECONDS + 0.1)
+    assert p.wire.take() == [("client", "close")]
+
+
+async def test_close_without_half_close_closes_the_client_at_once():
+    engine = ScriptedEngine(client={b"quit": [ToClient(b"bye"), Close("done")]})
+    p = play(engine)
+    p.client.half_close = False
+
+    p.pipe.client_data(b"quit")
+
+    assert p.wire.take() == [("client", "write", b"bye"), ("server", "close"), ("client", "close")]
+
+
+async def test_a_request_still_in_flight_is_logged_with_the_close_reason():
+    p = play(HttpEngine(allow_all))
+    p.pipe.client_data(GET)
+
+    p.pipe.close("server closed")
+
+    [record] = p.flowlog.recent
+    assert record["reply"] == {"closed": "server closed"}
+
+
+# --------------------------------------------------------------------------- errors and timers
+
+
+async def test_a_parse_error_is_answered_then_the_connection_closes():
+    p = play(HttpEngine(allow_all))
+
+    p.pipe.client_data(b"BAD\r\n\r\n")
+
+    assert p.wire.take() == [
+        ("client", "write", BAD_REQUEST),
+        ("server", "close"),
+        ("client", "write_eof"),
+    ]
+    assert p.stats.parse_errors == {"http:client": 1}
+
+
+async def test_a_parse_error_the_engine_survives_is_counted_and_the_connection_stays():
+    error = ParseError("server", ProtocolError("odd frame"), close=False)
+    p = play(ScriptedEngine(server={b"odd": [error, Log("skipped an odd frame")]}))
+
+    p.pipe.server_data(b"odd")
+
+    assert p.wire.take() == []
+    assert p.stats.parse_errors == {"scripted:server": 1}
+    assert not p.pipe.closing
+
+
+async def test_a_request_head_that_does_not_complete_in_time_closes_the_connection():
+    p = play(HttpEngine(allow_all), limits=ProxyLimits(header_timeout=0.05, idle_timeout=10))
+
+    p.pipe.client_data(GET[:10])
+    await asyncio.sleep(0.2)
+
+    assert p.wire.take() == [("server", "close"), ("client", "write_eof")]
+    assert list(p.flowlog.recent) == []  # no request was ever judged
+
+
+async def test_a_connection_silent_for_the_idle_timeout_closes():
+    p = play(HttpEngine(allow_all), limits=ProxyLimits(header_timeout=10, idle_timeout=0.05))
+
+    p.pipe.client_data(GET)
+    p.pipe.server_data(OK)
+    p.wire.take()
+    await asyncio.sleep(0.2)
+
+    assert p.wire.take() == [("server", "close"), ("client", "write_eof")]
+
+
+async def test_traffic_keeps_a_connection_past_its_idle_timeout():
+    p = play(HttpEngine(allow_all), limits=ProxyLimits(header_timeout=10, idle_timeout=0.15))
+
+    for _ in range(4):
+        await asyncio.sleep(0.06)
+        p.pipe.client_data(GET)
+        p.pipe.server_data(OK)
+
+    assert ("client", "write_eof") not in p.wire.take()
+
+
+# --------------------------------------------------------------------------- close_when_idle
+
+
+async def test_close_when_idle_resets_a_quiet_keep_alive_connection(socket_pair):
+    ours, _theirs = socket_pair
+    p = play(HttpEngine(allow_all), client_sock=ours)
+    p.pipe.client_data(GET)
+    p.pipe.server_data(OK)
+    p.wire.take()
+
+    ended = p.pipe.close_when_idle()
+    assert p.wire.take() == []  # traffic a moment ago: not quiet yet
+
+    assert await asyncio.wait_for(ended, QUIET_SECONDS + 1) == ENDED_QUIET
+    assert p.wire.take() == [("server", "close"), ("client", "abort")]
+    assert linger(ours) == (1, 0)  # the close is an RST: no TIME_WAIT on the client's tuple
+    assert p.pipe.closing
+
+
+async def test_close_when_idle_waits_for_the_response_then_resets_right_behind_it(socket_pair):
+    ours, _theirs = socket_pair
+    p = play(HttpEngine(allow_all), client_sock=ours)
+    p.pipe.client_data(GET)
+    p.wire.take()
+
+    ended = p.pipe.close_when_idle()
+    await asyncio.sleep(QUIET_SECONDS + 0.1)  # silent, but a request is in flight
+    assert p.wire.take() == [] and not ended.done()
+
+    p.pipe.server_data(OK)
+    assert p.wire.take() == [("client", "write", OK)]
+
+    assert await asyncio.wait_for(ended, 1) == ENDED_AFTER_REPLY
+    assert p.wire.take() == [("server", "close"), ("client", "abort")]
+    [record] = p.flowlog.recent
+    assert record["reply"] == {"status": 200}  # logged as answered, not as cut
+
+
+async def test_close_when_idle_never_cuts_a_request_head_half_read():
+    p = play(HttpEngine(allow_all))
+
+    p.pipe.client_data(GET[:10])
+    ended = p.pipe.close_when_idle()
+    await asyncio.sleep(QUIET_SECONDS + 0.1)
+    assert p.wire.take() == [] and not ended.done()
+
+    p.pipe.client_data(GET[10:])
+    p.pipe.server_data(OK)
+
+    assert await asyncio.wait_for(ended, 1) == ENDED_AFTER_REPLY
+    assert p.wire.take() == [
+        ("server", "write", GET),
+        ("client", "write", OK),
+        ("server", "close"),
+        ("client", "abort"),
+    ]
+
+
+async def test_close_when_idle_waits_until_the_response_has_left_our_buffer():
+    p = play(HttpEngine(allow_all))
+    p.pipe.client_data(GET)
+    ended = p.pipe.close_when_idle()
+
+    p.client.buffered = len(OK)  # the client reads slowly: the response is still ours
+    p.pipe.server_data(OK)
+    await asyncio.sleep(0.05)
+    assert p.wire.take() == [("server", "write", GET), ("client", "write", OK)]
+
+    p.client.buffered = 0
+    assert await asyncio.wait_for(ended, 1) == ENDED_AFTER_REPLY
+    assert p.wire.take() == [("server", "close"), ("client", "abort")]
+
+
+async def test_close_when_idle_reports_a_pipe_that_ended_another_way():
+    p = play(HttpEngine(allow_all))
+    p.pipe.client_data(GET)
+    ended = p.pipe.close_when_idle()
+
+    p.pipe.close("server closed")
+
+    assert await ended == ENDED_OTHERWISE
+    assert await p.pipe.close_when_idle() == ENDED_OTHERWISE  # asking again changes nothing
+
+
+async def test_a_scripted_request_and_reply_end_a_draining_pipe_like_http_does():
+    request = HttpRequest(method="GET", path="/", host="api", headers=(), version="1.1")
+    engine = ScriptedEngine(
+        client={b"ask": [Access(request, Decision(True), key=7), ToServer(b"ask")]},
+        server={b"answer": [ToClient(b"answer"), Reply(7, {"status": 200})]},
+    )
+    p = play(engine)
+    p.pipe.client_data(b"ask")
+    ended = p.pipe.close_when_idle()
+
+    p.pipe.server_data(b"answer")
+
+    assert await asyncio.wait_for(ended, 1) == ENDED_AFTER_REPLY
+    assert p.wire.take() == [
+        ("server", "write", b"ask"),
+        ("client", "write", b"answer"),
+        ("server", "close"),
+        ("client", "abort"),
+    ]
+
+
+# ---------------------------------------------------------------- the proxy, real sockets
+
+
+async def _http_upstream() -> asyncio.Server:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                writer.write(OK)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the proxy hung up
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(answer, "127.0.0.1", 0)
+
+
+POLICY = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: api}}
+spec:
+  endpointSelector: {{matchLabels: {{app: api}}}}
+  ingress:
+  - fromEntities: [host]
+    toPorts:
+    - ports: [{{port: "{port}", protocol: TCP}}]
+      rules:
+        http:
+        - method: GET
+"""
+
+
+@contextlib.asynccontextmanager
+async def running_firewall(tmp_path: Path) -> Any:
+    upstream = await _http_upstream()
+    port = upstream.sockets[0].getsockname()[1]
+    (tmp_path / "policy.yaml").write_text(POLICY.format(port=port))
+    fw = Firewall(
+        listen=("127.0.0.1", 0),
+        upstream=("127.0.0.1", port),
+        labels={"app": "api"},
+        policy_paths=[tmp_path / "policy.yaml"],
+        flowlog=FlowLog(),
+    )
+    try:
+        yield fw, await fw.start()
+        # Every test hangs up its clients: let their lingering closes finish
+        # on this loop rather than leave them to the garbage collector.
+        await asyncio.wait_for(fw.proxy.wait_all_closed(), LINGER_SECONDS + 1)
+    finally:
+        await fw.close()
+        upstream.close()
+        await upstream.wait_closed()
+
+
+async def _get(address: tuple[str, int]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(GET)
+    assert await reader.readexactly(len(OK)) == OK
+    return reader, writer
+
+
+async def _hang_up(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+async def test_the_proxy_says_when_its_last_connection_has_ended(tmp_path):
+    async with running_firewall(tmp_path) as (fw, address):
+        await asyncio.wait_for(fw.proxy.wait_all_closed(), 1)  # none open: at once
+
+        first = await _get(address)
+        second = await _get(address)
+        all_closed = asyncio.ensure_future(fw.proxy.wait_all_closed())
+        assert fw.proxy.connections == 2
+
+        await _hang_up(first[1])
+        await asyncio.sleep(0.2)
+        assert not all_closed.done()
+
+        await _hang_up(second[1])
+        await asyncio.wait_for(all_closed, LINGER_SECONDS + 2)
+        assert fw.proxy.connections == 0
+
+
+async def test_a_drain_counts_reset_connections_apart_from_cut_ones(tmp_path):
+    async with running_firewall(tmp_path) as (fw, address):
+        idle_reader, idle_writer = await _get(address)
+        busy_reader, busy_writer = await _get(address)
+        busy_writer.write(GET[:10])  # a request head half sent: never ended between requests
+        await asyncio.sleep(0.05)
+
+        endings = fw.proxy.close_when_idle()
+        done, _ = await asyncio.wait(endings, timeout=QUIET_SECONDS + 1)
+        # The proxy closes the rest before the reset one's connection_lost has run.
+        cut = await fw.proxy.close()
+
+        assert [e.result() for e in done] == [ENDED_QUIET]
+        assert cut == 1
+        with pytest.raises(ConnectionResetError):
+            await idle_reader.read()
+        assert await busy_reader.read() == b""  # the cut one got a FIN
+        await _hang_up(idle_writer)
+        await _hang_up(busy_writer)
