@@ -22,18 +22,15 @@ frame the test sent, so nothing here trusts the engine.
 
 from __future__ import annotations
 
-import io
 import struct
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from parsers.kafka import apis as kafka_apis
+from parsers.kafka.apis import ApiKey
+from parsers.varint import decode_uvarint
 
-API_VERSIONS = 18
-# Flexible from v0, unknown to kafka-python.
-CONSUMER_GROUP_HEARTBEAT, CONSUMER_GROUP_DESCRIBE = 68, 69
-GET_TELEMETRY_SUBSCRIPTIONS, PUSH_TELEMETRY = 71, 72
 AUTHORIZATION_FAILED = frozenset({29, 30, 31, 53})  # topic, group, cluster, transactional id
 
 
@@ -66,7 +63,7 @@ def read_answer(request: bytes, answer: bytes) -> Answer:
         flexible_header = True
     else:
         cls = kafka_apis.RESPONSES[api_key]
-        flexible_header = api_key != API_VERSIONS and cls.flexible_version_q(api_version)
+        flexible_header = api_key != ApiKey.ApiVersions and cls.flexible_version_q(api_version)
     tags = reader.tagged_fields() if flexible_header else {}
     body = reader.rest()
     if extra:
@@ -104,7 +101,7 @@ def assert_denied(request: bytes, answer: bytes, code: int | frozenset[int]) -> 
 
 def _read_known(api_key: int, api_version: int, body: bytes) -> tuple[Any, list[tuple[str, int]]]:
     cls = kafka_apis.RESPONSES[api_key]
-    if api_key == API_VERSIONS:
+    if api_key == ApiKey.ApiVersions:
         # A failed ApiVersions is read as v0 whatever was asked (KIP-511):
         # that is how a client can read an UNSUPPORTED_VERSION answer.
         api_version = 0
@@ -146,7 +143,8 @@ def _read_extra(api_key: int, body: bytes) -> tuple[dict, list[tuple[str, int]]]
     r = _Reader(body)
     out: dict[str, Any] = {"throttle_time_ms": r.int32()}
     codes: list[tuple[str, int]] = []
-    if api_key == CONSUMER_GROUP_HEARTBEAT:
+    # Flexible from v0, unknown to kafka-python.
+    if api_key == ApiKey.ConsumerGroupHeartbeat:
         out["error_code"] = r.int16()
         out["error_message"] = r.compact_nullable_string()
         out["member_id"] = r.compact_nullable_string()
@@ -155,7 +153,7 @@ def _read_extra(api_key: int, body: bytes) -> tuple[dict, list[tuple[str, int]]]
         assignment = r.int8()
         assert assignment == -1, "a denial carries no assignment"
         codes.append(("error_code", out["error_code"]))
-    elif api_key == CONSUMER_GROUP_DESCRIBE:
+    elif api_key == ApiKey.ConsumerGroupDescribe:
         groups = []
         for i in range(r.compact_length()):
             group = {
@@ -173,7 +171,7 @@ def _read_extra(api_key: int, body: bytes) -> tuple[dict, list[tuple[str, int]]]
             groups.append(group)
             codes.append((f"groups[{i}].error_code", group["error_code"]))
         out["groups"] = groups
-    elif api_key == GET_TELEMETRY_SUBSCRIPTIONS:
+    elif api_key == ApiKey.GetTelemetrySubscriptions:
         out["error_code"] = r.int16()
         out["client_instance_id"] = r.take(16)
         out["subscription_id"] = r.int32()
@@ -183,7 +181,7 @@ def _read_extra(api_key: int, body: bytes) -> tuple[dict, list[tuple[str, int]]]
         out["delta_temporality"] = r.int8()
         out["requested_metrics"] = [r.compact_nullable_string() for _ in range(r.compact_length())]
         codes.append(("error_code", out["error_code"]))
-    elif api_key == PUSH_TELEMETRY:
+    elif api_key == ApiKey.PushTelemetry:
         out["error_code"] = r.int16()
         codes.append(("error_code", out["error_code"]))
     else:
@@ -195,11 +193,13 @@ def _read_extra(api_key: int, body: bytes) -> tuple[dict, list[tuple[str, int]]]
 
 class _Reader:
     def __init__(self, data: bytes):
-        self._data = io.BytesIO(data)
+        self._data = data
+        self._pos = 0
 
     def take(self, n: int) -> bytes:
-        raw = self._data.read(n)
+        raw = self._data[self._pos : self._pos + n]
         assert len(raw) == n, "response ends early"
+        self._pos += n
         return raw
 
     def int8(self) -> int:
@@ -212,13 +212,9 @@ class _Reader:
         return struct.unpack(">i", self.take(4))[0]
 
     def uvarint(self) -> int:
-        value = shift = 0
-        while True:
-            byte = self.take(1)[0]
-            value |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                return value
-            shift += 7
+        # The one varint codec; tests/parsers/kafka/test_varint.py pins it to literal bytes.
+        value, self._pos = decode_uvarint(self._data, self._pos)
+        return value
 
     def compact_length(self) -> int:
         n = self.uvarint()
@@ -237,7 +233,8 @@ class _Reader:
         return tags
 
     def rest(self) -> bytes:
-        return self._data.read()
+        raw, self._pos = self._data[self._pos :], len(self._data)
+        return raw
 
 
 # ---------------------------------------------------------------------------
