@@ -15,14 +15,11 @@ from __future__ import annotations
 import struct
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 from parsers.kafka import apis as kafka_apis
 from parsers.kafka.apis import ApiKey, Message, MessageClass
 from parsers.varint import encode_uvarint
-
-if TYPE_CHECKING:
-    from parsers.kafka.engine import ClusterView
 
 TOPIC_AUTHORIZATION_FAILED = 29
 GROUP_AUTHORIZATION_FAILED = 30
@@ -30,6 +27,19 @@ CLUSTER_AUTHORIZATION_FAILED = 31
 TRANSACTIONAL_ID_AUTHORIZATION_FAILED = 53
 
 ZERO_UUID = uuid.UUID(int=0)
+
+
+@dataclass(slots=True)
+class ClusterView:
+    """What the last Metadata response on a connection said about the cluster.
+
+    A synthesized Metadata denial repeats it, so a client that is refused one
+    topic still knows where the brokers are.
+    """
+
+    brokers: list[tuple[int, str, int, str | None]] = field(default_factory=list)
+    cluster_id: str | None = None
+    controller_id: int = -1
 
 
 def _produce(R: MessageClass, req: Message, code: int) -> Message:

@@ -23,7 +23,7 @@ import struct
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeAlias
 
 from parsers.base import (
@@ -46,6 +46,7 @@ from parsers.kafka import deny as kafka_deny
 from parsers.kafka import fetch as kafka_fetch
 from parsers.kafka import produce as kafka_produce
 from parsers.kafka.apis import ApiKey, Message
+from parsers.kafka.deny import ClusterView
 from parsers.kafka.frames import FrameBuffer
 from parsers.requests import KafkaRequest
 from parsers.varint import decode_uvarint
@@ -82,19 +83,6 @@ _Header: TypeAlias = tuple[int, int, int, str | None]
 
 _size = struct.Struct(">i")
 _fixed_header = struct.Struct(">hhih")
-
-
-@dataclass(slots=True)
-class ClusterView:
-    """What the last Metadata response on this connection said about the cluster.
-
-    A synthesized Metadata denial repeats it, so a client that is refused one
-    topic still knows where the brokers are.
-    """
-
-    brokers: list[tuple[int, str, int, str | None]] = field(default_factory=list)
-    cluster_id: str | None = None
-    controller_id: int = -1
 
 
 @dataclass(slots=True)
