@@ -24,7 +24,7 @@ from tests.support import REPO
 LAYERS: dict[str, set[str]] = {
     "parsers": set(),
     "l7proxy.observe": {"parsers"},
-    "l7proxy.policy": {"parsers", "l7proxy.observe"},
+    "l7proxy.policy": {"parsers"},
     "l7proxy.datapath": {"l7proxy.policy"},
     "l7proxy.node": {"l7proxy.policy"},
     "l7proxy.proxy": {"parsers", "l7proxy.policy", "l7proxy.observe"},

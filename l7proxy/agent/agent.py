@@ -405,7 +405,7 @@ class Agent:
             self.flowlog.emit(rec)
 
     def status(self, dp_status: dict) -> dict:
-        from parsers.http1 import engine as http1
+        from parsers.registry import active_parsers
 
         compiled = self.state.current if self.state else None
         policy_error = self.policy_source.last_error
@@ -439,7 +439,7 @@ class Agent:
             "policy_imports": self.policy_source.imports,
             "policy_import_errors": self.policy_source.import_errors,
             "listeners": {fam: f"{PROXY_HOST}:{port}" for fam, port in self.listeners.items()},
-            "parsers": {"http1": http1.active_implementation()},
+            "parsers": active_parsers(),
             "proxy": {
                 "connections_total": self.proxy.stats.connections_total if self.proxy else 0,
                 "connections_active": self.proxy.stats.connections_active if self.proxy else 0,
