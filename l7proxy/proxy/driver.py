@@ -58,6 +58,7 @@ class PipeOwner(Protocol):
         """The client connection of ``pipe`` is gone."""
         ...
 
+
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 LINGER_SECONDS = 2.0

@@ -41,9 +41,8 @@ class Upstream:
 
     async def echo(self, request: web.Request) -> web.Response:
         body = await request.read()
-        return web.Response(
-            text=f"{request.method} {request.path} {len(body)} {request.headers.get('X-Fleet', '-')}"
-        )
+        fleet = request.headers.get("X-Fleet", "-")
+        return web.Response(text=f"{request.method} {request.path} {len(body)} {fleet}")
 
     async def big(self, request: web.Request) -> web.StreamResponse:
         mb = int(request.query.get("mb", "1"))

@@ -1,4 +1,5 @@
-"""HttpEngine picks HTTP/2 by the connection preface, HTTP/1.1 otherwise, and follows h2c upgrades."""
+"""HttpEngine picks HTTP/2 by the connection preface, HTTP/1.1 otherwise, and follows h2c
+upgrades."""
 
 from __future__ import annotations
 

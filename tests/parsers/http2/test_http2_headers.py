@@ -1,4 +1,5 @@
-"""Header-section helpers: gRPC recognition, method names, grpc-message encoding, RFC 9113 checks."""
+"""Header-section helpers: gRPC recognition, method names, grpc-message encoding, RFC 9113
+checks."""
 
 from __future__ import annotations
 
