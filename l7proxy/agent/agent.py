@@ -36,7 +36,7 @@ from l7proxy.agent.handover import ControlServer, Predecessor, socket_path
 from l7proxy.datapath import pins
 from l7proxy.node import netns
 from l7proxy.node.store import FAMILIES, AgentState, Store
-from l7proxy.observe.flowlog import FlowLog, now_fields
+from l7proxy.observe.flowlog import DEFAULT_ROTATION, FlowLog, Rotation, now_fields
 from l7proxy.policy.engine import CompiledPolicy, Endpoint, compile_policy
 from l7proxy.policy.model import EGRESS, INGRESS, Policy
 from l7proxy.policy.source import PolicySource
@@ -64,6 +64,7 @@ class Agent:
         limits: ProxyLimits | None = None,
         predecessor: Predecessor | None = None,
         drain_timeout: float = 30.0,
+        flowlog_rotation: Rotation = DEFAULT_ROTATION,
     ):
         self.store = store
         self.predecessor = predecessor  # the running agent this one takes over from
@@ -80,7 +81,7 @@ class Agent:
         self.datapath: Datapath | None = None
         self.proxy: Proxy | None = None
         self.state: PolicyState | None = None
-        self.flowlog = FlowLog(store.flowlog)
+        self.flowlog = FlowLog(store.flowlog, rotation=flowlog_rotation)
         self.policies: list[Policy] = []  # the last good set, in force
         self.policy_source = PolicySource(
             [store.policy_dir, *self.extra_policies], self._policies_loaded

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from l7proxy.agent.status import read_status
-from l7proxy.cli.common import add_proxy_options, log, loop_factory
+from l7proxy.cli.common import add_proxy_options, flowlog_rotation, log, loop_factory
 from l7proxy.node.store import Store
 
 
@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         limits=ProxyLimits(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout),
         predecessor=predecessor,
         drain_timeout=args.drain_timeout,
+        flowlog_rotation=flowlog_rotation(args),
     )
 
     async def main() -> None:

@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from l7proxy.observe.flowlog import DEFAULT_ROTATION, Rotation
 from l7proxy.policy.identity import parse_labels
 
 DEFAULT_STATE = Path("/var/lib/l7proxy")
@@ -32,6 +33,15 @@ def labels(text: str) -> dict[str, str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def size(text: str) -> int:
+    """A byte count: ``1048576``, ``512K``, ``100M`` or ``2G``."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    number, unit = (text[:-1], text[-1].upper()) if text[-1:].upper() in units else (text, "")
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a size like 100M, got {text!r}")
+    return int(number) * units.get(unit, 1)
+
+
 def add_proxy_options(parser: argparse.ArgumentParser) -> None:
     """Options every command that runs the proxy takes (``run`` and ``firewall``)."""
     parser.add_argument(
@@ -42,11 +52,32 @@ def add_proxy_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--header-timeout", type=float, default=10.0)
     parser.add_argument("--idle-timeout", type=float, default=300.0)
     parser.add_argument(
+        "--flowlog-max-bytes",
+        type=size,
+        default=DEFAULT_ROTATION.max_bytes,
+        metavar="SIZE",
+        help="rotate the flow log when it reaches this size (default 100M)",
+    )
+    parser.add_argument(
+        "--flowlog-backups",
+        type=int,
+        default=DEFAULT_ROTATION.backups,
+        metavar="N",
+        help="rotated flow-log files kept (default 5)",
+    )
+    parser.add_argument(
         "--metrics",
         type=address,
         metavar="ADDR:PORT",
         help="serve Prometheus /metrics and /healthz here",
     )
+
+
+def flowlog_rotation(args: argparse.Namespace) -> Rotation:
+    try:
+        return Rotation(args.flowlog_max_bytes, args.flowlog_backups)
+    except ValueError as err:
+        raise SystemExit(f"l7proxy: {err}") from None
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:

@@ -8,7 +8,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from l7proxy.cli.common import add_proxy_options, address, labels, loop_factory
+from l7proxy.cli.common import (
+    add_proxy_options,
+    address,
+    flowlog_rotation,
+    labels,
+    loop_factory,
+)
 
 
 def register(commands: Any) -> None:
@@ -42,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             upstream=args.upstream,
             labels=args.labels,
             policy_paths=args.policy,
-            flowlog=FlowLog(args.flowlog),
+            flowlog=FlowLog(args.flowlog, rotation=flowlog_rotation(args)),
             audit=args.audit,
             limits=ProxyLimits(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout),
         )
