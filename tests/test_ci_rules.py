@@ -51,3 +51,16 @@ def test_a_skip_fails_under_ci_naming_its_reason(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stdout
     assert "1 failed, 1 passed" in result.stdout
     assert "skipped under CI, where every test must run: needs root" in result.stdout
+
+
+def test_make_test_lints_formats_and_type_checks_before_any_test_runs() -> None:
+    """`.ci/run` is `make test`: a lint, format or type error fails it before pytest starts."""
+    assert "make test" in (REPO / ".ci" / "run").read_text()
+    plan = subprocess.run(
+        ["make", "-n", "test"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    steps = [
+        next(i for i, line in enumerate(plan) if command in line)
+        for command in ("ruff check .", "ruff format --check .", "mypy", "-m pytest")
+    ]
+    assert steps == sorted(steps), plan

@@ -24,6 +24,7 @@ from typing import Any
 
 from parsers.base import (
     Access,
+    Close,
     Command,
     Decide,
     Decision,
@@ -82,6 +83,9 @@ class CqlEngine:
         # envelope is being forwarded (a segment must not land inside it)
         self._held: list[Command] = []
         self._dead = False
+        # CQL has no half-close: once the client has sent EOF, the connection ends
+        # as soon as every response it is waiting for has been delivered.
+        self._client_closed = False
 
     # ------------------------------------------------------------------
     # Engine contract
@@ -104,7 +108,10 @@ class CqlEngine:
                 out.append(
                     Log(f"client EOF inside a frame ({len(self._cbuf)} bytes dropped)", "info")
                 )
-            return out + [ShutdownServer()]
+            self._client_closed = True
+            out.append(ShutdownServer())
+            self._close_when_done(out)
+            return out
         self._cbuf += data
         out = []
         try:
@@ -128,7 +135,8 @@ class CqlEngine:
                 out.append(
                     Log(f"server EOF inside a frame ({len(self._sbuf)} bytes dropped)", "info")
                 )
-            return out + [ShutdownClient()]
+            # The server's EOF ends the connection: nothing sent after it would be read.
+            return out + [ShutdownClient(), Close("server closed")]
         self._sbuf += data
         out = []
         try:
@@ -138,7 +146,13 @@ class CqlEngine:
         if self._held and self._server_big is None:
             out += self._held
             self._held = []
+        self._close_when_done(out)
         return out
+
+    def _close_when_done(self, out: list[Command]) -> None:
+        waiting = self._inflight or self._startups or self._preparing or self._held
+        if self._client_closed and not waiting and self._server_big is None and not self._dead:
+            out.append(Close("client closed; every response delivered"))
 
     def _fail(self, side: str, error: ProtocolError, out: list[Command]) -> None:
         # Framing is lost: nothing after this point can be trusted or forwarded.

@@ -28,6 +28,7 @@ from typing import Any, TypeAlias
 
 from parsers.base import (
     Access,
+    Close,
     Command,
     Decide,
     Decision,
@@ -133,6 +134,9 @@ class KafkaEngine:
         self._upload_left = 0
         self._upload_done: Reply | None = None
         self._whole_frame = False  # the frame at the head must be read whole
+        # Kafka has no half-close: once the client has sent EOF, the connection
+        # ends as soon as every response it is owed has been delivered.
+        self._client_closed = False
 
     @property
     def reading_headers(self) -> bool:
@@ -151,7 +155,10 @@ class KafkaEngine:
         if self._failed:
             return []
         if not data:
-            return [ShutdownServer()]
+            self._client_closed = True
+            ended: list[Command] = [ShutdownServer()]
+            self._close_when_done(ended)
+            return ended
         self._client.feed(data)
         out: list[Command] = []
         if self._held is None:
@@ -506,7 +513,8 @@ class KafkaEngine:
             out: list[Command] = []
             if self._owed or self._stream is not None:
                 out.append(Log("broker closed with response(s) still owed", level="info"))
-            out.append(ShutdownClient())
+            # A broker's EOF ends the connection: nothing sent after it would be read.
+            out += [ShutdownClient(), Close("broker closed")]
             return out
         buf = self._server
         buf.feed(data)
@@ -544,7 +552,12 @@ class KafkaEngine:
             self._response(owed, buf.take(size + 4), out)
             if self._failed:
                 break
+        self._close_when_done(out)
         return out
+
+    def _close_when_done(self, out: list[Command]) -> None:
+        if self._client_closed and not self._owed and self._stream is None and not self._failed:
+            out.append(Close("client closed; every response delivered"))
 
     def _pass_through(self, owed: _Owed, out: list[Command]) -> bool:
         """Forward what has arrived of the streamed response; True when it is complete."""

@@ -8,6 +8,9 @@ sees, what reached the double, and what the flow log says.
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import struct
 import time
 from contextlib import contextmanager
 
@@ -210,3 +213,27 @@ def test_execute_of_a_statement_the_proxy_never_saw_prepared_is_reprepared_throu
             if f["l7"].get("opcode") == "execute" and f["l7"]["action"] == "unknown"
         ]
         assert unknown and all(f["reply"]["error_code"] == 0x2500 for f in unknown)
+
+
+def test_short_connections_are_closed_on_both_sides_once_the_client_leaves():
+    """CQL has no half-close: after the client's EOF and its last response, the proxy
+    ends the connection instead of holding two descriptors until the idle timeout."""
+
+    def descriptors(pid: int) -> int:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+
+    options = struct.pack(">BBhBi", 4, 0, 1, 0x05, 0)  # v4 OPTIONS on stream 1
+    with proxied() as (_double, fw):
+        before = descriptors(fw.proc.pid)
+        for _ in range(60):
+            with socket.create_connection((fw.host, fw.port), timeout=15) as sock:
+                sock.sendall(options)
+                version, _flags, stream, opcode = struct.unpack(">BBhB", sock.recv(5))
+                assert (version, stream, opcode) == (0x84, 1, 0x06)  # SUPPORTED
+                sock.shutdown(socket.SHUT_WR)
+                while sock.recv(65536):  # the rest of SUPPORTED, then the proxy's FIN
+                    pass
+        deadline = time.monotonic() + 10
+        while descriptors(fw.proc.pid) > before + 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert descriptors(fw.proc.pid) <= before + 4

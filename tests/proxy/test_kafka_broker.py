@@ -7,6 +7,7 @@ open after bootstrap goes through the proxy too.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import textwrap
@@ -430,3 +431,33 @@ def test_large_messages_stream_through_both_ways(stack):
     )
     fetched = flows_for(fw, 1, topic)
     assert fetched and all(f["reply"].get("error_code") == 0 for f in fetched)
+
+
+# ---------------------------------------------------------------------------
+# Short connections end on both sides (issue 14, finding 10).
+
+
+def open_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def settle(count, target: int, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while (now := count()) > target and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return now
+
+
+def test_short_connections_are_closed_on_both_sides_once_the_client_leaves(stack):
+    """Kafka has no half-close: after the client's EOF and its last response, the
+    proxy ends the connection instead of holding two descriptors until the idle
+    timeout (300 s)."""
+    fw, _broker = stack
+    before = settle(lambda: open_descriptors(fw.proc.pid), 0, timeout=0)
+    for n in range(60):
+        with socket.create_connection((fw.host, fw.port), timeout=15) as sock:
+            sock.sendall(_metadata_frame(1000 + n, OK))
+            assert struct.unpack(">i", _read_frame(sock)[:4])[0] == 1000 + n
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(1) == b""  # the proxy closes its side too
+    assert settle(lambda: open_descriptors(fw.proc.pid), before + 4) <= before + 4

@@ -23,6 +23,7 @@ from cassandra.segment import SegmentCodec
 
 from parsers.base import (
     Access,
+    Close,
     Decision,
     Log,
     ParseError,
@@ -438,13 +439,34 @@ def test_partial_header_then_eof():
     assert engine.reading_headers
     out = engine.client_data(b"")
     assert isinstance(out[0], Log) and "2 bytes dropped" in out[0].message
-    assert out[1:] == [ShutdownServer()]
+    assert out[1:] == [ShutdownServer(), Close("client closed; every response delivered")]
 
 
-def test_eof_is_passed_on():
+def test_client_eof_with_nothing_owed_ends_the_connection():
+    # CQL has no half-close: a connection left half open would hold two descriptors
+    # until the idle timeout.
     engine = started()
+    assert engine.client_data(b"") == [
+        ShutdownServer(),
+        Close("client closed; every response delivered"),
+    ]
+
+
+def test_client_eof_waits_for_the_responses_still_owed():
+    engine = started()
+    frame = request(QueryMessage("SELECT * FROM ks.t", ONE), 5)
+    engine.client_data(frame)
     assert engine.client_data(b"") == [ShutdownServer()]
-    assert engine.server_data(b"") == [ShutdownClient()]
+    assert engine.server_data(rows_void(5)) == [
+        Reply(5, {"opcode": "RESULT", "result": "Void"}),
+        ToClient(rows_void(5)),
+        Close("client closed; every response delivered"),
+    ]
+
+
+def test_server_eof_ends_the_connection():
+    engine = started()
+    assert engine.server_data(b"") == [ShutdownClient(), Close("server closed")]
 
 
 # --------------------------------------------------------------------------

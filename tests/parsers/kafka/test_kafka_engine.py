@@ -32,7 +32,17 @@ from kafka.protocol.producer import (
     TxnOffsetCommitRequest,
 )
 
-from parsers.base import Access, Decision, ParseError, Reply, ToClient, ToServer
+from parsers.base import (
+    Access,
+    Close,
+    Decision,
+    ParseError,
+    Reply,
+    ShutdownClient,
+    ShutdownServer,
+    ToClient,
+    ToServer,
+)
 from parsers.kafka.engine import KafkaEngine
 from parsers.requests import KafkaRequest
 from tests.support.feeding import WAYS, feed, split
@@ -104,6 +114,37 @@ def test_allowed_produce_is_forwarded_and_reply_carries_error_code(how):
     assert [c for c in back if isinstance(c, Reply)] == [
         Reply(11, {"api": "Produce", "error_code": 6})
     ]
+
+
+def test_client_eof_with_nothing_owed_ends_the_connection():
+    # Kafka has no half-close: a connection left half open would hold two
+    # descriptors until the idle timeout.
+    engine = KafkaEngine(allow_topics("orders"))
+    assert engine.client_data(b"") == [
+        ShutdownServer(),
+        Close("client closed; every response delivered"),
+    ]
+
+
+def test_client_eof_waits_for_the_response_still_owed():
+    engine = KafkaEngine(allow_topics("orders"))
+    engine.client_data(frame(produce("orders"), 9, 11))
+    assert engine.client_data(b"") == [ShutdownServer()]
+    P = ProduceResponse.TopicProduceResponse
+    partition = P.PartitionProduceResponse(index=0, error_code=0, base_offset=7)
+    reply = response(
+        ProduceResponse, 9, 11, responses=[P(name="orders", partition_responses=[partition])]
+    )
+    assert engine.server_data(reply) == [
+        ToClient(reply),
+        Reply(11, {"api": "Produce", "error_code": 0}),
+        Close("client closed; every response delivered"),
+    ]
+
+
+def test_broker_eof_ends_the_connection():
+    engine = KafkaEngine(allow_topics("orders"))
+    assert engine.server_data(b"") == [ShutdownClient(), Close("broker closed")]
 
 
 @pytest.mark.parametrize("version", [3, 9, 12])
