@@ -158,7 +158,35 @@ struct drop_event {
     u32 src_identity;
     u32 dst_identity;
     u32 endpoint_id;
+    u32 count;      // drops of this flow summed into this event (see report())
 };
+
+// Drop events are aggregated per flow (source, destination, destination port,
+// protocol, reason, direction), as Cilium's monitor aggregation does: the first
+// drop of a flow is reported at once, later ones are counted and reported at
+// most once per DROP_REPORT_INTERVAL_NS, with their count. A flood of denied
+// SYNs costs the agent one event per flow and interval, not one per packet.
+// The verdict counters are incremented for every packet regardless.
+struct drop_report_key {
+    u32 saddr;
+    u32 daddr;
+    u16 dport;
+    u8  proto;
+    u8  reason;
+    u8  direction;
+    u8  audited;
+    u16 pad;
+    u32 endpoint_id;
+};
+
+struct drop_report {
+    u64 last_ns;     // when this flow was last reported
+    u64 suppressed;  // drops since then, not reported yet
+};
+
+#ifndef DROP_REPORT_INTERVAL_NS
+#define DROP_REPORT_INTERVAL_NS 1000000000ULL
+#endif
 
 // With -DPIN_DIR="/sys/fs/bpf/l7proxy-<instance>" every state map is pinned
 // there: bcc reuses a map already pinned at its path, so a restarted agent
@@ -184,6 +212,8 @@ STATE_MAP("array", u32, u32, config, 1, 0);   // [0] = policy revision
 // (unknown table type 18), so user space fills it by fd with raw bpf().
 STATE_MAP("sockhash", u32, int, proxy_listeners, 256, 0);
 BPF_RINGBUF_OUTPUT(drop_events, 64);
+// Not pinned: losing it on a restart only means one more early report per flow.
+BPF_TABLE("lru_hash", struct drop_report_key, struct drop_report, drop_reports, 16384);
 
 struct packet {
     u32 saddr, daddr;
@@ -452,8 +482,36 @@ static __always_inline void judge(u32 src_ep, u32 src_id, u32 dst_ep, u32 dst_id
 
 static __always_inline void report(struct packet *p, struct verdict *v, u32 src_id, u32 dst_id)
 {
+    u64 now = bpf_ktime_get_ns();
+    u64 reported = 1;
+    struct drop_report_key key = {};
+    key.saddr = p->saddr;
+    key.daddr = p->daddr;
+    key.dport = p->dport;
+    key.proto = p->proto;
+    key.reason = v->reason;
+    key.direction = v->direction;
+    key.audited = v->action != V_DROP;
+    key.endpoint_id = v->endpoint_id;
+    struct drop_report *seen = drop_reports.lookup(&key);
+    if (seen) {
+        if (now - seen->last_ns < DROP_REPORT_INTERVAL_NS) {
+            __sync_fetch_and_add(&seen->suppressed, 1);
+            return;
+        }
+        // Report what was counted since the last report, and subtract exactly that:
+        // drops counted by another CPU meanwhile stay for the next report.
+        u64 taken = seen->suppressed;
+        __sync_fetch_and_add(&seen->suppressed, -taken);
+        seen->last_ns = now;
+        reported += taken;
+    } else {
+        struct drop_report fresh = {};
+        fresh.last_ns = now;
+        drop_reports.update(&key, &fresh);
+    }
     struct drop_event ev = {};
-    ev.time_ns = bpf_ktime_get_ns();
+    ev.time_ns = now;
     ev.saddr = p->saddr;
     ev.daddr = p->daddr;
     ev.sport = p->sport;
@@ -465,6 +523,7 @@ static __always_inline void report(struct packet *p, struct verdict *v, u32 src_
     ev.src_identity = src_id;
     ev.dst_identity = dst_id;
     ev.endpoint_id = v->endpoint_id;
+    ev.count = reported;
     long err = drop_events.ringbuf_output(&ev, sizeof(ev), 0);
     if (err)
         count(C_EVENTS_LOST, 0);

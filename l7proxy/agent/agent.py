@@ -402,6 +402,7 @@ class Agent:
                 endpoint=by_id[ev.endpoint_id].name if ev.endpoint_id in by_id else None,
                 policy="",
                 rule="",
+                count=ev.count,
             )
             self.flowlog.emit(rec)
 
@@ -473,6 +474,8 @@ async def _until_either(work: Awaitable[object], cut_short: asyncio.Event, timeo
 
 
 def _side(ip, port, identity, ep, compiled: CompiledPolicy) -> dict:
+    if not identity:  # a drop report from the kernel's tail sweep names no identity
+        identity = ep.identity.number if ep else compiled.ipcache.lookup(str(ip))
     ident = compiled.identities.get(identity)
     return {
         "ip": str(ip),

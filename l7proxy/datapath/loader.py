@@ -95,6 +95,27 @@ class DropEvent:
     direction: str
     reason: str
     audited: bool = False
+    # Drops of this flow the event stands for: the kernel reports a flow at most
+    # once per drop-report interval, with the count since its last report. An
+    # event from the tail sweep (a flow that went quiet) has src_port 0.
+    count: int = 1
+
+
+# The fields that identify a flow for drop reporting (bpf/sockmap.c, drop_report_key).
+DropFlow = tuple[int, int, int, int, int, int, int, int]
+
+
+def _flow_of(fields: Any) -> DropFlow:
+    """The flow of a drop event or a drop_reports key (both name the fields alike)."""
+    f = fields
+    return (f.saddr, f.daddr, f.dport, f.proto, f.reason, f.direction, f.audited, f.endpoint_id)
+
+
+class _NoIdentities:
+    """The tail sweep knows the flow, not the identities (the agent resolves them)."""
+
+    src_identity = 0
+    dst_identity = 0
 
 
 # --- policy compilation (pure; unit-tested without a kernel) ---------------
@@ -233,6 +254,7 @@ class Datapath:
         redirect_mark: int | None = None,
         ct_size: int = 65536,
         pin_dir: Path | None = None,
+        drop_report_interval: float = 1.0,
     ):
         self.bpf_source = Path(bpf_source)
         self.proxy_mark = proxy_mark
@@ -255,6 +277,11 @@ class Datapath:
         self._listeners: dict[int, int] = {}  # proxy port -> socket fd
         self._listener_fd = -1
         self._events: list[DropEvent] = []
+        self.drop_report_interval = drop_report_interval
+        # Per flow: drops already reported by the tail sweep, which the kernel's next
+        # event for that flow includes again in its count.
+        self._tail_reported: dict[DropFlow, int] = {}
+        self._next_sweep_ns = 0
         self._revision = 0
         self._ct_fill: tuple[float, int, int] | None = None
 
@@ -272,6 +299,7 @@ class Datapath:
             f"-DREDIRECT_MARK={self.redirect_mark:#x}",
             f"-DCT_SIZE={self.ct_size}",
             f"-DIDENTITY_WORLD={WORLD}",
+            f"-DDROP_REPORT_INTERVAL_NS={int(self.drop_report_interval * 1e9)}ULL",
             "-w",
         ]
         if self.pin_dir is None:
@@ -578,34 +606,61 @@ class Datapath:
                 row[COUNTER_NAMES[k.counter]] += int(sum(v))
         return {"total": totals, "endpoints": per_endpoint}
 
-    def _on_event(self, _ctx, data, _size) -> None:
+    def _on_event(self, _ctx: Any, data: Any, _size: int) -> None:
         e = self._bpf[b"drop_events"].event(data)
-        self._events.append(
-            DropEvent(
-                time_ns=e.time_ns,
-                src_ip=_ip_from_be32(e.saddr),
-                src_port=socket.ntohs(e.sport),
-                dst_ip=_ip_from_be32(e.daddr),
-                dst_port=socket.ntohs(e.dport),
-                proto=e.proto,
-                src_identity=e.src_identity,
-                dst_identity=e.dst_identity,
-                endpoint_id=e.endpoint_id,
-                direction=_DIRECTION_NAMES.get(e.direction, "?"),
-                reason=REASONS.get(e.reason, str(e.reason)),
-                audited=bool(e.audited),
-            )
+        flow = _flow_of(e)
+        count = e.count - self._tail_reported.pop(flow, 0)
+        self._events.append(self._drop_event(flow, e.time_ns, socket.ntohs(e.sport), count, e))
+
+    def _drop_event(
+        self, flow: DropFlow, time_ns: int, src_port: int, count: int, identities: Any
+    ) -> DropEvent:
+        saddr, daddr, dport, proto, reason, direction, audited, endpoint_id = flow
+        return DropEvent(
+            time_ns=time_ns,
+            src_ip=_ip_from_be32(saddr),
+            src_port=src_port,
+            dst_ip=_ip_from_be32(daddr),
+            dst_port=socket.ntohs(dport),
+            proto=proto,
+            src_identity=identities.src_identity,
+            dst_identity=identities.dst_identity,
+            endpoint_id=endpoint_id,
+            direction=_DIRECTION_NAMES.get(direction, "?"),
+            reason=REASONS.get(reason, str(reason)),
+            audited=bool(audited),
+            count=count,
         )
 
     def poll_drops(self, timeout_ms: int = 0) -> list[DropEvent]:
         """Drop (and audit) events since the last call; waits up to timeout_ms
-        for the first one."""
+        for the first one. Once per drop-report interval it also reports the
+        drops the kernel counted for flows that went quiet since their last
+        event, so that every drop is in some event's count."""
         bpf = self._require()
         if not self._events:
             bpf.ring_buffer_poll(timeout_ms)
         bpf.ring_buffer_consume()
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # bpf_ktime_get_ns's clock
+        if now >= self._next_sweep_ns:
+            self._next_sweep_ns = now + int(self.drop_report_interval * 1e9)
+            self._sweep_quiet_flows(now)
         out, self._events = self._events, []
         return out
+
+    def _sweep_quiet_flows(self, now: int) -> None:
+        interval = int(self.drop_report_interval * 1e9)
+        live: dict[DropFlow, int] = {}
+        for k, v in self._bpf[b"drop_reports"].items():
+            flow = _flow_of(k)
+            live[flow] = v.suppressed
+            unreported = v.suppressed - self._tail_reported.get(flow, 0)
+            if unreported > 0 and now - v.last_ns >= interval:
+                self._tail_reported[flow] = v.suppressed
+                ids = _NoIdentities
+                self._events.append(self._drop_event(flow, now, 0, unreported, ids))
+        # Flows the LRU map let go of will not be reported again.
+        self._tail_reported = {f: n for f, n in self._tail_reported.items() if f in live}
 
     def program_ids(self) -> dict[str, int]:
         """Kernel ids of the loaded programs, by function name."""

@@ -280,7 +280,9 @@ def format_record(r: Record) -> str:
     who = f"{source} -> {destination}"
     when = r.get("time_iso", "")
     if r.get("type") == "drop":
-        return f"{when} DROPPED   {who} {r.get('protocol', 'tcp')} reason={r.get('reason')}"
+        times = f" x{r['count']}" if r.get("count", 1) > 1 else ""
+        verdict = f"{r.get('verdict', 'DROPPED'):<9}"
+        return f"{when} {verdict} {who} {r.get('protocol', 'tcp')} reason={r.get('reason')}{times}"
     l7 = r.get("l7", {})
     proto = r.get("protocol", "")
     if proto == "http":

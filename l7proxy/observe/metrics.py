@@ -124,12 +124,14 @@ class Metrics:
             if verdict != "DENIED" and isinstance(latency, (int, float)) and "closed" not in reply:
                 self.reply_seconds.labels(protocol).observe(latency / 1000.0)
         elif kind == "drop":
-            self.flows.labels("L3_L4", verdict, protocol).inc()
+            # One record may stand for many packets (the kernel aggregates drop reports).
+            packets = int(record.get("count", 1))
+            self.flows.labels("L3_L4", verdict, protocol).inc(packets)
             if verdict == "DROPPED":
                 self.drops.labels(
                     drop_reason(record.get("reason", "")),
                     (record.get("direction") or "ingress").upper(),
-                ).inc()
+                ).inc(packets)
 
     __call__ = observe
 

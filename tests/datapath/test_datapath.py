@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import struct
 import subprocess
 import time
 from ipaddress import IPv4Network
@@ -729,3 +730,43 @@ def test_icmp_errors_of_a_tracked_flow_reach_the_sender(pair):
     with pytest.raises(ConnectionRefusedError):
         sender.recv(100)
     assert not drops_until(t.dp, lambda e: e.proto == 1, timeout=0.3)
+
+
+def test_a_flood_of_denied_syns_is_reported_once_per_flow_and_interval_with_exact_counts(pair):
+    """Drop reports are aggregated per flow in the kernel (issue 14, finding 7): the
+    first drop is reported at once, the rest counted and reported with their count
+    at most once per interval, so a flood costs the agent a few events, not one per
+    packet. Every dropped packet is in exactly one report's count and in the
+    verdict counter."""
+    t = pair
+    client, server = t["client"], t["server"]
+    t.attach("client")
+    t.attach("server", ingress=True)
+    t.dp.sync_policy([allow(server, "ingress", client.identity, 9090)])
+    before = t.dp.counters()["endpoints"].get(server.endpoint_id, {}).get("denied", 0)
+
+    for _ in range(300):  # 300 SYNs from as many source ports, within a moment
+        s = t.socket_in("client")
+        s.setblocking(False)
+        try:
+            s.connect((str(server.ip), 8080))
+        except BlockingIOError:
+            pass
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()  # no SYN retransmission: exactly one packet per socket
+
+    reports: list = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        reports += [e for e in t.dp.poll_drops(100) if e.dst_port == 8080]
+        if sum(e.count for e in reports) >= 300:
+            break
+    denied = t.dp.counters()["endpoints"][server.endpoint_id]["denied"] - before
+
+    assert denied == 300
+    assert sum(e.count for e in reports) == 300
+    assert reports[0].count == 1  # the first drop is reported at once
+    assert len(reports) <= 5
+    assert all(
+        (e.src_ip, e.dst_ip, e.reason) == (client.ip, server.ip, "default-deny") for e in reports
+    )
