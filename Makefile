@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench fuzz lint conformance clean
+.PHONY: setup demo test check lint typecheck bench fuzz conformance clean
 
 setup:
 	@bash scripts/setup.sh
@@ -11,8 +11,11 @@ setup:
 demo: setup
 	$(PY) -m l7proxy.demo
 
-test: setup
+# The style is enforced before a single test runs: lint, format, types.
+test: setup check
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+check: lint typecheck
 
 conformance: setup
 	$(PY) -m parsers.conformance
@@ -25,6 +28,10 @@ fuzz: setup
 
 lint: setup
 	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+typecheck: setup
+	.venv/bin/mypy
 
 clean:
 	$(PY) -m l7proxy cleanup || true
