@@ -65,7 +65,9 @@ class Agent:
         predecessor: Predecessor | None = None,
         drain_timeout: float = 30.0,
         flowlog_rotation: Rotation = DEFAULT_ROTATION,
+        drop_report_interval: float = 1.0,
     ):
+        self.drop_report_interval = drop_report_interval
         self.store = store
         self.predecessor = predecessor  # the running agent this one takes over from
         self.drain_timeout = drain_timeout  # what we give our predecessor
@@ -114,6 +116,7 @@ class Agent:
             redirect_mark=st.redirect_mark,
             instance=st.instance,
             pin_dir=pins.pin_dir(st.instance),
+            drop_report_interval=self.drop_report_interval,
         )
         inherited: dict = {}
         try:

@@ -40,6 +40,13 @@ def register(commands: Any) -> None:
         metavar="SECONDS",
         help="on takeover, how long the old agent keeps serving its open connections",
     )
+    run_cmd.add_argument(
+        "--drop-report-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="report a flow's kernel drops at most this often, with their count (0: every packet)",
+    )
     run_cmd.set_defaults(func=run)
 
     status_cmd = commands.add_parser("status", help="health of the running agent")
@@ -81,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         predecessor=predecessor,
         drain_timeout=args.drain_timeout,
         flowlog_rotation=flowlog_rotation(args),
+        drop_report_interval=args.drop_report_interval,
     )
 
     async def main() -> None:
