@@ -26,8 +26,8 @@ from typing import Any
 import h2.events as ev
 from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
+from h2.exceptions import DenialOfServiceError, StreamClosedError
 from h2.exceptions import ProtocolError as H2ProtocolError
-from h2.exceptions import StreamClosedError
 from h2.settings import SettingCodes
 
 from parsers.base import (
@@ -90,6 +90,10 @@ class H2Limits:
     # intact); above the hard cap h2 stops decoding: connection error.
     max_header_list_size: int = 64 * 1024
     hard_header_list_size: int = 256 * 1024
+    # A header block still waiting for END_HEADERS may hold no more compressed
+    # bytes than the hard cap allows decoded ones (HPACK never shrinks a header
+    # list below its encoding by much): past it, GOAWAY(ENHANCE_YOUR_CALM), as
+    # nghttp2 does, rather than parking up to 64 CONTINUATION frames (1 MiB).
 
 
 _NO_ERROR = ErrorCodes.NO_ERROR
@@ -203,6 +207,7 @@ class H2Engine:
         try:
             events = self.down.receive_data(data)
             check_announced_length(self.down)
+            self._check_parked_header_block()
         except H2ProtocolError as exc:
             return self._connection_error("client", exc)
         handlers = self._client_handlers
@@ -211,6 +216,16 @@ class H2Engine:
             if handler is not None:
                 handler(event)
         return self._drain()
+
+    def _check_parked_header_block(self) -> None:
+        parked = self.down.incoming_buffer._headers_buffer  # h2 has no public view of it
+        if parked:
+            size = sum(len(frame.data) for frame in parked)
+            if size > self._limits.hard_header_list_size:
+                raise DenialOfServiceError(
+                    f"header block of {size} bytes still without END_HEADERS "
+                    f"(limit {self._limits.hard_header_list_size})"
+                )
 
     def server_data(self, data: bytes) -> list[Command]:
         if self._dead:

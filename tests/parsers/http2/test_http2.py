@@ -337,6 +337,35 @@ def test_oversized_frame_is_a_frame_size_error(split):
     assert goaway.error_code == ErrorCodes.FRAME_SIZE_ERROR
 
 
+def header_block_frames(stream_id: int, block: bytes, piece: int = 16384) -> bytes:
+    """HEADERS then CONTINUATION frames carrying ``block``, none with END_HEADERS."""
+    frames = b""
+    for n, at in enumerate(range(0, len(block), piece)):
+        chunk = block[at : at + piece]
+        kind = 0x1 if n == 0 else 0x9  # HEADERS, then CONTINUATION
+        head = len(chunk).to_bytes(3, "big") + bytes([kind, 0]) + stream_id.to_bytes(4, "big")
+        frames += head + chunk
+    return frames
+
+
+def test_a_header_block_parked_past_the_hard_cap_is_enhance_your_calm(split):
+    """An unfinished HEADERS + CONTINUATION sequence may not park more than the hard
+    header-list cap (256 KiB) in the proxy (issue 14, finding 6)."""
+    t = Transcript(H2Engine(decide), split).start()
+    t.client_raw(header_block_frames(1, b"\x00" * (256 * 1024 + 1)))
+    (goaway,) = t.of(ev.ConnectionTerminated, "client")
+    assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert not t.of(ev.RequestReceived, "server")
+    assert isinstance(t.commands[-1], Close)
+
+
+def test_a_header_block_under_the_cap_may_wait_for_its_end(split):
+    t = Transcript(H2Engine(decide), split).start()
+    t.client_raw(header_block_frames(1, b"\x00" * (200 * 1024)))
+    assert not t.of(ev.ConnectionTerminated, "client")
+    assert t.engine.reading_headers  # the driver's header deadline runs meanwhile
+
+
 def test_malformed_request_is_a_stream_error_only(split):
     t = Transcript(H2Engine(decide), split, strict_client=False).start()
     t.client.send_headers(1, [*request_headers("/"), (b"Upper-Case", b"x")], end_stream=True)
