@@ -357,7 +357,9 @@ def profile_firewall(nginx, args, workdir: Path) -> dict[str, Any]:
     return {
         "requests": result.requests,
         "rps_under_profiler": round(result.rps, 1),
-        "note": "cProfile inflates Python-heavy code several times; read shares, not absolute times",
+        "note": (
+            "cProfile inflates Python-heavy code several times; read shares, not absolute times"
+        ),
         **top_functions(stats, result.requests),
     }
 
@@ -387,7 +389,8 @@ class _Sink:
 def profile_engine(
     upstream: tuple[str, int], request: bytes, response: bytes, n: int, workdir: Path
 ) -> dict[str, Any]:
-    """The sans-I/O engine and the driver's command loop, no sockets: the Python floor per request."""
+    """The sans-I/O engine and the driver's command loop, no sockets: the Python floor
+    per request."""
     from l7proxy.observe.flowlog import FlowLog
     from l7proxy.proxy.driver import Pipe, ProxyLimits, ProxyStats
     from l7proxy.proxy.firewall import Firewall
@@ -416,6 +419,15 @@ def profile_engine(
                 engine.client_data(request)
                 engine.server_data(response)
 
+        # The varied-target workload's requests (GET /?n=1, /?n=2, ...), built before timing.
+        varied = [request.replace(b"GET / ", b"GET /?n=%d " % i, 1) for i in range(n)]
+
+        def engine_varied() -> None:
+            engine = factory(conn_policy.decide)
+            for each in varied:
+                engine.client_data(each)
+                engine.server_data(response)
+
         def engine_and_driver() -> None:
             pipe = Pipe(
                 loop,
@@ -433,7 +445,11 @@ def profile_engine(
                 pipe.server_data(response)
 
         timings = {}
-        for label, fn in (("engine", engine_only), ("engine_and_driver", engine_and_driver)):
+        for label, fn in (
+            ("engine", engine_only),
+            ("engine_varied", engine_varied),
+            ("engine_and_driver", engine_and_driver),
+        ):
             fn()  # warm
             t0 = time.process_time()
             fn()
@@ -606,10 +622,15 @@ def main(argv: list[str] | None = None) -> int:
 
     doc = {
         "settings": {
-            "wrk": f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s (keep-alive GET /, 2-byte body)",
+            "wrk": (
+                f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s "
+                "(keep-alive GET /, 2-byte body)"
+            ),
             "rounds": args.rounds,
             "download": "curl -o /dev/null of a 1 GiB sparse file served by nginx (sendfile)",
-            "l7proxy": "python -m l7proxy firewall, L7 rule GET /.* in force (uvloop, C head parser)",
+            "l7proxy": (
+                "python -m l7proxy firewall, L7 rule GET /.* in force (uvloop, C head parser)"
+            ),
             "haproxy": f"nbthread 1, mode http, {HAPROXY_RULES}",
             "nginx": 'master_process off, 1 worker, return 200 "ok"',
         },
@@ -685,9 +706,10 @@ def report(doc: dict[str, Any]) -> str:
         )
     )
     h = doc["headline"]
+    by_round = ", ".join(f"{r:.2f}" for r in h["l7proxy_over_haproxy_cpu_per_req_by_round"])
     out.write(
         f"\n\nl7proxy / haproxy CPU per request: **{h['l7proxy_over_haproxy_cpu_per_req']:.2f}x** "
-        f"(rounds: {', '.join(f'{r:.2f}' for r in h['l7proxy_over_haproxy_cpu_per_req_by_round'])}; "
+        f"(rounds: {by_round}; "
         f"with flow-log file {h['l7proxy_flowlog_over_haproxy_cpu_per_req']:.2f}x; issue target "
         "<= 3x, goal 1.5x)\n"
     )
@@ -785,7 +807,12 @@ def report(doc: dict[str, Any]) -> str:
             continue
         extra = ""
         if key == "engine_in_process":
-            extra = f" (engine alone {prof['engine_us_per_req']:.1f} us/req, engine + driver {prof['engine_and_driver_us_per_req']:.1f} us/req, unprofiled)"
+            extra = (
+                f" (engine alone {prof['engine_us_per_req']:.1f} us/req, "
+                f"{prof.get('engine_varied_us_per_req', float('nan')):.1f} us/req with varied "
+                f"targets; engine + driver {prof['engine_and_driver_us_per_req']:.1f} us/req; "
+                "unprofiled)"
+            )
         out.write(f"\nProfile, {title}{extra}: top functions by own time\n\n")
         rows = [
             [f["function"], f["calls_per_req"], f"{f['own_share'] * 100:.1f}%", f["own_us_per_req"]]
