@@ -223,8 +223,8 @@ def serialise_end(head: MessageHead, trailers: Sequence[tuple[bytes, bytes]]) ->
 
 @dataclass(frozen=True, slots=True)
 class RequestFields:
-    """What a request head's field lines give the engine; pure functions of the fields
-    and the framing, so heads that share their field list share these."""
+    """What a request head's field lines give the engine: pure functions of the fields
+    and the framing (heads that share a field list share the framing too)."""
 
     headers: tuple[tuple[str, str], ...]  # ``HttpRequest.headers``: names lower-cased
     host: str  # the first Host value, "" without one
@@ -236,6 +236,15 @@ def request_field_facts(head: MessageHead) -> RequestFields:
     headers = tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in head.headers)
     hosts = [v for k, v in headers if k == "host"]
     return RequestFields(headers, hosts[0] if hosts else "", bool(hosts), request_fields(head))
+
+
+@dataclass(frozen=True, slots=True)
+class RequestForm:
+    """A request head as the engine uses it: what ``decide`` sees, and the bytes
+    forwarded when the decision asks for no edits."""
+
+    request: HttpRequest
+    wire: bytes
 
 
 def http_request(head: MessageHead, fields: RequestFields | None = None) -> HttpRequest:
@@ -254,39 +263,33 @@ def http_request(head: MessageHead, fields: RequestFields | None = None) -> Http
     )
 
 
-T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
 
 
-class PerFieldList(Generic[T]):
-    """Values derived from a head's field list, for heads that share that list object.
+class ByIdentity(Generic[K, V]):
+    """A small cache of values derived from objects the memo hands out again.
 
-    A head the memo hands out again is the same object, and a known head with a new
-    target shares its field list (``parsers.http1.memo``); a freshly parsed head has a
-    new list. Entries hold their list, so an id is never another list's while cached;
-    the framing is checked too, since the forwarded field section depends on it.
+    A head the memo recognises is the same ``MessageHead`` object as before, and a
+    known head with a new target shares its field list (``parsers.http1.memo``); a
+    freshly parsed head is a new object with a new list. So what the engine derives
+    from a head (or from its field list) is kept by that object's identity. Entries
+    hold their object, so an id is never another object's while it is cached.
     """
 
-    __slots__ = ("_derive", "_entries")
+    __slots__ = ("_entries",)
 
-    def __init__(self, derive: Callable[[MessageHead], T]) -> None:
-        self._derive = derive
-        self._entries: dict[int, tuple[Fields, str, int, T]] = {}
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[K, V]] = {}
 
-    def __call__(self, head: MessageHead) -> T:
-        fields = head.headers
-        entry = self._entries.get(id(fields))
-        if (
-            entry is not None
-            and entry[0] is fields
-            and entry[1] == head.framing
-            and entry[2] == head.length
-        ):
-            return entry[3]
-        value = self._derive(head)
+    def get(self, key: K) -> V | None:
+        entry = self._entries.get(id(key))
+        return entry[1] if entry is not None and entry[0] is key else None
+
+    def put(self, key: K, value: V) -> None:
         if len(self._entries) >= MEMO_SIZE:
             self._entries.clear()
-        self._entries[id(fields)] = (fields, head.framing, head.length, value)
-        return value
+        self._entries[id(key)] = (key, value)
 
 
 def _coalesce(out: list[Command]) -> list[Command]:
@@ -361,9 +364,10 @@ class Http1Engine:
         # this connection (``parsers.http1.memo``), and nothing else differs.
         self._requests = request_reader(self.implementation, limits, memo=True)
         self._responses = response_reader(self.implementation, limits, memo=True)
-        # What the engine derives from field lines, kept for heads that share them.
-        self._request_fields = PerFieldList(request_field_facts)
-        self._response_fields = PerFieldList(response_fields)
+        # What the engine derives from heads the memo hands out again.
+        self._request_forms: ByIdentity[MessageHead, RequestForm] = ByIdentity()
+        self._request_fields: ByIdentity[Fields, RequestFields] = ByIdentity()
+        self._response_heads: ByIdentity[MessageHead, bytes] = ByIdentity()
         self._upgrade_handler = upgrade_handler
         self._seq = 0
         self._queue: deque[_Exchange | _BadRequest] = deque()  # every request, in order
@@ -442,12 +446,8 @@ class Http1Engine:
 
     def _on_request_head(self, head: MessageHead, out: list[Command]) -> None:
         """Judge one request: the only place ``decide`` is called, once per request."""
-        fields = self._request_fields(head)
-        if head.version == "1.1" and not fields.has_host:
-            # RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request
-            # without Host. (The parser library accepts it; the proxy does not.)
-            raise MalformedMessage("HTTP/1.1 request without Host", code="missing_host")
-        request = http_request(head, fields)
+        form = self._request_form(head)
+        request = form.request
         decision: Decision = self.decide(request)
         key = self._seq
         self._seq += 1
@@ -459,8 +459,7 @@ class Http1Engine:
             self._awaiting.append(ex)
             self._responses.expect(head.method, head.upgrade)
             edits = decision.edits
-            section = request_fields(head, edits) if edits else fields.section
-            out.append(ToServer(request_line(head) + section))
+            out.append(ToServer(serialise_request(head, edits) if edits else form.wire))
         else:
             # A client waiting for 100-continue may never send the body it
             # announced, so the connection cannot be reused after refusing it.
@@ -470,6 +469,22 @@ class Http1Engine:
             if ex.close:
                 self._client_dead = True
             self._flush(out)
+
+    def _request_form(self, head: MessageHead) -> RequestForm:
+        form = self._request_forms.get(head)
+        if form is not None:
+            return form  # the same head as before: it passed the checks below then
+        fields = self._request_fields.get(head.headers)
+        if fields is None:
+            fields = request_field_facts(head)
+            self._request_fields.put(head.headers, fields)
+        if head.version == "1.1" and not fields.has_host:
+            # RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request
+            # without Host. (The parser library accepts it; the proxy does not.)
+            raise MalformedMessage("HTTP/1.1 request without Host", code="missing_host")
+        form = RequestForm(http_request(head, fields), request_line(head) + fields.section)
+        self._request_forms.put(head, form)
+        return form
 
     def _on_client_error(self, exc: Http1Error, out: list[Command]) -> None:
         self._client_dead = True
@@ -539,7 +554,11 @@ class Http1Engine:
                     return
                 self._response_head = head
                 self._awaiting[0].started = True
-                out.append(ToClient(status_line(head) + self._response_fields(head)))
+                wire = self._response_heads.get(head)
+                if wire is None:
+                    wire = serialise_response(head)
+                    self._response_heads.put(head, wire)
+                out.append(ToClient(wire))
             elif type(event) is End:
                 head = self._response_head
                 assert head is not None  # the reader reads a head before its end

@@ -20,7 +20,6 @@ bytes (cleared when full), so a connection's memory stays bounded.
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 from typing import Literal
 
 from parsers.http1.head import MessageHead, RequestHeadParser, ResponseHeadParser
@@ -94,7 +93,7 @@ class RequestHeadMemo:
         shape = self._shapes.get((raw[:sp1], raw[sp2:]))
         if shape is None or not _simple_target(raw, sp1 + 1, sp2):
             return None
-        head = replace(shape, target=raw[sp1 + 1 : sp2].decode("ascii"), size=len(raw))
+        head = shape.with_target(raw[sp1 + 1 : sp2].decode("ascii"), len(raw))
         self._remember_bytes(raw, head)
         return head
 

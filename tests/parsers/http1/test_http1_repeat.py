@@ -4,6 +4,8 @@ and every request is judged: one ``decide`` call per request, always."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -321,3 +323,19 @@ def test_the_memo_stays_bounded():
     assert heads.parsed == MEMO_SIZE + 1
     reader.feed(first)  # forgotten when the memo filled up: parsed again
     assert heads.parsed == MEMO_SIZE + 2
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        GET,
+        POST,
+        b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"PUT /big HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 9\r\n\r\n",
+        b"GET / HTTP/1.0\r\nHost: a\r\n\r\n",
+    ],
+)
+def test_with_target_copies_every_other_field(request_bytes):
+    head = PyRequestHead().complete(request_bytes[: request_bytes.index(b"\r\n\r\n") + 4])
+    assert head.with_target("/elsewhere", 99) == replace(head, target="/elsewhere", size=99)
