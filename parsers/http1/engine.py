@@ -193,26 +193,19 @@ def serialise_request(head: MessageHead, edits: Edits = ()) -> bytes:
     return request_line(head) + request_fields(head, edits)
 
 
-def status_line(head: MessageHead) -> bytes:
-    return (
+def serialise_response(head: MessageHead) -> bytes:
+    line = (
         f"HTTP/{head.version} {head.status} ".encode("ascii")
         + head.reason.encode("latin-1")
         + b"\r\n"
     )
-
-
-def response_fields(head: MessageHead) -> bytes:
     if head.framing in ("none", "close"):
         # HEAD/204/304 answers keep the length they announce; close-delimited
         # bodies keep their (non-chunked) codings.
         fields = [name + b": " + value + b"\r\n" for name, value in head.headers]
     else:
         fields = _field_block(head.headers, head)
-    return b"".join([*fields, b"\r\n"])
-
-
-def serialise_response(head: MessageHead) -> bytes:
-    return status_line(head) + response_fields(head)
+    return b"".join([line, *fields, b"\r\n"])
 
 
 def serialise_end(head: MessageHead, trailers: Sequence[tuple[bytes, bytes]]) -> bytes:
