@@ -536,6 +536,10 @@ class Http1Engine:
                 assert head is not None  # the reader reads a head before its body
                 if head.framing == "chunked":
                     out.append(ToClient(b"%x\r\n" % len(event.data) + event.data + b"\r\n"))
+                elif out and type(out[-1]) is ToClient:
+                    # The head just written: one write for head and body (what
+                    # ``_coalesce`` would do; a message has one such body piece per read).
+                    out[-1] = ToClient(out[-1].data + event.data)
                 else:
                     out.append(ToClient(event.data))
             elif type(event) is Head:
