@@ -389,8 +389,8 @@ class _Sink:
 def profile_engine(
     upstream: tuple[str, int], request: bytes, response: bytes, n: int, workdir: Path
 ) -> dict[str, Any]:
-    """The sans-I/O engine and the driver's command loop, no sockets: the Python floor per
-    request."""
+    """The sans-I/O engine and the driver's command loop, no sockets: the Python floor
+    per request."""
     from l7proxy.observe.flowlog import FlowLog
     from l7proxy.proxy.driver import Pipe, ProxyLimits, ProxyStats
     from l7proxy.proxy.firewall import Firewall
@@ -419,6 +419,15 @@ def profile_engine(
                 engine.client_data(request)
                 engine.server_data(response)
 
+        # The varied-target workload's requests (GET /?n=1, /?n=2, ...), built before timing.
+        varied = [request.replace(b"GET / ", b"GET /?n=%d " % i, 1) for i in range(n)]
+
+        def engine_varied() -> None:
+            engine = factory(conn_policy.decide)
+            for each in varied:
+                engine.client_data(each)
+                engine.server_data(response)
+
         def engine_and_driver() -> None:
             pipe = Pipe(
                 loop,
@@ -435,7 +444,11 @@ def profile_engine(
                 pipe.server_data(response)
 
         timings = {}
-        for label, fn in (("engine", engine_only), ("engine_and_driver", engine_and_driver)):
+        for label, fn in (
+            ("engine", engine_only),
+            ("engine_varied", engine_varied),
+            ("engine_and_driver", engine_and_driver),
+        ):
             fn()  # warm
             t0 = time.process_time()
             fn()
@@ -795,7 +808,9 @@ def report(doc: dict[str, Any]) -> str:
         if key == "engine_in_process":
             extra = (
                 f" (engine alone {prof['engine_us_per_req']:.1f} us/req, "
-                f"engine + driver {prof['engine_and_driver_us_per_req']:.1f} us/req, unprofiled)"
+                f"{prof.get('engine_varied_us_per_req', float('nan')):.1f} us/req with varied "
+                f"targets; engine + driver {prof['engine_and_driver_us_per_req']:.1f} us/req; "
+                "unprofiled)"
             )
         out.write(f"\nProfile, {title}{extra}: top functions by own time\n\n")
         rows = [

@@ -12,7 +12,8 @@ clock or a global. One engine object handles one proxied connection:
 
 Engines never read policy. They build a typed request (``HttpRequest``,
 ``GrpcCall``, ``KafkaRequest``, ``CqlRequest``) and ask the ``decide``
-function they were given. A denial is answered on the wire by the engine
+function they were given, exactly once per request (``decide`` is pure: see
+``Decide``). A denial is answered on the wire by the engine
 itself (``ToClient`` with a protocol-native error), so the driver that does
 the I/O stays protocol-agnostic.
 """
@@ -62,6 +63,21 @@ def allow_all(_request: object) -> Decision:
 
 
 Decide = Callable[[L7Request], Decision]
+"""How an engine asks policy about one request: ``decide(request) -> Decision``.
+
+``decide`` is pure: for the life of a policy revision its answer is a function
+of the typed request alone. It has no side effects an engine could observe,
+and may be called from any engine, on any connection, in any order. A new
+policy revision may change the answer for the same request, and the same
+``decide`` object follows the revision in force.
+
+So engines call ``decide`` exactly once per request, when the request is
+judged, and never cache a ``Decision`` across requests: not even for a request
+identical to an earlier one on the same connection (a keep-alive repeat must be
+judged by the revision in force when it arrives). What an engine may cache is
+its own parsing work (``parsers.http1.memo``), never the verdict.
+``tests/parsers/http1/test_http1_repeat.py`` counts the calls.
+"""
 
 
 # --------------------------------------------------------------------------

@@ -22,9 +22,9 @@ MAX_EARLY_SERVER_BYTES = 16 * 1024
 class HttpEngine:
     protocol = "http"
 
-    def __init__(self, decide: Decide):
+    def __init__(self, decide: Decide) -> None:
         self._decide = decide
-        self._inner = None
+        self._inner: H2Engine | Http1Engine | None = None
         self._head = b""  # a possible preface prefix, until it is decided
         # An HTTP/2 server may send its SETTINGS as soon as it accepts, before
         # the client has said anything: keep those bytes for the chosen engine.
@@ -55,7 +55,7 @@ class HttpEngine:
         if head.startswith(PREFACE):
             inner = self._inner = H2Engine(self._decide)
         else:
-            inner = self._inner = Http1Engine(self._decide, upgrade_handler=self._upgrade)
+            inner = self._inner = self._http1()
         out = inner.client_data(head) if head else []
         if not data:
             out += inner.client_data(b"")
@@ -72,7 +72,7 @@ class HttpEngine:
             self._server_early += data
             return []
         # EOF, or far more than a SETTINGS frame: HTTP/1.1 judges (and rejects) it.
-        inner = self._inner = Http1Engine(self._decide, upgrade_handler=self._upgrade)
+        inner = self._inner = self._http1()
         early, self._server_early = self._server_early + data, b""
         out = inner.server_data(early) if early else []
         if not data:
@@ -81,6 +81,9 @@ class HttpEngine:
             head, self._head = self._head, b""
             out += inner.client_data(head)
         return out
+
+    def _http1(self) -> Http1Engine:
+        return Http1Engine(self._decide, upgrade_handler=self._upgrade)
 
     def _upgrade(self, request: HttpRequest) -> H2Engine | None:
         """Called by Http1Engine after the server's 101 to an allowed Upgrade request."""

@@ -14,24 +14,28 @@ order) and not one of its bytes reaches the server.
 The parser has two implementations (``parsers.http1.fast`` on llhttp, and
 ``parsers.http1.head`` in pure Python) behind one contract; which one runs
 is ``ACTIVE_IMPLEMENTATION``, forced with ``L7PROXY_HTTP1_PARSER=c|python``.
+The engine's readers put ``parsers.http1.memo`` in front of it, so a head the
+connection sent before is not parsed again; it is judged and forwarded by the
+same code as any other (one state machine, one ``decide`` call per request).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections import deque
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Generic, TypeVar
 
 from parsers.base import (
     Access,
     Close,
+    Command,
     Decide,
     Decision,
     Engine,
     Log,
     ParseError,
-    ProtocolError,
     Reply,
     ShutdownServer,
     ToClient,
@@ -47,8 +51,15 @@ from parsers.http1.errors import (
     MalformedMessage,
     simple_response,
 )
-from parsers.http1.head import MessageHead, PyRequestHead, PyResponseHead
-from parsers.http1.reader import Data, End, Head, MessageReader
+from parsers.http1.head import (
+    MessageHead,
+    PyRequestHead,
+    PyResponseHead,
+    RequestHeadParser,
+    ResponseHeadParser,
+)
+from parsers.http1.memo import MEMO_SIZE, RequestHeadMemo, ResponseHeadMemo
+from parsers.http1.reader import Data, End, Event, Head, MessageReader
 from parsers.requests import HttpRequest
 
 __all__ = [
@@ -102,21 +113,27 @@ class Http1Limits:
     max_chunk_line: int = 4096  # chunk-size line including extensions
 
 
-def request_reader(impl: str = "auto", limits: Http1Limits = Http1Limits()) -> MessageReader:
-    """A reader of requests (client side) with the chosen head parser."""
+def request_reader(
+    impl: str = "auto", limits: Http1Limits = Http1Limits(), *, memo: bool = False
+) -> MessageReader:
+    """A reader of requests (client side) with the chosen head parser; with ``memo``,
+    heads seen before on the connection are not parsed again."""
     impl = ACTIVE_IMPLEMENTATION if impl == "auto" else _choose(impl)
-    heads = CRequestHead() if impl == "c" else PyRequestHead()
-    return MessageReader(
-        "client", heads, max_head=limits.max_head, max_chunk_line=limits.max_chunk_line
-    )
+    heads: RequestHeadParser = CRequestHead() if impl == "c" else PyRequestHead()
+    if memo:
+        heads = RequestHeadMemo(heads)
+    return MessageReader(heads, max_head=limits.max_head, max_chunk_line=limits.max_chunk_line)
 
 
-def response_reader(impl: str = "auto", limits: Http1Limits = Http1Limits()) -> MessageReader:
+def response_reader(
+    impl: str = "auto", limits: Http1Limits = Http1Limits(), *, memo: bool = False
+) -> MessageReader:
+    """A reader of responses (server side); ``memo`` as for ``request_reader``."""
     impl = ACTIVE_IMPLEMENTATION if impl == "auto" else _choose(impl)
-    heads = CResponseHead() if impl == "c" else PyResponseHead()
-    return MessageReader(
-        "server", heads, max_head=limits.max_head, max_chunk_line=limits.max_chunk_line
-    )
+    heads: ResponseHeadParser = CResponseHead() if impl == "c" else PyResponseHead()
+    if memo:
+        heads = ResponseHeadMemo(heads)
+    return MessageReader(heads, max_head=limits.max_head, max_chunk_line=limits.max_chunk_line)
 
 
 # --------------------------------------------------------------------------
@@ -128,7 +145,11 @@ DENIED_CLOSE = simple_response(403, b"Access denied", close=True)
 BAD_GATEWAY = simple_response(502, b"Bad Gateway", close=True)
 
 
-def _apply_edits(headers: list[tuple[bytes, bytes]], edits) -> list[tuple[bytes, bytes]]:
+Fields = list[tuple[bytes, bytes]]
+Edits = tuple[tuple[str, str, str], ...]
+
+
+def _apply_edits(headers: Fields, edits: Edits) -> Fields:
     for action, name, value in edits:
         key = name.lower().encode("latin-1")
         if key in FRAMING_FIELDS:
@@ -144,7 +165,7 @@ def _apply_edits(headers: list[tuple[bytes, bytes]], edits) -> list[tuple[bytes,
     return headers
 
 
-def _field_block(headers, head: MessageHead) -> list[bytes]:
+def _field_block(headers: Fields, head: MessageHead) -> list[bytes]:
     parts = []
     for name, value in headers:
         if name.lower() in FRAMING_FIELDS:
@@ -158,10 +179,18 @@ def _field_block(headers, head: MessageHead) -> list[bytes]:
     return parts
 
 
-def serialise_request(head: MessageHead, edits=()) -> bytes:
+def request_line(head: MessageHead) -> bytes:
+    return f"{head.method} {head.target} HTTP/{head.version}\r\n".encode("ascii")
+
+
+def request_fields(head: MessageHead, edits: Edits = ()) -> bytes:
+    """The field section a request is forwarded with (one framing field), and the empty line."""
     headers = _apply_edits(list(head.headers), edits) if edits else head.headers
-    line = f"{head.method} {head.target} HTTP/{head.version}\r\n".encode("ascii")
-    return b"".join([line, *_field_block(headers, head), b"\r\n"])
+    return b"".join([*_field_block(headers, head), b"\r\n"])
+
+
+def serialise_request(head: MessageHead, edits: Edits = ()) -> bytes:
+    return request_line(head) + request_fields(head, edits)
 
 
 def serialise_response(head: MessageHead) -> bytes:
@@ -179,16 +208,43 @@ def serialise_response(head: MessageHead) -> bytes:
     return b"".join([line, *fields, b"\r\n"])
 
 
-def serialise_end(head: MessageHead, trailers) -> bytes:
+def serialise_end(head: MessageHead, trailers: Sequence[tuple[bytes, bytes]]) -> bytes:
     if head.framing != "chunked":
         return b""
     return b"".join([b"0\r\n", *(n + b": " + v + b"\r\n" for n, v in trailers), b"\r\n"])
 
 
-def http_request(head: MessageHead) -> HttpRequest:
+@dataclass(frozen=True, slots=True)
+class RequestFields:
+    """What a request head's field lines give the engine: pure functions of the fields
+    and the framing (heads that share a field list share the framing too)."""
+
+    headers: tuple[tuple[str, str], ...]  # ``HttpRequest.headers``: names lower-cased
+    host: str  # the first Host value, "" without one
+    has_host: bool
+    section: bytes  # ``request_fields(head)``: forwarded when no edits are asked for
+
+
+def request_field_facts(head: MessageHead) -> RequestFields:
     headers = tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in head.headers)
-    host = next((v for k, v in headers if k == "host"), "")
-    path = head.target
+    hosts = [v for k, v in headers if k == "host"]
+    return RequestFields(headers, hosts[0] if hosts else "", bool(hosts), request_fields(head))
+
+
+@dataclass(frozen=True, slots=True)
+class RequestForm:
+    """A request head as the engine uses it: what ``decide`` sees, and the bytes
+    forwarded when the decision asks for no edits."""
+
+    request: HttpRequest
+    wire: bytes
+
+
+def http_request(head: MessageHead, fields: RequestFields | None = None) -> HttpRequest:
+    """The typed request ``decide`` sees (``fields``: ``request_field_facts(head)``, if known)."""
+    if fields is None:
+        fields = request_field_facts(head)
+    host, path = fields.host, head.target
     if "://" in path:  # absolute-form: the target's authority is the host (RFC 9112 3.2.2)
         rest = path.split("://", 1)[1]
         slash = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
@@ -196,32 +252,60 @@ def http_request(head: MessageHead) -> HttpRequest:
         if path.startswith("?"):
             path = "/" + path
     return HttpRequest(
-        method=head.method, path=path, host=host, headers=headers, version=head.version
+        method=head.method, path=path, host=host, headers=fields.headers, version=head.version
     )
 
 
-def _coalesce(out: list) -> list:
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class ByIdentity(Generic[K, V]):
+    """A small cache of values derived from objects the memo hands out again.
+
+    A head the memo recognises is the same ``MessageHead`` object as before, and a
+    known head with a new target shares its field list (``parsers.http1.memo``); a
+    freshly parsed head is a new object with a new list. So what the engine derives
+    from a head (or from its field list) is kept by that object's identity. Entries
+    hold their object, so an id is never another object's while it is cached.
+    """
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[K, V]] = {}
+
+    def get(self, key: K) -> V | None:
+        entry = self._entries.get(id(key))
+        return entry[1] if entry is not None and entry[0] is key else None
+
+    def put(self, key: K, value: V) -> None:
+        if len(self._entries) >= MEMO_SIZE:
+            self._entries.clear()
+        self._entries[id(key)] = (key, value)
+
+
+def _coalesce(out: list[Command]) -> list[Command]:
     """Merge neighbouring writes in the same direction into one command."""
-    if len(out) < 2:
+    if len(out) < 2 or (len(out) == 2 and type(out[0]) is not type(out[1])):
         return out
-    merged: list = []
+    merged: list[Command] = []
     run: list[bytes] = []
-    kind = None
+    kind: type[ToServer] | type[ToClient] | None = None
     for cmd in out:
-        t = type(cmd)
-        if t is kind:
-            run.append(cmd.data)
-            continue
-        if run:
-            merged.append(kind(b"".join(run)))
-            run = []
-        if t is ToServer or t is ToClient:
-            kind = t
-            run.append(cmd.data)
+        if type(cmd) is ToServer or type(cmd) is ToClient:
+            if type(cmd) is kind:
+                run.append(cmd.data)
+                continue
+            if kind is not None:
+                merged.append(kind(b"".join(run)))
+            kind, run = type(cmd), [cmd.data]
         else:
-            kind = None
+            if kind is not None:
+                merged.append(kind(b"".join(run)))
+                kind = None
             merged.append(cmd)
-    if run:
+    if kind is not None:
         merged.append(kind(b"".join(run)))
     return merged
 
@@ -229,24 +313,28 @@ def _coalesce(out: list) -> list:
 # --------------------------------------------------------------------------
 # The engine
 
-_MEMO_SIZE = 32  # distinct repeated heads remembered per connection
-# Origin-form targets the repeat path may take without a full parse: a strict
-# subset of what both head parsers accept (tests/parsers/http1/test_http1_repeat.py checks it).
-SIMPLE_TARGET = re.compile(rb"/(?:[A-Za-z0-9._~!$&'()*+,;=:/?\-]|%[0-9A-Fa-f]{2})*")
+UpgradeHandler = Callable[[HttpRequest], Engine | None]
 
 
 @dataclass(slots=True)
 class _Exchange:
-    """One request and what the client is owed for it, in request order."""
+    """One judged request and what the client is owed for it, in request order."""
 
     key: int
-    request: HttpRequest | None
-    head: MessageHead | None
+    request: HttpRequest
+    head: MessageHead
     allowed: bool
-    reply: bytes = b""  # synthesized answer (403/400/431) for a request not forwarded
+    reply: bytes = b""  # the 403 for a request not forwarded
     close: bool = False  # close the connection once this answer is out
-    error: ProtocolError | None = None
     started: bool = False  # response bytes already sent to the client
+
+
+@dataclass(slots=True)
+class _BadRequest:
+    """Bytes that could not be read as a request: a 400 (431) in its turn, then the end."""
+
+    error: Http1Error
+    allowed: ClassVar[bool] = False
 
 
 class Http1Engine:
@@ -260,16 +348,22 @@ class Http1Engine:
         *,
         limits: Http1Limits = Http1Limits(),
         parser: str = "auto",
-        upgrade_handler=None,
-    ):
+        upgrade_handler: UpgradeHandler | None = None,
+    ) -> None:
         self.decide = decide
         self.limits = limits
         self.implementation = ACTIVE_IMPLEMENTATION if parser == "auto" else _choose(parser)
-        self._requests = request_reader(self.implementation, limits)
-        self._responses = response_reader(self.implementation, limits)
+        # Keep-alive clients repeat themselves: both readers remember the heads of
+        # this connection (``parsers.http1.memo``), and nothing else differs.
+        self._requests = request_reader(self.implementation, limits, memo=True)
+        self._responses = response_reader(self.implementation, limits, memo=True)
+        # What the engine derives from heads the memo hands out again.
+        self._request_forms: ByIdentity[MessageHead, RequestForm] = ByIdentity()
+        self._request_fields: ByIdentity[Fields, RequestFields] = ByIdentity()
+        self._response_heads: ByIdentity[MessageHead, bytes] = ByIdentity()
         self._upgrade_handler = upgrade_handler
         self._seq = 0
-        self._queue: deque[_Exchange] = deque()  # every request, in order
+        self._queue: deque[_Exchange | _BadRequest] = deque()  # every request, in order
         self._awaiting: deque[_Exchange] = deque()  # forwarded, response not complete
         self._current: _Exchange | None = None  # request whose body is arriving
         self._response_head: MessageHead | None = None
@@ -277,14 +371,6 @@ class Http1Engine:
         self._closed = False
         self._tunnel = False
         self._inner: Engine | None = None
-        # Keep-alive clients repeat themselves: a head seen before on this
-        # connection, byte for byte, in the same reader state, parses to the
-        # same result. These small per-connection memos skip re-parsing it.
-        self._seen_requests: dict[bytes, tuple[MessageHead, HttpRequest, bytes]] = {}
-        self._seen_responses: dict[tuple[str, bytes], tuple[MessageHead, bytes | None]] = {}
-        # The same, for requests that differ only in an origin-form target
-        # (GET /items/1, GET /items/2, ...): keyed by method and the bytes after the target.
-        self._seen_shapes: dict[tuple[bytes, bytes], tuple[MessageHead, HttpRequest, bool]] = {}
 
     @property
     def reading_headers(self) -> bool:
@@ -294,29 +380,16 @@ class Http1Engine:
 
     # ------------------------------------------------------------ client side
 
-    def client_data(self, data: bytes) -> list:
+    def client_data(self, data: bytes) -> list[Command]:
         if self._inner is not None:
             return self._inner.client_data(data)
         if self._tunnel:
             return [ToServer(data)] if data else [Close("client closed the tunnel")]
         if self._closed or self._client_dead:
             return []
-        clean = data and self._current is None and self._requests.at_message_start
-        if clean:
-            seen = self._seen_requests.get(data)
-            if seen is not None:
-                fast = self._repeat_request(*seen)
-                if fast is not None:
-                    return fast
-            elif self._seen_shapes:
-                fast = self._repeat_shape(data)
-                if fast is not None:
-                    return fast
-        out: list = []
-        if not self._read_client(self._requests.feed, data, out):
+        out: list[Command] = []
+        if not self._read_client(data, out):
             return _coalesce(out)
-        if clean:
-            self._remember_request(data)
         if not data and not self._closed:
             # Client EOF between requests: let owed answers finish first.
             if self._queue:
@@ -326,83 +399,14 @@ class Http1Engine:
                 out.append(Close("client closed"))
         return _coalesce(out)
 
-    def _repeat_request(self, head: MessageHead, request: HttpRequest, wire: bytes) -> list | None:
-        decision: Decision = self.decide(request)
-        if not decision.allowed or decision.edits:
-            return None  # the general path answers denials and applies edits
-        key = self._seq
-        self._seq += 1
-        ex = _Exchange(key, request, head, True)
-        self._queue.append(ex)
-        self._awaiting.append(ex)
-        self._requests.repeat(head)
-        self._responses.expect(head.method, False)
-        return [Access(request, decision, key), ToServer(wire)]
-
-    def _repeat_shape(self, data: bytes) -> list | None:
-        """A request whose only difference from one seen before is its target."""
-        sp1 = data.find(b" ", 0, 24)
-        sp2 = data.find(b" ", sp1 + 1, sp1 + 8192)
-        if sp1 <= 0 or sp2 < 0:
-            return None
-        seen = self._seen_shapes.get((data[:sp1], data[sp2:]))
-        if seen is None or SIMPLE_TARGET.fullmatch(data, sp1 + 1, sp2) is None:
-            return None
-        head, request, wire_is_data = seen
-        target = data[sp1 + 1 : sp2].decode("ascii")
-        head = replace(head, target=target, size=len(data))
-        request = replace(request, path=target)
-        return self._repeat_request(
-            head, request, data if wire_is_data else serialise_request(head)
-        )
-
-    def _remember_request(self, data: bytes) -> None:
-        """Memo ``data`` if it was exactly one bodiless keep-alive request, now forwarded."""
-        if (
-            len(self._queue) == 0
-            or self._current is not None
-            or not self._requests.at_message_start
-        ):
-            return
-        ex = self._queue[-1]
-        head = ex.head
-        if (
-            ex.allowed
-            and head is not None
-            and head.framing == "none"
-            and head.keep_alive
-            and not head.upgrade
-            and not head.expect_continue
-            and head.size == len(data)
-        ):
-            if len(self._seen_requests) >= _MEMO_SIZE:
-                self._seen_requests.clear()
-            wire = serialise_request(head)
-            self._seen_requests[data] = (head, ex.request, wire)
-            target = head.target.encode("ascii")
-            line_start = head.method.encode("ascii") + b" " + target + b" "
-            if (
-                data.startswith(line_start)
-                and SIMPLE_TARGET.fullmatch(target)
-                and ex.request.path == head.target
-            ):
-                if len(self._seen_shapes) >= _MEMO_SIZE:
-                    self._seen_shapes.clear()
-                self._seen_shapes[(head.method.encode("ascii"), data[len(line_start) - 1 :])] = (
-                    head,
-                    ex.request,
-                    wire == data,
-                )
-
-    def _read_client(self, read, data, out: list) -> bool:
-        """Parse client bytes and act on them; False after a client error."""
+    def _read_client(self, data: bytes | None, out: list[Command]) -> bool:
+        """Parse client bytes (``None``: resume after a refused Upgrade) and act on
+        them; False after a client error."""
+        error: Http1Error | None = None
         try:
-            events = read(data) if data is not None else read()
+            events = self._requests.feed(data) if data is not None else self._requests.resume()
         except Http1Error as exc:
-            events = getattr(exc, "events", [])
-            error: Http1Error | None = exc
-        else:
-            error = None
+            events, error = exc.events, exc
         try:
             self._on_client_events(events, out)
         except Http1Error as exc:  # a rule the engine adds on top of the parser
@@ -412,7 +416,7 @@ class Http1Engine:
             return False
         return True
 
-    def _on_client_events(self, events, out: list) -> None:
+    def _on_client_events(self, events: Iterable[Event], out: list[Command]) -> None:
         for event in events:
             if type(event) is Data:
                 ex = self._current
@@ -427,19 +431,16 @@ class Http1Engine:
                 ex = self._current
                 self._current = None
                 if ex is not None and ex.allowed:
-                    tail = serialise_end(ex.head, event.trailers)
-                    if tail:
-                        out.append(ToServer(tail))
+                    if ex.head.framing == "chunked":
+                        out.append(ToServer(serialise_end(ex.head, event.trailers)))
                 elif ex is not None and ex.head.upgrade:
                     # A refused Upgrade/CONNECT: the client stays on HTTP/1.1.
                     self._on_client_events(self._requests.resume(), out)
 
-    def _on_request_head(self, head: MessageHead, out: list) -> None:
-        if head.version == "1.1" and not head.values(b"host"):
-            # RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request
-            # without Host. (The parser library accepts it; the proxy does not.)
-            raise MalformedMessage("HTTP/1.1 request without Host", code="missing_host")
-        request = http_request(head)
+    def _on_request_head(self, head: MessageHead, out: list[Command]) -> None:
+        """Judge one request: the only place ``decide`` is called, once per request."""
+        form = self._request_form(head)
+        request = form.request
         decision: Decision = self.decide(request)
         key = self._seq
         self._seq += 1
@@ -450,7 +451,8 @@ class Http1Engine:
         if decision.allowed:
             self._awaiting.append(ex)
             self._responses.expect(head.method, head.upgrade)
-            out.append(ToServer(serialise_request(head, decision.edits)))
+            edits = decision.edits
+            out.append(ToServer(serialise_request(head, edits) if edits else form.wire))
         else:
             # A client waiting for 100-continue may never send the body it
             # announced, so the connection cannot be reused after refusing it.
@@ -461,7 +463,23 @@ class Http1Engine:
                 self._client_dead = True
             self._flush(out)
 
-    def _on_client_error(self, exc: Http1Error, out: list) -> None:
+    def _request_form(self, head: MessageHead) -> RequestForm:
+        form = self._request_forms.get(head)
+        if form is not None:
+            return form  # the same head as before: it passed the checks below then
+        fields = self._request_fields.get(head.headers)
+        if fields is None:
+            fields = request_field_facts(head)
+            self._request_fields.put(head.headers, fields)
+        if head.version == "1.1" and not fields.has_host:
+            # RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request
+            # without Host. (The parser library accepts it; the proxy does not.)
+            raise MalformedMessage("HTTP/1.1 request without Host", code="missing_host")
+        form = RequestForm(http_request(head, fields), request_line(head) + fields.section)
+        self._request_forms.put(head, form)
+        return form
+
+    def _on_client_error(self, exc: Http1Error, out: list[Command]) -> None:
         self._client_dead = True
         if isinstance(exc, DataAfterClose):
             out.append(Log(f"ignored client bytes after Connection: close ({exc})"))
@@ -481,42 +499,26 @@ class Http1Engine:
             out.append(ParseError("client", exc, close=True))
             self._closed = True
             return
-        err = _Exchange(-1, None, None, False, reply=exc.wire_reply, close=True, error=exc)
-        self._queue.append(err)
+        self._queue.append(_BadRequest(exc))
         self._flush(out)
 
     # ------------------------------------------------------------ server side
 
-    def server_data(self, data: bytes) -> list:
+    def server_data(self, data: bytes) -> list[Command]:
         if self._inner is not None:
             return self._inner.server_data(data)
         if self._tunnel:
             return [ToClient(data)] if data else [Close("server closed the tunnel")]
         if self._closed:
             return []
-        memo_key = None
-        if (
-            data
-            and len(self._queue) == 1
-            and len(self._awaiting) == 1
-            and self._responses.at_message_start
-        ):
-            end = data.find(b"\r\n\r\n")
-            if end > 0:
-                memo_key = (self._awaiting[0].head.method, data[: end + 4])
-                seen = self._seen_responses.get(memo_key)
-                if seen is not None and len(data) == end + 4 + seen[0].length:
-                    return self._repeat_response(data, end + 4, *seen)
-        out: list = []
+        out: list[Command] = []
         try:
             events = self._responses.feed(data)
         except Http1Error as exc:
-            self._on_server_events(getattr(exc, "events", []), out)
+            self._on_server_events(exc.events, out)
             self._on_server_error(exc, out)
             return _coalesce(out)
         self._on_server_events(events, out)
-        if memo_key is not None:
-            self._remember_response(memo_key, len(data))
         if not data and not self._closed:
             if self._awaiting:
                 self._on_server_error(
@@ -527,12 +529,17 @@ class Http1Engine:
                 out.append(Close("server closed"))
         return _coalesce(out)
 
-    def _on_server_events(self, events, out: list) -> None:
+    def _on_server_events(self, events: Iterable[Event], out: list[Command]) -> None:
         for event in events:
             if type(event) is Data:
                 head = self._response_head
+                assert head is not None  # the reader reads a head before its body
                 if head.framing == "chunked":
                     out.append(ToClient(b"%x\r\n" % len(event.data) + event.data + b"\r\n"))
+                elif out and type(out[-1]) is ToClient:
+                    # The head just written: one write for head and body (what
+                    # ``_coalesce`` would do; a message has one such body piece per read).
+                    out[-1] = ToClient(out[-1].data + event.data)
                 else:
                     out.append(ToClient(event.data))
             elif type(event) is Head:
@@ -544,12 +551,16 @@ class Http1Engine:
                     return
                 self._response_head = head
                 self._awaiting[0].started = True
-                out.append(ToClient(serialise_response(head)))
+                wire = self._response_heads.get(head)
+                if wire is None:
+                    wire = serialise_response(head)
+                    self._response_heads.put(head, wire)
+                out.append(ToClient(wire))
             elif type(event) is End:
                 head = self._response_head
-                tail = serialise_end(head, event.trailers)
-                if tail:
-                    out.append(ToClient(tail))
+                assert head is not None  # the reader reads a head before its end
+                if head.framing == "chunked":
+                    out.append(ToClient(serialise_end(head, event.trailers)))
                 if head.status < 200 and not self._responses.switched:
                     continue  # 1xx: the final response is still to come
                 ex = self._awaiting.popleft()
@@ -559,47 +570,14 @@ class Http1Engine:
                     self._switch(ex, out)
                     return
                 if ex.head.upgrade and not self._client_dead:
-                    self._read_client(self._requests.resume, None, out)
+                    self._read_client(None, out)
                 self._flush(out)
                 if not head.keep_alive:
                     self._closed = True
                     out.append(Close("server ended the connection"))
                     return
 
-    def _repeat_response(
-        self, data: bytes, head_end: int, head: MessageHead, wire: bytes | None
-    ) -> list:
-        ex = self._awaiting.popleft()
-        self._queue.popleft()
-        self._responses.repeat(head)
-        self._response_head = head
-        # The canonical head is usually the head as received: forward the bytes as they are.
-        body = data if wire is None else wire + data[head_end:]
-        return [ToClient(body), Reply(ex.key, {"status": head.status})]
-
-    def _remember_response(self, memo_key: tuple[str, bytes], size: int) -> None:
-        """Memo a head that arrived with exactly its Content-Length body and completed
-        the only outstanding exchange on a connection that stays open."""
-        head = self._response_head
-        if (
-            self._closed
-            or self._queue
-            or head is None
-            or head.framing != "length"
-            or not head.keep_alive
-            or not 200 <= head.status < 300
-            or self._responses.switched
-            or not self._responses.at_message_start
-            or head.size != len(memo_key[1])
-            or size != head.size + head.length
-        ):
-            return
-        wire = serialise_response(head)
-        if len(self._seen_responses) >= _MEMO_SIZE:
-            self._seen_responses.clear()
-        self._seen_responses[memo_key] = (head, None if wire == memo_key[1] else wire)
-
-    def _on_server_error(self, exc: Http1Error, out: list) -> None:
+    def _on_server_error(self, exc: Http1Error, out: list[Command]) -> None:
         out.append(ParseError("server", exc, close=True))
         ex = self._awaiting[0] if self._awaiting else None
         if ex is not None and not ex.started:
@@ -608,7 +586,7 @@ class Http1Engine:
         self._closed = True
         out.append(Close("bad response from server"))
 
-    def _switch(self, ex: _Exchange, out: list) -> None:
+    def _switch(self, ex: _Exchange, out: list[Command]) -> None:
         """The server accepted an Upgrade/CONNECT: from here on, not HTTP."""
         client_left = self._requests.take_leftover()
         server_left = self._responses.take_leftover()
@@ -628,16 +606,17 @@ class Http1Engine:
 
     # ------------------------------------------------------------ ordering
 
-    def _flush(self, out: list) -> None:
+    def _flush(self, out: list[Command]) -> None:
         """Answer, in order, the refused requests now at the head of the line."""
         queue = self._queue
         while queue and not queue[0].allowed:
             ex = queue.popleft()
-            out.append(ToClient(ex.reply))
-            if ex.error is not None:
+            if isinstance(ex, _BadRequest):
+                out.append(ToClient(ex.error.wire_reply))
                 out.append(ParseError("client", ex.error, close=True))
                 self._closed = True
                 return
+            out.append(ToClient(ex.reply))
             out.append(Reply(ex.key, {"status": 403}))
             if ex.close:
                 self._closed = True

@@ -8,7 +8,12 @@ errors raised while reading responses carry an empty ``wire_reply``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from parsers.base import ProtocolError
+
+if TYPE_CHECKING:  # the reader raises these errors: import its events for types only
+    from parsers.http1.reader import Event
 
 REASONS = {
     400: "Bad Request",
@@ -47,7 +52,7 @@ class Http1Error(ProtocolError):
         self.side = side
         # Events a reader produced from the same input before the error
         # (earlier pipelined messages); set by ``MessageReader.feed``.
-        self.events: list = []
+        self.events: list[Event] = []
 
 
 class MalformedMessage(Http1Error):

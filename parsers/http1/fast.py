@@ -13,6 +13,7 @@ framing is shared Python code that only slices.
 from __future__ import annotations
 
 import re
+from typing import Generic, Literal, TypeVar
 
 import httptools
 from httptools.parser import errors as ht_errors
@@ -51,14 +52,17 @@ def _translate(exc: Exception, side: str, head: bytes | bytearray) -> Http1Error
     return MalformedMessage(text or "malformed message", code="llhttp", side=side)
 
 
-class _CHead:
-    side = "client"
-    parser_class: type = httptools.HttpRequestParser
+LLHTTP = TypeVar("LLHTTP", httptools.HttpRequestParser, httptools.HttpResponseParser)
+
+
+class _CHead(Generic[LLHTTP]):
+    side: Literal["client", "server"] = "client"
+    parser_class: type[LLHTTP]
 
     def __init__(self) -> None:
         self._watch = StartLineWatch()
         self._line_done = False
-        self._parser = None
+        self._parser: LLHTTP | None = None  # made on the first bytes of a head
         self._fed = 0
         self._headers: list[tuple[bytes, bytes]] = []
         self._url = b""
@@ -83,7 +87,7 @@ class _CHead:
     def on_headers_complete(self) -> None:
         self._done = True
 
-    def _feed(self, buf: bytes | bytearray) -> None:
+    def _feed(self, buf: bytes | bytearray) -> LLHTTP:
         """Give llhttp the bytes of ``buf`` it has not seen yet."""
         if buf[:1] in (b"\r", b"\n"):
             # llhttp skips stray CR/LF before a message; the reader has
@@ -91,19 +95,21 @@ class _CHead:
             raise MalformedMessage(
                 "bare CR or LF before the start line", code="bare_cr", side=self.side
             )
-        if self._parser is None:
-            self._parser = self.parser_class(self)
+        parser = self._parser
+        if parser is None:
+            parser = self._parser = self.parser_class(self)
         if len(buf) > self._fed:
             chunk = bytes(buf[self._fed :])
             self._fed = len(buf)
             try:
-                self._parser.feed_data(chunk)
+                parser.feed_data(chunk)
             except ht_errors.HttpParserUpgrade:
                 pass  # llhttp pauses after an Upgrade/CONNECT head: the head is fine
             except ht_errors.HttpParserError as exc:
-                if self._done and str(exc).startswith("Pause on CONNECT/Upgrade"):
-                    return  # the response parser reports the same pause as an error
-                raise _translate(exc, self.side, buf) from None
+                # The response parser reports the same pause as an error.
+                if not (self._done and str(exc).startswith("Pause on CONNECT/Upgrade")):
+                    raise _translate(exc, self.side, buf) from None
+        return parser
 
     def partial(self, buf: bytes | bytearray) -> None:
         self._feed(buf)
@@ -112,19 +118,19 @@ class _CHead:
             self._line_done = eol >= 0
             self._watch.check(buf, eol if eol >= 0 else len(buf))
 
-    def _finish(self, head: bytes) -> None:
-        self._feed(head)
+    def _finish(self, head: bytes) -> LLHTTP:
+        parser = self._feed(head)
         if not self._done:  # pragma: no cover - llhttp always completes a CRLFCRLF head
             raise MalformedMessage("incomplete head", side=self.side)
+        return parser
 
 
-class CRequestHead(_CHead):
-    side = "client"
+class CRequestHead(_CHead[httptools.HttpRequestParser]):
+    side: Literal["client"] = "client"
     parser_class = httptools.HttpRequestParser
 
     def complete(self, head: bytes) -> MessageHead:
-        self._finish(head)
-        parser = self._parser
+        parser = self._finish(head)
         line = head[: head.find(b"\r\n")]
         method = parser.get_method()
         # llhttp tolerates repeated spaces, RTSP/ICE and HTTP/0.9 request lines.
@@ -143,8 +149,8 @@ class CRequestHead(_CHead):
         return frame_request(msg)
 
 
-class CResponseHead(_CHead):
-    side = "server"
+class CResponseHead(_CHead[httptools.HttpResponseParser]):
+    side: Literal["server"] = "server"
     parser_class = httptools.HttpResponseParser
 
     def partial(self, buf: bytes | bytearray) -> None:
@@ -161,8 +167,7 @@ class CResponseHead(_CHead):
                 )
 
     def complete(self, head: bytes, request_method: str = "GET") -> MessageHead:
-        self._finish(head)
-        parser = self._parser
+        parser = self._finish(head)
         line = head[: head.find(b"\r\n")]
         if not line.startswith((b"HTTP/1.1 ", b"HTTP/1.0 ")):
             raise MalformedMessage("invalid status line", code="invalid_status_line", side="server")

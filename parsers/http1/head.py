@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 from parsers.http1.errors import AmbiguousFraming, Http1Error, MalformedMessage
 
@@ -54,6 +55,14 @@ CONNECTION_OPTION = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]*")  # lower-cased toke
 TOKEN_RUN = re.compile(TOKEN.replace(b"]+", b"]*"))
 VALUE_RUN = re.compile(FIELD_VALUE_CHARS + rb"*")
 TARGET_RUN = re.compile(rb"[\x21-\x7e]*")
+
+
+def _run_end(run: re.Pattern[bytes], buf: bytes | bytearray, start: int, stop: int) -> int:
+    """Where a ``*`` pattern's match from ``start`` ends (it always matches)."""
+    match = run.match(buf, start, stop)
+    return start if match is None else match.end()
+
+
 CONTENT_LENGTH = re.compile(rb"[ \t]*([0-9]+)[ \t]*")
 
 # Request-target forms (RFC 9112 section 3.2). A fragment is never part of
@@ -98,6 +107,53 @@ class MessageHead:
     def values(self, name: bytes) -> list[bytes]:
         name = name.lower()
         return [v for k, v in self.headers if k.lower() == name]
+
+    def with_target(self, target: str, size: int) -> MessageHead:
+        """This request head with another target, ``size`` bytes long: a known request
+        shape with a new target (``parsers.http1.memo``). Written out field by field
+        because ``dataclasses.replace`` costs more than the rest of a repeat; the field
+        list (the same object) is shared. Tests compare it with ``replace``."""
+        return MessageHead(
+            method=self.method,
+            target=target,
+            status=self.status,
+            reason=self.reason,
+            version=self.version,
+            headers=self.headers,
+            size=size,
+            framing=self.framing,
+            length=self.length,
+            codings=self.codings,
+            keep_alive=self.keep_alive,
+            upgrade=self.upgrade,
+            expect_continue=self.expect_continue,
+        )
+
+
+class RequestHeadParser(Protocol):
+    """The request side of the contract above (``PyRequestHead``, ``CRequestHead``)."""
+
+    @property
+    def side(self) -> Literal["client"]: ...
+
+    def partial(self, buf: bytes | bytearray) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def complete(self, head: bytes) -> MessageHead: ...
+
+
+class ResponseHeadParser(Protocol):
+    """The response side: how a response is framed depends on the request's method."""
+
+    @property
+    def side(self) -> Literal["server"]: ...
+
+    def partial(self, buf: bytes | bytearray) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def complete(self, head: bytes, request_method: str = "GET") -> MessageHead: ...
 
 
 # --------------------------------------------------------------------------
@@ -214,8 +270,8 @@ def frame_request(head: MessageHead) -> MessageHead:
         head.framing, head.length = "length", length
     _check_target(head)
     head.upgrade = head.method == "CONNECT" or ("upgrade" in tokens and b"upgrade" in fields)
-    expect = fields.get(b"expect")
-    head.expect_continue = bool(expect) and any(v.lower() == b"100-continue" for v in expect)
+    expect = fields.get(b"expect", [])
+    head.expect_continue = any(v.lower() == b"100-continue" for v in expect)
     return head
 
 
@@ -311,7 +367,7 @@ def explain_line(line: bytes, side: str, what: str = "header") -> Http1Error:
 class _PyHead:
     """Shared line handling for the request and response head parsers."""
 
-    side = "client"
+    side: Literal["client", "server"] = "client"
     max_lines = 1000
 
     def __init__(self) -> None:
@@ -355,20 +411,20 @@ class _PyHead:
             self._field_prefix(buf, pos, pos + self._scan, end)
         self._scan = end - pos
 
-    def _field_prefix(self, buf, line_start: int, start: int, end: int) -> None:
+    def _field_prefix(self, buf: bytes | bytearray, line_start: int, start: int, end: int) -> None:
         stop = end - 1 if buf[end - 1] == 13 else end  # a last CR may be half a CRLF
         i = start
         if not self._in_value:
-            i = TOKEN_RUN.match(buf, i, stop).end()
+            i = _run_end(TOKEN_RUN, buf, i, stop)
             if i < stop:
                 if buf[i] != 58 or i == line_start:  # ":" after a non-empty name
                     raise explain_line(bytes(buf[line_start:end]), self.side)
                 self._in_value = True
                 i += 1
-        if self._in_value and i < stop and VALUE_RUN.match(buf, i, stop).end() != stop:
+        if self._in_value and i < stop and _run_end(VALUE_RUN, buf, i, stop) != stop:
             raise explain_line(bytes(buf[line_start:end]), self.side)
 
-    def _start_prefix(self, buf, end: int) -> None:
+    def _start_prefix(self, buf: bytes | bytearray, end: int) -> None:
         pass
 
     def _field_line(self, line: bytes) -> tuple[bytes, bytes]:
@@ -439,7 +495,7 @@ class StartLineWatch:
         self.checked = 0
         self.spaces = 0
 
-    def check(self, buf, end: int) -> None:
+    def check(self, buf: bytes | bytearray, end: int) -> None:
         start = self.checked
         if end <= start:
             return
@@ -453,12 +509,12 @@ class StartLineWatch:
 
 
 class PyRequestHead(_PyHead):
-    side = "client"
+    side: Literal["client"] = "client"
 
-    def _start_prefix(self, buf, end: int) -> None:
+    def _start_prefix(self, buf: bytes | bytearray, end: int) -> None:
         self._watch.check(buf, end)
 
-    def _start_line(self, line: bytes):
+    def _start_line(self, line: bytes) -> re.Match[bytes]:
         match = REQUEST_LINE.fullmatch(line)
         if match is not None and match.group(1) in KNOWN_METHODS:
             _check_target(
@@ -497,20 +553,20 @@ class PyRequestHead(_PyHead):
 
 
 class PyResponseHead(_PyHead):
-    side = "server"
+    side: Literal["server"] = "server"
 
-    def _start_prefix(self, buf, end: int) -> None:
+    def _start_prefix(self, buf: bytes | bytearray, end: int) -> None:
         start = self._scan
         if end > 1024 and start > 0:
             # Deep in the reason phrase: only the new bytes can be wrong.
             stop = end - 1 if buf[end - 1] == 13 else end
-            ok = VALUE_RUN.match(buf, start, stop).end() == stop
+            ok = _run_end(VALUE_RUN, buf, start, stop) == stop
         else:
             ok = STATUS_PREFIX.fullmatch(buf, 0, end) is not None
         if not ok:
             raise MalformedMessage("invalid status line", code="invalid_status_line", side="server")
 
-    def _start_line(self, line: bytes):
+    def _start_line(self, line: bytes) -> re.Match[bytes]:
         match = STATUS_LINE.fullmatch(line)
         if match is None:
             raise MalformedMessage("invalid status line", code="invalid_status_line", side="server")

@@ -7,9 +7,11 @@
     End(trailers)   the message is complete
 
 ``feed(b"")`` is end of input. Errors are typed (``parsers.http1.errors``).
-The head parser is pluggable (C or pure Python); body framing is this one
-piece of code for both, and moves slices of the input: no per-byte loop, and
-nothing is buffered except an unfinished head, chunk-size line or trailer.
+The head parser is pluggable (C or pure Python, with or without the memo of
+``parsers.http1.memo`` in front); which side the reader reads is the head
+parser's. Body framing is this one piece of code for all, and moves slices of
+the input: no per-byte loop, and nothing is buffered except an unfinished
+head, chunk-size line or trailer.
 
 After a request that asks to switch protocols (Upgrade, CONNECT) the reader
 pauses: further bytes are kept, unparsed, until ``resume()`` (the server
@@ -28,11 +30,19 @@ from parsers.http1.errors import (
     AmbiguousFraming,
     DataAfterClose,
     HeadersTooLarge,
+    Http1Error,
     IncompleteMessage,
     InvalidChunk,
     MalformedMessage,
 )
-from parsers.http1.head import FIELD_LINE, MessageHead, explain_line, has_bare_cr_or_lf
+from parsers.http1.head import (
+    FIELD_LINE,
+    MessageHead,
+    RequestHeadParser,
+    ResponseHeadParser,
+    explain_line,
+    has_bare_cr_or_lf,
+)
 
 TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
@@ -61,6 +71,9 @@ class End:
     trailers: tuple[tuple[bytes, bytes], ...] = ()
 
 
+Event = Head | Data | End
+
+
 # Reader states
 HEAD, LENGTH, CHUNK_SIZE, CHUNK_DATA, CHUNK_CRLF, TRAILERS, UNTIL_CLOSE, PAUSED, CLOSED, DONE = (
     range(10)
@@ -68,12 +81,17 @@ HEAD, LENGTH, CHUNK_SIZE, CHUNK_DATA, CHUNK_CRLF, TRAILERS, UNTIL_CLOSE, PAUSED,
 
 
 class MessageReader:
-    """Reads requests (``side="client"``) or responses (``side="server"``)."""
+    """Reads requests (a ``RequestHeadParser``, ``side == "client"``) or responses
+    (a ``ResponseHeadParser``, ``side == "server"``)."""
 
     def __init__(
-        self, side: str, head_parser, *, max_head: int = 65536, max_chunk_line: int = 4096
-    ):
-        self.side = side
+        self,
+        head_parser: RequestHeadParser | ResponseHeadParser,
+        *,
+        max_head: int = 65536,
+        max_chunk_line: int = 4096,
+    ) -> None:
+        self.side = head_parser.side
         self._heads = head_parser
         self.max_head = max_head
         self.max_chunk_line = max_chunk_line
@@ -98,25 +116,12 @@ class MessageReader:
         """Between messages (nothing partial buffered)."""
         return self._state in (HEAD, CLOSED, DONE) and not self._buf
 
-    @property
-    def at_message_start(self) -> bool:
-        """Ready for a new head with nothing buffered (where a repeat can be recognised)."""
-        return self._state == HEAD and not self._buf
-
-    def repeat(self, head: MessageHead) -> None:
-        """Account for a whole keep-alive message the caller recognised as a byte-for-byte
-        repeat of one this reader already parsed and validated (same state, same
-        bytes, same result), without parsing it again."""
-        self._head = head
-        if self.side == "server" and self._requests:
-            self._requests.popleft()
-
     def expect(self, method: str, upgrade: bool) -> None:
         """A response reader: the next unanswered request was ``method``."""
         self.standalone = False
         self._requests.append((method, upgrade))
 
-    def resume(self) -> list:
+    def resume(self) -> list[Event]:
         """Continue parsing after a paused Upgrade request was refused."""
         if self._state != PAUSED:
             return []
@@ -131,7 +136,7 @@ class MessageReader:
         self._state = DONE
         return data
 
-    def feed(self, data: bytes) -> list:
+    def feed(self, data: bytes) -> list[Event]:
         if not data:
             return self._eof()
         state = self._state
@@ -140,7 +145,7 @@ class MessageReader:
             return []
         if state == DONE:
             return []
-        events: list = []
+        events: list[Event] = []
         pos = 0
         end = len(data)
         try:
@@ -180,15 +185,18 @@ class MessageReader:
                     )
                 else:  # DONE
                     pos = end
-        except Exception as exc:
-            exc.events = events  # type: ignore[attr-defined]  # read before the error
+        except Http1Error as exc:
+            exc.events = events  # read before the error
+            self._state = DONE
+            raise
+        except Exception:
             self._state = DONE
             raise
         return events
 
     # --------------------------------------------------------- internals
 
-    def _eof(self) -> list:
+    def _eof(self) -> list[Event]:
         state = self._state
         if state == UNTIL_CLOSE:
             self._state = DONE
@@ -199,7 +207,7 @@ class MessageReader:
         self._state = DONE
         raise IncompleteMessage("connection ended inside a message", side=self.side)
 
-    def _read_head(self, data: bytes, pos: int, events: list) -> int:
+    def _read_head(self, data: bytes, pos: int, events: list[Event]) -> int:
         buf = self._buf
         if not buf:
             # Empty lines before a request line are ignored (RFC 9112 2.2).
@@ -239,12 +247,13 @@ class MessageReader:
         self._heads.partial(buf)
         return len(data)
 
-    def _on_head(self, head: bytes, events: list) -> None:
-        if self.side == "client":
-            msg = self._heads.complete(head)
+    def _on_head(self, head: bytes, events: list[Event]) -> None:
+        heads = self._heads
+        if heads.side == "client":
+            msg = heads.complete(head)
         else:
             method, upgrade = self._requests[0] if self._requests else ("GET", True)
-            msg = self._heads.complete(head, method)
+            msg = heads.complete(head, method)
             if msg.status == 101 or (method == "CONNECT" and 200 <= msg.status < 300):
                 if not upgrade and not self.standalone:
                     raise MalformedMessage(
@@ -266,9 +275,10 @@ class MessageReader:
         else:
             self._state = UNTIL_CLOSE
 
-    def _finish(self, events: list, trailers: tuple = ()) -> None:
+    def _finish(self, events: list[Event], trailers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         events.append(End(trailers))
         msg = self._head
+        assert msg is not None  # a message ends after its head
         if self.switched:
             self._state = PAUSED
         elif self.side == "client" and msg.upgrade:
@@ -340,7 +350,7 @@ class MessageReader:
         self._state = CHUNK_SIZE
         return pos + len(got)
 
-    def _read_trailers(self, data: bytes, pos: int, events: list) -> int:
+    def _read_trailers(self, data: bytes, pos: int, events: list[Event]) -> int:
         buf = self._buf
         start = len(buf)
         buf += data[pos:]

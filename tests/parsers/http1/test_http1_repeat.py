@@ -1,12 +1,21 @@
 """Keep-alive repeats: a head seen before on the connection is not parsed again,
-but everything else (decision, ordering, flow records) is exactly as the first time."""
+but everything else (decision, ordering, flow records) is exactly as the first time,
+and every request is judged: one ``decide`` call per request, always."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from parsers.base import Access, Close, Decision, ParseError, Reply, ToClient, ToServer
 from parsers.http1.engine import Http1Engine
+from parsers.http1.head import MessageHead, PyRequestHead
+from parsers.http1.memo import MEMO_SIZE, RequestHeadMemo
+from parsers.http1.reader import End, Head, MessageReader
+from parsers.requests import HttpRequest
 
 GET = b"GET /v1/ships HTTP/1.1\r\nHost: deathstar\r\nAccept: */*\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
@@ -102,9 +111,6 @@ def test_a_response_that_closes_is_not_taken_as_a_repeat():
     assert out[-1] == Close("server ended the connection")
 
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
 TARGET_CHARS = st.sampled_from(
     [chr(c) for c in range(0x21, 0x7F)] + ["%41", "%zz", " ", "\t", "\x7f", "\x80"]
 )
@@ -137,3 +143,199 @@ def normalised(commands: list) -> list:
         else c
         for c in commands
     ]
+
+
+# ---------------------------------------------------------------- one decide per request
+
+
+class RulesPolicy:
+    """A decide function with real rules (GET allowed, POST denied, GET /tagged/*
+    allowed with a header added) that counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[HttpRequest] = []
+
+    def __call__(self, request: HttpRequest) -> Decision:
+        self.calls.append(request)
+        if request.method != "GET":
+            return Decision(False, policy="p", reason="only GET")
+        if request.path.startswith("/tagged/"):
+            return Decision(True, policy="p", rule="tag", edits=(("add", "X-Fleet", "imperial"),))
+        return Decision(True, policy="p", rule="get")
+
+
+def get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: deathstar\r\nAccept: */*\r\n\r\n".encode()
+
+
+POST = b"POST /v1/ships HTTP/1.1\r\nHost: deathstar\r\nContent-Length: 4\r\n\r\nwing"
+TALK = [
+    get("/v1/ships"),  # allowed
+    POST,  # denied, body dropped, connection kept
+    get("/tagged/1"),  # edited
+    get("/v1/ships"),  # allowed, repeated
+    POST,  # denied, repeated
+    get("/tagged/1"),  # edited, repeated
+    get("/tagged/2"),  # edited, a known head with a new target
+    get("/v1/ships?page=2"),  # allowed, a known head with a new target
+    get("/v1/ships"),  # and the first one again
+]
+
+
+def talk(engine: Http1Engine, requests: list[bytes], feed: str) -> list:
+    """Send each request and answer each forwarded one; every command, in order."""
+    out: list = []
+    for request in requests:
+        if feed == "whole":
+            sent = engine.client_data(request)
+        else:
+            sent = [c for i in range(len(request)) for c in engine.client_data(request[i : i + 1])]
+        out += sent
+        if any(type(c) is ToServer for c in sent):
+            out += engine.server_data(OK)
+    return out
+
+
+@pytest.mark.parametrize("feed", ["whole", "byte by byte"])
+@pytest.mark.parametrize("impl", ["c", "python"])
+def test_decide_is_called_exactly_once_per_request_allowed_denied_edited_or_repeated(impl, feed):
+    policy = RulesPolicy()
+    engine = Http1Engine(policy, parser=impl)
+    out = talk(engine, TALK, feed)
+
+    accesses = [c for c in out if type(c) is Access]
+    assert len(policy.calls) == len(TALK) == len(accesses)
+    # Each flow record carries the very request that was judged, in order.
+    assert [a.request for a in accesses] == policy.calls
+    assert all(a.request is judged for a, judged in zip(accesses, policy.calls, strict=True))
+    assert [a.key for a in accesses] == list(range(len(TALK)))
+    assert [(r.method, r.path) for r in policy.calls] == [
+        ("GET", "/v1/ships"),
+        ("POST", "/v1/ships"),
+        ("GET", "/tagged/1"),
+        ("GET", "/v1/ships"),
+        ("POST", "/v1/ships"),
+        ("GET", "/tagged/1"),
+        ("GET", "/tagged/2"),
+        ("GET", "/v1/ships?page=2"),
+        ("GET", "/v1/ships"),
+    ]
+    # What reached the server: the allowed requests, edited where asked, never a POST.
+    forwarded = b"".join(c.data for c in out if type(c) is ToServer)
+    tagged = "GET {} HTTP/1.1\r\nHost: deathstar\r\nAccept: */*\r\nX-Fleet: imperial\r\n\r\n"
+    assert forwarded == b"".join(
+        [
+            get("/v1/ships"),
+            tagged.format("/tagged/1").encode(),
+            get("/v1/ships"),
+            tagged.format("/tagged/1").encode(),
+            tagged.format("/tagged/2").encode(),
+            get("/v1/ships?page=2"),
+            get("/v1/ships"),
+        ]
+    )
+    replies = [c.fields["status"] for c in out if type(c) is Reply]
+    assert replies == [200, 403, 200, 200, 403, 200, 200, 200, 200]
+
+
+@pytest.mark.parametrize("impl", ["c", "python"])
+def test_pipelined_repeats_are_each_judged_once(impl):
+    policy = RulesPolicy()
+    engine = Http1Engine(policy, parser=impl)
+    engine.client_data(get("/v1/ships"))
+    engine.server_data(OK)
+    out = engine.client_data(get("/v1/ships") + POST + get("/tagged/1") + get("/v1/ships"))
+    assert len(policy.calls) == 5
+    assert [c.key for c in out if type(c) is Access] == [1, 2, 3, 4]
+    # The 403 waits its turn behind the response owed for request 1.
+    assert not any(type(c) is ToClient for c in out)
+    replies = engine.server_data(OK + OK + OK)
+    assert [c for c in replies if type(c) is Reply] == [
+        Reply(1, {"status": 200}),
+        Reply(2, {"status": 403}),
+        Reply(3, {"status": 200}),
+        Reply(4, {"status": 200}),
+    ]
+    assert len(policy.calls) == 5
+
+
+# ---------------------------------------------------------------- the memo itself
+
+
+class CountingHeads(PyRequestHead):
+    """The pure-Python head parser, counting the heads it really parses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parsed = 0
+
+    def complete(self, head: bytes) -> MessageHead:
+        self.parsed += 1
+        return super().complete(head)
+
+
+def test_a_repeated_head_is_the_same_parsed_head_object_without_parsing():
+    heads = CountingHeads()
+    reader = MessageReader(RequestHeadMemo(heads))
+    first = reader.feed(GET)
+    again = reader.feed(GET)
+    assert heads.parsed == 1
+    assert type(first[0]) is Head and type(again[0]) is Head
+    assert again[0].head is first[0].head
+    assert again == first == [Head(first[0].head), End()]
+
+
+def test_a_head_split_across_reads_is_recognised_too():
+    heads = CountingHeads()
+    reader = MessageReader(RequestHeadMemo(heads))
+    first = reader.feed(GET)
+    assert reader.feed(GET[:10]) == []
+    again = reader.feed(GET[10:])
+    assert heads.parsed == 1 and again[0].head is first[0].head
+    # The parser's partial state was reset: a new head, split too, still parses normally.
+    other = b"GET /v1/other HTTP/1.1\r\nHost: elsewhere\r\n\r\n"
+    assert reader.feed(other[:7]) == []
+    parsed = reader.feed(other[7:])
+    assert heads.parsed == 2 and parsed[0].head.target == "/v1/other"
+
+
+def test_a_new_target_on_a_known_shape_reuses_the_known_fields_without_parsing():
+    heads = CountingHeads()
+    reader = MessageReader(RequestHeadMemo(heads))
+    first = reader.feed(get("/items/1"))[0].head
+    second = reader.feed(get("/items/2"))[0].head
+    assert heads.parsed == 1
+    assert second.target == "/items/2" and second.headers is first.headers
+    # A target that could read as an absolute URI always takes the full parse.
+    reader.feed(get("/items/x://elsewhere/"))
+    assert heads.parsed == 2
+
+
+def test_the_memo_stays_bounded():
+    heads = CountingHeads()
+    reader = MessageReader(RequestHeadMemo(heads))
+    first = b"GET /0 HTTP/1.1\r\nHost: h0\r\n\r\n"
+    reader.feed(first)
+    reader.feed(first)
+    assert heads.parsed == 1
+    for i in range(1, MEMO_SIZE + 1):  # distinct hosts: distinct shapes too
+        reader.feed(f"GET /{i} HTTP/1.1\r\nHost: h{i}\r\n\r\n".encode())
+    assert heads.parsed == MEMO_SIZE + 1
+    reader.feed(first)  # forgotten when the memo filled up: parsed again
+    assert heads.parsed == MEMO_SIZE + 2
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        GET,
+        POST,
+        b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"PUT /big HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 9\r\n\r\n",
+        b"GET / HTTP/1.0\r\nHost: a\r\n\r\n",
+    ],
+)
+def test_with_target_copies_every_other_field(request_bytes):
+    head = PyRequestHead().complete(request_bytes[: request_bytes.index(b"\r\n\r\n") + 4])
+    assert head.with_target("/elsewhere", 99) == replace(head, target="/elsewhere", size=99)
