@@ -245,7 +245,11 @@ def http_request(head: MessageHead, fields: RequestFields | None = None) -> Http
     if fields is None:
         fields = request_field_facts(head)
     host, path = fields.host, head.target
-    if "://" in path:  # absolute-form: the target's authority is the host (RFC 9112 3.2.2)
+    # Absolute-form (RFC 9112 3.2.2): the target's authority is the host. Only a
+    # target that does not start with "/" is one: "://" in an origin-form query
+    # (/admin?x=://h/public) must not be read as a URL, or policy would judge a
+    # path the server never sees.
+    if not path.startswith("/") and "://" in path:
         rest = path.split("://", 1)[1]
         slash = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
         host, path = rest[:slash], rest[slash:] or "/"

@@ -141,6 +141,17 @@ def test_absolute_form_takes_host_from_target(impl):
     assert fwd == ToServer(b"GET http://api.example:8080/v1?x=1 HTTP/1.1\r\nHost: other\r\n\r\n")
 
 
+def test_a_url_inside_an_origin_form_query_is_not_read_as_the_target(impl):
+    """Policy judges the path the server gets: ``://`` in a query is not absolute-form."""
+    wire = b"GET /admin/secret?x=://deathstar/public/a HTTP/1.1\r\nHost: deathstar\r\n\r\n"
+    (access, fwd) = three_ways(impl, wire)
+    assert (access.request.host, access.request.path) == (
+        "deathstar",
+        "/admin/secret?x=://deathstar/public/a",
+    )
+    assert fwd == ToServer(wire)
+
+
 # --------------------------------------------------------------------------
 # Canonical framing
 
