@@ -2,7 +2,9 @@
 
 Read statically (every import statement, also those inside functions), so a
 rule holds whatever code path runs:
-- no import cycles between modules, nor between packages;
+- no import cycles between modules, nor between packages (imports made only
+  for the type checker, under ``if TYPE_CHECKING:``, never run and are left out
+  of this one rule);
 - each package depends only on the packages below it (``LAYERS``);
 - ``parsers`` is a library of its own: no ``l7proxy``, no I/O modules;
 - only ``l7proxy.datapath`` imports bcc;
@@ -61,6 +63,7 @@ class Import:
     target: str  # the module (or the package whose name was imported)
     name: str  # the imported name, or "" for ``import x``
     line: int
+    type_only: bool = False  # under ``if TYPE_CHECKING:``
 
 
 def module_name(path: Path) -> str:
@@ -84,10 +87,18 @@ def project_modules() -> dict[str, Path]:
 def imports(modules: dict[str, Path]) -> Iterator[Import]:
     for module, path in modules.items():
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        type_only = {
+            id(node)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and ast.unparse(block.test).endswith("TYPE_CHECKING")
+            for stmt in block.body
+            for node in ast.walk(stmt)
+        }
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 for alias in node.names:
-                    yield Import(module, alias.name, "", node.lineno)
+                    yield Import(module, alias.name, "", node.lineno, id(node) in type_only)
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
@@ -96,13 +107,14 @@ def imports(modules: dict[str, Path]) -> Iterator[Import]:
                 for alias in node.names:
                     submodule = f"{base}.{alias.name}"
                     target = submodule if submodule in modules else base
-                    yield Import(module, target, alias.name, node.lineno)
+                    yield Import(module, target, alias.name, node.lineno, id(node) in type_only)
 
 
 def edges(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Who imports whom when the code runs."""
     graph: dict[str, set[str]] = defaultdict(set)
     for imp in imports(modules):
-        if imp.target in modules and imp.target != imp.importer:
+        if imp.target in modules and imp.target != imp.importer and not imp.type_only:
             graph[imp.importer].add(imp.target)
     return graph
 
