@@ -8,8 +8,12 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from l7proxy.policy.identity import parse_labels
+
+if TYPE_CHECKING:
+    from l7proxy.proxy.driver import ProxyLimits
 
 DEFAULT_STATE = Path("/var/lib/l7proxy")
 
@@ -42,11 +46,27 @@ def add_proxy_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--header-timeout", type=float, default=10.0)
     parser.add_argument("--idle-timeout", type=float, default=300.0)
     parser.add_argument(
+        "--backlog",
+        type=int,
+        metavar="N",
+        help="accept queue of each listening socket (default: net.core.somaxconn)",
+    )
+    parser.add_argument(
         "--metrics",
         type=address,
         metavar="ADDR:PORT",
         help="serve Prometheus /metrics and /healthz here",
     )
+
+
+def proxy_limits(args: argparse.Namespace) -> ProxyLimits:
+    """The ``ProxyLimits`` that ``add_proxy_options`` set (docs/limits.md)."""
+    from l7proxy.proxy.driver import ProxyLimits
+
+    limits = ProxyLimits(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout)
+    if args.backlog is not None:
+        limits.backlog = args.backlog
+    return limits
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:

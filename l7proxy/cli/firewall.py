@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from l7proxy.cli.common import add_proxy_options, address, labels, loop_factory
+from l7proxy.cli.common import add_proxy_options, address, labels, loop_factory, proxy_limits
 
 
 def register(commands: Any) -> None:
@@ -33,7 +33,6 @@ def register(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from l7proxy.observe.flowlog import FlowLog
     from l7proxy.policy.errors import PolicyError
-    from l7proxy.proxy.driver import ProxyLimits
     from l7proxy.proxy.firewall import Firewall, run_firewall
 
     try:
@@ -44,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
             policy_paths=args.policy,
             flowlog=FlowLog(args.flowlog),
             audit=args.audit,
-            limits=ProxyLimits(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout),
+            limits=proxy_limits(args),
         )
     except PolicyError as err:
         print(f"policy rejected: {err}", file=sys.stderr)

@@ -194,6 +194,15 @@ def test_the_listener_accept_queue_is_the_kernels_somaxconn(firewall: RunningFir
     assert backlog == kernel_somaxconn()  # not asyncio's 100
 
 
+def test_the_accept_queue_is_configurable(upstream: CountingUpstream) -> None:
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2)")
+    policy = POLICY.format(port=upstream.port)
+    target = ("127.0.0.1", upstream.port)
+    with running_firewall(policy, target, LABELS, extra_args=["--backlog", "512"]) as fw:
+        assert listen_backlog(fw.port) == 512
+
+
 BURST = 1000
 
 
