@@ -168,6 +168,41 @@ def test_idle_clients_open_no_upstream_connection(
     assert eventually(lambda: upstream.open == 0)
 
 
+POLICY_WITHOUT_L7_RULES = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: mail}}
+spec:
+  endpointSelector: {{matchLabels: {{app: api}}}}
+  ingress:
+  - fromEntities: [host]
+    toPorts:
+    - ports: [{{port: "{port}", protocol: TCP}}]
+"""
+
+
+def test_a_server_first_protocol_on_a_port_without_l7_rules_still_greets_a_silent_client() -> None:
+    # SMTP: the server speaks first. Waiting for the client's bytes here would
+    # leave both sides waiting for the other.
+    banner = b"220 mail.example ESMTP\r\n"
+    with socket.create_server(("127.0.0.1", 0)) as mail:
+        port = mail.getsockname()[1]
+
+        def greet() -> None:
+            conn, _ = mail.accept()
+            with conn:
+                conn.sendall(banner)
+                conn.recv(1)  # until the proxy hangs up
+
+        greeter = threading.Thread(target=greet, daemon=True)
+        greeter.start()
+        policy = POLICY_WITHOUT_L7_RULES.format(port=port)
+        with running_firewall(policy, ("127.0.0.1", port), LABELS) as fw:
+            with socket.create_connection(fw.address, timeout=5) as client:
+                assert client.recv(len(banner)) == banner
+        greeter.join(5)
+
+
 # --------------------------------------------------------------------------- the accept queue
 
 
