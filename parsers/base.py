@@ -200,6 +200,15 @@ class Engine(Protocol):
 
     protocol: str
 
+    client_speaks_first: bool
+    """True when the protocol has the client speak first (HTTP/1.1, h2c and
+    gRPC, Kafka, CQL). The driver then opens the upstream connection only when
+    the engine first has bytes for the server, as haproxy does: a client that
+    connects and says nothing, or leaves before its first request is judged,
+    costs no upstream connection. False when the server may speak first (the
+    passthrough engine, for ports without L7 rules): the upstream is connected
+    at once."""
+
     def client_data(self, data: bytes) -> list[Command]:
         """Bytes read from the client; ``b""`` means the client sent EOF."""
         ...

@@ -21,6 +21,7 @@ MAX_EARLY_SERVER_BYTES = 16 * 1024
 
 class HttpEngine:
     protocol = "http"
+    client_speaks_first = True  # the upstream is connected on the first bytes for it
 
     def __init__(self, decide: Decide) -> None:
         self._decide = decide

@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from l7proxy.agent.status import read_status
-from l7proxy.cli.common import add_proxy_options, flowlog_rotation, log, loop_factory
+from l7proxy.cli.common import (
+    add_proxy_options,
+    flowlog_rotation,
+    log,
+    loop_factory,
+    proxy_limits,
+)
 from l7proxy.node.store import Store
 
 
@@ -64,7 +70,6 @@ def run(args: argparse.Namespace) -> int:
     from l7proxy.agent.agent import Agent
     from l7proxy.agent.handover import Predecessor, socket_path
     from l7proxy.datapath.loader import kernel_support
-    from l7proxy.proxy.driver import ProxyLimits
 
     problem = kernel_support()
     if problem:
@@ -84,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         store,
         audit=args.audit,
         extra_policies=args.policy,
-        limits=ProxyLimits(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout),
+        limits=proxy_limits(args),
         predecessor=predecessor,
         drain_timeout=args.drain_timeout,
         flowlog_rotation=flowlog_rotation(args),

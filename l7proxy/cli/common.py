@@ -8,9 +8,13 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from l7proxy.observe.flowlog import DEFAULT_ROTATION, Rotation
 from l7proxy.policy.identity import parse_labels
+
+if TYPE_CHECKING:
+    from l7proxy.proxy.driver import ProxyLimits
 
 DEFAULT_STATE = Path("/var/lib/l7proxy")
 
@@ -66,6 +70,12 @@ def add_proxy_options(parser: argparse.ArgumentParser) -> None:
         help="rotated flow-log files kept (default 5)",
     )
     parser.add_argument(
+        "--backlog",
+        type=int,
+        metavar="N",
+        help="accept queue of each listening socket (default: net.core.somaxconn)",
+    )
+    parser.add_argument(
         "--metrics",
         type=address,
         metavar="ADDR:PORT",
@@ -78,6 +88,16 @@ def flowlog_rotation(args: argparse.Namespace) -> Rotation:
         return Rotation(args.flowlog_max_bytes, args.flowlog_backups)
     except ValueError as err:
         raise SystemExit(f"l7proxy: {err}") from None
+
+
+def proxy_limits(args: argparse.Namespace) -> ProxyLimits:
+    """The ``ProxyLimits`` that ``add_proxy_options`` set (docs/limits.md)."""
+    from l7proxy.proxy.driver import ProxyLimits
+
+    limits = ProxyLimits(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout)
+    if args.backlog is not None:
+        limits.backlog = args.backlog
+    return limits
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:

@@ -14,6 +14,7 @@ from l7proxy.cli.common import (
     flowlog_rotation,
     labels,
     loop_factory,
+    proxy_limits,
 )
 
 
@@ -39,7 +40,6 @@ def register(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from l7proxy.observe.flowlog import FlowLog
     from l7proxy.policy.errors import PolicyError
-    from l7proxy.proxy.driver import ProxyLimits
     from l7proxy.proxy.firewall import Firewall, run_firewall
 
     try:
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             policy_paths=args.policy,
             flowlog=FlowLog(args.flowlog, rotation=flowlog_rotation(args)),
             audit=args.audit,
-            limits=ProxyLimits(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout),
+            limits=proxy_limits(args),
         )
     except PolicyError as err:
         print(f"policy rejected: {err}", file=sys.stderr)

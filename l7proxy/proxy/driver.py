@@ -10,6 +10,9 @@ grows memory.
 Public surface, used by ``l7proxy/proxy/server.py`` and the agent's drain:
 
 - ``Pipe(...)``, ``client_data``, ``server_data``, ``server_connected``: I/O in;
+  the pipe asks for its upstream through the ``connect`` callable it is given:
+  at once for an engine whose server may speak first, otherwise only when the
+  engine first has bytes for the server (``Engine.client_speaks_first``);
 - ``close(reason)``: end now (flush, then a lingering close toward the client);
 - ``close_when_idle()``: end at the next point where no request is in flight
   (docs/restarts.md); returns a future that says how the pipe ended;
@@ -24,7 +27,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -81,11 +84,24 @@ TIOCOUTQ = 0x5411  # bytes in the send queue not yet acknowledged
 SIOCOUTQNSD = 0x894B  # bytes in the send queue not yet sent
 
 
+def kernel_somaxconn() -> int:
+    """The kernel's cap on a listen backlog (``net.core.somaxconn``)."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
+
+
 @dataclass
 class ProxyLimits:
     header_timeout: float = 10.0  # a request head must complete within this
     idle_timeout: float = 300.0  # no bytes either way for this long -> close
     connect_timeout: float = 5.0
+    # Accept queue of every listening socket (haproxy's ``backlog``, nginx's
+    # ``listen ... backlog=``). asyncio's default of 100 makes a burst of
+    # connects wait for SYN retries, seconds each.
+    backlog: int = field(default_factory=kernel_somaxconn)
 
 
 @dataclass
@@ -126,6 +142,9 @@ class Pipe:
         "_idle_end",
         "_idle_check",
         "_replied",
+        "_connect",
+        "_connecting",
+        "_server_wanted",
     )
 
     def __init__(
@@ -140,6 +159,7 @@ class Pipe:
         client: asyncio.Transport,
         source: dict[str, Any] | None = None,
         destination: dict[str, Any] | None = None,
+        connect: Callable[[Pipe], asyncio.Future[Any]] | None = None,
     ):
         self.closing = False
         self._loop = loop
@@ -169,6 +189,15 @@ class Pipe:
         self._timer: asyncio.TimerHandle | None = loop.call_later(
             self._timer_interval(), self._check_timers
         )
+        # The upstream: ``connect(pipe)`` starts it and returns what to cancel
+        # if the pipe ends first. None: the caller connects it (tests, bench).
+        self._connect = connect
+        self._connecting: asyncio.Future[Any] | None = None
+        self._server_wanted = False
+        if not engine.client_speaks_first:
+            # The server may speak first (SMTP, MySQL behind a port without L7
+            # rules): waiting for the client's bytes would deadlock them.
+            self._want_server()
 
     # ------------------------------------------------------------- input
 
@@ -208,6 +237,7 @@ class Pipe:
     # ------------------------------------------------------------- commands
 
     def _execute(self, commands: list[Command]) -> None:
+        never_connected = False
         cmd: Any  # dispatched on its exact type below: faster than isinstance or match
         for cmd in commands:
             kind = type(cmd)
@@ -221,6 +251,7 @@ class Pipe:
                     self._server.write(cmd.data)
                 else:
                     self._to_server_early.append(cmd.data)
+                    self._want_server()
             elif kind is ToClient:
                 if not self._client_eof_sent and not self._client.is_closing():
                     self._client.write(cmd.data)
@@ -235,8 +266,10 @@ class Pipe:
                 if self._server is not None:
                     if self._server.can_write_eof():
                         self._server.write_eof()
-                else:
+                elif self._server_wanted:
                     self._server_eof_early = True
+                else:
+                    never_connected = True
             elif kind is ShutdownClient:
                 if not self._client_eof_sent and self._client.can_write_eof():
                     self._client_eof_sent = True
@@ -253,6 +286,12 @@ class Pipe:
             elif kind is Log:
                 level = logging.INFO if cmd.level == "info" else logging.DEBUG
                 log.log(level, "%s", cmd.message)
+        if never_connected and not self.closing:
+            # The client is done and the engine never had a byte for the
+            # server, so none was connected: that server has nothing to say
+            # either. Its end of input lets the engine end the connection the
+            # way it ends any other (after the rest of this batch, in order).
+            self._execute(self._engine.server_data(b""))
 
     def _record(self, key: Hashable, reply: dict[str, Any] | None) -> None:
         started = self._in_flight.pop(key, None)
@@ -283,7 +322,21 @@ class Pipe:
 
     # ------------------------------------------------------------- lifecycle
 
+    def _want_server(self) -> None:
+        """Start connecting the upstream, once."""
+        if self._server_wanted:
+            return
+        self._server_wanted = True
+        if self._connect is not None:
+            self._connecting = self._connect(self)
+
     def server_connected(self, transport: asyncio.Transport) -> None:
+        self._connecting = None
+        if self.closing:
+            # The client left while we were connecting: this upstream has no
+            # one to serve, and nothing else would ever close it.
+            transport.abort()
+            return
         self._server = transport
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         if self._to_server_early:
@@ -318,6 +371,9 @@ class Pipe:
         self.closing = True
         if self._server is not None and not self._server.is_closing():
             self._server.close()  # flushes what is buffered, then closes
+        if self._connecting is not None:
+            self._connecting.cancel()  # a connect still in flight closes its socket
+            self._connecting = None
         for handle in (self._timer, self._idle_check):
             if handle is not None:
                 handle.cancel()

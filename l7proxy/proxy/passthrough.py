@@ -8,6 +8,8 @@ from parsers.base import ShutdownClient, ShutdownServer, ToClient, ToServer
 class PassthroughEngine:
     protocol = "tcp"
     reading_headers = False
+    # A port without L7 rules may carry a server-first protocol (SMTP, MySQL).
+    client_speaks_first = False
 
     def client_data(self, data: bytes) -> list:
         return [ToServer(data)] if data else [ShutdownServer()]

@@ -30,6 +30,7 @@ from l7proxy.proxy.driver import (
     ProxyLimits,
     ProxyStats,
     ServerSide,
+    kernel_somaxconn,
 )
 from l7proxy.proxy.passthrough import PassthroughEngine
 from parsers.registry import engine_factory
@@ -76,9 +77,11 @@ class Proxy:
         self, host: str, port: int, *, transparent: bool = False, sock: socket.socket | None = None
     ) -> socket.socket:
         loop = asyncio.get_running_loop()
+        backlog = self.limits.backlog
         if sock is None:
-            sock = make_listener(host, port, transparent=transparent)
-        server = await loop.create_server(lambda: ClientSide(self), sock=sock)
+            sock = make_listener(host, port, transparent=transparent, backlog=backlog)
+        # create_server listens again, with its own default of 100 unless told.
+        server = await loop.create_server(lambda: ClientSide(self), sock=sock, backlog=backlog)
         self._servers.append(server)
         self._listen_ports.add(sock.getsockname()[1])
         return sock
@@ -164,6 +167,10 @@ class Proxy:
             return None
         parser = policy.parser
         engine = engine_factory(parser)(policy.decide) if parser else PassthroughEngine()
+
+        def connect(pipe: Pipe) -> asyncio.Task[None]:
+            return loop.create_task(self._connect_upstream(pipe, src_ip, dst_ip, dst_port))
+
         pipe = Pipe(
             loop,
             engine,
@@ -174,6 +181,7 @@ class Proxy:
             client=transport,
             source=src_info,
             destination=dst_info,
+            connect=connect,
         )
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         sock = transport.get_extra_info("socket")
@@ -183,7 +191,6 @@ class Proxy:
         self._no_pipes.clear()
         self.stats.connections_total += 1
         self.stats.connections_active += 1
-        loop.create_task(self._connect_upstream(pipe, src_ip, dst_ip, dst_port))
         return pipe
 
     def pipe_closed(self, pipe: Pipe) -> None:
@@ -203,6 +210,8 @@ class Proxy:
                 coro = self._transparent_connect(pipe, src_ip, dst_ip, dst_port)
             await asyncio.wait_for(coro, self.limits.connect_timeout)
         except (TimeoutError, OSError) as exc:
+            if pipe.closing:
+                return  # nobody is waiting for this upstream any more
             self.stats.upstream_failures += 1
             log.info("upstream %s:%s unreachable: %s", dst_ip, dst_port, exc or "timeout")
             pipe.close(f"upstream unreachable: {exc or 'timeout'}")
@@ -233,15 +242,16 @@ class Proxy:
 
 
 def make_listener(
-    host: str, port: int, *, transparent: bool = False, backlog: int = 1024
+    host: str, port: int, *, transparent: bool = False, backlog: int | None = None
 ) -> socket.socket:
+    """A bound, listening socket (``backlog``: the kernel's somaxconn unless given)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if transparent:
             sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
         sock.bind((host, port))
-        sock.listen(backlog)
+        sock.listen(kernel_somaxconn() if backlog is None else backlog)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()

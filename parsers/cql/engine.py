@@ -60,6 +60,7 @@ class CqlEngine:
     """Policy enforcement for one CQL connection."""
 
     protocol = "cassandra"
+    client_speaks_first = True  # the upstream is connected on the first bytes for it
 
     def __init__(self, decide: Decide, *, max_frame: int = w.SPEC_MAX_FRAME):
         self._decide = decide

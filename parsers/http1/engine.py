@@ -345,6 +345,7 @@ class Http1Engine:
     """Implements ``parsers.base.Engine`` for HTTP/1.x."""
 
     protocol = "http"
+    client_speaks_first = True  # the upstream is connected on the first bytes for it
 
     def __init__(
         self,

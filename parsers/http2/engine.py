@@ -102,6 +102,7 @@ _NOT_SENT = object()
 
 class H2Engine:
     protocol = "http2"
+    client_speaks_first = True  # the upstream is connected on the first bytes for it
 
     def __init__(
         self,

@@ -106,6 +106,7 @@ class _Owed:
 
 class KafkaEngine:
     protocol = "kafka"
+    client_speaks_first = True  # the upstream is connected on the first bytes for it
 
     def __init__(
         self,

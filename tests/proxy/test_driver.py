@@ -34,6 +34,7 @@ from l7proxy.proxy.driver import (
     ServerSide,
 )
 from l7proxy.proxy.firewall import Firewall
+from l7proxy.proxy.passthrough import PassthroughEngine
 from parsers.base import (
     Access,
     Close,
@@ -43,6 +44,7 @@ from parsers.base import (
     ParseError,
     ProtocolError,
     Reply,
+    ShutdownClient,
     ShutdownServer,
     ToClient,
     ToServer,
@@ -136,6 +138,7 @@ class ScriptedEngine:
 
     protocol = "scripted"
     reading_headers = False
+    client_speaks_first = True
 
     def __init__(
         self,
@@ -162,11 +165,24 @@ class Played:
     stats: ProxyStats = field(default_factory=ProxyStats)
 
 
+class Connector:
+    """Stands in for the proxy's upstream connect: records each one started."""
+
+    def __init__(self) -> None:
+        self.started: list[asyncio.Future[None]] = []
+
+    def __call__(self, pipe: Pipe) -> asyncio.Future[None]:
+        connecting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.started.append(connecting)
+        return connecting
+
+
 def play(
     engine: Any,
     *,
     limits: ProxyLimits | None = None,
     connected: bool = True,
+    connect: Connector | None = None,
     client_sock: socket.socket | None = None,
 ) -> Played:
     wire = Wire()
@@ -184,6 +200,7 @@ def play(
         client=client,
         source=CLIENT,
         destination=SERVICE,
+        connect=connect,
     )
     if connected:
         pipe.server_connected(server)
@@ -247,6 +264,75 @@ async def test_bytes_for_the_server_wait_until_it_is_connected_then_go_in_one_wr
 
     assert p.wire.take() == [("server", "writelines", [GET, GET]), ("server", "write_eof")]
     assert p.server.limits == (256 * 1024, 64 * 1024)
+
+
+# --------------------------------------------------------------------------- the upstream connect
+
+
+async def test_no_upstream_connect_until_the_engine_has_bytes_for_the_server():
+    connector = Connector()
+    p = play(HttpEngine(allow_all), connected=False, connect=connector)
+    assert connector.started == []  # an accepted client alone costs no upstream
+
+    p.pipe.client_data(GET[:10])
+    assert connector.started == []  # nor does half a request head
+
+    p.pipe.client_data(GET[10:])
+    p.pipe.client_data(GET)
+    assert len(connector.started) == 1  # one connect, however many requests wait for it
+
+    p.pipe.server_connected(p.server)
+    assert p.wire.take() == [("server", "writelines", [GET, GET])]
+
+
+async def test_a_denied_request_costs_no_upstream_connection():
+    connector = Connector()
+    p = play(HttpEngine(deny), connected=False, connect=connector)
+
+    p.pipe.client_data(GET)
+
+    assert p.wire.take() == [("client", "write", FORBIDDEN)]
+    assert connector.started == []
+
+
+async def test_a_port_without_l7_rules_connects_upstream_at_once_for_server_first_protocols():
+    connector = Connector()
+    p = play(PassthroughEngine(), connected=False, connect=connector)
+    assert len(connector.started) == 1
+
+    p.pipe.server_connected(p.server)
+    p.pipe.server_data(b"220 mail.example ESMTP\r\n")  # SMTP: the server speaks first
+
+    assert p.wire.take() == [("client", "write", b"220 mail.example ESMTP\r\n")]
+
+
+async def test_an_upstream_that_connects_after_the_client_left_is_closed_at_once():
+    connector = Connector()
+    p = play(HttpEngine(allow_all), connected=False, connect=connector)
+    p.pipe.client_data(GET)
+
+    p.pipe.close("client closed")
+    [connecting] = connector.started
+    assert connecting.cancelled()  # a connect still in flight is abandoned...
+    p.wire.take()
+
+    p.pipe.server_connected(p.server)  # ...and one that completed anyway is not kept
+
+    assert p.wire.take() == [("server", "abort")]
+
+
+async def test_a_client_done_before_any_byte_for_the_server_ends_without_an_upstream():
+    # Kafka and CQL answer the client's EOF by shutting the server down and
+    # the server's EOF by shutting the client down: a server never connected
+    # has nothing to say, so its end of input follows at once.
+    engine = ScriptedEngine(client={b"": [ShutdownServer()]}, server={b"": [ShutdownClient()]})
+    connector = Connector()
+    p = play(engine, connected=False, connect=connector)
+
+    p.pipe.client_data(b"")
+
+    assert p.wire.take() == [("client", "write_eof")]
+    assert connector.started == []
 
 
 async def test_the_engine_writing_to_a_server_it_shut_down_is_dropped():
