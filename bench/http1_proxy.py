@@ -56,6 +56,7 @@ from bench.common import (
     us_per_request,
     write_results,
 )
+from l7proxy.observe.flowlog import retained_files
 
 NAME = "http1_proxy"
 LABELS = {"app": "bench"}
@@ -218,7 +219,10 @@ def measure_load(
             flows = svc.workdir / "flows.jsonl"
             if flows.exists():
                 time.sleep(1.5)  # the flow log is flushed on a 1 s timer
-                run["flow_records_total"] = sum(1 for _ in open(flows, "rb"))
+                # Every retained file: the log is rotated by size (100 MiB by default).
+                run["flow_records_total"] = sum(
+                    sum(1 for _ in open(f, "rb")) for f in retained_files(flows)
+                )
             runs[name].append(run)
             print(
                 f"  round {rnd} {name:<16} {run['rps']:>9,.0f} req/s  p50 "
