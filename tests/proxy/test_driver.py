@@ -52,6 +52,7 @@ from parsers.base import (
 )
 from parsers.http import HttpEngine
 from parsers.requests import HttpRequest
+from tests.support.firewall import GET_ONLY_POLICY
 
 GET = b"GET /v1/items HTTP/1.1\r\nHost: api\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -613,27 +614,11 @@ async def _http_upstream() -> asyncio.Server:
     return await asyncio.start_server(answer, "127.0.0.1", 0)
 
 
-POLICY = """\
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {{name: api}}
-spec:
-  endpointSelector: {{matchLabels: {{app: api}}}}
-  ingress:
-  - fromEntities: [host]
-    toPorts:
-    - ports: [{{port: "{port}", protocol: TCP}}]
-      rules:
-        http:
-        - method: GET
-"""
-
-
 @contextlib.asynccontextmanager
 async def running_firewall(tmp_path: Path) -> Any:
     upstream = await _http_upstream()
     port = upstream.sockets[0].getsockname()[1]
-    (tmp_path / "policy.yaml").write_text(POLICY.format(port=port))
+    (tmp_path / "policy.yaml").write_text(GET_ONLY_POLICY.format(port=port))
     fw = Firewall(
         listen=("127.0.0.1", 0),
         upstream=("127.0.0.1", port),

@@ -25,23 +25,9 @@ from typing import cast
 
 import pytest
 
-from tests.support.firewall import RunningFirewall, running_firewall
+from tests.support.firewall import GET_ONLY_POLICY, RunningFirewall, running_firewall
 
 LABELS = {"app": "api"}
-POLICY = """\
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {{name: api}}
-spec:
-  endpointSelector: {{matchLabels: {{app: api}}}}
-  ingress:
-  - fromEntities: [host]
-    toPorts:
-    - ports: [{{port: "{port}", protocol: TCP}}]
-      rules:
-        http:
-        - method: GET
-"""
 
 GET = b"GET /v1/items HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
@@ -96,7 +82,7 @@ def upstream() -> Iterator[CountingUpstream]:
 
 @pytest.fixture(scope="module")
 def firewall(upstream: CountingUpstream) -> Iterator[RunningFirewall]:
-    policy = POLICY.format(port=upstream.port)
+    policy = GET_ONLY_POLICY.format(port=upstream.port)
     with running_firewall(policy, upstream=("127.0.0.1", upstream.port), labels=LABELS) as fw:
         yield fw
 
@@ -232,7 +218,7 @@ def test_the_listener_accept_queue_is_the_kernels_somaxconn(firewall: RunningFir
 def test_the_accept_queue_is_configurable(upstream: CountingUpstream) -> None:
     if shutil.which("ss") is None:
         pytest.skip("needs ss (iproute2)")
-    policy = POLICY.format(port=upstream.port)
+    policy = GET_ONLY_POLICY.format(port=upstream.port)
     target = ("127.0.0.1", upstream.port)
     with running_firewall(policy, target, LABELS, extra_args=["--backlog", "512"]) as fw:
         assert listen_backlog(fw.port) == 512

@@ -22,6 +22,22 @@ from pathlib import Path
 
 from tests.support import REPO
 
+# A protected service (labels app=api) that the host may send GET requests, on {port}.
+GET_ONLY_POLICY = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: api}}
+spec:
+  endpointSelector: {{matchLabels: {{app: api}}}}
+  ingress:
+  - fromEntities: [host]
+    toPorts:
+    - ports: [{{port: "{port}", protocol: TCP}}]
+      rules:
+        http:
+        - method: GET
+"""
+
 
 class RunningFirewall:
     def __init__(
