@@ -93,9 +93,9 @@ class RequestHeadMemo:
         shape = self._shapes.get((raw[:sp1], raw[sp2:]))
         if shape is None or not _simple_target(raw, sp1 + 1, sp2):
             return None
-        head = shape.with_target(raw[sp1 + 1 : sp2].decode("ascii"), len(raw))
-        self._remember_bytes(raw, head)
-        return head
+        # Not remembered by its bytes: a new target per request is the point of a
+        # shape, and remembering each would only push out the heads that repeat.
+        return shape.with_target(raw[sp1 + 1 : sp2].decode("ascii"), len(raw))
 
     def _remember(self, raw: bytes, head: MessageHead) -> None:
         if not self._remember_bytes(raw, head):

@@ -73,6 +73,9 @@ class End:
 
 Event = Head | Data | End
 
+# The end of a message without trailers, nearly every message's: one shared object.
+END = End()
+
 
 # Reader states
 HEAD, LENGTH, CHUNK_SIZE, CHUNK_DATA, CHUNK_CRLF, TRAILERS, UNTIL_CLOSE, PAUSED, CLOSED, DONE = (
@@ -276,7 +279,7 @@ class MessageReader:
             self._state = UNTIL_CLOSE
 
     def _finish(self, events: list[Event], trailers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-        events.append(End(trailers))
+        events.append(End(trailers) if trailers else END)
         msg = self._head
         assert msg is not None  # a message ends after its head
         if self.switched:
