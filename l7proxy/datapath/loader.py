@@ -111,13 +111,6 @@ def _flow_of(fields: Any) -> DropFlow:
     return (f.saddr, f.daddr, f.dport, f.proto, f.reason, f.direction, f.audited, f.endpoint_id)
 
 
-class _NoIdentities:
-    """The tail sweep knows the flow, not the identities (the agent resolves them)."""
-
-    src_identity = 0
-    dst_identity = 0
-
-
 # --- policy compilation (pure; unit-tested without a kernel) ---------------
 
 # (endpoint_id, direction number, identity, protocol, port, port prefix bits)
@@ -610,11 +603,23 @@ class Datapath:
         e = self._bpf[b"drop_events"].event(data)
         flow = _flow_of(e)
         count = e.count - self._tail_reported.pop(flow, 0)
-        self._events.append(self._drop_event(flow, e.time_ns, socket.ntohs(e.sport), count, e))
+        self._events.append(
+            self._drop_event(
+                flow, e.time_ns, socket.ntohs(e.sport), count, e.src_identity, e.dst_identity
+            )
+        )
 
     def _drop_event(
-        self, flow: DropFlow, time_ns: int, src_port: int, count: int, identities: Any
+        self,
+        flow: DropFlow,
+        time_ns: int,
+        src_port: int,
+        count: int,
+        src_identity: int = 0,
+        dst_identity: int = 0,
     ) -> DropEvent:
+        """A drop report; the tail sweep knows the flow but not its identities (0: the
+        agent resolves them from the addresses)."""
         saddr, daddr, dport, proto, reason, direction, audited, endpoint_id = flow
         return DropEvent(
             time_ns=time_ns,
@@ -623,8 +628,8 @@ class Datapath:
             dst_ip=_ip_from_be32(daddr),
             dst_port=socket.ntohs(dport),
             proto=proto,
-            src_identity=identities.src_identity,
-            dst_identity=identities.dst_identity,
+            src_identity=src_identity,
+            dst_identity=dst_identity,
             endpoint_id=endpoint_id,
             direction=_DIRECTION_NAMES.get(direction, "?"),
             reason=REASONS.get(reason, str(reason)),
@@ -657,8 +662,7 @@ class Datapath:
             unreported = v.suppressed - self._tail_reported.get(flow, 0)
             if unreported > 0 and now - v.last_ns >= interval:
                 self._tail_reported[flow] = v.suppressed
-                ids = _NoIdentities
-                self._events.append(self._drop_event(flow, now, 0, unreported, ids))
+                self._events.append(self._drop_event(flow, now, 0, unreported))
         # Flows the LRU map let go of will not be reported again.
         self._tail_reported = {f: n for f, n in self._tail_reported.items() if f in live}
 

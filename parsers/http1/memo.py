@@ -20,7 +20,7 @@ bytes (cleared when full), so a connection's memory stays bounded.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Literal, Protocol
 
 from parsers.http1.head import MessageHead, RequestHeadParser, ResponseHeadParser
 
@@ -44,7 +44,28 @@ def _simple_target(raw: bytes, start: int, end: int) -> bool:
     return SIMPLE_TARGET.fullmatch(raw, start, end) is not None and raw.find(b"://", start, end) < 0
 
 
-class RequestHeadMemo:
+class _HeadParser(Protocol):
+    def partial(self, buf: bytes | bytearray) -> None: ...
+    def reset(self) -> None: ...
+
+
+class _Remembering:
+    """What both memos do with an unfinished head: the parser keeps its state."""
+
+    def __init__(self, parser: _HeadParser) -> None:
+        self._partial = False  # the parser has state from an unfinished head
+        self._any_parser = parser
+
+    def partial(self, buf: bytes | bytearray) -> None:
+        self._partial = True
+        self._any_parser.partial(buf)
+
+    def reset(self) -> None:
+        self._partial = False
+        self._any_parser.reset()
+
+
+class RequestHeadMemo(_Remembering):
     """A request head parser that remembers.
 
     Two memories: heads by their exact bytes, and request *shapes*: a head that
@@ -56,19 +77,11 @@ class RequestHeadMemo:
     side: Literal["client"] = "client"
 
     def __init__(self, parser: RequestHeadParser) -> None:
+        super().__init__(parser)
         self._parser = parser
         self._heads: dict[bytes, MessageHead] = {}
         # (method, bytes after the target) -> a head parsed in full with a simple target
         self._shapes: dict[tuple[bytes, bytes], MessageHead] = {}
-        self._partial = False  # the parser has state from an unfinished head
-
-    def partial(self, buf: bytes | bytearray) -> None:
-        self._partial = True
-        self._parser.partial(buf)
-
-    def reset(self) -> None:
-        self._partial = False
-        self._parser.reset()
 
     def complete(self, head: bytes) -> MessageHead:
         known = self._heads.get(head)
@@ -119,23 +132,15 @@ class RequestHeadMemo:
         return True
 
 
-class ResponseHeadMemo:
+class ResponseHeadMemo(_Remembering):
     """A response head parser that remembers heads by request method and exact bytes."""
 
     side: Literal["server"] = "server"
 
     def __init__(self, parser: ResponseHeadParser) -> None:
+        super().__init__(parser)
         self._parser = parser
         self._heads: dict[tuple[str, bytes], MessageHead] = {}
-        self._partial = False
-
-    def partial(self, buf: bytes | bytearray) -> None:
-        self._partial = True
-        self._parser.partial(buf)
-
-    def reset(self) -> None:
-        self._partial = False
-        self._parser.reset()
 
     def complete(self, head: bytes, request_method: str = "GET") -> MessageHead:
         key = (request_method, head)
