@@ -130,7 +130,10 @@ class ConnectionPolicy:
                 policy.l7_matcher(ep, direction, peer, self.dst.port)
                 for _, ep, direction, peer in self._legs()
             ]
-        return _combine([m.decide(request) for m in self._matchers])
+        matchers = self._matchers
+        if len(matchers) == 1:  # one local endpoint: nothing to combine
+            return matchers[0].decide(request)
+        return _combine([m.decide(request) for m in matchers])
 
     __call__ = decide
 

@@ -25,7 +25,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Generic, TypeVar
+from typing import ClassVar
 
 from parsers.base import (
     Access,
@@ -58,7 +58,7 @@ from parsers.http1.head import (
     RequestHeadParser,
     ResponseHeadParser,
 )
-from parsers.http1.memo import MEMO_SIZE, RequestHeadMemo, ResponseHeadMemo
+from parsers.http1.memo import RequestHeadMemo, ResponseHeadMemo
 from parsers.http1.reader import Data, End, Event, Head, MessageReader
 from parsers.requests import HttpRequest
 
@@ -260,35 +260,6 @@ def http_request(head: MessageHead, fields: RequestFields | None = None) -> Http
     )
 
 
-K = TypeVar("K")
-V = TypeVar("V")
-
-
-class ByIdentity(Generic[K, V]):
-    """A small cache of values derived from objects the memo hands out again.
-
-    A head the memo recognises is the same ``MessageHead`` object as before, and a
-    known head with a new target shares its field list (``parsers.http1.memo``); a
-    freshly parsed head is a new object with a new list. So what the engine derives
-    from a head (or from its field list) is kept by that object's identity. Entries
-    hold their object, so an id is never another object's while it is cached.
-    """
-
-    __slots__ = ("_entries",)
-
-    def __init__(self) -> None:
-        self._entries: dict[int, tuple[K, V]] = {}
-
-    def get(self, key: K) -> V | None:
-        entry = self._entries.get(id(key))
-        return entry[1] if entry is not None and entry[0] is key else None
-
-    def put(self, key: K, value: V) -> None:
-        if len(self._entries) >= MEMO_SIZE:
-            self._entries.clear()
-        self._entries[id(key)] = (key, value)
-
-
 def _coalesce(out: list[Command]) -> list[Command]:
     """Merge neighbouring writes in the same direction into one command."""
     if len(out) < 2 or (len(out) == 2 and type(out[0]) is not type(out[1])):
@@ -362,10 +333,6 @@ class Http1Engine:
         # this connection (``parsers.http1.memo``), and nothing else differs.
         self._requests = request_reader(self.implementation, limits, memo=True)
         self._responses = response_reader(self.implementation, limits, memo=True)
-        # What the engine derives from heads the memo hands out again.
-        self._request_forms: ByIdentity[MessageHead, RequestForm] = ByIdentity()
-        self._request_fields: ByIdentity[Fields, RequestFields] = ByIdentity()
-        self._response_heads: ByIdentity[MessageHead, bytes] = ByIdentity()
         self._upgrade_handler = upgrade_handler
         self._seq = 0
         self._queue: deque[_Exchange | _BadRequest] = deque()  # every request, in order
@@ -469,19 +436,19 @@ class Http1Engine:
             self._flush(out)
 
     def _request_form(self, head: MessageHead) -> RequestForm:
-        form = self._request_forms.get(head)
+        form: RequestForm | None = head.derived
         if form is not None:
             return form  # the same head as before: it passed the checks below then
-        fields = self._request_fields.get(head.headers)
+        fields: RequestFields | None = head.derived_fields
         if fields is None:
-            fields = request_field_facts(head)
-            self._request_fields.put(head.headers, fields)
+            fields = head.derived_fields = request_field_facts(head)
         if head.version == "1.1" and not fields.has_host:
             # RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request
             # without Host. (The parser library accepts it; the proxy does not.)
             raise MalformedMessage("HTTP/1.1 request without Host", code="missing_host")
-        form = RequestForm(http_request(head, fields), request_line(head) + fields.section)
-        self._request_forms.put(head, form)
+        form = head.derived = RequestForm(
+            http_request(head, fields), request_line(head) + fields.section
+        )
         return form
 
     def _on_client_error(self, exc: Http1Error, out: list[Command]) -> None:
@@ -556,10 +523,9 @@ class Http1Engine:
                     return
                 self._response_head = head
                 self._awaiting[0].started = True
-                wire = self._response_heads.get(head)
+                wire: bytes | None = head.derived
                 if wire is None:
-                    wire = serialise_response(head)
-                    self._response_heads.put(head, wire)
+                    wire = head.derived = serialise_response(head)
                 out.append(ToClient(wire))
             elif type(event) is End:
                 head = self._response_head
@@ -576,7 +542,8 @@ class Http1Engine:
                     return
                 if ex.head.upgrade and not self._client_dead:
                     self._read_client(None, out)
-                self._flush(out)
+                if self._queue and not self._queue[0].allowed:
+                    self._flush(out)
                 if not head.keep_alive:
                     self._closed = True
                     out.append(Close("server ended the connection"))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from parsers.http1.errors import AmbiguousFraming, Http1Error, MalformedMessage
 
@@ -103,6 +103,13 @@ class MessageHead:
     keep_alive: bool = True
     upgrade: bool = False  # request asks to switch protocols (Upgrade or CONNECT)
     expect_continue: bool = False
+    # What the engine derives from this head, kept with it: a head the memo hands
+    # out again is this same object, so the work is done once per distinct head.
+    # ``derived``: the forwarded form (a request's ``RequestForm``, a response's
+    # bytes); ``derived_fields``: what the field lines give (``RequestFields``),
+    # shared with heads made by ``with_target`` (they share the field list).
+    derived: Any = field(default=None, compare=False, repr=False)
+    derived_fields: Any = field(default=None, compare=False, repr=False)
 
     def values(self, name: bytes) -> list[bytes]:
         name = name.lower()
@@ -111,22 +118,25 @@ class MessageHead:
     def with_target(self, target: str, size: int) -> MessageHead:
         """This request head with another target, ``size`` bytes long: a known request
         shape with a new target (``parsers.http1.memo``). Written out field by field
-        because ``dataclasses.replace`` costs more than the rest of a repeat; the field
-        list (the same object) is shared. Tests compare it with ``replace``."""
+        (in order) because ``dataclasses.replace`` costs more than the rest of a repeat;
+        the field list (the same object) and what was derived from it are shared.
+        Tests compare it with ``replace``."""
         return MessageHead(
-            method=self.method,
-            target=target,
-            status=self.status,
-            reason=self.reason,
-            version=self.version,
-            headers=self.headers,
-            size=size,
-            framing=self.framing,
-            length=self.length,
-            codings=self.codings,
-            keep_alive=self.keep_alive,
-            upgrade=self.upgrade,
-            expect_continue=self.expect_continue,
+            self.method,
+            target,
+            self.status,
+            self.reason,
+            self.version,
+            self.headers,
+            size,
+            self.framing,
+            self.length,
+            self.codings,
+            self.keep_alive,
+            self.upgrade,
+            self.expect_continue,
+            None,
+            self.derived_fields,
         )
 
 

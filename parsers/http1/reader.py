@@ -96,6 +96,7 @@ class MessageReader:
     ) -> None:
         self.side = head_parser.side
         self._heads = head_parser
+        self._reads_requests = head_parser.side == "client"
         self.max_head = max_head
         self.max_chunk_line = max_chunk_line
         self._state = HEAD
@@ -284,9 +285,9 @@ class MessageReader:
         assert msg is not None  # a message ends after its head
         if self.switched:
             self._state = PAUSED
-        elif self.side == "client" and msg.upgrade:
-            self._state = PAUSED
-        elif self.side == "server" and msg.status < 200:
+        elif self._reads_requests:
+            self._state = PAUSED if msg.upgrade else HEAD if msg.keep_alive else CLOSED
+        elif msg.status < 200:
             self._state = HEAD
         else:
             self._state = HEAD if msg.keep_alive else CLOSED

@@ -63,10 +63,14 @@ class HttpRule:
             return False
         if self.host is not None and not self.host.fullmatch(http.host):
             return False
-        return all(h.check(http)[0] for h in self.headers)
+        headers = self.headers
+        return not headers or all(h.check(http)[0] for h in headers)
 
     def edits(self, request: HttpOrGrpc) -> Edits:
-        return tuple(e for h in self.headers if (e := h.check(request.http)[1]) is not None)
+        headers = self.headers
+        if not headers:
+            return ()
+        return tuple(e for h in headers if (e := h.check(request.http)[1]) is not None)
 
     def explain(self, request: HttpOrGrpc) -> str:
         http = request.http
