@@ -57,6 +57,11 @@ class Decision:
 
 ALLOW_ALL = Decision(True, reason="no L7 policy")
 
+# Requests of one connection judged and not yet answered that an engine (and the
+# driver, ``ProxyLimits.max_pending_requests``) lets build up before it reads no
+# further: pipelined HTTP/1.1 requests toward a slow server, say.
+DEFAULT_MAX_PENDING = 256
+
 
 def allow_all(_request: object) -> Decision:
     return ALLOW_ALL
@@ -224,4 +229,9 @@ class Engine(Protocol):
         ...
 
 
-EngineFactory = Callable[[Decide], Engine]
+class EngineFactory(Protocol):
+    """Makes the engine of one connection. ``max_pending`` bounds the requests it
+    judges ahead of their answers (``DEFAULT_MAX_PENDING``): past it, an engine
+    keeps further client bytes unparsed until answers come back."""
+
+    def __call__(self, decide: Decide, *, max_pending: int = DEFAULT_MAX_PENDING) -> Engine: ...

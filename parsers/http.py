@@ -9,7 +9,7 @@ judged stream by stream like any other.
 
 from __future__ import annotations
 
-from parsers.base import Command, Decide
+from parsers.base import DEFAULT_MAX_PENDING, Command, Decide
 from parsers.http1.engine import Http1Engine
 from parsers.http2.engine import PREFACE, H2Engine
 from parsers.requests import HttpRequest
@@ -23,8 +23,9 @@ class HttpEngine:
     protocol = "http"
     client_speaks_first = True  # the upstream is connected on the first bytes for it
 
-    def __init__(self, decide: Decide) -> None:
+    def __init__(self, decide: Decide, *, max_pending: int = DEFAULT_MAX_PENDING) -> None:
         self._decide = decide
+        self._max_pending = max_pending
         self._inner: H2Engine | Http1Engine | None = None
         self._head = b""  # a possible preface prefix, until it is decided
         # An HTTP/2 server may send its SETTINGS as soon as it accepts, before
@@ -84,7 +85,9 @@ class HttpEngine:
         return out
 
     def _http1(self) -> Http1Engine:
-        return Http1Engine(self._decide, upgrade_handler=self._upgrade)
+        return Http1Engine(
+            self._decide, upgrade_handler=self._upgrade, max_pending=self._max_pending
+        )
 
     def _upgrade(self, request: HttpRequest) -> H2Engine | None:
         """Called by Http1Engine after the server's 101 to an allowed Upgrade request."""

@@ -70,6 +70,13 @@ def add_proxy_options(parser: argparse.ArgumentParser) -> None:
         help="rotated flow-log files kept (default 5)",
     )
     parser.add_argument(
+        "--max-pending-requests",
+        type=int,
+        default=256,
+        metavar="N",
+        help="requests awaiting an answer on one connection before reading it stops (default 256)",
+    )
+    parser.add_argument(
         "--backlog",
         type=int,
         metavar="N",
@@ -94,7 +101,13 @@ def proxy_limits(args: argparse.Namespace) -> ProxyLimits:
     """The ``ProxyLimits`` that ``add_proxy_options`` set (docs/limits.md)."""
     from l7proxy.proxy.driver import ProxyLimits
 
-    limits = ProxyLimits(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout)
+    if args.max_pending_requests < 1:
+        raise SystemExit("l7proxy: --max-pending-requests must be at least 1")
+    limits = ProxyLimits(
+        header_timeout=args.header_timeout,
+        idle_timeout=args.idle_timeout,
+        max_pending_requests=args.max_pending_requests,
+    )
     if args.backlog is not None:
         limits.backlog = args.backlog
     return limits

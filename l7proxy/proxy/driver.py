@@ -5,7 +5,11 @@ sans-I/O engine: bytes read on either side go into the engine, and the
 commands it returns are executed here, in order. Backpressure is the
 transports' own: when one side's write buffer passes its high-water mark,
 reading from the other side pauses until it drains, so a slow reader never
-grows memory.
+grows memory. Reading the client is also put on hold while the client does
+not read what it is owed, while too many of its requests await an answer
+(pipelining toward a silent server), and while bytes wait for an upstream
+that is still connecting: a client can only make the proxy hold a bounded
+amount for it.
 
 Public surface, used by ``l7proxy/proxy/server.py`` and the agent's drain:
 
@@ -33,6 +37,7 @@ from typing import Any, Protocol, cast
 
 from l7proxy.observe.flowlog import FlowLog, now_fields, request_fields
 from parsers.base import (
+    DEFAULT_MAX_PENDING,
     Access,
     Close,
     Command,
@@ -64,6 +69,13 @@ class PipeOwner(Protocol):
 
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
+
+# Why reading the client is on hold (bits of ``Pipe._client_holds``); reading
+# resumes when the last one is released.
+HOLD_SERVER_FULL = 1  # the server's write buffer is full
+HOLD_CLIENT_FULL = 2  # the client does not read what it is owed
+HOLD_PENDING = 4  # ``max_pending_requests`` of its requests await an answer
+HOLD_EARLY = 8  # bytes wait for an upstream that is still connecting
 LINGER_SECONDS = 2.0
 
 # close_when_idle: a connection with no traffic for this long is idle, even
@@ -98,6 +110,10 @@ class ProxyLimits:
     header_timeout: float = 10.0  # a request head must complete within this
     idle_timeout: float = 300.0  # no bytes either way for this long -> close
     connect_timeout: float = 5.0
+    # Requests judged and not yet answered on one connection (pipelined HTTP/1.1,
+    # HTTP/2 streams, Kafka and CQL requests): at this many, reading the client
+    # stops until half have been answered.
+    max_pending_requests: int = DEFAULT_MAX_PENDING
     # Accept queue of every listening socket (haproxy's ``backlog``, nginx's
     # ``listen ... backlog=``). asyncio's default of 100 makes a burst of
     # connects wait for SYN retries, seconds each.
@@ -135,7 +151,8 @@ class Pipe:
         "_last_activity",
         "_in_flight",
         "_timer",
-        "_client_paused_by_us",
+        "_client_holds",
+        "_early_bytes",
         "_server_paused_by_us",
         "_client_eof_sent",
         "_server_eof_sent",
@@ -174,10 +191,11 @@ class Pipe:
         self._destination = destination
         # What the engine sent toward the server before the upstream connected.
         self._to_server_early: list[bytes] = []
+        self._early_bytes = 0
         self._server_eof_early = False
         self._last_activity = loop.time()
         self._in_flight: dict[Hashable, tuple[float, Any, Decision]] = {}
-        self._client_paused_by_us = False
+        self._client_holds = 0  # HOLD_* bits
         self._server_paused_by_us = False
         self._client_eof_sent = False
         self._server_eof_sent = False
@@ -214,25 +232,36 @@ class Pipe:
     # ------------------------------------------------------------- backpressure
 
     def client_write_paused(self) -> None:
-        """The client's write buffer is full: stop reading the server."""
+        """The client's write buffer is full: stop reading the server, and the
+        client too (a client that does not read its answers gets no more)."""
         if self._server is not None:
             self._server.pause_reading()
             self._server_paused_by_us = True
+        self._hold_client(HOLD_CLIENT_FULL)
 
     def client_write_resumed(self) -> None:
         if self._server is not None and self._server_paused_by_us:
             self._server_paused_by_us = False
             self._server.resume_reading()
+        self._release_client(HOLD_CLIENT_FULL)
 
     def server_write_paused(self) -> None:
         """The server's write buffer is full: stop reading the client."""
-        self._client.pause_reading()
-        self._client_paused_by_us = True
+        self._hold_client(HOLD_SERVER_FULL)
 
     def server_write_resumed(self) -> None:
-        if self._client_paused_by_us:
-            self._client_paused_by_us = False
-            self._client.resume_reading()
+        self._release_client(HOLD_SERVER_FULL)
+
+    def _hold_client(self, reason: int) -> None:
+        if not self._client_holds and not self.closing:
+            self._client.pause_reading()
+        self._client_holds |= reason
+
+    def _release_client(self, reason: int) -> None:
+        if self._client_holds & reason:
+            self._client_holds &= ~reason
+            if not self._client_holds and not self.closing:
+                self._client.resume_reading()
 
     # ------------------------------------------------------------- commands
 
@@ -251,12 +280,18 @@ class Pipe:
                     self._server.write(cmd.data)
                 else:
                     self._to_server_early.append(cmd.data)
+                    self._early_bytes += len(cmd.data)
+                    if self._early_bytes > WRITE_HIGH_WATER:
+                        self._hold_client(HOLD_EARLY)
                     self._want_server()
             elif kind is ToClient:
                 if not self._client_eof_sent and not self._client.is_closing():
                     self._client.write(cmd.data)
             elif kind is Access:
-                self._in_flight[cmd.key] = (time.monotonic(), cmd.request, cmd.decision)
+                in_flight = self._in_flight
+                in_flight[cmd.key] = (time.monotonic(), cmd.request, cmd.decision)
+                if len(in_flight) >= self._limits.max_pending_requests:
+                    self._hold_client(HOLD_PENDING)
             elif kind is Reply:
                 self._record(cmd.key, cmd.fields)
             elif kind is ShutdownServer:
@@ -297,6 +332,11 @@ class Pipe:
         started = self._in_flight.pop(key, None)
         if started is None:
             return
+        if (
+            self._client_holds & HOLD_PENDING
+            and len(self._in_flight) <= self._limits.max_pending_requests // 2
+        ):
+            self._release_client(HOLD_PENDING)
         t0, request, decision = started
         protocol, fields = request_fields(request)
         rec = now_fields()
@@ -342,6 +382,8 @@ class Pipe:
         if self._to_server_early:
             transport.writelines(self._to_server_early)
             self._to_server_early = []
+            self._early_bytes = 0
+            self._release_client(HOLD_EARLY)  # the transport's own high water takes over
         if self._server_eof_early and transport.can_write_eof():
             transport.write_eof()
 
@@ -360,7 +402,8 @@ class Pipe:
                 # passes). Closing with unread input would send an RST that can
                 # destroy the error reply before the client reads it.
                 client.write_eof()
-                if self._client_paused_by_us:
+                if self._client_holds:
+                    self._client_holds = 0
                     client.resume_reading()
                 self._loop.call_later(LINGER_SECONDS, client.close)
             else:

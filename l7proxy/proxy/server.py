@@ -33,6 +33,7 @@ from l7proxy.proxy.driver import (
     kernel_somaxconn,
 )
 from l7proxy.proxy.passthrough import PassthroughEngine
+from parsers.base import Engine
 from parsers.registry import engine_factory
 
 log = logging.getLogger("l7proxy.proxy")
@@ -166,7 +167,11 @@ class Proxy:
             self.flowlog.emit(rec)
             return None
         parser = policy.parser
-        engine = engine_factory(parser)(policy.decide) if parser else PassthroughEngine()
+        engine: Engine = (
+            engine_factory(parser)(policy.decide, max_pending=self.limits.max_pending_requests)
+            if parser
+            else PassthroughEngine()
+        )
 
         def connect(pipe: Pipe) -> asyncio.Task[None]:
             return loop.create_task(self._connect_upstream(pipe, src_ip, dst_ip, dst_port))

@@ -23,6 +23,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from parsers.base import (
+    DEFAULT_MAX_PENDING,
     Access,
     Close,
     Command,
@@ -62,9 +63,19 @@ class CqlEngine:
     protocol = "cassandra"
     client_speaks_first = True  # the upstream is connected on the first bytes for it
 
-    def __init__(self, decide: Decide, *, max_frame: int = w.SPEC_MAX_FRAME):
+    def __init__(
+        self,
+        decide: Decide,
+        *,
+        max_frame: int = w.SPEC_MAX_FRAME,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ):
         self._decide = decide
         self._max_frame = max_frame
+        # Requests forwarded and not yet answered: at this many, later frames wait
+        # in the buffer until half are answered.
+        self._max_pending = max_pending
+        self._wants_room = False
         self._cbuf = bytearray()
         self._sbuf = bytearray()
         self._version: int | None = None
@@ -94,7 +105,7 @@ class CqlEngine:
     @property
     def reading_headers(self) -> bool:
         need = w.segment_header_len(self._segment_lz4) if self._segments else w.HEADER_LEN
-        return 0 < len(self._cbuf) < need
+        return 0 < len(self._cbuf) < need and not self._wants_room
 
     @property
     def keyspace(self) -> str:
@@ -105,16 +116,22 @@ class CqlEngine:
             return []
         if not data:
             out: list[Command] = []
+            self._client_closed = True
+            if self._wants_room:
+                return out  # the EOF goes after the requests held
             if self._cbuf:
                 out.append(
                     Log(f"client EOF inside a frame ({len(self._cbuf)} bytes dropped)", "info")
                 )
-            self._client_closed = True
             out.append(ShutdownServer())
             self._close_when_done(out)
             return out
         self._cbuf += data
-        out = []
+        return self._client_input()
+
+    def _client_input(self) -> list[Command]:
+        out: list[Command] = []
+        self._wants_room = False
         try:
             if self._segments:
                 self._client_segments(out)
@@ -147,6 +164,10 @@ class CqlEngine:
         if self._held and self._server_big is None:
             out += self._held
             self._held = []
+        if self._wants_room and len(self._inflight) <= self._max_pending // 2 and not self._dead:
+            out += self._client_input()  # requests held for want of room
+            if self._client_closed and not self._wants_room:
+                out.append(ShutdownServer())  # the EOF that came behind them
         self._close_when_done(out)
         return out
 
@@ -177,6 +198,9 @@ class CqlEngine:
         pos = fwd = 0
         try:
             while len(buf) - pos >= w.HEADER_LEN:
+                if len(self._inflight) >= self._max_pending:
+                    self._wants_room = True
+                    break
                 vbyte, flags, stream, opcode, length = w.parse_header(buf, pos)
                 version = vbyte & 0x7F
                 if version < 3:
@@ -211,6 +235,9 @@ class CqlEngine:
         pos = fwd = 0
         try:
             while True:
+                if len(self._inflight) >= self._max_pending and self._client_big is None:
+                    self._wants_room = True
+                    break
                 seg = w.read_segment(buf, pos, self._segment_lz4)
                 if seg is None:
                     break

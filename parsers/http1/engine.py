@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from parsers.base import (
+    DEFAULT_MAX_PENDING,
     Access,
     Close,
     Command,
@@ -325,9 +326,13 @@ class Http1Engine:
         limits: Http1Limits = Http1Limits(),
         parser: str = "auto",
         upgrade_handler: UpgradeHandler | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
     ) -> None:
         self.decide = decide
         self.limits = limits
+        # Pipelined requests judged before their answers: at this many, the
+        # reader holds further bytes until half have been answered.
+        self._max_pending = max_pending
         self.implementation = ACTIVE_IMPLEMENTATION if parser == "auto" else _choose(parser)
         # Keep-alive clients repeat themselves: both readers remember the heads of
         # this connection (``parsers.http1.memo``), and nothing else differs.
@@ -340,6 +345,7 @@ class Http1Engine:
         self._current: _Exchange | None = None  # request whose body is arriving
         self._response_head: MessageHead | None = None
         self._client_dead = False  # an error or a close: ignore further client bytes
+        self._client_eof_held = False  # the client's EOF came behind held requests
         self._closed = False
         self._tunnel = False
         self._inner: Engine | None = None
@@ -360,9 +366,15 @@ class Http1Engine:
         if self._closed or self._client_dead:
             return []
         out: list[Command] = []
+        if not data and self._requests.held:
+            self._client_eof_held = True  # after the held requests, in order
+            return out
+        self._requests.budget = max(0, self._max_pending - len(self._queue))
         if not self._read_client(data, out):
             return _coalesce(out)
-        if not data and not self._closed:
+        if self._requests.held:
+            self._resume_held(out)
+        elif not data and not self._closed:
             # Client EOF between requests: let owed answers finish first.
             if self._queue:
                 out.append(ShutdownServer())
@@ -387,6 +399,22 @@ class Http1Engine:
             self._on_client_error(error, out)
             return False
         return True
+
+    def _resume_held(self, out: list[Command]) -> None:
+        """Read on through held requests while there is room for half the depth at
+        least (so held bytes are not re-read once per answer); then the client's
+        EOF, if it came behind them."""
+        requests = self._requests
+        while requests.held and not self._client_dead and not self._closed:
+            room = self._max_pending - len(self._queue)
+            if room < max(1, self._max_pending // 2):
+                return
+            requests.budget = room
+            if not self._read_client(None, out):
+                return
+        if self._client_eof_held and not requests.held and not self._closed:
+            self._client_eof_held = False
+            out.extend(self.client_data(b""))
 
     def _on_client_events(self, events: Iterable[Event], out: list[Command]) -> None:
         for event in events:
@@ -544,6 +572,8 @@ class Http1Engine:
                     self._read_client(None, out)
                 if self._queue and not self._queue[0].allowed:
                     self._flush(out)
+                if self._requests.held:
+                    self._resume_held(out)
                 if not head.keep_alive:
                     self._closed = True
                     out.append(Close("server ended the connection"))

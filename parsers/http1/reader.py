@@ -15,7 +15,9 @@ head, chunk-size line or trailer.
 
 After a request that asks to switch protocols (Upgrade, CONNECT) the reader
 pauses: further bytes are kept, unparsed, until ``resume()`` (the server
-said no) or ``take_leftover()`` (the connection became a tunnel). A
+said no) or ``take_leftover()`` (the connection became a tunnel). It also
+pauses before a message it has no ``budget`` for (the engine's bound on
+pipelined requests awaiting an answer), until ``resume()``. A
 response reader is told, per response, which request it answers
 (``expect``), because HEAD and CONNECT change how a response is framed.
 """
@@ -106,6 +108,9 @@ class MessageReader:
         self._pending = bytearray()  # bytes held while paused
         # For responses: the requests still owed an answer (method, upgrade asked).
         self._requests: deque[tuple[str, bool]] = deque()
+        # Messages the reader may still begin before it holds further bytes; None: no bound.
+        self.budget: int | None = None
+        self._held = False  # paused for want of budget (not for an Upgrade)
         self.standalone = True  # response reader with no request context (corpus runs)
         self.switched = False  # a 101 / CONNECT 2xx: the rest is not HTTP
 
@@ -125,10 +130,16 @@ class MessageReader:
         self.standalone = False
         self._requests.append((method, upgrade))
 
+    @property
+    def held(self) -> bool:
+        """Paused before a message for want of ``budget``, bytes kept for ``resume()``."""
+        return self._held
+
     def resume(self) -> list[Event]:
-        """Continue parsing after a paused Upgrade request was refused."""
+        """Continue parsing after a paused Upgrade request was refused, or with new budget."""
         if self._state != PAUSED:
             return []
+        self._held = False
         self._state = HEAD if self._head is None or self._head.keep_alive else CLOSED
         pending, self._pending = bytes(self._pending), bytearray()
         return self.feed(pending) if pending else []
@@ -163,6 +174,10 @@ class MessageReader:
                     if not self._remaining:
                         self._finish(events)
                 elif state == HEAD:
+                    if self.budget == 0 and not self._buf:
+                        self._held = True
+                        self._state = PAUSED
+                        continue
                     pos = self._read_head(data, pos, events)
                 elif state == CHUNK_DATA:
                     n = min(self._remaining, end - pos)
@@ -267,6 +282,8 @@ class MessageReader:
             elif msg.status >= 200 and self._requests:
                 self._requests.popleft()
         self._head = msg
+        if self.budget is not None:
+            self.budget -= 1
         events.append(Head(msg))
         framing = msg.framing
         if framing == "none":

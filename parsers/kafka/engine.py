@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeAlias
 
 from parsers.base import (
+    DEFAULT_MAX_PENDING,
     Access,
     Close,
     Command,
@@ -54,9 +55,6 @@ from parsers.varint import decode_uvarint
 
 # Kafka's own default for socket.request.max.bytes.
 DEFAULT_MAX_FRAME = 100 * 1024 * 1024
-# Responses a connection may owe at once (Kafka brokers queue 500 requests by
-# default; clients keep 5, librdkafka up to 1,000,000 but in practice a few).
-DEFAULT_MAX_IN_FLIGHT = 1000
 # api key + api version + correlation id + client id length
 _MIN_REQUEST_HEADER = 10
 
@@ -113,11 +111,14 @@ class KafkaEngine:
         decide: Decide,
         *,
         max_frame: int = DEFAULT_MAX_FRAME,
-        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_pending: int = DEFAULT_MAX_PENDING,
     ):
         self._decide = decide
         self._max_frame = max_frame
-        self._max_in_flight = max_in_flight
+        # Responses owed at once: at this many, later frames wait in the buffer
+        # until half are delivered (brokers queue 500 requests by default;
+        # clients keep 5 in flight).
+        self._max_pending = max_pending
         self._client = FrameBuffer()
         self._server = FrameBuffer()
         # A large response being passed through as it arrives (see server_data).
@@ -138,11 +139,17 @@ class KafkaEngine:
         # Kafka has no half-close: once the client has sent EOF, the connection
         # ends as soon as every response it is owed has been delivered.
         self._client_closed = False
+        self._wants_room = False  # whole requests wait for room (``max_pending``)
 
     @property
     def reading_headers(self) -> bool:
         # Kafka has no separate head: a partial frame is a partial request.
-        return len(self._client) > 0 and self._held is None and not self._upload_left
+        return (
+            len(self._client) > 0
+            and self._held is None
+            and not self._upload_left
+            and not self._wants_room
+        )
 
     @property
     def topic_names(self) -> dict[uuid.UUID, str]:
@@ -157,8 +164,10 @@ class KafkaEngine:
             return []
         if not data:
             self._client_closed = True
-            ended: list[Command] = [ShutdownServer()]
-            self._close_when_done(ended)
+            ended: list[Command] = []
+            if not self._wants_room:  # else it goes after the requests held
+                ended.append(ShutdownServer())
+                self._close_when_done(ended)
             return ended
         self._client.feed(data)
         out: list[Command] = []
@@ -167,6 +176,7 @@ class KafkaEngine:
         return out
 
     def _drain_client(self, out: list[Command]) -> None:
+        self._wants_room = False
         buf = self._client
         while True:
             if self._upload_left:
@@ -187,15 +197,8 @@ class KafkaEngine:
                 out.append(ParseError("client", self._bad_size("client", size)))
                 self._failed = True
                 return
-            if len(self._owed) >= self._max_in_flight:
-                # Denials queue here behind slow broker answers; a client that
-                # keeps pipelining past any real client's limit is cut off.
-                error = ProtocolError(
-                    f"more than {self._max_in_flight} kafka requests in flight",
-                    code="too_many_in_flight",
-                )
-                out.append(ParseError("client", error))
-                self._failed = True
+            if len(self._owed) >= self._max_pending:
+                self._wants_room = True  # read on when half the answers owed are delivered
                 return
             if len(buf) < 4 + size:
                 if size + 4 > _STREAM_OVER and not self._whole_frame:
@@ -553,6 +556,10 @@ class KafkaEngine:
             self._response(owed, buf.take(size + 4), out)
             if self._failed:
                 break
+        if self._wants_room and len(self._owed) <= self._max_pending // 2 and not self._failed:
+            self._drain_client(out)  # requests held for want of room
+            if self._client_closed and not self._wants_room:
+                out.append(ShutdownServer())  # the EOF that came behind them
         self._close_when_done(out)
         return out
 

@@ -362,17 +362,58 @@ async def test_a_full_server_buffer_pauses_reading_the_client_until_it_drains():
     assert p.wire.take() == []
 
 
-async def test_a_full_client_buffer_pauses_reading_the_server_until_it_drains():
+async def test_a_client_that_does_not_read_its_answers_is_not_read_until_it_does():
     p = play(HttpEngine(allow_all))
 
     p.pipe.client_write_paused()
-    assert p.wire.take() == [("server", "pause_reading")]
+    assert p.wire.take() == [("server", "pause_reading"), ("client", "pause_reading")]
 
     p.pipe.client_write_resumed()
-    assert p.wire.take() == [("server", "resume_reading")]
+    assert p.wire.take() == [("server", "resume_reading"), ("client", "resume_reading")]
 
     p.pipe.client_write_resumed()
     assert p.wire.take() == []
+
+
+async def test_the_client_is_read_again_only_when_every_hold_is_released():
+    p = play(HttpEngine(allow_all))
+
+    p.pipe.server_write_paused()
+    p.pipe.client_write_paused()
+    assert p.wire.take() == [("client", "pause_reading"), ("server", "pause_reading")]
+
+    p.pipe.server_write_resumed()  # the server drained, but the client still does not read
+    assert p.wire.take() == []
+
+    p.pipe.client_write_resumed()
+    assert p.wire.take() == [("server", "resume_reading"), ("client", "resume_reading")]
+
+
+async def test_a_client_with_max_pending_requests_unanswered_is_not_read_until_half_are():
+    limits = ProxyLimits(max_pending_requests=4)
+    p = play(HttpEngine(allow_all, max_pending=4), limits=limits)  # as the proxy makes them
+    gets = [b"GET /%d HTTP/1.1\r\nHost: api\r\n\r\n" % n for n in range(6)]
+
+    p.pipe.client_data(b"".join(gets))
+    assert p.wire.take() == [
+        ("server", "write", gets[0]),
+        ("server", "write", gets[1]),
+        ("server", "write", gets[2]),
+        ("client", "pause_reading"),  # the fourth request is judged: the limit
+        ("server", "write", gets[3]),
+    ]
+
+    p.pipe.server_data(OK)
+    assert p.wire.take() == [("client", "write", OK)]  # 3 unanswered: more than half
+
+    p.pipe.server_data(OK)  # 2 unanswered: the engine reads on, and so does the pipe
+    assert p.wire.take() == [
+        ("client", "write", OK),
+        ("client", "resume_reading"),
+        ("server", "write", gets[4]),
+        ("client", "pause_reading"),  # 4 unanswered again
+        ("server", "write", gets[5]),
+    ]
 
 
 # --------------------------------------------------------------------------- half-close and close

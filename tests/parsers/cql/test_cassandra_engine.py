@@ -464,6 +464,30 @@ def test_client_eof_waits_for_the_responses_still_owed():
     ]
 
 
+def test_pipelining_past_max_pending_holds_the_rest_until_half_are_answered():
+    engine = started(max_pending=4)
+    frames = [request(QueryMessage("SELECT * FROM ks.t", ONE), n) for n in range(8)]
+
+    cmds = engine.client_data(b"".join(frames))
+    assert [c.key for c in cmds if isinstance(c, Access)] == [0, 1, 2, 3]
+    assert b"".join(c.data for c in cmds if isinstance(c, ToServer)) == b"".join(frames[:4])
+    assert not engine.reading_headers  # held whole, not a slow head
+    assert engine.client_data(b"") == []  # EOF waits behind the held requests
+
+    assert [c for c in engine.server_data(rows_void(0)) if isinstance(c, Access)] == []
+    two = engine.server_data(rows_void(1))  # 2 owed: half
+    assert [c.key for c in two if isinstance(c, Access)] == [4, 5]
+    assert b"".join(c.data for c in two if isinstance(c, ToServer)) == b"".join(frames[4:6])
+
+    engine.server_data(rows_void(2))
+    rest = engine.server_data(rows_void(3))
+    assert [c.key for c in rest if isinstance(c, Access)] == [6, 7]
+    assert isinstance(rest[-1], ShutdownServer)  # then the client's EOF, in order
+    for n in range(4, 8):
+        last = engine.server_data(rows_void(n))
+    assert last[-1] == Close("client closed; every response delivered")
+
+
 def test_server_eof_ends_the_connection():
     engine = started()
     assert engine.server_data(b"") == [ShutdownClient(), Close("server closed")]

@@ -265,6 +265,35 @@ def test_denied_reply_waits_behind_earlier_response(impl):
     ]
 
 
+def get(path: str) -> bytes:
+    return b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % path.encode()
+
+
+def ok(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def test_pipelined_requests_past_max_pending_wait_unread_until_half_are_answered(impl):
+    engine = engine_for(impl, deny_path("/admin"), max_pending=4)
+    paths = ["/0", "/1", "/admin", "/3", "/4", "/5", "/6"]
+
+    out = engine.client_data(b"".join(get(p) for p in paths))
+    assert [c.request.path for c in out if type(c) is Access] == ["/0", "/1", "/admin", "/3"]
+    assert sent(out, ToServer) == get("/0") + get("/1") + get("/3")
+    assert not engine.reading_headers  # held whole: not a slow head
+    assert engine.client_data(b"") == []  # the EOF waits behind the held requests
+
+    out = engine.server_data(ok(b"0"))  # /1, /admin and /3 unanswered: more than half
+    assert sent(out, ToClient) == ok(b"0")
+    assert [c for c in out if type(c) is Access] == []
+
+    out = engine.server_data(ok(b"1"))  # then the 403 of /admin: only /3 unanswered
+    assert sent(out, ToClient) == ok(b"1") + DENIED_403
+    assert [c.request.path for c in out if type(c) is Access] == ["/4", "/5", "/6"]
+    assert sent(out, ToServer) == get("/4") + get("/5") + get("/6")
+    assert out[-1] == ShutdownServer()  # and then the client's EOF, in order
+
+
 def test_denied_with_connection_close_closes_after_403(impl):
     out = three_ways(
         impl, b"GET /admin HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", deny_path("/admin")

@@ -997,9 +997,41 @@ def test_trailing_garbage_after_a_good_frame_is_a_clean_protocol_error():
     assert cmds[1].data == wire[: -len(b"\xff\xff\xff\xfe garbage")]
 
 
-def test_pipelining_past_the_in_flight_limit_closes_cleanly():
-    engine = KafkaEngine(allow_topics("orders"), max_in_flight=3)
-    wire = b"".join(frame(produce("orders"), 9, i) for i in range(5))
-    cmds = engine.client_data(wire)
-    assert [type(c) for c in cmds].count(ToServer) == 3
-    assert isinstance(cmds[-1], ParseError) and cmds[-1].error.code == "too_many_in_flight"
+def produced(correlation_id: int) -> bytes:
+    P = ProduceResponse.TopicProduceResponse
+    partition = P.PartitionProduceResponse(index=0, error_code=0, base_offset=correlation_id)
+    return response(
+        ProduceResponse,
+        9,
+        correlation_id,
+        responses=[P(name="orders", partition_responses=[partition])],
+    )
+
+
+def test_pipelining_past_max_pending_holds_the_rest_until_half_are_answered():
+    engine = KafkaEngine(allow_topics("orders"), max_pending=4)
+    requests = [frame(produce("orders"), 9, i) for i in range(8)]
+
+    cmds = engine.client_data(b"".join(requests))
+    assert [c.key for c in cmds if isinstance(c, Access)] == [0, 1, 2, 3]
+    assert b"".join(c.data for c in cmds if isinstance(c, ToServer)) == b"".join(requests[:4])
+    assert not engine.reading_headers  # held whole, not a slow head: no header deadline
+    assert engine.client_data(b"") == []  # EOF waits behind the held requests
+
+    one = engine.server_data(produced(0))
+    assert [c for c in one if isinstance(c, Access)] == []  # 3 still owed: more than half
+
+    two = engine.server_data(produced(1))
+    assert [c.key for c in two if isinstance(c, Access)] == [4, 5]
+    assert b"".join(c.data for c in two if isinstance(c, ToClient)) == produced(1)
+    assert b"".join(c.data for c in two if isinstance(c, ToServer)) == b"".join(requests[4:6])
+
+    engine.server_data(produced(2))
+    rest = engine.server_data(produced(3))
+    assert [c.key for c in rest if isinstance(c, Access)] == [6, 7]
+    assert b"".join(c.data for c in rest if isinstance(c, ToServer)) == b"".join(requests[6:])
+    assert isinstance(rest[-1], ShutdownServer)  # then the client's EOF, in order
+
+    for i in range(4, 8):
+        last = engine.server_data(produced(i))
+    assert last[-1] == Close("client closed; every response delivered")
