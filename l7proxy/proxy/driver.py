@@ -154,6 +154,7 @@ class Pipe:
         "_body_since",
         "_last_look",
         "_client_paused_at",
+        "_client_timed_out",
         "_in_flight",
         "_timer",
         "_client_paused_by_us",
@@ -204,6 +205,8 @@ class Pipe:
         # When the body the engine waits for began to be awaited (None: no body).
         self._body_since: float | None = None
         self._client_paused_at = 0.0
+        # A deadline passed: the engine reads nothing more from the client.
+        self._client_timed_out = False
         self._in_flight: dict[Hashable, tuple[float, Any, Decision]] = {}
         self._client_paused_by_us = False
         self._server_paused_by_us = False
@@ -231,6 +234,10 @@ class Pipe:
 
     def client_data(self, data: bytes) -> None:
         """Bytes read from the client; ``b""`` is its EOF."""
+        if self._client_timed_out:
+            # Its engine no longer reads it (an HTTP/1.1 408 waiting behind the
+            # responses owed): these bytes must not keep the connection alive.
+            return
         now = self._loop.time()
         self._last_activity = self._last_client_byte = now
         engine = self._engine
@@ -545,6 +552,7 @@ class Pipe:
         """The client ran out of time: a flow record naming the limit, then the
         engine's answer (a 408, a GOAWAY, a close)."""
         self._head_deadline = self._body_since = None
+        self._client_timed_out = True
         if limit == HEADER_TIMEOUT:
             reason = f"request head not complete {seconds:g} s after its first byte"
         else:

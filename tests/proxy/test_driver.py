@@ -567,6 +567,18 @@ async def test_a_pipelined_head_past_its_deadline_gets_408_after_the_responses_o
     assert [r["type"] for r in p.flowlog.recent] == ["limit", "l7"]
 
 
+async def test_bytes_after_a_timed_out_head_keep_nothing_alive():
+    p = play(HttpEngine(allow_all), limits=ProxyLimits(header_timeout=0.1, idle_timeout=0.3))
+    p.pipe.client_data(GET + GET[:10])  # the 408 will wait for the first response
+    await asyncio.sleep(0.15)
+    assert not p.pipe.closing
+
+    await trickle(p, GET[10:], every=0.02)  # 0.54 s of bytes nobody reads any more
+
+    assert p.pipe.closing  # the idle timeout, the server being silent
+    assert p.wire.take() == [("server", "write", GET), ("server", "close"), ("client", "write_eof")]
+
+
 async def test_a_stalled_request_body_closes_both_sides():
     p = play(HttpEngine(allow_all), limits=TIMED)
 
