@@ -16,13 +16,18 @@ function they were given, exactly once per request (``decide`` is pure: see
 ``Decide``). A denial is answered on the wire by the engine
 itself (``ToClient`` with a protocol-native error), so the driver that does
 the I/O stays protocol-agnostic.
+
+Time is the driver's too. An engine says where the client is (``reading_headers``,
+``reading_body``, ``heads_read``); the driver keeps the clock, and when a deadline
+passes asks the engine for its protocol's answer (``client_timed_out``: an HTTP
+408, an HTTP/2 GOAWAY, or a plain close for Kafka and CQL).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from parsers.requests import L7Request
 
@@ -197,6 +202,16 @@ class FrameTooLarge(ProtocolError):
 
 
 # --------------------------------------------------------------------------
+# Limits the driver times and the engine answers.
+
+HEADER_TIMEOUT: Final = "header_timeout"
+"""A head (request head, header block, Kafka or CQL frame) not complete by its deadline."""
+BODY_TIMEOUT: Final = "body_timeout"
+"""A request body with no byte for the body timeout."""
+TimeLimit = Literal["header_timeout", "body_timeout"]
+
+
+# --------------------------------------------------------------------------
 # The engine contract.
 
 
@@ -224,8 +239,39 @@ class Engine(Protocol):
 
     @property
     def reading_headers(self) -> bool:
-        """True while a request head has started but is incomplete (the driver
-        runs its header-read timeout only then)."""
+        """True while the client is in the middle of a request head: from its
+        first byte until it is complete. A head is an HTTP/1.1 request head, an
+        HTTP/2 header block (or any other partly received frame but DATA, and
+        the connection preface), or a whole Kafka or CQL frame, unless the
+        engine judges the frame on its first bytes and streams the rest (then
+        the rest is a body). The driver's header deadline runs only then."""
+        ...
+
+    @property
+    def reading_body(self) -> bool:
+        """True while the client is in the middle of sending a request body the
+        engine is waiting for: an HTTP/1.1 Content-Length or chunked body, a
+        partly received HTTP/2 DATA frame, the rest of a Kafka frame judged on
+        its first bytes. The driver's body timeout (no byte for that long) runs
+        only then."""
+        ...
+
+    @property
+    def heads_read(self) -> int:
+        """How many heads the client has completed on this connection (any count
+        that moves when one completes will do). A head that completes in the same
+        read as the next one begins leaves ``reading_headers`` true throughout:
+        this count tells the driver a new head, with a deadline of its own, began."""
+        ...
+
+    def client_timed_out(self, limit: TimeLimit) -> list[Command]:
+        """The driver's clock ran out on the client: ``limit`` is HEADER_TIMEOUT
+        (a head was not complete by its deadline) or BODY_TIMEOUT (a body stalled).
+
+        Returns the protocol's answer, ending in ``Close`` (or, for HTTP/1.1 owing
+        earlier responses, with the answer queued behind them). From then on the
+        engine reads nothing more from the client: ``reading_headers`` and
+        ``reading_body`` are false."""
         ...
 
 

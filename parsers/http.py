@@ -9,7 +9,7 @@ judged stream by stream like any other.
 
 from __future__ import annotations
 
-from parsers.base import DEFAULT_MAX_PENDING, Command, Decide
+from parsers.base import DEFAULT_MAX_PENDING, Command, Decide, TimeLimit
 from parsers.http1.engine import Http1Engine
 from parsers.http2.engine import PREFACE, H2Engine
 from parsers.requests import HttpRequest
@@ -37,6 +37,30 @@ class HttpEngine:
         if self._inner is None:
             return bool(self._head)
         return self._inner.reading_headers
+
+    @property
+    def reading_body(self) -> bool:
+        return self._inner is not None and self._inner.reading_body
+
+    @property
+    def heads_read(self) -> int:
+        return 0 if self._inner is None else self._inner.heads_read
+
+    def client_timed_out(self, limit: TimeLimit) -> list[Command]:
+        inner = self._inner
+        out: list[Command] = []
+        if inner is None:
+            # The first bytes are a prefix of the HTTP/2 preface. From "PRI" on no
+            # HTTP/1.1 method fits ("P" and "PR" could still be POST or PROPFIND):
+            # answer in the protocol the client is most likely speaking.
+            head, self._head = self._head, b""
+            if head.startswith(PREFACE[:3]):
+                inner = self._inner = H2Engine(self._decide)
+            else:
+                inner = self._inner = self._http1()
+            if head:
+                out += inner.client_data(head)
+        return out + inner.client_timed_out(limit)
 
     @property
     def version(self) -> str:

@@ -46,6 +46,17 @@ def size(text: str) -> int:
     return int(number) * units.get(unit, 1)
 
 
+def seconds(text: str) -> float:
+    """A duration in seconds, more than 0: ``10``, ``0.5``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
 def add_proxy_options(parser: argparse.ArgumentParser) -> None:
     """Options every command that runs the proxy takes (``run`` and ``firewall``)."""
     parser.add_argument(
@@ -53,8 +64,28 @@ def add_proxy_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="compute verdicts, log would-denies as AUDIT, allow all",
     )
-    parser.add_argument("--header-timeout", type=float, default=10.0)
-    parser.add_argument("--idle-timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--header-timeout",
+        type=seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="a request head (HTTP/2 header block, Kafka or CQL frame) must be complete "
+        "this long after its first byte; then 408, GOAWAY or close (default 10)",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="close a client whose request body sends no byte for this long (default 60)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="close a connection with no bytes either way for this long (default 300)",
+    )
     parser.add_argument(
         "--flowlog-max-bytes",
         type=size,
@@ -105,6 +136,7 @@ def proxy_limits(args: argparse.Namespace) -> ProxyLimits:
         raise SystemExit("l7proxy: --max-pending-requests must be at least 1")
     limits = ProxyLimits(
         header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
         idle_timeout=args.idle_timeout,
         max_pending_requests=args.max_pending_requests,
     )

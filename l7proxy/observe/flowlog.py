@@ -1,4 +1,5 @@
-"""The flow log: one structured record per L7 decision and per kernel drop.
+"""The flow log: one structured record per L7 decision, per kernel drop and per
+client cut by a limit (``type`` ``l7``, ``drop``, ``limit``).
 
 Records are plain dicts (JSON lines on disk), written through a buffered file
 that is flushed on a short timer rather than per record, so logging stays off
@@ -283,6 +284,10 @@ def format_record(r: Record) -> str:
         times = f" x{r['count']}" if r.get("count", 1) > 1 else ""
         verdict = f"{r.get('verdict', 'DROPPED'):<9}"
         return f"{when} {verdict} {who} {r.get('protocol', 'tcp')} reason={r.get('reason')}{times}"
+    if r.get("type") == "limit":
+        verdict = f"{r.get('verdict', 'DROPPED'):<9}"
+        proto = r.get("protocol", "")
+        return f"{when} {verdict} {who} {proto} limit={r.get('limit')} ({r.get('reason')})"
     l7 = r.get("l7", {})
     proto = r.get("protocol", "")
     if proto == "http":

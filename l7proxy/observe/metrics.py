@@ -5,7 +5,8 @@ walks the flow log:
 
 - Flow records (a ``FlowLog`` subscriber) count as they happen: every L7
   decision, every kernel drop/audit event, every connection the firewall
-  refuses at L3/L4, and the upstream reply latency of forwarded requests.
+  refuses at L3/L4, every client cut by a limit, and the upstream reply
+  latency of forwarded requests.
 - Everything that is a level or a kernel-side counter (policies, revision,
   import outcomes, redirects, active connections, parse errors, BPF
   counters and map fill) is read at scrape time from a status callable: the
@@ -93,6 +94,12 @@ class Metrics:
             ["reason", "direction"],
             registry=r,
         )
+        self.limits = Counter(
+            "l7proxy_proxy_limit_exceeded",
+            "Clients cut by a proxy limit (header_timeout, body_timeout), by limit and protocol",
+            ["limit", "protocol"],
+            registry=r,
+        )
         self.reply_seconds = Histogram(
             "cilium_proxy_upstream_reply_seconds",
             "Time from a forwarded request to its upstream reply, by L7 protocol",
@@ -123,6 +130,8 @@ class Metrics:
             # upstream reply time; denials are answered by the proxy itself.
             if verdict != "DENIED" and isinstance(latency, (int, float)) and "closed" not in reply:
                 self.reply_seconds.labels(protocol).observe(latency / 1000.0)
+        elif kind == "limit":
+            self.limits.labels(record.get("limit", ""), protocol).inc()
         elif kind == "drop":
             # One record may stand for many packets (the kernel aggregates drop reports).
             packets = int(record.get("count", 1))

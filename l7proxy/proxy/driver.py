@@ -21,6 +21,13 @@ Public surface, used by ``l7proxy/proxy/server.py`` and the agent's drain:
 - ``close_when_idle()``: end at the next point where no request is in flight
   (docs/restarts.md); returns a future that says how the pipe ended;
 - ``closing``: True once the pipe is ending, whichever way.
+
+The pipe keeps the clocks (docs/limits.md): a deadline for each request head from
+its first byte (``ProxyLimits.header_timeout``), a body timeout while a request body
+is awaited (``body_timeout``), and the idle timeout. The engine says where the
+client is (``reading_headers``, ``reading_body``, ``heads_read``) and answers a
+deadline that passed in its protocol (``client_timed_out``); each one that passes
+writes a flow record of type ``limit`` naming it.
 """
 
 from __future__ import annotations
@@ -37,7 +44,9 @@ from typing import Any, Protocol, cast
 
 from l7proxy.observe.flowlog import FlowLog, now_fields, request_fields
 from parsers.base import (
+    BODY_TIMEOUT,
     DEFAULT_MAX_PENDING,
+    HEADER_TIMEOUT,
     Access,
     Close,
     Command,
@@ -48,6 +57,7 @@ from parsers.base import (
     Reply,
     ShutdownClient,
     ShutdownServer,
+    TimeLimit,
     ToClient,
     ToServer,
 )
@@ -107,7 +117,12 @@ def kernel_somaxconn() -> int:
 
 @dataclass
 class ProxyLimits:
-    header_timeout: float = 10.0  # a request head must complete within this
+    # A request head (an HTTP/2 header block, a Kafka or CQL frame) must be complete
+    # this long after its first byte, however its bytes trickle in (haproxy's
+    # ``timeout http-request``); then the protocol's answer (408, GOAWAY) or a close.
+    header_timeout: float = 10.0
+    # A request body with no byte for this long -> close (nginx's ``client_body_timeout``).
+    body_timeout: float = 60.0
     idle_timeout: float = 300.0  # no bytes either way for this long -> close
     connect_timeout: float = 5.0
     # Requests judged and not yet answered on one connection (pipelined HTTP/1.1,
@@ -149,6 +164,13 @@ class Pipe:
         "_to_server_early",
         "_server_eof_early",
         "_last_activity",
+        "_last_client_byte",
+        "_head_deadline",
+        "_head_number",
+        "_body_since",
+        "_last_look",
+        "_client_paused_at",
+        "_client_timed_out",
         "_in_flight",
         "_timer",
         "_client_holds",
@@ -193,7 +215,16 @@ class Pipe:
         self._to_server_early: list[bytes] = []
         self._early_bytes = 0
         self._server_eof_early = False
-        self._last_activity = loop.time()
+        self._last_activity = self._last_client_byte = self._last_look = loop.time()
+        # The head the client is in the middle of: when it must be complete, and
+        # ``engine.heads_read`` when it began (a new count is a new head).
+        self._head_deadline: float | None = None
+        self._head_number = 0
+        # When the body the engine waits for began to be awaited (None: no body).
+        self._body_since: float | None = None
+        self._client_paused_at = 0.0
+        # A deadline passed: the engine reads nothing more from the client.
+        self._client_timed_out = False
         self._in_flight: dict[Hashable, tuple[float, Any, Decision]] = {}
         self._client_holds = 0  # HOLD_* bits
         self._server_paused_by_us = False
@@ -221,8 +252,18 @@ class Pipe:
 
     def client_data(self, data: bytes) -> None:
         """Bytes read from the client; ``b""`` is its EOF."""
-        self._last_activity = self._loop.time()
-        self._execute(self._engine.client_data(data))
+        if self._client_timed_out:
+            # Its engine no longer reads it (an HTTP/1.1 408 waiting behind the
+            # responses owed): these bytes must not keep the connection alive.
+            return
+        now = self._loop.time()
+        self._last_activity = self._last_client_byte = now
+        engine = self._engine
+        self._execute(engine.client_data(data))
+        if engine.reading_headers:
+            self._track_head(now)
+        elif self._head_deadline is not None:
+            self._head_deadline = None
 
     def server_data(self, data: bytes) -> None:
         """Bytes read from the server; ``b""`` is its EOF."""
@@ -253,15 +294,27 @@ class Pipe:
         self._release_client(HOLD_SERVER_FULL)
 
     def _hold_client(self, reason: int) -> None:
-        if not self._client_holds and not self.closing:
-            self._client.pause_reading()
+        if not self._client_holds:
+            self._client_paused_at = self._loop.time()
+            if not self.closing:
+                self._client.pause_reading()
         self._client_holds |= reason
 
     def _release_client(self, reason: int) -> None:
-        if self._client_holds & reason:
-            self._client_holds &= ~reason
-            if not self._client_holds and not self.closing:
-                self._client.resume_reading()
+        if not self._client_holds & reason:
+            return
+        self._client_holds &= ~reason
+        if self._client_holds:
+            return
+        # The client's clocks stood still while we did not read it.
+        paused = self._loop.time() - self._client_paused_at
+        self._last_client_byte += paused
+        if self._head_deadline is not None:
+            self._head_deadline += paused
+        if self._body_since is not None:
+            self._body_since += paused
+        if not self.closing:
+            self._client.resume_reading()
 
     # ------------------------------------------------------------- commands
 
@@ -486,20 +539,83 @@ class Pipe:
         client.abort()
 
     def _timer_interval(self) -> float:
-        return min(self._limits.header_timeout, self._limits.idle_timeout) / 2
+        limits = self._limits
+        return min(limits.header_timeout, limits.body_timeout, limits.idle_timeout) / 2
+
+    def _track_head(self, now: float) -> None:
+        """The engine is in the middle of a head: a new one (none was running, or
+        the engine has completed one since) gets its deadline from ``now``."""
+        heads = self._engine.heads_read
+        if self._head_deadline is None or heads != self._head_number:
+            self._head_number = heads
+            self._head_deadline = now + self._limits.header_timeout
 
     def _check_timers(self) -> None:
+        """Every half of the shortest timeout, and at a head's deadline."""
         self._timer = None
         if self.closing:
             return
-        idle = self._loop.time() - self._last_activity
-        if idle > self._limits.idle_timeout:
+        now = self._loop.time()
+        limits = self._limits
+        if now - self._last_activity > limits.idle_timeout:
             self.close("idle timeout")
             return
-        if self._engine.reading_headers and idle > self._limits.header_timeout:
-            self.close("header read timeout")
-            return
-        self._timer = self._loop.call_later(self._timer_interval(), self._check_timers)
+        wake = now + self._timer_interval()
+        engine = self._engine
+        if not self._client_holds:  # while we do not read, the client is not late
+            if engine.reading_headers:
+                # Also a head that began on the server's word (HTTP/2 after a 101,
+                # Kafka frames held for a lookup), which client_data did not see.
+                self._track_head(now)
+                deadline = cast(float, self._head_deadline)
+                if now >= deadline:
+                    self._time_out(HEADER_TIMEOUT, limits.header_timeout)
+                    if self.closing:
+                        return
+                else:
+                    wake = min(wake, deadline)
+            else:
+                self._head_deadline = None
+            if engine.reading_body:
+                if self._body_since is None:
+                    # Awaited since the client's last bytes if they came after our
+                    # last look; else it began on the server's word (100 Continue).
+                    last = self._last_client_byte
+                    self._body_since = last if last > self._last_look else now
+                stalled_since = max(self._last_client_byte, self._body_since)
+                if now - stalled_since >= limits.body_timeout:
+                    self._time_out(BODY_TIMEOUT, limits.body_timeout)
+                    if self.closing:
+                        return
+                else:
+                    wake = min(wake, stalled_since + limits.body_timeout)
+            else:
+                self._body_since = None
+        self._last_look = now
+        self._timer = self._loop.call_at(wake, self._check_timers)
+
+    def _time_out(self, limit: TimeLimit, seconds: float) -> None:
+        """The client ran out of time: a flow record naming the limit, then the
+        engine's answer (a 408, a GOAWAY, a close)."""
+        self._head_deadline = self._body_since = None
+        self._client_timed_out = True
+        if limit == HEADER_TIMEOUT:
+            reason = f"request head not complete {seconds:g} s after its first byte"
+        else:
+            reason = f"no byte of the request body for {seconds:g} s"
+        log.info("%s client cut: %s", self._protocol, reason)
+        rec = now_fields()
+        rec.update(
+            type="limit",
+            protocol=self._protocol,
+            source=self._source,
+            destination=self._destination,
+            verdict="DROPPED",
+            limit=limit,
+            reason=reason,
+        )
+        self._flowlog.emit(rec)
+        self._execute(self._engine.client_timed_out(limit))
 
 
 def _send_queue(transport: asyncio.Transport, request: int) -> int:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from parsers.base import ShutdownClient, ShutdownServer, ToClient, ToServer
+from parsers.base import Close, ShutdownClient, ShutdownServer, TimeLimit, ToClient, ToServer
 
 
 class PassthroughEngine:
     protocol = "tcp"
+    # No heads and no bodies: only the idle timeout applies.
     reading_headers = False
+    reading_body = False
+    heads_read = 0
     # A port without L7 rules may carry a server-first protocol (SMTP, MySQL).
     client_speaks_first = False
 
@@ -16,3 +19,6 @@ class PassthroughEngine:
 
     def server_data(self, data: bytes) -> list:
         return [ToClient(data)] if data else [ShutdownClient()]
+
+    def client_timed_out(self, limit: TimeLimit) -> list:
+        return [Close(limit)]

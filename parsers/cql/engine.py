@@ -36,6 +36,7 @@ from parsers.base import (
     Reply,
     ShutdownClient,
     ShutdownServer,
+    TimeLimit,
     ToClient,
     ToServer,
 )
@@ -94,6 +95,7 @@ class CqlEngine:
         # answers for the client held back while a multi-segment server
         # envelope is being forwarded (a segment must not land inside it)
         self._held: list[Command] = []
+        self._frames = 0  # request frames (v5: envelopes' segments) read whole
         self._dead = False
         # CQL has no half-close: once the client has sent EOF, the connection ends
         # as soon as every response it is waiting for has been delivered.
@@ -104,8 +106,30 @@ class CqlEngine:
 
     @property
     def reading_headers(self) -> bool:
-        need = w.segment_header_len(self._segment_lz4) if self._segments else w.HEADER_LEN
-        return 0 < len(self._cbuf) < need and not self._wants_room
+        """A frame (v5: a segment, or an envelope cut over several) is partly
+        received. Frames are judged whole, so the whole frame is the head."""
+        return (
+            not self._dead
+            and not self._wants_room
+            and (bool(self._cbuf) or self._client_big is not None)
+        )
+
+    @property
+    def reading_body(self) -> bool:
+        return False  # nothing is streamed before it is judged
+
+    @property
+    def heads_read(self) -> int:
+        return self._frames
+
+    def client_timed_out(self, limit: TimeLimit) -> list[Command]:
+        """CQL has no answer for a request that never arrived: close."""
+        if self._dead:
+            return []
+        self._dead = True
+        self._cbuf.clear()
+        self._client_big = None
+        return [Close(limit)]
 
     @property
     def keyspace(self) -> str:
@@ -214,6 +238,7 @@ class CqlEngine:
                 end = pos + w.HEADER_LEN + length
                 if len(buf) < end:
                     break
+                self._frames += 1
                 env = w.Envelope(
                     version, flags, stream, opcode, bytes(buf[pos + w.HEADER_LEN : end])
                 )
@@ -243,6 +268,7 @@ class CqlEngine:
                     break
                 end = pos + seg.raw_len
                 if seg.self_contained:
+                    self._frames += 1
                     if self._client_big is not None:
                         raise CqlError("self-contained segment inside a multi-segment envelope")
                     kept, answers = self._requests_in(seg.payload, out)
@@ -269,6 +295,7 @@ class CqlEngine:
                     raws.append(bytes(buf[pos:end]))
                     whole = self._whole_envelope(payload)
                     if whole is not None:
+                        self._frames += 1
                         self._client_big = None
                         kept, answers = self._requests_in(payload, out)
                         if answers:
@@ -571,6 +598,7 @@ class CqlEngine:
                 end = pos + w.HEADER_LEN + length
                 if len(buf) < end:
                     break
+                self._frames += 1
                 env = w.Envelope(
                     vbyte & 0x7F, flags, stream, opcode, bytes(buf[pos + w.HEADER_LEN : end])
                 )

@@ -29,6 +29,7 @@ from typing import ClassVar
 
 from parsers.base import (
     DEFAULT_MAX_PENDING,
+    HEADER_TIMEOUT,
     Access,
     Close,
     Command,
@@ -39,6 +40,7 @@ from parsers.base import (
     ParseError,
     Reply,
     ShutdownServer,
+    TimeLimit,
     ToClient,
     ToServer,
 )
@@ -144,6 +146,7 @@ FRAMING_FIELDS = (b"content-length", b"transfer-encoding")
 DENIED = simple_response(403, b"Access denied", close=False)
 DENIED_CLOSE = simple_response(403, b"Access denied", close=True)
 BAD_GATEWAY = simple_response(502, b"Bad Gateway", close=True)
+REQUEST_TIMEOUT = simple_response(408, b"Request Timeout", close=True)
 
 
 Fields = list[tuple[bytes, bytes]]
@@ -313,6 +316,13 @@ class _BadRequest:
     allowed: ClassVar[bool] = False
 
 
+@dataclass(slots=True)
+class _TimedOut:
+    """A head that was not complete by its deadline: 408 in its turn, then the end."""
+
+    allowed: ClassVar[bool] = False
+
+
 class Http1Engine:
     """Implements ``parsers.base.Engine`` for HTTP/1.x."""
 
@@ -340,7 +350,7 @@ class Http1Engine:
         self._responses = response_reader(self.implementation, limits, memo=True)
         self._upgrade_handler = upgrade_handler
         self._seq = 0
-        self._queue: deque[_Exchange | _BadRequest] = deque()  # every request, in order
+        self._queue: deque[_Exchange | _BadRequest | _TimedOut] = deque()  # every request, in order
         self._awaiting: deque[_Exchange] = deque()  # forwarded, response not complete
         self._current: _Exchange | None = None  # request whose body is arriving
         self._response_head: MessageHead | None = None
@@ -354,7 +364,42 @@ class Http1Engine:
     def reading_headers(self) -> bool:
         if self._inner is not None:
             return self._inner.reading_headers
-        return not self._tunnel and self._requests.reading_head
+        return not self._tunnel and not self._client_dead and self._requests.reading_head
+
+    @property
+    def reading_body(self) -> bool:
+        if self._inner is not None:
+            return self._inner.reading_body
+        if self._client_dead or not self._requests.reading_body:
+            return False
+        ex = self._current
+        # A client that sent "Expect: 100-continue" may wait for the server's
+        # word before it sends the body: its silence until then is not a stall.
+        return ex is None or not ex.head.expect_continue or ex.started
+
+    @property
+    def heads_read(self) -> int:
+        inner = self._inner
+        return self._seq + (inner.heads_read if inner is not None else 0)
+
+    def client_timed_out(self, limit: TimeLimit) -> list[Command]:
+        """A head past its deadline gets 408 and ``Connection: close``, after every
+        response the client is owed for its earlier (pipelined) requests, in order;
+        nothing more is read from the client meanwhile. A stalled body gets a close
+        only: its head is at the server already, or was answered 403."""
+        if self._inner is not None:
+            return self._inner.client_timed_out(limit)
+        if self._closed or self._client_dead or self._tunnel:
+            return []
+        self._client_dead = True
+        out: list[Command] = []
+        if limit == HEADER_TIMEOUT:
+            self._queue.append(_TimedOut())
+            self._flush(out)
+        else:
+            self._closed = True
+            out.append(Close(limit))
+        return out
 
     # ------------------------------------------------------------ client side
 
@@ -616,6 +661,11 @@ class Http1Engine:
             if isinstance(ex, _BadRequest):
                 out.append(ToClient(ex.error.wire_reply))
                 out.append(ParseError("client", ex.error, close=True))
+                self._closed = True
+                return
+            if isinstance(ex, _TimedOut):
+                out.append(ToClient(REQUEST_TIMEOUT))
+                out.append(Close(HEADER_TIMEOUT))
                 self._closed = True
                 return
             out.append(ToClient(ex.reply))

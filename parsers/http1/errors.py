@@ -18,13 +18,14 @@ if TYPE_CHECKING:  # the reader raises these errors: import its events for types
 REASONS = {
     400: "Bad Request",
     403: "Forbidden",
+    408: "Request Timeout",
     431: "Request Header Fields Too Large",
     502: "Bad Gateway",
 }
 
 
 def simple_response(status: int, body: bytes, *, close: bool) -> bytes:
-    """A small complete text/plain response (our own answers: 400, 403, 431, 502)."""
+    """A small complete text/plain response (our own answers: 400, 403, 408, 431, 502)."""
     head = (
         f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
         "Content-Type: text/plain\r\n"

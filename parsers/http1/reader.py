@@ -79,7 +79,7 @@ Event = Head | Data | End
 END = End()
 
 
-# Reader states
+# Reader states (LENGTH to TRAILERS, in this order, are a body: ``reading_body``)
 HEAD, LENGTH, CHUNK_SIZE, CHUNK_DATA, CHUNK_CRLF, TRAILERS, UNTIL_CLOSE, PAUSED, CLOSED, DONE = (
     range(10)
 )
@@ -119,6 +119,12 @@ class MessageReader:
     @property
     def reading_head(self) -> bool:
         return self._state == HEAD and len(self._buf) > 0
+
+    @property
+    def reading_body(self) -> bool:
+        """Inside a message body: Content-Length or chunked (chunk lines and
+        trailers included), not a body that runs until the connection closes."""
+        return LENGTH <= self._state <= TRAILERS
 
     @property
     def idle(self) -> bool:

@@ -42,6 +42,13 @@ _Received: TypeAlias = tuple[list[Frame], list[Event]]
 
 class RelayConnection(H2Connection):
     peer_going_away = False
+    # Frames received whole and handled; a header block counts once, when it ends
+    # (h2 holds HEADERS and CONTINUATION frames back until END_HEADERS).
+    frames_received = 0
+
+    def _receive_frame(self, frame: Frame) -> list[Event]:
+        self.frames_received += 1
+        return super()._receive_frame(frame)
 
     def _receive_data_frame(self, frame: DataFrame) -> _Received:
         try:

@@ -39,6 +39,7 @@ from parsers.base import (
     ParseError,
     ProtocolError,
     Reply,
+    TimeLimit,
     ToClient,
     ToServer,
 )
@@ -97,6 +98,7 @@ class H2Limits:
 
 
 _NO_ERROR = ErrorCodes.NO_ERROR
+_DATA_FRAME = 0x0  # the frame type byte of DATA (RFC 9113 §6.1)
 _NOT_SENT = object()
 
 
@@ -194,11 +196,51 @@ class H2Engine:
 
     @property
     def reading_headers(self) -> bool:
-        """Until the client's preface and SETTINGS are in, and while a request
-        header block waits for its CONTINUATION frames (h2's frame buffer)."""
+        """Until the client's preface and SETTINGS are in, while a request header
+        block waits for its CONTINUATION frames, and while any frame but DATA is
+        partly received (h2's frame buffer; a frame header not yet whole counts)."""
         if self._dead:
             return False
-        return not self._preface_seen or bool(self.down.incoming_buffer._headers_buffer)
+        incoming = self.down.incoming_buffer
+        if not self._preface_seen or incoming._headers_buffer:
+            return True
+        partial = incoming._data
+        return bool(partial) and (len(partial) < 9 or partial[3] != _DATA_FRAME)
+
+    @property
+    def reading_body(self) -> bool:
+        """While a DATA frame is partly received."""
+        if self._dead or not self._preface_seen:
+            return False
+        partial = self.down.incoming_buffer._data
+        return len(partial) >= 9 and partial[3] == _DATA_FRAME
+
+    @property
+    def heads_read(self) -> int:
+        return self.down.frames_received
+
+    def client_timed_out(self, limit: TimeLimit) -> list[Command]:
+        """GOAWAY(NO_ERROR) with the limit's name as debug data, then close: the
+        streams in flight are cut (the client cannot even send WINDOW_UPDATE in
+        the middle of a header block) and their upstream twins cancelled.
+
+        NO_ERROR, because nothing the client sent was wrong, only slow: the
+        GOAWAY's last stream id tells it which streams were never processed (the
+        unfinished header block's among them), which it may retry. haproxy ends a
+        connection on its timeouts the same way. nginx sends PROTOCOL_ERROR, which
+        blames a violation that did not happen; ENHANCE_YOUR_CALM is for floods."""
+        if self._dead:
+            return []
+        if self.down.state_machine.state is not ConnectionState.CLOSED:
+            self.down.close_connection(_NO_ERROR, additional_data=limit.encode("ascii"))
+        self._abort(
+            limit,
+            to_server=ErrorCodes.CANCEL if self._streams else _NO_ERROR,
+            client_wire=self.down.data_to_send(),
+        )
+        out = self._out
+        self._out = []
+        return out
 
     def client_data(self, data: bytes) -> list[Command]:
         if self._dead:

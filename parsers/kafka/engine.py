@@ -40,6 +40,7 @@ from parsers.base import (
     Reply,
     ShutdownClient,
     ShutdownServer,
+    TimeLimit,
     ToClient,
     ToServer,
 )
@@ -136,6 +137,7 @@ class KafkaEngine:
         self._upload_left = 0
         self._upload_done: Reply | None = None
         self._whole_frame = False  # the frame at the head must be read whole
+        self._frames = 0  # request frames read whole or judged on their first bytes
         # Kafka has no half-close: once the client has sent EOF, the connection
         # ends as soon as every response it is owed has been delivered.
         self._client_closed = False
@@ -143,13 +145,31 @@ class KafkaEngine:
 
     @property
     def reading_headers(self) -> bool:
-        # Kafka has no separate head: a partial frame is a partial request.
+        # Kafka has no separate head: a partial frame is a partial request, unless
+        # it was judged on its first bytes and the rest streams (a body).
         return (
             len(self._client) > 0
             and self._held is None
             and not self._upload_left
+            and not self._failed
             and not self._wants_room
         )
+
+    @property
+    def reading_body(self) -> bool:
+        """The rest of a large Produce judged on its first bytes."""
+        return self._upload_left > 0 and not self._failed
+
+    @property
+    def heads_read(self) -> int:
+        return self._frames
+
+    def client_timed_out(self, limit: TimeLimit) -> list[Command]:
+        """Kafka has no answer for a request that never arrived: close."""
+        if self._failed:
+            return []
+        self._failed = True
+        return [Close(limit)]
 
     @property
     def topic_names(self) -> dict[uuid.UUID, str]:
@@ -206,6 +226,7 @@ class KafkaEngine:
                         continue
                 return
             self._whole_frame = False
+            self._frames += 1
             status = self._request(buf.take(4 + size), out)
             if status is _FAIL:
                 self._failed = True
@@ -260,6 +281,7 @@ class KafkaEngine:
         else:
             self._owed.append(_Owed(correlation_id, api_key, api_version))
         self._upload_left = 4 + size
+        self._frames += 1
         return True
 
     def _bad_size(self, side: str, size: int) -> ProtocolError:

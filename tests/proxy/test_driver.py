@@ -139,6 +139,8 @@ class ScriptedEngine:
 
     protocol = "scripted"
     reading_headers = False
+    reading_body = False
+    heads_read = 0
     client_speaks_first = True
 
     def __init__(
@@ -501,14 +503,182 @@ async def test_a_parse_error_the_engine_survives_is_counted_and_the_connection_s
     assert not p.pipe.closing
 
 
+REQUEST_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain\r\nContent-Length: 15\r\n"
+    b"Connection: close\r\n\r\nRequest Timeout"
+)
+PUT = b"PUT /v1/items HTTP/1.1\r\nHost: api\r\nContent-Length: 10\r\n\r\n"
+TIMED = ProxyLimits(header_timeout=0.2, body_timeout=0.2, idle_timeout=10)
+
+
+async def trickle(p: Played, data: bytes, every: float) -> None:
+    """One byte every ``every`` seconds, until all are sent or the pipe ends."""
+    for i in range(len(data)):
+        if p.pipe.closing:
+            return
+        p.pipe.client_data(data[i : i + 1])
+        await asyncio.sleep(every)
+
+
+def limit_records(p: Played) -> list[dict[str, Any]]:
+    return [(r["limit"], r["reason"]) for r in p.flowlog.recent if r["type"] == "limit"]
+
+
 async def test_a_request_head_that_does_not_complete_in_time_closes_the_connection():
-    p = play(HttpEngine(allow_all), limits=ProxyLimits(header_timeout=0.05, idle_timeout=10))
+    p = play(HttpEngine(allow_all), limits=TIMED)
 
     p.pipe.client_data(GET[:10])
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.3)
 
-    assert p.wire.take() == [("server", "close"), ("client", "write_eof")]
-    assert list(p.flowlog.recent) == []  # no request was ever judged
+    assert p.wire.take() == [
+        ("client", "write", REQUEST_TIMEOUT),
+        ("server", "close"),
+        ("client", "write_eof"),
+    ]
+    assert limit_records(p) == [
+        ("header_timeout", "request head not complete 0.2 s after its first byte")
+    ]
+
+
+async def test_bytes_trickling_in_do_not_extend_a_heads_deadline():
+    p = play(HttpEngine(allow_all), limits=TIMED)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    await trickle(p, GET, every=0.02)  # 37 bytes would take 0.74 s; the deadline is 0.2 s
+
+    assert 0.2 <= loop.time() - started < 0.5
+    assert p.wire.take() == [
+        ("client", "write", REQUEST_TIMEOUT),
+        ("server", "close"),
+        ("client", "write_eof"),
+    ]
+    assert [r["limit"] for r in p.flowlog.recent] == ["header_timeout"]
+
+
+async def test_each_head_has_its_own_deadline_from_its_first_byte():
+    p = play(HttpEngine(allow_all), limits=TIMED)
+
+    p.pipe.client_data(GET[:10])
+    await asyncio.sleep(0.15)
+    p.pipe.client_data(GET[10:] + GET[:10])  # the first head ends, the next one begins
+    await asyncio.sleep(0.15)  # past the first head's deadline, not the second's
+    p.pipe.client_data(GET[10:])
+    p.pipe.server_data(OK + OK)
+
+    assert p.wire.take() == [
+        ("server", "write", GET),
+        ("server", "write", GET),
+        ("client", "write", OK),
+        ("client", "write", OK),
+    ]
+    assert not p.pipe.closing
+
+
+async def test_keep_alive_time_between_requests_does_not_count_toward_a_heads_deadline():
+    p = play(HttpEngine(allow_all), limits=TIMED)
+    p.pipe.client_data(GET)
+    p.pipe.server_data(OK)
+    p.wire.take()
+
+    await asyncio.sleep(0.3)  # keep-alive: the idle timeout's business
+    p.pipe.client_data(GET[:10])
+    await asyncio.sleep(0.1)
+    assert p.wire.take() == []
+    await asyncio.sleep(0.15)
+
+    assert p.wire.take()[0] == ("client", "write", REQUEST_TIMEOUT)
+
+
+async def test_a_pipelined_head_past_its_deadline_gets_408_after_the_responses_owed():
+    p = play(HttpEngine(allow_all), limits=TIMED)
+    p.pipe.client_data(GET + GET[:10])
+    await asyncio.sleep(0.3)
+    assert p.wire.take() == [("server", "write", GET)]  # the 408 waits its turn
+
+    p.pipe.client_data(GET[10:])  # too late: not read
+    p.pipe.server_data(OK)
+
+    assert p.wire.take() == [
+        ("client", "write", OK),
+        ("client", "write", REQUEST_TIMEOUT),
+        ("server", "close"),
+        ("client", "write_eof"),
+    ]
+    assert [r["type"] for r in p.flowlog.recent] == ["limit", "l7"]
+
+
+async def test_bytes_after_a_timed_out_head_keep_nothing_alive():
+    p = play(HttpEngine(allow_all), limits=ProxyLimits(header_timeout=0.1, idle_timeout=0.3))
+    p.pipe.client_data(GET + GET[:10])  # the 408 will wait for the first response
+    await asyncio.sleep(0.15)
+    assert not p.pipe.closing
+
+    await trickle(p, GET[10:], every=0.02)  # 0.54 s of bytes nobody reads any more
+
+    assert p.pipe.closing  # the idle timeout, the server being silent
+    assert p.wire.take() == [("server", "write", GET), ("server", "close"), ("client", "write_eof")]
+
+
+async def test_a_stalled_request_body_closes_both_sides():
+    p = play(HttpEngine(allow_all), limits=TIMED)
+
+    p.pipe.client_data(PUT + b"abc")
+    await asyncio.sleep(0.3)
+
+    assert p.wire.take() == [
+        ("server", "write", PUT + b"abc"),
+        ("server", "close"),
+        ("client", "write_eof"),  # no 408: the server has the request's head
+    ]
+    limit, request = p.flowlog.recent
+    assert (limit["limit"], limit["reason"]) == (
+        "body_timeout",
+        "no byte of the request body for 0.2 s",
+    )
+    assert request["reply"] == {"closed": "body_timeout"}
+
+
+async def test_a_slow_body_whose_bytes_keep_coming_is_served():
+    p = play(HttpEngine(allow_all), limits=TIMED)
+
+    p.pipe.client_data(PUT)
+    await trickle(p, b"0123456789", every=0.05)  # 0.5 s in all, never 0.2 s silent
+    p.pipe.server_data(OK)
+
+    assert p.wire.take()[-1] == ("client", "write", OK)
+    assert not p.pipe.closing
+
+
+async def test_a_body_is_not_late_while_we_do_not_read_it():
+    p = play(HttpEngine(allow_all), limits=TIMED)
+    p.pipe.client_data(PUT + b"abc")
+    p.pipe.server_write_paused()  # the server reads slowly: we stop reading the client
+
+    await asyncio.sleep(0.3)
+    assert not p.pipe.closing
+    p.pipe.server_write_resumed()
+    await asyncio.sleep(0.1)
+    assert not p.pipe.closing  # its clock went on where it stopped
+    await asyncio.sleep(0.15)
+
+    assert p.pipe.closing
+
+
+async def test_a_body_behind_expect_100_continue_is_awaited_only_once_the_server_says_so():
+    p = play(HttpEngine(allow_all), limits=TIMED)
+    head = PUT.replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n")
+
+    p.pipe.client_data(head)
+    await asyncio.sleep(0.3)  # the client waits for the server's word
+    assert not p.pipe.closing
+    p.pipe.server_data(b"HTTP/1.1 100 Continue\r\n\r\n")
+    await asyncio.sleep(0.1)
+    assert not p.pipe.closing
+    await asyncio.sleep(0.35)
+
+    assert p.pipe.closing
+    assert limit_records(p)[0][0] == "body_timeout"
 
 
 async def test_a_connection_silent_for_the_idle_timeout_closes():
