@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, Self
 
 from parsers.requests import L7Request
 
@@ -139,6 +139,9 @@ class ParseError:
     error: ProtocolError
     close: bool = True
 
+    def __post_init__(self) -> None:
+        self.error.detach()
+
 
 @dataclass(slots=True)
 class ShutdownServer:
@@ -194,6 +197,16 @@ class ProtocolError(Exception):
         super().__init__(message)
         self.code = code
         self.wire_reply = wire_reply
+
+    def detach(self) -> Self:
+        """This error, kept as data (in a command, or queued for its answer), without
+        the traceback and chained errors that hold the frames that raised it: those
+        frames hold the engine, so the error and its connection would be a reference
+        cycle, freed by the cyclic collector only, long after the connection ends."""
+        self.__traceback__ = None
+        self.__context__ = None
+        self.__cause__ = None
+        return self
 
 
 class FrameTooLarge(ProtocolError):

@@ -9,6 +9,8 @@ judged stream by stream like any other.
 
 from __future__ import annotations
 
+from functools import partial
+
 from parsers.base import DEFAULT_MAX_PENDING, Command, Decide, TimeLimit
 from parsers.http1.engine import Http1Engine
 from parsers.http2.engine import PREFACE, H2Engine
@@ -109,14 +111,19 @@ class HttpEngine:
         return out
 
     def _http1(self) -> Http1Engine:
+        # The handler holds the decide function, not this engine: an engine that
+        # held its own holder would be a reference cycle, freed late.
         return Http1Engine(
-            self._decide, upgrade_handler=self._upgrade, max_pending=self._max_pending
+            self._decide,
+            upgrade_handler=partial(upgrade_to_h2c, self._decide),
+            max_pending=self._max_pending,
         )
 
-    def _upgrade(self, request: HttpRequest) -> H2Engine | None:
-        """Called by Http1Engine after the server's 101 to an allowed Upgrade request."""
-        tokens = {t.strip().lower() for v in request.header_values("upgrade") for t in v.split(",")}
-        settings = request.header_values("http2-settings")
-        if "h2c" not in tokens or len(settings) != 1:
-            return None  # another protocol (websocket, ...): a byte tunnel
-        return H2Engine(self._decide, upgrade_settings=settings[0].strip().encode("latin-1"))
+
+def upgrade_to_h2c(decide: Decide, request: HttpRequest) -> H2Engine | None:
+    """Called by Http1Engine after the server's 101 to an allowed Upgrade request."""
+    tokens = {t.strip().lower() for v in request.header_values("upgrade") for t in v.split(",")}
+    settings = request.header_values("http2-settings")
+    if "h2c" not in tokens or len(settings) != 1:
+        return None  # another protocol (websocket, ...): a byte tunnel
+    return H2Engine(decide, upgrade_settings=settings[0].strip().encode("latin-1"))

@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
+import functools
+import gc
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from l7proxy.observe.flowlog import FlowLog, now_fields
@@ -37,6 +41,29 @@ from parsers.base import Engine
 from parsers.registry import engine_factory
 
 log = logging.getLogger("l7proxy.proxy")
+
+
+# Memory is given back to the kernel this long after this many connections
+# have ended since the last time (at most once per GIVE_BACK_DELAY).
+GIVE_BACK_AFTER_CLOSED = 256
+GIVE_BACK_DELAY = 1.0
+
+
+def malloc_trim() -> None:
+    """glibc's ``malloc_trim(0)``: release free heap pages to the kernel (a no-op
+    where the C library has no such call)."""
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
 
 
 @dataclass(frozen=True)
@@ -71,6 +98,9 @@ class Proxy:
         self._no_pipes.set()
         self._servers: list[asyncio.AbstractServer] = []
         self._listen_ports: set[int] = set()
+        # Connections open at the most since memory was last given back.
+        self._peak_pipes = 0
+        self._give_back: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------ listeners
 
@@ -113,6 +143,9 @@ class Proxy:
         by themselves, close the rest. Returns how many were still open (not
         already ending) and had to be cut."""
         self.stop_accepting()
+        if self._give_back is not None:
+            self._give_back.cancel()
+            self._give_back = None
         if grace:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wait_all_closed(), grace)
@@ -194,6 +227,7 @@ class Proxy:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._pipes.add(pipe)
         self._no_pipes.clear()
+        self._peak_pipes = max(self._peak_pipes, len(self._pipes))
         self.stats.connections_total += 1
         self.stats.connections_active += 1
         return pipe
@@ -205,6 +239,19 @@ class Proxy:
             self.stats.connections_active -= 1
             if not self._pipes:
                 self._no_pipes.set()
+            gone = self._peak_pipes - len(self._pipes)
+            if gone >= GIVE_BACK_AFTER_CLOSED and self._give_back is None:
+                loop = asyncio.get_running_loop()
+                self._give_back = loop.call_later(GIVE_BACK_DELAY, self._give_memory_back)
+
+    def _give_memory_back(self) -> None:
+        """Many connections have ended (an attack, a burst): return the free memory
+        they leave inside the C heap to the kernel, which malloc does not do by
+        itself for memory below its top."""
+        self._give_back = None
+        self._peak_pipes = len(self._pipes)
+        gc.collect()  # whatever cycles a library still makes, first
+        malloc_trim()
 
     async def _connect_upstream(self, pipe: Pipe, src_ip: str, dst_ip: str, dst_port: int) -> None:
         loop = asyncio.get_running_loop()

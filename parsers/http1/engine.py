@@ -435,11 +435,11 @@ class Http1Engine:
         try:
             events = self._requests.feed(data) if data is not None else self._requests.resume()
         except Http1Error as exc:
-            events, error = exc.events, exc
+            events, error = exc.events, exc.detach()  # kept as data: a queued 400 may hold it
         try:
             self._on_client_events(events, out)
         except Http1Error as exc:  # a rule the engine adds on top of the parser
-            error = exc
+            error = exc.detach()
         if error is not None:
             self._on_client_error(error, out)
             return False

@@ -55,6 +55,28 @@ def _translate(exc: Exception, side: str, head: bytes | bytearray) -> Http1Error
 LLHTTP = TypeVar("LLHTTP", httptools.HttpRequestParser, httptools.HttpResponseParser)
 
 
+class _Collected:
+    """What llhttp's callbacks collect of one head. A parser holds its callbacks'
+    object, so that object must not hold the parser: the pair would be a
+    reference cycle, freed only by the cyclic collector, long after its connection."""
+
+    __slots__ = ("url", "headers", "done")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.done = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value.rstrip(_OWS)))
+
+    def on_headers_complete(self) -> None:
+        self.done = True
+
+
 class _CHead(Generic[LLHTTP]):
     side: Literal["client", "server"] = "client"
     parser_class: type[LLHTTP]
@@ -64,28 +86,14 @@ class _CHead(Generic[LLHTTP]):
         self._line_done = False
         self._parser: LLHTTP | None = None  # made on the first bytes of a head
         self._fed = 0
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._url = b""
-        self._done = False
+        self._got = _Collected()
 
     def reset(self) -> None:
         self._watch.reset()
         self._line_done = False
         self._parser = None
         self._fed = 0
-        self._headers = []
-        self._url = b""
-        self._done = False
-
-    # httptools callbacks
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value.rstrip(_OWS)))
-
-    def on_headers_complete(self) -> None:
-        self._done = True
+        self._got = _Collected()
 
     def _feed(self, buf: bytes | bytearray) -> LLHTTP:
         """Give llhttp the bytes of ``buf`` it has not seen yet."""
@@ -97,7 +105,7 @@ class _CHead(Generic[LLHTTP]):
             )
         parser = self._parser
         if parser is None:
-            parser = self._parser = self.parser_class(self)
+            parser = self._parser = self.parser_class(self._got)
         if len(buf) > self._fed:
             chunk = bytes(buf[self._fed :])
             self._fed = len(buf)
@@ -107,7 +115,7 @@ class _CHead(Generic[LLHTTP]):
                 pass  # llhttp pauses after an Upgrade/CONNECT head: the head is fine
             except ht_errors.HttpParserError as exc:
                 # The response parser reports the same pause as an error.
-                if not (self._done and str(exc).startswith("Pause on CONNECT/Upgrade")):
+                if not (self._got.done and str(exc).startswith("Pause on CONNECT/Upgrade")):
                     raise _translate(exc, self.side, buf) from None
         return parser
 
@@ -120,7 +128,7 @@ class _CHead(Generic[LLHTTP]):
 
     def _finish(self, head: bytes) -> LLHTTP:
         parser = self._feed(head)
-        if not self._done:  # pragma: no cover - llhttp always completes a CRLFCRLF head
+        if not self._got.done:  # pragma: no cover - llhttp always completes a CRLFCRLF head
             raise MalformedMessage("incomplete head", side=self.side)
         return parser
 
@@ -140,9 +148,9 @@ class CRequestHead(_CHead[httptools.HttpRequestParser]):
             raise MalformedMessage("unknown method", code="invalid_method")
         msg = MessageHead(
             method=method.decode("ascii"),
-            target=self._url.decode("ascii"),
+            target=self._got.url.decode("ascii"),
             version=parser.get_http_version(),
-            headers=self._headers,
+            headers=self._got.headers,
             size=len(head),
         )
         self.reset()
@@ -178,7 +186,7 @@ class CResponseHead(_CHead[httptools.HttpResponseParser]):
             status=parser.get_status_code(),
             reason=reason.decode("latin-1"),
             version=parser.get_http_version(),
-            headers=self._headers,
+            headers=self._got.headers,
             size=len(head),
         )
         self.reset()

@@ -12,8 +12,9 @@ treats as a connection error, into the stream error RFC 9113 asks for.
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
-from typing import TypeAlias
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any, TypeAlias
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -40,11 +41,34 @@ class MalformedStream(Event):
 _Received: TypeAlias = tuple[list[Frame], list[Event]]
 
 
+class _Handler:
+    """One entry of h2's frame dispatch table, holding its connection weakly."""
+
+    __slots__ = ("_method", "_connection")
+
+    def __init__(self, method: Callable[[Any, Frame], _Received], connection: H2Connection):
+        self._method = method
+        self._connection = weakref.ref(connection)
+
+    def __call__(self, frame: Frame) -> _Received:
+        return self._method(self._connection(), frame)
+
+
 class RelayConnection(H2Connection):
     peer_going_away = False
     # Frames received whole and handled; a header block counts once, when it ends
     # (h2 holds HEADERS and CONTINUATION frames back until END_HEADERS).
     frames_received = 0
+
+    def __init__(self, config: H2Configuration | None = None) -> None:
+        super().__init__(config)
+        # h2 keeps the connection's own bound methods in a table on the connection:
+        # a reference cycle, which only the cyclic collector frees, long after the
+        # connection ends. The same handlers, holding the connection weakly, are not.
+        self._frame_dispatch_table = {
+            frame_type: _Handler(getattr(type(self), handler.__name__), self)
+            for frame_type, handler in self._frame_dispatch_table.items()
+        }
 
     def _receive_frame(self, frame: Frame) -> list[Event]:
         self.frames_received += 1

@@ -126,30 +126,6 @@ class H2Engine:
         self._server_gone = False  # server EOF: finish delivering complete responses only
         self._dead = False
         self._setup(upgrade_settings)
-        self._client_handlers: dict[type[ev.Event], Callable[[Any], None]] = {
-            ev.RequestReceived: self._on_request,
-            ev.DataReceived: self._on_client_data,
-            ev.StreamEnded: self._on_client_end,
-            ev.TrailersReceived: self._on_client_trailers,
-            ev.StreamReset: self._on_client_reset,
-            ev.WindowUpdated: self._on_client_window,
-            ev.RemoteSettingsChanged: self._on_client_settings,
-            ev.SettingsAcknowledged: self._on_settings_ack,
-            ev.ConnectionTerminated: self._on_client_goaway,
-            MalformedStream: self._on_client_malformed,
-        }
-        self._server_handlers: dict[type[ev.Event], Callable[[Any], None]] = {
-            ev.ResponseReceived: self._on_response,
-            ev.InformationalResponseReceived: self._on_informational,
-            ev.DataReceived: self._on_server_data,
-            ev.StreamEnded: self._on_server_end,
-            ev.TrailersReceived: self._on_server_trailers,
-            ev.StreamReset: self._on_server_reset,
-            ev.WindowUpdated: self._on_server_window,
-            ev.RemoteSettingsChanged: self._on_server_settings,
-            ev.ConnectionTerminated: self._on_server_goaway,
-            MalformedStream: self._on_server_malformed,
-        }
 
     def _setup(self, upgrade_settings: bytes | None) -> None:
         lim = self._limits
@@ -253,11 +229,11 @@ class H2Engine:
             self._check_parked_header_block()
         except H2ProtocolError as exc:
             return self._connection_error("client", exc)
-        handlers = self._client_handlers
+        handlers = CLIENT_HANDLERS
         for event in events:
             handler = handlers.get(type(event))
             if handler is not None:
-                handler(event)
+                handler(self, event)
         return self._drain()
 
     def _check_parked_header_block(self) -> None:
@@ -280,11 +256,11 @@ class H2Engine:
             check_announced_length(self.up)
         except H2ProtocolError as exc:
             return self._connection_error("server", exc)
-        handlers = self._server_handlers
+        handlers = SERVER_HANDLERS
         for event in events:
             handler = handlers.get(type(event))
             if handler is not None:
-                handler(event)
+                handler(self, event)
         return self._drain()
 
     def _drain(self) -> list[Command]:
@@ -852,3 +828,33 @@ class H2Engine:
                 if stream.response_done:
                     self._forget(stream)
         self.down.send_graceful_goaway(max(self._streams, default=0))
+
+
+# What the engine does with each h2 event, per side. Kept here rather than as
+# tables of bound methods on each engine, which would be a reference cycle (freed
+# only by the cyclic collector, long after the connection ends).
+Handler = Callable[[H2Engine, Any], None]
+CLIENT_HANDLERS: dict[type[ev.Event], Handler] = {
+    ev.RequestReceived: H2Engine._on_request,
+    ev.DataReceived: H2Engine._on_client_data,
+    ev.StreamEnded: H2Engine._on_client_end,
+    ev.TrailersReceived: H2Engine._on_client_trailers,
+    ev.StreamReset: H2Engine._on_client_reset,
+    ev.WindowUpdated: H2Engine._on_client_window,
+    ev.RemoteSettingsChanged: H2Engine._on_client_settings,
+    ev.SettingsAcknowledged: H2Engine._on_settings_ack,
+    ev.ConnectionTerminated: H2Engine._on_client_goaway,
+    MalformedStream: H2Engine._on_client_malformed,
+}
+SERVER_HANDLERS: dict[type[ev.Event], Handler] = {
+    ev.ResponseReceived: H2Engine._on_response,
+    ev.InformationalResponseReceived: H2Engine._on_informational,
+    ev.DataReceived: H2Engine._on_server_data,
+    ev.StreamEnded: H2Engine._on_server_end,
+    ev.TrailersReceived: H2Engine._on_server_trailers,
+    ev.StreamReset: H2Engine._on_server_reset,
+    ev.WindowUpdated: H2Engine._on_server_window,
+    ev.RemoteSettingsChanged: H2Engine._on_server_settings,
+    ev.ConnectionTerminated: H2Engine._on_server_goaway,
+    MalformedStream: H2Engine._on_server_malformed,
+}

@@ -9,7 +9,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 
 from parsers.base import Access, Decision, Reply, ToClient, ToServer
-from parsers.http import HttpEngine
+from parsers.http import HttpEngine, upgrade_to_h2c
 from parsers.http2.engine import PREFACE
 from parsers.requests import HttpRequest
 from tests.support.h2_transcript import SPLITS, Transcript, request_headers
@@ -144,10 +144,9 @@ def test_upgrade_handler_builds_an_engine_that_relays_stream_one_and_judges_the_
         ),
     )
     assert (
-        HttpEngine(decide)._upgrade(HttpRequest("GET", "/", "web", (("upgrade", "websocket"),)))
-        is None
+        upgrade_to_h2c(decide, HttpRequest("GET", "/", "web", (("upgrade", "websocket"),))) is None
     )
-    engine = HttpEngine(decide)._upgrade(request)
+    engine = upgrade_to_h2c(decide, request)
     server.initiate_upgrade_connection(settings)
     server.send_headers(1, [(b":status", b"200")])
     server.send_data(1, b"first answer", end_stream=True)
