@@ -21,6 +21,12 @@ Time is the driver's too. An engine says where the client is (``reading_headers`
 ``reading_body``, ``heads_read``); the driver keeps the clock, and when a deadline
 passes asks the engine for its protocol's answer (``client_timed_out``: an HTTP
 408, an HTTP/2 GOAWAY, or a plain close for Kafka and CQL).
+
+The whole proxy is one event loop, so an engine may bound the work one call
+does: it then keeps the client's input it has not processed and ends its
+commands with ``Yield``, and the driver stops reading that client and calls
+``Yield.resume`` on a later turn of the loop, after the other connections have
+had theirs.
 """
 
 from __future__ import annotations
@@ -161,6 +167,20 @@ class Close:
 
 
 @dataclass(slots=True)
+class Yield:
+    """The engine did its share of work for now and holds client input it has not
+    processed yet (fairness: one connection's large read must not hold the event
+    loop). The driver pauses reading the client and, on a later turn of the loop,
+    calls ``resume()`` and executes what it returns like any other commands: more
+    of the same, maybe another ``Yield``. Once every ``Yield`` has been resumed,
+    the driver reads the client again. It is usually the last command of its
+    batch, but need not be (an engine that wraps another may append the inner
+    engine's answer to server bytes after it)."""
+
+    resume: Callable[[], list[Command]]
+
+
+@dataclass(slots=True)
 class Log:
     """A diagnostic message (logging is a command so tests can assert on it)."""
 
@@ -177,6 +197,7 @@ Command = (
     | ShutdownServer
     | ShutdownClient
     | Close
+    | Yield
     | Log
 )
 
@@ -212,6 +233,20 @@ class ProtocolError(Exception):
 class FrameTooLarge(ProtocolError):
     def __init__(self, message: str, *, wire_reply: bytes = b""):
         super().__init__(message, code="frame_too_large", wire_reply=wire_reply)
+
+
+class LimitExceeded(ProtocolError):
+    """A per-connection budget ran out: a flood rather than a malformed message.
+
+    ``limit`` is the name of the limits field that was exceeded (for example
+    ``max_stream_resets`` of ``H2Limits``), as the driver's own limits are named
+    (``HEADER_TIMEOUT``); the driver writes a flow-log record of type ``limit``
+    naming it, which metrics count.
+    """
+
+    def __init__(self, message: str, *, limit: str, code: str, wire_reply: bytes = b""):
+        super().__init__(message, code=code, wire_reply=wire_reply)
+        self.limit = limit
 
 
 # --------------------------------------------------------------------------

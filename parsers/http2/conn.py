@@ -22,7 +22,14 @@ from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, Event
 from h2.exceptions import FrameTooLargeError, InvalidBodyLengthError, TooManyStreamsError
 from h2.settings import SettingCodes, Settings
-from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, SettingsFrame
+from hyperframe.frame import (
+    DataFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    RstStreamFrame,
+    SettingsFrame,
+)
 
 
 class MalformedStream(Event):
@@ -73,6 +80,16 @@ class RelayConnection(H2Connection):
     def _receive_frame(self, frame: Frame) -> list[Event]:
         self.frames_received += 1
         return super()._receive_frame(frame)
+
+    # RST_STREAM frames queued toward the peer, whoever decided them (the engine,
+    # or h2 answering a frame on a closed stream): the flood budgets count them.
+    resets_sent = 0
+
+    def _prepare_for_sending(self, frames: list[Frame]) -> None:
+        for frame in frames:
+            if type(frame) is RstStreamFrame:
+                self.resets_sent += 1
+        super()._prepare_for_sending(frames)
 
     def _receive_data_frame(self, frame: DataFrame) -> _Received:
         try:

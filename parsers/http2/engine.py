@@ -15,6 +15,12 @@ Errors follow RFC 9113 §5.4: a malformed header section is a stream error
 (RST_STREAM PROTOCOL_ERROR, the connection lives on); framing, HPACK and
 flow-control violations detected by h2 are connection errors (GOAWAY with
 h2's code, then close).
+
+Floods and fairness (``parsers/http2/floods.py``): the client's input is handed
+to h2 in turns of a bounded number of frames, each frame header checked against
+the connection's flood budgets first (resets, PING, SETTINGS, control frames
+owed). A turn that leaves input over ends with ``Yield``; a budget exceeded is
+GOAWAY(ENHANCE_YOUR_CALM) and a close.
 """
 
 from __future__ import annotations
@@ -36,12 +42,14 @@ from parsers.base import (
     Command,
     Decide,
     Decision,
+    LimitExceeded,
     ParseError,
     ProtocolError,
     Reply,
     TimeLimit,
     ToClient,
     ToServer,
+    Yield,
 )
 from parsers.http2.conn import (
     MalformedStream,
@@ -53,6 +61,7 @@ from parsers.http2.conn import (
     relayed_code,
     settings,
 )
+from parsers.http2.floods import FloodError, FloodGuard, Turns
 from parsers.http2.headers import (
     DENIED_STATUS,
     GRPC_PERMISSION_DENIED,
@@ -96,6 +105,23 @@ class H2Limits:
     # list below its encoding by much): past it, GOAWAY(ENHANCE_YOUR_CALM), as
     # nghttp2 does, rather than parking up to 64 CONTINUATION frames (1 MiB).
 
+    # Flood budgets of a client connection (parsers/http2/floods.py). Past one:
+    # GOAWAY(ENHANCE_YOUR_CALM) with the last stream processed, and a close.
+    # RST_STREAM frames the client caused (its own, ours for a denied, refused or
+    # malformed stream) beyond the streams it completed without one.
+    max_stream_resets: int = 1000
+    # Per round trip: until the client acknowledges a PING the proxy sends once
+    # a count reaches half its limit.
+    max_ping_frames: int = 100
+    max_settings_frames: int = 100
+    # PING and SETTINGS acknowledgements and RST_STREAM frames sent toward the
+    # client, per round trip: what a client that does not read lets pile up.
+    max_outbound_control_frames: int = 1000
+    # Fairness: one turn of the event loop hands h2 at most this many client
+    # frames, or payload bytes of frames other than DATA (at least one frame).
+    frames_per_turn: int = 128
+    bytes_per_turn: int = 512
+
 
 _NO_ERROR = ErrorCodes.NO_ERROR
 _DATA_FRAME = 0x0  # the frame type byte of DATA (RFC 9113 §6.1)
@@ -125,6 +151,19 @@ class H2Engine:
         self._refusing = False  # a GOAWAY was seen: no new streams
         self._server_gone = False  # server EOF: finish delivering complete responses only
         self._dead = False
+        # Client input not yet handed to h2 (a turn ended first); starts on a frame boundary.
+        self._held: bytes | memoryview = b""
+        self._turns = Turns(
+            frames_per_turn=limits.frames_per_turn, bytes_per_turn=limits.bytes_per_turn
+        )
+        self._guard = FloodGuard(
+            max_stream_resets=limits.max_stream_resets,
+            max_ping_frames=limits.max_ping_frames,
+            max_settings_frames=limits.max_settings_frames,
+            max_outbound_control_frames=limits.max_outbound_control_frames,
+            streams=self._streams,
+        )
+        self._excused_resets = 0  # RST_STREAM frames to the client that the server caused
         self._setup(upgrade_settings)
 
     def _setup(self, upgrade_settings: bytes | None) -> None:
@@ -223,8 +262,29 @@ class H2Engine:
             return []
         if not data:
             return self._finish_on_eof("client")
+        # Input while a turn is still due comes only from a driver that read on
+        # after a Yield: it queues behind, in order.
+        self._held = bytes(self._held) + data if self._held else data
+        return self._client_turn()
+
+    def _resume_client(self) -> list[Command]:
+        """``Yield.resume``: the next turn of the client's held input."""
+        if self._dead or not self._held:
+            return []
+        return self._client_turn()
+
+    def _client_turn(self) -> list[Command]:
+        """Hand h2 one turn of the client's input, its frame headers checked against
+        the flood budgets first; then what the engine did is checked too."""
+        held = self._held
+        take, flood = self._turns.cut(held, self._guard)
+        if take == len(held):
+            chunk, self._held = held, b""
+        else:
+            view = held if type(held) is memoryview else memoryview(held)
+            chunk, self._held = view[:take], view[take:]
         try:
-            events = self.down.receive_data(data)
+            events = self.down.receive_data(chunk) if take else []
             check_announced_length(self.down)
             self._check_parked_header_block()
         except H2ProtocolError as exc:
@@ -234,16 +294,30 @@ class H2Engine:
             handler = handlers.get(type(event))
             if handler is not None:
                 handler(self, event)
-        return self._drain()
+        if self._dead:
+            return self._drain()
+        guard = self._guard
+        if flood is None:
+            sent = self.down.resets_sent
+            flood = guard.sync(sent, sent - self._excused_resets)
+        if flood is not None:
+            return self._connection_error("client", flood)
+        if guard.barrier_due():
+            self.down.ping(guard.open_barrier())
+        out = self._drain()
+        if self._held and not self._dead:
+            out.append(Yield(self._resume_client))
+        return out
 
     def _check_parked_header_block(self) -> None:
         parked = self.down.incoming_buffer._headers_buffer  # h2 has no public view of it
         if parked:
             size = sum(len(frame.data) for frame in parked)
             if size > self._limits.hard_header_list_size:
-                raise DenialOfServiceError(
+                raise FloodError(
+                    "hard_header_list_size",
                     f"header block of {size} bytes still without END_HEADERS "
-                    f"(limit {self._limits.hard_header_list_size})"
+                    f"(limit {self._limits.hard_header_list_size})",
                 )
 
     def server_data(self, data: bytes) -> list[Command]:
@@ -337,7 +411,9 @@ class H2Engine:
     def _deny(self, cid: int, ended: bool, decision: Decision, grpc: bool) -> None:
         if grpc:
             self.down.send_headers(cid, grpc_denial(denial_reason(decision)), end_stream=True)
-            if not ended:
+            if ended:
+                self._guard.stream_completed()
+            else:
                 self._reset(self.down, cid, _NO_ERROR)
             fields = {
                 "status": 200,
@@ -357,7 +433,9 @@ class H2Engine:
             self.down.send_data(cid, body, end_stream=True)
         else:
             self.down.send_headers(cid, headers[:1] + [(b"content-length", b"0")], end_stream=True)
-        if not ended:
+        if ended:
+            self._guard.stream_completed()
+        else:
             # RFC 9113 §8.1: a complete response may end the request with NO_ERROR.
             self._reset(self.down, cid, _NO_ERROR)
 
@@ -452,6 +530,9 @@ class H2Engine:
         # the hard cap so that sizes in between get a 431 rather than a GOAWAY.
         self.down.decoder.max_header_list_size = self._limits.hard_header_list_size
 
+    def _on_client_ping_ack(self, event: ev.PingAckReceived) -> None:
+        self._guard.acknowledged(event.ping_data)
+
     def _on_client_goaway(self, event: ev.ConnectionTerminated) -> None:
         if event.error_code != _NO_ERROR:
             self._abort(f"client GOAWAY {code_name(event.error_code)}", to_server=ErrorCodes.CANCEL)
@@ -532,7 +613,7 @@ class H2Engine:
             stream.request_done = True
             return
         if not (stream.request_done and stream.response_done):
-            self._reset(self.down, stream.cid, relayed_code(code))
+            self._reset_for_server(stream.cid, relayed_code(code))
         self._drop(stream, f"server reset {code_name(code)}")
 
     def _on_server_malformed(self, event: MalformedStream) -> None:
@@ -567,7 +648,7 @@ class H2Engine:
             if stream.sid is None or stream.sid > last:
                 if stream.sid is None:
                     self._waiting.remove(stream)
-                self._reset(self.down, stream.cid, ErrorCodes.REFUSED_STREAM)
+                self._reset_for_server(stream.cid, ErrorCodes.REFUSED_STREAM)
                 self._drop(stream, "refused: server going away")
         self.down.send_graceful_goaway(max(self._streams, default=0))
 
@@ -649,7 +730,10 @@ class H2Engine:
                 return
             else:  # RESET queued behind a complete response
                 items.popleft()
-                self._reset(out, out_id, item[1])
+                if to_server:
+                    self._reset(out, out_id, item[1])
+                else:
+                    self._reset_for_server(out_id, item[1])
                 self._drop(stream, "")
                 return
 
@@ -668,6 +752,7 @@ class H2Engine:
             stream.response_done = True
             self._reply(stream, None)
         if stream.request_done and stream.response_done:
+            self._guard.stream_completed()
             self._forget(stream)
 
     def _reply(self, stream: Stream, reset: str | None) -> None:
@@ -718,6 +803,13 @@ class H2Engine:
         except H2ProtocolError:
             pass  # already closed on that side: nothing to tell
 
+    def _reset_for_server(self, cid: int, code: ErrorCodes | int) -> None:
+        """Reset a client stream because of the server: not the client's doing, so
+        not charged to its reset budget (it still counts as a control frame owed)."""
+        before = self.down.resets_sent
+        self._reset(self.down, cid, code)
+        self._excused_resets += self.down.resets_sent - before
+
     # ----------------------------------------------------------- errors
 
     def _stream_error(self, side: str, stream_id: int, problem: str) -> None:
@@ -736,7 +828,7 @@ class H2Engine:
             self._reset(self.up, stream_id, ErrorCodes.PROTOCOL_ERROR)
             stream = self._by_sid.get(stream_id)
             if stream is not None:
-                self._reset(self.down, stream.cid, ErrorCodes.INTERNAL_ERROR)
+                self._reset_for_server(stream.cid, ErrorCodes.INTERNAL_ERROR)
                 self._drop(stream, "malformed response")
         error = ProtocolError(problem, code="h2_malformed_headers")
         self._out.append(ParseError(side, error, close=False))
@@ -746,8 +838,10 @@ class H2Engine:
         code = getattr(exc, "error_code", None) or ErrorCodes.PROTOCOL_ERROR
         if side == "client":
             if self.down.state_machine.state is not ConnectionState.CLOSED:
-                # h2 raises on a bad preface without queuing GOAWAY; RFC 9113 §3.4 allows one.
-                self.down.close_connection(code)
+                # h2 raises on a bad preface without queuing GOAWAY; RFC 9113 §3.4 allows
+                # one. A flood budget is named in the debug data, as a timeout is.
+                debug = exc.limit.encode("ascii") if isinstance(exc, FloodError) else None
+                self.down.close_connection(code, additional_data=debug)
             wire = self.down.data_to_send()
             self._abort("", to_server=ErrorCodes.CANCEL, client_wire=wire)
         else:
@@ -755,9 +849,16 @@ class H2Engine:
             self._abort("", to_client=ErrorCodes.INTERNAL_ERROR, server_wire=wire)
         out = self._out
         self._out = []
-        error = ProtocolError(
-            f"{exc} ({code_name(code)})", code=f"h2_{code_name(code).lower()}", wire_reply=wire
-        )
+        message, kind = f"{exc} ({code_name(code)})", f"h2_{code_name(code).lower()}"
+        error: ProtocolError
+        if isinstance(exc, FloodError):
+            error = LimitExceeded(message, limit=exc.limit, code=kind, wire_reply=wire)
+        elif isinstance(exc, DenialOfServiceError) and side == "client":
+            # h2 stopped decoding a header list past the hard cap.
+            limit = "hard_header_list_size"
+            error = LimitExceeded(message, limit=limit, code=kind, wire_reply=wire)
+        else:
+            error = ProtocolError(message, code=kind, wire_reply=wire)
         # _abort already queued the wire bytes and Close; the ParseError goes before Close.
         out.insert(len(out) - 1, ParseError(side, error, close=True))
         return out
@@ -777,6 +878,7 @@ class H2Engine:
         self._streams.clear()
         self._by_sid.clear()
         self._waiting.clear()
+        self._held = b""  # client input not yet processed: never will be
         if client_wire is None:
             if to_client is not None:
                 self.down.close_connection(to_client)
@@ -812,15 +914,13 @@ class H2Engine:
         self._refusing = True
         waiting, self._waiting = self._waiting, []
         for stream in waiting:
-            self._reset(
-                self.down, stream.cid, ErrorCodes.REFUSED_STREAM
-            )  # never reached the server
+            self._reset_for_server(stream.cid, ErrorCodes.REFUSED_STREAM)  # never reached it
             self._drop(stream, "server closed")
         for stream in list(self._streams.values()):
             items = stream.to_client.items
             complete = stream.response_done or (items and items[-1][0] in (END, TRAILERS, RESET))
             if not complete:
-                self._reset(self.down, stream.cid, ErrorCodes.INTERNAL_ERROR)
+                self._reset_for_server(stream.cid, ErrorCodes.INTERNAL_ERROR)
                 self._drop(stream, "server closed")
             elif not stream.request_done:
                 self._discard(stream, True)
@@ -844,6 +944,7 @@ CLIENT_HANDLERS: dict[type[ev.Event], Handler] = {
     ev.RemoteSettingsChanged: H2Engine._on_client_settings,
     ev.SettingsAcknowledged: H2Engine._on_settings_ack,
     ev.ConnectionTerminated: H2Engine._on_client_goaway,
+    ev.PingAckReceived: H2Engine._on_client_ping_ack,
     MalformedStream: H2Engine._on_client_malformed,
 }
 SERVER_HANDLERS: dict[type[ev.Event], Handler] = {

@@ -5,6 +5,9 @@ same library a real peer would use) and pumps bytes between them through the
 engine until nothing moves. Bytes can be handed to the engine whole, byte by
 byte, or split at random points (``split``). Events each peer saw and the
 engine's non-byte commands are recorded for assertions.
+
+A ``Yield`` (the engine bounded its work for one turn of the event loop) is
+resumed at once, as the driver would on its next turn; ``yields`` counts them.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from h2.events import (
     TrailersReceived,
 )
 from h2.settings import Settings
+from hyperframe.frame import Frame
 
-from parsers.base import ToClient, ToServer
+from parsers.base import ToClient, ToServer, Yield
 from parsers.http2.conn import RelayConnection
 from tests.support.feeding import WAYS, Splitter, splitter
 
@@ -48,6 +52,7 @@ class Transcript:
         strict_client: bool = True,
         graceful_client: bool = False,
         graceful_server: bool = False,
+        client_listens: bool = True,
     ):
         self.engine = engine
         self.split = split
@@ -62,6 +67,10 @@ class Transcript:
         self.server_reads = True  # False: the server application stops consuming DATA
         self.client_reads = True
         self.server_unacked: list[tuple[int, int]] = []
+        self.yields = 0
+        # False: the client never reads; what the engine writes to it stays in ``unread``.
+        self.client_listens = client_listens
+        self.unread = bytearray()
 
     def start(
         self, server_settings: dict | None = None, client_settings: dict | None = None
@@ -112,10 +121,15 @@ class Transcript:
                 events = self.server.receive_data(cmd.data)
                 self.server_events += events
                 self._consume(self.server, events, self.server_reads)
+            elif type(cmd) is ToClient and not self.client_listens:
+                self.unread += cmd.data
             elif type(cmd) is ToClient:
                 events = self.client.receive_data(cmd.data)
                 self.client_events += events
                 self._consume(self.client, events, self.client_reads)
+            elif type(cmd) is Yield:
+                self.yields += 1
+                self._run(cmd.resume())
             else:
                 self.commands.append(cmd)
 
@@ -173,6 +187,19 @@ class Transcript:
         return b"".join(
             e.data for e in events if type(e) is DataReceived and e.stream_id == stream_id
         )
+
+
+def frames_in(data: bytes | bytearray) -> list[Frame]:
+    """The frames in a byte stream that starts on a frame boundary, decoded by hyperframe."""
+    frames = []
+    view = memoryview(bytes(data))
+    while len(view) >= 9:
+        frame, length = Frame.parse_frame_header(view[:9])
+        frame.parse_body(view[9 : 9 + length])
+        frames.append(frame)
+        view = view[9 + length :]
+    assert not view, "the stream ends inside a frame"
+    return frames
 
 
 def request_headers(

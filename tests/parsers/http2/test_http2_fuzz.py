@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from parsers.base import Close, ParseError, allow_all
+from parsers.base import Close, ParseError, Yield, allow_all
 from parsers.http2.engine import PREFACE, H2Engine
 from tests.support.h2_transcript import Transcript, request_headers
 
@@ -44,10 +44,21 @@ def raw(frame_list) -> bytes:
     return out
 
 
+def settle(commands) -> list:
+    """The commands with every ``Yield`` resumed at once, as the driver would."""
+    out = []
+    for cmd in commands:
+        if isinstance(cmd, Yield):
+            out += settle(cmd.resume())
+        else:
+            out.append(cmd)
+    return out
+
+
 def check(commands) -> bool:
     """Command types are known; returns True once the engine gave up on the connection."""
     closed = False
-    for cmd in commands:
+    for cmd in settle(commands):
         assert type(cmd).__name__ in COMMAND_TYPES
         if isinstance(cmd, ParseError):
             assert cmd.error.code  # typed, with a code
