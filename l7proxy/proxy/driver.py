@@ -9,7 +9,9 @@ grows memory. Reading the client is also put on hold while the client does
 not read what it is owed, while too many of its requests await an answer
 (pipelining toward a silent server), and while bytes wait for an upstream
 that is still connecting: a client can only make the proxy hold a bounded
-amount for it.
+amount for it. And while its engine has yielded: an engine that did its share
+of work for one turn of the event loop ends its commands with ``Yield``, and
+resumes on a later turn, after every other connection's ready I/O (fairness).
 
 Public surface, used by ``l7proxy/proxy/server.py`` and the agent's drain:
 
@@ -52,6 +54,7 @@ from parsers.base import (
     Command,
     Decision,
     Engine,
+    LimitExceeded,
     Log,
     ParseError,
     Reply,
@@ -60,6 +63,7 @@ from parsers.base import (
     TimeLimit,
     ToClient,
     ToServer,
+    Yield,
 )
 
 log = logging.getLogger("l7proxy.proxy")
@@ -86,6 +90,7 @@ HOLD_SERVER_FULL = 1  # the server's write buffer is full
 HOLD_CLIENT_FULL = 2  # the client does not read what it is owed
 HOLD_PENDING = 4  # ``max_pending_requests`` of its requests await an answer
 HOLD_EARLY = 8  # bytes wait for an upstream that is still connecting
+HOLD_TURN = 16  # the engine yielded: it goes on with what it holds on a later turn
 LINGER_SECONDS = 2.0
 
 # close_when_idle: a connection with no traffic for this long is idle, even
@@ -174,6 +179,7 @@ class Pipe:
         "_in_flight",
         "_timer",
         "_client_holds",
+        "_yields_owed",
         "_early_bytes",
         "_server_paused_by_us",
         "_client_eof_sent",
@@ -227,6 +233,7 @@ class Pipe:
         self._client_timed_out = False
         self._in_flight: dict[Hashable, tuple[float, Any, Decision]] = {}
         self._client_holds = 0  # HOLD_* bits
+        self._yields_owed = 0  # engine turns scheduled (HOLD_TURN until they have run)
         self._server_paused_by_us = False
         self._client_eof_sent = False
         self._server_eof_sent = False
@@ -316,6 +323,25 @@ class Pipe:
         if not self.closing:
             self._client.resume_reading()
 
+    # ------------------------------------------------------------- fairness
+
+    def _yield(self, resume: Callable[[], list[Command]]) -> None:
+        """The engine did its share for this turn: hold the client, go on later."""
+        if self.closing:
+            return
+        self._hold_client(HOLD_TURN)
+        self._yields_owed += 1
+        self._loop.call_soon(self._resume, resume)
+
+    def _resume(self, resume: Callable[[], list[Command]]) -> None:
+        if self.closing:
+            self._yields_owed -= 1
+            return
+        self._execute(resume())  # a Yield in there keeps the hold
+        self._yields_owed -= 1
+        if not self._yields_owed:
+            self._release_client(HOLD_TURN)
+
     # ------------------------------------------------------------- commands
 
     def _execute(self, commands: list[Command]) -> None:
@@ -367,10 +393,14 @@ class Pipe:
                 key = f"{self._protocol}:{cmd.side}"
                 errs[key] = errs.get(key, 0) + 1
                 log.info("%s parse error from %s: %s", self._protocol, cmd.side, cmd.error)
+                if isinstance(cmd.error, LimitExceeded):
+                    self._limit_record(cmd.error.limit, str(cmd.error))
                 if cmd.close:
                     self.close(f"parse error: {cmd.error}")
             elif kind is Close:
                 self.close(cmd.reason)
+            elif kind is Yield:
+                self._yield(cmd.resume)
             elif kind is Log:
                 level = logging.INFO if cmd.level == "info" else logging.DEBUG
                 log.log(level, "%s", cmd.message)
@@ -604,6 +634,11 @@ class Pipe:
         else:
             reason = f"no byte of the request body for {seconds:g} s"
         log.info("%s client cut: %s", self._protocol, reason)
+        self._limit_record(limit, reason)
+        self._execute(self._engine.client_timed_out(limit))
+
+    def _limit_record(self, limit: str, reason: str) -> None:
+        """A flow record of type ``limit`` naming it (metrics count them by name)."""
         rec = now_fields()
         rec.update(
             type="limit",
@@ -615,7 +650,6 @@ class Pipe:
             reason=reason,
         )
         self._flowlog.emit(rec)
-        self._execute(self._engine.client_timed_out(limit))
 
 
 def _send_queue(transport: asyncio.Transport, request: int) -> int:

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
 
-from l7proxy.observe.flowlog import FlowLog
+from l7proxy.observe.flowlog import FlowLog, format_record
 from l7proxy.proxy.driver import (
     ENDED_AFTER_REPLY,
     ENDED_OTHERWISE,
@@ -40,6 +42,7 @@ from parsers.base import (
     Close,
     Command,
     Decision,
+    LimitExceeded,
     Log,
     ParseError,
     ProtocolError,
@@ -48,11 +51,13 @@ from parsers.base import (
     ShutdownServer,
     ToClient,
     ToServer,
+    Yield,
     allow_all,
 )
 from parsers.http import HttpEngine
 from parsers.requests import HttpRequest
 from tests.support.firewall import GET_ONLY_POLICY
+from tests.support.h2_transcript import frames_in
 
 GET = b"GET /v1/items HTTP/1.1\r\nHost: api\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -416,6 +421,113 @@ async def test_a_client_with_max_pending_requests_unanswered_is_not_read_until_h
         ("client", "pause_reading"),  # 4 unanswered again
         ("server", "write", gets[5]),
     ]
+
+
+# --------------------------------------------------------------------------- fairness
+
+
+def later(*commands: Command) -> Yield:
+    """A Yield whose resume returns ``commands``."""
+    return Yield(lambda: list(commands))
+
+
+async def test_a_yield_pauses_reading_the_client_until_a_later_turn_of_the_loop():
+    rest = later(ToServer(b"second half"))
+    p = play(ScriptedEngine(client={b"a large read": [ToServer(b"first half"), later(rest)]}))
+
+    p.pipe.client_data(b"a large read")
+    assert p.wire.take() == [("server", "write", b"first half"), ("client", "pause_reading")]
+
+    await asyncio.sleep(0)  # the other connections' turn; then the first resume
+    assert p.wire.take() == []  # it yielded again: still paused, nothing more to write
+    await asyncio.sleep(0)
+    assert p.wire.take() == [("server", "write", b"second half"), ("client", "resume_reading")]
+
+
+async def test_backpressure_and_a_yield_both_hold_reading_until_both_let_go():
+    p = play(ScriptedEngine(client={b"read": [later()]}))
+    p.pipe.client_data(b"read")
+    p.pipe.server_write_paused()
+    assert p.wire.take() == [("client", "pause_reading")]
+
+    p.pipe.server_write_resumed()  # the engine still owes its turn
+    assert p.wire.take() == []
+    await asyncio.sleep(0)
+    assert p.wire.take() == [("client", "resume_reading")]
+
+    p.pipe.client_data(b"read")
+    p.pipe.server_write_paused()
+    p.wire.take()
+    await asyncio.sleep(0)  # the turn is done, but the server's buffer is still full
+    assert p.wire.take() == []
+    p.pipe.server_write_resumed()
+    assert p.wire.take() == [("client", "resume_reading")]
+
+
+async def test_a_pipe_that_closes_before_its_turn_comes_back_resumes_nothing():
+    resumed = []
+    p = play(ScriptedEngine(client={b"read": [Yield(lambda: resumed.append(1) or [])]}))
+    p.pipe.client_data(b"read")
+    p.wire.take()
+
+    p.pipe.close("proxy shutting down")
+    # The lingering close reads (and discards) what the client still sends.
+    assert p.wire.take() == [
+        ("server", "close"),
+        ("client", "write_eof"),
+        ("client", "resume_reading"),
+    ]
+    await asyncio.sleep(0)
+    assert resumed == []
+
+
+# --------------------------------------------------------------------------- limits
+
+
+async def test_an_exceeded_limit_writes_a_limit_record_naming_it():
+    flood = LimitExceeded(
+        "101 PING frames in one round trip (limit 100)",
+        limit="max_ping_frames",
+        code="h2_enhance_your_calm",
+    )
+    p = play(ScriptedEngine(client={b"pings": [ToClient(b"goaway"), ParseError("client", flood)]}))
+
+    p.pipe.client_data(b"pings")
+
+    assert p.wire.take() == [
+        ("client", "write", b"goaway"),
+        ("server", "close"),
+        ("client", "write_eof"),
+    ]
+    assert p.stats.parse_errors == {"scripted:client": 1}
+    [record] = p.flowlog.recent
+    assert record["type"] == "limit" and record["verdict"] == "DROPPED"
+    assert record["limit"] == "max_ping_frames"
+    assert record["reason"] == "101 PING frames in one round trip (limit 100)"
+    assert (record["source"], record["destination"]) == (CLIENT, SERVICE)
+    assert format_record(record).endswith(
+        " DROPPED   10.0.0.1:40000 -> 10.0.0.2:8080 scripted limit=max_ping_frames "
+        "(101 PING frames in one round trip (limit 100))"
+    )
+
+
+async def test_an_http2_ping_flood_gets_goaway_enhance_your_calm_and_a_limit_record():
+    client = H2Connection(H2Configuration(client_side=True))
+    client.initiate_connection()
+    for n in range(150):
+        client.ping(n.to_bytes(8, "big"))
+    p = play(HttpEngine(allow_all))
+
+    p.pipe.client_data(client.data_to_send())
+    for _ in range(3):  # the flood is read in turns; the GOAWAY comes in the second
+        await asyncio.sleep(0)
+
+    to_client = b"".join(c[2] for c in p.wire.take() if c[:2] == ("client", "write"))
+    goaway = frames_in(to_client)[-1]
+    assert (goaway.type, goaway.error_code, goaway.last_stream_id) == (7, 11, 0)
+    assert p.pipe.closing
+    [record] = p.flowlog.recent
+    assert (record["type"], record["limit"]) == ("limit", "max_ping_frames")
 
 
 # --------------------------------------------------------------------------- half-close and close
