@@ -16,6 +16,8 @@ import urllib.request
 import aiohttp
 import pytest
 from aiohttp import web
+from h2.config import H2Configuration
+from h2.connection import H2Connection
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.firewall import running_firewall
@@ -228,6 +230,31 @@ async def test_firewall_metrics_count_exactly_the_traffic_sent():
                     key("l7proxy_proxy_parse_errors_total", protocol="http", side="client"): 1,
                     key("cilium_policy_l7_total", rule="parse_errors", proxy_type="http"): 1,
                     key("l7proxy_proxy_connections_total"): 11,
+                },
+            )
+
+            # An HTTP/2 PING flood: GOAWAY, and the limit it broke, counted by name.
+            def ping_flood():
+                conn = H2Connection(H2Configuration(client_side=True))
+                conn.initiate_connection()
+                for n in range(200):
+                    conn.ping(n.to_bytes(8, "big"))
+                with socket.create_connection((fw.host, fw.port), timeout=5) as s:
+                    s.sendall(conn.data_to_send())
+                    while s.recv(65536):  # until the proxy closes
+                        pass
+
+            await asyncio.to_thread(ping_flood)
+            await asyncio.to_thread(
+                wait_for,
+                url,
+                {
+                    key(
+                        "l7proxy_proxy_limit_exceeded_total",
+                        protocol="http",
+                        limit="max_ping_frames",
+                    ): 1,
+                    key("l7proxy_proxy_parse_errors_total", protocol="http", side="client"): 2,
                 },
             )
 
