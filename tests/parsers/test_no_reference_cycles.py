@@ -83,6 +83,31 @@ def test_http2_engine_after_a_connection_error(no_cyclic_collection) -> None:
     assert no_cyclic_collection() == []
 
 
+def test_http2_engine_cut_by_a_flood_budget(no_cyclic_collection) -> None:
+    t = Transcript(H2Engine(allow_all)).start()
+    for n in range(150):  # past the PING budget (100 a round trip)
+        t.client.ping(n.to_bytes(8, "big"))
+    t.pump()
+    assert [e.error.limit for e in t.commands if type(e).__name__ == "ParseError"] == [
+        "max_ping_frames"
+    ]
+    del t
+    assert no_cyclic_collection() == []
+
+
+def test_http2_engine_left_with_a_turn_still_due(no_cyclic_collection) -> None:
+    engine = H2Engine(allow_all)
+    out = engine.client_data(
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # SETTINGS
+        + b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x00\x01" * 300  # WINDOW_UPDATEs
+    )
+    assert type(out[-1]).__name__ == "Yield"  # the driver would resume it on a later turn
+    engine.client_data(b"")  # the client leaves first
+    del engine, out
+    assert no_cyclic_collection() == []
+
+
 @pytest.mark.parametrize(
     "client_bytes",
     [b"\x00\x00\x00\x02\xff\xff", b"\x00\x00\x00\x20" + b"\x00" * 10],
