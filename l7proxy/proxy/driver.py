@@ -213,6 +213,7 @@ class Pipe:
         source: dict[str, Any] | None = None,
         destination: dict[str, Any] | None = None,
         connect: Callable[[Pipe], asyncio.Future[Any]] | None = None,
+        reset_if_killed: bool = False,
     ):
         self.closing = False
         self._loop = loop
@@ -253,6 +254,14 @@ class Pipe:
         self._finish_asked = 0.0
         self._end_behind = False
         self._told = False
+        if reset_if_killed:
+            # Transparent mode: if this process dies (SIGKILL, a crash), the kernel
+            # closes this socket with a reset rather than a FIN, which would leave
+            # our side in FIN_WAIT2/TIME_WAIT on the client's 4-tuple for a minute,
+            # where the datapath hands a later SYN reusing it to our listener and
+            # the kernel drops it as a duplicate (docs/restarts.md). Every close we
+            # choose turns this off first (close()) or wants the reset anyway.
+            _set_linger_zero(client, True)
         self._timer: asyncio.TimerHandle | None = loop.call_later(
             self._timer_interval(), self._check_timers
         )
@@ -493,6 +502,7 @@ class Pipe:
         client = self._client
         if client.is_closing():
             return False  # gone already: its connection_lost is on its way
+        _set_linger_zero(client, False)  # our close delivers what is queued
         if client.can_write_eof() and not self._client_eof_sent:
             self._client_eof_sent = True
             # Lingering close: send our FIN after the buffered reply, then

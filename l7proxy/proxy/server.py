@@ -219,6 +219,9 @@ class Proxy:
             source=src_info,
             destination=dst_info,
             connect=connect,
+            # The kernel redirect is what turns a TIME_WAIT left on a client's tuple
+            # into a trap for its next SYN (docs/restarts.md): transparent mode only.
+            reset_if_killed=self.upstream is None,
         )
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         sock = transport.get_extra_info("socket")

@@ -134,12 +134,30 @@ LOAD_CLIENT = textwrap.dedent(
 # One keep-alive connection driven line by line from stdin:
 #   REQ METHOD PATH -> "<status> <body> | <local port>"
 #   PEEK            -> "open" or "closed" (ended by the peer, noticed without sending)
+#   REBIND          -> "<seconds>" or "timeout": close it and connect again from the
+#                      same local port (what a client cycling through its ports does)
 KEEPALIVE_CLIENT = textwrap.dedent(
     """
-    import http.client, select, socket, sys
+    import http.client, select, socket, sys, time
     conn = http.client.HTTPConnection(sys.argv[1], 80, timeout=5)
     for line in sys.stdin:
         words = line.split()
+        if words[0] == "REBIND":
+            port = conn.sock.getsockname()[1]
+            conn.close()
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("", port))
+            sock.settimeout(3)
+            started = time.monotonic()
+            try:
+                sock.connect((sys.argv[1], 80))
+            except TimeoutError:
+                print("timeout", flush=True)
+                continue
+            conn.sock = sock
+            print(f"{time.monotonic() - started:.3f}", flush=True)
+            continue
         if words[0] == "PEEK":
             readable, _, _ = select.select([conn.sock], [], [], 1.0)
             try:
@@ -347,6 +365,29 @@ def test_restart_after_kill_keeps_one_filter_per_hook_and_a_full_stop_unpins(nod
     assert (
         node.curl("xwing", "POST", "deathstar", "/v1/request-landing").status == 200
     )  # no policy without an agent
+
+
+def test_after_a_sigkill_a_client_reusing_the_port_of_a_connection_it_had_connects_at_once(
+    node,
+):
+    """issue 14, finding 12: the kernel closes a killed agent's sockets. With a FIN,
+    our side of a keep-alive connection went FIN_WAIT2 then TIME_WAIT on the client's
+    4-tuple, and a later SYN from the same port, handed to the new agent's listener,
+    was dropped as its duplicate: a connect timeout, for up to a minute. Accepted
+    sockets are reset when the process dies instead (docs/restarts.md)."""
+    keepalive = Keepalive(node, "tiefighter", "deathstar")
+    try:
+        assert keepalive.say("REQ POST /v1/request-landing").startswith("200 ")
+        node.stop_agent(signal.SIGKILL)
+        assert keepalive.say("PEEK") == "closed"  # the client sees it end, and closes it
+
+        node.start_agent()
+        took = keepalive.say("REBIND")
+        assert took != "timeout", "the SYN from the same port met a TIME_WAIT of the dead agent"
+        assert float(took) < 1.0
+        assert keepalive.say("REQ POST /v1/request-landing").startswith("200 ")
+    finally:
+        keepalive.close()
 
 
 def test_takeover_flag_without_a_running_agent_is_refused(node):

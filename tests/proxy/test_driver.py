@@ -1056,6 +1056,32 @@ async def test_close_when_idle_reports_a_pipe_that_ended_another_way():
     assert await p.pipe.close_when_idle() == ENDED_OTHERWISE  # asking again changes nothing
 
 
+async def test_a_transparent_pipe_is_reset_if_the_process_dies_but_our_closes_deliver(
+    socket_pair,
+):
+    """SIGKILL: the kernel closes our sockets. With SO_LINGER {1, 0} that is a reset,
+    which leaves no FIN_WAIT2/TIME_WAIT on the client's tuple for its next SYN to
+    run into; a close we choose turns it off first and still sends a FIN."""
+    ours, _theirs = socket_pair
+    wire = Wire()
+    client = FakeTransport("client", wire, sock=ours)
+    pipe = Pipe(
+        asyncio.get_running_loop(),
+        HttpEngine(allow_all),
+        FlowLog(),
+        "http",
+        ProxyLimits(),
+        ProxyStats(),
+        client=client,
+        reset_if_killed=True,
+    )
+    assert linger(ours) == (1, 0)
+
+    assert pipe.close("server closed") is True
+    assert linger(ours) == (0, 0)
+    assert wire.take() == [("client", "write_eof")]
+
+
 async def test_close_says_whether_it_ended_an_open_client_connection():
     p = play(HttpEngine(allow_all))
     assert p.pipe.close("proxy shutting down") is True
