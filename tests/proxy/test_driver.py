@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h2.events as h2_events
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -57,9 +58,10 @@ from parsers.base import (
     allow_all,
 )
 from parsers.http import HttpEngine
+from parsers.http2.conn import RelayConnection
 from parsers.requests import HttpRequest
 from tests.support.firewall import GET_ONLY_POLICY
-from tests.support.h2_transcript import frames_in
+from tests.support.h2_transcript import frames_in, request_headers
 
 GET = b"GET /v1/items HTTP/1.1\r\nHost: api\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -1021,6 +1023,77 @@ async def test_an_engine_without_a_word_for_it_is_reset_right_behind_its_last_an
     assert linger(ours) == (1, 0)
     assert p.pipe.close_when_idle() is ended  # asking again changes nothing
     assert engine.finish_asked == 1
+
+
+class H2Peers:
+    """A real h2 client (keeping its connection open after a graceful GOAWAY, as
+    real clients do until their streams end) and a real h2 server on either side
+    of a pipe: ``pump`` moves bytes through it until nothing moves."""
+
+    def __init__(self, p: Played) -> None:
+        self.p = p
+        self.client = RelayConnection(
+            config=H2Configuration(client_side=True, header_encoding=None)
+        )
+        self.server = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.client_events: list[Any] = []
+        self.server_events: list[Any] = []
+        self.calls: list[tuple[Any, ...]] = []  # every transport call but the writes
+        self.client.initiate_connection()
+        self.server.initiate_connection()
+
+    def pump(self) -> None:
+        for _ in range(100):
+            moved = False
+            for call in self.p.wire.take():
+                who, what = call[:2]
+                if what not in ("write", "writelines"):
+                    self.calls.append(call)
+                    continue
+                data = call[2] if what == "write" else b"".join(call[2])
+                if who == "client":
+                    self.client_events += self.client.receive_data(data)
+                else:
+                    self.server_events += self.server.receive_data(data)
+                moved = True
+            if data := self.client.data_to_send():
+                self.p.pipe.client_data(data)
+                moved = True
+            if data := self.server.data_to_send():
+                self.p.pipe.server_data(data)
+                moved = True
+            if not moved:
+                return
+        raise AssertionError("the pipe did not settle")
+
+
+async def test_a_busy_http2_connection_gets_the_two_step_goaway_and_the_client_closes_it():
+    p = play(HttpEngine(allow_all))
+    peers = H2Peers(p)
+    peers.client.send_headers(1, request_headers("/slow"), end_stream=True)
+    peers.pump()
+    [request] = [e for e in peers.server_events if isinstance(e, h2_events.RequestReceived)]
+
+    ended = p.pipe.close_when_idle()
+    peers.pump()  # GOAWAY(2^31-1) and a PING out; the PING back; GOAWAY(1) out
+    assert [
+        (e.error_code, e.last_stream_id)
+        for e in peers.client_events
+        if isinstance(e, h2_events.ConnectionTerminated)
+    ] == [(0, 2**31 - 1), (0, 1)]
+    await asyncio.sleep(QUIET_SECONDS + 0.1)
+    assert not ended.done()  # stream 1 is in flight: never cut
+
+    peers.server.send_headers(request.stream_id, [(b":status", b"200")], end_stream=True)
+    peers.pump()
+    assert [e.stream_id for e in peers.client_events if isinstance(e, h2_events.StreamEnded)] == [1]
+    assert not ended.done()  # the client's turn to close
+
+    p.pipe.client_data(b"")
+    assert await asyncio.wait_for(ended, 1) == ENDED_BY_CLIENT
+    peers.pump()
+    assert ("client", "abort") not in peers.calls
+    assert ("client", "write_eof") in peers.calls  # our FIN behind the client's
 
 
 async def test_close_when_idle_waits_until_the_last_answer_has_left_our_buffer():
