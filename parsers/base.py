@@ -27,6 +27,10 @@ does: it then keeps the client's input it has not processed and ends its
 commands with ``Yield``, and the driver stops reading that client and calls
 ``Yield.resume`` on a later turn of the loop, after the other connections have
 had theirs.
+
+So is the decision to end a healthy connection (a restart's drain): the driver
+asks the engine to ``finish()``, and the engine ends it where its protocol allows
+without losing a request, saying so with ``Finished`` (docs/restarts.md).
 """
 
 from __future__ import annotations
@@ -181,6 +185,21 @@ class Yield:
 
 
 @dataclass(slots=True)
+class Finished:
+    """After ``Engine.finish()``: the engine has answered every request it will
+    answer on this connection and reads no further one (bytes the client sends
+    from now on are never judged or forwarded).
+
+    ``told``: the protocol told the client that the connection ends (HTTP/1.1
+    ``Connection: close`` on that last response, HTTP/2 GOAWAY), so the client
+    closes it; the engine answers its EOF with ``Close``. Otherwise (Kafka, CQL:
+    no such word) nobody will close it: the driver ends it right behind the
+    answer just written."""
+
+    told: bool
+
+
+@dataclass(slots=True)
 class Log:
     """A diagnostic message (logging is a command so tests can assert on it)."""
 
@@ -198,6 +217,7 @@ Command = (
     | ShutdownClient
     | Close
     | Yield
+    | Finished
     | Log
 )
 
@@ -320,6 +340,32 @@ class Engine(Protocol):
         earlier responses, with the answer queued behind them). From then on the
         engine reads nothing more from the client: ``reading_headers`` and
         ``reading_body`` are false."""
+        ...
+
+    def finish(self) -> list[Command]:
+        """End this healthy connection at the protocol's next safe point, losing no
+        request: the proxy is going away (a takeover's drain, docs/restarts.md).
+
+        Returns what to send at once (HTTP/2: GOAWAY and a PING). From then on the
+        engine answers what it has read, judges at most the one request that must
+        carry the protocol's word (HTTP/1.1: the next one, if none is waiting for
+        its response), reads nothing beyond, and emits ``Finished`` right behind
+        its last answer:
+
+        - HTTP/1.1: ``Connection: close`` on the response to the last request read
+          (RFC 9112 9.6): the client closes after reading it, and retries on a new
+          connection whatever it sent behind it (9.3.2), which was never read;
+        - HTTP/2: GOAWAY(NO_ERROR, 2^31-1) and a PING, then, once the PING comes
+          back, GOAWAY(NO_ERROR, last stream id); ``Finished`` when the streams up
+          to it are done (RFC 9113 6.8);
+        - Kafka, CQL: ``Finished(told=False)`` the first time nothing is owed and
+          no request is partly read, right behind an answer;
+        - a byte tunnel (no L7 rules, an accepted Upgrade): never; the driver ends
+          it once it is quiet.
+
+        A connection that stays silent never reaches a safe point the engine can
+        see: the driver ends it once it has been quiet for a while. Asking again
+        changes nothing."""
         ...
 
 

@@ -33,6 +33,7 @@ class HttpEngine:
         # An HTTP/2 server may send its SETTINGS as soon as it accepts, before
         # the client has said anything: keep those bytes for the chosen engine.
         self._server_early = b""
+        self._finishing = False  # finish() came before the version was known
 
     @property
     def reading_headers(self) -> bool:
@@ -56,13 +57,23 @@ class HttpEngine:
             # HTTP/1.1 method fits ("P" and "PR" could still be POST or PROPFIND):
             # answer in the protocol the client is most likely speaking.
             head, self._head = self._head, b""
-            if head.startswith(PREFACE[:3]):
-                inner = self._inner = H2Engine(self._decide)
-            else:
-                inner = self._inner = self._http1()
+            inner = H2Engine(self._decide) if head.startswith(PREFACE[:3]) else self._http1()
+            out += self._chosen(inner)
             if head:
                 out += inner.client_data(head)
         return out + inner.client_timed_out(limit)
+
+    def finish(self) -> list[Command]:
+        """The chosen engine's ``finish``; before the client's first bytes have chosen
+        one, the engine chosen later finishes as soon as it exists."""
+        if self._inner is not None:
+            return self._inner.finish()
+        self._finishing = True
+        return []
+
+    def _chosen(self, inner: H2Engine | Http1Engine) -> list[Command]:
+        self._inner = inner
+        return inner.finish() if self._finishing else []
 
     @property
     def version(self) -> str:
@@ -80,11 +91,10 @@ class HttpEngine:
             self._head = head
             return []
         self._head = b""
-        if head.startswith(PREFACE):
-            inner = self._inner = H2Engine(self._decide)
-        else:
-            inner = self._inner = self._http1()
-        out = inner.client_data(head) if head else []
+        inner = H2Engine(self._decide) if head.startswith(PREFACE) else self._http1()
+        out = self._chosen(inner)
+        if head:
+            out += inner.client_data(head)
         if not data:
             out += inner.client_data(b"")
         if self._server_early:
@@ -100,9 +110,11 @@ class HttpEngine:
             self._server_early += data
             return []
         # EOF, or far more than a SETTINGS frame: HTTP/1.1 judges (and rejects) it.
-        inner = self._inner = self._http1()
+        inner = self._http1()
+        out = self._chosen(inner)
         early, self._server_early = self._server_early + data, b""
-        out = inner.server_data(early) if early else []
+        if early:
+            out += inner.server_data(early)
         if not data:
             out += inner.server_data(b"")
         if self._head:

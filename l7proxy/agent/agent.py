@@ -41,7 +41,7 @@ from l7proxy.policy.engine import CompiledPolicy, Endpoint, compile_policy
 from l7proxy.policy.model import EGRESS, INGRESS, Policy
 from l7proxy.policy.source import PolicySource
 from l7proxy.policy.state import PolicyState
-from l7proxy.proxy.driver import ENDED_AFTER_REPLY, ENDED_QUIET, ProxyLimits
+from l7proxy.proxy.driver import ENDED_AFTER_REPLY, ENDED_BY_CLIENT, ENDED_QUIET, ProxyLimits
 from l7proxy.proxy.server import Proxy, make_listener
 
 if TYPE_CHECKING:
@@ -239,10 +239,11 @@ class Agent:
 
     async def drain_and_exit(self, cut_short: asyncio.Event | None = None) -> dict:
         """After a handover: stop accepting, let open connections finish until
-        the drain deadline, then end each one between requests
-        (``Proxy.close_when_idle``), giving requests still in flight
-        IN_FLIGHT_GRACE more, and let go of the kernel without undoing anything
-        (the successor uses the same programs, pins and route)."""
+        the drain deadline, then end each one the way its protocol allows without
+        losing a request (``Proxy.close_when_idle``: ``Connection: close``, GOAWAY,
+        or right behind an answer), giving them IN_FLIGHT_GRACE to get there, and
+        let go of the kernel without undoing anything (the successor uses the same
+        programs, pins and route)."""
         assert self.proxy is not None and self.datapath is not None
         proxy = self.proxy
         if self.control is not None:
@@ -259,12 +260,14 @@ class Agent:
         cut = await proxy.close()
         quiet = ended.count(ENDED_QUIET)
         after_reply = ended.count(ENDED_AFTER_REPLY)
+        by_client = ended.count(ENDED_BY_CLIENT)
         log.info(
-            "drained: %d connections at handover; at the deadline %d quiet ones reset, %d reset "
-            "after a reply, %d cut",
+            "drained: %d connections at handover; at the deadline %d closed by their client "
+            "after being told, %d reset right behind an answer, %d quiet ones reset, %d cut",
             at_start,
-            quiet,
+            by_client,
             after_reply,
+            quiet,
             cut,
         )
         with contextlib.suppress(Exception):
@@ -273,8 +276,9 @@ class Agent:
         self.flowlog.close()
         return {
             "connections": at_start,
-            "quiet_reset": quiet,
+            "closed_by_client": by_client,
             "reset_after_reply": after_reply,
+            "quiet_reset": quiet,
             "cut": cut,
         }
 

@@ -20,8 +20,11 @@ Public surface, used by ``l7proxy/proxy/server.py`` and the agent's drain:
   at once for an engine whose server may speak first, otherwise only when the
   engine first has bytes for the server (``Engine.client_speaks_first``);
 - ``close(reason)``: end now (flush, then a lingering close toward the client);
-- ``close_when_idle()``: end at the next point where no request is in flight
-  (docs/restarts.md); returns a future that says how the pipe ended;
+  returns whether the client connection was still open (False: it was already
+  ending, or gone);
+- ``close_when_idle()``: end where the protocol allows without losing a request
+  (the engine's ``finish()``, docs/restarts.md); returns a future that says how
+  the pipe ended;
 - ``closing``: True once the pipe is ending, whichever way.
 
 The pipe keeps the clocks (docs/limits.md): a deadline for each request head from
@@ -35,6 +38,7 @@ writes a flow record of type ``limit`` naming it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import socket
@@ -54,6 +58,7 @@ from parsers.base import (
     Command,
     Decision,
     Engine,
+    Finished,
     LimitExceeded,
     Log,
     ParseError,
@@ -93,8 +98,8 @@ HOLD_EARLY = 8  # bytes wait for an upstream that is still connecting
 HOLD_TURN = 16  # the engine yielded: it goes on with what it holds on a later turn
 LINGER_SECONDS = 2.0
 
-# close_when_idle: a connection with no traffic for this long is idle, even
-# without a response to end behind.
+# close_when_idle: a connection with no traffic for this long (counted from the
+# request to finish, too) is idle, even without an answer to end behind.
 QUIET_SECONDS = 0.25
 # How soon to look again while a response is still in our send queue.
 SEND_QUEUE_RECHECK = 0.001
@@ -103,9 +108,10 @@ SEND_QUEUE_RECHECK = 0.001
 IDLE_RECHECK = 0.05
 
 # How a pipe asked to close when idle ended (the future's result).
-ENDED_QUIET = "quiet"
-ENDED_AFTER_REPLY = "after reply"
-ENDED_OTHERWISE = "closed"
+ENDED_QUIET = "quiet"  # reset after QUIET_SECONDS of silence
+ENDED_AFTER_REPLY = "after reply"  # reset right behind the last answer (Kafka, CQL)
+ENDED_BY_CLIENT = "by client"  # told by its protocol (Connection: close, GOAWAY), it closed
+ENDED_OTHERWISE = "closed"  # ended some other way first
 
 TIOCOUTQ = 0x5411  # bytes in the send queue not yet acknowledged
 SIOCOUTQNSD = 0x894B  # bytes in the send queue not yet sent
@@ -186,7 +192,9 @@ class Pipe:
         "_server_eof_sent",
         "_idle_end",
         "_idle_check",
-        "_replied",
+        "_finish_asked",
+        "_end_behind",
+        "_told",
         "_connect",
         "_connecting",
         "_server_wanted",
@@ -205,6 +213,7 @@ class Pipe:
         source: dict[str, Any] | None = None,
         destination: dict[str, Any] | None = None,
         connect: Callable[[Pipe], asyncio.Future[Any]] | None = None,
+        reset_if_killed: bool = False,
     ):
         self.closing = False
         self._loop = loop
@@ -237,11 +246,22 @@ class Pipe:
         self._server_paused_by_us = False
         self._client_eof_sent = False
         self._server_eof_sent = False
-        # close_when_idle(): the future it returned, the pending re-check, and
-        # whether a response has completed since it was asked.
+        # close_when_idle(): the future it returned, the pending re-check, when it
+        # was asked, and what the engine said since: end right behind its last
+        # answer (Finished, told=False), or the client was told (told=True).
         self._idle_end: asyncio.Future[str] | None = None
         self._idle_check: asyncio.TimerHandle | None = None
-        self._replied = False
+        self._finish_asked = 0.0
+        self._end_behind = False
+        self._told = False
+        if reset_if_killed:
+            # Transparent mode: if this process dies (SIGKILL, a crash), the kernel
+            # closes this socket with a reset rather than a FIN, which would leave
+            # our side in FIN_WAIT2/TIME_WAIT on the client's 4-tuple for a minute,
+            # where the datapath hands a later SYN reusing it to our listener and
+            # the kernel drops it as a duplicate (docs/restarts.md). Every close we
+            # choose turns this off first (close()) or wants the reset anyway.
+            _set_linger_zero(client, True)
         self._timer: asyncio.TimerHandle | None = loop.call_later(
             self._timer_interval(), self._check_timers
         )
@@ -401,6 +421,13 @@ class Pipe:
                 self.close(cmd.reason)
             elif kind is Yield:
                 self._yield(cmd.resume)
+            elif kind is Finished:
+                if self._idle_end is not None and not self.closing:
+                    if cmd.told:
+                        self._told = True  # the client closes; quiet, we reset it
+                    else:
+                        self._end_behind = True  # nobody closes it: right behind this
+                        self._recheck_idle(0)
             elif kind is Log:
                 level = logging.INFO if cmd.level == "info" else logging.DEBUG
                 log.log(level, "%s", cmd.message)
@@ -437,11 +464,6 @@ class Pipe:
             latency_ms=round((time.monotonic() - t0) * 1000, 3),
         )
         self._flowlog.emit(rec)
-        if self._idle_end is not None and not self._in_flight and not self.closing:
-            # The last response in flight is complete: end right behind it
-            # once it has left our send queue.
-            self._replied = True
-            self._recheck_idle(SEND_QUEUE_RECHECK)
 
     # ------------------------------------------------------------- lifecycle
 
@@ -470,27 +492,31 @@ class Pipe:
         if self._server_eof_early and transport.can_write_eof():
             transport.write_eof()
 
-    def close(self, reason: str = "") -> None:
+    def close(self, reason: str = "") -> bool:
         """End both sides now: the server after flushing, the client with a
-        lingering close after flushing."""
+        lingering close after flushing. True if this ended a client connection
+        that was still open (not already ending, and not gone)."""
         if self.closing:
-            return
+            return False
         self._stop(reason)
         client = self._client
-        if not client.is_closing():
-            if client.can_write_eof() and not self._client_eof_sent:
-                self._client_eof_sent = True
-                # Lingering close: send our FIN after the buffered reply, then
-                # read and discard until the client closes (or a short while
-                # passes). Closing with unread input would send an RST that can
-                # destroy the error reply before the client reads it.
-                client.write_eof()
-                if self._client_holds:
-                    self._client_holds = 0
-                    client.resume_reading()
-                self._loop.call_later(LINGER_SECONDS, client.close)
-            else:
-                client.close()
+        if client.is_closing():
+            return False  # gone already: its connection_lost is on its way
+        _set_linger_zero(client, False)  # our close delivers what is queued
+        if client.can_write_eof() and not self._client_eof_sent:
+            self._client_eof_sent = True
+            # Lingering close: send our FIN after the buffered reply, then
+            # read and discard until the client closes (or a short while
+            # passes). Closing with unread input would send an RST that can
+            # destroy the error reply before the client reads it.
+            client.write_eof()
+            if self._client_holds:
+                self._client_holds = 0
+                client.resume_reading()
+            self._loop.call_later(LINGER_SECONDS, client.close)
+        else:
+            client.close()
+        return True
 
     def _stop(self, reason: str) -> None:
         """What every way of ending shares: the server side, timers, open records."""
@@ -507,33 +533,45 @@ class Pipe:
         for key in list(self._in_flight):
             self._record(key, {"closed": reason or "connection closed"})
         if self._idle_end is not None and not self._idle_end.done():
-            self._idle_end.set_result(ENDED_OTHERWISE)
+            self._idle_end.set_result(ENDED_BY_CLIENT if self._told else ENDED_OTHERWISE)
 
     def close_when_idle(self) -> asyncio.Future[str]:
-        """End the connection at the next point where no request is in flight.
+        """End the connection where its protocol allows, without losing a request.
 
-        That is right behind a response on a busy connection (once it has left
-        our send queue), or after QUIET_SECONDS of silence (once everything
-        sent is acknowledged). A client that checks its idle connection before
-        reusing it (as HTTP client pools do) sees the end before it sends its
-        next request.
+        The engine is asked to ``finish()`` (``parsers/base.py``) and ends it in
+        its protocol's way: HTTP/1.1 says ``Connection: close`` on a response and
+        HTTP/2 sends GOAWAY, and then the client closes the connection (we close
+        our side behind its FIN: ENDED_BY_CLIENT); Kafka and CQL have no such
+        word, so the engine says when nothing is owed, and the connection is reset
+        right behind that answer once it has left our send queue
+        (ENDED_AFTER_REPLY). A connection with nothing in flight and no traffic for
+        QUIET_SECONDS (counted from now, too, so that a client reading its GOAWAY
+        has time to answer it) is reset once everything sent is acknowledged
+        (ENDED_QUIET): an idle keep-alive connection, a client that was told and
+        does not close, a byte tunnel. A client that checks its idle connection
+        before reusing it (as HTTP client pools do) sees that end before it sends
+        its next request.
 
-        It ends with a reset, not a FIN: closing first would leave our accepted
-        socket in TIME_WAIT on the client's 4-tuple, and a later SYN that reuses
-        that tuple is assigned to the proxy's listener by the datapath, where
-        the kernel drops it as a duplicate of the TIME_WAIT entry. A reset
-        leaves no TIME_WAIT and removes the conntrack entry. Proxied clients are
-        endpoints on this node's veths, where a sent segment is a delivered one.
+        We never end it with a FIN first: that would leave our accepted socket in
+        TIME_WAIT on the client's 4-tuple, and a later SYN that reuses that tuple
+        is assigned to the proxy's listener by the datapath, where the kernel
+        drops it as a duplicate of the TIME_WAIT entry. A reset leaves no
+        TIME_WAIT and removes the conntrack entry; proxied clients are endpoints
+        on this node's veths, where a sent segment is a delivered one. A client
+        that closes first keeps the TIME_WAIT on its own side.
 
-        The future's result is ENDED_AFTER_REPLY or ENDED_QUIET, or
-        ENDED_OTHERWISE if the pipe ended some other way first.
+        The future's result is one of the ENDED_* above, or ENDED_OTHERWISE if
+        the pipe ended some other way first. Asking again changes nothing.
         """
         if self._idle_end is None:
             self._idle_end = self._loop.create_future()
             if self.closing:
                 self._idle_end.set_result(ENDED_OTHERWISE)
             else:
-                self._end_if_idle()
+                self._finish_asked = self._loop.time()
+                self._execute(self._engine.finish())
+                if not self.closing and self._idle_check is None:
+                    self._end_if_idle()
         return self._idle_end
 
     def _recheck_idle(self, delay: float) -> None:
@@ -546,26 +584,24 @@ class Pipe:
         if self.closing:
             return
         client = self._client
-        since_activity = self._loop.time() - self._last_activity
+        since_activity = self._loop.time() - max(self._last_activity, self._finish_asked)
         quiet = since_activity >= QUIET_SECONDS
-        if self._in_flight or self._engine.reading_headers or not (quiet or self._replied):
+        behind = self._end_behind
+        if self._in_flight or not (behind or (quiet and not self._engine.reading_headers)):
             self._recheck_idle(max(QUIET_SECONDS - since_activity, IDLE_RECHECK))
             return
-        # Quiet: everything acknowledged. Right behind a reply: everything sent
+        # Quiet: everything acknowledged. Right behind an answer: everything sent
         # (waiting for the ACK would wait for the client's delayed ACK, which
         # comes with its next request).
-        after_reply = self._replied and not quiet
-        queued = _send_queue(client, SIOCOUTQNSD if after_reply else TIOCOUTQ)
+        queued = _send_queue(client, TIOCOUTQ if quiet else SIOCOUTQNSD)
         if client.get_write_buffer_size() or queued:
-            self._recheck_idle(SEND_QUEUE_RECHECK if self._replied else IDLE_RECHECK)
+            self._recheck_idle(SEND_QUEUE_RECHECK if behind else IDLE_RECHECK)
             return
         assert self._idle_end is not None
-        self._idle_end.set_result(ENDED_AFTER_REPLY if self._replied else ENDED_QUIET)
+        self._idle_end.set_result(ENDED_AFTER_REPLY if behind else ENDED_QUIET)
         self._stop("closed when idle")
-        sock = client.get_extra_info("socket")
-        if sock is not None:
-            # Linger 0: close() sends RST and leaves no TIME_WAIT (abort() alone sends a FIN).
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # Linger 0: close() sends RST and leaves no TIME_WAIT (abort() alone sends a FIN).
+        _set_linger_zero(client, True)
         client.abort()
 
     def _timer_interval(self) -> float:
@@ -650,6 +686,15 @@ class Pipe:
             reason=reason,
         )
         self._flowlog.emit(rec)
+
+
+def _set_linger_zero(transport: asyncio.Transport, on: bool) -> None:
+    """SO_LINGER {1, 0} (a close sends RST), or off again (a close sends FIN)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", int(on), 0))
 
 
 def _send_queue(transport: asyncio.Transport, request: int) -> int:

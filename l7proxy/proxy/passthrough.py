@@ -22,3 +22,8 @@ class PassthroughEngine:
 
     def client_timed_out(self, limit: TimeLimit) -> list:
         return [Close(limit)]
+
+    def finish(self) -> list:
+        """Bytes only: no request boundary to end behind, and no word to tell the
+        client. The driver ends the connection once it has been quiet."""
+        return []

@@ -140,8 +140,11 @@ class Proxy:
 
     async def close(self, grace: float = 0.0) -> int:
         """Stop accepting; after up to ``grace`` seconds for connections to end
-        by themselves, close the rest. Returns how many were still open (not
-        already ending) and had to be cut."""
+        by themselves, close the rest. Returns how many this close cut: those
+        whose close it was (``Pipe.close`` says so). A connection that was already
+        ending, or whose transport was already gone with its ``connection_lost``
+        still to run (reset by a drain a moment ago, or by its client), is in the
+        set until then, but it is not cut here, and not counted."""
         self.stop_accepting()
         if self._give_back is not None:
             self._give_back.cancel()
@@ -149,11 +152,7 @@ class Proxy:
         if grace:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wait_all_closed(), grace)
-        cut = 0
-        for pipe in list(self._pipes):
-            if not pipe.closing:
-                cut += 1
-                pipe.close("proxy shutting down")
+        cut = sum(pipe.close("proxy shutting down") for pipe in list(self._pipes))
         self.flowlog.flush()
         return cut
 
@@ -220,6 +219,9 @@ class Proxy:
             source=src_info,
             destination=dst_info,
             connect=connect,
+            # The kernel redirect is what turns a TIME_WAIT left on a client's tuple
+            # into a trap for its next SYN (docs/restarts.md): transparent mode only.
+            reset_if_killed=self.upstream is None,
         )
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         sock = transport.get_extra_info("socket")

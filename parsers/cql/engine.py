@@ -29,6 +29,7 @@ from parsers.base import (
     Command,
     Decide,
     Decision,
+    Finished,
     FrameTooLarge,
     Log,
     ParseError,
@@ -100,6 +101,9 @@ class CqlEngine:
         # CQL has no half-close: once the client has sent EOF, the connection ends
         # as soon as every response it is waiting for has been delivered.
         self._client_closed = False
+        # finish(): asked; Finished said (then nothing more is read from the client).
+        self._finishing = False
+        self._finished = False
 
     # ------------------------------------------------------------------
     # Engine contract
@@ -131,6 +135,32 @@ class CqlEngine:
         self._client_big = None
         return [Close(limit)]
 
+    def finish(self) -> list[Command]:
+        """CQL cannot tell a client that a connection ends (a server going down just
+        closes): end it only right behind an answer, when no request is waiting for
+        its response and none is partly read (``Finished(told=False)``). A request
+        sent after that is never read: it fails with the connection and was never
+        executed, which drivers retry (on another connection of their pool for an
+        idempotent statement). Silent until then: the driver ends a quiet
+        connection itself."""
+        self._finishing = True
+        return []
+
+    def _finish_if_between_requests(self, out: list[Command]) -> None:
+        if (
+            self._finishing
+            and not self._finished
+            and not self._dead
+            and not self._client_closed
+            and not self._wants_room
+            and not (self._inflight or self._startups or self._preparing or self._held)
+            and self._server_big is None
+            and self._client_big is None
+            and not self._cbuf
+        ):
+            self._finished = True
+            out.append(Finished(told=False))
+
     @property
     def keyspace(self) -> str:
         return self._keyspace
@@ -138,6 +168,12 @@ class CqlEngine:
     def client_data(self, data: bytes) -> list[Command]:
         if self._dead:
             return []
+        if self._finished:
+            # Sent after our last answer: never read. Its EOF ends the connection.
+            if data:
+                return []
+            self._dead = True
+            return [Close("client closed")]
         if not data:
             out: list[Command] = []
             self._client_closed = True
@@ -151,7 +187,9 @@ class CqlEngine:
             self._close_when_done(out)
             return out
         self._cbuf += data
-        return self._client_input()
+        out = self._client_input()
+        self._finish_if_between_requests(out)  # a denial answered at once
+        return out
 
     def _client_input(self) -> list[Command]:
         out: list[Command] = []
@@ -169,8 +207,8 @@ class CqlEngine:
         return out
 
     def server_data(self, data: bytes) -> list[Command]:
-        if self._dead:
-            return []
+        if self._dead or self._finished:
+            return []  # finished: nothing is owed, and the driver ends the connection
         if not data:
             out: list[Command] = []
             if self._sbuf:
@@ -193,6 +231,7 @@ class CqlEngine:
             if self._client_closed and not self._wants_room:
                 out.append(ShutdownServer())  # the EOF that came behind them
         self._close_when_done(out)
+        self._finish_if_between_requests(out)
         return out
 
     def _close_when_done(self, out: list[Command]) -> None:

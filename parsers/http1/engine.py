@@ -36,6 +36,7 @@ from parsers.base import (
     Decide,
     Decision,
     Engine,
+    Finished,
     Log,
     ParseError,
     Reply,
@@ -197,19 +198,43 @@ def serialise_request(head: MessageHead, edits: Edits = ()) -> bytes:
     return request_line(head) + request_fields(head, edits)
 
 
-def serialise_response(head: MessageHead) -> bytes:
+def serialise_response(head: MessageHead, *, close: bool = False) -> bytes:
+    """A response head as forwarded; with ``close``, it says ``Connection: close``."""
     line = (
         f"HTTP/{head.version} {head.status} ".encode("ascii")
         + head.reason.encode("latin-1")
         + b"\r\n"
     )
+    headers = _closing(head.headers) if close else head.headers
     if head.framing in ("none", "close"):
         # HEAD/204/304 answers keep the length they announce; close-delimited
         # bodies keep their (non-chunked) codings.
-        fields = [name + b": " + value + b"\r\n" for name, value in head.headers]
+        fields = [name + b": " + value + b"\r\n" for name, value in headers]
     else:
-        fields = _field_block(head.headers, head)
+        fields = _field_block(headers, head)
     return b"".join([line, *fields, b"\r\n"])
+
+
+def _closing(headers: Fields) -> Fields:
+    """The response fields with ``Connection: close`` (RFC 9112 9.6): one Connection
+    field where the first one was, keeping the other options it names but not
+    ``keep-alive``, and no ``Keep-Alive`` field. One field, because clients read
+    the first one only (Python's http.client does): ``keep-alive`` then ``close``
+    in two fields would keep the connection."""
+    options: list[bytes] = []
+    at: int | None = None
+    kept: Fields = []
+    for name, value in headers:
+        key = name.lower()
+        if key == b"connection":
+            if at is None:
+                at = len(kept)
+            options += [t.strip(b" \t") for t in value.split(b",")]
+        elif key != b"keep-alive":
+            kept.append((name, value))
+    others = [t for t in options if t and t.lower() not in (b"close", b"keep-alive")]
+    kept.insert(len(kept) if at is None else at, (b"Connection", b", ".join([b"close", *others])))
+    return kept
 
 
 def serialise_end(head: MessageHead, trailers: Sequence[tuple[bytes, bytes]]) -> bytes:
@@ -306,6 +331,7 @@ class _Exchange:
     reply: bytes = b""  # the 403 for a request not forwarded
     close: bool = False  # close the connection once this answer is out
     started: bool = False  # response bytes already sent to the client
+    last: bool = False  # finish(): its response says Connection: close, and is the last
 
 
 @dataclass(slots=True)
@@ -359,6 +385,12 @@ class Http1Engine:
         self._closed = False
         self._tunnel = False
         self._inner: Engine | None = None
+        # finish(): asked; the request whose response is the last (None: the next
+        # one read); that response is out; the client has sent its EOF.
+        self._finishing = False
+        self._last: _Exchange | None = None
+        self._finished = False
+        self._client_eof = False
 
     @property
     def reading_headers(self) -> bool:
@@ -401,6 +433,64 @@ class Http1Engine:
             out.append(Close(limit))
         return out
 
+    def finish(self) -> list[Command]:
+        """``Connection: close`` on the response to the last request read: the newest
+        one judged, unless its final response has begun already (a download under
+        way), in which case the next request read is the last. Requests behind it
+        are never read, so never forwarded: the client, told by that response that
+        the connection ends, sends them again on a new one (RFC 9112 9.3.2 on
+        unanswered pipelined requests), and no server has seen them twice. Every
+        request already forwarded is answered, in order. The client closes first,
+        after reading the last response (9.6), which keeps TIME_WAIT on its side;
+        its EOF is answered with ``Close``. A byte tunnel has no such word: nothing
+        is done (the driver ends it once quiet); a connection already ending
+        (an error answer, a 408) ends as it does."""
+        if self._inner is not None:
+            return self._inner.finish()
+        if self._finishing:
+            return []
+        self._finishing = True
+        if self._tunnel or self._closed or self._client_dead:
+            return []
+        tail = self._queue[-1] if self._queue else None
+        # (A denied request waiting in the queue is behind a forwarded one: its 403
+        # goes out in turn, now with Connection: close.)
+        if type(tail) is _Exchange and not self._final_response_begun(tail):
+            self._make_last(tail)
+        else:
+            self._requests.budget = self._budget()
+        return []
+
+    def _final_response_begun(self, ex: _Exchange) -> bool:
+        head = self._response_head
+        return ex.started and head is not None and head.status >= 200
+
+    def _make_last(self, ex: _Exchange) -> None:
+        """``ex``'s response is the last one, with ``Connection: close``; nothing
+        after ``ex`` is read."""
+        ex.last = True
+        self._last = ex
+        self._requests.budget = 0
+        if not ex.allowed:
+            ex.reply = DENIED_CLOSE
+
+    def _budget(self) -> int:
+        """How many more requests the reader may begin: none past the last one."""
+        if self._last is not None:
+            return 0
+        room = max(0, self._max_pending - len(self._queue))
+        return min(room, 1) if self._finishing else room
+
+    def _end_after_last(self, out: list[Command]) -> None:
+        """The last response is out: the client, told, closes (its EOF gets Close)."""
+        self._finished = True
+        self._client_dead = True  # what it sends now was sent after it was told
+        if self._client_eof:
+            self._closed = True
+            out.append(Close("client closed before its last response"))
+        else:
+            out.append(Finished(told=True))
+
     # ------------------------------------------------------------ client side
 
     def client_data(self, data: bytes) -> list[Command]:
@@ -408,13 +498,23 @@ class Http1Engine:
             return self._inner.client_data(data)
         if self._tunnel:
             return [ToServer(data)] if data else [Close("client closed the tunnel")]
-        if self._closed or self._client_dead:
+        if not data:
+            self._client_eof = True
+        if self._closed:
+            return []
+        if self._client_dead:
+            if self._finished and not data:
+                self._closed = True
+                return [Close("client closed after Connection: close")]
             return []
         out: list[Command] = []
-        if not data and self._requests.held:
-            self._client_eof_held = True  # after the held requests, in order
-            return out
-        self._requests.budget = max(0, self._max_pending - len(self._queue))
+        if self._requests.held:
+            if not data:
+                self._client_eof_held = True  # after the held requests, in order
+                return out
+            if self._last is not None:
+                return out  # sent behind the last request: never read, so not kept
+        self._requests.budget = self._budget()
         if not self._read_client(data, out):
             return _coalesce(out)
         if self._requests.held:
@@ -452,9 +552,9 @@ class Http1Engine:
         requests = self._requests
         while requests.held and not self._client_dead and not self._closed:
             room = self._max_pending - len(self._queue)
-            if room < max(1, self._max_pending // 2):
+            if room < max(1, self._max_pending // 2) or not self._budget():
                 return
-            requests.budget = room
+            requests.budget = self._budget()
             if not self._read_client(None, out):
                 return
         if self._client_eof_held and not requests.held and not self._closed:
@@ -493,6 +593,8 @@ class Http1Engine:
         ex = _Exchange(key, request, head, decision.allowed)
         self._current = ex
         self._queue.append(ex)
+        if self._finishing and self._last is None:
+            self._make_last(ex)
         if decision.allowed:
             self._awaiting.append(ex)
             self._responses.expect(head.method, head.upgrade)
@@ -503,7 +605,7 @@ class Http1Engine:
             # announced, so the connection cannot be reused after refusing it.
             body_unsent = head.expect_continue and head.framing != "none"
             ex.close = not head.keep_alive or body_unsent
-            ex.reply = DENIED_CLOSE if ex.close else DENIED
+            ex.reply = DENIED_CLOSE if ex.close or ex.last else DENIED
             if ex.close:
                 self._client_dead = True
             self._flush(out)
@@ -554,7 +656,8 @@ class Http1Engine:
             return self._inner.server_data(data)
         if self._tunnel:
             return [ToClient(data)] if data else [Close("server closed the tunnel")]
-        if self._closed:
+        if self._closed or self._finished:
+            # Finished: the client owes the close, even if the server leaves first.
             return []
         out: list[Command] = []
         try:
@@ -595,7 +698,11 @@ class Http1Engine:
                     )
                     return
                 self._response_head = head
-                self._awaiting[0].started = True
+                ex = self._awaiting[0]
+                ex.started = True
+                if ex.last and head.status >= 200 and not self._responses.switched:
+                    out.append(ToClient(serialise_response(head, close=True)))
+                    continue
                 wire: bytes | None = head.derived
                 if wire is None:
                     wire = head.derived = serialise_response(head)
@@ -612,6 +719,11 @@ class Http1Engine:
                 out.append(Reply(ex.key, {"status": head.status}))
                 if self._responses.switched:
                     self._switch(ex, out)
+                    return
+                if ex.last and head.framing != "close":
+                    # (A body delimited by the server's EOF ends only with our close:
+                    # the close below, as for any such response.)
+                    self._end_after_last(out)
                     return
                 if ex.head.upgrade and not self._client_dead:
                     self._read_client(None, out)
@@ -640,6 +752,8 @@ class Http1Engine:
         inner = self._upgrade_handler(ex.request) if self._upgrade_handler else None
         if inner is not None:
             self._inner = inner
+            if self._finishing:
+                out.extend(inner.finish())
             if client_left:
                 out.extend(inner.client_data(client_left))
             if server_left:
@@ -670,6 +784,9 @@ class Http1Engine:
                 return
             out.append(ToClient(ex.reply))
             out.append(Reply(ex.key, {"status": 403}))
+            if ex.last:
+                self._end_after_last(out)
+                return
             if ex.close:
                 self._closed = True
                 out.append(Close("denied request ends the connection"))

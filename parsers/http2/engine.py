@@ -42,6 +42,7 @@ from parsers.base import (
     Command,
     Decide,
     Decision,
+    Finished,
     LimitExceeded,
     ParseError,
     ProtocolError,
@@ -124,6 +125,10 @@ class H2Limits:
 
 
 _NO_ERROR = ErrorCodes.NO_ERROR
+# finish(): the first GOAWAY's last stream id (RFC 9113 6.8), and our PING's payload
+# (the flood guard's round-trip PINGs carry other data).
+MAX_STREAM_ID = 2**31 - 1
+FINISH_PING = b"l7finish"
 _DATA_FRAME = 0x0  # the frame type byte of DATA (RFC 9113 §6.1)
 _NOT_SENT = object()
 
@@ -151,6 +156,11 @@ class H2Engine:
         self._refusing = False  # a GOAWAY was seen: no new streams
         self._server_gone = False  # server EOF: finish delivering complete responses only
         self._dead = False
+        # finish(): GOAWAY(2^31-1) and PING sent; the final GOAWAY's last stream id
+        # once sent (streams above it are refused); Finished said.
+        self._finishing = False
+        self._goaway_last: int | None = None
+        self._finished = False
         # Client input not yet handed to h2 (a turn ended first); starts on a frame boundary.
         self._held: bytes | memoryview = b""
         self._turns = Turns(
@@ -257,6 +267,22 @@ class H2Engine:
         self._out = []
         return out
 
+    def finish(self) -> list[Command]:
+        """The graceful two-step GOAWAY of RFC 9113 6.8: GOAWAY(NO_ERROR, 2^31-1)
+        and a PING now, so the client opens no new stream; once the PING comes
+        back (a round trip: every stream it opened before reading the GOAWAY has
+        reached us), GOAWAY(NO_ERROR, the highest stream id received). Streams up
+        to it are served to their end; later ones are refused (REFUSED_STREAM: never
+        processed, safe to retry). Then ``Finished(told=True)``: the client closes
+        (its EOF gets ``Close``). A client that never reads the PING (an idle
+        pooled connection) is ended by the driver once quiet."""
+        if self._dead or self._finishing or self._refusing:
+            return []  # already ending
+        self._finishing = True
+        self.down.send_graceful_goaway(MAX_STREAM_ID)
+        self.down.ping(FINISH_PING)
+        return self._drain()
+
     def client_data(self, data: bytes) -> list[Command]:
         if self._dead:
             return []
@@ -349,9 +375,15 @@ class H2Engine:
             up = self.up.data_to_send()
             if up and not self._server_gone:
                 out.append(ToServer(up))
-        if self._refusing and not self._streams and not self._dead:
-            self._dead = True
-            out.append(Close("GOAWAY and no streams left"))
+        if not self._streams and not self._dead:
+            if self._goaway_last is not None:
+                # Our own final GOAWAY: the client, told, closes the connection.
+                if not self._finished:
+                    self._finished = True
+                    out.append(Finished(told=True))
+            elif self._refusing:
+                self._dead = True
+                out.append(Close("GOAWAY and no streams left"))
         return out
 
     # -------------------------------------------------------- client events
@@ -363,7 +395,7 @@ class H2Engine:
         h2_stream = self.down.streams.get(cid)
         if h2_stream is None or h2_stream.closed:
             return  # reset by the client in the same read: nothing left to judge or answer
-        if self._refusing:
+        if self._refusing or (self._goaway_last is not None and cid > self._goaway_last):
             self._reset(self.down, cid, ErrorCodes.REFUSED_STREAM)
             return
         problem = request_problem(headers)
@@ -531,6 +563,12 @@ class H2Engine:
         self.down.decoder.max_header_list_size = self._limits.hard_header_list_size
 
     def _on_client_ping_ack(self, event: ev.PingAckReceived) -> None:
+        if event.ping_data == FINISH_PING and self._finishing and self._goaway_last is None:
+            # finish()'s round trip is over: the final GOAWAY. Streams above its id
+            # arrived after the client read the first one: refused (_on_request).
+            self._goaway_last = self.down.highest_inbound_stream_id
+            self.down.send_graceful_goaway(self._goaway_last)
+            return
         self._guard.acknowledged(event.ping_data)
 
     def _on_client_goaway(self, event: ev.ConnectionTerminated) -> None:

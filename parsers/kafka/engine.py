@@ -33,6 +33,7 @@ from parsers.base import (
     Command,
     Decide,
     Decision,
+    Finished,
     FrameTooLarge,
     Log,
     ParseError,
@@ -142,6 +143,9 @@ class KafkaEngine:
         # ends as soon as every response it is owed has been delivered.
         self._client_closed = False
         self._wants_room = False  # whole requests wait for room (``max_pending``)
+        # finish(): asked; Finished said (then nothing more is read from the client).
+        self._finishing = False
+        self._finished = False
 
     @property
     def reading_headers(self) -> bool:
@@ -171,6 +175,32 @@ class KafkaEngine:
         self._failed = True
         return [Close(limit)]
 
+    def finish(self) -> list[Command]:
+        """Kafka cannot tell a client that a connection ends: end it only right
+        behind an answer, when nothing is owed and no request is partly read, so
+        that the client has nothing outstanding (``Finished(told=False)``). A
+        request it sends after that is never read: it fails with the connection and
+        was never processed, which Kafka clients retry. Silent until then: the
+        driver ends a quiet connection itself."""
+        self._finishing = True
+        return []
+
+    def _finish_if_between_requests(self, out: list[Command]) -> None:
+        if (
+            self._finishing
+            and not self._finished
+            and not self._failed
+            and not self._client_closed
+            and not self._owed
+            and self._stream is None
+            and self._held is None
+            and not self._upload_left
+            and self._upload_done is None
+            and not len(self._client)
+        ):
+            self._finished = True
+            out.append(Finished(told=False))
+
     @property
     def topic_names(self) -> dict[uuid.UUID, str]:
         """Topic ids learnt from responses on this connection (read-only view for tests)."""
@@ -182,6 +212,12 @@ class KafkaEngine:
     def client_data(self, data: bytes) -> list[Command]:
         if self._failed:
             return []
+        if self._finished:
+            # Sent after our last answer: never read. Its EOF ends the connection.
+            if data:
+                return []
+            self._failed = True
+            return [Close("client closed")]
         if not data:
             self._client_closed = True
             ended: list[Command] = []
@@ -193,6 +229,7 @@ class KafkaEngine:
         out: list[Command] = []
         if self._held is None:
             self._drain_client(out)
+        self._finish_if_between_requests(out)  # a denial answered at once
         return out
 
     def _drain_client(self, out: list[Command]) -> None:
@@ -533,8 +570,8 @@ class KafkaEngine:
     # server -> client
 
     def server_data(self, data: bytes) -> list[Command]:
-        if self._failed:
-            return []
+        if self._failed or self._finished:
+            return []  # finished: nothing is owed, and the driver ends the connection
         if not data:
             out: list[Command] = []
             if self._owed or self._stream is not None:
@@ -583,6 +620,7 @@ class KafkaEngine:
             if self._client_closed and not self._wants_room:
                 out.append(ShutdownServer())  # the EOF that came behind them
         self._close_when_done(out)
+        self._finish_if_between_requests(out)
         return out
 
     def _close_when_done(self, out: list[Command]) -> None:

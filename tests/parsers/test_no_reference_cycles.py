@@ -62,6 +62,29 @@ def test_http1_engine(no_cyclic_collection, conversation: str) -> None:
     assert no_cyclic_collection() == []
 
 
+def test_http1_engine_finished_by_a_drain(no_cyclic_collection) -> None:
+    engine = HttpEngine(allow_all)
+    engine.client_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    engine.finish()
+    engine.client_data(b"GET /behind HTTP/1.1\r\nHost: a\r\n\r\n")  # never read
+    engine.server_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    engine.client_data(b"")
+    del engine
+    assert no_cyclic_collection() == []
+
+
+def test_http2_engine_finished_by_a_drain(no_cyclic_collection) -> None:
+    t = Transcript(H2Engine(allow_all), graceful_client=True).start()
+    t.client.send_headers(1, request_headers("/index.html"), end_stream=True)
+    t.pump()
+    t._run(t.engine.finish())
+    t.pump()  # the PING comes back: the final GOAWAY
+    respond(t, 1, b"body")
+    t.engine.client_data(b"")
+    del t
+    assert no_cyclic_collection() == []
+
+
 @pytest.mark.parametrize("decide", [allow_all, deny_all])
 def test_http2_engine_after_a_request(no_cyclic_collection, decide) -> None:
     t = Transcript(H2Engine(decide)).start()

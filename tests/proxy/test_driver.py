@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h2.events as h2_events
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -26,6 +27,7 @@ from h2.connection import H2Connection
 from l7proxy.observe.flowlog import FlowLog, format_record
 from l7proxy.proxy.driver import (
     ENDED_AFTER_REPLY,
+    ENDED_BY_CLIENT,
     ENDED_OTHERWISE,
     ENDED_QUIET,
     LINGER_SECONDS,
@@ -42,6 +44,7 @@ from parsers.base import (
     Close,
     Command,
     Decision,
+    Finished,
     LimitExceeded,
     Log,
     ParseError,
@@ -55,9 +58,10 @@ from parsers.base import (
     allow_all,
 )
 from parsers.http import HttpEngine
+from parsers.http2.conn import RelayConnection
 from parsers.requests import HttpRequest
 from tests.support.firewall import GET_ONLY_POLICY
-from tests.support.h2_transcript import frames_in
+from tests.support.h2_transcript import frames_in, request_headers
 
 GET = b"GET /v1/items HTTP/1.1\r\nHost: api\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -152,15 +156,22 @@ class ScriptedEngine:
         self,
         client: dict[bytes, list[Command]] | None = None,
         server: dict[bytes, list[Command]] | None = None,
+        finish: list[Command] | None = None,
     ):
         self.on_client = client or {}
         self.on_server = server or {}
+        self.on_finish = finish or []
+        self.finish_asked = 0
 
     def client_data(self, data: bytes) -> list[Command]:
         return self.on_client.get(data, [])
 
     def server_data(self, data: bytes) -> list[Command]:
         return self.on_server.get(data, [])
+
+    def finish(self) -> list[Command]:
+        self.finish_asked += 1
+        return self.on_finish
 
 
 @dataclass
@@ -825,6 +836,9 @@ async def test_traffic_keeps_a_connection_past_its_idle_timeout():
 
 # --------------------------------------------------------------------------- close_when_idle
 
+OK_CLOSE = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+GET2 = b"GET /v1/other HTTP/1.1\r\nHost: api\r\n\r\n"
+
 
 async def test_close_when_idle_resets_a_quiet_keep_alive_connection(socket_pair):
     ours, _theirs = socket_pair
@@ -842,9 +856,24 @@ async def test_close_when_idle_resets_a_quiet_keep_alive_connection(socket_pair)
     assert p.pipe.closing
 
 
-async def test_close_when_idle_waits_for_the_response_then_resets_right_behind_it(socket_pair):
-    ours, _theirs = socket_pair
-    p = play(HttpEngine(allow_all), client_sock=ours)
+async def test_a_quiet_connection_is_given_a_quiet_while_from_the_ask_too():
+    p = play(HttpEngine(allow_all))
+    p.pipe.client_data(GET)
+    p.pipe.server_data(OK)
+    p.wire.take()
+    await asyncio.sleep(QUIET_SECONDS + 0.05)  # quiet already
+
+    ended = p.pipe.close_when_idle()
+    await asyncio.sleep(QUIET_SECONDS / 2)
+    assert not ended.done()  # a client reading a GOAWAY has time to answer it
+    assert await asyncio.wait_for(ended, QUIET_SECONDS + 1) == ENDED_QUIET
+
+
+async def test_a_busy_keep_alive_connection_is_told_to_close_and_the_client_closes_it():
+    """issue 14, finding 12: a reset right behind a response met the client's next
+    request on the wire. The response says Connection: close instead; the client
+    closes, then we do: nothing is reset, and no request is lost."""
+    p = play(HttpEngine(allow_all))
     p.pipe.client_data(GET)
     p.wire.take()
 
@@ -853,12 +882,75 @@ async def test_close_when_idle_waits_for_the_response_then_resets_right_behind_i
     assert p.wire.take() == [] and not ended.done()
 
     p.pipe.server_data(OK)
-    assert p.wire.take() == [("client", "write", OK)]
+    assert p.wire.take() == [("client", "write", OK_CLOSE)]
+    await asyncio.sleep(QUIET_SECONDS / 2)
+    assert p.wire.take() == [] and not ended.done()  # the client's turn to close
 
-    assert await asyncio.wait_for(ended, 1) == ENDED_AFTER_REPLY
-    assert p.wire.take() == [("server", "close"), ("client", "abort")]
+    p.pipe.client_data(b"")  # it read the response and closed
+    assert await asyncio.wait_for(ended, 1) == ENDED_BY_CLIENT
+    assert p.wire.take() == [("server", "close"), ("client", "write_eof")]  # our FIN second
     [record] = p.flowlog.recent
     assert record["reply"] == {"status": 200}  # logged as answered, not as cut
+
+
+async def test_a_request_already_on_the_wire_behind_the_last_one_is_never_forwarded():
+    """The client sent its next request before it read the response that says
+    Connection: close: that request is not read (so not forwarded), and the
+    client, told the connection ends, sends it again on a new one."""
+    p = play(HttpEngine(allow_all))
+    p.pipe.client_data(GET)
+    ended = p.pipe.close_when_idle()
+    p.pipe.client_data(GET2)  # on the wire already
+
+    p.pipe.server_data(OK)
+    p.pipe.client_data(b"")
+
+    assert await asyncio.wait_for(ended, 1) == ENDED_BY_CLIENT
+    assert p.wire.take() == [
+        ("server", "write", GET),
+        ("client", "write", OK_CLOSE),
+        ("server", "close"),
+        ("client", "write_eof"),
+    ]
+    assert [r["l7"]["path"] for r in p.flowlog.recent] == ["/v1/items"]
+
+
+async def test_pipelined_requests_read_before_the_ask_are_all_answered_the_last_says_close():
+    p = play(HttpEngine(allow_all))
+    p.pipe.client_data(GET + GET2)  # both read, both forwarded
+    ended = p.pipe.close_when_idle()
+
+    p.pipe.server_data(OK)
+    p.pipe.server_data(OK)
+    p.pipe.client_data(b"")
+
+    assert await asyncio.wait_for(ended, 1) == ENDED_BY_CLIENT
+    assert p.wire.take() == [
+        ("server", "write", GET),
+        ("server", "write", GET2),
+        ("client", "write", OK),
+        ("client", "write", OK_CLOSE),
+        ("server", "close"),
+        ("client", "write_eof"),
+    ]
+
+
+async def test_the_request_after_the_ask_carries_the_close_when_none_was_in_flight():
+    p = play(HttpEngine(allow_all))
+    ended = p.pipe.close_when_idle()
+    await asyncio.sleep(0.01)
+    p.pipe.client_data(GET + GET2)  # the first is the last read: GET2 never is
+
+    p.pipe.server_data(OK)
+    p.pipe.client_data(b"")
+
+    assert await asyncio.wait_for(ended, 1) == ENDED_BY_CLIENT
+    assert p.wire.take() == [
+        ("server", "write", GET),
+        ("client", "write", OK_CLOSE),
+        ("server", "close"),
+        ("client", "write_eof"),
+    ]
 
 
 async def test_close_when_idle_never_cuts_a_request_head_half_read():
@@ -871,29 +963,167 @@ async def test_close_when_idle_never_cuts_a_request_head_half_read():
 
     p.pipe.client_data(GET[10:])
     p.pipe.server_data(OK)
+    p.pipe.client_data(b"")
 
-    assert await asyncio.wait_for(ended, 1) == ENDED_AFTER_REPLY
+    assert await asyncio.wait_for(ended, 1) == ENDED_BY_CLIENT
     assert p.wire.take() == [
         ("server", "write", GET),
-        ("client", "write", OK),
+        ("client", "write", OK_CLOSE),
         ("server", "close"),
-        ("client", "abort"),
+        ("client", "write_eof"),
     ]
 
 
-async def test_close_when_idle_waits_until_the_response_has_left_our_buffer():
-    p = play(HttpEngine(allow_all))
+async def test_a_denied_last_request_gets_its_403_with_connection_close():
+    p = play(HttpEngine(deny), connected=False)
+    ended = p.pipe.close_when_idle()
+    p.pipe.client_data(GET + GET2)
+    p.pipe.client_data(b"")
+
+    assert await asyncio.wait_for(ended, 1) == ENDED_BY_CLIENT
+    assert p.wire.take() == [
+        ("client", "write", FORBIDDEN.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")),
+        ("client", "write_eof"),
+    ]
+
+
+async def test_a_told_client_that_does_not_close_is_reset_once_quiet(socket_pair):
+    ours, _theirs = socket_pair
+    p = play(HttpEngine(allow_all), client_sock=ours)
     p.pipe.client_data(GET)
     ended = p.pipe.close_when_idle()
-
-    p.client.buffered = len(OK)  # the client reads slowly: the response is still ours
     p.pipe.server_data(OK)
+    p.pipe.client_data(GET2)  # it ignores Connection: close: never read
+
+    assert await asyncio.wait_for(ended, QUIET_SECONDS + 1) == ENDED_QUIET
+    assert p.wire.take() == [
+        ("server", "write", GET),
+        ("client", "write", OK_CLOSE),
+        ("server", "close"),
+        ("client", "abort"),
+    ]
+    assert linger(ours) == (1, 0)
+
+
+async def test_an_engine_without_a_word_for_it_is_reset_right_behind_its_last_answer(socket_pair):
+    """Kafka and CQL: the engine says when nothing is owed; the reset follows the
+    answer at once, before the client can send another request."""
+    ours, _theirs = socket_pair
+    request = HttpRequest(method="GET", path="/", host="api", headers=(), version="1.1")
+    engine = ScriptedEngine(
+        client={b"ask": [Access(request, Decision(True), key=7), ToServer(b"ask")]},
+        server={b"answer": [ToClient(b"answer"), Reply(7, {"status": 200}), Finished(told=False)]},
+    )
+    p = play(engine, client_sock=ours)
+    p.pipe.client_data(b"ask")
+    ended = p.pipe.close_when_idle()
+    assert engine.finish_asked == 1
+
+    p.pipe.server_data(b"answer")
+
+    assert await asyncio.wait_for(ended, 0.1) == ENDED_AFTER_REPLY
+    assert p.wire.take() == [
+        ("server", "write", b"ask"),
+        ("client", "write", b"answer"),
+        ("server", "close"),
+        ("client", "abort"),
+    ]
+    assert linger(ours) == (1, 0)
+    assert p.pipe.close_when_idle() is ended  # asking again changes nothing
+    assert engine.finish_asked == 1
+
+
+class H2Peers:
+    """A real h2 client (keeping its connection open after a graceful GOAWAY, as
+    real clients do until their streams end) and a real h2 server on either side
+    of a pipe: ``pump`` moves bytes through it until nothing moves."""
+
+    def __init__(self, p: Played) -> None:
+        self.p = p
+        self.client = RelayConnection(
+            config=H2Configuration(client_side=True, header_encoding=None)
+        )
+        self.server = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.client_events: list[Any] = []
+        self.server_events: list[Any] = []
+        self.calls: list[tuple[Any, ...]] = []  # every transport call but the writes
+        self.client.initiate_connection()
+        self.server.initiate_connection()
+
+    def pump(self) -> None:
+        for _ in range(100):
+            moved = False
+            for call in self.p.wire.take():
+                who, what = call[:2]
+                if what not in ("write", "writelines"):
+                    self.calls.append(call)
+                    continue
+                data = call[2] if what == "write" else b"".join(call[2])
+                if who == "client":
+                    self.client_events += self.client.receive_data(data)
+                else:
+                    self.server_events += self.server.receive_data(data)
+                moved = True
+            if data := self.client.data_to_send():
+                self.p.pipe.client_data(data)
+                moved = True
+            if data := self.server.data_to_send():
+                self.p.pipe.server_data(data)
+                moved = True
+            if not moved:
+                return
+        raise AssertionError("the pipe did not settle")
+
+
+async def test_a_busy_http2_connection_gets_the_two_step_goaway_and_the_client_closes_it():
+    p = play(HttpEngine(allow_all))
+    peers = H2Peers(p)
+    peers.client.send_headers(1, request_headers("/slow"), end_stream=True)
+    peers.pump()
+    [request] = [e for e in peers.server_events if isinstance(e, h2_events.RequestReceived)]
+
+    ended = p.pipe.close_when_idle()
+    peers.pump()  # GOAWAY(2^31-1) and a PING out; the PING back; GOAWAY(1) out
+    assert [
+        (e.error_code, e.last_stream_id)
+        for e in peers.client_events
+        if isinstance(e, h2_events.ConnectionTerminated)
+    ] == [(0, 2**31 - 1), (0, 1)]
+    await asyncio.sleep(QUIET_SECONDS + 0.1)
+    assert not ended.done()  # stream 1 is in flight: never cut
+
+    peers.server.send_headers(request.stream_id, [(b":status", b"200")], end_stream=True)
+    peers.pump()
+    assert [e.stream_id for e in peers.client_events if isinstance(e, h2_events.StreamEnded)] == [1]
+    assert not ended.done()  # the client's turn to close
+
+    p.pipe.client_data(b"")
+    assert await asyncio.wait_for(ended, 1) == ENDED_BY_CLIENT
+    peers.pump()
+    assert ("client", "abort") not in peers.calls
+    assert ("client", "write_eof") in peers.calls  # our FIN behind the client's
+
+
+async def test_close_when_idle_waits_until_the_last_answer_has_left_our_buffer():
+    engine = ScriptedEngine(server={b"answer": [ToClient(b"answer"), Finished(told=False)]})
+    p = play(engine)
+    ended = p.pipe.close_when_idle()
+
+    p.client.buffered = 6  # the client reads slowly: the answer is still ours
+    p.pipe.server_data(b"answer")
     await asyncio.sleep(0.05)
-    assert p.wire.take() == [("server", "write", GET), ("client", "write", OK)]
+    assert p.wire.take() == [("client", "write", b"answer")] and not ended.done()
 
     p.client.buffered = 0
     assert await asyncio.wait_for(ended, 1) == ENDED_AFTER_REPLY
     assert p.wire.take() == [("server", "close"), ("client", "abort")]
+
+
+async def test_what_the_engine_sends_when_asked_goes_out_at_once():
+    engine = ScriptedEngine(finish=[ToClient(b"goaway")])
+    p = play(engine)
+    p.pipe.close_when_idle()
+    assert p.wire.take() == [("client", "write", b"goaway")]
 
 
 async def test_close_when_idle_reports_a_pipe_that_ended_another_way():
@@ -907,25 +1137,40 @@ async def test_close_when_idle_reports_a_pipe_that_ended_another_way():
     assert await p.pipe.close_when_idle() == ENDED_OTHERWISE  # asking again changes nothing
 
 
-async def test_a_scripted_request_and_reply_end_a_draining_pipe_like_http_does():
-    request = HttpRequest(method="GET", path="/", host="api", headers=(), version="1.1")
-    engine = ScriptedEngine(
-        client={b"ask": [Access(request, Decision(True), key=7), ToServer(b"ask")]},
-        server={b"answer": [ToClient(b"answer"), Reply(7, {"status": 200})]},
+async def test_a_transparent_pipe_is_reset_if_the_process_dies_but_our_closes_deliver(
+    socket_pair,
+):
+    """SIGKILL: the kernel closes our sockets. With SO_LINGER {1, 0} that is a reset,
+    which leaves no FIN_WAIT2/TIME_WAIT on the client's tuple for its next SYN to
+    run into; a close we choose turns it off first and still sends a FIN."""
+    ours, _theirs = socket_pair
+    wire = Wire()
+    client = FakeTransport("client", wire, sock=ours)
+    pipe = Pipe(
+        asyncio.get_running_loop(),
+        HttpEngine(allow_all),
+        FlowLog(),
+        "http",
+        ProxyLimits(),
+        ProxyStats(),
+        client=client,
+        reset_if_killed=True,
     )
-    p = play(engine)
-    p.pipe.client_data(b"ask")
-    ended = p.pipe.close_when_idle()
+    assert linger(ours) == (1, 0)
 
-    p.pipe.server_data(b"answer")
+    assert pipe.close("server closed") is True
+    assert linger(ours) == (0, 0)
+    assert wire.take() == [("client", "write_eof")]
 
-    assert await asyncio.wait_for(ended, 1) == ENDED_AFTER_REPLY
-    assert p.wire.take() == [
-        ("server", "write", b"ask"),
-        ("client", "write", b"answer"),
-        ("server", "close"),
-        ("client", "abort"),
-    ]
+
+async def test_close_says_whether_it_ended_an_open_client_connection():
+    p = play(HttpEngine(allow_all))
+    assert p.pipe.close("proxy shutting down") is True
+    assert p.pipe.close("proxy shutting down") is False  # ending already
+
+    gone = play(HttpEngine(allow_all))
+    gone.client.closing = True  # reset by its client; connection_lost still to run
+    assert gone.pipe.close("proxy shutting down") is False
 
 
 # ---------------------------------------------------------------- the proxy, real sockets
