@@ -70,7 +70,7 @@ async def running(*configs: ClusterConfig) -> AsyncIterator[list[ClusterStore]]:
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 5.0, what: str = "") -> float:
-    """Poll ``check`` until it is true; fail after ``timeout`` seconds. Returns the seconds taken."""
+    """Poll ``check`` until true; fail after ``timeout`` seconds. Returns the seconds taken."""
     started = time.monotonic()
     while not check():
         if time.monotonic() - started > timeout:

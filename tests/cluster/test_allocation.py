@@ -65,11 +65,14 @@ async def test_many_label_sets_from_many_agents_never_share_a_number(config: Con
         # every agent allocates every label set, each from its own starting point, all at once
         orders = [label_sets[i * 30 :] + label_sets[: i * 30] for i in range(4)]
         results = await asyncio.gather(
-            *(asyncio.gather(*(s.allocate(ls) for ls in order)) for s, order in zip(stores, orders))
+            *(
+                asyncio.gather(*(s.allocate(ls) for ls in order))
+                for s, order in zip(stores, orders, strict=True)
+            )
         )
         by_set = [
-            {tuple(sorted(ls.items())): n for ls, n in zip(order, got)}
-            for order, got in zip(orders, results)
+            {tuple(sorted(ls.items())): n for ls, n in zip(order, got, strict=True)}
+            for order, got in zip(orders, results, strict=True)
         ]
         assert all(m == by_set[0] for m in by_set), "a label set got two numbers"
         assert len(set(by_set[0].values())) == len(label_sets), "two label sets share a number"
