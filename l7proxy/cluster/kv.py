@@ -150,12 +150,24 @@ class Etcd:
         rate: float = 20.0,
         burst: float = 20.0,
         timeout: float = 5.0,
+        reconnect_cap: float = 5.0,
     ) -> None:
         self.endpoint = f"{host}:{port}"
         self.timeout = timeout
         self.bucket = TokenBucket(rate, burst)
         self.requests: Counter[str] = Counter()
-        self._client = aetcd.Client(host, port, timeout=int(max(1, timeout)))
+        options = {
+            # gRPC reconnects on its own, with its own jittered back-off; cap it
+            # so a healed link is used within seconds, not gRPC's default 2 min.
+            "grpc.initial_reconnect_backoff_ms": 100,
+            "grpc.min_reconnect_backoff_ms": 100,
+            "grpc.max_reconnect_backoff_ms": int(reconnect_cap * 1000),
+            # a partition that drops packets (no reset) is noticed within 15 s;
+            # etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time)
+            "grpc.keepalive_time_ms": 10_000,
+            "grpc.keepalive_timeout_ms": 5_000,
+        }
+        self._client = aetcd.Client(host, port, timeout=int(max(1, timeout)), options=options)
         self._kv: Any = None
         self._lease: Any = None
         self._watch: Any = None

@@ -118,7 +118,13 @@ class ClusterStore:
     def __init__(self, config: ClusterConfig, *, rng: random.Random | None = None) -> None:
         self.config = config
         self.layout = Layout(config.prefix, config.cluster)
-        self.kv = Etcd(*config.etcd, rate=config.rate, burst=config.burst, timeout=config.timeout)
+        self.kv = Etcd(
+            *config.etcd,
+            rate=config.rate,
+            burst=config.burst,
+            timeout=config.timeout,
+            reconnect_cap=config.backoff_cap,
+        )
         self.session = Session(self.kv, config.lease_ttl)
         self.table = IdentityTable()
         self.allocator = ClusterAllocator(
