@@ -241,8 +241,12 @@ class ClusterAllocator:
         known = prefer if prefer is not None else self.table.number_for(label_key)
         attempt = Attempt("join", known) if known is not None else Attempt("create")
         tried: set[int] = set()
+        recreate = prefer  # a number of ours that was collected: take it again if free
         for _ in range(self.max_attempts):
-            number = attempt.number if attempt.number is not None else self._free(tried)
+            number = attempt.number
+            if number is None:
+                number = recreate if recreate is not None else self._free(tried)
+                recreate = None
             build = {"join": join_txn, "reuse": reuse_txn, "create": create_txn}[attempt.kind]
             txn = build(self.layout, label_key, self.node, number, self.lease())
             self.stats.transactions += 1

@@ -12,7 +12,7 @@ import pytest
 from l7proxy.cluster.gc import collect_txn
 from l7proxy.cluster.keys import Layout
 from l7proxy.cluster.kv import Etcd, KeyValue
-from l7proxy.cluster.store import Change, ClusterConfig, IdentityChange, IpChange
+from l7proxy.cluster.store import Change, ClusterConfig, IdentityChange, IpChange, Renumbered
 from tests.cluster.conftest import eventually, running
 from tests.support.etcd import EtcdServer
 from tests.support.tcp_cut import CuttableLink
@@ -139,3 +139,40 @@ async def test_an_unreferenced_identity_is_reused_before_it_is_collected(config:
         await eventually(lambda: number in c.identities, 2.0)
         await b.stop(revoke=True)  # its reference goes; the id key waits for collection
         assert await c.allocate({"app": "comes-back"}) == number
+
+
+async def test_an_identity_collected_during_a_partition_is_taken_again_or_renumbered(
+    config: Config, etcd: EtcdServer
+) -> None:
+    """b is cut off long enough for its lease to expire and its identities to be
+    collected. On its return it takes the same numbers again where they are still
+    free; where another label set took the number meanwhile, b gets a new one,
+    says so (``Renumbered``) and moves its ipcache entries to it."""
+    async with CuttableLink((etcd.host, etcd.port)) as link:
+        sweeper = config("node-a", gc_every=0.1, gc_grace=0.2)
+        b_config = config("node-b", port=link.port, lease_ttl=1, keepalive_every=0.2)
+        async with running(sweeper, b_config) as (a, b):
+            kept = await b.allocate({"app": "kept"})
+            moved = await b.allocate({"app": "moved"})
+            await b.upsert_ip("10.3.0.1", moved)
+            renumbered: list[Change] = []
+            b.subscribe(lambda ch: renumbered.append(ch) if isinstance(ch, Renumbered) else None)
+
+            link.cut()
+            await eventually(lambda: not {kept, moved} & set(a.identities), 8.0, "collection")
+            a.allocator.first = a.allocator.last = moved  # someone else takes that number
+            assert await a.allocate({"app": "thief"}) == moved
+            link.heal()
+
+            await eventually(lambda: renumbered != [], 8.0, "b to restore its identities")
+            (change,) = renumbered
+            assert change == Renumbered({"app": "moved"}, moved, change.new)
+            assert change.new != moved and b.allocator.local["app=moved;"].number == change.new
+            await eventually(lambda: a.identities.get(kept) == {"app": "kept"}, 2.0)
+            await eventually(
+                lambda: (
+                    a.ipcache.get("10.3.0.1") is not None
+                    and a.ipcache["10.3.0.1"].identity == change.new
+                ),
+                2.0,
+            )
