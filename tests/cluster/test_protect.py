@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from l7proxy.cluster.protect import Backoff, TokenBucket
 
 
@@ -70,4 +68,5 @@ async def test_acquire_waits_for_its_token() -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
     await asyncio.gather(*(bucket.acquire() for _ in range(6)))
-    assert loop.time() - started == pytest.approx(0.1, abs=0.05)
+    took = loop.time() - started
+    assert 0.09 <= took < 1.0  # five waits of 0.02 s; a loaded machine may add, never take
