@@ -98,14 +98,16 @@ class PrefixWatch:
                     changes = self.mirror.apply(events)
                     if changes:
                         self.deliver(changes, False)
-            except KvError as e:
+            except Exception as e:  # noqa: BLE001 - whatever broke, the copy must recover
                 self.errors += 1
-                self.last_error = str(e)
+                self.last_error = str(e) or type(e).__name__
                 delay = self.backoff.next()
-                log.warning(
+                log.log(
+                    logging.WARNING if isinstance(e, KvError) else logging.ERROR,
                     "watch of %s failed (%s); listing again in %.2f s",
                     self.prefix.decode(errors="replace"),
-                    e,
+                    self.last_error,
                     delay,
+                    exc_info=not isinstance(e, KvError),
                 )
                 await asyncio.sleep(delay)

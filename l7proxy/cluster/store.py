@@ -172,14 +172,20 @@ class ClusterStore:
                 delay = backoff.next()
                 log.warning("etcd %s: %s; trying again in %.2f s", self.kv.endpoint, e, delay)
                 await asyncio.sleep(delay)
-        await self.session.put(self.layout.node_key(self.config.node), self._node_info().to_json())
-        for name, watch in self.watches.items():
-            self._spawn(watch.run(), f"watch {name}")
-        self._spawn(self._maintain(), "lease")
-        if self.gc is not None:
-            self._spawn(self._sweep(), "identity gc")
-        waits = [w.synced.wait() for w in self.watches.values()]
-        await asyncio.wait_for(asyncio.gather(*waits), max(0.1, deadline - time.monotonic()))
+        try:
+            await self.session.put(
+                self.layout.node_key(self.config.node), self._node_info().to_json()
+            )
+            for name, watch in self.watches.items():
+                self._spawn(watch.run(), f"watch {name}")
+            self._spawn(self._maintain(), "lease")
+            if self.gc is not None:
+                self._spawn(self._sweep(), "identity gc")
+            waits = [w.synced.wait() for w in self.watches.values()]
+            await asyncio.wait_for(asyncio.gather(*waits), max(0.1, deadline - time.monotonic()))
+        except BaseException:
+            await self.stop()
+            raise
 
     async def stop(self, *, revoke: bool = True) -> None:
         """Stop every loop. With ``revoke`` our keys go now; without, they expire
@@ -211,7 +217,12 @@ class ClusterStore:
 
     # -- writes
 
+    def _started(self) -> None:
+        if not self.session.lease:
+            raise RuntimeError("ClusterStore: start() first (keys are written on the lease)")
+
     async def allocate(self, labels: Mapping[str, str]) -> int:
+        self._started()
         return await self.allocator.allocate(labels)
 
     async def release(self, labels: Mapping[str, str]) -> None:
@@ -220,6 +231,7 @@ class ClusterStore:
     async def upsert_ip(
         self, ip: str, identity: int, *, namespace: str = "", pod: str = ""
     ) -> None:
+        self._started()
         host_ip = self.config.node_ips[0] if self.config.node_ips else ""
         entry = IpEntry(ip, identity, host_ip, self.config.node, namespace, pod)
         self._own_ips[entry.ip] = entry
@@ -391,10 +403,15 @@ class ClusterStore:
                     await self._sync()
                     next_sync = now + c.sync_every
                 backoff.reset()
-            except KvError as e:
+            except Exception as e:  # noqa: BLE001 - the upkeep must go on whatever failed
                 self.counters.maintenance_errors += 1
                 delay = backoff.next()
-                log.warning("cluster lease upkeep failed (%s); again in %.2f s", e, delay)
+                log.warning(
+                    "cluster lease upkeep failed (%s); again in %.2f s",
+                    e,
+                    delay,
+                    exc_info=not isinstance(e, KvError),
+                )
                 await asyncio.sleep(delay)
 
     async def _sync(self) -> None:
@@ -433,7 +450,12 @@ class ClusterStore:
                 if gone:
                     log.info("collected unreferenced identities %s", gone)
                 backoff.reset()
-            except KvError as e:
+            except Exception as e:  # noqa: BLE001 - a failed sweep waits for the next
                 delay = backoff.next()
-                log.warning("identity gc failed (%s); again in %.2f s", e, delay)
+                log.warning(
+                    "identity gc failed (%s); again in %.2f s",
+                    e,
+                    delay,
+                    exc_info=not isinstance(e, KvError),
+                )
                 await asyncio.sleep(delay)

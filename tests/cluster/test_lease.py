@@ -155,6 +155,7 @@ async def test_an_identity_collected_during_a_partition_is_taken_again_or_renumb
             kept = await b.allocate({"app": "kept"})
             moved = await b.allocate({"app": "moved"})
             await b.upsert_ip("10.3.0.1", moved)
+            await eventually(lambda: {kept, moved} <= set(a.identities), 2.0)
             renumbered: list[Change] = []
             b.subscribe(lambda ch: renumbered.append(ch) if isinstance(ch, Renumbered) else None)
 

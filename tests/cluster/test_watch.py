@@ -13,7 +13,14 @@ from l7proxy.cluster.keys import IpEntry, Layout
 from l7proxy.cluster.kv import Etcd, KvCompacted
 from l7proxy.cluster.mirror import KeyChange, PrefixWatch
 from l7proxy.cluster.protect import Backoff
-from l7proxy.cluster.store import Change, ClusterConfig, IdentityChange, IpChange, NodeChange
+from l7proxy.cluster.store import (
+    Change,
+    ClusterConfig,
+    ClusterStore,
+    IdentityChange,
+    IpChange,
+    NodeChange,
+)
 from tests.cluster.conftest import eventually, running
 from tests.support.etcd import EtcdServer
 from tests.support.tcp_cut import CuttableLink
@@ -192,3 +199,33 @@ async def test_nodes_are_registered_and_leave_with_their_agent(config: Config) -
         await a.stop()  # a clean stop revokes the lease: the node key goes at once
         await eventually(lambda: "node-a" not in b.nodes, 2.0)
         assert NodeChange("node-a", None) in seen
+
+
+async def test_the_request_budget_holds_against_the_real_etcd(
+    etcd: EtcdServer, prefix: str
+) -> None:
+    kv = Etcd(etcd.host, etcd.port, rate=20, burst=2)
+    await kv.connect()
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.gather(*(kv.put(f"{prefix}/b/{i}".encode(), b"v") for i in range(12)))
+        assert loop.time() - started >= 0.45  # 2 at once, then 10 at 20 a second
+        assert kv.requests["put"] == 12 and kv.bucket.waited > 0
+    finally:
+        await kv.close()
+
+
+async def test_status_tells_what_the_store_did(config: Config) -> None:
+    store = ClusterStore(config("node-a"))
+    with pytest.raises(RuntimeError, match="start"):
+        await store.allocate({"app": "x"})
+    async with running(config("node-b")) as (b,):
+        number = await b.allocate({"app": "x"})
+        await eventually(lambda: number in b.identities, 2.0)
+        status = b.status()
+        assert status["synced"] is True and status["node"] == "node-b"
+        assert status["identities"] == 1 and status["nodes"] == 1
+        assert status["requests"]["txn"] == 1 and status["requests"]["watch"] == 3
+        assert status["allocator"]["created"] == 1
+        assert set(status["watches"]) == {"identities", "ipcache", "nodes"}
