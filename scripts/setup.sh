@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(python3-bpfcc python3-venv clang llvm linux-headers-amd64 iproute2 iptables
-              bpftool haproxy nginx-light nghttp2-client nghttp2-server wrk procps curl)
+              bpftool haproxy nginx-light nghttp2-client nghttp2-server wrk procps curl
+              etcd-server etcd-client)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -21,6 +22,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   systemctl stop nginx haproxy 2>/dev/null || service nginx stop 2>/dev/null || true
   pkill -x nginx 2>/dev/null || true
   pkill -x haproxy 2>/dev/null || true
+  # etcd-server too: the cluster tests start their own etcd, data on tmpfs.
+  systemctl disable --now etcd 2>/dev/null || service etcd stop 2>/dev/null || true
 fi
 
 # bcc compiles at load time and needs headers for the running kernel. This kernel
@@ -53,4 +56,4 @@ if [ ! -e "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
-.venv/bin/python -c 'import bcc, pyroute2, h2, httptools' || { echo "setup: imports failed" >&2; exit 1; }
+.venv/bin/python -c 'import bcc, pyroute2, h2, httptools, aetcd' || { echo "setup: imports failed" >&2; exit 1; }

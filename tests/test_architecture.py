@@ -29,6 +29,7 @@ LAYERS: dict[str, set[str]] = {
     "l7proxy.policy": {"parsers"},
     "l7proxy.datapath": {"l7proxy.policy"},
     "l7proxy.node": {"l7proxy.policy"},
+    "l7proxy.cluster": {"l7proxy.policy"},
     "l7proxy.proxy": {"parsers", "l7proxy.policy", "l7proxy.observe"},
     "l7proxy.agent": {
         "parsers",
