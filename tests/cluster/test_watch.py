@@ -28,6 +28,7 @@ from tests.support.tcp_cut import CuttableLink
 pytestmark = pytest.mark.cluster
 
 Config = Callable[..., ClusterConfig]
+EVERY_NODE = {"node-a", "node-b", "node-c"}
 
 
 async def test_a_remote_identity_and_ipcache_entry_reach_every_watcher(config: Config) -> None:
@@ -42,7 +43,7 @@ async def test_a_remote_identity_and_ipcache_entry_reach_every_watcher(config: C
             assert store.ipcache["10.1.0.5"] == IpEntry(
                 "10.1.0.5", number, a.config.node_ips[0], "node-a", "empire", "deathstar-0"
             )
-            assert set(store.nodes) == {"node-a", "node-b", "node-c"}
+            await eventually(lambda s=store: set(s.nodes) == EVERY_NODE, 2.0, "every node")
         assert IdentityChange(number, {"k8s:app": "deathstar"}) in seen
         assert any(isinstance(ch, IpChange) and ch.ip == "10.1.0.5" for ch in seen)
         # what the BPF ipcache sync will read, in the shape policy.identity.IpCache takes
