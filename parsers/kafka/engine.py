@@ -27,10 +27,13 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeAlias
 
 from parsers.base import (
+    DEFAULT_MAX_HELD_FRAME,
     DEFAULT_MAX_PENDING,
+    MAX_HELD_FRAME,
     Access,
     Close,
     Command,
+    Data,
     Decide,
     Decision,
     Finished,
@@ -114,9 +117,13 @@ class KafkaEngine:
         *,
         max_frame: int = DEFAULT_MAX_FRAME,
         max_pending: int = DEFAULT_MAX_PENDING,
+        max_held_frame: int = DEFAULT_MAX_HELD_FRAME,
     ):
         self._decide = decide
         self._max_frame = max_frame
+        # The longest request read whole before it is judged: every request but a
+        # Produce judged on its first bytes. A longer one closes the connection.
+        self._max_held = max_held_frame
         # Responses owed at once: at this many, later frames wait in the buffer
         # until half are delivered (brokers queue 500 requests by default;
         # clients keep 5 in flight).
@@ -131,7 +138,7 @@ class KafkaEngine:
         self._topic_names: dict[uuid.UUID, str] = {}
         self._cluster = ClusterView()
         self._failed = False
-        self._held: bytes | None = None  # request waiting for a topic-id lookup
+        self._held: Data | None = None  # request waiting for a topic-id lookup
         self._lookups = 0
         self._metadata_version = _LOOKUP_VERSION
         # A large Produce judged from its prefix, being passed through.
@@ -163,6 +170,12 @@ class KafkaEngine:
     def reading_body(self) -> bool:
         """The rest of a large Produce judged on its first bytes."""
         return self._upload_left > 0 and not self._failed
+
+    @property
+    def held_bytes(self) -> int:
+        """Client bytes held: a partial request, requests waiting for room or behind
+        a topic-id lookup, and the request held for that lookup."""
+        return len(self._client) + (len(self._held) if self._held is not None else 0)
 
     @property
     def heads_read(self) -> int:
@@ -257,10 +270,18 @@ class KafkaEngine:
             if len(self._owed) >= self._max_pending:
                 self._wants_room = True  # read on when half the answers owed are delivered
                 return
-            if len(buf) < 4 + size:
-                if size + 4 > _STREAM_OVER and not self._whole_frame:
-                    if self._judge_prefix(size, out):
-                        continue
+            whole = len(buf) >= 4 + size
+            held = 4 + size > self._max_held
+            if 4 + size > _STREAM_OVER and not self._whole_frame and (held or not whole):
+                if self._judge_prefix(size, out):
+                    continue
+            if held and self._whole_frame:
+                # It must be read whole to be judged, and that is more than we hold
+                # for one request: whether its bytes came in one read or many.
+                out.append(ParseError("client", self._held_too_long(size)))
+                self._failed = True
+                return
+            if not whole:
                 return
             self._whole_frame = False
             self._frames += 1
@@ -321,12 +342,19 @@ class KafkaEngine:
         self._frames += 1
         return True
 
+    def _held_too_long(self, size: int) -> ProtocolError:
+        return FrameTooLarge(
+            f"kafka request of {size} bytes must be read whole to be judged, over the "
+            f"{self._max_held} bytes held for one request",
+            limit=MAX_HELD_FRAME,
+        )
+
     def _bad_size(self, side: str, size: int) -> ProtocolError:
         if size > self._max_frame:
             return FrameTooLarge(f"kafka {side} frame of {size} bytes exceeds {self._max_frame}")
         return ProtocolError(f"kafka {side} frame size {size} is invalid", code="bad_frame_size")
 
-    def _request(self, frame: bytes, out: list[Command], *, may_look_up: bool = True) -> str:
+    def _request(self, frame: Data, out: list[Command], *, may_look_up: bool = True) -> str:
         """Judge one whole request frame: _OK, _FAIL or _HOLD."""
         api_key, api_version, correlation_id, client_len = _fixed_header.unpack_from(frame, 4)
         pos = 14
@@ -394,7 +422,7 @@ class KafkaEngine:
         self._flush_denials(out)
         return _OK
 
-    def _look_up_topic_ids(self, frame: bytes, out: list[Command]) -> None:
+    def _look_up_topic_ids(self, frame: Data, out: list[Command]) -> None:
         """Ask the broker for topic names before judging a request that names ids.
 
         Fetch v13+ (and others) name topics by id; the ids come from Metadata
@@ -429,7 +457,7 @@ class KafkaEngine:
         request: KafkaRequest,
         message: Message,
         decision: Decision,
-        frame: bytes,
+        frame: Data,
         out: list[Command],
     ) -> bool:
         """Forward a Metadata request for its allowed topics only.
@@ -463,7 +491,7 @@ class KafkaEngine:
         return True
 
     def _decode(
-        self, frame: bytes, pos: int, head: _Header
+        self, frame: Data, pos: int, head: _Header
     ) -> tuple[Message | None, KafkaRequest, Sequence[uuid.UUID]]:
         """The decoded body (None if it could not be), the request to judge, and
         the topic ids it names that this connection has not seen named yet."""
@@ -505,7 +533,7 @@ class KafkaEngine:
         return message, request, unresolved
 
     def _decode_extra(
-        self, extra: kafka_apis.ExtraApi, frame: bytes, pos: int, head: _Header
+        self, extra: kafka_apis.ExtraApi, frame: Data, pos: int, head: _Header
     ) -> tuple[list[str] | None, KafkaRequest, Sequence[uuid.UUID]]:
         try:
             pos = _skip_tagged_fields(frame, pos)
@@ -670,7 +698,7 @@ class KafkaEngine:
             return None
         return owed
 
-    def _response(self, owed: _Owed, frame: bytes, out: list[Command]) -> None:
+    def _response(self, owed: _Owed, frame: Data, out: list[Command]) -> None:
         fields = self._response_fields(owed, frame)
         if owed.internal:
             if "decode_error" in fields:
@@ -692,7 +720,7 @@ class KafkaEngine:
         out.append(Reply(owed.correlation_id, fields))
         self._flush_denials(out)
 
-    def _add_denied_topics(self, owed: _Owed, frame: bytes, fields: dict[str, Any]) -> bytes:
+    def _add_denied_topics(self, owed: _Owed, frame: Data, fields: dict[str, Any]) -> bytes:
         versions = kafka_apis.response_class(owed.api_key, owed.api_version)
         if versions is None:
             raise ValueError(f"no response class for {kafka_apis.api_name(owed.api_key)}")
@@ -714,7 +742,7 @@ class KafkaEngine:
         response.with_header(correlation_id=owed.correlation_id)
         return bytes(response.encode(header=True, framed=True))
 
-    def _response_fields(self, owed: _Owed, frame: bytes) -> dict[str, Any]:
+    def _response_fields(self, owed: _Owed, frame: Data) -> dict[str, Any]:
         fields: dict[str, Any] = {"api": kafka_apis.api_name(owed.api_key)}
         cls = kafka_apis.response_class(owed.api_key, owed.api_version)
         if cls is None:
@@ -754,7 +782,7 @@ def _metadata_encodable(version: int) -> bool:
 # Small wire helpers (the header is read by hand: it is tiny and hot).
 
 
-def _skip_tagged_fields(buf: bytes, pos: int) -> int:
+def _skip_tagged_fields(buf: Data, pos: int) -> int:
     count, pos = decode_uvarint(buf, pos)
     for _ in range(count):
         _tag, pos = decode_uvarint(buf, pos)
@@ -765,7 +793,7 @@ def _skip_tagged_fields(buf: bytes, pos: int) -> int:
     return pos
 
 
-def _compact_string(buf: bytes, pos: int) -> tuple[str, int]:
+def _compact_string(buf: Data, pos: int) -> tuple[str, int]:
     length, pos = decode_uvarint(buf, pos)
     if length == 0:
         raise ValueError("null string")
