@@ -185,7 +185,7 @@ class KafkaEngine:
         """Kafka has no answer for a request that never arrived: close."""
         if self._failed:
             return []
-        self._failed = True
+        self._give_up()
         return [Close(limit)]
 
     def finish(self) -> list[Command]:
@@ -213,6 +213,13 @@ class KafkaEngine:
         ):
             self._finished = True
             out.append(Finished(told=False))
+
+    def _give_up(self) -> None:
+        """The connection ends: nothing more is read, and what was held is let go at
+        once (the pipe lingers a while before it is dropped)."""
+        self._failed = True
+        self._client = FrameBuffer()
+        self._held = None
 
     @property
     def topic_names(self) -> dict[uuid.UUID, str]:
@@ -265,7 +272,7 @@ class KafkaEngine:
             (size,) = _size.unpack(head)
             if size < _MIN_REQUEST_HEADER or size > self._max_frame:
                 out.append(ParseError("client", self._bad_size("client", size)))
-                self._failed = True
+                self._give_up()
                 return
             if len(self._owed) >= self._max_pending:
                 self._wants_room = True  # read on when half the answers owed are delivered
@@ -279,7 +286,7 @@ class KafkaEngine:
                 # It must be read whole to be judged, and that is more than we hold
                 # for one request: whether its bytes came in one read or many.
                 out.append(ParseError("client", self._held_too_long(size)))
-                self._failed = True
+                self._give_up()
                 return
             if not whole:
                 return
@@ -287,7 +294,7 @@ class KafkaEngine:
             self._frames += 1
             status = self._request(buf.take(4 + size), out)
             if status is _FAIL:
-                self._failed = True
+                self._give_up()
                 return
             if status is _HOLD:
                 return  # later frames wait until the held one is judged
@@ -448,7 +455,7 @@ class KafkaEngine:
         assert frame is not None, "resumed with no request held"
         status = self._request(frame, out, may_look_up=False)
         if status is _FAIL:
-            self._failed = True
+            self._give_up()
             return
         self._drain_client(out)
 
@@ -621,14 +628,14 @@ class KafkaEngine:
             (size,) = _size.unpack(head)
             if size < 4 or size > self._max_frame:
                 out.append(ParseError("server", self._bad_size("server", size)))
-                self._failed = True
+                self._give_up()
                 break
             head = buf.peek(8)
             if head is None:
                 break
             owed = self._expected(_size.unpack_from(head, 4)[0], out)
             if owed is None:
-                self._failed = True
+                self._give_up()
                 break
             if size + 4 > _STREAM_OVER and not owed.internal and not owed.denied_topics:
                 # Large responses (fetches) go through as they arrive rather
