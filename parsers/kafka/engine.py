@@ -24,6 +24,7 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 from typing import Any, TypeAlias
 
 from parsers.base import (
@@ -90,6 +91,18 @@ _fixed_header = struct.Struct(">hhih")
 
 
 @dataclass(slots=True)
+class _Dropped:
+    """A large one-topic Produce denied on its first bytes: its record batches are
+    dropped as they arrive, and its denial is owed once its last byte has passed."""
+
+    correlation_id: int
+    api_version: int
+    topic: str
+    error_code: int
+    walk: kafka_produce.DroppedPartitions | None  # None with acks=0: nothing to answer
+
+
+@dataclass(slots=True)
 class _Owed:
     """One response the client is owed, in order.
 
@@ -141,9 +154,11 @@ class KafkaEngine:
         self._held: Data | None = None  # request waiting for a topic-id lookup
         self._lookups = 0
         self._metadata_version = _LOOKUP_VERSION
-        # A large Produce judged from its prefix, being passed through.
+        # A large Produce judged from its prefix: the bytes of it still to come, passed
+        # through (allowed) or dropped (``_dropping``, denied).
         self._upload_left = 0
         self._upload_done: Reply | None = None
+        self._dropping: _Dropped | None = None
         self._whole_frame = False  # the frame at the head must be read whole
         self._frames = 0  # request frames read whole or judged on their first bytes
         # Kafka has no half-close: once the client has sent EOF, the connection
@@ -220,6 +235,7 @@ class KafkaEngine:
         self._failed = True
         self._client = FrameBuffer()
         self._held = None
+        self._dropping = None
 
     @property
     def topic_names(self) -> dict[uuid.UUID, str]:
@@ -260,11 +276,17 @@ class KafkaEngine:
                 if not len(buf):
                     return
                 for piece in buf.take_upto(self._upload_left):
-                    out.append(ToServer(piece))
                     self._upload_left -= len(piece)
+                    if self._dropping is None:
+                        out.append(ToServer(piece))
+                    elif not self._drop(piece, out):
+                        return
                 if not self._upload_left and self._upload_done is not None:
                     out.append(self._upload_done)  # acks=0: complete once sent
                     self._upload_done = None
+                if not self._upload_left and self._dropping is not None:
+                    if not self._dropped(out):
+                        return
                 continue
             head = buf.peek(4)
             if head is None:
@@ -337,17 +359,82 @@ class KafkaEngine:
             transactional_ids=(prefix.transactional_id,) if prefix.transactional_id else (),
         )
         decision = self._decide(request)
-        if not decision.allowed:
-            self._whole_frame = True
-            return False
         out.append(Access(request, decision, key=correlation_id))
+        self._frames += 1
+        if not decision.allowed:
+            # Dropped as it arrives, never held: a denial needs only its partitions.
+            code = self._blame(request)
+            walk = None
+            if prefix.acks == 0:  # the client expects no answer
+                out.append(Reply(correlation_id, {"api": "Produce", "acks": 0, "error_code": code}))
+            else:
+                walk = kafka_produce.DroppedPartitions(flexible)
+            self._dropping = _Dropped(correlation_id, api_version, prefix.topic, code, walk)
+            self._client.take_upto(prefix.end)
+            self._upload_left = 4 + size - prefix.end
+            return True
         if prefix.acks == 0:
             self._upload_done = Reply(correlation_id, {"api": "Produce", "acks": 0})
         else:
             self._owed.append(_Owed(correlation_id, api_key, api_version))
         self._upload_left = 4 + size
-        self._frames += 1
         return True
+
+    def _drop(self, piece: bytes, out: list[Command]) -> bool:
+        """Walk a piece of a denied Produce being dropped; False if it is malformed."""
+        dropping = self._dropping
+        assert dropping is not None
+        if dropping.walk is None:
+            return True
+        try:
+            if dropping.walk.feed(piece) == len(piece):
+                return True
+            why = "ends before its frame does"
+        except ValueError as exc:
+            why = str(exc)
+        return self._drop_failed(why, out)
+
+    def _dropped(self, out: list[Command]) -> bool:
+        """A denied Produce has been dropped to its last byte: its denial is owed."""
+        dropping, self._dropping = self._dropping, None
+        assert dropping is not None
+        walk = dropping.walk
+        if walk is None:
+            return True
+        if not walk.done:
+            return self._drop_failed("its frame ends before it does", out)
+        partitions = [SimpleNamespace(index=i) for i in walk.indices]
+        message = SimpleNamespace(
+            topic_data=[
+                SimpleNamespace(name=dropping.topic, topic_id=None, partition_data=partitions)
+            ]
+        )
+        wire = kafka_deny.denial(
+            _PRODUCE,
+            dropping.api_version,
+            dropping.correlation_id,
+            message,
+            dropping.error_code,
+            self._cluster,
+        )
+        assert wire is not None, "every Produce version has a denial"
+        self._owed.append(
+            _Owed(
+                dropping.correlation_id,
+                _PRODUCE,
+                dropping.api_version,
+                denial=wire,
+                error_code=dropping.error_code,
+            )
+        )
+        self._flush_denials(out)
+        return True
+
+    def _drop_failed(self, why: str, out: list[Command]) -> bool:
+        error = ProtocolError(f"denied produce request is malformed: {why}", code="bad_produce")
+        out.append(ParseError("client", error))
+        self._give_up()
+        return False
 
     def _held_too_long(self, size: int) -> ProtocolError:
         return FrameTooLarge(
