@@ -24,6 +24,7 @@ requests through to the CQL server test double with the real driver.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import socket
@@ -243,6 +244,8 @@ class Attacker:
             self.reply += chunk
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a sendall still blocked
         self.sock.close()
         self._thread.join(5)
 
@@ -380,10 +383,20 @@ def proxied_double() -> Iterator[tuple[object, RunningFirewall]]:
             yield double, fw
 
 
-@pytest.mark.parametrize("version", [4, 5])
-def test_a_large_prepared_insert_goes_through_intact_and_the_session_carries_on(version):
+@pytest.mark.parametrize(
+    "version, compression",
+    [
+        pytest.param(4, False, id="v4"),
+        pytest.param(5, False, id="v5"),
+        pytest.param(5, "lz4", id="v5-lz4"),
+    ],
+)
+def test_a_large_prepared_insert_goes_through_intact_and_the_session_carries_on(
+    version, compression
+):
     value = bytes(range(256)) * (24 * MiB // 256)  # more than is ever held: it must stream
-    with proxied_double() as (double, fw), session_to(fw, protocol_version=version) as (_, s):
+    options = {"protocol_version": version, "compression": compression}
+    with proxied_double() as (double, fw), session_to(fw, **options) as (_, s):
         s.execute(KEYSPACE)
         s.execute("CREATE TABLE ks.t (a int PRIMARY KEY, b blob)")
         insert = s.prepare("INSERT INTO ks.t (a, b) VALUES (?, ?)")
