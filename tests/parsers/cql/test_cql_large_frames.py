@@ -34,6 +34,7 @@ from parsers.base import (
     MAX_HELD_FRAME,
     Access,
     Close,
+    Finished,
     Log,
     ParseError,
     Reply,
@@ -437,3 +438,29 @@ def test_a_frame_held_whole_costs_about_its_size_once():
     frame = request(message, 1)
     peak = peak_while_fed(started(), frame)
     assert peak < 1.3 * len(frame), peak / len(frame)
+
+
+# --------------------------------------------------------------------------- a drain
+
+
+def test_a_drain_waits_for_the_last_byte_of_a_dropped_request_and_finishes_behind_its_answer():
+    engine = started(deny_table("ks.secret"), max_held_frame=HELD)
+    frame = query(SECRET, 3, b"v" * MiB)
+    engine.client_data(frame[:100])  # judged and denied: the rest is still to come
+    assert engine.finish() == []
+
+    assert engine.client_data(frame[100:-1]) == []  # not between requests yet
+    out = engine.client_data(frame[-1:])
+
+    assert [type(c) for c in out] == [ToClient, Finished]
+    assert_unauthorized(out[0].data, 4, stream=3, message_contains="ks.secret")
+
+
+def test_a_drain_waits_for_a_streamed_request_and_its_answer():
+    engine = started(max_held_frame=HELD)
+    frame = query(INSERT, 1, b"v" * MiB)
+    engine.client_data(frame[:100])
+    engine.finish()
+
+    assert Finished(told=False) not in engine.client_data(frame[100:])
+    assert engine.server_data(rows_void(1))[-1] == Finished(told=False)

@@ -21,7 +21,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kafka.protocol.metadata import MetadataRequest
 
-from parsers.base import MAX_HELD_FRAME, Access, ParseError, Reply, ToClient, ToServer, allow_all
+from parsers.base import (
+    MAX_HELD_FRAME,
+    Access,
+    Finished,
+    ParseError,
+    Reply,
+    ToClient,
+    ToServer,
+    allow_all,
+)
 from parsers.kafka.engine import KafkaEngine
 from parsers.kafka.frames import FrameBuffer
 from parsers.kafka.produce import DroppedPartitions
@@ -210,3 +219,16 @@ def test_random_bytes_never_break_the_walk(data, flexible):
             walk.feed(data[i : i + 7])
     except ValueError:
         pass
+
+
+def test_a_drain_finishes_right_behind_the_denial_of_a_dropped_produce():
+    engine = KafkaEngine(allow_topics("orders"), max_held_frame=HELD)
+    wire = frame(big_produce(topics=("secrets",), size=HELD), 9, 3)
+    engine.client_data(wire[:1000])
+    assert engine.finish() == []
+
+    assert engine.client_data(wire[1000:-1]) == []
+    out = engine.client_data(wire[-1:])
+
+    assert [type(c) for c in out] == [ToClient, Reply, Finished]
+    assert_denied(wire, out[0].data, 29)
