@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, Protocol, Self
+from typing import Any, Final, Literal, Protocol, Self, TypeAlias, runtime_checkable
 
 from parsers.requests import L7Request
 
@@ -77,6 +77,14 @@ ALLOW_ALL = Decision(True, reason="no L7 policy")
 # further: pipelined HTTP/1.1 requests toward a slow server, say.
 DEFAULT_MAX_PENDING = 256
 
+# The largest Kafka or CQL frame an engine holds whole before judging it (one that
+# cannot be judged on its first bytes and streamed): Cassandra 4.x's
+# ``native_transport_max_frame_size`` (16 MiB); for Kafka, 16 times what clients send
+# by default (``max.request.size`` 1 MiB in Java, ``message.max.bytes`` 1 MB in
+# librdkafka), so clients with raised limits still pass. Past it the engine answers
+# the protocol's error and closes (``FrameTooLarge``, limit ``max_held_frame``).
+DEFAULT_MAX_HELD_FRAME = 16 * 1024 * 1024
+
 
 def allow_all(_request: object) -> Decision:
     return ALLOW_ALL
@@ -103,19 +111,24 @@ its own parsing work (``parsers.http1.memo``), never the verdict.
 # --------------------------------------------------------------------------
 # Commands an engine emits. The driver executes them in order.
 
+Data: TypeAlias = bytes | bytearray
+"""What ``ToServer`` and ``ToClient`` carry. A ``bytearray`` is handed over: the
+engine keeps no reference to it and never changes it again, so a large frame
+assembled in one buffer goes to the transport without a copy."""
+
 
 @dataclass(slots=True)
 class ToServer:
     """Bytes to write to the upstream server."""
 
-    data: bytes
+    data: Data
 
 
 @dataclass(slots=True)
 class ToClient:
     """Bytes to write to the client (forwarded replies or synthesized errors)."""
 
-    data: bytes
+    data: Data
 
 
 @dataclass(slots=True)
@@ -250,11 +263,6 @@ class ProtocolError(Exception):
         return self
 
 
-class FrameTooLarge(ProtocolError):
-    def __init__(self, message: str, *, wire_reply: bytes = b""):
-        super().__init__(message, code="frame_too_large", wire_reply=wire_reply)
-
-
 class LimitExceeded(ProtocolError):
     """A per-connection budget ran out: a flood rather than a malformed message.
 
@@ -267,6 +275,20 @@ class LimitExceeded(ProtocolError):
     def __init__(self, message: str, *, limit: str, code: str, wire_reply: bytes = b""):
         super().__init__(message, code=code, wire_reply=wire_reply)
         self.limit = limit
+
+
+MAX_FRAME: Final = "max_frame"
+"""A frame longer than the protocol (or the engine's ``max_frame``) allows."""
+MAX_HELD_FRAME: Final = "max_held_frame"
+"""A frame that must be held whole to be judged, longer than ``DEFAULT_MAX_HELD_FRAME``."""
+
+
+class FrameTooLarge(LimitExceeded):
+    """A frame over a size limit: ``limit`` is ``MAX_FRAME``, or ``MAX_HELD_FRAME`` for
+    one that would have to be held whole (or held until judged) past its limit."""
+
+    def __init__(self, message: str, *, wire_reply: bytes = b"", limit: str = MAX_FRAME):
+        super().__init__(message, limit=limit, code="frame_too_large", wire_reply=wire_reply)
 
 
 # --------------------------------------------------------------------------
@@ -366,6 +388,19 @@ class Engine(Protocol):
         A connection that stays silent never reaches a safe point the engine can
         see: the driver ends it once it has been quiet for a while. Asking again
         changes nothing."""
+        ...
+
+
+@runtime_checkable
+class HoldsFrames(Protocol):
+    """An engine that holds partly received frames (Kafka, CQL) says how many
+    bytes it holds, so the driver can keep them within one budget for the whole
+    process (``ProxyLimits.max_held_bytes``)."""
+
+    @property
+    def held_bytes(self) -> int:
+        """Client bytes held right now: partly received frames (or their heads,
+        until judged) and whole ones waiting their turn."""
         ...
 
 

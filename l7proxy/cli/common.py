@@ -108,6 +108,14 @@ def add_proxy_options(parser: argparse.ArgumentParser) -> None:
         help="requests awaiting an answer on one connection before reading it stops (default 256)",
     )
     parser.add_argument(
+        "--max-held-bytes",
+        type=size,
+        default="256M",
+        metavar="SIZE",
+        help="bytes all connections together may hold in Kafka and CQL frames not yet "
+        "judged; past it a client holding one is not read until that falls (default 256M)",
+    )
+    parser.add_argument(
         "--backlog",
         type=int,
         metavar="N",
@@ -134,11 +142,14 @@ def proxy_limits(args: argparse.Namespace) -> ProxyLimits:
 
     if args.max_pending_requests < 1:
         raise SystemExit("l7proxy: --max-pending-requests must be at least 1")
+    if args.max_held_bytes < 1:
+        raise SystemExit("l7proxy: --max-held-bytes must be at least 1")
     limits = ProxyLimits(
         header_timeout=args.header_timeout,
         body_timeout=args.body_timeout,
         idle_timeout=args.idle_timeout,
         max_pending_requests=args.max_pending_requests,
+        max_held_bytes=args.max_held_bytes,
     )
     if args.backlog is not None:
         limits.backlog = args.backlog

@@ -96,7 +96,8 @@ class Metrics:
         )
         self.limits = Counter(
             "l7proxy_proxy_limit_exceeded",
-            "Clients cut by a proxy limit (header_timeout, body_timeout), by limit and protocol",
+            "Clients cut by a proxy limit (header_timeout, body_timeout, max_frame, "
+            "max_held_frame) or paused by one (max_held_bytes), by limit and protocol",
             ["limit", "protocol"],
             registry=r,
         )

@@ -12,6 +12,9 @@ that is still connecting: a client can only make the proxy hold a bounded
 amount for it. And while its engine has yielded: an engine that did its share
 of work for one turn of the event loop ends its commands with ``Yield``, and
 resumes on a later turn, after every other connection's ready I/O (fairness).
+Frames held whole (Kafka and CQL requests until judged) are also bounded for all
+connections together (``HeldBudget``): a client whose read takes the process over
+``max_held_bytes`` is not read again until the total falls.
 
 Public surface, used by ``l7proxy/proxy/server.py`` and the agent's drain:
 
@@ -32,7 +35,8 @@ its first byte (``ProxyLimits.header_timeout``), a body timeout while a request 
 is awaited (``body_timeout``), and the idle timeout. The engine says where the
 client is (``reading_headers``, ``reading_body``, ``heads_read``) and answers a
 deadline that passed in its protocol (``client_timed_out``); each one that passes
-writes a flow record of type ``limit`` naming it.
+writes a flow record of type ``limit`` naming it (so does a frame refused for its
+size, and a client paused for the held-bytes budget).
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from parsers.base import (
     Decision,
     Engine,
     Finished,
+    HoldsFrames,
     LimitExceeded,
     Log,
     ParseError,
@@ -96,7 +101,18 @@ HOLD_CLIENT_FULL = 2  # the client does not read what it is owed
 HOLD_PENDING = 4  # ``max_pending_requests`` of its requests await an answer
 HOLD_EARLY = 8  # bytes wait for an upstream that is still connecting
 HOLD_TURN = 16  # the engine yielded: it goes on with what it holds on a later turn
+HOLD_BUDGET = 32  # frames held by all connections are over ``max_held_bytes``
+# While one of these holds stands, the client's clocks (head deadline, body and
+# idle timeouts) stand still: we are the ones not reading. Not while HOLD_BUDGET
+# alone does: a client paused for the budget holds part of it with a frame of its
+# own, and its head deadline is what ends a client that hogs it.
+_CLOCKS_STOP = HOLD_SERVER_FULL | HOLD_CLIENT_FULL | HOLD_PENDING | HOLD_EARLY | HOLD_TURN
 LINGER_SECONDS = 2.0
+
+# Bytes held in whole-frame buffers by all connections together (``HeldBudget``):
+# 16 of the largest frames an engine holds (``DEFAULT_MAX_HELD_FRAME``, 16 MiB).
+DEFAULT_MAX_HELD_BYTES = 256 * 1024 * 1024
+MAX_HELD_BYTES = "max_held_bytes"  # the name of that limit in flow records and metrics
 
 # close_when_idle: a connection with no traffic for this long (counted from the
 # request to finish, too) is idle, even without an answer to end behind.
@@ -144,6 +160,11 @@ class ProxyLimits:
     # ``listen ... backlog=``). asyncio's default of 100 makes a burst of
     # connects wait for SYN retries, seconds each.
     backlog: int = field(default_factory=kernel_somaxconn)
+    # Bytes all connections together may hold in partly received frames (Kafka and
+    # CQL requests until judged); past it a client is not read until the total falls
+    # (``HeldBudget``), as Cassandra does past ``native_transport_max_request_data_in_flight``
+    # and a Kafka broker past ``queued.max.request.bytes``.
+    max_held_bytes: int = DEFAULT_MAX_HELD_BYTES
 
 
 @dataclass
@@ -155,6 +176,50 @@ class ProxyStats:
     connections_refused: int = 0
     upstream_failures: int = 0
     parse_errors: dict[str, int] = field(default_factory=dict)
+
+
+class HeldBudget:
+    """Bytes held in partly received frames by every connection of one proxy,
+    against one limit (``ProxyLimits.max_held_bytes``): Envoy's overload manager
+    watches its heap the same way (``envoy.resource_monitors.fixed_heap``).
+
+    Engines count what they hold (``HoldsFrames.held_bytes``); each pipe adds its
+    change here after every read. A pipe whose read takes the total past the limit,
+    while other connections hold frames too, stops reading its client
+    (``HOLD_BUDGET``): what it holds stays, but grows no more. When the total is back
+    within the limit every paused client is read again, each until it alone takes
+    the total over. Its head deadline still runs while it is paused, so clients
+    that hold frames and never finish them are cut at their deadline, and the total
+    falls. A connection is never paused to wait for its own bytes: alone, it is
+    bounded by ``max_held_frame`` (Cassandra pauses reading the same way past
+    ``native_transport_max_request_data_in_flight``; a Kafka broker past
+    ``queued.max.request.bytes``).
+    """
+
+    __slots__ = ("limit", "total", "_paused")
+
+    def __init__(self, limit: int = DEFAULT_MAX_HELD_BYTES) -> None:
+        self.limit = limit
+        self.total = 0
+        self._paused: dict[Pipe, None] = {}  # in the order they were paused
+
+    @property
+    def paused(self) -> int:
+        """How many clients are not read because of this budget."""
+        return len(self._paused)
+
+    def _pause(self, pipe: Pipe) -> None:
+        self._paused[pipe] = None
+
+    def _forget(self, pipe: Pipe) -> None:
+        self._paused.pop(pipe, None)
+
+    def _release(self) -> None:
+        if self.total > self.limit or not self._paused:
+            return
+        paused, self._paused = self._paused, {}
+        for pipe in paused:
+            pipe._release_client(HOLD_BUDGET)
 
 
 class Pipe:
@@ -198,6 +263,10 @@ class Pipe:
         "_connect",
         "_connecting",
         "_server_wanted",
+        "_budget",
+        "_frames_held",
+        "_held",
+        "_budget_head",
     )
 
     def __init__(
@@ -214,6 +283,7 @@ class Pipe:
         destination: dict[str, Any] | None = None,
         connect: Callable[[Pipe], asyncio.Future[Any]] | None = None,
         reset_if_killed: bool = False,
+        budget: HeldBudget | None = None,
     ):
         self.closing = False
         self._loop = loop
@@ -270,6 +340,14 @@ class Pipe:
         self._connect = connect
         self._connecting: asyncio.Future[Any] | None = None
         self._server_wanted = False
+        # The process-wide budget of bytes held in frames, if the engine holds any;
+        # what this pipe has counted in it; the head it last wrote a record for.
+        self._budget = budget
+        self._frames_held: HoldsFrames | None = None
+        if budget is not None and isinstance(engine, HoldsFrames):
+            self._frames_held = engine
+        self._held = 0
+        self._budget_head = -1
         if not engine.client_speaks_first:
             # The server may speak first (SMTP, MySQL behind a port without L7
             # rules): waiting for the client's bytes would deadlock them.
@@ -287,6 +365,8 @@ class Pipe:
         self._last_activity = self._last_client_byte = now
         engine = self._engine
         self._execute(engine.client_data(data))
+        if self._frames_held is not None:
+            self._count_held()
         if engine.reading_headers:
             self._track_head(now)
         elif self._head_deadline is not None:
@@ -296,6 +376,35 @@ class Pipe:
         """Bytes read from the server; ``b""`` is its EOF."""
         self._last_activity = self._loop.time()
         self._execute(self._engine.server_data(data))
+        if self._frames_held is not None:
+            self._count_held()
+
+    def _count_held(self) -> None:
+        """Add what the engine holds now to the budget; pause this client if that
+        takes the total over while others hold frames too."""
+        assert self._frames_held is not None and self._budget is not None
+        held = self._frames_held.held_bytes
+        change = held - self._held
+        if not change or self.closing:
+            return
+        self._held = held
+        budget = self._budget
+        budget.total += change
+        if change < 0:
+            budget._release()
+        elif budget.total > budget.limit and budget.total > held:
+            if not self._client_holds & HOLD_BUDGET:
+                self._hold_client(HOLD_BUDGET)
+                budget._pause(self)
+                heads = self._engine.heads_read
+                if heads != self._budget_head:  # one record per head paused
+                    self._budget_head = heads
+                    self._limit_record(
+                        MAX_HELD_BYTES,
+                        f"{budget.total} bytes held in frames by all connections, over "
+                        f"{budget.limit}: not read until that falls (this one holds {held})",
+                        verdict="PAUSED",
+                    )
 
     # ------------------------------------------------------------- backpressure
 
@@ -321,26 +430,27 @@ class Pipe:
         self._release_client(HOLD_SERVER_FULL)
 
     def _hold_client(self, reason: int) -> None:
-        if not self._client_holds:
+        holds = self._client_holds
+        if not holds and not self.closing:
+            self._client.pause_reading()
+        if reason & _CLOCKS_STOP and not holds & _CLOCKS_STOP:
             self._client_paused_at = self._loop.time()
-            if not self.closing:
-                self._client.pause_reading()
-        self._client_holds |= reason
+        self._client_holds = holds | reason
 
     def _release_client(self, reason: int) -> None:
-        if not self._client_holds & reason:
+        holds = self._client_holds
+        if not holds & reason:
             return
-        self._client_holds &= ~reason
-        if self._client_holds:
-            return
-        # The client's clocks stood still while we did not read it.
-        paused = self._loop.time() - self._client_paused_at
-        self._last_client_byte += paused
-        if self._head_deadline is not None:
-            self._head_deadline += paused
-        if self._body_since is not None:
-            self._body_since += paused
-        if not self.closing:
+        self._client_holds = holds & ~reason
+        if holds & _CLOCKS_STOP and not self._client_holds & _CLOCKS_STOP:
+            # The client's clocks stood still while we did not read it.
+            paused = self._loop.time() - self._client_paused_at
+            self._last_client_byte += paused
+            if self._head_deadline is not None:
+                self._head_deadline += paused
+            if self._body_since is not None:
+                self._body_since += paused
+        if not self._client_holds and not self.closing:
             self._client.resume_reading()
 
     # ------------------------------------------------------------- fairness
@@ -358,6 +468,8 @@ class Pipe:
             self._yields_owed -= 1
             return
         self._execute(resume())  # a Yield in there keeps the hold
+        if self._frames_held is not None:
+            self._count_held()
         self._yields_owed -= 1
         if not self._yields_owed:
             self._release_client(HOLD_TURN)
@@ -532,6 +644,12 @@ class Pipe:
         self._timer = self._idle_check = None
         for key in list(self._in_flight):
             self._record(key, {"closed": reason or "connection closed"})
+        if self._budget is not None and (self._held or self._client_holds & HOLD_BUDGET):
+            # What it held is let go with it, and may let paused clients read again.
+            self._budget.total -= self._held
+            self._held = 0
+            self._budget._forget(self)
+            self._budget._release()
         if self._idle_end is not None and not self._idle_end.done():
             self._idle_end.set_result(ENDED_BY_CLIENT if self._told else ENDED_OTHERWISE)
 
@@ -628,7 +746,7 @@ class Pipe:
             return
         wake = now + self._timer_interval()
         engine = self._engine
-        if not self._client_holds:  # while we do not read, the client is not late
+        if not self._client_holds & _CLOCKS_STOP:  # while we do not read, it is not late
             if engine.reading_headers:
                 # Also a head that began on the server's word (HTTP/2 after a 101,
                 # Kafka frames held for a lookup), which client_data did not see.
@@ -673,15 +791,16 @@ class Pipe:
         self._limit_record(limit, reason)
         self._execute(self._engine.client_timed_out(limit))
 
-    def _limit_record(self, limit: str, reason: str) -> None:
-        """A flow record of type ``limit`` naming it (metrics count them by name)."""
+    def _limit_record(self, limit: str, reason: str, verdict: str = "DROPPED") -> None:
+        """A flow record of type ``limit`` naming it (metrics count them by name):
+        ``verdict`` DROPPED for a client cut, PAUSED for one not read for a while."""
         rec = now_fields()
         rec.update(
             type="limit",
             protocol=self._protocol,
             source=self._source,
             destination=self._destination,
-            verdict="DROPPED",
+            verdict=verdict,
             limit=limit,
             reason=reason,
         )

@@ -30,6 +30,7 @@ from l7proxy.proxy.driver import (
     WRITE_HIGH_WATER,
     WRITE_LOW_WATER,
     ClientSide,
+    HeldBudget,
     Pipe,
     ProxyLimits,
     ProxyStats,
@@ -90,6 +91,8 @@ class Proxy:
         self.flowlog = flowlog
         self.limits = limits or ProxyLimits()
         self.stats = ProxyStats()
+        # Bytes held in frames by all of this proxy's connections together.
+        self.held = HeldBudget(self.limits.max_held_bytes)
         self.upstream = upstream
         self.mark = mark
         self.preserve_source = preserve_source
@@ -222,6 +225,7 @@ class Proxy:
             # The kernel redirect is what turns a TIME_WAIT left on a client's tuple
             # into a trap for its next SYN (docs/restarts.md): transparent mode only.
             reset_if_killed=self.upstream is None,
+            budget=self.held,
         )
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         sock = transport.get_extra_info("socket")

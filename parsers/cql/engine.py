@@ -13,6 +13,18 @@ Bytes are forwarded exactly as received; only a v5 segment that mixes allowed
 and denied envelopes is rebuilt (the allowed ones, re-framed). Denials and
 other synthesized answers are written to the client only between whole
 server frames/segments, so they never split a forwarded one.
+
+A large request (over 64 KiB) is judged on its first bytes where the protocol
+allows: a QUERY once its query string is in (v5: and its keyspace, unless the
+statement does not need one), an EXECUTE once its prepared id is, a PREPARE once
+its text is. The rest of it then passes to the server as it arrives, or, denied,
+is dropped as it arrives and answered once its last byte is in: it is never held.
+A BATCH (its statements lie between their values) and a compressed v4 body are
+judged whole, so they are held, up to ``max_held_frame`` (16 MiB, Cassandra's
+``native_transport_max_frame_size``); a longer one, or a QUERY whose text alone is
+longer, is answered ProtocolError on its stream and the connection closed. A
+frame held whole is kept in one buffer, judged where it lies and handed to the
+server as it is: about its own size in memory, not three copies.
 """
 
 from __future__ import annotations
@@ -23,7 +35,9 @@ from collections.abc import Hashable
 from typing import Any
 
 from parsers.base import (
+    DEFAULT_MAX_HELD_FRAME,
     DEFAULT_MAX_PENDING,
+    MAX_HELD_FRAME,
     Access,
     Close,
     Command,
@@ -53,10 +67,36 @@ _UNPREPARED = Decision(
 )
 
 
+# A request longer than this is judged on its first bytes where it can be, and its
+# rest streamed (or dropped) as it arrives; a shorter one is simply read whole.
+_STREAM_OVER = 64 * 1024
+# Requests that cannot be judged before their last byte: a BATCH names its
+# statements between their values (and, from v5, its keyspace after them all).
+_WHOLE_ONLY = frozenset({w.BATCH})
+
+
 @dataclasses.dataclass(slots=True)
 class _Prepared:
     statement: str
     statements: tuple[Statement, ...]
+
+
+@dataclasses.dataclass(slots=True)
+class _Rest:
+    """The rest of a large request judged on its first bytes: passed to the server
+    as it arrives (``answer`` None), or dropped and then answered with ``answer``."""
+
+    left: int  # bytes still to come (v5: bytes of the envelope, in its segments' payloads)
+    answer: bytes | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class _Envelope:
+    """A v5 envelope cut over several segments, held until it is judged."""
+
+    payload: bytearray = dataclasses.field(default_factory=bytearray)
+    raws: list[bytes] = dataclasses.field(default_factory=list)  # its segments as received
+    raw_len: int = 0
 
 
 class CqlEngine:
@@ -71,9 +111,14 @@ class CqlEngine:
         *,
         max_frame: int = w.SPEC_MAX_FRAME,
         max_pending: int = DEFAULT_MAX_PENDING,
+        max_held_frame: int = DEFAULT_MAX_HELD_FRAME,
     ):
         self._decide = decide
         self._max_frame = max_frame
+        # The longest request held whole (or held until judged); longer ones must be
+        # judged on their first ``max_held_frame`` bytes, else they are refused.
+        self._max_held = max_held_frame
+        self._stream_over = min(_STREAM_OVER, max_held_frame)
         # Requests forwarded and not yet answered: at this many, later frames wait
         # in the buffer until half are answered.
         self._max_pending = max_pending
@@ -90,9 +135,14 @@ class CqlEngine:
         self._preparing: dict[int, _Prepared] = {}  # stream of a PREPARE in flight
         self._prepared: dict[bytes, _Prepared] = {}  # prepared id -> statement
         self._inflight: dict[int, list[Hashable]] = {}  # stream -> Access keys awaiting a Reply
-        # a v5 envelope cut over several segments, per direction: (payload, raw segments)
-        self._client_big: tuple[bytearray, list[bytes]] | None = None
+        # a v5 envelope cut over several segments, per direction (the client's until judged)
+        self._client_big: _Envelope | None = None
         self._server_big: tuple[bytearray, list[bytes]] | None = None
+        # The rest of a large request judged on its first bytes, still arriving.
+        self._rest: _Rest | None = None
+        # Bytes of the large request at the head of the buffer needed before it is
+        # worth judging again (its first attempt said how far it must read).
+        self._need = 0
         # answers for the client held back while a multi-segment server
         # envelope is being forwarded (a segment must not land inside it)
         self._held: list[Command] = []
@@ -111,16 +161,29 @@ class CqlEngine:
     @property
     def reading_headers(self) -> bool:
         """A frame (v5: a segment, or an envelope cut over several) is partly
-        received. Frames are judged whole, so the whole frame is the head."""
+        received and not judged yet: the head runs to its last byte, or, for a large
+        request judged on its first bytes, to the bytes its judgement needs."""
         return (
             not self._dead
             and not self._wants_room
+            and self._rest is None
             and (bool(self._cbuf) or self._client_big is not None)
         )
 
     @property
     def reading_body(self) -> bool:
-        return False  # nothing is streamed before it is judged
+        """The rest of a large request judged on its first bytes is still arriving."""
+        return self._rest is not None and not self._dead
+
+    @property
+    def held_bytes(self) -> int:
+        """Client bytes held: a partial frame (or a large one's head, until it is
+        judged), frames waiting for room, a v5 envelope's segments until judged."""
+        held = len(self._cbuf)
+        big = self._client_big
+        if big is not None:
+            held += len(big.payload) + big.raw_len
+        return held
 
     @property
     def heads_read(self) -> int:
@@ -131,8 +194,7 @@ class CqlEngine:
         if self._dead:
             return []
         self._dead = True
-        self._cbuf.clear()
-        self._client_big = None
+        self._drop_client_input()
         return [Close(limit)]
 
     def finish(self) -> list[Command]:
@@ -156,10 +218,19 @@ class CqlEngine:
             and not (self._inflight or self._startups or self._preparing or self._held)
             and self._server_big is None
             and self._client_big is None
+            and self._rest is None
             and not self._cbuf
         ):
             self._finished = True
             out.append(Finished(told=False))
+
+    def _drop_client_input(self) -> None:
+        # New buffers rather than clear(): a memoryview of the old one may live on
+        # in an error's traceback, and a buffer with views cannot be resized.
+        self._cbuf = bytearray()
+        self._client_big = None
+        self._rest = None
+        self._need = 0
 
     @property
     def keyspace(self) -> str:
@@ -179,20 +250,44 @@ class CqlEngine:
             self._client_closed = True
             if self._wants_room:
                 return out  # the EOF goes after the requests held
-            if self._cbuf:
-                out.append(
-                    Log(f"client EOF inside a frame ({len(self._cbuf)} bytes dropped)", "info")
-                )
+            if self._cbuf or self._rest is not None or self._client_big is not None:
+                due = f", {self._rest.left} more due" if self._rest is not None else ""
+                dropped = f"{self.held_bytes} bytes dropped{due}"
+                out.append(Log(f"client EOF inside a frame ({dropped})", "info"))
+                self._drop_client_input()
             out.append(ShutdownServer())
             self._close_when_done(out)
             return out
+        out = []
+        if self._rest is not None and not self._segments:
+            data = self._pass_rest(data, out)
+            if not data:
+                out = self._client_output(out)
+                self._finish_if_between_requests(out)  # its denial, after its last byte
+                return out
         self._cbuf += data
-        out = self._client_input()
+        out = self._client_input(out)
         self._finish_if_between_requests(out)  # a denial answered at once
         return out
 
-    def _client_input(self) -> list[Command]:
-        out: list[Command] = []
+    def _pass_rest(self, data: bytes, out: list[Command]) -> bytes:
+        """The next bytes of a large v3/v4 request judged on its first bytes: passed
+        on or dropped as they come, without a copy. What follows it is returned."""
+        rest = self._rest
+        assert rest is not None
+        n = min(len(data), rest.left)
+        rest.left -= n
+        if rest.answer is None:
+            out.append(ToServer(data if n == len(data) else data[:n]))
+        if rest.left:
+            return b""
+        self._rest = None
+        if rest.answer is not None:
+            out.append(ToClient(self._wire(rest.answer)))
+        return data[n:]
+
+    def _client_input(self, out: list[Command] | None = None) -> list[Command]:
+        out = [] if out is None else out
         self._wants_room = False
         try:
             if self._segments:
@@ -201,6 +296,9 @@ class CqlEngine:
                 self._client_frames(out)
         except (CqlError, FrameTooLarge) as e:
             self._fail("client", e, out)
+        return self._client_output(out)
+
+    def _client_output(self, out: list[Command]) -> list[Command]:
         if self._server_big is not None and any(isinstance(c, ToClient) for c in out):
             self._held += [c for c in out if isinstance(c, ToClient)]
             out = [c for c in out if not isinstance(c, ToClient)]
@@ -250,8 +348,8 @@ class CqlEngine:
             out.append(ToClient(error.wire_reply))
         out.append(ParseError(side, error, close=True))
         self._dead = True
-        self._cbuf.clear()
-        self._sbuf.clear()
+        self._drop_client_input()
+        self._sbuf = bytearray()
 
     # ------------------------------------------------------------------
     # Client -> server
@@ -274,7 +372,19 @@ class CqlEngine:
                         stream=stream,
                     )
                 self._check_length(length, stream)
-                end = pos + w.HEADER_LEN + length
+                size = w.HEADER_LEN + length
+                end = pos + size
+                if size > self._stream_over:
+                    # A large frame: the frames before it go first, then it is judged
+                    # at the start of the buffer (on its first bytes where it can be).
+                    if fwd < pos:
+                        out.append(ToServer(bytes(buf[fwd:pos])))
+                    del buf[:pos]
+                    pos = fwd = 0
+                    if not self._large_frame(size, out):
+                        break  # held until its head (or all of it) is in
+                    buf = self._cbuf
+                    continue
                 if len(buf) < end:
                     break
                 self._frames += 1
@@ -294,12 +404,82 @@ class CqlEngine:
                 out.append(ToServer(bytes(buf[fwd:pos])))
             del buf[:pos]
 
+    def _large_frame(self, size: int, out: list[Command]) -> bool:
+        """The large v3/v4 frame at the start of the buffer, ``size`` bytes: judge it
+        if its head is in. False: it waits (held) for more bytes.
+
+        Judged, it leaves the buffer without a copy: forwarded, the buffer itself
+        goes to the server and the rest follows as it arrives; denied, it is dropped
+        and so is the rest, and the answer goes out after its last byte.
+        """
+        buf = self._cbuf
+        if len(buf) > size:  # all of it is here, and bytes after it: split them off
+            head = buf
+            self._cbuf = head[size:]
+            del head[size:]
+        else:
+            head = buf
+        rest = self._judge_head(head, out)
+        if rest is None:
+            return False
+        if head is buf and self._cbuf is buf:
+            self._cbuf = bytearray()
+        if rest.answer is None:
+            out.append(ToServer(head))
+        if rest.left:
+            self._rest = rest
+        elif rest.answer is not None:
+            out.append(ToClient(self._wire(rest.answer)))
+        return True
+
+    def _judge_head(self, head: bytearray, out: list[Command]) -> _Rest | None:
+        """Judge a large request envelope from ``head``: its header and as much of it
+        as has arrived (all of it, if it is whole). Returns what remains of it, or
+        None if more must arrive first.
+
+        Its judgement may read at most ``max_held_frame`` bytes: a frame that needs
+        more held at once (a BATCH or compressed body longer than that, a query string
+        longer than that) is refused with ``CqlFrameTooLarge``, whether its bytes came
+        in one read or in many.
+        """
+        vbyte, flags, stream, opcode, length = w.parse_header(head)
+        size = w.HEADER_LEN + length
+        limit = min(size, self._max_held)
+        if opcode in _WHOLE_ONLY or (flags & w.FLAG_COMPRESSED and vbyte & 0x7F < 5):
+            self._need = size  # judged whole
+        have = min(len(head), limit)
+        if have >= self._need or have == size:
+            view = memoryview(head)
+            env = w.Envelope(vbyte & 0x7F, flags, stream, opcode, view[w.HEADER_LEN : have])
+            try:
+                answer = self._request(env, vbyte, out, partial=have < size)
+            except w.Truncated as e:
+                self._need = w.HEADER_LEN + e.needed
+            else:
+                self._need = 0
+                self._frames += 1
+                return _Rest(size - len(head), answer)
+            finally:
+                del env, view  # no view of ``head`` outlives this: it may grow
+        if size > self._max_held and self._need > self._max_held:
+            raise w.CqlFrameTooLarge(
+                f"{w.OPCODE_NAMES.get(opcode, hex(opcode))} of {size} bytes cannot be judged "
+                f"before its first {self._max_held} bytes: the most held for one request",
+                stream=stream,
+                limit=MAX_HELD_FRAME,
+            )
+        return None
+
     def _client_segments(self, out: list[Command]) -> None:
         buf = self._cbuf
         pos = fwd = 0
         try:
             while True:
-                if len(self._inflight) >= self._max_pending and self._client_big is None:
+                if (
+                    len(self._inflight) >= self._max_pending
+                    and self._client_big is None
+                    and self._rest is None
+                ):
                     self._wants_room = True
                     break
                 seg = w.read_segment(buf, pos, self._segment_lz4)
@@ -308,7 +488,7 @@ class CqlEngine:
                 end = pos + seg.raw_len
                 if seg.self_contained:
                     self._frames += 1
-                    if self._client_big is not None:
+                    if self._client_big is not None or self._rest is not None:
                         raise CqlError("self-contained segment inside a multi-segment envelope")
                     kept, answers = self._requests_in(seg.payload, out)
                     if answers:
@@ -322,32 +502,61 @@ class CqlEngine:
                             ToClient(w.encode_segments(b"".join(answers), self._segment_lz4))
                         )
                         fwd = end
+                elif self._rest is not None:
+                    # The rest of a large envelope judged on its first segments.
+                    if not self._rest_segment(len(seg.payload), out):
+                        if fwd < pos:
+                            out.append(ToServer(bytes(buf[fwd:pos])))
+                        fwd = end  # dropped
                 else:
-                    # Part of one large envelope: hold its segments until it is whole.
+                    # Part of one large envelope: held until it can be judged.
                     if fwd < pos:
                         out.append(ToServer(bytes(buf[fwd:pos])))
                     fwd = end
-                    if self._client_big is None:
-                        self._client_big = (bytearray(), [])
-                    payload, raws = self._client_big
-                    payload += seg.payload
-                    raws.append(bytes(buf[pos:end]))
-                    whole = self._whole_envelope(payload)
-                    if whole is not None:
-                        self._frames += 1
-                        self._client_big = None
-                        kept, answers = self._requests_in(payload, out)
-                        if answers:
-                            out.append(
-                                ToClient(w.encode_segments(b"".join(answers), self._segment_lz4))
-                            )
-                        else:
-                            out.append(ToServer(b"".join(raws)))
+                    self._envelope_segment(seg, bytes(buf[pos:end]), out)
                 pos = end
         finally:
             if fwd < pos:
                 out.append(ToServer(bytes(buf[fwd:pos])))
             del buf[:pos]
+
+    def _rest_segment(self, payload_len: int, out: list[Command]) -> bool:
+        """Count a segment of a large envelope judged on its first segments: True
+        if it passes to the server, False if it is dropped (the envelope was denied)."""
+        rest = self._rest
+        assert rest is not None
+        if payload_len > rest.left:
+            raise CqlError("multi-segment payload longer than its envelope")
+        rest.left -= payload_len
+        if not rest.left:
+            self._rest = None
+            if rest.answer is not None:
+                out.append(ToClient(self._wire(rest.answer)))
+        return rest.answer is None
+
+    def _envelope_segment(self, seg: w.Segment, raw: bytes, out: list[Command]) -> None:
+        """One more segment of a large envelope not judged yet: judge it whole, or on
+        its first segments once they hold what its judgement reads."""
+        big = self._client_big
+        if big is None:
+            big = self._client_big = _Envelope()
+        big.payload += seg.payload
+        big.raws.append(raw)
+        big.raw_len += len(raw)
+        payload = big.payload
+        if len(payload) < w.HEADER_LEN:
+            return
+        whole = self._whole_envelope(payload)
+        rest = self._judge_head(payload, out)
+        if rest is None:
+            return
+        self._client_big = None
+        if rest.answer is None:
+            out.extend(ToServer(r) for r in big.raws)
+        if whole is None:
+            self._rest = rest
+        elif rest.answer is not None:
+            out.append(ToClient(self._wire(rest.answer)))
 
     def _whole_envelope(self, payload: bytearray) -> bool | None:
         if len(payload) < w.HEADER_LEN:
@@ -396,8 +605,12 @@ class CqlEngine:
 
     # ------------------------------------------------------------------
     # One request envelope: returns None to forward it, or the answer envelope.
+    # ``partial``: ``env.body`` is only the start of the body; a field that runs
+    # past it raises ``Truncated`` (more is needed) before anything is judged.
 
-    def _request(self, env: w.Envelope, vbyte: int, out: list[Command]) -> bytes | None:
+    def _request(
+        self, env: w.Envelope, vbyte: int, out: list[Command], *, partial: bool = False
+    ) -> bytes | None:
         version, stream = env.version, env.stream
         if vbyte & w.RESPONSE_BIT:
             return self._refuse(env, "a response envelope was sent by the client", out)
@@ -429,7 +642,14 @@ class CqlEngine:
                 return None  # connection plumbing: not judged, as in Cilium
             if env.opcode == w.QUERY:
                 text = reader.long_string()
-                keyspace = self._query_keyspace(reader, version)
+                try:
+                    keyspace = self._query_keyspace(reader, version)
+                except w.Truncated:
+                    # v5: the keyspace comes after the bound values. A statement that
+                    # names no unqualified table does not need it: judge it now.
+                    if not partial or classify(text, "\0a") != classify(text, "\0b"):
+                        raise
+                    keyspace = ""
                 return self._judge(
                     env, "query", [(text, classify(text, keyspace or self._keyspace))], out
                 )
@@ -451,6 +671,8 @@ class CqlEngine:
                 return self._judge(env, "execute", [(known.statement, known.statements)], out)
             return self._batch(env, reader, out)
         except CqlError as e:
+            if partial and isinstance(e, w.Truncated):
+                raise
             return self._refuse(env, str(e), out)
 
     def _body(self, env: w.Envelope) -> w.BodyReader:
@@ -460,7 +682,7 @@ class CqlEngine:
                 raise CqlError(
                     "compressed frame but no compression was negotiated", stream=env.stream
                 )
-            body = self._frame_codec[1](body, self._max_frame)
+            body = self._frame_codec[1](bytes(body), self._max_frame)
         reader = w.BodyReader(body, env.stream)
         if env.flags & w.FLAG_CUSTOM_PAYLOAD:
             reader.bytes_map()
@@ -720,7 +942,7 @@ class CqlEngine:
         if env.flags & w.FLAG_COMPRESSED and env.version < 5 and body:
             if self._frame_codec is None:
                 raise CqlError("server sent a compressed frame but no compression was negotiated")
-            body = self._frame_codec[1](body, self._max_frame)
+            body = self._frame_codec[1](bytes(body), self._max_frame)
         reader = w.BodyReader(body, env.stream)
         if env.flags & w.FLAG_TRACING:
             reader.skip(16)

@@ -24,7 +24,7 @@ from typing import TypeAlias
 
 import lz4.block  # type: ignore[import-untyped]  # python-lz4 ships no types
 
-from parsers.base import FrameTooLarge, ProtocolError
+from parsers.base import MAX_FRAME, FrameTooLarge, ProtocolError
 from parsers.varint import VarintError, decode_uvarint
 
 # What the readers accept: whole frames, or slices of a receive buffer.
@@ -104,11 +104,21 @@ class CqlError(ProtocolError):
         self.stream = stream
 
 
-class CqlFrameTooLarge(FrameTooLarge):
-    """An envelope longer than the engine's ``max_frame``."""
+class Truncated(CqlError):
+    """A body ended before a field did. In a whole envelope that is malformed; in
+    the first bytes of one it means more are needed: ``needed`` body bytes."""
 
-    def __init__(self, message: str, *, stream: int | None = None):
-        super().__init__(message)
+    def __init__(self, message: str, *, stream: int | None = None, needed: int = 0):
+        super().__init__(message, stream=stream)
+        self.needed = needed
+
+
+class CqlFrameTooLarge(FrameTooLarge):
+    """An envelope longer than the engine's ``max_frame`` (or, ``limit`` set to
+    ``max_held_frame``, one it would have to hold whole past ``max_held_frame``)."""
+
+    def __init__(self, message: str, *, stream: int | None = None, limit: str = MAX_FRAME):
+        super().__init__(message, limit=limit)
         self.stream = stream
 
 
@@ -122,7 +132,10 @@ class Envelope:
     flags: int
     stream: int
     opcode: int
-    body: bytes  # as on the wire (possibly compressed in v3/v4)
+    # As on the wire (possibly compressed in v3/v4). A memoryview for a large
+    # envelope, read where it lies: only the start of its body when it is being
+    # judged on its first bytes.
+    body: _Bytes
 
     @property
     def opcode_name(self) -> str:
@@ -149,25 +162,32 @@ def error_body(code: int, message: str, extra: bytes = b"") -> bytes:
 
 
 class BodyReader:
-    """Reads the notation of spec section 3 from a body, raising CqlError on truncation."""
+    """Reads the notation of spec section 3 from a body, raising CqlError on
+    truncation (``Truncated``, which says how many body bytes were needed)."""
 
     __slots__ = ("data", "pos", "stream")
 
-    def __init__(self, data: bytes, stream: int | None = None, pos: int = 0):
+    def __init__(self, data: _Bytes, stream: int | None = None, pos: int = 0):
         self.data = data
         self.pos = pos
         self.stream = stream
 
-    def _take(self, n: int) -> bytes:
+    def _end(self, n: int) -> int:
         end = self.pos + n
-        if n < 0 or end > len(self.data):
+        if n < 0:
             raise CqlError("truncated message body", stream=self.stream)
+        if end > len(self.data):
+            raise Truncated("truncated message body", stream=self.stream, needed=end)
+        return end
+
+    def _take(self, n: int) -> _Bytes:
+        end = self._end(n)
         chunk = self.data[self.pos : end]
         self.pos = end
         return chunk
 
     def skip(self, n: int) -> None:
-        self._take(n)
+        self.pos = self._end(n)  # no slice: a skipped value may be megabytes
 
     def byte(self) -> int:
         return self._take(1)[0]
@@ -190,11 +210,11 @@ class BodyReader:
         return self._decode(self._take(n))
 
     def short_bytes(self) -> bytes:
-        return self._take(self.short())
+        return bytes(self._take(self.short()))
 
     def bytes_(self) -> bytes | None:
         n = self.int()
-        return None if n < 0 else self._take(n)
+        return None if n < 0 else bytes(self._take(n))
 
     def value(self) -> None:
         n = self.int()
@@ -212,11 +232,13 @@ class BodyReader:
     def bytes_map(self) -> None:
         for _ in range(self.short()):
             self.string()
-            self.bytes_()
+            n = self.int()
+            if n > 0:
+                self.skip(n)
 
-    def _decode(self, raw: bytes) -> str:
+    def _decode(self, raw: _Bytes) -> str:
         try:
-            return raw.decode("utf-8")
+            return str(raw, "utf-8")
         except UnicodeDecodeError:
             raise CqlError("string is not UTF-8", stream=self.stream) from None
 

@@ -294,7 +294,7 @@ def _coalesce(out: list[Command]) -> list[Command]:
     if len(out) < 2 or (len(out) == 2 and type(out[0]) is not type(out[1])):
         return out
     merged: list[Command] = []
-    run: list[bytes] = []
+    run: list[bytes | bytearray] = []
     kind: type[ToServer] | type[ToClient] | None = None
     for cmd in out:
         if type(cmd) is ToServer or type(cmd) is ToClient:

@@ -24,13 +24,17 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 from typing import Any, TypeAlias
 
 from parsers.base import (
+    DEFAULT_MAX_HELD_FRAME,
     DEFAULT_MAX_PENDING,
+    MAX_HELD_FRAME,
     Access,
     Close,
     Command,
+    Data,
     Decide,
     Decision,
     Finished,
@@ -87,6 +91,18 @@ _fixed_header = struct.Struct(">hhih")
 
 
 @dataclass(slots=True)
+class _Dropped:
+    """A large one-topic Produce denied on its first bytes: its record batches are
+    dropped as they arrive, and its denial is owed once its last byte has passed."""
+
+    correlation_id: int
+    api_version: int
+    topic: str
+    error_code: int
+    walk: kafka_produce.DroppedPartitions | None  # None with acks=0: nothing to answer
+
+
+@dataclass(slots=True)
 class _Owed:
     """One response the client is owed, in order.
 
@@ -114,9 +130,13 @@ class KafkaEngine:
         *,
         max_frame: int = DEFAULT_MAX_FRAME,
         max_pending: int = DEFAULT_MAX_PENDING,
+        max_held_frame: int = DEFAULT_MAX_HELD_FRAME,
     ):
         self._decide = decide
         self._max_frame = max_frame
+        # The longest request read whole before it is judged: every request but a
+        # Produce judged on its first bytes. A longer one closes the connection.
+        self._max_held = max_held_frame
         # Responses owed at once: at this many, later frames wait in the buffer
         # until half are delivered (brokers queue 500 requests by default;
         # clients keep 5 in flight).
@@ -131,12 +151,14 @@ class KafkaEngine:
         self._topic_names: dict[uuid.UUID, str] = {}
         self._cluster = ClusterView()
         self._failed = False
-        self._held: bytes | None = None  # request waiting for a topic-id lookup
+        self._held: Data | None = None  # request waiting for a topic-id lookup
         self._lookups = 0
         self._metadata_version = _LOOKUP_VERSION
-        # A large Produce judged from its prefix, being passed through.
+        # A large Produce judged from its prefix: the bytes of it still to come, passed
+        # through (allowed) or dropped (``_dropping``, denied).
         self._upload_left = 0
         self._upload_done: Reply | None = None
+        self._dropping: _Dropped | None = None
         self._whole_frame = False  # the frame at the head must be read whole
         self._frames = 0  # request frames read whole or judged on their first bytes
         # Kafka has no half-close: once the client has sent EOF, the connection
@@ -165,6 +187,12 @@ class KafkaEngine:
         return self._upload_left > 0 and not self._failed
 
     @property
+    def held_bytes(self) -> int:
+        """Client bytes held: a partial request, requests waiting for room or behind
+        a topic-id lookup, and the request held for that lookup."""
+        return len(self._client) + (len(self._held) if self._held is not None else 0)
+
+    @property
     def heads_read(self) -> int:
         return self._frames
 
@@ -172,7 +200,7 @@ class KafkaEngine:
         """Kafka has no answer for a request that never arrived: close."""
         if self._failed:
             return []
-        self._failed = True
+        self._give_up()
         return [Close(limit)]
 
     def finish(self) -> list[Command]:
@@ -200,6 +228,14 @@ class KafkaEngine:
         ):
             self._finished = True
             out.append(Finished(told=False))
+
+    def _give_up(self) -> None:
+        """The connection ends: nothing more is read, and what was held is let go at
+        once (the pipe lingers a while before it is dropped)."""
+        self._failed = True
+        self._client = FrameBuffer()
+        self._held = None
+        self._dropping = None
 
     @property
     def topic_names(self) -> dict[uuid.UUID, str]:
@@ -240,11 +276,17 @@ class KafkaEngine:
                 if not len(buf):
                     return
                 for piece in buf.take_upto(self._upload_left):
-                    out.append(ToServer(piece))
                     self._upload_left -= len(piece)
+                    if self._dropping is None:
+                        out.append(ToServer(piece))
+                    elif not self._drop(piece, out):
+                        return
                 if not self._upload_left and self._upload_done is not None:
                     out.append(self._upload_done)  # acks=0: complete once sent
                     self._upload_done = None
+                if not self._upload_left and self._dropping is not None:
+                    if not self._dropped(out):
+                        return
                 continue
             head = buf.peek(4)
             if head is None:
@@ -252,21 +294,29 @@ class KafkaEngine:
             (size,) = _size.unpack(head)
             if size < _MIN_REQUEST_HEADER or size > self._max_frame:
                 out.append(ParseError("client", self._bad_size("client", size)))
-                self._failed = True
+                self._give_up()
                 return
             if len(self._owed) >= self._max_pending:
                 self._wants_room = True  # read on when half the answers owed are delivered
                 return
-            if len(buf) < 4 + size:
-                if size + 4 > _STREAM_OVER and not self._whole_frame:
-                    if self._judge_prefix(size, out):
-                        continue
+            whole = len(buf) >= 4 + size
+            held = 4 + size > self._max_held
+            if 4 + size > _STREAM_OVER and not self._whole_frame and (held or not whole):
+                if self._judge_prefix(size, out):
+                    continue
+            if held and self._whole_frame:
+                # It must be read whole to be judged, and that is more than we hold
+                # for one request: whether its bytes came in one read or many.
+                out.append(ParseError("client", self._held_too_long(size)))
+                self._give_up()
+                return
+            if not whole:
                 return
             self._whole_frame = False
             self._frames += 1
             status = self._request(buf.take(4 + size), out)
             if status is _FAIL:
-                self._failed = True
+                self._give_up()
                 return
             if status is _HOLD:
                 return  # later frames wait until the held one is judged
@@ -309,24 +359,96 @@ class KafkaEngine:
             transactional_ids=(prefix.transactional_id,) if prefix.transactional_id else (),
         )
         decision = self._decide(request)
-        if not decision.allowed:
-            self._whole_frame = True
-            return False
         out.append(Access(request, decision, key=correlation_id))
+        self._frames += 1
+        if not decision.allowed:
+            # Dropped as it arrives, never held: a denial needs only its partitions.
+            code = self._blame(request)
+            walk = None
+            if prefix.acks == 0:  # the client expects no answer
+                out.append(Reply(correlation_id, {"api": "Produce", "acks": 0, "error_code": code}))
+            else:
+                walk = kafka_produce.DroppedPartitions(flexible)
+            self._dropping = _Dropped(correlation_id, api_version, prefix.topic, code, walk)
+            self._client.take_upto(prefix.end)
+            self._upload_left = 4 + size - prefix.end
+            return True
         if prefix.acks == 0:
             self._upload_done = Reply(correlation_id, {"api": "Produce", "acks": 0})
         else:
             self._owed.append(_Owed(correlation_id, api_key, api_version))
         self._upload_left = 4 + size
-        self._frames += 1
         return True
+
+    def _drop(self, piece: bytes, out: list[Command]) -> bool:
+        """Walk a piece of a denied Produce being dropped; False if it is malformed."""
+        dropping = self._dropping
+        assert dropping is not None
+        if dropping.walk is None:
+            return True
+        try:
+            if dropping.walk.feed(piece) == len(piece):
+                return True
+            why = "ends before its frame does"
+        except ValueError as exc:
+            why = str(exc)
+        return self._drop_failed(why, out)
+
+    def _dropped(self, out: list[Command]) -> bool:
+        """A denied Produce has been dropped to its last byte: its denial is owed."""
+        dropping, self._dropping = self._dropping, None
+        assert dropping is not None
+        walk = dropping.walk
+        if walk is None:
+            return True
+        if not walk.done:
+            return self._drop_failed("its frame ends before it does", out)
+        partitions = [SimpleNamespace(index=i) for i in walk.indices]
+        message = SimpleNamespace(
+            topic_data=[
+                SimpleNamespace(name=dropping.topic, topic_id=None, partition_data=partitions)
+            ]
+        )
+        wire = kafka_deny.denial(
+            _PRODUCE,
+            dropping.api_version,
+            dropping.correlation_id,
+            message,
+            dropping.error_code,
+            self._cluster,
+        )
+        assert wire is not None, "every Produce version has a denial"
+        self._owed.append(
+            _Owed(
+                dropping.correlation_id,
+                _PRODUCE,
+                dropping.api_version,
+                denial=wire,
+                error_code=dropping.error_code,
+            )
+        )
+        self._flush_denials(out)
+        return True
+
+    def _drop_failed(self, why: str, out: list[Command]) -> bool:
+        error = ProtocolError(f"denied produce request is malformed: {why}", code="bad_produce")
+        out.append(ParseError("client", error))
+        self._give_up()
+        return False
+
+    def _held_too_long(self, size: int) -> ProtocolError:
+        return FrameTooLarge(
+            f"kafka request of {size} bytes must be read whole to be judged, over the "
+            f"{self._max_held} bytes held for one request",
+            limit=MAX_HELD_FRAME,
+        )
 
     def _bad_size(self, side: str, size: int) -> ProtocolError:
         if size > self._max_frame:
             return FrameTooLarge(f"kafka {side} frame of {size} bytes exceeds {self._max_frame}")
         return ProtocolError(f"kafka {side} frame size {size} is invalid", code="bad_frame_size")
 
-    def _request(self, frame: bytes, out: list[Command], *, may_look_up: bool = True) -> str:
+    def _request(self, frame: Data, out: list[Command], *, may_look_up: bool = True) -> str:
         """Judge one whole request frame: _OK, _FAIL or _HOLD."""
         api_key, api_version, correlation_id, client_len = _fixed_header.unpack_from(frame, 4)
         pos = 14
@@ -394,7 +516,7 @@ class KafkaEngine:
         self._flush_denials(out)
         return _OK
 
-    def _look_up_topic_ids(self, frame: bytes, out: list[Command]) -> None:
+    def _look_up_topic_ids(self, frame: Data, out: list[Command]) -> None:
         """Ask the broker for topic names before judging a request that names ids.
 
         Fetch v13+ (and others) name topics by id; the ids come from Metadata
@@ -420,7 +542,7 @@ class KafkaEngine:
         assert frame is not None, "resumed with no request held"
         status = self._request(frame, out, may_look_up=False)
         if status is _FAIL:
-            self._failed = True
+            self._give_up()
             return
         self._drain_client(out)
 
@@ -429,7 +551,7 @@ class KafkaEngine:
         request: KafkaRequest,
         message: Message,
         decision: Decision,
-        frame: bytes,
+        frame: Data,
         out: list[Command],
     ) -> bool:
         """Forward a Metadata request for its allowed topics only.
@@ -463,7 +585,7 @@ class KafkaEngine:
         return True
 
     def _decode(
-        self, frame: bytes, pos: int, head: _Header
+        self, frame: Data, pos: int, head: _Header
     ) -> tuple[Message | None, KafkaRequest, Sequence[uuid.UUID]]:
         """The decoded body (None if it could not be), the request to judge, and
         the topic ids it names that this connection has not seen named yet."""
@@ -505,7 +627,7 @@ class KafkaEngine:
         return message, request, unresolved
 
     def _decode_extra(
-        self, extra: kafka_apis.ExtraApi, frame: bytes, pos: int, head: _Header
+        self, extra: kafka_apis.ExtraApi, frame: Data, pos: int, head: _Header
     ) -> tuple[list[str] | None, KafkaRequest, Sequence[uuid.UUID]]:
         try:
             pos = _skip_tagged_fields(frame, pos)
@@ -593,14 +715,14 @@ class KafkaEngine:
             (size,) = _size.unpack(head)
             if size < 4 or size > self._max_frame:
                 out.append(ParseError("server", self._bad_size("server", size)))
-                self._failed = True
+                self._give_up()
                 break
             head = buf.peek(8)
             if head is None:
                 break
             owed = self._expected(_size.unpack_from(head, 4)[0], out)
             if owed is None:
-                self._failed = True
+                self._give_up()
                 break
             if size + 4 > _STREAM_OVER and not owed.internal and not owed.denied_topics:
                 # Large responses (fetches) go through as they arrive rather
@@ -670,7 +792,7 @@ class KafkaEngine:
             return None
         return owed
 
-    def _response(self, owed: _Owed, frame: bytes, out: list[Command]) -> None:
+    def _response(self, owed: _Owed, frame: Data, out: list[Command]) -> None:
         fields = self._response_fields(owed, frame)
         if owed.internal:
             if "decode_error" in fields:
@@ -692,7 +814,7 @@ class KafkaEngine:
         out.append(Reply(owed.correlation_id, fields))
         self._flush_denials(out)
 
-    def _add_denied_topics(self, owed: _Owed, frame: bytes, fields: dict[str, Any]) -> bytes:
+    def _add_denied_topics(self, owed: _Owed, frame: Data, fields: dict[str, Any]) -> bytes:
         versions = kafka_apis.response_class(owed.api_key, owed.api_version)
         if versions is None:
             raise ValueError(f"no response class for {kafka_apis.api_name(owed.api_key)}")
@@ -714,7 +836,7 @@ class KafkaEngine:
         response.with_header(correlation_id=owed.correlation_id)
         return bytes(response.encode(header=True, framed=True))
 
-    def _response_fields(self, owed: _Owed, frame: bytes) -> dict[str, Any]:
+    def _response_fields(self, owed: _Owed, frame: Data) -> dict[str, Any]:
         fields: dict[str, Any] = {"api": kafka_apis.api_name(owed.api_key)}
         cls = kafka_apis.response_class(owed.api_key, owed.api_version)
         if cls is None:
@@ -754,7 +876,7 @@ def _metadata_encodable(version: int) -> bool:
 # Small wire helpers (the header is read by hand: it is tiny and hot).
 
 
-def _skip_tagged_fields(buf: bytes, pos: int) -> int:
+def _skip_tagged_fields(buf: Data, pos: int) -> int:
     count, pos = decode_uvarint(buf, pos)
     for _ in range(count):
         _tag, pos = decode_uvarint(buf, pos)
@@ -765,7 +887,7 @@ def _skip_tagged_fields(buf: bytes, pos: int) -> int:
     return pos
 
 
-def _compact_string(buf: bytes, pos: int) -> tuple[str, int]:
+def _compact_string(buf: Data, pos: int) -> tuple[str, int]:
     length, pos = decode_uvarint(buf, pos)
     if length == 0:
         raise ValueError("null string")

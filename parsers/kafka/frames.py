@@ -3,8 +3,9 @@
 Kafka frames run to megabytes (a produce batch, a fetch response) and arrive
 in socket-sized chunks. Appending chunks to one growing bytearray re-allocates
 and copies it over and over; here chunks are kept as they came and a frame is
-assembled once, when it is taken. ``take_upto`` hands out chunks without
-assembling them at all, for bytes that are only passed through.
+assembled once, when it is taken, each chunk let go as soon as it is copied (so
+a frame costs about its own size, not twice it). ``take_upto`` hands out chunks
+without assembling them at all, for bytes that are only passed through.
 """
 
 from __future__ import annotations
@@ -53,15 +54,36 @@ class FrameBuffer:
                 break
         return bytes(out)
 
-    def take(self, n: int) -> bytes:
-        """Consume exactly ``n`` bytes (the caller checked ``len(self) >= n``)."""
-        first = self._parts[0]
+    def take(self, n: int) -> bytes | bytearray:
+        """Consume exactly ``n`` bytes (the caller checked ``len(self) >= n``): the
+        chunk itself when it is exactly them, else a copy (a ``bytearray`` when they
+        span chunks, the caller's to keep)."""
+        parts = self._parts
+        first = parts[0]
         if self._off == 0 and len(first) == n:
-            self._parts.popleft()
+            parts.popleft()
             self._have -= n
             return first
-        pieces = self._take_pieces(n)
-        return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
+        if len(first) - self._off >= n:
+            return bytes(self._take_pieces(n)[0])
+        # Spanning chunks: grow one buffer, dropping each chunk once it is copied,
+        # rather than joining them all (the chunks and the join would be 2x).
+        frame = bytearray()
+        need = n
+        while need:
+            first = parts[0]
+            avail = len(first) - self._off
+            if avail <= need:
+                frame += memoryview(first)[self._off :] if self._off else first
+                parts.popleft()
+                self._off = 0
+                need -= avail
+            else:
+                frame += memoryview(first)[self._off : self._off + need]
+                self._off += need
+                need = 0
+        self._have -= n
+        return frame
 
     def take_upto(self, n: int) -> list[bytes]:
         """Consume up to ``n`` bytes, as the chunks they arrived in (whole

@@ -11,6 +11,7 @@ engine's own bound methods kept on the engine (ours for HTTP/2, and h2's).
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -131,26 +132,58 @@ def test_http2_engine_left_with_a_turn_still_due(no_cyclic_collection) -> None:
     assert no_cyclic_collection() == []
 
 
-@pytest.mark.parametrize(
-    "client_bytes",
-    [b"\x00\x00\x00\x02\xff\xff", b"\x00\x00\x00\x20" + b"\x00" * 10],
-    ids=["bad size", "partial frame"],
-)
+def _large_produce_head(topic: bytes) -> bytes:
+    """The first bytes of a 1 MiB Produce v3 naming one topic (judged on them)."""
+    body = struct.pack(">hhih", 0, 3, 1, 1) + b"c" + struct.pack(">hhii", -1, 1, 1000, 1)
+    body += struct.pack(">h", len(topic)) + topic + struct.pack(">iii", 1, 0, 1 << 20)
+    return struct.pack(">i", len(body) + (1 << 20)) + body + b"r" * 1000
+
+
+KAFKA_INPUTS = {
+    "bad size": b"\x00\x00\x00\x02\xff\xff",
+    "partial frame": b"\x00\x00\x00\x20" + b"\x00" * 10,
+    "large produce streaming": _large_produce_head(b"ok"),
+    "large produce denied, dropping": _large_produce_head(b"secret"),
+    "held past its limit": struct.pack(">ihhih", 20 << 20, 3, 4, 1, 1) + b"c",  # Metadata
+}
+
+
+def _deny_secret(request) -> Decision:
+    return deny_all(request) if "secret" in request.topics else ALLOW_ALL
+
+
+@pytest.mark.parametrize("client_bytes", KAFKA_INPUTS.values(), ids=KAFKA_INPUTS.keys())
 def test_kafka_engine(no_cyclic_collection, client_bytes: bytes) -> None:
-    engine = KafkaEngine(lambda request: ALLOW_ALL)
+    engine = KafkaEngine(_deny_secret)
     engine.client_data(client_bytes)
     engine.client_data(b"")
     del engine
     assert no_cyclic_collection() == []
 
 
-@pytest.mark.parametrize(
-    "client_bytes",
-    [b"\x02\x00\x00\x00\x05\x00\x00\x00\x00", b"\x04\x00\x00\x01\x07\x00\x00\x10\x00abc"],
-    ids=["unsupported version", "partial frame"],
-)
+def _large_query_head(text: bytes, text_length: int | None = None) -> bytes:
+    """The first bytes of a v4 QUERY of 1 MiB (judged on its query string)."""
+    body = struct.pack(">i", len(text) if text_length is None else text_length) + text
+    return struct.pack(">BBhBI", 4, 0, 1, 0x07, 1 << 20) + body + b"\x00\x01" + b"v" * 1000
+
+
+CQL_INPUTS = {
+    "unsupported version": b"\x02\x00\x00\x00\x05\x00\x00\x00\x00",
+    "partial frame": b"\x04\x00\x00\x01\x07\x00\x00\x10\x00abc",
+    "large query streaming": _large_query_head(b"SELECT * FROM ks.t"),
+    "large query denied, dropping": _large_query_head(b"SELECT * FROM ks.secret"),
+    "large query not judged yet": _large_query_head(b"SELECT", text_length=500_000),
+    "held past its limit": struct.pack(">BBhBI", 4, 0, 1, 0x0D, 20 << 20),  # a BATCH
+}
+
+
+def _deny_secret_table(request) -> Decision:
+    return deny_all(request) if request.table == "ks.secret" else ALLOW_ALL
+
+
+@pytest.mark.parametrize("client_bytes", CQL_INPUTS.values(), ids=CQL_INPUTS.keys())
 def test_cql_engine(no_cyclic_collection, client_bytes: bytes) -> None:
-    engine = CqlEngine(lambda request: ALLOW_ALL)
+    engine = CqlEngine(_deny_secret_table)
     engine.client_data(client_bytes)
     engine.client_data(b"")
     del engine

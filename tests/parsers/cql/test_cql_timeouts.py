@@ -66,5 +66,6 @@ def test_a_v5_envelope_over_several_segments_is_one_head():
 
     out = engine.client_data(wire[first_segment:])
 
-    assert [type(c) for c in out] == [Access, ToServer]
+    assert [type(c) for c in out] == [Access, ToServer, ToServer]  # its two segments, as read
+    assert b"".join(c.data for c in out[1:]) == wire
     assert not engine.reading_headers and engine.heads_read != before

@@ -875,7 +875,7 @@ def test_large_allowed_produce_is_judged_early_and_streamed(version, how):
     assert [c.key for c in replies if isinstance(c, Reply)] == [7, 8]
 
 
-def test_large_denied_produce_is_read_whole_and_denied_per_partition():
+def test_large_denied_produce_is_dropped_as_it_arrives_and_denied_per_partition():
     engine = KafkaEngine(allow_topics("orders"))
     wire = frame(big_produce(topics=("secrets",)), 9, 3)
     cmds = feed(engine.client_data, chunks_of(wire, 10_000))

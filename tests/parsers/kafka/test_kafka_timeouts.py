@@ -60,8 +60,8 @@ def test_a_large_produce_judged_on_its_first_bytes_streams_its_rest_as_a_body():
 
 
 def test_a_large_frame_read_whole_is_one_head():
-    engine = KafkaEngine(allow_topics("orders"))
-    wire = frame(big_produce(topics=("secrets",)), 9, 3)  # denied: read whole
+    engine = KafkaEngine(allow_topics("orders", "audit"))
+    wire = frame(big_produce(topics=("orders", "audit")), 9, 3)  # two topics: read whole
     before = engine.heads_read
     for start in range(0, len(wire) - 1, 16_384):
         engine.client_data(wire[start : min(start + 16_384, len(wire) - 1)])
