@@ -11,7 +11,7 @@ clock or a global. One engine object handles one proxied connection:
 ``client_data(b"")`` / ``server_data(b"")`` signal end of input on that side.
 
 Engines never read policy. They build a typed request (``HttpRequest``,
-``GrpcCall``, ``KafkaRequest``, ``CqlRequest``) and ask the ``decide``
+``GrpcCall``, ``KafkaRequest``, ``CqlRequest``, ``TlsClientHello``) and ask the ``decide``
 function they were given, exactly once per request (``decide`` is pure: see
 ``Decide``). A denial is answered on the wire by the engine
 itself (``ToClient`` with a protocol-native error), so the driver that does

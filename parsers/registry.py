@@ -1,7 +1,7 @@
 """Which engine parses which L7 protocol family.
 
 The policy names a parser family per port (``http``, ``kafka``,
-``cassandra``); this table turns it into an engine factory. Engines are
+``cassandra``, ``tls``); this table turns it into an engine factory. Engines are
 imported lazily so that a port without L7 rules costs nothing.
 """
 
@@ -16,6 +16,7 @@ ENGINES: dict[str, str] = {
     "http": "parsers.http:HttpEngine",
     "kafka": "parsers.kafka.engine:KafkaEngine",
     "cassandra": "parsers.cql.engine:CqlEngine",
+    "tls": "parsers.tls.engine:TlsEngine",
 }
 
 _cache: dict[str, EngineFactory] = {}

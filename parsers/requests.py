@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Protocol
 class Request(Protocol):
     """What every L7 request type offers besides its own fields."""
 
-    # The flow log's protocol name: http, grpc, kafka or cassandra.
+    # The flow log's protocol name: http, grpc, kafka, cassandra or tls.
     protocol: ClassVar[str]
     # The parser family that builds it, i.e. what a port must be parsed as.
     family: ClassVar[str]
@@ -178,6 +178,48 @@ class CqlRequest:
         return f"cql {self.action}" + (f" {self.table}" if self.table else "")
 
 
+@dataclass(frozen=True, slots=True)
+class TlsClientHello:
+    """A TLS ClientHello, judged before anything is decrypted (``toPorts[].serverNames``).
+
+    ``sni`` is the server_name the client sent (``""``: none). With ECH (``ech``) it is
+    the outer ClientHello's name, the public name of the client-facing server: the name
+    the client really wants is encrypted, and the outer one is what policy judges.
+    ``alpn`` is the protocol list offered, in the client's order; ``versions`` the TLS
+    versions offered (``TLSv1.3``...), GREASE left out.
+    """
+
+    protocol: ClassVar[str] = "tls"
+    family: ClassVar[str] = "tls"
+
+    sni: str
+    alpn: tuple[str, ...] = ()
+    versions: tuple[str, ...] = ()
+    ech: bool = False
+
+    def flow_fields(self) -> dict[str, Any]:
+        return {
+            "sni": self.sni,
+            "alpn": list(self.alpn),
+            "versions": list(self.versions),
+            "ech": self.ech,
+        }
+
+    def describe(self) -> str:
+        parts = [f"tls sni={self.sni}" if self.sni else "tls (no sni)"]
+        if self.alpn:
+            parts.append(f"alpn={','.join(self.alpn)}")
+        if self.ech:
+            parts.append("ech (outer name)")
+        return " ".join(parts)
+
+
 # Every request an engine can hand to ``decide``.
-L7Request = HttpRequest | GrpcCall | KafkaRequest | CqlRequest
-REQUEST_TYPES: tuple[type[L7Request], ...] = (HttpRequest, GrpcCall, KafkaRequest, CqlRequest)
+L7Request = HttpRequest | GrpcCall | KafkaRequest | CqlRequest | TlsClientHello
+REQUEST_TYPES: tuple[type[L7Request], ...] = (
+    HttpRequest,
+    GrpcCall,
+    KafkaRequest,
+    CqlRequest,
+    TlsClientHello,
+)

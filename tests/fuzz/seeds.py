@@ -1,4 +1,4 @@
-"""Seed inputs: the llhttp/h11 corpora and the differential corpus."""
+"""Seed inputs: the llhttp/h11 corpora, the differential corpus, and ClientHellos."""
 
 from __future__ import annotations
 
@@ -19,8 +19,21 @@ def seeds() -> list[bytes]:
     from tests.parsers.http1.test_differential_http1 import CORPUS
 
     out += [data for _, data in CORPUS]
+    out += tls_seeds()
     # The first byte of an input chooses the split (see targets._pieces).
     return [bytes([i % 17]) + data for i, data in enumerate(out)]
+
+
+def tls_seeds() -> list[bytes]:
+    """ClientHellos: OpenSSL's own, one cut over records, one with ECH, one with no name."""
+    from tests.support.tls_wire import client_hello_message, ext, real_client_hello, records
+
+    return [
+        real_client_hello("api.example.com", alpn=["h2", "http/1.1"]),
+        real_client_hello(None),
+        records(client_hello_message("a.svc.example.com"), sizes=[1, 5, 40]),
+        records(client_hello_message("public.example", extensions=[ext(0xFE0D, b"\x00" * 24)])),
+    ]
 
 
 def write_seeds(directory: Path) -> int:

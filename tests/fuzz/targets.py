@@ -6,6 +6,8 @@ from parsers.base import Decision, ParseError
 from parsers.http1.engine import Http1Engine, Http1Limits, request_reader, response_reader
 from parsers.http1.errors import Http1Error
 from parsers.http1.reader import Data, End, Head
+from parsers.tls.hello import ClientHelloReader
+from parsers.tls.wire import ClientHelloTooLarge, TlsError
 
 LIMITS = Http1Limits(max_head=4096, max_chunk_line=256)
 
@@ -98,4 +100,32 @@ def engine_python(data: bytes) -> None:
     _engine("python", data)
 
 
-TARGETS = {"readers": readers, "engine_c": engine_c, "engine_python": engine_python}
+def tls_hello_outcome(pieces: list[bytes]) -> tuple:
+    """What the ClientHello reader makes of ``pieces``: the hello and the bytes it leaves
+    to the relay, a refusal (its code and alert), or a wait for more. Any other
+    exception is a bug and propagates."""
+    reader = ClientHelloReader(max_client_hello=4096)
+    for i, piece in enumerate(pieces):
+        try:
+            hello = reader.feed(piece)
+        except (TlsError, ClientHelloTooLarge) as exc:
+            return ("refused", exc.code, exc.wire_reply)
+        if hello is not None:
+            return ("hello", hello, reader.raw, reader.rest + b"".join(pieces[i + 1 :]))
+    return ("waiting",)
+
+
+def tls_hello(data: bytes) -> None:
+    """A ClientHello or a typed refusal, the same whole as split."""
+    body, pieces = _pieces(data)
+    whole, split = tls_hello_outcome([body]), tls_hello_outcome(pieces)
+    if whole != split:
+        raise AssertionError(f"split changes the reading of {body!r}: {whole!r} != {split!r}")
+
+
+TARGETS = {
+    "readers": readers,
+    "engine_c": engine_c,
+    "engine_python": engine_python,
+    "tls_hello": tls_hello,
+}

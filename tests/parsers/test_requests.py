@@ -7,7 +7,14 @@ import json
 import pytest
 
 from l7proxy.observe.flowlog import request_fields
-from parsers.requests import REQUEST_TYPES, CqlRequest, GrpcCall, HttpRequest, KafkaRequest
+from parsers.requests import (
+    REQUEST_TYPES,
+    CqlRequest,
+    GrpcCall,
+    HttpRequest,
+    KafkaRequest,
+    TlsClientHello,
+)
 
 HEAD = HttpRequest("POST", "/pkg.Svc/Get", "api:50051", (("content-type", "application/grpc"),))
 
@@ -47,6 +54,32 @@ CASES = [
         "cassandra",
         {"opcode": "query", "action": "select", "table": "ks.t", "stream": 5, "version": 4},
         "cql select ks.t",
+    ),
+    (
+        TlsClientHello("api.example.com", ("h2", "http/1.1"), ("TLSv1.3", "TLSv1.2")),
+        "tls",
+        "tls",
+        {
+            "sni": "api.example.com",
+            "alpn": ["h2", "http/1.1"],
+            "versions": ["TLSv1.3", "TLSv1.2"],
+            "ech": False,
+        },
+        "tls sni=api.example.com alpn=h2,http/1.1",
+    ),
+    (
+        TlsClientHello("public.example.com", versions=("TLSv1.3",), ech=True),
+        "tls",
+        "tls",
+        {"sni": "public.example.com", "alpn": [], "versions": ["TLSv1.3"], "ech": True},
+        "tls sni=public.example.com ech (outer name)",
+    ),
+    (
+        TlsClientHello(""),
+        "tls",
+        "tls",
+        {"sni": "", "alpn": [], "versions": [], "ech": False},
+        "tls (no sni)",
     ),
 ]
 
