@@ -14,7 +14,7 @@ def register(commands: Any) -> None:
     ob.add_argument("--file", type=Path, help="flow-log file (default: the agent's)")
     ob.add_argument("--follow", "-f", action="store_true")
     ob.add_argument("--verdict", help="FORWARDED, DENIED, AUDIT or DROPPED")
-    ob.add_argument("--protocol", help="http, grpc, kafka, cassandra, tcp")
+    ob.add_argument("--protocol", help="http, grpc, kafka, cassandra, tls, tcp")
     ob.add_argument("--json", action="store_true")
     ob.add_argument("--last", type=int, default=0, help="only the last N records")
     ob.set_defaults(func=run)

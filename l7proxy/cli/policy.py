@@ -56,6 +56,11 @@ def register(commands: Any) -> None:
     kind.add_argument("--grpc", metavar="Service/Method")
     kind.add_argument("--kafka", metavar="'ROLE|API topic [client-id]'")
     kind.add_argument("--cql", metavar="'STATEMENT'")
+    kind.add_argument(
+        "--tls",
+        metavar="'SERVER-NAME [ALPN,...] [ech]'",
+        help="a ClientHello ('-' for no server name), judged by toPorts[].serverNames",
+    )
     t.add_argument("--header", action="append", default=[], metavar="'Name: value'")
     t.add_argument("--json", action="store_true")
     t.add_argument("--audit", action="store_true", help="simulate global audit mode")
@@ -150,7 +155,9 @@ def trace(args: argparse.Namespace) -> int:
     try:
         scenario = _scenario(args)
         requests = tracing.build_requests(
-            tracing.RequestSpec(args.http, args.grpc, args.kafka, args.cql, tuple(args.header))
+            tracing.RequestSpec(
+                args.http, args.grpc, args.kafka, args.cql, tuple(args.header), args.tls
+            )
         )
         result = tracing.trace(scenario, requests)
     except tracing.UsageError as err:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from l7proxy.policy.identity import IdentityAllocator
 
-FAMILIES = ("http", "kafka", "cassandra")
+FAMILIES = ("http", "kafka", "cassandra", "tls")
 
 
 @dataclass

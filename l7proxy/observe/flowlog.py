@@ -299,6 +299,9 @@ def format_record(r: Record) -> str:
         what = f"api={l7.get('api_key')} v{l7.get('api_version')} topics={topics}"
     elif proto == "cassandra":
         what = f"{l7.get('action')} {l7.get('table')}"
+    elif proto == "tls":
+        what = f"sni={l7.get('sni') or '-'} alpn={','.join(l7.get('alpn', [])) or '-'}"
+        what += " ech" if l7.get("ech") else ""
     else:
         what = json.dumps(l7)
     reply = r.get("reply") or {}

@@ -48,7 +48,13 @@ Status = dict[str, Any]
 StatusFn = Callable[[], Any]  # returns a Status, or an awaitable of one
 
 # Flow protocol -> the proxy (parser family) that handled it; Cilium's proxy_type.
-PROXY_TYPE = {"http": "http", "grpc": "http", "kafka": "kafka", "cassandra": "cassandra"}
+PROXY_TYPE = {
+    "http": "http",
+    "grpc": "http",
+    "kafka": "kafka",
+    "cassandra": "cassandra",
+    "tls": "tls",
+}
 # Kernel counters that mean "this packet went on" (proxy_replies is a subset of ct_hits).
 FORWARD_COUNTERS = ("allowed", "redirected", "ct_hits", "proxy_upstream")
 # Latency buckets (seconds): loopback sub-millisecond up to slow upstreams.

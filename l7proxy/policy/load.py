@@ -323,18 +323,43 @@ def _network(node: Any, path: YamlPath) -> ipaddress.IPv4Network:
     return net
 
 
+# Cilium's TLS contexts (issue 12, part 2): recognised, so that they are refused by name.
+_NOT_YET = ("terminatingTLS", "originatingTLS")
+
+
 def _port_rule(node: Any, path: YamlPath, deny: bool) -> PortRule:
-    node = _mapping(node, path, ("ports", "rules"))
+    port_kinds = {k: v for k, v in l7rules.all_kinds().items() if v.port_field}
+    node = _mapping(node, path, ("ports", "rules", *port_kinds, *_NOT_YET))
+    for key in _NOT_YET:
+        if key in node:
+            raise path.key(key).error(
+                "TLS termination is not supported yet (issue 12, part 2); serverNames "
+                "works without it, on the ClientHello"
+            )
     ports = tuple(
         _port(p, path.key("ports").index(i))
         for i, p in enumerate(_list(node.get("ports"), path.key("ports")))
     )
     parser, l7 = _l7_rules(node.get("rules"), path.key("rules"))
+    where, what = path.key("rules"), "L7 rules"
+    for key, kind in port_kinds.items():
+        # An empty list is no restriction, as in Cilium ("if not empty").
+        if node.get(key) in (None, []):
+            continue
+        if parser is not None:
+            raise path.key(key).error(
+                f"{key} and rules.{l7[0].kind.key if l7 else parser} on one port: those "
+                "rules would judge what TLS encrypts, which needs terminatingTLS "
+                "(not supported yet, issue 12 part 2)"
+            )
+        where, what = path.key(key), key
+        parser = kind.parser
+        l7 = (L7RuleRef(kind, kind.compile(node[key], where), str(where)),)
     if parser and not ports:
-        raise path.key("rules").error("L7 rules need toPorts[].ports")
+        raise where.error(f"{what} need toPorts[].ports")
     if parser and any(p.port == 0 or p.end_port != p.port or p.protocol == "UDP" for p in ports):
         raise path.key("ports").error(
-            "L7 rules apply to single TCP ports only (no port 0, endPort or UDP)"
+            f"{what} apply to single TCP ports only (no port 0, endPort or UDP)"
         )
     return PortRule(ports, parser, l7, str(path))
 
@@ -371,7 +396,7 @@ def _l7_rules(node: Any, path: YamlPath) -> tuple[str | None, tuple[L7RuleRef, .
     if node is None:
         return None, ()
     kinds = l7rules.all_kinds()
-    specific = [k for k, v in kinds.items() if not v.generic]
+    specific = [k for k, v in kinds.items() if not v.generic and not v.port_field]
     node = _mapping(node, path, (*specific, "l7proto", "l7"))
     refs: list[L7RuleRef] = []
     parsers: set[str] = set()

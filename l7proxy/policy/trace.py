@@ -27,7 +27,14 @@ from l7proxy.policy.identity import IdentityAllocator, parse_labels
 from l7proxy.policy.model import EGRESS, INGRESS, Policy
 from l7proxy.policy.state import ConnectionPolicy, PolicyState, Side
 from parsers.base import Decision
-from parsers.requests import CqlRequest, GrpcCall, HttpRequest, KafkaRequest, L7Request
+from parsers.requests import (
+    CqlRequest,
+    GrpcCall,
+    HttpRequest,
+    KafkaRequest,
+    L7Request,
+    TlsClientHello,
+)
 
 LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 FIRST_VIRTUAL_ID = 1
@@ -82,13 +89,14 @@ def _headers(items: list[str]) -> list[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class RequestSpec:
-    """A request as ``policy trace`` writes it: one of the four kinds, plus headers."""
+    """A request as ``policy trace`` writes it: one of the five kinds, plus headers."""
 
     http: str | None = None
     grpc: str | None = None
     kafka: str | None = None
     cql: str | None = None
     headers: tuple[str, ...] = ()
+    tls: str | None = None
 
 
 def build_requests(spec: RequestSpec) -> list[L7Request]:
@@ -120,7 +128,22 @@ def build_requests(spec: RequestSpec) -> list[L7Request]:
         return [kafka_request(args.kafka)]
     if args.cql:
         return list(cql_requests(args.cql))
+    if args.tls is not None:
+        return [tls_client_hello(args.tls)]
     return []
+
+
+def tls_client_hello(text: str) -> TlsClientHello:
+    """``SERVER-NAME [ALPN,ALPN...] [ech]``, e.g. ``api.example.com h2,http/1.1``; ``-``
+    for a ClientHello without a name. It offers TLS 1.3 and 1.2, as current clients do."""
+    words = text.split()
+    ech = "ech" in words[1:]
+    words = [words[0], *(w for w in words[1:] if w != "ech")] if words else []
+    if not words or len(words) > 2:
+        raise UsageError(f"--tls {text!r}: expected 'SERVER-NAME [ALPN,...] [ech]'")
+    name = "" if words[0] == "-" else words[0]
+    alpn = tuple(a for a in words[1].split(",") if a) if len(words) > 1 else ()
+    return TlsClientHello(name, alpn, ("TLSv1.3", "TLSv1.2"), ech)
 
 
 # Kafka APIs whose requests name a group (JoinGroup, Heartbeat, LeaveGroup,
@@ -314,8 +337,8 @@ def trace(scenario: Scenario, requests: Sequence[L7Request]) -> dict[str, Any]:
         )
     if not requests:
         out["notes"].append(
-            f"this port is parsed as {conn.parser}: give --http/--grpc/--kafka/--cql to trace a "
-            "request"
+            f"this port is parsed as {conn.parser}: give --http/--grpc/--kafka/--cql/--tls to "
+            "trace a request"
         )
         return _final(
             out,

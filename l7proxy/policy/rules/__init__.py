@@ -12,6 +12,8 @@ nothing protocol-specific beyond this registry.
       kafka: [{role: produce, topic: orders}]     -> kind "kafka", parser "kafka"
     l7proto: cassandra                            -> kind "cassandra", parser "cassandra"
     l7: [{query_action: select, query_table: ks\\..*}]
+    serverNames: [api.example.com, "*.example.com"]  (beside rules: a port field)
+                                                  -> kind "serverNames", parser "tls"
 """
 
 from __future__ import annotations
@@ -76,7 +78,9 @@ class L7Kind(Generic[Req, Rule]):
     another type never reaches them. ``compile`` turns one YAML mapping into a
     ``CompiledRule`` or raises ``PolicyError`` via ``path.error(...)``.
     ``combine`` says whether several of its rules together allow a request
-    (Kafka: every topic allowed, each by some rule).
+    (Kafka: every topic allowed, each by some rule). ``port_field`` kinds are written
+    on the port rule itself, beside ``rules`` (``toPorts[].serverNames``): the whole
+    list is one rule, and ``compile`` gets the list.
     """
 
     key: str
@@ -85,6 +89,7 @@ class L7Kind(Generic[Req, Rule]):
     compile: Callable[[Any, YamlPath], Rule]
     combine: Callable[[Sequence[Rule], Req], bool] = any_rule_matches
     generic: bool = False  # True: written as l7proto + l7 (Cilium's generic form)
+    port_field: bool = False  # True: toPorts[].<key>, beside rules (serverNames)
 
 
 _KINDS: dict[str, L7Kind[Any, Any]] = {}
@@ -106,7 +111,7 @@ def all_kinds() -> dict[str, L7Kind[Any, Any]]:
 
 
 # One module per protocol in this package registers its kinds on import.
-BUILTIN = ["http", "kafka", "cassandra", "grpc"]
+BUILTIN = ["http", "kafka", "cassandra", "grpc", "tls"]
 
 _loaded = False
 
