@@ -77,11 +77,19 @@ def free_port() -> int:
 
 
 @contextmanager
-def tls_origin(workdir: Path, pki: Pki) -> Iterator[Origin]:
-    """nginx serving TLS 1.2 and 1.3 with ``pki``'s certificate, HTTP/2 and HTTP/1.1 by ALPN.
-    Every response body is ``hello <the SNI nginx saw> <HTTP version>``."""
+def tls_origin(
+    workdir: Path,
+    pki: Pki,
+    *,
+    host: str = LOOPBACK,
+    port: int | None = None,
+    prefix: Sequence[str] = (),
+) -> Iterator[Origin]:
+    """nginx serving TLS 1.2 and 1.3 with ``pki``'s certificate, HTTP/2 and HTTP/1.1 by ALPN,
+    on ``host:port`` (``prefix``: run it through e.g. ``ip netns exec NS``). Every response
+    body is ``hello <the SNI nginx saw> <HTTP version>``."""
     exe = shutil.which("nginx") or "/usr/sbin/nginx"
-    port = free_port()
+    port = port or free_port()
     root = workdir / "nginx"
     root.mkdir(parents=True, exist_ok=True)
     # nginx drops privileges to nobody when root; the files are ours, so stay ourselves.
@@ -103,7 +111,7 @@ http {{
     uwsgi_temp_path {root}/uwsgi;
     scgi_temp_path {root}/scgi;
     server {{
-        listen {LOOPBACK}:{port} ssl http2;
+        listen {host}:{port} ssl http2;
         ssl_certificate {pki.cert};
         ssl_certificate_key {pki.key};
         ssl_protocols TLSv1.2 TLSv1.3;
@@ -111,7 +119,16 @@ http {{
     }}
 }}
 """)
-    argv = [exe, "-p", str(root), "-e", str(root / "error.log"), "-c", str(root / "nginx.conf")]
+    argv = [
+        *prefix,
+        exe,
+        "-p",
+        str(root),
+        "-e",
+        str(root / "error.log"),
+        "-c",
+        str(root / "nginx.conf"),
+    ]
     log = open(root / "stderr.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -120,13 +137,13 @@ http {{
             if proc.poll() is not None:
                 raise RuntimeError(f"nginx exited: {(root / 'error.log').read_text()[-2000:]}")
             try:
-                socket.create_connection((LOOPBACK, port), timeout=0.2).close()
+                socket.create_connection((host, port), timeout=0.2).close()
                 break
             except OSError:
                 if time.monotonic() > deadline:
                     raise RuntimeError("nginx did not listen in time") from None
                 time.sleep(0.05)
-        yield Origin(LOOPBACK, port, root)
+        yield Origin(host, port, root)
     finally:
         proc.terminate()
         try:
