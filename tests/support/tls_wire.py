@@ -183,8 +183,18 @@ def read_alert(data: bytes) -> tuple[int, str, str]:
     assert len(data) == 7, f"an alert record is 7 bytes, got {data!r}"
     assert data[0] == 21, f"content type {data[0]}, not alert (21): {data!r}"
     assert data[3:5] == b"\x00\x02", f"alert record length {data[3:5]!r}"
-    level = {1: "warning", 2: "fatal"}[data[5]]
-    return int.from_bytes(data[1:3], "big"), level, ALERT_NAMES[data[6]]
+    level = {1: "warning", 2: "fatal"}.get(data[5], f"level {data[5]}")
+    return int.from_bytes(data[1:3], "big"), level, ALERT_NAMES.get(data[6], f"alert {data[6]}")
+
+
+def expect_alert(data: bytes, description: str, version: int = 0x0301) -> None:
+    """``data`` is exactly one fatal ``description`` alert at record ``version``: what a
+    denial must be (tests/parsers/tls/test_tls_denial_mutations.py proves this check
+    catches a wrong one)."""
+    got_version, level, name = read_alert(data)
+    assert level == "fatal", f"a {level} alert: the client may go on ({data!r})"
+    assert name == description, f"alert {name}, not {description} ({data!r})"
+    assert got_version == version, f"record version 0x{got_version:04x}, not 0x{version:04x}"
 
 
 def alert_seen_by_client(client: ssl.SSLObject, incoming: ssl.MemoryBIO, data: bytes) -> str:

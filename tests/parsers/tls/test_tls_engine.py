@@ -31,6 +31,7 @@ from tests.support.tls import Pki, make_pki
 from tests.support.tls_wire import (
     alert_seen_by_client,
     client_hello_message,
+    expect_alert,
     memory_client,
     read_alert,
     real_client_hello,
@@ -202,17 +203,17 @@ def test_a_denied_name_gets_access_denied_at_the_clients_record_version_and_a_cl
     pump(client)
     hello = c_out.read()
     out = feed(engine.client_data, split(hello, way, seed=13))
-    alert = b"\x15\x03\x01\x00\x02\x02\x31"
+    alert = to_client(out)
+    expect_alert(alert, "access_denied", version=0x0301)
+    # OpenSSL, the client, reads it as the alert it is.
+    assert alert_seen_by_client(client, c_in, alert) == "TLSV1_ALERT_ACCESS_DENIED"
     assert out == [
         Access(policy.asked[0], DENY, KEY),
-        ToClient(alert),
+        ToClient(b"\x15\x03\x01\x00\x02\x02\x31"),
         Reply(KEY, {"alert": "access_denied"}),
         Close("denied by policy"),
     ]
     assert policy.asked[0].sni == "evil.example.com"
-    assert read_alert(alert) == (0x0301, "fatal", "access_denied")
-    # OpenSSL, the client, reads it as the alert it is.
-    assert alert_seen_by_client(client, c_in, alert) == "TLSV1_ALERT_ACCESS_DENIED"
     # Nothing more is read; nothing ever went to the server.
     assert engine.client_data(b"\x17\x03\x03\x00\x01x") == []
     assert engine.client_data(b"") == []
