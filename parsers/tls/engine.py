@@ -11,6 +11,9 @@ One ``TlsEngine`` per proxied connection, sans-I/O (``parsers/base.py``):
                     then a close; the upstream is never connected
     server bytes -> forwarded at once; the first record (ServerHello or alert) is the
                     flow record's reply
+    after a HelloRetryRequest: the client's second ClientHello is held until it is
+                    whole, and passes only if it names the same server (else
+                    illegal_parameter and a close)
 
 Why ``access_denied`` and not ``unrecognized_name``: RFC 6066 3 has a server that
 does not serve a name answer ``unrecognized_name``, which would tell the client (and
@@ -51,7 +54,13 @@ from parsers.base import (
 )
 from parsers.tls.hello import MAX_CLIENT_HELLO, ClientHello, ClientHelloReader
 from parsers.tls.server import ServerFirstRecord
-from parsers.tls.wire import ACCESS_DENIED, ClientHelloTooLarge, TlsError, alert_name
+from parsers.tls.wire import (
+    ACCESS_DENIED,
+    ILLEGAL_PARAMETER,
+    ClientHelloTooLarge,
+    TlsError,
+    alert_name,
+)
 
 # One request per connection: the ClientHello. Its Access and Reply share this key.
 KEY: Final = 0
@@ -65,7 +74,7 @@ class TlsEngine:
     protocol = "tls"
     client_speaks_first = True  # the upstream is connected only for an allowed hello
 
-    __slots__ = ("_decide", "_reader", "_state", "_heads", "_reply")
+    __slots__ = ("_decide", "_max", "_reader", "_state", "_heads", "_reply", "_name", "_retry")
 
     def __init__(
         self,
@@ -75,18 +84,25 @@ class TlsEngine:
         max_client_hello: int = MAX_CLIENT_HELLO,
     ) -> None:
         self._decide = decide
+        self._max = max_client_hello
         self._reader: ClientHelloReader | None = ClientHelloReader(max_client_hello)
         self._state = _HELLO
         self._heads = 0
         # The server's first record, read for the flow record's reply until it is.
         self._reply: ServerFirstRecord | None = None
+        # The server name judged, and after a HelloRetryRequest the reader of the second
+        # ClientHello, which must name the same server (RFC 8446 4.1.2).
+        self._name = ""
+        self._retry: ClientHelloReader | None = None
 
     # ------------------------------------------------------------------ Engine contract
 
     @property
     def reading_headers(self) -> bool:
-        """The ClientHello is partly received (the driver's head deadline runs)."""
-        return self._state == _HELLO and self._reader is not None and self._reader.started
+        """A ClientHello is partly received (the driver's head deadline runs): the first,
+        or the second one a HelloRetryRequest asked for."""
+        reader = self._reader if self._state == _HELLO else self._retry
+        return reader is not None and reader.started
 
     @property
     def reading_body(self) -> bool:
@@ -99,7 +115,7 @@ class TlsEngine:
     def client_timed_out(self, limit: TimeLimit) -> list[Command]:
         """The ClientHello was not whole in time. TLS has no alert for that: close."""
         self._state = _DONE
-        self._reader = None
+        self._reader = self._retry = None
         return [Close(limit)]
 
     def finish(self) -> list[Command]:
@@ -112,6 +128,8 @@ class TlsEngine:
     def client_data(self, data: bytes) -> list[Command]:
         state = self._state
         if state == _RELAY:
+            if self._retry is not None:
+                return self._second_hello(self._retry, data)
             return [ToServer(data)] if data else [ShutdownServer()]
         if state == _DONE:
             return []
@@ -125,17 +143,13 @@ class TlsEngine:
         try:
             hello = reader.feed(data)
         except (TlsError, ClientHelloTooLarge) as err:
-            self._state = _DONE
-            self._reader = None
-            out: list[Command] = [ToClient(err.wire_reply)] if err.wire_reply else []
-            out.append(ParseError("client", err, close=True))
-            return out
+            return self._refused(err)
         if hello is None:
             return []
         self._heads = 1
         request = hello.request()
         decision = self._decide(request)
-        out = [Access(request, decision, KEY)]
+        out: list[Command] = [Access(request, decision, KEY)]
         if decision.allowed:
             out += self._allowed(hello, reader)
         else:
@@ -148,7 +162,43 @@ class TlsEngine:
         self._state = _RELAY
         self._reader = None
         self._reply = ServerFirstRecord()
+        self._name = hello.server_name
         return [ToServer(reader.raw + reader.rest)]
+
+    def _second_hello(self, reader: ClientHelloReader, data: bytes) -> list[Command]:
+        """After a HelloRetryRequest: the client's second ClientHello is held until it is
+        whole, and passes only if it names the server the first one did. RFC 8446 4.1.2
+        lets it change its key shares, cookie and PSKs, never its name, and a server may
+        well serve the second name without checking: without this, a client could have an
+        allowed name judged and reach a denied one."""
+        if not data:
+            self._state = _DONE
+            self._retry = None
+            return [Close("client left inside its second ClientHello")]
+        try:
+            hello = reader.feed(data)
+            if hello is not None and hello.server_name.lower() != self._name.lower():
+                raise TlsError(
+                    f"the second ClientHello names {hello.server_name!r}, the first named "
+                    f"{self._name!r} (RFC 8446 4.1.2)",
+                    code="changed_server_name",
+                    alert=ILLEGAL_PARAMETER,
+                    record_version=hello.record_version,
+                )
+        except (TlsError, ClientHelloTooLarge) as err:
+            return self._refused(err)
+        if hello is None:
+            return []
+        self._heads = 2
+        self._retry = None
+        return [ToServer(reader.raw + reader.rest)]
+
+    def _refused(self, err: TlsError | ClientHelloTooLarge) -> list[Command]:
+        self._state = _DONE
+        self._reader = self._retry = None
+        out: list[Command] = [ToClient(err.wire_reply)] if err.wire_reply else []
+        out.append(ParseError("client", err, close=True))
+        return out
 
     def _denied(self, hello: ClientHello) -> list[Command]:
         self._state = _DONE
@@ -178,4 +228,6 @@ class TlsEngine:
         if fields is None:
             return [ToClient(data)]
         self._reply = None
+        if fields.get("hello_retry_request"):
+            self._retry = ClientHelloReader(self._max, retry=True)
         return [ToClient(data), Reply(KEY, fields)]

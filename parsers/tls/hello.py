@@ -39,6 +39,7 @@ from typing import Final
 from parsers.requests import TlsClientHello
 from parsers.tls.wire import (
     ACCESS_DENIED,
+    CHANGE_CIPHER_SPEC,
     CLIENT_HELLO,
     CONTENT_TYPES,
     DECODE_ERROR,
@@ -120,10 +121,13 @@ class ClientHello:
 class ClientHelloReader:
     """Reads one ClientHello out of the client's first bytes; see the module doc."""
 
-    __slots__ = ("_max", "_buf", "_pos", "_msg", "_need", "_version", "raw", "rest")
+    __slots__ = ("_max", "_retry", "_buf", "_pos", "_msg", "_need", "_version", "raw", "rest")
 
-    def __init__(self, max_client_hello: int = MAX_CLIENT_HELLO) -> None:
+    def __init__(self, max_client_hello: int = MAX_CLIENT_HELLO, *, retry: bool = False) -> None:
         self._max = max_client_hello
+        # The second ClientHello, after a HelloRetryRequest: a TLS 1.3 client in middlebox
+        # compatibility mode may send a ChangeCipherSpec record first (RFC 8446 D.4).
+        self._retry = retry
         self._buf = bytearray()  # every byte received, the records' headers included
         self._pos = 0  # records whole up to here
         self._msg = bytearray()  # the handshake message so far, headers stripped
@@ -156,6 +160,13 @@ class ClientHelloReader:
                     )
                 self._version = major << 8 | minor
             version = self._version
+            if ctype == CHANGE_CIPHER_SPEC and self._retry and not self._msg:
+                if length != 1 or len(buf) >= pos + 6 and buf[pos + 5] != 1:
+                    raise self._error("a malformed change_cipher_spec record", UNEXPECTED_MESSAGE)
+                if len(buf) < pos + 6:
+                    return None
+                self._pos = pos + 6
+                continue
             if ctype != HANDSHAKE:
                 what = CONTENT_TYPES.get(ctype, f"type {ctype}")
                 raise self._error(

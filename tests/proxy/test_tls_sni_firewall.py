@@ -269,6 +269,52 @@ def test_a_real_hello_cut_over_tcp_segments_and_records_completes_the_handshake(
     )
 
 
+# --------------------------------------------------------------------------- a retry
+
+
+@pytest.fixture(scope="module")
+def retrying_firewall(tmp_path_factory, pki):
+    """In front of an origin that takes P-256 key shares only: OpenSSL clients, which offer
+    X25519 first, get a HelloRetryRequest and send a second ClientHello."""
+    with tls_origin(tmp_path_factory.mktemp("retry"), pki, ecdh_curve="prime256v1") as origin:
+        with running_firewall(
+            POLICY.replace("PORT", str(origin.port)), origin.address, {"app": "api"}
+        ) as fw:
+            yield fw
+
+
+def test_a_handshake_with_a_hello_retry_request_completes(retrying_firewall, pki):
+    flows = Flows(retrying_firewall)
+    result = curl(retrying_firewall, pki, "api.example.com")
+    assert (result.returncode, result.stdout) == (0, "hello api.example.com HTTP/2.0\n")
+    (record,) = flows.new(1)
+    assert record["verdict"] == "FORWARDED"
+    assert record["reply"]["hello_retry_request"] is True
+
+
+def test_a_second_hello_that_names_another_server_gets_illegal_parameter(retrying_firewall, pki):
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    client, incoming, outgoing = memory_client("api.example.com", context=context)
+    with socket.create_connection(retrying_firewall.address, timeout=5) as sock:
+        try:
+            client.do_handshake()
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+        retry = b""
+        while len(retry) < 5 or len(retry) < 5 + int.from_bytes(retry[3:5], "big"):
+            retry += sock.recv(65536)
+        incoming.write(retry)
+        try:
+            client.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        second = outgoing.read()
+        # An allowed name first, a denied one in the second hello: never passed.
+        sock.sendall(second.replace(b"api.example.com", b"xyz.example.com"))
+        answer = read_to_eof(sock)
+    assert read_alert(answer) == (0x0303, "fatal", "illegal_parameter")
+
+
 # --------------------------------------------------------------------------- refused
 
 

@@ -84,10 +84,12 @@ def tls_origin(
     host: str = LOOPBACK,
     port: int | None = None,
     prefix: Sequence[str] = (),
+    ecdh_curve: str | None = None,
 ) -> Iterator[Origin]:
     """nginx serving TLS 1.2 and 1.3 with ``pki``'s certificate, HTTP/2 and HTTP/1.1 by ALPN,
     on ``host:port`` (``prefix``: run it through e.g. ``ip netns exec NS``). Every response
-    body is ``hello <the SNI nginx saw> <HTTP version>``."""
+    body is ``hello <the SNI nginx saw> <HTTP version>``. ``ecdh_curve="prime256v1"``: a
+    client that offers an X25519 key share (OpenSSL's default) gets a HelloRetryRequest."""
     exe = shutil.which("nginx") or "/usr/sbin/nginx"
     port = port or free_port()
     root = workdir / "nginx"
@@ -115,6 +117,7 @@ http {{
         ssl_certificate {pki.cert};
         ssl_certificate_key {pki.key};
         ssl_protocols TLSv1.2 TLSv1.3;
+        {f"ssl_ecdh_curve {ecdh_curve};" if ecdh_curve else ""}
         location / {{ return 200 "hello $ssl_server_name $server_protocol\\n"; }}
     }}
 }}

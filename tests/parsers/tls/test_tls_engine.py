@@ -63,10 +63,16 @@ def verifying_client(pki: Pki, name: str, alpn=("h2", "http/1.1")):
     return memory_client(name, alpn=alpn, context=context)
 
 
-def memory_server(pki: Pki, alpn=("h2",)) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+def memory_server(
+    pki: Pki, alpn=("h2",), *, retry: bool = False
+) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+    """An OpenSSL server; ``retry``: it takes only P-256 key shares, so a client that
+    offers X25519 first (OpenSSL's default) gets a HelloRetryRequest."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(str(pki.cert), str(pki.key))
     context.set_alpn_protocols(list(alpn))
+    if retry:
+        context.set_ecdh_curve("prime256v1")
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     return context.wrap_bio(incoming, outgoing, server_side=True), incoming, outgoing
 
@@ -142,6 +148,94 @@ def test_a_real_handshake_completes_through_the_engine_and_the_client_verifies_t
     assert engine.client_data(b"") == [ShutdownServer()]
     assert engine.server_data(b"") == [ShutdownClient()]
     assert len(policy.asked) == 1
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_after_a_hello_retry_request_the_second_hello_is_held_until_whole_then_relayed(pki, way):
+    policy = Policy()
+    engine = TlsEngine(policy)
+    client, c_in, c_out = verifying_client(pki, "api.example.com")
+    server, s_in, s_out = memory_server(pki, retry=True)
+    pump(client)
+    first = c_out.read()
+    assert engine.client_data(first)[1:] == [ToServer(first)]
+    s_in.write(first)
+    pump(server)
+    retry = s_out.read()
+    assert engine.server_data(retry) == [
+        ToClient(retry),
+        Reply(
+            KEY,
+            {
+                "version": "TLSv1.3",
+                "cipher_suite": "TLS_AES_256_GCM_SHA384",
+                "hello_retry_request": True,
+            },
+        ),
+    ]
+    c_in.write(retry)
+    pump(client)
+    second = c_out.read()
+    assert second[0] == 20  # middlebox compatibility: ChangeCipherSpec, then the hello
+
+    *pieces, last = split(second, way, seed=14)
+    for piece in pieces:
+        assert engine.client_data(piece) == []  # held: it is judged whole
+        assert engine.reading_headers  # and the head deadline runs again
+    assert engine.client_data(last) == [ToServer(second)]
+    assert (engine.reading_headers, engine.heads_read) == (False, 2)
+
+    s_in.write(second)
+    pump(server)
+    flight = s_out.read()
+    assert engine.server_data(flight) == [ToClient(flight)]
+    c_in.write(flight)
+    client.do_handshake()
+    assert client.getpeercert()["subjectAltName"] == (("DNS", "api.example.com"),)
+    assert len(policy.asked) == 1
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_a_second_hello_that_names_another_server_is_refused(pki, way):
+    engine = TlsEngine(Policy())
+    client, c_in, c_out = verifying_client(pki, "api.example.com")
+    server, s_in, s_out = memory_server(pki, retry=True)
+    pump(client)
+    first = c_out.read()
+    engine.client_data(first)
+    s_in.write(first)
+    pump(server)
+    retry = s_out.read()
+    engine.server_data(retry)
+    c_in.write(retry)
+    pump(client)
+    second = c_out.read().replace(b"api.example.com", b"xyz.example.com")
+    out = feed(engine.client_data, split(second, way, seed=15))
+    assert [type(c) for c in out] == [ToClient, ParseError]
+    expect_alert(out[0].data, "illegal_parameter", version=0x0303)
+    assert out[1].error.code == "changed_server_name"
+    assert "names 'xyz.example.com', the first named 'api.example.com'" in str(out[1].error)
+    assert engine.client_data(b"more") == [] and not engine.reading_headers
+
+
+def test_a_client_that_answers_a_retry_with_anything_but_a_hello_is_refused():
+    engine = TlsEngine(Policy())
+    engine.client_data(real_client_hello("api.example.com"))
+    hrr = records(
+        bytes([2])
+        + (38 + 32 + 8).to_bytes(3, "big")
+        + b"\x03\x03"
+        + bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
+        + b"\x20"
+        + b"\x11" * 32
+        + b"\x13\x01\x00"
+        + b"\x00\x06\x00\x2b\x00\x02\x03\x04",
+        version=0x0303,
+    )
+    assert engine.server_data(hrr)[1].fields["hello_retry_request"] is True
+    out = engine.client_data(b"\x17\x03\x03\x00\x05hello")
+    assert [type(c) for c in out] == [ToClient, ParseError]
+    expect_alert(out[0].data, "unexpected_message", version=0x0303)
 
 
 def test_an_audited_hello_is_relayed():

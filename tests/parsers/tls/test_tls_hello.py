@@ -164,6 +164,12 @@ REFUSALS = [
         "unexpected_message",
         "unexpected_message",
     ),
+    (
+        "change_cipher_spec first",
+        b"\x14\x03\x01\x00\x01\x01",
+        "unexpected_message",
+        "unexpected_message",
+    ),
     ("empty record", b"\x16\x03\x01\x00\x00", "decode_error", "decode_error"),
     ("record over 2^14", b"\x16\x03\x01\x40\x01" + b"\x01", "record_overflow", "record_overflow"),
     (
@@ -413,3 +419,22 @@ def test_the_bound_is_an_argument():
     msg = client_hello_message()
     assert read(records(msg), max_client_hello=len(msg) - 4)[0] is not None
     assert refusal(records(msg), max_client_hello=len(msg) - 5).code == "client_hello_too_large"
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_a_second_hello_may_come_behind_a_change_cipher_spec_record(way):
+    ccs = b"\x14\x03\x03\x00\x01\x01"
+    wire = ccs + records(client_hello_message(), version=0x0303)
+    reader = ClientHelloReader(retry=True)
+    hello = None
+    for chunk in split(wire, way, seed=4):
+        hello = reader.feed(chunk)
+    assert hello is not None and hello.server_name == "api.example.com"
+    assert reader.raw == wire
+
+
+@pytest.mark.parametrize("record", [b"\x14\x03\x03\x00\x01\x02", b"\x14\x03\x03\x00\x02\x01\x01"])
+def test_a_malformed_change_cipher_spec_before_a_second_hello_is_refused(record):
+    with pytest.raises(TlsError) as info:
+        ClientHelloReader(retry=True).feed(record + records(client_hello_message()))
+    assert info.value.code == "unexpected_message"
