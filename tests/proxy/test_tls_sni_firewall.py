@@ -105,6 +105,7 @@ def s_client(fw, pki: Pki, name: str, alpn: str = "h2") -> subprocess.CompletedP
         input="",
         capture_output=True,
         text=True,
+        errors="replace",  # an h2 origin's SETTINGS frame is printed as it came
         timeout=20,
     )  # fmt: skip
 
@@ -331,6 +332,62 @@ def test_an_oversized_hello_gets_decode_error_and_a_close_before_it_is_read(fire
         "max_client_hello",
     )
     assert "at most 16384" in record["reason"]
+
+
+# Where our answer to a refused hello differs from OpenSSL's (nginx, answering the same bytes
+# directly): what OpenSSL does, and why we differ.
+OPENSSL_DIFFERS = {
+    "plain http": ("an HTTP 400", "nginx's own courtesy when it terminates TLS"),
+    "sslv2 hello": ("protocol_version", "OpenSSL parses SSLv2-style hellos; we close"),
+    "alert first": ("an HTTP 400", "nginx takes it for plain text"),
+    "application data first": ("an HTTP 400", "nginx takes it for plain text"),
+    "change_cipher_spec first": ("an HTTP 400", "nginx takes it for plain text"),
+    "empty record": ("waits", "OpenSSL skips empty records; RFC 5246 6.2.1 forbids them"),
+    "record over 2^14": ("waits", "OpenSSL reads on; RFC 8446 5.1 says record_overflow"),
+    "no cipher suite": ("illegal_parameter", "the list's syntax is <2..2^16-2>: decode_error"),
+    "odd supported_versions": ("protocol_version", "the list's syntax: decode_error"),
+    "empty supported_versions": ("protocol_version", "the list's syntax: decode_error"),
+    "empty host name": ("goes on", "HostName<1..2^16-1>: decode_error"),
+    "empty ech": ("goes on", "ECHClientHello has at least its type byte"),
+    # OpenSSL checks only for a NUL and for more than 255 bytes; we check DNS syntax.
+    "trailing dot": ("goes on", "RFC 6066 3: no trailing dot"),
+    "empty label": ("goes on", "not a DNS name"),
+    "space in the name": ("goes on", "not a DNS name"),
+    "not ascii": ("goes on", "RFC 6066 3: ASCII"),
+    "254 bytes": ("goes on", "a DNS name has at most 253"),
+    "label of 64": ("goes on", "a DNS label has at most 63"),
+}
+
+
+def test_refusals_match_openssls_own_answers_but_where_named(origin):
+    """The same bytes, straight to nginx: OpenSSL refuses them with the alert we send,
+    except where ``OPENSSL_DIFFERS`` says otherwise (and why)."""
+    from tests.parsers.tls.test_tls_hello import REFUSALS
+
+    agree = 0
+    for name, data, _code, ours in REFUSALS:
+        with socket.create_connection(origin.address, timeout=5) as s:
+            s.sendall(data)
+            s.settimeout(0.5)
+            try:
+                answer = read_to_eof(s)
+            except TimeoutError:
+                answer = None
+        if answer is None:
+            openssl = "waits"
+        elif not answer:
+            openssl = "a close"
+        elif answer[0] == 21:
+            openssl = read_alert(answer)[2]
+        else:
+            openssl = f"bytes {answer[:16]!r}"
+        ours = ours or "a close"
+        if name in OPENSSL_DIFFERS:
+            assert openssl != ours, f"{name}: OpenSSL agrees now; drop it from OPENSSL_DIFFERS"
+        else:
+            assert openssl == ours, f"{name}: OpenSSL answers {openssl}, we {ours}"
+            agree += 1
+    assert agree >= 18
 
 
 def test_a_malformed_hello_gets_decode_error_and_a_close(firewall):
