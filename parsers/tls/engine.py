@@ -13,7 +13,8 @@ One ``TlsEngine`` per proxied connection, sans-I/O (``parsers/base.py``):
                     flow record's reply
     after a HelloRetryRequest: the client's second ClientHello is held until it is
                     whole, and passes only if it names the same server (else
-                    illegal_parameter and a close)
+                    illegal_parameter and a close); a ChangeCipherSpec and the rest of
+                    0-RTT data before it are passed on as they come
 
 Why ``access_denied`` and not ``unrecognized_name``: RFC 6066 3 has a server that
 does not serve a name answer ``unrecognized_name``, which would tell the client (and
@@ -56,6 +57,7 @@ from parsers.tls.hello import MAX_CLIENT_HELLO, ClientHello, ClientHelloReader
 from parsers.tls.server import ServerFirstRecord
 from parsers.tls.wire import (
     ACCESS_DENIED,
+    EXT_EARLY_DATA,
     ILLEGAL_PARAMETER,
     ClientHelloTooLarge,
     TlsError,
@@ -74,7 +76,17 @@ class TlsEngine:
     protocol = "tls"
     client_speaks_first = True  # the upstream is connected only for an allowed hello
 
-    __slots__ = ("_decide", "_max", "_reader", "_state", "_heads", "_reply", "_name", "_retry")
+    __slots__ = (
+        "_decide",
+        "_max",
+        "_reader",
+        "_state",
+        "_heads",
+        "_reply",
+        "_name",
+        "_early_data",
+        "_retry",
+    )
 
     def __init__(
         self,
@@ -93,6 +105,7 @@ class TlsEngine:
         # The server name judged, and after a HelloRetryRequest the reader of the second
         # ClientHello, which must name the same server (RFC 8446 4.1.2).
         self._name = ""
+        self._early_data = False  # the first ClientHello offered 0-RTT data
         self._retry: ClientHelloReader | None = None
 
     # ------------------------------------------------------------------ Engine contract
@@ -163,6 +176,7 @@ class TlsEngine:
         self._reader = None
         self._reply = ServerFirstRecord()
         self._name = hello.server_name
+        self._early_data = EXT_EARLY_DATA in hello.extensions
         return [ToServer(reader.raw + reader.rest)]
 
     def _second_hello(self, reader: ClientHelloReader, data: bytes) -> list[Command]:
@@ -175,8 +189,12 @@ class TlsEngine:
             self._state = _DONE
             self._retry = None
             return [Close("client left inside its second ClientHello")]
+        out: list[Command] = []
         try:
             hello = reader.feed(data)
+            if reader.passed:  # ChangeCipherSpec, early data: not the hello's, not held
+                out.append(ToServer(reader.passed))
+                reader.passed = b""
             if hello is not None and hello.server_name.lower() != self._name.lower():
                 raise TlsError(
                     f"the second ClientHello names {hello.server_name!r}, the first named "
@@ -186,12 +204,13 @@ class TlsEngine:
                     record_version=hello.record_version,
                 )
         except (TlsError, ClientHelloTooLarge) as err:
-            return self._refused(err)
+            return out + self._refused(err)
         if hello is None:
-            return []
+            return out
         self._heads = 2
         self._retry = None
-        return [ToServer(reader.raw + reader.rest)]
+        out.append(ToServer(reader.raw + reader.rest))
+        return out
 
     def _refused(self, err: TlsError | ClientHelloTooLarge) -> list[Command]:
         self._state = _DONE
@@ -229,5 +248,5 @@ class TlsEngine:
             return [ToClient(data)]
         self._reply = None
         if fields.get("hello_retry_request"):
-            self._retry = ClientHelloReader(self._max, retry=True)
+            self._retry = ClientHelloReader(self._max, retry=True, early_data=self._early_data)
         return [ToClient(data), Reply(KEY, fields)]

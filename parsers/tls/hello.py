@@ -39,6 +39,7 @@ from typing import Final
 from parsers.requests import TlsClientHello
 from parsers.tls.wire import (
     ACCESS_DENIED,
+    APPLICATION_DATA,
     CHANGE_CIPHER_SPEC,
     CLIENT_HELLO,
     CONTENT_TYPES,
@@ -121,13 +122,36 @@ class ClientHello:
 class ClientHelloReader:
     """Reads one ClientHello out of the client's first bytes; see the module doc."""
 
-    __slots__ = ("_max", "_retry", "_buf", "_pos", "_msg", "_need", "_version", "raw", "rest")
+    __slots__ = (
+        "_max",
+        "_retry",
+        "_early_data",
+        "_buf",
+        "_pos",
+        "_msg",
+        "_need",
+        "_version",
+        "raw",
+        "rest",
+        "passed",
+    )
 
-    def __init__(self, max_client_hello: int = MAX_CLIENT_HELLO, *, retry: bool = False) -> None:
+    def __init__(
+        self,
+        max_client_hello: int = MAX_CLIENT_HELLO,
+        *,
+        retry: bool = False,
+        early_data: bool = False,
+    ) -> None:
         self._max = max_client_hello
-        # The second ClientHello, after a HelloRetryRequest: a TLS 1.3 client in middlebox
-        # compatibility mode may send a ChangeCipherSpec record first (RFC 8446 D.4).
+        # ``retry``: the second ClientHello, after a HelloRetryRequest. A TLS 1.3 client in
+        # middlebox compatibility mode may send a ChangeCipherSpec record first (RFC 8446
+        # D.4), and one whose first hello offered early data (``early_data``) may still be
+        # sending it: the server skips those application_data records (RFC 8446 4.2.10).
+        # Such records are not the hello's: they are handed out in ``passed`` at once.
         self._retry = retry
+        self._early_data = early_data
+        self.passed = b""
         self._buf = bytearray()  # every byte received, the records' headers included
         self._pos = 0  # records whole up to here
         self._msg = bytearray()  # the handshake message so far, headers stripped
@@ -160,12 +184,25 @@ class ClientHelloReader:
                     )
                 self._version = major << 8 | minor
             version = self._version
-            if ctype == CHANGE_CIPHER_SPEC and self._retry and not self._msg:
-                if length != 1 or len(buf) >= pos + 6 and buf[pos + 5] != 1:
-                    raise self._error("a malformed change_cipher_spec record", UNEXPECTED_MESSAGE)
-                if len(buf) < pos + 6:
+            if self._retry and not self._msg and ctype in (CHANGE_CIPHER_SPEC, APPLICATION_DATA):
+                if ctype == CHANGE_CIPHER_SPEC:
+                    if length != 1 or len(buf) > pos + RECORD_HEADER and buf[pos + 5] != 1:
+                        raise self._error(
+                            "a malformed change_cipher_spec record", UNEXPECTED_MESSAGE
+                        )
+                elif not self._early_data:
+                    raise self._error(
+                        "application data before the second ClientHello, and the first "
+                        "offered no early data",
+                        UNEXPECTED_MESSAGE,
+                    )
+                elif length > MAX_PLAINTEXT + 256:  # TLSCiphertext, RFC 8446 5.2
+                    raise self._error(f"an encrypted record of {length} bytes", RECORD_OVERFLOW)
+                end = pos + RECORD_HEADER + length
+                if len(buf) < end:
                     return None
-                self._pos = pos + 6
+                self.passed += bytes(buf[:end])  # pos is 0: nothing of the hello came yet
+                del buf[:end]
                 continue
             if ctype != HANDSHAKE:
                 what = CONTENT_TYPES.get(ctype, f"type {ctype}")

@@ -52,6 +52,7 @@ HELLO_RETRY_RANDOM: Final = bytes.fromhex(
 EXT_SERVER_NAME: Final = 0  # RFC 6066 3
 EXT_ALPN: Final = 16  # RFC 7301
 EXT_PRE_SHARED_KEY: Final = 41  # RFC 8446 4.2.11: MUST be the last extension
+EXT_EARLY_DATA: Final = 42  # RFC 8446 4.2.10
 EXT_SUPPORTED_VERSIONS: Final = 43  # RFC 8446 4.2.1
 EXT_ENCRYPTED_CLIENT_HELLO: Final = 0xFE0D  # ECH (draft-ietf-tls-esni)
 

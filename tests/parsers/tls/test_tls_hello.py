@@ -421,16 +421,34 @@ def test_the_bound_is_an_argument():
     assert refusal(records(msg), max_client_hello=len(msg) - 5).code == "client_hello_too_large"
 
 
+CCS = b"\x14\x03\x03\x00\x01\x01"
+EARLY = b"\x17\x03\x03\x00\x07" + b"0-rtt!!"
+
+
 @pytest.mark.parametrize("way", WAYS)
-def test_a_second_hello_may_come_behind_a_change_cipher_spec_record(way):
-    ccs = b"\x14\x03\x03\x00\x01\x01"
-    wire = ccs + records(client_hello_message(), version=0x0303)
-    reader = ClientHelloReader(retry=True)
-    hello = None
-    for chunk in split(wire, way, seed=4):
+@pytest.mark.parametrize(
+    "before, early_data",
+    [(CCS, False), (EARLY + EARLY + CCS, True), (CCS + EARLY, True)],
+    ids=["ccs", "early data then ccs", "ccs then early data"],
+)
+def test_a_second_hello_comes_behind_what_the_server_skips(before, early_data, way):
+    """After a HelloRetryRequest: a ChangeCipherSpec record (RFC 8446 D.4), and the rest
+    of early data a server skips (4.2.10), are handed out as they come, never held."""
+    hello_records = records(client_hello_message(), version=0x0303)
+    reader = ClientHelloReader(retry=True, early_data=early_data)
+    hello, passed = None, b""
+    for chunk in split(before + hello_records, way, seed=4):
         hello = reader.feed(chunk)
+        passed += reader.passed
+        reader.passed = b""
     assert hello is not None and hello.server_name == "api.example.com"
-    assert reader.raw == wire
+    assert (passed, reader.raw) == (before, hello_records)
+
+
+def test_early_data_before_a_second_hello_is_refused_when_none_was_offered():
+    with pytest.raises(TlsError) as info:
+        ClientHelloReader(retry=True).feed(EARLY + records(client_hello_message()))
+    assert info.value.code == "unexpected_message"
 
 
 @pytest.mark.parametrize("record", [b"\x14\x03\x03\x00\x01\x02", b"\x14\x03\x03\x00\x02\x01\x01"])
