@@ -125,6 +125,15 @@ class TlsEngine:
     def heads_read(self) -> int:
         return self._heads
 
+    @property
+    def held_bytes(self) -> int:
+        """``HoldsFrames``: the bytes of a ClientHello held until it is whole (at most
+        ``max_client_hello`` and its records' headers, about twice that while its last
+        record is being read), counted in the process's budget like Kafka and CQL
+        frames (``--max-held-bytes``)."""
+        reader = self._reader if self._state == _HELLO else self._retry
+        return 0 if reader is None else reader.held
+
     def client_timed_out(self, limit: TimeLimit) -> list[Command]:
         """The ClientHello was not whole in time. TLS has no alert for that: close."""
         self._state = _DONE

@@ -165,6 +165,11 @@ class ClientHelloReader:
         """True once a byte of the ClientHello has arrived."""
         return bool(self._buf)
 
+    @property
+    def held(self) -> int:
+        """Bytes held until the ClientHello is whole (none once it is)."""
+        return len(self._buf) + len(self._msg)
+
     def feed(self, data: bytes) -> ClientHello | None:
         """More of the client's bytes; the ClientHello once it is whole, else None."""
         buf = self._buf

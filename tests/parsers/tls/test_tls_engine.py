@@ -374,6 +374,37 @@ def test_the_head_deadline_runs_while_the_hello_is_partly_read():
     assert (engine.reading_headers, engine.heads_read) == (False, 1)
 
 
+def test_the_bytes_of_a_partial_hello_count_in_the_held_budget():
+    from parsers.base import HoldsFrames
+
+    engine = TlsEngine(Policy())
+    assert isinstance(engine, HoldsFrames) and engine.held_bytes == 0
+    hello = real_client_hello("api.example.com")
+    engine.client_data(hello[:100])
+    assert engine.held_bytes == 100
+    engine.client_data(hello[100:])
+    assert engine.held_bytes == 0  # judged: nothing held any more
+
+
+@pytest.mark.parametrize("end", ["denied", "refused", "timed out", "left"])
+def test_a_partial_hello_that_ends_holds_nothing(end):
+    engine = TlsEngine(Policy(DENY))
+    hello = real_client_hello("api.example.com")
+    if end == "denied":
+        engine.client_data(hello)
+    elif end == "refused":
+        bad = bytearray(hello)
+        bad[5 + 4 + 2 + 32] = 200  # the session id claims 200 bytes
+        engine.client_data(bytes(bad))
+    elif end == "timed out":
+        engine.client_data(hello[:30])
+        engine.client_timed_out(HEADER_TIMEOUT)
+    else:
+        engine.client_data(hello[:30])
+        engine.client_data(b"")
+    assert engine.held_bytes == 0
+
+
 def test_a_slow_hello_is_closed_when_its_deadline_passes():
     engine = TlsEngine(Policy())
     engine.client_data(real_client_hello("api.example.com")[:30])
