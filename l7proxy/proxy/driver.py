@@ -501,8 +501,16 @@ class Pipe:
             elif kind is Access:
                 in_flight = self._in_flight
                 in_flight[cmd.key] = (time.monotonic(), cmd.request, cmd.decision)
-                if len(in_flight) >= self._limits.max_pending_requests:
+                if (
+                    len(in_flight) >= self._limits.max_pending_requests
+                    and not self._client_holds & HOLD_PENDING
+                ):
                     self._hold_client(HOLD_PENDING)
+                    self._limit_record(
+                        "max_pending_requests",
+                        f"{len(in_flight)} requests await an answer: not read until half are",
+                        verdict="PAUSED",
+                    )
             elif kind is Reply:
                 self._record(cmd.key, cmd.fields)
             elif kind is ShutdownServer:
@@ -742,6 +750,9 @@ class Pipe:
         now = self._loop.time()
         limits = self._limits
         if now - self._last_activity > limits.idle_timeout:
+            self._limit_record(
+                "idle_timeout", f"no byte either way for {limits.idle_timeout:g} s"
+            )
             self.close("idle timeout")
             return
         wake = now + self._timer_interval()

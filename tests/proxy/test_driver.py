@@ -432,6 +432,8 @@ async def test_a_client_with_max_pending_requests_unanswered_is_not_read_until_h
         ("client", "pause_reading"),  # 4 unanswered again
         ("server", "write", gets[5]),
     ]
+    reason = "4 requests await an answer: not read until half are"
+    assert limit_records(p) == [("max_pending_requests", reason)] * 2
 
 
 # --------------------------------------------------------------------------- fairness
@@ -821,6 +823,7 @@ async def test_a_connection_silent_for_the_idle_timeout_closes():
 
     assert await ends_within(p, 2.0)
     assert p.wire.take() == [("server", "close"), ("client", "write_eof")]
+    assert limit_records(p) == [("idle_timeout", "no byte either way for 0.05 s")]
 
 
 async def test_traffic_keeps_a_connection_past_its_idle_timeout():
