@@ -750,9 +750,7 @@ class Pipe:
         now = self._loop.time()
         limits = self._limits
         if now - self._last_activity > limits.idle_timeout:
-            self._limit_record(
-                "idle_timeout", f"no byte either way for {limits.idle_timeout:g} s"
-            )
+            self._limit_record("idle_timeout", f"no byte either way for {limits.idle_timeout:g} s")
             self.close("idle timeout")
             return
         wake = now + self._timer_interval()
