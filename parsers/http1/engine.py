@@ -514,7 +514,10 @@ class Http1Engine:
                 return out
             if self._last is not None:
                 return out  # sent behind the last request: never read, so not kept
-        self._requests.budget = self._budget()
+        if self._last is None and not self._finishing:  # (``_budget()``, inline: per read)
+            self._requests.budget = max(0, self._max_pending - len(self._queue))
+        else:
+            self._requests.budget = self._budget()
         if not self._read_client(data, out):
             return _coalesce(out)
         if self._requests.held:

@@ -110,7 +110,9 @@ class MessageReader:
         self._requests: deque[tuple[str, bool]] = deque()
         # Messages the reader may still begin before it holds further bytes; None: no bound.
         self.budget: int | None = None
-        self._held = False  # paused for want of budget (not for an Upgrade)
+        # Paused before a message for want of ``budget`` (not for an Upgrade), its
+        # bytes kept for ``resume()``. (An attribute: the engine reads it per read.)
+        self.held = False
         self.standalone = True  # response reader with no request context (corpus runs)
         self.switched = False  # a 101 / CONNECT 2xx: the rest is not HTTP
 
@@ -136,16 +138,11 @@ class MessageReader:
         self.standalone = False
         self._requests.append((method, upgrade))
 
-    @property
-    def held(self) -> bool:
-        """Paused before a message for want of ``budget``, bytes kept for ``resume()``."""
-        return self._held
-
     def resume(self) -> list[Event]:
         """Continue parsing after a paused Upgrade request was refused, or with new budget."""
         if self._state != PAUSED:
             return []
-        self._held = False
+        self.held = False
         self._state = HEAD if self._head is None or self._head.keep_alive else CLOSED
         pending, self._pending = bytes(self._pending), bytearray()
         return self.feed(pending) if pending else []
@@ -181,7 +178,7 @@ class MessageReader:
                         self._finish(events)
                 elif state == HEAD:
                     if self.budget == 0 and not self._buf:
-                        self._held = True
+                        self.held = True
                         self._state = PAUSED
                         continue
                     pos = self._read_head(data, pos, events)
