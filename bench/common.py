@@ -411,34 +411,49 @@ def start_haproxy(
     frontend_rules: str = "",
     port: int | None = None,
     name: str = "haproxy",
+    maxconn: int = 4000,
+    timeouts: dict[str, str] | None = None,
+    bind_options: str = "",
+    server_options: str = "",
 ) -> Iterator[Service]:
-    """haproxy in http mode, one thread, keep-alive both sides, ``frontend_rules`` in force."""
+    """haproxy in http mode, one thread, keep-alive both sides, ``frontend_rules`` in force.
+
+    ``timeouts`` replaces or adds ``timeout NAME VALUE`` lines of the defaults (e.g.
+    ``{"http-request": "10s"}``); ``bind_options`` and ``server_options`` end the bind and
+    server lines (``proto h2`` for HTTP/2 on either side).
+    """
     exe = shutil.which("haproxy") or "/usr/sbin/haproxy"
     port = port or free_port()
     root = workdir / name
     root.mkdir(parents=True, exist_ok=True)
     conf = root / "haproxy.cfg"
+    all_timeouts = {
+        "connect": "5s",
+        "client": "300s",
+        "server": "300s",
+        "http-keep-alive": "300s",
+        **(timeouts or {}),
+    }
+    timeout_lines = "\n".join(f"    timeout {k} {v}" for k, v in all_timeouts.items())
     conf.write_text(f"""
 global
     nbthread 1
-    maxconn 4000
+    maxconn {maxconn}
     pidfile {root}/haproxy.pid
 
 defaults
     mode http
+    maxconn {maxconn}
     option http-keep-alive
-    timeout connect 5s
-    timeout client 300s
-    timeout server 300s
-    timeout http-keep-alive 300s
+{timeout_lines}
 
 frontend bench
-    bind {LOOPBACK}:{port}
+    bind {LOOPBACK}:{port} {bind_options}
     {frontend_rules}
     default_backend upstream
 
 backend upstream
-    server up {upstream[0]}:{upstream[1]}
+    server up {upstream[0]}:{upstream[1]} {server_options}
 """)
     check = subprocess.run([exe, "-c", "-f", str(conf)], capture_output=True, text=True)
     if check.returncode != 0:
