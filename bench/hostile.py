@@ -64,7 +64,7 @@ HAPROXY_RULES = "http-request deny unless { method GET } { path_reg ^/.* }"
 PROXIES = ("l7proxy", "haproxy")
 GROUPS = ("http1", "raw", "h2")
 
-# Sizes: the full run (about 7 minutes) and --quick (about 2), each overridable.
+# Sizes: the full run (about 10 minutes) and --quick (about 4), each overridable.
 FULL = {
     "idle": 10_000,
     "hold": 5.0,
@@ -87,8 +87,9 @@ QUICK = {
     "stalled": 20,
     "flood_seconds": 3.0,
     "scan": 500,
-    "header_timeout": 2.0,
-    "body_timeout": 3.0,
+    # Not below the header timeout: haproxy's `timeout client` (set to it) would then cut
+    # silent and idle clients before its `timeout http-request` does.
+    "body_timeout": 10.0,
     "baseline_seconds": 3.0,
 }
 
@@ -228,7 +229,7 @@ def group_targets(group: str, args: argparse.Namespace, workdir: Path) -> Iterat
                         (LOOPBACK, up_port),
                         frontend_rules=HAPROXY_RULES,
                         name=f"haproxy-{group}",
-                        maxconn=args.idle + 2 * args.slowloris + 2000,
+                        maxconn=haproxy_maxconn(args),
                         timeouts=_haproxy_timeouts(args),
                         bind_options=h2,
                         server_options=h2,
@@ -236,6 +237,15 @@ def group_targets(group: str, args: argparse.Namespace, workdir: Path) -> Iterat
                 )
             targets.append(Target(name, svc, up_port, up_pid, *legit))
         yield targets
+
+
+def haproxy_maxconn(args: argparse.Namespace) -> int:
+    """Enough for the idle connections and the rest, if the descriptor limit allows: haproxy
+    reserves two descriptors per connection (client and server side) and refuses to start
+    when its maxconn needs more than it may open."""
+    wanted = args.idle + 2 * args.slowloris + 2000
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return min(wanted, (hard - 100) // 2)
 
 
 def open_files_limit(pid: int) -> int | None:
@@ -247,17 +257,17 @@ def open_files_limit(pid: int) -> int | None:
 
 
 def raise_open_files(need: int) -> int:
-    """Raise this process's descriptor limit (children inherit it) to at least ``need``,
-    if it may; the soft limit in force."""
+    """Raise this process's descriptor limit (children inherit it) to the hard limit, and
+    the hard limit to ``need`` if it may (CAP_SYS_RESOURCE); the soft limit in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if need > hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
             return need
         except (ValueError, OSError):
-            pass  # not root: what the hard limit allows
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(need, hard)), hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            pass  # what the hard limit allows
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
 
 
 def traceback_in_log(service: Service) -> bool:
@@ -500,6 +510,16 @@ def _outcome(r: dict[str, Any]) -> str:
     return _cut_cell(r) + ("" if when is None else f" at {when:.1f} s")
 
 
+def _legit_summary(r: dict[str, Any]) -> str:
+    legit, ratio = r["legit"], r.get("legit_p99_over_baseline")
+    cell = "" if legit["p99_ms"] is None else f"{legit['p99_ms']:.1f}"
+    if ratio is not None:
+        cell += f" ({ratio:.1f}×)"
+    if legit["failed"]:
+        cell += f"{', ' if cell else ''}{legit['failed']}/{legit['requests']} failed"
+    return cell or "-"
+
+
 def summary(doc: dict[str, Any]) -> str:
     """The short table for the README: per attack, l7proxy beside haproxy."""
     by: dict[str, dict[str, dict[str, Any]]] = {}
@@ -517,12 +537,10 @@ def summary(doc: dict[str, Any]) -> str:
             if r is None:
                 cells += ["-", "-", "-"]
                 continue
-            ratio = r.get("legit_p99_over_baseline")
             cells += [
                 _outcome(r),
                 f"{r['proxy_cpu_s']:.2f} / {_num(r['rss_mib']['peak'])}",
-                f"{_num(r['legit']['p99_ms'], '{:.1f}')}"
-                + ("" if ratio is None else f" ({ratio:.1f}×)"),
+                _legit_summary(r),
             ]
         rows.append(cells)
     return markdown_table(
@@ -605,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
             "legit": "own process, one keep-alive connection, GET every "
             f"{args.legit_interval * 1000:g} ms, {args.legit_timeout:g} s timeout",
             "bench_open_files": nofile,
+            "haproxy_maxconn": haproxy_maxconn(args),
         },
         "versions": {
             "haproxy": tool_version(["haproxy", "-v"]),

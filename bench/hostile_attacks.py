@@ -167,11 +167,18 @@ async def idle_connections(ctx: Ctx) -> dict[str, Any]:
     connected_s = time.monotonic() - started
     # Accepted once the proxy holds a descriptor for each (the kernel finishes handshakes
     # on its own, up to the accept queue).
+    # Waiting stops when no more come for 2 s: a proxy at its maxconn leaves the rest in
+    # the accept queue.
     target = ctx.before["fds"] + len(socks)
-    while ctx.probe.fds() < target and time.monotonic() - started < args.idle_deadline:
+    fds, progress = ctx.probe.fds(), time.monotonic()
+    while fds < target and time.monotonic() - started < args.idle_deadline:
         await asyncio.sleep(0.05)
-    accepted_s = time.monotonic() - started
-    accepted = min(ctx.probe.fds() - ctx.before["fds"], len(socks))
+        if (now := ctx.probe.fds()) > fds:
+            fds, progress = now, time.monotonic()
+        elif time.monotonic() - progress > 2:
+            break
+    accepted_s = progress - started
+    accepted = min(fds - ctx.before["fds"], len(socks))
     # What they cost, once the proxy has settled on them (and before haproxy's
     # `timeout http-request`, which also counts the wait for a first request, cuts them).
     await asyncio.sleep(min(0.5, args.hold))
@@ -181,7 +188,8 @@ async def idle_connections(ctx: Ctx) -> dict[str, Any]:
     for s in socks:
         _rst_close(s)
     rss_per_conn = (held["rss_mib"] - ctx.before["rss_mib"]) * 1024 / max(len(socks), 1)
-    upstream_opened = held["upstream_connections"] - ctx.before["upstream_connections"]
+    # Fewer than before is haproxy closing its pooled idle server connection at maxconn.
+    upstream_opened = max(0, held["upstream_connections"] - ctx.before["upstream_connections"])
     return {
         "endings": endings,
         "connected": len(socks),

@@ -81,16 +81,18 @@ class FrameReader:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[tuple[int, int, int, bytes]]:
-        self._buf += data
+        buf = self._buf
+        buf += data
         frames = []
-        while len(self._buf) >= 9:
-            length = int.from_bytes(self._buf[:3], "big")
-            if len(self._buf) < 9 + length:
+        pos = 0  # consumed once at the end: a flood of small frames costs no memmove each
+        while len(buf) - pos >= 9:
+            end = pos + 9 + int.from_bytes(buf[pos : pos + 3], "big")
+            if end > len(buf):
                 break
-            kind, flags = self._buf[3], self._buf[4]
-            stream = int.from_bytes(self._buf[5:9], "big") & 0x7FFF_FFFF
-            frames.append((kind, flags, stream, bytes(self._buf[9 : 9 + length])))
-            del self._buf[: 9 + length]
+            stream = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFF_FFFF
+            frames.append((buf[pos + 3], buf[pos + 4], stream, bytes(buf[pos + 9 : end])))
+            pos = end
+        del buf[:pos]
         return frames
 
 

@@ -132,7 +132,8 @@ def test_latency_counts_only_the_requests_sent_during_the_attack() -> None:
     assert stats["p50_ms"] == stats["p99_ms"] == 2.0
 
 
-def row(attack: str, proxy: str, p99: float, **extra: Any) -> dict[str, Any]:
+def row(attack: str, proxy: str, p99: float | None, **extra: Any) -> dict[str, Any]:
+    failed, requests = extra.pop("legit_failed", (0, 100))
     return {
         "attack": attack,
         "title": extra.pop("title", attack),
@@ -143,7 +144,7 @@ def row(attack: str, proxy: str, p99: float, **extra: Any) -> dict[str, Any]:
         "busy_after_s": 2.0,
         "rss_mib": {"before": 40.0, "peak": 48.0, "after": 41.0},
         "upstream_connections": {"before": 1, "after": 1},
-        "legit": {"requests": 100, "failed": 0, "p50_ms": 0.5, "p99_ms": p99},
+        "legit": {"requests": requests, "failed": failed, "p50_ms": 0.5, "p99_ms": p99},
         "notes": "",
         **extra,
     }
@@ -156,6 +157,7 @@ def test_the_report_puts_each_attack_beside_its_own_baseline() -> None:
         row("baseline", "haproxy", 1.0, title="none (baseline)"),
         row("slowloris_silent", "l7proxy", 6.0, title="slowloris", endings=slow),
         row("slowloris_silent", "haproxy", 1.5, title="slowloris", endings=slow),
+        row("slowloris_trickle", "l7proxy", None, title="trickle", legit_failed=(2, 2)),
         row(
             "idle",
             "l7proxy",
@@ -179,8 +181,9 @@ def test_the_report_puts_each_attack_beside_its_own_baseline() -> None:
         "| slowloris | 408 ×500 at 10.0 s | 0.50 / 48 | 6.0 (3.0×) "
         "| 408 ×500 at 10.0 s | 0.50 / 48 | 1.5 (1.5×) |"
     )
-    assert short[3].startswith("| 10,000 idle | 3.1 KiB/conn, 0 upstream, accepted in 1.2 s |")
-    assert short[3].endswith("| - | - | - |")  # no haproxy row: said, not invented
+    assert short[3].endswith("| 2/2 failed | - | - | - |")  # no latency: none came back
+    assert short[4].startswith("| 10,000 idle | 3.1 KiB/conn, 0 upstream, accepted in 1.2 s |")
+    assert short[4].endswith("| - | - | - |")  # no haproxy row: said, not invented
 
 
 def test_the_quick_sizes_are_smaller_and_any_of_them_can_be_set() -> None:
