@@ -415,13 +415,15 @@ class H2Attacker:
             elif kind == GOAWAY and self.ending is None:
                 self.ending = Ending(goaway_of(payload), self._took())
 
-    async def _read_once(self, until: float, *, quiet_ends: bool = False) -> bool:
-        """Read once (bounded by ``until``); False once the connection ended (or, with
-        ``quiet_ends``, nothing came)."""
+    async def _read_once(self, until: float | None, *, quiet_ends: bool = False) -> bool:
+        """Read once (bounded by ``until``, if given); False once the connection ended (or,
+        with ``quiet_ends``, nothing came)."""
         try:
-            data = await asyncio.wait_for(
-                self.reader.read(65536), max(0.0, until - time.monotonic())
-            )
+            if until is None:
+                data = await self.reader.read(65536)
+            else:
+                timeout = max(0.0, until - time.monotonic())
+                data = await asyncio.wait_for(self.reader.read(65536), timeout)
         except TimeoutError:
             return not quiet_ends
         except ConnectionError:
@@ -436,7 +438,9 @@ class H2Attacker:
         return True
 
     async def _read_loop(self) -> None:
-        while await self._read_once(time.monotonic() + 3600):
+        # No wait_for here: Python 3.11's can swallow the cancellation that ends this task
+        # when a read completes at the same moment, and the task would read on.
+        while await self._read_once(None):
             pass
 
     async def send(self, data: bytes, until: float) -> bool:
