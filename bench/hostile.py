@@ -1,6 +1,7 @@
 """Hostile clients against l7proxy and haproxy, in the same run (issue 14).
 
     python -m bench.hostile [--quick] [--attacks idle,slowloris_trickle,...] [--idle N] ...
+    python -m bench.hostile --report bench/results/hostile.json   # the tables again
 
 One run starts three upstreams, each with an ``l7proxy firewall`` (an L7 rule in force:
 GET only) and a one-thread haproxy (the same rule, the same timeouts) in front:
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import resource
@@ -119,7 +121,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python -m bench.hostile", description=__doc__.split("\n\n")[0]
     )
     names = [a.name for a in ATTACKS]
-    p.add_argument("--quick", action="store_true", help="small counts and short timeouts")
+    p.add_argument("--quick", action="store_true", help="small counts and short floods")
+    p.add_argument("--report", metavar="JSON", help="print the tables of a results file; no run")
     p.add_argument("--attacks", default=",".join(names), help=f"comma list of {', '.join(names)}")
     p.add_argument("--proxies", default=",".join(PROXIES), help="comma list of l7proxy, haproxy")
     sized = p.add_argument_group("sizes (defaults: the full run; --quick shrinks them)")
@@ -592,6 +595,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> tuple[list[dict[str, A
 def main(argv: list[str] | None = None) -> int:
     argv = [] if argv is None else argv  # called by the runner: defaults
     args = parse_args(argv)
+    if args.report:
+        doc = json.loads(Path(args.report).read_text())
+        print(f"{doc['command']} ({doc['date_utc']})\n\n{report(doc)}\n\n{summary(doc)}")
+        return 0
     logging.getLogger("asyncio").setLevel(logging.ERROR)  # writes to sockets cut under us
     need = args.idle + 2 * args.slowloris + args.stalled + 2000
     nofile = raise_open_files(need)

@@ -280,10 +280,11 @@ async def stalled_body(ctx: Ctx) -> dict[str, Any]:
     await asyncio.sleep(min(2.0, window / 2))
     during = ctx.probe.snapshot()
     endings = await clients
+    held = during["upstream_connections"] - ctx.before["upstream_connections"]
     return {
         "endings": endings,
         "during": during,
-        "notes": f"{during['upstream_connections']} upstream connections held while stalled",
+        "notes": f"{held} upstream connections held while stalled",
     }
 
 
