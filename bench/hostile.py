@@ -136,7 +136,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--idle-deadline", type=float, default=120.0, help="to accept the idle ones")
     p.add_argument("--inflight", type=int, default=500, help="handshakes in flight at once")
     p.add_argument("--continuation-bytes", type=int, default=1024, help="per CONTINUATION frame")
-    p.add_argument("--grace", type=float, default=3.0, help="seconds past a timeout to wait")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=6.0,
+        help="seconds past a timeout to wait (more than l7proxy's timer interval, 5 s)",
+    )
     p.add_argument("--settle", type=float, default=2.0, help="seconds after an attack, then RSS")
     p.add_argument(
         "--quiet-deadline",

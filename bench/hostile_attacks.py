@@ -569,6 +569,10 @@ async def continuation_flood(ctx: Ctx) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the registry
 
 
+def _clients(n: int) -> str:
+    return f"{n} client" if n == 1 else f"{n} clients"
+
+
 @dataclass(frozen=True)
 class Attack:
     name: str
@@ -596,13 +600,13 @@ ATTACKS = [
         "pipeline_unread",
         "http1",
         pipeline_unread,
-        lambda a: f"pipelining, {a.pipeliners} client(s) never reading",
+        lambda a: f"pipelining, {_clients(a.pipeliners)} never reading",
     ),
     Attack(
         "pipeline_silent",
         "raw",
         pipeline_silent,
-        lambda a: f"pipelining to a silent upstream, {a.pipeliners} client(s)",
+        lambda a: f"pipelining to a silent upstream, {_clients(a.pipeliners)}",
     ),
     Attack("scan", "http1", connect_close, lambda a: f"{a.scan:,} connect-and-close"),
     Attack("h2_rapid_reset", "h2", rapid_reset, lambda a: "HTTP/2 rapid reset"),
