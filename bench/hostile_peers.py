@@ -230,7 +230,7 @@ class _H2Client:
                 elif isinstance(event, ev.StreamReset) and event.stream_id == stream:
                     raise ConnectionError(f"RST_STREAM({error_name(int(event.error_code))})")
                 elif isinstance(event, ev.ConnectionTerminated):
-                    raise ConnectionError(f"GOAWAY({error_name(int(event.error_code))})")
+                    raise ConnectionError(f"GOAWAY({error_name(int(event.error_code or 0))})")
                 elif isinstance(event, ev.StreamEnded) and event.stream_id == stream:
                     out = self.conn.data_to_send()
                     if out:
