@@ -771,10 +771,12 @@ class Pipe:
                 self._head_deadline = None
             if engine.reading_body:
                 if self._body_since is None:
-                    # Awaited since the client's last bytes if they came after our
-                    # last look; else it began on the server's word (100 Continue).
+                    # Awaited since the client's last bytes if they came at or after
+                    # our last look (uvloop's clock counts milliseconds: the same
+                    # reading is "after"); else it began on the server's word
+                    # (100 Continue).
                     last = self._last_client_byte
-                    self._body_since = last if last > self._last_look else now
+                    self._body_since = last if last >= self._last_look else now
                 stalled_since = max(self._last_client_byte, self._body_since)
                 if now - stalled_since >= limits.body_timeout:
                     self._time_out(BODY_TIMEOUT, limits.body_timeout)
