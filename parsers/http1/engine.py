@@ -44,7 +44,6 @@ from parsers.base import (
     TimeLimit,
     ToClient,
     ToServer,
-    Yield,
 )
 from parsers.http1.errors import (
     AmbiguousFraming,
@@ -145,10 +144,6 @@ def response_reader(
 # Serialisation (canonical framing)
 
 FRAMING_FIELDS = (b"content-length", b"transfer-encoding")
-# Requests judged per read or turn of the event loop (about 1 ms of work): a client
-# pipelining a whole read's worth (thousands of small requests in 256 KiB) is read
-# on in later turns (``Yield``), so it cannot hold the loop from everyone else.
-REQUESTS_PER_TURN = 64
 DENIED = simple_response(403, b"Access denied", close=False)
 DENIED_CLOSE = simple_response(403, b"Access denied", close=True)
 BAD_GATEWAY = simple_response(502, b"Bad Gateway", close=True)
@@ -387,7 +382,6 @@ class Http1Engine:
         self._response_head: MessageHead | None = None
         self._client_dead = False  # an error or a close: ignore further client bytes
         self._client_eof_held = False  # the client's EOF came behind held requests
-        self._turn_due = False  # a Yield is out: held requests are read on its turn
         self._closed = False
         self._tunnel = False
         self._inner: Engine | None = None
@@ -481,11 +475,10 @@ class Http1Engine:
             ex.reply = DENIED_CLOSE
 
     def _budget(self) -> int:
-        """How many more requests the reader may begin in this turn: none past the
-        last one."""
+        """How many more requests the reader may begin: none past the last one."""
         if self._last is not None:
             return 0
-        room = max(0, min(self._max_pending - len(self._queue), REQUESTS_PER_TURN))
+        room = max(0, self._max_pending - len(self._queue))
         return min(room, 1) if self._finishing else room
 
     def _end_after_last(self, out: list[Command]) -> None:
@@ -522,8 +515,7 @@ class Http1Engine:
             if self._last is not None:
                 return out  # sent behind the last request: never read, so not kept
         if self._last is None and not self._finishing:  # (``_budget()``, inline: per read)
-            room = self._max_pending - len(self._queue)
-            self._requests.budget = max(0, room if room < REQUESTS_PER_TURN else REQUESTS_PER_TURN)
+            self._requests.budget = max(0, self._max_pending - len(self._queue))
         else:
             self._requests.budget = self._budget()
         if not self._read_client(data, out):
@@ -557,34 +549,20 @@ class Http1Engine:
         return True
 
     def _resume_held(self, out: list[Command]) -> None:
-        """Held requests are read on in a later turn of the event loop (``Yield``), once
-        there is room for half the depth at least (so held bytes are not re-read once
-        per answer); with none held, the client's EOF, if it came behind them."""
-        if self._can_read_on():
-            if not self._turn_due:
-                self._turn_due = True
-                out.append(Yield(self._next_turn))
-        elif self._client_eof_held and not self._requests.held and not self._closed:
+        """Read on through held requests while there is room for half the depth at
+        least (so held bytes are not re-read once per answer); then the client's
+        EOF, if it came behind them."""
+        requests = self._requests
+        while requests.held and not self._client_dead and not self._closed:
+            room = self._max_pending - len(self._queue)
+            if room < max(1, self._max_pending // 2) or not self._budget():
+                return
+            requests.budget = self._budget()
+            if not self._read_client(None, out):
+                return
+        if self._client_eof_held and not requests.held and not self._closed:
             self._client_eof_held = False
             out.extend(self.client_data(b""))
-
-    def _can_read_on(self) -> bool:
-        if not self._requests.held or self._client_dead or self._closed:
-            return False
-        room = self._max_pending - len(self._queue)
-        return room >= max(1, self._max_pending // 2) and self._budget() > 0
-
-    def _next_turn(self) -> list[Command]:
-        """``Yield.resume``: one more turn of held requests."""
-        self._turn_due = False
-        out: list[Command] = []
-        if self._can_read_on():
-            self._requests.budget = self._budget()
-            if self._read_client(None, out):
-                self._resume_held(out)
-        else:
-            self._resume_held(out)
-        return _coalesce(out)
 
     def _on_client_events(self, events: Iterable[Event], out: list[Command]) -> None:
         for event in events:

@@ -22,15 +22,9 @@ from parsers.base import (
     ShutdownServer,
     ToClient,
     ToServer,
-    Yield,
     allow_all,
 )
-from parsers.http1.engine import (
-    REQUESTS_PER_TURN,
-    Http1Engine,
-    Http1Limits,
-    active_implementation,
-)
+from parsers.http1.engine import Http1Engine, Http1Limits, active_implementation
 from parsers.http1.errors import AmbiguousFraming, HeadersTooLarge, InvalidChunk, MalformedMessage
 from parsers.requests import HttpRequest
 from tests.parsers.http1.helpers import IMPLS, deny_path, normalise, sent
@@ -295,28 +289,9 @@ def test_pipelined_requests_past_max_pending_wait_unread_until_half_are_answered
 
     out = engine.server_data(ok(b"1"))  # then the 403 of /admin: only /3 unanswered
     assert sent(out, ToClient) == ok(b"1") + DENIED_403
-    (turn,) = [c for c in out if type(c) is Yield]  # read on, in a later turn of the loop
-    out = turn.resume()
     assert [c.request.path for c in out if type(c) is Access] == ["/4", "/5", "/6"]
     assert sent(out, ToServer) == get("/4") + get("/5") + get("/6")
     assert out[-1] == ShutdownServer()  # and then the client's EOF, in order
-
-
-def test_a_read_of_many_pipelined_requests_is_judged_a_turn_at_a_time(impl):
-    engine = engine_for(impl, deny_path("/admin"))
-    pipeline = b"".join(get(f"/admin/{n}") for n in range(3 * REQUESTS_PER_TURN + 5))
-
-    turns = [engine.client_data(pipeline)]
-    while (pending := [c for c in turns[-1] if type(c) is Yield]) != []:
-        assert len(pending) == 1
-        turns.append(pending[0].resume())
-
-    judged = [[c.request.path for c in out if type(c) is Access] for out in turns]
-    assert [len(paths) for paths in judged] == [REQUESTS_PER_TURN] * 3 + [5]
-    assert sum(judged, []) == [f"/admin/{n}" for n in range(3 * REQUESTS_PER_TURN + 5)]
-    assert b"".join(sent(out, ToClient) for out in turns) == DENIED_403 * (
-        3 * REQUESTS_PER_TURN + 5
-    )
 
 
 def test_denied_with_connection_close_closes_after_403(impl):
