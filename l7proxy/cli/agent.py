@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from l7proxy.agent.agent import Agent
     from l7proxy.agent.handover import Predecessor, socket_path
     from l7proxy.datapath.loader import kernel_support
+    from l7proxy.proxy.heap import steady_heap
 
     problem = kernel_support()
     if problem:
@@ -117,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
 
             log.info("parsers: %s", ", ".join(f"{k}={v}" for k, v in active_parsers().items()))
             print(f"l7proxy agent running: listeners {agent.listeners}", flush=True)
+            heap = loop.create_task(steady_heap())
             await agent.run(stop)
+            heap.cancel()
         finally:
             if agent.metrics is not None:
                 await agent.metrics.close()

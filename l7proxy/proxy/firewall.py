@@ -24,6 +24,7 @@ from l7proxy.policy.model import Policy
 from l7proxy.policy.source import PolicySource
 from l7proxy.policy.state import PolicyState
 from l7proxy.proxy.driver import ProxyLimits
+from l7proxy.proxy.heap import steady_heap
 from l7proxy.proxy.server import Proxy, Upstream
 
 log = logging.getLogger("l7proxy.proxy.firewall")
@@ -127,10 +128,12 @@ async def run_firewall(
     if served is not None:
         ready(f"l7proxy metrics on {served.url}")
     watcher = loop.create_task(fw.watch())
+    heap = loop.create_task(steady_heap())
     try:
         await stop.wait()
     finally:
         watcher.cancel()
+        heap.cancel()
         if served is not None:
             await served.close()
         await fw.close()

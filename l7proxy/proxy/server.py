@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
-import functools
-import gc
 import logging
 import socket
 from collections.abc import Callable
@@ -37,6 +34,7 @@ from l7proxy.proxy.driver import (
     ServerSide,
     kernel_somaxconn,
 )
+from l7proxy.proxy.heap import give_memory_back
 from l7proxy.proxy.passthrough import PassthroughEngine
 from parsers.base import Engine
 from parsers.registry import engine_factory
@@ -50,21 +48,63 @@ GIVE_BACK_AFTER_CLOSED = 256
 GIVE_BACK_DELAY = 1.0
 
 
-def malloc_trim() -> None:
-    """glibc's ``malloc_trim(0)``: release free heap pages to the kernel (a no-op
-    where the C library has no such call)."""
-    trim = _libc_malloc_trim()
-    if trim is not None:
-        trim(0)
+# Connections accepted per turn of the event loop, at most (haproxy's
+# tune.maxaccept is 64 per listener; each of ours costs more). A burst waits in
+# the kernel's accept queue instead of holding the loop: the event loop accepts
+# until the queue is empty otherwise, and the connections already open wait for
+# all of it (10k connects: a 100 ms stall for everyone).
+ACCEPT_BATCH = 16
+# After EMFILE/ENFILE/ENOBUFS: wait before accepting again, instead of spinning
+# on a listener that stays readable (asyncio waits 1 s).
+ACCEPT_RETRY_DELAY = 0.1
 
 
-@functools.cache
-def _libc_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-    return trim
+class Acceptor:
+    """Accepts the connections of one listening socket, ``ACCEPT_BATCH`` per turn."""
+
+    def __init__(self, sock: socket.socket, protocol: Callable[[], asyncio.Protocol]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._protocol = protocol
+        self._retry: asyncio.TimerHandle | None = None
+        sock.setblocking(False)
+        self._loop.add_reader(self._fd, self._accept_some)
+
+    def _accept_some(self) -> None:
+        loop = self._loop
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _peer = self._sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                # Out of descriptors or buffers: the connections wait in the queue.
+                log.warning("accept: %s; retrying in %g s", exc, ACCEPT_RETRY_DELAY)
+                loop.remove_reader(self._fd)
+                self._retry = loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
+                return
+            loop.create_task(self._open(conn))
+
+    async def _open(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._protocol, conn)
+        except OSError as exc:  # reset before we got to it
+            log.debug("accepted connection lost before it opened: %s", exc)
+            conn.close()
+
+    def _resume(self) -> None:
+        self._retry = None
+        self._loop.add_reader(self._fd, self._accept_some)
+
+    def close(self) -> None:
+        """Stop accepting and close our descriptor of the listening socket."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._sock.fileno() >= 0:
+            self._loop.remove_reader(self._fd)
+            self._sock.close()
 
 
 @dataclass(frozen=True)
@@ -99,7 +139,7 @@ class Proxy:
         self._pipes: set[Pipe] = set()
         self._no_pipes = asyncio.Event()  # set whenever _pipes is empty
         self._no_pipes.set()
-        self._servers: list[asyncio.AbstractServer] = []
+        self._acceptors: list[Acceptor] = []
         self._listen_ports: set[int] = set()
         # Connections open at the most since memory was last given back.
         self._peak_pipes = 0
@@ -110,13 +150,9 @@ class Proxy:
     async def listen(
         self, host: str, port: int, *, transparent: bool = False, sock: socket.socket | None = None
     ) -> socket.socket:
-        loop = asyncio.get_running_loop()
-        backlog = self.limits.backlog
         if sock is None:
-            sock = make_listener(host, port, transparent=transparent, backlog=backlog)
-        # create_server listens again, with its own default of 100 unless told.
-        server = await loop.create_server(lambda: ClientSide(self), sock=sock, backlog=backlog)
-        self._servers.append(server)
+            sock = make_listener(host, port, transparent=transparent, backlog=self.limits.backlog)
+        self._acceptors.append(Acceptor(sock, lambda: ClientSide(self)))
         self._listen_ports.add(sock.getsockname()[1])
         return sock
 
@@ -129,8 +165,8 @@ class Proxy:
 
     def stop_accepting(self) -> None:
         """Close our listening sockets' descriptors (a successor may hold the same sockets)."""
-        for server in self._servers:
-            server.close()
+        for acceptor in self._acceptors:
+            acceptor.close()
 
     async def wait_all_closed(self) -> None:
         """Return once no client connection is open (at once if none is)."""
@@ -227,10 +263,8 @@ class Proxy:
             reset_if_killed=self.upstream is None,
             budget=self.held,
         )
+        # (TCP_NODELAY: uvloop and asyncio both set it on every TCP transport.)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._pipes.add(pipe)
         self._no_pipes.clear()
         self._peak_pipes = max(self._peak_pipes, len(self._pipes))
@@ -251,13 +285,10 @@ class Proxy:
                 self._give_back = loop.call_later(GIVE_BACK_DELAY, self._give_memory_back)
 
     def _give_memory_back(self) -> None:
-        """Many connections have ended (an attack, a burst): return the free memory
-        they leave inside the C heap to the kernel, which malloc does not do by
-        itself for memory below its top."""
+        """Many connections have ended (an attack, a burst): their memory goes back."""
         self._give_back = None
         self._peak_pipes = len(self._pipes)
-        gc.collect()  # whatever cycles a library still makes, first
-        malloc_trim()
+        give_memory_back()
 
     async def _connect_upstream(self, pipe: Pipe, src_ip: str, dst_ip: str, dst_port: int) -> None:
         loop = asyncio.get_running_loop()

@@ -363,7 +363,11 @@ def test_host_prefixes_map_to_host_identity():
         [], [], identities, host_prefixes=[ipaddress.IPv4Network("127.0.0.0/8")]
     )
     assert compiled.ipcache.lookup("127.0.0.1") == HOST
+    assert compiled.ipcache.lookup(ipaddress.IPv4Address("127.0.0.9")) == HOST
     assert compiled.ipcache.lookup("8.8.8.8") == WORLD
+    # Only the strict dotted quad is an address: these are nobody we know.
+    for loose in ("127.0.0.01", "127.1", "127.0.0.1 ", "::1", "", "localhost"):
+        assert compiled.ipcache.lookup(loose) == WORLD, loose
 
 
 def test_an_l7_deny_rule_alone_puts_an_l4_allowed_port_under_its_parser():
