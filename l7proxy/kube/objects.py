@@ -86,7 +86,9 @@ def endpoint_labels(pod: Pod, ns_labels: Mapping[str, str]) -> dict[str, str]:
 
 def object_key(kind: str, obj: Obj) -> str:
     m = meta(obj)
-    return f"{kind}/{m.get('namespace')}/{m.get('name')}" if kind == CNP else f"{kind}/{m.get('name')}"
+    return (
+        f"{kind}/{m.get('namespace')}/{m.get('name')}" if kind == CNP else f"{kind}/{m.get('name')}"
+    )
 
 
 def spec_stamp(obj: Obj) -> str:

@@ -62,6 +62,19 @@ PLURALS = {CNP: "ciliumnetworkpolicies", CCNP: "ciliumclusterwidenetworkpolicies
 
 
 @dataclass(frozen=True, slots=True)
+class KubeConfig:
+    """``l7proxy run --k8s``: which node we are, and how to reach the API server
+    (``kubeconfig``, or the pod's service account when None)."""
+
+    node: str
+    kubeconfig: Path | None = None
+    timeout_seconds: int = 300  # each watch is opened again after this (the server ends it)
+    sync_timeout: float = 30.0  # at start, how long to wait for the first lists
+    backoff_base: float = 0.2
+    backoff_cap: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class PodEndpoint:
     """A pod that should be an endpoint of this node."""
 
@@ -172,7 +185,9 @@ class KubeSource:
 
     def endpoints(self) -> list[PodEndpoint]:
         return [
-            PodEndpoint(pod.key, endpoint_labels(pod, self.namespaces.get(pod.namespace, {})), pod.ip)
+            PodEndpoint(
+                pod.key, endpoint_labels(pod, self.namespaces.get(pod.namespace, {})), pod.ip
+            )
             for pod in sorted(self.pods.values(), key=lambda p: p.key)
             if pod.ip and not pod.host_network and not pod.finished and pod.node == self.node
         ]
@@ -309,12 +324,13 @@ class KubeSource:
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         entry = node_status(obj.error is None, obj.error, self.revision, now)
         body: Mapping[str, Any] = {"status": {"nodes": {self.node: entry}}}
-        merge = "application/merge-patch+json"  # the client's default for dicts is JSON patch
+        # The client's default for a dict body is a JSON patch; ours is a merge patch.
+        merge: dict[str, Any] = {"_content_type": "application/merge-patch+json"}
         if obj.kind == CNP:
             await self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, obj.namespace, PLURALS[CNP], obj.name, body, _content_type=merge
+                GROUP, VERSION, obj.namespace, PLURALS[CNP], obj.name, body, **merge
             )
         else:
             await self.custom.patch_cluster_custom_object_status(
-                GROUP, VERSION, PLURALS[CCNP], obj.name, body, _content_type=merge
+                GROUP, VERSION, PLURALS[CCNP], obj.name, body, **merge
             )

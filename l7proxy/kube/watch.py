@@ -107,7 +107,9 @@ class ResourceWatch:
             except ApiException as e:
                 if e.status == 410:
                     self.stats.relists_gone += 1
-                    log.info("%s: resourceVersion %s is gone (410): listing again", self.kind, version)
+                    log.info(
+                        "%s: resourceVersion %s is gone (410): listing again", self.kind, version
+                    )
                     version = None
                 else:
                     self._failed(f"{e.status} {e.reason}")

@@ -174,6 +174,21 @@ def host_addresses() -> list[IPv4Address]:
         return [IPv4Address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(family=socket.AF_INET)]
 
 
+def route_link(ip: IPv4Address | str) -> tuple[str, int] | None:
+    """(ifname, ifindex) of the link that the main table's /32 route to ``ip`` goes
+    out of: a pod's host-side veth, as a CNI that routes each pod (ptp, Calico,
+    Cilium's generic veth chaining) installs it. None without such a route."""
+    with IPRoute() as ipr:
+        for r in ipr.get_routes(family=socket.AF_INET, table=254, dst=str(ip), dst_len=32):
+            oif = r.get_attr("RTA_OIF")
+            if r["dst_len"] != 32 or r.get_attr("RTA_DST") != str(ip) or oif is None:
+                continue
+            links = ipr.get_links(oif)
+            if links:
+                return str(links[0].get_attr("IFLA_IFNAME")), int(oif)
+    return None
+
+
 def routes_in(network: IPv4Network) -> bool:
     """True if any root-namespace IPv4 route overlaps `network` (used to pick a free test /24)."""
     network = IPv4Network(network)

@@ -314,7 +314,9 @@ class KubeApiDouble:
         except ApiError as e:
             return web.json_response(e.status(), status=e.code)
         except KvUnavailable as e:
-            return web.json_response(ApiError(503, "ServiceUnavailable", str(e)).status(), status=503)
+            return web.json_response(
+                ApiError(503, "ServiceUnavailable", str(e)).status(), status=503
+            )
 
     def _where(self, request: web.Request) -> Where:
         group = request.match_info.get("group", "")
@@ -349,7 +351,9 @@ class KubeApiDouble:
                     return await self._watch(request, where)
                 return web.json_response(await self._list(request, where))
             if method == "POST":
-                return web.json_response(await self._create(where, await request.json()), status=201)
+                return web.json_response(
+                    await self._create(where, await request.json()), status=201
+                )
         else:
             if method == "GET":
                 return web.json_response(await self._get(where))
@@ -358,7 +362,11 @@ class KubeApiDouble:
             if method == "PATCH":
                 kind = request.content_type
                 if kind != "application/merge-patch+json":
-                    raise ApiError(415, "UnsupportedMediaType", f"this double takes merge patches only, not {kind}")
+                    raise ApiError(
+                        415,
+                        "UnsupportedMediaType",
+                        f"this double takes merge patches only, not {kind}",
+                    )
                 return web.json_response(await self._patch(where, await request.json()))
             if method == "DELETE":
                 return web.json_response(await self._delete(where))
@@ -381,7 +389,9 @@ class KubeApiDouble:
                 self._collection(r, where.namespace), revision=revision
             )
         except KvCompacted:
-            raise ApiError(410, "Expired", "The resourceVersion for the provided list is too old.") from None
+            raise ApiError(
+                410, "Expired", "The resourceVersion for the provided list is too old."
+            ) from None
         items = [o for o in (self._decode(r, kv) for kv in kvs) if match(o)]
         return {
             "apiVersion": r.api_version,
@@ -407,7 +417,9 @@ class KubeApiDouble:
             raise ApiError(422, "Invalid", "metadata.name: Required value")
         if r.namespaced:
             if meta.get("namespace", where.namespace) != where.namespace or not where.namespace:
-                raise ApiError(400, "BadRequest", "the namespace of the object does not match the request")
+                raise ApiError(
+                    400, "BadRequest", "the namespace of the object does not match the request"
+                )
             meta["namespace"] = where.namespace
         meta.pop("resourceVersion", None)
         meta["uid"] = str(uuid.uuid4())
@@ -420,7 +432,9 @@ class KubeApiDouble:
             raise ApiError(409, "AlreadyExists", f'{r.plural} "{name}" already exists')
         return self._decode(r, KeyValue(key, _encode(body), mod_revision=result.revision))
 
-    async def _replace(self, where: Where, change: Callable[[Obj], Obj], expected: str | None) -> Obj:
+    async def _replace(
+        self, where: Where, change: Callable[[Obj], Obj], expected: str | None
+    ) -> Obj:
         """Read, change, write back if nobody wrote in between (else 409)."""
         r = where.resource
         key = self._key(r, where.namespace, where.name)
@@ -432,7 +446,9 @@ class KubeApiDouble:
         old: Obj = json.loads(current.value)
         new = change(old)
         value = _encode(new)
-        result = await self.kv.txn(Txn((unchanged_since(key, current.mod_revision),), (Put(key, value),)))
+        result = await self.kv.txn(
+            Txn((unchanged_since(key, current.mod_revision),), (Put(key, value),))
+        )
         if not result.succeeded:
             raise self._conflict(where)
         return self._decode(r, KeyValue(key, value, mod_revision=result.revision))
@@ -452,7 +468,11 @@ class KubeApiDouble:
             raise ApiError(400, "BadRequest", "the name of the object does not match the request")
 
         def change(old: Obj) -> Obj:
-            kept = {k: old["metadata"][k] for k in ("uid", "creationTimestamp", "generation", "namespace") if k in old["metadata"]}
+            kept = {
+                k: old["metadata"][k]
+                for k in ("uid", "creationTimestamp", "generation", "namespace")
+                if k in old["metadata"]
+            }
             if where.status:  # only the status is taken
                 return {**old, "status": body.get("status", {})}
             new = {**body, "metadata": {**meta, **kept}}
@@ -467,8 +487,13 @@ class KubeApiDouble:
 
     async def _patch(self, where: Where, patch: Obj) -> Obj:
         if not where.status:
-            raise ApiError(405, "MethodNotAllowed", "this double patches the status subresource only")
-        patched_status = lambda old: {**old, "status": merge_patch(old.get("status", {}), patch.get("status", {})) or {}}  # noqa: E731
+            raise ApiError(
+                405, "MethodNotAllowed", "this double patches the status subresource only"
+            )
+        patched_status = lambda old: {
+            **old,
+            "status": merge_patch(old.get("status", {}), patch.get("status", {})) or {},
+        }  # noqa: E731
         expected = (patch.get("metadata") or {}).get("resourceVersion")
         return await self._replace(where, patched_status, expected)
 
@@ -478,7 +503,9 @@ class KubeApiDouble:
         current = await self.kv.get(key)
         if current is None:
             raise self._not_found(where)
-        result = await self.kv.txn(Txn((unchanged_since(key, current.mod_revision),), (Delete(key),)))
+        result = await self.kv.txn(
+            Txn((unchanged_since(key, current.mod_revision),), (Delete(key),))
+        )
         if not result.succeeded:
             raise self._conflict(where)
         return self._decode(r, current, result.revision)
@@ -544,12 +571,21 @@ class KubeApiDouble:
                             break
                     getting = asyncio.ensure_future(lines.get())
                     stopping = asyncio.ensure_future(ended.wait())
-                    done, _ = await asyncio.wait({getting, stopping}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait(
+                        {getting, stopping}, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                    )
                     stopping.cancel()
                     if getting not in done:
                         getting.cancel()
                         if bookmarks and not ended.is_set() and last:
-                            await send("BOOKMARK", {"kind": r.kind, "apiVersion": r.api_version, "metadata": {"resourceVersion": str(last)}})
+                            await send(
+                                "BOOKMARK",
+                                {
+                                    "kind": r.kind,
+                                    "apiVersion": r.api_version,
+                                    "metadata": {"resourceVersion": str(last)},
+                                },
+                            )
                         continue
                     line = getting.result()
                     if line is None:
