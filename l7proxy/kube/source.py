@@ -103,7 +103,7 @@ async def api_client(kubeconfig: Path | None) -> client.ApiClient:
             config_file=str(kubeconfig), client_configuration=configuration
         )
     else:
-        config.load_incluster_config(client_configuration=configuration)
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     return client.ApiClient(configuration)
 
 

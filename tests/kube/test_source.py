@@ -254,3 +254,20 @@ async def test_a_cnp_selects_pods_of_its_own_namespace_only(
         assert lands("alpha/tiefighter", "alpha/deathstar")
         # the fromEndpoints selector names no namespace: the policy's own namespace only
         assert not lands("beta/tiefighter", "alpha/deathstar")
+
+
+async def test_watches_reopen_from_their_resource_version_without_listing_again(
+    kube_api: KubeApiDouble, kubeclient: client.ApiClient, tmp_path: Path
+) -> None:
+    core = client.CoreV1Api(kubeclient)
+    # the server ends each watch after a second; bookmarks come every 0.2 s
+    async with source_on(kube_api, tmp_path, timeout_seconds=1) as (source, _):
+        await asyncio.sleep(2.5)
+        await core.create_namespace(namespace("late", team="x"))
+        await eventually(lambda: "late" in source.namespaces, what="an event after the reopenings")
+        stats = source.status()["watches"]["Namespace"]
+        assert stats["lists"] == 1 and stats["watches"] >= 3 and stats["errors"] == 0
+        assert stats["bookmarks"] >= 2
+        assert int(stats["resource_version"]) >= int(
+            (await core.read_namespace("late")).metadata.resource_version
+        )
