@@ -48,8 +48,10 @@ def _write_sysctl(path: str, value: str) -> None:
 
 
 def ensure_forwarding() -> None:
-    """The root namespace routes between endpoints."""
-    _write_sysctl("net/ipv4/ip_forward", "1")
+    """The root namespace routes between endpoints. Written only when off: in a
+    container /proc/sys is read-only, and a Kubernetes node forwards already."""
+    if Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() != "1":
+        _write_sysctl("net/ipv4/ip_forward", "1")
 
 
 def endpoint_exists(ns_name: str, host_ifname: str | None = None) -> bool:
