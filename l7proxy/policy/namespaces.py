@@ -9,8 +9,10 @@ namespace, and:
 - a ``CiliumNetworkPolicy`` (namespaced) selects pods of its own namespace only:
   its ``endpointSelector`` gets ``io.kubernetes.pod.namespace=<its namespace>``
   (replacing any namespace it names in ``matchLabels``);
-  each ``fromEndpoints``/``toEndpoints`` selector that names no namespace gets the
-  same (so ``{}`` means "every pod of this namespace");
+  each ``fromEndpoints``/``toEndpoints`` selector that names no namespace, by name
+  or by namespace labels, gets the same (so ``{}`` means "every pod of this
+  namespace", and ``io.cilium.k8s.namespace.labels.team: a`` "pods of namespaces
+  labelled team=a", wherever they are);
 - a ``CiliumClusterwideNetworkPolicy``'s peer selectors that name no namespace get
   ``io.kubernetes.pod.namespace Exists``: they match pods, never a peer that is
   not a Kubernetes pod.
@@ -41,9 +43,15 @@ def _reserved(selector: LabelSelector) -> bool:
     return any(k.startswith("reserved:") for k in keys)
 
 
+def _names_namespace_labels(selector: LabelSelector) -> bool:
+    keys = [k for k, _ in selector.match_labels] + [r.key for r in selector.match_expressions]
+    return any(k.startswith(NAMESPACE_LABELS_PREFIX) for k in keys)
+
+
 def in_namespace(selector: LabelSelector, namespace: str) -> LabelSelector:
-    """``selector`` limited to ``namespace`` (unless it names a namespace itself)."""
-    if _names_namespace(selector) or _reserved(selector):
+    """``selector`` limited to ``namespace``, unless it names a namespace itself, or
+    namespaces by their labels."""
+    if _names_namespace(selector) or _names_namespace_labels(selector) or _reserved(selector):
         return selector
     labels = tuple(sorted((*selector.match_labels, (NAMESPACE_LABEL, namespace))))
     return replace(selector, match_labels=labels)

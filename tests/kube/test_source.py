@@ -217,7 +217,7 @@ async def test_a_cnp_selects_pods_of_its_own_namespace_only(
 ) -> None:
     core, custom = client.CoreV1Api(kubeclient), client.CustomObjectsApi(kubeclient)
     for ns, subnet in (("alpha", 1), ("beta", 2)):
-        await core.create_namespace(namespace(ns))
+        await core.create_namespace(namespace(ns, **({"team": "sith"} if ns == "alpha" else {})))
         await core.create_namespaced_pod(
             ns,
             pod(
@@ -233,9 +233,22 @@ async def test_a_cnp_selects_pods_of_its_own_namespace_only(
     await custom.create_namespaced_custom_object(
         *CNPS[:2], "alpha", CNPS[2], cnp("landing", LANDING)
     )
+    # in beta: only pods of namespaces labelled team=sith may reach the deathstar,
+    # wherever they are
+    sith_only = {
+        "endpointSelector": {"matchLabels": {"class": "deathstar"}},
+        "ingress": [
+            {
+                "fromEndpoints": [
+                    {"matchLabels": {"k8s:io.cilium.k8s.namespace.labels.team": "sith"}}
+                ]
+            }
+        ],
+    }
+    await custom.create_namespaced_custom_object(*CNPS[:2], "beta", CNPS[2], cnp("sith", sith_only))
 
     async with source_on(kube_api, tmp_path) as (source, _):
-        await eventually(lambda: len(source.endpoints()) == 4 and source.policies())
+        await eventually(lambda: len(source.endpoints()) == 4 and len(source.policies()) == 2)
         identities = IdentityAllocator()
         endpoints = {
             e.name: Endpoint(i, e.name, identities.for_labels(e.labels), None)
@@ -250,10 +263,15 @@ async def test_a_cnp_selects_pods_of_its_own_namespace_only(
             peer = endpoints[src].identity.number
             return compiled.port_verdict(endpoints[dst].id, INGRESS, peer, 80).allowed
 
-        assert enforced("alpha/deathstar") and not enforced("beta/deathstar")
         assert lands("alpha/tiefighter", "alpha/deathstar")
-        # the fromEndpoints selector names no namespace: the policy's own namespace only
+        # landing's fromEndpoints selector names no namespace: its own namespace only
         assert not lands("beta/tiefighter", "alpha/deathstar")
+        # landing selects nothing in beta: beta's deathstar is sith's alone, whose peer
+        # selector names namespaces by their labels, which pods' identities carry
+        assert lands("alpha/tiefighter", "beta/deathstar")
+        assert not lands("beta/tiefighter", "beta/deathstar")
+        # and neither selects a tiefighter
+        assert not enforced("alpha/tiefighter") and not enforced("beta/tiefighter")
 
 
 async def test_watches_reopen_from_their_resource_version_without_listing_again(
