@@ -126,3 +126,11 @@ def node_status(ok: bool, error: str | None, revision: int, now: str) -> dict[st
         "localPolicyRevision": revision,
         "lastUpdated": now,
     }
+
+
+def said_by(obj: Obj, node: str) -> tuple[bool, str | None] | None:
+    """(ok, error) of ``node``'s entry in the object's status, None without one."""
+    entry = ((obj.get("status") or {}).get("nodes") or {}).get(node)
+    if not isinstance(entry, Mapping):
+        return None
+    return bool(entry.get("ok")), (str(entry["error"]) if entry.get("error") else None)

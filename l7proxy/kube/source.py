@@ -49,6 +49,7 @@ from l7proxy.kube.objects import (
     node_status,
     object_key,
     pod_from,
+    said_by,
     spec_stamp,
 )
 from l7proxy.kube.watch import ResourceWatch
@@ -291,7 +292,10 @@ class KubeSource:
                 "its last good version stays in force" if current.policies else "nothing changes",
                 err,
             )
-        self._pending_status.put_nowait(key)
+        if said_by(obj, self.node) == (current.error is None, current.error):
+            current.reported = (stamp, current.error)  # an agent restart writes nothing
+        else:
+            self._pending_status.put_nowait(key)
 
     # ------------------------------------------------------------------ status writes
 

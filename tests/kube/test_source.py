@@ -211,6 +211,12 @@ async def test_a_bad_policy_gets_a_status_error_and_changes_nothing(
         assert "error" not in await status_says("landing", True)
         assert "CiliumNetworkPolicy/empire/landing" not in source.policy_errors()
 
+    # the agent restarts: the statuses already say what it would, so it writes none
+    async with source_on(kube_api, tmp_path) as (again, _):
+        await asyncio.sleep(0.3)
+        assert again.policy_errors() == {"CiliumNetworkPolicy/empire/broken": entry["error"]}
+        assert again.status_writes == 0
+
 
 async def test_a_cnp_selects_pods_of_its_own_namespace_only(
     kube_api: KubeApiDouble, kubeclient: client.ApiClient, tmp_path: Path
