@@ -54,8 +54,18 @@ from typing import Any
 
 from aiohttp import web
 
-from l7proxy.cluster.kv import Etcd, KvCompacted, KvError, KvUnavailable, KeyValue, Txn, Put
-from l7proxy.cluster.kv import Delete, absent, unchanged_since
+from l7proxy.cluster.kv import (
+    Delete,
+    Etcd,
+    KeyValue,
+    KvCompacted,
+    KvError,
+    KvUnavailable,
+    Put,
+    Txn,
+    absent,
+    unchanged_since,
+)
 from tests.support.etcd import EtcdServer, free_port
 
 Obj = dict[str, Any]
@@ -152,7 +162,8 @@ def label_selector(text: str) -> Match:
             key, value = (p.strip() for p in term.replace("==", "=").split("=", 1))
             tests.append(lambda ls, k=key, v=value: ls.get(k) == v)
         elif term.startswith("!"):
-            tests.append(lambda ls, k=term[1:].strip(): k not in ls)
+            absent_key = term[1:].strip()
+            tests.append(lambda ls, k=absent_key: k not in ls)
         elif re.fullmatch(r"[A-Za-z0-9_./-]+", term):
             tests.append(lambda ls, k=term: k in ls)
         else:
@@ -458,7 +469,8 @@ class KubeApiDouble:
             409,
             "Conflict",
             f'Operation cannot be fulfilled on {where.resource.plural} "{where.name}": '
-            "the object has been modified; please apply your changes to the latest version and try again",
+            "the object has been modified; please apply your changes to the latest version "
+            "and try again",
         )
 
     async def _update(self, where: Where, body: Obj) -> Obj:
@@ -490,10 +502,11 @@ class KubeApiDouble:
             raise ApiError(
                 405, "MethodNotAllowed", "this double patches the status subresource only"
             )
-        patched_status = lambda old: {
-            **old,
-            "status": merge_patch(old.get("status", {}), patch.get("status", {})) or {},
-        }  # noqa: E731
+
+        def patched_status(old: Obj) -> Obj:
+            status = merge_patch(old.get("status", {}), patch.get("status", {}))
+            return {**old, "status": status or {}}
+
         expected = (patch.get("metadata") or {}).get("resourceVersion")
         return await self._replace(where, patched_status, expected)
 
