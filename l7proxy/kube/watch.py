@@ -103,7 +103,14 @@ class ResourceWatch:
             try:
                 if version is None:
                     version = await self._list()
+                started, seen = time.monotonic(), self.stats.events + self.stats.bookmarks
                 version = await self._watch(version)
+                if (
+                    time.monotonic() - started < 1.0
+                    and self.stats.events + self.stats.bookmarks == seen
+                ):
+                    # a server that ends every watch at once must not make us spin
+                    await asyncio.sleep(self.backoff.next())
             except ApiException as e:
                 if e.status == 410:
                     self.stats.relists_gone += 1

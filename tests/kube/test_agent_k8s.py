@@ -178,3 +178,25 @@ def agent_sees_pods(node: Node, pods, kubeclient, kubeconfig: Path, run) -> None
     )
     # its veth is the CNI's: still there
     assert netns.route_link(pods["tiefighter"][2])[0] == pods["tiefighter"][1]
+
+    # a bad CNP: named in `l7proxy status`, and the policy in force is unchanged
+    revision = node.status()["policy_revision"]
+    bad = {"endpointSelector": {}, "ingress": [{"fromEndpoints": "everyone"}]}
+    run(
+        custom.create_namespaced_custom_object(
+            "cilium.io", "v2", "empire", "ciliumnetworkpolicies", cnp("broken", bad)
+        )
+    )
+    node.wait_status(
+        lambda s: s["kubernetes"]["policy_errors"], 20, "the rejected object in status"
+    )
+    printed = node.cli("status").stdout
+    assert (
+        "REJECTED CiliumNetworkPolicy/empire/broken (its last good version, if any, in force): "
+        "k8s CiliumNetworkPolicy/empire/broken: spec.ingress[0].fromEndpoints: expected a list, "
+        "got str"
+    ) in printed
+    assert "kubernetes: node node-k8s, synced" in printed
+    after = node.status()
+    assert after["policy_revision"] == revision
+    assert [p["name"] for p in after["policies"]] == ["empire/landing"]
