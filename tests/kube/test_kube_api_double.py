@@ -143,6 +143,9 @@ async def test_compacted_versions_are_gone(
     assert gone_list.value.status == 410
     listed = await core.list_namespace()  # a fresh list always works
     assert sorted(n.metadata.name for n in listed.items) == ["a", "b", "c"]
+    only_b = await core.list_namespace(field_selector="metadata.name=b")
+    assert [n.metadata.name for n in only_b.items] == ["b"]
+    assert only_b.metadata.resource_version == listed.metadata.resource_version
 
 
 async def test_bookmarks_carry_the_resource_version(

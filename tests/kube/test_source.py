@@ -149,6 +149,7 @@ async def test_a_relist_after_410_changes_policy_in_one_step(
         assert seen == [["empire/new"]]
         stats = source.status()["watches"]["CiliumNetworkPolicy"]
         assert stats["relists_gone"] == 1 and stats["lists"] == 2
+        assert stats["errors"] >= 1  # the outage: 503s, each retried after a back-off
 
 
 async def test_a_bad_policy_gets_a_status_error_and_changes_nothing(
