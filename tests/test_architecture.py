@@ -30,6 +30,7 @@ LAYERS: dict[str, set[str]] = {
     "l7proxy.datapath": {"l7proxy.policy"},
     "l7proxy.node": {"l7proxy.policy"},
     "l7proxy.cluster": {"l7proxy.policy"},
+    "l7proxy.kube": {"l7proxy.policy", "l7proxy.cluster"},
     "l7proxy.proxy": {"parsers", "l7proxy.policy", "l7proxy.observe"},
     "l7proxy.agent": {
         "parsers",
@@ -39,6 +40,7 @@ LAYERS: dict[str, set[str]] = {
         "l7proxy.datapath",
         "l7proxy.node",
         "l7proxy.proxy",
+        "l7proxy.kube",
     },
     "l7proxy.demo": {"l7proxy.datapath", "l7proxy.node", "l7proxy.observe"},
     "l7proxy.cli": {
@@ -49,6 +51,7 @@ LAYERS: dict[str, set[str]] = {
         "l7proxy.node",
         "l7proxy.proxy",
         "l7proxy.agent",
+        "l7proxy.kube",
         "l7proxy",
     },
     "l7proxy": set(),  # l7proxy/__init__.py: the version

@@ -35,6 +35,7 @@ from l7proxy import __version__
 from l7proxy.agent.handover import ControlServer, Predecessor, socket_path
 from l7proxy.datapath import pins
 from l7proxy.node import netns
+from l7proxy.node.endpoints import sync_pod_endpoints
 from l7proxy.node.store import FAMILIES, AgentState, Store
 from l7proxy.observe.flowlog import DEFAULT_ROTATION, FlowLog, Rotation, now_fields
 from l7proxy.policy.engine import CompiledPolicy, Endpoint, compile_policy
@@ -45,7 +46,10 @@ from l7proxy.proxy.driver import ENDED_AFTER_REPLY, ENDED_BY_CLIENT, ENDED_QUIET
 from l7proxy.proxy.server import Proxy, make_listener
 
 if TYPE_CHECKING:
+    from kubernetes_asyncio.client import ApiClient
+
     from l7proxy.datapath.loader import Datapath
+    from l7proxy.kube.source import KubeConfig, KubeSource
 
 log = logging.getLogger("l7proxy.agent.agent")
 
@@ -66,8 +70,18 @@ class Agent:
         drain_timeout: float = 30.0,
         flowlog_rotation: Rotation = DEFAULT_ROTATION,
         drop_report_interval: float = 1.0,
+        kube: KubeConfig | None = None,
     ):
         self.drop_report_interval = drop_report_interval
+        # Kubernetes (``run --k8s``): pods on this node become endpoints, CNPs and
+        # CCNPs join the policy files' policies.
+        self.kube_config = kube
+        self.kube: KubeSource | None = None
+        self._kube_api: ApiClient | None = None
+        self._kube_pods_changed = False
+        self._kube_policies_changed = False
+        self.pods_waiting: list[str] = []  # pods whose IP has no route to a link yet
+        self._pods_retried = 0.0
         self.store = store
         self.predecessor = predecessor  # the running agent this one takes over from
         self.drain_timeout = drain_timeout  # what we give our predecessor
@@ -84,7 +98,8 @@ class Agent:
         self.proxy: Proxy | None = None
         self.state: PolicyState | None = None
         self.flowlog = FlowLog(store.flowlog, rotation=flowlog_rotation)
-        self.policies: list[Policy] = []  # the last good set, in force
+        self.policies: list[Policy] = []  # the last good set, in force: files + Kubernetes
+        self.file_policies: list[Policy] = []  # the policy files' last good set
         self.policy_source = PolicySource(
             [store.policy_dir, *self.extra_policies], self._policies_loaded
         )
@@ -129,6 +144,9 @@ class Agent:
                 self.revision = int(self.predecessor.info.get("policy_revision", 0))
             # A bad policy at start is reported in status; the node runs with none.
             self.policy_source.reload()
+            if self.kube_config is not None:
+                await self._start_kube(self.kube_config)
+                st = self.agent_state = self.store.read()
             self.state = PolicyState(self._compile(st))
             self.proxy = Proxy(self.state, self.flowlog, limits=self.limits, mark=st.proxy_mark)
             if self.predecessor is not None:
@@ -176,6 +194,49 @@ class Agent:
             finally:
                 pred.close()
 
+    async def _start_kube(self, config: KubeConfig) -> None:
+        """List (and go on watching) pods, namespaces and policies before the first
+        compile, so the node starts with them (after at most ``sync_timeout``)."""
+        from l7proxy.kube.source import KubeSource, api_client
+
+        self._kube_api = await api_client(config.kubeconfig)
+        self.kube = KubeSource(
+            self._kube_api,
+            config.node,
+            on_change=self._kube_changed,
+            timeout_seconds=config.timeout_seconds,
+            backoff_base=config.backoff_base,
+            backoff_cap=config.backoff_cap,
+        )
+        await self.kube.start(timeout=config.sync_timeout)
+        self._merge_policies()
+        await self._sync_pods()
+
+    def _kube_changed(self, what: str) -> None:
+        if what == "pods":
+            self._kube_pods_changed = True
+        else:
+            self._kube_policies_changed = True
+
+    async def _sync_pods(self) -> None:
+        """The store's pod endpoints := the pods Kubernetes runs here (a changed state
+        file makes ``run`` reconcile)."""
+        assert self.kube is not None
+        self._kube_pods_changed = False
+        self._pods_retried = time.monotonic()
+        waiting = await self._kernel(sync_pod_endpoints, self.store, self.kube.endpoints())
+        for name in sorted(set(waiting) - set(self.pods_waiting)):
+            log.warning("pod %s: no /32 route to its IP via a link yet; waiting for its CNI", name)
+        self.pods_waiting = waiting
+
+    async def _stop_kube(self) -> None:
+        kube, api = self.kube, self._kube_api
+        self.kube = self._kube_api = None
+        if kube is not None:
+            await kube.stop()
+        if api is not None:
+            await api.close()
+
     async def _kernel(self, fn, *args):
         """Run a datapath/netlink call on the agent's one kernel thread.
 
@@ -187,6 +248,7 @@ class Agent:
         """Full stop: detach, unpin, remove the route. A takeover that failed
         before its predecessor was told to drain only lets go: the predecessor
         still runs on the same programs, pins and route."""
+        await self._stop_kube()
         if self.control is not None:
             self.control.close()
         if self.proxy is not None:
@@ -246,6 +308,7 @@ class Agent:
         programs, pins and route)."""
         assert self.proxy is not None and self.datapath is not None
         proxy = self.proxy
+        await self._stop_kube()  # the successor watches Kubernetes now
         if self.control is not None:
             self.control.close()
             self.control = None
@@ -295,6 +358,15 @@ class Agent:
             if self.handed_over:
                 break
             policies_changed = self.policy_source.poll()
+            if self._kube_policies_changed:
+                self._kube_policies_changed = False
+                self._merge_policies()
+                policies_changed = True
+            if self.kube is not None and (
+                self._kube_pods_changed
+                or (self.pods_waiting and time.monotonic() - self._pods_retried >= 1.0)
+            ):
+                await self._sync_pods()
             stamp = self._watch_stamp()
             if policies_changed or stamp != self._stamp:
                 self._stamp = stamp
@@ -309,7 +381,11 @@ class Agent:
     # ------------------------------------------------------------------ policy
 
     def _policies_loaded(self, policies: list[Policy]) -> None:
-        self.policies = policies
+        self.file_policies = policies
+        self._merge_policies()
+
+    def _merge_policies(self) -> None:
+        self.policies = self.file_policies + (self.kube.policies() if self.kube else [])
 
     def _compile(self, st: AgentState) -> CompiledPolicy:
         alloc = st.allocator()
@@ -348,7 +424,8 @@ class Agent:
             return  # the kernel state is the successor's
         assert self.datapath is not None and self.agent_state is not None, "start() first"
         dp = self.datapath
-        links = dict(netns.list_links(f"l7p{self.agent_state.instance}"))
+        # every link: a pod's veth is named by its CNI, not by us
+        links = dict(netns.list_links(""))
         desired = {}
         for rec in self.agent_state.endpoints:
             ifindex = links.get(rec.host_ifname)
@@ -427,7 +504,8 @@ class Agent:
             "healthy": bool(dp_status.get("loaded"))
             and policy_error is None
             and in_sync
-            and listeners_up,
+            and listeners_up
+            and (self.kube is None or self.kube.synced),
             "maps_in_sync": in_sync,
             "listeners_up": listeners_up,
             "datapath": dp_status,
@@ -455,6 +533,9 @@ class Agent:
                 "parse_errors": dict(self.proxy.stats.parse_errors) if self.proxy else {},
             },
             "audit": self.audit,
+            "kubernetes": None
+            if self.kube is None
+            else {**self.kube.status(), "pods_waiting": self.pods_waiting},
         }
 
     async def publish_status(self) -> None:

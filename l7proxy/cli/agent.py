@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import signal
 import socket
@@ -53,6 +54,24 @@ def register(commands: Any) -> None:
         metavar="SECONDS",
         help="report a flow's kernel drops at most this often, with their count (0: every packet)",
     )
+    kube = run_cmd.add_argument_group("Kubernetes (docs/cluster.md)")
+    kube.add_argument(
+        "--k8s",
+        action="store_true",
+        help="take endpoints (pods on this node) and CNP/CCNP policies from the Kubernetes API",
+    )
+    kube.add_argument(
+        "--kubeconfig",
+        type=Path,
+        metavar="FILE",
+        help="with --k8s: the API server and credentials (default: in-cluster service account)",
+    )
+    kube.add_argument(
+        "--node-name",
+        default=os.environ.get("NODE_NAME") or socket.gethostname(),
+        metavar="NAME",
+        help="with --k8s: this node's name in Kubernetes (default: $NODE_NAME, else the hostname)",
+    )
     run_cmd.set_defaults(func=run)
 
     status_cmd = commands.add_parser("status", help="health of the running agent")
@@ -72,6 +91,14 @@ def run(args: argparse.Namespace) -> int:
     from l7proxy.datapath.loader import kernel_support
     from l7proxy.proxy.heap import steady_heap
 
+    if args.kubeconfig is not None and not args.k8s:
+        print("--kubeconfig needs --k8s", file=sys.stderr)
+        return 2
+    kube = None
+    if args.k8s:
+        from l7proxy.kube.source import KubeConfig
+
+        kube = KubeConfig(node=args.node_name, kubeconfig=args.kubeconfig)
     problem = kernel_support()
     if problem:
         print(f"cannot run the datapath here: {problem}", file=sys.stderr)
@@ -95,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         flowlog_rotation=flowlog_rotation(args),
         drop_report_interval=args.drop_report_interval,
+        kube=kube,
     )
 
     async def main() -> None:
@@ -197,6 +225,24 @@ def status(args: argparse.Namespace) -> int:
         print(f"  {p['name']}  {p['source']}{'  [audit]' if p['audit'] else ''}")
     if state.get("policy_error"):
         print(f"last policy import FAILED (last good policy in force): {state['policy_error']}")
+    kube = state.get("kubernetes")
+    if kube:
+        watches = kube["watches"]
+        print(
+            f"kubernetes: node {kube['node']}, {'synced' if kube['synced'] else 'NOT SYNCED'}, "
+            f"{kube['pods']} pods here, {kube['namespaces']} namespaces, "
+            f"{kube['policy_objects']} policy objects"
+        )
+        for kind, w in watches.items():
+            print(
+                f"  {kind:<31} resourceVersion {w['resource_version']}, {w['lists']} lists "
+                f"({w['relists_gone']} after 410), {w['events']} events, {w['errors']} errors"
+                + (f" (last: {w['last_error']})" if w["last_error"] else "")
+            )
+        for key, error in kube["policy_errors"].items():
+            print(f"  REJECTED {key} (its last good version, if any, in force): {error}")
+        for name in kube.get("pods_waiting", []):
+            print(f"  pod {name}: waiting for a route to its IP")
     print(f"endpoints ({len(state['endpoints'])}):")
     for e in state["endpoints"]:
         print(

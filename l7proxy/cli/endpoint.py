@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
                     "identity": alloc.for_labels(e.labels).number,
                     "labels": e.labels,
                     "netns": e.netns,
+                    "kind": e.kind,
                 }
                 for e in state.endpoints
             ]
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
             for r in [] if args.json else rows:
                 print(
                     f"{r['name']:<12} id {r['id']:<3} identity {r['identity']:<5} {r['ip']:<15} "
-                    f"{r['netns']:<24} {','.join(f'{k}={v}' for k, v in r['labels'].items())}"
+                    f"{r['netns'] or '(' + r['kind'] + ')':<24} "
+                    f"{','.join(f'{k}={v}' for k, v in r['labels'].items())}"
                 )
     except EndpointError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -63,6 +63,7 @@ class KeyValue:
 class Event:
     deleted: bool
     kv: KeyValue
+    prev: KeyValue | None = None  # the key's previous version, on watches asked for it
 
 
 # --------------------------------------------------------------------- transactions as data
@@ -216,14 +217,16 @@ class Etcd:
         return _kv(reply.kvs[0]) if reply.kvs else None
 
     async def list_prefix(
-        self, prefix: bytes, *, page: int = 1000, keys_only: bool = False
+        self, prefix: bytes, *, page: int = 1000, keys_only: bool = False, revision: int = 0
     ) -> tuple[list[KeyValue], int]:
-        """Every key under ``prefix`` at one revision, ``page`` keys a request.
+        """Every key under ``prefix`` at one revision (``revision``, or the latest),
+        ``page`` keys a request.
 
         Returns the keys and the revision they were read at (watch from the
-        next one). A compaction between pages raises ``KvCompacted``.
+        next one). A compacted ``revision``, or a compaction between pages,
+        raises ``KvCompacted``.
         """
-        start, end, revision = prefix, prefix_end(prefix), 0
+        start, end = prefix, prefix_end(prefix)
         out: list[KeyValue] = []
         while True:
             request = rpc.RangeRequest(
@@ -289,8 +292,11 @@ class Etcd:
 
     # -- watches
 
-    async def watch(self, prefix: bytes, start_revision: int) -> AsyncIterator[list[Event]]:
+    async def watch(
+        self, prefix: bytes, start_revision: int, *, prev_kv: bool = False
+    ) -> AsyncIterator[list[Event]]:
         """Events under ``prefix`` from ``start_revision``, one list per etcd response.
+        ``prev_kv``: each event carries the key's previous version (a deletion's last value).
 
         An empty list means the watch was created or etcd reported progress.
         Never ends quietly: a cancelled, compacted or broken watch raises.
@@ -304,6 +310,7 @@ class Etcd:
                 range_end=prefix_end(prefix),
                 start_revision=start_revision,
                 progress_notify=True,
+                prev_kv=prev_kv,
             )
         )
 
@@ -318,7 +325,14 @@ class Etcd:
                     raise KvCompacted(int(reply.compact_revision))
                 if reply.canceled:
                     raise KvError(f"watch cancelled by etcd: {reply.cancel_reason or 'no reason'}")
-                yield [Event(ev.type == rpc.Event.DELETE, _kv(ev.kv)) for ev in reply.events]
+                yield [
+                    Event(
+                        ev.type == rpc.Event.DELETE,
+                        _kv(ev.kv),
+                        _kv(ev.prev_kv) if ev.HasField("prev_kv") else None,
+                    )
+                    for ev in reply.events
+                ]
             raise KvUnavailable("watch stream ended")
         except grpc.aio.AioRpcError as e:
             raise _mapped(e) from None

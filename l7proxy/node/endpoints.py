@@ -10,9 +10,11 @@ from __future__ import annotations
 import ipaddress
 import random
 import re
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 from l7proxy.node import netns
-from l7proxy.node.store import EndpointRecord, Store
+from l7proxy.node.store import POD, AgentState, EndpointRecord, Store
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 
@@ -61,12 +63,58 @@ def delete_endpoint(store: Store, name: str) -> EndpointRecord:
         record = state.endpoint(name)
         if record is None:
             raise EndpointError(f"no endpoint named {name!r}")
-        netns.delete_endpoint(record.netns, record.host_ifname)
+        if record.kind != POD:  # a pod's namespace and veth are its CNI's
+            netns.delete_endpoint(record.netns, record.host_ifname)
         state.endpoints.remove(record)
-        alloc = state.allocator()
-        alloc.release_unused(alloc.for_labels(e.labels).number for e in state.endpoints)
-        state.identities = alloc.snapshot()
+        _keep_identities(state)
         return record
+
+
+def _keep_identities(state: AgentState) -> None:
+    """Allocate for every endpoint's labels, release what no endpoint uses."""
+    alloc = state.allocator()
+    alloc.release_unused(alloc.for_labels(e.labels).number for e in state.endpoints)
+    state.identities = alloc.snapshot()
+
+
+class PodEndpoint(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def labels(self) -> Mapping[str, str]: ...
+    @property
+    def ip(self) -> str: ...
+
+
+def sync_pod_endpoints(store: Store, pods: Sequence[PodEndpoint]) -> list[str]:
+    """Make the store's pod endpoints ``pods``, as a CNI-chained plugin would: each
+    pod is attached at the link its IP's /32 route goes out of (its host-side
+    veth); a pod that is gone, or whose route is gone, is forgotten (its veth is
+    left to its CNI). Writes the store only if something changed, so the agent
+    reconciles only then. Returns the pods still waiting for their route."""
+    links = {p.name: netns.route_link(p.ip) for p in pods}
+    waiting = sorted(name for name, link in links.items() if link is None)
+    state = store.read()
+    others = {e.ip for e in state.endpoints if e.kind != POD}
+    wanted = {
+        p.name: (p.ip, link[0], dict(p.labels))
+        for p in pods
+        if (link := links[p.name]) is not None and p.ip not in others
+    }
+    waiting += sorted(p.name for p in pods if p.name not in wanted and p.name not in waiting)
+    have = {e.name: (e.ip, e.host_ifname, e.labels) for e in state.endpoints if e.kind == POD}
+    if have == wanted:
+        return waiting
+    with store.locked() as state:
+        state.endpoints = [e for e in state.endpoints if e.kind != POD or e.name in wanted]
+        for name, (ip, ifname, labels) in wanted.items():
+            record = state.endpoint(name)
+            if record is None:
+                record = EndpointRecord(name, state.next_id(), labels, ip, "", ifname, POD)
+                state.endpoints.append(record)
+            record.ip, record.host_ifname, record.labels = ip, ifname, labels
+        _keep_identities(state)
+    return waiting
 
 
 def delete_all(store: Store) -> list[str]:

@@ -48,8 +48,10 @@ def _write_sysctl(path: str, value: str) -> None:
 
 
 def ensure_forwarding() -> None:
-    """The root namespace routes between endpoints."""
-    _write_sysctl("net/ipv4/ip_forward", "1")
+    """The root namespace routes between endpoints. Written only when off: in a
+    container /proc/sys is read-only, and a Kubernetes node forwards already."""
+    if Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() != "1":
+        _write_sysctl("net/ipv4/ip_forward", "1")
 
 
 def endpoint_exists(ns_name: str, host_ifname: str | None = None) -> bool:
@@ -172,6 +174,21 @@ def host_addresses() -> list[IPv4Address]:
     """IPv4 addresses of the root namespace (the agent maps them to identity host)."""
     with IPRoute() as ipr:
         return [IPv4Address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(family=socket.AF_INET)]
+
+
+def route_link(ip: IPv4Address | str) -> tuple[str, int] | None:
+    """(ifname, ifindex) of the link that the main table's /32 route to ``ip`` goes
+    out of: a pod's host-side veth, as a CNI that routes each pod (ptp, Calico,
+    Cilium's generic veth chaining) installs it. None without such a route."""
+    with IPRoute() as ipr:
+        for r in ipr.get_routes(family=socket.AF_INET, table=254, dst=str(ip), dst_len=32):
+            oif = r.get_attr("RTA_OIF")
+            if r["dst_len"] != 32 or r.get_attr("RTA_DST") != str(ip) or oif is None:
+                continue
+            links = ipr.get_links(oif)
+            if links:
+                return str(links[0].get_attr("IFLA_IFNAME")), int(oif)
+    return None
 
 
 def routes_in(network: IPv4Network) -> bool:

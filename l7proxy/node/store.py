@@ -27,6 +27,11 @@ from l7proxy.policy.identity import IdentityAllocator
 
 FAMILIES = ("http", "kafka", "cassandra", "tls")
 
+# What an endpoint is: a namespace and veth we made (``endpoint add``), or a
+# Kubernetes pod whose namespace and veth its CNI made (we only attach to it).
+NETNS = "netns"
+POD = "pod"
+
 
 @dataclass
 class EndpointRecord:
@@ -34,8 +39,9 @@ class EndpointRecord:
     id: int
     labels: dict[str, str]
     ip: str
-    netns: str
+    netns: str  # "" for a pod: not ours
     host_ifname: str
+    kind: str = NETNS
 
 
 @dataclass

@@ -86,6 +86,14 @@ def load_text(text: str, *, source: str = "<string>") -> list[Policy]:
     return policies
 
 
+def load_document(doc: Any, *, source: str) -> list[Policy]:
+    """One document already parsed (an object read from the Kubernetes API)."""
+    try:
+        return _document(doc, YamlPath(), source)
+    except PolicyError as err:
+        raise err.in_file(source) from None
+
+
 def _check_unique(policies: list[Policy]) -> None:
     seen: dict[str, str] = {}
     for p in policies:
