@@ -1,0 +1,138 @@
+"""Replay observations through the real decision code, with the suggestion enforced.
+
+The suggested YAML is read back by the policy loader (``load_text``), its audit
+annotation set aside (the question is what enforcement would do), and each
+(peer, endpoint, port) is set up the way ``policy trace`` sets a scenario up
+(``trace.build_scenario``: the same compilation, identities and ipcache). Each
+observed request then goes through ``ConnectionPolicy.decide``, the call the
+proxy makes per request; an L3/L4-only observation through the connection's
+port verdict. Whatever is not allowed outright is a failure, with the trace of
+why.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from l7proxy.policy import trace as tracing
+from l7proxy.policy.identity import IdentityAllocator
+from l7proxy.policy.load import load_text
+from l7proxy.policy.model import INGRESS, Policy
+from l7proxy.policy.state import ConnectionPolicy, PolicyState
+from l7proxy.policy.suggest.observed import Observation, Peer, Target
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    observation: Observation
+    reason: str
+    trace: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class Replay:
+    """Per policy: requests allowed by each rule path alone, and jointly; denials."""
+
+    allowed: int = 0
+    alone: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    jointly: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    denials: list[Denial] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.denials
+
+
+def enforced(text: str, source: str = "<suggestion>") -> list[Policy]:
+    """The suggestion as the loader reads it, judged as if enforced."""
+    return [replace(p, audit=False) for p in load_text(text, source=source)]
+
+
+def replay(policies: Sequence[Policy], observations: Sequence[Observation]) -> Replay:
+    result = Replay()
+    groups: dict[tuple[Target, Peer, int], list[Observation]] = defaultdict(list)
+    for obs in observations:
+        groups[(obs.target, obs.peer, obs.port)].append(obs)
+    host_prefixes = [tracing.LOOPBACK] + sorted(
+        {
+            ipaddress.IPv4Network(f"{p.ip}/32")
+            for _, p, _ in groups
+            if p.kind == "host" and _ipv4(p.ip)
+        }
+    )
+    for (target, peer, port), seen in groups.items():
+        scenario = tracing.build_scenario(
+            list(policies),
+            [],
+            IdentityAllocator(),
+            _peer_spec(peer),
+            tracing.PeerSpec(target.name, labels=target.label_map),
+            port,
+            host_prefixes=host_prefixes,
+        )
+        conn = ConnectionPolicy(PolicyState(scenario.compiled), scenario.src, scenario.dst)
+        for obs in seen:
+            _judge(result, scenario, conn, obs)
+    return result
+
+
+def _judge(
+    result: Replay, scenario: tracing.Scenario, conn: ConnectionPolicy, obs: Observation
+) -> None:
+    request = obs.request
+    if request is None or obs.transport != "TCP":
+        assert scenario.dst.endpoint is not None
+        verdict = scenario.compiled.port_verdict(
+            scenario.dst.endpoint.id, INGRESS, scenario.src.identity, obs.port, obs.transport
+        )
+        if verdict.allowed and not verdict.audit:
+            result.allowed += 1
+            policy, _, path = (
+                verdict.reason.removeprefix("allowed by ").partition(", ")[0].partition(" ")
+            )
+            result.alone[policy][path] += 1
+            return
+        result.denials.append(Denial(obs, f"L3/L4: {verdict.reason}"))
+        return
+    if not conn.l4.allowed or conn.l4.audit:
+        result.denials.append(Denial(obs, f"L3/L4: {conn.l4.reason}"))
+        return
+    if conn.parser is not None and conn.parser != request.family:
+        result.denials.append(
+            Denial(obs, f"the port is parsed as {conn.parser}, not {request.family}")
+        )
+        return
+    decision = conn.decide(request)
+    if not decision.allowed or decision.audit:
+        lines = tracing.trace(scenario, [request])["l7"][0]["trace"]
+        result.denials.append(Denial(obs, decision.reason, tuple(lines)))
+        return
+    result.allowed += 1
+    if " + " in decision.rule:
+        for path in decision.rule.split(" + "):
+            result.jointly[decision.policy][path] += 1
+    else:
+        result.alone[decision.policy][decision.rule] += 1
+
+
+def _peer_spec(peer: Peer) -> tracing.PeerSpec:
+    if peer.kind == "endpoint":
+        labels = dict(peer.labels)
+        return tracing.PeerSpec(",".join(f"{k}={v}" for k, v in peer.labels), labels=labels)
+    ip = peer.ip if _ipv4(peer.ip) else ""
+    if not ip and peer.kind == "host":
+        ip = "127.0.0.1"
+    if not ip and peer.kind == "cidr":
+        ip = str(ipaddress.IPv4Network(peer.cidr).network_address)
+    return tracing.PeerSpec(ip or "unknown", ip=ip)
+
+
+def _ipv4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,256 @@
+"""Flow-log records -> typed observations: who asked what of which endpoint.
+
+A record is the plain dict the flow log writes (``l7proxy/observe/flowlog.py``):
+``source`` and ``destination`` with ``ip``, ``port``, ``identity``, ``endpoint``
+and ``labels``; ``protocol``; ``l7`` with the request's flow fields; ``verdict``;
+``time``. L7 records (``type: l7``) become typed requests again, the same types
+the engines hand to ``decide``, so the suggestion is checked by the decision
+code itself. Kernel reports of a connection let through in audit mode
+(``type: drop``, verdict ``AUDIT``) are L3/L4 observations without a request.
+Anything else (limits, denials, records of another layout) is not an
+observation and is counted as skipped.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from parsers.requests import (
+    CqlRequest,
+    GrpcCall,
+    HttpRequest,
+    KafkaRequest,
+    L7Request,
+    TlsClientHello,
+)
+
+# What was let through: forwarded, or forwarded in audit mode where enforcement
+# would have denied it. A suggestion allows these by default.
+LET_THROUGH = frozenset({"FORWARDED", "AUDIT"})
+VERDICTS = frozenset({"FORWARDED", "AUDIT", "DENIED", "DROPPED"})
+
+Labels = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The remote side of an observed flow, as a policy can name it.
+
+    ``kind``: ``endpoint`` (its labels), ``host``, ``world`` (its address), or
+    ``cidr`` (a prefix some policy names: ``cidr`` holds it).
+    """
+
+    kind: str
+    labels: Labels = ()
+    ip: str = ""
+    cidr: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The local endpoint that received the flow."""
+
+    name: str
+    labels: Labels
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        return dict(self.labels)
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    target: Target
+    peer: Peer
+    port: int
+    transport: str  # TCP | UDP
+    request: L7Request | None  # None: L3/L4 only
+    verdict: str
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which records a suggestion is made from."""
+
+    verdicts: frozenset[str] = LET_THROUGH
+    since: float | None = None  # epoch seconds
+    until: float | None = None
+    endpoint: str | None = None  # an endpoint name, or labels k=v,... it must carry
+
+    def wants_target(self, target: Target) -> bool:
+        if self.endpoint is None:
+            return True
+        if "=" not in self.endpoint:
+            return target.name == self.endpoint
+        wanted = dict(
+            item.split("=", 1) for item in self.endpoint.split(",") if "=" in item.strip()
+        )
+        have = target.label_map
+        return all(have.get(k.strip()) == v.strip() for k, v in wanted.items())
+
+
+class SkippedCount(dict[str, int]):
+    """Records left out, by reason (for the report)."""
+
+    def add(self, reason: str) -> None:
+        self[reason] = self.get(reason, 0) + 1
+
+
+def select(
+    records: Iterable[Mapping[str, Any]], selection: Selection, skipped: SkippedCount
+) -> list[Observation]:
+    out = []
+    for record in records:
+        obs = observation(record, skipped)
+        if obs is None:
+            continue
+        if obs.verdict not in selection.verdicts:
+            skipped.add(f"verdict {obs.verdict}")
+        elif selection.since is not None and obs.time < selection.since:
+            skipped.add("before --since")
+        elif selection.until is not None and obs.time > selection.until:
+            skipped.add("after --until")
+        elif not selection.wants_target(obs.target):
+            skipped.add("another endpoint")
+        else:
+            out.append(obs)
+    return out
+
+
+def observation(record: Mapping[str, Any], skipped: SkippedCount) -> Observation | None:
+    """One record as an observation, or None (counted in ``skipped``)."""
+    kind = record.get("type")
+    if kind not in ("l7", "drop"):
+        skipped.add(f"type {kind}")
+        return None
+    src, dst = record.get("source"), record.get("destination")
+    if not isinstance(src, Mapping) or not isinstance(dst, Mapping):
+        skipped.add("no source or destination")
+        return None
+    target = _target(dst)
+    if target is None:
+        skipped.add("destination is not a local endpoint")
+        return None
+    verdict = str(record.get("verdict", ""))
+    if kind == "drop":
+        if verdict != "AUDIT":
+            verdict = "DROPPED"
+        transport = str(record.get("protocol", "tcp")).upper()
+        if transport not in ("TCP", "UDP") or record.get("direction", "INGRESS").upper() not in (
+            "INGRESS",
+            "",
+        ):
+            skipped.add("not an ingress TCP/UDP drop report")
+            return None
+        request = None
+    else:
+        transport = "TCP"
+        request = _request(str(record.get("protocol", "")), record.get("l7"))
+        if request is None:
+            skipped.add(f"unreadable {record.get('protocol')} request")
+            return None
+    try:
+        port = int(dst.get("port") or 0)
+        when = float(record.get("time") or 0.0)
+    except (TypeError, ValueError):
+        skipped.add("bad port or time")
+        return None
+    if not 0 < port < 65536:
+        skipped.add("bad port or time")
+        return None
+    return Observation(target, _peer(src), port, transport, request, verdict, when)
+
+
+def _labels(node: Any) -> Labels:
+    if not isinstance(node, Mapping):
+        return ()
+    return tuple(sorted((str(k), str(v)) for k, v in node.items()))
+
+
+def _target(dst: Mapping[str, Any]) -> Target | None:
+    labels = _labels(dst.get("labels"))
+    name = dst.get("endpoint")
+    if not name or not labels or any(k.startswith(("reserved:", "cidr:")) for k, _ in labels):
+        return None
+    return Target(str(name), labels)
+
+
+def _peer(src: Mapping[str, Any]) -> Peer:
+    labels = _labels(src.get("labels"))
+    ip = str(src.get("ip") or "")
+    keys = [k for k, _ in labels]
+    if "reserved:host" in keys:
+        return Peer("host", ip=ip)
+    cidrs = [k.removeprefix("cidr:") for k in keys if k.startswith("cidr:")]
+    if cidrs:
+        return Peer("cidr", ip=ip, cidr=str(ipaddress.IPv4Network(cidrs[0], strict=False)))
+    if labels and "reserved:world" not in keys:
+        return Peer("endpoint", labels=labels)
+    return Peer("world", ip=ip)
+
+
+def _text(fields: Mapping[str, Any], key: str) -> str:
+    value = fields.get(key)
+    return value if isinstance(value, str) else ""
+
+
+def _names(fields: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    value = fields.get(key)
+    if not isinstance(value, list):
+        return ()
+    return tuple(str(v) for v in value)
+
+
+def _request(protocol: str, fields: Any) -> L7Request | None:
+    """The typed request a flow record describes (headers are not logged: none)."""
+    if not isinstance(fields, Mapping):
+        return None
+    if protocol == "http":
+        method, path = _text(fields, "method"), _text(fields, "path")
+        if not method or not path:
+            return None
+        version = _text(fields, "version") or "1.1"
+        return HttpRequest(method, path, _text(fields, "host"), (), version)
+    if protocol == "grpc":
+        service, method = _text(fields, "service"), _text(fields, "method")
+        if not service or not method:
+            return None
+        head = HttpRequest(
+            "POST",
+            _text(fields, "path") or f"/{service}/{method}",
+            _text(fields, "host"),
+            (("content-type", "application/grpc"), ("te", "trailers")),
+            "2",
+        )
+        return GrpcCall(service, method, head)
+    if protocol == "kafka":
+        api_key, api_version = fields.get("api_key"), fields.get("api_version")
+        if not isinstance(api_key, int) or not isinstance(api_version, int):
+            return None
+        client_id = fields.get("client_id")
+        return KafkaRequest(
+            api_key,
+            api_version,
+            int(fields.get("correlation_id") or 0),
+            client_id if isinstance(client_id, str) else None,
+            _names(fields, "topics"),
+            _names(fields, "groups"),
+            _names(fields, "transactional_ids"),
+        )
+    if protocol == "cassandra":
+        action = _text(fields, "action")
+        if not action:
+            return None
+        return CqlRequest(_text(fields, "opcode") or "query", action, _text(fields, "table"))
+    if protocol == "tls":
+        return TlsClientHello(
+            _text(fields, "sni"),
+            _names(fields, "alpn"),
+            _names(fields, "versions"),
+            bool(fields.get("ech")),
+        )
+    return None
