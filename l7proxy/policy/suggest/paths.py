@@ -14,9 +14,11 @@ position, top down, among targets that agree on everything before:
   values of one shape share a position, and never as a path's first segment
   (the root of an API names its parts; a scanner's probes live there too). A
   shape is the sequence of letter-and-digit runs and the punctuation between
-  them (``logo.png`` and ``app.js`` are both ``A.A``); runs that are the same in
-  every value stay literal (``\\.png``), the others become the narrowest
-  character class that holds them, with the observed lengths as bounds.
+  them (``logo.png`` and ``app.js`` are both ``A.A``). A run that takes fewer
+  than ``max_literals`` values splits the values by it and stays literal
+  (``\\.png`` and ``\\.js`` apart); the runs that vary more become the
+  narrowest character class that holds them, with the observed lengths as
+  bounds. Typed values are left to ``min_samples`` alone.
 
 Patterns never cross a separator: a variable segment is ``[0-9]+`` or
 ``[a-z]{3,9}``, never ``.*``, so the number of segments, the literal segments
@@ -173,6 +175,20 @@ def _run_class(runs: list[str]) -> str:
     return "[0-9a-z]" if lower else "[0-9A-Z]" if upper else "[0-9A-Za-z]"
 
 
+def _by_fixed_runs(values: list[str], max_literals: int) -> list[list[str]]:
+    """Values of one shape, split by the runs that take few values (``png`` and ``js``
+    in ``*.png``, ``*.js``): the groups with ``max_literals`` distinct values, each to
+    become one regex. A run that varies less than that is kept as it was seen."""
+    if len(values) < max_literals:
+        return []
+    columns = list(zip(*(_RUN.findall(v) for v in values), strict=True))
+    fixed = [i for i, column in enumerate(columns) if len(set(column)) < max_literals]
+    groups: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    for n, value in enumerate(values):
+        groups[tuple(columns[i][n] for i in fixed)].append(value)
+    return [group for group in groups.values() if len(group) >= max_literals]
+
+
 def freeform_regex(values: Iterable[str]) -> str:
     """One regex for values of one shape: constant runs literal, varying runs a class."""
     split = [_RUN.findall(v) for v in values]
@@ -248,11 +264,11 @@ def _merge(
     if bounds.max_literals and _variable_position(separator, index):
         by_shape: dict[tuple[str, ...], list[str]] = defaultdict(list)
         for value in left:
-            if value:
+            if value and value_type(value) is None:  # typed values answer to min_samples
                 by_shape[shape(value)].append(value)
         for values in by_shape.values():
-            if len(values) >= bounds.max_literals:
-                members = [m for v in values for m in left.pop(v)]
-                out.append((freeform_regex(values), members))
+            for group in _by_fixed_runs(values, bounds.max_literals):
+                members = [m for v in group for m in left.pop(v)]
+                out.append((freeform_regex(group), members))
     out += [(escape(value), members) for value, members in left.items()]
     return out
