@@ -330,10 +330,14 @@ def suggest(args: argparse.Namespace) -> int:
         return 2
     try:
         limits = Limits(Bounds(args.min_samples, args.max_literals), args.max_cidrs, args.max_paths)
-        selection = Selection(
-            frozenset(args.verdict or LET_THROUGH), args.since, args.until, args.endpoint
-        )
-        records = (record for path in logs for record in read_records(path))
+    except ValueError as err:
+        print(f"policy suggest: {err}", file=sys.stderr)
+        return 2
+    selection = Selection(
+        frozenset(args.verdict or LET_THROUGH), args.since, args.until, args.endpoint
+    )
+    records = (record for path in logs for record in read_records(path))
+    try:
         result = make_suggestion(
             records,
             selection,
@@ -342,7 +346,7 @@ def suggest(args: argparse.Namespace) -> int:
             audit=args.audit,
             source=", ".join(str(p) for p in logs),
         )
-    except (SuggestError, ValueError) as err:
+    except SuggestError as err:
         print(f"policy suggest: {err}", file=sys.stderr)
         return 2
     print(result.report, file=sys.stderr)

@@ -82,6 +82,11 @@ class PortDraft:
     kafka: list[RuleDraft] = field(default_factory=list)
     cassandra: list[RuleDraft] = field(default_factory=list)
     server_names: list[str] = field(default_factory=list)
+    requests_seen: bool = False  # L7 requests were seen here, not only connections
+
+    @property
+    def has_l7_rules(self) -> bool:
+        return bool(self.http or self.grpc or self.kafka or self.cassandra or self.server_names)
 
     def signature(self) -> tuple[object, ...]:
         """What the rule says, so peers asking the same things can share it."""
@@ -169,6 +174,11 @@ def _ingress(observations: Sequence[Observation], limits: Limits) -> list[Ingres
         shared: dict[tuple[object, ...], tuple[list[PeerKey], PortDraft]] = {}
         for peer in sorted(by_peer):
             draft = port_draft(port, transport, by_peer[peer], limits, peer)
+            if draft.requests_seen and not draft.has_l7_rules:
+                # No rule can name what was asked (a topic no Kafka rule may hold, a
+                # ClientHello without a name): a port rule without L7 rules would
+                # allow every request, so there is none, and the replay reports them.
+                continue
             entry = shared.setdefault(draft.signature(), ([], draft))
             entry[0].append(peer)
         for peers, draft in shared.values():
@@ -179,8 +189,8 @@ def _ingress(observations: Sequence[Observation], limits: Limits) -> list[Ingres
 def port_draft(
     port: int, transport: str, observations: Sequence[Observation], limits: Limits, peer: PeerKey
 ) -> PortDraft:
-    draft = PortDraft(port, transport)
     requests = [o.request for o in observations if o.request is not None]
+    draft = PortDraft(port, transport, requests_seen=bool(requests))
     families = {r.family for r in requests}
     if len(families) > 1 or ("tls" in families and transport != "TCP"):
         raise SuggestError(

@@ -29,7 +29,7 @@ class Counts:
 
     def text(self, path: str) -> str:
         alone, jointly = self.alone.get(path, 0), self.jointly.get(path, 0)
-        text = _plural(alone, "request")
+        text = plural(alone, "request")
         return text + (f" (+{jointly} with other rules)" if jointly else "")
 
 
@@ -86,7 +86,7 @@ def render(
 def _policy(draft: PolicyDraft, counts: Counts, audit: bool) -> list[str]:
     who = draft.target.name
     out = [
-        f"# {who}: {_plural(draft.observations, 'observed request')}",
+        f"# {who}: {plural(draft.observations, 'observed request')}",
         "apiVersion: cilium.io/v2",
         "kind: CiliumNetworkPolicy",
         "metadata:",
@@ -99,6 +99,8 @@ def _policy(draft: PolicyDraft, counts: Counts, audit: bool) -> list[str]:
     out.append("  ingress:")
     for i, ingress in enumerate(draft.ingress):
         out += _ingress(i, ingress, counts)
+    if not draft.ingress:
+        out += ["  # no rule can name what was seen here: every peer is denied", "  - {}"]
     return out
 
 
@@ -117,7 +119,7 @@ def _ingress(i: int, ingress: IngressDraft, counts: Counts) -> list[str]:
 
     l4 = counts.alone.get(ingress_path(i), 0)
     if l4:
-        out.append(f"  # {_plural(l4, 'connection')} seen at L3/L4 only")
+        out.append(f"  # {plural(l4, 'connection')} seen at L3/L4 only")
     if endpoints:
         out.append(item("fromEndpoints:"))
         for peer in endpoints:
@@ -174,7 +176,7 @@ def _rules(rules: Sequence[RuleDraft], paths: Sequence[str], counts: Counts) -> 
     return out
 
 
-def _plural(n: int, word: str) -> str:
+def plural(n: int, word: str) -> str:
     return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 

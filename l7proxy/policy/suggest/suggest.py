@@ -14,7 +14,7 @@ from typing import Any
 from l7proxy.policy.suggest.check import Replay, enforced, replay
 from l7proxy.policy.suggest.draft import Limits, PolicyDraft, draft_policies
 from l7proxy.policy.suggest.observed import Selection, SkippedCount, select
-from l7proxy.policy.suggest.render import Counts, describe_peers, render, rule_path
+from l7proxy.policy.suggest.render import Counts, describe_peers, plural, render, rule_path
 
 MAX_DENIALS_SHOWN = 20
 EVERYTHING_LET_THROUGH = Selection()
@@ -56,8 +56,9 @@ def suggest(
         else f"{len(result.denials):,} of {len(observations):,} NOT allowed"
     )
     header = [
-        f"Suggested by `l7proxy policy suggest` from {source}: {len(observations):,} "
-        f"observed requests ({', '.join(sorted(selection.verdicts))}).",
+        f"Suggested by `l7proxy policy suggest` from {source}: "
+        f"{plural(len(observations), 'observed request')} "
+        f"({', '.join(sorted(selection.verdicts))}).",
         f"Replayed through the policy engine, enforced: {verdict}.",
         "Review before importing: every rule allows what was seen, and nothing else was seen.",
     ]

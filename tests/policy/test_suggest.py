@@ -1,0 +1,357 @@
+"""``policy suggest`` from flow records to checked YAML, without a proxy.
+
+The records are shaped as the proxy writes them (``source``/``destination`` with
+labels, ``l7`` with the request's flow fields). The printed YAML is then read
+back by the policy loader and judged by ``policy trace``'s own code, which is
+how an operator would check it by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from l7proxy.policy import trace as tracing
+from l7proxy.policy.identity import IdentityAllocator
+from l7proxy.policy.load import load_text
+from l7proxy.policy.suggest.check import enforced, replay
+from l7proxy.policy.suggest.draft import Limits, SuggestError
+from l7proxy.policy.suggest.observed import Selection, SkippedCount, select
+from l7proxy.policy.suggest.paths import Bounds
+from l7proxy.policy.suggest.suggest import suggest
+from tests.support import REPO
+
+DEATHSTAR = {"org": "empire", "class": "deathstar"}
+TIEFIGHTER = {"org": "empire", "class": "tiefighter"}
+XWING = {"org": "alliance", "class": "xwing"}
+
+
+def side(labels, ip="10.0.0.2", endpoint=None, identity=300):
+    return {"ip": ip, "port": 40000, "identity": identity, "endpoint": endpoint, "labels": labels}
+
+
+def record(protocol, l7, *, src, dst=None, port=80, verdict="AUDIT", when=1000.0, kind="l7"):
+    dst = dst or side(DEATHSTAR, "10.0.0.1", "deathstar", 257)
+    return {
+        "type": kind,
+        "time": when,
+        "protocol": protocol,
+        "source": src,
+        "destination": {**dst, "port": port},
+        "l7": l7,
+        "verdict": verdict,
+    }
+
+
+def http(method, path, src=None, **kw):
+    src = src or side(TIEFIGHTER, endpoint="tiefighter", identity=256)
+    return record("http", {"method": method, "path": path, "host": "deathstar"}, src=src, **kw)
+
+
+HOST = side({"reserved:host": ""}, "127.0.0.1", identity=1)
+
+
+def verdict(policy_yaml, src, dst, port, **request) -> str:
+    """What ``policy trace`` says about one request under ``policy_yaml``."""
+    scenario = tracing.build_scenario(
+        load_text(policy_yaml),
+        [],
+        IdentityAllocator(),
+        tracing.parse_peer(src),
+        tracing.parse_peer(dst),
+        port,
+    )
+    requests = tracing.build_requests(tracing.RequestSpec(**request))
+    return tracing.trace(scenario, requests)["verdict"]["verdict"]
+
+
+def test_star_wars_traffic_gives_one_policy_that_allows_it_and_nothing_else():
+    records = [http("GET", "/v1/")] * 3 + [http("POST", "/v1/request-landing")] * 5
+    records += [http("GET", f"/v1/ships/{n}") for n in (4, 8, 15, 16, 23, 42)]
+    result = suggest(records)
+    assert result.ok and result.policies == 1 and result.observations == 14
+
+    docs = list(yaml.safe_load_all(result.yaml))
+    assert [d["metadata"]["name"] for d in docs] == ["suggested-deathstar"]
+    spec = docs[0]["spec"]
+    assert spec["endpointSelector"] == {"matchLabels": DEATHSTAR}
+    assert spec["ingress"][0]["fromEndpoints"] == [{"matchLabels": TIEFIGHTER}]
+    assert spec["ingress"][0]["toPorts"][0]["ports"] == [{"port": "80", "protocol": "TCP"}]
+    assert spec["ingress"][0]["toPorts"][0]["rules"]["http"] == [
+        {"method": "GET", "path": "/v1/"},
+        {"method": "GET", "path": "/v1/ships/[0-9]+"},
+        {"method": "POST", "path": "/v1/request-landing"},
+    ]
+    # Comments count what each rule allowed in the replay.
+    assert "# 3 requests\n        - method: GET\n          path: /v1/\n" in result.yaml
+    assert "# 6 requests, e.g. /v1/ships/" in result.yaml
+    assert "# 5 requests\n        - method: POST" in result.yaml
+
+    tie, ds = "org=empire,class=tiefighter", "org=empire,class=deathstar"
+    assert verdict(result.yaml, tie, ds, 80, http="GET /v1/ships/2187") == "FORWARDED"
+    assert verdict(result.yaml, tie, ds, 80, http="PUT /v1/exhaust-port") == "DENIED"
+    assert verdict(result.yaml, tie, ds, 80, http="GET /v1/ships/2187/crew") == "DENIED"
+    assert verdict(result.yaml, "org=alliance,class=xwing", ds, 80, http="GET /v1/") == "DROPPED"
+
+
+def test_report_counts_per_rule_and_says_everything_was_allowed():
+    records = [http("GET", "/v1/")] * 2 + [http("POST", "/v1/request-landing")]
+    report = suggest(records).report
+    assert "replayed through the policy engine, enforced: 3 of 3 allowed" in report
+    assert "every observed request allowed" in report
+    lines = report.splitlines()
+    assert any(line.split()[-4:] == ["http", "GET", "/v1/", "2"] for line in lines), report
+    assert any(line.endswith("POST /v1/request-landing  1") for line in lines), report
+
+
+def test_peers_with_the_same_requests_share_one_rule_and_others_get_their_own():
+    other = side({"org": "empire", "class": "interceptor"}, "10.0.0.3", "interceptor", 258)
+    xwing = side(XWING, "10.0.0.4", "xwing", 259)
+    records = [http("GET", "/v1/"), http("GET", "/v1/", src=other), http("GET", "/v2/", src=xwing)]
+    spec = yaml.safe_load(suggest(records).yaml)["spec"]
+    assert [i["fromEndpoints"] for i in spec["ingress"]] == [
+        [{"matchLabels": {"class": "interceptor", "org": "empire"}}, {"matchLabels": TIEFIGHTER}],
+        [{"matchLabels": XWING}],
+    ]
+
+
+def test_outside_peers_are_named_by_address_until_there_are_too_many():
+    few = [
+        http("GET", "/", src=side({"reserved:world": ""}, f"192.0.2.{n}", identity=2))
+        for n in (1, 2)
+    ]
+    spec = yaml.safe_load(suggest(few, limits=Limits(max_cidrs=2)).yaml)["spec"]
+    assert spec["ingress"][0]["fromCIDR"] == ["192.0.2.1/32", "192.0.2.2/32"]
+    many = few + [http("GET", "/", src=side({"reserved:world": ""}, "198.51.100.9", identity=2))]
+    spec = yaml.safe_load(suggest(many, limits=Limits(max_cidrs=2)).yaml)["spec"]
+    assert spec["ingress"][0]["fromEntities"] == ["world"]
+    host = yaml.safe_load(suggest([http("GET", "/", src=HOST)]).yaml)["spec"]
+    assert host["ingress"][0]["fromEntities"] == ["host"]
+    named = side({"cidr:10.9.0.0/16": ""}, "10.9.1.1", identity=16777217)
+    cidr = yaml.safe_load(suggest([http("GET", "/", src=named)]).yaml)["spec"]
+    assert cidr["ingress"][0]["fromCIDR"] == ["10.9.0.0/16"]
+
+
+def kafka(api_key, topics, **kw):
+    l7 = {"api_key": api_key, "api_version": 7, "client_id": "fleet", "topics": topics}
+    return record("kafka", l7, src=HOST, port=9092, **kw)
+
+
+def test_kafka_roles_topics_and_a_prefix_when_several_topics_share_one():
+    records = [kafka(0, [f"orders.{r}"]) for r in ("eu", "us", "asia")]
+    records += [kafka(3, []), kafka(18, []), kafka(1, ["billing"]), kafka(2, ["billing"])]
+    records += [kafka(19, ["audit-log"]), kafka(3, ["inventory"])]
+    result = suggest(records)
+    assert result.ok
+    rules = yaml.safe_load(result.yaml)["spec"]["ingress"][0]["toPorts"][0]["rules"]["kafka"]
+    assert rules == [
+        {"role": "produce", "topicPrefix": "orders."},
+        {"role": "consume", "topic": "billing"},
+        {"apiKey": "metadata", "topic": "inventory"},
+        {"apiKey": "createtopics", "topic": "audit-log"},
+    ]
+    ds = "org=empire,class=deathstar"
+    assert verdict(result.yaml, "127.0.0.1", ds, 9092, kafka="produce orders.mars") == "FORWARDED"
+    assert verdict(result.yaml, "127.0.0.1", ds, 9092, kafka="produce billing") == "DENIED"
+    assert verdict(result.yaml, "127.0.0.1", ds, 9092, kafka="consume orders.eu") == "DENIED"
+    assert verdict(result.yaml, "127.0.0.1", ds, 9092, kafka="produce ordersx") == "DENIED"
+
+
+def test_two_topics_are_not_enough_for_a_prefix():
+    records = [kafka(0, ["orders.eu"]), kafka(0, ["orders.us"])]
+    rules = yaml.safe_load(suggest(records).yaml)["spec"]["ingress"][0]["toPorts"][0]["rules"]
+    assert rules["kafka"] == [
+        {"role": "produce", "topic": "orders.eu"},
+        {"role": "produce", "topic": "orders.us"},
+    ]
+
+
+def test_grpc_and_cql_rules_are_exact():
+    grpc = [
+        record(
+            "grpc",
+            {"service": "grpc.testing.TestService", "method": m, "path": f"/x/{m}"},
+            src=HOST,
+            port=9000,
+        )
+        for m in ("EmptyCall", "UnaryCall", "UnaryCall")
+    ]
+    cql = [
+        record("cassandra", {"opcode": "query", "action": a, "table": t}, src=HOST, port=9042)
+        for a, t in (("select", "ks.users"), ("insert", "ks.events"), ("use", ""))
+    ]
+    result = suggest(grpc + cql)
+    ports = yaml.safe_load(result.yaml)["spec"]["ingress"][0]["toPorts"]
+    assert ports[0]["rules"]["grpc"] == [
+        {"service": "grpc.testing.TestService", "method": "EmptyCall"},
+        {"service": "grpc.testing.TestService", "method": "UnaryCall"},
+    ]
+    assert ports[1]["rules"] == {
+        "l7proto": "cassandra",
+        "l7": [
+            {"query_action": "insert", "query_table": "ks\\.events"},
+            {"query_action": "select", "query_table": "ks\\.users"},
+            {"query_action": "use"},
+        ],
+    }
+    ds = "org=empire,class=deathstar"
+    svc = "grpc.testing.TestService"
+    assert verdict(result.yaml, "127.0.0.1", ds, 9000, grpc=f"{svc}/UnaryCall") == "FORWARDED"
+    assert verdict(result.yaml, "127.0.0.1", ds, 9000, grpc=f"{svc}/StreamingInputCall") == "DENIED"
+    assert verdict(result.yaml, "127.0.0.1", ds, 9042, cql="SELECT * FROM ks.usersx") == "DENIED"
+    assert verdict(result.yaml, "127.0.0.1", ds, 9042, cql="SELECT * FROM ks.users") == "FORWARDED"
+
+
+def test_verdict_since_and_endpoint_select_the_records():
+    other = side({"app": "api"}, "10.0.0.9", "api", 400)
+    records = [
+        http("GET", "/old", when=10.0),
+        http("GET", "/audited", verdict="AUDIT", when=100.0),
+        http("GET", "/forwarded", verdict="FORWARDED", when=100.0),
+        http("GET", "/denied", verdict="DENIED", when=100.0),
+        http("GET", "/api", dst=other, when=100.0),
+        {"type": "limit", "verdict": "DROPPED", "time": 100.0},
+    ]
+    skipped = SkippedCount()
+    chosen = select(
+        records, Selection(frozenset({"AUDIT"}), since=50.0, endpoint="deathstar"), skipped
+    )
+    assert [o.request.path for o in chosen] == ["/audited"]
+    assert skipped == {
+        "before --since": 1,
+        "verdict FORWARDED": 1,
+        "verdict DENIED": 1,
+        "another endpoint": 1,
+        "type limit": 1,
+    }
+    by_labels = select(records, Selection(endpoint="app=api"), SkippedCount())
+    assert [o.request.path for o in by_labels] == ["/api"]
+
+
+def test_audit_annotation_for_a_staged_roll_out_is_still_checked_as_enforced():
+    result = suggest([http("GET", "/v1/")], audit=True)
+    policies = load_text(result.yaml)
+    assert [p.audit for p in policies] == [True]
+    assert result.ok and "enforced: 1 of 1 allowed" in result.report
+
+
+def test_the_replay_catches_a_policy_that_denies_what_was_seen():
+    records = [http("GET", "/v1/"), http("PUT", "/v1/exhaust-port")]
+    observations = select(records, Selection(), SkippedCount())
+    narrow = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: narrow}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{method: GET}]}
+"""
+    result = replay(enforced(narrow), observations)
+    assert result.allowed == 1
+    [denial] = result.denials
+    assert denial.observation.request.method == "PUT"
+    assert denial.reason == "no L7 rule matches"
+    assert any("method 'PUT' does not match 'GET'" in line for line in denial.trace)
+
+
+def test_a_request_no_rule_can_express_is_reported_denied():
+    # Kafka topic names are [a-zA-Z0-9._-]: a rule cannot name this one.
+    result = suggest([kafka(0, ["ok"]), kafka(0, ["not a topic"])])
+    assert not result.ok
+    assert "1 of 2 NOT allowed" in result.yaml.splitlines()[1]
+    assert "denied (1):" in result.report and "topics=not a topic" in result.report
+
+
+def test_too_many_paths_for_one_method_is_an_error_not_a_wider_rule():
+    records = [http("GET", f"/{w}") for w in ("alpha", "beta", "gamma", "delta")]
+    with pytest.raises(SuggestError, match="GET has 4 distinct paths .*--max-paths 3"):
+        suggest(records, limits=Limits(max_paths=3))
+
+
+def test_l4_only_audit_reports_become_a_port_rule_without_l7():
+    drop = record(
+        "tcp", {}, src=side(TIEFIGHTER, endpoint="tiefighter", identity=256), port=443, kind="drop"
+    )
+    result = suggest([drop, http("GET", "/v1/")])
+    ingress = yaml.safe_load(result.yaml)["spec"]["ingress"][0]
+    assert ingress["toPorts"] == [
+        {
+            "ports": [{"port": "80", "protocol": "TCP"}],
+            "rules": {"http": [{"method": "GET", "path": "/v1/"}]},
+        },
+        {"ports": [{"port": "443", "protocol": "TCP"}]},
+    ]
+    assert result.ok and "1 connection seen at L3/L4 only" in result.yaml
+
+
+def test_command_line_writes_the_file_and_reports_on_stderr(tmp_path):
+    log = tmp_path / "flows.jsonl"
+    rotated = tmp_path / "flows.jsonl.1"
+    rotated.write_text(json.dumps(http("GET", "/v1/")) + "\n")
+    log.write_text("".join(json.dumps(http("GET", f"/v1/ships/{n}")) + "\n" for n in (1, 2, 3)))
+    out = tmp_path / "suggested.yaml"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "l7proxy",
+            "policy",
+            "suggest",
+            "--flowlog",
+            str(log),
+            "-o",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "4 of 4 allowed" in run.stderr
+    assert "path: /v1/ships/[0-9]+" in out.read_text()
+    validate = subprocess.run(
+        [sys.executable, "-m", "l7proxy", "policy", "validate", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert validate.returncode == 0 and "ok: suggested-deathstar" in validate.stdout
+
+    # A suggestion that would deny what was seen is not written, and the exit says so.
+    log.write_text(json.dumps(kafka(0, ["not a topic"])) + "\n")
+    rotated.unlink()
+    out.unlink()
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "l7proxy",
+            "policy",
+            "suggest",
+            "--flowlog",
+            str(log),
+            "-o",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1 and "nothing written" in run.stderr and not out.exists()
+
+
+def test_bounds_reach_the_path_rules():
+    records = [http("GET", f"/v1/ships/{n}") for n in range(5)]
+    exact = suggest(records, limits=Limits(bounds=Bounds(min_samples=0)))
+    assert exact.yaml.count("path: /v1/ships/") == 5
