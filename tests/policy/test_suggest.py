@@ -355,3 +355,12 @@ def test_bounds_reach_the_path_rules():
     records = [http("GET", f"/v1/ships/{n}") for n in range(5)]
     exact = suggest(records, limits=Limits(bounds=Bounds(min_samples=0)))
     assert exact.yaml.count("path: /v1/ships/") == 5
+
+
+def test_each_policy_of_several_counts_its_own_rules():
+    api = side({"app": "api"}, "10.0.0.9", "api", 400)
+    records = [http("GET", "/v1/")] * 2 + [http("GET", "/items", dst=api)] * 3
+    result = suggest(records)
+    first, second = result.yaml.split("\n---\n")
+    assert "name: suggested-api" in first and "# 3 requests\n        - method: GET" in first
+    assert "name: suggested-deathstar" in second and "# 2 requests\n        - method: GET" in second

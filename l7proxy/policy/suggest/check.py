@@ -13,6 +13,7 @@ why.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,9 @@ from l7proxy.policy.load import load_text
 from l7proxy.policy.model import INGRESS, Policy
 from l7proxy.policy.state import ConnectionPolicy, PolicyState
 from l7proxy.policy.suggest.observed import Observation, Peer, Target
+
+
+_DOCUMENT = re.compile(r"^document\[[0-9]+\]\.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +97,7 @@ def _judge(
             policy, _, path = (
                 verdict.reason.removeprefix("allowed by ").partition(", ")[0].partition(" ")
             )
-            result.alone[policy][path] += 1
+            result.alone[policy][_in_document(path)] += 1
             return
         result.denials.append(Denial(obs, f"L3/L4: {verdict.reason}"))
         return
@@ -113,9 +117,14 @@ def _judge(
     result.allowed += 1
     if " + " in decision.rule:
         for path in decision.rule.split(" + "):
-            result.jointly[decision.policy][path] += 1
+            result.jointly[decision.policy][_in_document(path)] += 1
     else:
-        result.alone[decision.policy][decision.rule] += 1
+        result.alone[decision.policy][_in_document(decision.rule)] += 1
+
+
+def _in_document(path: str) -> str:
+    """A rule's path within its own document (a file of several prefixes them)."""
+    return _DOCUMENT.sub("", path)
 
 
 def _peer_spec(peer: Peer) -> tracing.PeerSpec:
