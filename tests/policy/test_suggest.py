@@ -364,3 +364,14 @@ def test_each_policy_of_several_counts_its_own_rules():
     first, second = result.yaml.split("\n---\n")
     assert "name: suggested-api" in first and "# 3 requests\n        - method: GET" in first
     assert "name: suggested-deathstar" in second and "# 2 requests\n        - method: GET" in second
+
+
+def test_equal_requests_are_one_observation_counted_and_kafka_correlation_ids_do_not_split_them():
+    produce = [kafka(0, ["orders"]) for _ in range(4)]
+    for n, rec in enumerate(produce):
+        rec["l7"]["correlation_id"] = n
+    observed = select(produce + [http("GET", "/v1/")] * 3, Selection(), SkippedCount())
+    assert sorted(observed.values()) == [3, 4]
+    result = suggest(produce + [kafka(0, ["bad topic!"])] * 3)
+    assert "4 of 7 allowed" in result.report
+    assert "topics=bad topic! clientID=fleet to deathstar:9092 (x3)" in result.report

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from l7proxy.policy import trace as tracing
@@ -25,13 +25,13 @@ from l7proxy.policy.model import INGRESS, Policy
 from l7proxy.policy.state import ConnectionPolicy, PolicyState
 from l7proxy.policy.suggest.observed import Observation, Peer, Target
 
-
 _DOCUMENT = re.compile(r"^document\[[0-9]+\]\.")
 
 
 @dataclass(frozen=True, slots=True)
 class Denial:
     observation: Observation
+    count: int  # records that showed it
     reason: str
     trace: tuple[str, ...] = ()
 
@@ -49,16 +49,20 @@ class Replay:
     def ok(self) -> bool:
         return not self.denials
 
+    @property
+    def denied(self) -> int:
+        return sum(d.count for d in self.denials)
+
 
 def enforced(text: str, source: str = "<suggestion>") -> list[Policy]:
     """The suggestion as the loader reads it, judged as if enforced."""
     return [replace(p, audit=False) for p in load_text(text, source=source)]
 
 
-def replay(policies: Sequence[Policy], observations: Sequence[Observation]) -> Replay:
+def replay(policies: Sequence[Policy], observed: Mapping[Observation, int]) -> Replay:
     result = Replay()
     groups: dict[tuple[Target, Peer, int], list[Observation]] = defaultdict(list)
-    for obs in observations:
+    for obs in observed:
         groups[(obs.target, obs.peer, obs.port)].append(obs)
     host_prefixes = [tracing.LOOPBACK] + sorted(
         {
@@ -79,12 +83,12 @@ def replay(policies: Sequence[Policy], observations: Sequence[Observation]) -> R
         )
         conn = ConnectionPolicy(PolicyState(scenario.compiled), scenario.src, scenario.dst)
         for obs in seen:
-            _judge(result, scenario, conn, obs)
+            _judge(result, scenario, conn, obs, observed[obs])
     return result
 
 
 def _judge(
-    result: Replay, scenario: tracing.Scenario, conn: ConnectionPolicy, obs: Observation
+    result: Replay, scenario: tracing.Scenario, conn: ConnectionPolicy, obs: Observation, n: int
 ) -> None:
     request = obs.request
     if request is None or obs.transport != "TCP":
@@ -93,33 +97,33 @@ def _judge(
             scenario.dst.endpoint.id, INGRESS, scenario.src.identity, obs.port, obs.transport
         )
         if verdict.allowed and not verdict.audit:
-            result.allowed += 1
+            result.allowed += n
             policy, _, path = (
                 verdict.reason.removeprefix("allowed by ").partition(", ")[0].partition(" ")
             )
-            result.alone[policy][_in_document(path)] += 1
+            result.alone[policy][_in_document(path)] += n
             return
-        result.denials.append(Denial(obs, f"L3/L4: {verdict.reason}"))
+        result.denials.append(Denial(obs, n, f"L3/L4: {verdict.reason}"))
         return
     if not conn.l4.allowed or conn.l4.audit:
-        result.denials.append(Denial(obs, f"L3/L4: {conn.l4.reason}"))
+        result.denials.append(Denial(obs, n, f"L3/L4: {conn.l4.reason}"))
         return
     if conn.parser is not None and conn.parser != request.family:
         result.denials.append(
-            Denial(obs, f"the port is parsed as {conn.parser}, not {request.family}")
+            Denial(obs, n, f"the port is parsed as {conn.parser}, not {request.family}")
         )
         return
     decision = conn.decide(request)
     if not decision.allowed or decision.audit:
         lines = tracing.trace(scenario, [request])["l7"][0]["trace"]
-        result.denials.append(Denial(obs, decision.reason, tuple(lines)))
+        result.denials.append(Denial(obs, n, decision.reason, tuple(lines)))
         return
-    result.allowed += 1
+    result.allowed += n
     if " + " in decision.rule:
         for path in decision.rule.split(" + "):
-            result.jointly[decision.policy][_in_document(path)] += 1
+            result.jointly[decision.policy][_in_document(path)] += n
     else:
-        result.alone[decision.policy][_in_document(decision.rule)] += 1
+        result.alone[decision.policy][_in_document(decision.rule)] += n
 
 
 def _in_document(path: str) -> str:

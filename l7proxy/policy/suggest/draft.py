@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from l7proxy.policy.errors import YamlPath
@@ -128,17 +128,17 @@ class PolicyDraft:
 
 
 def draft_policies(
-    observations: Sequence[Observation], limits: Limits, name_prefix: str = "suggested"
+    observed: Mapping[Observation, int], limits: Limits, name_prefix: str = "suggested"
 ) -> list[PolicyDraft]:
-    by_target: dict[Target, list[Observation]] = defaultdict(list)
-    for obs in observations:
-        by_target[obs.target].append(obs)
+    by_target: dict[Target, dict[Observation, int]] = defaultdict(dict)
+    for obs, n in observed.items():
+        by_target[obs.target][obs] = n
     drafts: list[PolicyDraft] = []
     names: set[str] = set()
     for target in sorted(by_target, key=lambda t: (t.name, t.labels)):
         seen = by_target[target]
         name = _unique(f"{name_prefix}-{_slug(target)}", names)
-        drafts.append(PolicyDraft(name, target, _ingress(seen, limits), len(seen)))
+        drafts.append(PolicyDraft(name, target, _ingress(seen, limits), sum(seen.values())))
     return drafts
 
 
@@ -161,13 +161,13 @@ def peer_keys(observations: Iterable[Observation], max_cidrs: int) -> dict[Peer,
     return keys
 
 
-def _ingress(observations: Sequence[Observation], limits: Limits) -> list[IngressDraft]:
-    keys = peer_keys(observations, limits.max_cidrs)
-    grouped: dict[tuple[int, str], dict[PeerKey, list[Observation]]] = defaultdict(
-        lambda: defaultdict(list)
+def _ingress(observed: Mapping[Observation, int], limits: Limits) -> list[IngressDraft]:
+    keys = peer_keys(observed, limits.max_cidrs)
+    grouped: dict[tuple[int, str], dict[PeerKey, dict[Observation, int]]] = defaultdict(
+        lambda: defaultdict(dict)
     )
-    for obs in observations:
-        grouped[(obs.port, obs.transport)][keys[obs.peer]].append(obs)
+    for obs, n in observed.items():
+        grouped[(obs.port, obs.transport)][keys[obs.peer]][obs] = n
     # (peer set) -> ports, each port drafted once per distinct rule set
     by_peers: dict[tuple[PeerKey, ...], list[PortDraft]] = defaultdict(list)
     for (port, transport), by_peer in sorted(grouped.items()):
@@ -187,9 +187,14 @@ def _ingress(observations: Sequence[Observation], limits: Limits) -> list[Ingres
 
 
 def port_draft(
-    port: int, transport: str, observations: Sequence[Observation], limits: Limits, peer: PeerKey
+    port: int,
+    transport: str,
+    observed: Mapping[Observation, int],
+    limits: Limits,
+    peer: PeerKey,
 ) -> PortDraft:
-    requests = [o.request for o in observations if o.request is not None]
+    counted = [(o.request, n) for o, n in observed.items() if o.request is not None]
+    requests = [r for r, _ in counted]
     draft = PortDraft(port, transport, requests_seen=bool(requests))
     families = {r.family for r in requests}
     if len(families) > 1 or ("tls" in families and transport != "TCP"):
@@ -197,7 +202,7 @@ def port_draft(
             f"port {port}: {', '.join(sorted(families))} requests seen on one port from "
             f"{describe_peer(peer)}; a port is parsed as one protocol"
         )
-    http = [r for r in requests if isinstance(r, HttpRequest)]
+    http = [(r, n) for r, n in counted if isinstance(r, HttpRequest)]
     grpc = [r for r in requests if isinstance(r, GrpcCall)]
     kafka = [r for r in requests if isinstance(r, KafkaRequest)]
     cql = [r for r in requests if isinstance(r, CqlRequest)]
@@ -213,10 +218,12 @@ def port_draft(
 # ----------------------------------------------------------------------------- per protocol
 
 
-def http_rules(requests: Sequence[HttpRequest], limits: Limits, where: str) -> list[RuleDraft]:
+def http_rules(
+    requests: Sequence[tuple[HttpRequest, int]], limits: Limits, where: str
+) -> list[RuleDraft]:
     by_method: dict[str, Counter[str]] = defaultdict(Counter)
-    for r in requests:
-        by_method[r.method][r.path] += 1
+    for r, n in requests:
+        by_method[r.method][r.path] += n
     rules = []
     for method in sorted(by_method):
         patterns = generalise(by_method[method], limits.bounds)

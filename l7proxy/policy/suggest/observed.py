@@ -14,6 +14,7 @@ observation and is counted as skipped.
 from __future__ import annotations
 
 import ipaddress
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -63,13 +64,18 @@ class Target:
 
 @dataclass(frozen=True, slots=True)
 class Observation:
+    """What was asked, without when: equal requests are counted, not kept apart (a
+    flow log holds hundreds of thousands of records, and a few thousand kinds)."""
+
     target: Target
     peer: Peer
     port: int
     transport: str  # TCP | UDP
     request: L7Request | None  # None: L3/L4 only
-    verdict: str
-    time: float
+
+
+# Each distinct observation and how many records showed it.
+Observed = Counter[Observation]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,30 +108,38 @@ class SkippedCount(dict[str, int]):
 
 def select(
     records: Iterable[Mapping[str, Any]], selection: Selection, skipped: SkippedCount
-) -> list[Observation]:
-    out = []
+) -> Observed:
+    """The records ``selection`` wants, as counted observations (in order first seen)."""
+    out: Observed = Counter()
     for record in records:
-        obs = observation(record, skipped)
-        if obs is None:
-            continue
-        if obs.verdict not in selection.verdicts:
-            skipped.add(f"verdict {obs.verdict}")
-        elif selection.since is not None and obs.time < selection.since:
-            skipped.add("before --since")
-        elif selection.until is not None and obs.time > selection.until:
-            skipped.add("after --until")
-        elif not selection.wants_target(obs.target):
-            skipped.add("another endpoint")
-        else:
-            out.append(obs)
+        obs = observation(record, selection, skipped)
+        if obs is not None:
+            out[obs] += 1
     return out
 
 
-def observation(record: Mapping[str, Any], skipped: SkippedCount) -> Observation | None:
-    """One record as an observation, or None (counted in ``skipped``)."""
+def observation(
+    record: Mapping[str, Any], selection: Selection, skipped: SkippedCount
+) -> Observation | None:
+    """One record as an observation, or None (counted in ``skipped`` with the reason)."""
     kind = record.get("type")
     if kind not in ("l7", "drop"):
         skipped.add(f"type {kind}")
+        return None
+    verdict = str(record.get("verdict", ""))
+    if kind == "drop" and verdict != "AUDIT":
+        verdict = "DROPPED"
+    if verdict not in selection.verdicts:
+        skipped.add(f"verdict {verdict}")
+        return None
+    when = record.get("time")
+    if not isinstance(when, (int, float)):
+        when = 0.0
+    if selection.since is not None and when < selection.since:
+        skipped.add("before --since")
+        return None
+    if selection.until is not None and when > selection.until:
+        skipped.add("after --until")
         return None
     src, dst = record.get("source"), record.get("destination")
     if not isinstance(src, Mapping) or not isinstance(dst, Mapping):
@@ -135,15 +149,13 @@ def observation(record: Mapping[str, Any], skipped: SkippedCount) -> Observation
     if target is None:
         skipped.add("destination is not a local endpoint")
         return None
-    verdict = str(record.get("verdict", ""))
+    if not selection.wants_target(target):
+        skipped.add("another endpoint")
+        return None
     if kind == "drop":
-        if verdict != "AUDIT":
-            verdict = "DROPPED"
         transport = str(record.get("protocol", "tcp")).upper()
-        if transport not in ("TCP", "UDP") or record.get("direction", "INGRESS").upper() not in (
-            "INGRESS",
-            "",
-        ):
+        direction = str(record.get("direction") or "ingress").lower()
+        if transport not in ("TCP", "UDP") or direction != "ingress":
             skipped.add("not an ingress TCP/UDP drop report")
             return None
         request = None
@@ -153,16 +165,11 @@ def observation(record: Mapping[str, Any], skipped: SkippedCount) -> Observation
         if request is None:
             skipped.add(f"unreadable {record.get('protocol')} request")
             return None
-    try:
-        port = int(dst.get("port") or 0)
-        when = float(record.get("time") or 0.0)
-    except (TypeError, ValueError):
-        skipped.add("bad port or time")
+    port = dst.get("port")
+    if not isinstance(port, int) or not 0 < port < 65536:
+        skipped.add("no destination port")
         return None
-    if not 0 < port < 65536:
-        skipped.add("bad port or time")
-        return None
-    return Observation(target, _peer(src), port, transport, request, verdict, when)
+    return Observation(target, _peer(src), port, transport, request)
 
 
 def _labels(node: Any) -> Labels:
@@ -235,7 +242,7 @@ def _request(protocol: str, fields: Any) -> L7Request | None:
         return KafkaRequest(
             api_key,
             api_version,
-            int(fields.get("correlation_id") or 0),
+            0,  # no rule reads it; left out, equal requests are one observation
             client_id if isinstance(client_id, str) else None,
             _names(fields, "topics"),
             _names(fields, "groups"),

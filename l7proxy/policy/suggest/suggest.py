@@ -42,30 +42,29 @@ def suggest(
     """Raises ``SuggestError`` when the data cannot be written within ``limits``."""
     skipped = SkippedCount()
     counted = _Counting(records)
-    observations = select(counted, selection, skipped)
-    drafts = draft_policies(observations, limits, name_prefix)
+    observed = select(counted, selection, skipped)
+    total = sum(observed.values())
+    drafts = draft_policies(observed, limits, name_prefix)
     first = render(drafts, audit=audit)
-    result = replay(enforced(first), observations)
+    result = replay(enforced(first), observed)
     counts = {
         name: Counts(dict(result.alone.get(name, {})), dict(result.jointly.get(name, {})))
         for name in {d.name for d in drafts}
     }
     verdict = (
-        f"all {len(observations):,} allowed"
-        if result.ok
-        else f"{len(result.denials):,} of {len(observations):,} NOT allowed"
+        f"all {total:,} allowed" if result.ok else f"{result.denied:,} of {total:,} NOT allowed"
     )
     header = [
         f"Suggested by `l7proxy policy suggest` from {source}: "
-        f"{plural(len(observations), 'observed request')} "
+        f"{plural(total, 'observed request')} "
         f"({', '.join(sorted(selection.verdicts))}).",
         f"Replayed through the policy engine, enforced: {verdict}.",
         "Review before importing: every rule allows what was seen, and nothing else was seen.",
     ]
     text = render(drafts, counts=counts, header=header, audit=audit)
     enforced(text)  # what is printed loads, as the replayed text did
-    report = _report(counted.count, len(observations), skipped, drafts, result, counts)
-    return Suggestion(text, report, result.ok, len(drafts), len(observations))
+    report = _report(counted.count, total, skipped, drafts, result, counts)
+    return Suggestion(text, report, result.ok, len(drafts), total)
 
 
 class _Counting:
@@ -104,11 +103,12 @@ def _report(
         width = max((len(r[0]) for r in rows), default=0)
         lines += [f"  {what:<{width}}  {n}" for what, n in rows]
     if result.denials:
-        lines.append(f"denied ({len(result.denials):,}):")
+        lines.append(f"denied ({result.denied:,}):")
         for denial in result.denials[:MAX_DENIALS_SHOWN]:
             obs = denial.observation
             what = obs.request.describe() if obs.request else f"{obs.transport} connection"
-            lines.append(f"  {what} to {obs.target.name}:{obs.port}: {denial.reason}")
+            times = f" (x{denial.count:,})" if denial.count > 1 else ""
+            lines.append(f"  {what} to {obs.target.name}:{obs.port}{times}: {denial.reason}")
             lines += [f"    {line}" for line in denial.trace]
         if len(result.denials) > MAX_DENIALS_SHOWN:
             lines.append(f"  ... and {len(result.denials) - MAX_DENIALS_SHOWN:,} more")
