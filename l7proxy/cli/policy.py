@@ -363,7 +363,8 @@ def suggest(args: argparse.Namespace) -> int:
         tmp = args.output.with_name(args.output.name + ".tmp")
         tmp.write_text(result.yaml)
         os.replace(tmp, args.output)
-        print(f"wrote {result.policies} policies to {args.output}", file=sys.stderr)
+        noun = "policy" if result.policies == 1 else "policies"
+        print(f"wrote {result.policies} {noun} to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(result.yaml)
     return 0
