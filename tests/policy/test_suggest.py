@@ -375,3 +375,14 @@ def test_equal_requests_are_one_observation_counted_and_kafka_correlation_ids_do
     result = suggest(produce + [kafka(0, ["bad topic!"])] * 3)
     assert "4 of 7 allowed" in result.report
     assert "topics=bad topic! clientID=fleet to deathstar:9092 (x3)" in result.report
+
+
+def test_endpoints_with_the_same_labels_share_one_policy():
+    moved = side(DEATHSTAR, "10.0.0.7", "deathstar-2", 257)
+    records = [http("GET", "/v1/"), http("POST", "/v1/request-landing", dst=moved)]
+    docs = list(yaml.safe_load_all(suggest(records).yaml))
+    assert len(docs) == 1
+    assert docs[0]["spec"]["ingress"][0]["toPorts"][0]["rules"]["http"] == [
+        {"method": "GET", "path": "/v1/"},
+        {"method": "POST", "path": "/v1/request-landing"},
+    ]

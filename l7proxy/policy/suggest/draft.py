@@ -130,13 +130,17 @@ class PolicyDraft:
 def draft_policies(
     observed: Mapping[Observation, int], limits: Limits, name_prefix: str = "suggested"
 ) -> list[PolicyDraft]:
-    by_target: dict[Target, dict[Observation, int]] = defaultdict(dict)
+    # A policy selects by labels: endpoints that share them (one endpoint under two
+    # names, a firewall restarted with another upstream) share one policy.
+    by_labels: dict[Labels, dict[Observation, int]] = defaultdict(dict)
+    targets: dict[Labels, Target] = {}
     for obs, n in observed.items():
-        by_target[obs.target][obs] = n
+        by_labels[obs.target.labels][obs] = n
+        targets.setdefault(obs.target.labels, obs.target)
     drafts: list[PolicyDraft] = []
     names: set[str] = set()
-    for target in sorted(by_target, key=lambda t: (t.name, t.labels)):
-        seen = by_target[target]
+    for labels in sorted(by_labels, key=lambda ls: (targets[ls].name, ls)):
+        seen, target = by_labels[labels], targets[labels]
         name = _unique(f"{name_prefix}-{_slug(target)}", names)
         drafts.append(PolicyDraft(name, target, _ingress(seen, limits), sum(seen.values())))
     return drafts
