@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -386,3 +387,45 @@ def test_endpoints_with_the_same_labels_share_one_policy():
         {"method": "GET", "path": "/v1/"},
         {"method": "POST", "path": "/v1/request-landing"},
     ]
+
+
+def test_tls_server_names_are_listed_on_the_port():
+    hellos = [
+        record("tls", {"sni": name, "alpn": ["h2"], "versions": ["TLSv1.3"]}, src=HOST, port=443)
+        for name in ("api.example.com", "cdn.example.com", "api.example.com")
+    ]
+    result = suggest(hellos)
+    port = yaml.safe_load(result.yaml)["spec"]["ingress"][0]["toPorts"][0]
+    assert port == {
+        "ports": [{"port": "443", "protocol": "TCP"}],
+        "serverNames": ["api.example.com", "cdn.example.com"],
+    }
+    assert result.ok and "# 3 requests\n      serverNames:" in result.yaml
+    ds = "org=empire,class=deathstar"
+    assert verdict(result.yaml, "127.0.0.1", ds, 443, tls="cdn.example.com") == "FORWARDED"
+    assert verdict(result.yaml, "127.0.0.1", ds, 443, tls="evil.example.com") == "DENIED"
+
+
+def test_command_line_filters_since_endpoint_and_verdict(tmp_path):
+    now = time.time()
+    api = side({"app": "api"}, "10.0.0.9", "api", 400)
+    records = [
+        http("GET", "/yesterday", when=now - 86400),
+        http("GET", "/audited", verdict="AUDIT", when=now - 60),
+        http("GET", "/forwarded", verdict="FORWARDED", when=now - 60),
+        http("GET", "/other-endpoint", dst=api, when=now - 60),
+    ]
+    log = tmp_path / "flows.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = subprocess.run(
+        [sys.executable, "-m", "l7proxy", "policy", "suggest", "--flowlog", str(log)]
+        + ["--since", "1h", "--endpoint", "class=deathstar", "--verdict", "AUDIT"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    rules = yaml.safe_load(run.stdout)["spec"]["ingress"][0]["toPorts"][0]["rules"]
+    assert rules == {"http": [{"method": "GET", "path": "/audited"}]}
+    assert "left out: 1 another endpoint, 1 before --since, 1 verdict FORWARDED" in run.stderr
