@@ -219,3 +219,29 @@ def test_every_generated_pattern_matches_every_target_it_came_from():
 def test_a_path_of_thousands_of_segments_is_handled_without_recursion():
     deep = "/a" * 5000
     assert regexes([deep]) == [deep]
+
+
+def test_many_resource_names_under_one_prefix_are_words_and_stay_literal():
+    # An API with many named parts, or a scanner guessing under a known prefix: letters
+    # only, of varying length, nothing fixed beside them. Folding them would allow any word.
+    rng = random.Random(13)
+    words = {"".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 12))) for _ in range(400)}
+    rules = regexes([f"/api/{w}" for w in words])
+    assert sorted(rules) == sorted(f"/api/{w}" for w in words)
+    assert not allows(rules, "/api/admin")
+
+
+def test_generated_values_fold_words_with_a_fixed_part_fold_too():
+    rng = random.Random(17)
+    handles = {f"user{n}" for n in range(990, 1040)}  # digits: generated
+    codes = {"".join(rng.choices(string.ascii_lowercase, k=8)) for _ in range(50)}  # one length
+    reports = {"".join(rng.choices(string.ascii_lowercase, k=rng.randint(4, 9))) for _ in range(50)}
+    seen = (
+        [f"/u/{h}" for h in handles]
+        + [f"/invite/{c}" for c in codes]
+        + [f"/reports/{r}.csv" for r in reports]
+    )
+    rules = regexes(seen)
+    assert rules == ["/invite/[a-z]{8}", "/reports/[a-z]{4,9}\\.csv", "/u/[0-9a-z]{7,8}"]
+    assert not allows(rules, "/reports/passwd")
+    assert not allows(rules, "/invite/abcdefgh/accept")

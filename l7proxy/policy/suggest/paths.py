@@ -18,7 +18,9 @@ position, top down, among targets that agree on everything before:
   than ``max_literals`` values splits the values by it and stays literal
   (``\\.png`` and ``\\.js`` apart); the runs that vary more become the
   narrowest character class that holds them, with the observed lengths as
-  bounds. Typed values are left to ``min_samples`` alone.
+  bounds. Values that read as words (letters only, no fixed part beside them) are
+  never folded, however many: an API's resource names and a scanner's guesses both
+  look like that. Typed values are left to ``min_samples`` alone.
 
 Patterns never cross a separator: a variable segment is ``[0-9]+`` or
 ``[a-z]{3,9}``, never ``.*``, so the number of segments, the literal segments
@@ -186,7 +188,22 @@ def _by_fixed_runs(values: list[str], max_literals: int) -> list[list[str]]:
     groups: dict[tuple[str, ...], list[str]] = defaultdict(list)
     for n, value in enumerate(values):
         groups[tuple(columns[i][n] for i in fixed)].append(value)
-    return [group for group in groups.values() if len(group) >= max_literals]
+    return [g for g in groups.values() if len(g) >= max_literals and _token_like(g)]
+
+
+def _token_like(values: list[str]) -> bool:
+    """Do these values look generated rather than named? Names of an API's parts (and
+    a scanner's guesses) are words: letters only, of any length. Generated values have
+    a fixed part beside the varying one (``*.png``, ``user-*``), or vary in runs that
+    hold digits or keep one length (``a1b2c3``, ``x7k2q9``). Words are never folded."""
+    columns = list(zip(*(_RUN.findall(v) for v in values), strict=True))
+    if any(len(set(c)) == 1 and c[0][0].isalnum() for c in columns):
+        return True
+    return all(
+        len({len(run) for run in c}) == 1 or any(ch.isdigit() for run in c for ch in run)
+        for c in columns
+        if len(set(c)) > 1
+    )
 
 
 def freeform_regex(values: Iterable[str]) -> str:
