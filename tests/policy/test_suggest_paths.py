@@ -245,3 +245,14 @@ def test_generated_values_fold_words_with_a_fixed_part_fold_too():
     assert rules == ["/invite/[a-z]{8}", "/reports/[a-z]{4,9}\\.csv", "/u/[0-9a-z]{7,8}"]
     assert not allows(rules, "/reports/passwd")
     assert not allows(rules, "/invite/abcdefgh/accept")
+
+
+def test_words_may_vary_in_a_query_value_but_not_in_the_path():
+    rng = random.Random(19)
+    words = sorted(
+        {"".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 9))) for _ in range(40)}
+    )
+    rules = regexes([f"/search?q={w}" for w in words])
+    assert rules == ["/search\\?q=[a-z]{3,9}"]
+    assert not allows(rules, "/search?q=x%27%20OR%201=1")
+    assert not allows(rules, "/search/admin?q=abc")

@@ -18,9 +18,10 @@ position, top down, among targets that agree on everything before:
   than ``max_literals`` values splits the values by it and stays literal
   (``\\.png`` and ``\\.js`` apart); the runs that vary more become the
   narrowest character class that holds them, with the observed lengths as
-  bounds. Values that read as words (letters only, no fixed part beside them) are
-  never folded, however many: an API's resource names and a scanner's guesses both
-  look like that. Typed values are left to ``min_samples`` alone.
+  bounds. In a path, values that read as words (letters only, no fixed part beside
+  them) are never folded, however many: an API's resource names and a scanner's
+  guesses both look like that (a query parameter's value may be a word). Typed
+  values are left to ``min_samples`` alone.
 
 Patterns never cross a separator: a variable segment is ``[0-9]+`` or
 ``[a-z]{3,9}``, never ``.*``, so the number of segments, the literal segments
@@ -177,7 +178,7 @@ def _run_class(runs: list[str]) -> str:
     return "[0-9a-z]" if lower else "[0-9A-Z]" if upper else "[0-9A-Za-z]"
 
 
-def _by_fixed_runs(values: list[str], max_literals: int) -> list[list[str]]:
+def _by_fixed_runs(values: list[str], max_literals: int, words: bool) -> list[list[str]]:
     """Values of one shape, split by the runs that take few values (``png`` and ``js``
     in ``*.png``, ``*.js``): the groups with ``max_literals`` distinct values, each to
     become one regex. A run that varies less than that is kept as it was seen."""
@@ -188,7 +189,7 @@ def _by_fixed_runs(values: list[str], max_literals: int) -> list[list[str]]:
     groups: dict[tuple[str, ...], list[str]] = defaultdict(list)
     for n, value in enumerate(values):
         groups[tuple(columns[i][n] for i in fixed)].append(value)
-    return [g for g in groups.values() if len(g) >= max_literals and _token_like(g)]
+    return [g for g in groups.values() if len(g) >= max_literals and (words or _token_like(g))]
 
 
 def _token_like(values: list[str]) -> bool:
@@ -284,7 +285,9 @@ def _merge(
             if value and value_type(value) is None:  # typed values answer to min_samples
                 by_shape[shape(value)].append(value)
         for values in by_shape.values():
-            for group in _by_fixed_runs(values, bounds.max_literals):
+            # A query value is data for a path already named: words may vary there.
+            words = separator.endswith("=")
+            for group in _by_fixed_runs(values, bounds.max_literals, words):
                 members = [m for v in group for m in left.pop(v)]
                 out.append((freeform_regex(group), members))
     out += [(escape(value), members) for value, members in left.items()]
