@@ -291,6 +291,7 @@ def test_l4_only_audit_reports_become_a_port_rule_without_l7():
         {"ports": [{"port": "443", "protocol": "TCP"}]},
     ]
     assert result.ok and "1 connection seen at L3/L4 only" in result.yaml
+    assert "without L7 rules this allows every request (review)" in result.yaml
 
 
 def test_command_line_writes_the_file_and_reports_on_stderr(tmp_path):

@@ -138,7 +138,13 @@ def _ingress(i: int, ingress: IngressDraft, counts: Counts) -> list[str]:
 
 
 def _port(i: int, j: int, port: PortDraft, counts: Counts) -> list[str]:
-    out = [
+    out = []
+    if not port.has_l7_rules:
+        out += [
+            "    # only connections were seen on this port, no request was parsed:",
+            "    # without L7 rules this allows every request (review)",
+        ]
+    out += [
         "    - ports:",
         f"      - port: {scalar(str(port.port))}",
         f"        protocol: {port.transport}",
