@@ -257,6 +257,13 @@ def _register_suggest(sub: Any) -> None:
     s.add_argument("--until", type=_when, metavar="WHEN")
     s.add_argument("--endpoint", metavar="NAME|k=v,...", help="only this destination endpoint")
     s.add_argument(
+        "--direction",
+        choices=("ingress", "egress", "both"),
+        default="ingress",
+        help="ingress rules for the endpoints that received traffic (default), egress rules "
+        "for those that sent it, or both",
+    )
+    s.add_argument(
         "--verdict",
         action="append",
         type=str.upper,
@@ -333,8 +340,13 @@ def suggest(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"policy suggest: {err}", file=sys.stderr)
         return 2
+    directions = ("ingress", "egress") if args.direction == "both" else (args.direction,)
     selection = Selection(
-        frozenset(args.verdict or LET_THROUGH), args.since, args.until, args.endpoint
+        frozenset(args.verdict or LET_THROUGH),
+        args.since,
+        args.until,
+        args.endpoint,
+        frozenset(directions),
     )
     records = (record for path in logs for record in read_records(path))
     try:

@@ -60,11 +60,15 @@ def test_suggest_from_the_agents_flow_log_names_peers_by_labels_and_enforces_the
         node.flows(wait_for=lambda r: r["type"] == "l7" and r["source"]["endpoint"] == "xwing")
 
         out = node.root / "suggested.yaml"
-        run = node.cli("policy", "suggest", "--endpoint", "deathstar", "-o", str(out))
-        assert "enforced: 5 of 5 allowed" in run.stderr
-        [policy] = yaml.safe_load_all(out.read_text())
-        assert policy["metadata"]["name"] == "suggested-deathstar"
-        ingress = policy["spec"]["ingress"]
+        run = node.cli("policy", "suggest", "--direction", "both", "-o", str(out))
+        assert "enforced: 10 of 10 allowed" in run.stderr  # each request, at both ends
+        policies = {p["metadata"]["name"]: p["spec"] for p in yaml.safe_load_all(out.read_text())}
+        assert sorted(policies) == [
+            "suggested-deathstar",
+            "suggested-tiefighter",
+            "suggested-xwing",
+        ]
+        ingress = policies["suggested-deathstar"]["ingress"]
         assert [(i["fromEndpoints"], i["toPorts"][0]["rules"]["http"]) for i in ingress] == [
             (
                 [{"matchLabels": {"class": "tiefighter", "org": "empire"}}],
@@ -78,6 +82,9 @@ def test_suggest_from_the_agents_flow_log_names_peers_by_labels_and_enforces_the
                 [{"method": "GET", "path": "/v1/"}],
             ),
         ]
+        [xwing_egress] = policies["suggested-xwing"]["egress"]
+        assert xwing_egress["toEndpoints"] == [{"matchLabels": SHIPS["deathstar"]}]
+        assert xwing_egress["toPorts"][0]["rules"]["http"] == [{"method": "GET", "path": "/v1/"}]
 
         node.import_policy(out.read_text(), name="suggested")
         assert [status for *_, status in traffic(node)] == [200, 200, 200, 200, 200]
@@ -86,12 +93,16 @@ def test_suggest_from_the_agents_flow_log_names_peers_by_labels_and_enforces_the
         assert (exhaust.status, exhaust.body) == (403, "Access denied")
         landing = node.curl("xwing", "POST", "deathstar", "/v1/request-landing")
         assert (landing.status, landing.body) == (403, "Access denied")
-        # ... and a peer that never talked to the Death Star (L3/L4, dropped in the kernel).
+        # ... a peer that never talked to the Death Star (its ingress, in the kernel), and
+        # a ship calling where it never called (its own egress, in the kernel).
         assert node.curl("ywing", "GET", "deathstar", "/v1/").status is None
-        dropped = node.flows(
-            wait_for=lambda r: r["type"] == "drop" and r["source"]["endpoint"] == "ywing"
+        assert node.curl("tiefighter", "GET", "xwing", "/v1/").status is None
+        drops = node.flows(
+            wait_for=lambda r: r["type"] == "drop" and r["source"]["endpoint"] == "tiefighter"
         )
-        assert any(
-            r["type"] == "drop" and r["verdict"] == "DROPPED" and r["source"]["endpoint"] == "ywing"
-            for r in dropped
-        )
+        dropped = {
+            (r["source"]["endpoint"], r["destination"]["endpoint"], r["direction"])
+            for r in drops
+            if r["type"] == "drop" and r["verdict"] == "DROPPED"
+        }
+        assert dropped >= {("ywing", "deathstar", "ingress"), ("tiefighter", "xwing", "egress")}

@@ -430,3 +430,54 @@ def test_command_line_filters_since_endpoint_and_verdict(tmp_path):
     rules = yaml.safe_load(run.stdout)["spec"]["ingress"][0]["toPorts"][0]["rules"]
     assert rules == {"http": [{"method": "GET", "path": "/audited"}]}
     assert "left out: 1 another endpoint, 1 before --since, 1 verdict FORWARDED" in run.stderr
+
+
+def test_egress_rules_for_the_endpoints_that_sent_traffic():
+    tie = side(TIEFIGHTER, "10.0.0.2", "tiefighter", 256)
+    outside = side({"reserved:world": ""}, "203.0.113.7", identity=2)
+    records = [
+        http("POST", "/v1/request-landing"),  # tiefighter -> deathstar: both ends local
+        record(
+            "tls",
+            {"sni": "api.stripe.com", "alpn": ["h2"]},
+            src=tie,
+            dst=outside,
+            port=443,
+        ),
+    ]
+    both = Selection(directions=frozenset({"ingress", "egress"}))
+    result = suggest(records, both)
+    assert result.ok, result.report
+    docs = {d["metadata"]["name"]: d["spec"] for d in yaml.safe_load_all(result.yaml)}
+    assert set(docs) == {"suggested-deathstar", "suggested-tiefighter"}
+    assert "egress" not in docs["suggested-deathstar"]
+    assert "ingress" not in docs["suggested-tiefighter"]
+    assert docs["suggested-tiefighter"]["egress"] == [
+        {
+            "toEndpoints": [{"matchLabels": DEATHSTAR}],
+            "toPorts": [
+                {
+                    "ports": [{"port": "80", "protocol": "TCP"}],
+                    "rules": {"http": [{"method": "POST", "path": "/v1/request-landing"}]},
+                }
+            ],
+        },
+        {
+            "toCIDR": ["203.0.113.7/32"],
+            "toPorts": [
+                {"ports": [{"port": "443", "protocol": "TCP"}], "serverNames": ["api.stripe.com"]}
+            ],
+        },
+    ]
+    # Each end's rule is counted for its own policy.
+    tie_yaml = result.yaml.split("\n---\n")[1]
+    assert "# 1 request\n        - method: POST" in tie_yaml
+    assert "# 1 request\n      serverNames:" in tie_yaml
+    # Ingress only (the default): the world-bound record has no local destination.
+    skipped = SkippedCount()
+    assert len(select(records, Selection(), skipped)) == 1
+    assert skipped == {"destination is not a local endpoint": 1}
+    tie, ds = "org=empire,class=tiefighter", "org=empire,class=deathstar"
+    assert verdict(result.yaml, tie, ds, 80, http="PUT /v1/exhaust-port") == "DENIED"
+    assert verdict(result.yaml, tie, "203.0.113.7", 443, tls="evil.example") == "DENIED"
+    assert verdict(result.yaml, tie, "198.51.100.1", 443, tls="api.stripe.com") == "DROPPED"

@@ -61,25 +61,22 @@ def enforced(text: str, source: str = "<suggestion>") -> list[Policy]:
 
 def replay(policies: Sequence[Policy], observed: Mapping[Observation, int]) -> Replay:
     result = Replay()
-    groups: dict[tuple[Target, Peer, int], list[Observation]] = defaultdict(list)
+    groups: dict[tuple[Target, Peer, str, int], list[Observation]] = defaultdict(list)
     for obs in observed:
-        groups[(obs.target, obs.peer, obs.port)].append(obs)
+        groups[(obs.target, obs.peer, obs.direction, obs.port)].append(obs)
     host_prefixes = [tracing.LOOPBACK] + sorted(
         {
             ipaddress.IPv4Network(f"{p.ip}/32")
-            for _, p, _ in groups
+            for _, p, _, _ in groups
             if p.kind == "host" and _ipv4(p.ip)
         }
     )
-    for (target, peer, port), seen in groups.items():
+    for (target, peer, direction, port), seen in groups.items():
+        mine = tracing.PeerSpec(target.name, labels=target.label_map)
+        other = _peer_spec(peer)
+        src, dst = (other, mine) if direction == INGRESS else (mine, other)
         scenario = tracing.build_scenario(
-            list(policies),
-            [],
-            IdentityAllocator(),
-            _peer_spec(peer),
-            tracing.PeerSpec(target.name, labels=target.label_map),
-            port,
-            host_prefixes=host_prefixes,
+            list(policies), [], IdentityAllocator(), src, dst, port, host_prefixes=host_prefixes
         )
         conn = ConnectionPolicy(PolicyState(scenario.compiled), scenario.src, scenario.dst)
         for obs in seen:
@@ -90,20 +87,27 @@ def replay(policies: Sequence[Policy], observed: Mapping[Observation, int]) -> R
 def _judge(
     result: Replay, scenario: tracing.Scenario, conn: ConnectionPolicy, obs: Observation, n: int
 ) -> None:
-    request = obs.request
+    """Allowed is what the proxy would do (both ends' policies, ``conn``); the rule it
+    is counted for is the one of this observation's end."""
+    mine, other = (
+        (scenario.dst, scenario.src) if obs.direction == INGRESS else (scenario.src, scenario.dst)
+    )
+    assert mine.endpoint is not None
+    compiled, request = scenario.compiled, obs.request
     if request is None or obs.transport != "TCP":
-        assert scenario.dst.endpoint is not None
-        verdict = scenario.compiled.port_verdict(
-            scenario.dst.endpoint.id, INGRESS, scenario.src.identity, obs.port, obs.transport
+        verdict = compiled.port_verdict(
+            mine.endpoint.id, obs.direction, other.identity, obs.port, obs.transport
         )
-        if verdict.allowed and not verdict.audit:
+        both = conn.l4 if obs.transport == "TCP" else verdict
+        if both.allowed and not both.audit and verdict.allowed and not verdict.audit:
             result.allowed += n
             policy, _, path = (
                 verdict.reason.removeprefix("allowed by ").partition(", ")[0].partition(" ")
             )
             result.alone[policy][_in_document(path)] += n
             return
-        result.denials.append(Denial(obs, n, f"L3/L4: {verdict.reason}"))
+        reason = verdict.reason if not verdict.allowed or verdict.audit else both.reason
+        result.denials.append(Denial(obs, n, f"L3/L4: {reason}"))
         return
     if not conn.l4.allowed or conn.l4.audit:
         result.denials.append(Denial(obs, n, f"L3/L4: {conn.l4.reason}"))
@@ -119,6 +123,9 @@ def _judge(
         result.denials.append(Denial(obs, n, decision.reason, tuple(lines)))
         return
     result.allowed += n
+    decision = compiled.l7_decide(
+        mine.endpoint.id, obs.direction, other.identity, obs.port, request
+    )
     if " + " in decision.rule:
         for path in decision.rule.split(" + "):
             result.jointly[decision.policy][_in_document(path)] += n

@@ -1,12 +1,12 @@
 """Observations -> suggested policies (plain data, before they are written out).
 
-One policy per destination endpoint. Its ingress rules name each peer as
+One policy per local endpoint: ``ingress`` from what it received, and with
+``egress`` in the selection, ``egress`` from what it sent. Its rules name each peer as
 narrowly as the flow log knows it: an endpoint by all of its labels (its
-identity), the host as ``fromEntities: [host]``, a prefix some policy named as
-that ``fromCIDR``, and outside addresses as ``/32`` CIDRs, or as
-``fromEntities: [world]`` once more than ``max_cidrs`` of them were seen. Per
-port, the L7 rules are built from what each peer asked; peers that asked for the
-same rules share one ingress element.
+identity), the host as the ``host`` entity, a prefix some policy named as that
+CIDR, and outside addresses as ``/32`` CIDRs, or as the ``world`` entity once more
+than ``max_cidrs`` of them were seen. Per port, the L7 rules are built from what
+each peer asked; peers that asked for the same rules share one element.
 
 L7 rules per protocol:
 
@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from l7proxy.policy.errors import YamlPath
+from l7proxy.policy.model import EGRESS, INGRESS
 from l7proxy.policy.rules.kafka import ROLES, KafkaRule, allowed
 from l7proxy.policy.rules.kafka import compile_rule as compile_kafka_rule
 from l7proxy.policy.suggest.observed import Labels, Observation, Peer, Target
@@ -111,7 +112,9 @@ class PeerKey:
 
 
 @dataclass(slots=True)
-class IngressDraft:
+class PeerRuleDraft:
+    """One element of ``ingress`` or ``egress``: peers and what they may ask."""
+
     peers: list[PeerKey]
     ports: list[PortDraft]
 
@@ -120,8 +123,13 @@ class IngressDraft:
 class PolicyDraft:
     name: str
     target: Target
-    ingress: list[IngressDraft]
+    ingress: list[PeerRuleDraft]
+    egress: list[PeerRuleDraft]
     observations: int
+    directions: frozenset[str]  # those observed: each gets a section, maybe deny-all
+
+    def section(self, direction: str) -> list[PeerRuleDraft]:
+        return self.ingress if direction == INGRESS else self.egress
 
 
 # ----------------------------------------------------------------------------- policies
@@ -142,12 +150,16 @@ def draft_policies(
     for labels in sorted(by_labels, key=lambda ls: (targets[ls].name, ls)):
         seen, target = by_labels[labels], targets[labels]
         name = _unique(f"{name_prefix}-{_slug(target)}", names)
-        drafts.append(PolicyDraft(name, target, _ingress(seen, limits), sum(seen.values())))
+        ingress = _peer_rules({o: n for o, n in seen.items() if o.direction == INGRESS}, limits)
+        egress = _peer_rules({o: n for o, n in seen.items() if o.direction == EGRESS}, limits)
+        directions = frozenset(o.direction for o in seen)
+        drafts.append(PolicyDraft(name, target, ingress, egress, sum(seen.values()), directions))
     return drafts
 
 
 def peer_keys(observations: Iterable[Observation], max_cidrs: int) -> dict[Peer, PeerKey]:
-    """How each peer is named, for one target (outside addresses depend on how many)."""
+    """How each peer is named, for one target and direction (outside addresses depend
+    on how many)."""
     peers = set(o.peer for o in observations)
     world = {p.ip for p in peers if p.kind == "world"}
     keys = {}
@@ -165,7 +177,7 @@ def peer_keys(observations: Iterable[Observation], max_cidrs: int) -> dict[Peer,
     return keys
 
 
-def _ingress(observed: Mapping[Observation, int], limits: Limits) -> list[IngressDraft]:
+def _peer_rules(observed: Mapping[Observation, int], limits: Limits) -> list[PeerRuleDraft]:
     keys = peer_keys(observed, limits.max_cidrs)
     grouped: dict[tuple[int, str], dict[PeerKey, dict[Observation, int]]] = defaultdict(
         lambda: defaultdict(dict)
@@ -176,7 +188,7 @@ def _ingress(observed: Mapping[Observation, int], limits: Limits) -> list[Ingres
     by_peers: dict[tuple[PeerKey, ...], list[PortDraft]] = defaultdict(list)
     for (port, transport), by_peer in sorted(grouped.items()):
         shared: dict[tuple[object, ...], tuple[list[PeerKey], PortDraft]] = {}
-        for peer in sorted(by_peer):
+        for peer in sorted(by_peer, key=_peer_order):
             draft = port_draft(port, transport, by_peer[peer], limits, peer)
             if draft.requests_seen and not draft.has_l7_rules:
                 # No rule can name what was asked (a topic no Kafka rule may hold, a
@@ -187,7 +199,16 @@ def _ingress(observed: Mapping[Observation, int], limits: Limits) -> list[Ingres
             entry[0].append(peer)
         for peers, draft in shared.values():
             by_peers[tuple(peers)].append(draft)
-    return [IngressDraft(list(peers), ports) for peers, ports in sorted(by_peers.items())]
+    ordered = sorted(by_peers.items(), key=lambda kv: [_peer_order(p) for p in kv[0]])
+    return [PeerRuleDraft(list(peers), ports) for peers, ports in ordered]
+
+
+_KIND_ORDER = {"endpoint": 0, "entity": 1, "cidr": 2}
+
+
+def _peer_order(peer: PeerKey) -> tuple[int, PeerKey]:
+    """Endpoints first, then entities, then addresses: the order a reader expects."""
+    return _KIND_ORDER[peer.kind], peer
 
 
 def port_draft(

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from l7proxy.policy.model import EGRESS, INGRESS
 from parsers.requests import (
     CqlRequest,
     GrpcCall,
@@ -67,9 +68,10 @@ class Observation:
     """What was asked, without when: equal requests are counted, not kept apart (a
     flow log holds hundreds of thousands of records, and a few thousand kinds)."""
 
-    target: Target
-    peer: Peer
-    port: int
+    target: Target  # the local endpoint whose policy this is
+    peer: Peer  # the other end
+    direction: str  # ingress (the peer connected to the target) | egress (the other way)
+    port: int  # the destination port
     transport: str  # TCP | UDP
     request: L7Request | None  # None: L3/L4 only
 
@@ -86,6 +88,7 @@ class Selection:
     since: float | None = None  # epoch seconds
     until: float | None = None
     endpoint: str | None = None  # an endpoint name, or labels k=v,... it must carry
+    directions: frozenset[str] = frozenset({INGRESS})
 
     def wants_target(self, target: Target) -> bool:
         if self.endpoint is None:
@@ -112,64 +115,80 @@ def select(
     """The records ``selection`` wants, as counted observations (in order first seen)."""
     out: Observed = Counter()
     for record in records:
-        obs = observation(record, selection, skipped)
-        if obs is not None:
-            out[obs] += 1
+        out.update(observations(record, selection, skipped))
     return out
 
 
-def observation(
+def observations(
     record: Mapping[str, Any], selection: Selection, skipped: SkippedCount
-) -> Observation | None:
-    """One record as an observation, or None (counted in ``skipped`` with the reason)."""
+) -> list[Observation]:
+    """One record as observations: the destination's ingress and the source's egress,
+    those of them that ``selection`` wants and that are local endpoints. None: counted
+    in ``skipped`` with the reason."""
     kind = record.get("type")
     if kind not in ("l7", "drop"):
         skipped.add(f"type {kind}")
-        return None
+        return []
     verdict = str(record.get("verdict", ""))
     if kind == "drop" and verdict != "AUDIT":
         verdict = "DROPPED"
     if verdict not in selection.verdicts:
         skipped.add(f"verdict {verdict}")
-        return None
+        return []
     when = record.get("time")
     if not isinstance(when, (int, float)):
         when = 0.0
     if selection.since is not None and when < selection.since:
         skipped.add("before --since")
-        return None
+        return []
     if selection.until is not None and when > selection.until:
         skipped.add("after --until")
-        return None
+        return []
     src, dst = record.get("source"), record.get("destination")
     if not isinstance(src, Mapping) or not isinstance(dst, Mapping):
         skipped.add("no source or destination")
-        return None
-    target = _target(dst)
-    if target is None:
-        skipped.add("destination is not a local endpoint")
-        return None
-    if not selection.wants_target(target):
-        skipped.add("another endpoint")
-        return None
+        return []
+    # A kernel report names the direction whose policy dropped it; an L7 decision
+    # was made for both ends, each that is a local endpoint.
+    directions = selection.directions
     if kind == "drop":
         transport = str(record.get("protocol", "tcp")).upper()
-        direction = str(record.get("direction") or "ingress").lower()
-        if transport not in ("TCP", "UDP") or direction != "ingress":
-            skipped.add("not an ingress TCP/UDP drop report")
-            return None
+        if transport not in ("TCP", "UDP"):
+            skipped.add(f"{transport} drop report")
+            return []
+        directions &= {str(record.get("direction") or INGRESS).lower()}
         request = None
     else:
         transport = "TCP"
         request = _request(str(record.get("protocol", "")), record.get("l7"))
         if request is None:
             skipped.add(f"unreadable {record.get('protocol')} request")
-            return None
+            return []
     port = dst.get("port")
     if not isinstance(port, int) or not 0 < port < 65536:
         skipped.add("no destination port")
-        return None
-    return Observation(target, _peer(src), port, transport, request)
+        return []
+    ends = [(INGRESS, dst, src), (EGRESS, src, dst)]
+    local = []
+    for direction, mine, other in ends:
+        target = _target(mine) if direction in directions else None
+        if target is not None:
+            local.append((direction, target, other))
+    if not local:
+        skipped.add(
+            "destination is not a local endpoint"
+            if directions == {INGRESS}
+            else "no local endpoint in the directions asked"
+        )
+        return []
+    wanted = [
+        Observation(target, _peer(peer), direction, port, transport, request)
+        for direction, target, peer in local
+        if selection.wants_target(target)
+    ]
+    if not wanted:
+        skipped.add("another endpoint")
+    return wanted
 
 
 def _labels(node: Any) -> Labels:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import yaml
 
 from l7proxy.policy.load import AUDIT_ANNOTATION
-from l7proxy.policy.suggest.draft import IngressDraft, PeerKey, PolicyDraft, PortDraft, RuleDraft
+from l7proxy.policy.model import EGRESS, INGRESS
+from l7proxy.policy.suggest.draft import PeerKey, PeerRuleDraft, PolicyDraft, PortDraft, RuleDraft
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,17 +55,24 @@ def scalar(text: str) -> str:
     return '"' + text.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
 
 
-def rule_path(i: int, j: int, kind: str, k: int | None = None) -> str:
+def rule_path(direction: str, i: int, j: int, kind: str, k: int | None = None) -> str:
     """The YAML path of an L7 rule, as the loader names it."""
-    base = f"spec.ingress[{i}].toPorts[{j}]"
+    base = f"spec.{direction}[{i}].toPorts[{j}]"
     if kind == "serverNames":
         return f"{base}.serverNames"
     key = "l7" if kind == "cassandra" else kind
     return f"{base}.rules.{key}[{k}]"
 
 
-def ingress_path(i: int) -> str:
-    return f"spec.ingress[{i}]"
+def section_path(direction: str, i: int) -> str:
+    return f"spec.{direction}[{i}]"
+
+
+# How a peer is written in each direction.
+_PEER_KEYS = {
+    INGRESS: ("fromEndpoints", "fromCIDR", "fromEntities"),
+    EGRESS: ("toEndpoints", "toCIDR", "toEntities"),
+}
 
 
 def render(
@@ -96,19 +104,24 @@ def _policy(draft: PolicyDraft, counts: Counts, audit: bool) -> list[str]:
         out += ["  annotations:", f"    {AUDIT_ANNOTATION}: 'true'"]
     out += ["spec:", "  endpointSelector:", "    matchLabels:"]
     out += [f"      {scalar(k)}: {scalar(v)}" for k, v in draft.target.labels]
-    out.append("  ingress:")
-    for i, ingress in enumerate(draft.ingress):
-        out += _ingress(i, ingress, counts)
-    if not draft.ingress:
-        out += ["  # no rule can name what was seen here: every peer is denied", "  - {}"]
+    for direction in (INGRESS, EGRESS):
+        rules = draft.section(direction)
+        if direction not in draft.directions:
+            continue
+        out.append(f"  {direction}:")
+        for i, rule in enumerate(rules):
+            out += _peer_rule(direction, i, rule, counts)
+        if not rules:
+            out += ["  # no rule can name what was seen here: every peer is denied", "  - {}"]
     return out
 
 
-def _ingress(i: int, ingress: IngressDraft, counts: Counts) -> list[str]:
+def _peer_rule(direction: str, i: int, rule: PeerRuleDraft, counts: Counts) -> list[str]:
     out: list[str] = []
-    endpoints = [p for p in ingress.peers if p.kind == "endpoint"]
-    cidrs = [p for p in ingress.peers if p.kind == "cidr"]
-    entities = [p for p in ingress.peers if p.kind == "entity"]
+    endpoints = [p for p in rule.peers if p.kind == "endpoint"]
+    cidrs = [p for p in rule.peers if p.kind == "cidr"]
+    entities = [p for p in rule.peers if p.kind == "entity"]
+    k_endpoints, k_cidr, k_entities = _PEER_KEYS[direction]
     first = True
 
     def item(line: str) -> str:
@@ -117,27 +130,27 @@ def _ingress(i: int, ingress: IngressDraft, counts: Counts) -> list[str]:
         first = False
         return lead + line
 
-    l4 = counts.alone.get(ingress_path(i), 0)
+    l4 = counts.alone.get(section_path(direction, i), 0)
     if l4:
         out.append(f"  # {plural(l4, 'connection')} seen at L3/L4 only")
     if endpoints:
-        out.append(item("fromEndpoints:"))
+        out.append(item(f"{k_endpoints}:"))
         for peer in endpoints:
             out.append("    - matchLabels:")
             out += [f"        {scalar(k)}: {scalar(v)}" for k, v in peer.labels]
     if cidrs:
-        out.append(item("fromCIDR:"))
+        out.append(item(f"{k_cidr}:"))
         out += [f"    - {scalar(p.value)}" for p in cidrs]
     if entities:
-        out.append(item("fromEntities:"))
+        out.append(item(f"{k_entities}:"))
         out += [f"    - {scalar(p.value)}" for p in entities]
     out.append(item("toPorts:"))
-    for j, port in enumerate(ingress.ports):
-        out += _port(i, j, port, counts)
+    for j, port in enumerate(rule.ports):
+        out += _port(direction, i, j, port, counts)
     return out
 
 
-def _port(i: int, j: int, port: PortDraft, counts: Counts) -> list[str]:
+def _port(direction: str, i: int, j: int, port: PortDraft, counts: Counts) -> list[str]:
     out = []
     if not port.has_l7_rules:
         out += [
@@ -150,7 +163,7 @@ def _port(i: int, j: int, port: PortDraft, counts: Counts) -> list[str]:
         f"        protocol: {port.transport}",
     ]
     if port.server_names:
-        path = rule_path(i, j, "serverNames")
+        path = rule_path(direction, i, j, "serverNames")
         out.append(f"      # {counts.text(path)}")
         out.append("      serverNames:")
         out += [f"      - {scalar(name)}" for name in port.server_names]
@@ -161,10 +174,11 @@ def _port(i: int, j: int, port: PortDraft, counts: Counts) -> list[str]:
     for kind, rules in kinds:
         if rules:
             out.append(f"        {kind}:")
-            out += _rules(rules, [rule_path(i, j, kind, k) for k in range(len(rules))], counts)
+            paths = [rule_path(direction, i, j, kind, k) for k in range(len(rules))]
+            out += _rules(rules, paths, counts)
     if port.cassandra:
         out += ["        l7proto: cassandra", "        l7:"]
-        paths = [rule_path(i, j, "cassandra", k) for k in range(len(port.cassandra))]
+        paths = [rule_path(direction, i, j, "cassandra", k) for k in range(len(port.cassandra))]
         out += _rules(port.cassandra, paths, counts)
     return out
 

@@ -11,10 +11,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from l7proxy.policy.model import EGRESS, INGRESS
 from l7proxy.policy.suggest.check import Replay, enforced, replay
 from l7proxy.policy.suggest.draft import Limits, PolicyDraft, draft_policies
 from l7proxy.policy.suggest.observed import Selection, SkippedCount, select
-from l7proxy.policy.suggest.render import Counts, describe_peers, plural, render, rule_path
+from l7proxy.policy.suggest.render import (
+    Counts,
+    describe_peers,
+    plural,
+    render,
+    rule_path,
+    section_path,
+)
 
 MAX_DENIALS_SHOWN = 20
 EVERYTHING_LET_THROUGH = Selection()
@@ -117,30 +125,31 @@ def _report(
 
 def _rows(draft: PolicyDraft, counts: Counts) -> list[tuple[str, str]]:
     rows = []
-    for i, ingress in enumerate(draft.ingress):
-        peers = describe_peers(ingress.peers)
-        l4 = counts.alone.get(f"spec.ingress[{i}]", 0)
-        if l4:
-            rows.append((f"from {peers} L3/L4 only", f"{l4:,}"))
-        for j, port in enumerate(ingress.ports):
-            where = f"from {peers} to {port.port}/{port.transport}"
-            if port.server_names:
-                path = rule_path(i, j, "serverNames")
-                rows.append(
-                    (f"{where} serverNames {' '.join(port.server_names)}", _n(counts, path))
-                )
-            for kind, rules in (
-                ("http", port.http),
-                ("grpc", port.grpc),
-                ("kafka", port.kafka),
-                ("cassandra", port.cassandra),
-            ):
-                for k, rule in enumerate(rules):
-                    fields = " ".join(
-                        v if key in ("method", "path") and kind == "http" else f"{key}={v}"
-                        for key, v in rule.fields
-                    )
-                    rows.append((f"{where} {kind} {fields}", _n(counts, rule_path(i, j, kind, k))))
+    for direction in (INGRESS, EGRESS):
+        way = "from" if direction == INGRESS else "to"
+        for i, rule in enumerate(draft.section(direction)):
+            peers = describe_peers(rule.peers)
+            l4 = counts.alone.get(section_path(direction, i), 0)
+            if l4:
+                rows.append((f"{direction} {way} {peers} L3/L4 only", f"{l4:,}"))
+            for j, port in enumerate(rule.ports):
+                where = f"{direction} {way} {peers} port {port.port}/{port.transport}"
+                if port.server_names:
+                    path = rule_path(direction, i, j, "serverNames")
+                    names = " ".join(port.server_names)
+                    rows.append((f"{where} serverNames {names}", _n(counts, path)))
+                for kind, rules in (
+                    ("http", port.http),
+                    ("grpc", port.grpc),
+                    ("kafka", port.kafka),
+                    ("cassandra", port.cassandra),
+                ):
+                    for k, rule_draft in enumerate(rules):
+                        fields = " ".join(
+                            v if kind == "http" else f"{key}={v}" for key, v in rule_draft.fields
+                        )
+                        path = rule_path(direction, i, j, kind, k)
+                        rows.append((f"{where} {kind} {fields}", _n(counts, path)))
     return rows
 
 
