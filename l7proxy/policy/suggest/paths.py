@@ -240,7 +240,7 @@ def generalise(targets: Mapping[str, int], bounds: Bounds = Bounds()) -> list[Pa
         group = work.pop()
         ended = [(t, n) for toks, t, n in group.members if len(toks) == group.depth]
         if ended:
-            ended.sort(key=lambda tn: (-tn[1], tn[0]))
+            ended.sort(key=lambda tn: (-tn[1], len(tn[0]), tn[0]))  # 7, 42, 501
             patterns.append(
                 PathPattern(group.regex, sum(n for _, n in ended), tuple(t for t, _ in ended))
             )
