@@ -2,12 +2,13 @@
 
 The suggested YAML is read back by the policy loader (``load_text``), its audit
 annotation set aside (the question is what enforcement would do), and each
-(peer, endpoint, port) is set up the way ``policy trace`` sets a scenario up
-(``trace.build_scenario``: the same compilation, identities and ipcache). Each
-observed request then goes through ``ConnectionPolicy.decide``, the call the
-proxy makes per request; an L3/L4-only observation through the connection's
-port verdict. Whatever is not allowed outright is a failure, with the trace of
-why.
+(endpoint, peer, direction, port) is set up the way ``policy trace`` sets a
+scenario up (``trace.build_scenario``: the same compilation, identities and
+ipcache). Each observed request then goes through ``ConnectionPolicy.decide``,
+the call the proxy makes per request, with both ends' policies in force; an
+L3/L4-only observation through the port verdict. Whatever is not allowed
+outright is a failure, with the trace of why. What is allowed is counted for
+the rule of the observation's own end (``CompiledPolicy.l7_decide`` of that leg).
 """
 
 from __future__ import annotations
