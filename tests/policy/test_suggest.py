@@ -481,3 +481,18 @@ def test_egress_rules_for_the_endpoints_that_sent_traffic():
     assert verdict(result.yaml, tie, ds, 80, http="PUT /v1/exhaust-port") == "DENIED"
     assert verdict(result.yaml, tie, "203.0.113.7", 443, tls="evil.example") == "DENIED"
     assert verdict(result.yaml, tie, "198.51.100.1", 443, tls="api.stripe.com") == "DROPPED"
+
+
+def test_labels_that_change_with_every_roll_out_are_not_selected():
+    # Two generations of the same Deployment on both sides.
+    old = side({"app": "web", "pod-template-hash": "6d4cf56db6"}, "10.0.0.5", "web-1", 300)
+    new = side({"app": "web", "pod-template-hash": "7f9b8c5d4e"}, "10.0.0.6", "web-2", 301)
+    api = {"app": "api", "pod-template-hash": "5c7d9f8b6a"}
+    dst = side(api, "10.0.0.9", "api-1", 400)
+    dst_new = side({**api, "pod-template-hash": "58b7c9d6f4"}, "10.0.0.10", "api-2", 401)
+    records = [http("GET", "/v1/", src=old, dst=dst), http("GET", "/v1/", src=new, dst=dst_new)]
+    result = suggest(records)
+    [policy] = yaml.safe_load_all(result.yaml)
+    assert policy["spec"]["endpointSelector"] == {"matchLabels": {"app": "api"}}
+    assert policy["spec"]["ingress"][0]["fromEndpoints"] == [{"matchLabels": {"app": "web"}}]
+    assert result.ok and "# 2 requests" in result.yaml

@@ -1,12 +1,13 @@
 """Observations -> suggested policies (plain data, before they are written out).
 
 One policy per local endpoint: ``ingress`` from what it received, and with
-``egress`` in the selection, ``egress`` from what it sent. Its rules name each peer as
-narrowly as the flow log knows it: an endpoint by all of its labels (its
-identity), the host as the ``host`` entity, a prefix some policy named as that
-CIDR, and outside addresses as ``/32`` CIDRs, or as the ``world`` entity once more
-than ``max_cidrs`` of them were seen. Per port, the L7 rules are built from what
-each peer asked; peers that asked for the same rules share one element.
+``egress`` in the selection, ``egress`` from what it sent. Its rules name each
+peer as narrowly as the flow log knows it: an endpoint by all of its labels (its
+identity) but those that change with every roll-out (``pod-template-hash``...),
+the host as the ``host`` entity, a prefix some policy named as that CIDR, and
+outside addresses as ``/32`` CIDRs, or as the ``world`` entity once more than
+``max_cidrs`` of them were seen. Per port, the L7 rules are built from what each
+peer asked; peers that asked for the same rules share one element.
 
 L7 rules per protocol:
 
@@ -48,6 +49,17 @@ _GRPC_SERVICE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _GRPC_METHOD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KAFKA_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _TOPIC_SEPARATORS = ".-_"
+# Labels that change with every roll-out of the same workload (Kubernetes writes
+# them on pods): a selector naming them would stop matching the next pods.
+VOLATILE_LABELS = frozenset(
+    {
+        "pod-template-hash",
+        "controller-revision-hash",
+        "pod-template-generation",
+        "controller-uid",
+        "batch.kubernetes.io/controller-uid",
+    }
+)
 # APIs only a consumer sends (Fetch, ListOffsets, offsets, groups).
 _CONSUMER_ONLY = ROLES["consume"] - ROLES["produce"]
 
@@ -143,8 +155,9 @@ def draft_policies(
     by_labels: dict[Labels, dict[Observation, int]] = defaultdict(dict)
     targets: dict[Labels, Target] = {}
     for obs, n in observed.items():
-        by_labels[obs.target.labels][obs] = n
-        targets.setdefault(obs.target.labels, obs.target)
+        labels = selector_labels(obs.target.labels)
+        by_labels[labels][obs] = n
+        targets.setdefault(labels, Target(obs.target.name, labels))
     drafts: list[PolicyDraft] = []
     names: set[str] = set()
     for labels in sorted(by_labels, key=lambda ls: (targets[ls].name, ls)):
@@ -157,6 +170,11 @@ def draft_policies(
     return drafts
 
 
+def selector_labels(labels: Labels) -> Labels:
+    """The labels a selector names: all of them but the volatile ones."""
+    return tuple((k, v) for k, v in labels if k not in VOLATILE_LABELS)
+
+
 def peer_keys(observations: Iterable[Observation], max_cidrs: int) -> dict[Peer, PeerKey]:
     """How each peer is named, for one target and direction (outside addresses depend
     on how many)."""
@@ -165,7 +183,7 @@ def peer_keys(observations: Iterable[Observation], max_cidrs: int) -> dict[Peer,
     keys = {}
     for peer in peers:
         if peer.kind == "endpoint":
-            keys[peer] = PeerKey("endpoint", peer.labels)
+            keys[peer] = PeerKey("endpoint", selector_labels(peer.labels))
         elif peer.kind == "host":
             keys[peer] = PeerKey("entity", value="host")
         elif peer.kind == "cidr":
