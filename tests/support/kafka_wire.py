@@ -268,3 +268,19 @@ def _fill(obj: Any, struct_: Any, version: int) -> None:
             setattr(obj, f.name, [element])
         elif f.type_str == "string":
             setattr(obj, f.name, "a")
+
+
+def brokers_answer(commands: list) -> bytes:
+    """The broker's answer to the Metadata request the engine sent of its own in
+    ``commands`` (to learn the brokers a Metadata denial lists): one broker, b1:9092."""
+    from kafka.protocol.metadata import MetadataRequest, MetadataResponse
+
+    from parsers.base import ToServer
+
+    (lookup,) = [c.data for c in commands if isinstance(c, ToServer)]
+    version = int.from_bytes(lookup[6:8], "big")
+    asked = MetadataRequest.decode(lookup, version=version, header=True, framed=True)
+    broker = MetadataResponse.MetadataResponseBroker(node_id=1, host="b1", port=9092, rack=None)
+    answer = MetadataResponse[version](brokers=[broker], topics=[])
+    answer.with_header(correlation_id=asked.header.correlation_id)
+    return bytes(answer.encode(header=True, framed=True))
