@@ -678,16 +678,7 @@ class Http1Engine:
                 self._server_eof_held = True
             return []
         out: list[Command] = []
-        responses.budget = self.limits.responses_per_turn
-        try:
-            events = responses.feed(data)
-        except Http1Error as exc:
-            self._on_server_events(exc.events, out)
-            self._on_server_error(exc, out)
-            return _coalesce(out)
-        self._on_server_events(events, out)
-        if responses.held and not self._closed and self._inner is None:
-            out.append(Yield(self._next_responses, server=True))
+        if self._read_responses(data, out):
             return _coalesce(out)
         if not data and not self._closed:
             if self._awaiting:
@@ -701,24 +692,31 @@ class Http1Engine:
 
     def _next_responses(self) -> list[Command]:
         """A later turn: the responses the last one had no budget for."""
-        responses = self._responses
-        if not responses.held or self._closed or self._finished or self._inner is not None:
+        if not self._responses.held or self._closed or self._finished or self._inner is not None:
             return []
         out: list[Command] = []
-        responses.budget = self.limits.responses_per_turn
-        try:
-            events = responses.resume()
-        except Http1Error as exc:
-            self._on_server_events(exc.events, out)
-            self._on_server_error(exc, out)
-            return _coalesce(out)
-        self._on_server_events(events, out)
-        if responses.held and not self._closed and self._inner is None:
-            out.append(Yield(self._next_responses, server=True))
-        elif self._server_eof_held and not self._closed:
+        if not self._read_responses(None, out) and self._server_eof_held and not self._closed:
             self._server_eof_held = False
             out.extend(self.server_data(b""))
         return _coalesce(out)
+
+    def _read_responses(self, data: bytes | None, out: list[Command]) -> bool:
+        """Relay the responses in ``data`` (None: those held), at most
+        ``responses_per_turn`` of them. True when this turn ends here: a bad
+        response, or a ``Yield`` for the rest."""
+        responses = self._responses
+        responses.budget = self.limits.responses_per_turn
+        try:
+            events = responses.feed(data) if data is not None else responses.resume()
+        except Http1Error as exc:
+            self._on_server_events(exc.events, out)
+            self._on_server_error(exc, out)
+            return True
+        self._on_server_events(events, out)
+        if responses.held and not self._closed and self._inner is None:
+            out.append(Yield(self._next_responses, server=True))
+            return True
+        return False
 
     def _on_server_events(self, events: Iterable[Event], out: list[Command]) -> None:
         for event in events:
