@@ -36,7 +36,7 @@ from tests.support.firewall import running_firewall
 from tests.support.grpc_interop import interop, interop_server, stub_for
 from tests.support.http_upstream import http_upstream
 from tests.support.kafka_broker import available, free_port, running_broker
-from tests.support.kafka_wire import assert_denied, read_answer
+from tests.support.kafka_wire import assert_denied, metadata_frame, produce_frame, read_answer
 
 pytestmark = [
     pytest.mark.slow,
@@ -137,28 +137,6 @@ def fleet_traffic(broker, batch: str) -> list[bytes]:
     finally:
         consumer.close()
     return values
-
-
-def produce_frame(correlation_id: int, topic: str) -> bytes:
-    from kafka.protocol.producer import ProduceRequest as P
-
-    part = P.TopicProduceData.PartitionProduceData(index=0, records=None)
-    msg = P(
-        acks=1,
-        timeout_ms=5000,
-        transactional_id=None,
-        topic_data=[P.TopicProduceData(name=topic, partition_data=[part])],
-    )
-    msg.with_header(correlation_id=correlation_id, client_id="raider")
-    return bytes(msg.encode(version=9, header=True, framed=True))
-
-
-def metadata_frame(correlation_id: int, topic: str) -> bytes:
-    from kafka.protocol.metadata import MetadataRequest as M
-
-    msg = M(topics=[M.MetadataRequestTopic(name=topic)], allow_auto_topic_creation=False)
-    msg.with_header(correlation_id=correlation_id, client_id="raider")
-    return bytes(msg.encode(version=12, header=True, framed=True))
 
 
 def read_frame(sock: socket.socket) -> bytes:
@@ -313,10 +291,10 @@ def test_observe_in_audit_mode_suggest_enforce_and_attacks_are_denied(tmp_path):
         # Kafka: a Produce and a Metadata request for a topic never used, sent as a
         # client would and read back with kafka-python's own response classes.
         with socket.create_connection(fw_kafka.address, timeout=10) as sock:
-            for frame in (produce_frame(7, SECRET), metadata_frame(8, SECRET)):
+            for frame in (produce_frame(7, SECRET, "raider"), metadata_frame(8, SECRET, "raider")):
                 sock.sendall(frame)
                 assert_denied(frame, read_frame(sock), 29)  # TOPIC_AUTHORIZATION_FAILED
-            allowed = metadata_frame(9, FLEET)
+            allowed = metadata_frame(9, FLEET, "raider")
             sock.sendall(allowed)
             codes = read_answer(allowed, read_frame(sock)).error_codes
             assert codes and {code for _, code in codes} == {0}  # the broker's own answer

@@ -284,3 +284,29 @@ def brokers_answer(commands: list) -> bytes:
     answer = MetadataResponse[version](brokers=[broker], topics=[])
     answer.with_header(correlation_id=asked.header.correlation_id)
     return bytes(answer.encode(header=True, framed=True))
+
+
+def produce_frame(correlation_id: int, topic: str, client_id: str = "test-client") -> bytes:
+    """A framed Produce v9 request (acks=1) to partition 0 of ``topic``, no records."""
+    from kafka.protocol.producer import ProduceRequest as P
+
+    part = P.TopicProduceData.PartitionProduceData(index=0, records=None)
+    msg = P(
+        acks=1,
+        timeout_ms=5000,
+        transactional_id=None,
+        topic_data=[P.TopicProduceData(name=topic, partition_data=[part])],
+    )
+    msg.with_header(correlation_id=correlation_id, client_id=client_id)
+    return bytes(msg.encode(version=9, header=True, framed=True))
+
+
+def metadata_frame(correlation_id: int, topic: str, client_id: str = "test-client") -> bytes:
+    """A framed Metadata v12 request for ``topic``."""
+    from kafka.protocol.metadata import MetadataRequest
+
+    msg = MetadataRequest(
+        topics=[MetadataRequest.MetadataRequestTopic(name=topic)], allow_auto_topic_creation=False
+    )
+    msg.with_header(correlation_id=correlation_id, client_id=client_id)
+    return bytes(msg.encode(version=12, header=True, framed=True))
