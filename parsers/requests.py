@@ -11,6 +11,7 @@ ask the request; neither switches on its type.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -223,3 +224,57 @@ REQUEST_TYPES: tuple[type[L7Request], ...] = (
     CqlRequest,
     TlsClientHello,
 )
+
+
+def from_flow_fields(protocol: str, fields: Mapping[str, Any]) -> L7Request:
+    """The typed request a flow record's ``protocol`` and ``l7`` fields stand for: the
+    inverse of ``flow_fields``, so a recorded request can be judged again.
+
+    A flow record keeps no HTTP headers, so the request gets only the Host header
+    (gRPC: its content-type too); a rule that matches other headers sees none.
+    Raises ValueError for a protocol no request type has, or fields it lacks."""
+    try:
+        if protocol == HttpRequest.protocol:
+            host = str(fields.get("host") or "")
+            return HttpRequest(
+                str(fields["method"]),
+                str(fields["path"]),
+                host,
+                (("host", host),) if host else (),
+                str(fields.get("version") or "1.1"),
+            )
+        if protocol == GrpcCall.protocol:
+            service, method = str(fields["service"]), str(fields["method"])
+            host = str(fields.get("host") or "")
+            path = str(fields.get("path") or f"/{service}/{method}")
+            grpc_headers = (("content-type", "application/grpc"), ("te", "trailers"))
+            return GrpcCall(service, method, HttpRequest("POST", path, host, grpc_headers, "2"))
+        if protocol == KafkaRequest.protocol:
+            client_id = fields.get("client_id")
+            return KafkaRequest(
+                int(fields["api_key"]),
+                int(fields.get("api_version") or 0),
+                int(fields.get("correlation_id") or 0),
+                None if client_id is None else str(client_id),
+                tuple(fields.get("topics") or ()),
+                tuple(fields.get("groups") or ()),
+                tuple(fields.get("transactional_ids") or ()),
+            )
+        if protocol == CqlRequest.protocol:
+            return CqlRequest(
+                str(fields.get("opcode") or "query"),
+                str(fields["action"]),
+                str(fields.get("table") or ""),
+                stream=int(fields.get("stream") or 0),
+                version=int(fields.get("version") or 4),
+            )
+        if protocol == TlsClientHello.protocol:
+            return TlsClientHello(
+                str(fields.get("sni") or ""),
+                tuple(fields.get("alpn") or ()),
+                tuple(fields.get("versions") or ()),
+                bool(fields.get("ech")),
+            )
+    except KeyError as missing:
+        raise ValueError(f"a {protocol} flow record without {missing}") from None
+    raise ValueError(f"no request type has the protocol {protocol!r}")
