@@ -101,9 +101,10 @@ function showStats(stats) {
 
 // ------------------------------------------------------------------ service map
 
-function layout(map) {
-  // Groups are columns; a group whose nodes mostly send is placed left of one
-  // whose nodes mostly receive, so most edges run left to right.
+function layout(map, available) {
+  // Two columns of group boxes: groups whose nodes mostly open flows on the left,
+  // the others (services, and services that call services) on the right, so most
+  // edges run left to right and none crosses a node. Groups stack downwards.
   const score = new Map(map.nodes.map((n) => [n.id, 0]));
   for (const e of map.edges) {
     const n = total(e.verdicts);
@@ -114,46 +115,77 @@ function layout(map) {
   for (const n of map.nodes) members.get(n.group).push(n);
   const groupScore = (g) => members.get(g.id).reduce((a, n) => a + Math.sign(score.get(n.id)), 0)
     / Math.max(1, members.get(g.id).length);
-  const groups = [...map.groups].sort((a, b) => groupScore(b) - groupScore(a) || a.label.localeCompare(b.label));
-  const perRow = Math.max(1, Math.min(groups.length, 5));
+  const byName = (a, b) => a.label.localeCompare(b.label);
+  const columns = [[], []];
+  for (const g of [...map.groups].sort(byName)) columns[groupScore(g) > 0 ? 0 : 1].push(g);
+  if (!columns[0].length && columns[1].length > 1) columns[0].push(columns[1].shift());
+  const boxW = NODE_W + 2 * GROUP_PAD;
+  // The gap between the columns takes the width there is (edge labels live in it).
+  const gap = Math.max(COL_GAP * 2, Math.min(available - 2 * boxW - 130, 760));
   const pos = new Map();
   const boxes = [];
-  let rowTop = 16, rowHeight = 0;
-  groups.forEach((g, i) => {
-    const col = i % perRow;
-    if (col === 0 && i > 0) { rowTop += rowHeight + 40; rowHeight = 0; }
-    const nodes = members.get(g.id).sort((a, b) => score.get(b.id) - score.get(a.id) || a.label.localeCompare(b.label));
-    const x = 16 + col * (NODE_W + 2 * GROUP_PAD + COL_GAP);
-    const h = HEAD_H + nodes.length * ROW_H + GROUP_PAD - (ROW_H - NODE_H);
-    boxes.push({ group: g, x, y: rowTop, w: NODE_W + 2 * GROUP_PAD, h });
-    nodes.forEach((n, j) => pos.set(n.id, { x: x + GROUP_PAD, y: rowTop + HEAD_H + j * ROW_H }));
-    rowHeight = Math.max(rowHeight, h);
+  let height = 0;
+  columns.forEach((groups, col) => {
+    const x = 16 + col * (boxW + gap);
+    let y = 16;
+    for (const g of groups) {
+      const nodes = members.get(g.id).sort((a, b) => score.get(b.id) - score.get(a.id) || byName(a, b));
+      const h = HEAD_H + nodes.length * ROW_H - (ROW_H - NODE_H) + GROUP_PAD;
+      boxes.push({ group: g, x, y, w: boxW, h });
+      nodes.forEach((n, j) => pos.set(n.id, { x: x + GROUP_PAD, y: y + HEAD_H + j * ROW_H }));
+      y += h + 24;
+    }
+    height = Math.max(height, y);
   });
-  const width = 16 + perRow * (NODE_W + 2 * GROUP_PAD + COL_GAP) - COL_GAP + 16;
-  return { pos, boxes, width: Math.max(width, 400), height: rowTop + rowHeight + 24 };
+  const width = 16 + 2 * boxW + gap + 110;
+  return { pos, boxes, width, height: height + 8 };
 }
 
-function edgePath(a, b, offset) {
+function anchors(map, pos) {
+  // Where each edge leaves its source and enters its target: spread along the
+  // node's side, in the order of the other ends, so edges do not share a point.
+  const out = new Map(), into = new Map();
+  for (const e of map.edges) {
+    if (!pos.has(e.source) || !pos.has(e.target)) continue;
+    (out.get(e.source) || out.set(e.source, []).get(e.source)).push(e);
+    (into.get(e.target) || into.set(e.target, []).get(e.target)).push(e);
+  }
+  const at = new Map();
+  const spread = (lists, end, other) => {
+    for (const [id, edges] of lists) {
+      edges.sort((a, b) => pos.get(a[other]).y - pos.get(b[other]).y || a.id.localeCompare(b.id));
+      edges.forEach((e, i) => {
+        const entry = at.get(e.id) || {};
+        entry[end] = pos.get(id).y + (NODE_H * (i + 1)) / (edges.length + 1);
+        at.set(e.id, entry);
+      });
+    }
+  };
+  spread(out, "from", "target");
+  spread(into, "to", "source");
+  return at;
+}
+
+function edgePath(a, b, ay, by) {
   // From the right side of a to the left side of b, or around when b is not to the right.
-  const ay = a.y + NODE_H / 2 + offset, by = b.y + NODE_H / 2 + offset;
   if (b.x > a.x + NODE_W) {
-    const x1 = a.x + NODE_W, x2 = b.x, dx = (x2 - x1) / 2;
-    return { d: `M${x1},${ay} C${x1 + dx},${ay} ${x2 - dx},${by} ${x2 - 8},${by}`, mx: (x1 + x2) / 2, my: (ay + by) / 2 };
+    const x1 = a.x + NODE_W, x2 = b.x - 7, dx = (x2 - x1) / 2;
+    return { d: `M${x1},${ay} C${x1 + dx},${ay} ${x2 - dx},${by} ${x2},${by}`, mx: x1 + (x2 - x1) * 0.42, my: ay + (by - ay) * 0.42 };
   }
   if (b.x + NODE_W < a.x) {
-    const x1 = a.x, x2 = b.x + NODE_W, dx = (x1 - x2) / 2;
-    return { d: `M${x1},${ay} C${x1 - dx},${ay} ${x2 + dx},${by} ${x2 + 8},${by}`, mx: (x1 + x2) / 2, my: (ay + by) / 2 };
+    const x1 = a.x, x2 = b.x + NODE_W + 7, dx = (x1 - x2) / 2;
+    return { d: `M${x1},${ay} C${x1 - dx},${ay} ${x2 + dx},${by} ${x2},${by}`, mx: x1 - (x1 - x2) * 0.42, my: ay + (by - ay) * 0.42 };
   }
   // Same column: loop out to the right.
-  const x = a.x + NODE_W, bulge = 60 + Math.abs(by - ay) / 4;
-  return { d: `M${x},${ay} C${x + bulge},${ay} ${x + bulge},${by} ${x + 8},${by}`, mx: x + bulge * 0.75, my: (ay + by) / 2 };
+  const x = a.x + NODE_W, bulge = 50 + Math.abs(by - ay) / 3;
+  return { d: `M${x},${ay} C${x + bulge},${ay} ${x + bulge},${by} ${x + 7},${by}`, mx: x + bulge * 0.75 + 4, my: (ay + by) / 2 };
 }
 
 function drawMarkers() {
   const defs = $("#markers");
   if (defs.childNodes.length) return;
   for (const v of VERDICTS) {
-    const m = svg("marker", { id: "arrow-" + v, viewBox: "0 0 10 10", refX: "2", refY: "5", markerWidth: "5", markerHeight: "5", orient: "auto" });
+    const m = svg("marker", { id: "arrow-" + v, viewBox: "0 0 10 10", refX: "2", refY: "5", markerWidth: "9", markerHeight: "9", markerUnits: "userSpaceOnUse", orient: "auto" });
     m.appendChild(svg("path", { d: "M0,0 L10,5 L0,10 z", class: "arrow " + v, fill: getComputedStyle(document.documentElement).getPropertyValue("--" + v.toLowerCase()).trim() || "#888" }));
     defs.appendChild(m);
   }
@@ -170,10 +202,11 @@ function drawMap() {
   if (map.records_missed) warnings.push(`${map.records_missed} records missed under load`);
   $("#warnings").textContent = warnings.join(" · ");
 
-  const { pos, boxes, width, height } = layout(map);
   const root = $("#map");
+  const { pos, boxes, width, height } = layout(map, $("#map-scroll").clientWidth || 900);
   root.setAttribute("viewBox", `0 0 ${width} ${height}`);
-  root.setAttribute("height", String(Math.min(height, 2000)));
+  root.setAttribute("height", String(height));
+  root.setAttribute("preserveAspectRatio", "xMinYMin meet");
   const groupsG = $("#groups"), edgesG = $("#edges"), nodesG = $("#nodes");
   groupsG.replaceChildren(); edgesG.replaceChildren(); nodesG.replaceChildren();
 
@@ -185,9 +218,11 @@ function drawMap() {
   }
 
   const maxCount = Math.max(1, ...map.edges.map((e) => total(e.verdicts)));
+  const ends = anchors(map, pos);
   for (const e of map.edges) {
     const a = pos.get(e.source), b = pos.get(e.target);
     if (!a || !b) continue;
+    const { from, to } = ends.get(e.id);
     const shown = VERDICTS.filter((v) => e.verdicts[v] && !state.hidden.has(v));
     if (!shown.length) continue;
     const g = svg("g", { class: "edge", "data-id": e.id, "data-source": e.source, "data-target": e.target, "data-verdicts": shown.join(" ") });
@@ -196,17 +231,18 @@ function drawMap() {
     const title = svg("title", {}, edgeTitle(e));
     g.appendChild(title);
     shown.forEach((v, i) => {
-      const offset = (i - (shown.length - 1) / 2) * 5;
-      const p = edgePath(a, b, offset);
+      const offset = (i - (shown.length - 1) / 2) * 3.5;
+      const p = edgePath(a, b, from + offset, to + offset);
       const w = 1.5 + 3.5 * Math.log1p(e.verdicts[v]) / Math.log1p(maxCount);
       g.appendChild(svg("path", { class: "verdict " + v, d: p.d, "stroke-width": w.toFixed(2), "marker-end": `url(#arrow-${v})`, "data-verdict": v, "data-count": e.verdicts[v] }));
     });
-    const mid = edgePath(a, b, 0);
+    const mid = edgePath(a, b, from, to);
     g.appendChild(svg("path", { class: "hit", d: mid.d }));
     const label = edgeLabel(e);
     if (label) {
-      g.appendChild(svg("text", { class: "bg", x: mid.mx, y: mid.my - 6, "text-anchor": "middle" }, label));
-      g.appendChild(svg("text", { x: mid.mx, y: mid.my - 6, "text-anchor": "middle" }, label));
+      const anchor = mid.mx > a.x + NODE_W && b.x <= a.x + NODE_W ? "start" : "middle";
+      g.appendChild(svg("text", { class: "bg", x: mid.mx, y: mid.my - 5, "text-anchor": anchor }, label));
+      g.appendChild(svg("text", { class: "label", x: mid.mx, y: mid.my - 5, "text-anchor": anchor }, label));
     }
     g.addEventListener("click", () => selectEdge(e.id));
     edgesG.appendChild(g);
@@ -337,7 +373,7 @@ function rowElement(r, fresh) {
     [r.summary, "summary"],
     [r.reply, "reply"],
     [typeof r.latency_ms === "number" ? r.latency_ms.toFixed(2) : "", "latency"],
-    [r.policy ? `${r.policy}${r.rule ? " " + r.rule : ""}` : r.reason, "policy"],
+    [r.policy ? `${r.policy} ${r.rule || "(" + r.reason + ")"}` : r.reason, "policy"],
   ];
   for (const [text, cls] of cells) {
     const td = el("td", { class: cls });
