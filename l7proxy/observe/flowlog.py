@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -61,26 +62,41 @@ DEFAULT_ROTATION = Rotation()
 
 @dataclass(frozen=True, slots=True)
 class Position:
-    """Where a record starts in the flow log: the file (device and inode, which a
-    rotation keeps, since rotated files are never renamed again) and the byte offset."""
+    """Where a record starts in the flow log: its file and the byte offset there.
+
+    A file is known by its device and inode (a rotation keeps both: rotated
+    files are never renamed again) and by a checksum of its first line, since a
+    file created after an old one expired may get the old one's inode."""
 
     dev: int
     ino: int
+    head: int
     offset: int
 
     def token(self) -> str:
-        return f"{self.dev:x}.{self.ino:x}.{self.offset:x}"
+        return f"{self.dev:x}.{self.ino:x}.{self.head:x}.{self.offset:x}"
 
     @classmethod
     def parse(cls, token: str) -> Position:
         """The inverse of ``token``; ValueError when it is not one."""
         parts = token.split(".")
-        if len(parts) != 3:
+        if len(parts) != 4:
             raise ValueError(f"not a flow-log position: {token!r}")
-        dev, ino, offset = (int(p, 16) for p in parts)
-        if min(dev, ino, offset) < 0:
+        dev, ino, head, offset = (int(p, 16) for p in parts)
+        if min(dev, ino, head, offset) < 0:
             raise ValueError(f"not a flow-log position: {token!r}")
-        return cls(dev, ino, offset)
+        return cls(dev, ino, head, offset)
+
+
+def first_line_checksum(line: bytes) -> int:
+    return zlib.crc32(line)
+
+
+def head_of(f: IO[bytes]) -> int | None:
+    """The checksum of an open file's first line (None while it has no whole line)."""
+    f.seek(0)
+    line = f.readline()
+    return first_line_checksum(line) if line.endswith(b"\n") else None
 
 
 def rotated(path: Path, n: int) -> Path:
@@ -117,6 +133,7 @@ class FlowLog:
         self.rotation = rotation
         self._file: IO[str] | None = None
         self._file_id = (0, 0)
+        self._head: int | None = None  # the current file's first-line checksum
         self._written = 0
         # Where the record being emitted starts in the file (None without one):
         # subscribers read it while they are called.
@@ -132,6 +149,10 @@ class FlowLog:
         self._file = open(self.path, "a", buffering=1 << 16)  # noqa: SIM115 - long-lived
         self._written = self._file.tell()
         self._file_id = _identity(os.fstat(self._file.fileno()))
+        self._head = None
+        if self._written:
+            with open(self.path, "rb") as existing:
+                self._head = head_of(existing)
 
     def emit(self, record: Record) -> None:
         self.recent.append(record)
@@ -139,7 +160,9 @@ class FlowLog:
             line = json.dumps(record, separators=(",", ":")) + "\n"
             if self._written + len(line) > self.rotation.max_bytes and self._written:
                 self._rotate()
-            self.last_position = Position(*self._file_id, self._written)
+            if self._head is None:  # the first line of a new file
+                self._head = first_line_checksum(line.encode())
+            self.last_position = Position(*self._file_id, self._head, self._written)
             self._file.write(line)
             self._written += len(line)  # characters: bytes for the ASCII that json.dumps writes
         for sub in self.subscribers:

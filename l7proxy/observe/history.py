@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from l7proxy.observe.flowlog import Position, Record, _identity, retained_files
+from l7proxy.observe.flowlog import Position, Record, _identity, head_of, retained_files
 
 BLOCK = 1 << 16
 
@@ -26,11 +26,19 @@ class PositionGone(Exception):
     """The file of a position has been rotated away."""
 
 
-def _files_newest_first(path: Path) -> list[tuple[tuple[int, int], Path]]:
+FileId = tuple[int, int, int | None]  # device, inode, first-line checksum
+
+
+def _file_id(f: IO[bytes]) -> FileId:
+    return (*_identity(os.fstat(f.fileno())), head_of(f))
+
+
+def _files_newest_first(path: Path) -> list[tuple[FileId, Path]]:
     out = []
     for name in reversed(retained_files(path)):
         try:
-            out.append((_identity(os.stat(name)), name))
+            with open(name, "rb") as f:
+                out.append((_file_id(f), name))
         except FileNotFoundError:  # expired between the listing and the look
             continue
     return out
@@ -45,16 +53,17 @@ def records_before(
     files = _files_newest_first(Path(path))
     if before is not None:
         ids = [file_id for file_id, _ in files]
-        if (before.dev, before.ino) not in ids:
+        wanted = (before.dev, before.ino, before.head)
+        if wanted not in ids:
             raise PositionGone(f"the flow-log file of {before.token()} has been rotated away")
-        files = files[ids.index((before.dev, before.ino)) :]
+        files = files[ids.index(wanted) :]
     for i, (file_id, name) in enumerate(files):
         try:
             f = open(name, "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError:
             continue
         with f:
-            if _identity(os.fstat(f.fileno())) != file_id:
+            if _file_id(f) != file_id:
                 continue  # a new current file since the listing: its records are newer
             end = os.fstat(f.fileno()).st_size
             if i == 0 and before is not None:
@@ -64,14 +73,14 @@ def records_before(
             for offset, line in _lines_backward(f, end):
                 record = _record(line)
                 if record is not None:
-                    yield Position(*file_id, offset), record
+                    yield Position(file_id[0], file_id[1], file_id[2] or 0, offset), record
 
 
 def record_at(path: str | Path, position: Position) -> Record | None:
     """The record that starts at ``position``, or None (no record starts there,
     or its file is gone)."""
     for file_id, name in _files_newest_first(Path(path)):
-        if file_id != (position.dev, position.ino):
+        if file_id != (position.dev, position.ino, position.head):
             continue
         try:
             with open(name, "rb") as f:

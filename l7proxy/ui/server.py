@@ -25,6 +25,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -34,7 +35,7 @@ from typing import Any
 
 from aiohttp import web
 
-from l7proxy.observe.flowlog import FlowLog, FlowTap, Position, Record
+from l7proxy.observe.flowlog import FlowLog, FlowTap, Position, Record, head_of
 from l7proxy.observe.history import PositionGone, record_at, records_before
 from l7proxy.policy.state import PolicyState
 from l7proxy.ui.explain import explain
@@ -210,9 +211,13 @@ class FlowUi:
         if path is None or self.seed_records <= 0 or not path.exists():
             return
         self.flowlog.flush()
-        st = path.stat()
+        with open(path, "rb") as current:
+            st = os.fstat(current.fileno())
+            head = head_of(current)
+        if head is None:
+            return
         # The end of the log now: older records are the seed's, newer the tap's.
-        end = Position(st.st_dev, st.st_ino, st.st_size)
+        end = Position(st.st_dev, st.st_ino, head, st.st_size)
         self._seeding = []
         loop = asyncio.get_running_loop()
         self._seeder = loop.run_in_executor(self._worker, self._seed, path, end)

@@ -22,6 +22,7 @@ import socket
 import time
 
 import pytest
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -89,7 +90,35 @@ def refused(fw, source: str) -> bool:
 
 
 def wait_for(driver, what, timeout: float = 15.0):
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda _: what())
+    """``what()`` once it is true; the page redraws the map and prepends rows
+    while it is read, so an element gone stale meanwhile means: look again."""
+    wait = WebDriverWait(
+        driver, timeout, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException]
+    )
+    return wait.until(lambda _: what())
+
+
+def settles_at(driver, read, expected, timeout: float = 15.0) -> None:
+    """Assert that ``read()`` comes to equal ``expected`` (the last reading if not)."""
+    seen = []
+
+    def check():
+        seen.append(read())
+        return seen[-1] == expected
+
+    try:
+        wait_for(driver, check, timeout)
+    except TimeoutException:
+        assert (seen[-1] if seen else None) == expected
+
+
+NODES = (By.CSS_SELECTOR, "#nodes g.node")
+GROUP_LABELS = (By.CSS_SELECTOR, "#groups .group-label")
+ROWS = (By.CSS_SELECTOR, "#flows tbody tr")
+
+
+def edge_label(edge_id: str) -> tuple[str, str]:
+    return (By.CSS_SELECTOR, f'g.edge[data-id="{edge_id}"] text.label')
 
 
 def edge_counts(driver) -> dict[str, dict[str, int]]:
@@ -109,7 +138,7 @@ def table_rows(driver) -> list[dict[str, str]]:
             "source": tr.find_element(By.CSS_SELECTOR, "td.source").text,
             "summary": tr.find_element(By.CSS_SELECTOR, "td.summary").text,
         }
-        for tr in driver.find_elements(By.CSS_SELECTOR, "#flows tbody tr")
+        for tr in driver.find_elements(*ROWS)
     ]
 
 
@@ -143,37 +172,41 @@ def test_the_page_shows_the_map_filters_flows_and_explains_a_denial(firewall_wit
         browser.get(url)
         # The map: one node per peer (the CIDR peers apart from this host), and the
         # service in its namespace's group.
-        wait_for(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#nodes g.node")) == 4)
-        nodes = {
-            n.get_attribute("data-id"): n.text
-            for n in browser.find_elements(By.CSS_SELECTOR, "#nodes g.node")
-        }
-        assert set(nodes) == {"host", "cidr:127.0.0.2/32", "cidr:127.0.0.3/32", service}
-        groups = [g.text for g in browser.find_elements(By.CSS_SELECTOR, "#groups .group-label")]
-        assert set(groups) == {"namespace empire", "this node", "outside: world and CIDRs"}
-        # Edges coloured by verdict, with the counts of the workload.
-        assert edge_counts(browser) == {
-            f"host->{service}": {"FORWARDED": 3, "DENIED": 2},
-            f"cidr:127.0.0.2/32->{service}": {"FORWARDED": 2, "DENIED": 1},
-            f"cidr:127.0.0.3/32->{service}": {"DROPPED": 1},
-        }
-        # The table holds every flow, newest first.
-        wait_for(browser, lambda: len(table_rows(browser)) == 9)
-        assert table_rows(browser)[0]["verdict"] == "DROPPED"
-        # An edge's L7 summary.
-        browser.find_element(
-            By.CSS_SELECTOR, f'g.edge[data-id="host->{service}"] text.label'
-        ).click()
-        summary = wait_for(
-            browser, lambda: browser.find_elements(By.CSS_SELECTOR, "#l7-summary tr")
+        settles_at(
+            browser,
+            lambda: {n.get_attribute("data-id") for n in browser.find_elements(*NODES)},
+            {"host", "cidr:127.0.0.2/32", "cidr:127.0.0.3/32", service},
         )
-        assert [
-            (
-                tr.find_elements(By.TAG_NAME, "td")[0].text,
-                tr.find_elements(By.TAG_NAME, "td")[1].text,
-            )
-            for tr in summary
-        ] == [("GET /v1/ok", "3"), ("PUT /v1/exhaust-port", "2")]
+        settles_at(
+            browser,
+            lambda: {g.text for g in browser.find_elements(*GROUP_LABELS)},
+            {"namespace empire", "this node", "outside: world and CIDRs"},
+        )
+        # Edges coloured by verdict, with the counts of the workload.
+        settles_at(
+            browser,
+            lambda: edge_counts(browser),
+            {
+                f"host->{service}": {"FORWARDED": 3, "DENIED": 2},
+                f"cidr:127.0.0.2/32->{service}": {"FORWARDED": 2, "DENIED": 1},
+                f"cidr:127.0.0.3/32->{service}": {"DROPPED": 1},
+            },
+        )
+        # The table holds every flow, newest first.
+        settles_at(browser, lambda: len(table_rows(browser)), 9)
+        settles_at(browser, lambda: table_rows(browser)[0]["verdict"], "DROPPED")
+        # An edge's L7 summary.
+        wait_for(
+            browser, lambda: browser.find_element(*edge_label(f"host->{service}")).click() or 1
+        )
+        settles_at(
+            browser,
+            lambda: [
+                tuple(td.text for td in tr.find_elements(By.TAG_NAME, "td")[:2])
+                for tr in browser.find_elements(By.CSS_SELECTOR, "#l7-summary tr")
+            ],
+            [("GET /v1/ok", "3"), ("PUT /v1/exhaust-port", "2")],
+        )
         browser.save_screenshot(str(RESULTS / "ui-screenshot.png"))
         if os.environ.get("L7PROXY_DOCS_SCREENSHOT"):
             browser.save_screenshot(str(REPO / "docs" / "ui-screenshot.png"))
@@ -181,29 +214,28 @@ def test_the_page_shows_the_map_filters_flows_and_explains_a_denial(firewall_wit
         # Filter the table: denied flows only.
         browser.find_element(By.ID, "clear").click()
         browser.find_element(By.CSS_SELECTOR, 'input[name=verdict][value="DENIED"]').click()
-        wait_for(
+        settles_at(
             browser,
-            lambda: (
-                (rows := table_rows(browser))
-                and len(rows) == 3
-                and {r["verdict"] for r in rows} == {"DENIED"}
+            lambda: sorted(
+                (r["verdict"], r["source"].split(":")[0], r["summary"].split()[0])
+                for r in table_rows(browser)
             ),
+            [
+                ("DENIED", "127.0.0.1", "PUT"),
+                ("DENIED", "127.0.0.1", "PUT"),
+                ("DENIED", "127.0.0.2", "POST"),
+            ],
         )
-        assert sorted(
-            (r["source"].split(":")[0], r["summary"].split()[0]) for r in table_rows(browser)
-        ) == [
-            ("127.0.0.1", "PUT"),
-            ("127.0.0.1", "PUT"),
-            ("127.0.0.2", "POST"),
-        ]
         # Filter further by endpoint: the CIDR peer.
-        endpoint = browser.find_element(By.ID, "endpoint")
-        endpoint.send_keys("127.0.0.2\n")
-        wait_for(browser, lambda: len(table_rows(browser)) == 1)
-        assert "/v1/request-landing" in table_rows(browser)[0]["summary"]
+        browser.find_element(By.ID, "endpoint").send_keys("127.0.0.2\n")
+        settles_at(
+            browser,
+            lambda: [r["summary"].split("/", 1)[-1] for r in table_rows(browser)],
+            ["v1/request-landing"],
+        )
 
         # Open the flow's decision: the policy and rule, and the policy trace.
-        browser.find_element(By.CSS_SELECTOR, "#flows tbody tr").click()
+        wait_for(browser, lambda: browser.find_element(*ROWS).click() or 1)
         trace = wait_for(browser, lambda: browser.find_elements(By.ID, "trace"))[0]
         recorded = {
             dd.get_attribute("data-field"): dd.text
@@ -233,12 +265,14 @@ def test_the_page_follows_live_traffic(firewall_with_ui):
         wait_for(
             browser, lambda: "on" in browser.find_element(By.ID, "live-dot").get_attribute("class")
         )
-        assert browser.find_elements(By.CSS_SELECTOR, "#nodes g.node") == []
+        assert browser.find_elements(*NODES) == []
         assert request(fw, "PUT", "/v1/exhaust-port") == 403
         assert request(fw, "GET", "/v1/ok") == 200
-        wait_for(browser, lambda: len(table_rows(browser)) == 2)
-        assert [r["verdict"] for r in table_rows(browser)] == ["FORWARDED", "DENIED"]
-        wait_for(
+        settles_at(
+            browser, lambda: [r["verdict"] for r in table_rows(browser)], ["FORWARDED", "DENIED"]
+        )
+        settles_at(
             browser,
-            lambda: edge_counts(browser) == {f"host->{service}": {"FORWARDED": 1, "DENIED": 1}},
+            lambda: edge_counts(browser),
+            {f"host->{service}": {"FORWARDED": 1, "DENIED": 1}},
         )

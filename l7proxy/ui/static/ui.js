@@ -81,7 +81,9 @@ function connect() {
   events.addEventListener("open", () => $("#live-dot").classList.add("on"));
   events.addEventListener("error", () => $("#live-dot").classList.remove("on"));
   events.addEventListener("map", (e) => {
-    state.map = JSON.parse(e.data);
+    const map = JSON.parse(e.data);
+    if (state.map && map.version === state.map.version) return; // nothing moved
+    state.map = map;
     drawMap();
   });
   events.addEventListener("flows", (e) => {
