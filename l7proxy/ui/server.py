@@ -53,6 +53,7 @@ LIVE_ROWS = 100  # newest matching rows a stream is sent per tick, at most
 MEMORY_RECORDS = 20_000  # history kept in memory when there is no flow-log file
 SEED_RECORDS = 20_000  # records of the log's tail the map starts from
 KEEPALIVE = 15.0
+RATE_WINDOW = 10.0  # seconds the flows/s figure is averaged over
 TAP_CAPACITY = 100_000  # records between two ticks before the map misses some
 
 PolicyStateFn = Callable[[], PolicyState | None]
@@ -81,7 +82,8 @@ class FlowUi:
         self.memory: deque[tuple[int, Record]] = deque(maxlen=MEMORY_RECORDS)
         self.streams: set[_Stream] = set()
         self.started = time.time()
-        self.rate = 0.0  # records per second over the last tick
+        self.rate = 0.0  # records per second over the last RATE_WINDOW seconds
+        self._counts: deque[tuple[float, int]] = deque()  # (monotonic time, records) per tick
         self.address: tuple[str, int] | None = None
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -143,7 +145,7 @@ class FlowUi:
     # ------------------------------------------------------------ the tick
 
     async def _tick_forever(self) -> None:
-        last = time.monotonic()
+        started = time.monotonic()
         while True:
             await asyncio.sleep(self.tick_seconds)
             now = time.monotonic()
@@ -152,8 +154,11 @@ class FlowUi:
             except Exception:  # noqa: BLE001 - the UI must never take the proxy down
                 log.exception("UI tick failed")
                 continue
-            self.rate = count / max(now - last, 1e-6)
-            last = now
+            self._counts.append((now, count))
+            while self._counts[0][0] < now - RATE_WINDOW:
+                self._counts.popleft()
+            span = min(RATE_WINDOW, now - started)
+            self.rate = sum(c for _, c in self._counts) / max(span, 1e-6)
 
     def tick(self) -> int:
         """Take the tap's records into the map, the memory and the streams; push.

@@ -104,43 +104,45 @@ function showStats(stats) {
 // ------------------------------------------------------------------ service map
 
 function layout(map, available) {
-  // Two columns of group boxes: groups whose nodes mostly open flows on the left,
-  // the others (services, and services that call services) on the right, so most
-  // edges run left to right and none crosses a node. Groups stack downwards.
+  // Two columns of nodes: those that mostly open flows on the left, the others
+  // (services, and services that call services) on the right, so most edges run
+  // left to right and none crosses a node. A group box holds its nodes: in one
+  // column, or across both when it has nodes of each kind. Groups stack downwards.
   const score = new Map(map.nodes.map((n) => [n.id, 0]));
   for (const e of map.edges) {
     const n = total(e.verdicts);
     score.set(e.source, (score.get(e.source) || 0) + n);
     score.set(e.target, (score.get(e.target) || 0) - n);
   }
-  const members = new Map(map.groups.map((g) => [g.id, []]));
-  for (const n of map.nodes) members.get(n.group).push(n);
-  const groupScore = (g) => members.get(g.id).reduce((a, n) => a + Math.sign(score.get(n.id)), 0)
-    / Math.max(1, members.get(g.id).length);
   const byName = (a, b) => a.label.localeCompare(b.label);
-  const columns = [[], []];
-  for (const g of [...map.groups].sort(byName)) columns[groupScore(g) > 0 ? 0 : 1].push(g);
-  if (!columns[0].length && columns[1].length > 1) columns[0].push(columns[1].shift());
-  const boxW = NODE_W + 2 * GROUP_PAD;
+  const order = (a, b) => score.get(b.id) - score.get(a.id) || byName(a, b);
+  const members = new Map(map.groups.map((g) => [g.id, { left: [], right: [] }]));
+  for (const n of [...map.nodes].sort(order)) members.get(n.group)[score.get(n.id) > 0 ? "left" : "right"].push(n);
+  const kind = (g) => { const m = members.get(g.id); return m.left.length ? (m.right.length ? 1 : 0) : 2; };
+  const groups = [...map.groups].sort((a, b) => kind(a) - kind(b) || byName(a, b));
   // The gap between the columns takes the width there is (edge labels live in it).
-  const gap = Math.max(COL_GAP * 2, Math.min(available - 2 * boxW - 130, 760));
+  const gap = Math.max(COL_GAP * 2, Math.min(available - 2 * NODE_W - 4 * GROUP_PAD - 150, 760));
+  const colX = [16 + GROUP_PAD, 16 + GROUP_PAD + NODE_W + gap];
   const pos = new Map();
   const boxes = [];
-  let height = 0;
-  columns.forEach((groups, col) => {
-    const x = 16 + col * (boxW + gap);
-    let y = 16;
-    for (const g of groups) {
-      const nodes = members.get(g.id).sort((a, b) => score.get(b.id) - score.get(a.id) || byName(a, b));
-      const h = HEAD_H + nodes.length * ROW_H - (ROW_H - NODE_H) + GROUP_PAD;
-      boxes.push({ group: g, x, y, w: boxW, h });
-      nodes.forEach((n, j) => pos.set(n.id, { x: x + GROUP_PAD, y: y + HEAD_H + j * ROW_H }));
-      y += h + 24;
+  const bottom = [16, 16];
+  const heightOf = (rows) => HEAD_H + rows * ROW_H - (ROW_H - NODE_H) + GROUP_PAD;
+  for (const g of groups) {
+    const { left, right } = members.get(g.id);
+    const cols = [left, right].map((nodes, c) => [nodes, c]).filter(([nodes]) => nodes.length);
+    const spans = cols.length === 2;
+    const top = spans ? Math.max(...bottom) : bottom[cols[0][1]];
+    const h = heightOf(Math.max(left.length, right.length));
+    const first = cols[0][1], last = cols[cols.length - 1][1];
+    const x = colX[first] - GROUP_PAD;
+    boxes.push({ group: g, x, y: top, w: colX[last] + NODE_W + GROUP_PAD - x, h });
+    for (const [nodes, c] of cols) {
+      nodes.forEach((n, j) => pos.set(n.id, { x: colX[c], y: top + HEAD_H + j * ROW_H }));
+      bottom[c] = top + h + 24;
     }
-    height = Math.max(height, y);
-  });
-  const width = 16 + 2 * boxW + gap + 110;
-  return { pos, boxes, width, height: height + 8 };
+  }
+  const width = colX[1] + NODE_W + GROUP_PAD + 130;
+  return { pos, boxes, width, height: Math.max(...bottom) + 8 };
 }
 
 function anchors(map, pos) {
