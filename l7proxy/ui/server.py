@@ -391,7 +391,7 @@ class FlowUi:
                 stream.wake.clear()
                 for event in stream.pop():
                     await response.write(event)
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:  # the browser went away
             pass
         finally:
             self.streams.discard(stream)
