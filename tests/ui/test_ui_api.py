@@ -10,6 +10,7 @@ denied at L3/L4.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -91,8 +92,8 @@ class Setup:
                 return response.status, json.loads(body) if "json" in kind else body
 
 
-@pytest.fixture
-async def setup(tmp_path):
+@contextlib.asynccontextmanager
+async def firewall_and_ui(tmp_path, *, audit: bool = False):
     with http_upstream() as upstream:
         policy = tmp_path / "policy.yaml"
         policy.write_text(POLICY.replace("PORT", str(upstream.port)))
@@ -103,6 +104,7 @@ async def setup(tmp_path):
             labels=LABELS,
             policy_paths=[policy],
             flowlog=flowlog,
+            audit=audit,
         )
         await fw.start()
         # A tick of an hour: the test says when the UI takes its records (ui.tick()).
@@ -114,6 +116,12 @@ async def setup(tmp_path):
             await ui.close()
             await fw.close()
             flowlog.close()
+
+
+@pytest.fixture
+async def setup(tmp_path):
+    async with firewall_and_ui(tmp_path) as s:
+        yield s
 
 
 async def workload(s: Setup) -> None:
@@ -288,6 +296,28 @@ async def test_a_decision_says_when_the_policy_changed_since_the_flow(setup):
         "the policy in force now (revision 2) says FORWARDED, not DENIED: it has changed since"
         in detail["explain"]["notes"]
     )
+
+
+async def test_audit_mode_flows_are_their_own_colour_and_say_what_would_have_happened(tmp_path):
+    async with firewall_and_ui(tmp_path, audit=True) as s:
+        assert await s.send("PUT", "/v1/exhaust-port") == 200  # let through, logged
+        assert await s.send("GET", "/v1/ok") == 200
+        s.ui.tick()
+        _, snapshot = await s.get("/api/map")
+        (edge,) = snapshot["edges"]
+        assert edge["verdicts"] == {"AUDIT": 1, "FORWARDED": 1}
+        assert [(x["key"], x["verdicts"]) for x in edge["l7"]] == [
+            ("GET /v1/ok", {"FORWARDED": 1}),
+            ("PUT /v1/exhaust-port", {"AUDIT": 1}),
+        ]
+        _, page = await s.get("/api/flows", verdict="AUDIT")
+        (flow,) = page["flows"]
+        _, detail = await s.get(f"/api/flows/{flow['id']}")
+        text = detail["explain"]["trace"]["text"].splitlines()
+        assert text[-2:] == [
+            "verdict: AUDIT by policy deathstar-api (no L7 rule matches)",
+            "         audit mode: policy would deny this, but it is allowed and logged as AUDIT",
+        ]
 
 
 def _args(command: str) -> list[str]:
