@@ -122,24 +122,31 @@ def edge_label(edge_id: str) -> tuple[str, str]:
 
 
 def edge_counts(driver) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {}
-    for edge in driver.find_elements(By.CSS_SELECTOR, "#edges g.edge"):
-        paths = edge.find_elements(By.CSS_SELECTOR, "path.verdict")
-        out[edge.get_attribute("data-id")] = {
-            p.get_attribute("data-verdict"): int(p.get_attribute("data-count")) for p in paths
+    """Each drawn edge's lines: verdict -> count (read in one round trip)."""
+    return driver.execute_script(
+        """
+        const out = {};
+        for (const edge of document.querySelectorAll("#edges g.edge")) {
+          out[edge.dataset.id] = {};
+          for (const p of edge.querySelectorAll("path.verdict"))
+            out[edge.dataset.id][p.dataset.verdict] = Number(p.dataset.count);
         }
-    return out
+        return out;
+        """
+    )
 
 
 def table_rows(driver) -> list[dict[str, str]]:
-    return [
-        {
-            "verdict": tr.get_attribute("data-verdict"),
-            "source": tr.find_element(By.CSS_SELECTOR, "td.source").text,
-            "summary": tr.find_element(By.CSS_SELECTOR, "td.summary").text,
-        }
-        for tr in driver.find_elements(*ROWS)
-    ]
+    """The flow table as shown (read in one round trip)."""
+    return driver.execute_script(
+        """
+        return [...document.querySelectorAll("#flows tbody tr")].map((tr) => ({
+          verdict: tr.dataset.verdict,
+          source: tr.querySelector("td.source").innerText,
+          summary: tr.querySelector("td.summary").innerText,
+        }));
+        """
+    )
 
 
 @pytest.fixture
@@ -276,3 +283,28 @@ def test_the_page_follows_live_traffic(firewall_with_ui):
             lambda: edge_counts(browser),
             {f"host->{service}": {"FORWARDED": 1, "DENIED": 1}},
         )
+
+
+def test_the_table_pages_back_through_history(firewall_with_ui):
+    """The first page is the newest 50 flows; "load older" reads on from where it stopped."""
+    fw, url, _ = firewall_with_ui
+    for n in range(60):
+        assert request(fw, "GET", f"/v1/page?n={n}") == 200
+    assert len(fw.flows(wait_for=60)) == 60
+    with chromium() as browser:
+        browser.get(url)
+        browser.find_element(By.ID, "live").click()  # hold the table still
+        settles_at(browser, lambda: len(table_rows(browser)), 50)
+        newest = [r["summary"].rsplit("=", 1)[1] for r in table_rows(browser)]
+        assert newest == [str(n) for n in range(59, 9, -1)]
+        assert browser.find_element(By.ID, "table-count").text == "50 rows"
+        browser.find_element(By.ID, "older").click()
+        settles_at(
+            browser,
+            lambda: [r["summary"].rsplit("=", 1)[1] for r in table_rows(browser)],
+            [str(n) for n in range(59, -1, -1)],
+        )
+        settles_at(
+            browser, lambda: browser.find_element(By.ID, "table-count").text, "60 rows (all)"
+        )
+        assert not browser.find_element(By.ID, "older").is_enabled()
