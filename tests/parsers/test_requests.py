@@ -126,5 +126,9 @@ def test_a_request_read_back_has_only_the_headers_a_record_keeps():
 def test_a_record_of_no_request_type_is_refused_with_its_reason():
     with pytest.raises(ValueError, match="no request type has the protocol 'tcp'"):
         from_flow_fields("tcp", {})
-    with pytest.raises(ValueError, match="a kafka flow record without 'api_key'"):
+    with pytest.raises(ValueError, match="a kafka flow record without its 'api_key'"):
         from_flow_fields("kafka", {"topics": ["orders"]})
+    with pytest.raises(ValueError, match="a http flow record without its 'path'"):
+        from_flow_fields("http", {"method": "GET", "path": ""})
+    with pytest.raises(ValueError, match="a kafka flow record without its 'api_version'"):
+        from_flow_fields("kafka", {"api_key": 0, "api_version": "9"})
