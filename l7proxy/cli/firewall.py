@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(
-            run_firewall(fw, ready=lambda line: print(line, flush=True), metrics=args.metrics)
+            run_firewall(
+                fw, ready=lambda line: print(line, flush=True), metrics=args.metrics, ui=args.ui
+            )
         )
     return 0

@@ -4,7 +4,9 @@ client cut by a limit (``type`` ``l7``, ``drop``, ``limit``).
 Records are plain dicts (JSON lines on disk), written through a buffered file
 that is flushed on a short timer rather than per record, so logging stays off
 the per-request hot path. Subscribers (metrics, ``observe --follow`` tests)
-receive every record as it is made.
+receive every record as it is made; a ``FlowTap`` queues them, bounded, for a
+consumer that reads them in batches (the web UI), with the place in the file
+where each was written (``Position``), so the consumer can find it there again.
 
 The file is rotated by size: ``flows.jsonl`` is renamed ``flows.jsonl.N``, N one
 more than the newest rotated file, and only the newest ``backups`` rotated files
@@ -22,6 +24,7 @@ import contextlib
 import json
 import os
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -57,6 +60,45 @@ class Rotation:
 DEFAULT_ROTATION = Rotation()
 
 
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a record starts in the flow log: its file and the byte offset there.
+
+    A file is known by its device and inode (a rotation keeps both: rotated
+    files are never renamed again) and by a checksum of its first line, since a
+    file created after an old one expired may get the old one's inode."""
+
+    dev: int
+    ino: int
+    head: int
+    offset: int
+
+    def token(self) -> str:
+        return f"{self.dev:x}.{self.ino:x}.{self.head:x}.{self.offset:x}"
+
+    @classmethod
+    def parse(cls, token: str) -> Position:
+        """The inverse of ``token``; ValueError when it is not one."""
+        parts = token.split(".")
+        if len(parts) != 4:
+            raise ValueError(f"not a flow-log position: {token!r}")
+        dev, ino, head, offset = (int(p, 16) for p in parts)
+        if min(dev, ino, head, offset) < 0:
+            raise ValueError(f"not a flow-log position: {token!r}")
+        return cls(dev, ino, head, offset)
+
+
+def first_line_checksum(line: bytes) -> int:
+    return zlib.crc32(line)
+
+
+def head_of(f: IO[bytes]) -> int | None:
+    """The checksum of an open file's first line (None while it has no whole line)."""
+    f.seek(0)
+    line = f.readline()
+    return first_line_checksum(line) if line.endswith(b"\n") else None
+
+
 def rotated(path: Path, n: int) -> Path:
     """The n-th rotated file of ``path`` (higher is newer)."""
     return path.with_name(f"{path.name}.{n}")
@@ -90,7 +132,12 @@ class FlowLog:
         self.path = Path(path) if path else None
         self.rotation = rotation
         self._file: IO[str] | None = None
+        self._file_id = (0, 0)
+        self._head: int | None = None  # the current file's first-line checksum
         self._written = 0
+        # Where the record being emitted starts in the file (None without one):
+        # subscribers read it while they are called.
+        self.last_position: Position | None = None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._open()
@@ -101,6 +148,11 @@ class FlowLog:
         assert self.path is not None
         self._file = open(self.path, "a", buffering=1 << 16)  # noqa: SIM115 - long-lived
         self._written = self._file.tell()
+        self._file_id = _identity(os.fstat(self._file.fileno()))
+        self._head = None
+        if self._written:
+            with open(self.path, "rb") as existing:
+                self._head = head_of(existing)
 
     def emit(self, record: Record) -> None:
         self.recent.append(record)
@@ -108,6 +160,9 @@ class FlowLog:
             line = json.dumps(record, separators=(",", ":")) + "\n"
             if self._written + len(line) > self.rotation.max_bytes and self._written:
                 self._rotate()
+            if self._head is None:  # the first line of a new file
+                self._head = first_line_checksum(line.encode())
+            self.last_position = Position(*self._file_id, self._head, self._written)
             self._file.write(line)
             self._written += len(line)  # characters: bytes for the ASCII that json.dumps writes
         for sub in self.subscribers:
@@ -148,6 +203,37 @@ class FlowLog:
             self._file.flush()
             self._file.close()
             self._file = None
+
+
+class FlowTap:
+    """The records a ``FlowLog`` emits, queued for a consumer that takes them in
+    batches (the web UI, once a tick), with the ``Position`` of each. The queue
+    is bounded: when the consumer falls ``capacity`` records behind, the oldest
+    go, and ``take`` says how many it missed. Emitting costs one append."""
+
+    def __init__(self, flowlog: FlowLog, capacity: int = 50_000):
+        self.flowlog = flowlog
+        self._queue: deque[tuple[int, Position | None, Record]] = deque(maxlen=capacity)
+        self.emitted = 0  # records seen; also the sequence number of the last one
+        self._taken = 0
+        flowlog.subscribers.append(self)
+
+    def __call__(self, record: Record) -> None:
+        self.emitted += 1
+        self._queue.append((self.emitted, self.flowlog.last_position, record))
+
+    def take(self) -> tuple[list[tuple[int, Position | None, Record]], int]:
+        """(sequence number, position, record) of everything queued, oldest first,
+        and how many records were lost to the bound since the last take."""
+        batch = list(self._queue)
+        self._queue.clear()
+        missed = self.emitted - self._taken - len(batch)
+        self._taken = self.emitted
+        return batch, missed
+
+    def close(self) -> None:
+        if self in self.flowlog.subscribers:
+            self.flowlog.subscribers.remove(self)
 
 
 def read_records(

@@ -16,18 +16,11 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from l7proxy.policy.model import EGRESS, INGRESS
-from parsers.requests import (
-    CqlRequest,
-    GrpcCall,
-    HttpRequest,
-    KafkaRequest,
-    L7Request,
-    TlsClientHello,
-)
+from parsers.requests import KafkaRequest, L7Request, from_flow_fields
 
 # What was let through: forwarded, or forwarded in audit mode where enforcement
 # would have denied it. A suggestion allows these by default.
@@ -219,64 +212,13 @@ def _peer(src: Mapping[str, Any]) -> Peer:
     return Peer("world", ip=ip)
 
 
-def _text(fields: Mapping[str, Any], key: str) -> str:
-    value = fields.get(key)
-    return value if isinstance(value, str) else ""
-
-
-def _names(fields: Mapping[str, Any], key: str) -> tuple[str, ...]:
-    value = fields.get(key)
-    if not isinstance(value, list):
-        return ()
-    return tuple(str(v) for v in value)
-
-
 def _request(protocol: str, fields: Any) -> L7Request | None:
-    """The typed request a flow record describes (headers are not logged: none)."""
-    if not isinstance(fields, Mapping):
+    """The typed request a flow record describes (None if the record does not say)."""
+    try:
+        request = from_flow_fields(protocol, fields)
+    except ValueError:
         return None
-    if protocol == "http":
-        method, path = _text(fields, "method"), _text(fields, "path")
-        if not method or not path:
-            return None
-        version = _text(fields, "version") or "1.1"
-        return HttpRequest(method, path, _text(fields, "host"), (), version)
-    if protocol == "grpc":
-        service, method = _text(fields, "service"), _text(fields, "method")
-        if not service or not method:
-            return None
-        head = HttpRequest(
-            "POST",
-            _text(fields, "path") or f"/{service}/{method}",
-            _text(fields, "host"),
-            (("content-type", "application/grpc"), ("te", "trailers")),
-            "2",
-        )
-        return GrpcCall(service, method, head)
-    if protocol == "kafka":
-        api_key, api_version = fields.get("api_key"), fields.get("api_version")
-        if not isinstance(api_key, int) or not isinstance(api_version, int):
-            return None
-        client_id = fields.get("client_id")
-        return KafkaRequest(
-            api_key,
-            api_version,
-            0,  # no rule reads it; left out, equal requests are one observation
-            client_id if isinstance(client_id, str) else None,
-            _names(fields, "topics"),
-            _names(fields, "groups"),
-            _names(fields, "transactional_ids"),
-        )
-    if protocol == "cassandra":
-        action = _text(fields, "action")
-        if not action:
-            return None
-        return CqlRequest(_text(fields, "opcode") or "query", action, _text(fields, "table"))
-    if protocol == "tls":
-        return TlsClientHello(
-            _text(fields, "sni"),
-            _names(fields, "alpn"),
-            _names(fields, "versions"),
-            bool(fields.get("ech")),
-        )
-    return None
+    if isinstance(request, KafkaRequest):
+        # No rule reads the correlation id; left out, equal requests are one observation.
+        request = replace(request, correlation_id=0)
+    return request
