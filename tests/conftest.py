@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.support import etcd as etcd_support
+if TYPE_CHECKING:
+    from tests.support.etcd import EtcdServer
 
 UNDER_CI = bool(os.environ.get("CI"))
 
@@ -32,9 +34,13 @@ def pytest_runtest_makereport(
 
 
 @pytest.fixture(scope="module")
-def etcd() -> Iterator[etcd_support.EtcdServer]:
+def etcd() -> Iterator[EtcdServer]:
     """A real etcd (Debian's etcd-server) for the tests of one module, its data on
     tmpfs; each test works under its own key prefix."""
+    # Imported here: this file also serves tests/test_ci_rules.py's tiny suite,
+    # which runs outside the checkout.
+    from tests.support import etcd as etcd_support
+
     why = etcd_support.available()
     if why:
         pytest.skip(why)
