@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,8 +35,29 @@ def register(commands: Any) -> None:
     )
     fw.add_argument("--policy", action="append", required=True, metavar="FILE|DIR")
     fw.add_argument("--flowlog", type=Path, help="append flow records (JSON lines) here")
+    fw.add_argument(
+        "--workers",
+        type=workers,
+        default=1,
+        metavar="N|auto",
+        help="worker processes, each with its own event loop on its own SO_REUSEPORT "
+        "socket of the one address (auto: one per CPU; default 1, one process)",
+    )
+    # Set by the supervisor for each worker it starts: the listening socket it
+    # inherits, and its number (the flow log's ``worker`` field).
+    fw.add_argument("--worker-of", type=int, metavar="FD", help=argparse.SUPPRESS)
+    fw.add_argument("--worker-id", type=int, default=0, help=argparse.SUPPRESS)
     add_proxy_options(fw)
     fw.set_defaults(func=run)
+
+
+def workers(text: str) -> int:
+    from l7proxy.proxy.workers import worker_count
+
+    try:
+        return worker_count(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,21 +65,66 @@ def run(args: argparse.Namespace) -> int:
     from l7proxy.policy.errors import PolicyError
     from l7proxy.proxy.firewall import Firewall, run_firewall
 
+    worker = args.worker_of is not None
+    supervisor = not worker and args.workers > 1
     try:
         fw = Firewall(
             listen=args.listen,
             upstream=args.upstream,
             labels=args.labels,
             policy_paths=args.policy,
-            flowlog=FlowLog(args.flowlog, rotation=flowlog_rotation(args)),
+            # The supervisor loads the policy only to refuse a bad one before any
+            # worker starts; the workers write the flow log.
+            flowlog=FlowLog(
+                None if supervisor else args.flowlog,
+                rotation=flowlog_rotation(args),
+                fields={"worker": args.worker_id} if worker else None,
+            ),
             audit=args.audit,
             limits=proxy_limits(args),
         )
     except PolicyError as err:
         print(f"policy rejected: {err}", file=sys.stderr)
         return 1
+    if supervisor:
+        return supervise(args)
+    sock = None
+    metrics = args.metrics
+    if worker:
+        from l7proxy.proxy.workers import SUPERVISOR_ENV, die_with_parent
+
+        die_with_parent(int(os.environ.get(SUPERVISOR_ENV, "0")) or os.getppid())
+        sock = socket.socket(fileno=args.worker_of)
+        if metrics is not None:  # the supervisor serves the sum at --metrics
+            metrics = ("127.0.0.1", 0)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(
-            run_firewall(fw, ready=lambda line: print(line, flush=True), metrics=args.metrics)
+            run_firewall(
+                fw, ready=lambda line: print(line, flush=True), metrics=metrics, sock=sock
+            )
         )
     return 0
+
+
+def supervise(args: argparse.Namespace) -> int:
+    """``--workers N``: the sockets, then N workers started as this same command."""
+    from l7proxy.proxy.workers import Supervisor, reuseport_listeners
+
+    try:
+        socks = reuseport_listeners(*args.listen, args.workers, backlog=proxy_limits(args).backlog)
+    except OSError as err:
+        print(f"l7proxy firewall: {err}", file=sys.stderr)
+        return 1
+    argv = list(args.argv)
+
+    def command(worker: int, fd: int) -> list[str]:
+        return [sys.executable, "-m", "l7proxy", *argv, "--worker-of", str(fd)] + [
+            "--worker-id",
+            str(worker),
+        ]
+
+    supervisor = Supervisor(socks, command, with_metrics=args.metrics is not None)
+    with asyncio.Runner() as runner:
+        return runner.run(
+            supervisor.run(ready=lambda line: print(line, flush=True), metrics=args.metrics)
+        )

@@ -84,8 +84,9 @@ class Firewall:
         else:
             self.state.swap(compiled)
 
-    async def start(self) -> tuple[str, int]:
-        self.sock = await self.proxy.listen(*self.listen_addr)
+    async def start(self, sock: socket.socket | None = None) -> tuple[str, int]:
+        """Listen on ``--listen``, or on ``sock`` (a worker's inherited socket)."""
+        self.sock = await self.proxy.listen(*self.listen_addr, sock=sock)
         return self.sock.getsockname()[:2]
 
     async def watch(self) -> None:
@@ -108,13 +109,17 @@ def _local_prefixes(listen_host: str) -> list[ipaddress.IPv4Network]:
 
 
 async def run_firewall(
-    fw: Firewall, *, ready=print, metrics: tuple[str, int] | None = None
+    fw: Firewall,
+    *,
+    ready=print,
+    metrics: tuple[str, int] | None = None,
+    sock: socket.socket | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    host, port = await fw.start()
+    host, port = await fw.start(sock)
     # --metrics: /metrics and /healthz (l7proxy/observe/metrics.py)
     served = None
     if metrics is not None:
