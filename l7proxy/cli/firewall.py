@@ -99,9 +99,7 @@ def run(args: argparse.Namespace) -> int:
             metrics = ("127.0.0.1", 0)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(
-            run_firewall(
-                fw, ready=lambda line: print(line, flush=True), metrics=metrics, sock=sock
-            )
+            run_firewall(fw, ready=lambda line: print(line, flush=True), metrics=metrics, sock=sock)
         )
     return 0
 
@@ -111,7 +109,8 @@ def supervise(args: argparse.Namespace) -> int:
     from l7proxy.proxy.workers import Supervisor, reuseport_listeners
 
     try:
-        socks = reuseport_listeners(*args.listen, args.workers, backlog=proxy_limits(args).backlog)
+        host, port = args.listen
+        socks = reuseport_listeners(host, port, args.workers, backlog=proxy_limits(args).backlog)
     except OSError as err:
         print(f"l7proxy firewall: {err}", file=sys.stderr)
         return 1

@@ -137,9 +137,13 @@ class WorkerMetrics:
         answers = await asyncio.gather(*(self._get(e.url) for e in endpoints))
         texts = [a[1] for a in answers if a is not None and a[0] == 200]
         families = combine_expositions(texts)
-        families.append(_gauge("l7proxy_workers", "Worker processes configured", self.view.configured))
         families.append(
-            _gauge("l7proxy_workers_serving", "Worker processes that answered this scrape", len(texts))
+            _gauge("l7proxy_workers", "Worker processes configured", self.view.configured)
+        )
+        families.append(
+            _gauge(
+                "l7proxy_workers_serving", "Worker processes that answered this scrape", len(texts)
+            )
         )
         restarts = Metric("l7proxy_worker_restarts", "Workers restarted after they died", "counter")
         restarts.add_sample("l7proxy_worker_restarts_total", {}, self.view.restarts())

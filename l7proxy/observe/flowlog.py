@@ -122,9 +122,7 @@ class FlowLog:
 
     def _open(self) -> None:
         assert self.path is not None
-        self._fd = os.open(
-            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
-        )
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def emit(self, record: Record) -> None:
         if self.fields:

@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from l7proxy.observe.aggregate import WorkerEndpoint, WorkerMetrics, WorkersView
 from l7proxy.observe.metrics import serve_metrics
@@ -199,10 +200,14 @@ class Supervisor:
     async def _all_ready(self) -> bool:
         """True once every worker is listening; False if one died first, the
         start took too long, or we were asked to stop."""
-        waits = [asyncio.ensure_future(w.ready.wait()) for w in self.workers]
-        exits = [asyncio.ensure_future(w.proc.wait()) for w in self.workers if w.proc]
-        stop = asyncio.ensure_future(self._stop.wait())
-        all_ready = asyncio.ensure_future(asyncio.gather(*waits))
+        waits: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(w.ready.wait()) for w in self.workers
+        ]
+        exits: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(w.proc.wait()) for w in self.workers if w.proc
+        ]
+        stop: asyncio.Future[Any] = asyncio.ensure_future(self._stop.wait())
+        all_ready: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*waits))
         try:
             done, _ = await asyncio.wait(
                 [all_ready, stop, *exits], timeout=START_TIMEOUT, return_when="FIRST_COMPLETED"
@@ -304,7 +309,9 @@ class Supervisor:
             )
             for proc in running:
                 if proc.returncode is None:
-                    log.warning("worker pid %d did not stop in %g s: killed", proc.pid, STOP_TIMEOUT)
+                    log.warning(
+                        "worker pid %d did not stop in %g s: killed", proc.pid, STOP_TIMEOUT
+                    )
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()
             for proc in running:
