@@ -71,7 +71,9 @@ spec:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.workers", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.workers", description=__doc__.split("\n\n")[0]
+    )
     argv = [] if argv is None else argv  # called by the runner: defaults
     p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     p.add_argument("--rounds", type=int, default=3, help="interleaved runs (medians reported)")

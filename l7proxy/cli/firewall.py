@@ -7,6 +7,7 @@ import asyncio
 import os
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,9 @@ def register(commands: Any) -> None:
     # inherits, and its number (the flow log's ``worker`` field).
     fw.add_argument("--worker-of", type=int, metavar="FD", help=argparse.SUPPRESS)
     fw.add_argument("--worker-id", type=int, default=0, help=argparse.SUPPRESS)
+    # The supervisor's copy of the last good policy files, for a worker restarted
+    # while the files on disk are bad.
+    fw.add_argument("--policy-fallback", type=Path, action="append", help=argparse.SUPPRESS)
     add_proxy_options(fw)
     fw.set_defaults(func=run)
 
@@ -82,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
             ),
             audit=args.audit,
             limits=proxy_limits(args),
+            policy_fallback=args.policy_fallback if worker else None,
         )
     except PolicyError as err:
         print(f"policy rejected: {err}", file=sys.stderr)
@@ -106,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
 def supervise(args: argparse.Namespace) -> int:
     """``--workers N``: the sockets, then N workers started as this same command."""
+    from l7proxy.policy.source import PolicySnapshot
     from l7proxy.proxy.workers import Supervisor, reuseport_listeners
 
     try:
@@ -115,15 +121,24 @@ def supervise(args: argparse.Namespace) -> int:
         print(f"l7proxy firewall: {err}", file=sys.stderr)
         return 1
     argv = list(args.argv)
+    with tempfile.TemporaryDirectory(prefix="l7proxy-policy-") as snapshots:
+        snapshot = PolicySnapshot(args.policy, Path(snapshots))
+        snapshot.refresh()
 
-    def command(worker: int, fd: int) -> list[str]:
-        return [sys.executable, "-m", "l7proxy", *argv, "--worker-of", str(fd)] + [
-            "--worker-id",
-            str(worker),
-        ]
+        def command(worker: int, fd: int) -> list[str]:
+            fallback = [a for p in snapshot.paths or () for a in ("--policy-fallback", str(p))]
+            return [sys.executable, "-m", "l7proxy", *argv, "--worker-of", str(fd)] + [
+                "--worker-id",
+                str(worker),
+                *fallback,
+            ]
 
-    supervisor = Supervisor(socks, command, with_metrics=args.metrics is not None)
-    with asyncio.Runner() as runner:
-        return runner.run(
-            supervisor.run(ready=lambda line: print(line, flush=True), metrics=args.metrics)
-        )
+        supervisor = Supervisor(socks, command, with_metrics=args.metrics is not None)
+        with asyncio.Runner() as runner:
+            return runner.run(
+                supervisor.run(
+                    ready=lambda line: print(line, flush=True),
+                    metrics=args.metrics,
+                    every_second=snapshot.refresh,
+                )
+            )

@@ -45,6 +45,7 @@ class Firewall:
         audit: bool = False,
         limits: ProxyLimits | None = None,
         poll_interval: float = 1.0,
+        policy_fallback: Sequence[Path] | None = None,
     ):
         self.listen_addr = listen
         self.identities = IdentityAllocator()
@@ -58,7 +59,10 @@ class Firewall:
         self.revision = 0
         self.state: PolicyState | None = None
         self.source = PolicySource(policy_paths, self._apply)
-        self.source.load()  # raises PolicyError: refuse to start on a bad policy
+        if policy_fallback:  # a restarted worker: the others run the last good policy
+            self.source.load_or_fall_back(policy_fallback)
+        else:
+            self.source.load()  # raises PolicyError: refuse to start on a bad policy
         assert self.state is not None  # _apply ran on the first load
         self.proxy: Proxy = Proxy(
             self.state,

@@ -156,10 +156,15 @@ class Supervisor:
     # ------------------------------------------------------------ running
 
     async def run(
-        self, *, ready: Callable[[str], None] = print, metrics: tuple[str, int] | None = None
+        self,
+        *,
+        ready: Callable[[str], None] = print,
+        metrics: tuple[str, int] | None = None,
+        every_second: Callable[[], object] | None = None,
     ) -> int:
         """Start every worker, report ready, keep them running until SIGTERM/SIGINT.
-        Returns the exit code: 1 if the workers could not start."""
+        Returns the exit code: 1 if the workers could not start. ``every_second``
+        runs once a second meanwhile (the policy snapshot for restarted workers)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
@@ -177,7 +182,14 @@ class Supervisor:
                 )
                 await serve_metrics(served, *metrics)  # type: ignore[arg-type]
                 ready(f"{METRICS_PREFIX}{served.url}")
-            await self._stop.wait()
+            while not self._stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 1.0)
+                if every_second is not None and not self._stop.is_set():
+                    try:
+                        every_second()
+                    except Exception:  # noqa: BLE001 - housekeeping must not stop the workers
+                        log.exception("supervisor housekeeping failed")
             return 0
         finally:
             self._stopping = True

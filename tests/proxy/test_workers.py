@@ -247,3 +247,30 @@ def test_a_bad_policy_stops_the_start_before_any_worker(upstream, tmp_path: Path
     assert done.returncode == 1
     assert done.stderr.count("policy rejected") == 1 and "bad.yaml" in done.stderr
     assert "listening" not in done.stdout
+
+
+def test_a_worker_restarted_while_the_policy_file_is_bad_starts_with_the_last_good(upstream):
+    with running_firewall(
+        policy(upstream, "allowed.*"),
+        ("127.0.0.1", upstream.port),
+        {"app": "api"},
+        extra_args=["--workers", "2"],
+    ) as fw:
+        fw.replace_policy(policy(upstream, "(allowed|later).*"))
+        deadline = time.monotonic() + 10
+        while {get(fw.address, f"/v1/later/{n}")[0] for n in range(10)} != {200}:
+            assert time.monotonic() < deadline, "the new policy never took effect"
+            time.sleep(0.2)
+        time.sleep(1.5)  # the supervisor copies the good files once a second
+        fw.replace_policy("spec: [not, a, policy\n")
+        time.sleep(2)
+        victim = min(children(fw.proc.pid))
+        os.kill(victim, signal.SIGKILL)
+
+        # The new worker starts with the last good policy, not the one it replaced.
+        answers = [get(fw.address, f"/v1/later/restart/{n}")[0] for n in range(40)]
+        assert set(answers) == {200}
+        records = l7_flows(fw, "/v1/later/restart/", 40)
+        assert {r["worker"] for r in records} == {0, 1}
+        assert "starting with the last good policy" in fw.stderr_text()
+        assert victim not in children(fw.proc.pid) and len(children(fw.proc.pid)) == 2
