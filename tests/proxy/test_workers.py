@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -274,3 +275,23 @@ def test_a_worker_restarted_while_the_policy_file_is_bad_starts_with_the_last_go
         assert {r["worker"] for r in records} == {0, 1}
         assert "starting with the last good policy" in fw.stderr_text()
         assert victim not in children(fw.proc.pid) and len(children(fw.proc.pid)) == 2
+
+
+async def test_workers_that_cannot_start_make_the_supervisor_exit_non_zero(caplog):
+    from l7proxy.proxy.workers import Supervisor, reuseport_listeners
+
+    socks = reuseport_listeners("127.0.0.1", 0, 2)
+    port = socks[0].getsockname()[1]
+
+    def command(worker: int, fd: int) -> list[str]:
+        # Worker 1 fails at once; worker 0 would have started.
+        code = "raise SystemExit(3)" if worker == 1 else "import time; time.sleep(30)"
+        return [sys.executable, "-c", code]
+
+    lines: list[str] = []
+    code = await Supervisor(socks, command).run(ready=lines.append)
+    assert code == 1 and lines == []
+    assert "worker 1 exited with exit code 3 before it was listening" in caplog.text
+    # Everything was stopped and the port is free again.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
