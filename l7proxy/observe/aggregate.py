@@ -17,8 +17,10 @@ How each series combines (``combine``):
 - ``l7proxy_healthy``: the lowest, healthy only if every worker is;
 - ``*_created``: the earliest.
 
-A worker's counters start again from zero when it is restarted, so the sums
-fall back by what it had counted; Prometheus reads that as a counter reset.
+A worker's counters start again from zero when it is restarted. So that the
+sums do not fall back, what a worker had counted at the last scrape before it
+was gone is carried on in the totals (``counted``); what it counted after that
+scrape is lost with it.
 """
 
 from __future__ import annotations
@@ -66,12 +68,16 @@ def combine(family: str, sample: str, values: Sequence[float]) -> float:
     return sum(values)
 
 
-def combine_expositions(texts: Iterable[str]) -> list[Metric]:
-    """The workers' text expositions as one list of metric families."""
+def parse(text: str) -> list[Metric]:
+    return list(text_string_to_metric_families(text))
+
+
+def combine_families(workers: Iterable[Iterable[Metric]]) -> list[Metric]:
+    """The workers' metric families (one list per worker) as one list."""
     families: dict[str, Metric] = {}
     values: dict[tuple[str, str, tuple[tuple[str, str], ...]], list[float]] = {}
-    for text in texts:
-        for fam in text_string_to_metric_families(text):
+    for worker in workers:
+        for fam in worker:
             if fam.name not in families:
                 families[fam.name] = Metric(fam.name, fam.documentation, fam.type)
             for s in fam.samples:
@@ -80,6 +86,21 @@ def combine_expositions(texts: Iterable[str]) -> list[Metric]:
     for (family, sample, labels), vals in values.items():
         families[family].add_sample(sample, dict(labels), combine(family, sample, vals))
     return list(families.values())
+
+
+def counted(families: Iterable[Metric]) -> list[Metric]:
+    """What a worker had counted (counters and histograms of its traffic, not levels,
+    not per-policy series, not creation times): carried on once it is gone."""
+    kept = []
+    for fam in families:
+        if fam.type not in ("counter", "histogram", "summary") or fam.name in PER_POLICY:
+            continue
+        copy = Metric(fam.name, fam.documentation, fam.type)
+        for s in fam.samples:
+            if not s.name.endswith("_created"):
+                copy.add_sample(s.name, s.labels, s.value)
+        kept.append(copy)
+    return kept
 
 
 @dataclass
@@ -110,6 +131,8 @@ class WorkerMetrics:
         self.runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._last: list[Metric] = []
+        self._seen: dict[int, tuple[int, list[Metric]]] = {}  # worker -> (pid, last scrape)
+        self._gone: list[Metric] = []  # what workers that are gone had counted
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(_Families(self))
 
@@ -135,14 +158,26 @@ class WorkerMetrics:
     async def scrape(self) -> bytes:
         endpoints = self.view.endpoints()
         answers = await asyncio.gather(*(self._get(e.url) for e in endpoints))
-        texts = [a[1] for a in answers if a is not None and a[0] == 200]
-        families = combine_expositions(texts)
+        running = {e.worker: e.pid for e in endpoints}
+        for worker, (pid, families) in list(self._seen.items()):
+            if running.get(worker) != pid:  # gone (restarted, or not yet)
+                self._gone = combine_families([self._gone, counted(families)])
+                del self._seen[worker]
+        scraped = []
+        for endpoint, answer in zip(endpoints, answers, strict=True):
+            if answer is not None and answer[0] == 200:
+                parsed = parse(answer[1])
+                self._seen[endpoint.worker] = (endpoint.pid, parsed)
+                scraped.append(parsed)
+        families = combine_families([*scraped, self._gone])
         families.append(
             _gauge("l7proxy_workers", "Worker processes configured", self.view.configured)
         )
         families.append(
             _gauge(
-                "l7proxy_workers_serving", "Worker processes that answered this scrape", len(texts)
+                "l7proxy_workers_serving",
+                "Worker processes that answered this scrape",
+                len(scraped),
             )
         )
         restarts = Metric("l7proxy_worker_restarts", "Workers restarted after they died", "counter")

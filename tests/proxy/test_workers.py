@@ -90,6 +90,12 @@ def scrape(url: str) -> dict[tuple[str, frozenset], float]:
     }
 
 
+FORWARDED = (
+    "hubble_flows_processed_total",
+    frozenset({("type", "L7"), ("verdict", "FORWARDED"), ("protocol", "http")}),
+)
+
+
 def l7_flows(fw, part: str, count: int, timeout: float = 5.0) -> list[dict]:
     """The L7 records whose path holds ``part``, once ``count`` of them are written
     (each worker writes its records on its own one-second timer)."""
@@ -196,8 +202,14 @@ def test_a_killed_worker_is_restarted_and_no_connection_is_refused(upstream):
         policy(upstream, "allowed.*"),
         ("127.0.0.1", upstream.port),
         {"app": "api"},
-        extra_args=["--workers", "2"],
+        extra_args=["--workers", "2", "--metrics", "127.0.0.1:0"],
     ) as fw:
+        url = metrics_url(fw)
+        assert {get(fw.address, f"/v1/allowed/before/{n}")[0] for n in range(20)} == {200}
+        assert scrape(url)[FORWARDED] == 20
+        # Each worker writes its records within a second; SIGKILL loses what is not
+        # written yet, as it would with one process.
+        assert len(l7_flows(fw, "/before/", 20)) == 20
         first = children(fw.proc.pid)
         victim = min(first)
         os.kill(victim, signal.SIGKILL)
@@ -207,10 +219,14 @@ def test_a_killed_worker_is_restarted_and_no_connection_is_refused(upstream):
         assert {a[0] for a in answers} == {200}
         now = children(fw.proc.pid)
         assert len(now) == 2 and victim not in now and (first - {victim}) <= now
-        records = l7_flows(fw, "/v1/allowed/", 40)
-        assert len(records) == 40
+        records = l7_flows(fw, "/v1/allowed/", 60)
+        assert len(records) == 60
         assert {r["worker"] for r in records} == {0, 1}
         assert "killed by SIGKILL" in fw.stderr_text() and "restarting it" in fw.stderr_text()
+        # The totals keep what the dead worker had counted.
+        samples = scrape(url)
+        assert samples[FORWARDED] == 60
+        assert samples[("l7proxy_worker_restarts_total", frozenset())] == 1
 
 
 def test_sigterm_stops_every_process_and_sigkill_takes_the_workers_along(upstream):
