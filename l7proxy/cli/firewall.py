@@ -71,6 +71,13 @@ def run(args: argparse.Namespace) -> int:
 
     worker = args.worker_of is not None
     supervisor = not worker and args.workers > 1
+    if supervisor and args.ui is not None:
+        # The UI shows the live flows of its own process: with workers, a fraction.
+        print(
+            "l7proxy firewall: --ui works with one worker only (not yet with --workers)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         fw = Firewall(
             listen=args.listen,
@@ -104,7 +111,13 @@ def run(args: argparse.Namespace) -> int:
             metrics = ("127.0.0.1", 0)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(
-            run_firewall(fw, ready=lambda line: print(line, flush=True), metrics=metrics, sock=sock)
+            run_firewall(
+                fw,
+                ready=lambda line: print(line, flush=True),
+                metrics=metrics,
+                ui=args.ui,
+                sock=sock,
+            )
         )
     return 0
 

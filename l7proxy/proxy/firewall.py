@@ -117,6 +117,7 @@ async def run_firewall(
     *,
     ready=print,
     metrics: tuple[str, int] | None = None,
+    ui: tuple[str, int] | None = None,
     sock: socket.socket | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
@@ -136,6 +137,12 @@ async def run_firewall(
     ready(f"l7proxy firewall listening on {host}:{port}")
     if served is not None:
         ready(f"l7proxy metrics on {served.url}")
+    shown = None
+    if ui is not None:  # --ui: the web UI (l7proxy/ui/)
+        from l7proxy.ui.server import start_ui
+
+        shown = await start_ui(fw.proxy.flowlog, lambda: fw.state, ui, mode="firewall")
+        ready(f"l7proxy UI on {shown.url}")
     watcher = loop.create_task(fw.watch())
     heap = loop.create_task(steady_heap())
     try:
@@ -143,6 +150,8 @@ async def run_firewall(
     finally:
         watcher.cancel()
         heap.cancel()
+        if shown is not None:
+            await shown.close()
         if served is not None:
             await served.close()
         await fw.close()

@@ -311,3 +311,19 @@ async def test_workers_that_cannot_start_make_the_supervisor_exit_non_zero(caplo
     # Everything was stopped and the port is free again.
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+def test_the_web_ui_is_refused_with_workers(upstream, tmp_path: Path):
+    good = tmp_path / "p.yaml"
+    good.write_text(policy(upstream, "allowed.*"))
+    done = subprocess.run(
+        [sys.executable, "-m", "l7proxy", "firewall", "--listen", "127.0.0.1:0"]
+        + ["--upstream", f"127.0.0.1:{upstream.port}", "--labels", "app=api"]
+        + ["--policy", str(good), "--workers", "2", "--ui", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+    )
+    assert done.returncode == 2
+    assert "--ui works with one worker only" in done.stderr
