@@ -45,6 +45,7 @@ class Firewall:
         audit: bool = False,
         limits: ProxyLimits | None = None,
         poll_interval: float = 1.0,
+        policy_fallback: Sequence[Path] | None = None,
     ):
         self.listen_addr = listen
         self.identities = IdentityAllocator()
@@ -58,7 +59,10 @@ class Firewall:
         self.revision = 0
         self.state: PolicyState | None = None
         self.source = PolicySource(policy_paths, self._apply)
-        self.source.load()  # raises PolicyError: refuse to start on a bad policy
+        if policy_fallback:  # a restarted worker: the others run the last good policy
+            self.source.load_or_fall_back(policy_fallback)
+        else:
+            self.source.load()  # raises PolicyError: refuse to start on a bad policy
         assert self.state is not None  # _apply ran on the first load
         self.proxy: Proxy = Proxy(
             self.state,
@@ -84,8 +88,9 @@ class Firewall:
         else:
             self.state.swap(compiled)
 
-    async def start(self) -> tuple[str, int]:
-        self.sock = await self.proxy.listen(*self.listen_addr)
+    async def start(self, sock: socket.socket | None = None) -> tuple[str, int]:
+        """Listen on ``--listen``, or on ``sock`` (a worker's inherited socket)."""
+        self.sock = await self.proxy.listen(*self.listen_addr, sock=sock)
         return self.sock.getsockname()[:2]
 
     async def watch(self) -> None:
@@ -113,12 +118,13 @@ async def run_firewall(
     ready=print,
     metrics: tuple[str, int] | None = None,
     ui: tuple[str, int] | None = None,
+    sock: socket.socket | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    host, port = await fw.start()
+    host, port = await fw.start(sock)
     # --metrics: /metrics and /healthz (l7proxy/observe/metrics.py)
     served = None
     if metrics is not None:

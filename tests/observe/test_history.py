@@ -9,7 +9,14 @@ import os
 import pytest
 
 import l7proxy.observe.history as history
-from l7proxy.observe.flowlog import FlowLog, FlowTap, Position, Rotation, read_records
+from l7proxy.observe.flowlog import (
+    FlowLog,
+    FlowTap,
+    Position,
+    Rotation,
+    read_records,
+    retained_files,
+)
 from l7proxy.observe.history import PositionGone, record_at, records_before
 
 
@@ -36,7 +43,7 @@ def write(path, count: int) -> tuple[FlowLog, list]:
 def test_newest_first_across_rotated_files_as_the_forward_reader_sees_them(tmp_path, small_blocks):
     path = tmp_path / "flows.jsonl"
     log, _ = write(path, 300)
-    assert len(list(tmp_path.iterdir())) == 4  # rotated: the current file and 3 kept
+    assert len(retained_files(path)) == 4  # rotated: the current file and 3 kept
     forward = list(read_records(path))
     backward = [record for _, record in records_before(path)]
     assert backward == list(reversed(forward))
