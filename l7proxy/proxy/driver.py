@@ -106,10 +106,10 @@ HOLD_BUDGET = 32  # frames held by all connections are over ``max_held_bytes``
 # idle timeouts) stand still: we are the ones not reading. Not while HOLD_BUDGET
 # alone does: a client paused for the budget holds part of it with a frame of its
 # own, and its head deadline is what ends a client that hogs it.
-# Why the server is not read.
+_CLOCKS_STOP = HOLD_SERVER_FULL | HOLD_CLIENT_FULL | HOLD_PENDING | HOLD_EARLY | HOLD_TURN
+# Why reading the server is on hold (bits of ``Pipe._server_holds``).
 SERVER_HOLD_CLIENT_FULL = 1  # the client does not read what the server sends
 SERVER_HOLD_TURN = 2  # the engine yielded with server input still to process
-_CLOCKS_STOP = HOLD_SERVER_FULL | HOLD_CLIENT_FULL | HOLD_PENDING | HOLD_EARLY | HOLD_TURN
 LINGER_SECONDS = 2.0
 
 # Bytes held in whole-frame buffers by all connections together (``HeldBudget``):
