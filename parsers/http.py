@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from parsers.base import DEFAULT_MAX_PENDING, Command, Decide, TimeLimit
+from parsers.base import DEFAULT_MAX_PENDING, Close, Command, Decide, TimeLimit
 from parsers.http1.engine import Http1Engine
 from parsers.http2.engine import PREFACE, H2Engine
 from parsers.requests import HttpRequest
@@ -86,6 +86,10 @@ class HttpEngine:
         inner = self._inner
         if inner is not None:
             return inner.client_data(data)
+        if not data and not self._head and not self._server_early:
+            # Gone before a byte (a port scan, a TCP health check): no version to
+            # choose, nothing owed either way.
+            return [Close("client left before its first request")]
         head = self._head + data if self._head else data
         if data and len(head) < len(PREFACE) and PREFACE.startswith(head):
             self._head = head

@@ -256,6 +256,7 @@ class Pipe:
         "_yields_owed",
         "_early_bytes",
         "_server_holds",
+        "_linger_zero",
         "_client_eof_sent",
         "_server_eof_sent",
         "_idle_end",
@@ -335,6 +336,7 @@ class Pipe:
             # the kernel drops it as a duplicate (docs/restarts.md). Every close we
             # choose turns this off first (close()) or wants the reset anyway.
             _set_linger_zero(client, True)
+        self._linger_zero = reset_if_killed
         self._timer: asyncio.TimerHandle | None = loop.call_later(
             self._timer_interval(), self._check_timers
         )
@@ -663,7 +665,9 @@ class Pipe:
         client = self._client
         if client.is_closing():
             return False  # gone already: its connection_lost is on its way
-        _set_linger_zero(client, False)  # our close delivers what is queued
+        if self._linger_zero:
+            self._linger_zero = False
+            _set_linger_zero(client, False)  # our close delivers what is queued
         if client.can_write_eof() and not self._client_eof_sent:
             self._client_eof_sent = True
             # Lingering close: send our FIN after the buffered reply, then
