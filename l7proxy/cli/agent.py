@@ -123,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         flowlog_rotation=flowlog_rotation(args),
         drop_report_interval=args.drop_report_interval,
         kube=kube,
+        tls_secrets_dir=args.tls_secrets_dir,
     )
 
     async def main() -> None:

@@ -33,6 +33,52 @@ def register(commands: Any) -> None:
     )
     fw.add_argument("--policy", action="append", required=True, metavar="FILE|DIR")
     fw.add_argument("--flowlog", type=Path, help="append flow records (JSON lines) here")
+    tls = fw.add_argument_group(
+        "TLS", "terminate the clients' TLS, originate TLS to the service (docs/tls.md)"
+    )
+    tls.add_argument(
+        "--tls-cert",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a certificate chain (PEM) to serve; repeat with --tls-key for more, "
+        "chosen by the client's server name (the first one otherwise)",
+    )
+    tls.add_argument(
+        "--tls-key",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="the private key of the --tls-cert in the same position",
+    )
+    tls.add_argument(
+        "--tls-alpn",
+        default="h2,http/1.1",
+        metavar="LIST",
+        help="ALPN protocols offered to clients, in order (default h2,http/1.1). The "
+        "service must speak what a client chooses: HTTP/2 is relayed as HTTP/2, so "
+        "give http/1.1 alone in front of a service without HTTP/2",
+    )
+    tls.add_argument(
+        "--client-ca",
+        type=Path,
+        metavar="FILE",
+        help="require client certificates signed by this CA; their subject and URI "
+        "names (SPIFFE IDs) go into the flow log",
+    )
+    tls.add_argument(
+        "--upstream-tls",
+        action="store_true",
+        help="connect to the service with TLS, verifying its certificate",
+    )
+    tls.add_argument(
+        "--upstream-ca",
+        type=Path,
+        metavar="FILE",
+        help="verify the service against this CA bundle (default: the system's)",
+    )
     add_proxy_options(fw)
     fw.set_defaults(func=run)
 
@@ -41,7 +87,30 @@ def run(args: argparse.Namespace) -> int:
     from l7proxy.observe.flowlog import FlowLog
     from l7proxy.policy.errors import PolicyError
     from l7proxy.proxy.firewall import Firewall, run_firewall
+    from l7proxy.proxy.tls import CommandLineTls, KeyPair, TlsStore
 
+    if len(args.tls_cert) != len(args.tls_key):
+        print("each --tls-cert needs its --tls-key, in the same order", file=sys.stderr)
+        return 2
+    if (args.client_ca is not None and not args.tls_cert) or (
+        args.upstream_ca is not None and not args.upstream_tls
+    ):
+        print("--client-ca needs --tls-cert; --upstream-ca needs --upstream-tls", file=sys.stderr)
+        return 2
+    try:
+        tls = TlsStore(
+            args.tls_secrets_dir,
+            CommandLineTls(
+                tuple(KeyPair(c, k) for c, k in zip(args.tls_cert, args.tls_key, strict=True)),
+                args.client_ca,
+                args.upstream_tls,
+                args.upstream_ca,
+                tuple(p for p in args.tls_alpn.split(",") if p),
+            ),
+        )
+    except PolicyError as err:
+        print(f"TLS files rejected: {err}", file=sys.stderr)
+        return 1
     try:
         fw = Firewall(
             listen=args.listen,
@@ -51,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
             flowlog=FlowLog(args.flowlog, rotation=flowlog_rotation(args)),
             audit=args.audit,
             limits=proxy_limits(args),
+            tls=tls,
         )
     except PolicyError as err:
         print(f"policy rejected: {err}", file=sys.stderr)

@@ -148,13 +148,44 @@ def port_rule(body: str) -> str:
         ),
         (
             'ports: [{port: "443"}]\nterminatingTLS: {secret: {name: tls}}',
-            "spec.ingress[0].toPorts[0].terminatingTLS",
-            "issue 12, part 2",
+            "spec.ingress[0].toPorts[0].rules",
+            "need L7 rules that name the protocol inside the TLS",
         ),
         (
-            'ports: [{port: "443"}]\noriginatingTLS: {secret: {name: ca}}',
+            'ports: [{port: "443"}]\noriginatingTLS: {secret: {name: ca}}\n'
+            "rules: {http: [{}]}",
             "spec.ingress[0].toPorts[0].originatingTLS",
-            "issue 12, part 2",
+            "originatingTLS needs terminatingTLS",
+        ),
+        (
+            'ports: [{port: "443"}]\nterminatingTLS: {secret: {name: tls}}\n'
+            "serverNames: [a.example]",
+            "spec.ingress[0].toPorts[0].serverNames",
+            "serverNames with terminatingTLS or originatingTLS is not supported",
+        ),
+        (
+            'ports: [{port: "443"}]\nterminatingTLS: {secret: {name: Api_TLS}}\n'
+            "rules: {http: [{}]}",
+            "spec.ingress[0].toPorts[0].terminatingTLS.secret.name",
+            "'Api_TLS' is not a Kubernetes object name",
+        ),
+        (
+            'ports: [{port: "443"}]\nterminatingTLS: {certificate: tls.crt}\n'
+            "rules: {http: [{}]}",
+            "spec.ingress[0].toPorts[0].terminatingTLS.secret",
+            "required",
+        ),
+        (
+            'ports: [{port: "443"}]\nterminatingTLS: {secret: {name: t}, privateKey: ../k}\n'
+            "rules: {http: [{}]}",
+            "spec.ingress[0].toPorts[0].terminatingTLS.privateKey",
+            "'../k' is not an item of a secret",
+        ),
+        (
+            'ports: [{port: "443"}]\nterminatingTLS: {secret: {name: t}, key: tls.key}\n'
+            "rules: {http: [{}]}",
+            "spec.ingress[0].toPorts[0].terminatingTLS.key",
+            "unknown field",
         ),
         (
             'ports: [{port: "443"}]\nserverNames: [ok.example, "a.*.example"]',

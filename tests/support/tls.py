@@ -155,3 +155,36 @@ http {{
             proc.kill()
             proc.wait()
         log.close()
+
+
+def make_leaf(
+    pki: Pki,
+    stem: str,
+    *,
+    dns: Sequence[str] = (),
+    uris: Sequence[str] = (),
+    subject: str | None = None,
+    client: bool = False,
+) -> tuple[Path, Path]:
+    """Another certificate signed by ``pki``'s CA, beside it: ``stem.pem`` and
+    ``stem.key``. ``client=True`` makes a client certificate (clientAuth); ``uris``
+    become URI subjectAltNames (a SPIFFE ID: ``spiffe://example.org/ns/a/sa/b``)."""
+    directory = pki.ca.parent
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
+    cn = subject or f"/CN={(dns or [stem])[0]}"
+    openssl("req", *ec, "-keyout", f"{stem}.key", "-out", f"{stem}.csr", "-subj", cn)
+    sans = [f"DNS:{n}" for n in dns] + [f"URI:{u}" for u in uris]
+    (directory / f"{stem}.ext").write_text(
+        (f"subjectAltName={','.join(sans)}\n" if sans else "")
+        + f"extendedKeyUsage={'clientAuth' if client else 'serverAuth'}\n"
+        "basicConstraints=CA:FALSE\n"
+    )
+    openssl(
+        "x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", f"{stem}.pem", "-days", "2", "-extfile", f"{stem}.ext",
+    )  # fmt: skip
+    return directory / f"{stem}.pem", directory / f"{stem}.key"
