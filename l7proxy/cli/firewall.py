@@ -74,6 +74,12 @@ def register(commands: Any) -> None:
         help="connect to the service with TLS, verifying its certificate",
     )
     tls.add_argument(
+        "--upstream-server-name",
+        metavar="NAME",
+        help="the name the service's certificate must have, sent as its SNI, when the "
+        "client named none (default: the client's SNI, else the --upstream address)",
+    )
+    tls.add_argument(
         "--upstream-ca",
         type=Path,
         metavar="FILE",
@@ -93,9 +99,13 @@ def run(args: argparse.Namespace) -> int:
         print("each --tls-cert needs its --tls-key, in the same order", file=sys.stderr)
         return 2
     if (args.client_ca is not None and not args.tls_cert) or (
-        args.upstream_ca is not None and not args.upstream_tls
+        (args.upstream_ca is not None or args.upstream_server_name) and not args.upstream_tls
     ):
-        print("--client-ca needs --tls-cert; --upstream-ca needs --upstream-tls", file=sys.stderr)
+        print(
+            "--client-ca needs --tls-cert; --upstream-ca and --upstream-server-name need "
+            "--upstream-tls",
+            file=sys.stderr,
+        )
         return 2
     try:
         tls = TlsStore(
@@ -106,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
                 args.upstream_tls,
                 args.upstream_ca,
                 tuple(p for p in args.tls_alpn.split(",") if p),
+                args.upstream_server_name,
             ),
         )
     except PolicyError as err:

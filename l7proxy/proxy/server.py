@@ -125,6 +125,7 @@ class Acceptor:
                 conn.close()
                 return
             context = tls.tls_context(peer, local)
+        started = self._loop.time()
         try:
             if context is None:
                 await self._loop.connect_accepted_socket(self._protocol, conn)
@@ -138,6 +139,10 @@ class Acceptor:
                 )
         except (OSError, TimeoutError) as exc:  # reset before we got to it, or a failed handshake
             if context is not None and tls is not None:
+                # The loop ends a handshake past its deadline with ConnectionAbortedError.
+                late = self._loop.time() - started >= tls.handshake_timeout
+                if late and isinstance(exc, ConnectionAbortedError):
+                    exc = TimeoutError(str(exc))
                 tls.tls_failed(peer, local, exc)
             else:
                 log.debug("accepted connection lost before it opened: %s", exc)
@@ -366,6 +371,9 @@ class Proxy:
             upstream_tls = self.tls.client_context(
                 tls.originating if tls is not None else None, alpn
             )
+        # The name the upstream's certificate must have (and its SNI): the one the
+        # client asked us for, else the firewall's --upstream-server-name, else its address.
+        upstream_name = server_name or (self.tls and self.tls.upstream_server_name) or dst_ip
         parser = policy.parser
         engine: Engine = (
             engine_factory(parser)(policy.decide, max_pending=self.limits.max_pending_requests)
@@ -375,9 +383,7 @@ class Proxy:
 
         def connect(pipe: Pipe) -> asyncio.Task[None]:
             return loop.create_task(
-                self._connect_upstream(
-                    pipe, src_ip, dst_ip, dst_port, upstream_tls, server_name or dst_ip
-                )
+                self._connect_upstream(pipe, src_ip, dst_ip, dst_port, upstream_tls, upstream_name)
             )
 
         pipe = Pipe(

@@ -242,6 +242,7 @@ class CommandLineTls:
     upstream: bool = False  # --upstream-tls
     upstream_ca: Path | None = None  # --upstream-ca (None: the system's CAs)
     alpn: tuple[str, ...] = ALPN_BY_FAMILY["http"]  # --tls-alpn
+    upstream_server_name: str | None = None  # --upstream-server-name
 
     def server_files(self) -> ServerFiles | None:
         if not self.pairs:
@@ -264,6 +265,8 @@ class TlsStore:
         self._clients: dict[TlsContextRef, ClientTls] = {}
         self.listener: ServerTls | None = None
         self.upstream: ClientTls | None = None
+        # The name an upstream must prove when the client named none.
+        self.upstream_server_name = self.command_line.upstream_server_name
         self.reloads = 0
         self.reload_errors = 0
         self.last_error: str | None = None
