@@ -163,12 +163,14 @@ def make_leaf(
     *,
     dns: Sequence[str] = (),
     uris: Sequence[str] = (),
+    ips: Sequence[str] = (),
     subject: str | None = None,
     client: bool = False,
 ) -> tuple[Path, Path]:
     """Another certificate signed by ``pki``'s CA, beside it: ``stem.pem`` and
     ``stem.key``. ``client=True`` makes a client certificate (clientAuth); ``uris``
-    become URI subjectAltNames (a SPIFFE ID: ``spiffe://example.org/ns/a/sa/b``)."""
+    become URI subjectAltNames (a SPIFFE ID: ``spiffe://example.org/ns/a/sa/b``), ``ips``
+    IP ones (for clients that check the address they dialled, as Kafka's do)."""
     directory = pki.ca.parent
 
     def openssl(*args: str) -> None:
@@ -177,7 +179,7 @@ def make_leaf(
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
     cn = subject or f"/CN={(dns or [stem])[0]}"
     openssl("req", *ec, "-keyout", f"{stem}.key", "-out", f"{stem}.csr", "-subj", cn)
-    sans = [f"DNS:{n}" for n in dns] + [f"URI:{u}" for u in uris]
+    sans = [f"DNS:{n}" for n in dns] + [f"URI:{u}" for u in uris] + [f"IP:{i}" for i in ips]
     (directory / f"{stem}.ext").write_text(
         (f"subjectAltName={','.join(sans)}\n" if sans else "")
         + f"extendedKeyUsage={'clientAuth' if client else 'serverAuth'}\n"
