@@ -152,8 +152,7 @@ def port_rule(body: str) -> str:
             "need L7 rules that name the protocol inside the TLS",
         ),
         (
-            'ports: [{port: "443"}]\noriginatingTLS: {secret: {name: ca}}\n'
-            "rules: {http: [{}]}",
+            'ports: [{port: "443"}]\noriginatingTLS: {secret: {name: ca}}\nrules: {http: [{}]}',
             "spec.ingress[0].toPorts[0].originatingTLS",
             "originatingTLS needs terminatingTLS",
         ),
@@ -170,8 +169,7 @@ def port_rule(body: str) -> str:
             "'Api_TLS' is not a Kubernetes object name",
         ),
         (
-            'ports: [{port: "443"}]\nterminatingTLS: {certificate: tls.crt}\n'
-            "rules: {http: [{}]}",
+            'ports: [{port: "443"}]\nterminatingTLS: {certificate: tls.crt}\nrules: {http: [{}]}',
             "spec.ingress[0].toPorts[0].terminatingTLS.secret",
             "required",
         ),
