@@ -86,6 +86,7 @@ def test_a_policy_naming_good_files_builds_its_contexts(secrets):
     server = store.server_context(tls.terminating, "http")
     assert server is not None and server.minimum_version == ssl.TLSVersion.TLSv1_2
     assert server.options & ssl.OP_NO_RENEGOTIATION
+    assert server.num_tickets == 0 and server.options & ssl.OP_NO_TICKET  # no resumption keys
     assert server.verify_mode == ssl.CERT_NONE  # no ca.crt in the secret: no client certs
     upstream = store.client_context(tls.originating, "h2")
     assert upstream is not None and upstream.verify_mode == ssl.CERT_REQUIRED
