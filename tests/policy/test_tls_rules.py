@@ -226,6 +226,9 @@ def test_the_example_policies_validate():
     assert {p.name for p in load_paths(sorted(POLICIES.glob("tls-*.yaml")))} == {
         "payments-egress-tls",
         "tls-frontend",
+        "orders-https",
+        "kafka-tls",
+        "payments-egress-https",
     }
 
 

@@ -253,3 +253,37 @@ def test_a_policy_naming_a_bad_secret_is_rejected_and_the_last_good_one_stays(
     assert "KEY_VALUES_MISMATCH" in line
     out = curl(firewall, pki.ca)
     assert out.stdout == f"hello {NAME} HTTP/2.0\n", out.stderr
+
+
+def test_the_shipped_examples_load_with_their_secrets_laid_out_as_their_comments_say(pki, tmp_path):
+    from l7proxy.policy.load import load_paths
+    from tests.support import REPO
+
+    layout = {
+        "shop/orders-tls": {"tls.crt": pki.cert, "tls.key": pki.key},
+        "shop/orders-ca": {"ca.crt": pki.ca},
+        "data/kafka-tls": {"tls.crt": pki.cert, "tls.key": pki.key, "ca.crt": pki.ca},
+        "payments/stripe-intercept": {"tls.crt": pki.cert, "tls.key": pki.key},
+        "payments/public-ca": {},
+    }
+    for where, items in layout.items():
+        (tmp_path / where).mkdir(parents=True)
+        for item, source in items.items():
+            shutil.copy(source, tmp_path / where / item)
+    policies = load_paths(
+        [
+            REPO / "policies" / n
+            for n in (
+                "tls-terminate-http.yaml",
+                "tls-terminate-kafka.yaml",
+                "tls-originate-egress.yaml",
+            )
+        ]
+    )
+    store = TlsStore(tmp_path)
+    store.update(policies)
+    by_name = {p.name: p.rules[0].to_ports[0].tls for p in policies}
+    kafka = store.server_context(by_name["kafka-tls"].terminating, "kafka")
+    assert kafka is not None and kafka.verify_mode == ssl.CERT_REQUIRED  # ca.crt: mutual TLS
+    public = store.client_context(by_name["payments-egress-https"].originating, "http/1.1")
+    assert public is not None and len(public.get_ca_certs()) > 10  # the system's CAs
