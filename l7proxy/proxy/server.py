@@ -26,6 +26,7 @@ from l7proxy.observe.flowlog import FlowLog, now_fields
 from l7proxy.policy.engine import Endpoint
 from l7proxy.policy.state import ConnectionPolicy, PolicyState, Side
 from l7proxy.proxy.driver import (
+    LINGER_SECONDS,
     WRITE_HIGH_WATER,
     WRITE_LOW_WATER,
     ClientSide,
@@ -38,8 +39,8 @@ from l7proxy.proxy.driver import (
 )
 from l7proxy.proxy.heap import give_memory_back
 from l7proxy.proxy.passthrough import PassthroughEngine
-from l7proxy.proxy.tls import TlsStore, session_fields
-from parsers.base import Engine
+from l7proxy.proxy.tls import HELLO_HEADERS, TlsStore, refuse_client_hello, session_fields
+from parsers.base import Engine, ProtocolError
 from parsers.registry import engine_factory
 
 log = logging.getLogger("l7proxy.proxy")
@@ -126,6 +127,17 @@ class Acceptor:
                 return
             context = tls.tls_context(peer, local)
         started = self._loop.time()
+        if context is not None and tls is not None:
+            try:
+                refused = await self._read_hello_headers(conn, tls.handshake_timeout)
+            except ConnectionError as exc:  # gone before a byte: a port check, not a client
+                log.debug("TLS client left before its ClientHello: %s", exc)
+                conn.close()
+                return
+            if refused is not None:
+                tls.tls_failed(peer, local, refused)
+                self._linger_close(conn)
+                return
         try:
             if context is None:
                 await self._loop.connect_accepted_socket(self._protocol, conn)
@@ -147,6 +159,63 @@ class Acceptor:
             else:
                 log.debug("accepted connection lost before it opened: %s", exc)
             conn.close()
+
+    async def _read_hello_headers(
+        self, conn: socket.socket, timeout: float
+    ) -> BaseException | None:
+        """Wait for the client's first bytes and judge its ClientHello's headers
+        (``refuse_client_hello``) before OpenSSL reads them: a refusal is answered
+        here (an alert, or a close for bytes that are not TLS). None: go on."""
+        loop = self._loop
+        fd = conn.fileno()
+        readable: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(fd, readable.set_result, None)
+        try:
+            await asyncio.wait_for(readable, timeout)
+        except TimeoutError as exc:
+            return exc
+        finally:
+            loop.remove_reader(fd)
+        head = conn.recv(HELLO_HEADERS, socket.MSG_PEEK)  # ConnectionError: gone
+        if not head:
+            raise ConnectionResetError("closed before its ClientHello")
+        if len(head) < HELLO_HEADERS:
+            # A client that trickles its first bytes: OpenSSL's own bound (128 KiB)
+            # and the handshake deadline apply to it.
+            return None
+        refusal = refuse_client_hello(head)
+        if refusal is not None and refusal.wire_reply:
+            with contextlib.suppress(OSError):
+                conn.send(refusal.wire_reply)
+        return refusal
+
+    def _linger_close(self, conn: socket.socket) -> None:
+        """Close after our answer without a reset: FIN, then read and discard until
+        the client closes (or LINGER_SECONDS pass), as ``Pipe.close`` does. Closing
+        with unread input would send an RST that can destroy the alert before it is read."""
+        loop = self._loop
+        fd = conn.fileno()
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_WR)
+
+        def finish() -> None:
+            if conn.fileno() >= 0:
+                loop.remove_reader(fd)
+                conn.close()
+            deadline.cancel()
+
+        def drain() -> None:
+            try:
+                if conn.recv(65536):
+                    return
+            except BlockingIOError:
+                return
+            except OSError:
+                pass
+            finish()
+
+        deadline = loop.call_later(LINGER_SECONDS, finish)
+        loop.add_reader(fd, drain)
 
     def _resume(self) -> None:
         self._retry = None
@@ -309,23 +378,25 @@ class Proxy:
         src, dst = known[4], known[5]
         identities = self.state.current.identities
         timed_out = isinstance(exc, TimeoutError)
-        reason = (
-            f"TLS handshake not complete {self.handshake_timeout:g} s after the connection"
-            if timed_out
-            else f"TLS handshake failed: {_tls_reason(exc)}"
-        )
+        limit = TLS_HANDSHAKE_TIMEOUT if timed_out else getattr(exc, "limit", None)
+        if timed_out:
+            reason = f"TLS handshake not complete {self.handshake_timeout:g} s after the connection"
+        elif isinstance(exc, ProtocolError):  # refused from its first bytes, by parsers/tls
+            reason = f"ClientHello refused: {exc}"
+        else:
+            reason = f"TLS handshake failed: {_tls_reason(exc)}"
         log.info("%s:%s: %s", peer[0], peer[1], reason)
         rec = now_fields()
         rec.update(
-            type="limit" if timed_out else "tls",
+            type="limit" if limit else "tls",
             protocol="tls",
             source=src.describe(identities),
             destination=dst.describe(identities),
             verdict="DROPPED",
             reason=reason,
         )
-        if timed_out:
-            rec["limit"] = TLS_HANDSHAKE_TIMEOUT
+        if limit:
+            rec["limit"] = limit
         self.flowlog.emit(rec)
 
     # ------------------------------------------------------------ per connection

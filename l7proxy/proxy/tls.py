@@ -46,6 +46,8 @@ from l7proxy.policy.model import (
     Policy,
     TlsContextRef,
 )
+from parsers.base import ProtocolError
+from parsers.tls.hello import MAX_CLIENT_HELLO, ClientHelloReader
 
 log = logging.getLogger("l7proxy.proxy.tls")
 
@@ -472,6 +474,25 @@ def _client_stamp(files: ClientFiles) -> Stamp:
 
 def _client_stale(client: ClientTls) -> bool:
     return _client_stamp(client.files) != client.stamp
+
+
+# The first bytes of a TLS connection read before OpenSSL gets them: a record header
+# and a handshake header, which say how long the ClientHello is.
+HELLO_HEADERS = 9
+
+
+def refuse_client_hello(
+    head: bytes, max_client_hello: int = MAX_CLIENT_HELLO
+) -> ProtocolError | None:
+    """Judge the first bytes of a connection to be terminated with the ClientHello reader
+    of ``parsers/tls``, so that a terminated handshake has the same bound as a judged
+    one (16 KiB, refused from its header with ``decode_error``) and bytes that are not
+    TLS are closed without an answer. None: hand the connection to OpenSSL."""
+    try:
+        ClientHelloReader(max_client_hello).feed(head)
+    except ProtocolError as err:
+        return err
+    return None
 
 
 def session_fields(ssl_object: ssl.SSLObject) -> dict[str, Any]:

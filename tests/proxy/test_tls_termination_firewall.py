@@ -19,6 +19,7 @@ import pytest
 from tests.support import REPO
 from tests.support.firewall import running_firewall
 from tests.support.tls import Pki, make_leaf, make_pki, tls_origin
+from tests.support.tls_wire import client_hello_body, ext, handshake, read_alert, records, sni_ext
 
 NAME = "api.example.com"
 SPIFFE_ID = "spiffe://example.org/ns/shop/sa/checkout"
@@ -278,6 +279,47 @@ def test_a_handshake_that_stalls_is_cut_at_the_deadline(firewall):
         "tls_handshake_timeout",
         "DROPPED",
     )
+
+
+def exchange(fw, pieces: list[bytes]) -> bytes:
+    """Send ``pieces`` (one TCP segment each), read until the proxy closes."""
+    with socket.create_connection(fw.address, timeout=5) as sock:
+        for piece in pieces:
+            sock.sendall(piece)
+            time.sleep(0.02)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+        return out
+
+
+def test_an_oversized_hello_is_refused_from_its_headers_as_on_a_judged_port(firewall):
+    """The terminated handshake has the ClientHello bound of parsers/tls: decode_error in
+    plaintext, before OpenSSL (whose own bound is 128 KiB) reads a byte of it."""
+    flows = Flows(firewall)
+    body = client_hello_body(extensions=[sni_ext(NAME), ext(21, b"\x00" * 20000)])
+    wire = records(handshake(body))
+    assert read_alert(exchange(firewall, [wire[:9]])) == (0x0301, "fatal", "decode_error")
+    (rec,) = flows.new(1)
+    assert (rec["type"], rec["limit"], rec["verdict"]) == ("limit", "max_client_hello", "DROPPED")
+    assert "at most 16384" in rec["reason"]
+
+
+def test_plain_http_on_the_tls_port_is_closed_without_an_answer(firewall):
+    flows = Flows(firewall)
+    assert exchange(firewall, [b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"]) == b""
+    (rec,) = flows.new(1)
+    assert (rec["type"], rec["verdict"]) == ("tls", "DROPPED")
+    assert rec["reason"].startswith("ClientHello refused: ")
+
+
+def test_a_port_check_that_connects_and_leaves_writes_no_record(firewall, pki):
+    flows = Flows(firewall)
+    socket.create_connection(firewall.address, timeout=5).close()
+    out = curl(firewall, pki.ca)  # a record of its own, after it
+    assert out.returncode == 0
+    (rec,) = flows.new(1)
+    assert rec["type"] == "l7"
 
 
 def test_a_client_that_does_not_trust_the_proxy_fails_and_nothing_is_forwarded(firewall, rogue):
