@@ -391,3 +391,17 @@ def test_trace_refuses_a_malformed_tls_argument():
         timeout=60,
     )
     assert proc.returncode == 2 and "expected 'SERVER-NAME [ALPN,...] [ech]'" in proc.stderr
+
+
+def test_trace_names_the_secrets_of_a_terminated_port_and_judges_the_cleartext():
+    code, result = trace_json(
+        "--policy", str(POLICIES / "tls-terminate-http.yaml"), "--from", "203.0.113.9",
+        "--to", "app=orders", "--port", "8443", "--http", "DELETE /v1/orders",
+    )  # fmt: skip
+    assert code == 1
+    assert result["l3l4"]["tls"] == {
+        "terminating": "shop/orders-tls",
+        "originating": "shop/orders-ca",
+    }
+    assert result["l3l4"]["parser"] == "http"
+    assert result["verdict"]["verdict"] == "DENIED"
