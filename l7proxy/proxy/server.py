@@ -166,17 +166,21 @@ class Acceptor:
         """Wait for the client's first bytes and judge its ClientHello's headers
         (``refuse_client_hello``) before OpenSSL reads them: a refusal is answered
         here (an alert, or a close for bytes that are not TLS). None: go on."""
-        loop = self._loop
-        fd = conn.fileno()
-        readable: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(fd, readable.set_result, None)
-        try:
-            await asyncio.wait_for(readable, timeout)
-        except TimeoutError as exc:
-            return exc
-        finally:
-            loop.remove_reader(fd)
-        head = conn.recv(HELLO_HEADERS, socket.MSG_PEEK)  # ConnectionError: gone
+        conn.setblocking(False)  # accept() hands out blocking sockets
+        try:  # usually there already: the client sends its hello as it connects
+            head = conn.recv(HELLO_HEADERS, socket.MSG_PEEK)  # ConnectionError: gone
+        except BlockingIOError:
+            loop = self._loop
+            fd = conn.fileno()
+            readable: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fd, readable.set_result, None)
+            try:
+                await asyncio.wait_for(readable, timeout)
+            except TimeoutError as exc:
+                return exc
+            finally:
+                loop.remove_reader(fd)
+            head = conn.recv(HELLO_HEADERS, socket.MSG_PEEK)
         if not head:
             raise ConnectionResetError("closed before its ClientHello")
         if len(head) < HELLO_HEADERS:
