@@ -173,7 +173,12 @@ class Acceptor:
             loop = self._loop
             fd = conn.fileno()
             readable: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(fd, readable.set_result, None)
+
+            def ready() -> None:  # the reader fires until it is removed
+                if not readable.done():
+                    readable.set_result(None)
+
+            loop.add_reader(fd, ready)
             try:
                 await asyncio.wait_for(readable, timeout)
             except TimeoutError as exc:

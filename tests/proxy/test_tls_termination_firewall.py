@@ -331,6 +331,12 @@ def test_a_client_that_does_not_trust_the_proxy_fails_and_nothing_is_forwarded(f
     assert rec["reason"].startswith("TLS handshake failed:")
 
 
+def test_the_firewall_logged_no_exception_through_all_of_the_above(firewall):
+    # (the tests above run first: pytest keeps the file's order)
+    assert "Traceback" not in firewall.stderr_text()
+    assert "Exception in callback" not in firewall.stderr_text()
+
+
 # --------------------------------------------------------------------------- the upstream
 
 
