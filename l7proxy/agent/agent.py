@@ -204,9 +204,11 @@ class Agent:
     async def _start_kube(self, config: KubeConfig) -> None:
         """List (and go on watching) pods, namespaces and policies before the first
         compile, so the node starts with them (after at most ``sync_timeout``)."""
+        from l7proxy.kube.secrets import SecretFiles
         from l7proxy.kube.source import KubeSource, api_client
 
         self._kube_api = await api_client(config.kubeconfig)
+        secrets_dir = self.tls.secrets_dir
         self.kube = KubeSource(
             self._kube_api,
             config.node,
@@ -214,6 +216,8 @@ class Agent:
             timeout_seconds=config.timeout_seconds,
             backoff_base=config.backoff_base,
             backoff_cap=config.backoff_cap,
+            # The Secrets of one namespace become the TLS secrets directory's files.
+            secrets=SecretFiles(secrets_dir, config.secrets_namespace) if secrets_dir else None,
         )
         await self.kube.start(timeout=config.sync_timeout)
         self._merge_policies()
@@ -398,7 +402,8 @@ class Agent:
 
     def _merge_policies(self) -> None:
         kube = self.kube.policies() if self.kube else []
-        if kube:
+        if self.kube is not None:
+            # Kubernetes policies, and Secrets that came or changed: their contexts.
             try:
                 self.tls.update(self.file_policies + kube)
             except PolicyError as err:

@@ -67,6 +67,13 @@ def register(commands: Any) -> None:
         help="with --k8s: the API server and credentials (default: in-cluster service account)",
     )
     kube.add_argument(
+        "--tls-secrets-namespace",
+        default="l7proxy-secrets",
+        metavar="NS",
+        help="with --k8s: the namespace whose Secrets terminatingTLS/originatingTLS may "
+        "name, written to --tls-secrets-dir (default l7proxy-secrets)",
+    )
+    kube.add_argument(
         "--node-name",
         default=os.environ.get("NODE_NAME") or socket.gethostname(),
         metavar="NAME",
@@ -98,7 +105,11 @@ def run(args: argparse.Namespace) -> int:
     if args.k8s:
         from l7proxy.kube.source import KubeConfig
 
-        kube = KubeConfig(node=args.node_name, kubeconfig=args.kubeconfig)
+        kube = KubeConfig(
+            node=args.node_name,
+            kubeconfig=args.kubeconfig,
+            secrets_namespace=args.tls_secrets_namespace,
+        )
     problem = kernel_support()
     if problem:
         print(f"cannot run the datapath here: {problem}", file=sys.stderr)
