@@ -287,3 +287,31 @@ def test_the_shipped_examples_load_with_their_secrets_laid_out_as_their_comments
     assert kafka is not None and kafka.verify_mode == ssl.CERT_REQUIRED  # ca.crt: mutual TLS
     public = store.client_context(by_name["payments-egress-https"].originating, "http/1.1")
     assert public is not None and len(public.get_ca_certs()) > 10  # the system's CAs
+
+
+def test_policy_validate_reads_the_secrets_when_given_their_directory(secrets, pki):
+    import sys
+
+    from tests.support import REPO
+
+    other = make_leaf(pki, "validate-stray", dns=["x.example"])
+    secret(secrets, "validate-bad", tls_crt=pki.cert, tls_key=other[1])
+    path = secrets.parent / "validate.yaml"
+
+    def validate(name: str) -> subprocess.CompletedProcess:
+        path.write_text(policy(443, name))
+        return subprocess.run(
+            [sys.executable, "-m", "l7proxy", "policy", "validate", str(path),
+             "--tls-secrets-dir", str(secrets)],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    good = validate("api-tls")
+    assert good.returncode == 0 and good.stdout.startswith("ok: shop/api-tls")
+    bad = validate("validate-bad")
+    assert bad.returncode == 1
+    assert bad.stderr.startswith(
+        f"invalid: {path} ({secrets}/shop/validate-bad/tls.crt): "
+        "spec.ingress[0].toPorts[0].terminatingTLS: certificate "
+    )
+    assert "KEY_VALUES_MISMATCH" in bad.stderr
