@@ -555,8 +555,12 @@ class Agent:
                 "connections_total": self.proxy.stats.connections_total if self.proxy else 0,
                 "connections_active": self.proxy.stats.connections_active if self.proxy else 0,
                 "parse_errors": dict(self.proxy.stats.parse_errors) if self.proxy else {},
+                "tls_handshake_failures": self.proxy.stats.tls_handshake_failures
+                if self.proxy
+                else 0,
             },
             "audit": self.audit,
+            "tls": self.tls.status(),
             "kubernetes": None
             if self.kube is None
             else {**self.kube.status(), "pods_waiting": self.pods_waiting},

@@ -237,6 +237,14 @@ def status(args: argparse.Namespace) -> int:
         print(f"  {p['name']}  {p['source']}{'  [audit]' if p['audit'] else ''}")
     if state.get("policy_error"):
         print(f"last policy import FAILED (last good policy in force): {state['policy_error']}")
+    tls = state.get("tls")
+    if tls and (tls["terminating"] or tls["originating"] or tls["last_error"]):
+        print(
+            f"TLS ({tls['secrets_dir']}): terminating {', '.join(tls['terminating']) or '-'}; "
+            f"originating {', '.join(tls['originating']) or '-'}; {tls['reloads']} reloads"
+        )
+        if tls["last_error"]:
+            print(f"  last reload FAILED (the files in force stay): {tls['last_error']}")
     kube = state.get("kubernetes")
     if kube:
         watches = kube["watches"]

@@ -438,6 +438,18 @@ class TlsStore:
         self.last_error = str(err)
         log.error("TLS files changed but do not load, keeping the ones in force: %s", err)
 
+    def status(self) -> dict[str, Any]:
+        """For ``l7proxy status``: what is in force, and the last reload that failed."""
+        return {
+            "secrets_dir": str(self.secrets_dir) if self.secrets_dir else None,
+            "terminating": sorted({f"{ref.secret} ({family})" for ref, family in self._servers}),
+            "originating": sorted({ref.secret for ref in self._clients}),
+            "command_line": self.listener is not None or self.upstream is not None,
+            "reloads": self.reloads,
+            "reload_errors": self.reload_errors,
+            "last_error": self.last_error,
+        }
+
     # ------------------------------------------------------------ per connection
 
     @property

@@ -129,3 +129,10 @@ def test_terminating_and_originating_tls_behind_the_kernel_redirect(tmp_path):
             ]
             assert http[0]["source"]["labels"] == {"app": "client"}
             assert http[0]["reply"]["status"] == 200
+            tls = node.wait_status(lambda st: st.get("tls", {}).get("terminating"))["tls"]
+            assert (tls["terminating"], tls["originating"]) == (
+                ["web/api-tls (http)"],
+                ["web/origin-ca"],
+            )
+            status = node.cli("status").stdout
+            assert "TLS (" in status and "terminating web/api-tls (http)" in status
