@@ -78,6 +78,11 @@ class TlsTermination(Protocol):
         """The handshake of this connection failed or timed out."""
         ...
 
+    @property
+    def terminates(self) -> bool:
+        """Whether any connection may be terminated now (else none is asked about)."""
+        ...
+
     handshake_timeout: float
 
 
@@ -119,7 +124,7 @@ class Acceptor:
     async def _open(self, conn: socket.socket) -> None:
         tls = self._tls
         context = None
-        if tls is not None:
+        if tls is not None and tls.terminates:
             try:  # read now: once the handshake fails, the socket is gone
                 peer, local = conn.getpeername(), conn.getsockname()
             except OSError:
@@ -364,6 +369,10 @@ class Proxy:
 
     # ------------------------------------------------------------ TLS termination
 
+    @property
+    def terminates(self) -> bool:
+        return self.tls is not None and self.tls.terminates
+
     def tls_context(self, peer: Address, local: Address) -> ssl.SSLContext | None:
         """Terminate this connection's TLS? Its port's ``terminatingTLS`` (or the
         firewall's certificate) says so; a connection policy refuses is not
@@ -439,7 +448,7 @@ class Proxy:
         session: dict[str, Any] | None = None
         upstream_tls: ssl.SSLContext | None = None
         server_name: str | None = None
-        if self.tls is not None:
+        if self.tls is not None and (self.tls.terminates or self.tls.originates):
             ssl_object = transport.get_extra_info("ssl_object")
             alpn = None
             if ssl_object is not None:

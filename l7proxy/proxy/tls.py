@@ -457,6 +457,11 @@ class TlsStore:
         """Whether any connection may be terminated (else no accept asks)."""
         return self.listener is not None or bool(self._servers)
 
+    @property
+    def originates(self) -> bool:
+        """Whether any upstream may be connected with TLS."""
+        return self.upstream is not None or bool(self._clients)
+
     def server_context(
         self, ref: TlsContextRef | None, family: str | None
     ) -> ssl.SSLContext | None:
