@@ -356,11 +356,18 @@ def _port_rule(node: Any, path: YamlPath, deny: bool, namespace: str) -> PortRul
         if node.get(key) in (None, []):
             continue
         if tls is not None:
-            raise path.key(key).error(
-                f"{key} with terminatingTLS or originatingTLS is not supported: on a "
-                "terminated port the names a client can reach are those of the "
-                "certificate it is given (docs/tls.md)"
-            )
+            # Judged on the ClientHello before the handshake; the rules judge the
+            # cleartext after it. Each rule judges only its own request type.
+            if not l7:
+                raise path.key("rules").error(
+                    f"with {key} on a terminated port, the rules for the cleartext must be "
+                    "written out (`http: [{}]` allows all of HTTP): an empty list would "
+                    "leave the cleartext to serverNames, which does not judge it"
+                )
+            ref = L7RuleRef(kind, kind.compile(node[key], path.key(key)), str(path.key(key)))
+            l7 = (*l7, ref)
+            tls = PortTls(tls.terminating, tls.originating, server_names=True)
+            continue
         if parser is not None:
             raise path.key(key).error(
                 f"{key} and rules.{l7[0].kind.key if l7 else parser} on one port: those "

@@ -147,6 +147,9 @@ class PortTls:
 
     terminating: TlsContextRef | None
     originating: TlsContextRef | None
+    # ``serverNames`` on the terminated port: the ClientHello is judged before the
+    # handshake (its rule is among the port's L7 rules, beside those of the cleartext).
+    server_names: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,8 +40,11 @@ from l7proxy.proxy.driver import (
 from l7proxy.proxy.heap import give_memory_back
 from l7proxy.proxy.passthrough import PassthroughEngine
 from l7proxy.proxy.tls import HELLO_HEADERS, TlsStore, refuse_client_hello, session_fields
-from parsers.base import Engine, ProtocolError
+from parsers.base import Decision, Engine, ProtocolError
 from parsers.registry import engine_factory
+from parsers.requests import TlsClientHello
+from parsers.tls.hello import ClientHelloReader
+from parsers.tls.wire import ACCESS_DENIED
 
 log = logging.getLogger("l7proxy.proxy")
 
@@ -63,6 +66,9 @@ ACCEPT_BATCH = 16
 ACCEPT_RETRY_DELAY = 0.1
 # A socket address as the socket module returns it: (ip, port) for IPv4.
 Address = tuple[Any, ...]
+# What a ClientHello judged before the handshake may take, peeked whole: the 16 KiB
+# bound, its records' headers, and what a client sends behind it at once.
+PEEK_LIMIT = 64 * 1024
 # The name of the handshake's deadline in flow records and metrics.
 TLS_HANDSHAKE_TIMEOUT = "tls_handshake_timeout"
 
@@ -70,8 +76,17 @@ TLS_HANDSHAKE_TIMEOUT = "tls_handshake_timeout"
 class TlsTermination(Protocol):
     """Whether an accepted connection is TLS the proxy terminates (``Proxy``)."""
 
-    def tls_context(self, peer: Address, local: Address) -> ssl.SSLContext | None:
-        """The context to terminate this connection with, or None: it is read as it is."""
+    def tls_context(
+        self, peer: Address, local: Address
+    ) -> tuple[ssl.SSLContext, ConnectionPolicy | None] | None:
+        """The context to terminate this connection with, and the policy that judges its
+        ClientHello first (its port has ``serverNames``), if any; None: it is read as it is."""
+        ...
+
+    def hello_judged(
+        self, peer: Address, local: Address, request: TlsClientHello, decision: Decision
+    ) -> None:
+        """The ClientHello of a terminated connection was judged (``serverNames``)."""
         ...
 
     def tls_failed(self, peer: Address, local: Address, exc: BaseException) -> None:
@@ -123,24 +138,32 @@ class Acceptor:
 
     async def _open(self, conn: socket.socket) -> None:
         tls = self._tls
-        context = None
+        context: ssl.SSLContext | None = None
+        judge: ConnectionPolicy | None = None
         if tls is not None and tls.terminates:
             try:  # read now: once the handshake fails, the socket is gone
                 peer, local = conn.getpeername(), conn.getsockname()
             except OSError:
                 conn.close()
                 return
-            context = tls.tls_context(peer, local)
+            chosen = tls.tls_context(peer, local)
+            if chosen is not None:
+                context, judge = chosen
         started = self._loop.time()
         if context is not None and tls is not None:
             try:
                 refused = await self._read_hello_headers(conn, tls.handshake_timeout)
+                if refused is None and judge is not None:
+                    refused = await self._judge_hello(
+                        conn, judge, started + tls.handshake_timeout, peer, local
+                    )
             except ConnectionError as exc:  # gone before a byte: a port check, not a client
                 log.debug("TLS client left before its ClientHello: %s", exc)
                 conn.close()
                 return
             if refused is not None:
-                tls.tls_failed(peer, local, refused)
+                if not isinstance(refused, _Denied):
+                    tls.tls_failed(peer, local, refused)
                 self._linger_close(conn)
                 return
         try:
@@ -148,11 +171,13 @@ class Acceptor:
                 await self._loop.connect_accepted_socket(self._protocol, conn)
             else:
                 assert tls is not None
+                # The deadline runs from the accept: what the hello's check took counts.
+                left = started + tls.handshake_timeout - self._loop.time()
                 await self._loop.connect_accepted_socket(
                     self._protocol,
                     conn,
                     ssl=context,
-                    ssl_handshake_timeout=tls.handshake_timeout,
+                    ssl_handshake_timeout=max(left, 0.001),
                 )
         except (OSError, TimeoutError) as exc:  # reset before we got to it, or a failed handshake
             if context is not None and tls is not None:
@@ -202,6 +227,62 @@ class Acceptor:
             with contextlib.suppress(OSError):
                 conn.send(refusal.wire_reply)
         return refusal
+
+    async def _judge_hello(
+        self,
+        conn: socket.socket,
+        policy: ConnectionPolicy,
+        deadline: float,
+        peer: Address,
+        local: Address,
+    ) -> BaseException | None:
+        """``serverNames`` on a terminated port: read the whole ClientHello without
+        taking it from the socket (MSG_PEEK, and SO_RCVLOWAT to wait for more than is
+        there), judge it as a judged port does, and answer a denial with
+        ``access_denied`` before OpenSSL reads a byte. None: go on to the handshake."""
+        loop = self._loop
+        fd = conn.fileno()
+        try:
+            while True:
+                data = conn.recv(PEEK_LIMIT, socket.MSG_PEEK)
+                if not data:
+                    raise ConnectionResetError("closed in its ClientHello")
+                try:
+                    hello = ClientHelloReader().feed(data)
+                except ProtocolError as err:
+                    if err.wire_reply:
+                        with contextlib.suppress(OSError):
+                            conn.send(err.wire_reply)
+                    return err
+                if hello is not None:
+                    break
+                # Readable again only once more than what is there has come.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, len(data) + 1)
+                readable: asyncio.Future[None] = loop.create_future()
+
+                def ready(fut: asyncio.Future[None] = readable) -> None:
+                    if not fut.done():
+                        fut.set_result(None)
+
+                loop.add_reader(fd, ready)
+                try:
+                    await asyncio.wait_for(readable, max(deadline - loop.time(), 0))
+                except TimeoutError as exc:
+                    return exc
+                finally:
+                    loop.remove_reader(fd)
+        finally:
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        request = hello.request()
+        decision = policy.decide(request)
+        assert self._tls is not None
+        self._tls.hello_judged(peer, local, request, decision)
+        if decision.allowed:
+            return None
+        with contextlib.suppress(OSError):
+            conn.send(hello.alert(ACCESS_DENIED))
+        return _Denied()
 
     def _linger_close(self, conn: socket.socket) -> None:
         """Close after our answer without a reset: FIN, then read and discard until
@@ -373,7 +454,9 @@ class Proxy:
     def terminates(self) -> bool:
         return self.tls is not None and self.tls.terminates
 
-    def tls_context(self, peer: Address, local: Address) -> ssl.SSLContext | None:
+    def tls_context(
+        self, peer: Address, local: Address
+    ) -> tuple[ssl.SSLContext, ConnectionPolicy | None] | None:
         """Terminate this connection's TLS? Its port's ``terminatingTLS`` (or the
         firewall's certificate) says so; a connection policy refuses is not
         terminated, so that ``open_pipe`` refuses it without a handshake."""
@@ -384,7 +467,35 @@ class Proxy:
             return None
         policy = known[-1]
         tls = policy.tls
-        return self.tls.server_context(tls.terminating if tls is not None else None, policy.parser)
+        context = self.tls.server_context(
+            tls.terminating if tls is not None else None, policy.parser
+        )
+        if context is None:
+            return None
+        return context, policy if tls is not None and tls.server_names else None
+
+    def hello_judged(
+        self, peer: Address, local: Address, request: TlsClientHello, decision: Decision
+    ) -> None:
+        """The flow record of a terminated connection's judged ClientHello."""
+        known = self._connection(peer, local)
+        if known is None:
+            return
+        identities = self.state.current.identities
+        rec = now_fields()
+        rec.update(
+            type="l7",
+            protocol=request.protocol,
+            source=known[4].describe(identities),
+            destination=known[5].describe(identities),
+            l7=request.flow_fields(),
+            reply={} if decision.allowed else {"alert": "access_denied"},
+            verdict=decision.verdict,
+            policy=decision.policy,
+            rule=decision.rule,
+            reason=decision.reason,
+        )
+        self.flowlog.emit(rec)
 
     def tls_failed(self, peer: Address, local: Address, exc: BaseException) -> None:
         """A flow record for a handshake that failed (a client that does not trust
@@ -598,6 +709,10 @@ def make_listener(
 
 def _v4(ip: str) -> str:
     return ip[7:] if ip.startswith("::ffff:") else ip
+
+
+class _Denied(Exception):
+    """A ClientHello policy denied: answered, and recorded, already."""
 
 
 def _tls_reason(exc: BaseException) -> str:

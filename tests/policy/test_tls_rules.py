@@ -158,9 +158,9 @@ def port_rule(body: str) -> str:
         ),
         (
             'ports: [{port: "443"}]\nterminatingTLS: {secret: {name: tls}}\n'
-            "serverNames: [a.example]",
-            "spec.ingress[0].toPorts[0].serverNames",
-            "serverNames with terminatingTLS or originatingTLS is not supported",
+            "serverNames: [a.example]\nrules: {http: []}",
+            "spec.ingress[0].toPorts[0].rules",
+            "the rules for the cleartext must be written out",
         ),
         (
             'ports: [{port: "443"}]\nterminatingTLS: {secret: {name: Api_TLS}}\n'
@@ -405,3 +405,16 @@ def test_trace_names_the_secrets_of_a_terminated_port_and_judges_the_cleartext()
     }
     assert result["l3l4"]["parser"] == "http"
     assert result["verdict"]["verdict"] == "DENIED"
+
+
+def test_server_names_on_a_terminated_port_join_the_rules_of_the_cleartext():
+    (policy,) = load_text(
+        port_rule(
+            'ports: [{port: "443"}]\nterminatingTLS: {secret: {name: tls}}\n'
+            "serverNames: [a.example]\nrules: {http: [{method: GET}]}"
+        )
+    )
+    (pr,) = policy.rules[0].to_ports
+    assert pr.parser == "http"  # the cleartext's engine
+    assert pr.tls is not None and pr.tls.server_names
+    assert [ref.kind.key for ref in pr.l7] == ["http", "serverNames"]

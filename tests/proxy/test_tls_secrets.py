@@ -315,3 +315,89 @@ def test_policy_validate_reads_the_secrets_when_given_their_directory(secrets, p
         "spec.ingress[0].toPorts[0].terminatingTLS: certificate "
     )
     assert "KEY_VALUES_MISMATCH" in bad.stderr
+
+
+SNI_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: api-sni, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - fromEntities: [host]
+    toPorts:
+    - ports: [{port: "PORT", protocol: TCP}]
+      terminatingTLS:
+        secret: {name: wide-tls}
+      originatingTLS:
+        secret: {name: origin-ca}
+      serverNames: [api.example.com]
+      rules:
+        http:
+        - method: GET
+"""
+
+
+def test_server_names_on_a_terminated_port_are_judged_before_the_handshake(origin, pki, secrets):
+    """The proxy's certificate covers two names; serverNames allows one. The other gets
+    access_denied in plaintext before any handshake, as on a port that is not terminated;
+    the allowed one is terminated and its requests judged."""
+    cert, key = make_leaf(pki, "wide", dns=[NAME, "admin.example.com"])
+    secret(secrets, "wide-tls", tls_crt=cert, tls_key=key)
+    with running_firewall(
+        SNI_POLICY.replace("PORT", str(origin.port)),
+        origin.address,
+        {"app": "api"},
+        extra_args=["--tls-secrets-dir", str(secrets)],
+    ) as fw:
+        allowed = curl(fw, pki.ca)
+        assert allowed.stdout == f"hello {NAME} HTTP/2.0\n", allowed.stderr
+        denied = subprocess.run(
+            [
+                "curl", "-sS", "--max-time", "10", "--cacert", str(pki.ca), "--resolve",
+                f"admin.example.com:{fw.port}:{fw.host}", f"https://admin.example.com:{fw.port}/",
+            ],
+            capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+        assert denied.returncode == 35 and "tlsv1 alert access denied" in denied.stderr
+        hellos = [r for r in fw.flows(wait_for=3) if r["protocol"] == "tls"]
+        assert [(r["verdict"], r["l7"]["sni"], r["reply"]) for r in hellos] == [
+            ("FORWARDED", NAME, {}),
+            ("DENIED", "admin.example.com", {"alert": "access_denied"}),
+        ]
+        assert hellos[0]["rule"] == "spec.ingress[0].toPorts[0].serverNames"
+        (request,) = [r for r in fw.flows() if r["protocol"] == "http"]
+        assert (request["verdict"], request["tls"]["sni"]) == ("FORWARDED", NAME)
+
+        # Hellos cut over records and TCP segments are read whole before they are judged:
+        # a denied one gets its alert, an allowed one its handshake, with our certificate.
+        from tests.support.tls_wire import memory_client, read_alert, reframe
+
+        for name, allowed in (("admin.example.com", False), (NAME, True)):
+            context = ssl.create_default_context(cafile=str(pki.ca))
+            client, incoming, outgoing = memory_client(name, context=context)
+            with pytest.raises(ssl.SSLWantReadError):
+                client.do_handshake()
+            flight = reframe(outgoing.read(), [1, 4, 60, 100])
+            with socket.create_connection(fw.address, timeout=5) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                for piece in (flight[:3], flight[3:9], flight[9:10], flight[10:200], flight[200:]):
+                    sock.sendall(piece)
+                    time.sleep(0.03)
+                if not allowed:
+                    answer = b""
+                    while chunk := sock.recv(100):
+                        answer += chunk
+                    assert read_alert(answer) == (0x0301, "fatal", "access_denied")
+                    continue
+                while True:
+                    try:
+                        client.do_handshake()
+                        break
+                    except ssl.SSLWantReadError:
+                        if out := outgoing.read():
+                            sock.sendall(out)
+                        data = sock.recv(65536)
+                        assert data, "the proxy closed during the handshake"
+                        incoming.write(data)
+                assert client.getpeercert()["subject"] == ((("commonName", NAME),),)
