@@ -73,6 +73,9 @@ class ServerFiles:
     pairs: tuple[KeyPair, ...]
     client_ca: Path | None
     where: str  # a YAML path, or the command-line option, for errors
+    # The secret's directory: an item added or removed there (a ca.crt that appears)
+    # changes its modification time, and that is a change too.
+    directory: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class ClientFiles:
     ca: Path | None
     pair: KeyPair | None
     where: str
+    directory: Path | None = None
 
 
 def _stamp(paths: Iterable[Path | None]) -> Stamp:
@@ -191,7 +195,7 @@ class ServerTls:
 
     @staticmethod
     def _files_stamp(files: ServerFiles) -> Stamp:
-        paths: list[Path | None] = [files.client_ca]
+        paths: list[Path | None] = [files.client_ca, files.directory]
         for pair in files.pairs:
             paths += [pair.certificate, pair.private_key]
         return _stamp(paths)
@@ -366,7 +370,7 @@ class TlsStore:
                 file=str(directory / missing),
             )
         ca = self._item(directory, ref.trusted_ca, DEFAULT_TRUSTED_CA, ref, "trustedCA")
-        return ServerFiles((KeyPair(cert, key),), ca, ref.path)
+        return ServerFiles((KeyPair(cert, key),), ca, ref.path, directory)
 
     def client_files(self, ref: TlsContextRef) -> ClientFiles:
         directory = self._secret_dir(ref)
@@ -374,7 +378,7 @@ class TlsStore:
         key = self._item(directory, ref.private_key, DEFAULT_PRIVATE_KEY, ref, "privateKey")
         pair = KeyPair(cert, key) if cert is not None and key is not None else None
         ca = self._item(directory, ref.trusted_ca, DEFAULT_TRUSTED_CA, ref, "trustedCA")
-        return ClientFiles(ca, pair, ref.path)
+        return ClientFiles(ca, pair, ref.path, directory)
 
     # ------------------------------------------------------------ files on disk
 
@@ -393,13 +397,13 @@ class TlsStore:
         ):
             try:
                 self.listener = ServerTls(self.listener.files, self.command_line.alpn)
-                changed = self._reloaded(self.listener.files.where)
+                changed |= self._reloaded(self.listener.files.where)
             except PolicyError as err:
                 self._reload_failed(self.listener, err)
         if self.upstream is not None and _client_stale(self.upstream):
             try:
                 self.upstream = ClientTls(self.upstream.files)
-                changed = self._reloaded(self.upstream.files.where)
+                changed |= self._reloaded(self.upstream.files.where)
             except PolicyError as err:
                 self._reload_failed(self.upstream, err)
         return changed
@@ -485,7 +489,11 @@ class TlsStore:
 
 def _client_stamp(files: ClientFiles) -> Stamp:
     return _stamp(
-        [files.ca, *((files.pair.certificate, files.pair.private_key) if files.pair else ())]
+        [
+            files.ca,
+            files.directory,
+            *((files.pair.certificate, files.pair.private_key) if files.pair else ()),
+        ]
     )
 
 

@@ -401,3 +401,19 @@ def test_server_names_on_a_terminated_port_are_judged_before_the_handshake(origi
                         assert data, "the proxy closed during the handshake"
                         incoming.write(data)
                 assert client.getpeercert()["subject"] == ((("commonName", NAME),),)
+
+
+def test_an_item_added_to_a_secret_is_a_change_too(pki, tmp_path):
+    """A ca.crt that appears in a terminating secret: client certificates are required
+    from the next connection on (the secret's directory is watched, not only its files)."""
+    secret(tmp_path, "api-tls", tls_crt=pki.cert, tls_key=pki.key)
+    secret(tmp_path, "origin-ca", ca_crt=pki.ca)
+    store = TlsStore(tmp_path)
+    (pol,) = load_text(policy(443))
+    store.update([pol])
+    ref = pol.rules[0].to_ports[0].tls.terminating
+    assert store.server_context(ref, "http").verify_mode == ssl.CERT_NONE
+    assert not store.poll()
+    shutil.copy(pki.ca, tmp_path / "shop" / "api-tls" / "ca.crt")
+    assert store.poll()
+    assert store.server_context(ref, "http").verify_mode == ssl.CERT_REQUIRED
