@@ -3,13 +3,23 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test check lint typecheck bench fuzz conformance clean
+UI ?= 127.0.0.1:9964
+
+.PHONY: setup demo demo-ui ui-screenshot test check lint typecheck bench fuzz conformance clean
 
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
 	$(PY) -m l7proxy.demo
+
+# The demo with the agent's web UI on $(UI), traffic going until Ctrl-C (docs/ui.md).
+demo-ui: setup
+	$(PY) -m l7proxy.demo --ui $(UI)
+
+# Refresh docs/ui-screenshot.png from the browser test's workload.
+ui-screenshot: setup
+	L7PROXY_DOCS_SCREENSHOT=1 $(PY) -m pytest -q -p no:cacheprovider tests/ui/test_ui_browser.py
 
 # The style is enforced before a single test runs: lint, format, types.
 test: setup check

@@ -290,8 +290,15 @@ async def stalled_body(ctx: Ctx) -> dict[str, Any]:
 
 async def _writable(sock: socket.socket, timeout: float) -> None:
     loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    loop.add_writer(sock, ready.set_result, None)
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def on_writable() -> None:
+        # The writer stays registered until the awaiting task runs again: it may
+        # fire more than once before then.
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(sock, on_writable)
     try:
         await asyncio.wait_for(ready, timeout)
     except TimeoutError:

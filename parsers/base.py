@@ -195,6 +195,9 @@ class Yield:
     engine's answer to server bytes after it)."""
 
     resume: Callable[[], list[Command]]
+    # The engine holds server input too (responses not processed yet): the driver
+    # stops reading the server as well until then.
+    server: bool = False
 
 
 @dataclass(slots=True)

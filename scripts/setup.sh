@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(python3-bpfcc python3-venv clang llvm linux-headers-amd64 iproute2 iptables
               bpftool haproxy nginx-light nghttp2-client nghttp2-server wrk procps curl
-              etcd-server etcd-client)
+              etcd-server etcd-client
+              chromium chromium-driver)  # the web UI's browser test (Selenium, headless)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

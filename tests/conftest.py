@@ -9,9 +9,13 @@ end-to-end tests above all, which skip with a reason on a developer's machine.
 from __future__ import annotations
 
 import os
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.support.etcd import EtcdServer
 
 UNDER_CI = bool(os.environ.get("CI"))
 
@@ -27,3 +31,18 @@ def pytest_runtest_makereport(
         reason = str(reason).removeprefix("Skipped: ")
         report.outcome = "failed"
         report.longrepr = f"skipped under CI, where every test must run: {reason}"
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[EtcdServer]:
+    """A real etcd (Debian's etcd-server) for the tests of one module, its data on
+    tmpfs; each test works under its own key prefix."""
+    # Imported here: this file also serves tests/test_ci_rules.py's tiny suite,
+    # which runs outside the checkout.
+    from tests.support import etcd as etcd_support
+
+    why = etcd_support.available()
+    if why:
+        pytest.skip(why)
+    with etcd_support.running_etcd() as server:
+        yield server

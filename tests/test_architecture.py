@@ -31,7 +31,8 @@ LAYERS: dict[str, set[str]] = {
     "l7proxy.node": {"l7proxy.policy"},
     "l7proxy.cluster": {"l7proxy.policy"},
     "l7proxy.kube": {"l7proxy.policy", "l7proxy.cluster"},
-    "l7proxy.proxy": {"parsers", "l7proxy.policy", "l7proxy.observe"},
+    "l7proxy.ui": {"parsers", "l7proxy.policy", "l7proxy.observe"},
+    "l7proxy.proxy": {"parsers", "l7proxy.policy", "l7proxy.observe", "l7proxy.ui"},
     "l7proxy.agent": {
         "parsers",
         "l7proxy",
@@ -41,6 +42,7 @@ LAYERS: dict[str, set[str]] = {
         "l7proxy.node",
         "l7proxy.proxy",
         "l7proxy.kube",
+        "l7proxy.ui",
     },
     "l7proxy.demo": {"l7proxy.datapath", "l7proxy.node", "l7proxy.observe"},
     "l7proxy.cli": {
@@ -52,6 +54,7 @@ LAYERS: dict[str, set[str]] = {
         "l7proxy.proxy",
         "l7proxy.agent",
         "l7proxy.kube",
+        "l7proxy.ui",
         "l7proxy",
     },
     "l7proxy": set(),  # l7proxy/__init__.py: the version

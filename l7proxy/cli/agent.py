@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await agent.start()
+        ui = None
         try:
             await agent.publish_status()
             if args.metrics:  # /metrics and /healthz (l7proxy/observe/metrics.py)
@@ -154,6 +155,13 @@ def run(args: argparse.Namespace) -> int:
                     f"l7proxy metrics on {(await start_agent_metrics(agent, args.metrics)).url}",
                     flush=True,
                 )
+            if args.ui:  # the web UI (l7proxy/ui/)
+                from l7proxy.ui.server import start_ui
+
+                if predecessor is not None:
+                    await _port_free(args.ui)
+                ui = await start_ui(agent.flowlog, lambda: agent.state, args.ui, mode="agent")
+                print(f"l7proxy UI on {ui.url}", flush=True)
             from parsers.registry import active_parsers
 
             log.info("parsers: %s", ", ".join(f"{k}={v}" for k, v in active_parsers().items()))
@@ -162,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
             await agent.run(stop)
             heap.cancel()
         finally:
+            if ui is not None:
+                await ui.close()
             if agent.metrics is not None:
                 await agent.metrics.close()
             if agent.handed_over:

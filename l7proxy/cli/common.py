@@ -134,6 +134,13 @@ def add_proxy_options(parser: argparse.ArgumentParser) -> None:
         metavar="ADDR:PORT",
         help="serve Prometheus /metrics and /healthz here",
     )
+    parser.add_argument(
+        "--ui",
+        type=address,
+        metavar="ADDR:PORT",
+        help="serve the web UI here (service map, flows, decisions; docs/ui.md), e.g. "
+        "127.0.0.1:9964; it has no login: keep it on loopback",
+    )
 
 
 def flowlog_rotation(args: argparse.Namespace) -> Rotation:

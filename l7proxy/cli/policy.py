@@ -1,4 +1,4 @@
-"""``l7proxy policy validate|import|list|delete|trace``."""
+"""``l7proxy policy validate|import|list|delete|trace|suggest``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import ipaddress
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,7 @@ def register(commands: Any) -> None:
     t.add_argument("--json", action="store_true")
     t.add_argument("--audit", action="store_true", help="simulate global audit mode")
     t.set_defaults(func=trace)
+    _register_suggest(sub)
 
 
 def validate(args: argparse.Namespace) -> int:
@@ -242,3 +244,150 @@ def _scenario(args: argparse.Namespace) -> Any:
         host_prefixes=host_prefixes,
         notes=notes,
     )
+
+
+# --------------------------------------------------------------------------- suggest
+
+
+def _register_suggest(sub: Any) -> None:
+    s = sub.add_parser(
+        "suggest",
+        help="write policies that allow what the flow log shows, checked by replaying it",
+        description="One CiliumNetworkPolicy per endpoint seen receiving traffic, from the "
+        "flow log; every observed request is replayed through the policy engine with the "
+        "suggestion enforced before anything is written (exit 1 if one would be denied).",
+    )
+    s.add_argument(
+        "--flowlog",
+        action="append",
+        type=Path,
+        metavar="FILE",
+        help="flow log(s) to read, with their rotated files (default: the agent's)",
+    )
+    s.add_argument("--since", type=_when, metavar="WHEN", help="30m, 2h, 1d, or an ISO time")
+    s.add_argument("--until", type=_when, metavar="WHEN")
+    s.add_argument("--endpoint", metavar="NAME|k=v,...", help="only this destination endpoint")
+    s.add_argument(
+        "--direction",
+        choices=("ingress", "egress", "both"),
+        default="ingress",
+        help="ingress rules for the endpoints that received traffic (default), egress rules "
+        "for those that sent it, or both",
+    )
+    s.add_argument(
+        "--verdict",
+        action="append",
+        type=str.upper,
+        choices=("FORWARDED", "AUDIT", "DENIED"),
+        help="records to learn from (repeatable; default FORWARDED and AUDIT)",
+    )
+    s.add_argument(
+        "--min-samples",
+        type=int,
+        default=3,
+        metavar="N",
+        help="distinct numbers, UUIDs, dates or hex values at one path position before it "
+        "is generalised, and topics sharing a prefix before a topicPrefix (0: never; default 3)",
+    )
+    s.add_argument(
+        "--max-literals",
+        type=int,
+        default=20,
+        metavar="N",
+        help="distinct free-form path segments of one shape before they become a "
+        "character class (0: never; default 20)",
+    )
+    s.add_argument(
+        "--max-paths",
+        type=int,
+        default=200,
+        metavar="N",
+        help="fail rather than write more path rules than this for one method (default 200)",
+    )
+    s.add_argument(
+        "--max-cidrs",
+        type=int,
+        default=16,
+        metavar="N",
+        help="outside addresses named as /32 CIDRs before fromEntities: [world] (default 16)",
+    )
+    s.add_argument("--name-prefix", default="suggested", help="policy names: PREFIX-ENDPOINT")
+    s.add_argument(
+        "--audit", action="store_true", help="annotate the policies for audit mode (roll-out)"
+    )
+    s.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here, not stdout")
+    s.set_defaults(func=suggest)
+
+
+def _when(text: str) -> float:
+    """Epoch seconds from ``30m``/``2h``/``1d``/``45s`` ago, or an ISO 8601 time."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+        return time.time() - float(text[:-1]) * units[text[-1]]
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected 30m, 2h, 1d or an ISO time, got {text!r}"
+        ) from None
+
+
+def suggest(args: argparse.Namespace) -> int:
+    from l7proxy.observe.flowlog import read_records, retained_files
+    from l7proxy.policy.suggest.draft import Limits, SuggestError
+    from l7proxy.policy.suggest.observed import LET_THROUGH, Selection
+    from l7proxy.policy.suggest.paths import Bounds
+    from l7proxy.policy.suggest.suggest import suggest as make_suggestion
+
+    logs = args.flowlog or [Store(args.state_dir).flowlog]
+    missing = [str(p) for p in logs if not retained_files(p)]
+    if missing:
+        print(f"policy suggest: no flow log at {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        limits = Limits(Bounds(args.min_samples, args.max_literals), args.max_cidrs, args.max_paths)
+    except ValueError as err:
+        print(f"policy suggest: {err}", file=sys.stderr)
+        return 2
+    directions = ("ingress", "egress") if args.direction == "both" else (args.direction,)
+    selection = Selection(
+        frozenset(args.verdict or LET_THROUGH),
+        args.since,
+        args.until,
+        args.endpoint,
+        frozenset(directions),
+    )
+    records = (record for path in logs for record in read_records(path))
+    try:
+        result = make_suggestion(
+            records,
+            selection,
+            limits,
+            name_prefix=args.name_prefix,
+            audit=args.audit,
+            source=", ".join(str(p) for p in logs),
+        )
+    except SuggestError as err:
+        print(f"policy suggest: {err}", file=sys.stderr)
+        return 2
+    print(result.report, file=sys.stderr)
+    if not result.observations:
+        print("policy suggest: no observations selected; nothing written", file=sys.stderr)
+        return 1
+    if not result.ok:
+        print(
+            "policy suggest: the suggestion would deny what was seen; nothing written",
+            file=sys.stderr,
+        )
+        return 1
+    if args.output:
+        tmp = args.output.with_name(args.output.name + ".tmp")
+        tmp.write_text(result.yaml)
+        os.replace(tmp, args.output)
+        noun = "policy" if result.policies == 1 else "policies"
+        print(f"wrote {result.policies} {noun} to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(result.yaml)
+    return 0

@@ -6,10 +6,15 @@ three stages of the getting-started guide. Every stage prints what was tried,
 what happened and the flow-log lines that explain it; the run ends with a
 table of expected against observed outcomes and exits non-zero on any
 difference. Everything is removed afterwards, also on Ctrl-C or SIGTERM.
+
+``--ui ADDR:PORT`` (``make demo-ui``) runs the agent with its web UI there and,
+after the stages, keeps the ships flying under the stage 3 policy until Ctrl-C,
+so that a person can watch the service map and the flows.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -39,7 +44,8 @@ def say(text: str = "") -> None:
 
 
 class Demo:
-    def __init__(self) -> None:
+    def __init__(self, ui: str | None = None) -> None:
+        self.ui = ui  # ADDR:PORT of the agent's web UI, or None
         self.root = Path(tempfile.mkdtemp(prefix="l7proxy-demo-"))
         self.store = Store(self.root / "state")
         self.procs: list[subprocess.Popen] = []
@@ -139,7 +145,15 @@ class Demo:
         )
         say("  deathstar serves HTTP on port 80 (POST /v1/request-landing, PUT /v1/exhaust-port)")
         agent = self.start(
-            [PY, "-m", "l7proxy", "--state-dir", str(self.store.root), "run"],
+            [
+                PY,
+                "-m",
+                "l7proxy",
+                "--state-dir",
+                str(self.store.root),
+                "run",
+                *(["--ui", self.ui] if self.ui else []),
+            ],
             "agent running",
             self.root / "agent.log",
         )
@@ -212,6 +226,40 @@ class Demo:
         self.show_flows()
         return self.report()
 
+    def keep_flying(self) -> None:
+        """Until Ctrl-C: every few seconds the ships try again (landing, the exhaust
+        port, the X-wing that the kernel drops), for the UI to show."""
+        log = (self.root / "agent.log").read_text()
+        url = next((line.split(" on ", 1)[1] for line in log.splitlines() if " UI on " in line), "")
+        say(f"\n== The web UI: {url}")
+        say("  The ships keep flying under the stage 3 policy. Ctrl-C stops and cleans up.")
+        ip = self.endpoint("deathstar").ip
+        tries = [
+            ("tiefighter", "POST", "/v1/request-landing"),
+            ("tiefighter", "PUT", "/v1/exhaust-port"),
+            ("tiefighter", "GET", "/v1/"),
+            ("xwing", "POST", "/v1/request-landing"),
+        ]
+        rounds = 0
+        while True:
+            for ship, method, path in tries:
+                ns = self.endpoint(ship).netns
+                argv = [
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-m",
+                    "1",
+                    f"-X{method}",
+                    f"http://{ip}{path}",
+                ]
+                subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True)
+            rounds += 1
+            if rounds % 10 == 1:
+                say(f"  {rounds} rounds of traffic so far; the UI is at {url}")
+            time.sleep(2)
+
     def import_policy(self, path: str) -> None:
         run = self.cli("policy", "import", "--replace", str(REPO / path))
         if run.returncode != 0:
@@ -255,6 +303,14 @@ class Demo:
 def main() -> int:
     from l7proxy.datapath.loader import kernel_support
 
+    parser = argparse.ArgumentParser(prog="python -m l7proxy.demo")
+    parser.add_argument(
+        "--ui",
+        metavar="ADDR:PORT",
+        help="run the agent with its web UI here and keep the traffic going until Ctrl-C",
+    )
+    args = parser.parse_args()
+
     problem = kernel_support()
     if problem:
         say(f"The demo needs the kernel datapath: {problem}.")
@@ -265,9 +321,15 @@ def main() -> int:
     # SIGTERM gets the same clean-up as Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     netns.ensure_forwarding()
-    demo = Demo()
+    demo = Demo(ui=args.ui)
     try:
-        return 0 if demo.run() else 1
+        ok = demo.run()
+        if args.ui:
+            try:
+                demo.keep_flying()
+            except KeyboardInterrupt:  # how a person ends it: not a failure
+                say("\nstopped")
+        return 0 if ok else 1
     except KeyboardInterrupt:
         say("\ninterrupted")
         return 130

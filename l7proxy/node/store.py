@@ -6,7 +6,7 @@ and a running agent never interleave writes.
 
     STATE/state.json     endpoints, identities, proxy ports, instance config
     STATE/policies/      imported policy files (the agent watches this dir)
-    STATE/flows.jsonl    the flow log
+    STATE/flows.jsonl    the flow log (rotated: flows.jsonl.N; .flows.jsonl.lock: its writers' lock)
     STATE/status.json    written by the running agent every second
 """
 

@@ -1,10 +1,18 @@
 """The flow log: one structured record per L7 decision, per kernel drop and per
 client cut by a limit (``type`` ``l7``, ``drop``, ``limit``).
 
-Records are plain dicts (JSON lines on disk), written through a buffered file
-that is flushed on a short timer rather than per record, so logging stays off
-the per-request hot path. Subscribers (metrics, ``observe --follow`` tests)
-receive every record as it is made.
+Records are plain dicts (JSON lines on disk). Whole lines are gathered in
+memory and written in batches, each with one ``write`` on an ``O_APPEND``
+descriptor, when 64 KiB are waiting or on a short timer (``flush``), so logging
+stays off the per-request hot path. Several processes may write the one file
+(the workers of ``firewall --workers N``, an agent draining beside its
+successor): a line never straddles two writes, so lines of different writers
+never interleave. Subscribers (metrics, ``observe --follow`` tests) receive
+every record as it is made; a ``FlowTap`` queues them, bounded, for a consumer
+that reads them in batches (the web UI), with the place in the file where each
+is written (``Position``), so the consumer can find it there again. A position
+is exact while one process writes the file; beside another writer it is where
+the record would start if the other wrote nothing meanwhile.
 
 The file is rotated by size: ``flows.jsonl`` is renamed ``flows.jsonl.N``, N one
 more than the newest rotated file, and only the newest ``backups`` rotated files
@@ -12,16 +20,22 @@ are kept. Rotated files are never renamed again (unlike logrotate's ``.1``,
 ``.2``, … shifting), so a reader that follows the log can always tell which
 files came after the one it was reading, however many rotations it slept
 through. ``read_records`` reads the retained files oldest first and, when
-following, carries on across rotations. A writer counts its own bytes, so
-rotating costs nothing per record.
+following, carries on across rotations. Writers take a lock file
+(``.flows.jsonl.lock``, ``flock``) around each batch: under it a writer sees
+whether another one rotated (then it reopens), reads the size the file has
+with everyone's lines, and rotates if the batch would not fit. So no line
+lands in a file after it was rotated, and the size costs a ``fstat`` per
+batch, nothing per record.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -57,6 +71,45 @@ class Rotation:
 DEFAULT_ROTATION = Rotation()
 
 
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a record starts in the flow log: its file and the byte offset there.
+
+    A file is known by its device and inode (a rotation keeps both: rotated
+    files are never renamed again) and by a checksum of its first line, since a
+    file created after an old one expired may get the old one's inode."""
+
+    dev: int
+    ino: int
+    head: int
+    offset: int
+
+    def token(self) -> str:
+        return f"{self.dev:x}.{self.ino:x}.{self.head:x}.{self.offset:x}"
+
+    @classmethod
+    def parse(cls, token: str) -> Position:
+        """The inverse of ``token``; ValueError when it is not one."""
+        parts = token.split(".")
+        if len(parts) != 4:
+            raise ValueError(f"not a flow-log position: {token!r}")
+        dev, ino, head, offset = (int(p, 16) for p in parts)
+        if min(dev, ino, head, offset) < 0:
+            raise ValueError(f"not a flow-log position: {token!r}")
+        return cls(dev, ino, head, offset)
+
+
+def first_line_checksum(line: bytes) -> int:
+    return zlib.crc32(line)
+
+
+def head_of(f: IO[bytes]) -> int | None:
+    """The checksum of an open file's first line (None while it has no whole line)."""
+    f.seek(0)
+    line = f.readline()
+    return first_line_checksum(line) if line.endswith(b"\n") else None
+
+
 def rotated(path: Path, n: int) -> Path:
     """The n-th rotated file of ``path`` (higher is newer)."""
     return path.with_name(f"{path.name}.{n}")
@@ -79,6 +132,10 @@ def retained_files(path: str | Path) -> list[Path]:
     return [p for _, p in rotated_files(path)] + ([path] if path.exists() else [])
 
 
+# Lines gathered before they are written (also written by ``flush``, on a timer).
+BATCH_BYTES = 64 << 10
+
+
 class FlowLog:
     def __init__(
         self,
@@ -86,68 +143,173 @@ class FlowLog:
         *,
         keep: int = 10_000,
         rotation: Rotation = DEFAULT_ROTATION,
+        fields: Record | None = None,
     ):
         self.path = Path(path) if path else None
         self.rotation = rotation
-        self._file: IO[str] | None = None
-        self._written = 0
+        # Added to every record (``worker``: which worker process made it).
+        self.fields: Record = dict(fields or {})
+        self._fd = -1
+        self._lock_fd = -1
+        self._file_id = (0, 0)
+        self._head: int | None = None  # the current file's first-line checksum
+        self._size = 0  # the file's size when we last wrote or looked, under the lock
+        self._pending: list[str] = []
+        self._pending_bytes = 0
+        # Where the record being emitted starts in the file (None without one):
+        # subscribers read it while they are called.
+        self.last_position: Position | None = None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(
+                self.path.with_name(f".{self.path.name}.lock"),
+                os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC,
+                0o644,
+            )
             self._open()
         self.recent: deque[Record] = deque(maxlen=keep)
         self.subscribers: list[Callable[[Record], None]] = []
 
     def _open(self) -> None:
         assert self.path is not None
-        self._file = open(self.path, "a", buffering=1 << 16)  # noqa: SIM115 - long-lived
-        self._written = self._file.tell()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        st = os.fstat(self._fd)
+        self._file_id = _identity(st)
+        self._size = st.st_size
+        self._head = None
+        if self._size:
+            with open(self.path, "rb") as existing:
+                self._head = head_of(existing)
 
     def emit(self, record: Record) -> None:
+        if self.fields:
+            record.update(self.fields)
         self.recent.append(record)
-        if self._file is not None:
+        if self._fd >= 0:
             line = json.dumps(record, separators=(",", ":")) + "\n"
-            if self._written + len(line) > self.rotation.max_bytes and self._written:
-                self._rotate()
-            self._file.write(line)
-            self._written += len(line)  # characters: bytes for the ASCII that json.dumps writes
+            # Rotation is decided here, line by line, so that the position handed
+            # to subscribers names the file the line goes to.
+            if self._size + self._pending_bytes + len(line) > self.rotation.max_bytes and (
+                self._size + self._pending_bytes
+            ):
+                self._write_pending(room_for=len(line))
+            if self._head is None:  # the first line of a new file
+                self._head = first_line_checksum(line.encode())
+            self.last_position = Position(
+                *self._file_id, self._head, self._size + self._pending_bytes
+            )
+            self._pending.append(line)
+            self._pending_bytes += len(line)  # characters: bytes for json.dumps' ASCII
+            if self._pending_bytes >= BATCH_BYTES:
+                self._write_pending()
         for sub in self.subscribers:
             sub(record)
 
-    def _rotate(self) -> None:
-        """Give the current file the next number and start a new one. Another writer
-        (an agent draining after a handover) may have rotated it already: then only
-        reopen."""
-        assert self._file is not None and self.path is not None
-        self._file.flush()
-        mine = _identity(os.fstat(self._file.fileno()))
-        self._file.close()
+    def _write_pending(self, *, room_for: int = 0) -> None:
+        """Write the gathered lines under the writers' lock: reopen if another
+        writer rotated, rotate whenever the next line would not fit (another
+        writer's lines count too), and rotate after them if ``room_for`` more
+        bytes would not fit."""
+        lines, self._pending, self._pending_bytes = self._pending, [], 0
+        if self._fd < 0 or not (lines or room_for):
+            return
+        assert self.path is not None
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
-            current = _identity(os.stat(self.path))
+            if self._replaced():
+                os.close(self._fd)
+                self._open()
+            size = os.fstat(self._fd).st_size
+            limit = self.rotation.max_bytes
+            batch: list[str] = []
+            batch_bytes = 0
+            for line in lines:
+                if size + batch_bytes + len(line) > limit and size + batch_bytes:
+                    _write_all(self._fd, "".join(batch).encode())
+                    self._rotate()
+                    size, batch, batch_bytes = 0, [], 0
+                batch.append(line)
+                batch_bytes += len(line)
+            _write_all(self._fd, "".join(batch).encode())
+            self._size = size + batch_bytes
+            if self._size and self._size + room_for > limit:
+                self._rotate()
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _replaced(self) -> bool:
+        """True if the path no longer names the file we hold (another writer rotated)."""
+        assert self.path is not None
+        try:
+            return _identity(os.stat(self.path)) != _identity(os.fstat(self._fd))
         except FileNotFoundError:
-            current = None
-        if current == mine:
-            older = rotated_files(self.path)
-            number = older[-1][0] + 1 if older else 1
-            while True:  # link, not rename: never replace a file another writer made
-                try:
-                    os.link(self.path, rotated(self.path, number))
-                    break
-                except FileExistsError:
-                    number += 1
-            os.unlink(self.path)
-            for _, expired in older[: max(0, len(older) + 1 - self.rotation.backups)]:
-                expired.unlink(missing_ok=True)
+            return True
+
+    def _rotate(self) -> None:
+        """Give the current file the next number and start a new one (under the lock)."""
+        assert self.path is not None
+        older = rotated_files(self.path)
+        number = older[-1][0] + 1 if older else 1
+        while True:  # link, not rename: never replace a file another writer made
+            try:
+                os.link(self.path, rotated(self.path, number))
+                break
+            except FileExistsError:
+                number += 1
+        os.unlink(self.path)
+        for _, expired in older[: max(0, len(older) + 1 - self.rotation.backups)]:
+            expired.unlink(missing_ok=True)
+        os.close(self._fd)
         self._open()
 
     def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
+        self._write_pending()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            self._file.close()
-            self._file = None
+        if self._fd >= 0:
+            self._write_pending()
+            os.close(self._fd)
+            os.close(self._lock_fd)
+            self._fd = self._lock_fd = -1
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """One ``write`` for the whole batch; loop only on a partial write (a full disk,
+    a signal), so the rest follows at once."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class FlowTap:
+    """The records a ``FlowLog`` emits, queued for a consumer that takes them in
+    batches (the web UI, once a tick), with the ``Position`` of each. The queue
+    is bounded: when the consumer falls ``capacity`` records behind, the oldest
+    go, and ``take`` says how many it missed. Emitting costs one append."""
+
+    def __init__(self, flowlog: FlowLog, capacity: int = 50_000):
+        self.flowlog = flowlog
+        self._queue: deque[tuple[int, Position | None, Record]] = deque(maxlen=capacity)
+        self.emitted = 0  # records seen; also the sequence number of the last one
+        self._taken = 0
+        flowlog.subscribers.append(self)
+
+    def __call__(self, record: Record) -> None:
+        self.emitted += 1
+        self._queue.append((self.emitted, self.flowlog.last_position, record))
+
+    def take(self) -> tuple[list[tuple[int, Position | None, Record]], int]:
+        """(sequence number, position, record) of everything queued, oldest first,
+        and how many records were lost to the bound since the last take."""
+        batch = list(self._queue)
+        self._queue.clear()
+        missed = self.emitted - self._taken - len(batch)
+        self._taken = self.emitted
+        return batch, missed
+
+    def close(self) -> None:
+        if self in self.flowlog.subscribers:
+            self.flowlog.subscribers.remove(self)
 
 
 def read_records(

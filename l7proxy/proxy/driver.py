@@ -107,6 +107,9 @@ HOLD_BUDGET = 32  # frames held by all connections are over ``max_held_bytes``
 # alone does: a client paused for the budget holds part of it with a frame of its
 # own, and its head deadline is what ends a client that hogs it.
 _CLOCKS_STOP = HOLD_SERVER_FULL | HOLD_CLIENT_FULL | HOLD_PENDING | HOLD_EARLY | HOLD_TURN
+# Why reading the server is on hold (bits of ``Pipe._server_holds``).
+SERVER_HOLD_CLIENT_FULL = 1  # the client does not read what the server sends
+SERVER_HOLD_TURN = 2  # the engine yielded with server input still to process
 LINGER_SECONDS = 2.0
 
 # Bytes held in whole-frame buffers by all connections together (``HeldBudget``):
@@ -253,7 +256,7 @@ class Pipe:
         "_client_holds",
         "_yields_owed",
         "_early_bytes",
-        "_server_paused_by_us",
+        "_server_holds",
         "_client_eof_sent",
         "_server_eof_sent",
         "_idle_end",
@@ -318,7 +321,7 @@ class Pipe:
         self._in_flight: dict[Hashable, tuple[float, Any, Decision]] = {}
         self._client_holds = 0  # HOLD_* bits
         self._yields_owed = 0  # engine turns scheduled (HOLD_TURN until they have run)
-        self._server_paused_by_us = False
+        self._server_holds = 0  # SERVER_HOLD_* bits
         self._client_eof_sent = False
         self._server_eof_sent = False
         # close_when_idle(): the future it returned, the pending re-check, when it
@@ -414,16 +417,27 @@ class Pipe:
     def client_write_paused(self) -> None:
         """The client's write buffer is full: stop reading the server, and the
         client too (a client that does not read its answers gets no more)."""
-        if self._server is not None:
-            self._server.pause_reading()
-            self._server_paused_by_us = True
+        self._hold_server(SERVER_HOLD_CLIENT_FULL)
         self._hold_client(HOLD_CLIENT_FULL)
 
     def client_write_resumed(self) -> None:
-        if self._server is not None and self._server_paused_by_us:
-            self._server_paused_by_us = False
-            self._server.resume_reading()
+        self._release_server(SERVER_HOLD_CLIENT_FULL)
         self._release_client(HOLD_CLIENT_FULL)
+
+    def _hold_server(self, reason: int) -> None:
+        if self._server is None:
+            return
+        if not self._server_holds and not self.closing:
+            self._server.pause_reading()
+        self._server_holds |= reason
+
+    def _release_server(self, reason: int) -> None:
+        holds = self._server_holds
+        if not holds & reason:
+            return
+        self._server_holds = holds & ~reason
+        if not self._server_holds and self._server is not None and not self.closing:
+            self._server.resume_reading()
 
     def server_write_paused(self) -> None:
         """The server's write buffer is full: stop reading the client."""
@@ -458,11 +472,14 @@ class Pipe:
 
     # ------------------------------------------------------------- fairness
 
-    def _yield(self, resume: Callable[[], list[Command]]) -> None:
-        """The engine did its share for this turn: hold the client, go on later."""
+    def _yield(self, resume: Callable[[], list[Command]], server: bool) -> None:
+        """The engine did its share for this turn: hold the client (and the server,
+        if the engine holds its input too), go on later."""
         if self.closing:
             return
         self._hold_client(HOLD_TURN)
+        if server:
+            self._hold_server(SERVER_HOLD_TURN)
         self._yields_owed += 1
         self._loop.call_soon(self._resume, resume)
 
@@ -476,6 +493,7 @@ class Pipe:
         self._yields_owed -= 1
         if not self._yields_owed:
             self._release_client(HOLD_TURN)
+            self._release_server(SERVER_HOLD_TURN)
 
     # ------------------------------------------------------------- commands
 
@@ -554,7 +572,7 @@ class Pipe:
             elif kind is Close:
                 self.close(cmd.reason)
             elif kind is Yield:
-                self._yield(cmd.resume)
+                self._yield(cmd.resume, cmd.server)
             elif kind is Finished:
                 if self._idle_end is not None and not self.closing:
                     if cmd.told:

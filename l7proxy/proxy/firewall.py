@@ -47,6 +47,7 @@ class Firewall:
         limits: ProxyLimits | None = None,
         poll_interval: float = 1.0,
         tls: TlsStore | None = None,
+        policy_fallback: Sequence[Path] | None = None,
     ):
         self.listen_addr = listen
         self.identities = IdentityAllocator()
@@ -65,7 +66,10 @@ class Firewall:
         self.source = PolicySource(
             policy_paths, self._apply, verify=tls.update if tls is not None else None
         )
-        self.source.load()  # raises PolicyError: refuse to start on a bad policy
+        if policy_fallback:  # a restarted worker: the others run the last good policy
+            self.source.load_or_fall_back(policy_fallback)
+        else:
+            self.source.load()  # raises PolicyError: refuse to start on a bad policy
         assert self.state is not None  # _apply ran on the first load
         self.proxy: Proxy = Proxy(
             self.state,
@@ -92,8 +96,9 @@ class Firewall:
         else:
             self.state.swap(compiled)
 
-    async def start(self) -> tuple[str, int]:
-        self.sock = await self.proxy.listen(*self.listen_addr)
+    async def start(self, sock: socket.socket | None = None) -> tuple[str, int]:
+        """Listen on ``--listen``, or on ``sock`` (a worker's inherited socket)."""
+        self.sock = await self.proxy.listen(*self.listen_addr, sock=sock)
         return self.sock.getsockname()[:2]
 
     async def watch(self) -> None:
@@ -118,13 +123,18 @@ def _local_prefixes(listen_host: str) -> list[ipaddress.IPv4Network]:
 
 
 async def run_firewall(
-    fw: Firewall, *, ready=print, metrics: tuple[str, int] | None = None
+    fw: Firewall,
+    *,
+    ready=print,
+    metrics: tuple[str, int] | None = None,
+    ui: tuple[str, int] | None = None,
+    sock: socket.socket | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    host, port = await fw.start()
+    host, port = await fw.start(sock)
     # --metrics: /metrics and /healthz (l7proxy/observe/metrics.py)
     served = None
     if metrics is not None:
@@ -137,6 +147,12 @@ async def run_firewall(
     ready(f"l7proxy firewall listening on {host}:{port}")
     if served is not None:
         ready(f"l7proxy metrics on {served.url}")
+    shown = None
+    if ui is not None:  # --ui: the web UI (l7proxy/ui/)
+        from l7proxy.ui.server import start_ui
+
+        shown = await start_ui(fw.proxy.flowlog, lambda: fw.state, ui, mode="firewall")
+        ready(f"l7proxy UI on {shown.url}")
     watcher = loop.create_task(fw.watch())
     heap = loop.create_task(steady_heap())
     try:
@@ -144,6 +160,8 @@ async def run_firewall(
     finally:
         watcher.cancel()
         heap.cancel()
+        if shown is not None:
+            await shown.close()
         if served is not None:
             await served.close()
         await fw.close()

@@ -688,12 +688,21 @@ class Proxy:
 
 
 def make_listener(
-    host: str, port: int, *, transparent: bool = False, backlog: int | None = None
+    host: str,
+    port: int,
+    *,
+    transparent: bool = False,
+    backlog: int | None = None,
+    reuse_port: bool = False,
 ) -> socket.socket:
-    """A bound, listening socket (``backlog``: the kernel's somaxconn unless given)."""
+    """A bound, listening socket (``backlog``: the kernel's somaxconn unless given).
+    ``reuse_port``: one of a group on the same address, among which the kernel
+    spreads new connections by a hash of their addresses (``firewall --workers``)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if transparent:
             sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
         sock.bind((host, port))

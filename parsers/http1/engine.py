@@ -44,6 +44,7 @@ from parsers.base import (
     TimeLimit,
     ToClient,
     ToServer,
+    Yield,
 )
 from parsers.http1.errors import (
     AmbiguousFraming,
@@ -115,6 +116,10 @@ def active_implementation() -> str:
 class Http1Limits:
     max_head: int = 65536  # request/response head (and trailer section), bytes
     max_chunk_line: int = 4096  # chunk-size line including extensions
+    # Responses handled per turn of the event loop (fairness): the answers to a
+    # client pipelining hundreds of requests come in several turns, with every
+    # other connection served in between, not in one turn of milliseconds.
+    responses_per_turn: int = 32
 
 
 def request_reader(
@@ -382,6 +387,7 @@ class Http1Engine:
         self._response_head: MessageHead | None = None
         self._client_dead = False  # an error or a close: ignore further client bytes
         self._client_eof_held = False  # the client's EOF came behind held requests
+        self._server_eof_held = False  # the server's EOF came behind held responses
         self._closed = False
         self._tunnel = False
         self._inner: Engine | None = None
@@ -662,14 +668,18 @@ class Http1Engine:
         if self._closed or self._finished:
             # Finished: the client owes the close, even if the server leaves first.
             return []
+        responses = self._responses
+        if responses.held:
+            # The driver does not read the server until our turn is over; an engine
+            # driven directly may: the bytes join those held, in order.
+            if data:
+                responses.feed(data)
+            else:
+                self._server_eof_held = True
+            return []
         out: list[Command] = []
-        try:
-            events = self._responses.feed(data)
-        except Http1Error as exc:
-            self._on_server_events(exc.events, out)
-            self._on_server_error(exc, out)
+        if self._read_responses(data, out):
             return _coalesce(out)
-        self._on_server_events(events, out)
         if not data and not self._closed:
             if self._awaiting:
                 self._on_server_error(
@@ -679,6 +689,34 @@ class Http1Engine:
                 self._closed = True
                 out.append(Close("server closed"))
         return _coalesce(out)
+
+    def _next_responses(self) -> list[Command]:
+        """A later turn: the responses the last one had no budget for."""
+        if not self._responses.held or self._closed or self._finished or self._inner is not None:
+            return []
+        out: list[Command] = []
+        if not self._read_responses(None, out) and self._server_eof_held and not self._closed:
+            self._server_eof_held = False
+            out.extend(self.server_data(b""))
+        return _coalesce(out)
+
+    def _read_responses(self, data: bytes | None, out: list[Command]) -> bool:
+        """Relay the responses in ``data`` (None: those held), at most
+        ``responses_per_turn`` of them. True when this turn ends here: a bad
+        response, or a ``Yield`` for the rest."""
+        responses = self._responses
+        responses.budget = self.limits.responses_per_turn
+        try:
+            events = responses.feed(data) if data is not None else responses.resume()
+        except Http1Error as exc:
+            self._on_server_events(exc.events, out)
+            self._on_server_error(exc, out)
+            return True
+        self._on_server_events(events, out)
+        if responses.held and not self._closed and self._inner is None:
+            out.append(Yield(self._next_responses, server=True))
+            return True
+        return False
 
     def _on_server_events(self, events: Iterable[Event], out: list[Command]) -> None:
         for event in events:

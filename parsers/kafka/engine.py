@@ -472,7 +472,7 @@ class KafkaEngine:
             frame, pos, (api_key, api_version, correlation_id, client_id)
         )
         if unresolved and may_look_up:
-            self._look_up_topic_ids(frame, out)
+            self._look_up(frame, out, topics=None, why="topic ids")
             return _HOLD
 
         decision = self._decide(request)
@@ -484,6 +484,12 @@ class KafkaEngine:
         ):
             if self._metadata_subset(request, message, decision, frame, out):
                 return _OK
+        brokers_unknown = not self._cluster.brokers and message is not None
+        if not decision.allowed and api_key == _METADATA and may_look_up and brokers_unknown:
+            # A Metadata denial lists the brokers (clients drop one that lists
+            # none, and wait for metadata until they time out): learn them first.
+            self._look_up(frame, out, topics=[], why="the brokers, for a Metadata denial")
+            return _HOLD
         out.append(Access(request, decision, key=correlation_id))
         acks0 = api_key == _PRODUCE and message is not None and message.acks == 0
         if decision.allowed:
@@ -516,23 +522,30 @@ class KafkaEngine:
         self._flush_denials(out)
         return _OK
 
-    def _look_up_topic_ids(self, frame: Data, out: list[Command]) -> None:
-        """Ask the broker for topic names before judging a request that names ids.
+    def _look_up(
+        self, frame: Data, out: list[Command], *, topics: list[Any] | None, why: str
+    ) -> None:
+        """Ask the broker before judging a request, holding it meanwhile.
 
         Fetch v13+ (and others) name topics by id; the ids come from Metadata
-        responses, which a client may have received on another connection. The
-        request is held (with everything after it, to keep the order), and a
-        Metadata request of our own goes to the broker; its answer is consumed
-        here, never forwarded, and the held request is judged with the names.
+        responses, which a client may have received on another connection
+        (``topics=None``: every topic's name and id). A Metadata denial repeats
+        the brokers, which this connection may not have seen yet (``topics=[]``:
+        the brokers alone). The request is held (with everything after it, to
+        keep the order), and a Metadata request of our own goes to the broker;
+        its answer is consumed here, never forwarded, and the held request is
+        judged with what it said.
         """
         self._lookups += 1
         correlation_id = -self._lookups  # clients count up from 0; ours stay apart
         version = self._metadata_version
         lookup = kafka_apis.REQUESTS[_METADATA][version](
-            topics=None, allow_auto_topic_creation=False, include_topic_authorized_operations=False
+            topics=topics,
+            allow_auto_topic_creation=False,
+            include_topic_authorized_operations=False,
         )
         lookup.with_header(correlation_id=correlation_id, client_id="l7proxy")
-        out.append(Log(f"looking up topic ids with a Metadata v{version} request of our own"))
+        out.append(Log(f"looking up {why} with a Metadata v{version} request of our own"))
         out.append(ToServer(bytes(lookup.encode(header=True, framed=True))))
         self._owed.append(_Owed(correlation_id, _METADATA, version, internal=True))
         self._held = frame
@@ -797,7 +810,7 @@ class KafkaEngine:
         if owed.internal:
             if "decode_error" in fields:
                 out.append(
-                    Log(f"topic-id lookup failed: {fields['decode_error']}", level="warning")
+                    Log(f"Metadata lookup failed: {fields['decode_error']}", level="warning")
                 )
             self._flush_denials(out)
             if self._held is not None:

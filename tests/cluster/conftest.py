@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,15 +19,6 @@ from l7proxy.cluster.store import ClusterConfig, ClusterStore
 from tests.support import etcd as etcd_support
 
 _prefixes = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def etcd() -> Iterator[etcd_support.EtcdServer]:
-    why = etcd_support.available()
-    if why:
-        pytest.skip(why)
-    with etcd_support.running_etcd() as server:
-        yield server
 
 
 @pytest.fixture

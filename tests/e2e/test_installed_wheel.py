@@ -16,6 +16,7 @@ import subprocess
 import sys
 import sysconfig
 import threading
+import urllib.request
 import zipfile
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -137,7 +138,7 @@ def test_the_installed_firewall_forwards_and_denies(installed: Path, tmp_path: P
     policy.write_text(FIREWALL_POLICY.replace("UPSTREAM_PORT", str(upstream.server_address[1])))
     argv = [str(installed / "l7proxy"), "firewall", "--listen", "127.0.0.1:0"]
     argv += ["--upstream", f"127.0.0.1:{upstream.server_address[1]}"]
-    argv += ["--labels", "app=api", "--policy", str(policy)]
+    argv += ["--labels", "app=api", "--policy", str(policy), "--ui", "127.0.0.1:0"]
     firewall = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
     )
@@ -146,6 +147,9 @@ def test_the_installed_firewall_forwards_and_denies(installed: Path, tmp_path: P
         line = firewall.stdout.readline()
         assert "listening on" in line, firewall.stderr.read() if firewall.stderr else line
         port = int(line.rsplit(":", 1)[1])
+        ui = firewall.stdout.readline().strip().rsplit(" ", 1)[-1]  # "l7proxy UI on URL"
+        page = urllib.request.urlopen(ui, timeout=10).read().decode()  # the package's static files
+        script = urllib.request.urlopen(ui + "static/ui.js", timeout=10).read().decode()
         allowed = exchange(port, b"GET /public HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
         denied = exchange(port, b"GET /admin HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
     finally:
@@ -155,6 +159,7 @@ def test_the_installed_firewall_forwards_and_denies(installed: Path, tmp_path: P
     assert allowed.startswith(b"HTTP/1.1 200 ")
     assert allowed.endswith(b"hello from upstream")
     assert denied.startswith(b"HTTP/1.1 403 ")
+    assert '<svg id="map"' in page and "new EventSource(" in script
 
 
 SHIPS = {

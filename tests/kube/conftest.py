@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,15 +15,6 @@ from tests.support import etcd as etcd_support
 from tests.support.kube_api_double import KubeApiDouble, running_kube_api
 
 _prefixes = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def etcd() -> Iterator[etcd_support.EtcdServer]:
-    why = etcd_support.available()
-    if why:
-        pytest.skip(why)
-    with etcd_support.running_etcd() as server:
-        yield server
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 
 from l7proxy.policy.errors import PolicyError
 from l7proxy.policy.load import load_paths, load_text
-from l7proxy.policy.source import PolicySource
+from l7proxy.policy.source import PolicySnapshot, PolicySource
 from tests.support import REPO
 
 HEAD = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\n"
@@ -179,6 +179,39 @@ def test_bad_reload_keeps_the_last_good_policy(tmp_path):
     file.write_text(HEAD + "spec: {endpointSelector: {matchLabels: {app: two}}}\n")
     assert source.poll() is True
     assert in_force[-1][0].selector.match_labels == (("app", "two"),)
+
+
+def test_a_snapshot_keeps_the_last_good_files_for_a_process_started_later(tmp_path):
+    """``firewall --workers``: a worker restarted while the files are bad starts with
+    the supervisor's copy of the last good ones, and reports the files' error."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    one = policies / "one.yaml"
+    one.write_text(HEAD + "spec: {endpointSelector: {matchLabels: {app: one}}}\n")
+    single = tmp_path / "single.policy"  # a file named on the command line, any suffix
+    single.write_text(HEAD.replace("name: p", "name: s") + "spec: {endpointSelector: {}}\n")
+    snapshot = PolicySnapshot([policies, single], tmp_path / "snapshots")
+    assert snapshot.refresh() is True
+    assert snapshot.refresh() is False  # nothing changed
+    first = snapshot.paths
+
+    one.write_text(HEAD + "spec: {endpointSelector: {matchLabels: {app: [}}\n")
+    assert snapshot.refresh() is False
+    assert snapshot.paths == first
+
+    in_force: list = []
+    source = PolicySource([policies, single], in_force.append)
+    with pytest.raises(PolicyError):
+        source.load()
+    source.load_or_fall_back(snapshot.paths)
+    assert sorted(p.name for p in in_force[-1]) == ["p", "s"]
+    assert in_force[-1][0].selector.match_labels == (("app", "one"),)
+    assert source.last_error is not None and source.last_error.file == str(one)
+    # The files mended: the next poll puts them in force, as in any process.
+    one.write_text(HEAD + "spec: {endpointSelector: {matchLabels: {app: two}}}\n")
+    assert source.poll() is True
+    assert in_force[-1][0].selector.match_labels == (("app", "two"),)
+    assert snapshot.refresh() is True and snapshot.paths != first
 
 
 def test_cli_validate_reports_file_path_and_reason(tmp_path):

@@ -58,6 +58,7 @@ from parsers.base import (
     allow_all,
 )
 from parsers.http import HttpEngine
+from parsers.http1.engine import Http1Engine, Http1Limits
 from parsers.http2.conn import RelayConnection
 from parsers.requests import HttpRequest
 from tests.support.firewall import GET_ONLY_POLICY
@@ -458,6 +459,26 @@ async def test_a_yield_pauses_reading_the_client_until_a_later_turn_of_the_loop(
     assert p.wire.take() == []  # it yielded again: still paused, nothing more to write
     await asyncio.sleep(0)
     assert p.wire.take() == [("server", "write", b"second half"), ("client", "resume_reading")]
+
+
+async def test_a_read_of_many_responses_is_relayed_over_turns_with_the_server_unread_between():
+    p = play(Http1Engine(allow_all, limits=Http1Limits(responses_per_turn=32)))
+    p.pipe.client_data(GET * 40)  # pipelined
+    p.wire.take()
+
+    p.pipe.server_data(OK * 40)  # one read
+    assert p.wire.take() == [
+        ("client", "write", OK * 32),
+        ("client", "pause_reading"),
+        ("server", "pause_reading"),
+    ]
+    await asyncio.sleep(0)  # the other connections' turn; then the rest
+    assert p.wire.take() == [
+        ("client", "write", OK * 8),
+        ("client", "resume_reading"),
+        ("server", "resume_reading"),
+    ]
+    assert len(p.flowlog.recent) == 40
 
 
 async def test_backpressure_and_a_yield_both_hold_reading_until_both_let_go():

@@ -18,6 +18,7 @@ import pytest
 
 from tests.support.firewall import running_firewall
 from tests.support.kafka_broker import available, free_port, running_broker
+from tests.support.kafka_wire import metadata_frame, produce_frame
 
 pytestmark = [
     pytest.mark.slow,
@@ -292,30 +293,6 @@ def test_confluent_denied_group_reports_group_authorization_failed(stack):
 # Pipelining: a denied request in the middle keeps its place in the reply order.
 
 
-def _metadata_frame(correlation_id: int, topic: str) -> bytes:
-    from kafka.protocol.metadata import MetadataRequest
-
-    msg = MetadataRequest(
-        topics=[MetadataRequest.MetadataRequestTopic(name=topic)], allow_auto_topic_creation=False
-    )
-    msg.with_header(correlation_id=correlation_id, client_id="pipeliner")
-    return bytes(msg.encode(version=12, header=True, framed=True))
-
-
-def _produce_frame(correlation_id: int, topic: str) -> bytes:
-    from kafka.protocol.producer import ProduceRequest as P
-
-    part = P.TopicProduceData.PartitionProduceData(index=0, records=None)
-    msg = P(
-        acks=1,
-        timeout_ms=5000,
-        transactional_id=None,
-        topic_data=[P.TopicProduceData(name=topic, partition_data=[part])],
-    )
-    msg.with_header(correlation_id=correlation_id, client_id="pipeliner")
-    return bytes(msg.encode(version=9, header=True, framed=True))
-
-
 def _read_frame(sock: socket.socket) -> bytes:
     def exactly(n):
         buf = b""
@@ -336,14 +313,16 @@ def test_pipelined_frames_with_a_denied_one_in_the_middle_keep_order(stack):
 
     with socket.create_connection((fw.host, fw.port), timeout=15) as sock:
         sock.sendall(
-            _metadata_frame(101, OK) + _produce_frame(102, SECRET) + _metadata_frame(103, OK)
+            metadata_frame(101, OK, "pipeliner")
+            + produce_frame(102, SECRET, "pipeliner")
+            + metadata_frame(103, OK, "pipeliner")
         )
         replies = [_read_frame(sock) for _ in range(3)]
         assert [struct.unpack(">i", r[:4])[0] for r in replies] == [101, 102, 103]
         denied = ProduceResponse.decode(replies[1], version=9, header=True)
         assert denied.responses[0].partition_responses[0].error_code == 29
         # The connection is still usable after the denial.
-        sock.sendall(_metadata_frame(104, OK))
+        sock.sendall(metadata_frame(104, OK, "pipeliner"))
         assert struct.unpack(">i", _read_frame(sock)[:4])[0] == 104
 
 
@@ -456,7 +435,7 @@ def test_short_connections_are_closed_on_both_sides_once_the_client_leaves(stack
     before = settle(lambda: open_descriptors(fw.proc.pid), 0, timeout=0)
     for n in range(60):
         with socket.create_connection((fw.host, fw.port), timeout=15) as sock:
-            sock.sendall(_metadata_frame(1000 + n, OK))
+            sock.sendall(metadata_frame(1000 + n, OK, "pipeliner"))
             assert struct.unpack(">i", _read_frame(sock)[:4])[0] == 1000 + n
             sock.shutdown(socket.SHUT_WR)
             assert sock.recv(1) == b""  # the proxy closes its side too

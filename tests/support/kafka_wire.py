@@ -268,3 +268,45 @@ def _fill(obj: Any, struct_: Any, version: int) -> None:
             setattr(obj, f.name, [element])
         elif f.type_str == "string":
             setattr(obj, f.name, "a")
+
+
+def brokers_answer(commands: list) -> bytes:
+    """The broker's answer to the Metadata request the engine sent of its own in
+    ``commands`` (to learn the brokers a Metadata denial lists): one broker, b1:9092."""
+    from kafka.protocol.metadata import MetadataRequest, MetadataResponse
+
+    from parsers.base import ToServer
+
+    (lookup,) = [c.data for c in commands if isinstance(c, ToServer)]
+    version = int.from_bytes(lookup[6:8], "big")
+    asked = MetadataRequest.decode(lookup, version=version, header=True, framed=True)
+    broker = MetadataResponse.MetadataResponseBroker(node_id=1, host="b1", port=9092, rack=None)
+    answer = MetadataResponse[version](brokers=[broker], topics=[])
+    answer.with_header(correlation_id=asked.header.correlation_id)
+    return bytes(answer.encode(header=True, framed=True))
+
+
+def produce_frame(correlation_id: int, topic: str, client_id: str = "test-client") -> bytes:
+    """A framed Produce v9 request (acks=1) to partition 0 of ``topic``, no records."""
+    from kafka.protocol.producer import ProduceRequest as P
+
+    part = P.TopicProduceData.PartitionProduceData(index=0, records=None)
+    msg = P(
+        acks=1,
+        timeout_ms=5000,
+        transactional_id=None,
+        topic_data=[P.TopicProduceData(name=topic, partition_data=[part])],
+    )
+    msg.with_header(correlation_id=correlation_id, client_id=client_id)
+    return bytes(msg.encode(version=9, header=True, framed=True))
+
+
+def metadata_frame(correlation_id: int, topic: str, client_id: str = "test-client") -> bytes:
+    """A framed Metadata v12 request for ``topic``."""
+    from kafka.protocol.metadata import MetadataRequest
+
+    msg = MetadataRequest(
+        topics=[MetadataRequest.MetadataRequestTopic(name=topic)], allow_auto_topic_creation=False
+    )
+    msg.with_header(correlation_id=correlation_id, client_id=client_id)
+    return bytes(msg.encode(version=12, header=True, framed=True))

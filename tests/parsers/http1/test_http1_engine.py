@@ -22,6 +22,7 @@ from parsers.base import (
     ShutdownServer,
     ToClient,
     ToServer,
+    Yield,
     allow_all,
 )
 from parsers.http1.engine import Http1Engine, Http1Limits, active_implementation
@@ -292,6 +293,27 @@ def test_pipelined_requests_past_max_pending_wait_unread_until_half_are_answered
     assert [c.request.path for c in out if type(c) is Access] == ["/4", "/5", "/6"]
     assert sent(out, ToServer) == get("/4") + get("/5") + get("/6")
     assert out[-1] == ShutdownServer()  # and then the client's EOF, in order
+
+
+def test_a_read_of_many_responses_is_answered_a_bounded_number_per_turn(impl):
+    engine = engine_for(impl, max_pending=100, limits=Http1Limits(responses_per_turn=32))
+    engine.client_data(b"".join(get(f"/{n}") for n in range(80)))
+
+    out = engine.server_data(b"".join(ok(b"%d" % n) for n in range(80)))  # one read
+    assert sent(out, ToClient) == b"".join(ok(b"%d" % n) for n in range(32))
+    assert [c.fields["status"] for c in out if type(c) is Reply] == [200] * 32
+    [turn] = [c for c in out if type(c) is Yield]
+    assert turn.server  # the server is not read until the rest is answered
+
+    assert engine.server_data(b"") == []  # the server's EOF waits behind them, in order
+    out = turn.resume()
+    assert sent(out, ToClient) == b"".join(ok(b"%d" % n) for n in range(32, 64))
+    [turn] = [c for c in out if type(c) is Yield]
+
+    out = turn.resume()
+    assert sent(out, ToClient) == b"".join(ok(b"%d" % n) for n in range(64, 80))
+    assert [c for c in out if type(c) is Yield] == []
+    assert out[-1] == Close("server closed")  # then the EOF, answered as ever
 
 
 def test_denied_with_connection_close_closes_after_403(impl):

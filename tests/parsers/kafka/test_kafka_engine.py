@@ -36,6 +36,7 @@ from parsers.base import (
     Access,
     Close,
     Decision,
+    Log,
     ParseError,
     Reply,
     ShutdownClient,
@@ -49,6 +50,7 @@ from tests.support.feeding import WAYS, feed, split
 from tests.support.kafka_wire import (
     AUTHORIZATION_FAILED,
     assert_denied,
+    brokers_answer,
     read_answer,
     request_naming_everything,
 )
@@ -281,6 +283,33 @@ def test_metadata_with_some_denied_topics_is_answered_per_topic():
     assert [t.name for t in merged.message.topics] == ["orders", "secrets"]
     assert merged.error_codes == [("topics[0].error_code", 0), ("topics[1].error_code", 29)]
     assert engine.topic_names == {topic_id: "orders"}
+
+
+def test_a_metadata_denial_asks_the_broker_for_the_brokers_it_lists_first():
+    # kafka-python drops a Metadata answer that lists no broker and waits for
+    # metadata until it times out, instead of failing on the denied topic.
+    engine = KafkaEngine(allow_topics("orders"))
+    T = MetadataRequest.MetadataRequestTopic
+    request = frame(MetadataRequest(topics=[T(name="secrets")]), 12, 4)
+
+    cmds = engine.client_data(request)
+    (lookup,) = [c.data for c in cmds if isinstance(c, ToServer)]
+    asked = MetadataRequest.decode(lookup, version=12, header=True, framed=True)
+    assert asked.topics == [] and asked.header.correlation_id < 0  # the brokers alone
+    assert not any(isinstance(c, (ToClient, Access)) for c in cmds)
+
+    cmds = engine.server_data(brokers_answer(cmds))
+    (wire,) = [c.data for c in cmds if isinstance(c, ToClient)]
+    denied = assert_denied(request, wire, 29)
+    assert [(b.node_id, b.host, b.port) for b in denied.message.brokers] == [(1, "b1", 9092)]
+    assert [t.name for t in denied.message.topics] == ["secrets"]
+
+    # Known now: the next denial on this connection is answered at once.
+    again = frame(MetadataRequest(topics=[T(name="secrets")]), 12, 5)
+    cmds = engine.client_data(again)
+    assert not any(isinstance(c, ToServer) for c in cmds)
+    (wire,) = [c.data for c in cmds if isinstance(c, ToClient)]
+    assert [b.host for b in assert_denied(again, wire, 29).message.brokers] == ["b1"]
 
 
 def test_fetch_by_topic_id_resolved_from_metadata_seen_on_the_connection():
@@ -705,7 +734,10 @@ def test_every_topic_api_has_an_encodable_denial(
     version = versions[0] if end == "lowest" else versions[1]
     engine = KafkaEngine(lambda r: Decision(False))
     request = frame(factory(version), version, 5)
-    (wire,) = [c.data for c in engine.client_data(request) if isinstance(c, ToClient)]
+    cmds = engine.client_data(request)
+    if name == "Metadata":  # the engine learns the brokers first (the test below)
+        cmds = engine.server_data(brokers_answer(cmds))
+    (wire,) = [c.data for c in cmds if isinstance(c, ToClient)]
     # Refused everything, the engine blames the most specific resource named.
     expected = 53 if txns else 30 if groups else 29
     assert_denied(request, wire, expected)
@@ -738,7 +770,8 @@ def test_random_bodies_never_crash(api_key, version, body, allow):
         + b"\x00\x01c"
     )
     cmds = engine.client_data(_framed(head + body))
-    assert isinstance(cmds[0], (Access, ParseError))
+    asked_broker = [type(c) for c in cmds] == [Log, ToServer]  # a denied Metadata, first
+    assert isinstance(cmds[0], (Access, ParseError)) or asked_broker
     engine.server_data(_framed((1).to_bytes(4, "big") + body))
 
 
@@ -943,7 +976,10 @@ def test_every_known_api_version_decodes_forwards_and_denies(api_key, version):
     if api_key == 0:
         named.acks = 1
     request = frame(named, version, 3)
-    denied = KafkaEngine(lambda r: Decision(False)).client_data(request)
+    engine = KafkaEngine(lambda r: Decision(False))
+    denied = engine.client_data(request)
+    if api_key == 3:  # the engine learns the brokers its Metadata denial lists first
+        denied = engine.server_data(brokers_answer(denied))
     (answer,) = [c.data for c in denied if isinstance(c, ToClient)]
     assert_denied(request, answer, AUTHORIZATION_FAILED)
 
