@@ -468,3 +468,26 @@ def test_an_unpaired_tls_cert_is_a_usage_error(pki):
     )  # fmt: skip
     assert out.returncode == 2
     assert "each --tls-cert needs its --tls-key" in out.stderr
+
+
+def test_workers_terminate_tls_each(origin, pki):
+    """--workers: every worker process reads the certificate and terminates on its share
+    of the one port."""
+    with running_firewall(
+        POLICY.replace("PORT", str(origin.port)),
+        origin.address,
+        {"app": "api"},
+        extra_args=[
+            *tls_args(pki),
+            "--upstream-tls",
+            "--upstream-ca",
+            str(pki.ca),
+            "--workers",
+            "2",
+        ],  # fmt: skip
+    ) as fw:
+        for i in range(6):
+            out = curl(fw, pki.ca, "--http1.1", path=f"/w/{i}")
+            assert out.stdout == f"hello {NAME} HTTP/1.1\n\n200 1.1", out.stderr
+        records = [r for r in fw.flows(wait_for=6, timeout=10) if r["type"] == "l7"]
+        assert len(records) == 6 and all(r["tls"]["sni"] == NAME for r in records)
