@@ -417,3 +417,24 @@ def test_an_item_added_to_a_secret_is_a_change_too(pki, tmp_path):
     shutil.copy(pki.ca, tmp_path / "shop" / "api-tls" / "ca.crt")
     assert store.poll()
     assert store.server_context(ref, "http").verify_mode == ssl.CERT_REQUIRED
+
+
+def test_originating_tls_presents_the_secrets_client_certificate_to_the_origin(
+    pki, secrets, tmp_path
+):
+    """An origin that requires client certificates (nginx, ssl_verify_client): the
+    originatingTLS secret's tls.crt/tls.key are presented, and nginx names the subject it
+    verified; without them, nginx refuses the request."""
+    cert, key = make_leaf(pki, "proxy-client", subject="/O=mesh/CN=l7proxy", client=True)
+    secret(secrets, "origin-mtls", ca_crt=pki.ca, tls_crt=cert, tls_key=key)
+    with tls_origin(tmp_path / "mtls-origin", pki, client_ca=pki.ca) as strict:
+
+        def through(originating: str, *curl_args: str) -> str:
+            text = policy(strict.port).replace("origin-ca", originating)
+            args = ["--tls-secrets-dir", str(secrets)]
+            with running_firewall(text, strict.address, {"app": "api"}, extra_args=args) as fw:
+                return curl(fw, pki.ca, *curl_args).stdout
+
+        assert through("origin-mtls") == f"hello {NAME} HTTP/2.0 CN=l7proxy,O=mesh\n"
+        # The CA alone: nginx answers 400 "No required SSL certificate was sent".
+        assert through("origin-ca", "-w", " %{http_code}").endswith(" 400")
