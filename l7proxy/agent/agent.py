@@ -39,11 +39,13 @@ from l7proxy.node.endpoints import sync_pod_endpoints
 from l7proxy.node.store import FAMILIES, AgentState, Store
 from l7proxy.observe.flowlog import DEFAULT_ROTATION, FlowLog, Rotation, now_fields
 from l7proxy.policy.engine import CompiledPolicy, Endpoint, compile_policy
+from l7proxy.policy.errors import PolicyError
 from l7proxy.policy.model import EGRESS, INGRESS, Policy
 from l7proxy.policy.source import PolicySource
 from l7proxy.policy.state import PolicyState
 from l7proxy.proxy.driver import ENDED_AFTER_REPLY, ENDED_BY_CLIENT, ENDED_QUIET, ProxyLimits
 from l7proxy.proxy.server import Proxy, make_listener
+from l7proxy.proxy.tls import TlsStore
 
 if TYPE_CHECKING:
     from kubernetes_asyncio.client import ApiClient
@@ -71,6 +73,7 @@ class Agent:
         flowlog_rotation: Rotation = DEFAULT_ROTATION,
         drop_report_interval: float = 1.0,
         kube: KubeConfig | None = None,
+        tls_secrets_dir: Path | None = None,
     ):
         self.drop_report_interval = drop_report_interval
         # Kubernetes (``run --k8s``): pods on this node become endpoints, CNPs and
@@ -100,8 +103,10 @@ class Agent:
         self.flowlog = FlowLog(store.flowlog, rotation=flowlog_rotation)
         self.policies: list[Policy] = []  # the last good set, in force: files + Kubernetes
         self.file_policies: list[Policy] = []  # the policy files' last good set
+        # terminatingTLS/originatingTLS: secrets as files, DIR/NAMESPACE/NAME/ITEM.
+        self.tls = TlsStore(tls_secrets_dir or store.root / "secrets")
         self.policy_source = PolicySource(
-            [store.policy_dir, *self.extra_policies], self._policies_loaded
+            [store.policy_dir, *self.extra_policies], self._policies_loaded, verify=self._verify_tls
         )
         self.revision = 0
         self.kernel_revision = 0
@@ -148,7 +153,9 @@ class Agent:
                 await self._start_kube(self.kube_config)
                 st = self.agent_state = self.store.read()
             self.state = PolicyState(self._compile(st))
-            self.proxy = Proxy(self.state, self.flowlog, limits=self.limits, mark=st.proxy_mark)
+            self.proxy = Proxy(
+                self.state, self.flowlog, limits=self.limits, mark=st.proxy_mark, tls=self.tls
+            )
             if self.predecessor is not None:
                 # Same kernel sockets: their accept queue bridges the swap.
                 inherited = await asyncio.to_thread(self.predecessor.listeners)
@@ -197,9 +204,11 @@ class Agent:
     async def _start_kube(self, config: KubeConfig) -> None:
         """List (and go on watching) pods, namespaces and policies before the first
         compile, so the node starts with them (after at most ``sync_timeout``)."""
+        from l7proxy.kube.secrets import SecretFiles
         from l7proxy.kube.source import KubeSource, api_client
 
         self._kube_api = await api_client(config.kubeconfig)
+        secrets_dir = self.tls.secrets_dir
         self.kube = KubeSource(
             self._kube_api,
             config.node,
@@ -207,6 +216,8 @@ class Agent:
             timeout_seconds=config.timeout_seconds,
             backoff_base=config.backoff_base,
             backoff_cap=config.backoff_cap,
+            # The Secrets of one namespace become the TLS secrets directory's files.
+            secrets=SecretFiles(secrets_dir, config.secrets_namespace) if secrets_dir else None,
         )
         await self.kube.start(timeout=config.sync_timeout)
         self._merge_policies()
@@ -358,6 +369,7 @@ class Agent:
             if self.handed_over:
                 break
             policies_changed = self.policy_source.poll()
+            self.tls.poll()  # certificates changed on disk: for new connections
             if self._kube_policies_changed:
                 self._kube_policies_changed = False
                 self._merge_policies()
@@ -384,8 +396,20 @@ class Agent:
         self.file_policies = policies
         self._merge_policies()
 
+    def _verify_tls(self, file_policies: list[Policy]) -> None:
+        """A file policy set takes effect only if every TLS file it names loads."""
+        self.tls.update(file_policies + (self.kube.policies() if self.kube else []))
+
     def _merge_policies(self) -> None:
-        self.policies = self.file_policies + (self.kube.policies() if self.kube else [])
+        kube = self.kube.policies() if self.kube else []
+        if self.kube is not None:
+            # Kubernetes policies, and Secrets that came or changed: their contexts.
+            try:
+                self.tls.update(self.file_policies + kube)
+            except PolicyError as err:
+                # Its connections are not terminated, so they fail closed.
+                log.error("a Kubernetes policy names TLS files that do not load: %s", err)
+        self.policies = self.file_policies + kube
 
     def _compile(self, st: AgentState) -> CompiledPolicy:
         alloc = st.allocator()
@@ -531,8 +555,12 @@ class Agent:
                 "connections_total": self.proxy.stats.connections_total if self.proxy else 0,
                 "connections_active": self.proxy.stats.connections_active if self.proxy else 0,
                 "parse_errors": dict(self.proxy.stats.parse_errors) if self.proxy else {},
+                "tls_handshake_failures": self.proxy.stats.tls_handshake_failures
+                if self.proxy
+                else 0,
             },
             "audit": self.audit,
+            "tls": self.tls.status(),
             "kubernetes": None
             if self.kube is None
             else {**self.kube.status(), "pods_waiting": self.pods_waiting},

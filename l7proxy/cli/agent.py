@@ -67,6 +67,13 @@ def register(commands: Any) -> None:
         help="with --k8s: the API server and credentials (default: in-cluster service account)",
     )
     kube.add_argument(
+        "--tls-secrets-namespace",
+        default="l7proxy-secrets",
+        metavar="NS",
+        help="with --k8s: the namespace whose Secrets terminatingTLS/originatingTLS may "
+        "name, written to --tls-secrets-dir (default l7proxy-secrets)",
+    )
+    kube.add_argument(
         "--node-name",
         default=os.environ.get("NODE_NAME") or socket.gethostname(),
         metavar="NAME",
@@ -98,7 +105,11 @@ def run(args: argparse.Namespace) -> int:
     if args.k8s:
         from l7proxy.kube.source import KubeConfig
 
-        kube = KubeConfig(node=args.node_name, kubeconfig=args.kubeconfig)
+        kube = KubeConfig(
+            node=args.node_name,
+            kubeconfig=args.kubeconfig,
+            secrets_namespace=args.tls_secrets_namespace,
+        )
     problem = kernel_support()
     if problem:
         print(f"cannot run the datapath here: {problem}", file=sys.stderr)
@@ -123,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         flowlog_rotation=flowlog_rotation(args),
         drop_report_interval=args.drop_report_interval,
         kube=kube,
+        tls_secrets_dir=args.tls_secrets_dir,
     )
 
     async def main() -> None:
@@ -235,6 +247,14 @@ def status(args: argparse.Namespace) -> int:
         print(f"  {p['name']}  {p['source']}{'  [audit]' if p['audit'] else ''}")
     if state.get("policy_error"):
         print(f"last policy import FAILED (last good policy in force): {state['policy_error']}")
+    tls = state.get("tls")
+    if tls and (tls["terminating"] or tls["originating"] or tls["last_error"]):
+        print(
+            f"TLS ({tls['secrets_dir']}): terminating {', '.join(tls['terminating']) or '-'}; "
+            f"originating {', '.join(tls['originating']) or '-'}; {tls['reloads']} reloads"
+        )
+        if tls["last_error"]:
+            print(f"  last reload FAILED (the files in force stay): {tls['last_error']}")
     kube = state.get("kubernetes")
     if kube:
         watches = kube["watches"]

@@ -122,6 +122,13 @@ def add_proxy_options(parser: argparse.ArgumentParser) -> None:
         help="accept queue of each listening socket (default: net.core.somaxconn)",
     )
     parser.add_argument(
+        "--tls-secrets-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the secrets that terminatingTLS/originatingTLS name live: "
+        "DIR/NAMESPACE/NAME/{tls.crt,tls.key,ca.crt} (run: STATE_DIR/secrets by default)",
+    )
+    parser.add_argument(
         "--metrics",
         type=address,
         metavar="ADDR:PORT",

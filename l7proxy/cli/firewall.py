@@ -36,6 +36,58 @@ def register(commands: Any) -> None:
     )
     fw.add_argument("--policy", action="append", required=True, metavar="FILE|DIR")
     fw.add_argument("--flowlog", type=Path, help="append flow records (JSON lines) here")
+    tls = fw.add_argument_group(
+        "TLS", "terminate the clients' TLS, originate TLS to the service (docs/tls.md)"
+    )
+    tls.add_argument(
+        "--tls-cert",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a certificate chain (PEM) to serve; repeat with --tls-key for more, "
+        "chosen by the client's server name (the first one otherwise)",
+    )
+    tls.add_argument(
+        "--tls-key",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="the private key of the --tls-cert in the same position",
+    )
+    tls.add_argument(
+        "--tls-alpn",
+        default="h2,http/1.1",
+        metavar="LIST",
+        help="ALPN protocols offered to clients, in order (default h2,http/1.1). The "
+        "service must speak what a client chooses: HTTP/2 is relayed as HTTP/2, so "
+        "give http/1.1 alone in front of a service without HTTP/2",
+    )
+    tls.add_argument(
+        "--client-ca",
+        type=Path,
+        metavar="FILE",
+        help="require client certificates signed by this CA; their subject and URI "
+        "names (SPIFFE IDs) go into the flow log",
+    )
+    tls.add_argument(
+        "--upstream-tls",
+        action="store_true",
+        help="connect to the service with TLS, verifying its certificate",
+    )
+    tls.add_argument(
+        "--upstream-server-name",
+        metavar="NAME",
+        help="the name the service's certificate must have, sent as its SNI, when the "
+        "client named none (default: the client's SNI, else the --upstream address)",
+    )
+    tls.add_argument(
+        "--upstream-ca",
+        type=Path,
+        metavar="FILE",
+        help="verify the service against this CA bundle (default: the system's)",
+    )
     fw.add_argument(
         "--workers",
         type=workers,
@@ -68,7 +120,35 @@ def run(args: argparse.Namespace) -> int:
     from l7proxy.observe.flowlog import FlowLog
     from l7proxy.policy.errors import PolicyError
     from l7proxy.proxy.firewall import Firewall, run_firewall
+    from l7proxy.proxy.tls import CommandLineTls, KeyPair, TlsStore
 
+    if len(args.tls_cert) != len(args.tls_key):
+        print("each --tls-cert needs its --tls-key, in the same order", file=sys.stderr)
+        return 2
+    if (args.client_ca is not None and not args.tls_cert) or (
+        (args.upstream_ca is not None or args.upstream_server_name) and not args.upstream_tls
+    ):
+        print(
+            "--client-ca needs --tls-cert; --upstream-ca and --upstream-server-name need "
+            "--upstream-tls",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        tls = TlsStore(
+            args.tls_secrets_dir,
+            CommandLineTls(
+                tuple(KeyPair(c, k) for c, k in zip(args.tls_cert, args.tls_key, strict=True)),
+                args.client_ca,
+                args.upstream_tls,
+                args.upstream_ca,
+                tuple(p for p in args.tls_alpn.split(",") if p),
+                args.upstream_server_name,
+            ),
+        )
+    except PolicyError as err:
+        print(f"TLS files rejected: {err}", file=sys.stderr)
+        return 1
     worker = args.worker_of is not None
     supervisor = not worker and args.workers > 1
     if supervisor and args.ui is not None:
@@ -93,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
             ),
             audit=args.audit,
             limits=proxy_limits(args),
+            tls=tls,
             policy_fallback=args.policy_fallback if worker else None,
         )
     except PolicyError as err:

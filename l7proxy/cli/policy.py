@@ -25,6 +25,13 @@ def register(commands: Any) -> None:
         "validate", help="check policy files; exit 1 with file, YAML path and reason on error"
     )
     validate_cmd.add_argument("paths", nargs="+")
+    validate_cmd.add_argument(
+        "--tls-secrets-dir",
+        type=Path,
+        metavar="DIR",
+        help="also read the certificates and keys that terminatingTLS/originatingTLS name, "
+        "as the proxy will (DIR/NAMESPACE/NAME/ITEM)",
+    )
     validate_cmd.set_defaults(func=validate)
 
     import_cmd = sub.add_parser("import", help="validate and install policy files into the agent")
@@ -72,6 +79,10 @@ def register(commands: Any) -> None:
 def validate(args: argparse.Namespace) -> int:
     try:
         policies = load_paths(args.paths)
+        if args.tls_secrets_dir is not None:
+            from l7proxy.proxy.tls import TlsStore
+
+            TlsStore(args.tls_secrets_dir).update(policies)
     except PolicyError as err:
         print(f"invalid: {err}", file=sys.stderr)
         return 1

@@ -52,6 +52,7 @@ from l7proxy.kube.objects import (
     said_by,
     spec_stamp,
 )
+from l7proxy.kube.secrets import SecretFiles
 from l7proxy.kube.watch import ResourceWatch
 from l7proxy.policy.errors import PolicyError
 from l7proxy.policy.model import Policy
@@ -59,6 +60,9 @@ from l7proxy.policy.model import Policy
 log = logging.getLogger("l7proxy.kube")
 
 GROUP, VERSION = "cilium.io", "v2"
+SECRET = "Secret"
+# Where policy secrets are read from in cluster mode (Cilium's is ``cilium-secrets``).
+DEFAULT_SECRETS_NAMESPACE = "l7proxy-secrets"
 PLURALS = {CNP: "ciliumnetworkpolicies", CCNP: "ciliumclusterwidenetworkpolicies"}
 
 
@@ -73,6 +77,8 @@ class KubeConfig:
     sync_timeout: float = 30.0  # at start, how long to wait for the first lists
     backoff_base: float = 0.2
     backoff_cap: float = 30.0
+    # The namespace whose Secrets become the TLS secrets directory's files.
+    secrets_namespace: str = DEFAULT_SECRETS_NAMESPACE
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +124,11 @@ class KubeSource:
         timeout_seconds: int = 300,
         backoff_base: float = 0.2,
         backoff_cap: float = 30.0,
+        secrets: SecretFiles | None = None,
     ):
         self.api = api
+        # The Secrets of one namespace, written as the TLS secrets directory's files.
+        self.secrets = secrets
         self.node = node
         self.on_change = on_change or (lambda what: None)
         self.pods: dict[str, Pod] = {}
@@ -155,6 +164,10 @@ class KubeSource:
             make(CNP, custom.list_cluster_custom_object, args=(GROUP, VERSION, PLURALS[CNP])),
             make(CCNP, custom.list_cluster_custom_object, args=(GROUP, VERSION, PLURALS[CCNP])),
         ]
+        if secrets is not None:
+            self.watches.append(
+                make(SECRET, core.list_namespaced_secret, args=(secrets.namespace,))
+            )
 
     # ------------------------------------------------------------------ life cycle
 
@@ -218,7 +231,10 @@ class KubeSource:
     # ------------------------------------------------------------------ the sink
 
     def replace(self, kind: str, objects: list[Obj]) -> None:
-        if kind == "Pod":
+        if kind == SECRET:
+            assert self.secrets is not None
+            self._changed("secrets", self.secrets.replace(objects))
+        elif kind == "Pod":
             before = self.endpoints()
             self.pods = {p.key: p for p in map(pod_from, objects)}
             self._changed("pods", before != self.endpoints())
@@ -237,7 +253,10 @@ class KubeSource:
             self._policies_changed(before_policies)
 
     def apply(self, kind: str, event: str, obj: Obj) -> None:
-        if kind == "Pod":
+        if kind == SECRET:
+            assert self.secrets is not None
+            self._changed("secrets", self.secrets.apply(event, obj))
+        elif kind == "Pod":
             before = self.endpoints()
             pod = pod_from(obj)
             if event == "DELETED":

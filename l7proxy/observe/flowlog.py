@@ -446,6 +446,9 @@ def format_record(r: Record) -> str:
         times = f" x{r['count']}" if r.get("count", 1) > 1 else ""
         verdict = f"{r.get('verdict', 'DROPPED'):<9}"
         return f"{when} {verdict} {who} {r.get('protocol', 'tcp')} reason={r.get('reason')}{times}"
+    if r.get("type") == "tls":  # a TLS handshake the proxy terminates that failed
+        verdict = f"{r.get('verdict', 'DROPPED'):<9}"
+        return f"{when} {verdict} {who} tls reason={r.get('reason')}"
     if r.get("type") == "limit":
         verdict = f"{r.get('verdict', 'DROPPED'):<9}"
         proto = r.get("protocol", "")
@@ -466,6 +469,12 @@ def format_record(r: Record) -> str:
         what += " ech" if l7.get("ech") else ""
     else:
         what = json.dumps(l7)
+    session = r.get("tls")
+    if session:  # inside a TLS session the proxy terminated
+        client = session.get("client") or {}
+        peer = " ".join(client.get("uris") or ([client["subject"]] if client else []))
+        what += f" [tls sni={session.get('sni') or '-'} alpn={session.get('alpn') or '-'}"
+        what += f" client={peer}]" if peer else "]"
     reply = r.get("reply") or {}
     status = " ".join(f"{k}={v}" for k, v in reply.items())
     lat = r.get("latency_ms")

@@ -294,6 +294,11 @@ class _StatusCollector(Collector):
                 "upstream_failures",
                 "Upstream connections that failed",
             ),
+            (
+                "l7proxy_proxy_tls_handshake_failures",
+                "tls_handshake_failures",
+                "Client TLS handshakes the proxy terminates that failed or timed out",
+            ),
         ):
             if key in proxy:
                 fam = CounterMetricFamily(name, text)
@@ -464,6 +469,7 @@ def _add_proxy_stats(st: Status, proxy) -> None:
         "connections_active": s.connections_active,
         "connections_refused": s.connections_refused,
         "upstream_failures": s.upstream_failures,
+        "tls_handshake_failures": s.tls_handshake_failures,
         "parse_errors": dict(s.parse_errors),
     }
 

@@ -33,7 +33,16 @@ from l7proxy.policy.identity import (
     IdentityAllocator,
     IpCache,
 )
-from l7proxy.policy.model import EGRESS, INGRESS, L7RuleRef, Peers, Policy, PortRule, Rule
+from l7proxy.policy.model import (
+    EGRESS,
+    INGRESS,
+    L7RuleRef,
+    Peers,
+    Policy,
+    PortRule,
+    PortTls,
+    Rule,
+)
 from l7proxy.policy.rules import CompiledRule, any_rule_matches
 from parsers.base import Decision
 from parsers.requests import REQUEST_TYPES, L7Request
@@ -129,6 +138,8 @@ class PortVerdict:
     parser: str | None  # L7 parser family, if any matching rule has L7 rules
     reason: str
     audit: bool = False
+    # The TLS the proxy speaks on this port (the first allowing rule that names any).
+    tls: PortTls | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,7 +304,12 @@ class CompiledPolicy:
             known = denied[0], None
         else:
             parser = next((v.parser for v in verdicts if v.parser), None)
-            known = next((v for v in verdicts if v.audit), verdicts[0]), parser
+            chosen = next((v for v in verdicts if v.audit), verdicts[0])
+            # Either leg may be the one that says the proxy terminates TLS here.
+            tls = next((v.tls for v in verdicts if v.tls is not None), None)
+            if tls is not chosen.tls:
+                chosen = replace(chosen, tls=tls)
+            known = chosen, parser
         if len(self._connection_verdicts) >= MAX_REMEMBERED_CONNECTION_VERDICTS:
             self._connection_verdicts.clear()
         self._connection_verdicts[key] = known
@@ -317,6 +333,7 @@ class CompiledPolicy:
             return PortVerdict(True, None, "not enforced")
         allowed_by: list[str] = []
         parser = None
+        tls: PortTls | None = None
         for eff in dp.rules:
             ok_peer = eff.peer_matches(peer)
             port_rules = (
@@ -344,12 +361,14 @@ class CompiledPolicy:
             for pr in port_rules or ():
                 if pr.parser:
                     parser = pr.parser
+                if tls is None and pr.tls is not None:
+                    tls = pr.tls
         if not allowed_by:
             audit = self.audit_all or dp.audit
             return PortVerdict(
                 audit, None, "default deny: no rule allows this peer and port", audit
             )
-        return PortVerdict(True, parser, f"allowed by {', '.join(allowed_by)}")
+        return PortVerdict(True, parser, f"allowed by {', '.join(allowed_by)}", tls=tls)
 
     # ------------------------------------------------------------------ L7
 

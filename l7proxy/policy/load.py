@@ -27,8 +27,10 @@ from l7proxy.policy.model import (
     Policy,
     PortProtocol,
     PortRule,
+    PortTls,
     Requirement,
     Rule,
+    TlsContextRef,
 )
 
 AUDIT_ANNOTATION = "l7proxy.io/audit"
@@ -188,7 +190,7 @@ def _document(doc: Any, path: YamlPath, source: str) -> list[Policy]:
         ]
     out = []
     for i, (spec, spec_path) in enumerate(specs):
-        selector, rules = _spec(spec, spec_path)
+        selector, rules = _spec(spec, spec_path, namespace or DEFAULT_SECRET_NAMESPACE)
         out.append(
             Policy(
                 name=name if len(specs) == 1 else f"{name}#{i}",
@@ -203,7 +205,7 @@ def _document(doc: Any, path: YamlPath, source: str) -> list[Policy]:
     return out
 
 
-def _spec(spec: Any, path: YamlPath) -> tuple[LabelSelector, tuple[Rule, ...]]:
+def _spec(spec: Any, path: YamlPath, namespace: str) -> tuple[LabelSelector, tuple[Rule, ...]]:
     spec = _mapping(
         spec, path, ("endpointSelector", "nodeSelector", "description", "labels", *_SECTIONS)
     )
@@ -220,7 +222,7 @@ def _spec(spec: Any, path: YamlPath) -> tuple[LabelSelector, tuple[Rule, ...]]:
             continue
         section_path = path.key(section)
         for i, node in enumerate(_list(spec[section], section_path)):
-            rules.append(_rule(node, section_path.index(i), direction, deny))
+            rules.append(_rule(node, section_path.index(i), direction, deny, namespace))
         if not spec[section]:
             # `ingress: []` still turns on default-deny in that direction.
             rules.append(Rule(direction, deny, Peers(), (), str(section_path)))
@@ -274,12 +276,12 @@ def _label_key(key: Any, path: YamlPath) -> str:
     return bare
 
 
-def _rule(node: Any, path: YamlPath, direction: str, deny: bool) -> Rule:
+def _rule(node: Any, path: YamlPath, direction: str, deny: bool, namespace: str) -> Rule:
     peer_keys = _PEER_KEYS[direction]
     node = _mapping(node, path, (*peer_keys, "toPorts"))
     peers = _peers(node, path, peer_keys)
     to_ports = tuple(
-        _port_rule(p, path.key("toPorts").index(i), deny)
+        _port_rule(p, path.key("toPorts").index(i), deny, namespace)
         for i, p in enumerate(_list(node.get("toPorts"), path.key("toPorts")))
     )
     return Rule(direction, deny, peers, to_ports, str(path))
@@ -331,45 +333,113 @@ def _network(node: Any, path: YamlPath) -> ipaddress.IPv4Network:
     return net
 
 
-# Cilium's TLS contexts (issue 12, part 2): recognised, so that they are refused by name.
-_NOT_YET = ("terminatingTLS", "originatingTLS")
+# Cilium's TLS contexts: what the proxy speaks to the client and to the server.
+_TLS_KEYS = ("terminatingTLS", "originatingTLS")
+# A secret named without a namespace, in a policy without one (a clusterwide one).
+DEFAULT_SECRET_NAMESPACE = "default"
+_SECRET_PART = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")  # a DNS-1123 subdomain
+_SECRET_ITEM = re.compile(r"^[-._a-zA-Z0-9]+$")  # a Secret data key
 
 
-def _port_rule(node: Any, path: YamlPath, deny: bool) -> PortRule:
+def _port_rule(node: Any, path: YamlPath, deny: bool, namespace: str) -> PortRule:
     port_kinds = {k: v for k, v in l7rules.all_kinds().items() if v.port_field}
-    node = _mapping(node, path, ("ports", "rules", *port_kinds, *_NOT_YET))
-    for key in _NOT_YET:
-        if key in node:
-            raise path.key(key).error(
-                "TLS termination is not supported yet (issue 12, part 2); serverNames "
-                "works without it, on the ClientHello"
-            )
+    node = _mapping(node, path, ("ports", "rules", *port_kinds, *_TLS_KEYS))
     ports = tuple(
         _port(p, path.key("ports").index(i))
         for i, p in enumerate(_list(node.get("ports"), path.key("ports")))
     )
     parser, l7 = _l7_rules(node.get("rules"), path.key("rules"))
+    tls = _port_tls(node, path, deny, namespace)
     where, what = path.key("rules"), "L7 rules"
     for key, kind in port_kinds.items():
         # An empty list is no restriction, as in Cilium ("if not empty").
         if node.get(key) in (None, []):
             continue
+        if tls is not None:
+            # Judged on the ClientHello before the handshake; the rules judge the
+            # cleartext after it. Each rule judges only its own request type.
+            if not l7:
+                raise path.key("rules").error(
+                    f"with {key} on a terminated port, the rules for the cleartext must be "
+                    "written out (`http: [{}]` allows all of HTTP): an empty list would "
+                    "leave the cleartext to serverNames, which does not judge it"
+                )
+            ref = L7RuleRef(kind, kind.compile(node[key], path.key(key)), str(path.key(key)))
+            l7 = (*l7, ref)
+            tls = PortTls(tls.terminating, tls.originating, server_names=True)
+            continue
         if parser is not None:
             raise path.key(key).error(
                 f"{key} and rules.{l7[0].kind.key if l7 else parser} on one port: those "
-                "rules would judge what TLS encrypts, which needs terminatingTLS "
-                "(not supported yet, issue 12 part 2)"
+                "rules would judge what TLS encrypts; terminate it with terminatingTLS "
+                "(and no serverNames) to judge them"
             )
         where, what = path.key(key), key
         parser = kind.parser
         l7 = (L7RuleRef(kind, kind.compile(node[key], where), str(where)),)
+    if tls is not None and parser is None:
+        raise path.key("rules").error(
+            "terminatingTLS/originatingTLS need L7 rules that name the protocol inside "
+            "the TLS (rules.http, rules.kafka, rules.grpc or l7proto; `http: [{}]` "
+            "allows all of HTTP)"
+        )
     if parser and not ports:
         raise where.error(f"{what} need toPorts[].ports")
     if parser and any(p.port == 0 or p.end_port != p.port or p.protocol == "UDP" for p in ports):
         raise path.key("ports").error(
             f"{what} apply to single TCP ports only (no port 0, endPort or UDP)"
         )
-    return PortRule(ports, parser, l7, str(path))
+    return PortRule(ports, parser, l7, str(path), tls)
+
+
+def _port_tls(node: dict[str, Any], path: YamlPath, deny: bool, namespace: str) -> PortTls | None:
+    """``terminatingTLS`` / ``originatingTLS``: the secret each names, checked for
+    shape here; its files are read when the proxy loads the policy."""
+    terminating, originating = (
+        _tls_context(node[key], path.key(key), namespace) if key in node else None
+        for key in _TLS_KEYS
+    )
+    if terminating is None and originating is None:
+        return None
+    if deny:
+        key = "terminatingTLS" if terminating is not None else "originatingTLS"
+        raise path.key(key).error("a deny rule refuses traffic; it has no TLS to speak")
+    if terminating is None:
+        raise path.key("originatingTLS").error(
+            "originatingTLS needs terminatingTLS: the proxy can only judge and re-encrypt "
+            "what it has decrypted"
+        )
+    return PortTls(terminating, originating)
+
+
+def _tls_context(node: Any, path: YamlPath, namespace: str) -> TlsContextRef:
+    node = _mapping(node, path, ("secret", "certificate", "privateKey", "trustedCA"))
+    if "secret" not in node:
+        raise path.key("secret").error("required: {name: ..., namespace: ...}")
+    secret = _mapping(node["secret"], path.key("secret"), ("name", "namespace"))
+    parts = []
+    for key, default in (("namespace", namespace), ("name", None)):
+        value = secret.get(key, default)
+        where = path.key("secret").key(key)
+        value = _string(value, where)
+        if not _SECRET_PART.match(value) or len(value) > 253:
+            raise where.error(
+                f"{value!r} is not a Kubernetes object name (lower-case letters, digits, "
+                "'-' and '.')"
+            )
+        parts.append(value)
+    items: list[str | None] = []
+    for key in ("certificate", "privateKey", "trustedCA"):
+        if key not in node:
+            items.append(None)
+            continue
+        value = _string(node[key], path.key(key))
+        if not _SECRET_ITEM.match(value) or value in (".", ".."):
+            raise path.key(key).error(
+                f"{value!r} is not an item of a secret (letters, digits, '-', '_' and '.')"
+            )
+        items.append(value)
+    return TlsContextRef(parts[0], parts[1], items[0], items[1], items[2], str(path))
 
 
 def _port(node: Any, path: YamlPath) -> PortProtocol:

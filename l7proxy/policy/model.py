@@ -112,12 +112,53 @@ class L7RuleRef:
     path: str  # YAML path, e.g. spec.ingress[0].toPorts[0].rules.http[1]
 
 
+# The items a TLS secret holds when a policy names none (Cilium's, and a
+# Kubernetes ``kubernetes.io/tls`` Secret's keys).
+DEFAULT_CERTIFICATE = "tls.crt"
+DEFAULT_PRIVATE_KEY = "tls.key"
+DEFAULT_TRUSTED_CA = "ca.crt"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsContextRef:
+    """``toPorts[].terminatingTLS`` / ``originatingTLS``: Cilium's ``TLSContext``.
+
+    Names a secret (``namespace/name``) and the items in it. An item left out is
+    Cilium's default, used if the secret has it; an item given must exist. Where
+    a secret lives (a directory of files on one node, a Kubernetes Secret) is the
+    proxy's business (``l7proxy/proxy/tls.py``), not the policy's."""
+
+    namespace: str
+    name: str
+    certificate: str | None  # None: DEFAULT_CERTIFICATE if present
+    private_key: str | None
+    trusted_ca: str | None
+    path: str  # YAML path, for errors about the secret's files
+
+    @property
+    def secret(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class PortTls:
+    """The TLS a port's proxy speaks: to the client (terminating), to the server
+    (originating). Either may be None: only terminating means cleartext upstream."""
+
+    terminating: TlsContextRef | None
+    originating: TlsContextRef | None
+    # ``serverNames`` on the terminated port: the ClientHello is judged before the
+    # handshake (its rule is among the port's L7 rules, beside those of the cleartext).
+    server_names: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class PortRule:
     ports: tuple[PortProtocol, ...]  # empty = all ports
     parser: str | None  # L7 parser family; None = L4 only
     l7: tuple[L7RuleRef, ...]  # empty with parser set = explicit allow-all L7
     path: str
+    tls: PortTls | None = None
 
     def covers(self, port: int, protocol: str) -> bool:
         return not self.ports or any(p.covers(port, protocol) for p in self.ports)

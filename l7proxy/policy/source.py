@@ -28,11 +28,19 @@ class PolicySource:
 
     ``on_change`` receives every policy set that was loaded whole; ``last_error``
     is the reason the latest attempt was rejected, or None once one succeeds.
+    ``verify``, if given, checks a set beyond its YAML before it takes effect (the
+    proxy reads the TLS files a policy names): its ``PolicyError`` rejects the set.
     """
 
-    def __init__(self, paths: Sequence[str | Path], on_change: Callable[[list[Policy]], None]):
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        on_change: Callable[[list[Policy]], None],
+        verify: Callable[[list[Policy]], None] | None = None,
+    ):
         self.paths = [Path(p) for p in paths]
         self.on_change = on_change
+        self.verify = verify
         self._stamp: Stamp = ()
         self.last_error: PolicyError | None = None
         self.imports = 0
@@ -45,6 +53,8 @@ class PolicySource:
         """Initial load: raises PolicyError (nothing is in force yet)."""
         self._stamp = self._current_stamp()
         policies = load_paths(self.paths)
+        if self.verify is not None:
+            self.verify(policies)
         self.imports += 1
         self.on_change(policies)
         return policies
@@ -58,6 +68,11 @@ class PolicySource:
             return self.load()
         except PolicyError as err:
             policies = load_paths(fallback)  # a snapshot was validated when taken
+            if self.verify is not None:
+                try:  # its TLS files: a port whose context does not load is not terminated
+                    self.verify(policies)
+                except PolicyError as tls_err:
+                    log.error("the last good policy's TLS files do not load: %s", tls_err)
             self.last_error = err
             self.import_errors += 1
             self.imports += 1
@@ -77,6 +92,8 @@ class PolicySource:
         self._stamp = self._current_stamp()
         try:
             policies = load_paths(self.paths)
+            if self.verify is not None:
+                self.verify(policies)
         except PolicyError as err:
             self.last_error = err
             self.import_errors += 1

@@ -12,7 +12,7 @@ from typing import Any
 
 from l7proxy.policy.engine import CompiledPolicy, Endpoint, PortMatcher, PortVerdict
 from l7proxy.policy.identity import IdentityAllocator
-from l7proxy.policy.model import EGRESS, INGRESS
+from l7proxy.policy.model import EGRESS, INGRESS, PortTls
 from parsers.base import Decision
 from parsers.requests import L7Request
 
@@ -74,6 +74,11 @@ class ConnectionPolicy:
         self.l4, self.parser = self._l4()
         self._policy: CompiledPolicy | None = None
         self._matchers: list[PortMatcher] = []
+
+    @property
+    def tls(self) -> PortTls | None:
+        """The TLS the proxy speaks on this connection (``terminatingTLS``, ``originatingTLS``)."""
+        return self.l4.tls
 
     def _legs(self) -> tuple[Leg, ...]:
         """The directions that apply: the destination's ingress and the source's egress."""

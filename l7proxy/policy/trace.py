@@ -24,7 +24,7 @@ from typing import Any
 
 from l7proxy.policy.engine import CompiledPolicy, Endpoint, PortVerdict, compile_policy
 from l7proxy.policy.identity import IdentityAllocator, parse_labels
-from l7proxy.policy.model import EGRESS, INGRESS, Policy
+from l7proxy.policy.model import EGRESS, INGRESS, Policy, PortTls
 from l7proxy.policy.state import ConnectionPolicy, PolicyState, Side
 from parsers.base import Decision
 from parsers.requests import (
@@ -318,6 +318,7 @@ def trace(scenario: Scenario, requests: Sequence[L7Request]) -> dict[str, Any]:
             "audit": l4.audit,
             "reason": l4.reason,
             "parser": conn.parser,
+            "tls": _tls_summary(conn.tls),
         },
         "l7": [],
     }
@@ -456,6 +457,14 @@ def format_text(result: dict[str, Any], compiled: CompiledPolicy) -> str:
         )
     if not l4["directions"]:
         lines.append("  no policy applies")
+    tls = l4.get("tls")
+    if tls:
+        told = f"  TLS: terminated with secret {tls['terminating']}"
+        if tls.get("originating"):
+            told += f"; TLS to the server, verified with secret {tls['originating']}"
+        else:
+            told += "; cleartext to the server"
+        lines.append(told)
     if result["l7"]:
         lines.append("")
         lines.append("L7:")
@@ -491,3 +500,13 @@ def format_text(result: dict[str, Any], compiled: CompiledPolicy) -> str:
 
 def _where(d: dict[str, Any]) -> str:
     return f"policy {d['policy']}" + (f" rule {d['rule']}" if d["rule"] else "")
+
+
+def _tls_summary(tls: PortTls | None) -> dict[str, str] | None:
+    """The secrets a connection's TLS comes from (``terminatingTLS``, ``originatingTLS``)."""
+    if tls is None or tls.terminating is None:
+        return None
+    out = {"terminating": tls.terminating.secret}
+    if tls.originating is not None:
+        out["originating"] = tls.originating.secret
+    return out

@@ -178,6 +178,7 @@ class ProxyStats:
     connections_active: int = 0
     connections_refused: int = 0
     upstream_failures: int = 0
+    tls_handshake_failures: int = 0
     parse_errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -271,6 +272,7 @@ class Pipe:
         "_frames_held",
         "_held",
         "_budget_head",
+        "_tls",
     )
 
     def __init__(
@@ -288,8 +290,11 @@ class Pipe:
         connect: Callable[[Pipe], asyncio.Future[Any]] | None = None,
         reset_if_killed: bool = False,
         budget: HeldBudget | None = None,
+        tls: dict[str, Any] | None = None,
     ):
         self.closing = False
+        # A terminated TLS session: what it negotiated, in every flow record.
+        self._tls = tls
         self._loop = loop
         self._engine = engine
         self._flowlog = flowlog
@@ -626,6 +631,8 @@ class Pipe:
             reason=decision.reason,
             latency_ms=round((time.monotonic() - t0) * 1000, 3),
         )
+        if self._tls is not None:
+            rec["tls"] = self._tls
         self._flowlog.emit(rec)
 
     # ------------------------------------------------------------- lifecycle
@@ -903,10 +910,12 @@ class ClientSide(asyncio.Protocol):
     def __init__(self, proxy: PipeOwner):
         self._proxy = proxy
         self._pipe: Pipe | None = None
+        self._half_close = True  # False over TLS: its transport closes at EOF
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's is not an asyncio.Transport subclass).
         stream = cast(asyncio.Transport, transport)
+        self._half_close = stream.get_extra_info("ssl_object") is None
         self._pipe = self._proxy.open_pipe(stream)
         if self._pipe is None:
             stream.abort()
@@ -924,7 +933,9 @@ class ClientSide(asyncio.Protocol):
         if pipe.closing:
             return False  # lingering close is over: let the transport close
         pipe.client_data(b"")
-        return True  # keep the write side open; the engine decides when to close
+        # Keep the write side open; the engine decides when to close. A TLS
+        # transport cannot: a close_notify ends the session both ways.
+        return self._half_close
 
     def pause_writing(self) -> None:
         if self._pipe is not None:
@@ -945,8 +956,10 @@ class ServerSide(asyncio.Protocol):
 
     def __init__(self, pipe: Pipe):
         self._pipe = pipe
+        self._half_close = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._half_close = transport.get_extra_info("ssl_object") is None
         self._pipe.server_connected(cast(asyncio.Transport, transport))
 
     def data_received(self, data: bytes) -> None:
@@ -955,7 +968,7 @@ class ServerSide(asyncio.Protocol):
     def eof_received(self) -> bool:
         if not self._pipe.closing:
             self._pipe.server_data(b"")
-        return True
+        return self._half_close
 
     def pause_writing(self) -> None:
         self._pipe.server_write_paused()

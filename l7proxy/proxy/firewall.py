@@ -26,6 +26,7 @@ from l7proxy.policy.state import PolicyState
 from l7proxy.proxy.driver import ProxyLimits
 from l7proxy.proxy.heap import steady_heap
 from l7proxy.proxy.server import Proxy, Upstream
+from l7proxy.proxy.tls import TlsStore
 
 log = logging.getLogger("l7proxy.proxy.firewall")
 
@@ -45,6 +46,7 @@ class Firewall:
         audit: bool = False,
         limits: ProxyLimits | None = None,
         poll_interval: float = 1.0,
+        tls: TlsStore | None = None,
         policy_fallback: Sequence[Path] | None = None,
     ):
         self.listen_addr = listen
@@ -58,7 +60,12 @@ class Firewall:
         self.audit = audit
         self.revision = 0
         self.state: PolicyState | None = None
-        self.source = PolicySource(policy_paths, self._apply)
+        # TLS contexts: those policies name, checked with each policy set, and the
+        # command line's (always built: --tls-* files are read at start too).
+        self.tls = tls
+        self.source = PolicySource(
+            policy_paths, self._apply, verify=tls.update if tls is not None else None
+        )
         if policy_fallback:  # a restarted worker: the others run the last good policy
             self.source.load_or_fall_back(policy_fallback)
         else:
@@ -69,6 +76,7 @@ class Firewall:
             flowlog,
             limits=limits,
             upstream=Upstream(upstream[0], upstream[1], self.service),
+            tls=tls,
         )
         self.poll_interval: float = poll_interval
         self.sock: socket.socket | None = None
@@ -97,6 +105,8 @@ class Firewall:
         while True:
             await asyncio.sleep(self.poll_interval)
             self.source.poll()
+            if self.tls is not None:
+                self.tls.poll()
             self.proxy.flowlog.flush()
 
     async def close(self) -> None:

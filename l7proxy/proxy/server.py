@@ -17,13 +17,16 @@ import contextlib
 import errno
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from l7proxy.observe.flowlog import FlowLog, now_fields
 from l7proxy.policy.engine import Endpoint
-from l7proxy.policy.state import PolicyState
+from l7proxy.policy.state import ConnectionPolicy, PolicyState, Side
 from l7proxy.proxy.driver import (
+    LINGER_SECONDS,
     WRITE_HIGH_WATER,
     WRITE_LOW_WATER,
     ClientSide,
@@ -36,8 +39,12 @@ from l7proxy.proxy.driver import (
 )
 from l7proxy.proxy.heap import give_memory_back
 from l7proxy.proxy.passthrough import PassthroughEngine
-from parsers.base import Engine
+from l7proxy.proxy.tls import HELLO_HEADERS, TlsStore, refuse_client_hello, session_fields
+from parsers.base import Decision, Engine, ProtocolError
 from parsers.registry import engine_factory
+from parsers.requests import TlsClientHello
+from parsers.tls.hello import ClientHelloReader
+from parsers.tls.wire import ACCESS_DENIED
 
 log = logging.getLogger("l7proxy.proxy")
 
@@ -57,16 +64,59 @@ ACCEPT_BATCH = 16
 # After EMFILE/ENFILE/ENOBUFS: wait before accepting again, instead of spinning
 # on a listener that stays readable (asyncio waits 1 s).
 ACCEPT_RETRY_DELAY = 0.1
+# A socket address as the socket module returns it: (ip, port) for IPv4.
+Address = tuple[Any, ...]
+# What a ClientHello judged before the handshake may take, peeked whole: the 16 KiB
+# bound, its records' headers, and what a client sends behind it at once.
+PEEK_LIMIT = 64 * 1024
+# The name of the handshake's deadline in flow records and metrics.
+TLS_HANDSHAKE_TIMEOUT = "tls_handshake_timeout"
+
+
+class TlsTermination(Protocol):
+    """Whether an accepted connection is TLS the proxy terminates (``Proxy``)."""
+
+    def tls_context(
+        self, peer: Address, local: Address
+    ) -> tuple[ssl.SSLContext, ConnectionPolicy | None] | None:
+        """The context to terminate this connection with, and the policy that judges its
+        ClientHello first (its port has ``serverNames``), if any; None: it is read as it is."""
+        ...
+
+    def hello_judged(
+        self, peer: Address, local: Address, request: TlsClientHello, decision: Decision
+    ) -> None:
+        """The ClientHello of a terminated connection was judged (``serverNames``)."""
+        ...
+
+    def tls_failed(self, peer: Address, local: Address, exc: BaseException) -> None:
+        """The handshake of this connection failed or timed out."""
+        ...
+
+    @property
+    def terminates(self) -> bool:
+        """Whether any connection may be terminated now (else none is asked about)."""
+        ...
+
+    handshake_timeout: float
 
 
 class Acceptor:
-    """Accepts the connections of one listening socket, ``ACCEPT_BATCH`` per turn."""
+    """Accepts the connections of one listening socket, ``ACCEPT_BATCH`` per turn.
+    With ``tls``, a connection it says is TLS is handed to its protocol after the
+    event loop's TLS handshake (the protocol then reads and writes cleartext)."""
 
-    def __init__(self, sock: socket.socket, protocol: Callable[[], asyncio.Protocol]) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        protocol: Callable[[], asyncio.Protocol],
+        tls: TlsTermination | None = None,
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = sock
         self._fd = sock.fileno()
         self._protocol = protocol
+        self._tls = tls
         self._retry: asyncio.TimerHandle | None = None
         sock.setblocking(False)
         self._loop.add_reader(self._fd, self._accept_some)
@@ -87,11 +137,180 @@ class Acceptor:
             loop.create_task(self._open(conn))
 
     async def _open(self, conn: socket.socket) -> None:
+        tls = self._tls
+        context: ssl.SSLContext | None = None
+        judge: ConnectionPolicy | None = None
+        if tls is not None and tls.terminates:
+            try:  # read now: once the handshake fails, the socket is gone
+                peer, local = conn.getpeername(), conn.getsockname()
+            except OSError:
+                conn.close()
+                return
+            chosen = tls.tls_context(peer, local)
+            if chosen is not None:
+                context, judge = chosen
+        started = self._loop.time()
+        if context is not None and tls is not None:
+            try:
+                refused = await self._read_hello_headers(conn, tls.handshake_timeout)
+                if refused is None and judge is not None:
+                    refused = await self._judge_hello(
+                        conn, judge, started + tls.handshake_timeout, peer, local
+                    )
+            except ConnectionError as exc:  # gone before a byte: a port check, not a client
+                log.debug("TLS client left before its ClientHello: %s", exc)
+                conn.close()
+                return
+            if refused is not None:
+                if not isinstance(refused, _Denied):
+                    tls.tls_failed(peer, local, refused)
+                self._linger_close(conn)
+                return
         try:
-            await self._loop.connect_accepted_socket(self._protocol, conn)
-        except OSError as exc:  # reset before we got to it
-            log.debug("accepted connection lost before it opened: %s", exc)
+            if context is None:
+                await self._loop.connect_accepted_socket(self._protocol, conn)
+            else:
+                assert tls is not None
+                # The deadline runs from the accept: what the hello's check took counts.
+                left = started + tls.handshake_timeout - self._loop.time()
+                await self._loop.connect_accepted_socket(
+                    self._protocol,
+                    conn,
+                    ssl=context,
+                    ssl_handshake_timeout=max(left, 0.001),
+                )
+        except (OSError, TimeoutError) as exc:  # reset before we got to it, or a failed handshake
+            if context is not None and tls is not None:
+                # The loop ends a handshake past its deadline with ConnectionAbortedError.
+                late = self._loop.time() - started >= tls.handshake_timeout
+                if late and isinstance(exc, ConnectionAbortedError):
+                    exc = TimeoutError(str(exc))
+                tls.tls_failed(peer, local, exc)
+            else:
+                log.debug("accepted connection lost before it opened: %s", exc)
             conn.close()
+
+    async def _read_hello_headers(
+        self, conn: socket.socket, timeout: float
+    ) -> BaseException | None:
+        """Wait for the client's first bytes and judge its ClientHello's headers
+        (``refuse_client_hello``) before OpenSSL reads them: a refusal is answered
+        here (an alert, or a close for bytes that are not TLS). None: go on."""
+        conn.setblocking(False)  # accept() hands out blocking sockets
+        try:  # usually there already: the client sends its hello as it connects
+            head = conn.recv(HELLO_HEADERS, socket.MSG_PEEK)  # ConnectionError: gone
+        except BlockingIOError:
+            loop = self._loop
+            fd = conn.fileno()
+            readable: asyncio.Future[None] = loop.create_future()
+
+            def ready() -> None:  # the reader fires until it is removed
+                if not readable.done():
+                    readable.set_result(None)
+
+            loop.add_reader(fd, ready)
+            try:
+                await asyncio.wait_for(readable, timeout)
+            except TimeoutError as exc:
+                return exc
+            finally:
+                loop.remove_reader(fd)
+            head = conn.recv(HELLO_HEADERS, socket.MSG_PEEK)
+        if not head:
+            raise ConnectionResetError("closed before its ClientHello")
+        if len(head) < HELLO_HEADERS:
+            # A client that trickles its first bytes: OpenSSL's own bound (128 KiB)
+            # and the handshake deadline apply to it.
+            return None
+        refusal = refuse_client_hello(head)
+        if refusal is not None and refusal.wire_reply:
+            with contextlib.suppress(OSError):
+                conn.send(refusal.wire_reply)
+        return refusal
+
+    async def _judge_hello(
+        self,
+        conn: socket.socket,
+        policy: ConnectionPolicy,
+        deadline: float,
+        peer: Address,
+        local: Address,
+    ) -> BaseException | None:
+        """``serverNames`` on a terminated port: read the whole ClientHello without
+        taking it from the socket (MSG_PEEK, and SO_RCVLOWAT to wait for more than is
+        there), judge it as a judged port does, and answer a denial with
+        ``access_denied`` before OpenSSL reads a byte. None: go on to the handshake."""
+        loop = self._loop
+        fd = conn.fileno()
+        try:
+            while True:
+                data = conn.recv(PEEK_LIMIT, socket.MSG_PEEK)
+                if not data:
+                    raise ConnectionResetError("closed in its ClientHello")
+                try:
+                    hello = ClientHelloReader().feed(data)
+                except ProtocolError as err:
+                    if err.wire_reply:
+                        with contextlib.suppress(OSError):
+                            conn.send(err.wire_reply)
+                    return err
+                if hello is not None:
+                    break
+                # Readable again only once more than what is there has come.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, len(data) + 1)
+                readable: asyncio.Future[None] = loop.create_future()
+
+                def ready(fut: asyncio.Future[None] = readable) -> None:
+                    if not fut.done():
+                        fut.set_result(None)
+
+                loop.add_reader(fd, ready)
+                try:
+                    await asyncio.wait_for(readable, max(deadline - loop.time(), 0))
+                except TimeoutError as exc:
+                    return exc
+                finally:
+                    loop.remove_reader(fd)
+        finally:
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        request = hello.request()
+        decision = policy.decide(request)
+        assert self._tls is not None
+        self._tls.hello_judged(peer, local, request, decision)
+        if decision.allowed:
+            return None
+        with contextlib.suppress(OSError):
+            conn.send(hello.alert(ACCESS_DENIED))
+        return _Denied()
+
+    def _linger_close(self, conn: socket.socket) -> None:
+        """Close after our answer without a reset: FIN, then read and discard until
+        the client closes (or LINGER_SECONDS pass), as ``Pipe.close`` does. Closing
+        with unread input would send an RST that can destroy the alert before it is read."""
+        loop = self._loop
+        fd = conn.fileno()
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_WR)
+
+        def finish() -> None:
+            if conn.fileno() >= 0:
+                loop.remove_reader(fd)
+                conn.close()
+            deadline.cancel()
+
+        def drain() -> None:
+            try:
+                if conn.recv(65536):
+                    return
+            except BlockingIOError:
+                return
+            except OSError:
+                pass
+            finish()
+
+        deadline = loop.call_later(LINGER_SECONDS, finish)
+        loop.add_reader(fd, drain)
 
     def _resume(self) -> None:
         self._retry = None
@@ -126,10 +345,15 @@ class Proxy:
         upstream: Upstream | None = None,
         mark: int = 0,
         preserve_source: bool = True,
+        tls: TlsStore | None = None,
     ):
         self.state = state
+        # TLS contexts (terminatingTLS/originatingTLS, the firewall's --tls-*).
+        self.tls = tls
         self.flowlog = flowlog
         self.limits = limits or ProxyLimits()
+        # The handshake is a TLS connection's head: it has the head's deadline.
+        self.handshake_timeout = self.limits.header_timeout
         self.stats = ProxyStats()
         # Bytes held in frames by all of this proxy's connections together.
         self.held = HeldBudget(self.limits.max_held_bytes)
@@ -152,7 +376,9 @@ class Proxy:
     ) -> socket.socket:
         if sock is None:
             sock = make_listener(host, port, transparent=transparent, backlog=self.limits.backlog)
-        self._acceptors.append(Acceptor(sock, lambda: ClientSide(self)))
+        self._acceptors.append(
+            Acceptor(sock, lambda: ClientSide(self), self if self.tls is not None else None)
+        )
         self._listen_ports.add(sock.getsockname()[1])
         return sock
 
@@ -197,10 +423,11 @@ class Proxy:
 
     # ------------------------------------------------------------ per connection
 
-    def open_pipe(self, transport: asyncio.Transport) -> Pipe | None:
-        loop = asyncio.get_running_loop()
-        peer = transport.get_extra_info("peername")
-        local = transport.get_extra_info("sockname")
+    def _connection(
+        self, peer: Address, local: Address
+    ) -> tuple[str, int, str, int, Side, Side, ConnectionPolicy] | None:
+        """Who is connecting to what, and the policy of that connection; None for
+        a direct connection to the proxy port itself, not a redirected flow."""
         src_ip, src_port = _v4(peer[0]), peer[1]
         if self.upstream is not None:
             dst_ip, dst_port, dst_ep = (
@@ -215,14 +442,104 @@ class Proxy:
                 and self.state.current.endpoints_by_ip.get(dst_ip) is None
                 and _is_local(dst_ip)
             ):
-                # A direct connection to the proxy port itself, not a redirected flow.
-                self.stats.connections_refused += 1
                 return None
         state = self.state
         src = state.side(src_ip, src_port)
         dst = state.side(dst_ip, dst_port, dst_ep)
-        policy = state.connection(src, dst)
-        identities = state.current.identities
+        return src_ip, src_port, dst_ip, dst_port, src, dst, state.connection(src, dst)
+
+    # ------------------------------------------------------------ TLS termination
+
+    @property
+    def terminates(self) -> bool:
+        return self.tls is not None and self.tls.terminates
+
+    def tls_context(
+        self, peer: Address, local: Address
+    ) -> tuple[ssl.SSLContext, ConnectionPolicy | None] | None:
+        """Terminate this connection's TLS? Its port's ``terminatingTLS`` (or the
+        firewall's certificate) says so; a connection policy refuses is not
+        terminated, so that ``open_pipe`` refuses it without a handshake."""
+        if self.tls is None or not self.tls.terminates:
+            return None
+        known = self._connection(peer, local)
+        if known is None or not known[-1].l4.allowed:
+            return None
+        policy = known[-1]
+        tls = policy.tls
+        context = self.tls.server_context(
+            tls.terminating if tls is not None else None, policy.parser
+        )
+        if context is None:
+            return None
+        return context, policy if tls is not None and tls.server_names else None
+
+    def hello_judged(
+        self, peer: Address, local: Address, request: TlsClientHello, decision: Decision
+    ) -> None:
+        """The flow record of a terminated connection's judged ClientHello."""
+        known = self._connection(peer, local)
+        if known is None:
+            return
+        identities = self.state.current.identities
+        rec = now_fields()
+        rec.update(
+            type="l7",
+            protocol=request.protocol,
+            source=known[4].describe(identities),
+            destination=known[5].describe(identities),
+            l7=request.flow_fields(),
+            reply={} if decision.allowed else {"alert": "access_denied"},
+            verdict=decision.verdict,
+            policy=decision.policy,
+            rule=decision.rule,
+            reason=decision.reason,
+        )
+        self.flowlog.emit(rec)
+
+    def tls_failed(self, peer: Address, local: Address, exc: BaseException) -> None:
+        """A flow record for a handshake that failed (a client that does not trust
+        our certificate, a missing client certificate) or ran out of time."""
+        self.stats.tls_handshake_failures += 1
+        known = self._connection(peer, local)
+        if known is None:
+            return
+        src, dst = known[4], known[5]
+        identities = self.state.current.identities
+        timed_out = isinstance(exc, TimeoutError)
+        limit = TLS_HANDSHAKE_TIMEOUT if timed_out else getattr(exc, "limit", None)
+        if timed_out:
+            reason = f"TLS handshake not complete {self.handshake_timeout:g} s after the connection"
+        elif isinstance(exc, ProtocolError):  # refused from its first bytes, by parsers/tls
+            reason = f"ClientHello refused: {exc}"
+        else:
+            reason = f"TLS handshake failed: {_tls_reason(exc)}"
+        log.info("%s:%s: %s", peer[0], peer[1], reason)
+        rec = now_fields()
+        rec.update(
+            type="limit" if limit else "tls",
+            protocol="tls",
+            source=src.describe(identities),
+            destination=dst.describe(identities),
+            verdict="DROPPED",
+            reason=reason,
+        )
+        if limit:
+            rec["limit"] = limit
+        self.flowlog.emit(rec)
+
+    # ------------------------------------------------------------ per connection
+
+    def open_pipe(self, transport: asyncio.Transport) -> Pipe | None:
+        loop = asyncio.get_running_loop()
+        known = self._connection(
+            transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+        )
+        if known is None:
+            self.stats.connections_refused += 1
+            return None
+        src_ip, _src_port, dst_ip, dst_port, src, dst, policy = known
+        identities = self.state.current.identities
         src_info, dst_info = src.describe(identities), dst.describe(identities)
         if not policy.l4.allowed:
             self.stats.connections_refused += 1
@@ -237,6 +554,26 @@ class Proxy:
             )
             self.flowlog.emit(rec)
             return None
+        # A terminated session: what it negotiated goes into every flow record,
+        # and the upstream is asked for the same server name and protocol.
+        session: dict[str, Any] | None = None
+        upstream_tls: ssl.SSLContext | None = None
+        server_name: str | None = None
+        if self.tls is not None and (self.tls.terminates or self.tls.originates):
+            ssl_object = transport.get_extra_info("ssl_object")
+            alpn = None
+            if ssl_object is not None:
+                session = session_fields(ssl_object)
+                server_name, alpn = session["sni"], session["alpn"]
+            elif policy.parser == "http":
+                alpn = "http/1.1"  # a cleartext client: HTTP/2 upstream needs ALPN h2
+            tls = policy.tls
+            upstream_tls = self.tls.client_context(
+                tls.originating if tls is not None else None, alpn
+            )
+        # The name the upstream's certificate must have (and its SNI): the one the
+        # client asked us for, else the firewall's --upstream-server-name, else its address.
+        upstream_name = server_name or (self.tls and self.tls.upstream_server_name) or dst_ip
         parser = policy.parser
         engine: Engine = (
             engine_factory(parser)(policy.decide, max_pending=self.limits.max_pending_requests)
@@ -245,7 +582,9 @@ class Proxy:
         )
 
         def connect(pipe: Pipe) -> asyncio.Task[None]:
-            return loop.create_task(self._connect_upstream(pipe, src_ip, dst_ip, dst_port))
+            return loop.create_task(
+                self._connect_upstream(pipe, src_ip, dst_ip, dst_port, upstream_tls, upstream_name)
+            )
 
         pipe = Pipe(
             loop,
@@ -262,6 +601,7 @@ class Proxy:
             # into a trap for its next SYN (docs/restarts.md): transparent mode only.
             reset_if_killed=self.upstream is None,
             budget=self.held,
+            tls=session,
         )
         # (TCP_NODELAY: uvloop and asyncio both set it on every TCP transport.)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
@@ -290,22 +630,39 @@ class Proxy:
         self._peak_pipes = len(self._pipes)
         give_memory_back()
 
-    async def _connect_upstream(self, pipe: Pipe, src_ip: str, dst_ip: str, dst_port: int) -> None:
+    async def _connect_upstream(
+        self,
+        pipe: Pipe,
+        src_ip: str,
+        dst_ip: str,
+        dst_port: int,
+        tls: ssl.SSLContext | None = None,
+        server_name: str = "",
+    ) -> None:
         loop = asyncio.get_running_loop()
+        # originatingTLS: the handshake is part of connecting, under the same deadline.
+        tls_args: dict[str, Any] = (
+            {"ssl": tls, "server_hostname": server_name} if tls is not None else {}
+        )
         try:
             if self.upstream is not None:
-                coro = loop.create_connection(lambda: ServerSide(pipe), dst_ip, dst_port)
+                coro = loop.create_connection(
+                    lambda: ServerSide(pipe), dst_ip, dst_port, **tls_args
+                )
             else:
-                coro = self._transparent_connect(pipe, src_ip, dst_ip, dst_port)
+                coro = self._transparent_connect(pipe, src_ip, dst_ip, dst_port, tls_args)
             await asyncio.wait_for(coro, self.limits.connect_timeout)
         except (TimeoutError, OSError) as exc:
             if pipe.closing:
                 return  # nobody is waiting for this upstream any more
             self.stats.upstream_failures += 1
-            log.info("upstream %s:%s unreachable: %s", dst_ip, dst_port, exc or "timeout")
-            pipe.close(f"upstream unreachable: {exc or 'timeout'}")
+            why = _tls_reason(exc) if isinstance(exc, ssl.SSLError) else exc or "timeout"
+            log.info("upstream %s:%s unreachable: %s", dst_ip, dst_port, why)
+            pipe.close(f"upstream unreachable: {why}")
 
-    async def _transparent_connect(self, pipe: Pipe, src_ip: str, dst_ip: str, dst_port: int):
+    async def _transparent_connect(
+        self, pipe: Pipe, src_ip: str, dst_ip: str, dst_port: int, tls_args: dict[str, Any]
+    ):
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
@@ -324,7 +681,7 @@ class Proxy:
             if pipe.closing:
                 sock.close()
                 return None
-            return await loop.create_connection(lambda: ServerSide(pipe), sock=sock)
+            return await loop.create_connection(lambda: ServerSide(pipe), sock=sock, **tls_args)
         except BaseException:
             sock.close()
             raise
@@ -361,6 +718,19 @@ def make_listener(
 
 def _v4(ip: str) -> str:
     return ip[7:] if ip.startswith("::ffff:") else ip
+
+
+class _Denied(Exception):
+    """A ClientHello policy denied: answered, and recorded, already."""
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """OpenSSL's short reason (CERTIFICATE_VERIFY_FAILED, ...) and its detail."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return exc.reason
+    return str(exc) or type(exc).__name__
 
 
 def _is_local(ip: str) -> bool:

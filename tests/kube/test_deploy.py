@@ -26,6 +26,9 @@ MODELS = {
     ("apps/v1", "DaemonSet"): "V1DaemonSet",
     ("rbac.authorization.k8s.io/v1", "ClusterRole"): "V1ClusterRole",
     ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"): "V1ClusterRoleBinding",
+    ("v1", "Namespace"): "V1Namespace",
+    ("rbac.authorization.k8s.io/v1", "Role"): "V1Role",
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): "V1RoleBinding",
     ("apiextensions.k8s.io/v1", "CustomResourceDefinition"): "V1CustomResourceDefinition",
 }
 
@@ -129,3 +132,23 @@ def test_the_containerfile_copies_what_exists() -> None:
         for name in names:
             assert (REPO / name).exists(), name
     assert Path(REPO / "pyproject.toml").read_text().count("kubernetes_asyncio==") == 1
+
+
+def test_tls_secrets_are_read_from_one_namespace_into_memory_only() -> None:
+    [role] = by_kind("Role")
+    [binding] = by_kind("RoleBinding")
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "l7proxy-secrets"
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]}
+    ]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "l7proxy", "namespace": "kube-system"}
+    ]
+    [daemonset] = by_kind("DaemonSet")
+    pod = daemonset["spec"]["template"]["spec"]
+    [agent] = pod["containers"]
+    assert "--tls-secrets-dir=/run/l7proxy/secrets" in agent["args"]
+    mount = next(m for m in agent["volumeMounts"] if m["mountPath"] == "/run/l7proxy/secrets")
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["emptyDir"]["medium"] == "Memory"

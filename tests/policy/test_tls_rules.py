@@ -148,13 +148,42 @@ def port_rule(body: str) -> str:
         ),
         (
             'ports: [{port: "443"}]\nterminatingTLS: {secret: {name: tls}}',
-            "spec.ingress[0].toPorts[0].terminatingTLS",
-            "issue 12, part 2",
+            "spec.ingress[0].toPorts[0].rules",
+            "need L7 rules that name the protocol inside the TLS",
         ),
         (
-            'ports: [{port: "443"}]\noriginatingTLS: {secret: {name: ca}}',
+            'ports: [{port: "443"}]\noriginatingTLS: {secret: {name: ca}}\nrules: {http: [{}]}',
             "spec.ingress[0].toPorts[0].originatingTLS",
-            "issue 12, part 2",
+            "originatingTLS needs terminatingTLS",
+        ),
+        (
+            'ports: [{port: "443"}]\nterminatingTLS: {secret: {name: tls}}\n'
+            "serverNames: [a.example]\nrules: {http: []}",
+            "spec.ingress[0].toPorts[0].rules",
+            "the rules for the cleartext must be written out",
+        ),
+        (
+            'ports: [{port: "443"}]\nterminatingTLS: {secret: {name: Api_TLS}}\n'
+            "rules: {http: [{}]}",
+            "spec.ingress[0].toPorts[0].terminatingTLS.secret.name",
+            "'Api_TLS' is not a Kubernetes object name",
+        ),
+        (
+            'ports: [{port: "443"}]\nterminatingTLS: {certificate: tls.crt}\nrules: {http: [{}]}',
+            "spec.ingress[0].toPorts[0].terminatingTLS.secret",
+            "required",
+        ),
+        (
+            'ports: [{port: "443"}]\nterminatingTLS: {secret: {name: t}, privateKey: ../k}\n'
+            "rules: {http: [{}]}",
+            "spec.ingress[0].toPorts[0].terminatingTLS.privateKey",
+            "'../k' is not an item of a secret",
+        ),
+        (
+            'ports: [{port: "443"}]\nterminatingTLS: {secret: {name: t}, key: tls.key}\n'
+            "rules: {http: [{}]}",
+            "spec.ingress[0].toPorts[0].terminatingTLS.key",
+            "unknown field",
         ),
         (
             'ports: [{port: "443"}]\nserverNames: [ok.example, "a.*.example"]',
@@ -197,6 +226,9 @@ def test_the_example_policies_validate():
     assert {p.name for p in load_paths(sorted(POLICIES.glob("tls-*.yaml")))} == {
         "payments-egress-tls",
         "tls-frontend",
+        "orders-https",
+        "kafka-tls",
+        "payments-egress-https",
     }
 
 
@@ -359,3 +391,30 @@ def test_trace_refuses_a_malformed_tls_argument():
         timeout=60,
     )
     assert proc.returncode == 2 and "expected 'SERVER-NAME [ALPN,...] [ech]'" in proc.stderr
+
+
+def test_trace_names_the_secrets_of_a_terminated_port_and_judges_the_cleartext():
+    code, result = trace_json(
+        "--policy", str(POLICIES / "tls-terminate-http.yaml"), "--from", "203.0.113.9",
+        "--to", "app=orders", "--port", "8443", "--http", "DELETE /v1/orders",
+    )  # fmt: skip
+    assert code == 1
+    assert result["l3l4"]["tls"] == {
+        "terminating": "shop/orders-tls",
+        "originating": "shop/orders-ca",
+    }
+    assert result["l3l4"]["parser"] == "http"
+    assert result["verdict"]["verdict"] == "DENIED"
+
+
+def test_server_names_on_a_terminated_port_join_the_rules_of_the_cleartext():
+    (policy,) = load_text(
+        port_rule(
+            'ports: [{port: "443"}]\nterminatingTLS: {secret: {name: tls}}\n'
+            "serverNames: [a.example]\nrules: {http: [{method: GET}]}"
+        )
+    )
+    (pr,) = policy.rules[0].to_ports
+    assert pr.parser == "http"  # the cleartext's engine
+    assert pr.tls is not None and pr.tls.server_names
+    assert [ref.kind.key for ref in pr.l7] == ["http", "serverNames"]

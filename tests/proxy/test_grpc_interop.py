@@ -2,7 +2,9 @@
 
 Each scenario runs twice, directly against the server and through the
 firewall, and the results must be identical; values the interop spec fixes
-(payload sizes, echoed metadata, status codes) are checked as well.
+(payload sizes, echoed metadata, status codes) are checked as well. The whole
+matrix runs twice: in cleartext, and with the client's TLS terminated by the
+firewall (grpcio's TLS credentials, ALPN h2, a certificate made by the test).
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from tests.support.grpc_interop import (  # noqa: E402
     ECHO_INITIAL,
     ECHO_TRAILING,
     RUNNING_SERVERS,
+    channel_for,
     interop,
     interop_server,
     stub_for,
 )
+from tests.support.tls import make_pki  # noqa: E402
 
 LABELS = {"app": "interop"}
 # Everything in TestService except CacheableUnaryCall (and nothing from other services).
@@ -50,16 +54,40 @@ def pb():
     return interop()
 
 
-@pytest.fixture(scope="module")
-def targets(pb):
+TLS_NAME = "interop.example.com"
+
+
+@pytest.fixture(scope="module", params=["cleartext", "tls"])
+def targets(request, pb, tmp_path_factory):
+    """The interop server, and the firewall in front of it: cleartext, or terminating
+    the client's TLS (the server behind it speaks cleartext HTTP/2)."""
+    tls, args = None, []
+    if request.param == "tls":
+        pki = make_pki(tmp_path_factory.mktemp("pki"), [TLS_NAME])
+        tls = (pki.ca.read_bytes(), TLS_NAME)
+        args = ["--tls-cert", str(pki.cert), "--tls-key", str(pki.key)]
     with (
         interop_server() as port,
-        running_firewall(POLICY.format(port=port), ("127.0.0.1", port), LABELS) as fw,
+        running_firewall(
+            POLICY.format(port=port), ("127.0.0.1", port), LABELS, extra_args=args
+        ) as fw,
     ):
         direct_channel, direct = stub_for("127.0.0.1", port)
-        proxy_channel, proxied = stub_for(fw.host, fw.port)
+        proxy_channel, proxied = stub_for(fw.host, fw.port, tls=tls)
+
+        def channel(**kwargs):
+            """Another channel to the firewall, as the client of this run speaks."""
+            return channel_for(fw.host, fw.port, tls=tls, **kwargs)
+
         try:
-            yield {"direct": direct, "proxy": proxied, "firewall": fw, "port": port}
+            yield {
+                "direct": direct,
+                "proxy": proxied,
+                "firewall": fw,
+                "port": port,
+                "tls": tls is not None,
+                "channel": channel,
+            }
         finally:
             direct_channel.close()
             proxy_channel.close()
@@ -305,6 +333,10 @@ def test_denied_method_is_permission_denied_and_others_keep_working(targets, pb)
     assert verdicts.count(("UnaryCall", "FORWARDED")) >= 3
     denied_reply = next(r["reply"] for r in records if r["verdict"] == "DENIED")
     assert denied_reply["grpc_status"] == 7
+    if targets["tls"]:  # the denial was sent inside the client's TLS session
+        assert {(r["tls"]["sni"], r["tls"]["alpn"]) for r in records} == {(TLS_NAME, "h2")}
+    else:
+        assert all("tls" not in r for r in records)
     ok_reply = [r["reply"] for r in records if r["verdict"] == "FORWARDED"][-1]
     assert (
         ok_reply["status"],
@@ -329,7 +361,7 @@ def test_denied_client_stream_body_never_reaches_server(targets, pb):
 
     # Deny-by-omission: HalfDuplexCall matches ".*(Output|Input|Duplex)Call", so use another
     # service.
-    channel = grpc.insecure_channel(f"{targets['firewall'].host}:{targets['firewall'].port}")
+    channel = targets["channel"]()
     try:
         call = channel.stream_stream("/grpc.testing.OtherService/Chat")(endless(), timeout=10)
         code = outcome(lambda: list(call))[0]
@@ -409,17 +441,19 @@ def test_a_client_that_stops_reading_stops_the_server_not_the_proxys_memory(targ
 def test_compressed_messages_and_keepalive_pings(targets, pb):
     """gzip-compressed messages (flag byte 1) and client keepalive PINGs pass unchanged."""
     m = pb.messages_pb2
-    fw = targets["firewall"]
     options = [
         ("grpc.keepalive_time_ms", 200),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     ]
 
-    def run(host, port):
-        channel = grpc.insecure_channel(
-            f"{host}:{port}", options=options, compression=grpc.Compression.Gzip
-        )
+    def run(through_proxy: bool):
+        if through_proxy:
+            channel = targets["channel"](options=options, compression=grpc.Compression.Gzip)
+        else:
+            channel = channel_for(
+                "127.0.0.1", targets["port"], options=options, compression=grpc.Compression.Gzip
+            )
         try:
             stub = pb.test_pb2_grpc.TestServiceStub(channel)
             sizes = []
@@ -434,4 +468,4 @@ def test_compressed_messages_and_keepalive_pings(targets, pb):
         finally:
             channel.close()
 
-    assert run(fw.host, fw.port) == run("127.0.0.1", targets["port"]) == [50_000] * 3
+    assert run(True) == run(False) == [50_000] * 3

@@ -205,10 +205,32 @@ def interop_server(workers: int = 16):
         server.stop(grace=None).wait(5)
 
 
-def stub_for(host: str, port: int):
-    """A TestService stub on a fresh channel (plaintext, prior-knowledge HTTP/2)."""
+def channel_for(
+    host: str,
+    port: int,
+    *,
+    tls: tuple[bytes, str] | None = None,
+    options: list[tuple[str, object]] | None = None,
+    compression=None,
+):
+    """A channel: plaintext with prior-knowledge HTTP/2, or with ``tls=(CA PEM, server
+    name)`` over TLS (ALPN h2), verifying the server's certificate for that name."""
     import grpc
 
+    options = CHANNEL_OPTIONS + list(options or [])
+    if tls is None:
+        return grpc.insecure_channel(f"{host}:{port}", options=options, compression=compression)
+    ca, name = tls
+    return grpc.secure_channel(
+        f"{host}:{port}",
+        grpc.ssl_channel_credentials(root_certificates=ca),
+        options=[*options, ("grpc.ssl_target_name_override", name)],
+        compression=compression,
+    )
+
+
+def stub_for(host: str, port: int, *, tls: tuple[bytes, str] | None = None):
+    """A TestService stub on a fresh channel (see ``channel_for``)."""
     pb = interop()
-    channel = grpc.insecure_channel(f"{host}:{port}", options=CHANNEL_OPTIONS)
+    channel = channel_for(host, port, tls=tls)
     return channel, pb.test_pb2_grpc.TestServiceStub(channel)

@@ -90,6 +90,7 @@ RESOURCES = {
     for r in (
         Resource("", "v1", "pods", "Pod", True, False),
         Resource("", "v1", "namespaces", "Namespace", False, False),
+        Resource("", "v1", "secrets", "Secret", True, False),
         Resource("cilium.io", "v2", "ciliumnetworkpolicies", "CiliumNetworkPolicy", True, True),
         Resource(
             "cilium.io",

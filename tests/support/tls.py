@@ -85,13 +85,18 @@ def tls_origin(
     port: int | None = None,
     prefix: Sequence[str] = (),
     ecdh_curve: str | None = None,
+    client_ca: Path | None = None,
 ) -> Iterator[Origin]:
     """nginx serving TLS 1.2 and 1.3 with ``pki``'s certificate, HTTP/2 and HTTP/1.1 by ALPN,
     on ``host:port`` (``prefix``: run it through e.g. ``ip netns exec NS``). Every response
-    body is ``hello <the SNI nginx saw> <HTTP version>``. ``ecdh_curve="prime256v1"``: a
+    body is ``hello <the SNI nginx saw> <HTTP version>`` (and ``client_ca``: the client
+    certificate's subject, which nginx then requires). ``ecdh_curve="prime256v1"``: a
     client that offers an X25519 key share (OpenSSL's default) gets a HelloRetryRequest."""
     exe = shutil.which("nginx") or "/usr/sbin/nginx"
     port = port or free_port()
+    # With client_ca: clients must present a certificate it signed, and the body ends
+    # with the subject nginx verified.
+    client_dn = " $ssl_client_s_dn" if client_ca else ""
     root = workdir / "nginx"
     root.mkdir(parents=True, exist_ok=True)
     # nginx drops privileges to nobody when root; the files are ours, so stay ourselves.
@@ -118,7 +123,8 @@ http {{
         ssl_certificate_key {pki.key};
         ssl_protocols TLSv1.2 TLSv1.3;
         {f"ssl_ecdh_curve {ecdh_curve};" if ecdh_curve else ""}
-        location / {{ return 200 "hello $ssl_server_name $server_protocol\\n"; }}
+        {f"ssl_client_certificate {client_ca}; ssl_verify_client on;" if client_ca else ""}
+        location / {{ return 200 "hello $ssl_server_name $server_protocol{client_dn}\\n"; }}
     }}
 }}
 """)
@@ -155,3 +161,38 @@ http {{
             proc.kill()
             proc.wait()
         log.close()
+
+
+def make_leaf(
+    pki: Pki,
+    stem: str,
+    *,
+    dns: Sequence[str] = (),
+    uris: Sequence[str] = (),
+    ips: Sequence[str] = (),
+    subject: str | None = None,
+    client: bool = False,
+) -> tuple[Path, Path]:
+    """Another certificate signed by ``pki``'s CA, beside it: ``stem.pem`` and
+    ``stem.key``. ``client=True`` makes a client certificate (clientAuth); ``uris``
+    become URI subjectAltNames (a SPIFFE ID: ``spiffe://example.org/ns/a/sa/b``), ``ips``
+    IP ones (for clients that check the address they dialled, as Kafka's do)."""
+    directory = pki.ca.parent
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
+    cn = subject or f"/CN={(dns or [stem])[0]}"
+    openssl("req", *ec, "-keyout", f"{stem}.key", "-out", f"{stem}.csr", "-subj", cn)
+    sans = [f"DNS:{n}" for n in dns] + [f"URI:{u}" for u in uris] + [f"IP:{i}" for i in ips]
+    (directory / f"{stem}.ext").write_text(
+        (f"subjectAltName={','.join(sans)}\n" if sans else "")
+        + f"extendedKeyUsage={'clientAuth' if client else 'serverAuth'}\n"
+        "basicConstraints=CA:FALSE\n"
+    )
+    openssl(
+        "x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", f"{stem}.pem", "-days", "2", "-extfile", f"{stem}.ext",
+    )  # fmt: skip
+    return directory / f"{stem}.pem", directory / f"{stem}.key"
