@@ -26,8 +26,10 @@ CIDR identities stay node-local (``policy.identity.IdentityAllocator.for_cidr``)
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import logging
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +118,23 @@ def read_etcd_config(path: Path) -> EtcdSettings:
         prefix=str(doc.get("prefix") or DEFAULT_PREFIX),
         cluster=str(doc.get("cluster") or DEFAULT_CLUSTER),
     )
+
+
+def identities_digest(identities: Mapping[int, Mapping[str, str]]) -> str:
+    """A short digest of an identity table (number -> labels, as stored in etcd):
+    nodes that hold the same table show the same digest in ``l7proxy status``."""
+    h = hashlib.sha256()
+    for number, labels in sorted(identities.items()):
+        h.update(f"{number}={encode_labels(labels)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def ipcache_digest(ipcache: Mapping[str, int]) -> str:
+    """The same for the ipcache (address -> identity)."""
+    h = hashlib.sha256()
+    for ip, identity in sorted(ipcache.items()):
+        h.update(f"{ip}={identity}\n".encode())
+    return h.hexdigest()[:16]
 
 
 class LocalEndpoint(Protocol):
@@ -270,7 +289,12 @@ class ClusterLink:
             "synced": self.store.synced,
             "identities": len(self.store.identities),
             "ipcache": len(self.store.ipcache),
+            "identities_digest": identities_digest(self.store.identities),
+            "ipcache_digest": ipcache_digest(
+                {ip: e.identity for ip, e in self.store.ipcache.items()}
+            ),
             "nodes": sorted(self.store.nodes),
+            "ipcache_by_node": dict(Counter(e.node for e in self.store.ipcache.values())),
             "own_identities": len(self._held),
             "own_ips": len(self._published),
             "waiting": self.last.waiting,
