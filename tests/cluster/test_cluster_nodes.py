@@ -263,6 +263,11 @@ def test_a_policy_object_with_an_error_gets_a_status_and_changes_nothing(
     assert cluster.curl(fleet.xwing, "POST", fleet.deathstar, "/v1/request-landing") is None
 
 
+def relists_gone(status: dict | None) -> int:
+    """How often an agent listed Kubernetes again after a 410 Gone, over its watches."""
+    return sum(w["relists_gone"] for w in (status or {})["kubernetes"]["watches"].values())
+
+
 class Prober:
     """Asks the same two questions over and over from a thread, and keeps every answer
     (the one that gets no answer waits 0.5 s for it)."""
@@ -315,8 +320,17 @@ def test_an_etcd_restart_and_a_compaction_are_survived_without_a_policy_gap(
             for n in cluster.nodes
         }
         cluster.etcd.compact()
-        # a compaction ends no open watch; an agent that lost its watch meanwhile lists
-        # from a fresh revision: either way the nodes stay in step with etcd
+        # A compaction ends no open watch. The API server's watches are resumed from
+        # their resourceVersion, which is gone now: 410, and every agent lists again.
+        gone_before = {n: relists_gone(cluster.nodes[n].status()) for n in cluster.nodes}
+        assert cluster.kube_api is not None
+        cluster.kube_api.drop_watches()
+        for name in cluster.nodes:
+            cluster.nodes[name].agent.wait_status(
+                lambda s, n=name: relists_gone(s) > gone_before[n],
+                20,
+                f"{name} re-listed Kubernetes after 410 Gone",
+            )
         wait_agreement(cluster, 20)
         time.sleep(0.5)
     assert len(prober.answers) >= 5
