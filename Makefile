@@ -3,13 +3,17 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test check lint typecheck bench fuzz conformance clean
+.PHONY: setup demo demo-cluster test check lint typecheck bench fuzz conformance clean
 
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
 	$(PY) -m l7proxy.demo
+
+# The same scenario across three nodes: agents, etcd and the Kubernetes API test double.
+demo-cluster: setup
+	$(PY) -m tests.support.demo_cluster
 
 # The style is enforced before a single test runs: lint, format, types.
 test: setup check
