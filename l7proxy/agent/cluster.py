@@ -47,7 +47,14 @@ from l7proxy.cluster.keys import (
     without_source,
 )
 from l7proxy.cluster.kv import KvError
-from l7proxy.cluster.store import Change, ClusterConfig, ClusterStore, Renumbered
+from l7proxy.cluster.store import (
+    Change,
+    ClusterConfig,
+    ClusterStore,
+    IdentityChange,
+    IpChange,
+    Renumbered,
+)
 from l7proxy.policy.identity import Identity, IdentityAllocator
 from l7proxy.policy.namespaces import NAMESPACE_LABEL
 
@@ -172,6 +179,10 @@ class ClusterLink:
         self.syncs = 0
         self.renumbered = 0
         self._unsubscribe: Callable[[], None] | None = None
+        # What the compiler takes, kept up to date change by change: converting 100,000
+        # addresses on every recompile cost a second (bench/cluster_kvstore.py).
+        self._identities: dict[int, Identity] = {}
+        self._prefixes: dict[str, tuple[ipaddress.IPv4Network, int]] = {}
 
     async def start(self, timeout: float = 30.0) -> None:
         self._unsubscribe = self.store.subscribe(self._changed)
@@ -186,7 +197,21 @@ class ClusterLink:
         await self.store.stop(revoke=revoke)
 
     def _changed(self, change: Change) -> None:
-        if isinstance(change, Renumbered):
+        if isinstance(change, IpChange):
+            if change.entry is None:
+                self._prefixes.pop(change.ip, None)
+            else:
+                addr = ipaddress.ip_address(change.ip)
+                if isinstance(addr, ipaddress.IPv4Address):
+                    net = ipaddress.IPv4Network((int(addr), 32))
+                    self._prefixes[change.ip] = (net, change.entry.identity)
+        elif isinstance(change, IdentityChange):
+            if change.labels is None:
+                self._identities.pop(change.number, None)
+            else:
+                labels = tuple(sorted(without_source(change.labels).items()))
+                self._identities[change.number] = Identity(change.number, labels, "endpoint")
+        elif isinstance(change, Renumbered):
             self.renumbered += 1
             log.warning(
                 "identity of %s renumbered %d -> %d (collected while our lease was gone)",
@@ -258,13 +283,11 @@ class ClusterLink:
 
     def identities(self) -> list[Identity]:
         """Every node's identities, labelled as selectors match them."""
-        return [
-            Identity(number, tuple(sorted(without_source(labels).items())), "endpoint")
-            for number, labels in sorted(self.store.identities.items())
-        ]
+        return list(self._identities.values())
 
     def ipcache(self) -> dict[ipaddress.IPv4Network, int]:
-        return self.store.ipcache_prefixes()
+        """Every node's pod addresses (IPv4), as host prefixes -> identity."""
+        return dict(self._prefixes.values())
 
     def allocator(self, node_local: IdentityAllocator) -> IdentityAllocator:
         """An allocator that knows every cluster identity (for flow logs and
