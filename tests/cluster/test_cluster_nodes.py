@@ -8,6 +8,7 @@ run in file order, and the last one kills an agent.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -341,6 +342,70 @@ def test_an_etcd_restart_and_a_compaction_are_survived_without_a_policy_gap(
             cluster_status(cluster, name)["store"]["watches"]["ipcache"]["lists"]
             >= (lists_after_restart[name])
         )
+
+
+def test_an_agent_taken_over_on_its_node_keeps_its_keys(cluster: TestCluster, fleet: Fleet) -> None:
+    """A new agent on node-2 takes over from the running one (docs/restarts.md): it writes
+    the same keys on its own lease before the old one revokes its lease, so no other node
+    ever sees node-2's pods go."""
+    node = cluster.nodes["node-2"]
+    old = node.agent.agent
+    assert old is not None
+    etcd_before, _ = etcd_view(cluster)
+    events: list[tuple[bool, str]] = []
+    watching = threading.Event()
+    watcher = threading.Thread(target=watch_keys, args=(cluster, events, watching), daemon=True)
+    watcher.start()
+    assert watching.wait(10)
+    node.agent.agent = node.agent.spawn(
+        [*node.agent.l7proxy, "--state-dir", str(node.agent.store.root), "run"] + node.agent_args,
+        "agent running",
+        "agent-successor",
+        timeout=60,
+    )
+    assert old.wait(timeout=60) == 0  # drained and gone
+    new_status = node.agent.wait_status(
+        lambda s: s and s["pid"] == node.agent.agent.pid and s["cluster"]["synced"],
+        15,
+        "the successor's status",
+    )
+    watcher.join(15)
+    assert not watcher.is_alive()
+    tie_key = f"{cluster.prefix}/ip/v1/default/{fleet.tiefighter.ip}"
+    assert (False, tie_key) in events  # the successor wrote node-2's keys on its lease...
+    assert [key for deleted, key in events if deleted] == []  # ...and none went away
+    identities, ipcache = etcd_view(cluster)
+    assert identities == etcd_before
+    assert ipcache[fleet.tiefighter.ip].node == "node-2"
+    assert new_status["cluster"]["store"]["lease"] != ""
+    assert cluster.curl(fleet.tiefighter, "POST", fleet.deathstar, "/v1/request-landing") == 200
+    wait_agreement(cluster)
+
+
+def watch_keys(
+    cluster: TestCluster,
+    events: list[tuple[bool, str]],
+    watching: threading.Event,
+    seconds: float = 10.0,
+) -> None:
+    """Every (deleted, key) event under the cluster's prefix for ``seconds``."""
+    assert cluster.etcd is not None
+    kv = Etcd(cluster.etcd.host, cluster.etcd.port, rate=0)
+
+    async def watch() -> None:
+        await kv.connect()
+        try:
+            _, revision = await kv.list_prefix(cluster.prefix.encode(), keys_only=True)
+            async with asyncio.timeout(seconds):
+                async for batch in kv.watch(cluster.prefix.encode(), revision + 1):
+                    watching.set()  # the first reply is the watch's creation
+                    events.extend((e.deleted, e.kv.key.decode()) for e in batch)
+        except TimeoutError:
+            pass
+        finally:
+            await kv.close()
+
+    asyncio.run(watch())
 
 
 def test_a_killed_agent_s_keys_and_its_pods_addresses_expire(
