@@ -139,8 +139,8 @@ class TestCluster:
         pod_net = free_test_network()
         while pod_net == self.bridge_net or any(n.pod_net == pod_net for n in self.nodes.values()):
             pod_net = free_test_network()
+        self._namespaces.append(netns)  # before it exists: an interrupt may come in between
         ip("netns", "add", netns)
-        self._namespaces.append(netns)
         veth = f"l7cn{self.tag}{index}"
         ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
         ip("link", "set", veth, "master", self.bridge, "up")
@@ -177,8 +177,8 @@ class TestCluster:
         netns = f"l7c-{self.tag}-{name}"
         veth = f"lxc{self.tag}{self._pod_count:02d}"
         address = str(node.pod_net[10 + len(node.pods)])
+        self._namespaces.insert(0, netns)  # before it exists, as above
         ip("netns", "add", netns)
-        self._namespaces.insert(0, netns)
         ip(
             "-n",
             node.netns,
