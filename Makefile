@@ -5,7 +5,7 @@ PYTEST_ARGS ?=
 
 UI ?= 127.0.0.1:9964
 
-.PHONY: setup demo demo-ui ui-screenshot test check lint typecheck bench fuzz conformance clean
+.PHONY: setup demo demo-ui demo-cluster ui-screenshot test check lint typecheck bench fuzz conformance clean
 
 setup:
 	@bash scripts/setup.sh
@@ -16,6 +16,10 @@ demo: setup
 # The demo with the agent's web UI on $(UI), traffic going until Ctrl-C (docs/ui.md).
 demo-ui: setup
 	$(PY) -m l7proxy.demo --ui $(UI)
+
+# The same scenario across three nodes: agents, etcd and the Kubernetes API test double.
+demo-cluster: setup
+	$(PY) -m tests.support.demo_cluster
 
 # Refresh docs/ui-screenshot.png from the browser test's workload.
 ui-screenshot: setup

@@ -844,3 +844,92 @@ int to_endpoint(struct __sk_buff *skb)
     ct_create(&p, CT_ALLOWED, &v, src_ep, dst_ep, rev);
     return TC_ACT_OK;
 }
+
+// Packets arriving from other nodes (tc ingress of a node device, `--devices`).
+// A new TCP flow to a local endpoint whose ingress rule sends it to the proxy is
+// handed over here, where sk_assign works (tc egress of the endpoint's veth, where
+// to_endpoint runs, cannot), and so are the later packets of that flow and the
+// answers of a remote server to the proxy's upstream socket. Everything else goes
+// on unjudged: to_endpoint judges it at the endpoint's veth as before.
+int from_netdev(struct __sk_buff *skb)
+{
+    struct packet p = {};
+    if (parse(skb, &p) != PARSED || p.related)
+        return TC_ACT_OK;
+    u32 dst_id, dst_ep;
+    resolve(p.daddr, &dst_id, &dst_ep);
+    if (!dst_ep)
+        return TC_ACT_OK;   // not for an endpoint of this node
+    u32 rev = policy_revision();
+    struct ct_key k;
+    int reply;
+    struct ct_value *ct = ct_lookup(&p, &k, &reply);
+    if (ct) {
+        u8 kind = ct->kind;
+        if (reply && (kind == CT_PROXY_UPSTREAM || kind == CT_REDIRECTED)) {
+            // A server on another node answers the proxy's transparent upstream socket.
+            if (assign_to_proxy(skb, &p, 0) == 0) {
+                count(C_PROXY_REPLIES, dst_ep);
+                ct_after(&p, &k);
+                return TC_ACT_OK;
+            }
+            struct verdict v = {.action = V_DROP, .reason = R_PROXY_REPLY_NO_SOCKET,
+                                .direction = DIR_INGRESS, .endpoint_id = dst_ep};
+            return drop(&p, &v, 0, 0, C_PROXY_UNAVAILABLE);
+        }
+        if (!reply && kind == CT_REDIRECTED) {
+            if (revalidate(&p, &k, ct, rev, reply) < 0)
+                return TC_ACT_SHOT;
+            u16 port = ct->proxy_port;
+            if (assign_to_proxy(skb, &p, port) == 0) {
+                count(C_CT_HITS, dst_ep);
+                ct_after(&p, &k);
+                return TC_ACT_OK;
+            }
+            struct verdict v = {.action = V_DROP, .reason = R_PROXY_UNAVAILABLE,
+                                .direction = DIR_INGRESS, .endpoint_id = dst_ep};
+            return drop(&p, &v, 0, 0, C_PROXY_UNAVAILABLE);
+        }
+        return TC_ACT_OK;
+    }
+    if (p.proto != IPPROTO_TCP)
+        return TC_ACT_OK;
+    u32 src_id, src_ep;
+    resolve(p.saddr, &src_id, &src_ep);
+    struct verdict v = {};
+    judge(src_ep, src_id, dst_ep, dst_id, &p, &v);
+    if (v.action != V_REDIRECT)
+        return TC_ACT_OK;   // allowed or dropped by to_endpoint, counted there
+    if (assign_to_proxy(skb, &p, v.proxy_port) < 0) {
+        v.action = V_DROP;
+        v.reason = R_PROXY_UNAVAILABLE;
+        return drop(&p, &v, src_id, dst_id, C_PROXY_UNAVAILABLE);
+    }
+    if (v.audited) {
+        count(C_AUDITED, v.endpoint_id);
+        report(&p, &v, src_id, dst_id);
+    }
+    count(C_REDIRECTED, v.endpoint_id);
+    ct_create(&p, CT_REDIRECTED, &v, src_ep, dst_ep, rev);
+    return TC_ACT_OK;
+}
+
+// Packets leaving for other nodes (tc egress of a node device): the proxy's
+// upstream connections to servers there are remembered, so that from_netdev hands
+// their answers to the proxy rather than to the endpoint whose address they carry.
+int to_netdev(struct __sk_buff *skb)
+{
+    if (!PROXY_MARK || skb->mark != PROXY_MARK)
+        return TC_ACT_OK;
+    struct packet p = {};
+    if (parse(skb, &p) != PARSED || p.proto != IPPROTO_TCP)
+        return TC_ACT_OK;
+    struct ct_key k;
+    int reply;
+    if (ct_lookup(&p, &k, &reply))
+        return TC_ACT_OK;
+    u32 src_id, src_ep;
+    resolve(p.saddr, &src_id, &src_ep);
+    ct_create(&p, CT_PROXY_UPSTREAM, 0, src_ep, 0, policy_revision());
+    return TC_ACT_OK;
+}

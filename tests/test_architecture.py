@@ -43,6 +43,7 @@ LAYERS: dict[str, set[str]] = {
         "l7proxy.proxy",
         "l7proxy.kube",
         "l7proxy.ui",
+        "l7proxy.cluster",
     },
     "l7proxy.demo": {"l7proxy.datapath", "l7proxy.node", "l7proxy.observe"},
     "l7proxy.cli": {
@@ -55,6 +56,7 @@ LAYERS: dict[str, set[str]] = {
         "l7proxy.agent",
         "l7proxy.kube",
         "l7proxy.ui",
+        "l7proxy.cluster",
         "l7proxy",
     },
     "l7proxy": set(),  # l7proxy/__init__.py: the version

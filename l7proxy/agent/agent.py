@@ -40,6 +40,7 @@ from l7proxy.node.store import FAMILIES, AgentState, Store
 from l7proxy.observe.flowlog import DEFAULT_ROTATION, FlowLog, Rotation, now_fields
 from l7proxy.policy.engine import CompiledPolicy, Endpoint, compile_policy
 from l7proxy.policy.errors import PolicyError
+from l7proxy.policy.identity import Identity
 from l7proxy.policy.model import EGRESS, INGRESS, Policy
 from l7proxy.policy.source import PolicySource
 from l7proxy.policy.state import PolicyState
@@ -50,6 +51,8 @@ from l7proxy.proxy.tls import TlsStore
 if TYPE_CHECKING:
     from kubernetes_asyncio.client import ApiClient
 
+    from l7proxy.agent.cluster import ClusterLink
+    from l7proxy.cluster.store import ClusterConfig
     from l7proxy.datapath.loader import Datapath
     from l7proxy.kube.source import KubeConfig, KubeSource
 
@@ -74,6 +77,8 @@ class Agent:
         drop_report_interval: float = 1.0,
         kube: KubeConfig | None = None,
         tls_secrets_dir: Path | None = None,
+        cluster: ClusterConfig | None = None,
+        devices: Sequence[str] = (),
     ):
         self.drop_report_interval = drop_report_interval
         # Kubernetes (``run --k8s``): pods on this node become endpoints, CNPs and
@@ -84,6 +89,15 @@ class Agent:
         self._kube_pods_changed = False
         self._kube_policies_changed = False
         self.pods_waiting: list[str] = []  # pods whose IP has no route to a link yet
+        # Cluster mode (``run --etcd``): endpoint identities and addresses in etcd, every
+        # node's in the policy and the BPF ipcache (l7proxy/agent/cluster.py).
+        self.cluster_config = cluster
+        self.cluster: ClusterLink | None = None
+        self._cluster_changed = False
+        self._cluster_retried = 0.0
+        # Node devices, where other nodes' traffic arrives: L7 redirects for it are made
+        # there (cluster mode; default: the links holding the node's addresses).
+        self.devices = list(devices)
         self._pods_retried = 0.0
         self.store = store
         self.predecessor = predecessor  # the running agent this one takes over from
@@ -152,6 +166,8 @@ class Agent:
             if self.kube_config is not None:
                 await self._start_kube(self.kube_config)
                 st = self.agent_state = self.store.read()
+            if self.cluster_config is not None:
+                await self._start_cluster(self.cluster_config, st)
             self.state = PolicyState(self._compile(st))
             self.proxy = Proxy(
                 self.state, self.flowlog, limits=self.limits, mark=st.proxy_mark, tls=self.tls
@@ -223,6 +239,45 @@ class Agent:
         self._merge_policies()
         await self._sync_pods()
 
+    async def _start_cluster(self, config: ClusterConfig, st: AgentState) -> None:
+        """Join the cluster before the first compile: every node's identities and
+        ipcache are listed, and ours are in etcd, when the maps are first written."""
+        from dataclasses import replace
+
+        from l7proxy.agent.cluster import ClusterLink
+
+        links = await self._kernel(netns.address_links)
+        if not config.node_ips:
+            config = replace(config, node_ips=tuple(str(ip) for _, ip in links))
+        if not self.devices:
+            self.devices = sorted({name for name, ip in links if str(ip) in config.node_ips})
+        log.info(
+            "cluster mode: node %s, addresses %s, devices %s",
+            config.node,
+            ", ".join(config.node_ips),
+            ", ".join(self.devices),
+        )
+        self.cluster = ClusterLink(config, self._on_cluster_change)
+        await self.cluster.start()
+        await self._sync_cluster(st)
+
+    def _on_cluster_change(self) -> None:
+        self._cluster_changed = True
+
+    async def _sync_cluster(self, st: AgentState) -> None:
+        assert self.cluster is not None
+        self._cluster_retried = time.monotonic()
+        before = self.cluster.last
+        report = await self.cluster.sync(st.endpoints)
+        for name in sorted(set(report.waiting) - set(before.waiting)):
+            log.warning("endpoint %s: waiting for its cluster-wide identity", name)
+
+    async def _stop_cluster(self) -> None:
+        cluster, self.cluster = self.cluster, None
+        if cluster is not None:
+            with contextlib.suppress(Exception):
+                await cluster.stop()
+
     def _kube_changed(self, what: str) -> None:
         if what == "pods":
             self._kube_pods_changed = True
@@ -260,6 +315,7 @@ class Agent:
         before its predecessor was told to drain only lets go: the predecessor
         still runs on the same programs, pins and route."""
         await self._stop_kube()
+        await self._stop_cluster()
         if self.control is not None:
             self.control.close()
         if self.proxy is not None:
@@ -320,6 +376,9 @@ class Agent:
         assert self.proxy is not None and self.datapath is not None
         proxy = self.proxy
         await self._stop_kube()  # the successor watches Kubernetes now
+        # Our keys are the successor's too (same node name: its writes moved them to
+        # its lease), so revoking ours takes away only what it no longer wants.
+        await self._stop_cluster()
         if self.control is not None:
             self.control.close()
             self.control = None
@@ -379,8 +438,13 @@ class Agent:
                 or (self.pods_waiting and time.monotonic() - self._pods_retried >= 1.0)
             ):
                 await self._sync_pods()
+            cluster_changed = self._cluster_changed or (
+                self.cluster is not None
+                and (self.cluster.last.waiting or self.cluster.last.error)
+                and time.monotonic() - self._cluster_retried >= 1.0
+            )
             stamp = self._watch_stamp()
-            if policies_changed or stamp != self._stamp:
+            if policies_changed or stamp != self._stamp or cluster_changed:
                 self._stamp = stamp
                 await self.reconcile()
             self.emit_drops(await self._kernel(self.datapath.poll_drops, 0))
@@ -413,10 +477,30 @@ class Agent:
 
     def _compile(self, st: AgentState) -> CompiledPolicy:
         alloc = st.allocator()
-        endpoints = [
-            Endpoint(e.id, e.name, alloc.for_labels(e.labels), ipaddress.IPv4Address(e.ip))
-            for e in st.endpoints
-        ]
+        remote: list[Identity] = []
+        remote_ipcache: dict[ipaddress.IPv4Network, int] = {}
+        if self.cluster is None:
+            endpoints = [
+                Endpoint(e.id, e.name, alloc.for_labels(e.labels), ipaddress.IPv4Address(e.ip))
+                for e in st.endpoints
+            ]
+        else:
+            # Cluster-wide numbers; an endpoint still waiting for its number is left out
+            # (not attached) until it has one.
+            self._cluster_changed = False
+            alloc = self.cluster.allocator(alloc)
+            remote = self.cluster.identities()
+            remote_ipcache = self.cluster.ipcache()
+            endpoints = [
+                Endpoint(
+                    e.id,
+                    e.name,
+                    Identity(number, tuple(sorted(e.labels.items())), "endpoint"),
+                    ipaddress.IPv4Address(e.ip),
+                )
+                for e in st.endpoints
+                if (number := self.cluster.number_for(e.labels)) is not None
+            ]
         self.revision += 1
         return compile_policy(
             self.policies,
@@ -425,11 +509,15 @@ class Agent:
             revision=self.revision,
             audit_all=self.audit,
             host_prefixes=self._host_prefixes,
+            remote_identities=remote,
+            remote_ipcache=remote_ipcache,
         )
 
     async def reconcile(self) -> None:
         """Endpoints or policies changed: recompile, then update maps in place."""
         self.agent_state = self.store.read()
+        if self.cluster is not None:
+            await self._sync_cluster(self.agent_state)
         compiled = self._compile(self.agent_state)
         assert self.state is not None, "start() first"
         self.state.swap(compiled)
@@ -456,7 +544,9 @@ class Agent:
             if ifindex is None:
                 log.warning("endpoint %s has no veth %s; skipping", rec.name, rec.host_ifname)
                 continue
-            ep = compiled.endpoints[rec.id]
+            ep = compiled.endpoints.get(rec.id)
+            if ep is None:
+                continue  # waiting for its cluster-wide identity
             ing = compiled.directions[(rec.id, INGRESS)]
             eg = compiled.directions[(rec.id, EGRESS)]
             desired[rec.id] = EndpointInfo(
@@ -471,6 +561,15 @@ class Agent:
         attached = dp.status()["attached"]
         for ep_id in [i for i in attached if i not in desired]:
             dp.detach(ep_id)
+        for name in self.devices if self.cluster_config is not None else ():
+            if name in links:
+                dp.attach_device(links[name])
+            else:
+                log.warning(
+                    "device %s not found; traffic from other nodes arriving there "
+                    "cannot be sent to the proxy",
+                    name,
+                )
         dp.sync_ipcache(compiled.ipcache.prefixes)
         dp.sync_policy(compiled.kernel_entries(self.listeners or self.agent_state.proxy_ports))
         for ep_id, info in desired.items():
@@ -564,6 +663,7 @@ class Agent:
             "kubernetes": None
             if self.kube is None
             else {**self.kube.status(), "pods_waiting": self.pods_waiting},
+            "cluster": None if self.cluster is None else self.cluster.status(),
         }
 
     async def publish_status(self) -> None:

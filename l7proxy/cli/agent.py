@@ -77,7 +77,44 @@ def register(commands: Any) -> None:
         "--node-name",
         default=os.environ.get("NODE_NAME") or socket.gethostname(),
         metavar="NAME",
-        help="with --k8s: this node's name in Kubernetes (default: $NODE_NAME, else the hostname)",
+        help="this node's name in Kubernetes and in etcd (default: $NODE_NAME, else the hostname)",
+    )
+    etcd = run_cmd.add_argument_group("cluster mode: identities, ipcache in etcd (docs/cluster.md)")
+    etcd.add_argument(
+        "--etcd",
+        metavar="ENDPOINTS",
+        help="etcd endpoints, comma-separated (http://10.0.0.1:2379); overrides --etcd-config's",
+    )
+    etcd.add_argument(
+        "--etcd-config",
+        type=Path,
+        metavar="FILE",
+        help="Cilium's etcd config file (endpoints:, and our prefix:, cluster:), as the deploy "
+        "ConfigMap mounts it",
+    )
+    etcd.add_argument("--cluster-name", metavar="NAME", help="this cluster's name in the keys")
+    etcd.add_argument("--kvstore-prefix", metavar="PREFIX", help="key prefix (cilium/state)")
+    etcd.add_argument(
+        "--kvstore-lease-ttl",
+        type=int,
+        default=900,
+        metavar="SECONDS",
+        help="how long a dead node's keys outlive it (Cilium's default 900)",
+    )
+    etcd.add_argument(
+        "--identity-gc-interval",
+        type=float,
+        metavar="SECONDS",
+        help="sweep identities no node refers to (after --identity-gc-grace); "
+        "one node of the cluster is enough",
+    )
+    etcd.add_argument("--identity-gc-grace", type=float, default=900.0, metavar="SECONDS")
+    etcd.add_argument(
+        "--devices",
+        default="",
+        metavar="IF[,IF]",
+        help="the node's devices, where other nodes' traffic arrives (default: the links "
+        "holding this node's addresses)",
     )
     run_cmd.set_defaults(func=run)
 
@@ -110,6 +147,11 @@ def run(args: argparse.Namespace) -> int:
             kubeconfig=args.kubeconfig,
             secrets_namespace=args.tls_secrets_namespace,
         )
+    try:
+        cluster = cluster_config(args)
+    except ValueError as e:
+        print(str(e), file=sys.stderr)
+        return 2
     problem = kernel_support()
     if problem:
         print(f"cannot run the datapath here: {problem}", file=sys.stderr)
@@ -135,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
         drop_report_interval=args.drop_report_interval,
         kube=kube,
         tls_secrets_dir=args.tls_secrets_dir,
+        cluster=cluster,
+        devices=[d for d in args.devices.split(",") if d],
     )
 
     async def main() -> None:
@@ -273,6 +317,25 @@ def status(args: argparse.Namespace) -> int:
             print(f"  REJECTED {key} (its last good version, if any, in force): {error}")
         for name in kube.get("pods_waiting", []):
             print(f"  pod {name}: waiting for a route to its IP")
+    cluster = state.get("cluster")
+    if cluster:
+        watches = cluster["store"]["watches"]
+        print(
+            f"cluster: node {cluster['node']} of {cluster['cluster']}, etcd {cluster['etcd']} "
+            f"(prefix {cluster['prefix']}), {'synced' if cluster['synced'] else 'NOT SYNCED'}, "
+            f"{cluster['identities']} identities, {cluster['ipcache']} ipcache entries, "
+            f"{len(cluster['nodes'])} nodes; ours: {cluster['own_identities']} identities, "
+            f"{cluster['own_ips']} addresses"
+        )
+        for name, w in watches.items():
+            print(
+                f"  {name:<11} revision {w['revision']}, {w['lists']} lists, {w['errors']} errors"
+                + (f" (last: {w['last_error']})" if w["last_error"] else "")
+            )
+        if cluster["error"]:
+            print(f"  last sync failed: {cluster['error']}")
+        for name in cluster["waiting"]:
+            print(f"  endpoint {name}: waiting for its cluster-wide identity")
     print(f"endpoints ({len(state['endpoints'])}):")
     for e in state["endpoints"]:
         print(
@@ -303,3 +366,43 @@ def cleanup(args: argparse.Namespace) -> int:
     pins.remove(pins.pin_dir(state.instance))
     shutil.rmtree(store.policy_dir, ignore_errors=True)
     return 0
+
+
+def cluster_config(args: argparse.Namespace) -> Any:
+    """``--etcd``/``--etcd-config`` and friends -> a ``ClusterConfig`` (None: single node)."""
+    if args.etcd is None and args.etcd_config is None:
+        for flag in ("cluster_name", "kvstore_prefix", "identity_gc_interval"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} needs --etcd or --etcd-config")
+        return None
+    from dataclasses import replace
+
+    from l7proxy.agent.cluster import EtcdSettings, parse_endpoints, read_etcd_config
+    from l7proxy.cluster.store import ClusterConfig
+
+    settings = read_etcd_config(args.etcd_config) if args.etcd_config else EtcdSettings(())
+    if args.etcd is not None:
+        settings = replace(settings, endpoints=parse_endpoints(args.etcd))
+    if not settings.endpoints:
+        raise ValueError("--etcd: no endpoint given")
+    if len(settings.endpoints) > 1:
+        log.warning(
+            "etcd: %d endpoints given; this agent uses the first, %s:%d",
+            len(settings.endpoints),
+            *settings.endpoints[0],
+        )
+    if args.kvstore_lease_ttl < 2:
+        raise ValueError("--kvstore-lease-ttl must be at least 2 seconds")
+    from l7proxy.cluster.keys import Layout
+
+    Layout(args.kvstore_prefix or settings.prefix, args.cluster_name or settings.cluster)
+    return ClusterConfig(
+        node=args.node_name,
+        etcd=settings.endpoints[0],
+        prefix=args.kvstore_prefix or settings.prefix,
+        cluster=args.cluster_name or settings.cluster,
+        lease_ttl=args.kvstore_lease_ttl,
+        sync_every=min(60.0, max(1.0, args.kvstore_lease_ttl / 3)),
+        gc_every=args.identity_gc_interval,
+        gc_grace=args.identity_gc_grace,
+    )

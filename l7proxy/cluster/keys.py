@@ -66,6 +66,30 @@ def decode_labels(text: str) -> dict[str, str]:
     return out
 
 
+# Sources that mean "a label of the endpoint" (policy/load.py strips the same from
+# selectors); Kubernetes label keys hold no ':', so a key with one has a source.
+K8S_SOURCE = "k8s:"
+ENDPOINT_SOURCES = ("k8s:", "any:", "container:")
+
+
+def with_source(labels: Mapping[str, str]) -> dict[str, str]:
+    """An endpoint's labels as a Cilium agent stores them: ``app`` -> ``k8s:app``
+    (labels that already name a source, ``reserved:host``, are kept)."""
+    return {(k if ":" in k else K8S_SOURCE + k): v for k, v in labels.items()}
+
+
+def without_source(labels: Mapping[str, str]) -> dict[str, str]:
+    """The inverse of :func:`with_source`: what selectors match (``k8s:app`` -> ``app``)."""
+    out = {}
+    for key, value in labels.items():
+        for source in ENDPOINT_SOURCES:
+            if key.startswith(source):
+                key = key[len(source) :]
+                break
+        out[key] = value
+    return out
+
+
 # --------------------------------------------------------------------- values
 
 

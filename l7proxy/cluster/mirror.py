@@ -38,6 +38,7 @@ class Mirror:
     def __init__(self) -> None:
         self.kvs: dict[bytes, KeyValue] = {}
         self.revision = 0
+        self.listed = 0  # the revision of the last list
 
     def reset(self, kvs: Iterable[KeyValue], revision: int) -> list[KeyChange]:
         """Take a fresh list in whole; returns what changed since the last view."""
@@ -48,14 +49,16 @@ class Mirror:
             if old is None or old.value != kv.value:
                 changes.append(KeyChange(key, kv.value, old.value if old else None))
         self.kvs = fresh
-        self.revision = revision
+        self.revision = self.listed = revision
         return changes
 
     def apply(self, events: Iterable[Event]) -> list[KeyChange]:
         changes = []
         for ev in events:
-            if ev.kv.mod_revision and ev.kv.mod_revision <= self.revision:
-                continue  # already in the list we started from
+            # Already in the list we started from. (Not ``<= self.revision``: the keys
+            # of one transaction, or of one expired lease, share a revision.)
+            if ev.kv.mod_revision and ev.kv.mod_revision <= self.listed:
+                continue
             self.revision = max(self.revision, ev.kv.mod_revision)
             old = self.kvs.get(ev.kv.key)
             if ev.deleted:

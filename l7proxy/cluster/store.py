@@ -405,7 +405,9 @@ class ClusterStore:
                 backoff.reset()
             except Exception as e:  # noqa: BLE001 - the upkeep must go on whatever failed
                 self.counters.maintenance_errors += 1
-                delay = backoff.next()
+                # Never wait longer than a keepalive period: a back-off past the lease's
+                # TTL would let our keys expire while etcd is already back.
+                delay = min(backoff.next(), keepalive_every)
                 log.warning(
                     "cluster lease upkeep failed (%s); again in %.2f s",
                     e,

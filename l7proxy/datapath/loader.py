@@ -263,6 +263,7 @@ class Datapath:
         self._bpf: Any = None  # bcc's BPF object (bcc has no type hints)
         self._progs: dict[str, Any] = {}
         self._attached: dict[int, _Attached] = {}
+        self._devices: dict[int, list[str]] = {}  # node devices: ifindex -> hooks added
         self._endpoints: dict[int, EndpointInfo] = {}
         self._ipcache_desired: dict[IPv4Network, int] = {}
         self._ipcache_state: dict[IPv4Network, tuple[int, int]] = {}
@@ -307,7 +308,7 @@ class Datapath:
         try:
             if self.pin_dir is not None:
                 self._adopt()
-            for name in ("from_endpoint", "to_endpoint"):
+            for name in ("from_endpoint", "to_endpoint", "from_netdev", "to_netdev"):
                 self._progs[name] = self._bpf.load_func(name.encode(), BPF.SCHED_CLS)
             self._listener_fd = lib.bpf_table_fd(self._bpf.module, b"proxy_listeners")
             if self._listener_fd < 0:
@@ -365,6 +366,56 @@ class Datapath:
                 )
                 record.hooks.append(parent)
 
+    def attach_device(self, ifindex: int) -> None:
+        """Hook a node device (where other nodes' traffic arrives, cluster mode):
+        ``from_netdev`` on its tc ingress, ``to_netdev`` on its egress. Idempotent."""
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        self._require()
+        if ifindex in self._devices:
+            return
+        hooks: list[str] = []
+        self._devices[ifindex] = hooks
+        with IPRoute() as ipr:
+            try:
+                ipr.tc("add", "clsact", ifindex)
+                hooks.append("clsact")
+            except NetlinkError as e:
+                if e.code != 17:  # EEXIST: someone else's clsact (or ours, left by a crash)
+                    raise
+                if self._has_own_filters(ipr, ifindex):
+                    hooks.append("clsact")
+            for parent, prog in ((_TC_INGRESS, "from_netdev"), (_TC_EGRESS, "to_netdev")):
+                ipr.tc(
+                    "replace-filter",
+                    "bpf",
+                    ifindex,
+                    ":1",
+                    fd=self._progs[prog].fd,
+                    name=f"l7p-{self.instance}-{prog}",
+                    parent=parent,
+                    classid=1,
+                    prio=_TC_PRIO,
+                    direct_action=True,
+                )
+                hooks.append(parent)
+
+    def detach_device(self, ifindex: int) -> None:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        hooks = self._devices.pop(ifindex, None)
+        if not hooks:
+            return
+        with IPRoute() as ipr:
+            for hook in reversed(hooks):
+                with contextlib.suppress(NetlinkError):
+                    if hook == "clsact":
+                        ipr.tc("del", "clsact", ifindex)
+                    else:
+                        ipr.tc("del-filter", "bpf", ifindex, ":1", parent=hook, prio=_TC_PRIO)
+
     def _has_own_filters(self, ipr, ifindex: int) -> bool:
         prefix = f"l7p-{self.instance}-"
         for parent in (0xFFFFFFF2, 0xFFFFFFF3):
@@ -410,8 +461,12 @@ class Datapath:
                 self._progs.clear()
                 bpf.cleanup()
             self._attached.clear()
+            self._devices.clear()
             self._listeners.clear()
             return
+        for ifindex in reversed(list(self._devices)):
+            with contextlib.suppress(Exception):
+                self.detach_device(ifindex)
         for endpoint_id in reversed(list(self._attached)):
             with contextlib.suppress(Exception):
                 self.detach(endpoint_id)
@@ -701,6 +756,7 @@ class Datapath:
             "redirect_mark": self.redirect_mark,
             "policy_revision": self._revision,
             "attached": {i: a.info.ifindex for i, a in self._attached.items()},
+            "devices": sorted(self._devices),
             "programs": self.program_ids() if loaded else {},
             "proxy_listeners": sorted(self._listeners),
             "policy_keys": len(self._policy_state),

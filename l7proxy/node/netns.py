@@ -176,6 +176,19 @@ def host_addresses() -> list[IPv4Address]:
         return [IPv4Address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(family=socket.AF_INET)]
 
 
+def address_links() -> list[tuple[str, IPv4Address]]:
+    """(ifname, IPv4 address) of every address of the root namespace but loopback's:
+    the node's devices, where traffic from other nodes arrives."""
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        out = []
+        for a in ipr.get_addr(family=socket.AF_INET):
+            ip = IPv4Address(a.get_attr("IFA_ADDRESS"))
+            if not ip.is_loopback and names.get(a["index"]):
+                out.append((str(names[a["index"]]), ip))
+        return out
+
+
 def route_link(ip: IPv4Address | str) -> tuple[str, int] | None:
     """(ifname, ifindex) of the link that the main table's /32 route to ``ip`` goes
     out of: a pod's host-side veth, as a CNI that routes each pod (ptp, Calico,

@@ -559,7 +559,12 @@ def compile_policy(
     revision: int = 1,
     audit_all: bool = False,
     host_prefixes: Iterable[ipaddress.IPv4Network] = (),
+    remote_identities: Iterable[Identity] = (),
+    remote_ipcache: Mapping[ipaddress.IPv4Network, int] | None = None,
 ) -> CompiledPolicy:
+    """``remote_identities`` and ``remote_ipcache`` are what other nodes hold (cluster
+    mode, from etcd): peer selectors match those identities too, and traffic from
+    their addresses carries them. Local endpoints win where both name an address."""
     policies = tuple(policies)
     by_id = {ep.id: ep for ep in endpoints}
     # CIDR identities for every prefix that a policy names (and its excepts).
@@ -570,7 +575,9 @@ def compile_policy(
                 for net in (c.cidr, *c.excepts):
                     cidr_ids[net] = identities.for_cidr(net)
     endpoint_identities = {ep.identity.number: ep.identity for ep in by_id.values()}
-    all_identities = {**endpoint_identities, **{i.number: i for i in cidr_ids.values()}}
+    all_identities = {i.number: i for i in remote_identities}
+    all_identities.update(endpoint_identities)
+    all_identities.update({i.number: i for i in cidr_ids.values()})
     all_identities.update(RESERVED_IDENTITIES)
 
     directions: dict[tuple[int, str], DirectionPolicy] = {}
@@ -593,6 +600,7 @@ def compile_policy(
 
     ipcache: dict[ipaddress.IPv4Network, int] = {net: HOST for net in host_prefixes}
     ipcache.update({net: ident.number for net, ident in cidr_ids.items() if net.prefixlen})
+    ipcache.update(remote_ipcache or {})
     for ep in by_id.values():
         if ep.ip is not None:
             ipcache[ipaddress.IPv4Network(f"{ep.ip}/32")] = ep.identity.number

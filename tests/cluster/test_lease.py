@@ -64,6 +64,30 @@ async def test_a_partition_longer_than_the_lease_ends_with_the_keys_written_agai
                 await kv.close()
 
 
+async def test_an_outage_shorter_than_the_lease_loses_nothing_whatever_the_back_off(
+    config: Config, etcd: EtcdServer
+) -> None:
+    """The upkeep backs off after failures, but never past a keepalive period: a long
+    back-off (here up to 30 s) would let the lease expire after etcd is back."""
+    async with CuttableLink((etcd.host, etcd.port)) as link:
+        b_config = config(
+            "node-b", port=link.port, lease_ttl=3, backoff_base=0.5, backoff_cap=30, timeout=0.5
+        )
+        async with running(config("node-a"), b_config) as (a, b):
+            await b.upsert_ip("10.2.0.8", await b.allocate({"app": "web"}))
+            await eventually(lambda: "10.2.0.8" in a.ipcache, 2.0)
+            gone: list[Change] = []
+            a.subscribe(lambda ch: gone.append(ch) if isinstance(ch, IpChange) else None)
+            link.cut()
+            await asyncio.sleep(1.5)  # several failed keepalives: the back-off has grown
+            link.heal()
+            await asyncio.sleep(3.0)  # past the TTL the lease had when the link was cut
+            assert b.counters.maintenance_errors >= 1
+            assert b.session.leases_lost == 0
+            assert gone == []  # a never saw b's address go
+            assert "10.2.0.8" in a.ipcache
+
+
 async def test_an_ipcache_key_deleted_by_someone_else_is_written_again(
     config: Config, etcd: EtcdServer, prefix: str
 ) -> None:

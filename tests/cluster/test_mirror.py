@@ -51,3 +51,18 @@ def test_events_already_in_the_list_and_rewrites_of_the_same_value_change_nothin
     assert m.apply([Event(False, kv("a", "0", 4))]) == []
     assert m.apply([Event(False, kv("a", "1", 7))]) == []
     assert m.apply([Event(True, kv("zz", "", 8))]) == []  # deleting what we never saw
+
+
+def test_every_key_of_one_revision_changes_the_copy() -> None:
+    """A transaction, or a lease that expires, changes several keys at one revision."""
+    m = Mirror()
+    m.reset([kv("a", "1", 2), kv("b", "2", 2), kv("c", "3", 3)], 3)
+    assert m.apply([Event(True, kv("a", "", 4)), Event(True, kv("b", "", 4))]) == [
+        KeyChange(b"a", None, b"1"),
+        KeyChange(b"b", None, b"2"),
+    ]
+    assert m.apply([Event(False, kv("d", "4", 5)), Event(False, kv("e", "5", 5))]) == [
+        KeyChange(b"d", b"4", None),
+        KeyChange(b"e", b"5", None),
+    ]
+    assert set(m.kvs) == {b"c", b"d", b"e"} and m.revision == 5

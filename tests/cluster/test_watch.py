@@ -38,7 +38,9 @@ async def test_a_remote_identity_and_ipcache_entry_reach_every_watcher(config: C
         number = await a.allocate({"k8s:app": "deathstar"})
         await a.upsert_ip("10.1.0.5", number, namespace="empire", pod="deathstar-0")
         for store in (b, c):
+            # two watches: the ipcache entry may arrive before its identity
             await eventually(lambda s=store: "10.1.0.5" in s.ipcache, 2.0, "ipcache entry")
+            await eventually(lambda s=store: number in s.identities, 2.0, "identity")
             assert store.identities[number] == {"k8s:app": "deathstar"}
             assert store.ipcache["10.1.0.5"] == IpEntry(
                 "10.1.0.5", number, a.config.node_ips[0], "node-a", "empire", "deathstar-0"

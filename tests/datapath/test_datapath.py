@@ -604,7 +604,7 @@ def test_map_fill_and_status_report_what_is_loaded(pair):
     status = t.dp.status()
     assert status["loaded"] and set(status["attached"]) == {client.endpoint_id, server.endpoint_id}
     assert status["policy_revision"] >= 4
-    assert set(status["programs"]) == {"from_endpoint", "to_endpoint"}
+    assert set(status["programs"]) == {"from_endpoint", "to_endpoint", "from_netdev", "to_netdev"}
 
 
 def test_replies_pass_an_enforced_ingress_of_the_initiator(pair):

@@ -110,6 +110,10 @@ def test_the_daemonset_runs_the_agent_as_the_other_files_expect() -> None:
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["etcd-config"]["configMap"]["name"] == config["metadata"]["name"]
     assert yaml.safe_load(config["data"]["etcd.config"])["endpoints"]
+    # the agent reads the ConfigMap where it is mounted
+    etcd_config = next(a for a in agent["args"] if a.startswith("--etcd-config="))
+    config_dir, _, config_file = etcd_config.removeprefix("--etcd-config=").rpartition("/")
+    assert mounts["etcd-config"] == config_dir and config_file in config["data"]
 
 
 def test_the_crds_serve_the_kinds_the_agent_watches_with_a_status_subresource() -> None:

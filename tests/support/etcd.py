@@ -143,9 +143,10 @@ class EtcdServer:
 
 
 @contextmanager
-def running_etcd() -> Iterator[EtcdServer]:
+def running_etcd(host: str = "127.0.0.1") -> Iterator[EtcdServer]:
+    """``host``: the address to listen on (a test cluster's bridge, for its nodes)."""
     data = Path(tempfile.mkdtemp(prefix="l7proxy-etcd-", dir=TMPFS))
-    server = EtcdServer(data)
+    server = EtcdServer(data, host=host)
     try:
         server.start()
         yield server
