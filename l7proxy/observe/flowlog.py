@@ -172,13 +172,15 @@ class FlowLog:
 
     def _open(self) -> None:
         assert self.path is not None
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         st = os.fstat(self._fd)
         self._file_id = _identity(st)
         self._size = st.st_size
         self._head = None
         if self._size:
-            with open(self.path, "rb") as existing:
+            # Read through the descriptor we hold, not the path: another writer may
+            # have rotated the file away from the path a moment ago.
+            with os.fdopen(os.dup(self._fd), "rb") as existing:
                 self._head = head_of(existing)
 
     def emit(self, record: Record) -> None:

@@ -323,11 +323,11 @@ def test_denied_method_is_permission_denied_and_others_keep_working(targets, pb)
     )
 
     # The flow log is written asynchronously: earlier tests' records may land after ``before``.
-    records = [
-        r
-        for r in fw.flows(wait_for=before + 6)[before:]
-        if r.get("l7", {}).get("method") in ("CacheableUnaryCall", "UnaryCall")
-    ]
+    records = fw.wait_flows(
+        lambda r: r.get("l7", {}).get("method") in ("CacheableUnaryCall", "UnaryCall"),
+        count=6,
+        since=before,
+    )
     verdicts = [(r["l7"]["method"], r["verdict"]) for r in records]
     assert verdicts.count(("CacheableUnaryCall", "DENIED")) == 3
     assert verdicts.count(("UnaryCall", "FORWARDED")) >= 3

@@ -77,12 +77,7 @@ def stack():
 
 def wait_flows(fw, keep, timeout: float = 5.0) -> list[dict]:
     """Flow records ``keep`` selects, waiting for the firewall to flush its log."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [f for f in fw.flows() if keep(f.get("l7", {}), f)]
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
+    return fw.wait_flows(lambda f: keep(f.get("l7", {}), f), timeout=timeout)
 
 
 def flows_for(fw, api: int, topic: str) -> list[dict]:

@@ -11,7 +11,6 @@ import logging
 import shutil
 import ssl
 import textwrap
-import time
 import uuid
 from pathlib import Path
 
@@ -47,12 +46,7 @@ def proxy_pair(pki: Pki) -> tuple[Path, Path]:
 
 
 def wait_flows(fw, keep, timeout: float = 5.0) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [f for f in fw.flows() if keep(f)]
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
+    return fw.wait_flows(keep, timeout=timeout)
 
 
 # --------------------------------------------------------------------------- Kafka

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -71,6 +72,25 @@ class RunningFirewall:
                         records.append(json.loads(line))
             if len(records) >= wait_for or time.monotonic() > deadline:
                 return records
+            time.sleep(0.05)
+
+    def wait_flows(
+        self,
+        keep: Callable[[dict], bool],
+        *,
+        count: int = 1,
+        since: int = 0,
+        timeout: float = 10.0,
+    ) -> list[dict]:
+        """The records from the ``since``-th on that ``keep`` selects, once there are
+        ``count`` of them: the log is written in batches, and an earlier test's
+        records may land late. After ``timeout``, what there is (the caller's
+        assertions say what is missing)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [r for r in self.flows()[since:] if keep(r)]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
             time.sleep(0.05)
 
     def replace_policy(self, text: str) -> None:
