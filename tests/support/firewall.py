@@ -10,7 +10,6 @@ tests exercise what users run. It is always killed on exit.
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import subprocess
@@ -21,6 +20,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from l7proxy.observe.flowlog import read_records
 from tests.support import REPO
 
 # A protected service (labels app=api) that the host may send GET requests, on {port}.
@@ -65,11 +65,9 @@ class RunningFirewall:
         """Flow records so far; with ``wait_for``, wait until at least that many exist."""
         deadline = time.monotonic() + timeout
         while True:
-            records = []
-            if self.flowlog.exists():
-                for line in self.flowlog.read_text().splitlines():
-                    if line.strip():
-                        records.append(json.loads(line))
+            # What ``l7proxy observe`` reads: whole lines only (the log is appended
+            # in batches, and its last line may be half written).
+            records = list(read_records(self.flowlog))
             if len(records) >= wait_for or time.monotonic() > deadline:
                 return records
             time.sleep(0.05)

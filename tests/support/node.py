@@ -12,7 +12,6 @@ fails or the agent died.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from l7proxy.observe.flowlog import read_records
 from tests.support import REPO
 
 
@@ -200,11 +200,7 @@ class Node:
         deadline = time.monotonic() + timeout
         while True:
             path = self.store.flowlog
-            records = (
-                [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-                if path.exists()
-                else []
-            )
+            records = list(read_records(path))  # whole lines only, as ``observe``
             if wait_for is None or any(wait_for(r) for r in records) or time.monotonic() > deadline:
                 return records
             time.sleep(0.1)
