@@ -43,6 +43,28 @@ def say(text: str = "") -> None:
     print(text, flush=True)
 
 
+def report(results: list[tuple[str, str, str, str]]) -> bool:
+    """The expected-against-observed table (stage, attempt, expected, observed);
+    True if every outcome is the expected one."""
+    say("\n== Expected against observed")
+    width = max(len(r[1]) for r in results)
+    say(f"  {'stage':<12} {'attempt':<{width}}  {'expected':<18} {'observed':<18} ok")
+    ok_all = True
+    for stage, attempt, expected, observed in results:
+        ok = expected == observed
+        ok_all &= ok
+        say(
+            f"  {stage:<12} {attempt:<{width}}  {expected:<18} {observed:<18} "
+            f"{'yes' if ok else 'NO'}"
+        )
+    say(
+        "\nAll outcomes as expected."
+        if ok_all
+        else "\nSOME OUTCOMES DIFFER FROM WHAT WAS EXPECTED."
+    )
+    return ok_all
+
+
 class Demo:
     def __init__(self, ui: str | None = None) -> None:
         self.ui = ui  # ADDR:PORT of the agent's web UI, or None
@@ -267,23 +289,7 @@ class Demo:
         time.sleep(1.0)  # the agent notices the change within 0.2 s and updates the maps in place
 
     def report(self) -> bool:
-        say("\n== Expected against observed")
-        width = max(len(r[1]) for r in self.results)
-        say(f"  {'stage':<12} {'attempt':<{width}}  {'expected':<18} {'observed':<18} ok")
-        ok_all = True
-        for stage, attempt, expected, observed in self.results:
-            ok = expected == observed
-            ok_all &= ok
-            say(
-                f"  {stage:<12} {attempt:<{width}}  {expected:<18} {observed:<18} "
-                f"{'yes' if ok else 'NO'}"
-            )
-        say(
-            "\nAll outcomes as expected."
-            if ok_all
-            else "\nSOME OUTCOMES DIFFER FROM WHAT WAS EXPECTED."
-        )
-        return ok_all
+        return report(self.results)
 
     def cleanup(self) -> None:
         for proc in reversed(self.procs):

@@ -70,6 +70,17 @@ def verdict(policy_yaml, src, dst, port, **request) -> str:
     return tracing.trace(scenario, requests)["verdict"]["verdict"]
 
 
+def suggest_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``l7proxy policy suggest ARGS`` as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "l7proxy", "policy", "suggest", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_star_wars_traffic_gives_one_policy_that_allows_it_and_nothing_else():
     records = [http("GET", "/v1/")] * 3 + [http("POST", "/v1/request-landing")] * 5
     records += [http("GET", f"/v1/ships/{n}") for n in (4, 8, 15, 16, 23, 42)]
@@ -300,23 +311,7 @@ def test_command_line_writes_the_file_and_reports_on_stderr(tmp_path):
     rotated.write_text(json.dumps(http("GET", "/v1/")) + "\n")
     log.write_text("".join(json.dumps(http("GET", f"/v1/ships/{n}")) + "\n" for n in (1, 2, 3)))
     out = tmp_path / "suggested.yaml"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "l7proxy",
-            "policy",
-            "suggest",
-            "--flowlog",
-            str(log),
-            "-o",
-            str(out),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = suggest_cli("--flowlog", str(log), "-o", str(out))
     assert run.returncode == 0, run.stderr
     assert "4 of 4 allowed" in run.stderr
     assert "path: /v1/ships/[0-9]+" in out.read_text()
@@ -333,23 +328,7 @@ def test_command_line_writes_the_file_and_reports_on_stderr(tmp_path):
     log.write_text(json.dumps(kafka(0, ["not a topic"])) + "\n")
     rotated.unlink()
     out.unlink()
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "l7proxy",
-            "policy",
-            "suggest",
-            "--flowlog",
-            str(log),
-            "-o",
-            str(out),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = suggest_cli("--flowlog", str(log), "-o", str(out))
     assert run.returncode == 1 and "nothing written" in run.stderr and not out.exists()
 
 

@@ -27,6 +27,7 @@ import time
 import yaml
 from kubernetes_asyncio import client
 
+from l7proxy.demo.__main__ import report, say
 from l7proxy.observe.flowlog import format_record
 from tests.support import REPO
 from tests.support.cluster_nodes import Pod, TestCluster, test_cluster
@@ -36,10 +37,6 @@ SHIPS = {
     "tiefighter": ("node-2", {"org": "empire", "class": "tiefighter"}),
     "xwing": ("node-3", {"org": "alliance", "class": "xwing"}),
 }
-
-
-def say(text: str = "") -> None:
-    print(text, flush=True)
 
 
 class ClusterDemo:
@@ -212,23 +209,7 @@ class ClusterDemo:
         return self.report()
 
     def report(self) -> bool:
-        say("\n== Expected against observed")
-        width = max(len(r[1]) for r in self.results)
-        say(f"  {'stage':<12} {'attempt':<{width}}  {'expected':<18} {'observed':<18} ok")
-        ok_all = True
-        for stage, attempt, expected, observed in self.results:
-            ok = expected == observed
-            ok_all &= ok
-            say(
-                f"  {stage:<12} {attempt:<{width}}  {expected:<18} {observed:<18} "
-                f"{'yes' if ok else 'NO'}"
-            )
-        say(
-            "\nAll outcomes as expected."
-            if ok_all
-            else "\nSOME OUTCOMES DIFFER FROM WHAT WAS EXPECTED."
-        )
-        return ok_all
+        return report(self.results)
 
 
 def missing() -> str | None:

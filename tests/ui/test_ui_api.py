@@ -24,30 +24,8 @@ from l7proxy.proxy.firewall import Firewall
 from l7proxy.ui.server import LIVE_ROWS, FlowUi
 from tests.support import REPO
 from tests.support.http_upstream import http_upstream
+from tests.ui import POLICY
 
-POLICY = """\
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: deathstar-api}
-spec:
-  endpointSelector: {matchLabels: {app: deathstar}}
-  ingress:
-  - fromEntities: [host]
-    toPorts:
-    - ports: [{port: "PORT", protocol: TCP}]
-      rules:
-        http:
-        - {method: GET, path: "/v1/.*"}
-        - {method: POST, path: /v1/request-landing}
-  - fromCIDR: [127.0.0.2/32]
-    toPorts:
-    - ports: [{port: "PORT", protocol: TCP}]
-      rules:
-        http:
-        - {method: GET, path: "/v1/.*"}
-  ingressDeny:
-  - fromCIDR: [127.0.0.3/32]
-"""
 LABELS = {"app": "deathstar", "io.kubernetes.pod.namespace": "empire"}
 
 

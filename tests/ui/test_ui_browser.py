@@ -30,30 +30,7 @@ from tests.support import REPO
 from tests.support.browser import chromium
 from tests.support.firewall import running_firewall
 from tests.support.http_upstream import http_upstream
-
-POLICY = """\
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: deathstar-api}
-spec:
-  endpointSelector: {matchLabels: {app: deathstar}}
-  ingress:
-  - fromEntities: [host]
-    toPorts:
-    - ports: [{port: "PORT", protocol: TCP}]
-      rules:
-        http:
-        - {method: GET, path: "/v1/.*"}
-        - {method: POST, path: /v1/request-landing}
-  - fromCIDR: [127.0.0.2/32]
-    toPorts:
-    - ports: [{port: "PORT", protocol: TCP}]
-      rules:
-        http:
-        - {method: GET, path: "/v1/.*"}
-  ingressDeny:
-  - fromCIDR: [127.0.0.3/32]
-"""
+from tests.ui import POLICY
 
 RESULTS = REPO / "bench" / "results"
 
