@@ -135,6 +135,64 @@ def retained_files(path: str | Path) -> list[Path]:
 # Lines gathered before they are written (also written by ``flush``, on a timer).
 BATCH_BYTES = 64 << 10
 
+def _compact_encoder() -> Callable[[Any], str]:
+    """``json.dumps(value, separators=(",", ":"))`` without what each call of it
+    costs before encoding starts (building an encoder): a third of the time for a
+    flow record. CPython's C encoder, made once; the same output."""
+    plain = json.JSONEncoder(separators=(",", ":"))
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # not CPython's C accelerator
+        return plain.encode
+    encode_chunks = make(
+        None, plain.default, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True
+    )
+    join = "".join
+    return lambda value: join(encode_chunks(value, 0))
+
+
+_dumps = _compact_encoder()
+
+
+class LineEncoder:
+    """A record as one JSON line, as ``json.dumps(record, separators=(",", ":"))``
+    writes it, but with a connection's two endpoints encoded once.
+
+    The driver describes a connection's ``source`` and ``destination`` once, and
+    every record of that connection carries the same two dicts: with their labels
+    they are half of a line, and of the time it takes to encode one. They are
+    known here by identity (a record's values are never changed once emitted).
+    """
+
+    __slots__ = ("_known",)
+    SHARED = ("source", "destination")
+    KNOWN_MAX = 4096
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[object, str]] = {}
+
+    def line(self, record: Record) -> str:
+        if "source" not in record:
+            return _dumps(record) + "\n"
+        segments: list[str] = []
+        plain: Record = {}
+        known = self._known
+        for key, value in record.items():
+            if key in self.SHARED and type(value) is dict:
+                if plain:
+                    segments.append(_dumps(plain)[1:-1])
+                    plain = {}
+                entry = known.get(id(value))
+                if entry is None or entry[0] is not value:
+                    if len(known) >= self.KNOWN_MAX:
+                        known.clear()
+                    entry = known[id(value)] = (value, _dumps(value))
+                segments.append(f'"{key}":{entry[1]}')
+            else:
+                plain[key] = value
+        if plain:
+            segments.append(_dumps(plain)[1:-1])
+        return "{" + ",".join(segments) + "}\n"
+
 
 class FlowLog:
     def __init__(
@@ -156,6 +214,7 @@ class FlowLog:
         self._size = 0  # the file's size when we last wrote or looked, under the lock
         self._pending: list[str] = []
         self._pending_bytes = 0
+        self._encoder = LineEncoder()
         # Where the record being emitted starts in the file (None without one):
         # subscribers read it while they are called.
         self.last_position: Position | None = None
@@ -188,7 +247,7 @@ class FlowLog:
             record.update(self.fields)
         self.recent.append(record)
         if self._fd >= 0:
-            line = json.dumps(record, separators=(",", ":")) + "\n"
+            line = self._encoder.line(record)
             # Rotation is decided here, line by line, so that the position handed
             # to subscribers names the file the line goes to.
             if self._size + self._pending_bytes + len(line) > self.rotation.max_bytes and (

@@ -450,8 +450,10 @@ class H2Engine:
         try:
             self._read_client()
         except FloodError as exc:
+            _forget_frames(exc)
             return self._client_connection_error(ErrorCodes.ENHANCE_YOUR_CALM, str(exc), exc.limit)
         except ConnectionError_ as exc:
+            _forget_frames(exc)
             return self._client_connection_error(exc.code, str(exc))
         if self._dead:
             return self._take()
@@ -478,6 +480,7 @@ class H2Engine:
         try:
             self._read_server()
         except ConnectionError_ as exc:
+            _forget_frames(exc)
             return self._server_connection_error(exc.code, str(exc))
         if self._dead:
             return self._take()
@@ -1652,6 +1655,14 @@ class H2Engine:
                 stream.request_done = True
                 self._complete_if_done(stream)
         self._to_client.append(goaway(max(self._streams, default=0), _NO_ERROR))
+
+
+def _forget_frames(exc: BaseException) -> None:
+    """Drop an exception's traceback (and its causes'): a frame that holds the
+    exception in a local would otherwise keep the engine in a reference cycle."""
+    while exc is not None:
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
 
 
 def _data_header(sid: int, size: int, end: bool) -> bytes:
