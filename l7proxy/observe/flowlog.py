@@ -135,6 +135,7 @@ def retained_files(path: str | Path) -> list[Path]:
 # Lines gathered before they are written (also written by ``flush``, on a timer).
 BATCH_BYTES = 64 << 10
 
+
 def _compact_encoder() -> Callable[[Any], str]:
     """``json.dumps(value, separators=(",", ":"))`` without what each call of it
     costs before encoding starts (building an encoder): a third of the time for a
@@ -144,7 +145,15 @@ def _compact_encoder() -> Callable[[Any], str]:
     if make is None:  # not CPython's C accelerator
         return plain.encode
     encode_chunks = make(
-        None, plain.default, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True
+        None,
+        plain.default,
+        json.encoder.encode_basestring_ascii,
+        None,
+        ":",
+        ",",
+        False,
+        False,
+        True,
     )
     join = "".join
     return lambda value: join(encode_chunks(value, 0))

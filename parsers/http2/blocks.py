@@ -56,8 +56,13 @@ class _CountingTable(HeaderTable):
         if not (was_empty and not self.dynamic_entries):
             self.generation += 1
 
-    @HeaderTable.maxsize.setter  # type: ignore[attr-defined,misc]
+    @property
+    def maxsize(self) -> int:
+        return self._maxsize
+
+    @maxsize.setter
     def maxsize(self, newmax: int) -> None:
+        # A new size changes what later insertions keep, even when no entry goes.
         if newmax != self._maxsize:
             self.generation += 1
         HeaderTable.maxsize.fset(self, newmax)  # type: ignore[attr-defined]

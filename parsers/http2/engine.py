@@ -58,9 +58,9 @@ from parsers.http2.frames import (
     CONTINUATION,
     DEFAULT_MAX_FRAME_SIZE,
     DEFAULT_WINDOW,
+    ENABLE_PUSH,
     END_HEADERS,
     END_STREAM,
-    ENABLE_PUSH,
     FRAME_HEADER_LENGTH,
     GOAWAY,
     HEADER_TABLE_SIZE,
@@ -110,7 +110,7 @@ from parsers.http2.headers import (
     response_problem,
     trailers_problem,
 )
-from parsers.http2.streams import DATA, RESET, TRAILERS, QueueItem, Stream
+from parsers.http2.streams import DATA, RESET, TRAILERS, Stream
 from parsers.requests import GrpcCall, HttpRequest
 
 __all__ = ["PREFACE", "FINISH_PING", "MAX_STREAM_ID", "H2Engine", "H2Limits"]
@@ -211,9 +211,7 @@ def _content_length(headers: Headers) -> int | None:
     return int(value) if value.isdigit() else -1
 
 
-def _split_header_payload(
-    flags: int, sid: int, payload: memoryview
-) -> tuple[memoryview, bool]:
+def _split_header_payload(flags: int, sid: int, payload: memoryview) -> tuple[memoryview, bool]:
     """(the header block fragment, whether the stream depends on itself) of a HEADERS frame."""
     start, end = 0, len(payload)
     pad = 0
@@ -566,14 +564,18 @@ class H2Engine:
                 start = pos
                 pos += FRAME_HEADER_LENGTH + length
                 if not self._client_settings_seen and (frame_type != SETTINGS or flags & ACK):
-                    raise ConnectionError_(_PROTOCOL_ERROR, "the preface is not followed by SETTINGS")
+                    raise ConnectionError_(
+                        _PROTOCOL_ERROR, "the preface is not followed by SETTINGS"
+                    )
                 if self._client_block is not None and frame_type != CONTINUATION:
                     raise ConnectionError_(
                         _PROTOCOL_ERROR, "a frame other than CONTINUATION inside a header block"
                     )
                 handler = handlers.get(frame_type)
                 if handler is not None:
-                    handler(self, flags, sid, view[start + FRAME_HEADER_LENGTH : pos], view[start:pos])
+                    handler(
+                        self, flags, sid, view[start + FRAME_HEADER_LENGTH : pos], view[start:pos]
+                    )
                     if self._dead:
                         return
                 else:
@@ -590,7 +592,9 @@ class H2Engine:
                 f"(limit {self._limits.hard_header_list_size})",
             )
 
-    def _client_data_frame(self, flags: int, sid: int, payload: memoryview, raw: memoryview) -> None:
+    def _client_data_frame(
+        self, flags: int, sid: int, payload: memoryview, raw: memoryview
+    ) -> None:
         self._frames_read += 1
         if sid == 0:
             raise ConnectionError_(_PROTOCOL_ERROR, "DATA on stream 0")
@@ -685,11 +689,12 @@ class H2Engine:
         decoder = self._client_decoder
         generation = decoder.generation
         known = self._requests.get(block)
+        judged: _Judged | None = None
+        encoded: bytes | None = None
         if known is not None and known[0] == generation:
             _, headers, judged, encoded = known
         else:
             headers = self._decode_client(block)
-            judged = encoded = None
         stream = self._streams.get(sid)
         if stream is not None:
             self._client_trailers(stream, end, headers)
@@ -815,7 +820,9 @@ class H2Engine:
         # Otherwise ignored: RFC 9113 deprecates the priority scheme, and the
         # server schedules its own responses.
 
-    def _client_rst_stream(self, flags: int, sid: int, payload: memoryview, raw: memoryview) -> None:
+    def _client_rst_stream(
+        self, flags: int, sid: int, payload: memoryview, raw: memoryview
+    ) -> None:
         self._frames_read += 1
         if len(payload) != 4:
             raise ConnectionError_(_FRAME_SIZE_ERROR, "RST_STREAM frame of the wrong size")
@@ -971,13 +978,17 @@ class H2Engine:
                     )
                 handler = handlers.get(frame_type)
                 if handler is not None:
-                    handler(self, flags, sid, view[start + FRAME_HEADER_LENGTH : pos], view[start:pos])
+                    handler(
+                        self, flags, sid, view[start + FRAME_HEADER_LENGTH : pos], view[start:pos]
+                    )
                     if self._dead:
                         return
         finally:
             self._server_in = view[pos:] if pos < end else b""
 
-    def _server_data_frame(self, flags: int, sid: int, payload: memoryview, raw: memoryview) -> None:
+    def _server_data_frame(
+        self, flags: int, sid: int, payload: memoryview, raw: memoryview
+    ) -> None:
         if sid == 0:
             raise ConnectionError_(_PROTOCOL_ERROR, "DATA on stream 0")
         data = _data_payload(flags, payload)
@@ -1013,7 +1024,11 @@ class H2Engine:
             stream.grpc_out.feed(data)
         if end:
             stream.server_open = False
-        if not stream.to_client and length <= self._client_window and length <= stream.client_window:
+        if (
+            not stream.to_client
+            and length <= self._client_window
+            and length <= stream.client_window
+        ):
             self._client_window -= length
             stream.client_window -= length
             self._to_client.append(raw)
@@ -1108,7 +1123,9 @@ class H2Engine:
             if end:
                 self._malformed("server", sid, "an informational response with END_STREAM")
                 return
-            self._to_client.append(self._framed_for_client(sid, headers, self_contained, frames, False))
+            self._to_client.append(
+                self._framed_for_client(sid, headers, self_contained, frames, False)
+            )
             return
         length = _content_length(headers)
         if length == -1:
@@ -1133,7 +1150,9 @@ class H2Engine:
             return frames[0] if len(frames) == 1 else b"".join(frames)
         return headers_frames(sid, encode_block(headers), end, self._client_max_frame)
 
-    def _server_rst_stream(self, flags: int, sid: int, payload: memoryview, raw: memoryview) -> None:
+    def _server_rst_stream(
+        self, flags: int, sid: int, payload: memoryview, raw: memoryview
+    ) -> None:
         if len(payload) != 4 or sid == 0:
             raise ConnectionError_(_PROTOCOL_ERROR, "malformed RST_STREAM")
         stream = self._streams.get(sid)
@@ -1415,7 +1434,7 @@ class H2Engine:
         self._blocked_to_server.pop(sid, None)
 
     def _flush_to_client(self, stream: Stream) -> None:
-        """Queued response DATA, trailers and a final reset, as far as the client's windows allow."""
+        """Queued response DATA, trailers and a final reset, as the client's windows allow."""
         queue = stream.to_client
         sid = stream.sid
         out = self._to_client
@@ -1643,9 +1662,7 @@ class H2Engine:
             self._drop(stream, "server closed", _RESET_BY_US)
         for stream in list(self._streams.values()):
             queue = stream.to_client
-            complete = stream.response_done or (
-                queue and (queue[-1][0] != DATA or queue[-1][3])
-            )
+            complete = stream.response_done or (queue and (queue[-1][0] != DATA or queue[-1][3]))
             if not complete:
                 self._upstream_closed(stream)
                 self._reset_client_for_server(stream.sid, _INTERNAL_ERROR)
@@ -1666,11 +1683,7 @@ def _forget_frames(exc: BaseException) -> None:
 
 
 def _data_header(sid: int, size: int, end: bool) -> bytes:
-    return (
-        size.to_bytes(3, "big")
-        + (b"\x00\x01" if end else b"\x00\x00")
-        + sid.to_bytes(4, "big")
-    )
+    return size.to_bytes(3, "big") + (b"\x00\x01" if end else b"\x00\x00") + sid.to_bytes(4, "big")
 
 
 # What the engine does with each frame type, per side. Kept here rather than as
