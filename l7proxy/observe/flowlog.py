@@ -163,44 +163,46 @@ _dumps = _compact_encoder()
 
 
 class LineEncoder:
-    """A record as one JSON line, as ``json.dumps(record, separators=(",", ":"))``
-    writes it, but with a connection's two endpoints encoded once.
+    """A record as one JSON line, with a connection's two endpoints encoded once.
 
     The driver describes a connection's ``source`` and ``destination`` once, and
     every record of that connection carries the same two dicts: with their labels
     they are half of a line, and of the time it takes to encode one. They are
-    known here by identity (a record's values are never changed once emitted).
+    known here by identity (a record's values are never changed once emitted),
+    and written last in the line.
     """
 
     __slots__ = ("_known",)
-    SHARED = ("source", "destination")
     KNOWN_MAX = 4096
 
     def __init__(self) -> None:
         self._known: dict[int, tuple[object, str]] = {}
 
     def line(self, record: Record) -> str:
-        if "source" not in record:
-            return _dumps(record) + "\n"
-        segments: list[str] = []
-        plain: Record = {}
+        source = record.pop("source", None)
+        destination = record.pop("destination", None)
+        text = _dumps(record)
+        if source is None or destination is None:
+            if source is not None:
+                record["source"] = source
+            if destination is not None:
+                record["destination"] = destination
+            return (
+                _dumps(record) if source is not None or destination is not None else text
+            ) + "\n"
+        record["source"] = source
+        record["destination"] = destination
+        ends = f'"source":{self._encoded(source)},"destination":{self._encoded(destination)}}}\n'
+        return f"{text[:-1]},{ends}" if len(text) > 2 else "{" + ends
+
+    def _encoded(self, value: object) -> str:
         known = self._known
-        for key, value in record.items():
-            if key in self.SHARED and type(value) is dict:
-                if plain:
-                    segments.append(_dumps(plain)[1:-1])
-                    plain = {}
-                entry = known.get(id(value))
-                if entry is None or entry[0] is not value:
-                    if len(known) >= self.KNOWN_MAX:
-                        known.clear()
-                    entry = known[id(value)] = (value, _dumps(value))
-                segments.append(f'"{key}":{entry[1]}')
-            else:
-                plain[key] = value
-        if plain:
-            segments.append(_dumps(plain)[1:-1])
-        return "{" + ",".join(segments) + "}\n"
+        entry = known.get(id(value))
+        if entry is None or entry[0] is not value:
+            if len(known) >= self.KNOWN_MAX:
+                known.clear()
+            entry = known[id(value)] = (value, _dumps(value))
+        return entry[1]
 
 
 class FlowLog:
