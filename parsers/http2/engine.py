@@ -1550,6 +1550,7 @@ class H2Engine:
         self._to_client.append(rst_stream(sid, code))
         self._resets_sent += 1
         self._excused_resets += 1
+        self._remember_closed(sid, _RESET_BY_US)
 
     def _reset_server(self, sid: int, code: int) -> None:
         self._to_server.append(rst_stream(sid, code))
