@@ -118,6 +118,15 @@ class Admission(Protocol):
         it is refused)."""
         ...
 
+    def _may_stay_silent(self, peer: Address, local: Address) -> bool:
+        known = self._connection(peer, local)
+        if known is None:
+            return False
+        policy = known[-1]
+        if not policy.l4.allowed or not policy.parser:
+            return False
+        return bool(getattr(engine_factory(policy.parser), "client_speaks_first", False))
+
     def silent_ended(self, spoke: bool) -> None:
         """A connection admitted silent is held no longer: it spoke (and is opened,
         where it counts again), or it left, or it was closed."""
@@ -549,6 +558,10 @@ class Proxy:
         # Connections open at the most since memory was last given back.
         self._peak_pipes = 0
         self._give_back: asyncio.TimerHandle | None = None
+        # admit_silent's answers by (source ip, destination ip, port), for one policy.
+        self._silent_waits: dict[tuple[str, str, int], bool] = {}
+        self._silent_for: object = None
+        self._silent_since = 0.0
 
     # ------------------------------------------------------------ listeners
 
@@ -653,13 +666,23 @@ class Proxy:
         socket, under the idle timeout (the deadline a pipe gives a connection that
         has not spoken: ``Pipe._check_timers``); a port without L7 rules, whose
         server may speak first, and a refused connection are opened at once."""
-        known = self._connection(peer, local)
-        if known is None:
-            return None
-        policy = known[-1]
-        if not policy.l4.allowed or not policy.parser:
-            return None
-        if not getattr(engine_factory(policy.parser), "client_speaks_first", False):
+        # What decides it (the source's identity, the destination and its port) is
+        # the same for most connections: a policy lookup costs more than the rest of
+        # an accept, so the answers are kept for as long as the policy stays.
+        key = (peer[0], local[0], local[1])
+        now = asyncio.get_running_loop().time()
+        if (
+            self._silent_for is not self.state.current
+            or now - self._silent_since > 1.0  # identities move without a new policy
+            or len(self._silent_waits) >= 4096
+        ):
+            self._silent_for, self._silent_since = self.state.current, now
+            self._silent_waits.clear()
+        if key in self._silent_waits:
+            silent = self._silent_waits[key]
+        else:
+            silent = self._silent_waits[key] = self._may_stay_silent(peer, local)
+        if not silent:
             return None
         if self.upstream is None:
             # As its pipe will (reset_if_killed): a kill must not leave our side in
@@ -670,6 +693,15 @@ class Proxy:
         self.stats.connections_total += 1
         self.stats.connections_active += 1
         return self.limits.idle_timeout
+
+    def _may_stay_silent(self, peer: Address, local: Address) -> bool:
+        known = self._connection(peer, local)
+        if known is None:
+            return False
+        policy = known[-1]
+        if not policy.l4.allowed or not policy.parser:
+            return False
+        return bool(getattr(engine_factory(policy.parser), "client_speaks_first", False))
 
     def silent_ended(self, spoke: bool) -> None:
         self.stats.connections_active -= 1
