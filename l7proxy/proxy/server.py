@@ -815,9 +815,12 @@ class Proxy:
 
     def open_pipe(self, transport: asyncio.Transport) -> Pipe | None:
         loop = asyncio.get_running_loop()
-        known = self._connection(
-            transport.get_extra_info("peername"), transport.get_extra_info("sockname")
-        )
+        peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+        if peer is None or local is None:
+            # Reset between its first bytes and its transport: no one left to serve
+            # (the event loop found no address for the socket).
+            return None
+        known = self._connection(peer, local)
         if known is None:
             self.stats.connections_refused += 1
             return None
