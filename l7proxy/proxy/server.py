@@ -118,15 +118,6 @@ class Admission(Protocol):
         it is refused)."""
         ...
 
-    def _may_stay_silent(self, peer: Address, local: Address) -> bool:
-        known = self._connection(peer, local)
-        if known is None:
-            return False
-        policy = known[-1]
-        if not policy.l4.allowed or not policy.parser:
-            return False
-        return bool(getattr(engine_factory(policy.parser), "client_speaks_first", False))
-
     def silent_ended(self, spoke: bool) -> None:
         """A connection admitted silent is held no longer: it spoke (and is opened,
         where it counts again), or it left, or it was closed."""
@@ -204,15 +195,14 @@ class Acceptor:
         if wait is None:
             self._loop.create_task(self._open(conn, started, chosen))
             return
-        if self._silent is None:
-            try:
+        try:
+            if self._silent is None:
                 self._silent = SilentSockets(self._loop, self)
-            except OSError as exc:  # no descriptor for the epoll: open it as it is
-                log.warning("cannot hold silent connections bare: %s", exc)
-                self._silent_ended(chosen, spoke=True)
-                self._loop.create_task(self._open(conn, started, chosen))
-                return
-        self._silent.add(conn, started, wait, chosen)
+            self._silent.add(conn, started, wait, chosen)
+        except OSError as exc:  # no descriptor for the epoll, no memory for a watch
+            log.warning("cannot hold a silent connection bare (%s): opening it", exc)
+            self._silent_ended(chosen, spoke=True)
+            self._loop.create_task(self._open(conn, started, chosen))
 
     # ------------------------------------------------------------ silent sockets
 
