@@ -1,12 +1,18 @@
-"""HTTP/2 (h2c) small requests: h2load -> {direct, haproxy, l7proxy firewall} -> nghttpd.
+"""HTTP/2 (h2c) small requests and one bulk download:
+h2load -> {direct, haproxy, l7proxy firewall} -> nghttpd.
 
-    python -m bench.h2 [--requests N] [--profile]
+    python -m bench.h2 [--requests N] [--bulk-mib M] [--profile]
 
 Every configuration serves the same 64-byte file from the same nghttpd in the
 same run. Reported: requests/s seen by h2load, and CPU microseconds per
 request spent by the proxy process (haproxy with one thread, or l7proxy),
 with ratios against direct and against haproxy. ``--profile`` runs the
 l7proxy process under cProfile and prints where its time went.
+
+The bulk part downloads one file of ``--bulk-mib`` MiB (1 GiB by default, a
+sparse file) on one stream with h2load's default 1 GiB windows, three rounds
+per configuration in turn, and reports the median rate and the proxy's CPU per
+MiB.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from bench.h2_tools import (
@@ -43,10 +50,20 @@ spec:
 """
 
 
-def run(requests: int = 20000, clients: int = 4, streams: int = 16, profile: bool = False) -> dict:
+def run(
+    requests: int = 20000,
+    clients: int = 4,
+    streams: int = 16,
+    profile: bool = False,
+    bulk_mib: int = 1024,
+    bulk_rounds: int = 3,
+) -> dict:
     docroot = Path(tempfile.mkdtemp(prefix="bench-h2-"))
     (docroot / "public").mkdir()
     (docroot / "public" / "small.txt").write_bytes(b"x" * 64)
+    with open(docroot / "public" / "big.bin", "wb") as big:
+        big.truncate(bulk_mib << 20)
+    bulk: list[dict] = []
     prof_path = docroot / "l7proxy.prof" if profile else None
     rows = []
     with nghttpd(docroot) as (server_port, server_pid):
@@ -82,6 +99,16 @@ def run(requests: int = 20000, clients: int = 4, streams: int = 16, profile: boo
                         else proxy_cpu * 1e6 / requests,
                     }
                 )
+            if bulk_mib:
+                bulk = _bulk(
+                    [
+                        ("direct", server_port, None),
+                        ("haproxy", ha_port, ha_pid),
+                        ("l7proxy", fw_port, fw_pid),
+                    ],
+                    bulk_mib,
+                    bulk_rounds,
+                )
     by = {r["config"]: r for r in rows}
     for r in rows:
         r["vs_direct"] = r["req_per_s"] / by["direct"]["req_per_s"]
@@ -98,11 +125,50 @@ def run(requests: int = 20000, clients: int = 4, streams: int = 16, profile: boo
             "body_bytes": 64,
         },
         "rows": rows,
+        "bulk": {"mib": bulk_mib, "rounds": bulk_rounds, "rows": bulk},
     }
     if prof_path is not None and prof_path.exists():
         payload["profile_top"] = top_functions(prof_path)
     return payload
 
+
+def _bulk(configs: list[tuple[str, int, int | None]], mib: int, rounds: int) -> list[dict]:
+    """One ``mib`` MiB download per configuration, in turn, ``rounds`` times: medians."""
+    seen: dict[str, list[tuple[float, float | None]]] = {name: [] for name, _, _ in configs}
+    for _ in range(rounds):
+        for name, port, pid in configs:
+            url = f"http://127.0.0.1:{port}/public/big.bin"
+            start = time.monotonic()
+            result, cpu = measure(
+                pid, lambda url=url: h2load(url, requests=1, clients=1, streams=1)
+            )
+            elapsed = time.monotonic() - start
+            if result["failed"] or result["succeeded"] != 1:
+                raise RuntimeError(f"bulk download through {name} failed: {result}")
+            seen[name].append((mib / elapsed, None if cpu is None else cpu * 1e3 / mib))
+    rows = []
+    for name, runs in seen.items():
+        rates = sorted(rate for rate, _ in runs)
+        cpus = sorted(c for _, c in runs if c is not None)
+        rows.append(
+            {
+                "config": name,
+                "mib_per_s": rates[len(rates) // 2],
+                "proxy_cpu_ms_per_mib": cpus[len(cpus) // 2] if cpus else None,
+            }
+        )
+    direct = rows[0]["mib_per_s"]
+    for row in rows:
+        row["vs_direct"] = row["mib_per_s"] / direct
+    return rows
+
+
+BULK_COLUMNS = [
+    ("config", "bulk", "{}"),
+    ("mib_per_s", "MiB/s", "{:.0f}"),
+    ("vs_direct", "x direct", "{:.2f}"),
+    ("proxy_cpu_ms_per_mib", "proxy CPU ms/MiB", "{:.2f}"),
+]
 
 COLUMNS = [
     ("config", "config", "{}"),
@@ -123,10 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run l7proxy under cProfile and print the top functions",
     )
+    parser.add_argument("--bulk-mib", type=int, default=1024, help="0: no bulk download")
     args = parser.parse_args(argv or [])
-    payload = run(args.requests, profile=args.profile)
+    payload = run(args.requests, profile=args.profile, bulk_mib=args.bulk_mib)
     path = write_results("h2", payload)
     print(table(payload["rows"], COLUMNS))
+    if payload["bulk"]["rows"]:
+        print(table(payload["bulk"]["rows"], BULK_COLUMNS))
     if "profile_top" in payload:
         print(payload["profile_top"])
     print(f"written {path.relative_to(path.parents[2])}")

@@ -136,6 +136,75 @@ def retained_files(path: str | Path) -> list[Path]:
 BATCH_BYTES = 64 << 10
 
 
+def _compact_encoder() -> Callable[[Any], str]:
+    """``json.dumps(value, separators=(",", ":"))`` without what each call of it
+    costs before encoding starts (building an encoder): a third of the time for a
+    flow record. CPython's C encoder, made once; the same output."""
+    plain = json.JSONEncoder(separators=(",", ":"))
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # not CPython's C accelerator
+        return plain.encode
+    encode_chunks = make(
+        None,
+        plain.default,
+        json.encoder.encode_basestring_ascii,
+        None,
+        ":",
+        ",",
+        False,
+        False,
+        True,
+    )
+    join = "".join
+    return lambda value: join(encode_chunks(value, 0))
+
+
+_dumps = _compact_encoder()
+
+
+class LineEncoder:
+    """A record as one JSON line, with a connection's two endpoints encoded once.
+
+    The driver describes a connection's ``source`` and ``destination`` once, and
+    every record of that connection carries the same two dicts: with their labels
+    they are half of a line, and of the time it takes to encode one. They are
+    known here by identity (a record's values are never changed once emitted),
+    and written last in the line.
+    """
+
+    __slots__ = ("_known",)
+    KNOWN_MAX = 4096
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[object, str]] = {}
+
+    def line(self, record: Record) -> str:
+        source = record.pop("source", None)
+        destination = record.pop("destination", None)
+        text = _dumps(record)
+        if source is None or destination is None:
+            if source is not None:
+                record["source"] = source
+            if destination is not None:
+                record["destination"] = destination
+            return (
+                _dumps(record) if source is not None or destination is not None else text
+            ) + "\n"
+        record["source"] = source
+        record["destination"] = destination
+        ends = f'"source":{self._encoded(source)},"destination":{self._encoded(destination)}}}\n'
+        return f"{text[:-1]},{ends}" if len(text) > 2 else "{" + ends
+
+    def _encoded(self, value: object) -> str:
+        known = self._known
+        entry = known.get(id(value))
+        if entry is None or entry[0] is not value:
+            if len(known) >= self.KNOWN_MAX:
+                known.clear()
+            entry = known[id(value)] = (value, _dumps(value))
+        return entry[1]
+
+
 class FlowLog:
     def __init__(
         self,
@@ -156,6 +225,7 @@ class FlowLog:
         self._size = 0  # the file's size when we last wrote or looked, under the lock
         self._pending: list[str] = []
         self._pending_bytes = 0
+        self._encoder = LineEncoder()
         # Where the record being emitted starts in the file (None without one):
         # subscribers read it while they are called.
         self.last_position: Position | None = None
@@ -188,7 +258,7 @@ class FlowLog:
             record.update(self.fields)
         self.recent.append(record)
         if self._fd >= 0:
-            line = json.dumps(record, separators=(",", ":")) + "\n"
+            line = self._encoder.line(record)
             # Rotation is decided here, line by line, so that the position handed
             # to subscribers names the file the line goes to.
             if self._size + self._pending_bytes + len(line) > self.rotation.max_bytes and (

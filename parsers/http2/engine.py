@@ -1,40 +1,39 @@
-"""HTTP/2 (and gRPC over it) terminated on both sides, judged per stream.
+"""HTTP/2 (and gRPC over it) relayed frame by frame, judged per stream.
 
-``H2Engine`` holds two h2 connections: a server-side one facing the client
-(``down``) and a client-side one facing the upstream server (``up``). Each
-client stream is judged when its HEADERS arrive; only an allowed stream gets
-an upstream twin, so a denied request's headers and body never leave the
-proxy. Everything after the HEADERS is relayed frame by frame.
+``H2Engine`` sits between a client and a server and speaks HTTP/2 to each,
+but it does not terminate the protocol twice. It reads each frame's 9-byte
+header, keeps the state RFC 9113 asks of an endpoint (stream states, the
+flow-control windows of both hops, the header block being received), and
+forwards most frames as they arrived: DATA, trailers, response HEADERS.
 
-Flow control is end to end: DATA received from one peer is acknowledged
-(WINDOW_UPDATE) only once the other connection has accepted it for sending,
-so the proxy never holds more per stream than the window it advertised, and
-a reader that stops reading stops the writer.
-
-Errors follow RFC 9113 §5.4: a malformed header section is a stream error
-(RST_STREAM PROTOCOL_ERROR, the connection lives on); framing, HPACK and
-flow-control violations detected by h2 are connection errors (GOAWAY with
-h2's code, then close).
-
-Floods and fairness (``parsers/http2/floods.py``): the client's input is handed
-to h2 in turns of a bounded number of frames, each frame header checked against
-the connection's flood budgets first (resets, PING, SETTINGS, control frames
-owed). A turn that leaves input over ends with ``Yield``; a budget exceeded is
-GOAWAY(ENHANCE_YOUR_CALM) and a close.
+* **Request HEADERS** are decoded (HPACK), validated and judged. An allowed
+  request keeps its stream id on the server hop and its header block goes on
+  byte for byte, which ``SETTINGS_HEADER_TABLE_SIZE = 0`` toward both peers
+  makes possible (``parsers/http2/blocks.py``); a block that used a dynamic
+  table (before the peer acknowledged the setting, or a policy edit) is
+  re-encoded instead. A denied request's headers and body never leave the proxy.
+* **Flow control is end to end.** DATA from one peer is credited back to it
+  (WINDOW_UPDATE) only once the other hop's windows have taken it, so a
+  stream never holds more than the window advertised, and a reader that stops
+  reading stops the writer. Credit goes back in batches (a quarter of a
+  window), not per frame.
+* **Errors** follow RFC 9113 §5.4: a malformed request or response is a stream
+  error (RST_STREAM PROTOCOL_ERROR, the connection lives on); framing, HPACK
+  and flow-control violations are connection errors (GOAWAY, then close).
+* **Floods and fairness** (``parsers/http2/floods.py``): each client frame
+  header is checked against the connection's flood budgets before the frame
+  is processed, and one call processes a bounded number of client frames; a
+  turn that leaves input over ends with ``Yield``.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import h2.events as ev
-from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
-from h2.exceptions import DenialOfServiceError, StreamClosedError
-from h2.exceptions import ProtocolError as H2ProtocolError
-from h2.settings import SettingCodes
 
 from parsers.base import (
     Access,
@@ -52,17 +51,49 @@ from parsers.base import (
     ToServer,
     Yield,
 )
-from parsers.http2.conn import (
-    MalformedStream,
-    RelayConnection,
-    check_announced_length,
+from parsers.http2.blocks import BlockDecoder, CompressionError, HeaderListTooLarge, encode_block
+from parsers.http2.floods import FloodError, FloodGuard
+from parsers.http2.frames import (
+    ACK,
+    CONTINUATION,
+    DEFAULT_MAX_FRAME_SIZE,
+    DEFAULT_WINDOW,
+    ENABLE_PUSH,
+    END_HEADERS,
+    END_STREAM,
+    FRAME_HEADER_LENGTH,
+    GOAWAY,
+    HEADER_TABLE_SIZE,
+    HEADERS,
+    INITIAL_WINDOW_SIZE,
+    MAX_CONCURRENT_STREAMS,
+    MAX_FRAME_SIZE,
+    MAX_HEADER_LIST_SIZE,
+    MAX_WINDOW,
+    PADDED,
+    PING,
+    PREFACE,
+    PRIORITY,
+    PRIORITY_FLAG,
+    PUSH_PROMISE,
+    RST_STREAM,
+    SETTINGS,
+    SETTINGS_ACK,
+    UNLIMITED,
+    WINDOW_UPDATE,
+    ConnectionError_,
     code_name,
     decode_settings_header,
-    relay_connection,
+    goaway,
+    headers_frames,
+    parse_settings,
+    ping,
     relayed_code,
-    settings,
+    rst_stream,
+    settings_frame,
+    window_update,
 )
-from parsers.http2.floods import FloodError, FloodGuard, Turns
+from parsers.http2.frames import DATA as DATA_FRAME
 from parsers.http2.headers import (
     DENIED_STATUS,
     GRPC_PERMISSION_DENIED,
@@ -79,10 +110,10 @@ from parsers.http2.headers import (
     response_problem,
     trailers_problem,
 )
-from parsers.http2.streams import DATA, END, RESET, TRAILERS, Stream
-from parsers.requests import GrpcCall
+from parsers.http2.streams import DATA, RESET, TRAILERS, Stream
+from parsers.requests import GrpcCall, HttpRequest
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+__all__ = ["PREFACE", "FINISH_PING", "MAX_STREAM_ID", "H2Engine", "H2Limits"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +129,7 @@ class H2Limits:
     connection_window: int = 1024 * 1024
     max_frame_size: int = 16384
     # Above the advertised size a request gets 431 (a stream error, HPACK state
-    # intact); above the hard cap h2 stops decoding: connection error.
+    # intact); above the hard cap decoding stops: connection error.
     max_header_list_size: int = 64 * 1024
     hard_header_list_size: int = 256 * 1024
     # A header block still waiting for END_HEADERS may hold no more compressed
@@ -118,19 +149,95 @@ class H2Limits:
     # PING and SETTINGS acknowledgements and RST_STREAM frames sent toward the
     # client, per round trip: what a client that does not read lets pile up.
     max_outbound_control_frames: int = 1000
-    # Fairness: one turn of the event loop hands h2 at most this many client
+    # Fairness: one turn of the event loop processes at most this many client
     # frames, or payload bytes of frames other than DATA (at least one frame).
     frames_per_turn: int = 128
     bytes_per_turn: int = 512
 
 
 _NO_ERROR = ErrorCodes.NO_ERROR
+_PROTOCOL_ERROR = ErrorCodes.PROTOCOL_ERROR
+_STREAM_CLOSED = ErrorCodes.STREAM_CLOSED
+_FLOW_CONTROL_ERROR = ErrorCodes.FLOW_CONTROL_ERROR
+_FRAME_SIZE_ERROR = ErrorCodes.FRAME_SIZE_ERROR
+_CANCEL = ErrorCodes.CANCEL
+_REFUSED_STREAM = ErrorCodes.REFUSED_STREAM
+_INTERNAL_ERROR = ErrorCodes.INTERNAL_ERROR
 # finish(): the first GOAWAY's last stream id (RFC 9113 6.8), and our PING's payload
 # (the flood guard's round-trip PINGs carry other data).
 MAX_STREAM_ID = 2**31 - 1
 FINISH_PING = b"l7finish"
-_DATA_FRAME = 0x0  # the frame type byte of DATA (RFC 9113 §6.1)
-_NOT_SENT = object()
+_STREAM_ID_MASK = 0x7FFFFFFF
+
+# How a stream no longer in the map ended, remembered for the last few thousand:
+# frames the client had in flight when we reset a stream are ignored (RFC 9113
+# §5.1); frames on a stream that ended otherwise are STREAM_CLOSED.
+_RESET_BY_US, _CLOSED = 1, 2
+_CLOSED_MEMORY = 4096
+
+# What a request header block was judged to be: (why it is malformed or None,
+# header list size, content-length, typed request).
+_Judged = tuple[str | None, int, int | None, HttpRequest | GrpcCall | None]
+# Header blocks remembered per connection and direction, by their bytes, with the
+# decoder generation they decode at (see parsers/http2/blocks.py).
+_MEMO_ENTRIES = 256
+_MEMO_BLOCK_BYTES = 4096
+
+
+class _Block:
+    """A header block being received: HEADERS, then CONTINUATION until END_HEADERS."""
+
+    __slots__ = ("sid", "flags", "fragments", "frames", "size", "self_dependent")
+
+    def __init__(self, sid: int, flags: int, self_dependent: bool) -> None:
+        self.sid = sid
+        self.flags = flags
+        self.fragments: list[Any] = []
+        self.frames: list[Any] = []
+        self.size = 0
+        self.self_dependent = self_dependent
+
+
+def _content_length(headers: Headers) -> int | None:
+    """content-length, or None; -1 when present but not one non-negative integer."""
+    value = None
+    for name, field in headers:
+        if name == b"content-length":
+            if value is not None and field != value:
+                return -1
+            value = field
+    if value is None:
+        return None
+    return int(value) if value.isdigit() else -1
+
+
+def _split_header_payload(flags: int, sid: int, payload: memoryview) -> tuple[memoryview, bool]:
+    """(the header block fragment, whether the stream depends on itself) of a HEADERS frame."""
+    start, end = 0, len(payload)
+    pad = 0
+    if flags & PADDED:
+        if end < 1:
+            raise ConnectionError_(_FRAME_SIZE_ERROR, "PADDED HEADERS without a pad length")
+        pad = payload[0]
+        start = 1
+    self_dependent = False
+    if flags & PRIORITY_FLAG:
+        if end - start < 5:
+            raise ConnectionError_(_FRAME_SIZE_ERROR, "HEADERS too short for its priority")
+        dependency = int.from_bytes(payload[start : start + 4], "big") & _STREAM_ID_MASK
+        self_dependent = dependency == sid
+        start += 5
+    if pad > end - start:
+        raise ConnectionError_(_PROTOCOL_ERROR, "HEADERS padding longer than the frame")
+    return payload[start : end - pad], self_dependent
+
+
+def _data_payload(flags: int, payload: memoryview) -> memoryview:
+    if not flags & PADDED:
+        return payload
+    if not payload or payload[0] >= len(payload):
+        raise ConnectionError_(_PROTOCOL_ERROR, "DATA padding longer than the frame")
+    return payload[1 : len(payload) - payload[0]]
 
 
 class H2Engine:
@@ -146,26 +253,45 @@ class H2Engine:
     ):
         self._decide = decide
         self._limits = limits
-        self.down: RelayConnection = relay_connection(client_side=False)
-        self.up: RelayConnection = relay_connection(client_side=True)
-        self._streams: dict[int, Stream] = {}  # by client stream id
-        self._by_sid: dict[int, Stream] = {}  # by upstream stream id
-        self._waiting: list[Stream] = []  # allowed, waiting for an upstream slot
+        self._streams: dict[int, Stream] = {}
+        self._waiting: deque[Stream] = deque()  # allowed, waiting for an upstream slot
+        self._upstream_open = 0  # streams opened upstream and not yet closed there
+        self._closed: dict[int, int] = {}  # recently ended client streams: how
         self._out: list[Command] = []
-        self._preface_seen = False
+        self._to_client: list[Any] = []  # bytes and memoryviews, joined once per call
+        self._to_server: list[Any] = []
+        # Streams whose queue toward the client (server) waits for window.
+        self._blocked_to_client: dict[int, Stream] = {}
+        self._blocked_to_server: dict[int, Stream] = {}
+        self._dead = False
         self._refusing = False  # a GOAWAY was seen: no new streams
         self._server_gone = False  # server EOF: finish delivering complete responses only
-        self._dead = False
         # finish(): GOAWAY(2^31-1) and PING sent; the final GOAWAY's last stream id
         # once sent (streams above it are refused); Finished said.
         self._finishing = False
         self._goaway_last: int | None = None
         self._finished = False
-        # Client input not yet handed to h2 (a turn ended first); starts on a frame boundary.
-        self._held: bytes | memoryview = b""
-        self._turns = Turns(
-            frames_per_turn=limits.frames_per_turn, bytes_per_turn=limits.bytes_per_turn
-        )
+        self._quarter_stream = max(1, limits.stream_window // 4)
+        self._quarter_connection = max(1, limits.connection_window // 4)
+
+        # ---- the client hop
+        self._client_in: bytes | memoryview = b""  # input not yet processed
+        self._preface_read = False
+        self._client_settings_seen = False  # the client's first SETTINGS: HTTP/2 for sure
+        self._client_block: _Block | None = None
+        self._client_decoder = BlockDecoder(limits.hard_header_list_size, zero_table=False)
+        self._client_window = DEFAULT_WINDOW  # what the client's connection window accepts
+        self._client_initial = DEFAULT_WINDOW  # its SETTINGS_INITIAL_WINDOW_SIZE
+        self._client_max_frame = DEFAULT_MAX_FRAME_SIZE
+        self._client_credit = limits.connection_window  # what it may still send us
+        self._client_owed = 0
+        self._highest = 0  # highest client stream id seen
+        self._frames_read = 0
+        self._paused = False  # a turn ended with client input left over
+        # block -> (generation, headers, judged, the block re-encoded for the server)
+        self._requests: dict[bytes, tuple[int, Headers, _Judged, bytes | None]] = {}
+        self._resets_sent = 0  # RST_STREAM frames toward the client
+        self._excused_resets = 0  # of them, those the server caused
         self._guard = FloodGuard(
             max_stream_resets=limits.max_stream_resets,
             max_ping_frames=limits.max_ping_frames,
@@ -173,49 +299,73 @@ class H2Engine:
             max_outbound_control_frames=limits.max_outbound_control_frames,
             streams=self._streams,
         )
-        self._excused_resets = 0  # RST_STREAM frames to the client that the server caused
+
+        # ---- the server hop
+        self._server_in: bytes | memoryview = b""
+        self._server_started = False  # our preface went (goes) out
+        self._server_block: _Block | None = None
+        self._server_decoder = BlockDecoder(limits.hard_header_list_size, zero_table=True)
+        self._server_acked = False
+        self._server_window = DEFAULT_WINDOW
+        self._server_initial = DEFAULT_WINDOW
+        self._server_max_frame = DEFAULT_MAX_FRAME_SIZE
+        self._server_max_streams = UNLIMITED
+        self._server_max_header_list = UNLIMITED
+        self._server_credit = limits.connection_window
+        self._server_owed = 0
+        self._highest_opened = 0
+        # block -> (generation, headers, why it is malformed or None, self-contained)
+        self._responses: dict[bytes, tuple[int, Headers, str | None, bool]] = {}
+
         self._setup(upgrade_settings)
 
     def _setup(self, upgrade_settings: bytes | None) -> None:
         lim = self._limits
-        self.down.local_settings = settings(
-            False,
-            {
-                SettingCodes.MAX_CONCURRENT_STREAMS: lim.max_concurrent_streams,
-                SettingCodes.INITIAL_WINDOW_SIZE: lim.stream_window,
-                SettingCodes.MAX_FRAME_SIZE: lim.max_frame_size,
-                SettingCodes.MAX_HEADER_LIST_SIZE: lim.max_header_list_size,
-            },
-        )
-        ours: dict[SettingCodes | int, int] = {
-            SettingCodes.ENABLE_PUSH: 0,
-            SettingCodes.INITIAL_WINDOW_SIZE: lim.stream_window,
-            SettingCodes.MAX_FRAME_SIZE: lim.max_frame_size,
-            SettingCodes.MAX_HEADER_LIST_SIZE: lim.max_header_list_size,
+        ours = {
+            MAX_CONCURRENT_STREAMS: lim.max_concurrent_streams,
+            INITIAL_WINDOW_SIZE: lim.stream_window,
+            MAX_FRAME_SIZE: lim.max_frame_size,
+            MAX_HEADER_LIST_SIZE: lim.max_header_list_size,
         }
-        if upgrade_settings is None:
-            self.up.local_settings = settings(True, ours)
-            self.down.initiate_connection()
-            self.up.initiate_connection()
-        else:
-            # h2c: the server already applied the client's HTTP2-Settings as ours
-            # (it came with the upgraded request); our SETTINGS frame follows.
-            client_values = decode_settings_header(upgrade_settings)
-            self.up.local_settings = settings(True, client_values)
-            self.down.initiate_upgrade_connection(upgrade_settings)
-            self.up.initiate_upgrade_connection()
-            self.up.update_settings(ours)
-            stream = Stream(1, None, grpc=False)
-            stream.sid = 1
-            stream.request_done = True
-            stream.replied = True  # the HTTP/1.1 engine judged and logs this one
-            self._streams[1] = stream
-            self._by_sid[1] = stream
-        extra = lim.connection_window - 65535
+        self._to_client.append(settings_frame(ours))
+        extra = lim.connection_window - DEFAULT_WINDOW
         if extra > 0:
-            self.down.increment_flow_control_window(extra)
-            self.up.increment_flow_control_window(extra)
-        self.down.decoder.max_header_list_size = lim.hard_header_list_size
+            self._to_client.append(window_update(0, extra))
+        if upgrade_settings is None:
+            return
+        # h2c: the client's HTTP2-Settings are its settings toward us, and, until
+        # our own SETTINGS frame reaches the server, ours toward the server too.
+        client_values = dict(decode_settings_header(upgrade_settings))
+        self._apply_client_settings(client_values.items())
+        upgraded = self._new_stream(1, grpc=False)
+        upgraded.client_open = False
+        upgraded.request_done = True
+        upgraded.replied = True  # the HTTP/1.1 engine judged and logs this one
+        upgraded.opened = True
+        upgraded.server_credit = max(
+            lim.stream_window, client_values.get(INITIAL_WINDOW_SIZE, DEFAULT_WINDOW)
+        )
+        self._streams[1] = upgraded
+        self._upstream_open = 1
+        self._highest = self._highest_opened = 1
+
+    def _start_server(self) -> None:
+        """Our preface, SETTINGS and connection window toward the server."""
+        lim = self._limits
+        ours = {
+            HEADER_TABLE_SIZE: 0,
+            ENABLE_PUSH: 0,
+            INITIAL_WINDOW_SIZE: lim.stream_window,
+            MAX_FRAME_SIZE: lim.max_frame_size,
+            MAX_HEADER_LIST_SIZE: lim.max_header_list_size,
+        }
+        start = [PREFACE, settings_frame(ours)]
+        extra = lim.connection_window - DEFAULT_WINDOW
+        if extra > 0:
+            start.append(window_update(0, extra))
+        # Anything queued before (acknowledging the server's early SETTINGS) follows.
+        self._to_server[:0] = start
+        self._server_started = True
 
     # ------------------------------------------------------------ Engine API
 
@@ -223,26 +373,27 @@ class H2Engine:
     def reading_headers(self) -> bool:
         """Until the client's preface and SETTINGS are in, while a request header
         block waits for its CONTINUATION frames, and while any frame but DATA is
-        partly received (h2's frame buffer; a frame header not yet whole counts)."""
+        partly received (a frame header not yet whole counts)."""
         if self._dead:
             return False
-        incoming = self.down.incoming_buffer
-        if not self._preface_seen or incoming._headers_buffer:
+        if not self._client_settings_seen or self._client_block is not None:
             return True
-        partial = incoming._data
-        return bool(partial) and (len(partial) < 9 or partial[3] != _DATA_FRAME)
+        pending = self._client_in
+        if not pending or self._paused:
+            return False
+        return len(pending) < FRAME_HEADER_LENGTH or pending[3] != DATA_FRAME
 
     @property
     def reading_body(self) -> bool:
         """While a DATA frame is partly received."""
-        if self._dead or not self._preface_seen:
+        if self._dead or not self._client_settings_seen or self._paused:
             return False
-        partial = self.down.incoming_buffer._data
-        return len(partial) >= 9 and partial[3] == _DATA_FRAME
+        pending = self._client_in
+        return len(pending) >= FRAME_HEADER_LENGTH and pending[3] == DATA_FRAME
 
     @property
     def heads_read(self) -> int:
-        return self.down.frames_received
+        return self._frames_read
 
     def client_timed_out(self, limit: TimeLimit) -> list[Command]:
         """GOAWAY(NO_ERROR) with the limit's name as debug data, then close: the
@@ -256,16 +407,9 @@ class H2Engine:
         blames a violation that did not happen; ENHANCE_YOUR_CALM is for floods."""
         if self._dead:
             return []
-        if self.down.state_machine.state is not ConnectionState.CLOSED:
-            self.down.close_connection(_NO_ERROR, additional_data=limit.encode("ascii"))
-        self._abort(
-            limit,
-            to_server=ErrorCodes.CANCEL if self._streams else _NO_ERROR,
-            client_wire=self.down.data_to_send(),
-        )
-        out = self._out
-        self._out = []
-        return out
+        self._to_client.append(goaway(self._highest, _NO_ERROR, limit.encode("ascii")))
+        self._abort(limit, to_server=_CANCEL if self._streams else _NO_ERROR)
+        return self._take()
 
     def finish(self) -> list[Command]:
         """The graceful two-step GOAWAY of RFC 9113 6.8: GOAWAY(NO_ERROR, 2^31-1)
@@ -279,8 +423,8 @@ class H2Engine:
         if self._dead or self._finishing or self._refusing:
             return []  # already ending
         self._finishing = True
-        self.down.send_graceful_goaway(MAX_STREAM_ID)
-        self.down.ping(FINISH_PING)
+        self._to_client.append(goaway(MAX_STREAM_ID, _NO_ERROR))
+        self._to_client.append(ping(FINISH_PING))
         return self._drain()
 
     def client_data(self, data: bytes) -> list[Command]:
@@ -290,91 +434,77 @@ class H2Engine:
             return self._finish_on_eof("client")
         # Input while a turn is still due comes only from a driver that read on
         # after a Yield: it queues behind, in order.
-        self._held = bytes(self._held) + data if self._held else data
+        pending = self._client_in
+        self._client_in = bytes(pending) + data if pending else data
         return self._client_turn()
 
     def _resume_client(self) -> list[Command]:
         """``Yield.resume``: the next turn of the client's held input."""
-        if self._dead or not self._held:
+        if self._dead or not self._paused:
             return []
         return self._client_turn()
 
     def _client_turn(self) -> list[Command]:
-        """Hand h2 one turn of the client's input, its frame headers checked against
-        the flood budgets first; then what the engine did is checked too."""
-        held = self._held
-        take, flood = self._turns.cut(held, self._guard)
-        if take == len(held):
-            chunk, self._held = held, b""
-        else:
-            view = held if type(held) is memoryview else memoryview(held)
-            chunk, self._held = view[:take], view[take:]
         try:
-            events = self.down.receive_data(chunk) if take else []
-            check_announced_length(self.down)
-            self._check_parked_header_block()
-        except H2ProtocolError as exc:
-            return self._connection_error("client", exc)
-        handlers = CLIENT_HANDLERS
-        for event in events:
-            handler = handlers.get(type(event))
-            if handler is not None:
-                handler(self, event)
+            self._read_client()
+        except FloodError as exc:
+            _forget_frames(exc)
+            return self._client_connection_error(ErrorCodes.ENHANCE_YOUR_CALM, str(exc), exc.limit)
+        except ConnectionError_ as exc:
+            _forget_frames(exc)
+            return self._client_connection_error(exc.code, str(exc))
         if self._dead:
-            return self._drain()
+            return self._take()
         guard = self._guard
-        if flood is None:
-            sent = self.down.resets_sent
-            flood = guard.sync(sent, sent - self._excused_resets)
+        flood = guard.sync(self._resets_sent, self._resets_sent - self._excused_resets)
         if flood is not None:
-            return self._connection_error("client", flood)
+            return self._client_connection_error(
+                ErrorCodes.ENHANCE_YOUR_CALM, str(flood), flood.limit
+            )
         if guard.barrier_due():
-            self.down.ping(guard.open_barrier())
+            self._to_client.append(ping(guard.open_barrier()))
         out = self._drain()
-        if self._held and not self._dead:
+        if self._paused and not self._dead:
             out.append(Yield(self._resume_client))
         return out
-
-    def _check_parked_header_block(self) -> None:
-        parked = self.down.incoming_buffer._headers_buffer  # h2 has no public view of it
-        if parked:
-            size = sum(len(frame.data) for frame in parked)
-            if size > self._limits.hard_header_list_size:
-                raise FloodError(
-                    "hard_header_list_size",
-                    f"header block of {size} bytes still without END_HEADERS "
-                    f"(limit {self._limits.hard_header_list_size})",
-                )
 
     def server_data(self, data: bytes) -> list[Command]:
         if self._dead:
             return []
         if not data:
             return self._finish_on_eof("server")
+        pending = self._server_in
+        self._server_in = bytes(pending) + data if pending else data
         try:
-            events = self.up.receive_data(data)
-            check_announced_length(self.up)
-        except H2ProtocolError as exc:
-            return self._connection_error("server", exc)
-        handlers = SERVER_HANDLERS
-        for event in events:
-            handler = handlers.get(type(event))
-            if handler is not None:
-                handler(self, event)
+            self._read_server()
+        except ConnectionError_ as exc:
+            _forget_frames(exc)
+            return self._server_connection_error(exc.code, str(exc))
+        if self._dead:
+            return self._take()
         return self._drain()
+
+    # ------------------------------------------------------------ output
+
+    def _take(self) -> list[Command]:
+        out = self._out
+        self._out = []
+        return out
 
     def _drain(self) -> list[Command]:
         out = self._out
         self._out = []
-        down = self.down.data_to_send()
-        if down:
-            out.append(ToClient(down))
-        # Nothing goes upstream for a client that is not speaking HTTP/2, nor
-        # to a server that has closed (its window updates would be lost anyway).
-        if self._preface_seen:
-            up = self.up.data_to_send()
-            if up and not self._server_gone:
-                out.append(ToServer(up))
+        if self._to_client:
+            out.append(ToClient(b"".join(self._to_client)))
+            self._to_client.clear()
+        if self._to_server:
+            # Nothing goes upstream before the client has shown it speaks HTTP/2,
+            # nor to a server that has closed.
+            if self._server_gone:
+                self._to_server.clear()
+            elif self._server_started:
+                out.append(ToServer(b"".join(self._to_server)))
+                self._to_server.clear()
         if not self._streams and not self._dead:
             if self._goaway_last is not None:
                 # Our own final GOAWAY: the client, told, closes the connection.
@@ -386,25 +516,220 @@ class H2Engine:
                 out.append(Close("GOAWAY and no streams left"))
         return out
 
-    # -------------------------------------------------------- client events
+    # ------------------------------------------------------------ client frames
 
-    def _on_request(self, event: ev.RequestReceived) -> None:
-        cid = event.stream_id
-        headers = event.headers
-        ended = event.stream_ended is not None
-        h2_stream = self.down.streams.get(cid)
-        if h2_stream is None or h2_stream.closed:
-            return  # reset by the client in the same read: nothing left to judge or answer
-        if self._refusing or (self._goaway_last is not None and cid > self._goaway_last):
-            self._reset(self.down, cid, ErrorCodes.REFUSED_STREAM)
+    def _read_client(self) -> None:
+        self._paused = False
+        buf = self._client_in
+        view = buf if type(buf) is memoryview else memoryview(buf)
+        end = len(view)
+        pos = 0
+        if not self._preface_read:
+            if end < len(PREFACE):
+                if bytes(view) != PREFACE[:end]:
+                    raise ConnectionError_(_PROTOCOL_ERROR, "invalid connection preface")
+                return
+            if view[: len(PREFACE)] != PREFACE:
+                raise ConnectionError_(_PROTOCOL_ERROR, "invalid connection preface")
+            self._preface_read = True
+            pos = len(PREFACE)
+        lim = self._limits
+        max_frame = lim.max_frame_size
+        frames_left = lim.frames_per_turn
+        bytes_left = lim.bytes_per_turn
+        guard = self._guard
+        handlers = CLIENT_FRAMES
+        try:
+            while end - pos >= FRAME_HEADER_LENGTH:
+                if frames_left <= 0 or bytes_left <= 0:
+                    self._paused = True
+                    break
+                length = (view[pos] << 16) | (view[pos + 1] << 8) | view[pos + 2]
+                frame_type = view[pos + 3]
+                if length > max_frame:
+                    raise ConnectionError_(
+                        _FRAME_SIZE_ERROR, f"frame of {length} bytes (limit {max_frame})"
+                    )
+                if end - pos - FRAME_HEADER_LENGTH < length:
+                    self._check_parked_block(length)
+                    break
+                flags = view[pos + 4]
+                sid = int.from_bytes(view[pos + 5 : pos + 9], "big") & _STREAM_ID_MASK
+                if frame_type != DATA_FRAME:
+                    flood = guard.inbound(frame_type, flags, sid)
+                    if flood is not None:
+                        raise flood
+                    bytes_left -= length
+                frames_left -= 1
+                start = pos
+                pos += FRAME_HEADER_LENGTH + length
+                if not self._client_settings_seen and (frame_type != SETTINGS or flags & ACK):
+                    raise ConnectionError_(
+                        _PROTOCOL_ERROR, "the preface is not followed by SETTINGS"
+                    )
+                if self._client_block is not None and frame_type != CONTINUATION:
+                    raise ConnectionError_(
+                        _PROTOCOL_ERROR, "a frame other than CONTINUATION inside a header block"
+                    )
+                handler = handlers.get(frame_type)
+                if handler is not None:
+                    handler(
+                        self, flags, sid, view[start + FRAME_HEADER_LENGTH : pos], view[start:pos]
+                    )
+                    if self._dead:
+                        return
+                else:
+                    self._frames_read += 1  # unknown frame types are ignored (RFC 9113 §5.5)
+        finally:
+            self._client_in = view[pos:] if pos < end else b""
+
+    def _check_parked_block(self, incoming: int) -> None:
+        block = self._client_block
+        if block is not None and block.size + incoming > self._limits.hard_header_list_size:
+            raise FloodError(
+                "hard_header_list_size",
+                f"header block of {block.size + incoming} bytes still without END_HEADERS "
+                f"(limit {self._limits.hard_header_list_size})",
+            )
+
+    def _client_data_frame(
+        self, flags: int, sid: int, payload: memoryview, raw: memoryview
+    ) -> None:
+        self._frames_read += 1
+        if sid == 0:
+            raise ConnectionError_(_PROTOCOL_ERROR, "DATA on stream 0")
+        data = _data_payload(flags, payload)
+        length = len(payload)
+        self._client_credit -= length
+        if self._client_credit < 0:
+            raise ConnectionError_(_FLOW_CONTROL_ERROR, "DATA beyond the connection window")
+        stream = self._streams.get(sid)
+        if stream is None or not stream.client_open:
+            self._credit_client(None, length)
+            self._frame_on_closed(sid, stream, "DATA")
             return
-        problem = request_problem(headers)
-        if problem:
-            self._stream_error("client", cid, problem)
+        stream.client_credit -= length
+        if stream.client_credit < 0:
+            self._credit_client(None, length)
+            self._client_stream_error(sid, _FLOW_CONTROL_ERROR, "DATA beyond the stream window")
             return
-        size = header_list_size(headers)
+        end = flags & END_STREAM
+        size = len(data)
+        if stream.request_length is not None:
+            stream.request_seen += size
+            seen = stream.request_seen
+            if seen > stream.request_length or (end and seen != stream.request_length):
+                self._credit_client(None, length)
+                self._malformed("client", sid, f"body of {seen}+ bytes against its content-length")
+                return
+        if stream.grpc_in is not None:
+            stream.grpc_in.feed(data)
+        if end:
+            stream.client_open = False
+        if (
+            stream.opened
+            and not stream.to_server
+            and length <= self._server_window
+            and length <= stream.server_window
+        ):
+            self._server_window -= length
+            stream.server_window -= length
+            self._to_server.append(raw)
+            self._credit_client(stream, length)
+            if end:
+                self._request_sent(stream)
+            return
+        queue = stream.to_server
+        if queue is None:
+            queue = stream.to_server = deque()
+        queue.append((DATA, data, length, bool(end)))
+        if stream.opened:
+            self._flush_to_server(stream)
+
+    def _client_headers_frame(
+        self, flags: int, sid: int, payload: memoryview, raw: memoryview
+    ) -> None:
+        if sid == 0:
+            raise ConnectionError_(_PROTOCOL_ERROR, "HEADERS on stream 0")
+        if not sid & 1:
+            raise ConnectionError_(_PROTOCOL_ERROR, f"client stream id {sid} is even")
+        fragment, self_dependent = _split_header_payload(flags, sid, payload)
+        if flags & END_HEADERS:
+            self._frames_read += 1
+            self._client_header_block(sid, flags, bytes(fragment), (raw,), self_dependent)
+            return
+        block = self._client_block = _Block(sid, flags, self_dependent)
+        block.fragments.append(fragment)
+        block.frames.append(raw)
+        block.size = len(fragment)
+
+    def _client_continuation(
+        self, flags: int, sid: int, payload: memoryview, raw: memoryview
+    ) -> None:
+        block = self._client_block
+        if block is None:
+            raise ConnectionError_(_PROTOCOL_ERROR, "CONTINUATION without a header block")
+        if sid != block.sid:
+            raise ConnectionError_(_PROTOCOL_ERROR, "CONTINUATION on another stream")
+        block.fragments.append(payload)
+        block.frames.append(raw)
+        block.size += len(payload)
+        if block.size > self._limits.hard_header_list_size:
+            self._check_parked_block(0)
+        if flags & END_HEADERS:
+            self._client_block = None
+            self._frames_read += 1
+            whole = b"".join(block.fragments)
+            self._client_header_block(sid, block.flags, whole, block.frames, block.self_dependent)
+
+    def _client_header_block(
+        self, sid: int, flags: int, block: bytes, frames: Any, self_dependent: bool
+    ) -> None:
+        end = bool(flags & END_STREAM)
+        decoder = self._client_decoder
+        generation = decoder.generation
+        known = self._requests.get(block)
+        judged: _Judged | None = None
+        encoded: bytes | None = None
+        if known is not None and known[0] == generation:
+            _, headers, judged, encoded = known
+        else:
+            headers = self._decode_client(block)
+        stream = self._streams.get(sid)
+        if stream is not None:
+            self._client_trailers(stream, end, headers)
+            return
+        if sid <= self._highest:
+            how = self._closed.get(sid)
+            if how == _RESET_BY_US:
+                return  # in flight when we reset it
+            if how is not None:
+                raise ConnectionError_(_STREAM_CLOSED, f"HEADERS on closed stream {sid}")
+            raise ConnectionError_(_PROTOCOL_ERROR, f"stream id {sid} below one already used")
+        self._highest = sid
+        if self._refusing or (self._goaway_last is not None and sid > self._goaway_last):
+            self._reset_client(sid, _REFUSED_STREAM)
+            return
+        if len(self._streams) >= self._limits.max_concurrent_streams:
+            self._reset_client(sid, _REFUSED_STREAM)  # RFC 9113 §5.1.2: a stream error
+            return
+        if self_dependent:
+            self._client_stream_error(sid, _PROTOCOL_ERROR, "stream depends on itself")
+            return
+        if judged is None:
+            judged = self._judge(headers)
+            encoded = encode_block(headers) if judged[0] is None else b""
+            if decoder.generation == generation and len(block) <= _MEMO_BLOCK_BYTES:
+                memo = self._requests
+                if len(memo) >= _MEMO_ENTRIES:
+                    memo.clear()
+                memo[block] = (generation, headers, judged, encoded)
+        problem, size, length, request = judged
+        if problem is not None or request is None:
+            self._malformed("client", sid, problem or "malformed request")
+            return
         if size > self._limits.max_header_list_size:
-            self._answer(cid, ended, *http_denial(431, b"Request header fields too large"))
+            self._answer(sid, end, *http_denial(431, b"Request header fields too large"))
             self._out.append(
                 ParseError(
                     "client",
@@ -413,385 +738,587 @@ class H2Engine:
                 )
             )
             return
-        request = build_request(headers)
         grpc = type(request) is GrpcCall
         decision = self._decide(request)
-        self._out.append(Access(request, decision, cid))
+        self._out.append(Access(request, decision, sid))
         if not decision.allowed:
-            self._deny(cid, ended, decision, grpc)
+            self._deny(sid, end, decision, grpc)
             return
         if decision.edits:
-            headers = apply_edits(headers, decision.edits)
-        upstream_limit = self.up.remote_settings.max_header_list_size
-        if decision.edits:
-            size = header_list_size(headers)
-        if upstream_limit is not None and size > upstream_limit:
-            self._answer(cid, ended, *http_denial(431, b"Request header fields too large"))
-            self._out.append(Reply(cid, {"status": 431}))
+            edited = apply_edits(headers, decision.edits)
+            size = header_list_size(edited)
+            encoded = encode_block(edited)
+        if size > self._server_max_header_list:
+            self._answer(sid, end, *http_denial(431, b"Request header fields too large"))
+            self._out.append(Reply(sid, {"status": 431}))
             return
-        stream = Stream(cid, cid, grpc)
-        stream.headers = headers
-        stream.request_ended = ended
-        self._streams[cid] = stream
-        # Every opened upstream stream stays in _by_sid until h2 has closed it,
-        # so its size is h2's open_outbound_streams without h2's O(n) count.
-        if self._waiting or len(self._by_sid) >= self.up.remote_settings.max_concurrent_streams:
+        stream = self._new_stream(sid, grpc)
+        stream.request_length = length
+        stream.client_open = not end
+        self._streams[sid] = stream
+        assert encoded is not None, "a judged request has its block re-encoded"
+        held = headers_frames(sid, encoded, end, self._server_max_frame)
+        if self._waiting or self._upstream_open >= self._server_max_streams:
+            stream.held = held
             self._waiting.append(stream)
         else:
-            self._open(stream)
+            self._open(stream, held)
 
-    def _deny(self, cid: int, ended: bool, decision: Decision, grpc: bool) -> None:
-        if grpc:
-            self.down.send_headers(cid, grpc_denial(denial_reason(decision)), end_stream=True)
-            if ended:
-                self._guard.stream_completed()
-            else:
-                self._reset(self.down, cid, _NO_ERROR)
-            fields = {
-                "status": 200,
-                "grpc_status": GRPC_PERMISSION_DENIED,
-                "request_messages": 0,
-                "response_messages": 0,
-            }
-        else:
-            self._answer(cid, ended, *http_denial())
-            fields = {"status": DENIED_STATUS}
-        self._out.append(Reply(cid, fields))
+    def _decode_client(self, block: bytes) -> Headers:
+        try:
+            return self._client_decoder.decode(block)[0]
+        except CompressionError as exc:
+            raise ConnectionError_(ErrorCodes.COMPRESSION_ERROR, str(exc)) from exc
+        except HeaderListTooLarge as exc:
+            raise FloodError("hard_header_list_size", str(exc)) from exc
 
-    def _answer(self, cid: int, ended: bool, headers: Headers, body: bytes) -> None:
-        """A complete response from the proxy itself; the rest of the request is refused."""
-        if self.down.local_flow_control_window(cid) >= len(body):
-            self.down.send_headers(cid, headers)
-            self.down.send_data(cid, body, end_stream=True)
-        else:
-            self.down.send_headers(cid, headers[:1] + [(b"content-length", b"0")], end_stream=True)
-        if ended:
-            self._guard.stream_completed()
-        else:
-            # RFC 9113 §8.1: a complete response may end the request with NO_ERROR.
-            self._reset(self.down, cid, _NO_ERROR)
+    @staticmethod
+    def _judge(headers: Headers) -> _Judged:
+        problem = request_problem(headers)
+        if problem is not None:
+            return problem, 0, None, None
+        length = _content_length(headers)
+        if length == -1:
+            return "invalid content-length", 0, None, None
+        return None, header_list_size(headers), length, build_request(headers)
 
-    def _open(self, stream: Stream) -> None:
-        assert stream.headers is not None, "a waiting stream keeps its request headers"
-        sid = self.up.get_next_available_stream_id()
-        self.up.send_headers(sid, stream.headers, end_stream=stream.request_ended)
-        stream.headers = None
-        stream.sid = sid
-        self._by_sid[sid] = stream
-        if stream.request_ended:
-            stream.request_done = True
-        elif stream.to_server.items:
-            self._flush(stream, True)
-
-    def _open_waiting(self) -> None:
-        limit = self.up.remote_settings.max_concurrent_streams
-        while self._waiting and len(self._by_sid) < limit:
-            self._open(self._waiting.pop(0))
-
-    def _on_client_data(self, event: ev.DataReceived) -> None:
-        stream = self._streams.get(event.stream_id)
-        if stream is None or stream.request_done:
-            self.down.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+    def _client_trailers(self, stream: Stream, end: bool, headers: Headers) -> None:
+        sid = stream.sid
+        if not stream.client_open:
+            self._client_stream_error(sid, _STREAM_CLOSED, "HEADERS after END_STREAM")
             return
-        data = event.data
-        if stream.grpc_in is not None:
-            stream.grpc_in.feed(data)
-        pipe = stream.to_server
-        pipe.items.append((DATA, data, event.flow_controlled_length))
-        pipe.unacked += event.flow_controlled_length
-        if event.stream_ended is not None:
-            # END_STREAM on this DATA frame: forward it on the same frame.
-            pipe.items.append((END,))
-            pipe.end_queued = True
-        if stream.sid is not None:
-            self._flush(stream, True)
-
-    def _on_client_end(self, event: ev.StreamEnded) -> None:
-        stream = self._streams.get(event.stream_id)
-        if (
-            stream is None
-            or stream.request_ended
-            or stream.request_done
-            or stream.to_server.end_queued
-        ):
+        if not end:
+            self._malformed("client", sid, "trailers without END_STREAM")
             return
-        stream.to_server.items.append((END,))
-        if stream.sid is not None:
-            self._flush(stream, True)
+        problem = trailers_problem(headers)
+        if problem is None and stream.request_length is not None:
+            if stream.request_seen != stream.request_length:
+                problem = "body shorter than its content-length"
+        if problem is not None:
+            self._malformed("client", sid, problem)
+            return
+        stream.client_open = False
+        framed = headers_frames(sid, encode_block(headers), True, self._server_max_frame)
+        if stream.opened and not stream.to_server:
+            self._to_server.append(framed)
+            self._request_sent(stream)
+            return
+        queue = stream.to_server
+        if queue is None:
+            queue = stream.to_server = deque()
+        queue.append((TRAILERS, framed))
 
-    def _on_client_trailers(self, event: ev.TrailersReceived) -> None:
-        stream = self._streams.get(event.stream_id)
+    def _client_priority(self, flags: int, sid: int, payload: memoryview, raw: memoryview) -> None:
+        self._frames_read += 1
+        if sid == 0:
+            raise ConnectionError_(_PROTOCOL_ERROR, "PRIORITY on stream 0")
+        if len(payload) != 5:
+            self._client_stream_error(sid, _FRAME_SIZE_ERROR, "PRIORITY frame of the wrong size")
+            return
+        if int.from_bytes(payload[:4], "big") & _STREAM_ID_MASK == sid:
+            self._client_stream_error(sid, _PROTOCOL_ERROR, "stream depends on itself")
+        # Otherwise ignored: RFC 9113 deprecates the priority scheme, and the
+        # server schedules its own responses.
+
+    def _client_rst_stream(
+        self, flags: int, sid: int, payload: memoryview, raw: memoryview
+    ) -> None:
+        self._frames_read += 1
+        if len(payload) != 4:
+            raise ConnectionError_(_FRAME_SIZE_ERROR, "RST_STREAM frame of the wrong size")
+        if sid == 0:
+            raise ConnectionError_(_PROTOCOL_ERROR, "RST_STREAM on stream 0")
+        stream = self._streams.get(sid)
         if stream is None:
+            if sid > self._highest:
+                raise ConnectionError_(_PROTOCOL_ERROR, "RST_STREAM on an idle stream")
             return
-        problem = trailers_problem(event.headers)
-        if problem:
-            self._stream_error("client", event.stream_id, problem)
-            return
-        stream.to_server.items.append((TRAILERS, event.headers))
-        if stream.sid is not None:
-            self._flush(stream, True)
-
-    def _on_client_reset(self, event: ev.StreamReset) -> None:
-        stream = self._streams.get(event.stream_id)
-        if stream is None:
-            return
-        if stream.sid is None:
-            self._waiting.remove(stream)
+        code = int.from_bytes(payload, "big")
+        if not stream.opened:
+            self._unwait(stream)
         elif not (stream.request_done and stream.response_done):
-            self._reset(self.up, stream.sid, relayed_code(event.error_code))
-        self._drop(stream, f"client reset {code_name(event.error_code)}")
+            self._reset_server(sid, relayed_code(code))
+        self._drop(stream, f"client reset {code_name(code)}", _CLOSED)
 
-    def _on_client_malformed(self, event: MalformedStream) -> None:
-        self._stream_error("client", event.stream_id, event.reason)
+    def _client_settings(self, flags: int, sid: int, payload: memoryview, raw: memoryview) -> None:
+        self._frames_read += 1
+        if sid != 0:
+            raise ConnectionError_(_PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & ACK:
+            if payload:
+                raise ConnectionError_(_FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            return
+        self._apply_client_settings(parse_settings(payload))
+        self._to_client.append(SETTINGS_ACK)
+        if not self._client_settings_seen:
+            self._client_settings_seen = True
+            self._start_server()
 
-    def _on_client_window(self, event: ev.WindowUpdated) -> None:
-        if event.stream_id:
-            stream = self._streams.get(event.stream_id)
-            if stream is not None and stream.to_client.items:
-                self._flush(stream, False)
-        else:
-            self._flush_all(False)
+    def _apply_client_settings(self, pairs: Any) -> None:
+        for key, value in pairs:
+            if key == INITIAL_WINDOW_SIZE:
+                delta = value - self._client_initial
+                self._client_initial = value
+                if delta:
+                    for stream in self._streams.values():
+                        stream.client_window += delta
+                        if stream.client_window > MAX_WINDOW:
+                            raise ConnectionError_(
+                                _FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE overflows a window"
+                            )
+                    if delta > 0:
+                        self._flush_all_to_client()
+            elif key == MAX_FRAME_SIZE:
+                self._client_max_frame = value
+            # HEADER_TABLE_SIZE needs nothing: what we encode never indexes.
 
-    def _on_client_settings(self, event: ev.RemoteSettingsChanged) -> None:
-        self._preface_seen = True
-        if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-            self._flush_all(False)
-
-    def _on_settings_ack(self, _event: ev.SettingsAcknowledged) -> None:
-        # h2 resets the HPACK limit to the advertised size on every ack; keep
-        # the hard cap so that sizes in between get a 431 rather than a GOAWAY.
-        self.down.decoder.max_header_list_size = self._limits.hard_header_list_size
-
-    def _on_client_ping_ack(self, event: ev.PingAckReceived) -> None:
-        if event.ping_data == FINISH_PING and self._finishing and self._goaway_last is None:
+    def _client_ping(self, flags: int, sid: int, payload: memoryview, raw: memoryview) -> None:
+        self._frames_read += 1
+        if sid != 0:
+            raise ConnectionError_(_PROTOCOL_ERROR, "PING on a stream")
+        if len(payload) != 8:
+            raise ConnectionError_(_FRAME_SIZE_ERROR, "PING frame of the wrong size")
+        if not flags & ACK:
+            self._to_client.append(ping(bytes(payload), ack=True))
+            return
+        opaque = bytes(payload)
+        if opaque == FINISH_PING and self._finishing and self._goaway_last is None:
             # finish()'s round trip is over: the final GOAWAY. Streams above its id
-            # arrived after the client read the first one: refused (_on_request).
-            self._goaway_last = self.down.highest_inbound_stream_id
-            self.down.send_graceful_goaway(self._goaway_last)
+            # arrived after the client read the first one: refused.
+            self._goaway_last = self._highest
+            self._to_client.append(goaway(self._goaway_last, _NO_ERROR))
             return
-        self._guard.acknowledged(event.ping_data)
+        self._guard.acknowledged(opaque)
 
-    def _on_client_goaway(self, event: ev.ConnectionTerminated) -> None:
-        if event.error_code != _NO_ERROR:
-            self._abort(f"client GOAWAY {code_name(event.error_code)}", to_server=ErrorCodes.CANCEL)
+    def _client_goaway(self, flags: int, sid: int, payload: memoryview, raw: memoryview) -> None:
+        self._frames_read += 1
+        if sid != 0:
+            raise ConnectionError_(_PROTOCOL_ERROR, "GOAWAY on a stream")
+        if len(payload) < 8:
+            raise ConnectionError_(_FRAME_SIZE_ERROR, "GOAWAY frame too short")
+        code = int.from_bytes(payload[4:8], "big")
+        if code != _NO_ERROR:
+            self._abort(f"client GOAWAY {code_name(code)}", to_server=_CANCEL)
             return
-        self._refusing = True
-        self.up.send_graceful_goaway(0)
+        if not self._refusing:
+            self._refusing = True
+            self._to_server.append(goaway(0, _NO_ERROR))
 
-    # -------------------------------------------------------- server events
-
-    def _on_response(self, event: ev.ResponseReceived) -> None:
-        stream = self._by_sid.get(event.stream_id)
+    def _client_window_update(
+        self, flags: int, sid: int, payload: memoryview, raw: memoryview
+    ) -> None:
+        self._frames_read += 1
+        if len(payload) != 4:
+            raise ConnectionError_(_FRAME_SIZE_ERROR, "WINDOW_UPDATE frame of the wrong size")
+        increment = int.from_bytes(payload, "big") & _STREAM_ID_MASK
+        if sid == 0:
+            if not increment:
+                raise ConnectionError_(_PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            self._client_window += increment
+            if self._client_window > MAX_WINDOW:
+                raise ConnectionError_(_FLOW_CONTROL_ERROR, "connection window above 2^31-1")
+            self._flush_all_to_client()
+            return
+        stream = self._streams.get(sid)
         if stream is None:
+            if sid > self._highest:
+                raise ConnectionError_(_PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
             return
-        headers = event.headers
-        problem = response_problem(headers)
-        if problem:
-            self._stream_error("server", event.stream_id, problem)
+        if not increment:
+            self._client_stream_error(sid, _PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
             return
-        status = int(headers_value(headers, b":status") or 0)
-        stream.status = status
-        ended = event.stream_ended is not None
-        if ended and stream.grpc_in is not None:
-            stream.grpc_status = int_or_none(headers_value(headers, b"grpc-status"))
-        self.down.send_headers(stream.cid, headers, end_stream=ended)
-        if ended:
-            self._ended(stream, False)
+        stream.client_window += increment
+        if stream.client_window > MAX_WINDOW:
+            self._client_stream_error(sid, _FLOW_CONTROL_ERROR, "stream window above 2^31-1")
+            return
+        if stream.to_client:
+            self._flush_to_client(stream)
 
-    def _on_informational(self, event: ev.InformationalResponseReceived) -> None:
-        stream = self._by_sid.get(event.stream_id)
-        if stream is not None:
-            self.down.send_headers(stream.cid, event.headers)
+    def _client_push_promise(
+        self, flags: int, sid: int, payload: memoryview, raw: memoryview
+    ) -> None:
+        raise ConnectionError_(_PROTOCOL_ERROR, "PUSH_PROMISE from a client")
 
-    def _on_server_data(self, event: ev.DataReceived) -> None:
-        stream = self._by_sid.get(event.stream_id)
-        if stream is None or stream.response_done:
-            self.up.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+    def _frame_on_closed(self, sid: int, stream: Stream | None, what: str) -> None:
+        """A DATA frame for a stream the client may not send on (RFC 9113 §5.1)."""
+        if sid > self._highest:
+            raise ConnectionError_(_PROTOCOL_ERROR, f"{what} on an idle stream")
+        if stream is None:
+            how = self._closed.get(sid)
+            if how is None or how == _RESET_BY_US:
+                return  # in flight when we reset it, or long gone
+        self._client_stream_error(sid, _STREAM_CLOSED, f"{what} on a closed stream")
+
+    # ------------------------------------------------------------ server frames
+
+    def _read_server(self) -> None:
+        buf = self._server_in
+        view = buf if type(buf) is memoryview else memoryview(buf)
+        end = len(view)
+        pos = 0
+        max_frame = self._limits.max_frame_size
+        handlers = SERVER_FRAMES
+        try:
+            while end - pos >= FRAME_HEADER_LENGTH:
+                length = (view[pos] << 16) | (view[pos + 1] << 8) | view[pos + 2]
+                if length > max_frame:
+                    raise ConnectionError_(
+                        _FRAME_SIZE_ERROR, f"frame of {length} bytes (limit {max_frame})"
+                    )
+                if end - pos - FRAME_HEADER_LENGTH < length:
+                    break
+                frame_type = view[pos + 3]
+                flags = view[pos + 4]
+                sid = int.from_bytes(view[pos + 5 : pos + 9], "big") & _STREAM_ID_MASK
+                start = pos
+                pos += FRAME_HEADER_LENGTH + length
+                if self._server_block is not None and frame_type != CONTINUATION:
+                    raise ConnectionError_(
+                        _PROTOCOL_ERROR, "a frame other than CONTINUATION inside a header block"
+                    )
+                handler = handlers.get(frame_type)
+                if handler is not None:
+                    handler(
+                        self, flags, sid, view[start + FRAME_HEADER_LENGTH : pos], view[start:pos]
+                    )
+                    if self._dead:
+                        return
+        finally:
+            self._server_in = view[pos:] if pos < end else b""
+
+    def _server_data_frame(
+        self, flags: int, sid: int, payload: memoryview, raw: memoryview
+    ) -> None:
+        if sid == 0:
+            raise ConnectionError_(_PROTOCOL_ERROR, "DATA on stream 0")
+        data = _data_payload(flags, payload)
+        length = len(payload)
+        self._server_credit -= length
+        if self._server_credit < 0:
+            raise ConnectionError_(_FLOW_CONTROL_ERROR, "DATA beyond the connection window")
+        stream = self._streams.get(sid)
+        if stream is None or not stream.opened or not stream.server_open:
+            self._credit_server(None, length)
+            if sid > self._highest_opened:
+                raise ConnectionError_(_PROTOCOL_ERROR, "DATA on an idle stream")
+            return  # a stream we reset or that ended: frames in flight
+        if stream.status is None:
+            self._credit_server(None, length)
+            self._malformed("server", sid, "DATA before the response HEADERS")
             return
-        data = event.data
+        stream.server_credit -= length
+        if stream.server_credit < 0:
+            self._credit_server(None, length)
+            self._server_stream_error(stream, _FLOW_CONTROL_ERROR, "DATA beyond the stream window")
+            return
+        end = flags & END_STREAM
+        size = len(data)
+        if stream.response_length is not None:
+            stream.response_seen += size
+            seen = stream.response_seen
+            if seen > stream.response_length or (end and seen != stream.response_length):
+                self._credit_server(None, length)
+                self._malformed("server", sid, f"body of {seen}+ bytes against its content-length")
+                return
         if stream.grpc_out is not None:
             stream.grpc_out.feed(data)
-        pipe = stream.to_client
-        pipe.items.append((DATA, data, event.flow_controlled_length))
-        pipe.unacked += event.flow_controlled_length
-        if event.stream_ended is not None:
-            pipe.items.append((END,))
-            pipe.end_queued = True
-        self._flush(stream, False)
+        if end:
+            stream.server_open = False
+        if (
+            not stream.to_client
+            and length <= self._client_window
+            and length <= stream.client_window
+        ):
+            self._client_window -= length
+            stream.client_window -= length
+            self._to_client.append(raw)
+            self._credit_server(stream, length)
+            if end:
+                self._response_sent(stream)
+            return
+        queue = stream.to_client
+        if queue is None:
+            queue = stream.to_client = deque()
+        queue.append((DATA, data, length, bool(end)))
+        self._flush_to_client(stream)
 
-    def _on_server_end(self, event: ev.StreamEnded) -> None:
-        stream = self._by_sid.get(event.stream_id)
-        if stream is None or stream.response_done or stream.to_client.end_queued:
+    def _server_headers_frame(
+        self, flags: int, sid: int, payload: memoryview, raw: memoryview
+    ) -> None:
+        if sid == 0:
+            raise ConnectionError_(_PROTOCOL_ERROR, "HEADERS on stream 0")
+        fragment, _ = _split_header_payload(flags, sid, payload)
+        if flags & END_HEADERS:
+            self._server_header_block(sid, flags, bytes(fragment), (raw,))
             return
-        stream.to_client.items.append((END,))
-        self._flush(stream, False)
+        block = self._server_block = _Block(sid, flags, False)
+        block.fragments.append(fragment)
+        block.frames.append(raw)
+        block.size = len(fragment)
 
-    def _on_server_trailers(self, event: ev.TrailersReceived) -> None:
-        stream = self._by_sid.get(event.stream_id)
-        if stream is None:
-            return
-        problem = trailers_problem(event.headers)
-        if problem:
-            self._stream_error("server", event.stream_id, problem)
-            return
-        if stream.grpc_in is not None:
-            stream.grpc_status = int_or_none(headers_value(event.headers, b"grpc-status"))
-        stream.to_client.items.append((TRAILERS, event.headers))
-        self._flush(stream, False)
+    def _server_continuation(
+        self, flags: int, sid: int, payload: memoryview, raw: memoryview
+    ) -> None:
+        block = self._server_block
+        if block is None or sid != block.sid:
+            raise ConnectionError_(_PROTOCOL_ERROR, "CONTINUATION out of a header block")
+        block.fragments.append(payload)
+        block.frames.append(raw)
+        block.size += len(payload)
+        if block.size > self._limits.hard_header_list_size:
+            raise ConnectionError_(ErrorCodes.ENHANCE_YOUR_CALM, "response header block too large")
+        if flags & END_HEADERS:
+            self._server_block = None
+            self._server_header_block(sid, block.flags, b"".join(block.fragments), block.frames)
 
-    def _on_server_reset(self, event: ev.StreamReset) -> None:
-        stream = self._by_sid.get(event.stream_id)
-        if stream is None:
+    def _server_header_block(self, sid: int, flags: int, block: bytes, frames: Any) -> None:
+        decoder = self._server_decoder
+        generation = decoder.generation
+        known = self._responses.get(block)
+        if known is not None and known[0] == generation:
+            _, headers, problem, self_contained = known
+        else:
+            try:
+                headers, self_contained = decoder.decode(block)
+            except (CompressionError, HeaderListTooLarge) as exc:
+                raise ConnectionError_(ErrorCodes.COMPRESSION_ERROR, str(exc)) from exc
+            problem = response_problem(headers)
+            if decoder.generation == generation and len(block) <= _MEMO_BLOCK_BYTES:
+                memo = self._responses
+                if len(memo) >= _MEMO_ENTRIES:
+                    memo.clear()
+                memo[block] = (generation, headers, problem, self_contained)
+        stream = self._streams.get(sid)
+        if stream is None or not stream.opened or not stream.server_open:
+            if not sid & 1 or sid > self._highest_opened:
+                raise ConnectionError_(_PROTOCOL_ERROR, f"HEADERS on stream {sid}, never opened")
+            return  # a stream we reset: in flight
+        end = bool(flags & END_STREAM)
+        if stream.status is not None:  # trailers
+            if not end:
+                self._malformed("server", sid, "trailers without END_STREAM")
+                return
+            problem = trailers_problem(headers)
+            if problem is None and stream.response_length is not None:
+                if stream.response_seen != stream.response_length:
+                    problem = "body shorter than its content-length"
+            if problem is not None:
+                self._malformed("server", sid, problem)
+                return
+            if stream.grpc_in is not None:
+                stream.grpc_status = int_or_none(headers_value(headers, b"grpc-status"))
+            framed = self._framed_for_client(sid, headers, self_contained, frames, True)
+            stream.server_open = False
+            if stream.to_client:
+                stream.to_client.append((TRAILERS, framed))
+                return
+            self._to_client.append(framed)
+            self._response_sent(stream)
             return
-        code = event.error_code
-        if code == _NO_ERROR and stream.to_client.items:
+        if problem is not None:
+            self._malformed("server", sid, problem)
+            return
+        status = int(headers[0][1])  # response_problem: :status comes first, 3 digits
+        if status < 200:
+            if end:
+                self._malformed("server", sid, "an informational response with END_STREAM")
+                return
+            self._to_client.append(
+                self._framed_for_client(sid, headers, self_contained, frames, False)
+            )
+            return
+        length = _content_length(headers)
+        if length == -1:
+            self._malformed("server", sid, "invalid content-length")
+            return
+        stream.response_length = length
+        stream.status = status
+        if end and stream.grpc_in is not None:
+            stream.grpc_status = int_or_none(headers_value(headers, b"grpc-status"))
+        self._to_client.append(self._framed_for_client(sid, headers, self_contained, frames, end))
+        if end:
+            stream.server_open = False
+            if length:
+                self._malformed("server", sid, "body shorter than its content-length")
+                return
+            self._response_sent(stream)
+
+    def _framed_for_client(
+        self, sid: int, headers: Headers, self_contained: bool, frames: Any, end: bool
+    ) -> Any:
+        if self_contained:
+            return frames[0] if len(frames) == 1 else b"".join(frames)
+        return headers_frames(sid, encode_block(headers), end, self._client_max_frame)
+
+    def _server_rst_stream(
+        self, flags: int, sid: int, payload: memoryview, raw: memoryview
+    ) -> None:
+        if len(payload) != 4 or sid == 0:
+            raise ConnectionError_(_PROTOCOL_ERROR, "malformed RST_STREAM")
+        stream = self._streams.get(sid)
+        if stream is None or not stream.opened:
+            return
+        code = int.from_bytes(payload, "big")
+        queue = stream.to_client
+        if code == _NO_ERROR and queue:
             # "stop sending, the response is complete": deliver the response first.
-            stream.to_client.items.append((RESET, code))
-            self._discard(stream, True)
+            queue.append((RESET, code))
+            self._discard_to_server(stream)
             stream.request_done = True
             return
+        self._upstream_closed(stream)
         if not (stream.request_done and stream.response_done):
-            self._reset_for_server(stream.cid, relayed_code(code))
-        self._drop(stream, f"server reset {code_name(code)}")
+            self._reset_client_for_server(sid, relayed_code(code))
+        self._drop(stream, f"server reset {code_name(code)}", _RESET_BY_US)
 
-    def _on_server_malformed(self, event: MalformedStream) -> None:
-        self._stream_error("server", event.stream_id, event.reason)
+    def _server_settings(self, flags: int, sid: int, payload: memoryview, raw: memoryview) -> None:
+        if sid != 0:
+            raise ConnectionError_(_PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & ACK:
+            if not self._server_acked:
+                self._server_acked = True
+                self._server_decoder.acknowledged()
+            return
+        for key, value in parse_settings(payload):
+            if key == INITIAL_WINDOW_SIZE:
+                delta = value - self._server_initial
+                self._server_initial = value
+                if delta:
+                    for stream in self._streams.values():
+                        stream.server_window += delta
+                    if delta > 0:
+                        self._flush_all_to_server()
+            elif key == MAX_FRAME_SIZE:
+                self._server_max_frame = value
+            elif key == MAX_CONCURRENT_STREAMS:
+                self._server_max_streams = value
+            elif key == MAX_HEADER_LIST_SIZE:
+                self._server_max_header_list = value
+        self._to_server.append(SETTINGS_ACK)
+        self._open_waiting()
 
-    def _on_server_window(self, event: ev.WindowUpdated) -> None:
-        if event.stream_id:
-            stream = self._by_sid.get(event.stream_id)
-            if stream is not None and stream.to_server.items:
-                self._flush(stream, True)
-        else:
-            self._flush_all(True)
+    def _server_ping(self, flags: int, sid: int, payload: memoryview, raw: memoryview) -> None:
+        if sid != 0 or len(payload) != 8:
+            raise ConnectionError_(_PROTOCOL_ERROR, "malformed PING")
+        if not flags & ACK:
+            self._to_server.append(ping(bytes(payload), ack=True))
 
-    def _on_server_settings(self, event: ev.RemoteSettingsChanged) -> None:
-        changed = event.changed_settings
-        if SettingCodes.INITIAL_WINDOW_SIZE in changed:
-            self._flush_all(True)
-        if SettingCodes.MAX_CONCURRENT_STREAMS in changed:
-            self._open_waiting()
-
-    def _on_server_goaway(self, event: ev.ConnectionTerminated) -> None:
-        if event.error_code != _NO_ERROR:
-            self._abort(
-                f"server GOAWAY {code_name(event.error_code)}", to_client=ErrorCodes.INTERNAL_ERROR
-            )
+    def _server_goaway(self, flags: int, sid: int, payload: memoryview, raw: memoryview) -> None:
+        if sid != 0 or len(payload) < 8:
+            raise ConnectionError_(_PROTOCOL_ERROR, "malformed GOAWAY")
+        last = int.from_bytes(payload[:4], "big") & _STREAM_ID_MASK
+        code = int.from_bytes(payload[4:8], "big")
+        if code != _NO_ERROR:
+            self._abort(f"server GOAWAY {code_name(code)}", to_client=_INTERNAL_ERROR)
             return
         # Streams above last_stream_id were never processed: the client may retry them.
         self._refusing = True
-        last = event.last_stream_id
-        assert last is not None, "h2 sets it from every GOAWAY frame"
         for stream in list(self._streams.values()):
-            if stream.sid is None or stream.sid > last:
-                if stream.sid is None:
-                    self._waiting.remove(stream)
-                self._reset_for_server(stream.cid, ErrorCodes.REFUSED_STREAM)
-                self._drop(stream, "refused: server going away")
-        self.down.send_graceful_goaway(max(self._streams, default=0))
+            if not stream.opened or stream.sid > last:
+                if not stream.opened:
+                    self._unwait(stream)
+                else:
+                    self._upstream_closed(stream)
+                self._reset_client_for_server(stream.sid, _REFUSED_STREAM)
+                self._drop(stream, "refused: server going away", _RESET_BY_US)
+        self._to_client.append(goaway(max(self._streams, default=0), _NO_ERROR))
 
-    # ---------------------------------------------------------- relaying
+    def _server_window_update(
+        self, flags: int, sid: int, payload: memoryview, raw: memoryview
+    ) -> None:
+        if len(payload) != 4:
+            raise ConnectionError_(_FRAME_SIZE_ERROR, "WINDOW_UPDATE frame of the wrong size")
+        increment = int.from_bytes(payload, "big") & _STREAM_ID_MASK
+        if sid == 0:
+            if not increment:
+                raise ConnectionError_(_PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            self._server_window += increment
+            if self._server_window > MAX_WINDOW:
+                raise ConnectionError_(_FLOW_CONTROL_ERROR, "connection window above 2^31-1")
+            self._flush_all_to_server()
+            return
+        stream = self._streams.get(sid)
+        if stream is None or not stream.opened:
+            return
+        if not increment:
+            self._server_stream_error(stream, _PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            return
+        stream.server_window += increment
+        if stream.to_server:
+            self._flush_to_server(stream)
 
-    def _flush(self, stream: Stream, to_server: bool) -> None:
-        """Move queued items to the other connection as far as its windows allow."""
+    def _server_push_promise(
+        self, flags: int, sid: int, payload: memoryview, raw: memoryview
+    ) -> None:
+        raise ConnectionError_(_PROTOCOL_ERROR, "PUSH_PROMISE with push disabled")
+
+    # ------------------------------------------------------------ streams
+
+    def _new_stream(self, sid: int, grpc: bool) -> Stream:
+        return Stream(
+            sid,
+            grpc,
+            receive_window=self._limits.stream_window,
+            client_window=self._client_initial,
+            server_window=self._server_initial,
+        )
+
+    def _open(self, stream: Stream, frames: Any) -> None:
+        self._to_server.append(frames)
+        stream.opened = True
+        self._upstream_open += 1
+        self._highest_opened = stream.sid
+        if not stream.client_open and not stream.to_server:
+            stream.request_done = True  # END_STREAM came on the HEADERS
+            self._complete_if_done(stream)
+        elif stream.to_server:
+            self._flush_to_server(stream)
+
+    def _open_waiting(self) -> None:
+        waiting = self._waiting
+        while waiting and self._upstream_open < self._server_max_streams:
+            stream = waiting.popleft()
+            held, stream.held = stream.held, None
+            self._open(stream, held)
+
+    def _unwait(self, stream: Stream) -> None:
         try:
-            self._flush_items(stream, to_server)
-        except StreamClosedError:
-            # The receiving peer reset this stream in the very read being
-            # handled; its StreamReset event comes next and cleans up.
+            self._waiting.remove(stream)
+        except ValueError:
             pass
 
-    def _flush_items(self, stream: Stream, to_server: bool) -> None:
-        sid = stream.sid
-        assert sid is not None, "only streams opened upstream are flushed"
-        if to_server:
-            pipe, out, out_id, inbound, in_id = (
-                stream.to_server,
-                self.up,
-                sid,
-                self.down,
-                stream.cid,
-            )
-        else:
-            pipe, out, out_id, inbound, in_id = (
-                stream.to_client,
-                self.down,
-                stream.cid,
-                self.up,
-                sid,
-            )
-        items = pipe.items
-        while items:
-            item = items[0]
-            kind = item[0]
-            if kind == DATA:
-                data = item[1]
-                size = len(data)
-                if size:
-                    window = out.local_flow_control_window(out_id)
-                    if window <= 0:
-                        return
-                    step = min(size, window, out.max_outbound_frame_size)
-                else:
-                    step = 0
-                if step == size:
-                    items.popleft()
-                    acked = item[2]
-                    end = bool(items) and items[0][0] == END
-                    if end:
-                        items.popleft()
-                    if size or end:
-                        out.send_data(out_id, data, end_stream=end)
-                else:
-                    view = data if type(data) is memoryview else memoryview(data)
-                    items[0] = (DATA, view[step:], item[2] - step)
-                    out.send_data(out_id, view[:step])
-                    acked = step
-                    end = False
-                pipe.unacked -= acked
-                if acked:
-                    inbound.acknowledge_received_data(acked, in_id)
-                if end:
-                    self._ended(stream, to_server)
-                    return
-            elif kind == TRAILERS:
-                items.popleft()
-                out.send_headers(out_id, item[1], end_stream=True)
-                if items and items[0][0] == END:
-                    items.popleft()
-                self._ended(stream, to_server)
-                return
-            elif kind == END:
-                items.popleft()
-                out.send_data(out_id, b"", end_stream=True)
-                self._ended(stream, to_server)
-                return
-            else:  # RESET queued behind a complete response
-                items.popleft()
-                if to_server:
-                    self._reset(out, out_id, item[1])
-                else:
-                    self._reset_for_server(out_id, item[1])
-                self._drop(stream, "")
-                return
+    def _request_sent(self, stream: Stream) -> None:
+        stream.request_done = True
+        self._complete_if_done(stream)
 
-    def _flush_all(self, to_server: bool) -> None:
-        for stream in list(self._streams.values()):
-            if to_server:
-                if stream.sid is not None and stream.to_server.items:
-                    self._flush(stream, True)
-            elif stream.to_client.items:
-                self._flush(stream, False)
+    def _response_sent(self, stream: Stream) -> None:
+        stream.response_done = True
+        self._reply(stream, None)
+        self._complete_if_done(stream)
 
-    def _ended(self, stream: Stream, to_server: bool) -> None:
-        if to_server:
-            stream.request_done = True
-        else:
-            stream.response_done = True
-            self._reply(stream, None)
+    def _complete_if_done(self, stream: Stream) -> None:
         if stream.request_done and stream.response_done:
             self._guard.stream_completed()
-            self._forget(stream)
+            self._upstream_closed(stream)
+            self._forget(stream, _CLOSED)
+
+    def _upstream_closed(self, stream: Stream) -> None:
+        if stream.opened:
+            stream.opened = False
+            self._upstream_open -= 1
+
+    def _forget(self, stream: Stream, how: int) -> None:
+        sid = stream.sid
+        if self._streams.pop(sid, None) is None:
+            return
+        self._blocked_to_client.pop(sid, None)
+        self._blocked_to_server.pop(sid, None)
+        closed = self._closed
+        if len(closed) >= _CLOSED_MEMORY:
+            del closed[next(iter(closed))]
+        closed[sid] = how
+        if self._waiting:
+            self._open_waiting()
 
     def _reply(self, stream: Stream, reset: str | None) -> None:
         if stream.replied:
@@ -804,196 +1331,385 @@ class H2Engine:
             fields["response_messages"] = stream.grpc_out.messages
         if reset:
             fields["reset"] = reset
-        self._out.append(Reply(stream.key, fields))
+        self._out.append(Reply(stream.sid, fields))
 
-    def _forget(self, stream: Stream) -> None:
-        self._streams.pop(stream.cid, None)
-        if stream.sid is not None:
-            self._by_sid.pop(stream.sid, None)
-        if self._waiting:
-            self._open_waiting()
-
-    def _discard(self, stream: Stream, to_server: bool) -> None:
-        """Drop a pipe's queued items, returning their bytes to the sender's connection window."""
-        pipe = stream.to_server if to_server else stream.to_client
-        if pipe.unacked:
-            if to_server:
-                self.down.acknowledge_received_data(pipe.unacked, stream.cid)
-            elif stream.sid is not None:  # a response came, so the stream was opened
-                self.up.acknowledge_received_data(pipe.unacked, stream.sid)
-        pipe.unacked = 0
-        pipe.items.clear()
-
-    def _drop(self, stream: Stream, reason: str) -> None:
-        self._discard(stream, True)
-        if stream.sid is not None:
-            self._discard(stream, False)
+    def _drop(self, stream: Stream, reason: str, how: int) -> None:
+        """End a stream early: queued bytes are credited back, the flow log told."""
+        self._discard_to_server(stream)
+        queue = stream.to_client
+        if queue:
+            owed = sum(item[2] for item in queue if item[0] == DATA)
+            if owed:
+                self._credit_server(None, owed)
+            queue.clear()
+        if not stream.opened:
+            self._unwait(stream)
+        self._upstream_closed(stream)
         if not stream.response_done:
             stream.response_done = True
             self._reply(stream, reason or None)
         stream.request_done = True
-        self._forget(stream)
+        self._forget(stream, how)
 
-    @staticmethod
-    def _reset(conn: RelayConnection, stream_id: int, code: ErrorCodes | int) -> None:
-        try:
-            conn.reset_stream(stream_id, code)
-        except H2ProtocolError:
-            pass  # already closed on that side: nothing to tell
+    def _discard_to_server(self, stream: Stream) -> None:
+        queue = stream.to_server
+        if queue:
+            owed = sum(item[2] for item in queue if item[0] == DATA)
+            if owed:
+                self._credit_client(None, owed)
+            queue.clear()
+        self._blocked_to_server.pop(stream.sid, None)
 
-    def _reset_for_server(self, cid: int, code: ErrorCodes | int) -> None:
+    # ------------------------------------------------------------ flow control
+
+    def _credit_client(self, stream: Stream | None, size: int) -> None:
+        """``size`` bytes the client sent are through: give them back to it, in batches."""
+        owed = self._client_owed + size
+        if owed >= self._quarter_connection:
+            self._to_client.append(window_update(0, owed))
+            self._client_credit += owed
+            owed = 0
+        self._client_owed = owed
+        if stream is not None and stream.client_open:
+            owed = stream.client_owed + size
+            if owed >= self._quarter_stream:
+                self._to_client.append(window_update(stream.sid, owed))
+                stream.client_credit += owed
+                owed = 0
+            stream.client_owed = owed
+
+    def _credit_server(self, stream: Stream | None, size: int) -> None:
+        owed = self._server_owed + size
+        if owed >= self._quarter_connection:
+            self._to_server.append(window_update(0, owed))
+            self._server_credit += owed
+            owed = 0
+        self._server_owed = owed
+        if stream is not None and stream.server_open:
+            owed = stream.server_owed + size
+            if owed >= self._quarter_stream:
+                self._to_server.append(window_update(stream.sid, owed))
+                stream.server_credit += owed
+                owed = 0
+            stream.server_owed = owed
+
+    def _flush_to_server(self, stream: Stream) -> None:
+        """Queued request DATA and trailers, as far as the server's windows allow."""
+        queue = stream.to_server
+        sid = stream.sid
+        out = self._to_server
+        while queue:
+            item = queue[0]
+            if item[0] == TRAILERS:
+                queue.popleft()
+                out.append(item[1])
+                self._blocked_to_server.pop(sid, None)
+                self._request_sent(stream)
+                return
+            _, data, flow, end = item
+            size = len(data)
+            if size:
+                room = min(self._server_window, stream.server_window, self._server_max_frame)
+                if room <= 0:
+                    self._blocked_to_server[sid] = stream
+                    return
+                if size > room:
+                    out.append(_data_header(sid, room, False))
+                    out.append(data[:room])
+                    self._server_window -= room
+                    stream.server_window -= room
+                    queue[0] = (DATA, data[room:], flow - room, end)
+                    self._credit_client(stream, room)
+                    continue
+            queue.popleft()
+            out.append(_data_header(sid, size, end))
+            out.append(data)
+            self._server_window -= size
+            stream.server_window -= size
+            self._credit_client(stream, flow)
+            if end:
+                self._blocked_to_server.pop(sid, None)
+                self._request_sent(stream)
+                return
+        self._blocked_to_server.pop(sid, None)
+
+    def _flush_to_client(self, stream: Stream) -> None:
+        """Queued response DATA, trailers and a final reset, as the client's windows allow."""
+        queue = stream.to_client
+        sid = stream.sid
+        out = self._to_client
+        while queue:
+            item = queue[0]
+            kind = item[0]
+            if kind == TRAILERS:
+                queue.popleft()
+                out.append(item[1])
+                self._response_sent(stream)
+                continue  # a RESET may follow
+            if kind == RESET:
+                queue.popleft()
+                self._blocked_to_client.pop(sid, None)
+                self._upstream_closed(stream)
+                self._reset_client_for_server(sid, item[1])
+                self._drop(stream, "", _RESET_BY_US)
+                return
+            _, data, flow, end = item
+            size = len(data)
+            if size:
+                room = min(self._client_window, stream.client_window, self._client_max_frame)
+                if room <= 0:
+                    self._blocked_to_client[sid] = stream
+                    return
+                if size > room:
+                    out.append(_data_header(sid, room, False))
+                    out.append(data[:room])
+                    self._client_window -= room
+                    stream.client_window -= room
+                    queue[0] = (DATA, data[room:], flow - room, end)
+                    self._credit_server(stream, room)
+                    continue
+            queue.popleft()
+            out.append(_data_header(sid, size, end))
+            out.append(data)
+            self._client_window -= size
+            stream.client_window -= size
+            self._credit_server(stream, flow)
+            if end:
+                self._response_sent(stream)
+        self._blocked_to_client.pop(sid, None)
+
+    def _flush_all_to_client(self) -> None:
+        for stream in list(self._blocked_to_client.values()):
+            if self._client_window <= 0:
+                return
+            self._flush_to_client(stream)
+        for stream in list(self._streams.values()):
+            if stream.to_client:
+                self._flush_to_client(stream)
+
+    def _flush_all_to_server(self) -> None:
+        for stream in list(self._streams.values()):
+            if stream.opened and stream.to_server:
+                self._flush_to_server(stream)
+
+    # ------------------------------------------------------------ answers and resets
+
+    def _deny(self, sid: int, ended: bool, decision: Decision, grpc: bool) -> None:
+        if grpc:
+            block = encode_block(grpc_denial(denial_reason(decision)))
+            self._to_client.append(headers_frames(sid, block, True, self._client_max_frame))
+            if ended:
+                self._guard.stream_completed()
+                self._remember_closed(sid, _CLOSED)
+            else:
+                self._reset_client(sid, _NO_ERROR)
+            fields = {
+                "status": 200,
+                "grpc_status": GRPC_PERMISSION_DENIED,
+                "request_messages": 0,
+                "response_messages": 0,
+            }
+        else:
+            self._answer(sid, ended, *http_denial())
+            fields = {"status": DENIED_STATUS}
+        self._out.append(Reply(sid, fields))
+
+    def _answer(self, sid: int, ended: bool, headers: Headers, body: bytes) -> None:
+        """A complete response from the proxy itself; the rest of the request is refused."""
+        size = len(body)
+        max_frame = self._client_max_frame
+        if size <= min(self._client_window, self._client_initial, max_frame):
+            self._to_client.append(headers_frames(sid, encode_block(headers), False, max_frame))
+            self._to_client.append(_data_header(sid, size, True) + body)
+            self._client_window -= size
+        else:
+            short = [headers[0], (b"content-length", b"0")]
+            self._to_client.append(headers_frames(sid, encode_block(short), True, max_frame))
+        if ended:
+            self._guard.stream_completed()
+            self._remember_closed(sid, _CLOSED)
+        else:
+            # RFC 9113 §8.1: a complete response may end the request with NO_ERROR.
+            self._reset_client(sid, _NO_ERROR)
+
+    def _remember_closed(self, sid: int, how: int) -> None:
+        closed = self._closed
+        if len(closed) >= _CLOSED_MEMORY:
+            del closed[next(iter(closed))]
+        closed[sid] = how
+
+    def _reset_client(self, sid: int, code: int) -> None:
+        """RST_STREAM toward the client for a stream not (or no longer) in the map."""
+        self._to_client.append(rst_stream(sid, code))
+        self._resets_sent += 1
+        self._remember_closed(sid, _RESET_BY_US)
+
+    def _reset_client_for_server(self, sid: int, code: int) -> None:
         """Reset a client stream because of the server: not the client's doing, so
         not charged to its reset budget (it still counts as a control frame owed)."""
-        before = self.down.resets_sent
-        self._reset(self.down, cid, code)
-        self._excused_resets += self.down.resets_sent - before
+        self._to_client.append(rst_stream(sid, code))
+        self._resets_sent += 1
+        self._excused_resets += 1
 
-    # ----------------------------------------------------------- errors
+    def _reset_server(self, sid: int, code: int) -> None:
+        self._to_server.append(rst_stream(sid, code))
 
-    def _stream_error(self, side: str, stream_id: int, problem: str) -> None:
-        """Malformed header section: RST_STREAM PROTOCOL_ERROR to the sender (RFC 9113 §8.1.1)."""
-        if side == "client":
-            self._reset(self.down, stream_id, ErrorCodes.PROTOCOL_ERROR)
-            stream = self._streams.get(stream_id)
-            if stream is not None:
-                if stream.sid is None:
-                    if stream in self._waiting:
-                        self._waiting.remove(stream)
-                else:
-                    self._reset(self.up, stream.sid, ErrorCodes.CANCEL)
-                self._drop(stream, "malformed request")
+    def _client_stream_error(self, sid: int, code: int, reason: str) -> None:
+        """RST_STREAM(code) to the client; the upstream twin, if any, is cancelled."""
+        stream = self._streams.get(sid)
+        self._to_client.append(rst_stream(sid, code))
+        self._resets_sent += 1
+        if stream is not None:
+            if stream.opened and not (stream.request_done and stream.response_done):
+                self._reset_server(sid, _CANCEL)
+            self._drop(stream, reason, _RESET_BY_US)
         else:
-            self._reset(self.up, stream_id, ErrorCodes.PROTOCOL_ERROR)
-            stream = self._by_sid.get(stream_id)
+            self._remember_closed(sid, _RESET_BY_US)
+
+    def _server_stream_error(self, stream: Stream, code: int, reason: str) -> None:
+        self._reset_server(stream.sid, code)
+        self._upstream_closed(stream)
+        self._reset_client_for_server(stream.sid, _INTERNAL_ERROR)
+        self._drop(stream, reason, _RESET_BY_US)
+
+    def _malformed(self, side: str, sid: int, problem: str) -> None:
+        """A malformed message: RST_STREAM PROTOCOL_ERROR to its sender (RFC 9113 §8.1.1)."""
+        if side == "client":
+            self._client_stream_error(sid, _PROTOCOL_ERROR, "malformed request")
+        else:
+            stream = self._streams.get(sid)
             if stream is not None:
-                self._reset_for_server(stream.cid, ErrorCodes.INTERNAL_ERROR)
-                self._drop(stream, "malformed response")
+                self._server_stream_error(stream, _PROTOCOL_ERROR, "malformed response")
+            else:
+                self._reset_server(sid, _PROTOCOL_ERROR)
         error = ProtocolError(problem, code="h2_malformed_headers")
         self._out.append(ParseError(side, error, close=False))
 
-    def _connection_error(self, side: str, exc: H2ProtocolError) -> list[Command]:
-        """h2 has queued GOAWAY(code) toward the offender; tell the other peer and close."""
-        code = getattr(exc, "error_code", None) or ErrorCodes.PROTOCOL_ERROR
-        if side == "client":
-            if self.down.state_machine.state is not ConnectionState.CLOSED:
-                # h2 raises on a bad preface without queuing GOAWAY; RFC 9113 §3.4 allows
-                # one. A flood budget is named in the debug data, as a timeout is.
-                debug = exc.limit.encode("ascii") if isinstance(exc, FloodError) else None
-                self.down.close_connection(code, additional_data=debug)
-            wire = self.down.data_to_send()
-            self._abort("", to_server=ErrorCodes.CANCEL, client_wire=wire)
-        else:
-            wire = self.up.data_to_send()
-            self._abort("", to_client=ErrorCodes.INTERNAL_ERROR, server_wire=wire)
-        out = self._out
-        self._out = []
-        message, kind = f"{exc} ({code_name(code)})", f"h2_{code_name(code).lower()}"
+    # ------------------------------------------------------------ connection errors
+
+    def _client_connection_error(
+        self, code: int, message: str, limit: str | None = None
+    ) -> list[Command]:
+        """GOAWAY(code) toward the client, the server told, and close."""
+        debug = limit.encode("ascii") if limit else b""
+        wire = goaway(self._highest, code, debug)
+        self._to_client.append(wire)
+        self._abort("", to_server=_CANCEL)
+        name = code_name(code)
+        text, kind = f"{message} ({name})", f"h2_{name.lower()}"
         error: ProtocolError
-        if isinstance(exc, FloodError):
-            error = LimitExceeded(message, limit=exc.limit, code=kind, wire_reply=wire)
-        elif isinstance(exc, DenialOfServiceError) and side == "client":
-            # h2 stopped decoding a header list past the hard cap.
-            limit = "hard_header_list_size"
-            error = LimitExceeded(message, limit=limit, code=kind, wire_reply=wire)
+        if limit is not None:
+            error = LimitExceeded(text, limit=limit, code=kind, wire_reply=wire)
         else:
-            error = ProtocolError(message, code=kind, wire_reply=wire)
-        # _abort already queued the wire bytes and Close; the ParseError goes before Close.
-        out.insert(len(out) - 1, ParseError(side, error, close=True))
+            error = ProtocolError(text, code=kind, wire_reply=wire)
+        out = self._take()
+        # _abort queued the wire bytes and Close; the ParseError goes before Close.
+        out.insert(len(out) - 1, ParseError("client", error, close=True))
+        return out
+
+    def _server_connection_error(self, code: int, message: str) -> list[Command]:
+        wire = goaway(self._highest_opened, code)
+        self._to_server.append(wire)
+        self._abort("", to_client=_INTERNAL_ERROR)
+        name = code_name(code)
+        error = ProtocolError(f"{message} ({name})", code=f"h2_{name.lower()}", wire_reply=wire)
+        out = self._take()
+        out.insert(len(out) - 1, ParseError("server", error, close=True))
         return out
 
     def _abort(
-        self,
-        reason: str,
-        *,
-        to_client: ErrorCodes | None = None,
-        to_server: ErrorCodes | None = None,
-        client_wire: bytes | None = None,
-        server_wire: bytes | None = None,
+        self, reason: str, *, to_client: int | None = None, to_server: int | None = None
     ) -> None:
-        """Tear the connection down: reset every stream on the healthy side, GOAWAY, close."""
+        """Tear the connection down: every stream replied, GOAWAY to the healthy side, close."""
         for stream in list(self._streams.values()):
             self._reply(stream, "connection closed")
         self._streams.clear()
-        self._by_sid.clear()
         self._waiting.clear()
-        self._held = b""  # client input not yet processed: never will be
-        if client_wire is None:
-            if to_client is not None:
-                self.down.close_connection(to_client)
-            client_wire = self.down.data_to_send()
-        if server_wire is None:
-            if to_server is not None:
-                self.up.close_connection(to_server)
-            server_wire = self.up.data_to_send()
-        if client_wire:
-            self._out.append(ToClient(client_wire))
-        if server_wire and self._preface_seen:
-            self._out.append(ToServer(server_wire))
+        self._blocked_to_client.clear()
+        self._blocked_to_server.clear()
+        self._client_in = b""  # client input not yet processed: never will be
+        self._paused = False
+        if to_client is not None:
+            self._to_client.append(goaway(self._highest, to_client))
+        if to_server is not None and self._server_started:
+            self._to_server.append(goaway(0, to_server))
+        if self._to_client:
+            self._out.append(ToClient(b"".join(self._to_client)))
+            self._to_client.clear()
+        if self._to_server and self._server_started and not self._server_gone:
+            self._out.append(ToServer(b"".join(self._to_server)))
+        self._to_server.clear()
         self._dead = True
         self._out.append(Close(reason or "protocol error"))
 
     def _finish_on_eof(self, side: str) -> list[Command]:
         if side == "client":
             # The client can send nothing more, not even WINDOW_UPDATE: stop.
-            self._abort(
-                "client closed", to_server=ErrorCodes.CANCEL if self._streams else _NO_ERROR
-            )
+            self._abort("client closed", to_server=_CANCEL if self._streams else _NO_ERROR)
         elif not self._server_gone:
             self._server_closed()
             return self._drain()
-        out = self._out
-        self._out = []
-        return out
+        return self._take()
 
     def _server_closed(self) -> None:
         """Server EOF. Responses it completed may still be waiting for the
         client's window: deliver those, reset the rest, refuse new streams."""
         self._server_gone = True
         self._refusing = True
-        waiting, self._waiting = self._waiting, []
+        waiting, self._waiting = self._waiting, deque()
         for stream in waiting:
-            self._reset_for_server(stream.cid, ErrorCodes.REFUSED_STREAM)  # never reached it
-            self._drop(stream, "server closed")
+            self._reset_client_for_server(stream.sid, _REFUSED_STREAM)  # never reached it
+            self._drop(stream, "server closed", _RESET_BY_US)
         for stream in list(self._streams.values()):
-            items = stream.to_client.items
-            complete = stream.response_done or (items and items[-1][0] in (END, TRAILERS, RESET))
+            queue = stream.to_client
+            complete = stream.response_done or (queue and (queue[-1][0] != DATA or queue[-1][3]))
             if not complete:
-                self._reset_for_server(stream.cid, ErrorCodes.INTERNAL_ERROR)
-                self._drop(stream, "server closed")
+                self._upstream_closed(stream)
+                self._reset_client_for_server(stream.sid, _INTERNAL_ERROR)
+                self._drop(stream, "server closed", _RESET_BY_US)
             elif not stream.request_done:
-                self._discard(stream, True)
+                self._discard_to_server(stream)
                 stream.request_done = True
-                if stream.response_done:
-                    self._forget(stream)
-        self.down.send_graceful_goaway(max(self._streams, default=0))
+                self._complete_if_done(stream)
+        self._to_client.append(goaway(max(self._streams, default=0), _NO_ERROR))
 
 
-# What the engine does with each h2 event, per side. Kept here rather than as
+def _forget_frames(exc: BaseException) -> None:
+    """Drop an exception's traceback (and its causes'): a frame that holds the
+    exception in a local would otherwise keep the engine in a reference cycle."""
+    while exc is not None:
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+
+
+def _data_header(sid: int, size: int, end: bool) -> bytes:
+    return size.to_bytes(3, "big") + (b"\x00\x01" if end else b"\x00\x00") + sid.to_bytes(4, "big")
+
+
+# What the engine does with each frame type, per side. Kept here rather than as
 # tables of bound methods on each engine, which would be a reference cycle (freed
 # only by the cyclic collector, long after the connection ends).
-Handler = Callable[[H2Engine, Any], None]
-CLIENT_HANDLERS: dict[type[ev.Event], Handler] = {
-    ev.RequestReceived: H2Engine._on_request,
-    ev.DataReceived: H2Engine._on_client_data,
-    ev.StreamEnded: H2Engine._on_client_end,
-    ev.TrailersReceived: H2Engine._on_client_trailers,
-    ev.StreamReset: H2Engine._on_client_reset,
-    ev.WindowUpdated: H2Engine._on_client_window,
-    ev.RemoteSettingsChanged: H2Engine._on_client_settings,
-    ev.SettingsAcknowledged: H2Engine._on_settings_ack,
-    ev.ConnectionTerminated: H2Engine._on_client_goaway,
-    ev.PingAckReceived: H2Engine._on_client_ping_ack,
-    MalformedStream: H2Engine._on_client_malformed,
+FrameHandler = Callable[[H2Engine, int, int, memoryview, memoryview], None]
+CLIENT_FRAMES: dict[int, FrameHandler] = {
+    DATA_FRAME: H2Engine._client_data_frame,
+    HEADERS: H2Engine._client_headers_frame,
+    PRIORITY: H2Engine._client_priority,
+    RST_STREAM: H2Engine._client_rst_stream,
+    SETTINGS: H2Engine._client_settings,
+    PUSH_PROMISE: H2Engine._client_push_promise,
+    PING: H2Engine._client_ping,
+    GOAWAY: H2Engine._client_goaway,
+    WINDOW_UPDATE: H2Engine._client_window_update,
+    CONTINUATION: H2Engine._client_continuation,
 }
-SERVER_HANDLERS: dict[type[ev.Event], Handler] = {
-    ev.ResponseReceived: H2Engine._on_response,
-    ev.InformationalResponseReceived: H2Engine._on_informational,
-    ev.DataReceived: H2Engine._on_server_data,
-    ev.StreamEnded: H2Engine._on_server_end,
-    ev.TrailersReceived: H2Engine._on_server_trailers,
-    ev.StreamReset: H2Engine._on_server_reset,
-    ev.WindowUpdated: H2Engine._on_server_window,
-    ev.RemoteSettingsChanged: H2Engine._on_server_settings,
-    ev.ConnectionTerminated: H2Engine._on_server_goaway,
-    MalformedStream: H2Engine._on_server_malformed,
+SERVER_FRAMES: dict[int, FrameHandler] = {
+    DATA_FRAME: H2Engine._server_data_frame,
+    HEADERS: H2Engine._server_headers_frame,
+    RST_STREAM: H2Engine._server_rst_stream,
+    SETTINGS: H2Engine._server_settings,
+    PUSH_PROMISE: H2Engine._server_push_promise,
+    PING: H2Engine._server_ping,
+    GOAWAY: H2Engine._server_goaway,
+    WINDOW_UPDATE: H2Engine._server_window_update,
+    CONTINUATION: H2Engine._server_continuation,
 }

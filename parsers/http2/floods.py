@@ -1,20 +1,18 @@
 """Flood budgets for one HTTP/2 client connection, and the turns that bound one read's work.
 
-The client's input is cut into *turns* (``Turns``): at most a number of frames,
-and of payload bytes of frames other than DATA, per turn. A turn always ends on
-a frame boundary and holds at least one frame, so the engine never makes h2
-process more than that in one call; the rest waits for the next turn of the
-event loop (``parsers.base.Yield``). Payload bytes are counted because a
-header block costs by its size: HPACK decoding, validation and re-encoding
-upstream take about 5 µs per compressed byte in pure Python, against 8 to
-20 µs for a whole PING or SETTINGS frame.
+The engine processes the client's input in *turns*: at most a number of frames,
+and of payload bytes of frames other than DATA, per turn
+(``H2Limits.frames_per_turn`` and ``bytes_per_turn``). A turn always ends on a
+frame boundary and holds at least one frame; the rest waits for the next turn of
+the event loop (``parsers.base.Yield``). Payload bytes are counted because a
+header block costs by its size (HPACK decoding and validation in pure Python).
 
-While cutting, every frame header is shown to the ``FloodGuard`` before h2
-sees the frame, so a budget counted in the client's frames is enforced at the
-exact frame that exceeds it: the frames before it are processed, that one and
-the rest are not, and the GOAWAY names the last stream processed. The
-RST_STREAM frames the proxy sends are counted after the turn that made them,
-so a budget they exhaust is enforced at most one turn late.
+Every whole frame's header is shown to the ``FloodGuard`` before the frame is
+processed, so a budget counted in the client's frames is enforced at the exact
+frame that exceeds it: the frames before it are processed, that one and the
+rest are not, and the GOAWAY names the last stream processed. The RST_STREAM
+frames the proxy sends are counted after the turn that made them, so a budget
+they exhaust is enforced at most one turn late.
 
 No clock: the windows are counted in the client's own traffic.
 
@@ -43,7 +41,7 @@ No clock: the windows are counted in the client's own traffic.
   the rate allowed or cut a legitimate burst; round trips are what the client
   controls, so they are what it is held to.
 
-Exceeding a budget is a ``FloodError``: h2's ``DenialOfServiceError``, so the
+Exceeding a budget is a ``FloodError``: the
 answer is GOAWAY(ENHANCE_YOUR_CALM) and a close, as nghttp2 and Envoy do.
 """
 
@@ -52,20 +50,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from h2.exceptions import DenialOfServiceError
-
-PREFACE_LENGTH = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-FRAME_HEADER_LENGTH = 9
-
-# Frame types (RFC 9113 §6) and the ACK flag the budgets look at.
-DATA = 0x0
-RST_STREAM = 0x3
-SETTINGS = 0x4
-PING = 0x6
-ACK = 0x1
+from parsers.http2.frames import ACK, PING, RST_STREAM, SETTINGS
 
 
-class FloodError(DenialOfServiceError):
+class FloodError(Exception):
     """A flood budget ran out; ``limit`` is the name of its ``H2Limits`` field."""
 
     def __init__(self, limit: str, message: str) -> None:
@@ -137,7 +125,7 @@ class FloodGuard:
     # ------------------------------------------------------------ inbound
 
     def inbound(self, frame_type: int, flags: int, stream_id: int) -> FloodError | None:
-        """A frame header from the client, before h2 sees the frame."""
+        """A frame header from the client, before the engine processes the frame."""
         if frame_type == PING:
             if flags & ACK:
                 return None
@@ -233,73 +221,3 @@ class FloodGuard:
                 f"sent and not yet read by the client (limit {self.max_outbound_control_frames})",
             )
         return None
-
-
-class Turns:
-    """Cuts the client's input at frame boundaries into turns of bounded work.
-
-    ``cut(buffer, guard)`` says how many bytes of ``buffer`` to hand to h2 now.
-    A frame whose header is in goes to h2 whole or, if not all of it has
-    arrived, as far as it goes (h2 buffers the rest itself, and the engine can
-    refuse an oversized frame from its header alone). What is not handed over
-    starts on a frame boundary and waits for the next turn.
-    """
-
-    __slots__ = ("frames_per_turn", "bytes_per_turn", "_skip", "_partial")
-
-    def __init__(self, *, frames_per_turn: int, bytes_per_turn: int) -> None:
-        self.frames_per_turn = frames_per_turn
-        self.bytes_per_turn = bytes_per_turn
-        self._skip = PREFACE_LENGTH  # bytes until the next frame header
-        self._partial = b""  # the first bytes of a frame header, already handed to h2
-
-    def cut(self, buffer: bytes | memoryview, guard: FloodGuard) -> tuple[int, FloodError | None]:
-        """(bytes to hand to h2 now, the flood the next frame would be, if any).
-
-        Fewer bytes than the buffer holds, with no flood, means the turn is over.
-        """
-        end = len(buffer)
-        pos = 0
-        frames = 0
-        payload = 0  # payload bytes of frames other than DATA
-        skip = self._skip
-        while True:
-            if skip:
-                if end - pos <= skip:
-                    self._skip = skip - (end - pos)
-                    return end, None
-                pos += skip
-                skip = 0
-            partial = self._partial
-            if partial:
-                need = FRAME_HEADER_LENGTH - len(partial)
-                if end - pos < need:
-                    self._partial = partial + bytes(buffer[pos:])
-                    self._skip = 0
-                    return end, None
-                header: bytes | memoryview = partial + bytes(buffer[pos : pos + need])
-                self._partial = b""
-                start = pos  # the frame's first bytes went to h2 last time
-                pos += need
-            else:
-                if pos == end or frames >= self.frames_per_turn or payload >= self.bytes_per_turn:
-                    self._skip = 0
-                    return pos, None
-                if end - pos < FRAME_HEADER_LENGTH:
-                    self._partial = bytes(buffer[pos:])
-                    self._skip = 0
-                    return end, None
-                header = buffer[pos : pos + FRAME_HEADER_LENGTH]
-                start = pos
-                pos += FRAME_HEADER_LENGTH
-            length = int.from_bytes(header[:3], "big")
-            frame_type = header[3]
-            if frame_type != DATA:
-                stream_id = int.from_bytes(header[5:9], "big") & 0x7FFFFFFF
-                flood = guard.inbound(frame_type, header[4], stream_id)
-                if flood is not None:
-                    self._skip = 0
-                    return start, flood
-                payload += length
-            frames += 1
-            skip = length

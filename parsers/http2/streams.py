@@ -1,31 +1,23 @@
-"""Per-stream state of the HTTP/2 relay: the two one-way pipes and gRPC message counting.
+"""Per-stream state of the HTTP/2 relay, and gRPC message counting.
 
-A ``Pipe`` holds what one peer sent on a stream that the other peer's flow
-control window has not yet accepted. Received DATA is only acknowledged to
-its sender once it has been handed to the other connection (see
-``H2Engine._flush``), so a pipe never holds more than the receive window we
-advertised: a slow reader slows the writer instead of growing a buffer.
+A stream has the same id on both hops. Each direction has a queue of what one
+peer sent that the other peer's flow-control windows have not yet accepted.
+Received DATA is only credited back to its sender (WINDOW_UPDATE) once it has
+been handed to the other hop, so a queue never holds more than the receive
+window the relay advertised: a slow reader slows the writer instead of
+growing a buffer.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, Sequence
 from typing import Any, TypeAlias
 
-# Pipe items: (DATA, payload, flow-controlled length) | (TRAILERS, headers) |
-# (END,) | (RESET, error_code). Plain tuples keep the hot path cheap.
-DATA, TRAILERS, END, RESET = 0, 1, 2, 3
-PipeItem: TypeAlias = tuple[Any, ...]  # one of the shapes above
-
-
-class Pipe:
-    __slots__ = ("items", "unacked", "end_queued")
-
-    def __init__(self) -> None:
-        self.items: deque[PipeItem] = deque()
-        self.unacked = 0  # flow-controlled bytes queued and not yet acknowledged
-        self.end_queued = False  # END (or trailers) is in ``items`` already
+# Queue items: (DATA, payload, flow-controlled length, END_STREAM) |
+# (TRAILERS, framed header block) | (RESET, error code). Plain tuples keep the
+# hot path cheap.
+DATA, TRAILERS, RESET = 0, 1, 2
+QueueItem: TypeAlias = tuple[Any, ...]  # one of the shapes above
 
 
 class GrpcCounter:
@@ -42,7 +34,7 @@ class GrpcCounter:
         self._skip = 0  # payload bytes of the current message still to pass
         self._prefix = b""  # partial 5-byte prefix carried across frames
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         pos, size = 0, len(data)
         while pos < size:
             if self._skip:
@@ -52,7 +44,7 @@ class GrpcCounter:
                 continue
             need = 5 - len(self._prefix)
             if self._prefix or size - pos < 5:
-                self._prefix += data[pos : pos + need]
+                self._prefix += bytes(data[pos : pos + need])
                 pos += min(need, size - pos)
                 if len(self._prefix) < 5:
                     return
@@ -66,19 +58,28 @@ class GrpcCounter:
 
 
 class Stream:
-    """One client stream and, once allowed and opened, its upstream twin."""
+    """One client stream and, once allowed and opened, its upstream twin (same id)."""
 
     __slots__ = (
-        "cid",
         "sid",
-        "key",
-        "headers",
-        "request_ended",
-        "to_server",
-        "to_client",
+        "client_open",
+        "server_open",
+        "opened",
+        "held",
         "request_done",
         "response_done",
-        "denied",
+        "client_window",
+        "server_window",
+        "client_credit",
+        "server_credit",
+        "client_owed",
+        "server_owed",
+        "to_server",
+        "to_client",
+        "request_length",
+        "request_seen",
+        "response_length",
+        "response_seen",
         "status",
         "grpc_status",
         "grpc_in",
@@ -86,18 +87,33 @@ class Stream:
         "replied",
     )
 
-    def __init__(self, cid: int, key: Hashable, grpc: bool) -> None:
-        self.cid = cid
-        self.sid: int | None = None  # upstream stream id, once opened
-        self.key = key
-        # request headers waiting for an upstream slot
-        self.headers: Sequence[tuple[bytes, bytes]] | None = None
-        self.request_ended = False  # END_STREAM came with the request HEADERS
-        self.to_server = Pipe()
-        self.to_client = Pipe()
-        self.request_done = False  # END_STREAM handed to the server (or request abandoned)
-        self.response_done = False  # END_STREAM handed to the client (or stream reset)
-        self.denied = False
+    def __init__(
+        self, sid: int, grpc: bool, *, receive_window: int, client_window: int, server_window: int
+    ) -> None:
+        self.sid = sid
+        self.client_open = True  # the client may still send (no END_STREAM from it yet)
+        self.server_open = True  # the server may still send
+        self.opened = False  # the request HEADERS went upstream
+        self.held: bytes | None = None  # request HEADERS frames waiting for an upstream slot
+        self.request_done = False  # END_STREAM handed to the server (or the request abandoned)
+        self.response_done = False  # END_STREAM handed to the client (or the stream reset)
+        # Send windows: what the client, and the server, still accept on this stream.
+        self.client_window = client_window
+        self.server_window = server_window
+        # Receive windows: what the client, and the server, may still send us.
+        self.client_credit = receive_window
+        self.server_credit = receive_window
+        # Bytes forwarded and not yet credited back to their sender (WINDOW_UPDATE).
+        self.client_owed = 0
+        self.server_owed = 0
+        self.to_server: deque[QueueItem] | None = None
+        self.to_client: deque[QueueItem] | None = None
+        # content-length (RFC 9113 §8.1.1) and the DATA bytes seen against it
+        self.request_length: int | None = None
+        self.request_seen = 0
+        self.response_length: int | None = None
+        self.response_seen = 0
+        # The final response status, once its HEADERS went to the client.
         self.status: int | None = None
         self.grpc_status: int | None = None
         self.grpc_in = GrpcCounter() if grpc else None

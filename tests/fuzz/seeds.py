@@ -20,8 +20,65 @@ def seeds() -> list[bytes]:
 
     out += [data for _, data in CORPUS]
     out += tls_seeds()
+    out += h2_seeds()
     # The first byte of an input chooses the split (see targets._pieces).
     return [bytes([i % 17]) + data for i, data in enumerate(out)]
+
+
+def h2_seeds() -> list[bytes]:
+    """HTTP/2 exchanges as the h2_relay target reads them (after its split byte):
+    client frames, then server frames. Made with hpack, as real peers would."""
+    from hpack import Encoder
+
+    from parsers.http2.frames import (
+        ACK,
+        CONTINUATION,
+        DATA,
+        END_HEADERS,
+        END_STREAM,
+        HEADERS,
+        SETTINGS,
+        frame,
+        window_update,
+    )  # fmt: skip
+
+    client, server = Encoder(), Encoder()
+    server.header_table_size = 0
+    get = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/x")]
+    post = [
+        *get[1:3],
+        (b":method", b"POST"),
+        (b":path", b"/svc.S/M"),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
+    first = client.encode(get)
+    block = client.encode(post)  # refers to fields the first block indexed
+    client_frames = (
+        frame(SETTINGS, ACK, 0)
+        + frame(HEADERS, END_HEADERS | END_STREAM, 1, first)
+        + frame(HEADERS, 0, 3, block[:4])
+        + frame(CONTINUATION, END_HEADERS, 3, block[4:])
+        + frame(DATA, END_STREAM, 3, b"\x00\x00\x00\x00\x02hi")
+        + window_update(0, 1000)
+    )
+    server_frames = (
+        frame(SETTINGS, ACK, 0)
+        + frame(HEADERS, END_HEADERS, 1, server.encode([(b":status", b"200")]))
+        + frame(DATA, END_STREAM, 1, b"hello")
+        + frame(HEADERS, END_HEADERS, 3, server.encode([(b":status", b"200")]))
+        + frame(HEADERS, END_HEADERS | END_STREAM, 3, server.encode([(b"grpc-status", b"0")]))
+    )
+    # After the piece-size byte seeds() puts in front, the share byte: 128 cuts the
+    # rest in halves, so the shorter side gets a frame of an unknown type (ignored,
+    # RFC 9113 §5.5) that makes the halves equal.
+    gap = abs(len(client_frames) - len(server_frames)) - 9
+    filler = frame(0x20, 0, 0, b"\x00" * gap)
+    if len(client_frames) < len(server_frames):
+        client_frames += filler
+    else:
+        server_frames += filler
+    return [bytes([128]) + client_frames + server_frames]
 
 
 def tls_seeds() -> list[bytes]:

@@ -6,6 +6,8 @@ from parsers.base import Decision, ParseError
 from parsers.http1.engine import Http1Engine, Http1Limits, request_reader, response_reader
 from parsers.http1.errors import Http1Error
 from parsers.http1.reader import Data, End, Head
+from parsers.http2.engine import PREFACE, H2Engine, H2Limits
+from parsers.http2.frames import settings_frame
 from parsers.tls.hello import ClientHelloReader
 from parsers.tls.wire import ClientHelloTooLarge, TlsError
 
@@ -123,7 +125,46 @@ def tls_hello(data: bytes) -> None:
         raise AssertionError(f"split changes the reading of {body!r}: {whole!r} != {split!r}")
 
 
+H2_LIMITS = H2Limits(max_concurrent_streams=8, stream_window=4096, connection_window=16384)
+
+
+def h2_relay(data: bytes) -> None:
+    """The HTTP/2 relay between a fuzzed client and a fuzzed server. The first byte
+    picks the size of the pieces each side is fed in (the client's first, so that
+    the server answers streams that exist); the second says where the rest
+    divides into client and server bytes. Only protocol answers may come out,
+    never an exception; after ``Close``, nothing."""
+    if len(data) < 2:
+        return
+    step = data[0] % 17 or 64
+    body = data[2:]
+    cut = data[1] * len(body) // 256
+    client = PREFACE + settings_frame({}) + body[:cut]
+    server = settings_frame({}) + body[cut:]
+    deny_every_other = iter([True, False] * len(data))
+    engine = H2Engine(lambda _req: Decision(next(deny_every_other, True)), limits=H2_LIMITS)
+    closed = False
+    pieces = [("client", client[i : i + step]) for i in range(0, len(client), step)]
+    pieces += [("server", server[i : i + step]) for i in range(0, len(server), step)]
+    for side, chunk in pieces:
+        out = engine.client_data(chunk) if side == "client" else engine.server_data(chunk)
+        while out:
+            if closed:
+                raise AssertionError(f"{out!r} after Close")
+            resume = None
+            for cmd in out:
+                name = type(cmd).__name__
+                if name == "Close":
+                    closed = True
+                elif name == "Yield":
+                    resume = cmd.resume
+            out = resume() if resume is not None else []
+    engine.client_data(b"")
+    engine.server_data(b"")
+
+
 TARGETS = {
+    "h2_relay": h2_relay,
     "readers": readers,
     "engine_c": engine_c,
     "engine_python": engine_python,

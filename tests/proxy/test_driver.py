@@ -59,10 +59,9 @@ from parsers.base import (
 )
 from parsers.http import HttpEngine
 from parsers.http1.engine import Http1Engine, Http1Limits
-from parsers.http2.conn import RelayConnection
 from parsers.requests import HttpRequest
 from tests.support.firewall import GET_ONLY_POLICY
-from tests.support.h2_transcript import frames_in, request_headers
+from tests.support.h2_transcript import GracefulPeer, frames_in, request_headers
 
 GET = b"GET /v1/items HTTP/1.1\r\nHost: api\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -1064,7 +1063,7 @@ class H2Peers:
 
     def __init__(self, p: Played) -> None:
         self.p = p
-        self.client = RelayConnection(
+        self.client = GracefulPeer(
             config=H2Configuration(client_side=True, header_encoding=None)
         )
         self.server = H2Connection(H2Configuration(client_side=False, header_encoding=None))

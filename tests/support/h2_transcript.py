@@ -14,20 +14,36 @@ from __future__ import annotations
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
+from h2.errors import ErrorCodes
 from h2.events import (
+    ConnectionTerminated,
     DataReceived,
     InformationalResponseReceived,
     ResponseReceived,
     TrailersReceived,
 )
 from h2.settings import Settings
-from hyperframe.frame import Frame
+from hyperframe.frame import Frame, GoAwayFrame
 
 from parsers.base import ToClient, ToServer, Yield
-from parsers.http2.conn import RelayConnection
 from tests.support.feeding import WAYS, Splitter, splitter
 
 Split = Splitter
+
+
+class GracefulPeer(H2Connection):
+    """An h2 peer that, like real clients and servers, lets the streams in flight
+    finish after a graceful GOAWAY (NO_ERROR); plain h2 treats any GOAWAY as the
+    end, and any frame after it as a protocol error."""
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame):
+        if frame.error_code != 0:
+            return super()._receive_goaway_frame(frame)
+        event = ConnectionTerminated()
+        event.error_code = ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
 
 
 # One splitter per way, shared by the module that uses them (see tests/support/feeding.py).
@@ -57,9 +73,9 @@ class Transcript:
         self.engine = engine
         self.split = split
         # Plain h2 treats any GOAWAY as the end; real clients finish their streams.
-        client_class = RelayConnection if graceful_client else H2Connection
+        client_class = GracefulPeer if graceful_client else H2Connection
         self.client = client_class(config=_config(True, strict_client))
-        self.server = (RelayConnection if graceful_server else H2Connection)(config=_config(False))
+        self.server = (GracefulPeer if graceful_server else H2Connection)(config=_config(False))
         self.client_events: list = []
         self.server_events: list = []
         self.commands: list = []  # everything the engine emitted except bytes

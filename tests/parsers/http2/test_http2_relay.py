@@ -1,0 +1,412 @@
+"""The frame relay's own decisions, read on the wire.
+
+Each test hands the engine frames built byte by byte (``parsers.http2.frames``
+and hpack, as a peer would), or drives it with real h2 peers, and reads back
+the frames it wrote to each side: stream ids kept on both hops, the window
+credited for a denied stream, HPACK table sizes negotiated per hop, header
+blocks in CONTINUATION frames, and the connection errors RFC 9113 asks for.
+"""
+
+from __future__ import annotations
+
+import h2.events as ev
+from h2.errors import ErrorCodes
+from hpack import Decoder, Encoder
+from hyperframe.frame import (
+    DataFrame,
+    GoAwayFrame,
+    HeadersFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
+
+from parsers.base import Access, Close, Decision, ParseError, Reply, ToClient, ToServer
+from parsers.http2.engine import PREFACE, H2Engine
+from parsers.http2.frames import (
+    ACK,
+    CONTINUATION,
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    HEADERS,
+    PING,
+    SETTINGS,
+    frame,
+    settings_frame,
+    window_update,
+)
+from parsers.requests import HttpRequest
+from tests.support.h2_transcript import Transcript, frames_in, request_headers
+
+HEADER_TABLE_SIZE = 0x1
+
+
+def decide(request):
+    return Decision(not request.path.startswith("/admin"), policy="p", rule="r")
+
+
+class Wire:
+    """The engine between two hand-written peers: what each side was sent, as frames."""
+
+    def __init__(self, decide=decide) -> None:
+        self.engine = H2Engine(decide)
+        self.to_client = bytearray()
+        self.to_server = bytearray()
+        self.commands: list = []
+
+    def client(self, data: bytes) -> Wire:
+        self._run(self.engine.client_data(data))
+        return self
+
+    def server(self, data: bytes) -> Wire:
+        self._run(self.engine.server_data(data))
+        return self
+
+    def _run(self, commands) -> None:
+        for cmd in commands:
+            if type(cmd) is ToClient:
+                self.to_client += cmd.data
+            elif type(cmd) is ToServer:
+                self.to_server += cmd.data
+            else:
+                self.commands.append(cmd)
+
+    def client_frames(self) -> list:
+        return frames_in(self.to_client)
+
+    def server_frames(self) -> list:
+        return frames_in(self.to_server[len(PREFACE) :])
+
+    def of(self, kind) -> list:
+        return [c for c in self.commands if isinstance(c, kind)]
+
+
+def client_start() -> bytes:
+    return PREFACE + settings_frame({}) + frame(SETTINGS, ACK, 0)
+
+
+def server_start(acknowledge: bool = True) -> bytes:
+    return settings_frame({}) + (frame(SETTINGS, ACK, 0) if acknowledge else b"")
+
+
+def get(encoder: Encoder, path: str) -> bytes:
+    return encoder.encode(request_headers(path))
+
+
+def goaway_code(frames: list) -> int:
+    (goaway,) = [f for f in frames if isinstance(f, GoAwayFrame)]
+    return goaway.error_code
+
+
+# ------------------------------------------------------------ stream ids
+
+
+def test_stream_ids_are_kept_on_both_hops_and_the_ids_of_denied_streams_are_skipped():
+    t = Transcript(H2Engine(decide)).start()
+    t.client.send_headers(1, request_headers("/admin"), end_stream=True)
+    t.client.send_headers(3, request_headers("/a"), end_stream=True)
+    t.client.send_headers(5, request_headers("/b"), end_stream=True)
+    t.pump()
+
+    upstream = [
+        (e.stream_id, dict(e.headers)[b":path"]) for e in t.of(ev.RequestReceived, "server")
+    ]
+    assert upstream == [(3, b"/a"), (5, b"/b")]
+    for stream_id in (3, 5):
+        t.server.send_headers(stream_id, [(b":status", b"204")], end_stream=True)
+    t.pump()
+    answered = {
+        e.stream_id: dict(e.headers)[b":status"] for e in t.of(ev.ResponseReceived, "client")
+    }
+    assert answered == {1: b"403", 3: b"204", 5: b"204"}
+
+
+# ------------------------------------------------------------ flow control
+
+
+def test_data_on_a_denied_stream_is_credited_back_to_the_client_connection():
+    # The client sent a 300 KiB body behind a request that is denied: the proxy
+    # drops the bytes and gives their window back, or the connection would stall.
+    enc = Encoder()
+    body = [frame(DATA, 0, 1, b"x" * 16384) for _ in range(19)]
+    wire = Wire().client(
+        client_start()
+        + frame(HEADERS, END_HEADERS, 1, enc.encode(request_headers("/admin/upload", "POST")))
+        + b"".join(body)
+    )
+    wire.server(server_start())
+
+    frames = wire.client_frames()
+    (reset,) = [f for f in frames if isinstance(f, RstStreamFrame)]
+    assert (reset.stream_id, reset.error_code) == (1, ErrorCodes.NO_ERROR)
+    credit = sum(
+        f.window_increment for f in frames if isinstance(f, WindowUpdateFrame) and f.stream_id == 0
+    )
+    # The proxy's own opening increment plus at least the 256 KiB batch the body filled.
+    assert credit >= (1 << 20) - 65535 + 256 * 1024
+    assert not [f for f in wire.server_frames() if isinstance(f, (HeadersFrame, DataFrame))]
+
+
+def test_credit_for_forwarded_data_goes_back_in_batches_not_per_frame():
+    enc = Encoder()
+    wire = Wire().client(client_start())
+    wire.server(
+        settings_frame({0x4: 1 << 20}) + frame(SETTINGS, ACK, 0) + window_update(0, 1 << 20)
+    )
+    wire.client(frame(HEADERS, END_HEADERS, 1, enc.encode(request_headers("/up", "POST"))))
+    wire.to_client.clear()
+    for _ in range(3):  # 48 KiB: under a quarter of the 256 KiB stream window
+        wire.client(frame(DATA, 0, 1, b"y" * 16384))
+    assert not [f for f in wire.client_frames() if isinstance(f, WindowUpdateFrame)]
+    wire.client(frame(DATA, 0, 1, b"y" * 16384))  # 64 KiB: the stream's batch is due
+    updates = [
+        (f.stream_id, f.window_increment)
+        for f in wire.client_frames()
+        if isinstance(f, WindowUpdateFrame)
+    ]
+    assert updates == [(1, 65536)]
+    forwarded = [f for f in wire.server_frames() if isinstance(f, DataFrame)]
+    assert sum(len(f.data) for f in forwarded) == 65536
+
+
+def test_data_waits_for_the_server_window_and_is_split_to_fit_it():
+    enc = Encoder()
+    wire = Wire().client(client_start())
+    # The server allows 1000 bytes per stream.
+    wire.server(settings_frame({0x4: 1000}) + frame(SETTINGS, ACK, 0))
+    wire.client(
+        frame(HEADERS, END_HEADERS, 1, enc.encode(request_headers("/up", "POST")))
+        + frame(DATA, END_STREAM, 1, b"z" * 2500)
+    )
+    sent = [f for f in wire.server_frames() if isinstance(f, DataFrame)]
+    assert [len(f.data) for f in sent] == [1000]
+    wire.server(window_update(1, 1000))
+    sent = [f for f in wire.server_frames() if isinstance(f, DataFrame)]
+    assert [len(f.data) for f in sent] == [1000, 1000]
+    wire.server(window_update(1, 4000))
+    sent = [f for f in wire.server_frames() if isinstance(f, DataFrame)]
+    assert [len(f.data) for f in sent] == [1000, 1000, 500]
+    assert [("END_STREAM" in f.flags) for f in sent] == [False, False, True]
+
+
+# ------------------------------------------------------------ HPACK table sizes
+
+
+def test_the_server_is_asked_for_a_table_of_size_0_and_the_client_for_nothing():
+    wire = Wire().client(client_start())
+    (to_client,) = [
+        f for f in wire.client_frames() if isinstance(f, SettingsFrame) and "ACK" not in f.flags
+    ]
+    assert HEADER_TABLE_SIZE not in to_client.settings
+    (to_server,) = [
+        f for f in wire.server_frames() if isinstance(f, SettingsFrame) and "ACK" not in f.flags
+    ]
+    assert to_server.settings[HEADER_TABLE_SIZE] == 0
+    assert to_server.settings[0x2] == 0  # no push
+
+
+def test_after_the_server_acknowledges_its_response_blocks_go_to_the_client_byte_for_byte():
+    client_enc, server_enc = Encoder(), Encoder()
+    wire = Wire().client(client_start()).server(server_start())
+    wire.client(frame(HEADERS, END_HEADERS | END_STREAM, 1, get(client_enc, "/a")))
+    server_enc.header_table_size = 0  # it applied our setting: its block opens with the update
+    block = server_enc.encode([(b":status", b"200"), (b"x-served-by", b"origin-7")])
+    assert block[0] == 0x20
+    wire.to_client.clear()
+    wire.server(frame(HEADERS, END_HEADERS | END_STREAM, 1, block))
+    (headers,) = [f for f in wire.client_frames() if isinstance(f, HeadersFrame)]
+    assert headers.data == block
+    assert wire.of(Reply) == [Reply(1, {"status": 200})]
+
+
+def test_response_blocks_sent_before_the_acknowledgement_are_reencoded_for_the_client():
+    client_enc, server_enc = Encoder(), Encoder()
+    wire = Wire().client(client_start()).server(server_start(acknowledge=False))
+    wire.client(
+        frame(HEADERS, END_HEADERS, 1, get(client_enc, "/a"))
+        + frame(HEADERS, END_HEADERS, 3, get(client_enc, "/b"))
+    )
+    # Before its acknowledgement the server may index fields in its 4,096-byte table
+    # and refer to them in the next block: the client has no such entries.
+    fields = [(b":status", b"200"), (b"x-served-by", b"origin-7")]
+    first, second = server_enc.encode(fields), server_enc.encode(fields)
+    assert len(second) < len(first)  # the second block is two indexed references
+    wire.to_client.clear()
+    wire.server(
+        frame(HEADERS, END_HEADERS | END_STREAM, 1, first)
+        + frame(HEADERS, END_HEADERS | END_STREAM, 3, second)
+    )
+    client_decoder = Decoder()
+    blocks = [f.data for f in wire.client_frames() if isinstance(f, HeadersFrame)]
+    assert [client_decoder.decode(b, raw=True) for b in blocks] == [fields, fields]
+
+
+def test_a_server_that_acknowledges_table_size_0_and_keeps_its_table_is_a_connection_error():
+    client_enc, server_enc = Encoder(), Encoder()
+    wire = Wire().client(client_start()).server(server_start())
+    wire.client(frame(HEADERS, END_HEADERS | END_STREAM, 1, get(client_enc, "/a")))
+    # No dynamic table size update at the start of its first block after the ACK.
+    block = server_enc.encode([(b":status", b"200"), (b"x-served-by", b"origin-7")])
+    wire.server(frame(HEADERS, END_HEADERS | END_STREAM, 1, block))
+
+    assert goaway_code(wire.server_frames()) == ErrorCodes.COMPRESSION_ERROR
+    assert goaway_code(wire.client_frames()) == ErrorCodes.INTERNAL_ERROR
+    (error,) = wire.of(ParseError)
+    assert error.side == "server" and "did not shrink its table" in str(error.error)
+    assert wire.of(Close)
+
+
+def test_a_server_that_grows_its_table_again_is_a_connection_error():
+    client_enc, server_enc = Encoder(), Encoder()
+    wire = Wire().client(client_start()).server(server_start())
+    wire.client(
+        frame(HEADERS, END_HEADERS | END_STREAM, 1, get(client_enc, "/a"))
+        + frame(HEADERS, END_HEADERS | END_STREAM, 3, get(client_enc, "/b"))
+    )
+    server_enc.header_table_size = 0
+    wire.server(
+        frame(HEADERS, END_HEADERS | END_STREAM, 1, server_enc.encode([(b":status", b"200")]))
+    )
+    server_enc.header_table_size = 256  # above the 0 we advertised
+    wire.server(
+        frame(HEADERS, END_HEADERS | END_STREAM, 3, server_enc.encode([(b":status", b"200")]))
+    )
+    assert goaway_code(wire.server_frames()) == ErrorCodes.COMPRESSION_ERROR
+
+
+def test_client_blocks_may_use_the_default_table_and_reach_the_server_reencoded():
+    t = Transcript(H2Engine(decide)).start()
+    for stream_id in (1, 3, 5):  # h2's encoder indexes: blocks 2 and 3 are references
+        t.client.send_headers(
+            stream_id, request_headers("/same", extra=[(b"x-token", b"t0p")]), end_stream=True
+        )
+    t.pump()
+    received = [e.headers for e in t.of(ev.RequestReceived, "server")]
+    assert len(received) == 3 and all((b"x-token", b"t0p") in h for h in received)
+
+
+def test_a_client_table_size_update_above_4096_is_a_compression_error():
+    update_to_4097 = bytes([0x3F, 0xE2, 0x1F])  # RFC 7541 §5.1 integer, 5-bit prefix
+    enc = Encoder()
+    block = update_to_4097 + get(enc, "/a")
+    wire = Wire().client(client_start() + frame(HEADERS, END_HEADERS | END_STREAM, 1, block))
+    assert goaway_code(wire.client_frames()) == ErrorCodes.COMPRESSION_ERROR
+
+
+def test_a_repeated_request_is_judged_every_time():
+    calls = []
+
+    def counting(request):
+        calls.append(request.path)
+        return decide(request)
+
+    t = Transcript(H2Engine(counting)).start()
+    for stream_id in (1, 3, 5, 7):
+        t.client.send_headers(stream_id, request_headers("/poll"), end_stream=True)
+    t.pump()
+    assert calls == ["/poll"] * 4
+    assert [a.key for a in t.of(Access)] == [1, 3, 5, 7]
+
+
+# ------------------------------------------------------------ CONTINUATION
+
+
+def test_a_request_split_over_continuation_frames_is_judged_whole():
+    enc = Encoder()
+    block = enc.encode(request_headers("/split", extra=[(b"x-long", b"v" * 3000)]))
+    a, b, c = block[:10], block[10:1000], block[1000:]
+    wire = Wire().client(client_start()).server(server_start())
+    wire.client(frame(HEADERS, END_STREAM, 1, a) + frame(CONTINUATION, 0, 1, b))
+    assert not wire.of(Access) and wire.engine.reading_headers
+    wire.client(frame(CONTINUATION, END_HEADERS, 1, c))
+    (access,) = wire.of(Access)
+    assert access.request.path == "/split"
+    assert ("x-long", "v" * 3000) in access.request.headers
+    (sent,) = [f for f in wire.server_frames() if isinstance(f, HeadersFrame)]
+    assert "END_STREAM" in sent.flags
+    assert (b"x-long", b"v" * 3000) in Decoder().decode(sent.data, raw=True)
+
+
+def test_a_response_split_over_continuation_frames_reaches_the_client_as_sent():
+    t = Transcript(H2Engine(decide)).start()
+    t.client.send_headers(1, request_headers("/big-head"), end_stream=True)
+    t.pump()
+    big = [(b":status", b"200"), (b"x-blob", b"q" * 40000)]  # > 2 frames of 16 KiB
+    t.server.send_headers(1, big, end_stream=True)
+    t.pump()
+    (response,) = t.of(ev.ResponseReceived, "client")
+    assert response.headers == big
+
+
+def test_a_frame_inside_a_header_block_is_a_connection_error():
+    enc = Encoder()
+    wire = Wire().client(client_start())
+    wire.client(frame(HEADERS, 0, 1, get(enc, "/a")) + frame(PING, 0, 0, b"12345678"))
+    assert goaway_code(wire.client_frames()) == ErrorCodes.PROTOCOL_ERROR
+
+
+def test_a_continuation_on_another_stream_is_a_connection_error():
+    enc = Encoder()
+    block = get(enc, "/a")
+    wire = Wire().client(client_start())
+    wire.client(frame(HEADERS, 0, 1, block[:5]) + frame(CONTINUATION, END_HEADERS, 3, block[5:]))
+    assert goaway_code(wire.client_frames()) == ErrorCodes.PROTOCOL_ERROR
+
+
+def test_a_continuation_without_a_header_block_is_a_connection_error():
+    wire = Wire().client(client_start() + frame(CONTINUATION, END_HEADERS, 1, b"\x82"))
+    assert goaway_code(wire.client_frames()) == ErrorCodes.PROTOCOL_ERROR
+
+
+# ------------------------------------------------------------ stream states
+
+
+def test_headers_on_a_stream_that_has_ended_is_a_stream_closed_connection_error():
+    enc = Encoder()
+    wire = Wire().client(client_start()).server(server_start())
+    wire.client(frame(HEADERS, END_HEADERS | END_STREAM, 1, get(enc, "/a")))
+    wire.server(
+        frame(HEADERS, END_HEADERS | END_STREAM, 1, b"\x20\x88")
+    )  # update to 0, :status 200
+    assert wire.of(Reply) == [Reply(1, {"status": 200})]
+    wire.client(frame(HEADERS, END_HEADERS | END_STREAM, 1, get(enc, "/again")))
+    assert goaway_code(wire.client_frames()) == ErrorCodes.STREAM_CLOSED
+
+
+def test_a_stream_id_below_one_already_used_is_a_protocol_error():
+    enc = Encoder()
+    wire = Wire().client(client_start()).server(server_start())
+    wire.client(frame(HEADERS, END_HEADERS | END_STREAM, 5, get(enc, "/a")))
+    wire.client(frame(HEADERS, END_HEADERS | END_STREAM, 3, get(enc, "/b")))
+    assert goaway_code(wire.client_frames()) == ErrorCodes.PROTOCOL_ERROR
+    assert [a.request.path for a in wire.of(Access)] == ["/a"]
+
+
+def test_frames_the_client_had_in_flight_on_a_stream_we_reset_are_ignored():
+    enc = Encoder()
+    wire = Wire().client(client_start()).server(server_start())
+    wire.client(frame(HEADERS, END_HEADERS, 1, enc.encode(request_headers("/admin", "POST"))))
+    wire.client(frame(DATA, 0, 1, b"late") + frame(DATA, END_STREAM, 1, b"later"))
+    frames = wire.client_frames()
+    assert [(f.stream_id, f.error_code) for f in frames if isinstance(f, RstStreamFrame)] == [
+        (1, ErrorCodes.NO_ERROR)
+    ]
+    assert not [f for f in frames if isinstance(f, GoAwayFrame)]
+
+
+def test_request_access_carries_the_typed_request():
+    enc = Encoder()
+    wire = Wire().client(client_start()).server(server_start())
+    wire.client(
+        frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            1,
+            enc.encode(request_headers("/x?y=1", extra=[(b"accept", b"*/*")])),
+        )
+    )
+    (access,) = wire.of(Access)
+    assert access.request == HttpRequest(
+        "GET", "/x?y=1", "example.test", (("accept", "*/*"),), version="2"
+    )
