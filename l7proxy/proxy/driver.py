@@ -937,6 +937,10 @@ class ClientSide(asyncio.Protocol):
         # transport cannot: a close_notify ends the session both ways.
         return self._half_close
 
+    def close_when_idle(self) -> asyncio.Future[str] | None:
+        """``Pipe.close_when_idle`` of this connection (None: it was refused)."""
+        return self._pipe.close_when_idle() if self._pipe is not None else None
+
     def pause_writing(self) -> None:
         if self._pipe is not None:
             self._pipe.client_write_paused()

@@ -18,6 +18,7 @@ import errno
 import logging
 import socket
 import ssl
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -26,7 +27,10 @@ from l7proxy.observe.flowlog import FlowLog, now_fields
 from l7proxy.policy.engine import Endpoint
 from l7proxy.policy.state import ConnectionPolicy, PolicyState, Side
 from l7proxy.proxy.driver import (
+    ENDED_OTHERWISE,
+    ENDED_QUIET,
     LINGER_SECONDS,
+    QUIET_SECONDS,
     WRITE_HIGH_WATER,
     WRITE_LOW_WATER,
     ClientSide,
@@ -39,6 +43,7 @@ from l7proxy.proxy.driver import (
 )
 from l7proxy.proxy.heap import give_memory_back
 from l7proxy.proxy.passthrough import PassthroughEngine
+from l7proxy.proxy.silent import Silent, SilentSockets
 from l7proxy.proxy.tls import HELLO_HEADERS, TlsStore, refuse_client_hello, session_fields
 from parsers.base import Decision, Engine, ProtocolError
 from parsers.registry import engine_factory
@@ -71,6 +76,8 @@ Address = tuple[Any, ...]
 PEEK_LIMIT = 64 * 1024
 # The name of the handshake's deadline in flow records and metrics.
 TLS_HANDSHAKE_TIMEOUT = "tls_handshake_timeout"
+# A terminated connection's TLS context, and the policy that judges its ClientHello.
+_Chosen = tuple[ssl.SSLContext, ConnectionPolicy | None]
 
 
 class TlsTermination(Protocol):
@@ -101,23 +108,52 @@ class TlsTermination(Protocol):
     handshake_timeout: float
 
 
+class Admission(Protocol):
+    """Which accepted connections wait for their first byte as bare sockets, without
+    a transport (``Proxy``), and what is written of one that never speaks."""
+
+    def admit_silent(self, conn: socket.socket, peer: Address, local: Address) -> float | None:
+        """How many seconds ``conn`` may stay silent, held bare (it counts as an open
+        connection from now); None: open it at once (its server may speak first, or
+        it is refused)."""
+        ...
+
+    def silent_ended(self, spoke: bool) -> None:
+        """A connection admitted silent is held no longer: it spoke (and is opened,
+        where it counts again), or it left, or it was closed."""
+        ...
+
+    def never_spoke(self, conn: socket.socket) -> None:
+        """Its deadline passed without a byte: the record that deadline writes."""
+        ...
+
+
 class Acceptor:
     """Accepts the connections of one listening socket, ``ACCEPT_BATCH`` per turn.
-    With ``tls``, a connection it says is TLS is handed to its protocol after the
-    event loop's TLS handshake (the protocol then reads and writes cleartext)."""
+
+    A connection ``admission`` lets wait (a client-first protocol), and one ``tls``
+    terminates, is held as a bare socket until its first byte (``SilentSockets``):
+    only then does it get its transport, its pipe and its engine. One that leaves
+    first is closed there, and one silent until its deadline gets the record of that
+    deadline. With ``tls``, a connection it says is TLS is handed to its protocol
+    after the event loop's TLS handshake (the protocol then reads and writes cleartext)."""
 
     def __init__(
         self,
         sock: socket.socket,
         protocol: Callable[[], asyncio.Protocol],
         tls: TlsTermination | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = sock
         self._fd = sock.fileno()
         self._protocol = protocol
         self._tls = tls
+        self._admission = admission
         self._retry: asyncio.TimerHandle | None = None
+        # Made with the first silent socket (one epoll descriptor per listener).
+        self._silent: SilentSockets | None = None
         sock.setblocking(False)
         self._loop.add_reader(self._fd, self._accept_some)
 
@@ -125,7 +161,7 @@ class Acceptor:
         loop = self._loop
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _peer = self._sock.accept()
+                conn, peer = self._sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:
@@ -134,25 +170,167 @@ class Acceptor:
                 loop.remove_reader(self._fd)
                 self._retry = loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
                 return
-            loop.create_task(self._open(conn))
+            self._admit(conn, peer)
 
-    async def _open(self, conn: socket.socket) -> None:
+    def _admit(self, conn: socket.socket, peer: Address) -> None:
+        """Open ``conn`` now, or hold it until its first byte."""
+        started = self._loop.time()
+        tls, admission = self._tls, self._admission
+        terminates = tls is not None and tls.terminates
+        chosen: _Chosen | None = None
+        wait: float | None = None
+        if terminates or admission is not None:
+            try:
+                local = conn.getsockname()
+            except OSError:  # reset already
+                conn.close()
+                return
+            if terminates:
+                assert tls is not None
+                chosen = tls.tls_context(peer, local)
+                if chosen is not None:
+                    wait = tls.handshake_timeout  # the handshake's deadline, from now
+            if chosen is None and admission is not None:
+                wait = admission.admit_silent(conn, peer, local)
+        if wait is None:
+            self._loop.create_task(self._open(conn, started, chosen))
+            return
+        try:
+            if self._silent is None:
+                self._silent = SilentSockets(self._loop, self)
+            self._silent.add(conn, started, wait, chosen)
+        except OSError as exc:  # no descriptor for the epoll, no memory for a watch
+            log.warning("cannot hold a silent connection bare (%s): opening it", exc)
+            self._silent_ended(chosen, spoke=True)
+            self._loop.create_task(self._open(conn, started, chosen))
+
+    # ------------------------------------------------------------ silent sockets
+
+    def _silent_ended(self, chosen: _Chosen | None, spoke: bool) -> None:
+        # Only cleartext ones were counted (a TLS one counts once its handshake is done).
+        if chosen is None and self._admission is not None:
+            self._admission.silent_ended(spoke)
+
+    def spoke(self, silent: Silent) -> None:
+        """Its first bytes came: now it gets its transport (and TLS handshake)."""
+        self._silent_ended(silent.info, spoke=True)
+        self._loop.create_task(self._open(silent.sock, silent.since, silent.info, silent.ending))
+
+    def left(self, silent: Silent) -> None:
+        """Closed or reset by its client before a byte: a port check, not a client."""
+        self._silent_ended(silent.info, spoke=False)
+        if silent.ending is not None and not silent.ending.done():
+            silent.ending.set_result(ENDED_OTHERWISE)
+
+    def expired(self, silent: Silent) -> None:
+        """Silent until its deadline: the idle timeout, or a TLS handshake's deadline."""
+        conn = silent.sock
+        if silent.info is not None and self._tls is not None:
+            try:
+                peer, local = conn.getpeername(), conn.getsockname()
+            except OSError:
+                conn.close()  # reset meanwhile: nothing to answer
+            else:
+                self._tls.tls_failed(peer, local, TimeoutError("no ClientHello"))
+                self._linger_close(conn)
+        else:
+            if self._admission is not None:
+                self._admission.never_spoke(conn)
+            self._silent_ended(silent.info, spoke=False)
+            _close_silent(conn, reset=False)
+        if silent.ending is not None and not silent.ending.done():
+            silent.ending.set_result(ENDED_OTHERWISE)
+
+    @property
+    def silent(self) -> int:
+        """Connections accepted here that have not spoken yet."""
+        return len(self._silent) if self._silent is not None else 0
+
+    async def none_silent(self) -> None:
+        """Return once no connection accepted here is waiting for its first byte."""
+        if self._silent is not None:
+            await self._silent.none_left()
+
+    def end_silent_when_quiet(self) -> list[asyncio.Future[str]]:
+        """A drain: each silent connection is reset if it is still silent
+        ``QUIET_SECONDS`` from now, as ``Pipe.close_when_idle`` resets a quiet one
+        (ENDED_QUIET); one that speaks first is opened and asked to end in its
+        protocol's way, and its future says how it ended."""
+        if self._silent is None:
+            return []
+        asked = []
+        for silent in self._silent.all():
+            if silent.ending is None:
+                silent.ending = self._loop.create_future()
+                asked.append(silent.ending)
+        if asked:
+            self._loop.call_later(QUIET_SECONDS, self._reset_quiet)
+        return asked
+
+    def _reset_quiet(self) -> None:
+        if self._silent is None:
+            return
+        for silent in self._silent.all():
+            if silent.ending is None:
+                continue
+            self._silent.take(silent)
+            self._silent_ended(silent.info, spoke=False)
+            _close_silent(silent.sock, reset=True)
+            if not silent.ending.done():
+                silent.ending.set_result(ENDED_QUIET)
+
+    def close_silent(self) -> int:
+        """Close every connection still silent (a shutdown); returns how many."""
+        silent_sockets, self._silent = self._silent, None
+        if silent_sockets is None:
+            return 0
+        closed = 0
+        for silent in silent_sockets.all():
+            silent_sockets.take(silent)
+            self._silent_ended(silent.info, spoke=False)
+            _close_silent(silent.sock, reset=False)
+            if silent.ending is not None and not silent.ending.done():
+                silent.ending.set_result(ENDED_OTHERWISE)
+            closed += 1
+        silent_sockets.close()
+        return closed
+
+    # ------------------------------------------------------------ opening
+
+    async def _open(
+        self,
+        conn: socket.socket,
+        started: float,
+        chosen: _Chosen | None,
+        ending: asyncio.Future[str] | None = None,
+    ) -> None:
+        protocol = None
+        try:
+            protocol = await self._open_transport(conn, started, chosen)
+        finally:
+            if ending is not None:
+                _follow(ending, protocol)
+
+    async def _open_transport(
+        self, conn: socket.socket, started: float, chosen: _Chosen | None
+    ) -> asyncio.BaseProtocol | None:
+        """Give ``conn`` its transport (after the TLS handshake ``chosen`` asks for):
+        the protocol it is given, or None if it is gone or was refused."""
         tls = self._tls
         context: ssl.SSLContext | None = None
         judge: ConnectionPolicy | None = None
-        if tls is not None and tls.terminates:
+        if chosen is not None:
+            context, judge = chosen
             try:  # read now: once the handshake fails, the socket is gone
                 peer, local = conn.getpeername(), conn.getsockname()
             except OSError:
                 conn.close()
-                return
-            chosen = tls.tls_context(peer, local)
-            if chosen is not None:
-                context, judge = chosen
-        started = self._loop.time()
+                return None
         if context is not None and tls is not None:
             try:
-                refused = await self._read_hello_headers(conn, tls.handshake_timeout)
+                refused = await self._read_hello_headers(
+                    conn, max(started + tls.handshake_timeout - self._loop.time(), 0.0)
+                )
                 if refused is None and judge is not None:
                     refused = await self._judge_hello(
                         conn, judge, started + tls.handshake_timeout, peer, local
@@ -160,20 +338,20 @@ class Acceptor:
             except ConnectionError as exc:  # gone before a byte: a port check, not a client
                 log.debug("TLS client left before its ClientHello: %s", exc)
                 conn.close()
-                return
+                return None
             if refused is not None:
                 if not isinstance(refused, _Denied):
                     tls.tls_failed(peer, local, refused)
                 self._linger_close(conn)
-                return
+                return None
         try:
             if context is None:
-                await self._loop.connect_accepted_socket(self._protocol, conn)
+                _, protocol = await self._loop.connect_accepted_socket(self._protocol, conn)
             else:
                 assert tls is not None
                 # The deadline runs from the accept: what the hello's check took counts.
                 left = started + tls.handshake_timeout - self._loop.time()
-                await self._loop.connect_accepted_socket(
+                _, protocol = await self._loop.connect_accepted_socket(
                     self._protocol,
                     conn,
                     ssl=context,
@@ -189,6 +367,8 @@ class Acceptor:
             else:
                 log.debug("accepted connection lost before it opened: %s", exc)
             conn.close()
+            return None
+        return protocol
 
     async def _read_hello_headers(
         self, conn: socket.socket, timeout: float
@@ -368,6 +548,10 @@ class Proxy:
         # Connections open at the most since memory was last given back.
         self._peak_pipes = 0
         self._give_back: asyncio.TimerHandle | None = None
+        # admit_silent's answers by (source ip, destination ip, port), for one policy.
+        self._silent_waits: dict[tuple[str, str, int], bool] = {}
+        self._silent_for: object = None
+        self._silent_since = 0.0
 
     # ------------------------------------------------------------ listeners
 
@@ -377,7 +561,12 @@ class Proxy:
         if sock is None:
             sock = make_listener(host, port, transparent=transparent, backlog=self.limits.backlog)
         self._acceptors.append(
-            Acceptor(sock, lambda: ClientSide(self), self if self.tls is not None else None)
+            Acceptor(
+                sock,
+                lambda: ClientSide(self),
+                self if self.tls is not None else None,
+                admission=self,
+            )
         )
         self._listen_ports.add(sock.getsockname()[1])
         return sock
@@ -386,8 +575,9 @@ class Proxy:
 
     @property
     def connections(self) -> int:
-        """Open client connections, including those in their lingering close."""
-        return len(self._pipes)
+        """Open client connections, including those in their lingering close and
+        those that have not spoken yet."""
+        return len(self._pipes) + sum(acceptor.silent for acceptor in self._acceptors)
 
     def stop_accepting(self) -> None:
         """Close our listening sockets' descriptors (a successor may hold the same sockets)."""
@@ -396,12 +586,22 @@ class Proxy:
 
     async def wait_all_closed(self) -> None:
         """Return once no client connection is open (at once if none is)."""
-        await self._no_pipes.wait()
+        while True:
+            await self._no_pipes.wait()
+            for acceptor in self._acceptors:
+                await acceptor.none_silent()
+            # One that spoke meanwhile is a pipe now.
+            if not self._pipes and not any(acceptor.silent for acceptor in self._acceptors):
+                return
 
     def close_when_idle(self) -> list[asyncio.Future[str]]:
         """Ask every connection not already ending to end at its next idle
-        point (``Pipe.close_when_idle``); one future per connection asked."""
-        return [pipe.close_when_idle() for pipe in list(self._pipes) if not pipe.closing]
+        point (``Pipe.close_when_idle``), and every one that has not spoken yet to
+        end if it is still silent a moment from now; one future per connection asked."""
+        endings = [pipe.close_when_idle() for pipe in list(self._pipes) if not pipe.closing]
+        for acceptor in self._acceptors:
+            endings += acceptor.end_silent_when_quiet()
+        return endings
 
     async def close(self, grace: float = 0.0) -> int:
         """Stop accepting; after up to ``grace`` seconds for connections to end
@@ -418,6 +618,7 @@ class Proxy:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wait_all_closed(), grace)
         cut = sum(pipe.close("proxy shutting down") for pipe in list(self._pipes))
+        cut += sum(acceptor.close_silent() for acceptor in self._acceptors)
         self.flowlog.flush()
         return cut
 
@@ -447,6 +648,78 @@ class Proxy:
         src = state.side(src_ip, src_port)
         dst = state.side(dst_ip, dst_port, dst_ep)
         return src_ip, src_port, dst_ip, dst_port, src, dst, state.connection(src, dst)
+
+    # ------------------------------------------------------------ silent connections
+
+    def admit_silent(self, conn: socket.socket, peer: Address, local: Address) -> float | None:
+        """A client-first protocol's connection waits for its first byte as a bare
+        socket, under the idle timeout (the deadline a pipe gives a connection that
+        has not spoken: ``Pipe._check_timers``); a port without L7 rules, whose
+        server may speak first, and a refused connection are opened at once."""
+        # What decides it (the source's identity, the destination and its port) is
+        # the same for most connections: a policy lookup costs more than the rest of
+        # an accept, so the answers are kept for as long as the policy stays.
+        key = (peer[0], local[0], local[1])
+        now = asyncio.get_running_loop().time()
+        if (
+            self._silent_for is not self.state.current
+            or now - self._silent_since > 1.0  # identities move without a new policy
+            or len(self._silent_waits) >= 4096
+        ):
+            self._silent_for, self._silent_since = self.state.current, now
+            self._silent_waits.clear()
+        if key in self._silent_waits:
+            silent = self._silent_waits[key]
+        else:
+            silent = self._silent_waits[key] = self._may_stay_silent(peer, local)
+        if not silent:
+            return None
+        if self.upstream is None:
+            # As its pipe will (reset_if_killed): a kill must not leave our side in
+            # TIME_WAIT on the client's 4-tuple (docs/restarts.md).
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # It is an open connection from now, as a pipe would have made it.
+        self.stats.connections_total += 1
+        self.stats.connections_active += 1
+        return self.limits.idle_timeout
+
+    def _may_stay_silent(self, peer: Address, local: Address) -> bool:
+        known = self._connection(peer, local)
+        if known is None:
+            return False
+        policy = known[-1]
+        if not policy.l4.allowed or not policy.parser:
+            return False
+        return bool(getattr(engine_factory(policy.parser), "client_speaks_first", False))
+
+    def silent_ended(self, spoke: bool) -> None:
+        self.stats.connections_active -= 1
+        if spoke:
+            self.stats.connections_total -= 1  # its pipe counts it again as it opens
+
+    def never_spoke(self, conn: socket.socket) -> None:
+        """The idle timeout's flow record, as a pipe writes it (``Pipe._check_timers``)."""
+        try:
+            known = self._connection(conn.getpeername(), conn.getsockname())
+        except OSError:  # reset meanwhile: it left, it was not cut
+            return
+        if known is None:
+            return
+        src, dst, policy = known[4], known[5], known[6]
+        identities = self.state.current.identities
+        idle = self.limits.idle_timeout
+        rec = now_fields()
+        rec.update(
+            type="limit",
+            protocol=policy.parser or "tcp",
+            source=src.describe(identities),
+            destination=dst.describe(identities),
+            verdict="DROPPED",
+            limit="idle_timeout",
+            reason=f"no byte either way for {idle:g} s",
+        )
+        self.flowlog.emit(rec)
 
     # ------------------------------------------------------------ TLS termination
 
@@ -532,9 +805,12 @@ class Proxy:
 
     def open_pipe(self, transport: asyncio.Transport) -> Pipe | None:
         loop = asyncio.get_running_loop()
-        known = self._connection(
-            transport.get_extra_info("peername"), transport.get_extra_info("sockname")
-        )
+        peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+        if peer is None or local is None:
+            # Reset between its first bytes and its transport: no one left to serve
+            # (the event loop found no address for the socket).
+            return None
+        known = self._connection(peer, local)
         if known is None:
             self.stats.connections_refused += 1
             return None
@@ -714,6 +990,30 @@ def make_listener(
             raise OSError(exc.errno, f"cannot listen on {host}:{port}: address in use") from None
         raise
     return sock
+
+
+def _close_silent(conn: socket.socket, *, reset: bool) -> None:
+    """Close a connection that never spoke: with a FIN as ``Pipe.close`` ends one (no
+    reply of ours to protect, so no lingering), or with a reset (a drain's quiet end,
+    as ``Pipe.close_when_idle``: no TIME_WAIT left on the client's 4-tuple)."""
+    with contextlib.suppress(OSError):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", int(reset), 0))
+    conn.close()
+
+
+def _follow(ending: asyncio.Future[str], protocol: asyncio.BaseProtocol | None) -> None:
+    """A drain asked a silent connection to end and it spoke: it ends as its pipe does."""
+    pipe_ending = protocol.close_when_idle() if isinstance(protocol, ClientSide) else None
+    if pipe_ending is None:
+        if not ending.done():
+            ending.set_result(ENDED_OTHERWISE)
+        return
+
+    def done(finished: asyncio.Future[str]) -> None:
+        if not ending.done():
+            ending.set_result(finished.result() if not finished.cancelled() else ENDED_OTHERWISE)
+
+    pipe_ending.add_done_callback(done)
 
 
 def _v4(ip: str) -> str:

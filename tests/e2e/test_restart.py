@@ -158,6 +158,10 @@ KEEPALIVE_CLIENT = textwrap.dedent(
             conn.sock = sock
             print(f"{time.monotonic() - started:.3f}", flush=True)
             continue
+        if words[0] == "CONNECT":  # open the connection, say nothing
+            conn.connect()
+            print("connected", flush=True)
+            continue
         if words[0] == "PEEK":
             readable, _, _ = select.select([conn.sock], [], [], 1.0)
             try:
@@ -380,6 +384,28 @@ def test_after_a_sigkill_a_client_reusing_the_port_of_a_connection_it_had_connec
         assert keepalive.say("REQ POST /v1/request-landing").startswith("200 ")
         node.stop_agent(signal.SIGKILL)
         assert keepalive.say("PEEK") == "closed"  # the client sees it end, and closes it
+
+        node.start_agent()
+        took = keepalive.say("REBIND")
+        assert took != "timeout", "the SYN from the same port met a TIME_WAIT of the dead agent"
+        assert float(took) < 1.0
+        assert keepalive.say("REQ POST /v1/request-landing").startswith("200 ")
+    finally:
+        keepalive.close()
+
+
+def test_after_a_sigkill_a_client_reusing_the_port_of_a_connection_that_never_spoke_connects(
+    node,
+):
+    """The same, for a connection the agent held as a bare socket because its client
+    had not spoken yet (``l7proxy/proxy/silent.py``): it is reset when the process dies
+    too, so its 4-tuple is free at once."""
+    keepalive = Keepalive(node, "tiefighter", "deathstar")
+    try:
+        assert keepalive.say("CONNECT") == "connected"
+        time.sleep(0.2)  # accepted by the agent, and held silent
+        node.stop_agent(signal.SIGKILL)
+        assert keepalive.say("PEEK") == "closed"
 
         node.start_agent()
         took = keepalive.say("REBIND")
