@@ -1063,9 +1063,7 @@ class H2Peers:
 
     def __init__(self, p: Played) -> None:
         self.p = p
-        self.client = GracefulPeer(
-            config=H2Configuration(client_side=True, header_encoding=None)
-        )
+        self.client = GracefulPeer(config=H2Configuration(client_side=True, header_encoding=None))
         self.server = H2Connection(H2Configuration(client_side=False, header_encoding=None))
         self.client_events: list[Any] = []
         self.server_events: list[Any] = []
