@@ -34,6 +34,14 @@ def engine_factory(family: str) -> EngineFactory:
     return factory
 
 
+def preload_engines(families: set[str]) -> None:
+    """Import the engines of ``families`` now (unknown names are left to
+    ``engine_factory`` to refuse when a connection asks)."""
+    for family in sorted(families):
+        if family in ENGINES:
+            engine_factory(family)
+
+
 def active_parsers() -> dict[str, str]:
     """Which implementation each parser with a choice is using (for status and logs)."""
     from parsers.http1 import engine as http1

@@ -471,6 +471,16 @@ class CompiledPolicy:
 
     # ------------------------------------------------------------------ kernel
 
+    def parser_families(self) -> set[str]:
+        """The L7 parser families some enforced rule names (``http``, ``kafka``, ...)."""
+        return {
+            pr.parser
+            for dp in self.directions.values()
+            for eff in dp.rules
+            for pr in eff.rule.to_ports
+            if pr.parser is not None
+        }
+
     def kernel_entries(self, proxy_ports: dict[str, int]) -> list[PolicyEntry]:
         out: list[PolicyEntry] = []
         for (ep_id, direction), dp in self.directions.items():

@@ -14,6 +14,7 @@ from l7proxy.policy.engine import CompiledPolicy, Endpoint, PortMatcher, PortVer
 from l7proxy.policy.identity import IdentityAllocator
 from l7proxy.policy.model import EGRESS, INGRESS, PortTls
 from parsers.base import Decision
+from parsers.registry import preload_engines
 from parsers.requests import L7Request
 
 # One direction that applies to a connection: (endpoint id, direction, peer identity).
@@ -46,9 +47,14 @@ NO_LOCAL_ENDPOINT_L4 = PortVerdict(True, None, "no local endpoint on either side
 
 class PolicyState:
     def __init__(self, compiled: CompiledPolicy):
+        preload_engines(compiled.parser_families())
         self.current = compiled
 
     def swap(self, compiled: CompiledPolicy) -> None:
+        # The engines the new revision's ports name are imported now, not by the
+        # first connection that needs one: an import holds the event loop for a few
+        # hundred milliseconds (every connection waits).
+        preload_engines(compiled.parser_families())
         self.current = compiled
 
     def side(self, ip: str, port: int, endpoint: Endpoint | None = None) -> Side:
