@@ -211,6 +211,30 @@ def _content_length(headers: Headers) -> int | None:
     return int(value) if value.isdigit() else -1
 
 
+# What a response header block says, worked out once per distinct block: (headers,
+# self-contained, why it is malformed as a response, as trailers, :status,
+# content-length, grpc-status).
+_ResponseBlock = tuple[Headers, bool, str | None, str | None, int, int | None, int | None]
+
+
+def _read_response_block(headers: Headers, self_contained: bool) -> _ResponseBlock:
+    as_response = response_problem(headers)
+    status = 0 if as_response is not None else int(headers[0][1])  # :status comes first
+    length = _content_length(headers)
+    if length == -1 and as_response is None:
+        as_response = "invalid content-length"
+    grpc_status = int_or_none(headers_value(headers, b"grpc-status"))
+    return (
+        headers,
+        self_contained,
+        as_response,
+        trailers_problem(headers),
+        status,
+        length,
+        grpc_status,
+    )
+
+
 def _split_header_payload(flags: int, sid: int, payload: memoryview) -> tuple[memoryview, bool]:
     """(the header block fragment, whether the stream depends on itself) of a HEADERS frame."""
     start, end = 0, len(payload)
@@ -314,8 +338,8 @@ class H2Engine:
         self._server_credit = limits.connection_window
         self._server_owed = 0
         self._highest_opened = 0
-        # block -> (generation, headers, why it is malformed or None, self-contained)
-        self._responses: dict[bytes, tuple[int, Headers, str | None, bool]] = {}
+        # block -> (generation, what it says)
+        self._responses: dict[bytes, tuple[int, _ResponseBlock]] = {}
 
         self._setup(upgrade_settings)
 
@@ -653,7 +677,10 @@ class H2Engine:
             raise ConnectionError_(_PROTOCOL_ERROR, "HEADERS on stream 0")
         if not sid & 1:
             raise ConnectionError_(_PROTOCOL_ERROR, f"client stream id {sid} is even")
-        fragment, self_dependent = _split_header_payload(flags, sid, payload)
+        if flags & (PADDED | PRIORITY_FLAG):
+            fragment, self_dependent = _split_header_payload(flags, sid, payload)
+        else:
+            fragment, self_dependent = payload, False
         if flags & END_HEADERS:
             self._frames_read += 1
             self._client_header_block(sid, flags, bytes(fragment), (raw,), self_dependent)
@@ -1047,7 +1074,11 @@ class H2Engine:
     ) -> None:
         if sid == 0:
             raise ConnectionError_(_PROTOCOL_ERROR, "HEADERS on stream 0")
-        fragment, _ = _split_header_payload(flags, sid, payload)
+        fragment = (
+            _split_header_payload(flags, sid, payload)[0]
+            if flags & (PADDED | PRIORITY_FLAG)
+            else payload
+        )
         if flags & END_HEADERS:
             self._server_header_block(sid, flags, bytes(fragment), (raw,))
             return
@@ -1076,18 +1107,19 @@ class H2Engine:
         generation = decoder.generation
         known = self._responses.get(block)
         if known is not None and known[0] == generation:
-            _, headers, problem, self_contained = known
+            reading = known[1]
         else:
             try:
                 headers, self_contained = decoder.decode(block)
             except (CompressionError, HeaderListTooLarge) as exc:
                 raise ConnectionError_(ErrorCodes.COMPRESSION_ERROR, str(exc)) from exc
-            problem = response_problem(headers)
+            reading = _read_response_block(headers, self_contained)
             if decoder.generation == generation and len(block) <= _MEMO_BLOCK_BYTES:
                 memo = self._responses
                 if len(memo) >= _MEMO_ENTRIES:
                     memo.clear()
-                memo[block] = (generation, headers, problem, self_contained)
+                memo[block] = (generation, reading)
+        headers, self_contained, as_response, as_trailers, status, length, grpc_status = reading
         stream = self._streams.get(sid)
         if stream is None or not stream.opened or not stream.server_open:
             if not sid & 1 or sid > self._highest_opened:
@@ -1095,18 +1127,17 @@ class H2Engine:
             return  # a stream we reset: in flight
         end = bool(flags & END_STREAM)
         if stream.status is not None:  # trailers
+            problem = as_trailers
             if not end:
-                self._malformed("server", sid, "trailers without END_STREAM")
-                return
-            problem = trailers_problem(headers)
-            if problem is None and stream.response_length is not None:
+                problem = "trailers without END_STREAM"
+            elif problem is None and stream.response_length is not None:
                 if stream.response_seen != stream.response_length:
                     problem = "body shorter than its content-length"
             if problem is not None:
                 self._malformed("server", sid, problem)
                 return
             if stream.grpc_in is not None:
-                stream.grpc_status = int_or_none(headers_value(headers, b"grpc-status"))
+                stream.grpc_status = grpc_status
             framed = self._framed_for_client(sid, headers, self_contained, frames, True)
             stream.server_open = False
             if stream.to_client:
@@ -1115,10 +1146,9 @@ class H2Engine:
             self._to_client.append(framed)
             self._response_sent(stream)
             return
-        if problem is not None:
-            self._malformed("server", sid, problem)
+        if as_response is not None:
+            self._malformed("server", sid, as_response)
             return
-        status = int(headers[0][1])  # response_problem: :status comes first, 3 digits
         if status < 200:
             if end:
                 self._malformed("server", sid, "an informational response with END_STREAM")
@@ -1127,14 +1157,10 @@ class H2Engine:
                 self._framed_for_client(sid, headers, self_contained, frames, False)
             )
             return
-        length = _content_length(headers)
-        if length == -1:
-            self._malformed("server", sid, "invalid content-length")
-            return
         stream.response_length = length
         stream.status = status
         if end and stream.grpc_in is not None:
-            stream.grpc_status = int_or_none(headers_value(headers, b"grpc-status"))
+            stream.grpc_status = grpc_status
         self._to_client.append(self._framed_for_client(sid, headers, self_contained, frames, end))
         if end:
             stream.server_open = False
