@@ -1337,8 +1337,10 @@ class H2Engine:
         sid = stream.sid
         if self._streams.pop(sid, None) is None:
             return
-        self._blocked_to_client.pop(sid, None)
-        self._blocked_to_server.pop(sid, None)
+        if self._blocked_to_client:
+            self._blocked_to_client.pop(sid, None)
+        if self._blocked_to_server:
+            self._blocked_to_server.pop(sid, None)
         closed = self._closed
         if len(closed) >= _CLOSED_MEMORY:
             del closed[next(iter(closed))]

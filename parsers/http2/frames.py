@@ -78,6 +78,10 @@ def data_frame(stream_id: int, payload: bytes | memoryview, end_stream: bool) ->
 
 def headers_frames(stream_id: int, block: bytes, end_stream: bool, max_frame_size: int) -> bytes:
     """A header block as HEADERS and, past ``max_frame_size``, CONTINUATION frames."""
+    if len(block) <= max_frame_size:
+        return frame(
+            HEADERS, END_HEADERS | END_STREAM if end_stream else END_HEADERS, stream_id, block
+        )
     first, rest = block[:max_frame_size], block[max_frame_size:]
     flags = (END_STREAM if end_stream else 0) | (0 if rest else END_HEADERS)
     out = [frame(HEADERS, flags, stream_id, first)]
