@@ -5,6 +5,10 @@
 SIGUSR1 starts profiling, SIGUSR2 stops it and writes OUT.prof, so the
 profile covers the load only, not imports and start-up. The proxy itself is
 the shipped command line, unchanged.
+
+Times are the process's CPU time (``time.process_time``, user and system), not
+the wall clock: on a shared machine the proxy is often waiting for a core, and
+a wall-clock profile charges that wait to whatever it was doing.
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ import cProfile
 import os
 import signal
 import sys
+import time
 
 
 def main(argv: list[str]) -> int:
     out, rest = argv[0], argv[1:]
-    prof = cProfile.Profile()
+    prof = cProfile.Profile(time.process_time)
 
     def start(*_):
         prof.enable()

@@ -29,6 +29,7 @@ from bench.h2_tools import (
     l7proxy_firewall,
     measure,
     table,
+    top_functions,
     wait_port,
     write_results,
 )
@@ -127,15 +128,18 @@ def grpcio_calls(port: int, calls: int, in_flight: int = 32) -> dict:
     return {"req_per_s": calls / elapsed, "succeeded": calls - failed, "failed": failed}
 
 
-def run(calls: int = 5000, h2load_calls: int = 20000) -> dict:
+def run(calls: int = 5000, h2load_calls: int = 20000, profile: bool = False) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="bench-grpc-"))
+    prof_path = workdir / "l7proxy.prof" if profile else None
     body = workdir / "empty-call.bin"
     body.write_bytes(b"\x00\x00\x00\x00\x00")  # one empty grpc.testing.Empty message
     rows = []
     with interop_server_process() as (server_port, _server_pid):
         with (
             haproxy_h2c(server_port) as (ha_port, ha_pid),
-            l7proxy_firewall(POLICY.format(port=server_port), server_port, LABELS) as (
+            l7proxy_firewall(
+                POLICY.format(port=server_port), server_port, LABELS, profile=prof_path
+            ) as (
                 fw_port,
                 fw_pid,
             ),
@@ -192,7 +196,7 @@ def run(calls: int = 5000, h2load_calls: int = 20000) -> dict:
                 if r["proxy_cpu_us_per_call"] is None or not ha
                 else r["proxy_cpu_us_per_call"] / ha
             )
-    return {
+    payload = {
         "benchmark": "grpc",
         "command": "python -m bench.grpc",
         "workload": {
@@ -203,6 +207,9 @@ def run(calls: int = 5000, h2load_calls: int = 20000) -> dict:
         },
         "rows": rows,
     }
+    if prof_path is not None and prof_path.exists():
+        payload["profile_top"] = top_functions(prof_path)
+    return payload
 
 
 COLUMNS = [
@@ -221,10 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.grpc")
     parser.add_argument("--calls", type=int, default=5000)
     parser.add_argument("--h2load-calls", type=int, default=20000)
+    parser.add_argument(
+        "--profile", action="store_true", help="run l7proxy under cProfile and print the top"
+    )
     args = parser.parse_args(argv or [])
-    payload = run(args.calls, args.h2load_calls)
+    payload = run(args.calls, args.h2load_calls, profile=args.profile)
     path = write_results("grpc", payload)
     print(table(payload["rows"], COLUMNS))
+    if "profile_top" in payload:
+        print(payload["profile_top"])
     print(f"written {path.relative_to(path.parents[2])}")
     return 0 if all(r["failed"] == 0 for r in payload["rows"]) else 1
 
