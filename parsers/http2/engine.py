@@ -56,7 +56,6 @@ from parsers.http2.floods import FloodError, FloodGuard
 from parsers.http2.frames import (
     ACK,
     CONTINUATION,
-    DEFAULT_MAX_FRAME_SIZE,
     DEFAULT_WINDOW,
     ENABLE_PUSH,
     END_HEADERS,
@@ -110,7 +109,7 @@ from parsers.http2.headers import (
     response_problem,
     trailers_problem,
 )
-from parsers.http2.streams import DATA, RESET, TRAILERS, Stream
+from parsers.http2.streams import DATA, RESET, TRAILERS, Hop, Stream
 from parsers.requests import GrpcCall, HttpRequest
 
 __all__ = ["PREFACE", "FINISH_PING", "MAX_STREAM_ID", "H2Engine", "H2Limits"]
@@ -282,11 +281,9 @@ class H2Engine:
         self._upstream_open = 0  # streams opened upstream and not yet closed there
         self._closed: dict[int, int] = {}  # recently ended client streams: how
         self._out: list[Command] = []
-        self._to_client: list[Any] = []  # bytes and memoryviews, joined once per call
-        self._to_server: list[Any] = []
-        # Streams whose queue toward the client (server) waits for window.
-        self._blocked_to_client: dict[int, Stream] = {}
-        self._blocked_to_server: dict[int, Stream] = {}
+        # Each peer's connection as the relay sees it (windows, frame size, output).
+        self._client = Hop(limits.connection_window)
+        self._server = Hop(limits.connection_window)
         self._dead = False
         self._refusing = False  # a GOAWAY was seen: no new streams
         self._server_gone = False  # server EOF: finish delivering complete responses only
@@ -304,11 +301,6 @@ class H2Engine:
         self._client_settings_seen = False  # the client's first SETTINGS: HTTP/2 for sure
         self._client_block: _Block | None = None
         self._client_decoder = BlockDecoder(limits.hard_header_list_size, zero_table=False)
-        self._client_window = DEFAULT_WINDOW  # what the client's connection window accepts
-        self._client_initial = DEFAULT_WINDOW  # its SETTINGS_INITIAL_WINDOW_SIZE
-        self._client_max_frame = DEFAULT_MAX_FRAME_SIZE
-        self._client_credit = limits.connection_window  # what it may still send us
-        self._client_owed = 0
         self._highest = 0  # highest client stream id seen
         self._frames_read = 0
         self._paused = False  # a turn ended with client input left over
@@ -330,13 +322,8 @@ class H2Engine:
         self._server_block: _Block | None = None
         self._server_decoder = BlockDecoder(limits.hard_header_list_size, zero_table=True)
         self._server_acked = False
-        self._server_window = DEFAULT_WINDOW
-        self._server_initial = DEFAULT_WINDOW
-        self._server_max_frame = DEFAULT_MAX_FRAME_SIZE
         self._server_max_streams = UNLIMITED
         self._server_max_header_list = UNLIMITED
-        self._server_credit = limits.connection_window
-        self._server_owed = 0
         self._highest_opened = 0
         # block -> (generation, what it says)
         self._responses: dict[bytes, tuple[int, _ResponseBlock]] = {}
@@ -351,10 +338,10 @@ class H2Engine:
             MAX_FRAME_SIZE: lim.max_frame_size,
             MAX_HEADER_LIST_SIZE: lim.max_header_list_size,
         }
-        self._to_client.append(settings_frame(ours))
+        self._client.out.append(settings_frame(ours))
         extra = lim.connection_window - DEFAULT_WINDOW
         if extra > 0:
-            self._to_client.append(window_update(0, extra))
+            self._client.out.append(window_update(0, extra))
         if upgrade_settings is None:
             return
         # h2c: the client's HTTP2-Settings are its settings toward us, and, until
@@ -362,11 +349,11 @@ class H2Engine:
         client_values = dict(decode_settings_header(upgrade_settings))
         self._apply_client_settings(client_values.items())
         upgraded = self._new_stream(1, grpc=False)
-        upgraded.client_open = False
-        upgraded.request_done = True
+        upgraded.request.open = False
+        upgraded.request.done = True
         upgraded.replied = True  # the HTTP/1.1 engine judged and logs this one
         upgraded.opened = True
-        upgraded.server_credit = max(
+        upgraded.response.credit = max(
             lim.stream_window, client_values.get(INITIAL_WINDOW_SIZE, DEFAULT_WINDOW)
         )
         self._streams[1] = upgraded
@@ -388,7 +375,7 @@ class H2Engine:
         if extra > 0:
             start.append(window_update(0, extra))
         # Anything queued before (acknowledging the server's early SETTINGS) follows.
-        self._to_server[:0] = start
+        self._server.out[:0] = start
         self._server_started = True
 
     # ------------------------------------------------------------ Engine API
@@ -431,7 +418,7 @@ class H2Engine:
         blames a violation that did not happen; ENHANCE_YOUR_CALM is for floods."""
         if self._dead:
             return []
-        self._to_client.append(goaway(self._highest, _NO_ERROR, limit.encode("ascii")))
+        self._client.out.append(goaway(self._highest, _NO_ERROR, limit.encode("ascii")))
         self._abort(limit, to_server=_CANCEL if self._streams else _NO_ERROR)
         return self._take()
 
@@ -447,8 +434,8 @@ class H2Engine:
         if self._dead or self._finishing or self._refusing:
             return []  # already ending
         self._finishing = True
-        self._to_client.append(goaway(MAX_STREAM_ID, _NO_ERROR))
-        self._to_client.append(ping(FINISH_PING))
+        self._client.out.append(goaway(MAX_STREAM_ID, _NO_ERROR))
+        self._client.out.append(ping(FINISH_PING))
         return self._drain()
 
     def client_data(self, data: bytes) -> list[Command]:
@@ -486,7 +473,7 @@ class H2Engine:
                 ErrorCodes.ENHANCE_YOUR_CALM, str(flood), flood.limit
             )
         if guard.barrier_due():
-            self._to_client.append(ping(guard.open_barrier()))
+            self._client.out.append(ping(guard.open_barrier()))
         out = self._drain()
         if self._paused and not self._dead:
             out.append(Yield(self._resume_client))
@@ -518,17 +505,17 @@ class H2Engine:
     def _drain(self) -> list[Command]:
         out = self._out
         self._out = []
-        if self._to_client:
-            out.append(ToClient(b"".join(self._to_client)))
-            self._to_client.clear()
-        if self._to_server:
+        if self._client.out:
+            out.append(ToClient(b"".join(self._client.out)))
+            self._client.out.clear()
+        if self._server.out:
             # Nothing goes upstream before the client has shown it speaks HTTP/2,
             # nor to a server that has closed.
             if self._server_gone:
-                self._to_server.clear()
+                self._server.out.clear()
             elif self._server_started:
-                out.append(ToServer(b"".join(self._to_server)))
-                self._to_server.clear()
+                out.append(ToServer(b"".join(self._server.out)))
+                self._server.out.clear()
         if not self._streams and not self._dead:
             if self._goaway_last is not None:
                 # Our own final GOAWAY: the client, told, closes the connection.
@@ -624,48 +611,48 @@ class H2Engine:
             raise ConnectionError_(_PROTOCOL_ERROR, "DATA on stream 0")
         data = _data_payload(flags, payload)
         length = len(payload)
-        self._client_credit -= length
-        if self._client_credit < 0:
+        self._client.credit -= length
+        if self._client.credit < 0:
             raise ConnectionError_(_FLOW_CONTROL_ERROR, "DATA beyond the connection window")
         stream = self._streams.get(sid)
-        if stream is None or not stream.client_open:
+        if stream is None or not stream.request.open:
             self._credit_client(None, length)
             self._frame_on_closed(sid, stream, "DATA")
             return
-        stream.client_credit -= length
-        if stream.client_credit < 0:
+        stream.request.credit -= length
+        if stream.request.credit < 0:
             self._credit_client(None, length)
             self._client_stream_error(sid, _FLOW_CONTROL_ERROR, "DATA beyond the stream window")
             return
         end = flags & END_STREAM
         size = len(data)
-        if stream.request_length is not None:
-            stream.request_seen += size
-            seen = stream.request_seen
-            if seen > stream.request_length or (end and seen != stream.request_length):
+        if stream.request.length is not None:
+            stream.request.seen += size
+            seen = stream.request.seen
+            if seen > stream.request.length or (end and seen != stream.request.length):
                 self._credit_client(None, length)
                 self._malformed("client", sid, f"body of {seen}+ bytes against its content-length")
                 return
-        if stream.grpc_in is not None:
-            stream.grpc_in.feed(data)
+        if stream.request.grpc is not None:
+            stream.request.grpc.feed(data)
         if end:
-            stream.client_open = False
+            stream.request.open = False
         if (
             stream.opened
-            and not stream.to_server
-            and length <= self._server_window
-            and length <= stream.server_window
+            and not stream.request.queue
+            and length <= self._server.window
+            and length <= stream.request.window
         ):
-            self._server_window -= length
-            stream.server_window -= length
-            self._to_server.append(raw)
+            self._server.window -= length
+            stream.request.window -= length
+            self._server.out.append(raw)
             self._credit_client(stream, length)
             if end:
                 self._request_sent(stream)
             return
-        queue = stream.to_server
+        queue = stream.request.queue
         if queue is None:
-            queue = stream.to_server = deque()
+            queue = stream.request.queue = deque()
         queue.append((DATA, data, length, bool(end)))
         if stream.opened:
             self._flush_to_server(stream)
@@ -780,11 +767,11 @@ class H2Engine:
             self._out.append(Reply(sid, {"status": 431}))
             return
         stream = self._new_stream(sid, grpc)
-        stream.request_length = length
-        stream.client_open = not end
+        stream.request.length = length
+        stream.request.open = not end
         self._streams[sid] = stream
         assert encoded is not None, "a judged request has its block re-encoded"
-        held = headers_frames(sid, encoded, end, self._server_max_frame)
+        held = headers_frames(sid, encoded, end, self._server.max_frame)
         if self._waiting or self._upstream_open >= self._server_max_streams:
             stream.held = held
             self._waiting.append(stream)
@@ -811,28 +798,28 @@ class H2Engine:
 
     def _client_trailers(self, stream: Stream, end: bool, headers: Headers) -> None:
         sid = stream.sid
-        if not stream.client_open:
+        if not stream.request.open:
             self._client_stream_error(sid, _STREAM_CLOSED, "HEADERS after END_STREAM")
             return
         if not end:
             self._malformed("client", sid, "trailers without END_STREAM")
             return
         problem = trailers_problem(headers)
-        if problem is None and stream.request_length is not None:
-            if stream.request_seen != stream.request_length:
+        if problem is None and stream.request.length is not None:
+            if stream.request.seen != stream.request.length:
                 problem = "body shorter than its content-length"
         if problem is not None:
             self._malformed("client", sid, problem)
             return
-        stream.client_open = False
-        framed = headers_frames(sid, encode_block(headers), True, self._server_max_frame)
-        if stream.opened and not stream.to_server:
-            self._to_server.append(framed)
+        stream.request.open = False
+        framed = headers_frames(sid, encode_block(headers), True, self._server.max_frame)
+        if stream.opened and not stream.request.queue:
+            self._server.out.append(framed)
             self._request_sent(stream)
             return
-        queue = stream.to_server
+        queue = stream.request.queue
         if queue is None:
-            queue = stream.to_server = deque()
+            queue = stream.request.queue = deque()
         queue.append((TRAILERS, framed))
 
     def _client_priority(self, flags: int, sid: int, payload: memoryview, raw: memoryview) -> None:
@@ -863,7 +850,7 @@ class H2Engine:
         code = int.from_bytes(payload, "big")
         if not stream.opened:
             self._unwait(stream)
-        elif not (stream.request_done and stream.response_done):
+        elif not (stream.request.done and stream.response.done):
             self._reset_server(sid, relayed_code(code))
         self._drop(stream, f"client reset {code_name(code)}", _CLOSED)
 
@@ -876,7 +863,7 @@ class H2Engine:
                 raise ConnectionError_(_FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
             return
         self._apply_client_settings(parse_settings(payload))
-        self._to_client.append(SETTINGS_ACK)
+        self._client.out.append(SETTINGS_ACK)
         if not self._client_settings_seen:
             self._client_settings_seen = True
             self._start_server()
@@ -884,19 +871,19 @@ class H2Engine:
     def _apply_client_settings(self, pairs: Any) -> None:
         for key, value in pairs:
             if key == INITIAL_WINDOW_SIZE:
-                delta = value - self._client_initial
-                self._client_initial = value
+                delta = value - self._client.initial
+                self._client.initial = value
                 if delta:
                     for stream in self._streams.values():
-                        stream.client_window += delta
-                        if stream.client_window > MAX_WINDOW:
+                        stream.response.window += delta
+                        if stream.response.window > MAX_WINDOW:
                             raise ConnectionError_(
                                 _FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE overflows a window"
                             )
                     if delta > 0:
                         self._flush_all_to_client()
             elif key == MAX_FRAME_SIZE:
-                self._client_max_frame = value
+                self._client.max_frame = value
             # HEADER_TABLE_SIZE needs nothing: what we encode never indexes.
 
     def _client_ping(self, flags: int, sid: int, payload: memoryview, raw: memoryview) -> None:
@@ -906,14 +893,14 @@ class H2Engine:
         if len(payload) != 8:
             raise ConnectionError_(_FRAME_SIZE_ERROR, "PING frame of the wrong size")
         if not flags & ACK:
-            self._to_client.append(ping(bytes(payload), ack=True))
+            self._client.out.append(ping(bytes(payload), ack=True))
             return
         opaque = bytes(payload)
         if opaque == FINISH_PING and self._finishing and self._goaway_last is None:
             # finish()'s round trip is over: the final GOAWAY. Streams above its id
             # arrived after the client read the first one: refused.
             self._goaway_last = self._highest
-            self._to_client.append(goaway(self._goaway_last, _NO_ERROR))
+            self._client.out.append(goaway(self._goaway_last, _NO_ERROR))
             return
         self._guard.acknowledged(opaque)
 
@@ -929,7 +916,7 @@ class H2Engine:
             return
         if not self._refusing:
             self._refusing = True
-            self._to_server.append(goaway(0, _NO_ERROR))
+            self._server.out.append(goaway(0, _NO_ERROR))
 
     def _client_window_update(
         self, flags: int, sid: int, payload: memoryview, raw: memoryview
@@ -941,8 +928,8 @@ class H2Engine:
         if sid == 0:
             if not increment:
                 raise ConnectionError_(_PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
-            self._client_window += increment
-            if self._client_window > MAX_WINDOW:
+            self._client.window += increment
+            if self._client.window > MAX_WINDOW:
                 raise ConnectionError_(_FLOW_CONTROL_ERROR, "connection window above 2^31-1")
             self._flush_all_to_client()
             return
@@ -954,11 +941,11 @@ class H2Engine:
         if not increment:
             self._client_stream_error(sid, _PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
             return
-        stream.client_window += increment
-        if stream.client_window > MAX_WINDOW:
+        stream.response.window += increment
+        if stream.response.window > MAX_WINDOW:
             self._client_stream_error(sid, _FLOW_CONTROL_ERROR, "stream window above 2^31-1")
             return
-        if stream.to_client:
+        if stream.response.queue:
             self._flush_to_client(stream)
 
     def _client_push_promise(
@@ -1020,11 +1007,11 @@ class H2Engine:
             raise ConnectionError_(_PROTOCOL_ERROR, "DATA on stream 0")
         data = _data_payload(flags, payload)
         length = len(payload)
-        self._server_credit -= length
-        if self._server_credit < 0:
+        self._server.credit -= length
+        if self._server.credit < 0:
             raise ConnectionError_(_FLOW_CONTROL_ERROR, "DATA beyond the connection window")
         stream = self._streams.get(sid)
-        if stream is None or not stream.opened or not stream.server_open:
+        if stream is None or not stream.opened or not stream.response.open:
             self._credit_server(None, length)
             if sid > self._highest_opened:
                 raise ConnectionError_(_PROTOCOL_ERROR, "DATA on an idle stream")
@@ -1033,39 +1020,39 @@ class H2Engine:
             self._credit_server(None, length)
             self._malformed("server", sid, "DATA before the response HEADERS")
             return
-        stream.server_credit -= length
-        if stream.server_credit < 0:
+        stream.response.credit -= length
+        if stream.response.credit < 0:
             self._credit_server(None, length)
             self._server_stream_error(stream, _FLOW_CONTROL_ERROR, "DATA beyond the stream window")
             return
         end = flags & END_STREAM
         size = len(data)
-        if stream.response_length is not None:
-            stream.response_seen += size
-            seen = stream.response_seen
-            if seen > stream.response_length or (end and seen != stream.response_length):
+        if stream.response.length is not None:
+            stream.response.seen += size
+            seen = stream.response.seen
+            if seen > stream.response.length or (end and seen != stream.response.length):
                 self._credit_server(None, length)
                 self._malformed("server", sid, f"body of {seen}+ bytes against its content-length")
                 return
-        if stream.grpc_out is not None:
-            stream.grpc_out.feed(data)
+        if stream.response.grpc is not None:
+            stream.response.grpc.feed(data)
         if end:
-            stream.server_open = False
+            stream.response.open = False
         if (
-            not stream.to_client
-            and length <= self._client_window
-            and length <= stream.client_window
+            not stream.response.queue
+            and length <= self._client.window
+            and length <= stream.response.window
         ):
-            self._client_window -= length
-            stream.client_window -= length
-            self._to_client.append(raw)
+            self._client.window -= length
+            stream.response.window -= length
+            self._client.out.append(raw)
             self._credit_server(stream, length)
             if end:
                 self._response_sent(stream)
             return
-        queue = stream.to_client
+        queue = stream.response.queue
         if queue is None:
-            queue = stream.to_client = deque()
+            queue = stream.response.queue = deque()
         queue.append((DATA, data, length, bool(end)))
         self._flush_to_client(stream)
 
@@ -1121,7 +1108,7 @@ class H2Engine:
                 memo[block] = (generation, reading)
         headers, self_contained, as_response, as_trailers, status, length, grpc_status = reading
         stream = self._streams.get(sid)
-        if stream is None or not stream.opened or not stream.server_open:
+        if stream is None or not stream.opened or not stream.response.open:
             if not sid & 1 or sid > self._highest_opened:
                 raise ConnectionError_(_PROTOCOL_ERROR, f"HEADERS on stream {sid}, never opened")
             return  # a stream we reset: in flight
@@ -1130,20 +1117,20 @@ class H2Engine:
             problem = as_trailers
             if not end:
                 problem = "trailers without END_STREAM"
-            elif problem is None and stream.response_length is not None:
-                if stream.response_seen != stream.response_length:
+            elif problem is None and stream.response.length is not None:
+                if stream.response.seen != stream.response.length:
                     problem = "body shorter than its content-length"
             if problem is not None:
                 self._malformed("server", sid, problem)
                 return
-            if stream.grpc_in is not None:
+            if stream.request.grpc is not None:
                 stream.grpc_status = grpc_status
             framed = self._framed_for_client(sid, headers, self_contained, frames, True)
-            stream.server_open = False
-            if stream.to_client:
-                stream.to_client.append((TRAILERS, framed))
+            stream.response.open = False
+            if stream.response.queue:
+                stream.response.queue.append((TRAILERS, framed))
                 return
-            self._to_client.append(framed)
+            self._client.out.append(framed)
             self._response_sent(stream)
             return
         if as_response is not None:
@@ -1153,17 +1140,17 @@ class H2Engine:
             if end:
                 self._malformed("server", sid, "an informational response with END_STREAM")
                 return
-            self._to_client.append(
+            self._client.out.append(
                 self._framed_for_client(sid, headers, self_contained, frames, False)
             )
             return
-        stream.response_length = length
+        stream.response.length = length
         stream.status = status
-        if end and stream.grpc_in is not None:
+        if end and stream.request.grpc is not None:
             stream.grpc_status = grpc_status
-        self._to_client.append(self._framed_for_client(sid, headers, self_contained, frames, end))
+        self._client.out.append(self._framed_for_client(sid, headers, self_contained, frames, end))
         if end:
-            stream.server_open = False
+            stream.response.open = False
             if length:
                 self._malformed("server", sid, "body shorter than its content-length")
                 return
@@ -1174,7 +1161,7 @@ class H2Engine:
     ) -> Any:
         if self_contained:
             return frames[0] if len(frames) == 1 else b"".join(frames)
-        return headers_frames(sid, encode_block(headers), end, self._client_max_frame)
+        return headers_frames(sid, encode_block(headers), end, self._client.max_frame)
 
     def _server_rst_stream(
         self, flags: int, sid: int, payload: memoryview, raw: memoryview
@@ -1185,15 +1172,15 @@ class H2Engine:
         if stream is None or not stream.opened:
             return
         code = int.from_bytes(payload, "big")
-        queue = stream.to_client
+        queue = stream.response.queue
         if code == _NO_ERROR and queue:
             # "stop sending, the response is complete": deliver the response first.
             queue.append((RESET, code))
             self._discard_to_server(stream)
-            stream.request_done = True
+            stream.request.done = True
             return
         self._upstream_closed(stream)
-        if not (stream.request_done and stream.response_done):
+        if not (stream.request.done and stream.response.done):
             self._reset_client_for_server(sid, relayed_code(code))
         self._drop(stream, f"server reset {code_name(code)}", _RESET_BY_US)
 
@@ -1207,27 +1194,27 @@ class H2Engine:
             return
         for key, value in parse_settings(payload):
             if key == INITIAL_WINDOW_SIZE:
-                delta = value - self._server_initial
-                self._server_initial = value
+                delta = value - self._server.initial
+                self._server.initial = value
                 if delta:
                     for stream in self._streams.values():
-                        stream.server_window += delta
+                        stream.request.window += delta
                     if delta > 0:
                         self._flush_all_to_server()
             elif key == MAX_FRAME_SIZE:
-                self._server_max_frame = value
+                self._server.max_frame = value
             elif key == MAX_CONCURRENT_STREAMS:
                 self._server_max_streams = value
             elif key == MAX_HEADER_LIST_SIZE:
                 self._server_max_header_list = value
-        self._to_server.append(SETTINGS_ACK)
+        self._server.out.append(SETTINGS_ACK)
         self._open_waiting()
 
     def _server_ping(self, flags: int, sid: int, payload: memoryview, raw: memoryview) -> None:
         if sid != 0 or len(payload) != 8:
             raise ConnectionError_(_PROTOCOL_ERROR, "malformed PING")
         if not flags & ACK:
-            self._to_server.append(ping(bytes(payload), ack=True))
+            self._server.out.append(ping(bytes(payload), ack=True))
 
     def _server_goaway(self, flags: int, sid: int, payload: memoryview, raw: memoryview) -> None:
         if sid != 0 or len(payload) < 8:
@@ -1247,7 +1234,7 @@ class H2Engine:
                     self._upstream_closed(stream)
                 self._reset_client_for_server(stream.sid, _REFUSED_STREAM)
                 self._drop(stream, "refused: server going away", _RESET_BY_US)
-        self._to_client.append(goaway(max(self._streams, default=0), _NO_ERROR))
+        self._client.out.append(goaway(max(self._streams, default=0), _NO_ERROR))
 
     def _server_window_update(
         self, flags: int, sid: int, payload: memoryview, raw: memoryview
@@ -1258,8 +1245,8 @@ class H2Engine:
         if sid == 0:
             if not increment:
                 raise ConnectionError_(_PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
-            self._server_window += increment
-            if self._server_window > MAX_WINDOW:
+            self._server.window += increment
+            if self._server.window > MAX_WINDOW:
                 raise ConnectionError_(_FLOW_CONTROL_ERROR, "connection window above 2^31-1")
             self._flush_all_to_server()
             return
@@ -1269,8 +1256,8 @@ class H2Engine:
         if not increment:
             self._server_stream_error(stream, _PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
             return
-        stream.server_window += increment
-        if stream.to_server:
+        stream.request.window += increment
+        if stream.request.queue:
             self._flush_to_server(stream)
 
     def _server_push_promise(
@@ -1282,22 +1269,18 @@ class H2Engine:
 
     def _new_stream(self, sid: int, grpc: bool) -> Stream:
         return Stream(
-            sid,
-            grpc,
-            receive_window=self._limits.stream_window,
-            client_window=self._client_initial,
-            server_window=self._server_initial,
+            sid, grpc, self._limits.stream_window, self._client.initial, self._server.initial
         )
 
     def _open(self, stream: Stream, frames: Any) -> None:
-        self._to_server.append(frames)
+        self._server.out.append(frames)
         stream.opened = True
         self._upstream_open += 1
         self._highest_opened = stream.sid
-        if not stream.client_open and not stream.to_server:
-            stream.request_done = True  # END_STREAM came on the HEADERS
+        if not stream.request.open and not stream.request.queue:
+            stream.request.done = True  # END_STREAM came on the HEADERS
             self._complete_if_done(stream)
-        elif stream.to_server:
+        elif stream.request.queue:
             self._flush_to_server(stream)
 
     def _open_waiting(self) -> None:
@@ -1314,16 +1297,16 @@ class H2Engine:
             pass
 
     def _request_sent(self, stream: Stream) -> None:
-        stream.request_done = True
+        stream.request.done = True
         self._complete_if_done(stream)
 
     def _response_sent(self, stream: Stream) -> None:
-        stream.response_done = True
+        stream.response.done = True
         self._reply(stream, None)
         self._complete_if_done(stream)
 
     def _complete_if_done(self, stream: Stream) -> None:
-        if stream.request_done and stream.response_done:
+        if stream.request.done and stream.response.done:
             self._guard.stream_completed()
             self._upstream_closed(stream)
             self._forget(stream, _CLOSED)
@@ -1337,10 +1320,10 @@ class H2Engine:
         sid = stream.sid
         if self._streams.pop(sid, None) is None:
             return
-        if self._blocked_to_client:
-            self._blocked_to_client.pop(sid, None)
-        if self._blocked_to_server:
-            self._blocked_to_server.pop(sid, None)
+        if self._client.blocked:
+            self._client.blocked.pop(sid, None)
+        if self._server.blocked:
+            self._server.blocked.pop(sid, None)
         closed = self._closed
         if len(closed) >= _CLOSED_MEMORY:
             del closed[next(iter(closed))]
@@ -1353,10 +1336,10 @@ class H2Engine:
             return
         stream.replied = True
         fields: dict[str, Any] = {"status": stream.status}
-        if stream.grpc_in is not None and stream.grpc_out is not None:
+        if stream.request.grpc is not None and stream.response.grpc is not None:
             fields["grpc_status"] = stream.grpc_status
-            fields["request_messages"] = stream.grpc_in.messages
-            fields["response_messages"] = stream.grpc_out.messages
+            fields["request_messages"] = stream.request.grpc.messages
+            fields["response_messages"] = stream.response.grpc.messages
         if reset:
             fields["reset"] = reset
         self._out.append(Reply(stream.sid, fields))
@@ -1364,7 +1347,7 @@ class H2Engine:
     def _drop(self, stream: Stream, reason: str, how: int) -> None:
         """End a stream early: queued bytes are credited back, the flow log told."""
         self._discard_to_server(stream)
-        queue = stream.to_client
+        queue = stream.response.queue
         if queue:
             owed = sum(item[2] for item in queue if item[0] == DATA)
             if owed:
@@ -1373,99 +1356,99 @@ class H2Engine:
         if not stream.opened:
             self._unwait(stream)
         self._upstream_closed(stream)
-        if not stream.response_done:
-            stream.response_done = True
+        if not stream.response.done:
+            stream.response.done = True
             self._reply(stream, reason or None)
-        stream.request_done = True
+        stream.request.done = True
         self._forget(stream, how)
 
     def _discard_to_server(self, stream: Stream) -> None:
-        queue = stream.to_server
+        queue = stream.request.queue
         if queue:
             owed = sum(item[2] for item in queue if item[0] == DATA)
             if owed:
                 self._credit_client(None, owed)
             queue.clear()
-        self._blocked_to_server.pop(stream.sid, None)
+        self._server.blocked.pop(stream.sid, None)
 
     # ------------------------------------------------------------ flow control
 
     def _credit_client(self, stream: Stream | None, size: int) -> None:
         """``size`` bytes the client sent are through: give them back to it, in batches."""
-        owed = self._client_owed + size
+        owed = self._client.owed + size
         if owed >= self._quarter_connection:
-            self._to_client.append(window_update(0, owed))
-            self._client_credit += owed
+            self._client.out.append(window_update(0, owed))
+            self._client.credit += owed
             owed = 0
-        self._client_owed = owed
-        if stream is not None and stream.client_open:
-            owed = stream.client_owed + size
+        self._client.owed = owed
+        if stream is not None and stream.request.open:
+            owed = stream.request.owed + size
             if owed >= self._quarter_stream:
-                self._to_client.append(window_update(stream.sid, owed))
-                stream.client_credit += owed
+                self._client.out.append(window_update(stream.sid, owed))
+                stream.request.credit += owed
                 owed = 0
-            stream.client_owed = owed
+            stream.request.owed = owed
 
     def _credit_server(self, stream: Stream | None, size: int) -> None:
-        owed = self._server_owed + size
+        owed = self._server.owed + size
         if owed >= self._quarter_connection:
-            self._to_server.append(window_update(0, owed))
-            self._server_credit += owed
+            self._server.out.append(window_update(0, owed))
+            self._server.credit += owed
             owed = 0
-        self._server_owed = owed
-        if stream is not None and stream.server_open:
-            owed = stream.server_owed + size
+        self._server.owed = owed
+        if stream is not None and stream.response.open:
+            owed = stream.response.owed + size
             if owed >= self._quarter_stream:
-                self._to_server.append(window_update(stream.sid, owed))
-                stream.server_credit += owed
+                self._server.out.append(window_update(stream.sid, owed))
+                stream.response.credit += owed
                 owed = 0
-            stream.server_owed = owed
+            stream.response.owed = owed
 
     def _flush_to_server(self, stream: Stream) -> None:
         """Queued request DATA and trailers, as far as the server's windows allow."""
-        queue = stream.to_server
+        queue = stream.request.queue
         sid = stream.sid
-        out = self._to_server
+        out = self._server.out
         while queue:
             item = queue[0]
             if item[0] == TRAILERS:
                 queue.popleft()
                 out.append(item[1])
-                self._blocked_to_server.pop(sid, None)
+                self._server.blocked.pop(sid, None)
                 self._request_sent(stream)
                 return
             _, data, flow, end = item
             size = len(data)
             if size:
-                room = min(self._server_window, stream.server_window, self._server_max_frame)
+                room = min(self._server.window, stream.request.window, self._server.max_frame)
                 if room <= 0:
-                    self._blocked_to_server[sid] = stream
+                    self._server.blocked[sid] = stream
                     return
                 if size > room:
                     out.append(_data_header(sid, room, False))
                     out.append(data[:room])
-                    self._server_window -= room
-                    stream.server_window -= room
+                    self._server.window -= room
+                    stream.request.window -= room
                     queue[0] = (DATA, data[room:], flow - room, end)
                     self._credit_client(stream, room)
                     continue
             queue.popleft()
             out.append(_data_header(sid, size, end))
             out.append(data)
-            self._server_window -= size
-            stream.server_window -= size
+            self._server.window -= size
+            stream.request.window -= size
             self._credit_client(stream, flow)
             if end:
-                self._blocked_to_server.pop(sid, None)
+                self._server.blocked.pop(sid, None)
                 self._request_sent(stream)
                 return
-        self._blocked_to_server.pop(sid, None)
+        self._server.blocked.pop(sid, None)
 
     def _flush_to_client(self, stream: Stream) -> None:
         """Queued response DATA, trailers and a final reset, as the client's windows allow."""
-        queue = stream.to_client
+        queue = stream.response.queue
         sid = stream.sid
-        out = self._to_client
+        out = self._client.out
         while queue:
             item = queue[0]
             kind = item[0]
@@ -1476,7 +1459,7 @@ class H2Engine:
                 continue  # a RESET may follow
             if kind == RESET:
                 queue.popleft()
-                self._blocked_to_client.pop(sid, None)
+                self._client.blocked.pop(sid, None)
                 self._upstream_closed(stream)
                 self._reset_client_for_server(sid, item[1])
                 self._drop(stream, "", _RESET_BY_US)
@@ -1484,40 +1467,40 @@ class H2Engine:
             _, data, flow, end = item
             size = len(data)
             if size:
-                room = min(self._client_window, stream.client_window, self._client_max_frame)
+                room = min(self._client.window, stream.response.window, self._client.max_frame)
                 if room <= 0:
-                    self._blocked_to_client[sid] = stream
+                    self._client.blocked[sid] = stream
                     return
                 if size > room:
                     out.append(_data_header(sid, room, False))
                     out.append(data[:room])
-                    self._client_window -= room
-                    stream.client_window -= room
+                    self._client.window -= room
+                    stream.response.window -= room
                     queue[0] = (DATA, data[room:], flow - room, end)
                     self._credit_server(stream, room)
                     continue
             queue.popleft()
             out.append(_data_header(sid, size, end))
             out.append(data)
-            self._client_window -= size
-            stream.client_window -= size
+            self._client.window -= size
+            stream.response.window -= size
             self._credit_server(stream, flow)
             if end:
                 self._response_sent(stream)
-        self._blocked_to_client.pop(sid, None)
+        self._client.blocked.pop(sid, None)
 
     def _flush_all_to_client(self) -> None:
-        for stream in list(self._blocked_to_client.values()):
-            if self._client_window <= 0:
+        for stream in list(self._client.blocked.values()):
+            if self._client.window <= 0:
                 return
             self._flush_to_client(stream)
         for stream in list(self._streams.values()):
-            if stream.to_client:
+            if stream.response.queue:
                 self._flush_to_client(stream)
 
     def _flush_all_to_server(self) -> None:
         for stream in list(self._streams.values()):
-            if stream.opened and stream.to_server:
+            if stream.opened and stream.request.queue:
                 self._flush_to_server(stream)
 
     # ------------------------------------------------------------ answers and resets
@@ -1525,7 +1508,7 @@ class H2Engine:
     def _deny(self, sid: int, ended: bool, decision: Decision, grpc: bool) -> None:
         if grpc:
             block = encode_block(grpc_denial(denial_reason(decision)))
-            self._to_client.append(headers_frames(sid, block, True, self._client_max_frame))
+            self._client.out.append(headers_frames(sid, block, True, self._client.max_frame))
             if ended:
                 self._guard.stream_completed()
                 self._remember_closed(sid, _CLOSED)
@@ -1545,14 +1528,14 @@ class H2Engine:
     def _answer(self, sid: int, ended: bool, headers: Headers, body: bytes) -> None:
         """A complete response from the proxy itself; the rest of the request is refused."""
         size = len(body)
-        max_frame = self._client_max_frame
-        if size <= min(self._client_window, self._client_initial, max_frame):
-            self._to_client.append(headers_frames(sid, encode_block(headers), False, max_frame))
-            self._to_client.append(_data_header(sid, size, True) + body)
-            self._client_window -= size
+        max_frame = self._client.max_frame
+        if size <= min(self._client.window, self._client.initial, max_frame):
+            self._client.out.append(headers_frames(sid, encode_block(headers), False, max_frame))
+            self._client.out.append(_data_header(sid, size, True) + body)
+            self._client.window -= size
         else:
             short = [headers[0], (b"content-length", b"0")]
-            self._to_client.append(headers_frames(sid, encode_block(short), True, max_frame))
+            self._client.out.append(headers_frames(sid, encode_block(short), True, max_frame))
         if ended:
             self._guard.stream_completed()
             self._remember_closed(sid, _CLOSED)
@@ -1568,28 +1551,28 @@ class H2Engine:
 
     def _reset_client(self, sid: int, code: int) -> None:
         """RST_STREAM toward the client for a stream not (or no longer) in the map."""
-        self._to_client.append(rst_stream(sid, code))
+        self._client.out.append(rst_stream(sid, code))
         self._resets_sent += 1
         self._remember_closed(sid, _RESET_BY_US)
 
     def _reset_client_for_server(self, sid: int, code: int) -> None:
         """Reset a client stream because of the server: not the client's doing, so
         not charged to its reset budget (it still counts as a control frame owed)."""
-        self._to_client.append(rst_stream(sid, code))
+        self._client.out.append(rst_stream(sid, code))
         self._resets_sent += 1
         self._excused_resets += 1
         self._remember_closed(sid, _RESET_BY_US)
 
     def _reset_server(self, sid: int, code: int) -> None:
-        self._to_server.append(rst_stream(sid, code))
+        self._server.out.append(rst_stream(sid, code))
 
     def _client_stream_error(self, sid: int, code: int, reason: str) -> None:
         """RST_STREAM(code) to the client; the upstream twin, if any, is cancelled."""
         stream = self._streams.get(sid)
-        self._to_client.append(rst_stream(sid, code))
+        self._client.out.append(rst_stream(sid, code))
         self._resets_sent += 1
         if stream is not None:
-            if stream.opened and not (stream.request_done and stream.response_done):
+            if stream.opened and not (stream.request.done and stream.response.done):
                 self._reset_server(sid, _CANCEL)
             self._drop(stream, reason, _RESET_BY_US)
         else:
@@ -1622,7 +1605,7 @@ class H2Engine:
         """GOAWAY(code) toward the client, the server told, and close."""
         debug = limit.encode("ascii") if limit else b""
         wire = goaway(self._highest, code, debug)
-        self._to_client.append(wire)
+        self._client.out.append(wire)
         self._abort("", to_server=_CANCEL)
         name = code_name(code)
         text, kind = f"{message} ({name})", f"h2_{name.lower()}"
@@ -1638,7 +1621,7 @@ class H2Engine:
 
     def _server_connection_error(self, code: int, message: str) -> list[Command]:
         wire = goaway(self._highest_opened, code)
-        self._to_server.append(wire)
+        self._server.out.append(wire)
         self._abort("", to_client=_INTERNAL_ERROR)
         name = code_name(code)
         error = ProtocolError(f"{message} ({name})", code=f"h2_{name.lower()}", wire_reply=wire)
@@ -1654,20 +1637,20 @@ class H2Engine:
             self._reply(stream, "connection closed")
         self._streams.clear()
         self._waiting.clear()
-        self._blocked_to_client.clear()
-        self._blocked_to_server.clear()
+        self._client.blocked.clear()
+        self._server.blocked.clear()
         self._client_in = b""  # client input not yet processed: never will be
         self._paused = False
         if to_client is not None:
-            self._to_client.append(goaway(self._highest, to_client))
+            self._client.out.append(goaway(self._highest, to_client))
         if to_server is not None and self._server_started:
-            self._to_server.append(goaway(0, to_server))
-        if self._to_client:
-            self._out.append(ToClient(b"".join(self._to_client)))
-            self._to_client.clear()
-        if self._to_server and self._server_started and not self._server_gone:
-            self._out.append(ToServer(b"".join(self._to_server)))
-        self._to_server.clear()
+            self._server.out.append(goaway(0, to_server))
+        if self._client.out:
+            self._out.append(ToClient(b"".join(self._client.out)))
+            self._client.out.clear()
+        if self._server.out and self._server_started and not self._server_gone:
+            self._out.append(ToServer(b"".join(self._server.out)))
+        self._server.out.clear()
         self._dead = True
         self._out.append(Close(reason or "protocol error"))
 
@@ -1690,17 +1673,17 @@ class H2Engine:
             self._reset_client_for_server(stream.sid, _REFUSED_STREAM)  # never reached it
             self._drop(stream, "server closed", _RESET_BY_US)
         for stream in list(self._streams.values()):
-            queue = stream.to_client
-            complete = stream.response_done or (queue and (queue[-1][0] != DATA or queue[-1][3]))
+            queue = stream.response.queue
+            complete = stream.response.done or (queue and (queue[-1][0] != DATA or queue[-1][3]))
             if not complete:
                 self._upstream_closed(stream)
                 self._reset_client_for_server(stream.sid, _INTERNAL_ERROR)
                 self._drop(stream, "server closed", _RESET_BY_US)
-            elif not stream.request_done:
+            elif not stream.request.done:
                 self._discard_to_server(stream)
-                stream.request_done = True
+                stream.request.done = True
                 self._complete_if_done(stream)
-        self._to_client.append(goaway(max(self._streams, default=0), _NO_ERROR))
+        self._client.out.append(goaway(max(self._streams, default=0), _NO_ERROR))
 
 
 def _forget_frames(exc: BaseException) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, TypeAlias
 
+from parsers.http2.frames import DEFAULT_MAX_FRAME_SIZE, DEFAULT_WINDOW
+
 # Queue items: (DATA, payload, flow-controlled length, END_STREAM) |
 # (TRAILERS, framed header block) | (RESET, error code). Plain tuples keep the
 # hot path cheap.
@@ -57,65 +59,53 @@ class GrpcCounter:
             self._skip = length
 
 
+class Hop:
+    """One peer's connection, as the relay sees it: what the peer accepts from us
+    and what we accept from it, connection-wide, and what is to be written to it."""
+
+    __slots__ = ("window", "initial", "max_frame", "credit", "owed", "out", "blocked")
+
+    def __init__(self, connection_window: int) -> None:
+        self.window = DEFAULT_WINDOW  # what the peer's connection window still accepts
+        self.initial = DEFAULT_WINDOW  # its SETTINGS_INITIAL_WINDOW_SIZE: new streams' window
+        self.max_frame = DEFAULT_MAX_FRAME_SIZE  # its SETTINGS_MAX_FRAME_SIZE
+        self.credit = connection_window  # what it may still send us, connection-wide
+        self.owed = 0  # bytes it sent that went on and were not yet credited back
+        self.out: list[Any] = []  # bytes and memoryviews for it, joined once per call
+        self.blocked: dict[int, Stream] = {}  # streams whose queue toward it waits for window
+
+
+class Flow:
+    """One direction of a stream: the request (client to server) or the response."""
+
+    __slots__ = ("open", "done", "window", "credit", "owed", "queue", "length", "seen", "grpc")
+
+    def __init__(self, window: int, credit: int, grpc: bool) -> None:
+        self.open = True  # the sender may still send (no END_STREAM from it yet)
+        self.done = False  # END_STREAM handed to the receiver (or the flow abandoned)
+        self.window = window  # what the receiver still accepts on this stream
+        self.credit = credit  # what the sender may still send us on this stream
+        self.owed = 0  # bytes forwarded and not yet credited back to the sender
+        self.queue: deque[QueueItem] | None = None  # what waits for the receiver's window
+        self.length: int | None = None  # content-length (RFC 9113 §8.1.1)
+        self.seen = 0  # DATA bytes seen against it
+        self.grpc = GrpcCounter() if grpc else None
+
+
 class Stream:
     """One client stream and, once allowed and opened, its upstream twin (same id)."""
 
-    __slots__ = (
-        "sid",
-        "client_open",
-        "server_open",
-        "opened",
-        "held",
-        "request_done",
-        "response_done",
-        "client_window",
-        "server_window",
-        "client_credit",
-        "server_credit",
-        "client_owed",
-        "server_owed",
-        "to_server",
-        "to_client",
-        "request_length",
-        "request_seen",
-        "response_length",
-        "response_seen",
-        "status",
-        "grpc_status",
-        "grpc_in",
-        "grpc_out",
-        "replied",
-    )
+    __slots__ = ("sid", "request", "response", "opened", "held", "status", "grpc_status", "replied")
 
     def __init__(
-        self, sid: int, grpc: bool, *, receive_window: int, client_window: int, server_window: int
+        self, sid: int, grpc: bool, receive_window: int, client_window: int, server_window: int
     ) -> None:
         self.sid = sid
-        self.client_open = True  # the client may still send (no END_STREAM from it yet)
-        self.server_open = True  # the server may still send
+        self.request = Flow(server_window, receive_window, grpc)
+        self.response = Flow(client_window, receive_window, grpc)
         self.opened = False  # the request HEADERS went upstream
         self.held: bytes | None = None  # request HEADERS frames waiting for an upstream slot
-        self.request_done = False  # END_STREAM handed to the server (or the request abandoned)
-        self.response_done = False  # END_STREAM handed to the client (or the stream reset)
-        # Send windows: what the client, and the server, still accept on this stream.
-        self.client_window = client_window
-        self.server_window = server_window
-        # Receive windows: what the client, and the server, may still send us.
-        self.client_credit = receive_window
-        self.server_credit = receive_window
-        # Bytes forwarded and not yet credited back to their sender (WINDOW_UPDATE).
-        self.client_owed = 0
-        self.server_owed = 0
-        self.to_server: deque[QueueItem] | None = None
-        self.to_client: deque[QueueItem] | None = None
-        # content-length (RFC 9113 §8.1.1) and the DATA bytes seen against it
-        self.request_length: int | None = None
-        self.request_seen = 0
-        self.response_length: int | None = None
-        self.response_seen = 0
         # The final response status, once its HEADERS went to the client.
         self.status: int | None = None
         self.grpc_status: int | None = None
-        self.grpc_in = GrpcCounter() if grpc else None
-        self.grpc_out = GrpcCounter() if grpc else None
         self.replied = False
