@@ -109,7 +109,7 @@ from parsers.http2.headers import (
     response_problem,
     trailers_problem,
 )
-from parsers.http2.streams import DATA, RESET, TRAILERS, Hop, Stream
+from parsers.http2.streams import DATA, RESET, TRAILERS, Flow, Hop, Stream
 from parsers.requests import GrpcCall, HttpRequest
 
 __all__ = ["PREFACE", "FINISH_PING", "MAX_STREAM_ID", "H2Engine", "H2Limits"]
@@ -609,53 +609,16 @@ class H2Engine:
         self._frames_read += 1
         if sid == 0:
             raise ConnectionError_(_PROTOCOL_ERROR, "DATA on stream 0")
-        data = _data_payload(flags, payload)
-        length = len(payload)
-        self._client.credit -= length
-        if self._client.credit < 0:
+        client = self._client
+        client.credit -= len(payload)
+        if client.credit < 0:
             raise ConnectionError_(_FLOW_CONTROL_ERROR, "DATA beyond the connection window")
         stream = self._streams.get(sid)
         if stream is None or not stream.request.open:
-            self._credit_client(None, length)
+            self._credit(client, None, sid, len(payload))
             self._frame_on_closed(sid, stream, "DATA")
             return
-        stream.request.credit -= length
-        if stream.request.credit < 0:
-            self._credit_client(None, length)
-            self._client_stream_error(sid, _FLOW_CONTROL_ERROR, "DATA beyond the stream window")
-            return
-        end = flags & END_STREAM
-        size = len(data)
-        if stream.request.length is not None:
-            stream.request.seen += size
-            seen = stream.request.seen
-            if seen > stream.request.length or (end and seen != stream.request.length):
-                self._credit_client(None, length)
-                self._malformed("client", sid, f"body of {seen}+ bytes against its content-length")
-                return
-        if stream.request.grpc is not None:
-            stream.request.grpc.feed(data)
-        if end:
-            stream.request.open = False
-        if (
-            stream.opened
-            and not stream.request.queue
-            and length <= self._server.window
-            and length <= stream.request.window
-        ):
-            self._server.window -= length
-            stream.request.window -= length
-            self._server.out.append(raw)
-            self._credit_client(stream, length)
-            if end:
-                self._request_sent(stream)
-            return
-        queue = stream.request.queue
-        if queue is None:
-            queue = stream.request.queue = deque()
-        queue.append((DATA, data, length, bool(end)))
-        if stream.opened:
-            self._flush_to_server(stream)
+        self._data(stream, stream.request, "client", flags, payload, raw)
 
     def _client_headers_frame(
         self, flags: int, sid: int, payload: memoryview, raw: memoryview
@@ -815,7 +778,7 @@ class H2Engine:
         framed = headers_frames(sid, encode_block(headers), True, self._server.max_frame)
         if stream.opened and not stream.request.queue:
             self._server.out.append(framed)
-            self._request_sent(stream)
+            self._flow_done(stream, stream.request)
             return
         queue = stream.request.queue
         if queue is None:
@@ -881,7 +844,7 @@ class H2Engine:
                                 _FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE overflows a window"
                             )
                     if delta > 0:
-                        self._flush_all_to_client()
+                        self._flush_all(self._client)
             elif key == MAX_FRAME_SIZE:
                 self._client.max_frame = value
             # HEADER_TABLE_SIZE needs nothing: what we encode never indexes.
@@ -931,7 +894,7 @@ class H2Engine:
             self._client.window += increment
             if self._client.window > MAX_WINDOW:
                 raise ConnectionError_(_FLOW_CONTROL_ERROR, "connection window above 2^31-1")
-            self._flush_all_to_client()
+            self._flush_all(self._client)
             return
         stream = self._streams.get(sid)
         if stream is None:
@@ -946,7 +909,7 @@ class H2Engine:
             self._client_stream_error(sid, _FLOW_CONTROL_ERROR, "stream window above 2^31-1")
             return
         if stream.response.queue:
-            self._flush_to_client(stream)
+            self._flush(stream, stream.response)
 
     def _client_push_promise(
         self, flags: int, sid: int, payload: memoryview, raw: memoryview
@@ -1005,56 +968,73 @@ class H2Engine:
     ) -> None:
         if sid == 0:
             raise ConnectionError_(_PROTOCOL_ERROR, "DATA on stream 0")
-        data = _data_payload(flags, payload)
-        length = len(payload)
-        self._server.credit -= length
-        if self._server.credit < 0:
+        server = self._server
+        server.credit -= len(payload)
+        if server.credit < 0:
             raise ConnectionError_(_FLOW_CONTROL_ERROR, "DATA beyond the connection window")
         stream = self._streams.get(sid)
         if stream is None or not stream.opened or not stream.response.open:
-            self._credit_server(None, length)
+            self._credit(server, None, sid, len(payload))
             if sid > self._highest_opened:
                 raise ConnectionError_(_PROTOCOL_ERROR, "DATA on an idle stream")
             return  # a stream we reset or that ended: frames in flight
         if stream.status is None:
-            self._credit_server(None, length)
+            self._credit(server, None, sid, len(payload))
             self._malformed("server", sid, "DATA before the response HEADERS")
             return
-        stream.response.credit -= length
-        if stream.response.credit < 0:
-            self._credit_server(None, length)
-            self._server_stream_error(stream, _FLOW_CONTROL_ERROR, "DATA beyond the stream window")
+        self._data(stream, stream.response, "server", flags, payload, raw)
+
+    def _data(
+        self,
+        stream: Stream,
+        flow: Flow,
+        side: str,
+        flags: int,
+        payload: memoryview,
+        raw: memoryview,
+    ) -> None:
+        """A DATA frame on a flow that may carry it: forwarded as it is when the
+        receiver's windows have room and nothing waits before it, else queued."""
+        sender, receiver = (
+            (self._client, self._server) if side == "client" else (self._server, self._client)
+        )
+        data = _data_payload(flags, payload)
+        length = len(payload)  # flow control counts the padding too
+        sid = stream.sid
+        flow.credit -= length
+        if flow.credit < 0:
+            self._credit(sender, None, sid, length)
+            self._stream_error(side, stream, _FLOW_CONTROL_ERROR, "DATA beyond the stream window")
             return
-        end = flags & END_STREAM
-        size = len(data)
-        if stream.response.length is not None:
-            stream.response.seen += size
-            seen = stream.response.seen
-            if seen > stream.response.length or (end and seen != stream.response.length):
-                self._credit_server(None, length)
-                self._malformed("server", sid, f"body of {seen}+ bytes against its content-length")
+        end = bool(flags & END_STREAM)
+        if flow.length is not None:
+            flow.seen += len(data)
+            seen = flow.seen
+            if seen > flow.length or (end and seen != flow.length):
+                self._credit(sender, None, sid, length)
+                self._malformed(side, sid, f"body of {seen}+ bytes against its content-length")
                 return
-        if stream.response.grpc is not None:
-            stream.response.grpc.feed(data)
+        if flow.grpc is not None:
+            flow.grpc.feed(data)
         if end:
-            stream.response.open = False
-        if (
-            not stream.response.queue
-            and length <= self._client.window
-            and length <= stream.response.window
-        ):
-            self._client.window -= length
-            stream.response.window -= length
-            self._client.out.append(raw)
-            self._credit_server(stream, length)
+            flow.open = False
+        upstream = flow is stream.request
+        if upstream and not stream.opened:
+            pass  # waits for an upstream slot
+        elif not flow.queue and length <= receiver.window and length <= flow.window:
+            receiver.window -= length
+            flow.window -= length
+            receiver.out.append(raw)
+            self._credit(sender, flow, sid, length)
             if end:
-                self._response_sent(stream)
+                self._flow_done(stream, flow)
             return
-        queue = stream.response.queue
+        queue = flow.queue
         if queue is None:
-            queue = stream.response.queue = deque()
-        queue.append((DATA, data, length, bool(end)))
-        self._flush_to_client(stream)
+            queue = flow.queue = deque()
+        queue.append((DATA, data, length, end))
+        if stream.opened:
+            self._flush(stream, flow)
 
     def _server_headers_frame(
         self, flags: int, sid: int, payload: memoryview, raw: memoryview
@@ -1131,7 +1111,7 @@ class H2Engine:
                 stream.response.queue.append((TRAILERS, framed))
                 return
             self._client.out.append(framed)
-            self._response_sent(stream)
+            self._flow_done(stream, stream.response)
             return
         if as_response is not None:
             self._malformed("server", sid, as_response)
@@ -1154,7 +1134,7 @@ class H2Engine:
             if length:
                 self._malformed("server", sid, "body shorter than its content-length")
                 return
-            self._response_sent(stream)
+            self._flow_done(stream, stream.response)
 
     def _framed_for_client(
         self, sid: int, headers: Headers, self_contained: bool, frames: Any, end: bool
@@ -1200,7 +1180,7 @@ class H2Engine:
                     for stream in self._streams.values():
                         stream.request.window += delta
                     if delta > 0:
-                        self._flush_all_to_server()
+                        self._flush_all(self._server)
             elif key == MAX_FRAME_SIZE:
                 self._server.max_frame = value
             elif key == MAX_CONCURRENT_STREAMS:
@@ -1248,7 +1228,7 @@ class H2Engine:
             self._server.window += increment
             if self._server.window > MAX_WINDOW:
                 raise ConnectionError_(_FLOW_CONTROL_ERROR, "connection window above 2^31-1")
-            self._flush_all_to_server()
+            self._flush_all(self._server)
             return
         stream = self._streams.get(sid)
         if stream is None or not stream.opened:
@@ -1258,7 +1238,7 @@ class H2Engine:
             return
         stream.request.window += increment
         if stream.request.queue:
-            self._flush_to_server(stream)
+            self._flush(stream, stream.request)
 
     def _server_push_promise(
         self, flags: int, sid: int, payload: memoryview, raw: memoryview
@@ -1281,7 +1261,7 @@ class H2Engine:
             stream.request.done = True  # END_STREAM came on the HEADERS
             self._complete_if_done(stream)
         elif stream.request.queue:
-            self._flush_to_server(stream)
+            self._flush(stream, stream.request)
 
     def _open_waiting(self) -> None:
         waiting = self._waiting
@@ -1296,13 +1276,11 @@ class H2Engine:
         except ValueError:
             pass
 
-    def _request_sent(self, stream: Stream) -> None:
-        stream.request.done = True
-        self._complete_if_done(stream)
-
-    def _response_sent(self, stream: Stream) -> None:
-        stream.response.done = True
-        self._reply(stream, None)
+    def _flow_done(self, stream: Stream, flow: Flow) -> None:
+        """END_STREAM went to the flow's receiver (the response's: the flow log hears)."""
+        flow.done = True
+        if flow is stream.response:
+            self._reply(stream, None)
         self._complete_if_done(stream)
 
     def _complete_if_done(self, stream: Stream) -> None:
@@ -1351,7 +1329,7 @@ class H2Engine:
         if queue:
             owed = sum(item[2] for item in queue if item[0] == DATA)
             if owed:
-                self._credit_server(None, owed)
+                self._credit(self._server, None, 0, owed)
             queue.clear()
         if not stream.opened:
             self._unwait(stream)
@@ -1367,141 +1345,87 @@ class H2Engine:
         if queue:
             owed = sum(item[2] for item in queue if item[0] == DATA)
             if owed:
-                self._credit_client(None, owed)
+                self._credit(self._client, None, 0, owed)
             queue.clear()
         self._server.blocked.pop(stream.sid, None)
 
     # ------------------------------------------------------------ flow control
 
-    def _credit_client(self, stream: Stream | None, size: int) -> None:
-        """``size`` bytes the client sent are through: give them back to it, in batches."""
-        owed = self._client.owed + size
+    def _credit(self, sender: Hop, flow: Flow | None, sid: int, size: int) -> None:
+        """``size`` bytes ``sender`` sent went on (or were dropped): give them back
+        to it, in batches of a quarter window. A flow whose sender has ended gets
+        no stream credit."""
+        owed = sender.owed + size
         if owed >= self._quarter_connection:
-            self._client.out.append(window_update(0, owed))
-            self._client.credit += owed
+            sender.out.append(window_update(0, owed))
+            sender.credit += owed
             owed = 0
-        self._client.owed = owed
-        if stream is not None and stream.request.open:
-            owed = stream.request.owed + size
+        sender.owed = owed
+        if flow is not None and flow.open:
+            owed = flow.owed + size
             if owed >= self._quarter_stream:
-                self._client.out.append(window_update(stream.sid, owed))
-                stream.request.credit += owed
+                sender.out.append(window_update(sid, owed))
+                flow.credit += owed
                 owed = 0
-            stream.request.owed = owed
+            flow.owed = owed
 
-    def _credit_server(self, stream: Stream | None, size: int) -> None:
-        owed = self._server.owed + size
-        if owed >= self._quarter_connection:
-            self._server.out.append(window_update(0, owed))
-            self._server.credit += owed
-            owed = 0
-        self._server.owed = owed
-        if stream is not None and stream.response.open:
-            owed = stream.response.owed + size
-            if owed >= self._quarter_stream:
-                self._server.out.append(window_update(stream.sid, owed))
-                stream.response.credit += owed
-                owed = 0
-            stream.response.owed = owed
-
-    def _flush_to_server(self, stream: Stream) -> None:
-        """Queued request DATA and trailers, as far as the server's windows allow."""
-        queue = stream.request.queue
+    def _flush(self, stream: Stream, flow: Flow) -> None:
+        """A flow's queue (DATA, trailers, a final reset), as far as its receiver's
+        windows allow, DATA cut to fit."""
+        if flow is stream.request:
+            receiver, sender = self._server, self._client
+        else:
+            receiver, sender = self._client, self._server
+        queue = flow.queue
         sid = stream.sid
-        out = self._server.out
-        while queue:
-            item = queue[0]
-            if item[0] == TRAILERS:
-                queue.popleft()
-                out.append(item[1])
-                self._server.blocked.pop(sid, None)
-                self._request_sent(stream)
-                return
-            _, data, flow, end = item
-            size = len(data)
-            if size:
-                room = min(self._server.window, stream.request.window, self._server.max_frame)
-                if room <= 0:
-                    self._server.blocked[sid] = stream
-                    return
-                if size > room:
-                    out.append(_data_header(sid, room, False))
-                    out.append(data[:room])
-                    self._server.window -= room
-                    stream.request.window -= room
-                    queue[0] = (DATA, data[room:], flow - room, end)
-                    self._credit_client(stream, room)
-                    continue
-            queue.popleft()
-            out.append(_data_header(sid, size, end))
-            out.append(data)
-            self._server.window -= size
-            stream.request.window -= size
-            self._credit_client(stream, flow)
-            if end:
-                self._server.blocked.pop(sid, None)
-                self._request_sent(stream)
-                return
-        self._server.blocked.pop(sid, None)
-
-    def _flush_to_client(self, stream: Stream) -> None:
-        """Queued response DATA, trailers and a final reset, as the client's windows allow."""
-        queue = stream.response.queue
-        sid = stream.sid
-        out = self._client.out
+        out = receiver.out
         while queue:
             item = queue[0]
             kind = item[0]
             if kind == TRAILERS:
                 queue.popleft()
                 out.append(item[1])
-                self._response_sent(stream)
+                self._flow_done(stream, flow)
                 continue  # a RESET may follow
-            if kind == RESET:
+            if kind == RESET:  # the server's NO_ERROR reset, behind a complete response
                 queue.popleft()
-                self._client.blocked.pop(sid, None)
+                receiver.blocked.pop(sid, None)
                 self._upstream_closed(stream)
                 self._reset_client_for_server(sid, item[1])
                 self._drop(stream, "", _RESET_BY_US)
                 return
-            _, data, flow, end = item
+            _, data, length, end = item
             size = len(data)
             if size:
-                room = min(self._client.window, stream.response.window, self._client.max_frame)
+                room = min(receiver.window, flow.window, receiver.max_frame)
                 if room <= 0:
-                    self._client.blocked[sid] = stream
+                    receiver.blocked[sid] = stream
                     return
                 if size > room:
                     out.append(_data_header(sid, room, False))
                     out.append(data[:room])
-                    self._client.window -= room
-                    stream.response.window -= room
-                    queue[0] = (DATA, data[room:], flow - room, end)
-                    self._credit_server(stream, room)
+                    receiver.window -= room
+                    flow.window -= room
+                    queue[0] = (DATA, data[room:], length - room, end)
+                    self._credit(sender, flow, sid, room)
                     continue
             queue.popleft()
             out.append(_data_header(sid, size, end))
             out.append(data)
-            self._client.window -= size
-            stream.response.window -= size
-            self._credit_server(stream, flow)
+            receiver.window -= size
+            flow.window -= size
+            self._credit(sender, flow, sid, length)
             if end:
-                self._response_sent(stream)
-        self._client.blocked.pop(sid, None)
+                self._flow_done(stream, flow)
+        receiver.blocked.pop(sid, None)
 
-    def _flush_all_to_client(self) -> None:
-        for stream in list(self._client.blocked.values()):
-            if self._client.window <= 0:
+    def _flush_all(self, receiver: Hop) -> None:
+        """Every stream waiting for ``receiver``'s window, while it has some."""
+        toward_server = receiver is self._server
+        for stream in list(receiver.blocked.values()):
+            if receiver.window <= 0:
                 return
-            self._flush_to_client(stream)
-        for stream in list(self._streams.values()):
-            if stream.response.queue:
-                self._flush_to_client(stream)
-
-    def _flush_all_to_server(self) -> None:
-        for stream in list(self._streams.values()):
-            if stream.opened and stream.request.queue:
-                self._flush_to_server(stream)
+            self._flush(stream, stream.request if toward_server else stream.response)
 
     # ------------------------------------------------------------ answers and resets
 
@@ -1577,6 +1501,12 @@ class H2Engine:
             self._drop(stream, reason, _RESET_BY_US)
         else:
             self._remember_closed(sid, _RESET_BY_US)
+
+    def _stream_error(self, side: str, stream: Stream, code: int, reason: str) -> None:
+        if side == "client":
+            self._client_stream_error(stream.sid, code, reason)
+        else:
+            self._server_stream_error(stream, code, reason)
 
     def _server_stream_error(self, stream: Stream, code: int, reason: str) -> None:
         self._reset_server(stream.sid, code)
