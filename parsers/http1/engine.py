@@ -64,6 +64,7 @@ from parsers.http1.head import (
     ResponseHeadParser,
 )
 from parsers.http1.memo import RequestHeadMemo, ResponseHeadMemo
+from parsers.http1.quick import QuickRequestHead
 from parsers.http1.reader import Data, End, Event, Head, MessageReader
 from parsers.requests import HttpRequest
 
@@ -123,12 +124,19 @@ class Http1Limits:
 
 
 def request_reader(
-    impl: str = "auto", limits: Http1Limits = Http1Limits(), *, memo: bool = False
+    impl: str = "auto",
+    limits: Http1Limits = Http1Limits(),
+    *,
+    memo: bool = False,
+    quick: bool = False,
 ) -> MessageReader:
-    """A reader of requests (client side) with the chosen head parser; with ``memo``,
-    heads seen before on the connection are not parsed again."""
+    """A reader of requests (client side) with the chosen head parser; with ``quick``,
+    plain heads are read by ``parsers.http1.quick`` and only the others by that
+    parser; with ``memo``, heads seen before on the connection are not read again."""
     impl = ACTIVE_IMPLEMENTATION if impl == "auto" else _choose(impl)
     heads: RequestHeadParser = CRequestHead() if impl == "c" else PyRequestHead()
+    if quick:
+        heads = QuickRequestHead(heads)
     if memo:
         heads = RequestHeadMemo(heads)
     return MessageReader(heads, max_head=limits.max_head, max_chunk_line=limits.max_chunk_line)
@@ -256,13 +264,21 @@ class RequestFields:
     headers: tuple[tuple[str, str], ...]  # ``HttpRequest.headers``: names lower-cased
     host: str  # the first Host value, "" without one
     has_host: bool
-    section: bytes  # ``request_fields(head)``: forwarded when no edits are asked for
+    # ``request_fields(head)``: forwarded when no edits are asked for; None when the
+    # head's own bytes are forwarded (``MessageHead.wire``: then so are those of every
+    # head that shares its field list).
+    section: bytes | None
 
 
 def request_field_facts(head: MessageHead) -> RequestFields:
-    headers = tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in head.headers)
-    hosts = [v for k, v in headers if k == "host"]
-    return RequestFields(headers, hosts[0] if hosts else "", bool(hosts), request_fields(head))
+    headers = tuple([(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in head.headers])
+    host = None
+    for name, value in headers:
+        if name == "host":
+            host = value
+            break
+    section = request_fields(head) if head.wire is None else None
+    return RequestFields(headers, host or "", host is not None, section)
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,7 +393,7 @@ class Http1Engine:
         self.implementation = ACTIVE_IMPLEMENTATION if parser == "auto" else _choose(parser)
         # Keep-alive clients repeat themselves: both readers remember the heads of
         # this connection (``parsers.http1.memo``), and nothing else differs.
-        self._requests = request_reader(self.implementation, limits, memo=True)
+        self._requests = request_reader(self.implementation, limits, memo=True, quick=True)
         self._responses = response_reader(self.implementation, limits, memo=True)
         self._upgrade_handler = upgrade_handler
         self._seq = 0
@@ -630,9 +646,11 @@ class Http1Engine:
             # RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request
             # without Host. (The parser library accepts it; the proxy does not.)
             raise MalformedMessage("HTTP/1.1 request without Host", code="missing_host")
-        form = head.derived = RequestForm(
-            http_request(head, fields), request_line(head) + fields.section
-        )
+        wire = head.wire  # the client's own bytes, when they are what we would write
+        if wire is None:
+            section = fields.section
+            wire = request_line(head) + (section if section is not None else request_fields(head))
+        form = head.derived = RequestForm(http_request(head, fields), wire)
         return form
 
     def _on_client_error(self, exc: Http1Error, out: list[Command]) -> None:

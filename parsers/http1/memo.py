@@ -108,20 +108,28 @@ class RequestHeadMemo(_Remembering):
             return None
         # Not remembered by its bytes: a new target per request is the point of a
         # shape, and remembering each would only push out the heads that repeat.
-        return shape.with_target(raw[sp1 + 1 : sp2].decode("ascii"), len(raw))
+        return shape.with_target(raw[sp1 + 1 : sp2].decode("ascii"), raw)
 
     def _remember(self, raw: bytes, head: MessageHead) -> None:
         if not self._remember_bytes(raw, head):
             return
-        method = head.method.encode("ascii")
-        sp1 = len(method)
+        sp1 = len(head.method)
         sp2 = sp1 + 1 + len(head.target)
-        # Both parsers require ``method SP target SP version``: the target sits at sp1 + 1.
-        if raw.startswith(method + b" ") and raw[sp2 : sp2 + 1] == b" ":
-            if _simple_target(raw, sp1 + 1, sp2):
-                if len(self._shapes) >= MEMO_SIZE:
-                    self._shapes.clear()
-                self._shapes[(method, raw[sp2:])] = head
+        if head.wire is not None:
+            # Read by ``parsers.http1.quick``, whose targets are all SIMPLE_TARGETs.
+            simple = True
+        else:
+            # Both parsers require ``method SP target SP version``: the target sits at
+            # sp1 + 1.
+            simple = (
+                raw[sp1 : sp1 + 1] == b" "
+                and raw[sp2 : sp2 + 1] == b" "
+                and _simple_target(raw, sp1 + 1, sp2)
+            )
+        if simple:
+            if len(self._shapes) >= MEMO_SIZE:
+                self._shapes.clear()
+            self._shapes[(raw[:sp1], raw[sp2:])] = head
 
     def _remember_bytes(self, raw: bytes, head: MessageHead) -> bool:
         if len(raw) > MAX_REMEMBERED_HEAD:
