@@ -25,7 +25,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from parsers.base import (
     DEFAULT_MAX_PENDING,
@@ -256,10 +256,11 @@ def serialise_end(head: MessageHead, trailers: Sequence[tuple[bytes, bytes]]) ->
     return b"".join([b"0\r\n", *(n + b": " + v + b"\r\n" for n, v in trailers), b"\r\n"])
 
 
-@dataclass(frozen=True, slots=True)
-class RequestFields:
+class RequestFields(NamedTuple):
     """What a request head's field lines give the engine: pure functions of the fields
-    and the framing (heads that share a field list share the framing too)."""
+    and the framing (heads that share a field list share the framing too). (A named
+    tuple, as ``RequestForm``: one is made per new head, and a frozen dataclass costs
+    a call per field to build.)"""
 
     headers: tuple[tuple[str, str], ...]  # ``HttpRequest.headers``: names lower-cased
     host: str  # the first Host value, "" without one
@@ -281,8 +282,7 @@ def request_field_facts(head: MessageHead) -> RequestFields:
     return RequestFields(headers, host or "", host is not None, section)
 
 
-@dataclass(frozen=True, slots=True)
-class RequestForm:
+class RequestForm(NamedTuple):
     """A request head as the engine uses it: what ``decide`` sees, and the bytes
     forwarded when the decision asks for no edits."""
 
@@ -305,9 +305,8 @@ def http_request(head: MessageHead, fields: RequestFields | None = None) -> Http
         host, path = rest[:slash], rest[slash:] or "/"
         if path.startswith("?"):
             path = "/" + path
-    return HttpRequest(
-        method=head.method, path=path, host=host, headers=fields.headers, version=head.version
-    )
+    # (method, path, host, headers, version): positional, as it is built per new head.
+    return HttpRequest(head.method, path, host, fields.headers, head.version)
 
 
 def _coalesce(out: list[Command]) -> list[Command]:

@@ -190,6 +190,9 @@ def framing_fields(head: MessageHead) -> dict[bytes, list[bytes]]:
     return found
 
 
+_NO_TOKENS: frozenset[str] = frozenset()
+
+
 def _connection_tokens(values: list[bytes], side: str = "server") -> set[str]:
     tokens: set[str] = set()
     for value in values:
@@ -243,7 +246,8 @@ def frame_request(
     side = "client"
     if fields is None:
         fields = framing_fields(head)
-    tokens = _connection_tokens(fields[b"connection"], side) if b"connection" in fields else set()
+    connection = fields.get(b"connection")
+    tokens = _connection_tokens(connection, side) if connection is not None else _NO_TOKENS
     if head.version == "1.1":
         head.keep_alive = "close" not in tokens
     else:
@@ -255,8 +259,11 @@ def frame_request(
         if HOST_VALUE.fullmatch(hosts[0]) is None:
             # Host-based rules must see one well-formed authority (RFC 9110 7.2).
             raise MalformedMessage("invalid Host", code="invalid_host", side=side)
-    length = _content_length(fields.get(b"content-length"), side)
-    codings = _transfer_codings(fields.get(b"transfer-encoding"), side)
+    # (Each helper is called only when its field is there: most requests have neither.)
+    length_values = fields.get(b"content-length")
+    length = _content_length(length_values, side) if length_values is not None else None
+    te_values = fields.get(b"transfer-encoding")
+    codings = _transfer_codings(te_values, side) if te_values is not None else None
     if head.method == "CONNECT":
         # A CONNECT request has no content (RFC 9110 9.3.6); as llhttp does,
         # what follows the head belongs to the tunnel, whatever it announces.
@@ -295,8 +302,8 @@ def frame_request(
     if not target_checked:
         _check_target(head)
     head.upgrade = head.method == "CONNECT" or ("upgrade" in tokens and b"upgrade" in fields)
-    expect = fields.get(b"expect", [])
-    head.expect_continue = any(v.lower() == b"100-continue" for v in expect)
+    expect = fields.get(b"expect")
+    head.expect_continue = expect is not None and any(v.lower() == b"100-continue" for v in expect)
     return head
 
 

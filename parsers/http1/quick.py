@@ -68,12 +68,10 @@ def quick_request_head(raw: bytes) -> MessageHead | None:
     fields: list[tuple[bytes, bytes]] = _FIELD_PAIR.findall(section)
     if len(fields) > MAX_QUICK_FIELDS:
         return None
+    # (Positional: keywords cost twice as much to pass, per head.)
+    version = "1.1" if minor == b"1" else "1.0"
     head = MessageHead(
-        method=method.decode("ascii"),
-        target=target.decode("ascii"),
-        version="1.1" if minor == b"1" else "1.0",
-        headers=fields,
-        size=len(raw),
+        method.decode("ascii"), target.decode("ascii"), 0, "", version, fields, len(raw)
     )
     framing = framing_fields(head)
     try:
