@@ -25,7 +25,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from parsers.base import (
     DEFAULT_MAX_PENDING,
@@ -64,6 +64,7 @@ from parsers.http1.head import (
     ResponseHeadParser,
 )
 from parsers.http1.memo import RequestHeadMemo, ResponseHeadMemo
+from parsers.http1.quick import QuickRequestHead
 from parsers.http1.reader import Data, End, Event, Head, MessageReader
 from parsers.requests import HttpRequest
 
@@ -123,12 +124,19 @@ class Http1Limits:
 
 
 def request_reader(
-    impl: str = "auto", limits: Http1Limits = Http1Limits(), *, memo: bool = False
+    impl: str = "auto",
+    limits: Http1Limits = Http1Limits(),
+    *,
+    memo: bool = False,
+    quick: bool = False,
 ) -> MessageReader:
-    """A reader of requests (client side) with the chosen head parser; with ``memo``,
-    heads seen before on the connection are not parsed again."""
+    """A reader of requests (client side) with the chosen head parser; with ``quick``,
+    plain heads are read by ``parsers.http1.quick`` and only the others by that
+    parser; with ``memo``, heads seen before on the connection are not read again."""
     impl = ACTIVE_IMPLEMENTATION if impl == "auto" else _choose(impl)
     heads: RequestHeadParser = CRequestHead() if impl == "c" else PyRequestHead()
+    if quick:
+        heads = QuickRequestHead(heads)
     if memo:
         heads = RequestHeadMemo(heads)
     return MessageReader(heads, max_head=limits.max_head, max_chunk_line=limits.max_chunk_line)
@@ -248,25 +256,33 @@ def serialise_end(head: MessageHead, trailers: Sequence[tuple[bytes, bytes]]) ->
     return b"".join([b"0\r\n", *(n + b": " + v + b"\r\n" for n, v in trailers), b"\r\n"])
 
 
-@dataclass(frozen=True, slots=True)
-class RequestFields:
+class RequestFields(NamedTuple):
     """What a request head's field lines give the engine: pure functions of the fields
-    and the framing (heads that share a field list share the framing too)."""
+    and the framing (heads that share a field list share the framing too). (A named
+    tuple, as ``RequestForm``: one is made per new head, and a frozen dataclass costs
+    a call per field to build.)"""
 
     headers: tuple[tuple[str, str], ...]  # ``HttpRequest.headers``: names lower-cased
     host: str  # the first Host value, "" without one
     has_host: bool
-    section: bytes  # ``request_fields(head)``: forwarded when no edits are asked for
+    # ``request_fields(head)``: forwarded when no edits are asked for; None when the
+    # head's own bytes are forwarded (``MessageHead.wire``: then so are those of every
+    # head that shares its field list).
+    section: bytes | None
 
 
 def request_field_facts(head: MessageHead) -> RequestFields:
-    headers = tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in head.headers)
-    hosts = [v for k, v in headers if k == "host"]
-    return RequestFields(headers, hosts[0] if hosts else "", bool(hosts), request_fields(head))
+    headers = tuple([(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in head.headers])
+    host = None
+    for name, value in headers:
+        if name == "host":
+            host = value
+            break
+    section = request_fields(head) if head.wire is None else None
+    return RequestFields(headers, host or "", host is not None, section)
 
 
-@dataclass(frozen=True, slots=True)
-class RequestForm:
+class RequestForm(NamedTuple):
     """A request head as the engine uses it: what ``decide`` sees, and the bytes
     forwarded when the decision asks for no edits."""
 
@@ -289,9 +305,8 @@ def http_request(head: MessageHead, fields: RequestFields | None = None) -> Http
         host, path = rest[:slash], rest[slash:] or "/"
         if path.startswith("?"):
             path = "/" + path
-    return HttpRequest(
-        method=head.method, path=path, host=host, headers=fields.headers, version=head.version
-    )
+    # (method, path, host, headers, version): positional, as it is built per new head.
+    return HttpRequest(head.method, path, host, fields.headers, head.version)
 
 
 def _coalesce(out: list[Command]) -> list[Command]:
@@ -377,7 +392,7 @@ class Http1Engine:
         self.implementation = ACTIVE_IMPLEMENTATION if parser == "auto" else _choose(parser)
         # Keep-alive clients repeat themselves: both readers remember the heads of
         # this connection (``parsers.http1.memo``), and nothing else differs.
-        self._requests = request_reader(self.implementation, limits, memo=True)
+        self._requests = request_reader(self.implementation, limits, memo=True, quick=True)
         self._responses = response_reader(self.implementation, limits, memo=True)
         self._upgrade_handler = upgrade_handler
         self._seq = 0
@@ -630,9 +645,11 @@ class Http1Engine:
             # RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request
             # without Host. (The parser library accepts it; the proxy does not.)
             raise MalformedMessage("HTTP/1.1 request without Host", code="missing_host")
-        form = head.derived = RequestForm(
-            http_request(head, fields), request_line(head) + fields.section
-        )
+        wire = head.wire  # the client's own bytes, when they are what we would write
+        if wire is None:
+            section = fields.section
+            wire = request_line(head) + (section if section is not None else request_fields(head))
+        form = head.derived = RequestForm(http_request(head, fields), wire)
         return form
 
     def _on_client_error(self, exc: Http1Error, out: list[Command]) -> None:

@@ -110,17 +110,21 @@ class MessageHead:
     # shared with heads made by ``with_target`` (they share the field list).
     derived: Any = field(default=None, compare=False, repr=False)
     derived_fields: Any = field(default=None, compare=False, repr=False)
+    # A request head's own bytes when they are exactly what the engine would write
+    # for it (``parsers.http1.quick``): forwarded as they are. None: re-serialised.
+    wire: bytes | None = field(default=None, compare=False, repr=False)
 
     def values(self, name: bytes) -> list[bytes]:
         name = name.lower()
         return [v for k, v in self.headers if k.lower() == name]
 
-    def with_target(self, target: str, size: int) -> MessageHead:
-        """This request head with another target, ``size`` bytes long: a known request
+    def with_target(self, target: str, raw: bytes) -> MessageHead:
+        """This request head with another target, read from ``raw``: a known request
         shape with a new target (``parsers.http1.memo``). Written out field by field
         (in order) because ``dataclasses.replace`` costs more than the rest of a repeat;
         the field list (the same object) and what was derived from it are shared.
-        Tests compare it with ``replace``."""
+        ``raw`` differs from this head's bytes only in the target, so it is canonical
+        (``wire``) if they were. Tests compare it with ``replace``."""
         return MessageHead(
             self.method,
             target,
@@ -128,7 +132,7 @@ class MessageHead:
             self.reason,
             self.version,
             self.headers,
-            size,
+            len(raw),
             self.framing,
             self.length,
             self.codings,
@@ -137,6 +141,7 @@ class MessageHead:
             self.expect_continue,
             None,
             self.derived_fields,
+            None if self.wire is None else raw,
         )
 
 
@@ -175,7 +180,7 @@ FRAMING_NAMES = frozenset(
 )
 
 
-def _framing_fields(head: MessageHead) -> dict[bytes, list[bytes]]:
+def framing_fields(head: MessageHead) -> dict[bytes, list[bytes]]:
     """The few fields that frame or route a message, in one pass."""
     found: dict[bytes, list[bytes]] = {}
     for name, value in head.headers:
@@ -183,6 +188,9 @@ def _framing_fields(head: MessageHead) -> dict[bytes, list[bytes]]:
         if key in FRAMING_NAMES:
             found.setdefault(key, []).append(value)
     return found
+
+
+_NO_TOKENS: frozenset[str] = frozenset()
 
 
 def _connection_tokens(values: list[bytes], side: str = "server") -> set[str]:
@@ -225,11 +233,21 @@ def _transfer_codings(values: list[bytes] | None, side: str) -> list[str] | None
     return [c for c in codings if c]
 
 
-def frame_request(head: MessageHead) -> MessageHead:
-    """Decide how the request body is delimited, refusing anything ambiguous."""
+def frame_request(
+    head: MessageHead,
+    fields: dict[bytes, list[bytes]] | None = None,
+    *,
+    target_checked: bool = False,
+) -> MessageHead:
+    """Decide how the request body is delimited, refusing anything ambiguous.
+    ``fields``: what ``framing_fields(head)`` gives, if the caller has it already;
+    ``target_checked``: the caller has read the target with a stricter rule than
+    ``_check_target``'s (``parsers.http1.quick``)."""
     side = "client"
-    fields = _framing_fields(head)
-    tokens = _connection_tokens(fields[b"connection"], side) if b"connection" in fields else set()
+    if fields is None:
+        fields = framing_fields(head)
+    connection = fields.get(b"connection")
+    tokens = _connection_tokens(connection, side) if connection is not None else _NO_TOKENS
     if head.version == "1.1":
         head.keep_alive = "close" not in tokens
     else:
@@ -241,8 +259,11 @@ def frame_request(head: MessageHead) -> MessageHead:
         if HOST_VALUE.fullmatch(hosts[0]) is None:
             # Host-based rules must see one well-formed authority (RFC 9110 7.2).
             raise MalformedMessage("invalid Host", code="invalid_host", side=side)
-    length = _content_length(fields.get(b"content-length"), side)
-    codings = _transfer_codings(fields.get(b"transfer-encoding"), side)
+    # (Each helper is called only when its field is there: most requests have neither.)
+    length_values = fields.get(b"content-length")
+    length = _content_length(length_values, side) if length_values is not None else None
+    te_values = fields.get(b"transfer-encoding")
+    codings = _transfer_codings(te_values, side) if te_values is not None else None
     if head.method == "CONNECT":
         # A CONNECT request has no content (RFC 9110 9.3.6); as llhttp does,
         # what follows the head belongs to the tunnel, whatever it announces.
@@ -278,10 +299,11 @@ def frame_request(head: MessageHead) -> MessageHead:
         head.framing, head.codings = "chunked", tuple(codings[:-1])
     elif length:
         head.framing, head.length = "length", length
-    _check_target(head)
+    if not target_checked:
+        _check_target(head)
     head.upgrade = head.method == "CONNECT" or ("upgrade" in tokens and b"upgrade" in fields)
-    expect = fields.get(b"expect", [])
-    head.expect_continue = any(v.lower() == b"100-continue" for v in expect)
+    expect = fields.get(b"expect")
+    head.expect_continue = expect is not None and any(v.lower() == b"100-continue" for v in expect)
     return head
 
 
@@ -304,7 +326,7 @@ def _check_target(head: MessageHead) -> None:
 def frame_response(head: MessageHead, request_method: str = "GET") -> MessageHead:
     """Decide how a response body is delimited, given the request it answers."""
     side = "server"
-    fields = _framing_fields(head)
+    fields = framing_fields(head)
     tokens = _connection_tokens(fields[b"connection"]) if b"connection" in fields else set()
     if head.version == "1.1":
         head.keep_alive = "close" not in tokens

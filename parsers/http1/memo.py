@@ -26,6 +26,7 @@ from parsers.http1.head import MessageHead, RequestHeadParser, ResponseHeadParse
 
 __all__ = [
     "MAX_REMEMBERED_HEAD",
+    "MEMO_REST",
     "MEMO_SIZE",
     "SIMPLE_TARGET",
     "RequestHeadMemo",
@@ -34,6 +35,8 @@ __all__ = [
 
 MEMO_SIZE = 32  # distinct heads remembered per connection and direction
 MAX_REMEMBERED_HEAD = 8192  # longer heads are parsed every time
+# New heads not remembered after MEMO_SIZE that were never found again.
+MEMO_REST = 4 * MEMO_SIZE
 # Origin-form targets a known request shape may take without a full parse: a strict
 # subset of what both head parsers accept (tests/parsers/http1/test_http1_repeat.py
 # checks it), with no "://" so the target can never read as an absolute URI.
@@ -72,6 +75,11 @@ class RequestHeadMemo(_Remembering):
     differs from a known one only in its origin-form target (``GET /items/1``,
     ``GET /items/2``, ...) is the known head with the new target, when the new
     target is a ``SIMPLE_TARGET``.
+
+    A connection whose heads never repeat (a request id or a token in every head)
+    would pay for remembering each one for nothing: when the memory fills up without
+    one head found again, the next ``MEMO_REST`` new heads are not remembered; then
+    the memo tries again.
     """
 
     side: Literal["client"] = "client"
@@ -82,18 +90,24 @@ class RequestHeadMemo(_Remembering):
         self._heads: dict[bytes, MessageHead] = {}
         # (method, bytes after the target) -> a head parsed in full with a simple target
         self._shapes: dict[tuple[bytes, bytes], MessageHead] = {}
+        self._found = 0  # heads found since the memory was last cleared
+        self._resting = 0  # new heads still to go unremembered
 
     def complete(self, head: bytes) -> MessageHead:
         known = self._heads.get(head)
         if known is None and self._shapes:
             known = self._with_new_target(head)
         if known is not None:
+            self._found += 1
             if self._partial:
                 self.reset()  # what the parser's own ``complete`` would have done
             return known
         self._partial = False
         parsed = self._parser.complete(head)
-        self._remember(head, parsed)
+        if self._resting:
+            self._resting -= 1
+        else:
+            self._remember(head, parsed)
         return parsed
 
     def _with_new_target(self, raw: bytes) -> MessageHead | None:
@@ -108,26 +122,39 @@ class RequestHeadMemo(_Remembering):
             return None
         # Not remembered by its bytes: a new target per request is the point of a
         # shape, and remembering each would only push out the heads that repeat.
-        return shape.with_target(raw[sp1 + 1 : sp2].decode("ascii"), len(raw))
+        return shape.with_target(raw[sp1 + 1 : sp2].decode("ascii"), raw)
 
     def _remember(self, raw: bytes, head: MessageHead) -> None:
         if not self._remember_bytes(raw, head):
             return
-        method = head.method.encode("ascii")
-        sp1 = len(method)
+        sp1 = len(head.method)
         sp2 = sp1 + 1 + len(head.target)
-        # Both parsers require ``method SP target SP version``: the target sits at sp1 + 1.
-        if raw.startswith(method + b" ") and raw[sp2 : sp2 + 1] == b" ":
-            if _simple_target(raw, sp1 + 1, sp2):
-                if len(self._shapes) >= MEMO_SIZE:
-                    self._shapes.clear()
-                self._shapes[(method, raw[sp2:])] = head
+        if head.wire is not None:
+            # Read by ``parsers.http1.quick``, whose targets are all SIMPLE_TARGETs.
+            simple = True
+        else:
+            # Both parsers require ``method SP target SP version``: the target sits at
+            # sp1 + 1.
+            simple = (
+                raw[sp1 : sp1 + 1] == b" "
+                and raw[sp2 : sp2 + 1] == b" "
+                and _simple_target(raw, sp1 + 1, sp2)
+            )
+        if simple:
+            if len(self._shapes) >= MEMO_SIZE:
+                self._shapes.clear()
+            self._shapes[(raw[:sp1], raw[sp2:])] = head
 
     def _remember_bytes(self, raw: bytes, head: MessageHead) -> bool:
         if len(raw) > MAX_REMEMBERED_HEAD:
             return False
         if len(self._heads) >= MEMO_SIZE:
             self._heads.clear()
+            if not self._found:  # MEMO_SIZE heads, none of them seen again
+                self._shapes.clear()
+                self._resting = MEMO_REST
+                return False
+            self._found = 0
         self._heads[raw] = head
         return True
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from parsers.base import Access, Close, Decision, ParseError, Reply, ToClient, ToServer
 from parsers.http1.engine import Http1Engine
 from parsers.http1.head import MessageHead, PyRequestHead
-from parsers.http1.memo import MEMO_SIZE, RequestHeadMemo
+from parsers.http1.memo import MEMO_REST, MEMO_SIZE, RequestHeadMemo
 from parsers.http1.reader import End, Head, MessageReader
 from parsers.requests import HttpRequest
 
@@ -338,4 +338,27 @@ def test_the_memo_stays_bounded():
 )
 def test_with_target_copies_every_other_field(request_bytes):
     head = PyRequestHead().complete(request_bytes[: request_bytes.index(b"\r\n\r\n") + 4])
-    assert head.with_target("/elsewhere", 99) == replace(head, target="/elsewhere", size=99)
+    raw = b"x" * 99  # (only its length is read: the head came from the full parser)
+    moved = head.with_target("/elsewhere", raw)
+    assert moved == replace(head, target="/elsewhere", size=99)
+    assert moved.wire is None
+
+
+def test_a_connection_whose_heads_never_repeat_rests_the_memo_then_tries_again():
+    heads = CountingHeads()
+    reader = MessageReader(RequestHeadMemo(heads))
+
+    def head(i: int) -> bytes:  # a new target and a new request id every time
+        return f"GET /item/{i} HTTP/1.1\r\nHost: h\r\nX-Request-Id: {i}\r\n\r\n".encode()
+
+    for i in range(MEMO_SIZE + 1):  # the memory fills up, and none was seen again
+        reader.feed(head(i))
+    assert heads.parsed == MEMO_SIZE + 1
+    reader.feed(head(1000))
+    reader.feed(head(1000))  # resting: not remembered, so read again
+    assert heads.parsed == MEMO_SIZE + 3
+    for i in range(MEMO_REST - 2):
+        reader.feed(head(2000 + i))
+    reader.feed(head(3000))
+    reader.feed(head(3000))  # the rest is over: remembered again
+    assert heads.parsed == MEMO_SIZE + 3 + (MEMO_REST - 2) + 1

@@ -1,0 +1,115 @@
+"""Common request heads read with one regular expression; anything else by the full parser.
+
+Most request heads on the wire are plain: a common method, an origin-form target
+of unreserved characters, HTTP/1.1, and field lines written ``Name: value``.
+``QuickRequestHead`` sits in front of either head parser (``parsers.http1.fast`` or
+``parsers.http1.head``) and reads such a head with one ``fullmatch`` (which checks
+every byte) and one ``findall`` (which cuts the fields out), instead of llhttp's
+Python callbacks or the pure-Python parser's line-by-line checks. How the body is
+framed is decided by the shared ``frame_request``, as for every head.
+
+``SIMPLE_REQUEST_HEAD`` accepts a strict subset of what both parsers accept: no
+obs-text, HTAB, empty value or surrounding whitespace in a field value, no
+``://`` in the target, no Transfer-Encoding. A head outside it (or one
+``frame_request`` refuses) goes to the full parser, which accepts it or raises its
+own typed error, so what is accepted, refused and how, is the full parser's
+everywhere. ``tests/parsers/http1/test_http1_quick.py`` checks that whatever the
+scan accepts, both full parsers accept with the same result.
+
+A head read this way is also canonical: its bytes are exactly what
+``parsers.http1.engine.serialise_request`` would write for it (one space after
+each colon, no framing field but a last ``Content-Length: N``), so the engine
+forwards those bytes as they are (``MessageHead.wire``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from parsers.http1.errors import Http1Error
+from parsers.http1.head import MessageHead, RequestHeadParser, frame_request, framing_fields
+
+__all__ = ["MAX_QUICK_FIELDS", "SIMPLE_REQUEST_HEAD", "QuickRequestHead", "quick_request_head"]
+
+# Methods read here: the common ones whose target is origin-form (not CONNECT, not
+# OPTIONS *), all in llhttp's list and the pure-Python parser's.
+_METHOD = rb"GET|HEAD|POST|PUT|DELETE|PATCH|OPTIONS"
+# The characters of ``parsers.http1.memo.SIMPLE_TARGET``: a subset of the origin-form
+# both parsers accept. A ``%`` must start an escape and ``://`` may not appear; both
+# are looked for apart (one alternative per character makes the expression 3x slower).
+_TARGET = rb"/[A-Za-z0-9._~!$&'()*+,;=:/?%\-]*"
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+# ``Name: value``: one space, then visible ASCII and spaces, starting with a visible
+# one (a value ending in a space is looked for apart: `` \r\n`` in the head).
+_FIELD = _TOKEN + rb": [\x21-\x7e][\x20-\x7e]*\r\n"
+SIMPLE_REQUEST_HEAD = re.compile(
+    rb"(" + _METHOD + rb") (" + _TARGET + rb") HTTP/1\.([01])\r\n((?:" + _FIELD + rb")*)\r\n"
+)
+# Cuts the fields out of a section that SIMPLE_REQUEST_HEAD has already checked.
+_FIELD_PAIR = re.compile(rb"([^:]+): ([^\r]*)\r\n")
+# More field lines than this go to the full parser (the pure-Python one counts lines).
+MAX_QUICK_FIELDS = 100
+
+
+def quick_request_head(raw: bytes) -> MessageHead | None:
+    """The parsed head of ``raw`` (a whole head, up to its empty line), or None when
+    it is not a plain head: then only the full parser may say what it is."""
+    match = SIMPLE_REQUEST_HEAD.fullmatch(raw)
+    if match is None or raw.find(b" \r\n") >= 0:
+        return None
+    start, end = match.span(2)
+    if raw.find(b"://", start, end) >= 0:
+        return None
+    if raw.find(b"%", start, end) >= 0 and _BAD_ESCAPE.search(raw, start, end) is not None:
+        return None
+    method, target, minor, section = match.groups()
+    fields: list[tuple[bytes, bytes]] = _FIELD_PAIR.findall(section)
+    if len(fields) > MAX_QUICK_FIELDS:
+        return None
+    # (Positional: keywords cost twice as much to pass, per head.)
+    version = "1.1" if minor == b"1" else "1.0"
+    head = MessageHead(
+        method.decode("ascii"), target.decode("ascii"), 0, "", version, fields, len(raw)
+    )
+    framing = framing_fields(head)
+    try:
+        frame_request(head, framing, target_checked=True)
+    except Http1Error:
+        return None  # the full parser raises its own error for it
+    if b"transfer-encoding" in framing:
+        return None  # llhttp has quirks of its own about Transfer-Encoding
+    if b"content-length" not in framing:
+        head.wire = raw
+    elif head.framing == "length" and raw.endswith(b"\r\nContent-Length: %d\r\n\r\n" % head.length):
+        head.wire = raw  # (frame_request refuses a second Content-Length)
+    return head
+
+
+class QuickRequestHead:
+    """A request head parser (the contract of ``parsers.http1.head``) that tries
+    ``quick_request_head`` first and hands every other head to ``parser``."""
+
+    side: Literal["client"] = "client"
+
+    def __init__(self, parser: RequestHeadParser) -> None:
+        self._parser = parser
+        self._partial = False  # the full parser has state from an unfinished head
+
+    def partial(self, buf: bytes | bytearray) -> None:
+        self._partial = True
+        self._parser.partial(buf)
+
+    def reset(self) -> None:
+        self._partial = False
+        self._parser.reset()
+
+    def complete(self, head: bytes) -> MessageHead:
+        quick = quick_request_head(head)
+        if quick is not None:
+            if self._partial:
+                self.reset()  # what the parser's own ``complete`` would have done
+            return quick
+        self._partial = False
+        return self._parser.complete(head)
