@@ -119,6 +119,25 @@ class ClientHello:
         return alert_record(description, self.record_version)
 
 
+def opens_client_hello(head: bytes, max_client_hello: int = MAX_CLIENT_HELLO) -> bool:
+    """Whether ``head``, a connection's first bytes, plainly opens a ClientHello that
+    ``ClientHelloReader`` reads on: a handshake record (version 3.x) of 4 to
+    ``MAX_PLAINTEXT`` bytes whose message is a ClientHello within ``max_client_hello``.
+    A cheap check of the common case, for a caller that only wants the bound: True
+    means the reader, fed these bytes, raises nothing; False means nothing by itself
+    (a short head, a hello split across tiny records): the reader says what is wrong."""
+    if len(head) < RECORD_HEADER + HANDSHAKE_HEADER:
+        return False
+    record_length = head[3] << 8 | head[4]
+    return (
+        head[0] == HANDSHAKE
+        and head[1] == 3
+        and HANDSHAKE_HEADER <= record_length <= MAX_PLAINTEXT
+        and head[5] == CLIENT_HELLO
+        and (head[6] << 16 | head[7] << 8 | head[8]) <= max_client_hello
+    )
+
+
 class ClientHelloReader:
     """Reads one ClientHello out of the client's first bytes; see the module doc."""
 
