@@ -976,7 +976,10 @@ class Proxy:
                 )
             else:
                 coro = self._transparent_connect(pipe, src_ip, dst_ip, dst_port, tls_args)
-            await asyncio.wait_for(coro, self.limits.connect_timeout)
+            # asyncio.timeout, not wait_for: the same deadline, without a second task
+            # per connection (wait_for runs its awaitable as a task of its own in 3.11).
+            async with asyncio.timeout(self.limits.connect_timeout):
+                await coro
         except (TimeoutError, OSError) as exc:
             if pipe.closing:
                 return  # nobody is waiting for this upstream any more

@@ -102,7 +102,28 @@ def _stamp(paths: Iterable[Path | None]) -> Stamp:
     return tuple(out)
 
 
+class _RecordCalls(ssl.SSLObject):
+    """The event loop's TLS transport calls ``read``, ``pending`` and ``write`` for
+    every record (it looks each one up once, at the handshake): here they are the
+    ``_ssl`` object's own methods, not ``ssl.SSLObject``'s Python wrappers around
+    them, which cost a Python call each and do nothing else (both take a size, and
+    a buffer to read into: the transport always passes the size)."""
+
+    @property
+    def read(self):  # type: ignore[override]
+        return self._sslobj.read
+
+    @property
+    def write(self):  # type: ignore[override]
+        return self._sslobj.write
+
+    @property
+    def pending(self):  # type: ignore[override]
+        return self._sslobj.pending
+
+
 def _harden(ctx: ssl.SSLContext, *, server: bool = False) -> None:
+    ctx.sslobject_class = _RecordCalls
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_NO_TICKET
     if server:
