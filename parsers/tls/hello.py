@@ -33,6 +33,7 @@ Versions are not judged here: the server negotiates them, and part 2 of issue
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass
 from typing import Final
 
@@ -128,14 +129,20 @@ def opens_client_hello(head: bytes, max_client_hello: int = MAX_CLIENT_HELLO) ->
     (a short head, a hello split across tiny records): the reader says what is wrong."""
     if len(head) < RECORD_HEADER + HANDSHAKE_HEADER:
         return False
-    record_length = head[3] << 8 | head[4]
-    return (
-        head[0] == HANDSHAKE
-        and head[1] == 3
-        and HANDSHAKE_HEADER <= record_length <= MAX_PLAINTEXT
-        and head[5] == CLIENT_HELLO
-        and (head[6] << 16 | head[7] << 8 | head[8]) <= max_client_hello
+    ctype, major, _minor, record_length, msg_type, size_high, size_low = _HEADERS.unpack_from(
+        head
     )
+    return (
+        ctype == HANDSHAKE
+        and major == 3
+        and HANDSHAKE_HEADER <= record_length <= MAX_PLAINTEXT
+        and msg_type == CLIENT_HELLO
+        and (size_high << 16 | size_low) <= max_client_hello
+    )
+
+
+# A record header (type, version, length) and a handshake header (type, 24-bit length).
+_HEADERS: Final = struct.Struct(">BBBHBBH")
 
 
 class ClientHelloReader:
