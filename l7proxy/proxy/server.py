@@ -984,7 +984,8 @@ class Proxy:
             if pipe.closing:
                 return  # nobody is waiting for this upstream any more
             self.stats.upstream_failures += 1
-            why = _tls_reason(exc) if isinstance(exc, ssl.SSLError) else exc or "timeout"
+            # (A deadline's TimeoutError has no message of its own.)
+            why = _tls_reason(exc) if isinstance(exc, ssl.SSLError) else str(exc) or "timeout"
             log.info("upstream %s:%s unreachable: %s", dst_ip, dst_port, why)
             pipe.close(f"upstream unreachable: {why}")
 

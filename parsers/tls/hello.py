@@ -129,9 +129,8 @@ def opens_client_hello(head: bytes, max_client_hello: int = MAX_CLIENT_HELLO) ->
     (a short head, a hello split across tiny records): the reader says what is wrong."""
     if len(head) < RECORD_HEADER + HANDSHAKE_HEADER:
         return False
-    ctype, major, _minor, record_length, msg_type, size_high, size_low = _HEADERS.unpack_from(
-        head
-    )
+    fields: tuple[int, ...] = _HEADERS.unpack_from(head)
+    ctype, major, _minor, record_length, msg_type, size_high, size_low = fields
     return (
         ctype == HANDSHAKE
         and major == 3
