@@ -76,16 +76,19 @@ Address = tuple[Any, ...]
 PEEK_LIMIT = 64 * 1024
 # The name of the handshake's deadline in flow records and metrics.
 TLS_HANDSHAKE_TIMEOUT = "tls_handshake_timeout"
-# A terminated connection's TLS context, and the policy that judges its ClientHello.
-_Chosen = tuple[ssl.SSLContext, ConnectionPolicy | None]
+# A terminated connection's TLS context, the policy that judges its ClientHello, and its
+# addresses (read at accept: once a handshake fails, the socket is gone).
+_Chosen = tuple[ssl.SSLContext, ConnectionPolicy | None, Address, Address]
+# What ``Proxy.tls_context`` answers: the context, and the policy judging the ClientHello.
+_Terminated = tuple[ssl.SSLContext, ConnectionPolicy | None]
+# A socket's first bytes, left in it, without waiting for them.
+_PEEK_NOW = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 
 class TlsTermination(Protocol):
     """Whether an accepted connection is TLS the proxy terminates (``Proxy``)."""
 
-    def tls_context(
-        self, peer: Address, local: Address
-    ) -> tuple[ssl.SSLContext, ConnectionPolicy | None] | None:
+    def tls_context(self, peer: Address, local: Address) -> _Terminated | None:
         """The context to terminate this connection with, and the policy that judges its
         ClientHello first (its port has ``serverNames``), if any; None: it is read as it is."""
         ...
@@ -187,8 +190,25 @@ class Acceptor:
                 return
             if terminates:
                 assert tls is not None
-                chosen = tls.tls_context(peer, local)
-                if chosen is not None:
+                terminated = tls.tls_context(peer, local)
+                if terminated is not None:
+                    chosen = (terminated[0], terminated[1], peer, local)
+                    # Most clients send their ClientHello as they connect: when its
+                    # headers are in already, the handshake starts now, without the
+                    # round through the silent sockets' watch.
+                    try:
+                        head = conn.recv(HELLO_HEADERS, _PEEK_NOW)
+                    except (BlockingIOError, InterruptedError):
+                        head = None
+                    except OSError:  # reset already
+                        conn.close()
+                        return
+                    if head == b"":  # closed before a byte: a port check, as ``left``
+                        conn.close()
+                        return
+                    if head is not None:
+                        self._loop.create_task(self._open(conn, started, chosen, head=head))
+                        return
                     wait = tls.handshake_timeout  # the handshake's deadline, from now
             if chosen is None and admission is not None:
                 wait = admission.admit_silent(conn, peer, local)
@@ -303,33 +323,35 @@ class Acceptor:
         started: float,
         chosen: _Chosen | None,
         ending: asyncio.Future[str] | None = None,
+        *,
+        head: bytes | None = None,
     ) -> None:
         protocol = None
         try:
-            protocol = await self._open_transport(conn, started, chosen)
+            protocol = await self._open_transport(conn, started, chosen, head)
         finally:
             if ending is not None:
                 _follow(ending, protocol)
 
     async def _open_transport(
-        self, conn: socket.socket, started: float, chosen: _Chosen | None
+        self,
+        conn: socket.socket,
+        started: float,
+        chosen: _Chosen | None,
+        head: bytes | None = None,
     ) -> asyncio.BaseProtocol | None:
         """Give ``conn`` its transport (after the TLS handshake ``chosen`` asks for):
-        the protocol it is given, or None if it is gone or was refused."""
+        the protocol it is given, or None if it is gone or was refused. ``head``: its
+        first bytes, peeked already at accept."""
         tls = self._tls
         context: ssl.SSLContext | None = None
         judge: ConnectionPolicy | None = None
         if chosen is not None:
-            context, judge = chosen
-            try:  # read now: once the handshake fails, the socket is gone
-                peer, local = conn.getpeername(), conn.getsockname()
-            except OSError:
-                conn.close()
-                return None
+            context, judge, peer, local = chosen
         if context is not None and tls is not None:
             try:
                 refused = await self._read_hello_headers(
-                    conn, max(started + tls.handshake_timeout - self._loop.time(), 0.0)
+                    conn, max(started + tls.handshake_timeout - self._loop.time(), 0.0), head
                 )
                 if refused is None and judge is not None:
                     refused = await self._judge_hello(
@@ -371,14 +393,16 @@ class Acceptor:
         return protocol
 
     async def _read_hello_headers(
-        self, conn: socket.socket, timeout: float
+        self, conn: socket.socket, timeout: float, head: bytes | None = None
     ) -> BaseException | None:
-        """Wait for the client's first bytes and judge its ClientHello's headers
-        (``refuse_client_hello``) before OpenSSL reads them: a refusal is answered
-        here (an alert, or a close for bytes that are not TLS). None: go on."""
+        """Wait for the client's first bytes (unless ``head`` holds them already) and
+        judge its ClientHello's headers (``refuse_client_hello``) before OpenSSL reads
+        them: a refusal is answered here (an alert, or a close for bytes that are not
+        TLS). None: go on."""
         conn.setblocking(False)  # accept() hands out blocking sockets
         try:  # usually there already: the client sends its hello as it connects
-            head = conn.recv(HELLO_HEADERS, socket.MSG_PEEK)  # ConnectionError: gone
+            if head is None or len(head) < HELLO_HEADERS:
+                head = conn.recv(HELLO_HEADERS, socket.MSG_PEEK)  # ConnectionError: gone
         except BlockingIOError:
             loop = self._loop
             fd = conn.fileno()
@@ -552,6 +576,11 @@ class Proxy:
         self._silent_waits: dict[tuple[str, str, int], bool] = {}
         self._silent_for: object = None
         self._silent_since = 0.0
+        # tls_context's answers by (source ip, destination ip, port), for one policy and
+        # one set of TLS contexts.
+        self._tls_choices: dict[tuple[str, str, int], _Terminated | None] = {}
+        self._tls_choices_for: tuple[object, int] | None = None
+        self._tls_choices_since = 0.0
 
     # ------------------------------------------------------------ listeners
 
@@ -727,14 +756,34 @@ class Proxy:
     def terminates(self) -> bool:
         return self.tls is not None and self.tls.terminates
 
-    def tls_context(
-        self, peer: Address, local: Address
-    ) -> tuple[ssl.SSLContext, ConnectionPolicy | None] | None:
+    def tls_context(self, peer: Address, local: Address) -> _Terminated | None:
         """Terminate this connection's TLS? Its port's ``terminatingTLS`` (or the
         firewall's certificate) says so; a connection policy refuses is not
         terminated, so that ``open_pipe`` refuses it without a handshake."""
-        if self.tls is None or not self.tls.terminates:
+        tls = self.tls
+        if tls is None or not tls.terminates:
             return None
+        # As admit_silent's: the answer depends on the source's identity, the
+        # destination and its port, and the contexts in force, and the policy lookup
+        # costs as much as the rest of an accept; kept while the policy and the
+        # contexts stay (and a second at most: identities move without a new policy).
+        key = (peer[0], local[0], local[1])
+        now = asyncio.get_running_loop().time()
+        stamp = (self.state.current, tls.generation)
+        if (
+            self._tls_choices_for != stamp
+            or now - self._tls_choices_since > 1.0
+            or len(self._tls_choices) >= 4096
+        ):
+            self._tls_choices_for, self._tls_choices_since = stamp, now
+            self._tls_choices.clear()
+        if key in self._tls_choices:
+            return self._tls_choices[key]
+        chosen = self._tls_choices[key] = self._choose_tls(peer, local)
+        return chosen
+
+    def _choose_tls(self, peer: Address, local: Address) -> _Terminated | None:
+        assert self.tls is not None
         known = self._connection(peer, local)
         if known is None or not known[-1].l4.allowed:
             return None
@@ -927,12 +976,16 @@ class Proxy:
                 )
             else:
                 coro = self._transparent_connect(pipe, src_ip, dst_ip, dst_port, tls_args)
-            await asyncio.wait_for(coro, self.limits.connect_timeout)
+            # asyncio.timeout, not wait_for: the same deadline, without a second task
+            # per connection (wait_for runs its awaitable as a task of its own in 3.11).
+            async with asyncio.timeout(self.limits.connect_timeout):
+                await coro
         except (TimeoutError, OSError) as exc:
             if pipe.closing:
                 return  # nobody is waiting for this upstream any more
             self.stats.upstream_failures += 1
-            why = _tls_reason(exc) if isinstance(exc, ssl.SSLError) else exc or "timeout"
+            # (A deadline's TimeoutError has no message of its own.)
+            why = _tls_reason(exc) if isinstance(exc, ssl.SSLError) else str(exc) or "timeout"
             log.info("upstream %s:%s unreachable: %s", dst_ip, dst_port, why)
             pipe.close(f"upstream unreachable: {why}")
 

@@ -47,7 +47,7 @@ from l7proxy.policy.model import (
     TlsContextRef,
 )
 from parsers.base import ProtocolError
-from parsers.tls.hello import MAX_CLIENT_HELLO, ClientHelloReader
+from parsers.tls.hello import MAX_CLIENT_HELLO, ClientHelloReader, opens_client_hello
 
 log = logging.getLogger("l7proxy.proxy.tls")
 
@@ -102,7 +102,28 @@ def _stamp(paths: Iterable[Path | None]) -> Stamp:
     return tuple(out)
 
 
+class _RecordCalls(ssl.SSLObject):
+    """The event loop's TLS transport calls ``read``, ``pending`` and ``write`` for
+    every record (it looks each one up once, at the handshake): here they are the
+    ``_ssl`` object's own methods, not ``ssl.SSLObject``'s Python wrappers around
+    them, which cost a Python call each and do nothing else (both take a size, and
+    a buffer to read into: the transport always passes the size)."""
+
+    @property
+    def read(self):  # type: ignore[override]
+        return self._sslobj.read
+
+    @property
+    def write(self):  # type: ignore[override]
+        return self._sslobj.write
+
+    @property
+    def pending(self):  # type: ignore[override]
+        return self._sslobj.pending
+
+
 def _harden(ctx: ssl.SSLContext, *, server: bool = False) -> None:
+    ctx.sslobject_class = _RecordCalls
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_NO_TICKET
     if server:
@@ -280,6 +301,9 @@ class TlsStore:
         self.upstream_server_name = self.command_line.upstream_server_name
         self.reloads = 0
         self.reload_errors = 0
+        # Counts every change of the contexts in force (a policy load, a reload of
+        # changed files): what a cache of per-connection choices is checked against.
+        self.generation = 0
         self.last_error: str | None = None
         cl = self.command_line
         server, client = cl.server_files(), cl.client_files()
@@ -311,6 +335,7 @@ class TlsStore:
                             err.reason, path=err.path, file=f"{policy.source} ({err.file})"
                         ) from None
         self._servers, self._clients = servers, clients
+        self.generation += 1
 
     def _server(self, ref: TlsContextRef, family: str) -> ServerTls:
         files = self.server_files(ref)
@@ -428,6 +453,7 @@ class TlsStore:
 
     def _reloaded(self, where: str) -> bool:
         self.reloads += 1
+        self.generation += 1
         self.last_error = None
         log.info("TLS files of %s changed: reloaded for new connections", where)
         return True
@@ -513,6 +539,8 @@ def refuse_client_hello(
     of ``parsers/tls``, so that a terminated handshake has the same bound as a judged
     one (16 KiB, refused from its header with ``decode_error``) and bytes that are not
     TLS are closed without an answer. None: hand the connection to OpenSSL."""
+    if opens_client_hello(head, max_client_hello):
+        return None  # the common case, without building a reader for 9 bytes
     try:
         ClientHelloReader(max_client_hello).feed(head)
     except ProtocolError as err:

@@ -33,6 +33,7 @@ Versions are not judged here: the server negotiates them, and part 2 of issue
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass
 from typing import Final
 
@@ -117,6 +118,30 @@ class ClientHello:
     def alert(self, description: int = ACCESS_DENIED) -> bytes:
         """A fatal alert for this client, at its record version."""
         return alert_record(description, self.record_version)
+
+
+def opens_client_hello(head: bytes, max_client_hello: int = MAX_CLIENT_HELLO) -> bool:
+    """Whether ``head``, a connection's first bytes, plainly opens a ClientHello that
+    ``ClientHelloReader`` reads on: a handshake record (version 3.x) of 4 to
+    ``MAX_PLAINTEXT`` bytes whose message is a ClientHello within ``max_client_hello``.
+    A cheap check of the common case, for a caller that only wants the bound: True
+    means the reader, fed these bytes, raises nothing; False means nothing by itself
+    (a short head, a hello split across tiny records): the reader says what is wrong."""
+    if len(head) < RECORD_HEADER + HANDSHAKE_HEADER:
+        return False
+    fields: tuple[int, ...] = _HEADERS.unpack_from(head)
+    ctype, major, _minor, record_length, msg_type, size_high, size_low = fields
+    return (
+        ctype == HANDSHAKE
+        and major == 3
+        and HANDSHAKE_HEADER <= record_length <= MAX_PLAINTEXT
+        and msg_type == CLIENT_HELLO
+        and (size_high << 16 | size_low) <= max_client_hello
+    )
+
+
+# A record header (type, version, length) and a handshake header (type, 24-bit length).
+_HEADERS: Final = struct.Struct(">BBBHBBH")
 
 
 class ClientHelloReader:

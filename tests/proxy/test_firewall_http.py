@@ -332,3 +332,28 @@ def test_observe_filters_the_flow_log(firewall):
         timeout=30,
     ).stdout
     assert len(text.splitlines()) == 3 and "DENIED" in text and "DELETE http://" in text
+
+
+def test_an_upstream_that_never_answers_its_connect_is_given_up_after_the_deadline():
+    # A server whose accept queue is full: the kernel drops the proxy's SYNs, so its
+    # connect neither succeeds nor fails. The proxy's connect deadline (5 s) ends it.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):  # fills the queue
+            with running_firewall(
+                POLICY.replace("PORT", str(port)), ("127.0.0.1", port), {"app": "api"}
+            ) as fw:
+                started = time.monotonic()
+                reply = raw_exchange(
+                    fw, b"GET /v1/ships HTTP/1.1\r\nHost: a\r\n\r\n", expect_close=True,
+                    timeout=15,
+                )  # fmt: skip
+                waited = time.monotonic() - started
+                flows = fw.flows(wait_for=1)
+    assert reply == b""  # nothing was forwarded, so nothing is answered: closed
+    assert 4.5 < waited < 10
+    assert [(f["l7"]["path"], f["reply"]) for f in flows] == [
+        ("/v1/ships", {"closed": "upstream unreachable: timeout"})
+    ]

@@ -7,7 +7,12 @@ from __future__ import annotations
 import pytest
 
 from parsers.base import LimitExceeded
-from parsers.tls.hello import MAX_CLIENT_HELLO, ClientHello, ClientHelloReader
+from parsers.tls.hello import (
+    MAX_CLIENT_HELLO,
+    ClientHello,
+    ClientHelloReader,
+    opens_client_hello,
+)
 from parsers.tls.wire import ClientHelloTooLarge, TlsError
 from tests.support.feeding import WAYS, split, splits
 from tests.support.tls_wire import (
@@ -419,6 +424,48 @@ def test_the_bound_is_an_argument():
     msg = client_hello_message()
     assert read(records(msg), max_client_hello=len(msg) - 4)[0] is not None
     assert refusal(records(msg), max_client_hello=len(msg) - 5).code == "client_hello_too_large"
+
+
+# --------------------------------------------------------------------------- the quick check
+
+
+def reader_refuses(head: bytes, **kw: int) -> bool:
+    try:
+        ClientHelloReader(**kw).feed(head)
+    except (TlsError, ClientHelloTooLarge):
+        return True
+    return False
+
+
+def test_the_quick_check_passes_real_hellos_and_the_bound_itself():
+    assert opens_client_hello(real_client_hello("api.example.com", alpn=["h2"])[:9])
+    assert opens_client_hello(records(padded_hello(MAX_CLIENT_HELLO))[:9])
+    assert not opens_client_hello(records(padded_hello(MAX_CLIENT_HELLO + 1))[:9])
+    msg = client_hello_message()
+    assert opens_client_hello(records(msg)[:9], max_client_hello=len(msg) - 4)
+    assert not opens_client_hello(records(msg)[:9], max_client_hello=len(msg) - 5)
+
+
+@pytest.mark.parametrize(
+    "data", [r[1] for r in REFUSALS if reader_refuses(r[1][:9])], ids=lambda d: d[:9].hex()
+)
+def test_the_quick_check_never_passes_what_the_reader_refuses_from_its_headers(data):
+    assert not opens_client_hello(data[:9])
+
+
+def test_the_quick_check_agrees_with_the_reader_on_every_byte_of_the_headers():
+    # Each of the 9 bytes of a real hello's headers set to every value: wherever the
+    # quick check passes, the reader, fed the same bytes, refuses nothing.
+    head = real_client_hello("api.example.com", alpn=["h2"])[:9]
+    passed = 0
+    for i in range(9):
+        for value in range(256):
+            mutant = head[:i] + bytes([value]) + head[i + 1 :]
+            if opens_client_hello(mutant):
+                passed += 1
+                assert not reader_refuses(mutant), mutant.hex()
+    assert passed > 9  # not a check that refuses everything
+    assert not opens_client_hello(head[:8])  # too short to say: the reader's to judge
 
 
 CCS = b"\x14\x03\x03\x00\x01\x01"
