@@ -1,0 +1,272 @@
+"""Instructions per TLS handshake and per HTTPS keep-alive request, l7proxy against
+haproxy, counted by valgrind's callgrind: a figure that a busy machine does not move.
+
+    python -m bench tls_instructions [--handshakes 50] [--requests 400]
+
+``bench/tls.py`` measures CPU time, which on a shared 2-core machine moves by 20% between
+runs. Here each proxy runs under ``valgrind --tool=callgrind`` with instrumentation off
+until it is ready, then counts the user-space instructions it executes (its own code,
+Python's interpreter, uvloop, OpenSSL, libc; not the kernel's) while a client runs, one
+at a time:
+
+- handshakes: new connections, each a full TLS 1.3 handshake (X25519, the EC P-256
+  certificate of ``bench/tls.py``), a GET and ``Connection: close``;
+- keep-alive: GETs on one kept connection;
+
+and the same for l7proxy in cleartext. The counts are split by library (``libcrypto``
+is OpenSSL's cryptography, ``python3.11`` the interpreter running l7proxy's code). The
+client sets TCP_NODELAY (Nagle's algorithm would hold its request behind the Finished
+message until a delayed ACK). Results go to ``bench/results/tls_instructions.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    LOOPBACK,
+    REPO,
+    free_port,
+    markdown_table,
+    start_nginx,
+    started,
+    tool_version,
+    wait_port,
+    write_results,
+)
+from bench.tls import HAPROXY_RULES, NAME, make_certificate, policy_yaml
+
+# Connections or requests run before counting: imports, caches and the allocator warm.
+WARM_UP = 20
+REQUEST = f"GET /x HTTP/1.1\r\nHost: {NAME}\r\n\r\n".encode()
+REQUEST_CLOSE = f"GET /x HTTP/1.1\r\nHost: {NAME}\r\nConnection: close\r\n\r\n".encode()
+PROXIES = ("l7proxy", "haproxy", "l7proxy-cleartext")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.tls_instructions", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--handshakes", type=int, default=50, help="connections counted")
+    p.add_argument("--requests", type=int, default=400, help="keep-alive requests counted")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------- the client
+
+
+def _connect(port: int, context: ssl.SSLContext | None) -> socket.socket:
+    raw = socket.create_connection((LOOPBACK, port), timeout=60)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return context.wrap_socket(raw, server_hostname=NAME) if context else raw
+
+
+def _read_to_end(conn: socket.socket) -> bytes:
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+    return data
+
+
+def new_connections(port: int, context: ssl.SSLContext | None, n: int) -> None:
+    for _ in range(n):
+        with _connect(port, context) as conn:
+            conn.sendall(REQUEST_CLOSE)
+            reply = _read_to_end(conn)
+        if b" 200 " not in reply.split(b"\r\n", 1)[0]:
+            raise RuntimeError(f"unexpected reply: {reply[:200]!r}")
+
+
+def kept_connection(port: int, context: ssl.SSLContext | None) -> Callable[[int], None]:
+    conn = _connect(port, context)
+
+    def requests(n: int) -> None:
+        for _ in range(n):
+            conn.sendall(REQUEST)
+            reply = b""
+            while not reply.endswith(b"\r\n\r\nok"):  # nginx's 2-byte body ends each reply
+                chunk = conn.recv(65536)
+                if not chunk:
+                    raise RuntimeError(f"closed after {reply[:200]!r}")
+                reply += chunk
+
+    return requests
+
+
+# --------------------------------------------------------------------- callgrind
+
+
+def _callgrind(pid: int, *args: str) -> None:
+    subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
+
+
+def _by_library(dump: Path) -> tuple[int, dict[str, int]]:
+    """Total instructions of a callgrind dump, and their split by shared object."""
+    text = subprocess.run(
+        ["callgrind_annotate", "--inclusive=no", "--threshold=100", str(dump)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    total = int(re.search(r"^\s*([\d,]+) \([\d.]+%\)\s+PROGRAM TOTALS", text, re.M)[1].replace(",", ""))  # type: ignore[index]  # fmt: skip
+    split: Counter[str] = Counter()
+    for count, obj in re.findall(r"^\s*([\d,]+) \([\d.]+%\)\s+\S.*\[(.+)\]$", text, re.M):
+        split[Path(obj).name.split(".cpython")[0].split(".so")[0]] += int(count.replace(",", ""))
+    return total, dict(split)
+
+
+def count(pid: int, dumps: Path, run: Callable[[int], None], n: int) -> dict[str, Any]:
+    """Instructions ``pid`` executes while ``run(n)`` runs, per operation."""
+    _callgrind(pid, "--instr=on")
+    run(WARM_UP)
+    time.sleep(0.5)  # what the warm-up left to do (closes, timers) is not counted
+    _callgrind(pid, "--zero")
+    run(n)
+    time.sleep(0.5)
+    before = set(dumps.glob("callgrind.out*"))
+    _callgrind(pid, "--dump")
+    for _ in range(100):
+        new = set(dumps.glob("callgrind.out*")) - before
+        if new:
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)  # written whole
+    total, split = _by_library(max(new, key=os.path.getmtime))
+    _callgrind(pid, "--instr=off")
+    top = sorted(split.items(), key=lambda kv: -kv[1])[:6]
+    return {
+        "per_op": round(total / n),
+        "by_library": {k: round(v / n) for k, v in top},
+        "operations": n,
+    }
+
+
+# --------------------------------------------------------------------- the proxies
+
+
+def _valgrind(dumps: Path) -> list[str]:
+    return [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={dumps}/callgrind.out.%p",
+    ]
+
+
+def start_proxy(name: str, stack: ExitStack, workdir: Path, upstream: int, files) -> tuple:
+    """One proxy under callgrind: (pid, port, dumps directory)."""
+    _ca, cert, key, combined = files
+    dumps = workdir / f"dumps-{name}"
+    dumps.mkdir()
+    port = free_port()
+    if name == "haproxy":
+        conf = workdir / "haproxy.cfg"
+        conf.write_text(f"""
+global
+    nbthread 1
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    timeout http-keep-alive 300s
+frontend bench
+    bind {LOOPBACK}:{port} ssl crt {combined} alpn http/1.1 ssl-min-ver TLSv1.2
+    {HAPROXY_RULES}
+    default_backend upstream
+backend upstream
+    server up {LOOPBACK}:{upstream}
+""")
+        argv = [*_valgrind(dumps), "haproxy", "-db", "-f", str(conf)]
+        proc, _ = stack.enter_context(started(argv, log=workdir / "haproxy.log"))
+        wait_port(LOOPBACK, port, timeout=120, proc=proc, log=workdir / "haproxy.log")
+        return proc.pid, port, dumps
+    policy = workdir / "policy.yaml"
+    policy.write_text(policy_yaml(upstream))
+    tls = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-alpn", "http/1.1"]
+    argv = [
+        *_valgrind(dumps), sys.executable, "-m", "l7proxy", "firewall",
+        "--listen", f"{LOOPBACK}:{port}", "--upstream", f"{LOOPBACK}:{upstream}",
+        "--labels", "app=bench", "--policy", str(policy),
+        *(tls if name == "l7proxy" else []),
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc, _ = stack.enter_context(
+        started(argv, log=workdir / f"{name}.log", ready_line="listening on", env=env,
+                timeout=300)  # fmt: skip
+    )
+    return proc.pid, port, dumps
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    results: dict[str, dict[str, Any]] = {"handshakes": {}, "keepalive": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-tls-ir-") as tmp:
+        workdir = Path(tmp)
+        files = make_certificate(workdir)
+        client = ssl.create_default_context(cafile=str(files[0]))
+        for name in PROXIES:
+            with ExitStack() as stack:
+                nginx = stack.enter_context(start_nginx(workdir, name=f"nginx-{name}"))
+                pid, port, dumps = start_proxy(name, stack, workdir, nginx.port, files)
+                context = None if name == "l7proxy-cleartext" else client
+                results["handshakes"][name] = count(
+                    pid, dumps, lambda n: new_connections(port, context, n), args.handshakes
+                )
+                results["keepalive"][name] = count(
+                    pid, dumps, kept_connection(port, context), args.requests
+                )
+    hs, ka = results["handshakes"], results["keepalive"]
+    doc = {
+        "settings": {
+            "handshakes": args.handshakes,
+            "requests": args.requests,
+            "client": "Python ssl, one connection at a time, TCP_NODELAY",
+            "valgrind": tool_version(["valgrind", "--version"]),
+            "openssl": tool_version(["openssl", "version"]),
+            "haproxy_version": tool_version(["haproxy", "-v"]),
+        },
+        "headline": {
+            "handshake_instructions_l7proxy_over_haproxy": round(
+                hs["l7proxy"]["per_op"] / hs["haproxy"]["per_op"], 3
+            ),
+            "keepalive_instructions_l7proxy_over_haproxy": round(
+                ka["l7proxy"]["per_op"] / ka["haproxy"]["per_op"], 3
+            ),
+        },
+        "results": results,
+    }
+    path = write_results("tls_instructions", doc)
+    rows = [
+        [kind, name, f"{r['per_op']:,}"]
+        + [", ".join(f"{lib} {v / 1000:,.0f}k" for lib, v in r["by_library"].items())]
+        for kind in results
+        for name, r in results[kind].items()
+    ]
+    print(markdown_table(["load", "proxy", "instructions per op", "by library"], rows))
+    h = doc["headline"]
+    print(
+        f"\nhandshake, l7proxy / haproxy: {h['handshake_instructions_l7proxy_over_haproxy']}x"
+        f"\nkeep-alive request, l7proxy / haproxy: "
+        f"{h['keepalive_instructions_l7proxy_over_haproxy']}x"
+    )
+    print(f"\nwritten: {path.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
