@@ -415,12 +415,14 @@ def start_haproxy(
     timeouts: dict[str, str] | None = None,
     bind_options: str = "",
     server_options: str = "",
+    backend_lines: str = "",
 ) -> Iterator[Service]:
     """haproxy in http mode, one thread, keep-alive both sides, ``frontend_rules`` in force.
 
     ``timeouts`` replaces or adds ``timeout NAME VALUE`` lines of the defaults (e.g.
     ``{"http-request": "10s"}``); ``bind_options`` and ``server_options`` end the bind and
-    server lines (``proto h2`` for HTTP/2 on either side).
+    server lines (``proto h2`` for HTTP/2 on either side); ``backend_lines`` go into the
+    backend (``http-reuse never``).
     """
     exe = shutil.which("haproxy") or "/usr/sbin/haproxy"
     port = port or free_port()
@@ -453,6 +455,7 @@ frontend bench
     default_backend upstream
 
 backend upstream
+    {backend_lines}
     server up {upstream[0]}:{upstream[1]} {server_options}
 """)
     check = subprocess.run([exe, "-c", "-f", str(conf)], capture_output=True, text=True)

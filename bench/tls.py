@@ -52,6 +52,7 @@ NAME = "bench.example.com"
 HAPROXY_RULES = "http-request deny unless { method GET } { path_reg ^/.* }"
 # wrk's request: a new connection and handshake for every one.
 CLOSE_LUA = 'wrk.headers["Connection"] = "close"\n'
+NO_REUSE = "haproxy-no-reuse"
 
 
 def policy_yaml(upstream_port: int) -> str:
@@ -164,12 +165,22 @@ def main(argv: list[str] | None = None) -> int:
                 name="l7proxy-cleartext",
             )  # fmt: skip
         )
+        haproxy_bind = f"ssl crt {combined} alpn http/1.1 ssl-min-ver TLSv1.2"
         haproxy = stack.enter_context(
+            start_haproxy(
+                workdir, upstream, frontend_rules=HAPROXY_RULES, bind_options=haproxy_bind
+            )
+        )
+        # haproxy hands a server connection on from one client to the next (http-reuse safe);
+        # l7proxy opens one per client connection. This one does as l7proxy does.
+        haproxy_no_reuse = stack.enter_context(
             start_haproxy(
                 workdir,
                 upstream,
                 frontend_rules=HAPROXY_RULES,
-                bind_options=f"ssl crt {combined} alpn http/1.1 ssl-min-ver TLSv1.2",
+                bind_options=haproxy_bind,
+                backend_lines="http-reuse never",
+                name=NO_REUSE,
             )
         )
         loop_line = next(
@@ -180,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "",
         )
-        problems = check(l7, ca) + check(haproxy, ca)
+        problems = check(l7, ca) + check(haproxy, ca) + check(haproxy_no_reuse, ca)
         if "uvloop" not in loop_line:
             problems.append(f"l7proxy is not on uvloop: {loop_line!r}")
         if problems:
@@ -188,13 +199,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"PROBLEM: {p}", file=sys.stderr)
             return 1
 
-        https = {s.name: f"https://{LOOPBACK}:{s.port}/x" for s in (l7, haproxy)}
+        https = {s.name: f"https://{LOOPBACK}:{s.port}/x" for s in (l7, haproxy, haproxy_no_reuse)}
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {
-            "handshakes": {"l7proxy": [], "haproxy": [], "l7proxy-cleartext": []},
+            "handshakes": {"l7proxy": [], "haproxy": [], NO_REUSE: [], "l7proxy-cleartext": []},
             "keepalive": {"l7proxy": [], "haproxy": [], "l7proxy-cleartext": []},
         }
         for _ in range(args.rounds):
-            for service in (l7, haproxy):
+            for service in (l7, haproxy, haproxy_no_reuse):
                 runs["handshakes"][service.name].append(
                     load(service, https[service.name], args, workdir, CLOSE_LUA)
                 )
@@ -224,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
             summary["handshakes"]["l7proxy"]["proxy_us_per_req"],
             summary["handshakes"]["haproxy"]["proxy_us_per_req"],
         ),
+        "handshake_cpu_l7proxy_over_haproxy_no_reuse": ratio(
+            summary["handshakes"]["l7proxy"]["proxy_us_per_req"],
+            summary["handshakes"][NO_REUSE]["proxy_us_per_req"],
+        ),
         "handshakes_per_s_l7proxy_over_haproxy": ratio(
             summary["handshakes"]["l7proxy"]["rps"], summary["handshakes"]["haproxy"]["rps"]
         ),
@@ -249,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             "connections": args.connections,
             "certificate": "EC P-256, TLS 1.3 (TLS_AES_256_GCM_SHA384), full handshakes",
             "haproxy": f"nbthread 1, ssl crt (same certificate), {HAPROXY_RULES}",
+            NO_REUSE: "the same with http-reuse never (a server connection per client "
+            "connection, as l7proxy), handshakes only",
             "l7proxy": "firewall --tls-cert --tls-alpn http/1.1, " + loop_line.split("INFO ")[-1],
             "openssl": tool_version(["openssl", "version"]),
             "haproxy_version": tool_version(["haproxy", "-v"]),
@@ -274,7 +291,9 @@ def report(doc: dict[str, Any]) -> str:
     h = doc["headline"]
     return (
         f"{table}\n\nCPU per handshake, l7proxy / haproxy: "
-        f"{h['handshake_cpu_l7proxy_over_haproxy']:.2f}x\n"
+        f"{h['handshake_cpu_l7proxy_over_haproxy']:.2f}x "
+        f"(against haproxy with a server connection per client, as l7proxy: "
+        f"{h['handshake_cpu_l7proxy_over_haproxy_no_reuse']:.2f}x)\n"
         f"CPU per keep-alive HTTPS request, l7proxy / haproxy: "
         f"{h['keepalive_cpu_l7proxy_over_haproxy']:.2f}x\n"
         f"TLS's share of l7proxy's connection (handshake and close): "

@@ -121,9 +121,12 @@ def _by_library(dump: Path) -> tuple[int, dict[str, int]]:
         capture_output=True,
         text=True,
     ).stdout
-    total = int(re.search(r"^\s*([\d,]+) \([\d.]+%\)\s+PROGRAM TOTALS", text, re.M)[1].replace(",", ""))  # type: ignore[index]  # fmt: skip
+    totals = re.search(r"^\s*([\d,]+) \(\s*[\d.]+%\)\s+PROGRAM TOTALS", text, re.M)
+    if totals is None:
+        raise RuntimeError(f"no PROGRAM TOTALS in callgrind_annotate's output of {dump}")
+    total = int(totals[1].replace(",", ""))
     split: Counter[str] = Counter()
-    for count, obj in re.findall(r"^\s*([\d,]+) \([\d.]+%\)\s+\S.*\[(.+)\]$", text, re.M):
+    for count, obj in re.findall(r"^\s*([\d,]+) \(\s*[\d.]+%\)\s+\S.*\[(.+)\]$", text, re.M):
         split[Path(obj).name.split(".cpython")[0].split(".so")[0]] += int(count.replace(",", ""))
     return total, dict(split)
 
@@ -206,8 +209,9 @@ backend upstream
     ]  # fmt: skip
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc, _ = stack.enter_context(
-        started(argv, log=workdir / f"{name}.log", ready_line="listening on", env=env,
-                timeout=300)  # fmt: skip
+        started(
+            argv, log=workdir / f"{name}.log", ready_line="listening on", env=env, timeout=300
+        )  # fmt: skip
     )
     return proc.pid, port, dumps
 
@@ -225,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
                 pid, port, dumps = start_proxy(name, stack, workdir, nginx.port, files)
                 context = None if name == "l7proxy-cleartext" else client
                 results["handshakes"][name] = count(
-                    pid, dumps, lambda n: new_connections(port, context, n), args.handshakes
+                    pid,
+                    dumps,
+                    lambda n, port=port, context=context: new_connections(port, context, n),
+                    args.handshakes,
                 )
                 results["keepalive"][name] = count(
                     pid, dumps, kept_connection(port, context), args.requests
