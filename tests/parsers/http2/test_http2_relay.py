@@ -170,6 +170,36 @@ def test_credit_for_forwarded_data_goes_back_in_batches_not_per_frame():
     assert sum(len(f.data) for f in forwarded) == 65536
 
 
+def test_a_download_read_in_any_split_reaches_the_client_frame_for_frame():
+    # 320 KiB of response DATA in frames of varying size, read the way a socket
+    # hands it over: mid-header, mid-payload, several frames at once, and reads
+    # large enough that the relay forwards them without joining them first.
+    enc = Encoder()
+    wire = Wire().client(client_start() + window_update(0, 1 << 24))
+    wire.client(settings_frame({0x4: 1 << 24}))
+    wire.server(server_start())
+    wire.client(frame(HEADERS, END_HEADERS | END_STREAM, 1, enc.encode(request_headers("/big"))))
+    server_enc = Encoder()
+    server_enc.header_table_size = 0  # it applied our setting
+    response = frame(HEADERS, END_HEADERS, 1, server_enc.encode([(b":status", b"200")]))
+    sizes = [16384, 1, 9000, 16384, 300, *([16384] * 17), 5000]
+    chunks = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
+    body = b"".join(
+        frame(DATA, END_STREAM if i == len(chunks) - 1 else 0, 1, chunk)
+        for i, chunk in enumerate(chunks)
+    )
+    wire.to_client.clear()
+    stream = response + body
+    cuts = [0, 4, 9, 13, 16400, 16401, 90000, 90003, 300000, len(stream)]
+    for start, end in zip(cuts, cuts[1:], strict=False):
+        wire.server(stream[start:end])
+
+    data = [f for f in wire.client_frames() if isinstance(f, DataFrame)]
+    assert [(f.stream_id, bytes(f.data)) for f in data] == [(1, chunk) for chunk in chunks]
+    assert "END_STREAM" in data[-1].flags
+    assert wire.to_client.endswith(body[-(9 + 5000) :])  # the frames as the server sent them
+
+
 def test_data_waits_for_the_server_window_and_is_split_to_fit_it():
     enc = Encoder()
     wire = Wire().client(client_start())
