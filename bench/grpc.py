@@ -1,13 +1,16 @@
-"""gRPC unary calls: {direct, haproxy h2c, l7proxy firewall} -> grpcio interop TestService.
+"""gRPC: {direct, haproxy h2c, l7proxy firewall} -> grpcio interop TestService.
 
-    python -m bench.grpc [--calls N]
+    python -m bench.grpc [--calls N] [--download-mib M]
 
-Two load generators, each against all three paths in the same run:
+Two load generators of unary calls, each against all three paths in the same run:
 - ``grpcio``: the real Python grpcio client, ``UnaryCall`` with 32 calls in flight
   on one channel (the client is often the bottleneck: compare the proxy's CPU);
 - ``h2load``: nghttp2's h2load posting gRPC ``EmptyCall`` frames
   (content-type application/grpc, te: trailers), 4 connections x 16 streams.
-The server runs in its own process; the proxy's CPU per call comes from /proc.
+Then a download: one grpcio ``StreamingOutputCall`` whose server streams
+``--download-mib`` messages of 1 MiB (1 GiB by default), three rounds per path in
+turn (medians): MiB/s as the client sees it, and the proxy's CPU per MiB.
+The server runs in its own process; the proxy's CPU comes from /proc.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ spec:
         - ports: [{{port: "{port}", protocol: TCP}}]
           rules:
             grpc:
-              - {{service: grpc.testing.TestService, method: "(Empty|Unary)Call"}}
+              - {{service: grpc.testing.TestService, method: "(Empty|Unary|StreamingOutput)Call"}}
 """
 
 SERVER = """
@@ -128,7 +131,67 @@ def grpcio_calls(port: int, calls: int, in_flight: int = 32) -> dict:
     return {"req_per_s": calls / elapsed, "succeeded": calls - failed, "failed": failed}
 
 
-def run(calls: int = 5000, h2load_calls: int = 20000, profile: bool = False) -> dict:
+MIB = 1 << 20
+
+
+def grpcio_download(port: int, mib: int) -> dict:
+    """One server-streaming call of ``mib`` messages of 1 MiB each, read to its end."""
+    import grpc
+
+    sys.path.insert(0, str(REPO))
+    from tests.support.grpc_interop import CHANNEL_OPTIONS, interop
+
+    pb = interop()
+    messages = pb.messages_pb2
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+    stub = pb.test_pb2_grpc.TestServiceStub(channel)
+    request = messages.StreamingOutputCallRequest(
+        response_parameters=[messages.ResponseParameters(size=MIB) for _ in range(mib)]
+    )
+    try:
+        received = 0
+        started = time.perf_counter()
+        for response in stub.StreamingOutputCall(request, timeout=600):
+            received += len(response.payload.body)
+        elapsed = time.perf_counter() - started
+    finally:
+        channel.close()
+    if received != mib * MIB:
+        raise RuntimeError(f"download through port {port}: {received} of {mib * MIB} bytes")
+    return {"mib_per_s": mib / elapsed}
+
+
+def _download(paths, mib: int, rounds: int) -> list[dict]:
+    """The download through each path in turn, ``rounds`` times: medians."""
+    seen: dict[str, list[tuple[float, float | None]]] = {name: [] for name, _, _ in paths}
+    for _ in range(rounds):
+        for name, port, pid in paths:
+            result, cpu = measure(pid, lambda port=port: grpcio_download(port, mib))
+            seen[name].append((result["mib_per_s"], None if cpu is None else cpu * 1e3 / mib))
+    rows = []
+    for name, runs in seen.items():
+        rates = sorted(rate for rate, _ in runs)
+        cpus = sorted(c for _, c in runs if c is not None)
+        rows.append(
+            {
+                "config": name,
+                "mib_per_s": rates[len(rates) // 2],
+                "rounds_mib_per_s": [round(rate, 1) for rate, _ in runs],
+                "proxy_cpu_ms_per_mib": cpus[len(cpus) // 2] if cpus else None,
+            }
+        )
+    for row in rows:
+        row["vs_direct"] = row["mib_per_s"] / rows[0]["mib_per_s"]
+    return rows
+
+
+def run(
+    calls: int = 5000,
+    h2load_calls: int = 20000,
+    profile: bool = False,
+    download_mib: int = 1024,
+    download_rounds: int = 3,
+) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="bench-grpc-"))
     prof_path = workdir / "l7proxy.prof" if profile else None
     body = workdir / "empty-call.bin"
@@ -185,6 +248,7 @@ def run(calls: int = 5000, h2load_calls: int = 20000, profile: bool = False) -> 
                         "proxy_cpu_us_per_call": None if cpu is None else cpu * 1e6 / h2load_calls,
                     }
                 )
+            download = _download(paths, download_mib, download_rounds) if download_mib else []
     for client in ("grpcio", "h2load"):
         group = {r["config"]: r for r in rows if r["client"] == client}
         for r in group.values():
@@ -206,6 +270,7 @@ def run(calls: int = 5000, h2load_calls: int = 20000, profile: bool = False) -> 
             "h2load": "-c 4 -m 16",
         },
         "rows": rows,
+        "download": {"mib": download_mib, "rounds": download_rounds, "rows": download},
     }
     if prof_path is not None and prof_path.exists():
         payload["profile_top"] = top_functions(prof_path)
@@ -224,6 +289,14 @@ COLUMNS = [
 ]
 
 
+DOWNLOAD_COLUMNS = [
+    ("config", "download", "{}"),
+    ("mib_per_s", "MiB/s", "{:.0f}"),
+    ("vs_direct", "x direct", "{:.2f}"),
+    ("proxy_cpu_ms_per_mib", "proxy CPU ms/MiB", "{:.2f}"),
+]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.grpc")
     parser.add_argument("--calls", type=int, default=5000)
@@ -231,10 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", action="store_true", help="run l7proxy under cProfile and print the top"
     )
+    parser.add_argument("--download-mib", type=int, default=1024, help="0: no streaming download")
     args = parser.parse_args(argv or [])
-    payload = run(args.calls, args.h2load_calls, profile=args.profile)
+    payload = run(
+        args.calls, args.h2load_calls, profile=args.profile, download_mib=args.download_mib
+    )
     path = write_results("grpc", payload)
     print(table(payload["rows"], COLUMNS))
+    if payload["download"]["rows"]:
+        print(table(payload["download"]["rows"], DOWNLOAD_COLUMNS))
     if "profile_top" in payload:
         print(payload["profile_top"])
     print(f"written {path.relative_to(path.parents[2])}")
