@@ -25,12 +25,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bench.h2_tools import (
+    DOWNLOAD_COLUMNS,
     REPO,
     free_port,
     h2load,
     haproxy_h2c,
     l7proxy_firewall,
     measure,
+    median_downloads,
     table,
     top_functions,
     wait_port,
@@ -134,8 +136,8 @@ def grpcio_calls(port: int, calls: int, in_flight: int = 32) -> dict:
 MIB = 1 << 20
 
 
-def grpcio_download(port: int, mib: int) -> dict:
-    """One server-streaming call of ``mib`` messages of 1 MiB each, read to its end."""
+def grpcio_download(port: int, mib: int) -> float:
+    """One server-streaming call of ``mib`` messages of 1 MiB each, read to its end: MiB/s."""
     import grpc
 
     sys.path.insert(0, str(REPO))
@@ -158,31 +160,7 @@ def grpcio_download(port: int, mib: int) -> dict:
         channel.close()
     if received != mib * MIB:
         raise RuntimeError(f"download through port {port}: {received} of {mib * MIB} bytes")
-    return {"mib_per_s": mib / elapsed}
-
-
-def _download(paths, mib: int, rounds: int) -> list[dict]:
-    """The download through each path in turn, ``rounds`` times: medians."""
-    seen: dict[str, list[tuple[float, float | None]]] = {name: [] for name, _, _ in paths}
-    for _ in range(rounds):
-        for name, port, pid in paths:
-            result, cpu = measure(pid, lambda port=port: grpcio_download(port, mib))
-            seen[name].append((result["mib_per_s"], None if cpu is None else cpu * 1e3 / mib))
-    rows = []
-    for name, runs in seen.items():
-        rates = sorted(rate for rate, _ in runs)
-        cpus = sorted(c for _, c in runs if c is not None)
-        rows.append(
-            {
-                "config": name,
-                "mib_per_s": rates[len(rates) // 2],
-                "rounds_mib_per_s": [round(rate, 1) for rate, _ in runs],
-                "proxy_cpu_ms_per_mib": cpus[len(cpus) // 2] if cpus else None,
-            }
-        )
-    for row in rows:
-        row["vs_direct"] = row["mib_per_s"] / rows[0]["mib_per_s"]
-    return rows
+    return mib / elapsed
 
 
 def run(
@@ -248,7 +226,16 @@ def run(
                         "proxy_cpu_us_per_call": None if cpu is None else cpu * 1e6 / h2load_calls,
                     }
                 )
-            download = _download(paths, download_mib, download_rounds) if download_mib else []
+            download = (
+                median_downloads(
+                    list(paths),
+                    download_mib,
+                    download_rounds,
+                    lambda _name, port: grpcio_download(port, download_mib),
+                )
+                if download_mib
+                else []
+            )
     for client in ("grpcio", "h2load"):
         group = {r["config"]: r for r in rows if r["client"] == client}
         for r in group.values():
@@ -286,14 +273,6 @@ COLUMNS = [
     ("proxy_cpu_us_per_call", "proxy CPU us/call", "{:.1f}"),
     ("cpu_vs_haproxy", "CPU x haproxy", "{:.1f}"),
     ("failed", "failed", "{}"),
-]
-
-
-DOWNLOAD_COLUMNS = [
-    ("config", "download", "{}"),
-    ("mib_per_s", "MiB/s", "{:.0f}"),
-    ("vs_direct", "x direct", "{:.2f}"),
-    ("proxy_cpu_ms_per_mib", "proxy CPU ms/MiB", "{:.2f}"),
 ]
 
 

@@ -24,10 +24,12 @@ import time
 from pathlib import Path
 
 from bench.h2_tools import (
+    DOWNLOAD_COLUMNS,
     h2load,
     haproxy_h2c,
     l7proxy_firewall,
     measure,
+    median_downloads,
     nghttpd,
     table,
     top_functions,
@@ -100,7 +102,7 @@ def run(
                     }
                 )
             if bulk_mib:
-                bulk = _bulk(
+                bulk = median_downloads(
                     [
                         ("direct", server_port, None),
                         ("haproxy", ha_port, ha_pid),
@@ -108,6 +110,7 @@ def run(
                     ],
                     bulk_mib,
                     bulk_rounds,
+                    _bulk_download(bulk_mib),
                 )
     by = {r["config"]: r for r in rows}
     for r in rows:
@@ -132,43 +135,19 @@ def run(
     return payload
 
 
-def _bulk(configs: list[tuple[str, int, int | None]], mib: int, rounds: int) -> list[dict]:
-    """One ``mib`` MiB download per configuration, in turn, ``rounds`` times: medians."""
-    seen: dict[str, list[tuple[float, float | None]]] = {name: [] for name, _, _ in configs}
-    for _ in range(rounds):
-        for name, port, pid in configs:
-            url = f"http://127.0.0.1:{port}/public/big.bin"
-            start = time.monotonic()
-            result, cpu = measure(
-                pid, lambda url=url: h2load(url, requests=1, clients=1, streams=1)
-            )
-            elapsed = time.monotonic() - start
-            if result["failed"] or result["succeeded"] != 1:
-                raise RuntimeError(f"bulk download through {name} failed: {result}")
-            seen[name].append((mib / elapsed, None if cpu is None else cpu * 1e3 / mib))
-    rows = []
-    for name, runs in seen.items():
-        rates = sorted(rate for rate, _ in runs)
-        cpus = sorted(c for _, c in runs if c is not None)
-        rows.append(
-            {
-                "config": name,
-                "mib_per_s": rates[len(rates) // 2],
-                "proxy_cpu_ms_per_mib": cpus[len(cpus) // 2] if cpus else None,
-            }
-        )
-    direct = rows[0]["mib_per_s"]
-    for row in rows:
-        row["vs_direct"] = row["mib_per_s"] / direct
-    return rows
+def _bulk_download(mib: int):
+    """One download of the sparse file of ``mib`` MiB with h2load on one stream: MiB/s."""
 
+    def download(name: str, port: int) -> float:
+        start = time.monotonic()
+        result = h2load(f"http://127.0.0.1:{port}/public/big.bin", requests=1, clients=1, streams=1)
+        elapsed = time.monotonic() - start
+        if result["failed"] or result["succeeded"] != 1:
+            raise RuntimeError(f"bulk download through {name} failed: {result}")
+        return mib / elapsed
 
-BULK_COLUMNS = [
-    ("config", "bulk", "{}"),
-    ("mib_per_s", "MiB/s", "{:.0f}"),
-    ("vs_direct", "x direct", "{:.2f}"),
-    ("proxy_cpu_ms_per_mib", "proxy CPU ms/MiB", "{:.2f}"),
-]
+    return download
+
 
 COLUMNS = [
     ("config", "config", "{}"),
@@ -195,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     path = write_results("h2", payload)
     print(table(payload["rows"], COLUMNS))
     if payload["bulk"]["rows"]:
-        print(table(payload["bulk"]["rows"], BULK_COLUMNS))
+        print(table(payload["bulk"]["rows"], DOWNLOAD_COLUMNS))
     if "profile_top" in payload:
         print(payload["profile_top"])
     print(f"written {path.relative_to(path.parents[2])}")

@@ -193,6 +193,42 @@ def measure(pid: int | None, run) -> tuple[dict, float | None]:
     return result, spent
 
 
+def median_downloads(
+    paths: list[tuple[str, int, int | None]], mib: int, rounds: int, download
+) -> list[dict]:
+    """``download(name, port)`` (one ``mib`` MiB download, returning MiB/s) through each
+    path (name, port, proxy pid) in turn, ``rounds`` times: the median rate, every
+    round's, the proxy's median CPU per MiB, and the rate against the first path's."""
+    seen: dict[str, list[tuple[float, float | None]]] = {name: [] for name, _, _ in paths}
+    for _ in range(rounds):
+        for name, port, pid in paths:
+            rate, cpu = measure(pid, lambda name=name, port=port: download(name, port))
+            seen[name].append((rate, None if cpu is None else cpu * 1e3 / mib))
+    rows = []
+    for name, runs in seen.items():
+        rates = sorted(rate for rate, _ in runs)
+        cpus = sorted(c for _, c in runs if c is not None)
+        rows.append(
+            {
+                "config": name,
+                "mib_per_s": rates[len(rates) // 2],
+                "rounds_mib_per_s": [round(rate, 1) for rate, _ in runs],
+                "proxy_cpu_ms_per_mib": cpus[len(cpus) // 2] if cpus else None,
+            }
+        )
+    for row in rows:
+        row["vs_direct"] = row["mib_per_s"] / rows[0]["mib_per_s"]
+    return rows
+
+
+DOWNLOAD_COLUMNS = [
+    ("config", "download", "{}"),
+    ("mib_per_s", "MiB/s", "{:.0f}"),
+    ("vs_direct", "x direct", "{:.2f}"),
+    ("proxy_cpu_ms_per_mib", "proxy CPU ms/MiB", "{:.2f}"),
+]
+
+
 def write_results(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
