@@ -32,7 +32,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 NAME = "http1_heads"
 RESULTS = Path(__file__).resolve().parent / "results" / f"{NAME}.json"
@@ -63,34 +62,6 @@ def workload(name: str, n: int) -> list[bytes]:
 
 WORKLOADS = ("repeated", "varied", "realistic")
 MODES = ("engine", "pipe")
-
-
-class _Sink:
-    """Stands in for an asyncio transport: takes writes and drops them."""
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def writelines(self, data: Any) -> None:
-        pass
-
-    def is_closing(self) -> bool:
-        return False
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        pass
-
-    def set_write_buffer_limits(self, *args: Any) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 class Setup:
@@ -135,6 +106,7 @@ class Setup:
 
             return run_engine
 
+        from bench.http1_proxy import Sink
         from l7proxy.observe.flowlog import FlowLog
         from l7proxy.proxy.driver import Pipe, ProxyLimits, ProxyStats
 
@@ -148,9 +120,9 @@ class Setup:
                 policy.parser,
                 ProxyLimits(),
                 ProxyStats(),
-                client=_Sink(),  # type: ignore[arg-type]
+                client=Sink(),  # type: ignore[arg-type]
             )
-            pipe.server_connected(_Sink())  # type: ignore[arg-type]
+            pipe.server_connected(Sink())  # type: ignore[arg-type]
             client, server = pipe.client_data, pipe.server_data
             for request in requests:
                 client(request)

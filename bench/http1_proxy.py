@@ -384,8 +384,8 @@ def profile_firewall(nginx, args, workdir: Path) -> dict[str, Any]:
     }
 
 
-class _Sink:
-    """Stands in for an asyncio transport in the in-process engine profile."""
+class Sink:
+    """Stands in for an asyncio transport in process: takes writes and drops them."""
 
     def write(self, data: bytes) -> None:
         pass
@@ -403,6 +403,12 @@ class _Sink:
         pass
 
     def set_write_buffer_limits(self, *a) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
         pass
 
 
@@ -470,9 +476,9 @@ def profile_engine(
                 conn_policy.parser,
                 ProxyLimits(),
                 ProxyStats(),
-                client=_Sink(),
+                client=Sink(),
             )
-            pipe.server_connected(_Sink())
+            pipe.server_connected(Sink())
             for _ in range(n):
                 pipe.client_data(request)
                 pipe.server_data(response)
