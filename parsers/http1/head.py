@@ -171,6 +171,28 @@ class ResponseHeadParser(Protocol):
     def complete(self, head: bytes, request_method: str = "GET") -> MessageHead: ...
 
 
+class _Unfinished(Protocol):
+    def partial(self, buf: bytes | bytearray) -> None: ...
+    def reset(self) -> None: ...
+
+
+class FrontParser:
+    """A head parser in front of another (a memo, the quick read): an unfinished head
+    goes to the other one, which keeps its state until the head is complete."""
+
+    def __init__(self, parser: _Unfinished) -> None:
+        self._partial = False  # the parser has state from an unfinished head
+        self._any_parser = parser
+
+    def partial(self, buf: bytes | bytearray) -> None:
+        self._partial = True
+        self._any_parser.partial(buf)
+
+    def reset(self) -> None:
+        self._partial = False
+        self._any_parser.reset()
+
+
 # --------------------------------------------------------------------------
 # Shared framing semantics (RFC 9112 section 6).
 

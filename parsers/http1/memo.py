@@ -20,9 +20,9 @@ bytes (cleared when full), so a connection's memory stays bounded.
 from __future__ import annotations
 
 import re
-from typing import Literal, Protocol
+from typing import Literal
 
-from parsers.http1.head import MessageHead, RequestHeadParser, ResponseHeadParser
+from parsers.http1.head import FrontParser, MessageHead, RequestHeadParser, ResponseHeadParser
 
 __all__ = [
     "MAX_REMEMBERED_HEAD",
@@ -47,28 +47,7 @@ def _simple_target(raw: bytes, start: int, end: int) -> bool:
     return SIMPLE_TARGET.fullmatch(raw, start, end) is not None and raw.find(b"://", start, end) < 0
 
 
-class _HeadParser(Protocol):
-    def partial(self, buf: bytes | bytearray) -> None: ...
-    def reset(self) -> None: ...
-
-
-class _Remembering:
-    """What both memos do with an unfinished head: the parser keeps its state."""
-
-    def __init__(self, parser: _HeadParser) -> None:
-        self._partial = False  # the parser has state from an unfinished head
-        self._any_parser = parser
-
-    def partial(self, buf: bytes | bytearray) -> None:
-        self._partial = True
-        self._any_parser.partial(buf)
-
-    def reset(self) -> None:
-        self._partial = False
-        self._any_parser.reset()
-
-
-class RequestHeadMemo(_Remembering):
+class RequestHeadMemo(FrontParser):
     """A request head parser that remembers.
 
     Two memories: heads by their exact bytes, and request *shapes*: a head that
@@ -159,7 +138,7 @@ class RequestHeadMemo(_Remembering):
         return True
 
 
-class ResponseHeadMemo(_Remembering):
+class ResponseHeadMemo(FrontParser):
     """A response head parser that remembers heads by request method and exact bytes."""
 
     side: Literal["server"] = "server"

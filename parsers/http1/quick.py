@@ -28,7 +28,13 @@ import re
 from typing import Literal
 
 from parsers.http1.errors import Http1Error
-from parsers.http1.head import MessageHead, RequestHeadParser, frame_request, framing_fields
+from parsers.http1.head import (
+    FrontParser,
+    MessageHead,
+    RequestHeadParser,
+    frame_request,
+    framing_fields,
+)
 
 __all__ = ["MAX_QUICK_FIELDS", "SIMPLE_REQUEST_HEAD", "QuickRequestHead", "quick_request_head"]
 
@@ -87,23 +93,15 @@ def quick_request_head(raw: bytes) -> MessageHead | None:
     return head
 
 
-class QuickRequestHead:
+class QuickRequestHead(FrontParser):
     """A request head parser (the contract of ``parsers.http1.head``) that tries
     ``quick_request_head`` first and hands every other head to ``parser``."""
 
     side: Literal["client"] = "client"
 
     def __init__(self, parser: RequestHeadParser) -> None:
+        super().__init__(parser)
         self._parser = parser
-        self._partial = False  # the full parser has state from an unfinished head
-
-    def partial(self, buf: bytes | bytearray) -> None:
-        self._partial = True
-        self._parser.partial(buf)
-
-    def reset(self) -> None:
-        self._partial = False
-        self._parser.reset()
 
     def complete(self, head: bytes) -> MessageHead:
         quick = quick_request_head(head)
