@@ -9,7 +9,7 @@ HEADERS and DATA of an answer it gives itself (a denial, a 431).
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from h2.errors import ErrorCodes
 
@@ -65,15 +65,6 @@ def frame(frame_type: int, flags: int, stream_id: int, payload: bytes = b"") -> 
         + stream_id.to_bytes(4, "big")
         + payload
     )
-
-
-def data_frame(stream_id: int, payload: bytes | memoryview, end_stream: bool) -> bytes:
-    header = (
-        len(payload).to_bytes(3, "big")
-        + bytes((DATA, END_STREAM if end_stream else 0))
-        + stream_id.to_bytes(4, "big")
-    )
-    return header + payload
 
 
 def headers_frames(stream_id: int, block: bytes, end_stream: bool, max_frame_size: int) -> bytes:
@@ -169,16 +160,3 @@ def code_name(code: int | None) -> str:
         return ErrorCodes(code).name
     except ValueError:
         return str(code)
-
-
-def frames_of(data: bytes | bytearray) -> Iterable[tuple[int, int, int, bytes]]:
-    """(type, flags, stream id, payload) of each whole frame in ``data`` (tests, tools)."""
-    pos = 0
-    while len(data) - pos >= FRAME_HEADER_LENGTH:
-        length = int.from_bytes(data[pos : pos + 3], "big")
-        end = pos + FRAME_HEADER_LENGTH + length
-        if end > len(data):
-            return
-        stream_id = int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-        yield data[pos + 3], data[pos + 4], stream_id, bytes(data[pos + 9 : end])
-        pos = end
