@@ -54,6 +54,19 @@ def register(commands: Any) -> None:
         metavar="SECONDS",
         help="report a flow's kernel drops at most this often, with their count (0: every packet)",
     )
+    run_cmd.add_argument(
+        "--workers",
+        type=workers,
+        default=1,
+        metavar="N|auto",
+        help="proxy worker processes, each with its own event loop on its own member of a "
+        "SO_REUSEPORT group per parser family (auto: one per CPU; default 1: the proxy runs "
+        "in the agent's process) (docs/workers.md)",
+    )
+    # Set by the agent for each worker it starts: its listening sockets
+    # (FAMILY=FD,...) and its number (the flow log's ``worker`` field).
+    run_cmd.add_argument("--worker-of", metavar="FAMILY=FD,...", help=argparse.SUPPRESS)
+    run_cmd.add_argument("--worker-id", type=int, default=0, help=argparse.SUPPRESS)
     kube = run_cmd.add_argument_group("Kubernetes (docs/cluster.md)")
     kube.add_argument(
         "--k8s",
@@ -128,7 +141,39 @@ def register(commands: Any) -> None:
     cleanup_cmd.set_defaults(func=cleanup)
 
 
+def workers(text: str) -> int:
+    from l7proxy.proxy.workers import worker_count
+
+    try:
+        return worker_count(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """One of ``run --workers N``'s proxy workers (started by the agent)."""
+    from l7proxy.agent.worker import WorkerConfig, parse_listeners, serve
+    from l7proxy.proxy.workers import SUPERVISOR_ENV, die_with_parent
+
+    die_with_parent(int(os.environ.get(SUPERVISOR_ENV, "0")) or os.getppid())
+    store = Store(args.state_dir)
+    config = WorkerConfig(
+        index=args.worker_id,
+        listeners=parse_listeners(args.worker_of),
+        flowlog=store.flowlog,
+        rotation=flowlog_rotation(args),
+        limits=proxy_limits(args),
+        mark=store.read().proxy_mark,
+        tls_secrets_dir=args.tls_secrets_dir or store.root / "secrets",
+    )
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(serve(config))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.worker_of is not None:
+        return run_worker(args)
     store = Store(args.state_dir)
     from l7proxy.agent.agent import Agent
     from l7proxy.agent.handover import Predecessor, socket_path
@@ -151,6 +196,13 @@ def run(args: argparse.Namespace) -> int:
         cluster = cluster_config(args)
     except ValueError as e:
         print(str(e), file=sys.stderr)
+        return 2
+    if args.workers > 1 and (args.metrics or args.ui):
+        # Both show this process's flows and counters; the workers' are elsewhere.
+        print(
+            "l7proxy run: --metrics and --ui work with one worker only (not yet with --workers)",
+            file=sys.stderr,
+        )
         return 2
     problem = kernel_support()
     if problem:
@@ -179,6 +231,8 @@ def run(args: argparse.Namespace) -> int:
         tls_secrets_dir=args.tls_secrets_dir,
         cluster=cluster,
         devices=[d for d in args.devices.split(",") if d],
+        workers=args.workers,
+        worker_command=worker_command(args),
     )
 
     async def main() -> None:
@@ -236,6 +290,20 @@ def run(args: argparse.Namespace) -> int:
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(main())
     return 0
+
+
+def worker_command(args: argparse.Namespace):
+    """A worker is this same command, told its sockets and its number."""
+    argv = list(args.argv)
+
+    def command(worker: int, families: list[str], fds: list[int]) -> list[str]:
+        spec = ",".join(f"{family}={fd}" for family, fd in zip(families, fds, strict=True))
+        return [sys.executable, "-m", "l7proxy", *argv, "--worker-of", spec] + [
+            "--worker-id",
+            str(worker),
+        ]
+
+    return command
 
 
 async def _port_free(address: tuple[str, int], timeout: float = 5.0) -> None:

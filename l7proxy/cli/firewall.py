@@ -219,15 +219,17 @@ def supervise(args: argparse.Namespace) -> int:
         snapshot = PolicySnapshot(args.policy, Path(snapshots))
         snapshot.refresh()
 
-        def command(worker: int, fd: int) -> list[str]:
+        def command(worker: int, fds: list[int]) -> list[str]:
             fallback = [a for p in snapshot.paths or () for a in ("--policy-fallback", str(p))]
-            return [sys.executable, "-m", "l7proxy", *argv, "--worker-of", str(fd)] + [
+            return [sys.executable, "-m", "l7proxy", *argv, "--worker-of", str(fds[0])] + [
                 "--worker-id",
                 str(worker),
                 *fallback,
             ]
 
-        supervisor = Supervisor(socks, command, with_metrics=args.metrics is not None)
+        supervisor = Supervisor(
+            [[sock] for sock in socks], command, with_metrics=args.metrics is not None
+        )
         with asyncio.Runner() as runner:
             return runner.run(
                 supervisor.run(

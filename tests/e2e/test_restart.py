@@ -442,7 +442,7 @@ def test_control_socket_passes_a_listening_socket_that_keeps_its_queue(tmp_path)
         early = socket.create_connection(("127.0.0.1", port))
         pred = Predecessor.connect(tmp_path / "agent.sock")
         assert pred.info == {"pid": 1, "listeners": {"http": port}, "policy_revision": 7}
-        inherited = pred.listeners()["http"]
+        (inherited,) = pred.listeners()["http"]
         listener.close()
         late = socket.create_connection(("127.0.0.1", port))
         inherited.setblocking(True)

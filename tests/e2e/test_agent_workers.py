@@ -1,0 +1,219 @@
+"""``l7proxy run --workers 2``: the agent's proxy in two processes, on a real node.
+
+Endpoints in namespaces, the real agent with two proxy workers, curl-like
+clients in the namespaces. The kernel redirects flows to one member of each
+parser family's reuseport group and spreads them over the group; the flow
+log's ``worker`` field says which worker judged each request.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import signal
+import sys
+import textwrap
+import time
+
+import pytest
+
+from tests.e2e.test_agent_e2e import OPEN_L7, RULE1_L7, SHIPS
+from tests.e2e.test_restart import LOAD_CLIENT, _successor
+from tests.support.node import running_node
+
+pytestmark = pytest.mark.root
+
+EXHAUSTED = "503 Panic: deathstar exploded"
+
+# Runs in a client's namespace: COUNT requests, each on a fresh connection (a new
+# source port, so a new hash), all at once in threads; prints one line per
+# request: "<status> <body>" or "error <exception>".
+FRESH_CLIENT = textwrap.dedent(
+    """
+    import http.client, sys, threading
+    host, method, path, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    out = [None] * count
+    def one(i):
+        conn = http.client.HTTPConnection(host, 80, timeout=10)
+        try:
+            conn.request(method, f"{path}/{i}" if path.endswith("/") else path)
+            r = conn.getresponse()
+            out[i] = f"{r.status} {r.read().decode().strip()}"
+        except Exception as exc:
+            out[i] = f"error {exc!r}"
+        finally:
+            conn.close()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print("\\n".join(out), flush=True)
+    """
+)
+
+
+@pytest.fixture
+def node():
+    with running_node(SHIPS, start_agent=False) as n:
+        n.start_agent("--workers", "2")
+        n.serve_http("deathstar", 80)
+        yield n
+
+
+def fresh(node, src: str, method: str, path: str, count: int) -> list[str]:
+    run = node.run_in(
+        src, [sys.executable, "-c", FRESH_CLIENT, node.ip("deathstar"), method, path, str(count)]
+    )
+    assert run.returncode == 0, run.stderr
+    return run.stdout.splitlines()
+
+
+def l7_flows(node, method: str, path_start: str, count: int) -> list[dict]:
+    """The L7 records of these requests, once all ``count`` are in the log (each
+    worker writes its batch on its own one-second timer)."""
+    deadline = time.monotonic() + 10
+    while True:
+        records = [
+            r
+            for r in node.flows()
+            if r["type"] == "l7"
+            and r["l7"]["method"] == method
+            and r["l7"]["path"].startswith(path_start)
+        ]
+        if len(records) >= count or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def workers_on(node, revision: int) -> dict:
+    return node.wait_status(
+        lambda s: s
+        and s["policy_revision"] >= revision
+        and all(w["policy_revision"] == s["policy_revision"] for w in s["workers"]["each"])
+        and s["healthy"],
+        what=f"both workers on policy revision {revision}",
+    )
+
+
+def worker_pids(node) -> set[int]:
+    return {w["pid"] for w in node.status()["workers"]["each"]}
+
+
+def test_redirected_flows_reach_both_workers_and_a_policy_change_reaches_each(node):
+    status = node.status()
+    assert status["workers"]["count"] == 2 and status["healthy"]
+    pids = worker_pids(node)
+    assert len(pids) == 2 and node.agent.pid not in pids
+    node.import_policy(RULE1_L7)
+    revision = workers_on(node, node.status()["policy_revision"])["policy_revision"]
+
+    # Fresh connections from the tiefighter, each redirected by the kernel.
+    answers = fresh(node, "tiefighter", "PUT", "/v1/exhaust-port", 40)
+    assert answers == ["403 Access denied"] * 40
+    denied = l7_flows(node, "PUT", "/v1/exhaust-port", 40)
+    assert len(denied) == 40 and {r["verdict"] for r in denied} == {"DENIED"}
+    per_worker = {w: sum(r["worker"] == w for r in denied) for w in (0, 1)}
+    print("denied PUTs per worker:", per_worker)
+    assert per_worker[0] > 0 and per_worker[1] > 0
+    # Identities came with the policy: each worker names both sides.
+    assert {r["source"]["endpoint"] for r in denied} == {"tiefighter"}
+    assert {r["destination"]["endpoint"] for r in denied} == {"deathstar"}
+    assert {tuple(sorted(r["source"]["labels"].items())) for r in denied} == {
+        (("class", "tiefighter"), ("org", "empire"))
+    }
+
+    # A policy change: the agent compiles it once and both workers apply it.
+    node.import_policy(OPEN_L7, "open")
+    after = workers_on(node, revision + 1)
+    assert {w["policy_revision"] for w in after["workers"]["each"]} == {after["policy_revision"]}
+    answers = fresh(node, "tiefighter", "PUT", "/v1/exhaust-port", 40)
+    assert set(answers) == {EXHAUSTED}
+    allowed = [
+        r for r in l7_flows(node, "PUT", "/v1/exhaust-port", 80) if r["verdict"] != "DENIED"
+    ]
+    assert len(allowed) == 40 and {r["verdict"] for r in allowed} == {"FORWARDED"}
+    assert {r["worker"] for r in allowed} == {0, 1}
+    # The kernel still drops what no rule lets in at L3/L4.
+    assert node.curl("xwing", "PUT", "deathstar", "/v1/exhaust-port", timeout=1.5).status is None
+    assert worker_pids(node) == pids  # nobody was restarted for it
+
+
+def test_a_killed_worker_is_restarted_on_its_sockets_and_no_new_connection_is_lost(node):
+    node.import_policy(RULE1_L7)
+    before = node.status()["workers"]["each"]
+    victim = before[1]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    # Right away, while worker 1 is dead or starting: connections the kernel
+    # hashes to its socket wait in its accept queue, then the new worker serves them.
+    answers = fresh(node, "tiefighter", "POST", "/v1/request-landing", 40)
+    assert answers == [f"200 Ship landed (seen from {node.ip('tiefighter')})"] * 40
+    records = l7_flows(node, "POST", "/v1/request-landing", 40)
+    assert {r["worker"] for r in records} == {0, 1}
+    status = node.wait_status(
+        lambda s: s and s["workers"]["restarts"] == 1 and s["healthy"],
+        what="worker 1 restarted and healthy",
+    )
+    each = status["workers"]["each"]
+    assert each[0]["pid"] == before[0]["pid"] and each[1]["pid"] not in (victim, None)
+    # The new worker got the policy in force before it listened.
+    assert each[1]["policy_revision"] == status["policy_revision"]
+    assert "worker 1 (pid %d) killed by SIGKILL" % victim in (node.root / "agent.log").read_text()
+
+
+def test_takeover_with_workers_under_load_fails_no_request(node):
+    node.import_policy(RULE1_L7)
+    old = node.agent
+    old_workers = worker_pids(node)
+    stop_file = node.root / "stop-load"
+    load = node.spawn(
+        [
+            "ip",
+            "netns",
+            "exec",
+            node.endpoint("tiefighter").netns,
+            sys.executable,
+            "-c",
+            LOAD_CLIENT,
+            node.ip("deathstar"),
+            str(stop_file),
+        ],
+        "load running",
+        "load",
+    )
+    try:
+        time.sleep(1.0)  # load against the old agent's workers alone
+        new = _successor(node, "--workers", "2", "--drain-timeout", "3")
+        after = node.wait_status(
+            lambda s: s and s["pid"] == new.pid and s["healthy"], what="the successor's status"
+        )
+        new_workers = {w["pid"] for w in after["workers"]["each"]}
+        assert len(new_workers) == 2 and new_workers.isdisjoint(old_workers)
+        assert old.wait(timeout=30) == 0
+        # Every old worker drained and left.
+        for pid in old_workers:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        time.sleep(1.0)  # load against the successor's workers alone
+        assert node.curl("tiefighter", "PUT", "deathstar", "/v1/exhaust-port").status == 403
+    finally:
+        stop_file.touch()
+        load.wait(timeout=30)
+
+    summary = json.loads((node.root / "load.log").read_text().splitlines()[-1])
+    print("load during takeover:", summary)
+    assert summary["failures"] == []
+    assert summary["fresh_ok"] > 20 and summary["fresh_denied"] > 20
+    drained = [
+        line
+        for line in (node.root / "agent.log").read_text().splitlines()
+        if line.startswith("l7proxy drained:")
+    ]
+    assert drained, "the old agent did not report its drain"
+    drain = ast.literal_eval(drained[0].removeprefix("l7proxy drained:").strip())
+    print("old agent's drain (both workers):", drain)
+    assert drain["cut"] == 0
+    # Both generations wrote the one flow log; the successor's records carry workers too.
+    served = l7_flows(node, "POST", "/v1/request-landing", 1)
+    assert {r["worker"] for r in served} == {0, 1}
