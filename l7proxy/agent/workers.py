@@ -79,7 +79,9 @@ async def read_message(reader: asyncio.StreamReader) -> tuple[str, Any] | None:
     return str(kind), payload
 
 
-def split_listeners(socks: dict[str, list[socket.socket]], count: int) -> list[list[tuple[str, socket.socket]]]:
+def split_listeners(
+    socks: dict[str, list[socket.socket]], count: int
+) -> list[list[tuple[str, socket.socket]]]:
     """Each worker's (family, socket) pairs: socket i of a family goes to worker
     i mod count, so a worker may get more than one of a family (a predecessor
     with more workers handed over more sockets) and every socket is served."""
@@ -93,9 +95,7 @@ def split_listeners(socks: dict[str, list[socket.socket]], count: int) -> list[l
 class AgentWorkers:
     """The agent's end: N supervised workers kept on the policy in force."""
 
-    def __init__(
-        self, socks: dict[str, list[socket.socket]], count: int, command: Command
-    ) -> None:
+    def __init__(self, socks: dict[str, list[socket.socket]], count: int, command: Command) -> None:
         shares = split_listeners(socks, count)
         self.families = [[family for family, _ in share] for share in shares]
         self.supervisor = Supervisor(
@@ -162,9 +162,7 @@ class AgentWorkers:
 
     @property
     def serving(self) -> bool:
-        return all(
-            self.supervisor.running(w) and w.ready.is_set() for w in self.supervisor.workers
-        )
+        return all(self.supervisor.running(w) and w.ready.is_set() for w in self.supervisor.workers)
 
     def totals(self) -> dict[str, Any]:
         """The workers' proxy counters, summed (a restarted worker counts from 0)."""

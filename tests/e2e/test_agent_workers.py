@@ -89,10 +89,12 @@ def l7_flows(node, method: str, path_start: str, count: int) -> list[dict]:
 
 def workers_on(node, revision: int) -> dict:
     return node.wait_status(
-        lambda s: s
-        and s["policy_revision"] >= revision
-        and all(w["policy_revision"] == s["policy_revision"] for w in s["workers"]["each"])
-        and s["healthy"],
+        lambda s: (
+            s
+            and s["policy_revision"] >= revision
+            and all(w["policy_revision"] == s["policy_revision"] for w in s["workers"]["each"])
+            and s["healthy"]
+        ),
         what=f"both workers on policy revision {revision}",
     )
 
@@ -130,9 +132,7 @@ def test_redirected_flows_reach_both_workers_and_a_policy_change_reaches_each(no
     assert {w["policy_revision"] for w in after["workers"]["each"]} == {after["policy_revision"]}
     answers = fresh(node, "tiefighter", "PUT", "/v1/exhaust-port", 40)
     assert set(answers) == {EXHAUSTED}
-    allowed = [
-        r for r in l7_flows(node, "PUT", "/v1/exhaust-port", 80) if r["verdict"] != "DENIED"
-    ]
+    allowed = [r for r in l7_flows(node, "PUT", "/v1/exhaust-port", 80) if r["verdict"] != "DENIED"]
     assert len(allowed) == 40 and {r["verdict"] for r in allowed} == {"FORWARDED"}
     assert {r["worker"] for r in allowed} == {0, 1}
     # The kernel still drops what no rule lets in at L3/L4.
@@ -159,7 +159,7 @@ def test_a_killed_worker_is_restarted_on_its_sockets_and_no_new_connection_is_lo
     assert each[0]["pid"] == before[0]["pid"] and each[1]["pid"] not in (victim, None)
     # The new worker got the policy in force before it listened.
     assert each[1]["policy_revision"] == status["policy_revision"]
-    assert "worker 1 (pid %d) killed by SIGKILL" % victim in (node.root / "agent.log").read_text()
+    assert f"worker 1 (pid {victim}) killed by SIGKILL" in (node.root / "agent.log").read_text()
 
 
 def test_takeover_with_workers_under_load_fails_no_request(node):
