@@ -81,12 +81,14 @@ class Agent:
         devices: Sequence[str] = (),
         workers: int = 1,
         worker_command: Command | None = None,
+        worker_metrics: bool = False,
     ):
         # ``run --workers N`` (N > 1): the proxy runs in N worker processes
         # (l7proxy/agent/workers.py) started with ``worker_command``; this process
         # keeps the datapath, the sources and the policy, and sends them the policy.
         self.worker_count = workers
         self.worker_command = worker_command
+        self.worker_metrics = worker_metrics  # each worker serves its own, for /metrics
         self.workers: AgentWorkers | None = None
         self.drop_report_interval = drop_report_interval
         # Kubernetes (``run --k8s``): pods on this node become endpoints, CNPs and
@@ -238,8 +240,13 @@ class Agent:
         from l7proxy.agent.workers import AgentWorkers
 
         assert self.worker_command is not None, "workers need their command"
-        self.workers = AgentWorkers(self.listen_socks, self.worker_count, self.worker_command)
-        if not await self.workers.start(compiled, self.policies):
+        self.workers = AgentWorkers(
+            self.listen_socks,
+            self.worker_count,
+            self.worker_command,
+            with_metrics=self.worker_metrics,
+        )
+        if not await self.workers.start(compiled):
             raise RuntimeError("the proxy workers did not start (their errors are above)")
         log.info("%d proxy workers serving", self.worker_count)
 
@@ -536,7 +543,7 @@ class Agent:
         assert self.state is not None, "start() first"
         self.state.swap(compiled)
         if self.workers is not None:
-            self.workers.publish(compiled, self.policies)
+            self.workers.publish(compiled)
         await self._kernel(self._sync_kernel, compiled)
         log.info(
             "policy revision %d: %d policies, %d endpoints",

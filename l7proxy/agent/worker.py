@@ -11,7 +11,6 @@ closes, and when the agent dies (``die_with_parent``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import signal
@@ -19,7 +18,6 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from l7proxy.agent.drain import drain_proxy
 from l7proxy.agent.workers import (
@@ -31,6 +29,7 @@ from l7proxy.agent.workers import (
     read_message,
 )
 from l7proxy.observe.flowlog import FlowLog, Rotation
+from l7proxy.policy.engine import CompiledPolicy
 from l7proxy.policy.state import PolicyState
 from l7proxy.proxy.driver import ProxyLimits
 from l7proxy.proxy.heap import steady_heap
@@ -51,6 +50,7 @@ class WorkerConfig:
     limits: ProxyLimits
     mark: int
     tls_secrets_dir: Path
+    metrics: bool = False  # serve /metrics on 127.0.0.1:0 for the agent to scrape
 
 
 def parse_listeners(text: str) -> list[tuple[str, int]]:
@@ -74,11 +74,10 @@ async def serve(config: WorkerConfig) -> None:
     first = await read_message(reader)
     if first is None or first[0] != "policy":
         raise SystemExit("worker: the agent sent no policy")
-    compiled, policies = first[1]
+    compiled = first[1]
     tls = TlsStore(config.tls_secrets_dir)
-    with contextlib.suppress(Exception):  # the agent verified them; report below if not
-        tls.update(policies)
     state = PolicyState(compiled)
+    _apply(state, tls, compiled)  # its TLS contexts; a failure is reported, as later
     proxy = Proxy(
         state,
         FlowLog(config.flowlog, rotation=config.rotation, fields={"worker": config.index}),
@@ -90,7 +89,14 @@ async def serve(config: WorkerConfig) -> None:
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
         await proxy.listen(PROXY_HOST, sock.getsockname()[1], sock=sock)
-    say(f"{APPLIED_PREFIX}{compiled.revision}")
+    served = None
+    if config.metrics:
+        from l7proxy.observe.metrics import agent_worker_status_fn, attach_metrics, serve_metrics
+        from l7proxy.proxy.workers import METRICS_PREFIX
+
+        served = attach_metrics(proxy.flowlog, agent_worker_status_fn(proxy))
+        served.runner = await serve_metrics(served, "127.0.0.1", 0)
+        say(f"{METRICS_PREFIX}{served.url}")
     say(READY_PREFIX + ",".join(f"{family}={fd}" for family, fd in config.listeners))
 
     stop = asyncio.Event()
@@ -118,7 +124,7 @@ async def serve(config: WorkerConfig) -> None:
                 break  # the agent closed our stdin: it is gone
             kind, payload = got
             if kind == "policy":
-                _apply(state, tls, *payload)
+                _apply(state, tls, payload)
             elif kind == "drain":
                 draining = True
                 report = await drain_proxy(proxy, float(payload), cut_short)
@@ -128,15 +134,17 @@ async def serve(config: WorkerConfig) -> None:
     finally:
         housekeeping.cancel()
         heap.cancel()
+        if served is not None:
+            await served.close()
         if not draining:
             await proxy.close()
             proxy.flowlog.close()
 
 
-def _apply(state: PolicyState, tls: TlsStore, compiled: Any, policies: list[Any]) -> None:
+def _apply(state: PolicyState, tls: TlsStore, compiled: CompiledPolicy) -> None:
     """Both or neither: TLS contexts the policy names, then the policy in one swap."""
     try:
-        tls.update(policies)
+        tls.update(list(compiled.policies))
         state.swap(compiled)
     except Exception as exc:  # noqa: BLE001 - reported to the agent; the last policy stays
         say(f"{REJECTED_PREFIX}{compiled.revision}: {exc}")

@@ -11,9 +11,9 @@ restarted by the firewall's ``Supervisor`` (l7proxy/proxy/workers.py), with its
 sockets in ``pass_fds``.
 
 What a worker's proxy reads from the agent is one object: the
-``CompiledPolicy`` (rules, endpoints by address, identities, the ipcache), plus
-the ``Policy`` list its TLS contexts are loaded from. The agent compiles once and
-sends both, pickled, down each worker's stdin whenever they change, and first
+``CompiledPolicy`` (rules, endpoints by address, identities, the ipcache, and
+the ``Policy`` list its TLS contexts are loaded from). The agent compiles once
+and sends it, pickled, down each worker's stdin whenever it changes, and first
 of all to a worker as it starts, before it listens. A worker swaps its policy
 in one assignment (``PolicyState.swap``) after the whole message is read and
 unpickled, and answers on stdout with the revision it applied, or with the
@@ -21,7 +21,7 @@ error that kept its last one.
 
 Messages (agent -> worker, on stdin): a 4-byte big-endian length, then a
 pickled ``(kind, payload)``:
-    ("policy", (CompiledPolicy, [Policy, ...]))
+    ("policy", CompiledPolicy)
     ("drain", seconds)            after a handover: drain and exit
 Lines (worker -> agent, on stdout): the PREFIXES below.
 """
@@ -34,12 +34,11 @@ import logging
 import pickle
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from l7proxy.agent.drain import DRAIN_FIELDS
 from l7proxy.policy.engine import CompiledPolicy
-from l7proxy.policy.model import Policy
 from l7proxy.proxy.workers import Supervisor, Worker
 
 log = logging.getLogger("l7proxy.agent.workers")
@@ -95,13 +94,21 @@ def split_listeners(
 class AgentWorkers:
     """The agent's end: N supervised workers kept on the policy in force."""
 
-    def __init__(self, socks: dict[str, list[socket.socket]], count: int, command: Command) -> None:
+    def __init__(
+        self,
+        socks: dict[str, list[socket.socket]],
+        count: int,
+        command: Command,
+        *,
+        with_metrics: bool = False,
+    ) -> None:
         shares = split_listeners(socks, count)
         self.families = [[family for family, _ in share] for share in shares]
         self.supervisor = Supervisor(
             [[sock for _, sock in share] for share in shares],
             lambda index, fds: command(index, self.families[index], fds),
             ready_prefix=READY_PREFIX,
+            with_metrics=with_metrics,  # each serves its own on 127.0.0.1:0
             feed=self._feed,
             on_line=self._line,
         )
@@ -116,19 +123,19 @@ class AgentWorkers:
     def count(self) -> int:
         return len(self.supervisor.workers)
 
-    async def start(self, compiled: CompiledPolicy, policies: Sequence[Policy]) -> bool:
-        self._set_policy(compiled, policies)
+    async def start(self, compiled: CompiledPolicy) -> bool:
+        self._set_policy(compiled)
         return await self.supervisor.start()
 
-    def publish(self, compiled: CompiledPolicy, policies: Sequence[Policy]) -> None:
+    def publish(self, compiled: CompiledPolicy) -> None:
         """Send a new policy to every running worker (a worker started later gets it
         at its start)."""
-        self._set_policy(compiled, policies)
+        self._set_policy(compiled)
         for worker in self.supervisor.workers:
             self.supervisor.send(worker, self._policy)
 
-    def _set_policy(self, compiled: CompiledPolicy, policies: Sequence[Policy]) -> None:
-        self._policy = message("policy", (compiled, list(policies)))
+    def _set_policy(self, compiled: CompiledPolicy) -> None:
+        self._policy = message("policy", compiled)
         self.revision = compiled.revision
 
     def _feed(self, worker: Worker) -> bytes:

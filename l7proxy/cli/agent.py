@@ -165,6 +165,7 @@ def run_worker(args: argparse.Namespace) -> int:
         limits=proxy_limits(args),
         mark=store.read().proxy_mark,
         tls_secrets_dir=args.tls_secrets_dir or store.root / "secrets",
+        metrics=args.metrics is not None,  # on 127.0.0.1:0; the agent serves the sum
     )
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(serve(config))
@@ -197,11 +198,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(str(e), file=sys.stderr)
         return 2
-    if args.workers > 1 and (args.metrics or args.ui):
-        # Both show this process's flows and counters; the workers' are elsewhere.
+    if args.workers > 1 and args.ui:
+        # The UI shows the live flows of its own process: with workers, none.
         print(
-            "l7proxy run: --metrics and --ui work with one worker only (not yet with --workers)",
-            file=sys.stderr,
+            "l7proxy run: --ui works with one worker only (not yet with --workers)", file=sys.stderr
         )
         return 2
     problem = kernel_support()
@@ -233,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
         devices=[d for d in args.devices.split(",") if d],
         workers=args.workers,
         worker_command=worker_command(args),
+        worker_metrics=args.metrics is not None,
     )
 
     async def main() -> None:
@@ -354,6 +355,17 @@ def status(args: argparse.Namespace) -> int:
         f"proxy: {state['proxy']['connections_active']} active, "
         f"{state['proxy']['connections_total']} total connections"
     )
+    workers = state.get("workers")
+    if workers:
+        print(f"workers ({workers['count']}, {workers['restarts']} restarts):")
+        for w in workers["each"]:
+            print(
+                f"  worker {w['worker']}  pid {w['pid'] or '-'}  "
+                f"{'serving' if w['serving'] else 'NOT SERVING'}  policy revision "
+                f"{w['policy_revision'] if w['policy_revision'] is not None else '-'}  "
+                f"{w['connections_active']} active, {w['connections_total']} total connections"
+                + (f"  (kept its last policy: {w['policy_error']})" if w["policy_error"] else "")
+            )
     print(f"policies ({len(state['policies'])}):" + ("" if state["policies"] else " none"))
     for p in state["policies"]:
         print(f"  {p['name']}  {p['source']}{'  [audit]' if p['audit'] else ''}")

@@ -20,6 +20,7 @@ import pytest
 
 from tests.e2e.test_agent_e2e import OPEN_L7, RULE1_L7, SHIPS
 from tests.e2e.test_restart import LOAD_CLIENT, _successor
+from tests.proxy.test_workers import scrape
 from tests.support.node import running_node
 
 pytestmark = pytest.mark.root
@@ -57,7 +58,7 @@ FRESH_CLIENT = textwrap.dedent(
 @pytest.fixture
 def node():
     with running_node(SHIPS, start_agent=False) as n:
-        n.start_agent("--workers", "2")
+        n.start_agent("--workers", "2", "--metrics", "127.0.0.1:0")
         n.serve_http("deathstar", 80)
         yield n
 
@@ -99,6 +100,13 @@ def workers_on(node, revision: int) -> dict:
     )
 
 
+def metrics_url(node) -> str:
+    for line in (node.root / "agent.log").read_text().splitlines():
+        if line.startswith("l7proxy metrics on http://"):
+            return line.rsplit(" ", 1)[-1]
+    raise AssertionError("the agent did not report its metrics address")
+
+
 def worker_pids(node) -> set[int]:
     return {w["pid"] for w in node.status()["workers"]["each"]}
 
@@ -125,6 +133,23 @@ def test_redirected_flows_reach_both_workers_and_a_policy_change_reaches_each(no
     assert {tuple(sorted(r["source"]["labels"].items())) for r in denied} == {
         (("class", "tiefighter"), ("org", "empire"))
     }
+
+    # /metrics at the agent: both workers' L7 flows summed, the agent's own series
+    # (policy, endpoints, datapath) counted once.
+    samples = scrape(metrics_url(node))
+    flows = "hubble_flows_processed_total"
+    denied_http = frozenset({("type", "L7"), ("verdict", "DENIED"), ("protocol", "http")})
+    assert samples[(flows, denied_http)] == 40
+    assert samples[("l7proxy_proxy_connections_total", frozenset())] == 40
+    assert samples[("cilium_policy", frozenset())] == 1
+    assert samples[("cilium_endpoint", frozenset())] == len(SHIPS)
+    assert samples[("l7proxy_workers_serving", frozenset())] == 2
+    assert samples[("l7proxy_healthy", frozenset())] == 1
+
+    shown = node.cli("status").stdout
+    assert "workers (2, 0 restarts):" in shown
+    for w in status["workers"]["each"]:
+        assert f"worker {w['worker']}  pid {w['pid']}  serving  policy revision" in shown
 
     # A policy change: the agent compiles it once and both workers apply it.
     node.import_policy(OPEN_L7, "open")
