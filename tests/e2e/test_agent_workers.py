@@ -242,3 +242,54 @@ def test_takeover_with_workers_under_load_fails_no_request(node):
     # Both generations wrote the one flow log; the successor's records carry workers too.
     served = l7_flows(node, "POST", "/v1/request-landing", 1)
     assert {r["worker"] for r in served} == {0, 1}
+
+
+def test_takeovers_from_one_process_to_two_workers_and_back_fail_no_request():
+    with running_node(SHIPS) as node:  # a single-process agent, as before workers
+        node.serve_http("deathstar", 80)
+        node.import_policy(RULE1_L7)
+        stop_file = node.root / "stop-load"
+        load = node.spawn(
+            [
+                "ip",
+                "netns",
+                "exec",
+                node.endpoint("tiefighter").netns,
+                sys.executable,
+                "-c",
+                LOAD_CLIENT,
+                node.ip("deathstar"),
+                str(stop_file),
+            ],
+            "load running",
+            "load",
+        )
+        try:
+            time.sleep(1.0)
+            # One listener per family -> two workers: the successor adds a second
+            # member to each inherited socket's reuseport group.
+            first = node.agent
+            two = _successor(node, "--workers", "2", "--drain-timeout", "2")
+            status = node.wait_status(
+                lambda s: s and s["pid"] == two.pid and s["healthy"], what="two workers"
+            )
+            assert status["workers"]["count"] == 2
+            assert first.wait(timeout=30) == 0
+            time.sleep(1.0)
+            # Two sockets per family -> one process: it accepts on both.
+            one = _successor(node, "--drain-timeout", "2")
+            status = node.wait_status(
+                lambda s: s and s["pid"] == one.pid and s["healthy"], what="one process again"
+            )
+            assert status["workers"] is None
+            assert two.wait(timeout=30) == 0
+            time.sleep(1.0)
+            landed = fresh(node, "tiefighter", "POST", "/v1/request-landing", 20)
+            assert landed == [f"200 Ship landed (seen from {node.ip('tiefighter')})"] * 20
+        finally:
+            stop_file.touch()
+            load.wait(timeout=30)
+        summary = json.loads((node.root / "load.log").read_text().splitlines()[-1])
+        print("load during both takeovers:", summary)
+        assert summary["failures"] == []
+        assert summary["fresh_ok"] > 20 and summary["fresh_denied"] > 20
