@@ -20,6 +20,7 @@ from l7proxy.cli.common import (
     log,
     loop_factory,
     proxy_limits,
+    workers,
 )
 from l7proxy.node.store import Store
 
@@ -139,15 +140,6 @@ def register(commands: Any) -> None:
         "cleanup", help="delete every endpoint and imported policy of this state dir"
     )
     cleanup_cmd.set_defaults(func=cleanup)
-
-
-def workers(text: str) -> int:
-    from l7proxy.proxy.workers import worker_count
-
-    try:
-        return worker_count(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -355,10 +347,10 @@ def status(args: argparse.Namespace) -> int:
         f"proxy: {state['proxy']['connections_active']} active, "
         f"{state['proxy']['connections_total']} total connections"
     )
-    workers = state.get("workers")
-    if workers:
-        print(f"workers ({workers['count']}, {workers['restarts']} restarts):")
-        for w in workers["each"]:
+    pool = state.get("workers")
+    if pool:
+        print(f"workers ({pool['count']}, {pool['restarts']} restarts):")
+        for w in pool["each"]:
             print(
                 f"  worker {w['worker']}  pid {w['pid'] or '-'}  "
                 f"{'serving' if w['serving'] else 'NOT SERVING'}  policy revision "

@@ -18,6 +18,7 @@ from l7proxy.cli.common import (
     labels,
     loop_factory,
     proxy_limits,
+    workers,
 )
 
 
@@ -105,15 +106,6 @@ def register(commands: Any) -> None:
     fw.add_argument("--policy-fallback", type=Path, action="append", help=argparse.SUPPRESS)
     add_proxy_options(fw)
     fw.set_defaults(func=run)
-
-
-def workers(text: str) -> int:
-    from l7proxy.proxy.workers import worker_count
-
-    try:
-        return worker_count(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,7 +8,6 @@ log's ``worker`` field says which worker judged each request.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import signal
@@ -19,7 +18,7 @@ import time
 import pytest
 
 from tests.e2e.test_agent_e2e import OPEN_L7, RULE1_L7, SHIPS
-from tests.e2e.test_restart import LOAD_CLIENT, _successor
+from tests.e2e.test_restart import _successor, drain_report, spawn_load
 from tests.proxy.test_workers import scrape
 from tests.support.node import running_node
 
@@ -192,21 +191,7 @@ def test_takeover_with_workers_under_load_fails_no_request(node):
     old = node.agent
     old_workers = worker_pids(node)
     stop_file = node.root / "stop-load"
-    load = node.spawn(
-        [
-            "ip",
-            "netns",
-            "exec",
-            node.endpoint("tiefighter").netns,
-            sys.executable,
-            "-c",
-            LOAD_CLIENT,
-            node.ip("deathstar"),
-            str(stop_file),
-        ],
-        "load running",
-        "load",
-    )
+    load = spawn_load(node, stop_file)
     try:
         time.sleep(1.0)  # load against the old agent's workers alone
         new = _successor(node, "--workers", "2", "--drain-timeout", "3")
@@ -230,13 +215,7 @@ def test_takeover_with_workers_under_load_fails_no_request(node):
     print("load during takeover:", summary)
     assert summary["failures"] == []
     assert summary["fresh_ok"] > 20 and summary["fresh_denied"] > 20
-    drained = [
-        line
-        for line in (node.root / "agent.log").read_text().splitlines()
-        if line.startswith("l7proxy drained:")
-    ]
-    assert drained, "the old agent did not report its drain"
-    drain = ast.literal_eval(drained[0].removeprefix("l7proxy drained:").strip())
+    drain = drain_report(node)
     print("old agent's drain (both workers):", drain)
     assert drain["cut"] == 0
     # Both generations wrote the one flow log; the successor's records carry workers too.
@@ -249,21 +228,7 @@ def test_takeovers_from_one_process_to_two_workers_and_back_fail_no_request():
         node.serve_http("deathstar", 80)
         node.import_policy(RULE1_L7)
         stop_file = node.root / "stop-load"
-        load = node.spawn(
-            [
-                "ip",
-                "netns",
-                "exec",
-                node.endpoint("tiefighter").netns,
-                sys.executable,
-                "-c",
-                LOAD_CLIENT,
-                node.ip("deathstar"),
-                str(stop_file),
-            ],
-            "load running",
-            "load",
-        )
+        load = spawn_load(node, stop_file)
         try:
             time.sleep(1.0)
             # One listener per family -> two workers: the successor adds a second
