@@ -193,6 +193,8 @@ class Agent:
                     sock.close()
                     socks.remove(sock)
                 self.listen_socks[family] = socks  # before any raise below: stop() closes them
+                if not socks:
+                    _refuse_if_taken(port)
                 # SO_REUSEPORT even for one: a successor with workers adds to the group.
                 while len(socks) < self.worker_count or not socks:
                     socks.append(make_listener(PROXY_HOST, port, transparent=True, reuse_port=True))
@@ -726,6 +728,22 @@ def _side(ip, port, identity, ep, compiled: CompiledPolicy) -> dict:
 
 def _host_prefixes() -> list[ipaddress.IPv4Network]:
     return [ipaddress.IPv4Network(f"{ip}/32") for ip in netns.host_addresses()]
+
+
+def _refuse_if_taken(port: int) -> None:
+    """A new reuseport group must be ours alone: a socket of another process listening
+    on the port (another agent's state dir with the same port) would otherwise be
+    joined silently, and the kernel would spread our flows over both. A plain bind
+    fails on a listened-on port, as the agent's bind did before its listeners were
+    reuseport."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((PROXY_HOST, port))
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"cannot listen on {PROXY_HOST}:{port}: {exc.strerror}"
+            ) from None
 
 
 def _free_port() -> int:

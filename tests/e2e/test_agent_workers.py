@@ -258,3 +258,22 @@ def test_takeovers_from_one_process_to_two_workers_and_back_fail_no_request():
         print("load during both takeovers:", summary)
         assert summary["failures"] == []
         assert summary["fresh_ok"] > 20 and summary["fresh_denied"] > 20
+
+
+def test_an_agent_never_joins_a_reuseport_group_another_process_listens_in():
+    """The agent's listeners are SO_REUSEPORT (so a successor can add workers); a
+    stranger's reuseport listener on its proxy port must make it refuse to start,
+    not share the port with it."""
+    from l7proxy.proxy.server import make_listener
+
+    with running_node(SHIPS, start_agent=False) as node:
+        stranger = make_listener("127.0.0.1", 0, transparent=True, reuse_port=True)
+        try:
+            port = stranger.getsockname()[1]
+            with node.store.locked() as state:
+                state.proxy_ports["http"] = port
+            with pytest.raises(RuntimeError) as failed:
+                node.start_agent("--workers", "2")
+            assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in str(failed.value)
+        finally:
+            stranger.close()
