@@ -116,7 +116,8 @@ class AgentWorkers:
         self.revision = 0
         self.applied: dict[int, int] = {}  # worker -> the revision it runs
         self.rejected: dict[int, str] = {}  # worker -> why it kept its last one
-        self.stats: dict[int, dict[str, Any]] = {}
+        self.stats: dict[int, dict[str, Any]] = {}  # each worker's, once a second
+        self._gone: list[dict[str, Any]] = []  # the last of workers that were restarted
         self.drained: dict[int, dict[str, int]] = {}
 
     @property
@@ -140,7 +141,9 @@ class AgentWorkers:
 
     def _feed(self, worker: Worker) -> bytes:
         self.applied.pop(worker.index, None)
-        self.stats.pop(worker.index, None)
+        gone = self.stats.pop(worker.index, None)
+        if gone is not None:  # a restart: what the dead one counted stays in the totals
+            self._gone.append({**gone, "connections_active": 0})
         return self._policy
 
     def _line(self, worker: Worker, text: str) -> None:
@@ -172,14 +175,15 @@ class AgentWorkers:
         return all(self.supervisor.running(w) and w.ready.is_set() for w in self.supervisor.workers)
 
     def totals(self) -> dict[str, Any]:
-        """The workers' proxy counters, summed (a restarted worker counts from 0)."""
+        """The workers' proxy counters, summed, with what restarted workers had counted
+        at their last report (a new worker counts from 0)."""
         out: dict[str, Any] = {
             "connections_total": 0,
             "connections_active": 0,
             "parse_errors": {},
             "tls_handshake_failures": 0,
         }
-        for stats in self.stats.values():
+        for stats in [*self.stats.values(), *self._gone]:
             for key in ("connections_total", "connections_active", "tls_handshake_failures"):
                 out[key] += stats.get(key, 0)
             for parser, n in stats.get("parse_errors", {}).items():

@@ -166,7 +166,10 @@ def test_redirected_flows_reach_both_workers_and_a_policy_change_reaches_each(no
 
 def test_a_killed_worker_is_restarted_on_its_sockets_and_no_new_connection_is_lost(node):
     node.import_policy(RULE1_L7)
-    before = node.status()["workers"]["each"]
+    assert fresh(node, "tiefighter", "PUT", "/v1/exhaust-port", 10) == ["403 Access denied"] * 10
+    before = node.wait_status(
+        lambda s: s and s["proxy"]["connections_total"] == 10, what="both workers' counts"
+    )["workers"]["each"]
     victim = before[1]["pid"]
     os.kill(victim, signal.SIGKILL)
     # Right away, while worker 1 is dead or starting: connections the kernel
@@ -178,6 +181,10 @@ def test_a_killed_worker_is_restarted_on_its_sockets_and_no_new_connection_is_lo
     status = node.wait_status(
         lambda s: s and s["workers"]["restarts"] == 1 and s["healthy"],
         what="worker 1 restarted and healthy",
+    )
+    # What the killed worker had counted stays in the totals.
+    status = node.wait_status(
+        lambda s: s and s["proxy"]["connections_total"] == 50, what="the totals after the restart"
     )
     each = status["workers"]["each"]
     assert each[0]["pid"] == before[0]["pid"] and each[1]["pid"] not in (victim, None)
