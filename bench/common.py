@@ -320,8 +320,10 @@ def run_wrk(
     workdir: Path,
     extra_lua: str = "",
     timeout_s: int = 5,
+    netns: str | None = None,
 ) -> WrkResult:
-    """Run wrk against ``url``; latency percentiles come from its done() hook."""
+    """Run wrk against ``url`` (from network namespace ``netns``, if given); latency
+    percentiles come from its done() hook."""
     script = workdir / "wrk_report.lua"
     script.write_text(extra_lua + WRK_REPORT)
     argv = [
@@ -334,6 +336,8 @@ def run_wrk(
         str(script),
         url,
     ]
+    if netns is not None:
+        argv = ["ip", "netns", "exec", netns, *argv]
     cpu = ChildrenCpu()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
     wrk_cpu = cpu.stop()
@@ -358,15 +362,22 @@ def _run_as_line() -> str:
 
 @contextmanager
 def start_nginx(
-    workdir: Path, *, locations: str = "", port: int | None = None, name: str = "nginx"
+    workdir: Path,
+    *,
+    locations: str = "",
+    port: int | None = None,
+    name: str = "nginx",
+    netns: str | None = None,
 ) -> Iterator[Service]:
     """nginx as a fast upstream: one process (no master), access log off.
 
     ``location / { return 200 "ok"; }`` is always there; ``locations`` adds
-    more (nginx syntax; ``{root}`` is replaced with ``workdir``).
+    more (nginx syntax; ``{root}`` is replaced with ``workdir``). With ``netns``
+    it runs in that network namespace, on all its addresses (``port`` needed).
     """
     exe = shutil.which("nginx") or "/usr/sbin/nginx"
     port = port or free_port()
+    host = LOOPBACK if netns is None else "0.0.0.0"
     root = workdir / name
     root.mkdir(parents=True, exist_ok=True)
     conf = root / "nginx.conf"
@@ -391,16 +402,25 @@ http {{
     uwsgi_temp_path {root}/uwsgi;
     scgi_temp_path {root}/scgi;
     server {{
-        listen {LOOPBACK}:{port} backlog=4096;
+        listen {host}:{port} backlog=4096;
         {locations.replace("{root}", str(workdir))}
         location / {{ return 200 "ok"; }}
     }}
 }}
 """)
     argv = [exe, "-p", str(root), "-e", str(root / "error.log"), "-c", str(conf)]
+    if netns is not None:
+        argv = ["ip", "netns", "exec", netns, *argv]
     with started(argv, log=root / "stderr.log") as (proc, _):
-        wait_port(LOOPBACK, port, proc=proc, log=root / "stderr.log")
-        yield Service(name, proc, LOOPBACK, port, root)
+        if netns is None:
+            wait_port(LOOPBACK, port, proc=proc, log=root / "stderr.log")
+        else:  # not reachable from here: nginx writes its pid file once it listens
+            deadline = time.monotonic() + 10
+            while not (root / "nginx.pid").exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"nginx in {netns} did not start: {root / 'stderr.log'}")
+                time.sleep(0.05)
+        yield Service(name, proc, host, port, root)
 
 
 @contextmanager

@@ -21,6 +21,14 @@ and the upstream take their part of the same two cores, not the ratio a
 node with spare cores would see (docs/workers.md).
 
 Results go to ``bench/results/workers.json``; a table is printed.
+
+``--agent`` measures transparent mode instead (``run --workers``; root, BPF):
+two endpoints in namespaces, nginx in the server's, wrk in the client's, an L7
+rule between them, so the kernel redirects every connection to the agent's
+proxy. One node and one agent, switched between ``--workers 1`` and
+``--workers N`` before each run by a lossless takeover (the configurations
+cannot run side by side on one node). CPU is the agent's processes together
+(agent and workers). Results go to ``bench/results/workers_agent.json``.
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ import json
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=2, help="N, compared with 1")
+    p.add_argument(
+        "--agent", action="store_true", help="transparent mode: l7proxy run on a real node"
+    )
     return p.parse_args(argv)
 
 
@@ -98,25 +111,45 @@ def worker_share(flows: Path, since: int) -> tuple[dict[str, int], int]:
     return dict(sorted(counts.items())), len(lines)
 
 
-def measure(configs: dict[str, Any], args, workdir: Path) -> dict[str, list[dict[str, Any]]]:
+@dataclass
+class Target:
+    """One configuration under load: where wrk sends its requests (from which
+    network namespace), the proxy's top process, and its flow log."""
+
+    url: str
+    pid: Callable[[], int]
+    flows: Path
+    netns: str | None = None
+    prepare: Callable[[], None] = lambda: None  # made current before each run
+
+
+def measure(configs: dict[str, Target], args, workdir: Path) -> dict[str, list[dict[str, Any]]]:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
     seen = dict.fromkeys(configs, 0)
-    for svc in configs.values():  # warm-up
-        run_wrk(svc.url + "/", connections=args.connections, duration=2, workdir=workdir)
+    for target in configs.values():  # warm-up
+        target.prepare()
+        run_wrk(
+            target.url,
+            connections=args.connections,
+            duration=2,
+            workdir=workdir,
+            netns=target.netns,
+        )
     time.sleep(1.5)
-    for name, svc in configs.items():
-        _, seen[name] = worker_share(svc.workdir / "flows.jsonl", 0)
     for rnd in range(args.rounds):
         order = list(configs) if rnd % 2 == 0 else list(reversed(configs))
         for name in order:
-            svc = configs[name]
-            meters = [CpuMeter(pid) for pid in proxy_pids(svc.pid)]
+            target = configs[name]
+            target.prepare()
+            _, seen[name] = worker_share(target.flows, 0)
+            meters = [CpuMeter(pid) for pid in proxy_pids(target.pid())]
             result = run_wrk(
-                svc.url + "/",
+                target.url,
                 threads=args.threads,
                 connections=args.connections,
                 duration=args.duration,
                 workdir=workdir,
+                netns=target.netns,
             )
             run = result.as_dict()
             run["round"] = rnd
@@ -124,9 +157,7 @@ def measure(configs: dict[str, Any], args, workdir: Path) -> dict[str, list[dict
             run["proxy_us_per_req"] = us_per_request(run["proxy_cpu_s"], result.requests)
             run["proxy_cores_busy"] = run["proxy_cpu_s"] / (result.duration_us / 1e6)
             time.sleep(1.5)  # each worker writes its flow records on a 1 s timer
-            run["flow_records_by_worker"], seen[name] = worker_share(
-                svc.workdir / "flows.jsonl", seen[name]
-            )
+            run["flow_records_by_worker"], seen[name] = worker_share(target.flows, seen[name])
             runs[name].append(run)
             print(
                 f"  round {rnd} {name:<10} {run['rps']:>9,.0f} req/s  p99 "
@@ -138,31 +169,101 @@ def measure(configs: dict[str, Any], args, workdir: Path) -> dict[str, list[dict
     return runs
 
 
+def firewall_targets(args, workdir: Path, stack: ExitStack) -> dict[str, Target]:
+    nginx = stack.enter_context(start_nginx(workdir))
+    upstream = (nginx.host, nginx.port)
+    targets = {}
+    for w in (1, args.workers):
+        svc = stack.enter_context(
+            start_firewall(
+                policy_yaml(nginx.port),
+                upstream,
+                LABELS,
+                workdir,
+                flowlog=True,
+                extra_args=["--workers", str(w)],
+                name=f"l7proxy-{w}",
+            )
+        )
+        targets[config_name(w)] = Target(
+            svc.url + "/", lambda pid=svc.pid: pid, svc.workdir / "flows.jsonl"
+        )
+    return targets
+
+
+AGENT_ENDPOINTS = {"server": {"app": "bench"}, "client": {"app": "bench-client"}}
+AGENT_POLICY = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: bench-get-only}
+spec:
+  endpointSelector: {matchLabels: {app: bench}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: bench-client}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http: [{method: GET, path: "/.*"}]
+"""
+
+
+def agent_targets(args, workdir: Path, stack: ExitStack) -> dict[str, Target]:
+    """One node; before each run the agent is taken over by one with the run's
+    ``--workers`` if it has another."""
+    from tests.support.node import running_node
+
+    node = stack.enter_context(running_node(AGENT_ENDPOINTS, start_agent=False))
+    node.start_agent("--workers", "1")
+    node.import_policy(AGENT_POLICY)
+    stack.enter_context(start_nginx(workdir, port=80, netns=node.endpoint("server").netns))
+    current = {"workers": 1}
+
+    def switch_to(workers: int) -> None:
+        if current["workers"] == workers:
+            return
+        old = node.agent
+        argv = [*node.l7proxy, "--state-dir", str(node.store.root), "run"]
+        new = node.spawn(
+            [*argv, "--workers", str(workers), "--drain-timeout", "1"],
+            "agent running",
+            f"agent-{len(node.procs)}",
+            timeout=60,
+        )
+        node.agent = new
+        node.wait_status(lambda s: s and s["pid"] == new.pid and s["healthy"], timeout=30)
+        assert old is not None
+        old.wait(timeout=30)
+        current["workers"] = workers
+
+    url = f"http://{node.ip('server')}/"
+    client = node.endpoint("client").netns
+    return {
+        config_name(w): Target(
+            url,
+            lambda: node.agent.pid,
+            node.store.flowlog,
+            netns=client,
+            prepare=lambda w=w: switch_to(w),
+        )
+        for w in (1, args.workers)
+    }
+
+
+def config_name(workers: int) -> str:
+    return f"{workers} worker{'s' if workers > 1 else ''}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started_at = time.monotonic()
     n = args.workers
     with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
-        nginx = stack.enter_context(start_nginx(workdir))
-        upstream = (nginx.host, nginx.port)
-        configs = {
-            f"{w} worker{'s' if w > 1 else ''}": stack.enter_context(
-                start_firewall(
-                    policy_yaml(nginx.port),
-                    upstream,
-                    LABELS,
-                    workdir,
-                    flowlog=True,
-                    extra_args=["--workers", str(w)],
-                    name=f"l7proxy-{w}",
-                )
-            )
-            for w in (1, n)
-        }
+        make = agent_targets if args.agent else firewall_targets
+        configs = make(args, workdir, stack)
         print(
             f"load: wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s x "
-            f"{args.rounds} rounds ...",
+            f"{args.rounds} rounds{' (agent mode)' if args.agent else ''} ...",
             flush=True,
         )
         runs = measure(configs, args, workdir)
@@ -196,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "wall_seconds": round(time.monotonic() - started_at, 1),
     }
-    path = write_results(NAME, doc)
+    path = write_results(NAME + ("_agent" if args.agent else ""), doc)
     rows = [
         [
             name,

@@ -25,13 +25,14 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from l7proxy import __version__
+from l7proxy.agent.drain import drain_proxy
 from l7proxy.agent.handover import ControlServer, Predecessor, socket_path
 from l7proxy.datapath import pins
 from l7proxy.node import netns
@@ -44,7 +45,7 @@ from l7proxy.policy.identity import Identity
 from l7proxy.policy.model import EGRESS, INGRESS, Policy
 from l7proxy.policy.source import PolicySource
 from l7proxy.policy.state import PolicyState
-from l7proxy.proxy.driver import ENDED_AFTER_REPLY, ENDED_BY_CLIENT, ENDED_QUIET, ProxyLimits
+from l7proxy.proxy.driver import ProxyLimits
 from l7proxy.proxy.server import Proxy, make_listener
 from l7proxy.proxy.tls import TlsStore
 
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from kubernetes_asyncio.client import ApiClient
 
     from l7proxy.agent.cluster import ClusterLink
+    from l7proxy.agent.workers import AgentWorkers, Command
     from l7proxy.cluster.store import ClusterConfig
     from l7proxy.datapath.loader import Datapath
     from l7proxy.kube.source import KubeConfig, KubeSource
@@ -59,8 +61,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("l7proxy.agent.agent")
 
 PROXY_HOST = "127.0.0.1"
-# After the drain deadline, a request still in flight gets this long to finish.
-IN_FLIGHT_GRACE = 5.0
 
 
 class Agent:
@@ -79,7 +79,17 @@ class Agent:
         tls_secrets_dir: Path | None = None,
         cluster: ClusterConfig | None = None,
         devices: Sequence[str] = (),
+        workers: int = 1,
+        worker_command: Command | None = None,
+        worker_metrics: bool = False,
     ):
+        # ``run --workers N`` (N > 1): the proxy runs in N worker processes
+        # (l7proxy/agent/workers.py) started with ``worker_command``; this process
+        # keeps the datapath, the sources and the policy, and sends them the policy.
+        self.worker_count = workers
+        self.worker_command = worker_command
+        self.worker_metrics = worker_metrics  # each worker serves its own, for /metrics
+        self.workers: AgentWorkers | None = None
         self.drop_report_interval = drop_report_interval
         # Kubernetes (``run --k8s``): pods on this node become endpoints, CNPs and
         # CCNPs join the policy files' policies.
@@ -103,7 +113,8 @@ class Agent:
         self.predecessor = predecessor  # the running agent this one takes over from
         self.drain_timeout = drain_timeout  # what we give our predecessor
         self.control: ControlServer | None = None
-        self.listen_socks: dict[str, socket.socket] = {}
+        # Per family: the listening sockets (one, or one SO_REUSEPORT group with workers).
+        self.listen_socks: dict[str, list[socket.socket]] = {}
         self.handed_over = False  # a successor owns the node now; we only drain
         self.handover_drain = drain_timeout  # what our successor gives us
         self._stop: asyncio.Event | None = None
@@ -169,23 +180,32 @@ class Agent:
             if self.cluster_config is not None:
                 await self._start_cluster(self.cluster_config, st)
             self.state = PolicyState(self._compile(st))
-            self.proxy = Proxy(
-                self.state, self.flowlog, limits=self.limits, mark=st.proxy_mark, tls=self.tls
-            )
+            if self.worker_count == 1:
+                self.proxy = Proxy(
+                    self.state, self.flowlog, limits=self.limits, mark=st.proxy_mark, tls=self.tls
+                )
             if self.predecessor is not None:
                 # Same kernel sockets: their accept queue bridges the swap.
                 inherited = await asyncio.to_thread(self.predecessor.listeners)
             for family, port in st.proxy_ports.items():
-                sock = inherited.pop(family, None)
-                if sock is not None and sock.getsockname()[1] != port:
+                socks = inherited.pop(family, [])
+                for sock in [s for s in socks if s.getsockname()[1] != port]:
                     sock.close()
-                    sock = None
-                if sock is None:
-                    sock = make_listener(PROXY_HOST, port, transparent=True)
-                self.listen_socks[family] = sock
-                await self.proxy.listen(PROXY_HOST, port, sock=sock)
-                await self._kernel(self.datapath.register_proxy_listener, port, sock)
+                    socks.remove(sock)
+                self.listen_socks[family] = socks  # before any raise below: stop() closes them
+                if not socks:
+                    _refuse_if_taken(port)
+                # SO_REUSEPORT even for one: a successor with workers adds to the group.
+                while len(socks) < self.worker_count or not socks:
+                    socks.append(make_listener(PROXY_HOST, port, transparent=True, reuse_port=True))
+                if self.proxy is not None:
+                    for sock in socks:  # a predecessor with workers handed over several
+                        await self.proxy.listen(PROXY_HOST, port, sock=sock)
+                # One member of the group: the kernel spreads its flows over the group.
+                await self._kernel(self.datapath.register_proxy_listener, port, socks[0])
                 self.listeners[family] = port
+            if self.proxy is None:
+                await self._start_workers(self.state.current)
             # Attaching replaces the programs in place (fixed tc prio/handle).
             await self._kernel(self._sync_kernel, self.state.current)
             await self._kernel(self.datapath.prune_adopted)
@@ -199,8 +219,9 @@ class Agent:
             )
             self.control.start()
         except BaseException:
-            for sock in inherited.values():
-                sock.close()
+            for socks in inherited.values():
+                for sock in socks:
+                    sock.close()
             await self.stop()
             raise
         if self.predecessor is not None:
@@ -216,6 +237,20 @@ class Agent:
                 log.warning("predecessor pid %s did not confirm the drain: %s", pred.pid, exc)
             finally:
                 pred.close()
+
+    async def _start_workers(self, compiled: CompiledPolicy) -> None:
+        from l7proxy.agent.workers import AgentWorkers
+
+        assert self.worker_command is not None, "workers need their command"
+        self.workers = AgentWorkers(
+            self.listen_socks,
+            self.worker_count,
+            self.worker_command,
+            with_metrics=self.worker_metrics,
+        )
+        if not await self.workers.start(compiled):
+            raise RuntimeError("the proxy workers did not start (their errors are above)")
+        log.info("%d proxy workers serving", self.worker_count)
 
     async def _start_kube(self, config: KubeConfig) -> None:
         """List (and go on watching) pods, namespaces and policies before the first
@@ -320,6 +355,11 @@ class Agent:
             self.control.close()
         if self.proxy is not None:
             await self.proxy.close()
+        if self.workers is not None:
+            await self.workers.stop()
+        for socks in self.listen_socks.values():
+            for sock in socks:
+                sock.close()
         predecessor, self.predecessor = self.predecessor, None
         letting_go = predecessor is not None
         if predecessor is not None:
@@ -355,8 +395,8 @@ class Agent:
         }
 
     def _give_listeners(self) -> tuple[list[str], list[int]]:
-        families = list(self.listen_socks)
-        return families, [self.listen_socks[f].fileno() for f in families]
+        pairs = [(f, sock) for f, socks in self.listen_socks.items() for sock in socks]
+        return [f for f, _ in pairs], [sock.fileno() for _, sock in pairs]
 
     def _drain_requested(self, timeout: float) -> dict:
         """Called on the control thread: the successor is serving."""
@@ -364,7 +404,12 @@ class Agent:
         self.handover_drain = timeout
         if self._stop is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
-        return {"draining": True, "connections": self.proxy.connections if self.proxy else 0}
+        return {"draining": True, "connections": self._connections_active()}
+
+    def _connections_active(self) -> int:
+        if self.workers is not None:
+            return int(self.workers.totals()["connections_active"])
+        return self.proxy.connections if self.proxy else 0
 
     async def drain_and_exit(self, cut_short: asyncio.Event | None = None) -> dict:
         """After a handover: stop accepting, let open connections finish until
@@ -373,8 +418,7 @@ class Agent:
         or right behind an answer), giving them IN_FLIGHT_GRACE to get there, and
         let go of the kernel without undoing anything (the successor uses the same
         programs, pins and route)."""
-        assert self.proxy is not None and self.datapath is not None
-        proxy = self.proxy
+        assert (self.proxy or self.workers) is not None and self.datapath is not None
         await self._stop_kube()  # the successor watches Kubernetes now
         # Our keys are the successor's too (same node name: its writes moved them to
         # its lease), so revoking ours takes away only what it no longer wants.
@@ -382,38 +426,17 @@ class Agent:
         if self.control is not None:
             self.control.close()
             self.control = None
-        proxy.stop_accepting()  # our fds only: the successor holds the same sockets
-        at_start = proxy.connections
         cut_short = cut_short or asyncio.Event()
-        await _until_either(proxy.wait_all_closed(), cut_short, self.handover_drain)
-        endings = proxy.close_when_idle()
-        if endings and not cut_short.is_set():
-            await _until_either(asyncio.wait(endings), cut_short, IN_FLIGHT_GRACE)
-        ended = [e.result() for e in endings if e.done()]
-        cut = await proxy.close()
-        quiet = ended.count(ENDED_QUIET)
-        after_reply = ended.count(ENDED_AFTER_REPLY)
-        by_client = ended.count(ENDED_BY_CLIENT)
-        log.info(
-            "drained: %d connections at handover; at the deadline %d closed by their client "
-            "after being told, %d reset right behind an answer, %d quiet ones reset, %d cut",
-            at_start,
-            by_client,
-            after_reply,
-            quiet,
-            cut,
-        )
+        if self.workers is not None:  # every worker drains its own connections
+            report = await self.workers.drain(self.handover_drain, cut_short)
+        else:
+            assert self.proxy is not None
+            report = await drain_proxy(self.proxy, self.handover_drain, cut_short)
         with contextlib.suppress(Exception):
             await self._kernel(self.datapath.close, True)
         self._kexec.shutdown(wait=True)
         self.flowlog.close()
-        return {
-            "connections": at_start,
-            "closed_by_client": by_client,
-            "reset_after_reply": after_reply,
-            "quiet_reset": quiet,
-            "cut": cut,
-        }
+        return report
 
     async def run(self, stop: asyncio.Event) -> None:
         """Reconcile on change, drain kernel drop events, publish status, until ``stop``."""
@@ -521,6 +544,8 @@ class Agent:
         compiled = self._compile(self.agent_state)
         assert self.state is not None, "start() first"
         self.state.swap(compiled)
+        if self.workers is not None:
+            self.workers.publish(compiled)
         await self._kernel(self._sync_kernel, compiled)
         log.info(
             "policy revision %d: %d policies, %d endpoints",
@@ -620,6 +645,10 @@ class Agent:
         policy_error = self.policy_source.last_error
         in_sync = compiled is not None and self.kernel_revision == compiled.revision
         listeners_up = bool(self.proxy) and set(self.listeners) == set(FAMILIES)
+        workers = self.workers
+        if workers is not None:  # every worker serves, on the policy in force
+            in_sync = in_sync and workers.in_sync
+            listeners_up = workers.serving and set(self.listeners) == set(FAMILIES)
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -650,7 +679,9 @@ class Agent:
             "policy_import_errors": self.policy_source.import_errors,
             "listeners": {fam: f"{PROXY_HOST}:{port}" for fam, port in self.listeners.items()},
             "parsers": active_parsers(),
-            "proxy": {
+            "proxy": workers.totals()
+            if workers is not None
+            else {
                 "connections_total": self.proxy.stats.connections_total if self.proxy else 0,
                 "connections_active": self.proxy.stats.connections_active if self.proxy else 0,
                 "parse_errors": dict(self.proxy.stats.parse_errors) if self.proxy else {},
@@ -658,6 +689,9 @@ class Agent:
                 if self.proxy
                 else 0,
             },
+            "workers": None
+            if workers is None
+            else {"count": workers.count, "restarts": workers.restarts, "each": workers.status()},
             "audit": self.audit,
             "tls": self.tls.status(),
             "kubernetes": None
@@ -679,16 +713,6 @@ class Agent:
         os.replace(tmp, self.store.status_file)
 
 
-async def _until_either(work: Awaitable[object], cut_short: asyncio.Event, timeout: float) -> None:
-    """Wait for ``work``, until ``cut_short`` is set, or ``timeout`` seconds."""
-    tasks = [asyncio.ensure_future(work), asyncio.ensure_future(cut_short.wait())]
-    try:
-        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
 def _side(ip, port, identity, ep, compiled: CompiledPolicy) -> dict:
     if not identity:  # a drop report from the kernel's tail sweep names no identity
         identity = ep.identity.number if ep else compiled.ipcache.lookup(str(ip))
@@ -704,6 +728,22 @@ def _side(ip, port, identity, ep, compiled: CompiledPolicy) -> dict:
 
 def _host_prefixes() -> list[ipaddress.IPv4Network]:
     return [ipaddress.IPv4Network(f"{ip}/32") for ip in netns.host_addresses()]
+
+
+def _refuse_if_taken(port: int) -> None:
+    """A new reuseport group must be ours alone: a socket of another process listening
+    on the port (another agent's state dir with the same port) would otherwise be
+    joined silently, and the kernel would spread our flows over both. A plain bind
+    fails on a listened-on port, as the agent's bind did before its listeners were
+    reuseport."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((PROXY_HOST, port))
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"cannot listen on {PROXY_HOST}:{port}: {exc.strerror}"
+            ) from None
 
 
 def _free_port() -> int:

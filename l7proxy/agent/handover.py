@@ -8,7 +8,8 @@ starting from nothing:
     ---------                          -------------
     hello                        ->    {"pid", "version", "listeners": {family: port}}
     (loads the datapath on the pinned maps)
-    listeners                    ->    {"families": [...]} + the listening sockets (SCM_RIGHTS)
+    listeners                    ->    {"families": [...]} + the listening sockets (SCM_RIGHTS),
+                                       a family once per socket of its group (run --workers)
     (accepts on the same kernel sockets, replaces the tc programs, syncs maps)
     drain {"timeout": s}         ->    {"draining": true, "connections": n}
                                        stops accepting, serves its open connections
@@ -35,7 +36,9 @@ from pathlib import Path
 log = logging.getLogger("l7proxy.agent.handover")
 
 SOCKET_NAME = "agent.sock"
-MAX_FDS = 16
+# Every listening socket in one message: 4 families x up to 63 workers (the
+# kernel takes at most 253 descriptors in one SCM_RIGHTS message).
+MAX_FDS = 252
 MAX_LINE = 64 * 1024
 
 
@@ -192,9 +195,10 @@ class Predecessor:
             return None
         return cls(sock, info)
 
-    def listeners(self) -> dict[str, socket.socket]:
+    def listeners(self) -> dict[str, list[socket.socket]]:
         """The predecessor's listening sockets by parser family (new fds for
-        the same kernel sockets)."""
+        the same kernel sockets): one each, or a reuseport group each when it ran
+        workers (the family is repeated in ``families``)."""
         _send(self.sock, {"op": "listeners"})
         data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_LINE, MAX_FDS)
         if not data:
@@ -207,11 +211,11 @@ class Predecessor:
             raise HandoverError(
                 f"predecessor sent {len(fds)} sockets for {len(families)} listeners"
             )
-        out = {}
+        out: dict[str, list[socket.socket]] = {}
         for family, fd in zip(families, fds, strict=True):
             sock = socket.socket(fileno=fd)
             sock.setblocking(False)
-            out[family] = sock
+            out.setdefault(family, []).append(sock)
         return out
 
     def drain(self, timeout: float) -> dict:

@@ -20,6 +20,7 @@ from l7proxy.cli.common import (
     log,
     loop_factory,
     proxy_limits,
+    workers,
 )
 from l7proxy.node.store import Store
 
@@ -54,6 +55,19 @@ def register(commands: Any) -> None:
         metavar="SECONDS",
         help="report a flow's kernel drops at most this often, with their count (0: every packet)",
     )
+    run_cmd.add_argument(
+        "--workers",
+        type=workers,
+        default=1,
+        metavar="N|auto",
+        help="proxy worker processes, each with its own event loop on its own member of a "
+        "SO_REUSEPORT group per parser family (auto: one per CPU; default 1: the proxy runs "
+        "in the agent's process) (docs/workers.md)",
+    )
+    # Set by the agent for each worker it starts: its listening sockets
+    # (FAMILY=FD,...) and its number (the flow log's ``worker`` field).
+    run_cmd.add_argument("--worker-of", metavar="FAMILY=FD,...", help=argparse.SUPPRESS)
+    run_cmd.add_argument("--worker-id", type=int, default=0, help=argparse.SUPPRESS)
     kube = run_cmd.add_argument_group("Kubernetes (docs/cluster.md)")
     kube.add_argument(
         "--k8s",
@@ -128,7 +142,31 @@ def register(commands: Any) -> None:
     cleanup_cmd.set_defaults(func=cleanup)
 
 
+def run_worker(args: argparse.Namespace) -> int:
+    """One of ``run --workers N``'s proxy workers (started by the agent)."""
+    from l7proxy.agent.worker import WorkerConfig, parse_listeners, serve
+    from l7proxy.proxy.workers import SUPERVISOR_ENV, die_with_parent
+
+    die_with_parent(int(os.environ.get(SUPERVISOR_ENV, "0")) or os.getppid())
+    store = Store(args.state_dir)
+    config = WorkerConfig(
+        index=args.worker_id,
+        listeners=parse_listeners(args.worker_of),
+        flowlog=store.flowlog,
+        rotation=flowlog_rotation(args),
+        limits=proxy_limits(args),
+        mark=store.read().proxy_mark,
+        tls_secrets_dir=args.tls_secrets_dir or store.root / "secrets",
+        metrics=args.metrics is not None,  # on 127.0.0.1:0; the agent serves the sum
+    )
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(serve(config))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.worker_of is not None:
+        return run_worker(args)
     store = Store(args.state_dir)
     from l7proxy.agent.agent import Agent
     from l7proxy.agent.handover import Predecessor, socket_path
@@ -151,6 +189,12 @@ def run(args: argparse.Namespace) -> int:
         cluster = cluster_config(args)
     except ValueError as e:
         print(str(e), file=sys.stderr)
+        return 2
+    if args.workers > 1 and args.ui:
+        # The UI shows the live flows of its own process: with workers, none.
+        print(
+            "l7proxy run: --ui works with one worker only (not yet with --workers)", file=sys.stderr
+        )
         return 2
     problem = kernel_support()
     if problem:
@@ -179,6 +223,9 @@ def run(args: argparse.Namespace) -> int:
         tls_secrets_dir=args.tls_secrets_dir,
         cluster=cluster,
         devices=[d for d in args.devices.split(",") if d],
+        workers=args.workers,
+        worker_command=worker_command(args),
+        worker_metrics=args.metrics is not None,
     )
 
     async def main() -> None:
@@ -238,6 +285,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def worker_command(args: argparse.Namespace):
+    """A worker is this same command, told its sockets and its number."""
+    argv = list(args.argv)
+
+    def command(worker: int, families: list[str], fds: list[int]) -> list[str]:
+        spec = ",".join(f"{family}={fd}" for family, fd in zip(families, fds, strict=True))
+        return [sys.executable, "-m", "l7proxy", *argv, "--worker-of", spec] + [
+            "--worker-id",
+            str(worker),
+        ]
+
+    return command
+
+
 async def _port_free(address: tuple[str, int], timeout: float = 5.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -286,6 +347,17 @@ def status(args: argparse.Namespace) -> int:
         f"proxy: {state['proxy']['connections_active']} active, "
         f"{state['proxy']['connections_total']} total connections"
     )
+    pool = state.get("workers")
+    if pool:
+        print(f"workers ({pool['count']}, {pool['restarts']} restarts):")
+        for w in pool["each"]:
+            print(
+                f"  worker {w['worker']}  pid {w['pid'] or '-'}  "
+                f"{'serving' if w['serving'] else 'NOT SERVING'}  policy revision "
+                f"{w['policy_revision'] if w['policy_revision'] is not None else '-'}  "
+                f"{w['connections_active']} active, {w['connections_total']} total connections"
+                + (f"  (kept its last policy: {w['policy_error']})" if w["policy_error"] else "")
+            )
     print(f"policies ({len(state['policies'])}):" + ("" if state["policies"] else " none"))
     for p in state["policies"]:
         print(f"  {p['name']}  {p['source']}{'  [audit]' if p['audit'] else ''}")

@@ -185,3 +185,13 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
             pass
     log.info("event loop: asyncio")
     return asyncio.new_event_loop
+
+
+def workers(text: str) -> int:
+    """``--workers N|auto`` (``firewall`` and ``run``)."""
+    from l7proxy.proxy.workers import worker_count
+
+    try:
+        return worker_count(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None

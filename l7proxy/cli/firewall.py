@@ -18,6 +18,7 @@ from l7proxy.cli.common import (
     labels,
     loop_factory,
     proxy_limits,
+    workers,
 )
 
 
@@ -105,15 +106,6 @@ def register(commands: Any) -> None:
     fw.add_argument("--policy-fallback", type=Path, action="append", help=argparse.SUPPRESS)
     add_proxy_options(fw)
     fw.set_defaults(func=run)
-
-
-def workers(text: str) -> int:
-    from l7proxy.proxy.workers import worker_count
-
-    try:
-        return worker_count(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -219,15 +211,17 @@ def supervise(args: argparse.Namespace) -> int:
         snapshot = PolicySnapshot(args.policy, Path(snapshots))
         snapshot.refresh()
 
-        def command(worker: int, fd: int) -> list[str]:
+        def command(worker: int, fds: list[int]) -> list[str]:
             fallback = [a for p in snapshot.paths or () for a in ("--policy-fallback", str(p))]
-            return [sys.executable, "-m", "l7proxy", *argv, "--worker-of", str(fd)] + [
+            return [sys.executable, "-m", "l7proxy", *argv, "--worker-of", str(fds[0])] + [
                 "--worker-id",
                 str(worker),
                 *fallback,
             ]
 
-        supervisor = Supervisor(socks, command, with_metrics=args.metrics is not None)
+        supervisor = Supervisor(
+            [[sock] for sock in socks], command, with_metrics=args.metrics is not None
+        )
         with asyncio.Runner() as runner:
             return runner.run(
                 supervisor.run(

@@ -8,6 +8,9 @@ these metrics: half of them are levels a collector computes from the process's
 status at scrape time (connections open, parse errors, the policy in force),
 which that mode cannot share, and it leaves a file per dead process to clean.
 
+The agent's ``run --workers N`` serves the same combination, with its own
+metrics (datapath, kernel drops, policy) as one more member (``WorkersView.own``).
+
 How each series combines (``combine``):
 - traffic counters, histograms and levels of this process's traffic (flows,
   drops, limits, reply latency, connections): the sum over workers;
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,12 +117,19 @@ class WorkerEndpoint:
 
 @dataclass
 class WorkersView:
-    """What the supervisor knows of its workers, read at each scrape."""
+    """What the supervisor knows of its workers, read at each scrape.
+
+    ``own``: the supervisor's own metrics, combined with the workers' (the agent's:
+    its datapath, kernel drops and policy; the workers have the proxy's traffic);
+    ``own_health``: its own ``/healthz`` body, which must be healthy too."""
 
     configured: int
     endpoints: Callable[[], list[WorkerEndpoint]]
     restarts: Callable[[], int]
     extra: dict[str, Any] = field(default_factory=dict)
+    mode: str = "firewall"
+    own: Callable[[], Awaitable[bytes]] | None = None
+    own_health: Callable[[], Awaitable[Status]] | None = None
 
 
 class WorkerMetrics:
@@ -169,7 +179,8 @@ class WorkerMetrics:
                 parsed = parse(answer[1])
                 self._seen[endpoint.worker] = (endpoint.pid, parsed)
                 scraped.append(parsed)
-        families = combine_families([*scraped, self._gone])
+        own = [parse((await self.view.own()).decode())] if self.view.own is not None else []
+        families = combine_families([*own, *scraped, self._gone])
         families.append(
             _gauge("l7proxy_workers", "Worker processes configured", self.view.configured)
         )
@@ -196,7 +207,10 @@ class WorkerMetrics:
             healthy = answer is not None and answer[0] == 200
             workers.append({"worker": endpoint.worker, "pid": endpoint.pid, "healthy": healthy})
         healthy = len(workers) == self.view.configured and all(w["healthy"] for w in workers)
-        body: Status = {"healthy": healthy, "mode": "firewall", "workers": workers}
+        body: Status = {"healthy": healthy, "mode": self.view.mode, "workers": workers}
+        if self.view.own_health is not None:
+            own = await self.view.own_health()
+            body = {**own, **body, "healthy": healthy and bool(own.get("healthy"))}
         body.update(self.view.extra)
         return body
 

@@ -359,13 +359,31 @@ def attach_metrics(
     return metrics
 
 
-async def start_agent_metrics(agent, address: tuple[str, int]) -> Metrics:
+async def start_agent_metrics(agent, address: tuple[str, int]) -> Any:
     """``run --metrics``: call after ``Agent.start``; ``await metrics.close()`` before
-    ``Agent.stop``."""
+    ``Agent.stop``. With workers, the agent's own metrics and its workers' scrapes,
+    combined (l7proxy/observe/aggregate.py)."""
     metrics = attach_metrics(agent.flowlog, agent_status_fn(agent))
-    metrics.runner = await serve_metrics(metrics, *address)
-    agent.metrics = metrics
-    return metrics
+    if agent.workers is None:
+        metrics.runner = await serve_metrics(metrics, *address)
+        agent.metrics = metrics
+        return metrics
+    from l7proxy.observe.aggregate import WorkerMetrics, WorkersView
+
+    workers = agent.workers
+    combined = WorkerMetrics(
+        WorkersView(
+            workers.count,
+            workers.supervisor.endpoints,
+            lambda: workers.restarts,
+            mode="agent",
+            own=metrics.scrape,
+            own_health=metrics.health,
+        )
+    )
+    await serve_metrics(combined, *address)  # type: ignore[arg-type]
+    agent.metrics = combined
+    return combined
 
 
 async def start_firewall_metrics(fw, address: tuple[str, int]) -> Metrics:
@@ -421,12 +439,25 @@ def agent_status_fn(agent) -> StatusFn:
         dp = await agent._kernel(agent.datapath.status)
         st = agent.status(dp)
         st["mode"] = "agent"
+        if agent.workers is not None:
+            st.pop("proxy", None)  # the workers' own metrics count their traffic
         _add_proxy_stats(st, agent.proxy)
         compiled = agent.state.current if agent.state else None
         if compiled is not None:
             st["redirects"] = _redirects(
                 compiled, dict(agent.listeners or agent.agent_state.proxy_ports)
             )
+        return st
+
+    return status
+
+
+def agent_worker_status_fn(proxy) -> StatusFn:
+    """A worker of ``run --workers N``: its proxy's counters (the agent has the rest)."""
+
+    def status() -> Status:
+        st: Status = {"mode": "agent-worker", "healthy": True}
+        _add_proxy_stats(st, proxy)
         return st
 
     return status

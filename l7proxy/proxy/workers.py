@@ -63,7 +63,7 @@ _LOG_TIME = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
 # The supervisor's pid, in each worker's environment (``die_with_parent``).
 SUPERVISOR_ENV = "L7PROXY_SUPERVISOR"
 
-Command = Callable[[int, int], list[str]]  # (worker, inherited fd) -> argv
+Command = Callable[[int, list[int]], list[str]]  # (worker, inherited fds) -> argv
 
 
 def worker_count(text: str) -> int:
@@ -126,7 +126,7 @@ class LineRelay:
 @dataclass
 class Worker:
     index: int
-    sock: socket.socket
+    socks: list[socket.socket]  # the listening sockets it inherits, in the command's order
     proc: asyncio.subprocess.Process | None = None
     listening: str | None = None  # HOST:PORT from its ready line
     metrics_url: str | None = None
@@ -136,18 +136,31 @@ class Worker:
 
 
 class Supervisor:
+    """N workers, each started with its sockets; restarted on the same sockets.
+
+    ``socks``: each worker's sockets (one for the firewall; one or more per parser
+    family for the agent's). With ``feed``, a worker's stdin is a pipe and
+    ``feed(worker)`` is written to it as it starts (the agent's policy);
+    ``on_line`` gets the stdout lines that are not readiness (else printed)."""
+
     def __init__(
         self,
-        socks: Sequence[socket.socket],
+        socks: Sequence[Sequence[socket.socket]],
         command: Command,
         *,
         with_metrics: bool = False,
         relay: LineRelay | None = None,
+        ready_prefix: str = READY_PREFIX,
+        feed: Callable[[Worker], bytes] | None = None,
+        on_line: Callable[[Worker, str], None] | None = None,
     ) -> None:
-        self.workers = [Worker(i, s) for i, s in enumerate(socks)]
+        self.workers = [Worker(i, list(s)) for i, s in enumerate(socks)]
         self.command = command
         self.with_metrics = with_metrics
         self.relay = relay or LineRelay(lambda text: print(text, file=sys.stderr, flush=True))
+        self.ready_prefix = ready_prefix
+        self.feed = feed
+        self.on_line = on_line
         self.restarts = 0
         self._stopping = False
         self._stop = asyncio.Event()
@@ -170,11 +183,9 @@ class Supervisor:
             loop.add_signal_handler(sig, self._stop.set)
         served: WorkerMetrics | None = None
         try:
-            for worker in self.workers:
-                await self._spawn(worker)
-            if not await self._all_ready():
+            if not await self.start():
                 return 0 if self._stop.is_set() else 1
-            host, port = self.workers[0].sock.getsockname()[:2]
+            host, port = self.workers[0].socks[0].getsockname()[:2]
             ready(f"{READY_PREFIX}{host}:{port}")
             if metrics is not None:
                 served = WorkerMetrics(
@@ -192,14 +203,55 @@ class Supervisor:
                         log.exception("supervisor housekeeping failed")
             return 0
         finally:
-            self._stopping = True
             if served is not None:
                 await served.close()
-            await self._stop_all()
+            await self.stop()
             for worker in self.workers:
-                worker.sock.close()
+                for sock in worker.socks:
+                    sock.close()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+
+    async def start(self) -> bool:
+        """Start every worker; True once all are listening (False: see ``_all_ready``)."""
+        for worker in self.workers:
+            await self._spawn(worker)
+        return await self._all_ready()
+
+    def hold(self) -> None:
+        """Restart no worker from now on (they are being stopped or drained)."""
+        self._stopping = True
+
+    async def stop(self) -> None:
+        """SIGTERM to every worker, SIGKILL after STOP_TIMEOUT; the sockets stay open."""
+        self.hold()
+        self._stop.set()
+        await self._stop_all()
+
+    async def wait_exited(self, timeout: float) -> bool:
+        """True if every worker exited within ``timeout`` (``hold`` first)."""
+        running = [w.proc for w in self.workers if w.proc and w.proc.returncode is None]
+        if not running:
+            return True
+        waits = [asyncio.ensure_future(p.wait()) for p in running]
+        _, late = await asyncio.wait(waits, timeout=timeout)
+        for fut in late:
+            fut.cancel()
+        return not late
+
+    def send(self, worker: Worker, data: bytes) -> bool:
+        """Write to a running worker's stdin (``feed`` mode); False if it is not running."""
+        proc = worker.proc
+        if proc is None or proc.returncode is not None or proc.stdin is None:
+            return False
+        try:
+            proc.stdin.write(data)
+        except (BrokenPipeError, ConnectionResetError, RuntimeError):
+            return False  # it died; _watch restarts it and feed() gives it the current state
+        return True
+
+    def running(self, worker: Worker) -> bool:
+        return worker.proc is not None and worker.proc.returncode is None
 
     def endpoints(self) -> list[WorkerEndpoint]:
         """The metrics endpoints of the workers running now."""
@@ -244,19 +296,22 @@ class Supervisor:
     async def _spawn(self, worker: Worker) -> None:
         worker.listening = worker.metrics_url = None
         worker.ready.clear()
-        fd = worker.sock.fileno()
+        fds = [sock.fileno() for sock in worker.socks]
         worker.proc = await asyncio.create_subprocess_exec(
-            *self.command(worker.index, fd),
-            stdin=asyncio.subprocess.DEVNULL,
+            *self.command(worker.index, fds),
+            stdin=asyncio.subprocess.DEVNULL if self.feed is None else asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            pass_fds=(fd,),
+            pass_fds=fds,
             env=dict(os.environ, **{SUPERVISOR_ENV: str(os.getpid())}),
-            # Its own process group: a terminal's Ctrl-C reaches the supervisor
-            # alone, which stops the workers in order.
-            process_group=0,
+            # Its own session, so its own process group: a terminal's Ctrl-C reaches
+            # the supervisor alone, which stops the workers in order. (A session, not
+            # process_group=0, which uvloop's subprocesses do not take.)
+            start_new_session=True,
         )
         worker.started = time.monotonic()
+        if self.feed is not None:
+            self.send(worker, self.feed(worker))
         log.debug("worker %d started, pid %d", worker.index, worker.proc.pid)
         self._task(self._read_stdout(worker, worker.proc))
         self._task(self._read_stderr(worker, worker.proc))
@@ -271,10 +326,12 @@ class Supervisor:
         assert proc.stdout is not None
         async for raw in proc.stdout:
             text = raw.decode(errors="replace").rstrip("\n")
-            if text.startswith(READY_PREFIX):
-                worker.listening = text[len(READY_PREFIX) :]
+            if text.startswith(self.ready_prefix):
+                worker.listening = text[len(self.ready_prefix) :]
             elif text.startswith(METRICS_PREFIX):
                 worker.metrics_url = text[len(METRICS_PREFIX) :]
+            elif self.on_line is not None:
+                self.on_line(worker, text)
             else:
                 print(f"[worker {worker.index}] {text}", flush=True)
             if worker.listening and (worker.metrics_url or not self.with_metrics):

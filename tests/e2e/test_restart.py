@@ -216,6 +216,37 @@ def _successor(node, *extra: str) -> subprocess.Popen:
     return proc
 
 
+def spawn_load(node, stop_file: Path) -> subprocess.Popen:
+    """LOAD_CLIENT from the tiefighter to the deathstar, until ``stop_file`` appears;
+    its summary is the last line of ``load.log``."""
+    return node.spawn(
+        [
+            "ip",
+            "netns",
+            "exec",
+            node.endpoint("tiefighter").netns,
+            sys.executable,
+            "-c",
+            LOAD_CLIENT,
+            node.ip("deathstar"),
+            str(stop_file),
+        ],
+        "load running",
+        "load",
+    )
+
+
+def drain_report(node) -> dict:
+    """What the first agent printed when its drain ended (``l7proxy drained: {...}``)."""
+    drained = [
+        line
+        for line in (node.root / "agent.log").read_text().splitlines()
+        if line.startswith("l7proxy drained:")
+    ]
+    assert drained, "the old agent did not report its drain"
+    return ast.literal_eval(drained[0].removeprefix("l7proxy drained:").strip())
+
+
 class Keepalive:
     def __init__(self, node, src: str, dst: str):
         argv = [
@@ -250,21 +281,7 @@ def test_takeover_under_load_fails_no_request(node):
     old = node.agent
     keepalive = Keepalive(node, "tiefighter", "deathstar")
     stop_file = node.root / "stop-load"
-    load = node.spawn(
-        [
-            "ip",
-            "netns",
-            "exec",
-            node.endpoint("tiefighter").netns,
-            sys.executable,
-            "-c",
-            LOAD_CLIENT,
-            node.ip("deathstar"),
-            str(stop_file),
-        ],
-        "load running",
-        "load",
-    )
+    load = spawn_load(node, stop_file)
     try:
         landed = keepalive.say("REQ POST /v1/request-landing")
         assert landed.startswith(f"200 Ship landed (seen from {node.ip('tiefighter')})")
@@ -312,13 +329,7 @@ def test_takeover_under_load_fails_no_request(node):
         summary["fresh_ok"] > 20 and summary["fresh_denied"] > 20 and summary["keepalive_ok"] > 20
     )
     assert summary["keepalive_connections"] >= 2  # the drain closed the first one at its deadline
-    drained = [
-        line
-        for line in (node.root / "agent.log").read_text().splitlines()
-        if line.startswith("l7proxy drained:")
-    ]
-    assert drained, "the old agent did not report its drain"
-    drain = ast.literal_eval(drained[0].removeprefix("l7proxy drained:").strip())
+    drain = drain_report(node)
     print("old agent's drain:", drain)
     assert drain["cut"] == 0  # nothing was in flight when the old agent let go
 
@@ -442,7 +453,7 @@ def test_control_socket_passes_a_listening_socket_that_keeps_its_queue(tmp_path)
         early = socket.create_connection(("127.0.0.1", port))
         pred = Predecessor.connect(tmp_path / "agent.sock")
         assert pred.info == {"pid": 1, "listeners": {"http": port}, "policy_revision": 7}
-        inherited = pred.listeners()["http"]
+        (inherited,) = pred.listeners()["http"]
         listener.close()
         late = socket.create_connection(("127.0.0.1", port))
         inherited.setblocking(True)

@@ -299,13 +299,13 @@ async def test_workers_that_cannot_start_make_the_supervisor_exit_non_zero(caplo
     socks = reuseport_listeners("127.0.0.1", 0, 2)
     port = socks[0].getsockname()[1]
 
-    def command(worker: int, fd: int) -> list[str]:
+    def command(worker: int, fds: list[int]) -> list[str]:
         # Worker 1 fails at once; worker 0 would have started.
         code = "raise SystemExit(3)" if worker == 1 else "import time; time.sleep(30)"
         return [sys.executable, "-c", code]
 
     lines: list[str] = []
-    code = await Supervisor(socks, command).run(ready=lines.append)
+    code = await Supervisor([[s] for s in socks], command).run(ready=lines.append)
     assert code == 1 and lines == []
     assert "worker 1 exited with exit code 3 before it was listening" in caplog.text
     # Everything was stopped and the port is free again.
