@@ -186,6 +186,24 @@ request = function()
                     {["X-Request-Id"] = id})
 end
 """
+
+
+def varied_request(i: int, host: bytes) -> bytes:
+    """Request ``i`` of VARIED_LUA, for the benches that send it themselves."""
+    return b"GET /?n=%d HTTP/1.1\r\nHost: %s\r\n\r\n" % (i, host)
+
+
+def realistic_request(i: int, host: bytes) -> bytes:
+    """Request ``i`` of REALISTIC_LUA (wrk writes Host first, then the script's field)."""
+    return b"GET /public/item/%d?q=%d HTTP/1.1\r\nHost: %s\r\nX-Request-Id: %04x-%d\r\n\r\n" % (
+        i,
+        i * 7919 % 100000,
+        host,
+        i * 40503 % 65536,
+        i,
+    )
+
+
 # The workloads whose heads never repeat: (key in the results, title, wrk script).
 UNREPEATED = (
     ("varied", "every request a different query", VARIED_LUA),
@@ -445,8 +463,9 @@ def profile_engine(
                 engine.client_data(request)
                 engine.server_data(response)
 
-        # The varied-target workload's requests (GET /?n=1, /?n=2, ...), built before timing.
-        varied = [request.replace(b"GET / ", b"GET /?n=%d " % i, 1) for i in range(n)]
+        # The unrepeated workloads' requests, built before timing.
+        host = request.split(b"Host: ", 1)[1].split(b"\r\n", 1)[0]
+        varied = [varied_request(i, host) for i in range(n)]
 
         def engine_varied() -> None:
             engine = factory(conn_policy.decide)
@@ -454,13 +473,7 @@ def profile_engine(
                 engine.client_data(each)
                 engine.server_data(response)
 
-        # The realistic workload's: path, query and a request id differ each time.
-        host = request.split(b"Host: ", 1)[1].split(b"\r\n", 1)[0]
-        realistic = [
-            b"GET /public/item/%d?q=%d HTTP/1.1\r\nHost: %s\r\nX-Request-Id: %04x-%d\r\n\r\n"
-            % (i, i * 7919 % 100000, host, i * 40503 % 65536, i)
-            for i in range(n)
-        ]
+        realistic = [realistic_request(i, host) for i in range(n)]
 
         def engine_realistic() -> None:
             engine = factory(conn_policy.decide)

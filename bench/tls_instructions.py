@@ -23,19 +23,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import socket
 import ssl
-import subprocess
 import sys
 import tempfile
-import time
-from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from bench.callgrind import count, valgrind_argv
 from bench.common import (
     LOOPBACK,
     REPO,
@@ -49,8 +46,6 @@ from bench.common import (
 )
 from bench.tls import HAPROXY_RULES, NAME, make_certificate, policy_yaml
 
-# Connections or requests run before counting: imports, caches and the allocator warm.
-WARM_UP = 20
 REQUEST = f"GET /x HTTP/1.1\r\nHost: {NAME}\r\n\r\n".encode()
 REQUEST_CLOSE = f"GET /x HTTP/1.1\r\nHost: {NAME}\r\nConnection: close\r\n\r\n".encode()
 PROXIES = ("l7proxy", "haproxy", "l7proxy-cleartext")
@@ -106,67 +101,7 @@ def kept_connection(port: int, context: ssl.SSLContext | None) -> Callable[[int]
     return requests
 
 
-# --------------------------------------------------------------------- callgrind
-
-
-def _callgrind(pid: int, *args: str) -> None:
-    subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
-
-
-def _by_library(dump: Path) -> tuple[int, dict[str, int]]:
-    """Total instructions of a callgrind dump, and their split by shared object."""
-    text = subprocess.run(
-        ["callgrind_annotate", "--inclusive=no", "--threshold=100", str(dump)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    totals = re.search(r"^\s*([\d,]+) \(\s*[\d.]+%\)\s+PROGRAM TOTALS", text, re.M)
-    if totals is None:
-        raise RuntimeError(f"no PROGRAM TOTALS in callgrind_annotate's output of {dump}")
-    total = int(totals[1].replace(",", ""))
-    split: Counter[str] = Counter()
-    for count, obj in re.findall(r"^\s*([\d,]+) \(\s*[\d.]+%\)\s+\S.*\[(.+)\]$", text, re.M):
-        split[Path(obj).name.split(".cpython")[0].split(".so")[0]] += int(count.replace(",", ""))
-    return total, dict(split)
-
-
-def count(pid: int, dumps: Path, run: Callable[[int], None], n: int) -> dict[str, Any]:
-    """Instructions ``pid`` executes while ``run(n)`` runs, per operation."""
-    _callgrind(pid, "--instr=on")
-    run(WARM_UP)
-    time.sleep(0.5)  # what the warm-up left to do (closes, timers) is not counted
-    _callgrind(pid, "--zero")
-    run(n)
-    time.sleep(0.5)
-    before = set(dumps.glob("callgrind.out*"))
-    _callgrind(pid, "--dump")
-    for _ in range(100):
-        new = set(dumps.glob("callgrind.out*")) - before
-        if new:
-            break
-        time.sleep(0.1)
-    time.sleep(0.5)  # written whole
-    total, split = _by_library(max(new, key=os.path.getmtime))
-    _callgrind(pid, "--instr=off")
-    top = sorted(split.items(), key=lambda kv: -kv[1])[:6]
-    return {
-        "per_op": round(total / n),
-        "by_library": {k: round(v / n) for k, v in top},
-        "operations": n,
-    }
-
-
 # --------------------------------------------------------------------- the proxies
-
-
-def _valgrind(dumps: Path) -> list[str]:
-    return [
-        "valgrind",
-        "--tool=callgrind",
-        "--instr-atstart=no",
-        f"--callgrind-out-file={dumps}/callgrind.out.%p",
-    ]
 
 
 def start_proxy(name: str, stack: ExitStack, workdir: Path, upstream: int, files) -> tuple:
@@ -194,7 +129,7 @@ frontend bench
 backend upstream
     server up {LOOPBACK}:{upstream}
 """)
-        argv = [*_valgrind(dumps), "haproxy", "-db", "-f", str(conf)]
+        argv = [*valgrind_argv(dumps), "haproxy", "-db", "-f", str(conf)]
         proc, _ = stack.enter_context(started(argv, log=workdir / "haproxy.log"))
         wait_port(LOOPBACK, port, timeout=120, proc=proc, log=workdir / "haproxy.log")
         return proc.pid, port, dumps
@@ -202,7 +137,7 @@ backend upstream
     policy.write_text(policy_yaml(upstream))
     tls = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-alpn", "http/1.1"]
     argv = [
-        *_valgrind(dumps), sys.executable, "-m", "l7proxy", "firewall",
+        *valgrind_argv(dumps), sys.executable, "-m", "l7proxy", "firewall",
         "--listen", f"{LOOPBACK}:{port}", "--upstream", f"{LOOPBACK}:{upstream}",
         "--labels", "app=bench", "--policy", str(policy),
         *(tls if name == "l7proxy" else []),

@@ -561,10 +561,15 @@ _second_text = ""
 
 
 def now_fields() -> dict[str, Any]:
-    """Wall-clock fields of a record. The HH:MM:SS text is formatted once per second."""
-    global _second, _second_text
+    """Wall-clock fields of a record."""
     t = time.time()
+    return {"time": t, "time_iso": clock_text(t)}
+
+
+def clock_text(t: float) -> str:
+    """A record's ``time_iso``: local HH:MM:SS.mmm, the seconds formatted once per second."""
+    global _second, _second_text
     sec = int(t)
     if sec != _second:
         _second, _second_text = sec, time.strftime("%H:%M:%S", time.localtime(sec))
-    return {"time": t, "time_iso": f"{_second_text}.{int(t * 1000) % 1000:03d}"}
+    return f"{_second_text}.{int(t * 1000) % 1000:03d}"

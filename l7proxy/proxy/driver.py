@@ -52,7 +52,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
-from l7proxy.observe.flowlog import FlowLog, now_fields, request_fields
+from l7proxy.observe.flowlog import FlowLog, clock_text, now_fields, request_fields
 from parsers.base import (
     BODY_TIMEOUT,
     DEFAULT_MAX_PENDING,
@@ -500,6 +500,23 @@ class Pipe:
     # ------------------------------------------------------------- commands
 
     def _execute(self, commands: list[Command]) -> None:
+        if len(commands) == 2:
+            # Most turns: a request judged and sent on, or its response sent back.
+            first: Any
+            second: Any
+            first, second = commands
+            kind = type(first)
+            if kind is Access and type(second) is ToServer:
+                server = self._server
+                if server is not None and not self._server_eof_sent:
+                    self._access(first)
+                    server.write(second.data)
+                    return
+            elif kind is ToClient and type(second) is Reply:
+                if not self._client_eof_sent and not self._client.is_closing():
+                    self._record(second.key, second.fields)  # (as below: before the write)
+                    self._client.write(first.data)
+                    return
         never_connected = False
         # Bytes for each side are gathered and written once (one writev), before
         # any command that must come after them: a pipelined batch of responses
@@ -533,18 +550,7 @@ class Pipe:
                     self._write_gathered(to_server, to_client)
                     to_server, to_client = [], []
             if kind is Access:
-                in_flight = self._in_flight
-                in_flight[cmd.key] = (time.monotonic(), cmd.request, cmd.decision)
-                if (
-                    len(in_flight) >= self._limits.max_pending_requests
-                    and not self._client_holds & HOLD_PENDING
-                ):
-                    self._hold_client(HOLD_PENDING)
-                    self._limit_record(
-                        "max_pending_requests",
-                        f"{len(in_flight)} requests await an answer: not read until half are",
-                        verdict="PAUSED",
-                    )
+                self._access(cmd)
             elif kind is Reply:
                 self._record(cmd.key, cmd.fields)
             elif kind is ShutdownServer:
@@ -594,6 +600,21 @@ class Pipe:
             # way it ends any other (after the rest of this batch, in order).
             self._execute(self._engine.server_data(b""))
 
+    def _access(self, cmd: Access) -> None:
+        """A request judged: in flight until its reply (``_record``)."""
+        in_flight = self._in_flight
+        in_flight[cmd.key] = (time.monotonic(), cmd.request, cmd.decision)
+        if (
+            len(in_flight) >= self._limits.max_pending_requests
+            and not self._client_holds & HOLD_PENDING
+        ):
+            self._hold_client(HOLD_PENDING)
+            self._limit_record(
+                "max_pending_requests",
+                f"{len(in_flight)} requests await an answer: not read until half are",
+                verdict="PAUSED",
+            )
+
     def _write_gathered(self, to_server: list[bytes], to_client: list[bytes]) -> None:
         if to_server and self._server is not None:
             if len(to_server) == 1:
@@ -617,20 +638,23 @@ class Pipe:
             self._release_client(HOLD_PENDING)
         t0, request, decision = started
         protocol, fields = request_fields(request)
-        rec = now_fields()
-        rec.update(
-            type="l7",
-            protocol=protocol,
-            source=self._source,
-            destination=self._destination,
-            l7=fields,
-            reply=reply or {},
-            verdict=decision.verdict,
-            policy=decision.policy,
-            rule=decision.rule,
-            reason=decision.reason,
-            latency_ms=round((time.monotonic() - t0) * 1000, 3),
-        )
+        now = time.time()
+        # (One literal: the fields of ``now_fields`` first, as in every record.)
+        rec: dict[str, Any] = {
+            "time": now,
+            "time_iso": clock_text(now),
+            "type": "l7",
+            "protocol": protocol,
+            "source": self._source,
+            "destination": self._destination,
+            "l7": fields,
+            "reply": reply or {},
+            "verdict": decision.verdict,
+            "policy": decision.policy,
+            "rule": decision.rule,
+            "reason": decision.reason,
+            "latency_ms": round((time.monotonic() - t0) * 1000, 3),
+        }
         if self._tls is not None:
             rec["tls"] = self._tls
         self._flowlog.emit(rec)

@@ -65,7 +65,7 @@ from parsers.http1.head import (
 )
 from parsers.http1.memo import RequestHeadMemo, ResponseHeadMemo
 from parsers.http1.quick import QuickRequestHead
-from parsers.http1.reader import Data, End, Event, Head, MessageReader
+from parsers.http1.reader import END, Data, End, Event, Head, MessageReader
 from parsers.requests import HttpRequest
 
 __all__ = [
@@ -309,6 +309,13 @@ def http_request(head: MessageHead, fields: RequestFields | None = None) -> Http
     return HttpRequest(head.method, path, host, fields.headers, head.version)
 
 
+def _whole_events(head: MessageHead, data: bytes) -> tuple[Event, ...]:
+    """The events of a message ``MessageReader.read_whole`` read whole from ``data``."""
+    if head.framing == "length":
+        return (Head(head), Data(data[len(data) - head.length :]), END)
+    return (Head(head), END)
+
+
 def _coalesce(out: list[Command]) -> list[Command]:
     """Merge neighbouring writes in the same direction into one command."""
     if len(out) < 2 or (len(out) == 2 and type(out[0]) is not type(out[1])):
@@ -535,11 +542,27 @@ class Http1Engine:
                 return out
             if self._last is not None:
                 return out  # sent behind the last request: never read, so not kept
+        requests = self._requests
         if self._last is None and not self._finishing:  # (``_budget()``, inline: per read)
-            self._requests.budget = max(0, self._max_pending - len(self._queue))
+            requests.budget = max(0, self._max_pending - len(self._queue))
         else:
-            self._requests.budget = self._budget()
-        if not self._read_client(data, out):
+            requests.budget = self._budget()
+        whole = requests.read_whole(data)
+        if whole is None:
+            read = self._read_client(data, out)
+        elif whole.framing == "none" and not whole.upgrade:
+            # Most reads: one request without a body. What ``_on_client_events``
+            # does for its Head and END, without making them.
+            try:
+                self._on_request_head(whole, out)
+            except Http1Error as exc:
+                self._on_client_error(exc.detach(), out)
+                return _coalesce(out)
+            self._current = None
+            return out
+        else:
+            read = self._on_client_read(_whole_events(whole, data), None, out)
+        if not read:
             return _coalesce(out)
         if self._requests.held:
             self._resume_held(out)
@@ -560,6 +583,11 @@ class Http1Engine:
             events = self._requests.feed(data) if data is not None else self._requests.resume()
         except Http1Error as exc:
             events, error = exc.events, exc.detach()  # kept as data: a queued 400 may hold it
+        return self._on_client_read(events, error, out)
+
+    def _on_client_read(
+        self, events: Iterable[Event], error: Http1Error | None, out: list[Command]
+    ) -> bool:
         try:
             self._on_client_events(events, out)
         except Http1Error as exc:  # a rule the engine adds on top of the parser
@@ -723,12 +751,26 @@ class Http1Engine:
         response, or a ``Yield`` for the rest."""
         responses = self._responses
         responses.budget = self.limits.responses_per_turn
-        try:
-            events = responses.feed(data) if data is not None else responses.resume()
-        except Http1Error as exc:
-            self._on_server_events(exc.events, out)
-            self._on_server_error(exc, out)
-            return True
+        whole = responses.read_whole(data) if data is not None and self._awaiting else None
+        if whole is not None:
+            ex = self._awaiting[0]
+            if (
+                whole.status >= 200
+                and whole.keep_alive
+                and not ex.last
+                and not ex.head.upgrade
+                and not responses.switched
+            ):
+                self._whole_response(whole, data, ex, out)  # type: ignore[arg-type]
+                return False
+            events: Iterable[Event] = _whole_events(whole, data)  # type: ignore[arg-type]
+        else:
+            try:
+                events = responses.feed(data) if data is not None else responses.resume()
+            except Http1Error as exc:
+                self._on_server_events(exc.events, out)
+                self._on_server_error(exc, out)
+                return True
         self._on_server_events(events, out)
         if responses.held and not self._closed and self._inner is None:
             out.append(Yield(self._next_responses, server=True))
@@ -793,6 +835,31 @@ class Http1Engine:
                     self._closed = True
                     out.append(Close("server ended the connection"))
                     return
+
+    def _whole_response(
+        self, head: MessageHead, data: bytes, ex: _Exchange, out: list[Command]
+    ) -> None:
+        """Most reads: one whole final response to a plain request, the connection
+        kept. What ``_on_server_events`` does for its Head, Data and END, without
+        making them; when the head is forwarded as it came, so is ``data``, whole."""
+        self._response_head = head
+        ex.started = True
+        wire: bytes | None = head.derived
+        if wire is None:
+            wire = head.derived = serialise_response(head)
+        if head.framing == "length":
+            body_at = len(data) - head.length
+            same = len(wire) == body_at and data.startswith(wire)
+            out.append(ToClient(data if same else wire + data[body_at:]))
+        else:
+            out.append(ToClient(wire))
+        self._awaiting.popleft()
+        self._queue.popleft()
+        out.append(Reply(ex.key, {"status": head.status}))
+        if self._queue and not self._queue[0].allowed:
+            self._flush(out)
+        if self._requests.held:
+            self._resume_held(out)
 
     def _on_server_error(self, exc: Http1Error, out: list[Command]) -> None:
         out.append(ParseError("server", exc, close=True))

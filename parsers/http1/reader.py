@@ -105,6 +105,10 @@ class MessageReader:
         self._buf = bytearray()  # unfinished head / chunk line / trailers
         self._remaining = 0
         self._head: MessageHead | None = None
+        # A head ``read_whole`` parsed in bytes that were not one whole message:
+        # (those bytes, the head's, the head or its error), for the ``feed`` of the
+        # same bytes.
+        self._parsed: tuple[bytes, bytes, MessageHead | Http1Error] | None = None
         self._pending = bytearray()  # bytes held while paused
         # For responses: the requests still owed an answer (method, upgrade asked).
         self._requests: deque[tuple[str, bool]] = deque()
@@ -163,6 +167,8 @@ class MessageReader:
             return []
         if state == DONE:
             return []
+        if self._parsed is not None and self._parsed[0] is not data:
+            self._parsed = None  # parsed in other bytes: not this head
         events: list[Event] = []
         pos = 0
         end = len(data)
@@ -269,24 +275,55 @@ class MessageReader:
         self._heads.partial(buf)
         return len(data)
 
+    def read_whole(self, data: bytes) -> MessageHead | None:
+        """``data`` read at once when it is one whole message: the reader waits for
+        a head and may begin one, and ``data`` is a head and all of the body its
+        Content-Length announces (or a head without a body), nothing more. The
+        reader then stands where ``feed(data)`` would leave it, and the message's
+        head is returned: its events would be ``Head``, its body as one ``Data``
+        when it has one, and ``END``. None when ``data`` is anything else, with
+        nothing read (``feed`` reads it then, without parsing its head again)."""
+        if self._state != HEAD or self._buf or self.budget == 0:
+            return None
+        end = data.find(b"\r\n\r\n") + 4
+        if end < 4 or end > self.max_head or data.startswith(b"\r\n"):
+            return None
+        raw = data if end == len(data) else data[:end]
+        try:
+            msg = self._parse_head(raw)
+        except Http1Error as exc:
+            # ``feed`` raises it, as it raises errors. (Not parsed again: after an
+            # error, llhttp answers the same bytes with another.)
+            self._parsed = (data, raw, exc)
+            return None
+        framing = msg.framing
+        if not (
+            (framing == "none" and end == len(data))
+            or (framing == "length" and msg.length == len(data) - end)
+        ):
+            self._parsed = (data, raw, msg)
+            return None
+        try:
+            self._begin(msg)
+        except Http1Error:
+            self._parsed = (data, raw, msg)  # ``feed`` raises it again, as it raises errors
+            return None
+        self._finish_state(msg)
+        return msg
+
     def _on_head(self, head: bytes, events: list[Event]) -> None:
-        heads = self._heads
-        if heads.side == "client":
-            msg = heads.complete(head)
+        parsed = self._parsed
+        if parsed is not None:
+            self._parsed = None
+            if parsed[1] != head:
+                msg = self._parse_head(head)
+            elif isinstance(parsed[2], Http1Error):
+                raise parsed[2]
+            else:
+                msg = parsed[2]
         else:
-            method, upgrade = self._requests[0] if self._requests else ("GET", True)
-            msg = heads.complete(head, method)
-            if msg.status == 101 or (method == "CONNECT" and 200 <= msg.status < 300):
-                if not upgrade and not self.standalone:
-                    raise MalformedMessage(
-                        "101 without an Upgrade request", code="unexpected_101", side="server"
-                    )
-                self.switched = True
-            elif msg.status >= 200 and self._requests:
-                self._requests.popleft()
-        self._head = msg
-        if self.budget is not None:
-            self.budget -= 1
+            msg = self._parse_head(head)
+        self._begin(msg)
         events.append(Head(msg))
         framing = msg.framing
         if framing == "none":
@@ -299,10 +336,36 @@ class MessageReader:
         else:
             self._state = UNTIL_CLOSE
 
+    def _parse_head(self, head: bytes) -> MessageHead:
+        heads = self._heads
+        if heads.side == "client":
+            return heads.complete(head)
+        method = self._requests[0][0] if self._requests else "GET"
+        return heads.complete(head, method)
+
+    def _begin(self, msg: MessageHead) -> None:
+        """The bookkeeping of a head read, before its body."""
+        if not self._reads_requests:
+            method, upgrade = self._requests[0] if self._requests else ("GET", True)
+            if msg.status == 101 or (method == "CONNECT" and 200 <= msg.status < 300):
+                if not upgrade and not self.standalone:
+                    raise MalformedMessage(
+                        "101 without an Upgrade request", code="unexpected_101", side="server"
+                    )
+                self.switched = True
+            elif msg.status >= 200 and self._requests:
+                self._requests.popleft()
+        self._head = msg
+        if self.budget is not None:
+            self.budget -= 1
+
     def _finish(self, events: list[Event], trailers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         events.append(End(trailers) if trailers else END)
         msg = self._head
         assert msg is not None  # a message ends after its head
+        self._finish_state(msg)
+
+    def _finish_state(self, msg: MessageHead) -> None:
         if self.switched:
             self._state = PAUSED
         elif self._reads_requests:
