@@ -23,12 +23,19 @@ def _pieces(data: bytes):
     return body, [body[i : i + step] for i in range(0, len(body), step)]
 
 
-def _read(kind: str, impl: str, pieces) -> tuple:
+def _read(kind: str, impl: str, pieces, *, whole_first: bool = False) -> tuple:
+    """What a reader reads from ``pieces``; with ``whole_first``, each piece goes to
+    ``read_whole`` first and to ``feed`` only when it is not one whole message."""
     reader = request_reader(impl, LIMITS) if kind == "request" else response_reader(impl, LIMITS)
     summary: list = []
     try:
         for piece in [*pieces, b""]:
-            _summarise(reader.feed(piece), summary)
+            head = reader.read_whole(piece) if whole_first else None
+            if head is None:
+                _summarise(reader.feed(piece), summary)
+                continue
+            body = piece[len(piece) - head.length :] if head.framing == "length" else b""
+            _summarise([Head(head), *([Data(body)] if body else []), End()], summary)
     except Http1Error as exc:
         _summarise(exc.events, summary)  # what was read before the error
         summary.append("rejected")
@@ -75,6 +82,17 @@ def readers(data: bytes) -> None:
             raise AssertionError(
                 f"split changes the {kind} reading of {body!r}: {whole!r} != {py_split!r}"
             )
+        # Cut after each blank line too, where one piece is often one whole message.
+        at_heads = [p + b"\r\n\r\n" for p in body.split(b"\r\n\r\n")]
+        at_heads[-1] = at_heads[-1][:-4]
+        if not at_heads[-1]:
+            at_heads.pop()  # (an empty piece is the end of input)
+        for impl, fed in (("c", c_split), ("python", py_split)):
+            for cut in (pieces, at_heads):
+                if _read(kind, impl, cut, whole_first=True) != fed:
+                    raise AssertionError(
+                        f"read_whole changes the {impl} {kind} reading of {body!r}"
+                    )
 
 
 def _engine(impl: str, data: bytes) -> None:
