@@ -49,8 +49,8 @@ from types import CodeType, FrameType
 from typing import Any
 
 from bench.common import LOOPBACK, REPO
+from bench.tls import NAME, make_certificate, policy_yaml
 
-NAME = "bench.example"
 REQUEST_CLOSE = f"GET / HTTP/1.1\r\nHost: {NAME}\r\nConnection: close\r\n\r\n".encode()
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 WARM_UP = 30
@@ -171,12 +171,6 @@ def _area(code: CodeType) -> str:
 # --------------------------------------------------------------------- the proxy
 
 
-def policy_yaml(upstream_port: int) -> str:
-    from bench.tls import policy_yaml as tls_policy
-
-    return tls_policy(upstream_port)
-
-
 async def measure(args: argparse.Namespace, workdir: Path) -> int:
     from l7proxy.observe.flowlog import FlowLog
     from l7proxy.proxy.firewall import Firewall
@@ -186,8 +180,6 @@ async def measure(args: argparse.Namespace, workdir: Path) -> int:
     ca = "-"
     pairs: tuple[KeyPair, ...] = ()
     if args.tls:
-        from bench.tls import make_certificate
-
         ca_path, cert, key, _ = make_certificate(workdir)
         ca, pairs = str(ca_path), (KeyPair(cert, key),)
     proc = await asyncio.create_subprocess_exec(
