@@ -591,6 +591,12 @@ class Proxy:
         self._no_pipes.set()
         self._acceptors: list[Acceptor] = []
         self._listen_ports: set[int] = set()
+        # _connection's answers but the source port, by (source ip, destination ip,
+        # port), for one policy (and one set of listening ports).
+        self._connections: dict[
+            tuple[str, str, int], tuple[str, str, int, Side, Side, ConnectionPolicy] | None
+        ] = {}
+        self._connections_for: object = None
         # Connections open at the most since memory was last given back.
         self._peak_pipes = 0
         self._give_back: asyncio.TimerHandle | None = None
@@ -621,6 +627,7 @@ class Proxy:
             )
         )
         self._listen_ports.add(sock.getsockname()[1])
+        self._connections.clear()  # a direct connection to this port is refused now
         return sock
 
     # ------------------------------------------------------------ draining
@@ -680,7 +687,30 @@ class Proxy:
         self, peer: Address, local: Address
     ) -> tuple[str, int, str, int, Side, Side, ConnectionPolicy] | None:
         """Who is connecting to what, and the policy of that connection; None for
-        a direct connection to the proxy port itself, not a redirected flow."""
+        a direct connection to the proxy port itself, not a redirected flow.
+
+        All but the source port is the same for every connection from one address to
+        one destination, and follows from the policy in force alone (its ipcache and
+        endpoints): kept per policy, as the policy of such connections is one (it
+        depends on their identities, endpoints and port, not on the source port)."""
+        key = (peer[0], local[0], local[1])
+        current = self.state.current
+        if self._connections_for is not current or len(self._connections) >= 4096:
+            self._connections_for = current
+            self._connections.clear()
+        if key in self._connections:
+            known = self._connections[key]
+        else:
+            known = self._connections[key] = self._new_connection(peer, local)
+        if known is None:
+            return None
+        src_ip, dst_ip, dst_port, src_shape, dst, policy = known
+        src = Side(src_ip, peer[1], src_shape.identity, src_shape.endpoint)
+        return src_ip, peer[1], dst_ip, dst_port, src, dst, policy
+
+    def _new_connection(
+        self, peer: Address, local: Address
+    ) -> tuple[str, str, int, Side, Side, ConnectionPolicy] | None:
         src_ip, src_port = _v4(peer[0]), peer[1]
         if self.upstream is not None:
             dst_ip, dst_port, dst_ep = (
@@ -699,7 +729,7 @@ class Proxy:
         state = self.state
         src = state.side(src_ip, src_port)
         dst = state.side(dst_ip, dst_port, dst_ep)
-        return src_ip, src_port, dst_ip, dst_port, src, dst, state.connection(src, dst)
+        return src_ip, dst_ip, dst_port, src, dst, state.connection(src, dst)
 
     # ------------------------------------------------------------ silent connections
 
