@@ -12,16 +12,16 @@ every one is accepted, judged, piped, connected upstream, logged and closed. Wit
 What it counts, after a warm-up, over the connections and the linger that follows them:
 
 - Python opcodes executed, per connection, in all and by function (``sys.settrace``
-  with ``f_trace_opcodes``): a count a busy machine does not move, and the same run
-  after run, so a change's effect is exact;
+  with ``f_trace_opcodes``): a count a busy machine does not move, the same to a
+  fraction of a percent run after run, so a change's effect shows whole;
 - with ``--profile``, the same load under cProfile instead (calls, and what calls what).
 
 For instructions (the interpreter, uvloop and libc too), run it under callgrind
 twice and take the difference, which removes the start-up:
 
     valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p \\
-        python -m bench.conn_cost --connections 100 --instructions
-    (and again with --connections 300; (total 300 - total 100) / 200)
+        python -m bench.conn_cost --connections 50 --instructions
+    (and again with --connections 250; (total 250 - total 50) / 200)
 
 Nothing is written to ``bench/results``: this is a tool for finding where a connection's
 cost goes (docs/benchmarks.md), not a comparison.
@@ -75,7 +75,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="count nothing in Python (for a run under callgrind)",
     )
     p.add_argument("--top", type=int, default=30, help="functions listed")
-    p.add_argument("--peer", nargs=2, help=argparse.SUPPRESS)  # the peer process's own mode
+    # The peer process's own mode, with the CA its client trusts ("-": cleartext).
+    p.add_argument("--peer", metavar="CA", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -183,7 +184,7 @@ async def measure(args: argparse.Namespace, workdir: Path) -> int:
         ca_path, cert, key, _ = make_certificate(workdir)
         ca, pairs = str(ca_path), (KeyPair(cert, key),)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.conn_cost", "--peer", ca, "-",
+        sys.executable, "-m", "bench.conn_cost", "--peer", ca,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO,
         env=dict(os.environ, PYTHONPATH=str(REPO)),
     )  # fmt: skip
@@ -268,7 +269,7 @@ def report(counter: OpcodeCounter, n: int, top: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.peer:
-        return peer(args.peer[0])
+        return peer(args.peer)
     import uvloop
 
     with tempfile.TemporaryDirectory(prefix="bench-conn-cost-") as tmp:
