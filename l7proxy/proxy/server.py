@@ -16,11 +16,13 @@ import asyncio
 import contextlib
 import errno
 import logging
+import select
 import socket
 import ssl
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from l7proxy.observe.flowlog import FlowLog, now_fields
@@ -115,10 +117,14 @@ class Admission(Protocol):
     """Which accepted connections wait for their first byte as bare sockets, without
     a transport (``Proxy``), and what is written of one that never speaks."""
 
-    def admit_silent(self, conn: socket.socket, peer: Address, local: Address) -> float | None:
-        """How many seconds ``conn`` may stay silent, held bare (it counts as an open
-        connection from now); None: open it at once (its server may speak first, or
-        it is refused)."""
+    def silent_wait(self, peer: Address, local: Address) -> float | None:
+        """How many seconds a connection from ``peer`` to ``local`` may stay silent,
+        held bare; None: open it at once (its server may speak first, or it is refused)."""
+        ...
+
+    def hold_silent(self, conn: socket.socket) -> None:
+        """``conn`` is held bare from now, until it speaks or leaves: it counts as an
+        open connection."""
         ...
 
     def silent_ended(self, spoke: bool) -> None:
@@ -157,12 +163,20 @@ class Acceptor:
         self._retry: asyncio.TimerHandle | None = None
         # Made with the first silent socket (one epoll descriptor per listener).
         self._silent: SilentSockets | None = None
+        # Whether more connections wait in the accept queue: an accept() that finds
+        # none costs the kernel a socket made and freed again (several microseconds),
+        # and Python an exception; a poll() costs a fraction of that.
+        self._queue = select.poll()
+        self._queue.register(self._fd, select.POLLIN)
         sock.setblocking(False)
         self._loop.add_reader(self._fd, self._accept_some)
 
     def _accept_some(self) -> None:
         loop = self._loop
-        for _ in range(ACCEPT_BATCH):
+        for taken in range(ACCEPT_BATCH):
+            # The first is there: the event loop says the listener is readable.
+            if taken and not self._queue.poll(0):
+                return
             try:
                 conn, peer = self._sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -176,7 +190,12 @@ class Acceptor:
             self._admit(conn, peer)
 
     def _admit(self, conn: socket.socket, peer: Address) -> None:
-        """Open ``conn`` now, or hold it until its first byte."""
+        """Open ``conn`` now, or hold it until its first byte.
+
+        Most clients send their first bytes (a request, a ClientHello) as they
+        connect: when they are in already, the connection opens now, without the
+        round through the silent sockets' watch (a registration, a turn of the event
+        loop, a peek and a removal)."""
         started = self._loop.time()
         tls, admission = self._tls, self._admission
         terminates = tls is not None and tls.terminates
@@ -193,27 +212,28 @@ class Acceptor:
                 terminated = tls.tls_context(peer, local)
                 if terminated is not None:
                     chosen = (terminated[0], terminated[1], peer, local)
-                    # Most clients send their ClientHello as they connect: when its
-                    # headers are in already, the handshake starts now, without the
-                    # round through the silent sockets' watch.
-                    try:
-                        head = conn.recv(HELLO_HEADERS, _PEEK_NOW)
-                    except (BlockingIOError, InterruptedError):
-                        head = None
-                    except OSError:  # reset already
+                    head = _peek_now(conn, HELLO_HEADERS)
+                    if head == b"":  # closed or reset before a byte: a port check, as ``left``
                         conn.close()
                         return
-                    if head == b"":  # closed before a byte: a port check, as ``left``
-                        conn.close()
-                        return
-                    if head is not None:
-                        self._loop.create_task(self._open(conn, started, chosen, head=head))
+                    if head is not None:  # the handshake starts now
+                        self._loop.create_task(self._open_transport(conn, started, chosen, head))
                         return
                     wait = tls.handshake_timeout  # the handshake's deadline, from now
             if chosen is None and admission is not None:
-                wait = admission.admit_silent(conn, peer, local)
+                wait = admission.silent_wait(peer, local)
+                if wait is not None:
+                    first = _peek_now(conn, 1)
+                    if first:
+                        wait = None  # it spoke already: opened now
+                    else:
+                        admission.hold_silent(conn)
+                        if first == b"":  # closed or reset before a byte: as ``left``
+                            admission.silent_ended(spoke=False)
+                            conn.close()
+                            return
         if wait is None:
-            self._loop.create_task(self._open(conn, started, chosen))
+            self._loop.create_task(self._open_transport(conn, started, chosen))
             return
         try:
             if self._silent is None:
@@ -222,7 +242,7 @@ class Acceptor:
         except OSError as exc:  # no descriptor for the epoll, no memory for a watch
             log.warning("cannot hold a silent connection bare (%s): opening it", exc)
             self._silent_ended(chosen, spoke=True)
-            self._loop.create_task(self._open(conn, started, chosen))
+            self._loop.create_task(self._open_transport(conn, started, chosen))
 
     # ------------------------------------------------------------ silent sockets
 
@@ -322,13 +342,12 @@ class Acceptor:
         conn: socket.socket,
         started: float,
         chosen: _Chosen | None,
-        ending: asyncio.Future[str] | None = None,
-        *,
-        head: bytes | None = None,
+        ending: asyncio.Future[str] | None,
     ) -> None:
+        """``_open_transport``, and then ``ending`` (a drain's) follows the pipe's end."""
         protocol = None
         try:
-            protocol = await self._open_transport(conn, started, chosen, head)
+            protocol = await self._open_transport(conn, started, chosen)
         finally:
             if ending is not None:
                 _follow(ending, protocol)
@@ -564,11 +583,20 @@ class Proxy:
         self.upstream = upstream
         self.mark = mark
         self.preserve_source = preserve_source
+        # The event loop it serves on (known once it listens): kept, because asking
+        # asyncio for the running loop costs a getpid() system call each time.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._pipes: set[Pipe] = set()
         self._no_pipes = asyncio.Event()  # set whenever _pipes is empty
         self._no_pipes.set()
         self._acceptors: list[Acceptor] = []
         self._listen_ports: set[int] = set()
+        # _connection's answers but the source port, by (source ip, destination ip,
+        # port), for one policy (and one set of listening ports).
+        self._connections: dict[
+            tuple[str, str, int], tuple[str, str, int, Side, Side, ConnectionPolicy] | None
+        ] = {}
+        self._connections_for: object = None
         # Connections open at the most since memory was last given back.
         self._peak_pipes = 0
         self._give_back: asyncio.TimerHandle | None = None
@@ -587,6 +615,7 @@ class Proxy:
     async def listen(
         self, host: str, port: int, *, transparent: bool = False, sock: socket.socket | None = None
     ) -> socket.socket:
+        self._loop = asyncio.get_running_loop()
         if sock is None:
             sock = make_listener(host, port, transparent=transparent, backlog=self.limits.backlog)
         self._acceptors.append(
@@ -598,6 +627,7 @@ class Proxy:
             )
         )
         self._listen_ports.add(sock.getsockname()[1])
+        self._connections.clear()  # a direct connection to this port is refused now
         return sock
 
     # ------------------------------------------------------------ draining
@@ -657,7 +687,30 @@ class Proxy:
         self, peer: Address, local: Address
     ) -> tuple[str, int, str, int, Side, Side, ConnectionPolicy] | None:
         """Who is connecting to what, and the policy of that connection; None for
-        a direct connection to the proxy port itself, not a redirected flow."""
+        a direct connection to the proxy port itself, not a redirected flow.
+
+        All but the source port is the same for every connection from one address to
+        one destination, and follows from the policy in force alone (its ipcache and
+        endpoints): kept per policy, as the policy of such connections is one (it
+        depends on their identities, endpoints and port, not on the source port)."""
+        key = (peer[0], local[0], local[1])
+        current = self.state.current
+        if self._connections_for is not current or len(self._connections) >= 4096:
+            self._connections_for = current
+            self._connections.clear()
+        if key in self._connections:
+            known = self._connections[key]
+        else:
+            known = self._connections[key] = self._new_connection(peer, local)
+        if known is None:
+            return None
+        src_ip, dst_ip, dst_port, src_shape, dst, policy = known
+        src = Side(src_ip, peer[1], src_shape.identity, src_shape.endpoint)
+        return src_ip, peer[1], dst_ip, dst_port, src, dst, policy
+
+    def _new_connection(
+        self, peer: Address, local: Address
+    ) -> tuple[str, str, int, Side, Side, ConnectionPolicy] | None:
         src_ip, src_port = _v4(peer[0]), peer[1]
         if self.upstream is not None:
             dst_ip, dst_port, dst_ep = (
@@ -676,11 +729,11 @@ class Proxy:
         state = self.state
         src = state.side(src_ip, src_port)
         dst = state.side(dst_ip, dst_port, dst_ep)
-        return src_ip, src_port, dst_ip, dst_port, src, dst, state.connection(src, dst)
+        return src_ip, dst_ip, dst_port, src, dst, state.connection(src, dst)
 
     # ------------------------------------------------------------ silent connections
 
-    def admit_silent(self, conn: socket.socket, peer: Address, local: Address) -> float | None:
+    def silent_wait(self, peer: Address, local: Address) -> float | None:
         """A client-first protocol's connection waits for its first byte as a bare
         socket, under the idle timeout (the deadline a pipe gives a connection that
         has not spoken: ``Pipe._check_timers``); a port without L7 rules, whose
@@ -689,7 +742,8 @@ class Proxy:
         # the same for most connections: a policy lookup costs more than the rest of
         # an accept, so the answers are kept for as long as the policy stays.
         key = (peer[0], local[0], local[1])
-        now = asyncio.get_running_loop().time()
+        assert self._loop is not None  # it listens
+        now = self._loop.time()
         if (
             self._silent_for is not self.state.current
             or now - self._silent_since > 1.0  # identities move without a new policy
@@ -701,8 +755,9 @@ class Proxy:
             silent = self._silent_waits[key]
         else:
             silent = self._silent_waits[key] = self._may_stay_silent(peer, local)
-        if not silent:
-            return None
+        return self.limits.idle_timeout if silent else None
+
+    def hold_silent(self, conn: socket.socket) -> None:
         if self.upstream is None:
             # As its pipe will (reset_if_killed): a kill must not leave our side in
             # TIME_WAIT on the client's 4-tuple (docs/restarts.md).
@@ -711,7 +766,6 @@ class Proxy:
         # It is an open connection from now, as a pipe would have made it.
         self.stats.connections_total += 1
         self.stats.connections_active += 1
-        return self.limits.idle_timeout
 
     def _may_stay_silent(self, peer: Address, local: Address) -> bool:
         known = self._connection(peer, local)
@@ -768,7 +822,8 @@ class Proxy:
         # costs as much as the rest of an accept; kept while the policy and the
         # contexts stay (and a second at most: identities move without a new policy).
         key = (peer[0], local[0], local[1])
-        now = asyncio.get_running_loop().time()
+        assert self._loop is not None  # it listens
+        now = self._loop.time()
         stamp = (self.state.current, tls.generation)
         if (
             self._tls_choices_for != stamp
@@ -853,7 +908,8 @@ class Proxy:
     # ------------------------------------------------------------ per connection
 
     def open_pipe(self, transport: asyncio.Transport) -> Pipe | None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None  # it listens
         peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
         if peer is None or local is None:
             # Reset between its first bytes and its transport: no one left to serve
@@ -906,9 +962,9 @@ class Proxy:
             else PassthroughEngine()
         )
 
-        def connect(pipe: Pipe) -> asyncio.Task[None]:
-            return loop.create_task(
-                self._connect_upstream(pipe, src_ip, dst_ip, dst_port, upstream_tls, upstream_name)
+        def connect(pipe: Pipe) -> asyncio.Task[Any]:
+            return self._connect_upstream(
+                pipe, src_ip, dst_ip, dst_port, upstream_tls, upstream_name
             )
 
         pipe = Pipe(
@@ -955,7 +1011,7 @@ class Proxy:
         self._peak_pipes = len(self._pipes)
         give_memory_back()
 
-    async def _connect_upstream(
+    def _connect_upstream(
         self,
         pipe: Pipe,
         src_ip: str,
@@ -963,36 +1019,70 @@ class Proxy:
         dst_port: int,
         tls: ssl.SSLContext | None = None,
         server_name: str = "",
-    ) -> None:
-        loop = asyncio.get_running_loop()
+    ) -> asyncio.Task[Any]:
+        """Start connecting ``pipe``'s upstream, within ``connect_timeout``: the task
+        the pipe cancels if it ends first."""
+        loop = self._loop
+        assert loop is not None  # it listens
         # originatingTLS: the handshake is part of connecting, under the same deadline.
         tls_args: dict[str, Any] = (
             {"ssl": tls, "server_hostname": server_name} if tls is not None else {}
         )
-        try:
-            if self.upstream is not None:
-                coro = loop.create_connection(
-                    lambda: ServerSide(pipe), dst_ip, dst_port, **tls_args
-                )
-            else:
-                coro = self._transparent_connect(pipe, src_ip, dst_ip, dst_port, tls_args)
-            # asyncio.timeout, not wait_for: the same deadline, without a second task
-            # per connection (wait_for runs its awaitable as a task of its own in 3.11).
-            async with asyncio.timeout(self.limits.connect_timeout):
-                await coro
-        except (TimeoutError, OSError) as exc:
-            if pipe.closing:
-                return  # nobody is waiting for this upstream any more
-            self.stats.upstream_failures += 1
-            # (A deadline's TimeoutError has no message of its own.)
-            why = _tls_reason(exc) if isinstance(exc, ssl.SSLError) else str(exc) or "timeout"
-            log.info("upstream %s:%s unreachable: %s", dst_ip, dst_port, why)
-            pipe.close(f"upstream unreachable: {why}")
+        if self.upstream is not None:
+            coro = loop.create_connection(lambda: ServerSide(pipe), dst_ip, dst_port, **tls_args)
+        else:
+            coro = self._transparent_connect(pipe, src_ip, dst_ip, dst_port, tls_args)
+        # A timer for the deadline and a callback for the end, not a coroutine under
+        # asyncio.timeout: that costs a second coroutine and half a dozen calls in
+        # Python per connection.
+        task = loop.create_task(coro)
+        deadline = loop.call_later(
+            self.limits.connect_timeout, self._upstream_late, pipe, task, dst_ip, dst_port
+        )
+        task.add_done_callback(partial(self._upstream_done, pipe, deadline, dst_ip, dst_port))
+        return task
+
+    def _upstream_late(
+        self, pipe: Pipe, task: asyncio.Task[Any], dst_ip: str, dst_port: int
+    ) -> None:
+        """The connect's deadline passed: it is cancelled, and the pipe ends."""
+        if task.done() or pipe.closing:
+            return  # connected (or failed) just in time, or nobody is waiting any more
+        task.cancel()
+        # (A deadline has no message of its own.)
+        self._upstream_failed(pipe, dst_ip, dst_port, "timeout")
+
+    def _upstream_done(
+        self,
+        pipe: Pipe,
+        deadline: asyncio.TimerHandle,
+        dst_ip: str,
+        dst_port: int,
+        task: asyncio.Task[Any],
+    ) -> None:
+        """The connect ended: connected (``ServerSide`` told the pipe), cancelled (by
+        the pipe, or by its deadline, which ended the pipe), or failed."""
+        deadline.cancel()
+        if pipe.closing or task.cancelled():
+            return  # nobody is waiting for this upstream any more
+        exc = task.exception()
+        if exc is None:
+            return
+        if not isinstance(exc, OSError):
+            raise exc  # a bug: the event loop's exception handler reports it
+        why = _tls_reason(exc) if isinstance(exc, ssl.SSLError) else str(exc) or "timeout"
+        self._upstream_failed(pipe, dst_ip, dst_port, why)
+
+    def _upstream_failed(self, pipe: Pipe, dst_ip: str, dst_port: int, why: str) -> None:
+        self.stats.upstream_failures += 1
+        log.info("upstream %s:%s unreachable: %s", dst_ip, dst_port, why)
+        pipe.close(f"upstream unreachable: {why}")
 
     async def _transparent_connect(
         self, pipe: Pipe, src_ip: str, dst_ip: str, dst_port: int, tls_args: dict[str, Any]
     ):
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None  # it listens
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
@@ -1067,6 +1157,17 @@ def _follow(ending: asyncio.Future[str], protocol: asyncio.BaseProtocol | None) 
             ending.set_result(finished.result() if not finished.cancelled() else ENDED_OTHERWISE)
 
     pipe_ending.add_done_callback(done)
+
+
+def _peek_now(conn: socket.socket, size: int) -> bytes | None:
+    """Up to ``size`` of the bytes waiting in ``conn``, left there; b"": its client
+    closed or reset it; None: nothing came yet."""
+    try:
+        return conn.recv(size, _PEEK_NOW)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:  # reset, or any other error: gone
+        return b""
 
 
 def _v4(ip: str) -> str:
