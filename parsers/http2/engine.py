@@ -120,15 +120,22 @@ __all__ = ["PREFACE", "FINISH_PING", "MAX_STREAM_ID", "H2Engine", "H2Limits"]
 class H2Limits:
     """What the proxy advertises and enforces.
 
-    The windows bound memory: a connection never buffers more than
-    ``connection_window`` per direction, a stream never more than ``stream_window``.
-    A sender is granted these plus what its receiver grants (see the module's
-    docstring), so they are the relay's buffer, not a cap on the pipe's depth.
+    The windows are the relay's buffer, not a cap on the pipe's depth: a sender
+    is granted them plus what its receiver grants (see the module's docstring).
+    So a receiver that reads nothing costs at most ``stream_window`` per stream,
+    and per connection and direction ``connection_window`` plus its initial
+    connection window; whatever a receiver grants, never more than
+    ``connection_window_cap``.
     """
 
     max_concurrent_streams: int = 128
     stream_window: int = 256 * 1024
     connection_window: int = 1024 * 1024
+    # What one sender may still send plus what the relay holds of it, per
+    # connection, whatever the receiver grants: a receiver that opens its
+    # connection window and keeps its stream windows shut would otherwise make
+    # the relay hold stream_window on every stream.
+    connection_window_cap: int = 4 * 1024 * 1024
     max_frame_size: int = 16384
     # Above the advertised size a request gets 431 (a stream error, HPACK state
     # intact); above the hard cap decoding stops: connection error.
@@ -155,6 +162,10 @@ class H2Limits:
     # frames, or payload bytes of frames other than DATA (at least one frame).
     frames_per_turn: int = 128
     bytes_per_turn: int = 512
+
+    def __post_init__(self) -> None:
+        if self.connection_window_cap < self.connection_window:
+            raise ValueError("connection_window_cap is below connection_window")
 
 
 _NO_ERROR = ErrorCodes.NO_ERROR
@@ -343,8 +354,8 @@ class H2Engine:
         }
         self._client.out.append(settings_frame(ours))
         self._client.advertised = lim.stream_window
-        # The client's connection window: the buffer plus the server's initial
-        # connection window (always the default).
+        # Due to the client, connection-wide: the buffer, then the server's grants
+        # (its initial connection window is the default, counted in ``owed``'s start).
         self._owe(self._client, lim.connection_window)
         if upgrade_settings is None:
             return
@@ -1047,6 +1058,8 @@ class H2Engine:
             receiver.window -= length
             flow.window -= length
             receiver.out.append(raw)
+            if sender.owed >= self._quarter_connection:
+                self._pass_on(sender)  # what went on makes room in the relay's buffer
             if end:
                 self._flow_done(stream, flow)
             return
@@ -1054,6 +1067,7 @@ class H2Engine:
         if queue is None:
             queue = flow.queue = deque()
         queue.append((DATA, data, length, end))
+        sender.held += length
         if stream.opened:
             self._flush(stream, flow)
 
@@ -1374,6 +1388,7 @@ class H2Engine:
         if queue:
             owed = sum(item[2] for item in queue if item[0] == DATA)
             if owed:
+                self._server.held -= owed
                 self._owe(self._server, owed)
             queue.clear()
         if not stream.opened:
@@ -1390,6 +1405,7 @@ class H2Engine:
         if queue:
             owed = sum(item[2] for item in queue if item[0] == DATA)
             if owed:
+                self._client.held -= owed
                 self._owe(self._client, owed)
             queue.clear()
         self._server.blocked.pop(stream.sid, None)
@@ -1398,16 +1414,27 @@ class H2Engine:
 
     def _owe(self, sender: Hop, size: int) -> None:
         """``size`` more bytes of connection credit are due to ``sender`` (below 0, a
-        debt): its receiver granted them, or the relay dropped bytes it sent. Sent
-        once a quarter of the buffer is due, never past a window of 2^31-1."""
+        debt): its receiver granted them, or the relay dropped bytes it sent."""
         owed = sender.owed + size
-        if owed >= self._quarter_connection:
-            increment = min(owed, MAX_WINDOW - sender.credit)
-            if increment > 0:
-                sender.out.append(window_update(0, increment))
-                sender.credit += increment
-                owed -= increment
         sender.owed = owed
+        if owed >= self._quarter_connection:
+            self._pass_on(sender)
+
+    def _pass_on(self, sender: Hop) -> None:
+        """The connection credit due to ``sender``, once a quarter of the buffer:
+        as far as what it may still send plus what the relay holds of it stays
+        within ``connection_window_cap`` (its receiver's updates may open a
+        connection window whose streams take nothing), and its window within 2^31-1.
+        The rest waits for bytes to go on."""
+        increment = min(
+            sender.owed,
+            self._limits.connection_window_cap - sender.credit - sender.held,
+            MAX_WINDOW - sender.credit,
+        )
+        if increment >= self._quarter_connection:
+            sender.out.append(window_update(0, increment))
+            sender.credit += increment
+            sender.owed -= increment
 
     def _owe_stream(self, stream: Stream, flow: Flow, size: int) -> None:
         """``size`` more bytes of ``flow``'s stream credit are due to its sender (below
@@ -1454,12 +1481,13 @@ class H2Engine:
                 room = min(receiver.window, flow.window, receiver.max_frame)
                 if room <= 0:
                     receiver.blocked[sid] = stream
-                    return
+                    break
                 if size > room:
                     out.append(_data_header(sid, room, False))
                     out.append(data[:room])
                     receiver.window -= room
                     flow.window -= room
+                    sender.held -= room
                     queue[0] = (DATA, data[room:], length - room, end)
                     continue
             queue.popleft()
@@ -1467,12 +1495,16 @@ class H2Engine:
             out.append(data)
             receiver.window -= size
             flow.window -= size
+            sender.held -= length
             if length > size:  # padding, dropped here: it used no receiver window
-                self._owe(sender, length - size)
+                sender.owed += length - size
                 self._owe_stream(stream, flow, length - size)
             if end:
                 self._flow_done(stream, flow)
-        receiver.blocked.pop(sid, None)
+        else:
+            receiver.blocked.pop(sid, None)
+        if sender.owed >= self._quarter_connection:
+            self._pass_on(sender)  # what went on makes room in the relay's buffer
 
     def _flush_all(self, receiver: Hop) -> None:
         """Every stream waiting for ``receiver``'s window, while it has some."""

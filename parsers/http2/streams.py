@@ -77,6 +77,7 @@ class Hop:
         "max_frame",
         "credit",
         "owed",
+        "held",
         "out",
         "blocked",
     )
@@ -92,6 +93,7 @@ class Hop:
         # the other peer's updates and bytes the relay dropped; below 0, a debt
         # (bytes the relay wrote itself into the other peer's window).
         self.owed = 0
+        self.held = 0  # bytes it sent that wait in the relay's queues (with padding)
         self.out: list[Any] = []  # bytes and memoryviews for it, joined once per call
         self.blocked: dict[int, Stream] = {}  # streams whose queue toward it waits for window
 
