@@ -19,6 +19,7 @@ forwards most frames as they arrived: DATA, trailers, response HEADERS.
   not per frame. Forwarding a byte credits nothing by itself. So a fast
   receiver gets a pipe as deep as its own window, and one that stops reading
   stops the sender with at most the buffer held (``parsers/http2/streams.py``).
+  Connection-wide, credit also stays within ``connection_window_cap``.
 * **Errors** follow RFC 9113 §5.4: a malformed request or response is a stream
   error (RST_STREAM PROTOCOL_ERROR, the connection lives on); framing, HPACK
   and flow-control violations are connection errors (GOAWAY, then close).

@@ -12,7 +12,9 @@ WINDOW_UPDATE the receiver sends, passed on in batches. So at any time
 
 where W is what the receiver still accepts. A fast receiver gets a pipe as deep
 as its own window; a stalled one (W = 0) costs the relay B at most. The same
-holds per connection with ``H2Limits.connection_window``.
+holds per connection with ``H2Limits.connection_window``, and there what the
+sender may still send plus what the relay holds never passes
+``H2Limits.connection_window_cap``, whatever the receiver grants.
 """
 
 from __future__ import annotations
