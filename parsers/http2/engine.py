@@ -509,9 +509,24 @@ class H2Engine:
         if not data:
             return self._finish_on_eof("server")
         pending = self._server_in
-        self._server_in = bytes(pending) + data if pending else data
         try:
-            self._read_server()
+            if not pending:
+                self._server_in = data
+                self._read_server()
+            else:
+                # The frame the last read left unfinished is completed with the few
+                # bytes it lacks (a frame is at most max_frame_size), then the rest
+                # is read in place: joining it to the whole read would copy every
+                # byte of a download once more, reads ending mid-frame as they do.
+                carried = len(pending)
+                take = FRAME_HEADER_LENGTH + self._limits.max_frame_size - carried
+                self._server_in = bytes(pending) + data[:take]
+                self._read_server()
+                if len(data) > take and not self._dead:
+                    # The unfinished frame was whole within ``take``: what is left
+                    # over starts inside this read.
+                    self._server_in = memoryview(data)[take - len(self._server_in) :]
+                    self._read_server()
         except ConnectionError_ as exc:
             _forget_frames(exc)
             return self._server_connection_error(exc.code, str(exc))
