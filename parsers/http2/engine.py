@@ -130,7 +130,7 @@ class H2Limits:
     """
 
     max_concurrent_streams: int = 128
-    stream_window: int = 256 * 1024
+    stream_window: int = 1024 * 1024
     connection_window: int = 1024 * 1024
     # What one sender may still send plus what the relay holds of it, per
     # connection, whatever the receiver grants: a receiver that opens its

@@ -133,7 +133,7 @@ def test_a_client_that_reads_nothing_does_not_grow_the_proxys_memory(site, strea
     # as wide, the server may send gigabytes: the proxy stops reading it once its
     # write buffer toward the client is full. With stream windows shut, the
     # server may fill the relay's buffer on every stream: the connection cap
-    # (4 MiB) stops it, not 96 x 256 KiB.
+    # (4 MiB) stops it, not 96 x 1 MiB.
     docroot, _, fw = site
     with open(docroot / "public" / "huge.bin", "wb") as huge:
         huge.truncate(256 << 20)

@@ -142,7 +142,7 @@ def test_stream_ids_are_kept_on_both_hops_and_the_ids_of_denied_streams_are_skip
 
 
 # What the relay grants a sender beyond its receiver's window, and its hard cap.
-BUFFER = H2Limits().stream_window  # 256 KiB per stream
+BUFFER = H2Limits().stream_window  # 1 MiB per stream
 CONNECTION_BUFFER = H2Limits().connection_window  # 1 MiB per connection
 CAP = H2Limits().connection_window_cap  # 4 MiB
 STREAM_BATCH, CONNECTION_BATCH = BUFFER // 4, CONNECTION_BUFFER // 4
@@ -195,12 +195,13 @@ def test_forwarding_credits_nothing_the_receivers_updates_go_on_in_batches():
     assert data_sent(wire.new_to_client()) == [(1, 16384)] * 3
     assert updates(wire.new_to_server()) == []  # forwarded, not credited
 
-    wire.client(window_update(1, 32768) + window_update(0, 32768))
+    half = STREAM_BATCH // 2
+    wire.client(window_update(1, half) + window_update(0, half))
     assert updates(wire.new_to_server()) == []  # under a batch (a quarter of the buffer)
-    wire.client(window_update(1, 32768))
+    wire.client(window_update(1, half))
     assert updates(wire.new_to_server()) == [(1, STREAM_BATCH)]
     wire.step()
-    wire.client(window_update(0, CONNECTION_BATCH - 32768))
+    wire.client(window_update(0, CONNECTION_BATCH - half))
     assert updates(wire.new_to_server()) == [(0, CONNECTION_BATCH)]
 
 
@@ -256,14 +257,14 @@ def test_an_upload_opened_before_the_servers_settings_gets_its_window_when_they_
     assert updates(wire.new_to_client()) == [(1, 1 << 20)]
 
 
-def test_a_smaller_server_window_is_passed_on_with_the_servers_first_update():
+def test_a_server_window_under_a_batch_is_passed_on_with_the_servers_updates():
     enc = Encoder()
     wire = Wire().client(client_start()).server(server_start())
     wire.step()
     wire.client(upload_headers(enc, 1))
-    assert updates(wire.new_to_client()) == []  # 64 KiB - 1: under a batch of 64 KiB
-    wire.server(window_update(1, 1))
-    assert updates(wire.new_to_client()) == [(1, DEFAULT_WINDOW + 1)]
+    assert updates(wire.new_to_client()) == []  # 64 KiB - 1: under a batch
+    wire.server(window_update(1, STREAM_BATCH - DEFAULT_WINDOW))
+    assert updates(wire.new_to_client()) == [(1, STREAM_BATCH)]
 
 
 def test_the_clients_initial_window_shrinking_is_a_debt_and_growing_is_passed_on():
@@ -271,17 +272,18 @@ def test_the_clients_initial_window_shrinking_is_a_debt_and_growing_is_passed_on
     wire = Wire().client(client_start()).server(server_start())
     download(wire, enc, 1)
     wire.step()
-    wire.client(settings_frame({INITIAL_WINDOW_SIZE: DEFAULT_WINDOW - 30000}))
-    wire.client(window_update(1, 90000))
-    assert updates(wire.new_to_server()) == []  # 90,000 less the 30,000: under a batch
-    wire.client(window_update(1, 10000))
-    assert updates(wire.new_to_server()) == [(1, 70000)]
+    debt = 30000
+    wire.client(settings_frame({INITIAL_WINDOW_SIZE: DEFAULT_WINDOW - debt}))
+    wire.client(window_update(1, STREAM_BATCH))
+    assert updates(wire.new_to_server()) == []  # a batch less the debt: under a batch
+    wire.client(window_update(1, debt))
+    assert updates(wire.new_to_server()) == [(1, STREAM_BATCH)]
 
-    wire.client(settings_frame({INITIAL_WINDOW_SIZE: DEFAULT_WINDOW + 70000}))
-    assert updates(wire.new_to_server()) == [(1, 100000)]
+    wire.client(settings_frame({INITIAL_WINDOW_SIZE: DEFAULT_WINDOW + STREAM_BATCH}))
+    assert updates(wire.new_to_server()) == [(1, STREAM_BATCH + debt)]
     # A stream opened now: the server's SETTINGS said buffer + 64 KiB - 1.
     download(wire, enc, 3)
-    assert updates(wire.new_to_server()) == [(3, 70000)]
+    assert updates(wire.new_to_server()) == [(3, STREAM_BATCH)]
 
 
 def test_the_servers_initial_window_shrinking_is_a_debt_on_an_upload():
@@ -290,11 +292,12 @@ def test_the_servers_initial_window_shrinking_is_a_debt_on_an_upload():
     wire.server(settings_frame({INITIAL_WINDOW_SIZE: 1 << 20}) + frame(SETTINGS, ACK, 0))
     wire.client(upload_headers(enc, 1))
     wire.step()
-    wire.server(settings_frame({INITIAL_WINDOW_SIZE: (1 << 20) - 50000}))
-    wire.server(window_update(1, 100000))
-    assert updates(wire.new_to_client()) == []  # 100,000 less 50,000: under a batch
-    wire.server(window_update(1, 20000))
-    assert updates(wire.new_to_client()) == [(1, 70000)]
+    debt = 50000
+    wire.server(settings_frame({INITIAL_WINDOW_SIZE: (1 << 20) - debt}))
+    wire.server(window_update(1, STREAM_BATCH))
+    assert updates(wire.new_to_client()) == []  # a batch less the debt: under a batch
+    wire.server(window_update(1, debt))
+    assert updates(wire.new_to_client()) == [(1, STREAM_BATCH)]
 
 
 def test_a_client_that_grants_no_window_costs_the_buffer_per_stream_and_no_more():
@@ -319,16 +322,18 @@ def test_a_client_that_grants_no_window_costs_the_connection_buffer_and_no_more(
         PREFACE + settings_frame({INITIAL_WINDOW_SIZE: 0}) + frame(SETTINGS, ACK, 0)
     )
     wire.server(server_start())
-    streams = [1, 3, 5, 7, 9]
+    full = CONNECTION_BUFFER // BUFFER  # streams whose buffers fill the connection's
+    streams = list(range(1, 2 * full + 2, 2))
     for sid in streams:
         download(wire, enc, sid)
-    # Four streams fill their buffers: the connection's buffer. The fifth may
-    # take the client's own connection window (64 KiB - 1), that is all.
-    for sid in streams[:4]:
+    # The next stream may take the client's own connection window (64 KiB - 1),
+    # that is all.
+    for sid in streams[:full]:
         wire.server(frame(DATA, 0, sid, b"d" * 16384) * (BUFFER // 16384))
-    wire.server(frame(DATA, 0, 9, b"d" * 16383) * 4 + frame(DATA, 0, 9, b"d" * 3))
+    last = streams[-1]
+    wire.server(frame(DATA, 0, last, b"d" * 16383) * 4 + frame(DATA, 0, last, b"d" * 3))
     assert not wire.of(Close) and not data_sent(wire.client_frames())
-    wire.server(frame(DATA, 0, 9, b"d"))
+    wire.server(frame(DATA, 0, last, b"d"))
     assert goaway_code(wire.server_frames()) == ErrorCodes.FLOW_CONTROL_ERROR
 
 
