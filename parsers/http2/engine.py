@@ -12,11 +12,14 @@ forwards most frames as they arrived: DATA, trailers, response HEADERS.
   makes possible (``parsers/http2/blocks.py``); a block that used a dynamic
   table (before the peer acknowledged the setting, or a policy edit) is
   re-encoded instead. A denied request's headers and body never leave the proxy.
-* **Flow control is end to end.** DATA from one peer is credited back to it
-  (WINDOW_UPDATE) only once the other hop's windows have taken it, so a
-  stream never holds more than the window advertised, and a reader that stops
-  reading stops the writer. Credit goes back in batches (a quarter of a
-  window), not per frame.
+* **Flow control is end to end, and the window toward a sender follows its
+  receiver's.** A sender is granted the relay's own buffer (``stream_window``,
+  ``connection_window``) plus what the receiver grants: its initial window and
+  every WINDOW_UPDATE it sends, passed on in batches (a quarter of the buffer),
+  not per frame. Forwarding a byte credits nothing by itself. So a fast
+  receiver gets a pipe as deep as its own window, and one that stops reading
+  stops the sender with at most the buffer held (``parsers/http2/streams.py``).
+  Connection-wide, credit also stays within ``connection_window_cap``.
 * **Errors** follow RFC 9113 §5.4: a malformed request or response is a stream
   error (RST_STREAM PROTOCOL_ERROR, the connection lives on); framing, HPACK
   and flow-control violations are connection errors (GOAWAY, then close).
@@ -56,7 +59,6 @@ from parsers.http2.floods import FloodError, FloodGuard
 from parsers.http2.frames import (
     ACK,
     CONTINUATION,
-    DEFAULT_WINDOW,
     ENABLE_PUSH,
     END_HEADERS,
     END_STREAM,
@@ -119,13 +121,22 @@ __all__ = ["PREFACE", "FINISH_PING", "MAX_STREAM_ID", "H2Engine", "H2Limits"]
 class H2Limits:
     """What the proxy advertises and enforces.
 
-    The windows bound memory: a connection never buffers more than
-    ``connection_window`` per direction, a stream never more than ``stream_window``.
+    The windows are the relay's buffer, not a cap on the pipe's depth: a sender
+    is granted them plus what its receiver grants (see the module's docstring).
+    So a receiver that reads nothing costs at most ``stream_window`` per stream,
+    and per connection and direction ``connection_window`` plus its initial
+    connection window; whatever a receiver grants, never more than
+    ``connection_window_cap``.
     """
 
     max_concurrent_streams: int = 128
-    stream_window: int = 256 * 1024
+    stream_window: int = 1024 * 1024
     connection_window: int = 1024 * 1024
+    # What one sender may still send plus what the relay holds of it, per
+    # connection, whatever the receiver grants: a receiver that opens its
+    # connection window and keeps its stream windows shut would otherwise make
+    # the relay hold stream_window on every stream.
+    connection_window_cap: int = 4 * 1024 * 1024
     max_frame_size: int = 16384
     # Above the advertised size a request gets 431 (a stream error, HPACK state
     # intact); above the hard cap decoding stops: connection error.
@@ -152,6 +163,10 @@ class H2Limits:
     # frames, or payload bytes of frames other than DATA (at least one frame).
     frames_per_turn: int = 128
     bytes_per_turn: int = 512
+
+    def __post_init__(self) -> None:
+        if self.connection_window_cap < self.connection_window:
+            raise ValueError("connection_window_cap is below connection_window")
 
 
 _NO_ERROR = ErrorCodes.NO_ERROR
@@ -282,8 +297,8 @@ class H2Engine:
         self._closed: dict[int, int] = {}  # recently ended client streams: how
         self._out: list[Command] = []
         # Each peer's connection as the relay sees it (windows, frame size, output).
-        self._client = Hop(limits.connection_window)
-        self._server = Hop(limits.connection_window)
+        self._client = Hop()
+        self._server = Hop()
         self._dead = False
         self._refusing = False  # a GOAWAY was seen: no new streams
         self._server_gone = False  # server EOF: finish delivering complete responses only
@@ -339,44 +354,53 @@ class H2Engine:
             MAX_HEADER_LIST_SIZE: lim.max_header_list_size,
         }
         self._client.out.append(settings_frame(ours))
-        extra = lim.connection_window - DEFAULT_WINDOW
-        if extra > 0:
-            self._client.out.append(window_update(0, extra))
+        self._client.advertised = lim.stream_window
+        # Due to the client, connection-wide: the buffer, then the server's grants
+        # (its initial connection window is the default, counted in ``owed``'s start).
+        self._owe(self._client, lim.connection_window)
         if upgrade_settings is None:
             return
         # h2c: the client's HTTP2-Settings are its settings toward us, and, until
         # our own SETTINGS frame reaches the server, ours toward the server too.
         client_values = dict(decode_settings_header(upgrade_settings))
         self._apply_client_settings(client_values.items())
+        self._server.advertised = self._client.initial
+        # Stream 1's response: the server starts from the client's window, and
+        # the buffer is due to it (it comes with our SETTINGS, _start_server).
         upgraded = self._new_stream(1, grpc=False)
         upgraded.request.open = False
         upgraded.request.done = True
         upgraded.replied = True  # the HTTP/1.1 engine judged and logs this one
         upgraded.opened = True
-        upgraded.response.credit = max(
-            lim.stream_window, client_values.get(INITIAL_WINDOW_SIZE, DEFAULT_WINDOW)
-        )
         self._streams[1] = upgraded
         self._upstream_open = 1
         self._highest = self._highest_opened = 1
 
     def _start_server(self) -> None:
-        """Our preface, SETTINGS and connection window toward the server."""
+        """Our preface, SETTINGS and connection window toward the server.
+
+        The client's settings are in by now, so a response stream's window is
+        the buffer plus the client's initial window from the start."""
         lim = self._limits
+        server = self._server
+        advertised = min(lim.stream_window + self._client.initial, MAX_WINDOW)
         ours = {
             HEADER_TABLE_SIZE: 0,
             ENABLE_PUSH: 0,
-            INITIAL_WINDOW_SIZE: lim.stream_window,
+            INITIAL_WINDOW_SIZE: advertised,
             MAX_FRAME_SIZE: lim.max_frame_size,
             MAX_HEADER_LIST_SIZE: lim.max_header_list_size,
         }
-        start = [PREFACE, settings_frame(ours)]
-        extra = lim.connection_window - DEFAULT_WINDOW
-        if extra > 0:
-            start.append(window_update(0, extra))
         # Anything queued before (acknowledging the server's early SETTINGS) follows.
-        self._server.out[:0] = start
+        server.out[:0] = [PREFACE, settings_frame(ours)]
         self._server_started = True
+        # Our SETTINGS change the window of a stream already open (h2c's stream 1).
+        delta = advertised - server.advertised
+        server.advertised = advertised
+        for stream in self._streams.values():
+            stream.response.credit += delta
+            stream.response.owed -= delta
+        self._owe(server, lim.connection_window)
 
     # ------------------------------------------------------------ Engine API
 
@@ -485,9 +509,24 @@ class H2Engine:
         if not data:
             return self._finish_on_eof("server")
         pending = self._server_in
-        self._server_in = bytes(pending) + data if pending else data
         try:
-            self._read_server()
+            if not pending:
+                self._server_in = data
+                self._read_server()
+            else:
+                # The frame the last read left unfinished is completed with the few
+                # bytes it lacks (a frame is at most max_frame_size), then the rest
+                # is read in place: joining it to the whole read would copy every
+                # byte of a download once more, reads ending mid-frame as they do.
+                carried = len(pending)
+                take = FRAME_HEADER_LENGTH + self._limits.max_frame_size - carried
+                self._server_in = bytes(pending) + data[:take]
+                self._read_server()
+                if len(data) > take and not self._dead:
+                    # The unfinished frame was whole within ``take``: what is left
+                    # over starts inside this read.
+                    self._server_in = memoryview(data)[take - len(self._server_in) :]
+                    self._read_server()
         except ConnectionError_ as exc:
             _forget_frames(exc)
             return self._server_connection_error(exc.code, str(exc))
@@ -615,7 +654,7 @@ class H2Engine:
             raise ConnectionError_(_FLOW_CONTROL_ERROR, "DATA beyond the connection window")
         stream = self._streams.get(sid)
         if stream is None or not stream.request.open:
-            self._credit(client, None, sid, len(payload))
+            self._owe(client, len(payload))
             self._frame_on_closed(sid, stream, "DATA")
             return
         self._data(stream, stream.request, "client", flags, payload, raw)
@@ -837,12 +876,19 @@ class H2Engine:
                 delta = value - self._client.initial
                 self._client.initial = value
                 if delta:
+                    # Passed on to the server as stream credit (a debt when negative);
+                    # before our SETTINGS went, they carry it (_start_server).
                     for stream in self._streams.values():
-                        stream.response.window += delta
-                        if stream.response.window > MAX_WINDOW:
+                        response = stream.response
+                        response.window += delta
+                        if response.window > MAX_WINDOW:
                             raise ConnectionError_(
                                 _FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE overflows a window"
                             )
+                        if self._server_started:
+                            self._owe_stream(stream, response, delta)
+                        else:
+                            response.owed += delta
                     if delta > 0:
                         self._flush_all(self._client)
             elif key == MAX_FRAME_SIZE:
@@ -894,6 +940,7 @@ class H2Engine:
             self._client.window += increment
             if self._client.window > MAX_WINDOW:
                 raise ConnectionError_(_FLOW_CONTROL_ERROR, "connection window above 2^31-1")
+            self._owe(self._server, increment)
             self._flush_all(self._client)
             return
         stream = self._streams.get(sid)
@@ -908,6 +955,7 @@ class H2Engine:
         if stream.response.window > MAX_WINDOW:
             self._client_stream_error(sid, _FLOW_CONTROL_ERROR, "stream window above 2^31-1")
             return
+        self._owe_stream(stream, stream.response, increment)
         if stream.response.queue:
             self._flush(stream, stream.response)
 
@@ -974,12 +1022,12 @@ class H2Engine:
             raise ConnectionError_(_FLOW_CONTROL_ERROR, "DATA beyond the connection window")
         stream = self._streams.get(sid)
         if stream is None or not stream.opened or not stream.response.open:
-            self._credit(server, None, sid, len(payload))
+            self._owe(server, len(payload))
             if sid > self._highest_opened:
                 raise ConnectionError_(_PROTOCOL_ERROR, "DATA on an idle stream")
             return  # a stream we reset or that ended: frames in flight
         if stream.status is None:
-            self._credit(server, None, sid, len(payload))
+            self._owe(server, len(payload))
             self._malformed("server", sid, "DATA before the response HEADERS")
             return
         self._data(stream, stream.response, "server", flags, payload, raw)
@@ -1000,10 +1048,9 @@ class H2Engine:
         )
         data = _data_payload(flags, payload)
         length = len(payload)  # flow control counts the padding too
-        sid = stream.sid
         flow.credit -= length
         if flow.credit < 0:
-            self._credit(sender, None, sid, length)
+            self._owe(sender, length)
             self._stream_error(side, stream, _FLOW_CONTROL_ERROR, "DATA beyond the stream window")
             return
         end = bool(flags & END_STREAM)
@@ -1011,8 +1058,10 @@ class H2Engine:
             flow.seen += len(data)
             seen = flow.seen
             if seen > flow.length or (end and seen != flow.length):
-                self._credit(sender, None, sid, length)
-                self._malformed(side, sid, f"body of {seen}+ bytes against its content-length")
+                self._owe(sender, length)
+                self._malformed(
+                    side, stream.sid, f"body of {seen}+ bytes against its content-length"
+                )
                 return
         if flow.grpc is not None:
             flow.grpc.feed(data)
@@ -1025,7 +1074,8 @@ class H2Engine:
             receiver.window -= length
             flow.window -= length
             receiver.out.append(raw)
-            self._credit(sender, flow, sid, length)
+            if sender.owed >= self._quarter_connection:
+                self._pass_on(sender)  # what went on makes room in the relay's buffer
             if end:
                 self._flow_done(stream, flow)
             return
@@ -1033,6 +1083,7 @@ class H2Engine:
         if queue is None:
             queue = flow.queue = deque()
         queue.append((DATA, data, length, end))
+        sender.held += length
         if stream.opened:
             self._flush(stream, flow)
 
@@ -1177,8 +1228,10 @@ class H2Engine:
                 delta = value - self._server.initial
                 self._server.initial = value
                 if delta:
+                    # Passed on to the client as stream credit (a debt when negative).
                     for stream in self._streams.values():
                         stream.request.window += delta
+                        self._owe_stream(stream, stream.request, delta)
                     if delta > 0:
                         self._flush_all(self._server)
             elif key == MAX_FRAME_SIZE:
@@ -1228,6 +1281,7 @@ class H2Engine:
             self._server.window += increment
             if self._server.window > MAX_WINDOW:
                 raise ConnectionError_(_FLOW_CONTROL_ERROR, "connection window above 2^31-1")
+            self._owe(self._client, increment)
             self._flush_all(self._server)
             return
         stream = self._streams.get(sid)
@@ -1237,6 +1291,7 @@ class H2Engine:
             self._server_stream_error(stream, _PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
             return
         stream.request.window += increment
+        self._owe_stream(stream, stream.request, increment)
         if stream.request.queue:
             self._flush(stream, stream.request)
 
@@ -1248,13 +1303,33 @@ class H2Engine:
     # ------------------------------------------------------------ streams
 
     def _new_stream(self, sid: int, grpc: bool) -> Stream:
+        """Each flow: the receiver's window, what the sender may send (our SETTINGS
+        toward it), and the rest of buffer + receiver's window, due to the sender.
+        That rest is the server's initial window for a request (our SETTINGS to
+        the client went before we knew it); for a response, nothing unless the
+        client's window changed since our SETTINGS to the server."""
+        buffer = self._limits.stream_window
+        client, server = self._client, self._server
         return Stream(
-            sid, grpc, self._limits.stream_window, self._client.initial, self._server.initial
+            sid,
+            Flow(
+                server.initial, client.advertised, buffer + server.initial - client.advertised, grpc
+            ),
+            Flow(
+                client.initial, server.advertised, buffer + client.initial - server.advertised, grpc
+            ),
         )
 
     def _open(self, stream: Stream, frames: Any) -> None:
         self._server.out.append(frames)
         stream.opened = True
+        # Credit due from the start goes with the stream's first frames once it
+        # is a batch; a smaller one joins the receiver's first update.
+        batch = self._quarter_stream
+        if stream.request.owed >= batch:
+            self._owe_stream(stream, stream.request, 0)
+        if stream.response.owed >= batch:
+            self._owe_stream(stream, stream.response, 0)
         self._upstream_open += 1
         self._highest_opened = stream.sid
         if not stream.request.open and not stream.request.queue:
@@ -1329,7 +1404,8 @@ class H2Engine:
         if queue:
             owed = sum(item[2] for item in queue if item[0] == DATA)
             if owed:
-                self._credit(self._server, None, 0, owed)
+                self._server.held -= owed
+                self._owe(self._server, owed)
             queue.clear()
         if not stream.opened:
             self._unwait(stream)
@@ -1345,29 +1421,50 @@ class H2Engine:
         if queue:
             owed = sum(item[2] for item in queue if item[0] == DATA)
             if owed:
-                self._credit(self._client, None, 0, owed)
+                self._client.held -= owed
+                self._owe(self._client, owed)
             queue.clear()
         self._server.blocked.pop(stream.sid, None)
 
     # ------------------------------------------------------------ flow control
 
-    def _credit(self, sender: Hop, flow: Flow | None, sid: int, size: int) -> None:
-        """``size`` bytes ``sender`` sent went on (or were dropped): give them back
-        to it, in batches of a quarter window. A flow whose sender has ended gets
-        no stream credit."""
+    def _owe(self, sender: Hop, size: int) -> None:
+        """``size`` more bytes of connection credit are due to ``sender`` (below 0, a
+        debt): its receiver granted them, or the relay dropped bytes it sent."""
         owed = sender.owed + size
-        if owed >= self._quarter_connection:
-            sender.out.append(window_update(0, owed))
-            sender.credit += owed
-            owed = 0
         sender.owed = owed
-        if flow is not None and flow.open:
-            owed = flow.owed + size
-            if owed >= self._quarter_stream:
-                sender.out.append(window_update(sid, owed))
-                flow.credit += owed
-                owed = 0
-            flow.owed = owed
+        if owed >= self._quarter_connection:
+            self._pass_on(sender)
+
+    def _pass_on(self, sender: Hop) -> None:
+        """The connection credit due to ``sender``, once a quarter of the buffer:
+        as far as what it may still send plus what the relay holds of it stays
+        within ``connection_window_cap`` (its receiver's updates may open a
+        connection window whose streams take nothing), and its window within 2^31-1.
+        The rest waits for bytes to go on."""
+        increment = min(
+            sender.owed,
+            self._limits.connection_window_cap - sender.credit - sender.held,
+            MAX_WINDOW - sender.credit,
+        )
+        if increment >= self._quarter_connection:
+            sender.out.append(window_update(0, increment))
+            sender.credit += increment
+            sender.owed -= increment
+
+    def _owe_stream(self, stream: Stream, flow: Flow, size: int) -> None:
+        """``size`` more bytes of ``flow``'s stream credit are due to its sender (below
+        0, a debt), sent as ``_owe`` sends connection credit. Only while the sender
+        may still send, and the server knows the stream."""
+        owed = flow.owed + size
+        if owed >= self._quarter_stream and flow.open and stream.opened:
+            increment = min(owed, MAX_WINDOW - flow.credit)
+            if increment > 0:
+                sender = self._client if flow is stream.request else self._server
+                sender.out.append(window_update(stream.sid, increment))
+                flow.credit += increment
+                owed -= increment
+        flow.owed = owed
 
     def _flush(self, stream: Stream, flow: Flow) -> None:
         """A flow's queue (DATA, trailers, a final reset), as far as its receiver's
@@ -1400,24 +1497,30 @@ class H2Engine:
                 room = min(receiver.window, flow.window, receiver.max_frame)
                 if room <= 0:
                     receiver.blocked[sid] = stream
-                    return
+                    break
                 if size > room:
                     out.append(_data_header(sid, room, False))
                     out.append(data[:room])
                     receiver.window -= room
                     flow.window -= room
+                    sender.held -= room
                     queue[0] = (DATA, data[room:], length - room, end)
-                    self._credit(sender, flow, sid, room)
                     continue
             queue.popleft()
             out.append(_data_header(sid, size, end))
             out.append(data)
             receiver.window -= size
             flow.window -= size
-            self._credit(sender, flow, sid, length)
+            sender.held -= length
+            if length > size:  # padding, dropped here: it used no receiver window
+                sender.owed += length - size
+                self._owe_stream(stream, flow, length - size)
             if end:
                 self._flow_done(stream, flow)
-        receiver.blocked.pop(sid, None)
+        else:
+            receiver.blocked.pop(sid, None)
+        if sender.owed >= self._quarter_connection:
+            self._pass_on(sender)  # what went on makes room in the relay's buffer
 
     def _flush_all(self, receiver: Hop) -> None:
         """Every stream waiting for ``receiver``'s window, while it has some."""
@@ -1457,6 +1560,7 @@ class H2Engine:
             self._client.out.append(headers_frames(sid, encode_block(headers), False, max_frame))
             self._client.out.append(_data_header(sid, size, True) + body)
             self._client.window -= size
+            self._owe(self._server, -size)  # our bytes in the client's window: a debt
         else:
             short = [headers[0], (b"content-length", b"0")]
             self._client.out.append(headers_frames(sid, encode_block(short), True, max_frame))

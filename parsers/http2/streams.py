@@ -2,10 +2,19 @@
 
 A stream has the same id on both hops. Each direction has a queue of what one
 peer sent that the other peer's flow-control windows have not yet accepted.
-Received DATA is only credited back to its sender (WINDOW_UPDATE) once it has
-been handed to the other hop, so a queue never holds more than the receive
-window the relay advertised: a slow reader slows the writer instead of
-growing a buffer.
+
+The window a sender gets follows its receiver's (docs/http2-grpc.md, "Flow
+control"): over a flow's life the sender is granted B (the relay's own buffer,
+``H2Limits.stream_window``) plus the receiver's initial window plus every
+WINDOW_UPDATE the receiver sends, passed on in batches. So at any time
+
+    what the sender may still send + what the relay holds + credit due = B + W
+
+where W is what the receiver still accepts. A fast receiver gets a pipe as deep
+as its own window; a stalled one (W = 0) costs the relay B at most. The same
+holds per connection with ``H2Limits.connection_window``, and there what the
+sender may still send plus what the relay holds never passes
+``H2Limits.connection_window_cap``, whatever the receiver grants.
 """
 
 from __future__ import annotations
@@ -63,14 +72,30 @@ class Hop:
     """One peer's connection, as the relay sees it: what the peer accepts from us
     and what we accept from it, connection-wide, and what is to be written to it."""
 
-    __slots__ = ("window", "initial", "max_frame", "credit", "owed", "out", "blocked")
+    __slots__ = (
+        "window",
+        "initial",
+        "advertised",
+        "max_frame",
+        "credit",
+        "owed",
+        "held",
+        "out",
+        "blocked",
+    )
 
-    def __init__(self, connection_window: int) -> None:
+    def __init__(self) -> None:
         self.window = DEFAULT_WINDOW  # what the peer's connection window still accepts
         self.initial = DEFAULT_WINDOW  # its SETTINGS_INITIAL_WINDOW_SIZE: new streams' window
+        # Ours toward it, as it applies it: what it may send on a new stream.
+        self.advertised = DEFAULT_WINDOW
         self.max_frame = DEFAULT_MAX_FRAME_SIZE  # its SETTINGS_MAX_FRAME_SIZE
-        self.credit = connection_window  # what it may still send us, connection-wide
-        self.owed = 0  # bytes it sent that went on and were not yet credited back
+        self.credit = DEFAULT_WINDOW  # what it may still send us, connection-wide
+        # Connection credit due to it and not yet sent (WINDOW_UPDATE in batches):
+        # the other peer's updates and bytes the relay dropped; below 0, a debt
+        # (bytes the relay wrote itself into the other peer's window).
+        self.owed = 0
+        self.held = 0  # bytes it sent that wait in the relay's queues (with padding)
         self.out: list[Any] = []  # bytes and memoryviews for it, joined once per call
         self.blocked: dict[int, Stream] = {}  # streams whose queue toward it waits for window
 
@@ -80,12 +105,14 @@ class Flow:
 
     __slots__ = ("open", "done", "window", "credit", "owed", "queue", "length", "seen", "grpc")
 
-    def __init__(self, window: int, credit: int, grpc: bool) -> None:
+    def __init__(self, window: int, credit: int, owed: int, grpc: bool) -> None:
         self.open = True  # the sender may still send (no END_STREAM from it yet)
         self.done = False  # END_STREAM handed to the receiver (or the flow abandoned)
         self.window = window  # what the receiver still accepts on this stream
         self.credit = credit  # what the sender may still send us on this stream
-        self.owed = 0  # bytes forwarded and not yet credited back to the sender
+        # Stream credit due to the sender and not yet sent: the receiver's updates
+        # (its initial window, for a request); below 0, a debt (its window shrank).
+        self.owed = owed
         self.queue: deque[QueueItem] | None = None  # what waits for the receiver's window
         self.length: int | None = None  # content-length (RFC 9113 §8.1.1)
         self.seen = 0  # DATA bytes seen against it
@@ -97,12 +124,10 @@ class Stream:
 
     __slots__ = ("sid", "request", "response", "opened", "held", "status", "grpc_status", "replied")
 
-    def __init__(
-        self, sid: int, grpc: bool, receive_window: int, client_window: int, server_window: int
-    ) -> None:
+    def __init__(self, sid: int, request: Flow, response: Flow) -> None:
         self.sid = sid
-        self.request = Flow(server_window, receive_window, grpc)
-        self.response = Flow(client_window, receive_window, grpc)
+        self.request = request
+        self.response = response
         self.opened = False  # the request HEADERS went upstream
         self.held: bytes | None = None  # request HEADERS frames waiting for an upstream slot
         # The final response status, once its HEADERS went to the client.

@@ -37,8 +37,11 @@ def h2_seeds() -> list[bytes]:
         END_HEADERS,
         END_STREAM,
         HEADERS,
+        INITIAL_WINDOW_SIZE,
+        PADDED,
         SETTINGS,
         frame,
+        settings_frame,
         window_update,
     )  # fmt: skip
 
@@ -69,16 +72,38 @@ def h2_seeds() -> list[bytes]:
         + frame(HEADERS, END_HEADERS, 3, server.encode([(b":status", b"200")]))
         + frame(HEADERS, END_HEADERS | END_STREAM, 3, server.encode([(b"grpc-status", b"0")]))
     )
-    # After the piece-size byte seeds() puts in front, the share byte: 128 cuts the
-    # rest in halves, so the shorter side gets a frame of an unknown type (ignored,
-    # RFC 9113 §5.5) that makes the halves equal.
+    # A download to a client with a 15-byte window: padded DATA queued, cut to
+    # fit, the rest held until the stream ends (a new connection, new encoders).
+    client, server = Encoder(), Encoder()
+    server.header_table_size = 0
+    small_window = (
+        frame(SETTINGS, ACK, 0)
+        + settings_frame({INITIAL_WINDOW_SIZE: 10})
+        + frame(HEADERS, END_HEADERS | END_STREAM, 1, client.encode(get))
+        + window_update(1, 5)
+    )
+    held = (
+        frame(SETTINGS, ACK, 0)
+        + frame(HEADERS, END_HEADERS, 1, server.encode([(b":status", b"200")]))
+        + frame(DATA, PADDED, 1, b"\x03" + b"d" * 100 + b"\x00" * 3)
+        + frame(DATA, END_STREAM, 1, b"e" * 20)
+    )
+    return [_halves(client_frames, server_frames), _halves(small_window, held)]
+
+
+def _halves(client_frames: bytes, server_frames: bytes) -> bytes:
+    """After the piece-size byte seeds() puts in front, the share byte: 128 cuts the
+    rest in halves, so the shorter side gets a frame of an unknown type (ignored,
+    RFC 9113 §5.5) that makes the halves equal."""
+    from parsers.http2.frames import frame
+
     gap = abs(len(client_frames) - len(server_frames)) - 9
     filler = frame(0x20, 0, 0, b"\x00" * gap)
     if len(client_frames) < len(server_frames):
         client_frames += filler
     else:
         server_frames += filler
-    return [bytes([128]) + client_frames + server_frames]
+    return bytes([128]) + client_frames + server_frames
 
 
 def tls_seeds() -> list[bytes]:

@@ -146,6 +146,22 @@ def tls_hello(data: bytes) -> None:
 H2_LIMITS = H2Limits(max_concurrent_streams=8, stream_window=4096, connection_window=16384)
 
 
+def _h2_held_is_what_waits(engine: H2Engine) -> None:
+    """The relay's count of what it holds of each peer (which caps the connection
+    credit it passes on) is the DATA in its queues, never below 0."""
+    if engine._dead:
+        return
+    for hop, direction in ((engine._client, "request"), (engine._server, "response")):
+        queued = sum(
+            item[2]
+            for stream in engine._streams.values()
+            for item in getattr(stream, direction).queue or ()
+            if item[0] == 0
+        )
+        if hop.held != queued:
+            raise AssertionError(f"{direction}: held {hop.held}, queued {queued}")
+
+
 def h2_relay(data: bytes) -> None:
     """The HTTP/2 relay between a fuzzed client and a fuzzed server. The first byte
     picks the size of the pieces each side is fed in (the client's first, so that
@@ -177,6 +193,7 @@ def h2_relay(data: bytes) -> None:
                 elif name == "Yield":
                     resume = cmd.resume
             out = resume() if resume is not None else []
+        _h2_held_is_what_waits(engine)
     engine.client_data(b"")
     engine.server_data(b"")
 

@@ -8,8 +8,12 @@ import socket
 import subprocess
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.settings import SettingCodes, Settings
 
 from tests.support.firewall import running_firewall
 from tests.support.h2c_server import h2c_server
@@ -109,6 +113,51 @@ def test_nghttp_many_concurrent_streams_on_one_connection(site):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count(b":status: 200") == 50
     assert result.stdout.count(b":status: 403") == 10
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+@pytest.mark.parametrize(
+    "stream_window",
+    [2**31 - 1, 0],
+    ids=["windows-wide-open-and-reads-nothing", "a-connection-window-and-no-stream-window"],
+)
+def test_a_client_that_reads_nothing_does_not_grow_the_proxys_memory(site, stream_window):
+    # The client opens its connection window as wide as HTTP/2 allows and asks for
+    # 96 copies of a 256 MiB file at once, then reads nothing. With stream windows
+    # as wide, the server may send gigabytes: the proxy stops reading it once its
+    # write buffer toward the client is full. With stream windows shut, the
+    # server may fill the relay's buffer on every stream: the connection cap
+    # (4 MiB) stops it, not 96 x 1 MiB.
+    docroot, _, fw = site
+    with open(docroot / "public" / "huge.bin", "wb") as huge:
+        huge.truncate(256 << 20)
+    conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    conn.local_settings = Settings(
+        client=True, initial_values={SettingCodes.INITIAL_WINDOW_SIZE: stream_window}
+    )
+    conn.initiate_connection()
+    conn.increment_flow_control_window(2**31 - 1 - 65535)
+    for n in range(96):
+        request = [
+            (b":method", b"GET"),
+            (b":scheme", b"http"),
+            (b":authority", b"static"),
+            (b":path", f"/public/huge.bin?n={n}".encode()),
+        ]
+        conn.send_headers(1 + 2 * n, request, end_stream=True)
+    before = rss(fw.proc.pid)
+    with socket.create_connection((fw.host, fw.port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(conn.data_to_send())
+        time.sleep(3)  # the server sends as long as anything reads it
+        grown = rss(fw.proc.pid) - before
+    assert grown < 12 << 20, f"the proxy grew by {grown >> 20} MiB"
 
 
 def h2load_summary(output: str) -> dict[str, int]:

@@ -22,7 +22,7 @@ from hyperframe.frame import (
 )
 
 from parsers.base import Access, Close, Decision, ParseError, Reply, ToClient, ToServer
-from parsers.http2.engine import PREFACE, H2Engine
+from parsers.http2.engine import PREFACE, H2Engine, H2Limits
 from parsers.http2.frames import (
     ACK,
     CONTINUATION,
@@ -30,6 +30,7 @@ from parsers.http2.frames import (
     END_HEADERS,
     END_STREAM,
     HEADERS,
+    INITIAL_WINDOW_SIZE,
     PING,
     SETTINGS,
     frame,
@@ -54,6 +55,7 @@ class Wire:
         self.to_client = bytearray()
         self.to_server = bytearray()
         self.commands: list = []
+        self._client_mark = self._server_mark = 0
 
     def client(self, data: bytes) -> Wire:
         self._run(self.engine.client_data(data))
@@ -74,6 +76,20 @@ class Wire:
 
     def client_frames(self) -> list:
         return frames_in(self.to_client)
+
+    def step(self) -> None:
+        """From here, ``new_to_client`` and ``new_to_server`` read what comes next."""
+        self._client_mark, self._server_mark = len(self.to_client), len(self.to_server)
+
+    def new_to_client(self) -> list:
+        frames = frames_in(self.to_client[self._client_mark :])
+        self._client_mark = len(self.to_client)
+        return frames
+
+    def new_to_server(self) -> list:
+        frames = frames_in(self.to_server[max(self._server_mark, len(PREFACE)) :])
+        self._server_mark = len(self.to_server)
+        return frames
 
     def server_frames(self) -> list:
         return frames_in(self.to_server[len(PREFACE) :])
@@ -125,49 +141,246 @@ def test_stream_ids_are_kept_on_both_hops_and_the_ids_of_denied_streams_are_skip
 # ------------------------------------------------------------ flow control
 
 
-def test_data_on_a_denied_stream_is_credited_back_to_the_client_connection():
-    # The client sent a 300 KiB body behind a request that is denied: the proxy
-    # drops the bytes and gives their window back, or the connection would stall.
-    enc = Encoder()
-    body = [frame(DATA, 0, 1, b"x" * 16384) for _ in range(19)]
+# What the relay grants a sender beyond its receiver's window, and its hard cap.
+BUFFER = H2Limits().stream_window  # 1 MiB per stream
+CONNECTION_BUFFER = H2Limits().connection_window  # 1 MiB per connection
+CAP = H2Limits().connection_window_cap  # 4 MiB
+STREAM_BATCH, CONNECTION_BATCH = BUFFER // 4, CONNECTION_BUFFER // 4
+DEFAULT_WINDOW = 65535
+
+
+def updates(frames: list) -> list[tuple[int, int]]:
+    return [(f.stream_id, f.window_increment) for f in frames if isinstance(f, WindowUpdateFrame)]
+
+
+def data_sent(frames: list) -> list[tuple[int, int]]:
+    return [(f.stream_id, len(f.data)) for f in frames if isinstance(f, DataFrame)]
+
+
+def download(wire: Wire, enc: Encoder, stream_id: int) -> None:
+    """A GET the server starts answering (HEADERS: table size 0, :status 200)."""
+    wire.client(frame(HEADERS, END_HEADERS | END_STREAM, stream_id, get(enc, "/big")))
+    wire.server(frame(HEADERS, END_HEADERS, stream_id, b"\x20\x88"))
+
+
+def upload_headers(enc: Encoder, stream_id: int) -> bytes:
+    return frame(HEADERS, END_HEADERS, stream_id, enc.encode(request_headers("/up", "POST")))
+
+
+def test_each_sender_is_granted_the_relays_buffer_plus_what_its_receiver_grants():
+    # The client's settings come first: the server's stream window folds in its
+    # initial window. The server's come later: the client gets the buffer only.
     wire = Wire().client(
-        client_start()
-        + frame(HEADERS, END_HEADERS, 1, enc.encode(request_headers("/admin/upload", "POST")))
-        + b"".join(body)
+        PREFACE + settings_frame({INITIAL_WINDOW_SIZE: 1 << 20}) + frame(SETTINGS, ACK, 0)
     )
-    wire.server(server_start())
+    (to_server,) = [
+        f for f in wire.server_frames() if isinstance(f, SettingsFrame) and "ACK" not in f.flags
+    ]
+    assert to_server.settings[INITIAL_WINDOW_SIZE] == BUFFER + (1 << 20)
+    (to_client,) = [
+        f for f in wire.client_frames() if isinstance(f, SettingsFrame) and "ACK" not in f.flags
+    ]
+    assert to_client.settings[INITIAL_WINDOW_SIZE] == BUFFER
+    # Connection-wide, each is granted the buffer over the other's initial window.
+    assert updates(wire.server_frames()) == [(0, CONNECTION_BUFFER)]
+    assert updates(wire.client_frames()) == [(0, CONNECTION_BUFFER)]
 
-    frames = wire.client_frames()
-    (reset,) = [f for f in frames if isinstance(f, RstStreamFrame)]
-    assert (reset.stream_id, reset.error_code) == (1, ErrorCodes.NO_ERROR)
-    credit = sum(
-        f.window_increment for f in frames if isinstance(f, WindowUpdateFrame) and f.stream_id == 0
+
+def test_forwarding_credits_nothing_the_receivers_updates_go_on_in_batches():
+    enc = Encoder()
+    wire = Wire().client(client_start()).server(server_start())
+    download(wire, enc, 1)
+    wire.step()
+    wire.server(frame(DATA, 0, 1, b"d" * 16384) * 3)
+    assert data_sent(wire.new_to_client()) == [(1, 16384)] * 3
+    assert updates(wire.new_to_server()) == []  # forwarded, not credited
+
+    half = STREAM_BATCH // 2
+    wire.client(window_update(1, half) + window_update(0, half))
+    assert updates(wire.new_to_server()) == []  # under a batch (a quarter of the buffer)
+    wire.client(window_update(1, half))
+    assert updates(wire.new_to_server()) == [(1, STREAM_BATCH)]
+    wire.step()
+    wire.client(window_update(0, CONNECTION_BATCH - half))
+    assert updates(wire.new_to_server()) == [(0, CONNECTION_BATCH)]
+
+
+def test_bytes_dropped_for_a_denied_stream_are_credited_back_to_the_client_connection():
+    # A 304 KiB body behind a denied request: the proxy drops it and gives the
+    # window back (no receiver ever saw it), or the connection would stall.
+    enc = Encoder()
+    wire = Wire().client(client_start()).server(server_start())
+    wire.step()
+    wire.client(
+        frame(HEADERS, END_HEADERS, 1, enc.encode(request_headers("/admin/upload", "POST")))
+        + frame(DATA, 0, 1, b"x" * 16384) * 19
     )
-    # The proxy's own opening increment plus at least the 256 KiB batch the body filled.
-    assert credit >= (1 << 20) - 65535 + 256 * 1024
-    assert not [f for f in wire.server_frames() if isinstance(f, (HeadersFrame, DataFrame))]
+    frames = wire.new_to_client()
+    assert [(f.stream_id, f.error_code) for f in frames if isinstance(f, RstStreamFrame)] == [
+        (1, ErrorCodes.NO_ERROR)
+    ]
+    assert updates(frames) == [(0, CONNECTION_BATCH)]  # 16 of the 19 frames: one batch
+    assert not [f for f in wire.new_to_server() if isinstance(f, (HeadersFrame, DataFrame))]
 
 
-def test_credit_for_forwarded_data_goes_back_in_batches_not_per_frame():
+def test_a_denial_body_uses_the_clients_window_and_is_held_back_from_the_next_update():
+    enc = Encoder()
+    wire = Wire().client(client_start()).server(server_start())
+    wire.client(frame(HEADERS, END_HEADERS | END_STREAM, 1, get(enc, "/admin")))
+    ((_, body),) = data_sent(wire.client_frames())  # the 403's body, written by the proxy
+    assert body > 0
+    wire.step()
+    wire.client(window_update(0, CONNECTION_BATCH))  # the client gives back what it read
+    assert updates(wire.new_to_server()) == []  # less the body: under a batch
+    wire.client(window_update(0, body))
+    assert updates(wire.new_to_server()) == [(0, CONNECTION_BATCH)]
+
+
+def test_an_upload_is_granted_the_servers_initial_window_with_its_first_frames():
     enc = Encoder()
     wire = Wire().client(client_start())
-    wire.server(
-        settings_frame({0x4: 1 << 20}) + frame(SETTINGS, ACK, 0) + window_update(0, 1 << 20)
+    wire.server(settings_frame({INITIAL_WINDOW_SIZE: 1 << 20}) + frame(SETTINGS, ACK, 0))
+    wire.step()
+    wire.client(upload_headers(enc, 1))
+    assert [type(f) for f in wire.new_to_server()] == [HeadersFrame]
+    assert updates(wire.new_to_client()) == [(1, 1 << 20)]
+
+
+def test_an_upload_opened_before_the_servers_settings_gets_its_window_when_they_come():
+    enc = Encoder()
+    wire = Wire().client(client_start())
+    wire.step()
+    wire.client(upload_headers(enc, 1) + frame(DATA, 0, 1, b"u" * 16384))
+    assert data_sent(wire.new_to_server()) == [(1, 16384)]  # within the default window
+    assert updates(wire.new_to_client()) == []  # the default window: under a batch
+    wire.server(settings_frame({INITIAL_WINDOW_SIZE: 1 << 20}) + frame(SETTINGS, ACK, 0))
+    assert updates(wire.new_to_client()) == [(1, 1 << 20)]
+
+
+def test_a_server_window_under_a_batch_is_passed_on_with_the_servers_updates():
+    enc = Encoder()
+    wire = Wire().client(client_start()).server(server_start())
+    wire.step()
+    wire.client(upload_headers(enc, 1))
+    assert updates(wire.new_to_client()) == []  # 64 KiB - 1: under a batch
+    wire.server(window_update(1, STREAM_BATCH - DEFAULT_WINDOW))
+    assert updates(wire.new_to_client()) == [(1, STREAM_BATCH)]
+
+
+def test_the_clients_initial_window_shrinking_is_a_debt_and_growing_is_passed_on():
+    enc = Encoder()
+    wire = Wire().client(client_start()).server(server_start())
+    download(wire, enc, 1)
+    wire.step()
+    debt = 30000
+    wire.client(settings_frame({INITIAL_WINDOW_SIZE: DEFAULT_WINDOW - debt}))
+    wire.client(window_update(1, STREAM_BATCH))
+    assert updates(wire.new_to_server()) == []  # a batch less the debt: under a batch
+    wire.client(window_update(1, debt))
+    assert updates(wire.new_to_server()) == [(1, STREAM_BATCH)]
+
+    wire.client(settings_frame({INITIAL_WINDOW_SIZE: DEFAULT_WINDOW + STREAM_BATCH}))
+    assert updates(wire.new_to_server()) == [(1, STREAM_BATCH + debt)]
+    # A stream opened now: the server's SETTINGS said buffer + 64 KiB - 1.
+    download(wire, enc, 3)
+    assert updates(wire.new_to_server()) == [(3, STREAM_BATCH)]
+
+
+def test_the_servers_initial_window_shrinking_is_a_debt_on_an_upload():
+    enc = Encoder()
+    wire = Wire().client(client_start())
+    wire.server(settings_frame({INITIAL_WINDOW_SIZE: 1 << 20}) + frame(SETTINGS, ACK, 0))
+    wire.client(upload_headers(enc, 1))
+    wire.step()
+    debt = 50000
+    wire.server(settings_frame({INITIAL_WINDOW_SIZE: (1 << 20) - debt}))
+    wire.server(window_update(1, STREAM_BATCH))
+    assert updates(wire.new_to_client()) == []  # a batch less the debt: under a batch
+    wire.server(window_update(1, debt))
+    assert updates(wire.new_to_client()) == [(1, STREAM_BATCH)]
+
+
+def test_a_client_that_grants_no_window_costs_the_buffer_per_stream_and_no_more():
+    enc = Encoder()
+    wire = Wire().client(
+        PREFACE + settings_frame({INITIAL_WINDOW_SIZE: 0}) + frame(SETTINGS, ACK, 0)
     )
-    wire.client(frame(HEADERS, END_HEADERS, 1, enc.encode(request_headers("/up", "POST"))))
-    wire.to_client.clear()
-    for _ in range(3):  # 48 KiB: under a quarter of the 256 KiB stream window
-        wire.client(frame(DATA, 0, 1, b"y" * 16384))
-    assert not [f for f in wire.client_frames() if isinstance(f, WindowUpdateFrame)]
-    wire.client(frame(DATA, 0, 1, b"y" * 16384))  # 64 KiB: the stream's batch is due
-    updates = [
-        (f.stream_id, f.window_increment)
-        for f in wire.client_frames()
-        if isinstance(f, WindowUpdateFrame)
-    ]
-    assert updates == [(1, 65536)]
-    forwarded = [f for f in wire.server_frames() if isinstance(f, DataFrame)]
-    assert sum(len(f.data) for f in forwarded) == 65536
+    wire.server(server_start())
+    download(wire, enc, 1)
+    wire.step()
+    wire.server(frame(DATA, 0, 1, b"d" * 16384) * (BUFFER // 16384))
+    assert data_sent(wire.new_to_client()) == []  # all held
+    assert not [f for f in wire.new_to_server() if isinstance(f, RstStreamFrame)]
+    wire.server(frame(DATA, 0, 1, b"d"))  # one byte past the buffer
+    resets = [f for f in wire.new_to_server() if isinstance(f, RstStreamFrame)]
+    assert [(f.stream_id, f.error_code) for f in resets] == [(1, ErrorCodes.FLOW_CONTROL_ERROR)]
+
+
+def test_a_client_that_grants_no_window_costs_the_connection_buffer_and_no_more():
+    enc = Encoder()
+    wire = Wire().client(
+        PREFACE + settings_frame({INITIAL_WINDOW_SIZE: 0}) + frame(SETTINGS, ACK, 0)
+    )
+    wire.server(server_start())
+    full = CONNECTION_BUFFER // BUFFER  # streams whose buffers fill the connection's
+    streams = list(range(1, 2 * full + 2, 2))
+    for sid in streams:
+        download(wire, enc, sid)
+    # The next stream may take the client's own connection window (64 KiB - 1),
+    # that is all.
+    for sid in streams[:full]:
+        wire.server(frame(DATA, 0, sid, b"d" * 16384) * (BUFFER // 16384))
+    last = streams[-1]
+    wire.server(frame(DATA, 0, last, b"d" * 16383) * 4 + frame(DATA, 0, last, b"d" * 3))
+    assert not wire.of(Close) and not data_sent(wire.client_frames())
+    wire.server(frame(DATA, 0, last, b"d"))
+    assert goaway_code(wire.server_frames()) == ErrorCodes.FLOW_CONTROL_ERROR
+
+
+def test_a_connection_window_without_stream_windows_is_passed_on_up_to_the_cap():
+    # The client opens its connection window wide and keeps every stream's shut:
+    # the server may not fill stream after stream's buffer beyond the cap.
+    enc = Encoder()
+    wire = Wire().client(
+        PREFACE
+        + settings_frame({INITIAL_WINDOW_SIZE: 0})
+        + frame(SETTINGS, ACK, 0)
+        + window_update(0, 2**31 - 1 - DEFAULT_WINDOW)
+    )
+    wire.server(server_start())
+    assert sum(i for _, i in updates(wire.server_frames())) == CAP - DEFAULT_WINDOW
+    streams = list(range(1, 2 * (CAP // BUFFER) + 2, 2))
+    for sid in streams:
+        download(wire, enc, sid)
+    for sid in streams[:-1]:
+        wire.server(frame(DATA, 0, sid, b"d" * 16384) * (BUFFER // 16384))
+    assert not wire.of(Close) and not data_sent(wire.client_frames())
+    wire.server(frame(DATA, 0, streams[-1], b"d"))
+    assert goaway_code(wire.server_frames()) == ErrorCodes.FLOW_CONTROL_ERROR
+
+
+def test_a_fast_client_lets_the_server_send_past_its_buffer_credited_as_bytes_go_on():
+    # The cap bounds what is held, not the pipe: as bytes go on to a client that
+    # keeps its windows open, the server gets connection credit back.
+    enc = Encoder()
+    wire = Wire().client(
+        PREFACE
+        + settings_frame({INITIAL_WINDOW_SIZE: 2**31 - 1})
+        + frame(SETTINGS, ACK, 0)
+        + window_update(0, 2**31 - 1 - DEFAULT_WINDOW)
+    )
+    wire.server(server_start())
+    download(wire, enc, 1)
+    total = 0
+    for _ in range(2 * CAP // 16384):  # twice the cap, never more than its credit
+        wire.server(frame(DATA, 0, 1, b"d" * 16384))
+        total += 16384
+    assert sum(n for _, n in data_sent(wire.client_frames())) == total
+    assert not wire.of(Close)
+    # The server's connection window: the cap at first, and every byte forwarded
+    # given back (in batches; the last batch is due right after the last frame).
+    granted = sum(i for sid, i in updates(wire.server_frames()) if sid == 0)
+    assert DEFAULT_WINDOW + granted == CAP + total
 
 
 def test_a_download_read_in_any_split_reaches_the_client_frame_for_frame():
