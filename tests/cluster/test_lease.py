@@ -70,8 +70,18 @@ async def test_an_outage_shorter_than_the_lease_loses_nothing_whatever_the_back_
     """The upkeep backs off after failures, but never past a keepalive period: a long
     back-off (here up to 30 s) would let the lease expire after etcd is back."""
     async with CuttableLink((etcd.host, etcd.port)) as link:
+        # With the back-off capped at a keepalive (0.5 s), the lease is renewed at worst
+        # 0.5 s before the cut and 0.5 s plus a timeout after the heal: 5.25 s of its 6.
+        # Uncapped, a 4 s outage grows the back-off (full jitter, 1 s doubling) to
+        # seconds, and the lease most often expires before the next attempt.
         b_config = config(
-            "node-b", port=link.port, lease_ttl=3, backoff_base=0.5, backoff_cap=30, timeout=0.5
+            "node-b",
+            port=link.port,
+            lease_ttl=6,
+            keepalive_every=0.5,
+            backoff_base=1.0,
+            backoff_cap=30,
+            timeout=0.25,
         )
         async with running(config("node-a"), b_config) as (a, b):
             await b.upsert_ip("10.2.0.8", await b.allocate({"app": "web"}))
@@ -79,9 +89,9 @@ async def test_an_outage_shorter_than_the_lease_loses_nothing_whatever_the_back_
             gone: list[Change] = []
             a.subscribe(lambda ch: gone.append(ch) if isinstance(ch, IpChange) else None)
             link.cut()
-            await asyncio.sleep(1.5)  # several failed keepalives: the back-off has grown
+            await asyncio.sleep(4.0)  # several failed keepalives: the back-off has grown
             link.heal()
-            await asyncio.sleep(3.0)  # past the TTL the lease had when the link was cut
+            await asyncio.sleep(6.0)  # past the TTL the lease had when the link was cut
             assert b.counters.maintenance_errors >= 1
             assert b.session.leases_lost == 0
             assert gone == []  # a never saw b's address go
