@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
+import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+
+from bench.common import LOOPBACK, REPO, started, wait_port
 
 # Operations run before counting: imports, caches and the allocator warm.
 WARM_UP = 20
@@ -79,3 +84,88 @@ def count(pid: int, dumps: Path, run: Callable[[int], None], n: int) -> dict[str
         "by_library": {k: round(v / n) for k, v in top},
         "operations": n,
     }
+
+
+# ----------------------------------------------------------- the proxies, counted
+
+
+def start_haproxy(
+    stack: ExitStack,
+    workdir: Path,
+    dumps: Path,
+    port: int,
+    upstream: int,
+    rules: str,
+    bind_options: str = "",
+) -> int:
+    """haproxy (one thread, HTTP mode, keep-alive) under callgrind on ``port`` in
+    front of ``upstream``, with ``rules`` in its frontend; its pid."""
+    conf = workdir / "haproxy.cfg"
+    conf.write_text(f"""
+global
+    nbthread 1
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    timeout http-keep-alive 300s
+frontend bench
+    bind {LOOPBACK}:{port} {bind_options}
+    {rules}
+    default_backend upstream
+backend upstream
+    server up {LOOPBACK}:{upstream}
+""")
+    argv = [*valgrind_argv(dumps), "haproxy", "-db", "-f", str(conf)]
+    proc, _ = stack.enter_context(started(argv, log=workdir / "haproxy.log"))
+    wait_port(LOOPBACK, port, timeout=120, proc=proc, log=workdir / "haproxy.log")
+    return proc.pid
+
+
+def start_firewall(
+    stack: ExitStack,
+    workdir: Path,
+    dumps: Path,
+    port: int,
+    upstream: int,
+    policy_yaml: str,
+    labels: str,
+    extra_args: Sequence[str] = (),
+    tree: Path = REPO,
+) -> int:
+    """``l7proxy firewall`` from source tree ``tree`` under callgrind on ``port`` in
+    front of ``upstream``; its pid."""
+    policy = workdir / f"policy-{dumps.name}.yaml"
+    policy.write_text(policy_yaml)
+    argv = [
+        *valgrind_argv(dumps), sys.executable, "-m", "l7proxy", "firewall",
+        "--listen", f"{LOOPBACK}:{port}", "--upstream", f"{LOOPBACK}:{upstream}",
+        "--labels", labels, "--policy", str(policy), *extra_args,
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(tree))
+    proc, _ = stack.enter_context(
+        started(
+            argv,
+            log=workdir / f"{dumps.name}.log",
+            ready_line="listening on",
+            cwd=tree,  # ``-m l7proxy`` imports from the working directory first
+            env=env,
+            timeout=300,
+        )
+    )
+    return proc.pid
+
+
+def read_ok_reply(conn: socket.socket) -> bytes:
+    """One reply of nginx's ``ok`` location (its 2-byte body ends it), checked to be a 200."""
+    reply = b""
+    while not reply.endswith(b"\r\n\r\nok"):
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise RuntimeError(f"closed after {reply[:200]!r}")
+        reply += chunk
+    if b" 200 " not in reply.split(b"\r\n", 1)[0]:
+        raise RuntimeError(f"unexpected reply: {reply[:200]!r}")
+    return reply

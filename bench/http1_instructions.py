@@ -21,7 +21,6 @@ socket calls of each request, which both proxies make).
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import sys
 import tempfile
@@ -30,16 +29,14 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from bench.callgrind import count, valgrind_argv
+from bench.callgrind import count, read_ok_reply, start_firewall, start_haproxy
 from bench.common import (
     LOOPBACK,
     REPO,
     free_port,
     markdown_table,
     start_nginx,
-    started,
     tool_version,
-    wait_port,
     write_results,
 )
 from bench.http1_proxy import HAPROXY_RULES, LABELS, policy_yaml, realistic_request, varied_request
@@ -77,14 +74,7 @@ def kept_connection(port: int, make: Callable[[int, bytes], bytes], host: bytes)
         for _ in range(n):
             sent += 1
             conn.sendall(make(sent, host))
-            reply = b""
-            while not reply.endswith(b"\r\n\r\nok"):
-                chunk = conn.recv(65536)
-                if not chunk:
-                    raise RuntimeError(f"closed after {reply[:200]!r}")
-                reply += chunk
-            if b" 200 " not in reply.split(b"\r\n", 1)[0]:
-                raise RuntimeError(f"unexpected reply: {reply[:200]!r}")
+            read_ok_reply(conn)
 
     return run, conn
 
@@ -97,47 +87,12 @@ def start_proxy(
     dumps.mkdir()
     port = free_port()
     if tree is None:
-        conf = workdir / "haproxy.cfg"
-        conf.write_text(f"""
-global
-    nbthread 1
-defaults
-    mode http
-    option http-keep-alive
-    timeout connect 5s
-    timeout client 300s
-    timeout server 300s
-    timeout http-keep-alive 300s
-frontend bench
-    bind {LOOPBACK}:{port}
-    {HAPROXY_RULES}
-    default_backend upstream
-backend upstream
-    server up {LOOPBACK}:{upstream}
-""")
-        argv = [*valgrind_argv(dumps), "haproxy", "-db", "-f", str(conf)]
-        proc, _ = stack.enter_context(started(argv, log=workdir / "haproxy.log"))
-        wait_port(LOOPBACK, port, timeout=120, proc=proc, log=workdir / "haproxy.log")
-        return proc.pid, port, dumps
-    policy = workdir / f"policy-{dumps.name}.yaml"
-    policy.write_text(policy_yaml(upstream))
-    argv = [
-        *valgrind_argv(dumps), sys.executable, "-m", "l7proxy", "firewall",
-        "--listen", f"{LOOPBACK}:{port}", "--upstream", f"{LOOPBACK}:{upstream}",
-        "--labels", ",".join(f"{k}={v}" for k, v in LABELS.items()), "--policy", str(policy),
-    ]  # fmt: skip
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(tree))
-    proc, _ = stack.enter_context(
-        started(
-            argv,
-            log=workdir / f"{dumps.name}.log",
-            ready_line="listening on",
-            cwd=tree,  # ``-m l7proxy`` imports from the working directory first
-            env=env,
-            timeout=300,
-        )
+        return start_haproxy(stack, workdir, dumps, port, upstream, HAPROXY_RULES), port, dumps
+    labels = ",".join(f"{k}={v}" for k, v in LABELS.items())
+    pid = start_firewall(
+        stack, workdir, dumps, port, upstream, policy_yaml(upstream), labels, tree=tree
     )
-    return proc.pid, port, dumps
+    return pid, port, dumps
 
 
 def main(argv: list[str] | None = None) -> int:

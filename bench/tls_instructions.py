@@ -22,7 +22,6 @@ message until a delayed ACK). Results go to ``bench/results/tls_instructions.jso
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import ssl
 import sys
@@ -32,16 +31,14 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from bench.callgrind import count, valgrind_argv
+from bench.callgrind import count, read_ok_reply, start_firewall, start_haproxy
 from bench.common import (
     LOOPBACK,
     REPO,
     free_port,
     markdown_table,
     start_nginx,
-    started,
     tool_version,
-    wait_port,
     write_results,
 )
 from bench.tls import HAPROXY_RULES, NAME, make_certificate, policy_yaml
@@ -91,12 +88,7 @@ def kept_connection(port: int, context: ssl.SSLContext | None) -> Callable[[int]
     def requests(n: int) -> None:
         for _ in range(n):
             conn.sendall(REQUEST)
-            reply = b""
-            while not reply.endswith(b"\r\n\r\nok"):  # nginx's 2-byte body ends each reply
-                chunk = conn.recv(65536)
-                if not chunk:
-                    raise RuntimeError(f"closed after {reply[:200]!r}")
-                reply += chunk
+            read_ok_reply(conn)
 
     return requests
 
@@ -111,44 +103,15 @@ def start_proxy(name: str, stack: ExitStack, workdir: Path, upstream: int, files
     dumps.mkdir()
     port = free_port()
     if name == "haproxy":
-        conf = workdir / "haproxy.cfg"
-        conf.write_text(f"""
-global
-    nbthread 1
-defaults
-    mode http
-    option http-keep-alive
-    timeout connect 5s
-    timeout client 300s
-    timeout server 300s
-    timeout http-keep-alive 300s
-frontend bench
-    bind {LOOPBACK}:{port} ssl crt {combined} alpn http/1.1 ssl-min-ver TLSv1.2
-    {HAPROXY_RULES}
-    default_backend upstream
-backend upstream
-    server up {LOOPBACK}:{upstream}
-""")
-        argv = [*valgrind_argv(dumps), "haproxy", "-db", "-f", str(conf)]
-        proc, _ = stack.enter_context(started(argv, log=workdir / "haproxy.log"))
-        wait_port(LOOPBACK, port, timeout=120, proc=proc, log=workdir / "haproxy.log")
-        return proc.pid, port, dumps
-    policy = workdir / "policy.yaml"
-    policy.write_text(policy_yaml(upstream))
+        tls_bind = f"ssl crt {combined} alpn http/1.1 ssl-min-ver TLSv1.2"
+        pid = start_haproxy(stack, workdir, dumps, port, upstream, HAPROXY_RULES, tls_bind)
+        return pid, port, dumps
     tls = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-alpn", "http/1.1"]
-    argv = [
-        *valgrind_argv(dumps), sys.executable, "-m", "l7proxy", "firewall",
-        "--listen", f"{LOOPBACK}:{port}", "--upstream", f"{LOOPBACK}:{upstream}",
-        "--labels", "app=bench", "--policy", str(policy),
-        *(tls if name == "l7proxy" else []),
-    ]  # fmt: skip
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc, _ = stack.enter_context(
-        started(
-            argv, log=workdir / f"{name}.log", ready_line="listening on", env=env, timeout=300
-        )  # fmt: skip
+    extra = tls if name == "l7proxy" else []
+    pid = start_firewall(
+        stack, workdir, dumps, port, upstream, policy_yaml(upstream), "app=bench", extra
     )
-    return proc.pid, port, dumps
+    return pid, port, dumps
 
 
 def main(argv: list[str] | None = None) -> int:
