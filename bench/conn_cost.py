@@ -1,6 +1,7 @@
 """What one new connection costs l7proxy in Python, counted rather than timed.
 
     python -m bench.conn_cost [--connections 200] [--tls] [--profile] [--top 30]
+    python -m bench.conn_cost --kept realistic|repeated [--connections 2000]
 
 The real ``Firewall`` (an L7 rule in force, as in ``bench/tls.py``: GET /.* allowed) runs
 in this process on a uvloop loop; a peer process holds a tiny upstream and the client.
@@ -8,6 +9,10 @@ The client makes ``--connections`` new connections one after another, each sendi
 ``GET / HTTP/1.1``, ``Host``, ``Connection: close`` and reading the answer to its end:
 every one is accepted, judged, piped, connected upstream, logged and closed. With
 ``--tls`` each is a full TLS 1.3 handshake first (the certificate of ``bench/tls.py``).
+With ``--kept``, the count is per request instead: the client sends ``--connections``
+requests one at a time on one kept connection, each with a new path, query and
+``X-Request-Id`` (``realistic``, as ``bench.http1_proxy``'s workload of that name) or
+the same head every time (``repeated``); "per connection" below then reads "per request".
 
 What it counts, after a warm-up, over the connections and the linger that follows them:
 
@@ -53,6 +58,7 @@ from bench.tls import NAME, make_certificate, policy_yaml
 
 REQUEST_CLOSE = f"GET / HTTP/1.1\r\nHost: {NAME}\r\nConnection: close\r\n\r\n".encode()
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+RESPONSE_KEPT = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 WARM_UP = 30
 # The pipe's lingering close ends each client transport this long after the answer
 # (``driver.LINGER_SECONDS``): waited for, so every connection's close is counted.
@@ -66,6 +72,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=200, help="connections counted")
     p.add_argument("--tls", action="store_true", help="terminate TLS (a full handshake each)")
     p.add_argument("--profile", action="store_true", help="cProfile instead of opcode counts")
+    p.add_argument(
+        "--kept",
+        choices=("realistic", "repeated"),
+        help="count requests instead: N requests on one kept connection, each with a new "
+        "path, query and X-Request-Id (realistic) or all the same (repeated)",
+    )
     p.add_argument(
         "--flowlog", action="store_true", help="write the flow log to a file (default: none)"
     )
@@ -90,14 +102,20 @@ def peer(ca: str) -> int:
     context = ssl.create_default_context(cafile=ca) if ca != "-" else None
 
     def serve(conn: socket.socket) -> None:
+        # Answers each head; the client's Connection: close gets the closing answer.
         with conn:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = conn.recv(65536)
-                if not chunk:
+            pending = b""
+            while True:
+                while b"\r\n\r\n" not in pending:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    pending += chunk
+                head, _, pending = pending.partition(b"\r\n\r\n")
+                if b"Connection: close" in head:
+                    conn.sendall(RESPONSE)
                     return
-                head += chunk
-            conn.sendall(RESPONSE)
+                conn.sendall(RESPONSE_KEPT)
 
     def accept() -> None:
         while True:
@@ -107,9 +125,14 @@ def peer(ca: str) -> int:
     threading.Thread(target=accept, daemon=True).start()
     print(upstream.getsockname()[1], flush=True)
     for line in sys.stdin:
-        port, n = (int(x) for x in line.split())
-        for _ in range(n):
-            raw = socket.create_connection((LOOPBACK, port), timeout=30)
+        port, n, kept = line.split()
+        if kept != "-":
+            if not _kept_requests(int(port), int(n), kept == "repeated"):
+                return 1
+            print("done", flush=True)
+            continue
+        for _ in range(int(n)):
+            raw = socket.create_connection((LOOPBACK, int(port)), timeout=30)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with context.wrap_socket(raw, server_hostname=NAME) if context else raw as conn:
                 conn.sendall(REQUEST_CLOSE)
@@ -121,6 +144,27 @@ def peer(ca: str) -> int:
                 return 1
         print("done", flush=True)
     return 0
+
+
+def _kept_requests(port: int, n: int, repeated: bool) -> bool:
+    """N requests of ``http1_proxy``'s realistic workload (a new path, query and
+    ``X-Request-Id`` each), or N times its first, one at a time on one kept connection."""
+    from bench.http1_proxy import realistic_request
+
+    with socket.create_connection((LOOPBACK, port), timeout=30) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(n):
+            conn.sendall(realistic_request(0 if repeated else i, NAME.encode()))
+            reply = b""
+            while not reply.endswith(b"\r\n\r\nok"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+            if not reply.startswith(b"HTTP/1.1 200 "):
+                print(f"unexpected reply: {reply[:200]!r}", file=sys.stderr, flush=True)
+                return False
+    return True
 
 
 # --------------------------------------------------------------------- counting opcodes
@@ -210,7 +254,7 @@ async def measure(args: argparse.Namespace, workdir: Path) -> int:
 
         async def connections(n: int) -> None:
             assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.write(f"{port} {n}\n".encode())
+            proc.stdin.write(f"{port} {n} {args.kept or '-'}\n".encode())
             await proc.stdin.drain()
             line = await proc.stdout.readline()
             if line != b"done\n":
