@@ -62,12 +62,12 @@ class Decision:
     # Header edits an allowed HTTP request must get before it is forwarded
     # (Cilium's headerMatches mismatch actions): ("add"|"delete"|"replace", name, value).
     edits: tuple[tuple[str, str, str], ...] = ()
+    # What the flow log says of it: set once here, as every request's record reads it.
+    verdict: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def verdict(self) -> str:
-        if self.audit:
-            return "AUDIT"
-        return "FORWARDED" if self.allowed else "DENIED"
+    def __post_init__(self) -> None:
+        verdict = "AUDIT" if self.audit else "FORWARDED" if self.allowed else "DENIED"
+        object.__setattr__(self, "verdict", verdict)
 
 
 ALLOW_ALL = Decision(True, reason="no L7 policy")

@@ -73,6 +73,10 @@ class HttpEngine:
 
     def _chosen(self, inner: H2Engine | Http1Engine) -> list[Command]:
         self._inner = inner
+        # From here on every read goes to ``inner``: its own methods, bound here,
+        # shadow the class's, which would only pass each read on (a call per read).
+        self.client_data = inner.client_data  # type: ignore[method-assign]
+        self.server_data = inner.server_data  # type: ignore[method-assign]
         return inner.finish() if self._finishing else []
 
     @property

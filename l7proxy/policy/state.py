@@ -71,7 +71,7 @@ class PolicyState:
 class ConnectionPolicy:
     """Decides every request of one connection from ``src`` to ``dst``."""
 
-    __slots__ = ("state", "src", "dst", "l4", "parser", "_policy", "_matchers")
+    __slots__ = ("state", "src", "dst", "l4", "parser", "_policy", "_matchers", "_last")
 
     def __init__(self, state: PolicyState, src: Side, dst: Side):
         self.state = state
@@ -80,6 +80,10 @@ class ConnectionPolicy:
         self.l4, self.parser = self._l4()
         self._policy: CompiledPolicy | None = None
         self._matchers: list[PortMatcher] = []
+        # The last request judged and its decision. A keep-alive client that repeats
+        # a head gets the very request object again (the engines remember heads), and
+        # a decision is a pure function of the policy and the request.
+        self._last: tuple[L7Request, Decision] | None = None
 
     @property
     def tls(self) -> PortTls | None:
@@ -129,10 +133,17 @@ class ConnectionPolicy:
                 policy.l7_matcher(ep, direction, peer, self.dst.port)
                 for ep, direction, peer in self._legs()
             ]
+            self._last = None
+        last = self._last
+        if last is not None and last[0] is request:
+            return last[1]
         matchers = self._matchers
         if len(matchers) == 1:  # one local endpoint: nothing to combine
-            return matchers[0].decide(request)
-        return _combine([m.decide(request) for m in matchers])
+            decision = matchers[0].decide(request)
+        else:
+            decision = _combine([m.decide(request) for m in matchers])
+        self._last = (request, decision)
+        return decision
 
     __call__ = decide
 

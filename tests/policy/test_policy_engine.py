@@ -332,6 +332,26 @@ def test_policy_change_is_seen_by_the_next_request_of_an_open_connection():
     assert conn.decide(http("PUT", "/v1/exhaust-port")).allowed
 
 
+def test_a_request_judged_again_gets_the_current_policys_decision():
+    # A keep-alive client repeating a head hands the engine the same request object:
+    # the connection remembers its last decision, never past a policy change.
+    state = build(RULE1_L7)
+    conn = connect(state, "tiefighter", "deathstar", 80)
+    exhaust = http("PUT", "/v1/exhaust-port")
+    landing = http("POST", "/v1/request-landing")
+    assert not conn.decide(exhaust).allowed
+    assert not conn.decide(exhaust).allowed
+    assert conn.decide(landing).allowed
+    state.swap(
+        build(RULE1_L7.replace("method: POST, path: /v1/request-landing", "path: /v1/.*")).current
+    )
+    assert conn.decide(exhaust).allowed
+    state.swap(build(RULE1_L7).current)
+    assert not conn.decide(exhaust).allowed
+    trace: list[str] = []
+    assert not conn.decide(exhaust, trace).allowed and trace  # a trace is always made afresh
+
+
 def test_trace_records_every_rule_considered():
     conn = connect(build(RULE1_L7), "tiefighter", "deathstar", 80)
     trace: list[str] = []
