@@ -558,6 +558,8 @@ def format_record(r: Record) -> str:
 
 _second = -1
 _second_text = ""
+# ".000" to ".999": a record's milliseconds looked up, not formatted (once per record).
+_MILLIS = tuple(f".{ms:03d}" for ms in range(1000))
 
 
 def now_fields() -> dict[str, Any]:
@@ -572,4 +574,4 @@ def clock_text(t: float) -> str:
     sec = int(t)
     if sec != _second:
         _second, _second_text = sec, time.strftime("%H:%M:%S", time.localtime(sec))
-    return f"{_second_text}.{int(t * 1000) % 1000:03d}"
+    return _second_text + _MILLIS[int(t * 1000) % 1000]

@@ -653,7 +653,8 @@ class Pipe:
             "policy": decision.policy,
             "rule": decision.rule,
             "reason": decision.reason,
-            "latency_ms": round((time.monotonic() - t0) * 1000, 3),
+            # (To the microsecond: ``round(x, 3)`` costs three times as much, per record.)
+            "latency_ms": int((time.monotonic() - t0) * 1e6 + 0.5) / 1000,
         }
         if self._tls is not None:
             rec["tls"] = self._tls
