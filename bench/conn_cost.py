@@ -127,7 +127,7 @@ def peer(ca: str) -> int:
     for line in sys.stdin:
         port, n, kept = line.split()
         if kept != "-":
-            if not _kept_requests(int(port), int(n), kept == "repeated"):
+            if not _kept_requests(int(port), int(n), kept == "repeated", context):
                 return 1
             print("done", flush=True)
             continue
@@ -146,13 +146,15 @@ def peer(ca: str) -> int:
     return 0
 
 
-def _kept_requests(port: int, n: int, repeated: bool) -> bool:
+def _kept_requests(port: int, n: int, repeated: bool, context: ssl.SSLContext | None) -> bool:
     """N requests of ``http1_proxy``'s realistic workload (a new path, query and
-    ``X-Request-Id`` each), or N times its first, one at a time on one kept connection."""
+    ``X-Request-Id`` each), or N times its first, one at a time on one kept connection
+    (in one TLS session with a ``context``)."""
     from bench.http1_proxy import realistic_request
 
-    with socket.create_connection((LOOPBACK, port), timeout=30) as conn:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    raw = socket.create_connection((LOOPBACK, port), timeout=30)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with context.wrap_socket(raw, server_hostname=NAME) if context else raw as conn:
         for i in range(n):
             conn.sendall(realistic_request(0 if repeated else i, NAME.encode()))
             reply = b""
