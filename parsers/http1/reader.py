@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 from collections import deque
 from dataclasses import dataclass
+from typing import cast
 
 from parsers.http1.errors import (
     AmbiguousFraming,
@@ -99,6 +100,10 @@ class MessageReader:
         self.side = head_parser.side
         self._heads = head_parser
         self._reads_requests = head_parser.side == "client"
+        if self._reads_requests:
+            # A request's head is parsed from its bytes alone: the head parser's own
+            # ``complete``, with no call of ours around it (one per request).
+            self._parse_head = cast(RequestHeadParser, head_parser).complete  # type: ignore[method-assign]
         self.max_head = max_head
         self.max_chunk_line = max_chunk_line
         self._state = HEAD
@@ -337,11 +342,10 @@ class MessageReader:
             self._state = UNTIL_CLOSE
 
     def _parse_head(self, head: bytes) -> MessageHead:
-        heads = self._heads
-        if heads.side == "client":
-            return heads.complete(head)
+        """A response head, with the method of the request it answers (a request
+        reader has its head parser's ``complete`` here instead)."""
         method = self._requests[0][0] if self._requests else "GET"
-        return heads.complete(head, method)
+        return cast(ResponseHeadParser, self._heads).complete(head, method)
 
     def _begin(self, msg: MessageHead) -> None:
         """The bookkeeping of a head read, before its body."""

@@ -187,6 +187,8 @@ class CountingHeads:
 def counting_reader(impl, kind):
     reader = request_reader(impl) if kind == "request" else response_reader(impl)
     reader._heads = counting = CountingHeads(reader._heads)
+    if kind == "request":
+        reader._parse_head = counting.complete  # a request reader calls it directly
     return reader, counting
 
 
