@@ -636,7 +636,8 @@ class Http1Engine:
 
     def _on_request_head(self, head: MessageHead, out: list[Command]) -> None:
         """Judge one request: the only place ``decide`` is called, once per request."""
-        form = self._request_form(head)
+        # (A head seen before carries its form: no call for it.)
+        form: RequestForm = head.derived or self._request_form(head)
         request = form.request
         decision: Decision = self.decide(request)
         key = self._seq
