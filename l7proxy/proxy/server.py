@@ -12,7 +12,6 @@ configured upstream, and the service is the endpoint named by ``--labels``.
 
 from __future__ import annotations
 
-import _socket
 import asyncio
 import contextlib
 import errno
@@ -95,8 +94,9 @@ class _Accepted(socket.socket):
     given the socket."""
 
     __slots__ = ()
-    family = _socket.socket.family  # type: ignore[assignment]
-    type = _socket.socket.type  # type: ignore[assignment]
+    # (socket.SocketType is the C type: its members read the numbers.)
+    family = socket.SocketType.family  # type: ignore[assignment]
+    type = socket.SocketType.type  # type: ignore[assignment]
 
 
 class TlsTermination(Protocol):
