@@ -273,6 +273,7 @@ class Pipe:
         "_held",
         "_budget_head",
         "_tls",
+        "_linger",
     )
 
     def __init__(
@@ -342,6 +343,9 @@ class Pipe:
             # choose turns this off first (close()) or wants the reset anyway.
             _set_linger_zero(client, True)
         self._linger_zero = reset_if_killed
+        # The lingering close's deadline (``close``), cancelled when the client
+        # closes first: else each closed connection wakes the event loop once more.
+        self._linger: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = loop.call_later(
             self._timer_interval(), self._check_timers
         )
@@ -710,10 +714,17 @@ class Pipe:
             if self._client_holds:
                 self._client_holds = 0
                 client.resume_reading()
-            self._loop.call_later(LINGER_SECONDS, client.close)
+            self._linger = self._loop.call_later(LINGER_SECONDS, client.close)
         else:
             client.close()
         return True
+
+    def client_lost(self) -> None:
+        """The client's transport is gone (its protocol's ``connection_lost``)."""
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        self.close("client closed")
 
     def _stop(self, reason: str) -> None:
         """What every way of ending shares: the server side, timers, open records."""
@@ -977,7 +988,7 @@ class ClientSide(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._pipe is not None:
             self._proxy.pipe_closed(self._pipe)
-            self._pipe.close("client closed")
+            self._pipe.client_lost()
 
 
 class ServerSide(asyncio.Protocol):

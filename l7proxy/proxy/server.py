@@ -87,6 +87,18 @@ _Terminated = tuple[ssl.SSLContext, ConnectionPolicy | None]
 _PEEK_NOW = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 
+class _Accepted(socket.socket):
+    """An accepted connection's socket, whose ``family`` and ``type`` read as the plain
+    numbers the C socket holds: ``socket.socket`` makes an enum of each in Python on
+    every read (about 50 opcodes), and the event loop reads them three times when it is
+    given the socket."""
+
+    __slots__ = ()
+    # (socket.SocketType is the C type: its members read the numbers.)
+    family = socket.SocketType.family  # type: ignore[assignment]
+    type = socket.SocketType.type  # type: ignore[assignment]
+
+
 class TlsTermination(Protocol):
     """Whether an accepted connection is TLS the proxy terminates (``Proxy``)."""
 
@@ -153,10 +165,16 @@ class Acceptor:
         protocol: Callable[[], asyncio.Protocol],
         tls: TlsTermination | None = None,
         admission: Admission | None = None,
+        local: Address | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = sock
         self._fd = sock.fileno()
+        self._family = int(sock.family)
+        # The local address of every connection accepted here, when the caller knows it
+        # is one (a listener bound to one address, reached without a redirect): no
+        # getsockname() per connection then. None: each connection's is asked for.
+        self._local = local
         self._protocol = protocol
         self._tls = tls
         self._admission = admission
@@ -178,7 +196,9 @@ class Acceptor:
             if taken and not self._queue.poll(0):
                 return
             try:
-                conn, peer = self._sock.accept()
+                # As socket.accept(), without making enums of the listener's family
+                # and type in Python for the new socket (_Accepted).
+                fd, peer = self._sock._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:
@@ -187,7 +207,7 @@ class Acceptor:
                 loop.remove_reader(self._fd)
                 self._retry = loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
                 return
-            self._admit(conn, peer)
+            self._admit(_Accepted(self._family, socket.SOCK_STREAM, 0, fd), peer)
 
     def _admit(self, conn: socket.socket, peer: Address) -> None:
         """Open ``conn`` now, or hold it until its first byte.
@@ -202,11 +222,13 @@ class Acceptor:
         chosen: _Chosen | None = None
         wait: float | None = None
         if terminates or admission is not None:
-            try:
-                local = conn.getsockname()
-            except OSError:  # reset already
-                conn.close()
-                return
+            local = self._local
+            if local is None:
+                try:
+                    local = conn.getsockname()
+                except OSError:  # reset already
+                    conn.close()
+                    return
             if terminates:
                 assert tls is not None
                 terminated = tls.tls_context(peer, local)
@@ -418,10 +440,11 @@ class Acceptor:
         judge its ClientHello's headers (``refuse_client_hello``) before OpenSSL reads
         them: a refusal is answered here (an alert, or a close for bytes that are not
         TLS). None: go on."""
-        conn.setblocking(False)  # accept() hands out blocking sockets
+        # (accept() hands out blocking sockets: every read here says MSG_DONTWAIT rather
+        # than an ioctl making it non-blocking, which the event loop's does again.)
         try:  # usually there already: the client sends its hello as it connects
             if head is None or len(head) < HELLO_HEADERS:
-                head = conn.recv(HELLO_HEADERS, socket.MSG_PEEK)  # ConnectionError: gone
+                head = conn.recv(HELLO_HEADERS, _PEEK_NOW)  # ConnectionError: gone
         except BlockingIOError:
             loop = self._loop
             fd = conn.fileno()
@@ -438,7 +461,7 @@ class Acceptor:
                 return exc
             finally:
                 loop.remove_reader(fd)
-            head = conn.recv(HELLO_HEADERS, socket.MSG_PEEK)
+            head = conn.recv(HELLO_HEADERS, _PEEK_NOW)
         if not head:
             raise ConnectionResetError("closed before its ClientHello")
         if len(head) < HELLO_HEADERS:
@@ -448,7 +471,7 @@ class Acceptor:
         refusal = refuse_client_hello(head)
         if refusal is not None and refusal.wire_reply:
             with contextlib.suppress(OSError):
-                conn.send(refusal.wire_reply)
+                conn.send(refusal.wire_reply, socket.MSG_DONTWAIT)
         return refusal
 
     async def _judge_hello(
@@ -467,7 +490,7 @@ class Acceptor:
         fd = conn.fileno()
         try:
             while True:
-                data = conn.recv(PEEK_LIMIT, socket.MSG_PEEK)
+                data = conn.recv(PEEK_LIMIT, _PEEK_NOW)
                 if not data:
                     raise ConnectionResetError("closed in its ClientHello")
                 try:
@@ -475,7 +498,7 @@ class Acceptor:
                 except ProtocolError as err:
                     if err.wire_reply:
                         with contextlib.suppress(OSError):
-                            conn.send(err.wire_reply)
+                            conn.send(err.wire_reply, socket.MSG_DONTWAIT)
                     return err
                 if hello is not None:
                     break
@@ -504,7 +527,7 @@ class Acceptor:
         if decision.allowed:
             return None
         with contextlib.suppress(OSError):
-            conn.send(hello.alert(ACCESS_DENIED))
+            conn.send(hello.alert(ACCESS_DENIED), socket.MSG_DONTWAIT)
         return _Denied()
 
     def _linger_close(self, conn: socket.socket) -> None:
@@ -524,7 +547,7 @@ class Acceptor:
 
         def drain() -> None:
             try:
-                if conn.recv(65536):
+                if conn.recv(65536, socket.MSG_DONTWAIT):
                     return
             except BlockingIOError:
                 return
@@ -618,15 +641,21 @@ class Proxy:
         self._loop = asyncio.get_running_loop()
         if sock is None:
             sock = make_listener(host, port, transparent=transparent, backlog=self.limits.backlog)
+        bound = sock.getsockname()
+        # Firewall mode: clients connect to the listener itself, so a listener bound to
+        # one address is every connection's local address (a redirect's destination, or
+        # a wildcard's, is each connection's own).
+        one_address = self.upstream is not None and not transparent and not _is_wildcard(bound[0])
         self._acceptors.append(
             Acceptor(
                 sock,
                 lambda: ClientSide(self),
                 self if self.tls is not None else None,
                 admission=self,
+                local=bound if one_address else None,
             )
         )
-        self._listen_ports.add(sock.getsockname()[1])
+        self._listen_ports.add(bound[1])
         self._connections.clear()  # a direct connection to this port is refused now
         return sock
 
@@ -1185,6 +1214,10 @@ def _tls_reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return exc.reason
     return str(exc) or type(exc).__name__
+
+
+def _is_wildcard(ip: str) -> bool:
+    return ip in ("0.0.0.0", "::", "")
 
 
 def _is_local(ip: str) -> bool:

@@ -604,6 +604,18 @@ async def test_close_flushes_then_closes_the_client_after_a_lingering_while():
     assert p.wire.take() == [("client", "close")]
 
 
+async def test_a_client_gone_during_the_lingering_close_is_not_closed_again_later():
+    engine = ScriptedEngine(client={b"quit": [ToClient(b"bye"), Close("done")]})
+    p = play(engine)
+    p.pipe.client_data(b"quit")
+    assert ("client", "write_eof") in p.wire.take()
+
+    # Its FIN came: the transport closed and told its protocol (connection_lost).
+    p.pipe.client_lost()
+    await asyncio.sleep(LINGER_SECONDS + 0.1)
+    assert p.wire.take() == []  # the lingering close's deadline went with the client
+
+
 async def test_close_without_half_close_closes_the_client_at_once():
     engine = ScriptedEngine(client={b"quit": [ToClient(b"bye"), Close("done")]})
     p = play(engine)
