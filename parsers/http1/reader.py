@@ -345,7 +345,7 @@ class MessageReader:
         """A response head, with the method of the request it answers (a request
         reader has its head parser's ``complete`` here instead)."""
         method = self._requests[0][0] if self._requests else "GET"
-        return cast(ResponseHeadParser, self._heads).complete(head, method)
+        return self._heads.complete(head, method)  # type: ignore[call-arg]
 
     def _begin(self, msg: MessageHead) -> None:
         """The bookkeeping of a head read, before its body."""
