@@ -111,10 +111,12 @@ its own parsing work (``parsers.http1.memo``), never the verdict.
 # --------------------------------------------------------------------------
 # Commands an engine emits. The driver executes them in order.
 
-Data: TypeAlias = bytes | bytearray
+Data: TypeAlias = bytes | bytearray | memoryview
 """What ``ToServer`` and ``ToClient`` carry. A ``bytearray`` is handed over: the
 engine keeps no reference to it and never changes it again, so a large frame
-assembled in one buffer goes to the transport without a copy."""
+assembled in one buffer goes to the transport without a copy. A ``memoryview``
+is a slice of bytes the engine was given (a relayed read), which nobody changes:
+the transport may hold it until it is written."""
 
 
 @dataclass(slots=True)
