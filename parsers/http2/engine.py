@@ -470,8 +470,17 @@ class H2Engine:
         # Input while a turn is still due comes only from a driver that read on
         # after a Yield: it queues behind, in order.
         pending = self._client_in
-        self._client_in = bytes(pending) + data if pending else data
-        return self._client_turn()
+        if not pending:
+            self._client_in = data
+            return self._client_turn()
+        take = FRAME_HEADER_LENGTH + self._limits.max_frame_size - len(pending)
+        if self._paused or not self._preface_read or len(data) <= take:
+            self._client_in = b"".join((pending, data))
+            return self._client_turn()
+        # As server_data: the frame the last read left unfinished is completed
+        # with the bytes it lacks, then the rest of the read is read in place.
+        self._client_in = b"".join((pending, memoryview(data)[:take]))
+        return self._client_turn(data, take)
 
     def _resume_client(self) -> list[Command]:
         """``Yield.resume``: the next turn of the client's held input."""
@@ -479,9 +488,18 @@ class H2Engine:
             return []
         return self._client_turn()
 
-    def _client_turn(self) -> list[Command]:
+    def _client_turn(self, rest: bytes | None = None, take: int = 0) -> list[Command]:
+        """One turn over the client's input; with ``rest``, ``_client_in`` holds a
+        cut frame completed with ``rest[:take]``, and the turn goes on into ``rest``."""
+        lim = self._limits
         try:
-            self._read_client()
+            budget = self._read_client(lim.frames_per_turn, lim.bytes_per_turn)
+            if rest is not None and not self._dead:
+                # What the first part left over starts inside ``rest[:take]``: the
+                # completed frame was whole within it (or the read failed).
+                self._client_in = memoryview(rest)[take - len(self._client_in) :]
+                if not self._paused:
+                    self._read_client(*budget)
         except FloodError as exc:
             _forget_frames(exc)
             return self._client_connection_error(ErrorCodes.ENHANCE_YOUR_CALM, str(exc), exc.limit)
@@ -566,7 +584,9 @@ class H2Engine:
 
     # ------------------------------------------------------------ client frames
 
-    def _read_client(self) -> None:
+    def _read_client(self, frames_left: int, bytes_left: int) -> tuple[int, int]:
+        """The client's frames in ``_client_in``, within what is left of the turn's
+        frames and non-DATA bytes; returns what is left of them."""
         self._paused = False
         buf = self._client_in
         view = buf if type(buf) is memoryview else memoryview(buf)
@@ -576,15 +596,13 @@ class H2Engine:
             if end < len(PREFACE):
                 if bytes(view) != PREFACE[:end]:
                     raise ConnectionError_(_PROTOCOL_ERROR, "invalid connection preface")
-                return
+                return frames_left, bytes_left
             if view[: len(PREFACE)] != PREFACE:
                 raise ConnectionError_(_PROTOCOL_ERROR, "invalid connection preface")
             self._preface_read = True
             pos = len(PREFACE)
         lim = self._limits
         max_frame = lim.max_frame_size
-        frames_left = lim.frames_per_turn
-        bytes_left = lim.bytes_per_turn
         guard = self._guard
         handlers = CLIENT_FRAMES
         try:
@@ -625,11 +643,12 @@ class H2Engine:
                         self, flags, sid, view[start + FRAME_HEADER_LENGTH : pos], view[start:pos]
                     )
                     if self._dead:
-                        return
+                        break
                 else:
                     self._frames_read += 1  # unknown frame types are ignored (RFC 9113 §5.5)
         finally:
             self._client_in = view[pos:] if pos < end else b""
+        return frames_left, bytes_left
 
     def _check_parked_block(self, incoming: int) -> None:
         block = self._client_block

@@ -413,6 +413,33 @@ def test_a_download_read_in_any_split_reaches_the_client_frame_for_frame():
     assert wire.to_client.endswith(body[-(9 + 5000) :])  # the frames as the server sent them
 
 
+def test_an_upload_read_in_any_split_reaches_the_server_frame_for_frame():
+    # The client's side of the download above: reads that end mid-header and
+    # mid-payload, and reads that complete a cut frame and carry more.
+    enc = Encoder()
+    wire = Wire().client(client_start())
+    wire.server(
+        settings_frame({INITIAL_WINDOW_SIZE: 1 << 24})
+        + frame(SETTINGS, ACK, 0)
+        + window_update(0, 1 << 24)
+    )
+    sizes = [16384, 1, 9000, 16384, 300, *([16384] * 5), 5000]
+    chunks = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
+    body = b"".join(
+        frame(DATA, END_STREAM if i == len(chunks) - 1 else 0, 1, chunk)
+        for i, chunk in enumerate(chunks)
+    )
+    stream = upload_headers(enc, 1) + body
+    cuts = [0, 4, 9, 13, 16400, 16401, 40000, 40003, 90000, len(stream)]
+    for start, end in zip(cuts, cuts[1:], strict=False):
+        wire.client(stream[start:end])
+
+    data = [f for f in wire.server_frames() if isinstance(f, DataFrame)]
+    assert [(f.stream_id, bytes(f.data)) for f in data] == [(1, chunk) for chunk in chunks]
+    assert "END_STREAM" in data[-1].flags
+    assert wire.to_server.endswith(body[-(9 + 5000) :])
+
+
 def test_data_waits_for_the_server_window_and_is_split_to_fit_it():
     enc = Encoder()
     wire = Wire().client(client_start())
