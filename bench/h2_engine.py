@@ -35,6 +35,7 @@ import cProfile
 import pstats
 import sys
 import time
+from pathlib import Path
 
 from hpack import Encoder
 
@@ -257,7 +258,10 @@ def run_download(
     reads = len(server_reads) * rounds
     mib *= rounds
     # The engine's own: this module's loop that feeds it is left out.
-    opcodes = sum(n for code, n in counter.opcodes.items() if code.co_filename != __file__)
+    here = Path(__file__).resolve()
+    opcodes = sum(
+        n for code, n in counter.opcodes.items() if Path(code.co_filename).resolve() != here
+    )
     result = {
         "workload": "gRPC download" if grpc else "h2 download",
         "mib": mib,

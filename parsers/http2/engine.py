@@ -532,25 +532,42 @@ class H2Engine:
                 self._server_in = data
                 self._read_server()
             else:
-                # The frame the last read left unfinished is completed with the few
-                # bytes it lacks (a frame is at most max_frame_size), then the rest
-                # is read in place: joining it to the whole read would copy every
-                # byte of a download once more, reads ending mid-frame as they do.
-                carried = len(pending)
-                take = FRAME_HEADER_LENGTH + self._limits.max_frame_size - carried
-                self._server_in = b"".join((pending, memoryview(data)[:take]))
-                self._read_server()
-                if len(data) > take and not self._dead:
-                    # The unfinished frame was whole within ``take``: what is left
-                    # over starts inside this read.
-                    self._server_in = memoryview(data)[take - len(self._server_in) :]
-                    self._read_server()
+                self._read_server_after_cut(pending, data)
         except ConnectionError_ as exc:
             _forget_frames(exc)
             return self._server_connection_error(exc.code, str(exc))
         if self._dead:
             return self._take()
         return self._drain()
+
+    def _read_server_after_cut(self, pending: bytes | memoryview, data: bytes) -> None:
+        """A read after one that ended inside a frame (``pending``, its start).
+
+        Reads end mid-frame as often as not in a download, so nothing here copies
+        the read. Most often the unfinished frame is DATA that goes on as it is:
+        it leaves in two pieces, the run of frames behind it with it. Otherwise
+        it is completed with the few bytes it lacks (a frame is at most
+        max_frame_size), then the rest is read in place."""
+        view = memoryview(data)
+        if (
+            len(pending) >= FRAME_HEADER_LENGTH
+            and pending[3] == DATA_FRAME
+            and self._server_block is None
+        ):
+            after = self._relay_server_run(view, 0, len(view), memoryview(pending))
+            if after >= 0:
+                self._server_in = view[after:] if after < len(view) else b""
+                if self._server_in:
+                    self._read_server()
+                return
+        take = FRAME_HEADER_LENGTH + self._limits.max_frame_size - len(pending)
+        self._server_in = b"".join((pending, view[:take]))
+        self._read_server()
+        if len(data) > take and not self._dead:
+            # The unfinished frame was whole within ``take``: what is left over
+            # starts inside this read.
+            self._server_in = view[take - len(self._server_in) :]
+            self._read_server()
 
     # ------------------------------------------------------------ output
 
@@ -1033,39 +1050,71 @@ class H2Engine:
         finally:
             self._server_in = view[pos:] if pos < end else b""
 
-    def _relay_server_run(self, view: memoryview, pos: int, end: int) -> int:
+    def _relay_server_run(
+        self, view: memoryview, pos: int, end: int, cut: memoryview | None = None
+    ) -> int:
         """Forward, in one step, the whole DATA frames of one stream that start at
         ``pos`` and that ``_server_data_frame`` would each forward as they are;
         return where they end (``pos``: not even the first, which then takes the
-        frame-by-frame path and its every check).
+        frame-by-frame path and its every check). With ``cut``, the run starts
+        with the frame the last read left unfinished: ``cut`` holds its header
+        and its first bytes, ``view`` from ``pos`` the rest; if that frame cannot
+        go on so, nothing is done and the answer is -1.
 
         A download's read is mostly such a run: its frames go on as one slice of
         the read, and the windows, the content-length and the gRPC message count
         are brought up to date once for the run. Each frame is still checked
-        (whole, unpadded, the same stream, within every window); the first that
-        is not ends the run. The connection credit due to the server is looked
-        at once per run rather than per frame, so its WINDOW_UPDATE may come a
-        few frames later and be larger: the same bytes, never beyond the cap."""
-        sid = int.from_bytes(view[pos + 5 : pos + 9], "big")  # the reserved bit too
+        (whole, unpadded, the same stream, within every window and the
+        content-length); the first that is not ends the run. The connection
+        credit due to the server is looked at once per run rather than per
+        frame, so its WINDOW_UPDATE may come a few frames later and be larger:
+        the same bytes, never beyond the cap."""
+        nothing = pos if cut is None else -1
+        from_bytes = int.from_bytes
+        head = view[pos : pos + FRAME_HEADER_LENGTH] if cut is None else cut[:FRAME_HEADER_LENGTH]
+        sid = from_bytes(head[5:], "big")  # the reserved bit too: set, it ends the run
         stream = self._streams.get(sid)
         if stream is None or not stream.opened or stream.status is None:
-            return pos
+            return nothing
         flow = stream.response
         if not flow.open or flow.queue:
-            return pos
+            return nothing
         server, client = self._server, self._client
         room = min(server.credit, flow.credit, client.window, flow.window)
+        # With a content-length, the body's bytes still due: no frame may pass
+        # them, and the frame with END_STREAM must bring them to 0.
+        due = -1
+        if flow.length is not None:
+            due = flow.length - flow.seen
+            room = min(room, due)
         max_frame = self._limits.max_frame_size
         grpc = flow.grpc
         # A frame header's last 6 bytes (type, flags, stream id) as one number:
         # DATA on this stream, without flags, or with END_STREAM alone.
         going_on = sid
         last = (END_STREAM << 32) | sid
-        from_bytes = int.from_bytes
         scan = pos
         total = 0
         ended = False
-        while True:
+        if cut is not None:
+            header = from_bytes(head, "big")
+            length = header >> 48
+            scan = pos + FRAME_HEADER_LENGTH + length - len(cut)
+            if scan > end or length > max_frame or length > room:
+                return -1
+            kind = header & 0xFFFFFFFFFFFF
+            if kind != going_on:
+                if kind != last or (due != -1 and length != due):
+                    return -1
+                ended = True
+            if grpc is not None:
+                if grpc.skip >= length:
+                    grpc.skip -= length
+                else:
+                    grpc.feed(cut[FRAME_HEADER_LENGTH:])
+                    grpc.feed(view[pos:scan])
+            total = length
+        while not ended:
             following = scan + FRAME_HEADER_LENGTH
             if following > end:
                 break
@@ -1076,7 +1125,7 @@ class H2Engine:
                 break
             kind = header & 0xFFFFFFFFFFFF
             if kind != going_on:
-                if kind != last:
+                if kind != last or (due != -1 and total + length != due):
                     break
                 ended = True
             if grpc is not None:
@@ -1086,22 +1135,16 @@ class H2Engine:
                     grpc.feed(view[following - length : following])
             total += length
             scan = following
-            if ended:
-                break
         if scan == pos:
-            return pos
-        if flow.length is not None:
-            seen = flow.seen + total
-            if seen > flow.length or (ended and seen != flow.length):
-                # A frame of the run breaks the content-length: the frame-by-frame
-                # path forwards those before it and answers that one. The gRPC
-                # count is not in play: a gRPC response carries no content-length.
-                return pos
-            flow.seen = seen
+            return nothing
+        if due != -1:
+            flow.seen += total
         server.credit -= total
         flow.credit -= total
         client.window -= total
         flow.window -= total
+        if cut is not None:
+            client.out.append(cut)
         client.out.append(view[pos:scan])
         if ended:
             flow.open = False
