@@ -138,6 +138,11 @@ class H2Limits:
     # the relay hold stream_window on every stream.
     connection_window_cap: int = 4 * 1024 * 1024
     max_frame_size: int = 16384
+    # A server DATA frame at least this long is relayed with the DATA frames of
+    # its stream behind it in the read, in one step: a download's frames (16 KiB
+    # from nghttpd, grpcio, Go). A small response's one DATA frame costs less
+    # frame by frame. (The relay's cost, not a limit on the peers.)
+    run_frame_size: int = 4096
     # Above the advertised size a request gets 431 (a stream error, HPACK state
     # intact); above the hard cap decoding stops: connection error.
     max_header_list_size: int = 64 * 1024
@@ -1016,6 +1021,7 @@ class H2Engine:
         end = len(view)
         pos = 0
         max_frame = self._limits.max_frame_size
+        run_frame = self._limits.run_frame_size
         handlers = SERVER_FRAMES
         try:
             while end - pos >= FRAME_HEADER_LENGTH:
@@ -1027,7 +1033,7 @@ class H2Engine:
                 if end - pos - FRAME_HEADER_LENGTH < length:
                     break
                 frame_type = view[pos + 3]
-                if frame_type == DATA_FRAME and self._server_block is None:
+                if length >= run_frame and frame_type == DATA_FRAME and self._server_block is None:
                     run_end = self._relay_server_run(view, pos, end)
                     if run_end != pos:
                         pos = run_end
@@ -1873,8 +1879,11 @@ def _forget_frames(exc: BaseException) -> None:
 
 # A slice of a read at least this long goes to the transport as it is (a
 # command of its own), not joined to its neighbours: joining would copy every
-# byte of a download once more. Smaller pieces are joined into one write.
+# byte of a download once more. Smaller pieces are joined into one write, and
+# so is all a turn writes to one side if it is less than _JOINED in all (many
+# small responses: one copy in C costs less than sorting the pieces in Python).
 _UNJOINED = 4096
+_JOINED = 32768
 
 
 def _gather(parts: list[Any], kind: type[ToClient] | type[ToServer], out: list[Command]) -> None:
@@ -1883,6 +1892,8 @@ def _gather(parts: list[Any], kind: type[ToClient] | type[ToServer], out: list[C
     is emptied."""
     if len(parts) == 1:
         out.append(kind(parts[0]))
+    elif sum(map(len, parts)) < _JOINED:
+        out.append(kind(b"".join(parts)))
     else:
         small: list[Any] = []
         for part in parts:

@@ -552,7 +552,7 @@ def test_a_run_stops_at_the_clients_connection_window_across_streams():
 def test_a_padded_frame_inside_a_run_goes_on_as_the_server_sent_it():
     wire, _ = two_downloads(1 << 20)
     padded = frame(DATA, 0x8, 1, bytes([10]) + b"p" * 500 + b"\x00" * 10)
-    frames = [frame(DATA, 0, 1, b"a" * 1000), padded, frame(DATA, END_STREAM, 1, b"z" * 3)]
+    frames = [frame(DATA, 0, 1, b"a" * 5000), padded, frame(DATA, END_STREAM, 1, b"z" * 3)]
     wire.server(b"".join(frames))
     assert bytes(wire.to_client[wire._client_mark :]) == b"".join(frames)
     assert wire.of(Reply) == [Reply(1, {"status": 200})]
@@ -575,6 +575,21 @@ def test_a_frame_of_a_run_past_the_content_length_is_a_stream_error_after_those_
     assert (reset.stream_id, reset.error_code) == (1, ErrorCodes.INTERNAL_ERROR)
     (to_server,) = [f for f in wire.new_to_server() if isinstance(f, RstStreamFrame)]
     assert (to_server.stream_id, to_server.error_code) == (1, ErrorCodes.PROTOCOL_ERROR)
+    assert [e.side for e in wire.of(ParseError)] == ["server"]
+
+
+def test_a_body_that_ends_short_of_its_content_length_inside_a_run_is_a_stream_error():
+    enc, server_enc = Encoder(), Encoder()
+    server_enc.header_table_size = 0
+    wire = Wire().client(client_start()).server(server_start())
+    wire.client(frame(HEADERS, END_HEADERS | END_STREAM, 1, get(enc, "/big")))
+    wire.server(response_head(server_enc, 1, length=30000))
+    wire.step()
+    wire.server(frame(DATA, 0, 1, b"a" * 16384) + frame(DATA, END_STREAM, 1, b"b" * 5000))
+    to_client = wire.new_to_client()
+    assert data_sent(to_client) == [(1, 16384)]
+    (reset,) = [f for f in to_client if isinstance(f, RstStreamFrame)]
+    assert (reset.stream_id, reset.error_code) == (1, ErrorCodes.INTERNAL_ERROR)
     assert [e.side for e in wire.of(ParseError)] == ["server"]
 
 
