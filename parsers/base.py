@@ -112,23 +112,29 @@ its own parsing work (``parsers.http1.memo``), never the verdict.
 # Commands an engine emits. The driver executes them in order.
 
 Data: TypeAlias = bytes | bytearray
-"""What ``ToServer`` and ``ToClient`` carry. A ``bytearray`` is handed over: the
-engine keeps no reference to it and never changes it again, so a large frame
+"""Bytes an engine builds or holds. A ``bytearray`` in a command is handed over:
+the engine keeps no reference to it and never changes it again, so a large frame
 assembled in one buffer goes to the transport without a copy."""
+
+WireData: TypeAlias = Data | memoryview
+"""What ``ToServer`` and ``ToClient`` carry: ``Data``, or a ``memoryview`` slice of
+bytes the engine was given (a relayed read, which nobody changes), so relayed
+bytes reach the transport without a copy; the transport may hold it until it
+is written."""
 
 
 @dataclass(slots=True)
 class ToServer:
     """Bytes to write to the upstream server."""
 
-    data: Data
+    data: WireData
 
 
 @dataclass(slots=True)
 class ToClient:
     """Bytes to write to the client (forwarded replies or synthesized errors)."""
 
-    data: Data
+    data: WireData
 
 
 @dataclass(slots=True)

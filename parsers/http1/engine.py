@@ -44,6 +44,7 @@ from parsers.base import (
     TimeLimit,
     ToClient,
     ToServer,
+    WireData,
     Yield,
 )
 from parsers.http1.errors import (
@@ -321,7 +322,7 @@ def _coalesce(out: list[Command]) -> list[Command]:
     if len(out) < 2 or (len(out) == 2 and type(out[0]) is not type(out[1])):
         return out
     merged: list[Command] = []
-    run: list[bytes | bytearray] = []
+    run: list[WireData] = []
     kind: type[ToServer] | type[ToClient] | None = None
     for cmd in out:
         if type(cmd) is ToServer or type(cmd) is ToClient:
@@ -788,7 +789,8 @@ class Http1Engine:
                 elif out and type(out[-1]) is ToClient:
                     # The head just written: one write for head and body (what
                     # ``_coalesce`` would do; a message has one such body piece per read).
-                    out[-1] = ToClient(out[-1].data + event.data)
+                    # That head is bytes this engine built, never a memoryview.
+                    out[-1] = ToClient(out[-1].data + event.data)  # type: ignore[operator]
                 else:
                     out.append(ToClient(event.data))
             elif type(event) is Head:

@@ -138,6 +138,11 @@ class H2Limits:
     # the relay hold stream_window on every stream.
     connection_window_cap: int = 4 * 1024 * 1024
     max_frame_size: int = 16384
+    # A server DATA frame at least this long is relayed with the DATA frames of
+    # its stream behind it in the read, in one step: a download's frames (16 KiB
+    # from nghttpd, grpcio, Go). A small response's one DATA frame costs less
+    # frame by frame. (The relay's cost, not a limit on the peers.)
+    run_frame_size: int = 4096
     # Above the advertised size a request gets 431 (a stream error, HPACK state
     # intact); above the hard cap decoding stops: connection error.
     max_header_list_size: int = 64 * 1024
@@ -470,8 +475,17 @@ class H2Engine:
         # Input while a turn is still due comes only from a driver that read on
         # after a Yield: it queues behind, in order.
         pending = self._client_in
-        self._client_in = bytes(pending) + data if pending else data
-        return self._client_turn()
+        if not pending:
+            self._client_in = data
+            return self._client_turn()
+        take = FRAME_HEADER_LENGTH + self._limits.max_frame_size - len(pending)
+        if self._paused or not self._preface_read or len(data) <= take:
+            self._client_in = b"".join((pending, data))
+            return self._client_turn()
+        # As server_data: the frame the last read left unfinished is completed
+        # with the bytes it lacks, then the rest of the read is read in place.
+        self._client_in = b"".join((pending, memoryview(data)[:take]))
+        return self._client_turn(data, take)
 
     def _resume_client(self) -> list[Command]:
         """``Yield.resume``: the next turn of the client's held input."""
@@ -479,9 +493,18 @@ class H2Engine:
             return []
         return self._client_turn()
 
-    def _client_turn(self) -> list[Command]:
+    def _client_turn(self, rest: bytes | None = None, take: int = 0) -> list[Command]:
+        """One turn over the client's input; with ``rest``, ``_client_in`` holds a
+        cut frame completed with ``rest[:take]``, and the turn goes on into ``rest``."""
+        lim = self._limits
         try:
-            self._read_client()
+            budget = self._read_client(lim.frames_per_turn, lim.bytes_per_turn)
+            if rest is not None and not self._dead:
+                # What the first part left over starts inside ``rest[:take]``: the
+                # completed frame was whole within it (or the read failed).
+                self._client_in = memoryview(rest)[take - len(self._client_in) :]
+                if not self._paused:
+                    self._read_client(*budget)
         except FloodError as exc:
             _forget_frames(exc)
             return self._client_connection_error(ErrorCodes.ENHANCE_YOUR_CALM, str(exc), exc.limit)
@@ -514,25 +537,42 @@ class H2Engine:
                 self._server_in = data
                 self._read_server()
             else:
-                # The frame the last read left unfinished is completed with the few
-                # bytes it lacks (a frame is at most max_frame_size), then the rest
-                # is read in place: joining it to the whole read would copy every
-                # byte of a download once more, reads ending mid-frame as they do.
-                carried = len(pending)
-                take = FRAME_HEADER_LENGTH + self._limits.max_frame_size - carried
-                self._server_in = bytes(pending) + data[:take]
-                self._read_server()
-                if len(data) > take and not self._dead:
-                    # The unfinished frame was whole within ``take``: what is left
-                    # over starts inside this read.
-                    self._server_in = memoryview(data)[take - len(self._server_in) :]
-                    self._read_server()
+                self._read_server_after_cut(pending, data)
         except ConnectionError_ as exc:
             _forget_frames(exc)
             return self._server_connection_error(exc.code, str(exc))
         if self._dead:
             return self._take()
         return self._drain()
+
+    def _read_server_after_cut(self, pending: bytes | memoryview, data: bytes) -> None:
+        """A read after one that ended inside a frame (``pending``, its start).
+
+        Reads end mid-frame as often as not in a download, so nothing here copies
+        the read. Most often the unfinished frame is DATA that goes on as it is:
+        it leaves in two pieces, the run of frames behind it with it. Otherwise
+        it is completed with the few bytes it lacks (a frame is at most
+        max_frame_size), then the rest is read in place."""
+        view = memoryview(data)
+        if (
+            len(pending) >= FRAME_HEADER_LENGTH
+            and pending[3] == DATA_FRAME
+            and self._server_block is None
+        ):
+            after = self._relay_server_run(view, 0, len(view), memoryview(pending))
+            if after >= 0:
+                self._server_in = view[after:] if after < len(view) else b""
+                if self._server_in:
+                    self._read_server()
+                return
+        take = FRAME_HEADER_LENGTH + self._limits.max_frame_size - len(pending)
+        self._server_in = b"".join((pending, view[:take]))
+        self._read_server()
+        if len(data) > take and not self._dead:
+            # The unfinished frame was whole within ``take``: what is left over
+            # starts inside this read.
+            self._server_in = view[take - len(self._server_in) :]
+            self._read_server()
 
     # ------------------------------------------------------------ output
 
@@ -545,16 +585,14 @@ class H2Engine:
         out = self._out
         self._out = []
         if self._client.out:
-            out.append(ToClient(b"".join(self._client.out)))
-            self._client.out.clear()
+            _gather(self._client.out, ToClient, out)
         if self._server.out:
             # Nothing goes upstream before the client has shown it speaks HTTP/2,
             # nor to a server that has closed.
             if self._server_gone:
                 self._server.out.clear()
             elif self._server_started:
-                out.append(ToServer(b"".join(self._server.out)))
-                self._server.out.clear()
+                _gather(self._server.out, ToServer, out)
         if not self._streams and not self._dead:
             if self._goaway_last is not None:
                 # Our own final GOAWAY: the client, told, closes the connection.
@@ -568,7 +606,9 @@ class H2Engine:
 
     # ------------------------------------------------------------ client frames
 
-    def _read_client(self) -> None:
+    def _read_client(self, frames_left: int, bytes_left: int) -> tuple[int, int]:
+        """The client's frames in ``_client_in``, within what is left of the turn's
+        frames and non-DATA bytes; returns what is left of them."""
         self._paused = False
         buf = self._client_in
         view = buf if type(buf) is memoryview else memoryview(buf)
@@ -578,15 +618,13 @@ class H2Engine:
             if end < len(PREFACE):
                 if bytes(view) != PREFACE[:end]:
                     raise ConnectionError_(_PROTOCOL_ERROR, "invalid connection preface")
-                return
+                return frames_left, bytes_left
             if view[: len(PREFACE)] != PREFACE:
                 raise ConnectionError_(_PROTOCOL_ERROR, "invalid connection preface")
             self._preface_read = True
             pos = len(PREFACE)
         lim = self._limits
         max_frame = lim.max_frame_size
-        frames_left = lim.frames_per_turn
-        bytes_left = lim.bytes_per_turn
         guard = self._guard
         handlers = CLIENT_FRAMES
         try:
@@ -627,11 +665,12 @@ class H2Engine:
                         self, flags, sid, view[start + FRAME_HEADER_LENGTH : pos], view[start:pos]
                     )
                     if self._dead:
-                        return
+                        break
                 else:
                     self._frames_read += 1  # unknown frame types are ignored (RFC 9113 §5.5)
         finally:
             self._client_in = view[pos:] if pos < end else b""
+        return frames_left, bytes_left
 
     def _check_parked_block(self, incoming: int) -> None:
         block = self._client_block
@@ -982,6 +1021,7 @@ class H2Engine:
         end = len(view)
         pos = 0
         max_frame = self._limits.max_frame_size
+        run_frame = self._limits.run_frame_size
         handlers = SERVER_FRAMES
         try:
             while end - pos >= FRAME_HEADER_LENGTH:
@@ -993,6 +1033,11 @@ class H2Engine:
                 if end - pos - FRAME_HEADER_LENGTH < length:
                     break
                 frame_type = view[pos + 3]
+                if length >= run_frame and frame_type == DATA_FRAME and self._server_block is None:
+                    run_end = self._relay_server_run(view, pos, end)
+                    if run_end != pos:
+                        pos = run_end
+                        continue
                 flags = view[pos + 4]
                 sid = int.from_bytes(view[pos + 5 : pos + 9], "big") & _STREAM_ID_MASK
                 start = pos
@@ -1010,6 +1055,110 @@ class H2Engine:
                         return
         finally:
             self._server_in = view[pos:] if pos < end else b""
+
+    def _relay_server_run(
+        self, view: memoryview, pos: int, end: int, cut: memoryview | None = None
+    ) -> int:
+        """Forward, in one step, the whole DATA frames of one stream that start at
+        ``pos`` and that ``_server_data_frame`` would each forward as they are;
+        return where they end (``pos``: not even the first, which then takes the
+        frame-by-frame path and its every check). With ``cut``, the run starts
+        with the frame the last read left unfinished: ``cut`` holds its header
+        and its first bytes, ``view`` from ``pos`` the rest; if that frame cannot
+        go on so, nothing is done and the answer is -1.
+
+        A download's read is mostly such a run: its frames go on as one slice of
+        the read, and the windows, the content-length and the gRPC message count
+        are brought up to date once for the run. Each frame is still checked
+        (whole, unpadded, the same stream, within every window and the
+        content-length); the first that is not ends the run. The connection
+        credit due to the server is looked at once per run rather than per
+        frame, so its WINDOW_UPDATE may come a few frames later and be larger:
+        the same bytes, never beyond the cap."""
+        nothing = pos if cut is None else -1
+        from_bytes = int.from_bytes
+        head = view[pos : pos + FRAME_HEADER_LENGTH] if cut is None else cut[:FRAME_HEADER_LENGTH]
+        sid = from_bytes(head[5:], "big")  # the reserved bit too: set, it ends the run
+        stream = self._streams.get(sid)
+        if stream is None or not stream.opened or stream.status is None:
+            return nothing
+        flow = stream.response
+        if not flow.open or flow.queue:
+            return nothing
+        server, client = self._server, self._client
+        room = min(server.credit, flow.credit, client.window, flow.window)
+        # With a content-length, the body's bytes still due: no frame may pass
+        # them, and the frame with END_STREAM must bring them to 0.
+        due = -1
+        if flow.length is not None:
+            due = flow.length - flow.seen
+            room = min(room, due)
+        max_frame = self._limits.max_frame_size
+        grpc = flow.grpc
+        # A frame header's last 6 bytes (type, flags, stream id) as one number:
+        # DATA on this stream, without flags, or with END_STREAM alone.
+        going_on = sid
+        last = (END_STREAM << 32) | sid
+        scan = pos
+        total = 0
+        ended = False
+        if cut is not None:
+            header = from_bytes(head, "big")
+            length = header >> 48
+            scan = pos + FRAME_HEADER_LENGTH + length - len(cut)
+            if scan > end or length > max_frame or length > room:
+                return -1
+            kind = header & 0xFFFFFFFFFFFF
+            if kind != going_on:
+                if kind != last or (due != -1 and length != due):
+                    return -1
+                ended = True
+            if grpc is not None:
+                if grpc.skip >= length:
+                    grpc.skip -= length
+                else:
+                    grpc.feed(cut[FRAME_HEADER_LENGTH:])
+                    grpc.feed(view[pos:scan])
+            total = length
+        while not ended:
+            following = scan + FRAME_HEADER_LENGTH
+            if following > end:
+                break
+            header = from_bytes(view[scan:following], "big")
+            length = header >> 48
+            following += length
+            if following > end or length > max_frame or total + length > room:
+                break
+            kind = header & 0xFFFFFFFFFFFF
+            if kind != going_on:
+                if kind != last or (due != -1 and total + length != due):
+                    break
+                ended = True
+            if grpc is not None:
+                if grpc.skip >= length:
+                    grpc.skip -= length
+                else:
+                    grpc.feed(view[following - length : following])
+            total += length
+            scan = following
+        if scan == pos:
+            return nothing
+        if due != -1:
+            flow.seen += total
+        server.credit -= total
+        flow.credit -= total
+        client.window -= total
+        flow.window -= total
+        if cut is not None:
+            client.out.append(cut)
+        client.out.append(view[pos:scan])
+        if ended:
+            flow.open = False
+        if server.owed >= self._quarter_connection:
+            self._pass_on(server)  # what went on makes room in the relay's buffer
+        if ended:
+            self._flow_done(stream, flow)
+        return scan
 
     def _server_data_frame(
         self, flags: int, sid: int, payload: memoryview, raw: memoryview
@@ -1726,6 +1875,38 @@ def _forget_frames(exc: BaseException) -> None:
     while exc is not None:
         exc.__traceback__ = None
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+
+
+# A slice of a read at least this long goes to the transport as it is (a
+# command of its own), not joined to its neighbours: joining would copy every
+# byte of a download once more. Smaller pieces are joined into one write, and
+# so is all a turn writes to one side if it is less than _JOINED in all (many
+# small responses: one copy in C costs less than sorting the pieces in Python).
+_UNJOINED = 4096
+_JOINED = 32768
+
+
+def _gather(parts: list[Any], kind: type[ToClient] | type[ToServer], out: list[Command]) -> None:
+    """``parts`` (bytes and memoryviews of reads, in order) as commands of ``kind``
+    appended to ``out``, few and without copying a read's large slices; ``parts``
+    is emptied."""
+    if len(parts) == 1:
+        out.append(kind(parts[0]))
+    elif sum(map(len, parts)) < _JOINED:
+        out.append(kind(b"".join(parts)))
+    else:
+        small: list[Any] = []
+        for part in parts:
+            if type(part) is memoryview and len(part) >= _UNJOINED:
+                if small:
+                    out.append(kind(b"".join(small)))
+                    small = []
+                out.append(kind(part))
+            else:
+                small.append(part)
+        if small:
+            out.append(kind(b"".join(small)))
+    parts.clear()
 
 
 def _data_header(sid: int, size: int, end: bool) -> bytes:

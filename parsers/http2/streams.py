@@ -38,19 +38,22 @@ class GrpcCounter:
     may split a message anywhere, including inside the 5-byte prefix.
     """
 
-    __slots__ = ("messages", "_skip", "_prefix")
+    __slots__ = ("messages", "skip", "_prefix")
 
     def __init__(self) -> None:
         self.messages = 0
-        self._skip = 0  # payload bytes of the current message still to pass
+        # Payload bytes of the current message still to pass: a frame within
+        # them starts and ends no message, and may be counted by taking its
+        # length off here without a call to ``feed``.
+        self.skip = 0
         self._prefix = b""  # partial 5-byte prefix carried across frames
 
     def feed(self, data: bytes | memoryview) -> None:
         pos, size = 0, len(data)
         while pos < size:
-            if self._skip:
-                step = min(self._skip, size - pos)
-                self._skip -= step
+            if self.skip:
+                step = min(self.skip, size - pos)
+                self.skip -= step
                 pos += step
                 continue
             need = 5 - len(self._prefix)
@@ -65,7 +68,7 @@ class GrpcCounter:
                 length = int.from_bytes(data[pos + 1 : pos + 5], "big")
                 pos += 5
             self.messages += 1
-            self._skip = length
+            self.skip = length
 
 
 class Hop:

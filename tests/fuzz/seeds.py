@@ -21,8 +21,10 @@ def seeds() -> list[bytes]:
     out += [data for _, data in CORPUS]
     out += tls_seeds()
     out += h2_seeds()
-    # The first byte of an input chooses the split (see targets._pieces).
-    return [bytes([i % 17]) + data for i, data in enumerate(out)]
+    # The first byte of an input chooses the split (see targets._pieces); for
+    # h2_relay, from 128, small frames too, which h2_small_frame_seeds are made of.
+    first = [bytes([i % 17]) + data for i, data in enumerate(out)]
+    return first + [bytes([128 | 16]) + data for data in h2_small_frame_seeds()]
 
 
 def h2_seeds() -> list[bytes]:
@@ -89,6 +91,52 @@ def h2_seeds() -> list[bytes]:
         + frame(DATA, END_STREAM, 1, b"e" * 20)
     )
     return [_halves(client_frames, server_frames), _halves(small_window, held)]
+
+
+def h2_small_frame_seeds() -> list[bytes]:
+    """For h2_relay's small frames (48 bytes at most): a download and an upload in
+    DATA frames of 40 bytes, which the pieces it is fed in cut anywhere."""
+    from hpack import Encoder
+
+    from parsers.http2.frames import (
+        ACK,
+        DATA,
+        END_HEADERS,
+        END_STREAM,
+        HEADERS,
+        SETTINGS,
+        frame,
+    )  # fmt: skip
+
+    client, server = Encoder(), Encoder()
+    server.header_table_size = 0
+    get = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/")]
+    post = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/")]
+    body = [frame(DATA, 0, 3, bytes([n]) * 40) for n in range(5)]
+    client_frames = (
+        frame(SETTINGS, ACK, 0)
+        + frame(HEADERS, END_HEADERS | END_STREAM, 1, client.encode(get))
+        + frame(HEADERS, END_HEADERS, 3, client.encode(post))
+        + b"".join(body)
+        + frame(DATA, END_STREAM, 3, b"")
+    )
+    status = server.encode([(b":status", b"200")])
+    server_frames = (
+        frame(SETTINGS, ACK, 0)
+        + frame(HEADERS, END_HEADERS, 1, status)
+        + b"".join(frame(DATA, 0, 1, bytes([n]) * 40) for n in range(6))
+        + frame(DATA, END_STREAM, 1, b"z")
+        + frame(HEADERS, END_HEADERS | END_STREAM, 3, status)
+    )
+    # The share byte, then both sides; the shorter is made as long with frames
+    # of an unknown type (ignored, RFC 9113 §5.5) of at most 48 bytes.
+    gap = len(server_frames) - len(client_frames)
+    while gap >= 9:
+        size = min(gap - 9, 48)
+        client_frames += frame(0x20, 0, 0, bytes(size))
+        gap -= 9 + size
+    assert gap == 0, "the two sides are not of equal length"
+    return [bytes([128]) + client_frames + server_frames]
 
 
 def _halves(client_frames: bytes, server_frames: bytes) -> bytes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from parsers.base import Decision, ParseError
 from parsers.http1.engine import Http1Engine, Http1Limits, request_reader, response_reader
 from parsers.http1.errors import Http1Error
@@ -144,6 +146,12 @@ def tls_hello(data: bytes) -> None:
 
 
 H2_LIMITS = H2Limits(max_concurrent_streams=8, stream_window=4096, connection_window=16384)
+# Frames of at most 48 bytes (below what RFC 9113 lets a peer be told, which a
+# fuzzed peer does not mind): pieces of up to 64 bytes then often complete a
+# frame the last piece cut and carry more, the reads the relay handles in two
+# parts, as it does the large reads of a download; and every DATA frame is
+# relayed with those behind it in one step, as a download's are.
+H2_SMALL_FRAMES = replace(H2_LIMITS, max_frame_size=48, run_frame_size=0)
 
 
 def _h2_held_is_what_waits(engine: H2Engine) -> None:
@@ -165,7 +173,8 @@ def _h2_held_is_what_waits(engine: H2Engine) -> None:
 def h2_relay(data: bytes) -> None:
     """The HTTP/2 relay between a fuzzed client and a fuzzed server. The first byte
     picks the size of the pieces each side is fed in (the client's first, so that
-    the server answers streams that exist); the second says where the rest
+    the server answers streams that exist) and, from 128, small frames; the second
+    says where the rest
     divides into client and server bytes. Only protocol answers may come out,
     never an exception; after ``Close``, nothing."""
     if len(data) < 2:
@@ -176,7 +185,8 @@ def h2_relay(data: bytes) -> None:
     client = PREFACE + settings_frame({}) + body[:cut]
     server = settings_frame({}) + body[cut:]
     deny_every_other = iter([True, False] * len(data))
-    engine = H2Engine(lambda _req: Decision(next(deny_every_other, True)), limits=H2_LIMITS)
+    limits = H2_LIMITS if data[0] < 128 else H2_SMALL_FRAMES
+    engine = H2Engine(lambda _req: Decision(next(deny_every_other, True)), limits=limits)
     closed = False
     pieces = [("client", client[i : i + step]) for i in range(0, len(client), step)]
     pieces += [("server", server[i : i + step]) for i in range(0, len(server), step)]

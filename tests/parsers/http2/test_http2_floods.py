@@ -19,7 +19,16 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame, HeadersFrame, PingFrame, RstStreamFrame, SettingsFrame
 
-from parsers.base import Access, Close, Decision, LimitExceeded, ParseError, ToClient, Yield
+from parsers.base import (
+    Access,
+    Close,
+    Decision,
+    LimitExceeded,
+    ParseError,
+    ToClient,
+    ToServer,
+    Yield,
+)
 from parsers.http2.engine import H2Engine, H2Limits
 from parsers.requests import HttpRequest
 from tests.support.h2_transcript import SPLITS, Transcript, frames_in, request_headers
@@ -286,6 +295,30 @@ def test_one_large_read_is_processed_in_turns_of_a_bounded_number_of_frames():
         out = out[-1].resume()
         turns.append(ping_acks(out))
     assert turns == [10, 10, 10, 5]
+
+
+def test_a_read_that_completes_a_cut_frame_shares_one_turn_with_the_rest_of_it():
+    # The read completing a PING cut by the last one also carries a DATA frame
+    # and four more PINGs: the completed frame counts in the same turn of 4.
+    t = Transcript(engine(frames_per_turn=4, **UNBOUNDED_PINGS)).start()
+    t.client.send_headers(1, request_headers("/up", "POST"))
+    t.engine.client_data(t.client.data_to_send())
+    t.client.ping(b"ping-one")
+    t.client.send_data(1, b"u" * 16384)
+    for n in range(4):
+        t.client.ping(n.to_bytes(8, "big"))
+    wire = t.client.data_to_send()
+    assert t.engine.client_data(wire[:10]) == []
+
+    out = t.engine.client_data(wire[10:])
+
+    upstream = b"".join(c.data for c in out if type(c) is ToServer)
+    assert b"u" * 16384 in upstream
+    turns = [ping_acks(out)]
+    while type(out[-1]) is Yield:
+        out = out[-1].resume()
+        turns.append(ping_acks(out))
+    assert turns == [3, 2]
 
 
 def test_a_turn_holds_a_bounded_number_of_header_bytes():

@@ -38,7 +38,7 @@ from parsers.http2.frames import (
     window_update,
 )
 from parsers.requests import HttpRequest
-from tests.support.h2_transcript import Transcript, frames_in, request_headers
+from tests.support.h2_transcript import Transcript, frames_in, grpc_headers, request_headers
 
 HEADER_TABLE_SIZE = 0x1
 
@@ -413,6 +413,33 @@ def test_a_download_read_in_any_split_reaches_the_client_frame_for_frame():
     assert wire.to_client.endswith(body[-(9 + 5000) :])  # the frames as the server sent them
 
 
+def test_an_upload_read_in_any_split_reaches_the_server_frame_for_frame():
+    # The client's side of the download above: reads that end mid-header and
+    # mid-payload, and reads that complete a cut frame and carry more.
+    enc = Encoder()
+    wire = Wire().client(client_start())
+    wire.server(
+        settings_frame({INITIAL_WINDOW_SIZE: 1 << 24})
+        + frame(SETTINGS, ACK, 0)
+        + window_update(0, 1 << 24)
+    )
+    sizes = [16384, 1, 9000, 16384, 300, *([16384] * 5), 5000]
+    chunks = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
+    body = b"".join(
+        frame(DATA, END_STREAM if i == len(chunks) - 1 else 0, 1, chunk)
+        for i, chunk in enumerate(chunks)
+    )
+    stream = upload_headers(enc, 1) + body
+    cuts = [0, 4, 9, 13, 16400, 16401, 40000, 40003, 90000, len(stream)]
+    for start, end in zip(cuts, cuts[1:], strict=False):
+        wire.client(stream[start:end])
+
+    data = [f for f in wire.server_frames() if isinstance(f, DataFrame)]
+    assert [(f.stream_id, bytes(f.data)) for f in data] == [(1, chunk) for chunk in chunks]
+    assert "END_STREAM" in data[-1].flags
+    assert wire.to_server.endswith(body[-(9 + 5000) :])
+
+
 def test_data_waits_for_the_server_window_and_is_split_to_fit_it():
     enc = Encoder()
     wire = Wire().client(client_start())
@@ -431,6 +458,178 @@ def test_data_waits_for_the_server_window_and_is_split_to_fit_it():
     sent = [f for f in wire.server_frames() if isinstance(f, DataFrame)]
     assert [len(f.data) for f in sent] == [1000, 1000, 500]
     assert [("END_STREAM" in f.flags) for f in sent] == [False, False, True]
+
+
+# ------------------------------------------------------------ a read's run of DATA frames
+#
+# The DATA frames of one stream that a server read carries one after another go
+# on as one slice of the read; what the frame-by-frame path would do differently
+# with any of them (no room, padding, a content-length broken, another stream)
+# ends the run there.
+
+
+def response_head(server_enc: Encoder, sid: int, length: int | None = None) -> bytes:
+    fields = [(b":status", b"200")]
+    if length is not None:
+        fields.append((b"content-length", str(length).encode()))
+    return frame(HEADERS, END_HEADERS, sid, server_enc.encode(fields))
+
+
+def two_downloads(client_window: int, connection_window: int = 1 << 24) -> tuple[Wire, Encoder]:
+    """Streams 1 and 3 answered (HEADERS), the client granting ``client_window``
+    per stream and ``connection_window`` connection-wide."""
+    enc, server_enc = Encoder(), Encoder()
+    server_enc.header_table_size = 0
+    wire = Wire().client(
+        PREFACE
+        + settings_frame({INITIAL_WINDOW_SIZE: client_window})
+        + frame(SETTINGS, ACK, 0)
+        + (
+            window_update(0, connection_window - DEFAULT_WINDOW)
+            if connection_window > DEFAULT_WINDOW
+            else b""
+        )
+    )
+    wire.server(server_start())
+    for sid in (1, 3):
+        wire.client(frame(HEADERS, END_HEADERS | END_STREAM, sid, get(enc, "/big")))
+        wire.server(response_head(server_enc, sid))
+    wire.step()
+    return wire, server_enc
+
+
+def test_a_read_with_data_for_two_streams_and_a_cut_frame_goes_on_byte_for_byte():
+    wire, _ = two_downloads(1 << 20)
+    frames = [
+        frame(DATA, 0, 1, b"a" * 16384),
+        frame(DATA, 0, 1, b"b" * 16384),
+        frame(DATA, 0, 3, b"c" * 16384),
+        frame(DATA, END_STREAM, 3, b"d" * 100),
+        frame(DATA, 0, 1, b"e" * 16384),
+        frame(DATA, END_STREAM, 1, b"f" * 7),
+    ]
+    stream = b"".join(frames)
+    cut = len(stream) - 9 - 7 - 5000  # the read ends inside the fifth frame
+    wire.server(stream[:cut])
+    assert bytes(wire.to_client[wire._client_mark :]) == b"".join(frames[:4])
+    assert wire.of(Reply) == [Reply(3, {"status": 200})]
+    wire.server(stream[cut:])
+    assert bytes(wire.to_client[wire._client_mark :]) == stream
+    assert wire.of(Reply) == [Reply(3, {"status": 200}), Reply(1, {"status": 200})]
+    # Nothing held, nothing queued: every byte the server sent counts once in its
+    # connection window, credited back within the cap.
+    granted = sum(i for sid, i in updates(wire.server_frames()) if sid == 0)
+    assert DEFAULT_WINDOW + granted <= CAP + 3 * 16384 + 100 + 7
+
+
+def test_a_run_stops_at_the_clients_stream_window_and_the_rest_waits_exactly():
+    # The client grants 40,000 bytes per stream: two frames fit whole, the third
+    # is cut to the 7,232 bytes left, and the rest goes on as the client grants more.
+    wire, _ = two_downloads(40000)
+    body = [bytes([65 + i]) * 16384 for i in range(4)]
+    wire.server(b"".join(frame(DATA, 0, 1, chunk) for chunk in body))
+    assert data_sent(wire.new_to_client()) == [(1, 16384), (1, 16384), (1, 7232)]
+    wire.client(window_update(1, (16384 - 7232) + 16384 - 1))
+    assert data_sent(wire.new_to_client()) == [(1, 16384 - 7232), (1, 16384 - 1)]
+    wire.client(window_update(1, 1))
+    sent = [f for f in frames_in(wire.to_client) if isinstance(f, DataFrame)]
+    assert b"".join(bytes(f.data) for f in sent if f.stream_id == 1) == b"".join(body)
+
+
+def test_a_run_stops_at_the_clients_connection_window_across_streams():
+    # 65,535 bytes connection-wide: stream 1's three frames take 49,152 of them,
+    # stream 3 gets the 16,383 left, and the rest once the client grants more.
+    wire, _ = two_downloads(1 << 20, connection_window=DEFAULT_WINDOW)
+    first = [frame(DATA, 0, 1, b"a" * 16384)] * 3
+    second = [frame(DATA, 0, 3, b"b" * 16384), frame(DATA, END_STREAM, 3, b"c" * 10)]
+    wire.server(b"".join(first + second))
+    assert data_sent(wire.new_to_client()) == [(1, 16384)] * 3 + [(3, 16383)]
+    wire.client(window_update(0, 11))
+    assert data_sent(wire.new_to_client()) == [(3, 1), (3, 10)]
+    assert wire.of(Reply) == [Reply(3, {"status": 200})]
+
+
+def test_a_padded_frame_inside_a_run_goes_on_as_the_server_sent_it():
+    wire, _ = two_downloads(1 << 20)
+    padded = frame(DATA, 0x8, 1, bytes([10]) + b"p" * 500 + b"\x00" * 10)
+    frames = [frame(DATA, 0, 1, b"a" * 5000), padded, frame(DATA, END_STREAM, 1, b"z" * 3)]
+    wire.server(b"".join(frames))
+    assert bytes(wire.to_client[wire._client_mark :]) == b"".join(frames)
+    assert wire.of(Reply) == [Reply(1, {"status": 200})]
+
+
+def test_a_frame_of_a_run_past_the_content_length_is_a_stream_error_after_those_before_it():
+    enc, server_enc = Encoder(), Encoder()
+    server_enc.header_table_size = 0
+    wire = Wire().client(client_start()).server(server_start())
+    wire.client(frame(HEADERS, END_HEADERS | END_STREAM, 1, get(enc, "/big")))
+    wire.server(response_head(server_enc, 1, length=20000))
+    wire.step()
+    wire.server(frame(DATA, 0, 1, b"a" * 10000))
+    assert data_sent(wire.new_to_client()) == [(1, 10000)]
+    # 18,000 bytes are within the 20,000 announced, 26,000 are not.
+    wire.server(frame(DATA, 0, 1, b"b" * 8000) + frame(DATA, 0, 1, b"c" * 8000))
+    to_client = wire.new_to_client()
+    assert data_sent(to_client) == [(1, 8000)]
+    (reset,) = [f for f in to_client if isinstance(f, RstStreamFrame)]
+    assert (reset.stream_id, reset.error_code) == (1, ErrorCodes.INTERNAL_ERROR)
+    (to_server,) = [f for f in wire.new_to_server() if isinstance(f, RstStreamFrame)]
+    assert (to_server.stream_id, to_server.error_code) == (1, ErrorCodes.PROTOCOL_ERROR)
+    assert [e.side for e in wire.of(ParseError)] == ["server"]
+
+
+def test_a_body_that_ends_short_of_its_content_length_inside_a_run_is_a_stream_error():
+    enc, server_enc = Encoder(), Encoder()
+    server_enc.header_table_size = 0
+    wire = Wire().client(client_start()).server(server_start())
+    wire.client(frame(HEADERS, END_HEADERS | END_STREAM, 1, get(enc, "/big")))
+    wire.server(response_head(server_enc, 1, length=30000))
+    wire.step()
+    wire.server(frame(DATA, 0, 1, b"a" * 16384) + frame(DATA, END_STREAM, 1, b"b" * 5000))
+    to_client = wire.new_to_client()
+    assert data_sent(to_client) == [(1, 16384)]
+    (reset,) = [f for f in to_client if isinstance(f, RstStreamFrame)]
+    assert (reset.stream_id, reset.error_code) == (1, ErrorCodes.INTERNAL_ERROR)
+    assert [e.side for e in wire.of(ParseError)] == ["server"]
+
+
+def test_grpc_messages_are_counted_across_a_read_of_frames_cut_anywhere():
+    # Four response messages in one byte stream, framed every 16 KiB (a prefix
+    # cut between two frames, a frame holding a message's end and whole
+    # messages), read in pieces that end mid-frame.
+    enc, server_enc = Encoder(), Encoder()
+    server_enc.header_table_size = 0
+    wire = Wire(decide=lambda call: Decision(True, policy="p", rule="r"))
+    wire.client(
+        PREFACE
+        + settings_frame({INITIAL_WINDOW_SIZE: 1 << 20})
+        + frame(SETTINGS, ACK, 0)
+        + window_update(0, 1 << 24)
+    )
+    wire.server(server_start())
+    request = enc.encode(grpc_headers("/pkg.Service/Stream"))
+    wire.client(
+        frame(HEADERS, END_HEADERS, 1, request)
+        + frame(DATA, END_STREAM, 1, b"\x00\x00\x00\x00\x01x")
+    )
+    answer = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+    wire.server(frame(HEADERS, END_HEADERS, 1, server_enc.encode(answer)))
+    # The second message's prefix starts 2 bytes before the first frame's end;
+    # the third frame lies wholly inside that message.
+    sizes = [16381, 40000, 3, 20000]
+    body = b"".join(b"\x00" + size.to_bytes(4, "big") + b"m" * size for size in sizes)
+    data = b"".join(frame(DATA, 0, 1, body[at : at + 16384]) for at in range(0, len(body), 16384))
+    trailers = frame(
+        HEADERS, END_HEADERS | END_STREAM, 1, server_enc.encode([(b"grpc-status", b"0")])
+    )
+    stream = data + trailers
+    for start in range(0, len(stream), 20000):
+        wire.server(stream[start : start + 20000])
+    assert wire.of(Reply) == [
+        Reply(1, {"status": 200, "grpc_status": 0, "request_messages": 1, "response_messages": 4})
+    ]
+    sent = [f for f in wire.client_frames() if isinstance(f, DataFrame)]
+    assert b"".join(bytes(f.data) for f in sent) == body
 
 
 # ------------------------------------------------------------ HPACK table sizes
