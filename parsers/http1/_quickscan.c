@@ -24,10 +24,12 @@
  *     goes to Python);
  *   - the empty line, and nothing after it.
  *
- * MessageHead is a slotted dataclass: it is made without running its Python __init__,
- * each field set through its slot's descriptor. configure() checks the class has
- * exactly the fields this file sets, in order, so a field added in Python refuses the
- * C scanner (quick.py then reads every head itself, and says so) instead of leaving a
+ * MessageHead is a slotted dataclass: it is made without running its Python __init__
+ * (which would cost more than the whole scan), each field stored in its slot, at the
+ * offset its member descriptor gives, as the descriptor's own __set__ would store it.
+ * configure() checks the class has exactly the fields this file sets, in order, each a
+ * writable object slot of the class itself, so a field added in Python refuses the C
+ * scanner (quick.py then reads every head itself, and says so) instead of leaving a
  * slot unset.
  */
 #define PY_SSIZE_T_CLEAN
@@ -57,7 +59,7 @@ static const char *const METHODS[] = {"GET", "HEAD", "POST", "PUT", "DELETE", "P
 typedef struct {
     PyTypeObject *head_type;   /* parsers.http1.head.MessageHead */
     PyTypeObject *fields_type; /* parsers.http1.head.RequestFields */
-    PyObject *slots[N_HEAD_FIELDS];
+    Py_ssize_t offsets[N_HEAD_FIELDS]; /* of each field's slot in a MessageHead */
     PyObject *methods[N_METHODS];
     PyObject *v10, *v11, *none, *empty;
 } State;
@@ -281,6 +283,21 @@ ascii_str(const unsigned char *p, Py_ssize_t len, int lower)
     return s;
 }
 
+/* (a, b), taking both references; NULL if either is. */
+static PyObject *
+pair(PyObject *a, PyObject *b)
+{
+    PyObject *t = (a && b) ? PyTuple_New(2) : NULL;
+    if (t == NULL) {
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, a);
+    PyTuple_SET_ITEM(t, 1, b);
+    return t;
+}
+
 /* The field list (as the quick read's findall cuts it) and the engine's decoded fields. */
 static int
 build_fields(const unsigned char *p, const Head *h, PyObject **wire_fields, PyObject **decoded)
@@ -291,22 +308,16 @@ build_fields(const unsigned char *p, const Head *h, PyObject **wire_fields, PyOb
         goto fail;
     for (int k = 0; k < h->count; k++) {
         const Field *f = &h->fields[k];
-        PyObject *name = PyBytes_FromStringAndSize((const char *)p + f->name, f->name_len);
-        PyObject *value = PyBytes_FromStringAndSize((const char *)p + f->value, f->value_len);
-        PyObject *pair = (name && value) ? PyTuple_Pack(2, name, value) : NULL;
-        Py_XDECREF(name);
-        Py_XDECREF(value);
-        if (pair == NULL)
+        PyObject *raw = pair(PyBytes_FromStringAndSize((const char *)p + f->name, f->name_len),
+                             PyBytes_FromStringAndSize((const char *)p + f->value, f->value_len));
+        if (raw == NULL)
             goto fail;
-        PyList_SET_ITEM(list, k, pair);
-        name = ascii_str(p + f->name, f->name_len, 1);
-        value = ascii_str(p + f->value, f->value_len, 0);
-        pair = (name && value) ? PyTuple_Pack(2, name, value) : NULL;
-        Py_XDECREF(name);
-        Py_XDECREF(value);
-        if (pair == NULL)
+        PyList_SET_ITEM(list, k, raw);
+        PyObject *str = pair(ascii_str(p + f->name, f->name_len, 1),
+                             ascii_str(p + f->value, f->value_len, 0));
+        if (str == NULL)
             goto fail;
-        PyTuple_SET_ITEM(tuple, k, pair);
+        PyTuple_SET_ITEM(tuple, k, str);
     }
     *wire_fields = list;
     *decoded = tuple;
@@ -366,12 +377,9 @@ build(State *st, PyObject *raw, const unsigned char *p, Py_ssize_t n, const Head
     head = st->head_type->tp_alloc(st->head_type, 0);
     if (head == NULL)
         goto done;
-    for (int k = 0; k < N_HEAD_FIELDS; k++) {
-        PyObject *slot = st->slots[k];
-        if (Py_TYPE(slot)->tp_descr_set(slot, head, values[k]) < 0) {
-            Py_CLEAR(head);
-            break;
-        }
+    for (int k = 0; k < N_HEAD_FIELDS; k++) { /* each slot takes its value's reference */
+        *(PyObject **)((char *)head + st->offsets[k]) = values[k];
+        values[k] = NULL;
     }
 done:
     for (int k = 0; k < N_HEAD_FIELDS; k++)
@@ -442,13 +450,22 @@ configure(PyObject *module, PyObject *args)
         PyErr_SetString(PyExc_TypeError, "MessageHead has a __post_init__");
         return NULL;
     }
-    PyObject *slots[N_HEAD_FIELDS] = {NULL};
+    Py_ssize_t offsets[N_HEAD_FIELDS];
     for (int k = 0; k < N_HEAD_FIELDS; k++) {
-        slots[k] = PyObject_GetAttrString((PyObject *)head_type, HEAD_FIELDS[k]);
-        if (slots[k] == NULL || !Py_IS_TYPE(slots[k], &PyMemberDescr_Type)) {
-            if (slots[k] != NULL)
-                PyErr_Format(PyExc_TypeError, "MessageHead.%s is not a slot", HEAD_FIELDS[k]);
-            goto fail;
+        PyObject *descr = PyObject_GetAttrString((PyObject *)head_type, HEAD_FIELDS[k]);
+        if (descr == NULL)
+            return NULL;
+        int slot = Py_IS_TYPE(descr, &PyMemberDescr_Type) && PyDescr_TYPE(descr) == head_type;
+        if (slot) {
+            PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+            slot = member->type == T_OBJECT_EX && !(member->flags & READONLY);
+            offsets[k] = member->offset;
+        }
+        Py_DECREF(descr);
+        if (!slot) {
+            PyErr_Format(PyExc_TypeError, "MessageHead.%s is not an object slot of its own",
+                         HEAD_FIELDS[k]);
+            return NULL;
         }
     }
     if (!PyType_IsSubtype(fields_type, &PyTuple_Type)) {
@@ -462,13 +479,10 @@ configure(PyObject *module, PyObject *args)
     Py_DECREF(fields_names);
     Py_XSETREF(st->head_type, (PyTypeObject *)Py_NewRef(head_type));
     Py_XSETREF(st->fields_type, (PyTypeObject *)Py_NewRef(fields_type));
-    for (int k = 0; k < N_HEAD_FIELDS; k++)
-        Py_XSETREF(st->slots[k], slots[k]);
+    memcpy(st->offsets, offsets, sizeof(offsets));
     Py_RETURN_NONE;
 fail:
     Py_XDECREF(fields_names);
-    for (int k = 0; k < N_HEAD_FIELDS; k++)
-        Py_XDECREF(slots[k]);
     return NULL;
 }
 
@@ -494,8 +508,6 @@ traverse(PyObject *module, visitproc visit, void *arg)
     State *st = (State *)PyModule_GetState(module);
     Py_VISIT(st->head_type);
     Py_VISIT(st->fields_type);
-    for (int k = 0; k < N_HEAD_FIELDS; k++)
-        Py_VISIT(st->slots[k]);
     return 0;
 }
 
@@ -505,8 +517,6 @@ clear(PyObject *module)
     State *st = (State *)PyModule_GetState(module);
     Py_CLEAR(st->head_type);
     Py_CLEAR(st->fields_type);
-    for (int k = 0; k < N_HEAD_FIELDS; k++)
-        Py_CLEAR(st->slots[k]);
     for (int m = 0; m < N_METHODS; m++)
         Py_CLEAR(st->methods[m]);
     Py_CLEAR(st->v10);
