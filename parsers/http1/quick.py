@@ -161,7 +161,8 @@ def quick_implementation(parser: str = "c") -> str:
     return "c" if C_SCANNER is not None and parser != "python" else "python"
 
 
-# Which one the engine's default readers use (``parsers.registry.active_parsers``).
+# The quick read in front of the C parser, and ``QuickRequestHead``'s default (what
+# the engine's readers use is ``parsers.registry.active_parsers()["http1_quick"]``).
 QUICK_IMPLEMENTATION = quick_implementation()
 
 
