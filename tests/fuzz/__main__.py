@@ -22,8 +22,6 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-import atheris
-
 from tests.fuzz.seeds import write_seeds
 from tests.fuzz.targets import TARGETS
 
@@ -33,7 +31,9 @@ SCANNER_SOURCE = Path(__file__).resolve().parents[2] / "parsers" / "http1" / "_q
 
 def instrumented_scanner(directory: Path) -> dict[str, str]:
     """The environment that makes the targets run the C head scanner built for
-    fuzzing in ``directory``; empty without clang."""
+    fuzzing in ``directory``; empty without clang (or if it fails to build)."""
+    import atheris
+
     clang = shutil.which("clang")
     if clang is None:
         return {}
@@ -41,11 +41,15 @@ def instrumented_scanner(directory: Path) -> dict[str, str]:
     lib = directory / ("_quickscan" + sysconfig.get_config_var("EXT_SUFFIX"))
     include = sysconfig.get_paths()["include"]
     flags = ["-fPIC", "-O1", "-g", "-fsanitize=address,fuzzer-no-link"]
-    subprocess.run(
-        [clang, "-c", *flags, "-I", include, str(SCANNER_SOURCE), "-o", str(obj)], check=True
-    )
-    # (Linked without the sanitizer runtime: the preloaded one provides it.)
-    subprocess.run([clang, "-shared", str(obj), "-o", str(lib)], check=True)
+    try:
+        subprocess.run(
+            [clang, "-c", *flags, "-I", include, str(SCANNER_SOURCE), "-o", str(obj)], check=True
+        )
+        # (Linked without the sanitizer runtime: the preloaded one provides it.)
+        subprocess.run([clang, "-shared", str(obj), "-o", str(lib)], check=True)
+    except subprocess.CalledProcessError as exc:
+        print(f"quickscan: the instrumented build failed ({exc})")
+        return {}
     return {
         "L7PROXY_FUZZ_QUICKSCAN": str(lib),
         "LD_PRELOAD": str(Path(atheris.path()) / "asan_with_fuzzer.so"),
@@ -78,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         scanner = instrumented_scanner(Path(tmp)) if "quickscan" in args.targets else {}
         if "quickscan" in args.targets:
             print(
-                "quickscan: C built with " + ("ASan and coverage" if scanner else "no clang: plain")
+                "quickscan: the C scanner "
+                + ("built with ASan and coverage" if scanner else "as built")
             )
         for name in args.targets:
             corpus = Path(tmp) / name
