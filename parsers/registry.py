@@ -45,5 +45,9 @@ def preload_engines(families: set[str]) -> None:
 def active_parsers() -> dict[str, str]:
     """Which implementation each parser with a choice is using (for status and logs)."""
     from parsers.http1 import engine as http1
+    from parsers.http1 import quick
 
-    return {"http1": http1.active_implementation()}
+    # http1: the head parser (llhttp or Python); http1_quick: the read of plain
+    # request heads in front of it (the C scanner or its Python twin).
+    active = http1.active_implementation()
+    return {"http1": active, "http1_quick": quick.quick_implementation(active)}

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(python3-bpfcc python3-venv clang llvm linux-headers-amd64 iproute2 iptables
               bpftool haproxy nginx-light nghttp2-client nghttp2-server wrk procps curl
               etcd-server etcd-client
+              python3-dev gcc libc6-dev  # the C head scanner (setup.py, parsers/http1/_quickscan.c)
               chromium chromium-driver)  # the web UI's browser test (Selenium, headless)
 
 missing=()
@@ -57,4 +58,12 @@ if [ ! -e "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+# The C twin of the quick HTTP/1.1 head read, built in place (pip install -e built it
+# too; this rebuilds it when its source changed, and is quick when it did not). It is
+# optional: without it the Python twin serves, and `l7proxy status` says
+# http1_quick=python.
+mkdir -p build
+.venv/bin/python setup.py -q build_ext --inplace >build/quickscan.log 2>&1 || true
+.venv/bin/python -c 'import parsers.http1._quickscan' 2>/dev/null \
+  || echo "setup: the C head scanner did not build (build/quickscan.log); the Python twin serves" >&2
 .venv/bin/python -c 'import bcc, pyroute2, h2, httptools, aetcd' || { echo "setup: imports failed" >&2; exit 1; }

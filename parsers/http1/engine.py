@@ -61,11 +61,12 @@ from parsers.http1.head import (
     MessageHead,
     PyRequestHead,
     PyResponseHead,
+    RequestFields,
     RequestHeadParser,
     ResponseHeadParser,
 )
 from parsers.http1.memo import RequestHeadMemo, ResponseHeadMemo
-from parsers.http1.quick import QuickRequestHead
+from parsers.http1.quick import QuickRequestHead, quick_implementation
 from parsers.http1.reader import END, Data, End, Event, Head, MessageReader
 from parsers.requests import HttpRequest
 
@@ -132,12 +133,13 @@ def request_reader(
     quick: bool = False,
 ) -> MessageReader:
     """A reader of requests (client side) with the chosen head parser; with ``quick``,
-    plain heads are read by ``parsers.http1.quick`` and only the others by that
+    plain heads are read by ``parsers.http1.quick`` (its C scanner in front of the C
+    parser, unless ``L7PROXY_HTTP1_QUICK`` says otherwise) and only the others by that
     parser; with ``memo``, heads seen before on the connection are not read again."""
     impl = ACTIVE_IMPLEMENTATION if impl == "auto" else _choose(impl)
     heads: RequestHeadParser = CRequestHead() if impl == "c" else PyRequestHead()
     if quick:
-        heads = QuickRequestHead(heads)
+        heads = QuickRequestHead(heads, quick_implementation(impl))
     if memo:
         heads = RequestHeadMemo(heads)
     return MessageReader(heads, max_head=limits.max_head, max_chunk_line=limits.max_chunk_line)
@@ -255,21 +257,6 @@ def serialise_end(head: MessageHead, trailers: Sequence[tuple[bytes, bytes]]) ->
     if head.framing != "chunked":
         return b""
     return b"".join([b"0\r\n", *(n + b": " + v + b"\r\n" for n, v in trailers), b"\r\n"])
-
-
-class RequestFields(NamedTuple):
-    """What a request head's field lines give the engine: pure functions of the fields
-    and the framing (heads that share a field list share the framing too). (A named
-    tuple, as ``RequestForm``: one is made per new head, and a frozen dataclass costs
-    a call per field to build.)"""
-
-    headers: tuple[tuple[str, str], ...]  # ``HttpRequest.headers``: names lower-cased
-    host: str  # the first Host value, "" without one
-    has_host: bool
-    # ``request_fields(head)``: forwarded when no edits are asked for; None when the
-    # head's own bytes are forwarded (``MessageHead.wire``: then so are those of every
-    # head that shares its field list).
-    section: bytes | None
 
 
 def request_field_facts(head: MessageHead) -> RequestFields:

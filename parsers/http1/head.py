@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 from parsers.http1.errors import AmbiguousFraming, Http1Error, MalformedMessage
 
@@ -78,6 +78,22 @@ AUTHORITY_FORM = re.compile(r"(?:[A-Za-z0-9._~\-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5
 HOST_VALUE = re.compile(rb"(?:[A-Za-z0-9._~!$&'()*+,;=%\-]+|\[[0-9A-Fa-f:.]+\])?(?::[0-9]{0,5})?")
 
 MAX_CONTENT_LENGTH = 2**63 - 1
+
+
+class RequestFields(NamedTuple):
+    """What a request head's field lines give the engine (``MessageHead.derived_fields``,
+    made by ``parsers.http1.engine.request_field_facts``, or by the C quick scanner
+    with the head): pure functions of the fields and the framing (heads that share a
+    field list share the framing too). (A named tuple, as the engine's ``RequestForm``:
+    one is made per new head, and a frozen dataclass costs a call per field to build.)"""
+
+    headers: tuple[tuple[str, str], ...]  # ``HttpRequest.headers``: names lower-cased
+    host: str  # the first Host value, "" without one
+    has_host: bool
+    # ``request_fields(head)``: forwarded when no edits are asked for; None when the
+    # head's own bytes are forwarded (``MessageHead.wire``: then so are those of every
+    # head that shares its field list).
+    section: bytes | None
 
 
 @dataclass(slots=True)

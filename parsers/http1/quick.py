@@ -20,23 +20,47 @@ A head read this way is also canonical: its bytes are exactly what
 ``parsers.http1.engine.serialise_request`` would write for it (one space after
 each colon, no framing field but a last ``Content-Length: N``), so the engine
 forwards those bytes as they are (``MessageHead.wire``).
+
+Two implementations, one contract. ``quick_request_head`` below is the Python one.
+``parsers/http1/_quickscan.c`` (built by ``setup.py``) is its C twin for a strict
+subset of these heads (no Content-Length, Transfer-Encoding, Upgrade or Expect; a
+Connection of ``close`` or ``keep-alive`` only; a Host without brackets): it gives
+the same ``MessageHead`` in one pass, with the engine's decoded fields
+(``derived_fields``) already made, or None, and then the Python one reads the head.
+``QUICK_IMPLEMENTATION`` says which runs (``l7proxy status``: ``http1_quick``);
+``L7PROXY_HTTP1_QUICK=c|python`` forces one; when it is not forced, the engine's
+pure-Python parser (``L7PROXY_HTTP1_PARSER=python``) comes with the Python twin.
+``tests/parsers/http1/test_http1_quickscan.py`` holds the two equal.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
+from collections.abc import Callable
 from typing import Literal
 
 from parsers.http1.errors import Http1Error
 from parsers.http1.head import (
     FrontParser,
     MessageHead,
+    RequestFields,
     RequestHeadParser,
     frame_request,
     framing_fields,
 )
 
-__all__ = ["MAX_QUICK_FIELDS", "SIMPLE_REQUEST_HEAD", "QuickRequestHead", "quick_request_head"]
+__all__ = [
+    "C_SCANNER",
+    "C_SCANNER_MISSING",
+    "MAX_QUICK_FIELDS",
+    "QUICK_IMPLEMENTATION",
+    "SIMPLE_REQUEST_HEAD",
+    "QuickRequestHead",
+    "quick_implementation",
+    "quick_request_head",
+]
 
 # Methods read here: the common ones whose target is origin-form (not CONNECT, not
 # OPTIONS *), all in llhttp's list and the pure-Python parser's.
@@ -93,18 +117,83 @@ def quick_request_head(raw: bytes) -> MessageHead | None:
     return head
 
 
+# ---------------------------------------------------------------- the C twin
+
+ScanRequestHead = Callable[[bytes], "MessageHead | None"]
+
+
+def _load_c_scanner() -> tuple[ScanRequestHead | None, str]:
+    """The C scanner, configured with the classes it builds; or None and why not."""
+    try:
+        from parsers.http1 import _quickscan
+    except ImportError as exc:  # not built (no compiler, or a checkout not set up)
+        return None, f"not built ({exc})"
+    try:
+        names = tuple(f.name for f in dataclasses.fields(MessageHead))
+        _quickscan.configure(MessageHead, RequestFields, names)
+    except TypeError as exc:  # MessageHead changed and the C file did not
+        return None, f"out of date: {exc}"
+    return _quickscan.scan_request_head, ""
+
+
+C_SCANNER, C_SCANNER_MISSING = _load_c_scanner()
+
+
+def _forced() -> str:
+    forced = os.environ.get("L7PROXY_HTTP1_QUICK", "auto").strip().lower() or "auto"
+    if forced not in ("auto", "c", "python"):
+        raise ValueError(f"unknown L7PROXY_HTTP1_QUICK {forced!r} (want c, python or auto)")
+    if forced == "c" and C_SCANNER is None:
+        raise ImportError(f"L7PROXY_HTTP1_QUICK=c, but the C head scanner is {C_SCANNER_MISSING}")
+    return forced
+
+
+_FORCED = _forced()  # read once, at import, as L7PROXY_HTTP1_PARSER is
+
+
+def quick_implementation(parser: str = "c") -> str:
+    """Which quick read a reader in front of ``parser`` (the engine's head parser,
+    ``"c"`` or ``"python"``) uses: ``"c"`` or ``"python"``. Forced by
+    ``L7PROXY_HTTP1_QUICK``; otherwise the C scanner when it is built, except in
+    front of the pure-Python parser, which comes with the Python twin."""
+    if _FORCED != "auto":
+        return _FORCED
+    return "c" if C_SCANNER is not None and parser != "python" else "python"
+
+
+# The quick read in front of the C parser, and ``QuickRequestHead``'s default (what
+# the engine's readers use is ``parsers.registry.active_parsers()["http1_quick"]``).
+QUICK_IMPLEMENTATION = quick_implementation()
+
+
 class QuickRequestHead(FrontParser):
     """A request head parser (the contract of ``parsers.http1.head``) that tries
-    ``quick_request_head`` first and hands every other head to ``parser``."""
+    the quick read first (``impl``: ``"c"``, the C scanner, then the Python read of
+    what it leaves; ``"python"``, ``quick_request_head`` alone; ``"auto"``,
+    ``QUICK_IMPLEMENTATION``) and hands every other head to ``parser``."""
 
     side: Literal["client"] = "client"
 
-    def __init__(self, parser: RequestHeadParser) -> None:
+    def __init__(self, parser: RequestHeadParser, impl: str = "auto") -> None:
         super().__init__(parser)
         self._parser = parser
+        if impl == "auto":
+            impl = QUICK_IMPLEMENTATION
+        if impl == "c":
+            if C_SCANNER is None:
+                raise ImportError(f"the C head scanner is {C_SCANNER_MISSING}")
+            self._scan: ScanRequestHead | None = C_SCANNER
+        elif impl == "python":
+            self._scan = None
+        else:
+            raise ValueError(f"unknown quick read {impl!r} (want c or python)")
+        self.implementation = impl
 
     def complete(self, head: bytes) -> MessageHead:
-        quick = quick_request_head(head)
+        scan = self._scan
+        quick = scan(head) if scan is not None else None
+        if quick is None:
+            quick = quick_request_head(head)
         if quick is not None:
             if self._partial:
                 self.reset()  # what the parser's own ``complete`` would have done

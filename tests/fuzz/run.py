@@ -1,10 +1,30 @@
-"""Run one fuzz target under atheris: ``python -m tests.fuzz.run TARGET [libFuzzer args]``."""
+"""Run one fuzz target under atheris: ``python -m tests.fuzz.run TARGET [libFuzzer args]``.
+
+With ``L7PROXY_FUZZ_QUICKSCAN`` naming a build of ``parsers.http1._quickscan`` made for
+fuzzing (``tests.fuzz.__main__`` makes one: AddressSanitizer and libFuzzer's edge
+coverage), that build is the one the targets use.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
 
 import atheris
+
+
+def use_instrumented_scanner(path: str) -> None:
+    name = "parsers.http1._quickscan"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+
+
+if os.environ.get("L7PROXY_FUZZ_QUICKSCAN"):
+    use_instrumented_scanner(os.environ["L7PROXY_FUZZ_QUICKSCAN"])
 
 with atheris.instrument_imports(include=["parsers"]):
     from tests.fuzz.targets import TARGETS

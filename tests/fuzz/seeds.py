@@ -19,6 +19,7 @@ def seeds() -> list[bytes]:
     from tests.parsers.http1.test_differential_http1 import CORPUS
 
     out += [data for _, data in CORPUS]
+    out += quickscan_seeds()
     out += tls_seeds()
     out += h2_seeds()
     # The first byte of an input chooses the split (see targets._pieces); for
@@ -152,6 +153,22 @@ def _halves(client_frames: bytes, server_frames: bytes) -> bytes:
     else:
         server_frames += filler
     return bytes([128]) + client_frames + server_frames
+
+
+def quickscan_seeds() -> list[bytes]:
+    """Plain request heads, in the C head scanner's subset and just outside it."""
+    from tests.parsers.http1.test_http1_quickscan import BASES
+
+    host = b"GET /public/item/%d?q=%d HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+    return [
+        *BASES,
+        host % (1, 2) + b"X-Request-Id: 4f27-17\r\nUser-Agent: wrk\r\n\r\n",
+        host % (3, 4) + b"Connection: keep-alive\r\nAccept: */*\r\n\r\n",
+        host % (5, 6) + b"Content-Length: 2\r\n\r\n",
+        host % (7, 8) + b"Expect: 100-continue\r\n\r\n",
+        b"GET /x%41y:/z HTTP/1.0\r\nHost: [::1]:80\r\n\r\n",
+        b"HEAD / HTTP/1.1\r\n" + b"X-F: v\r\n" * 100 + b"\r\n",
+    ]
 
 
 def tls_seeds() -> list[bytes]:

@@ -35,3 +35,75 @@ def deny_path(prefix: str):
         return Decision(True, policy="test", rule="allow")
 
     return decide
+
+
+# ---------------------------------------------------------------- the quick read's twins
+
+
+def in_c_subset(head) -> bool:
+    """Whether the C head scanner must read a head the Python quick read gave as
+    ``head`` (None: it read nothing): the subset docs/http1.md states, spelled out
+    here apart from the C code, so a test fails if the two drift."""
+    if head is None:
+        return False
+    names = {name.lower() for name, _ in head.headers}
+    if names & {b"content-length", b"transfer-encoding", b"upgrade", b"expect"}:
+        return False
+    connection = head.values(b"connection")
+    if len(connection) > 1 or any(
+        value.lower() not in (b"close", b"keep-alive") for value in connection
+    ):
+        return False
+    return not any(host.startswith(b"[") for host in head.values(b"host"))
+
+
+def typed(value):
+    """A value with its type, and the items of a list or tuple with theirs: ``==``
+    alone takes 1 for True, and a tuple subclass for a tuple."""
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, [typed(v) for v in value])
+    return (type(value).__name__, value)
+
+
+def as_built(head) -> dict:
+    """Every field of a ``MessageHead``, typed; ``derived_fields`` field by field."""
+    import dataclasses
+
+    out = {f.name: typed(getattr(head, f.name)) for f in dataclasses.fields(head)}
+    facts = head.derived_fields
+    if facts is not None:
+        out["derived_fields"] = (
+            type(facts).__name__,
+            {n: typed(getattr(facts, n)) for n in facts._fields},
+        )
+    return out
+
+
+def twin_difference(raw: bytes) -> str | None:
+    """How the C scanner's reading of ``raw`` differs from the Python quick read's,
+    or None when they agree: the same head field for field (``derived_fields``: what
+    the engine's ``request_field_facts`` makes of the Python one, which the scanner
+    makes itself; ``wire``: ``raw`` itself), or the scanner's None for a head outside
+    its subset."""
+    import dataclasses
+
+    from parsers.http1.engine import request_field_facts
+    from parsers.http1.quick import C_SCANNER, quick_request_head
+
+    assert C_SCANNER is not None, "the C head scanner is not built (make setup)"
+    py = quick_request_head(raw)
+    c = C_SCANNER(raw)
+    if c is None:
+        return f"the scanner refused a head in its subset: {raw!r}" if in_c_subset(py) else None
+    if py is None:
+        return f"the scanner read a head the Python read refuses: {raw!r}"
+    if not in_c_subset(py):
+        return f"the scanner read a head outside its subset: {raw!r}"
+    expected = as_built(dataclasses.replace(py, derived_fields=request_field_facts(py), wire=raw))
+    got = as_built(c)
+    if got != expected:
+        wrong = {k: (got[k], expected[k]) for k in expected if got[k] != expected[k]}
+        return f"the twins differ on {raw!r}: {wrong}"
+    if c.wire is not raw or py.wire is not raw:
+        return f"the head is not forwarded as the same bytes object: {raw!r}"
+    return None
