@@ -903,13 +903,21 @@ class H2Engine:
             if payload:
                 raise ConnectionError_(_FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
             return
-        self._apply_client_settings(parse_settings(payload))
+        grew = self._apply_client_settings(parse_settings(payload))
+        # The ACK goes before anything sent under the new settings: until it arrives,
+        # the client holds what it receives to the old ones (grpcio resets a stream
+        # whose DATA overflows the window it last saw acknowledged).
         self._client.out.append(SETTINGS_ACK)
+        if grew:
+            self._flush_all(self._client)
         if not self._client_settings_seen:
             self._client_settings_seen = True
             self._start_server()
 
-    def _apply_client_settings(self, pairs: Any) -> None:
+    def _apply_client_settings(self, pairs: Any) -> bool:
+        """True when the streams' windows toward the client grew: what waits for them
+        may go on (after the settings' ACK)."""
+        before = self._client.initial
         for key, value in pairs:
             if key == INITIAL_WINDOW_SIZE:
                 delta = value - self._client.initial
@@ -928,11 +936,10 @@ class H2Engine:
                             self._owe_stream(stream, response, delta)
                         else:
                             response.owed += delta
-                    if delta > 0:
-                        self._flush_all(self._client)
             elif key == MAX_FRAME_SIZE:
                 self._client.max_frame = value
             # HEADER_TABLE_SIZE needs nothing: what we encode never indexes.
+        return self._client.initial > before
 
     def _client_ping(self, flags: int, sid: int, payload: memoryview, raw: memoryview) -> None:
         self._frames_read += 1
@@ -1372,6 +1379,7 @@ class H2Engine:
                 self._server_acked = True
                 self._server_decoder.acknowledged()
             return
+        before = self._server.initial
         for key, value in parse_settings(payload):
             if key == INITIAL_WINDOW_SIZE:
                 delta = value - self._server.initial
@@ -1381,15 +1389,15 @@ class H2Engine:
                     for stream in self._streams.values():
                         stream.request.window += delta
                         self._owe_stream(stream, stream.request, delta)
-                    if delta > 0:
-                        self._flush_all(self._server)
             elif key == MAX_FRAME_SIZE:
                 self._server.max_frame = value
             elif key == MAX_CONCURRENT_STREAMS:
                 self._server_max_streams = value
             elif key == MAX_HEADER_LIST_SIZE:
                 self._server_max_header_list = value
-        self._server.out.append(SETTINGS_ACK)
+        self._server.out.append(SETTINGS_ACK)  # first: as toward the client
+        if self._server.initial > before:
+            self._flush_all(self._server)
         self._open_waiting()
 
     def _server_ping(self, flags: int, sid: int, payload: memoryview, raw: memoryview) -> None:

@@ -300,6 +300,45 @@ def test_the_servers_initial_window_shrinking_is_a_debt_on_an_upload():
     assert updates(wire.new_to_client()) == [(1, STREAM_BATCH)]
 
 
+def kinds(frames: list) -> list[str]:
+    """Each frame as its type, a SETTINGS ACK as "ACK"."""
+    return [
+        "ACK" if isinstance(f, SettingsFrame) and "ACK" in f.flags else type(f).__name__
+        for f in frames
+    ]
+
+
+def test_data_a_grown_initial_window_lets_go_follows_the_settings_ack():
+    # Until our ACK arrives, the client holds DATA to the window it had; grpcio resets
+    # a stream with "frame of size N overflows local window of 0" otherwise.
+    enc = Encoder()
+    wire = Wire().client(
+        PREFACE + settings_frame({INITIAL_WINDOW_SIZE: 0}) + frame(SETTINGS, ACK, 0)
+    )
+    wire.server(server_start())
+    download(wire, enc, 1)
+    wire.server(frame(DATA, 0, 1, b"d" * 300))
+    wire.step()
+    assert data_sent(wire.new_to_client()) == []  # held: the stream's window is 0
+    wire.client(settings_frame({INITIAL_WINDOW_SIZE: 255}))
+    frames = wire.new_to_client()
+    assert kinds(frames) == ["ACK", "DataFrame"]
+    assert data_sent(frames) == [(1, 255)]
+
+
+def test_data_a_grown_server_window_lets_go_follows_the_settings_ack():
+    enc = Encoder()
+    wire = Wire().client(client_start())
+    wire.server(settings_frame({INITIAL_WINDOW_SIZE: 0}) + frame(SETTINGS, ACK, 0))
+    wire.client(upload_headers(enc, 1) + frame(DATA, 0, 1, b"u" * 300))
+    wire.step()
+    assert data_sent(wire.new_to_server()) == []
+    wire.server(settings_frame({INITIAL_WINDOW_SIZE: 100}))
+    frames = [f for f in wire.new_to_server() if not isinstance(f, WindowUpdateFrame)]
+    assert kinds(frames) == ["ACK", "DataFrame"]
+    assert data_sent(frames) == [(1, 100)]
+
+
 def test_a_client_that_grants_no_window_costs_the_buffer_per_stream_and_no_more():
     enc = Encoder()
     wire = Wire().client(
