@@ -35,13 +35,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from bench.common import LOOPBACK, Service, start_firewall, start_haproxy, start_nginx
+from bench.conn_cost import LINGER_WAIT, REQUEST_CLOSE, WARM_UP
 from bench.tls import HAPROXY_RULES, NAME, make_certificate, policy_yaml
 
-REQUEST_CLOSE = f"GET / HTTP/1.1\r\nHost: {NAME}\r\nConnection: close\r\n\r\n".encode()
-WARM_UP = 30
-# l7proxy's lingering close ends a client's transport up to this long after its answer
-# (``driver.LINGER_SECONDS`` and a margin): waited for, so every close is counted.
-LINGER_WAIT = 2.5
 # strace needs a moment to attach to every thread before the first connection.
 ATTACH_WAIT = 1.0
 
