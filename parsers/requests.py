@@ -11,9 +11,44 @@ ask the request; neither switches on its type.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, ClassVar, Protocol, TypeVar
+
+_Frozen = TypeVar("_Frozen")
+
+
+def quick_init(cls: type[_Frozen]) -> type[_Frozen]:
+    """A frozen slots dataclass made at the speed of an unfrozen one.
+
+    The ``__init__`` a frozen dataclass gets calls ``object.__setattr__`` per field,
+    which makes a request head cost 3.5 times an unfrozen one to build (1.1 against
+    0.3 µs; one per request on every hop). This ``__init__`` sets each slot through
+    its own descriptor instead, which the class's ``__setattr__`` (that refuses
+    every assignment) does not see: instances stay frozen, hashable and equal by
+    value. Fields must be plain: init, no factory, no ``__post_init__``.
+    """
+    if getattr(cls, "__post_init__", None) is not None:
+        raise TypeError(f"{cls.__name__}: quick_init does not call __post_init__")
+    params: list[str] = []
+    body: list[str] = []
+    names: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if not f.init or f.default_factory is not MISSING or f.kw_only:
+            raise TypeError(f"{cls.__name__}.{f.name}: quick_init wants a plain field")
+        if f.default is MISSING:
+            params.append(f.name)
+        else:
+            params.append(f"{f.name}=_default_{f.name}")
+            names[f"_default_{f.name}"] = f.default
+        names[f"_set_{f.name}"] = getattr(cls, f.name).__set__
+        body.append(f"    _set_{f.name}(self, {f.name})")
+    source = f"def __init__(self, {', '.join(params)}):\n" + "\n".join(body) + "\n"
+    exec(source, names)  # as ``dataclasses`` writes its own __init__
+    init: Callable[..., None] = names["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    cls.__init__ = init  # type: ignore[method-assign]
+    return cls
 
 
 class Request(Protocol):
@@ -33,6 +68,7 @@ class Request(Protocol):
         ...
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class HttpRequest:
     """One HTTP/1.x or HTTP/2 request head.
@@ -73,6 +109,7 @@ class HttpRequest:
         return f"http {self.method} {self.path}{host}"
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class GrpcCall:
     """A gRPC call: an HTTP/2 request whose content-type is application/grpc*.
@@ -99,6 +136,7 @@ class GrpcCall:
         return f"grpc {self.service}/{self.method}"
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class KafkaRequest:
     """One Kafka request, with every resource it names."""
@@ -147,6 +185,7 @@ class KafkaRequest:
         return " ".join(parts)
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class CqlRequest:
     """One CQL statement (a BATCH is judged member by member).
@@ -179,6 +218,7 @@ class CqlRequest:
         return f"cql {self.action}" + (f" {self.table}" if self.table else "")
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class TlsClientHello:
     """A TLS ClientHello, judged before anything is decrypted (``toPorts[].serverNames``).

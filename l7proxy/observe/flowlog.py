@@ -210,7 +210,7 @@ class FlowLog:
         self,
         path: str | Path | None = None,
         *,
-        keep: int = 10_000,
+        keep: int = 0,
         rotation: Rotation = DEFAULT_ROTATION,
         fields: Record | None = None,
     ):
@@ -237,8 +237,16 @@ class FlowLog:
                 0o644,
             )
             self._open()
+        # The last ``keep`` records, for whoever embeds the proxy in its process (tests).
         self.recent: deque[Record] = deque(maxlen=keep)
         self.subscribers: list[Callable[[Record], None]] = []
+
+    @property
+    def wanted(self) -> bool:
+        """Whether a record emitted now reaches anyone: the file, a subscriber or
+        ``recent``. Without one, a request's record is not built: that would cost
+        a small request more than all the rest of its accounting."""
+        return self._fd >= 0 or bool(self.subscribers) or bool(self.recent.maxlen)
 
     def _open(self) -> None:
         assert self.path is not None

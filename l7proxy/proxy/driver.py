@@ -640,6 +640,8 @@ class Pipe:
             and len(self._in_flight) <= self._limits.max_pending_requests // 2
         ):
             self._release_client(HOLD_PENDING)
+        if not self._flowlog.wanted:
+            return
         t0, request, decision = started
         protocol, fields = request_fields(request)
         now = time.time()

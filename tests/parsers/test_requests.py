@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -15,6 +16,7 @@ from parsers.requests import (
     KafkaRequest,
     TlsClientHello,
     from_flow_fields,
+    quick_init,
 )
 
 HEAD = HttpRequest("POST", "/pkg.Svc/Get", "api:50051", (("content-type", "application/grpc"),))
@@ -132,3 +134,44 @@ def test_a_record_of_no_request_type_is_refused_with_its_reason():
         from_flow_fields("http", {"method": "GET", "path": ""})
     with pytest.raises(ValueError, match="a kafka flow record without its 'api_version'"):
         from_flow_fields("kafka", {"api_key": 0, "api_version": "9"})
+
+
+# --------------------------------------------------------------------------- quick_init
+
+
+@pytest.mark.parametrize("request_type", REQUEST_TYPES)
+def test_requests_built_by_quick_init_stay_frozen_and_equal_by_value(request_type):
+    request = next(r for r, *_ in CASES if type(r) is request_type)
+    copy = dataclasses.replace(request)  # built again by its __init__, from its fields
+
+    assert copy == request and hash(copy) == hash(request) and copy is not request
+    first = dataclasses.fields(request)[0].name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(copy, first, getattr(request, first))
+
+
+def test_quick_init_fills_defaults_and_takes_fields_by_name():
+    request = HttpRequest(path="/v1", method="GET", host="api", headers=())
+
+    assert request.version == "1.1"
+    assert request == HttpRequest("GET", "/v1", "api", (), "1.1")
+    produce = KafkaRequest(0, 9, 7, "c")
+    assert produce.topics == () and produce.undecodable is None
+
+
+def test_quick_init_refuses_a_class_whose_init_it_cannot_write():
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class WithFactory:
+        names: list[str] = dataclasses.field(default_factory=list)
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Checked:
+        size: int
+
+        def __post_init__(self) -> None:
+            assert self.size >= 0
+
+    with pytest.raises(TypeError, match="WithFactory.names: quick_init wants a plain field"):
+        quick_init(WithFactory)
+    with pytest.raises(TypeError, match="does not call __post_init__"):
+        quick_init(Checked)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,7 +209,7 @@ def play(
     wire = Wire()
     client = FakeTransport("client", wire, sock=client_sock)
     server = FakeTransport("server", wire)
-    flowlog = FlowLog()
+    flowlog = FlowLog(keep=1000)
     stats = ProxyStats()
     pipe = Pipe(
         asyncio.get_running_loop(),
@@ -260,6 +261,25 @@ async def test_a_request_and_its_response_cross_unchanged_and_are_logged_once():
     assert record["type"] == "l7" and record["verdict"] == "FORWARDED"
     assert record["source"] == CLIENT and record["destination"] == SERVICE
     assert record["l7"]["method"] == "GET" and record["reply"] == {"status": 200}
+
+
+async def test_without_a_reader_no_record_is_built_and_a_subscriber_gets_the_next_one():
+    p = play(HttpEngine(allow_all))
+    p.flowlog.recent = deque(maxlen=0)  # no file, no subscriber, nothing kept: unwanted
+    assert not p.flowlog.wanted
+
+    p.pipe.client_data(GET)
+    p.pipe.server_data(OK)
+    assert p.wire.take() == [("server", "write", GET), ("client", "write", OK)]
+
+    seen: list[dict] = []
+    p.flowlog.subscribers.append(seen.append)
+    p.pipe.client_data(GET)
+    p.pipe.server_data(OK)
+
+    assert p.wire.take() == [("server", "write", GET), ("client", "write", OK)]
+    [record] = seen
+    assert record["verdict"] == "FORWARDED" and record["reply"] == {"status": 200}
 
 
 async def test_a_denied_request_is_answered_by_the_engine_and_never_reaches_the_server():

@@ -60,7 +60,7 @@ class Client:
 
 
 def client(budget: HeldBudget, limits: ProxyLimits | None = None) -> Client:
-    wire, flowlog = Wire(), FlowLog()
+    wire, flowlog = Wire(), FlowLog(keep=1000)
     pipe = Pipe(
         asyncio.get_running_loop(),
         CqlEngine(allow_all),
