@@ -712,7 +712,14 @@ class Http1Engine:
                 self._server_eof_held = True
             return []
         out: list[Command] = []
-        if self._read_responses(data, out):
+        whole = None
+        if data and self._awaiting:
+            responses.budget = self.limits.responses_per_turn
+            whole = responses.read_whole(data)
+            if whole is not None and self._whole_response(whole, data, out):
+                # Most often its write and its Reply: nothing to merge.
+                return out if len(out) == 2 else _coalesce(out)
+        if self._read_responses(data, out, whole):
             return _coalesce(out)
         if not data and not self._closed:
             if self._awaiting:
@@ -734,26 +741,18 @@ class Http1Engine:
             out.extend(self.server_data(b""))
         return _coalesce(out)
 
-    def _read_responses(self, data: bytes | None, out: list[Command]) -> bool:
+    def _read_responses(
+        self, data: bytes | None, out: list[Command], whole: MessageHead | None = None
+    ) -> bool:
         """Relay the responses in ``data`` (None: those held), at most
-        ``responses_per_turn`` of them. True when this turn ends here: a bad
+        ``responses_per_turn`` of them; ``whole``: the head of the one whole
+        message ``data`` is, read already. True when this turn ends here: a bad
         response, or a ``Yield`` for the rest."""
         responses = self._responses
-        responses.budget = self.limits.responses_per_turn
-        whole = responses.read_whole(data) if data is not None and self._awaiting else None
         if whole is not None:
-            ex = self._awaiting[0]
-            if (
-                whole.status >= 200
-                and whole.keep_alive
-                and not ex.last
-                and not ex.head.upgrade
-                and not responses.switched
-            ):
-                self._whole_response(whole, data, ex, out)  # type: ignore[arg-type]
-                return False
             events: Iterable[Event] = _whole_events(whole, data)  # type: ignore[arg-type]
         else:
+            responses.budget = self.limits.responses_per_turn
             try:
                 events = responses.feed(data) if data is not None else responses.resume()
             except Http1Error as exc:
@@ -826,12 +825,20 @@ class Http1Engine:
                     out.append(Close("server ended the connection"))
                     return
 
-    def _whole_response(
-        self, head: MessageHead, data: bytes, ex: _Exchange, out: list[Command]
-    ) -> None:
+    def _whole_response(self, head: MessageHead, data: bytes, out: list[Command]) -> bool:
         """Most reads: one whole final response to a plain request, the connection
         kept. What ``_on_server_events`` does for its Head, Data and END, without
-        making them; when the head is forwarded as it came, so is ``data``, whole."""
+        making them; when the head is forwarded as it came, so is ``data``, whole.
+        False, with nothing done, for any other response."""
+        ex = self._awaiting[0]
+        if (
+            head.status < 200
+            or not head.keep_alive
+            or ex.last
+            or ex.head.upgrade
+            or self._responses.switched
+        ):
+            return False
         self._response_head = head
         ex.started = True
         wire: bytes | None = head.derived
@@ -850,6 +857,7 @@ class Http1Engine:
             self._flush(out)
         if self._requests.held:
             self._resume_held(out)
+        return True
 
     def _on_server_error(self, exc: Http1Error, out: list[Command]) -> None:
         out.append(ParseError("server", exc, close=True))

@@ -308,6 +308,23 @@ class MessageReader:
         ):
             self._parsed = (data, raw, msg)
             return None
+        # Most messages: what ``_begin`` and ``_finish_state`` do, inline (one each per
+        # message). A request raises nothing there and never switches the reader; a
+        # final response to a request other than CONNECT neither.
+        if self._reads_requests:
+            self._head = msg
+            if self.budget is not None:
+                self.budget -= 1
+            self._state = PAUSED if msg.upgrade else HEAD if msg.keep_alive else CLOSED
+            return msg
+        requests = self._requests
+        if msg.status >= 200 and requests and requests[0][0] != "CONNECT":
+            requests.popleft()
+            self._head = msg
+            if self.budget is not None:
+                self.budget -= 1
+            self._state = HEAD if msg.keep_alive else CLOSED
+            return msg
         try:
             self._begin(msg)
         except Http1Error:
