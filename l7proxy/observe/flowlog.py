@@ -239,14 +239,25 @@ class FlowLog:
             self._open()
         # The last ``keep`` records, for whoever embeds the proxy in its process (tests).
         self.recent: deque[Record] = deque(maxlen=keep)
-        self.subscribers: list[Callable[[Record], None]] = []
+        # Called with each record; changed only by ``subscribe`` and ``unsubscribe``.
+        self.subscribers: tuple[Callable[[Record], None], ...] = ()
+        self._update_wanted()
 
-    @property
-    def wanted(self) -> bool:
-        """Whether a record emitted now reaches anyone: the file, a subscriber or
-        ``recent``. Without one, a request's record is not built: that would cost
-        a small request more than all the rest of its accounting."""
-        return self._fd >= 0 or bool(self.subscribers) or bool(self.recent.maxlen)
+    def subscribe(self, callback: Callable[[Record], None]) -> None:
+        self.subscribers = (*self.subscribers, callback)
+        self._update_wanted()
+
+    def unsubscribe(self, callback: Callable[[Record], None]) -> None:
+        """Stop calling ``callback`` (nothing if it was not subscribed)."""
+        self.subscribers = tuple(s for s in self.subscribers if s != callback)
+        self._update_wanted()
+
+    def _update_wanted(self) -> None:
+        # Whether a record emitted now reaches anyone: the file, a subscriber or
+        # ``recent``. Without one, a request's record is not built: that would cost
+        # a small request more than all the rest of its accounting. (An attribute,
+        # read once per request.)
+        self.wanted = self._fd >= 0 or bool(self.subscribers) or bool(self.recent.maxlen)
 
     def _open(self) -> None:
         assert self.path is not None
@@ -351,6 +362,7 @@ class FlowLog:
             os.close(self._fd)
             os.close(self._lock_fd)
             self._fd = self._lock_fd = -1
+            self._update_wanted()
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -372,7 +384,7 @@ class FlowTap:
         self._queue: deque[tuple[int, Position | None, Record]] = deque(maxlen=capacity)
         self.emitted = 0  # records seen; also the sequence number of the last one
         self._taken = 0
-        flowlog.subscribers.append(self)
+        flowlog.subscribe(self)
 
     def __call__(self, record: Record) -> None:
         self.emitted += 1
@@ -388,8 +400,7 @@ class FlowTap:
         return batch, missed
 
     def close(self) -> None:
-        if self in self.flowlog.subscribers:
-            self.flowlog.subscribers.remove(self)
+        self.flowlog.unsubscribe(self)
 
 
 def read_records(

@@ -163,8 +163,8 @@ class Metrics:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
-        if self.flowlog is not None and self.observe in self.flowlog.subscribers:
-            self.flowlog.subscribers.remove(self.observe)
+        if self.flowlog is not None:
+            self.flowlog.unsubscribe(self.observe)
 
     # ------------------------------------------------------------ scrape
 
@@ -355,7 +355,7 @@ def attach_metrics(
     """Create the metrics of this process and subscribe them to its flow log."""
     metrics = Metrics(status_fn, health_fn)
     metrics.flowlog = flowlog
-    flowlog.subscribers.append(metrics.observe)
+    flowlog.subscribe(metrics.observe)
     return metrics
 
 

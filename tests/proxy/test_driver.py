@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import socket
 import struct
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,11 +204,12 @@ def play(
     connected: bool = True,
     connect: Connector | None = None,
     client_sock: socket.socket | None = None,
+    flowlog: FlowLog | None = None,
 ) -> Played:
     wire = Wire()
     client = FakeTransport("client", wire, sock=client_sock)
     server = FakeTransport("server", wire)
-    flowlog = FlowLog(keep=1000)
+    flowlog = flowlog or FlowLog(keep=1000)
     stats = ProxyStats()
     pipe = Pipe(
         asyncio.get_running_loop(),
@@ -264,16 +264,15 @@ async def test_a_request_and_its_response_cross_unchanged_and_are_logged_once():
 
 
 async def test_without_a_reader_no_record_is_built_and_a_subscriber_gets_the_next_one():
-    p = play(HttpEngine(allow_all))
-    p.flowlog.recent = deque(maxlen=0)  # no file, no subscriber, nothing kept: unwanted
-    assert not p.flowlog.wanted
+    p = play(HttpEngine(allow_all), flowlog=FlowLog(None, keep=0))
+    assert not p.flowlog.wanted  # no file, no subscriber, nothing kept
 
     p.pipe.client_data(GET)
     p.pipe.server_data(OK)
     assert p.wire.take() == [("server", "write", GET), ("client", "write", OK)]
 
     seen: list[dict] = []
-    p.flowlog.subscribers.append(seen.append)
+    p.flowlog.subscribe(seen.append)
     p.pipe.client_data(GET)
     p.pipe.server_data(OK)
 
