@@ -532,7 +532,8 @@ class Http1Engine:
                 return out  # sent behind the last request: never read, so not kept
         requests = self._requests
         if self._last is None and not self._finishing:  # (``_budget()``, inline: per read)
-            requests.budget = max(0, self._max_pending - len(self._queue))
+            room = self._max_pending - len(self._queue)
+            requests.budget = room if room > 0 else 0
         else:
             requests.budget = self._budget()
         whole = requests.read_whole(data)
@@ -666,7 +667,12 @@ class Http1Engine:
         if wire is None:
             section = fields.section
             wire = request_line(head) + (section if section is not None else request_fields(head))
-        form = head.derived = RequestForm(http_request(head, fields), wire)
+        target = head.target
+        if target.startswith("/"):  # origin-form, the path as it came (``http_request``, inline)
+            request = HttpRequest(head.method, target, fields.host, fields.headers, head.version)
+        else:
+            request = http_request(head, fields)
+        form = head.derived = RequestForm(request, wire)
         return form
 
     def _on_client_error(self, exc: Http1Error, out: list[Command]) -> None:
