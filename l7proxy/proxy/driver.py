@@ -513,7 +513,10 @@ class Pipe:
             if kind is Access and type(second) is ToServer:
                 server = self._server
                 if server is not None and not self._server_eof_sent:
-                    self._access(first)
+                    in_flight = self._in_flight  # (``_access``, inline: one per request)
+                    in_flight[first.key] = (time.monotonic(), first.request, first.decision)
+                    if len(in_flight) >= self._limits.max_pending_requests:
+                        self._pending_limit(in_flight)
                     server.write(second.data)
                     return
             elif kind is ToClient and type(second) is Reply:
@@ -608,10 +611,13 @@ class Pipe:
         """A request judged: in flight until its reply (``_record``)."""
         in_flight = self._in_flight
         in_flight[cmd.key] = (time.monotonic(), cmd.request, cmd.decision)
-        if (
-            len(in_flight) >= self._limits.max_pending_requests
-            and not self._client_holds & HOLD_PENDING
-        ):
+        if len(in_flight) >= self._limits.max_pending_requests:
+            self._pending_limit(in_flight)
+
+    def _pending_limit(self, in_flight: dict[Hashable, tuple[float, Any, Decision]]) -> None:
+        """As many requests in flight as the limit: the client is not read until
+        half are answered."""
+        if not self._client_holds & HOLD_PENDING:
             self._hold_client(HOLD_PENDING)
             self._limit_record(
                 "max_pending_requests",

@@ -295,7 +295,11 @@ class MessageReader:
             return None
         raw = data if end == len(data) else data[:end]
         try:
-            msg = self._parse_head(raw)
+            if self._reads_requests:
+                msg = self._parse_head(raw)
+            else:  # (``_parse_head`` of a response, inline: one per response)
+                requests = self._requests
+                msg = self._heads.complete(raw, requests[0][0] if requests else "GET")  # type: ignore[call-arg]
         except Http1Error as exc:
             # ``feed`` raises it, as it raises errors. (Not parsed again: after an
             # error, llhttp answers the same bytes with another.)
