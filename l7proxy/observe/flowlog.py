@@ -286,9 +286,10 @@ class FlowLog:
                 self._write_pending(room_for=len(line))
             if self._head is None:  # the first line of a new file
                 self._head = first_line_checksum(line.encode())
-            self.last_position = Position(
-                *self._file_id, self._head, self._size + self._pending_bytes
-            )
+            if self.subscribers:  # (only they read it, while they are called)
+                self.last_position = Position(
+                    *self._file_id, self._head, self._size + self._pending_bytes
+                )
             self._pending.append(line)
             self._pending_bytes += len(line)  # characters: bytes for json.dumps' ASCII
             if self._pending_bytes >= BATCH_BYTES:
