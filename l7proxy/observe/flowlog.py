@@ -176,7 +176,8 @@ class LineEncoder:
     KNOWN_MAX = 4096
 
     def __init__(self) -> None:
-        self._known: dict[int, tuple[object, str]] = {}
+        # id(source) -> (source, destination, the line's end with both encoded)
+        self._known: dict[int, tuple[object, object, str]] = {}
 
     def line(self, record: Record) -> str:
         source = record.pop("source", None)
@@ -192,17 +193,14 @@ class LineEncoder:
             ) + "\n"
         record["source"] = source
         record["destination"] = destination
-        ends = f'"source":{self._encoded(source)},"destination":{self._encoded(destination)}}}\n'
-        return f"{text[:-1]},{ends}" if len(text) > 2 else "{" + ends
-
-    def _encoded(self, value: object) -> str:
         known = self._known
-        entry = known.get(id(value))
-        if entry is None or entry[0] is not value:
+        entry = known.get(id(source))
+        if entry is None or entry[0] is not source or entry[1] is not destination:
             if len(known) >= self.KNOWN_MAX:
                 known.clear()
-            entry = known[id(value)] = (value, _dumps(value))
-        return entry[1]
+            ends = f'"source":{_dumps(source)},"destination":{_dumps(destination)}}}\n'
+            entry = known[id(source)] = (source, destination, ends)
+        return f"{text[:-1]},{entry[2]}" if len(text) > 2 else "{" + entry[2]
 
 
 class FlowLog:
