@@ -832,14 +832,13 @@ class Http1Engine:
                     return
 
     def _whole_response(self, head: MessageHead, data: bytes, out: list[Command]) -> bool:
-        """Most reads: one whole final response to a plain request, the connection
-        kept. What ``_on_server_events`` does for its Head, Data and END, without
-        making them; when the head is forwarded as it came, so is ``data``, whole.
-        False, with nothing done, for any other response."""
+        """Most reads: one whole final response to a plain request. What
+        ``_on_server_events`` does for its Head, Data and END, without making them;
+        when the head is forwarded as it came, so is ``data``, whole. False, with
+        nothing done, for any other response."""
         ex = self._awaiting[0]
         if (
             head.status < 200
-            or not head.keep_alive
             or ex.last
             or ex.head.upgrade
             or self._responses.switched
@@ -863,6 +862,9 @@ class Http1Engine:
             self._flush(out)
         if self._requests.held:
             self._resume_held(out)
+        if not head.keep_alive:
+            self._closed = True
+            out.append(Close("server ended the connection"))
         return True
 
     def _on_server_error(self, exc: Http1Error, out: list[Command]) -> None:
