@@ -308,6 +308,14 @@ def _coalesce(out: list[Command]) -> list[Command]:
     """Merge neighbouring writes in the same direction into one command."""
     if len(out) < 2 or (len(out) == 2 and type(out[0]) is not type(out[1])):
         return out
+    previous: type | None = None
+    for cmd in out:
+        this = type(cmd)
+        if this is previous and (this is ToServer or this is ToClient):
+            break
+        previous = this
+    else:
+        return out  # no two writes side by side (most turns)
     merged: list[Command] = []
     run: list[WireData] = []
     kind: type[ToServer] | type[ToClient] | None = None
