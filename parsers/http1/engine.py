@@ -845,12 +845,7 @@ class Http1Engine:
         when the head is forwarded as it came, so is ``data``, whole. False, with
         nothing done, for any other response."""
         ex = self._awaiting[0]
-        if (
-            head.status < 200
-            or ex.last
-            or ex.head.upgrade
-            or self._responses.switched
-        ):
+        if head.status < 200 or ex.last or ex.head.upgrade or self._responses.switched:
             return False
         self._response_head = head
         ex.started = True

@@ -27,6 +27,7 @@ from parsers.http1.head import FrontParser, MessageHead, RequestHeadParser, Resp
 __all__ = [
     "MAX_REMEMBERED_HEAD",
     "MEMO_REST",
+    "MEMO_REST_MAX",
     "MEMO_SIZE",
     "SIMPLE_TARGET",
     "RequestHeadMemo",
@@ -37,6 +38,8 @@ MEMO_SIZE = 32  # distinct heads remembered per connection and direction
 MAX_REMEMBERED_HEAD = 8192  # longer heads are parsed every time
 # New heads not remembered after MEMO_SIZE that were never found again.
 MEMO_REST = 4 * MEMO_SIZE
+# Each rest after another that found nothing either is twice as long, up to this.
+MEMO_REST_MAX = 64 * MEMO_REST
 # Origin-form targets a known request shape may take without a full parse: a strict
 # subset of what both head parsers accept (tests/parsers/http1/test_http1_repeat.py
 # checks it), with no "://" so the target can never read as an absolute URI.
@@ -58,7 +61,9 @@ class RequestHeadMemo(FrontParser):
     A connection whose heads never repeat (a request id or a token in every head)
     would pay for remembering each one for nothing: when the memory fills up without
     one head found again, the next ``MEMO_REST`` new heads are not remembered; then
-    the memo tries again.
+    the memo tries again. Each time it tries in vain, its next rest is twice as long
+    (up to ``MEMO_REST_MAX``), so such a connection remembers almost nothing; a head
+    found again brings the rest back to ``MEMO_REST``.
     """
 
     side: Literal["client"] = "client"
@@ -71,6 +76,7 @@ class RequestHeadMemo(FrontParser):
         self._shapes: dict[tuple[bytes, bytes], MessageHead] = {}
         self._found = 0  # heads found since the memory was last cleared
         self._resting = 0  # new heads still to go unremembered
+        self._next_rest = MEMO_REST  # how long the next rest is
 
     def complete(self, head: bytes) -> MessageHead:
         known = self._heads.get(head)
@@ -131,9 +137,11 @@ class RequestHeadMemo(FrontParser):
             self._heads.clear()
             if not self._found:  # MEMO_SIZE heads, none of them seen again
                 self._shapes.clear()
-                self._resting = MEMO_REST
+                self._resting = self._next_rest
+                self._next_rest = min(2 * self._next_rest, MEMO_REST_MAX)
                 return False
             self._found = 0
+            self._next_rest = MEMO_REST
         self._heads[raw] = head
         return True
 

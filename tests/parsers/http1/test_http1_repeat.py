@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from parsers.base import Access, Close, Decision, ParseError, Reply, ToClient, ToServer
 from parsers.http1.engine import Http1Engine
 from parsers.http1.head import MessageHead, PyRequestHead
-from parsers.http1.memo import MEMO_REST, MEMO_SIZE, RequestHeadMemo
+from parsers.http1.memo import MEMO_REST, MEMO_REST_MAX, MEMO_SIZE, RequestHeadMemo
 from parsers.http1.reader import End, Head, MessageReader
 from parsers.requests import HttpRequest
 
@@ -362,3 +362,36 @@ def test_a_connection_whose_heads_never_repeat_rests_the_memo_then_tries_again()
     reader.feed(head(3000))
     reader.feed(head(3000))  # the rest is over: remembered again
     assert heads.parsed == MEMO_SIZE + 3 + (MEMO_REST - 2) + 1
+
+
+def test_each_rest_that_found_nothing_is_followed_by_a_longer_one_until_a_head_repeats():
+    heads = CountingHeads()
+    reader = MessageReader(RequestHeadMemo(heads))
+    sent = 0
+
+    def new_heads(count: int) -> None:  # never seen before, never seen again
+        nonlocal sent
+        for _ in range(count):
+            sent += 1
+            reader.feed(f"GET /item/{sent} HTTP/1.1\r\nHost: h\r\nX-Id: {sent}\r\n\r\n".encode())
+
+    def parses_when_sent_twice(name: str) -> int:
+        before = heads.parsed
+        for _ in range(2):
+            # (A field of its own: no head with a shape of another, found by its shape.)
+            reader.feed(f"GET /{name} HTTP/1.1\r\nHost: h\r\nX-Probe: {name}\r\n\r\n".encode())
+        return heads.parsed - before
+
+    new_heads(MEMO_SIZE + 1)  # the memory fills up and none is seen again: a rest
+    new_heads(MEMO_REST)
+    new_heads(MEMO_SIZE + 1)  # in vain again: the next rest is twice as long
+    new_heads(2 * MEMO_REST - 1)
+    assert parses_when_sent_twice("last-of-the-rest") == 2  # not remembered
+    assert parses_when_sent_twice("first-after-it") == 1  # remembered, found again
+
+    new_heads(MEMO_SIZE - 2)  # a fill that found a head: rests are short again
+    new_heads(MEMO_SIZE + 1)
+    new_heads(MEMO_REST - 1)
+    assert parses_when_sent_twice("last-of-a-short-rest") == 2
+    assert parses_when_sent_twice("after-the-short-rest") == 1
+    assert MEMO_REST_MAX == 64 * MEMO_REST
