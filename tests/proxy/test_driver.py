@@ -536,6 +536,16 @@ async def test_a_pipe_that_closes_before_its_turn_comes_back_resumes_nothing():
     assert resumed == []
 
 
+async def test_what_a_client_sends_during_the_lingering_close_reaches_no_engine():
+    p = play(ScriptedEngine(client={b"late": [ToServer(b"late"), ToClient(b"answer")]}))
+    p.pipe.close("proxy shutting down")
+    p.wire.take()
+
+    p.pipe.client_data(b"late")  # what the transport hands over while the close lingers
+
+    assert p.wire.take() == []
+
+
 # --------------------------------------------------------------------------- limits
 
 
