@@ -107,3 +107,20 @@ def twin_difference(raw: bytes) -> str | None:
     if c.wire is not raw or py.wire is not raw:
         return f"the head is not forwarded as the same bytes object: {raw!r}"
     return None
+
+
+def edited(raw: bytes, edits, byte: int | None = None) -> bytes:
+    """``raw`` with each ``(where, byte, how)`` edit done in turn: ``how`` inserts,
+    replaces or deletes the byte at ``where`` (modulo the length then). Edits given
+    as ``(where, how)`` use ``byte`` for every one."""
+    data = bytearray(raw)
+    for edit in edits:
+        where, value, how = edit if len(edit) == 3 else (edit[0], byte, edit[1])
+        at = where % (len(data) + 1)
+        if how == "insert":
+            data[at:at] = bytes([value])
+        elif how == "replace" and at < len(data):
+            data[at] = value
+        elif at < len(data):
+            del data[at]
+    return bytes(data)

@@ -17,6 +17,7 @@ from parsers.http1.errors import Http1Error
 from parsers.http1.fast import CRequestHead
 from parsers.http1.head import PyRequestHead
 from parsers.http1.quick import MAX_QUICK_FIELDS, QuickRequestHead, quick_request_head
+from tests.parsers.http1.helpers import edited
 
 REALISTIC = (
     b"GET /public/item/17?q=9157 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nX-Request-Id: 4f27-17\r\n\r\n"
@@ -212,16 +213,8 @@ def test_what_the_scan_reads_both_parsers_read_the_same(raw):
     st.sampled_from(NASTY),
 )
 def test_mutated_heads_the_scan_reads_both_parsers_read_the_same(raw, edits, byte):
-    data = bytearray(raw[:-4])  # the empty line stays: the reader hands whole heads
-    for where, how in edits:
-        at = where % (len(data) + 1)
-        if how == "insert":
-            data[at:at] = bytes([byte])
-        elif how == "replace" and at < len(data):
-            data[at] = byte
-        elif at < len(data):
-            del data[at]
-    whole = bytes(data) + b"\r\n\r\n"
+    # The empty line stays: the reader hands whole heads.
+    whole = edited(raw[:-4], edits, byte) + b"\r\n\r\n"
     if whole.find(b"\r\n\r\n") != len(whole) - 4:
         return  # not one head any more
     _check(whole)

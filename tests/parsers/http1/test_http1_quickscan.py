@@ -35,7 +35,7 @@ from parsers.http1.quick import (
     QuickRequestHead,
     quick_request_head,
 )
-from tests.parsers.http1.helpers import in_c_subset, twin_difference
+from tests.parsers.http1.helpers import edited, in_c_subset, twin_difference
 from tests.support import REPO
 
 REALISTIC = (
@@ -479,16 +479,7 @@ def test_the_twins_agree_on_near_plain_heads(raw):
     ),
 )  # fmt: skip
 def test_the_twins_agree_on_any_byte_anywhere(raw, edits):
-    data = bytearray(raw)
-    for where, byte, how in edits:
-        at = where % (len(data) + 1)
-        if how == "insert":
-            data[at:at] = bytes([byte])
-        elif how == "replace" and at < len(data):
-            data[at] = byte
-        elif at < len(data):
-            del data[at]
-    assert twin_difference(bytes(data)) is None
+    assert twin_difference(edited(raw, edits)) is None
 
 
 def test_the_properties_reach_both_sides_of_the_subset():
