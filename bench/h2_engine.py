@@ -2,6 +2,7 @@
 
     python -m bench.h2_engine [--requests N] [--batch B] [--profile]
     python -m bench.h2_engine --count [--requests N] [--top T]
+    python -m bench.h2_engine --instructions [--grpc] [--requests N]
     python -m bench.h2_engine --download MIB [--grpc] [--read BYTES] [--instructions]
 
 Replays what ``bench.h2`` puts through the proxy, as bytes: an h2load-like
@@ -18,6 +19,15 @@ log, which ``bench.h2`` and ``bench.grpc`` include.
 them: the Python opcodes the engine executes per request (not this module's
 own loop), by function. Like ``--download``'s figure it does not move with
 the machine's load.
+
+For instructions per request, run ``--instructions`` (one workload built, then
+relayed ``--rounds`` times by a fresh engine each; ``--grpc`` for the unary
+calls; nothing timed or written) under callgrind, once with 1 round and once
+with 3, and take the difference over twice the requests:
+
+    valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p \\
+        python -m bench.h2_engine --instructions --requests 4000 --rounds 1
+    (and again with --rounds 3)
 
 ``--download`` counts instead of timing, so a busy machine does not move the
 figure: the bytes of ``bench.h2``'s 1 GiB download (one GET answered by
@@ -321,13 +331,17 @@ def main(argv: list[str] | None = None) -> int:
         "--count", action="store_true", help="count opcodes per request instead of timing"
     )
     parser.add_argument("--download", type=int, metavar="MIB", help="count a download instead")
-    parser.add_argument("--grpc", action="store_true", help="the download is a gRPC stream")
+    parser.add_argument(
+        "--grpc", action="store_true", help="the download, or --instructions' workload, is gRPC"
+    )
     parser.add_argument("--read", type=int, default=DOWNLOAD_READ, help="bytes per server read")
     parser.add_argument(
         "--instructions", action="store_true", help="count nothing (for a run under callgrind)"
     )
     parser.add_argument("--top", type=int, default=15, help="functions listed")
-    parser.add_argument("--rounds", type=int, default=1, help="downloads relayed")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="downloads (or --instructions' workloads) relayed"
+    )
     args = parser.parse_args(argv)
     if args.download:
         run_download(
@@ -339,6 +353,12 @@ def main(argv: list[str] | None = None) -> int:
             args.top,
             args.rounds,
         )
+        return 0
+    if args.instructions:
+        client_reads, server_reads = workload(args.requests, args.batch, args.grpc)
+        decide = _decide()
+        for _ in range(args.rounds):
+            one_round(decide, client_reads, server_reads)
         return 0
     if args.count:
         count_requests(args.requests, args.batch, args.top)
