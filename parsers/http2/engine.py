@@ -314,6 +314,7 @@ class H2Engine:
         self._finished = False
         self._quarter_stream = max(1, limits.stream_window // 4)
         self._quarter_connection = max(1, limits.connection_window // 4)
+        self._cap = limits.connection_window_cap
 
         # ---- the client hop
         self._client_in: bytes | memoryview = b""  # input not yet processed
@@ -627,13 +628,15 @@ class H2Engine:
         max_frame = lim.max_frame_size
         guard = self._guard
         handlers = CLIENT_FRAMES
+        from_bytes = int.from_bytes
         try:
             while end - pos >= FRAME_HEADER_LENGTH:
                 if frames_left <= 0 or bytes_left <= 0:
                     self._paused = True
                     break
-                length = (view[pos] << 16) | (view[pos + 1] << 8) | view[pos + 2]
-                frame_type = view[pos + 3]
+                # The 9-byte frame header as one number: one call, not five reads.
+                header = from_bytes(view[pos : pos + FRAME_HEADER_LENGTH], "big")
+                length = header >> 48
                 if length > max_frame:
                     raise ConnectionError_(
                         _FRAME_SIZE_ERROR, f"frame of {length} bytes (limit {max_frame})"
@@ -641,8 +644,9 @@ class H2Engine:
                 if end - pos - FRAME_HEADER_LENGTH < length:
                     self._check_parked_block(length)
                     break
-                flags = view[pos + 4]
-                sid = int.from_bytes(view[pos + 5 : pos + 9], "big") & _STREAM_ID_MASK
+                frame_type = (header >> 40) & 0xFF
+                flags = (header >> 32) & 0xFF
+                sid = header & _STREAM_ID_MASK
                 if frame_type != DATA_FRAME:
                     flood = guard.inbound(frame_type, flags, sid)
                     if flood is not None:
@@ -1030,23 +1034,25 @@ class H2Engine:
         max_frame = self._limits.max_frame_size
         run_frame = self._limits.run_frame_size
         handlers = SERVER_FRAMES
+        from_bytes = int.from_bytes
         try:
             while end - pos >= FRAME_HEADER_LENGTH:
-                length = (view[pos] << 16) | (view[pos + 1] << 8) | view[pos + 2]
+                header = from_bytes(view[pos : pos + FRAME_HEADER_LENGTH], "big")
+                length = header >> 48
                 if length > max_frame:
                     raise ConnectionError_(
                         _FRAME_SIZE_ERROR, f"frame of {length} bytes (limit {max_frame})"
                     )
                 if end - pos - FRAME_HEADER_LENGTH < length:
                     break
-                frame_type = view[pos + 3]
+                frame_type = (header >> 40) & 0xFF
                 if length >= run_frame and frame_type == DATA_FRAME and self._server_block is None:
                     run_end = self._relay_server_run(view, pos, end)
                     if run_end != pos:
                         pos = run_end
                         continue
-                flags = view[pos + 4]
-                sid = int.from_bytes(view[pos + 5 : pos + 9], "big") & _STREAM_ID_MASK
+                flags = (header >> 32) & 0xFF
+                sid = header & _STREAM_ID_MASK
                 start = pos
                 pos += FRAME_HEADER_LENGTH + length
                 if self._server_block is not None and frame_type != CONTINUATION:
@@ -1199,10 +1205,11 @@ class H2Engine:
     ) -> None:
         """A DATA frame on a flow that may carry it: forwarded as it is when the
         receiver's windows have room and nothing waits before it, else queued."""
-        sender, receiver = (
-            (self._client, self._server) if side == "client" else (self._server, self._client)
-        )
-        data = _data_payload(flags, payload)
+        if side == "client":
+            sender, receiver = self._client, self._server
+        else:
+            sender, receiver = self._server, self._client
+        data = _data_payload(flags, payload) if flags & PADDED else payload
         length = len(payload)  # flow control counts the padding too
         flow.credit -= length
         if flow.credit < 0:
@@ -1223,15 +1230,22 @@ class H2Engine:
             flow.grpc.feed(data)
         if end:
             flow.open = False
-        upstream = flow is stream.request
-        if upstream and not stream.opened:
-            pass  # waits for an upstream slot
-        elif not flow.queue and length <= receiver.window and length <= flow.window:
+        # A request waits for an upstream slot until its stream is opened there.
+        if (
+            (stream.opened or flow is not stream.request)
+            and not flow.queue
+            and length <= receiver.window
+            and length <= flow.window
+        ):
             receiver.window -= length
             flow.window -= length
             receiver.out.append(raw)
-            if sender.owed >= self._quarter_connection:
-                self._pass_on(sender)  # what went on makes room in the relay's buffer
+            # What went on makes room in the relay's buffer: credit due is passed
+            # on, if the cap leaves a batch's worth (_pass_on's own test, made here
+            # first: a receiver that granted much keeps ``owed`` high).
+            quarter = self._quarter_connection
+            if sender.owed >= quarter and self._cap - sender.credit - sender.held >= quarter:
+                self._pass_on(sender)
             if end:
                 self._flow_done(stream, flow)
             return
