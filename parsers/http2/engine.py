@@ -212,6 +212,8 @@ class _Block:
         self.sid = sid
         self.flags = flags
         self.fragments: list[Any] = []
+        # A response block's frames, forwarded as they came if it is self-contained
+        # (a request block is re-encoded: its frames are not kept).
         self.frames: list[Any] = []
         self.size = 0
         self.self_dependent = self_dependent
@@ -715,11 +717,10 @@ class H2Engine:
             fragment, self_dependent = payload, False
         if flags & END_HEADERS:
             self._frames_read += 1
-            self._client_header_block(sid, flags, bytes(fragment), (raw,), self_dependent)
+            self._client_header_block(sid, flags, bytes(fragment), self_dependent)
             return
         block = self._client_block = _Block(sid, flags, self_dependent)
         block.fragments.append(fragment)
-        block.frames.append(raw)
         block.size = len(fragment)
 
     def _client_continuation(
@@ -731,7 +732,6 @@ class H2Engine:
         if sid != block.sid:
             raise ConnectionError_(_PROTOCOL_ERROR, "CONTINUATION on another stream")
         block.fragments.append(payload)
-        block.frames.append(raw)
         block.size += len(payload)
         if block.size > self._limits.hard_header_list_size:
             self._check_parked_block(0)
@@ -739,11 +739,9 @@ class H2Engine:
             self._client_block = None
             self._frames_read += 1
             whole = b"".join(block.fragments)
-            self._client_header_block(sid, block.flags, whole, block.frames, block.self_dependent)
+            self._client_header_block(sid, block.flags, whole, block.self_dependent)
 
-    def _client_header_block(
-        self, sid: int, flags: int, block: bytes, frames: Any, self_dependent: bool
-    ) -> None:
+    def _client_header_block(self, sid: int, flags: int, block: bytes, self_dependent: bool) -> None:
         end = bool(flags & END_STREAM)
         decoder = self._client_decoder
         generation = decoder.generation
@@ -1505,7 +1503,8 @@ class H2Engine:
         self._highest_opened = stream.sid
         if not stream.request.open and not stream.request.queue:
             stream.request.done = True  # END_STREAM came on the HEADERS
-            self._complete_if_done(stream)
+            if stream.response.done:
+                self._complete_if_done(stream)
         elif stream.request.queue:
             self._flush(stream, stream.request)
 
