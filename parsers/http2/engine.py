@@ -1216,8 +1216,7 @@ class H2Engine:
             return
         end = bool(flags & END_STREAM)
         if flow.length is not None:
-            flow.seen += len(data)
-            seen = flow.seen
+            seen = flow.seen = flow.seen + len(data)
             if seen > flow.length or (end and seen != flow.length):
                 self._owe(sender, length)
                 self._malformed(
