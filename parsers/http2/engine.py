@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from itertools import islice
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,7 +189,7 @@ MAX_STREAM_ID = 2**31 - 1
 FINISH_PING = b"l7finish"
 _STREAM_ID_MASK = 0x7FFFFFFF
 
-# How a stream no longer in the map ended, remembered for the last few thousand:
+# How a stream no longer in the map ended, remembered for the last 4,096 to 8,192:
 # frames the client had in flight when we reset a stream are ignored (RFC 9113
 # §5.1); frames on a stream that ended otherwise are STREAM_CLOSED.
 _RESET_BY_US, _CLOSED = 1, 2
@@ -1530,7 +1531,9 @@ class H2Engine:
     def _complete_if_done(self, stream: Stream) -> None:
         if stream.request.done and stream.response.done:
             self._guard.stream_completed()
-            self._upstream_closed(stream)
+            if stream.opened:  # _upstream_closed, inline: once per stream
+                stream.opened = False
+                self._upstream_open -= 1
             self._forget(stream, _CLOSED)
 
     def _upstream_closed(self, stream: Stream) -> None:
@@ -1546,10 +1549,7 @@ class H2Engine:
             self._client.blocked.pop(sid, None)
         if self._server.blocked:
             self._server.blocked.pop(sid, None)
-        closed = self._closed
-        if len(closed) >= _CLOSED_MEMORY:
-            del closed[next(iter(closed))]
-        closed[sid] = how
+        self._remember_closed(sid, how)
         if self._waiting:
             self._open_waiting()
 
@@ -1742,9 +1742,12 @@ class H2Engine:
 
     def _remember_closed(self, sid: int, how: int) -> None:
         closed = self._closed
-        if len(closed) >= _CLOSED_MEMORY:
-            del closed[next(iter(closed))]
         closed[sid] = how
+        if len(closed) > 2 * _CLOSED_MEMORY:
+            # The older half is forgotten at once. Dropping the oldest entry on
+            # each close would walk, every time, over the entries already deleted
+            # at the front of the dict (a long-lived connection's every stream).
+            self._closed = dict(islice(closed.items(), len(closed) - _CLOSED_MEMORY, None))
 
     def _reset_client(self, sid: int, code: int) -> None:
         """RST_STREAM toward the client for a stream not (or no longer) in the map."""
