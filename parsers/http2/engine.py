@@ -1266,7 +1266,7 @@ class H2Engine:
             else payload
         )
         if flags & END_HEADERS:
-            self._server_header_block(sid, flags, bytes(fragment), (raw,))
+            self._server_header_block(sid, flags, bytes(fragment), raw)
             return
         block = self._server_block = _Block(sid, flags, False)
         block.fragments.append(fragment)
@@ -1289,6 +1289,8 @@ class H2Engine:
             self._server_header_block(sid, block.flags, b"".join(block.fragments), block.frames)
 
     def _server_header_block(self, sid: int, flags: int, block: bytes, frames: Any) -> None:
+        """``frames``: the block's HEADERS frame (a memoryview), or the list of its
+        HEADERS and CONTINUATION frames."""
         decoder = self._server_decoder
         generation = decoder.generation
         known = self._responses.get(block)
@@ -1347,7 +1349,12 @@ class H2Engine:
         stream.status = status
         if end and stream.request.grpc is not None:
             stream.grpc_status = grpc_status
-        self._client.out.append(self._framed_for_client(sid, headers, self_contained, frames, end))
+        if self_contained and type(frames) is memoryview:  # one frame, as it came: most responses
+            self._client.out.append(frames)
+        else:
+            self._client.out.append(
+                self._framed_for_client(sid, headers, self_contained, frames, end)
+            )
         if end:
             stream.response.open = False
             if length:
@@ -1359,7 +1366,7 @@ class H2Engine:
         self, sid: int, headers: Headers, self_contained: bool, frames: Any, end: bool
     ) -> Any:
         if self_contained:
-            return frames[0] if len(frames) == 1 else b"".join(frames)
+            return frames if type(frames) is memoryview else b"".join(frames)
         return headers_frames(sid, encode_block(headers), end, self._client.max_frame)
 
     def _server_rst_stream(
