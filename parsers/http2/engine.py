@@ -56,7 +56,7 @@ from parsers.base import (
     Yield,
 )
 from parsers.http2.blocks import BlockDecoder, CompressionError, HeaderListTooLarge, encode_block
-from parsers.http2.floods import FloodError, FloodGuard
+from parsers.http2.floods import GUARDED_FRAMES, FloodError, FloodGuard
 from parsers.http2.frames import (
     ACK,
     CONTINUATION,
@@ -651,9 +651,10 @@ class H2Engine:
                 flags = (header >> 32) & 0xFF
                 sid = header & _STREAM_ID_MASK
                 if frame_type != DATA_FRAME:
-                    flood = guard.inbound(frame_type, flags, sid)
-                    if flood is not None:
-                        raise flood
+                    if frame_type in GUARDED_FRAMES:
+                        flood = guard.inbound(frame_type, flags, sid)
+                        if flood is not None:
+                            raise flood
                     bytes_left -= length
                 frames_left -= 1
                 start = pos
