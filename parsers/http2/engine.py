@@ -33,8 +33,8 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from itertools import islice
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from h2.errors import ErrorCodes
@@ -743,7 +743,9 @@ class H2Engine:
             whole = b"".join(block.fragments)
             self._client_header_block(sid, block.flags, whole, block.self_dependent)
 
-    def _client_header_block(self, sid: int, flags: int, block: bytes, self_dependent: bool) -> None:
+    def _client_header_block(
+        self, sid: int, flags: int, block: bytes, self_dependent: bool
+    ) -> None:
         end = bool(flags & END_STREAM)
         decoder = self._client_decoder
         generation = decoder.generation
