@@ -1,6 +1,8 @@
 """The HTTP/2 engine alone, in process: CPU microseconds per request, no sockets.
 
     python -m bench.h2_engine [--requests N] [--batch B] [--profile]
+    python -m bench.h2_engine --count [--requests N] [--top T]
+    python -m bench.h2_engine --instructions [--grpc] [--requests N]
     python -m bench.h2_engine --download MIB [--grpc] [--read BYTES] [--instructions]
 
 Replays what ``bench.h2`` puts through the proxy, as bytes: an h2load-like
@@ -12,6 +14,20 @@ and a 64-byte DATA frame. A gRPC variant does the same with unary calls
 the best of several rounds, for the engine with the real compiled policy's
 ``decide``. The figure excludes the event loop, the socket calls and the flow
 log, which ``bench.h2`` and ``bench.grpc`` include.
+
+``--count`` counts the same GET and gRPC unary workloads instead of timing
+them: the Python opcodes the engine executes per request (not this module's
+own loop), by function. Like ``--download``'s figure it does not move with
+the machine's load.
+
+For instructions per request, run ``--instructions`` (one workload built, then
+relayed ``--rounds`` times by a fresh engine each; ``--grpc`` for the unary
+calls; nothing timed or written) under callgrind, once with 1 round and once
+with 3, and take the difference over twice the requests:
+
+    valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p \\
+        python -m bench.h2_engine --instructions --requests 4000 --rounds 1
+    (and again with --rounds 3)
 
 ``--download`` counts instead of timing, so a busy machine does not move the
 figure: the bytes of ``bench.h2``'s 1 GiB download (one GET answered by
@@ -159,6 +175,34 @@ def one_round(decide, client_reads: list[bytes], server_reads: list[bytes]) -> f
     return time.perf_counter() - start
 
 
+def count_requests(requests: int, batch: int, top: int) -> dict:
+    """Python opcodes the engine executes per GET and per gRPC unary call."""
+    decide = _decide()
+    here = Path(__file__).resolve()
+    rows = []
+    for name, grpc in (("h2load GET", False), ("gRPC unary", True)):
+        client_reads, server_reads = workload(requests, batch, grpc)
+        one_round(decide, client_reads, server_reads)  # imports and caches warm
+        counter = OpcodeCounter()
+        counter.start()
+        try:
+            one_round(decide, client_reads, server_reads)
+        finally:
+            counter.stop()
+        engine = {
+            code: n
+            for code, n in counter.opcodes.items()
+            if Path(code.co_filename).resolve() != here
+        }
+        per_request = sum(engine.values()) / requests
+        rows.append({"workload": name, "opcodes_per_request": round(per_request)})
+        print(f"{name}: {per_request:.0f} Python opcodes per request in the engine")
+        for code, n in sorted(engine.items(), key=lambda kv: -kv[1])[:top]:
+            calls = counter.calls[code]
+            print(f"{n / requests:10.1f} {calls / requests:6.2f} calls  {_where(code)}")
+    return {"requests": requests, "batch": batch, "rows": rows}
+
+
 def run(requests: int = 20000, batch: int = 16, rounds: int = 5, profile: bool = False) -> dict:
     decide = _decide()
     rows = []
@@ -283,14 +327,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--count", action="store_true", help="count opcodes per request instead of timing"
+    )
     parser.add_argument("--download", type=int, metavar="MIB", help="count a download instead")
-    parser.add_argument("--grpc", action="store_true", help="the download is a gRPC stream")
+    parser.add_argument(
+        "--grpc", action="store_true", help="the download, or --instructions' workload, is gRPC"
+    )
     parser.add_argument("--read", type=int, default=DOWNLOAD_READ, help="bytes per server read")
     parser.add_argument(
         "--instructions", action="store_true", help="count nothing (for a run under callgrind)"
     )
     parser.add_argument("--top", type=int, default=15, help="functions listed")
-    parser.add_argument("--rounds", type=int, default=1, help="downloads relayed")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="downloads (or --instructions' workloads) relayed"
+    )
     args = parser.parse_args(argv)
     if args.download:
         run_download(
@@ -302,6 +353,15 @@ def main(argv: list[str] | None = None) -> int:
             args.top,
             args.rounds,
         )
+        return 0
+    if args.instructions:
+        client_reads, server_reads = workload(args.requests, args.batch, args.grpc)
+        decide = _decide()
+        for _ in range(args.rounds):
+            one_round(decide, client_reads, server_reads)
+        return 0
+    if args.count:
+        count_requests(args.requests, args.batch, args.top)
         return 0
     result = run(args.requests, args.batch, profile=args.profile)
     write_results("h2_engine", {"command": "python -m bench.h2_engine", **result})

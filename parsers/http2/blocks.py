@@ -75,43 +75,46 @@ class BlockDecoder:
     acknowledges (``acknowledged()``), its next block must shrink its table to 0.
     """
 
-    __slots__ = ("_decoder", "_table", "_zero_table", "_expect_update")
+    __slots__ = ("_decoder", "_table", "_zero_table", "_expect_update", "generation")
 
     def __init__(self, hard_header_list_size: int, *, zero_table: bool) -> None:
         self._decoder = Decoder(max_header_list_size=hard_header_list_size)
         self._table = self._decoder.header_table = _CountingTable()
         self._zero_table = zero_table
         self._expect_update = False
-
-    @property
-    def generation(self) -> int:
-        """Changes whenever the dynamic table changes (or an update is due)."""
-        return -1 if self._expect_update else self._table.generation
+        # Changes whenever the dynamic table changes (or an update is due). Only a
+        # decode or an acknowledgement changes it: a plain attribute, set by them,
+        # since the relay reads it twice per request.
+        self.generation = self._table.generation
 
     def acknowledged(self) -> None:
         """The peer acknowledged our SETTINGS."""
         if self._zero_table:
             self._expect_update = True
+            self.generation = -1
 
     def decode(self, block: bytes) -> tuple[Headers, bool]:
         """(the header list, whether ``block`` was self-contained)."""
         decoder = self._decoder
-        if self._expect_update:
-            self._expect_update = False
-            if not (block[:1] and block[0] & 0xE0 == 0x20):  # a dynamic table size update
-                raise CompressionError(
-                    "the peer acknowledged SETTINGS_HEADER_TABLE_SIZE 0 and did not "
-                    "shrink its table (RFC 7541 §4.2)"
-                )
-            decoder.max_allowed_table_size = 0
         try:
-            headers: Headers = decoder.decode(block, raw=True)  # type: ignore[assignment]
-        except OversizedHeaderListError as exc:
-            raise HeaderListTooLarge(str(exc)) from exc
-        except HPACKError as exc:
-            raise CompressionError(f"{type(exc).__name__}: {exc}") from exc
-        except (IndexError, ValueError) as exc:  # truncated integers and strings
-            raise CompressionError(f"truncated header block: {exc}") from exc
+            if self._expect_update:
+                self._expect_update = False
+                if not (block[:1] and block[0] & 0xE0 == 0x20):  # a dynamic table size update
+                    raise CompressionError(
+                        "the peer acknowledged SETTINGS_HEADER_TABLE_SIZE 0 and did not "
+                        "shrink its table (RFC 7541 §4.2)"
+                    )
+                decoder.max_allowed_table_size = 0
+            try:
+                headers: Headers = decoder.decode(block, raw=True)  # type: ignore[assignment]
+            except OversizedHeaderListError as exc:
+                raise HeaderListTooLarge(str(exc)) from exc
+            except HPACKError as exc:
+                raise CompressionError(f"{type(exc).__name__}: {exc}") from exc
+            except (IndexError, ValueError) as exc:  # truncated integers and strings
+                raise CompressionError(f"truncated header block: {exc}") from exc
+        finally:
+            self.generation = self._table.generation
         # Updates may only open a block (hpack enforces it), so a table of size 0
         # now was empty for every field of this block.
         return headers, decoder.header_table_size == 0

@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from h2.errors import ErrorCodes
@@ -55,7 +56,7 @@ from parsers.base import (
     Yield,
 )
 from parsers.http2.blocks import BlockDecoder, CompressionError, HeaderListTooLarge, encode_block
-from parsers.http2.floods import FloodError, FloodGuard
+from parsers.http2.floods import GUARDED_FRAMES, FloodError, FloodGuard
 from parsers.http2.frames import (
     ACK,
     CONTINUATION,
@@ -188,7 +189,7 @@ MAX_STREAM_ID = 2**31 - 1
 FINISH_PING = b"l7finish"
 _STREAM_ID_MASK = 0x7FFFFFFF
 
-# How a stream no longer in the map ended, remembered for the last few thousand:
+# How a stream no longer in the map ended, remembered for the last 4,096 to 8,192:
 # frames the client had in flight when we reset a stream are ignored (RFC 9113
 # §5.1); frames on a stream that ended otherwise are STREAM_CLOSED.
 _RESET_BY_US, _CLOSED = 1, 2
@@ -212,6 +213,8 @@ class _Block:
         self.sid = sid
         self.flags = flags
         self.fragments: list[Any] = []
+        # A response block's frames, forwarded as they came if it is self-contained
+        # (a request block is re-encoded: its frames are not kept).
         self.frames: list[Any] = []
         self.size = 0
         self.self_dependent = self_dependent
@@ -314,6 +317,7 @@ class H2Engine:
         self._finished = False
         self._quarter_stream = max(1, limits.stream_window // 4)
         self._quarter_connection = max(1, limits.connection_window // 4)
+        self._cap = limits.connection_window_cap
 
         # ---- the client hop
         self._client_in: bytes | memoryview = b""  # input not yet processed
@@ -627,13 +631,15 @@ class H2Engine:
         max_frame = lim.max_frame_size
         guard = self._guard
         handlers = CLIENT_FRAMES
+        from_bytes = int.from_bytes
         try:
             while end - pos >= FRAME_HEADER_LENGTH:
                 if frames_left <= 0 or bytes_left <= 0:
                     self._paused = True
                     break
-                length = (view[pos] << 16) | (view[pos + 1] << 8) | view[pos + 2]
-                frame_type = view[pos + 3]
+                # The 9-byte frame header as one number: one call, not five reads.
+                header = from_bytes(view[pos : pos + FRAME_HEADER_LENGTH], "big")
+                length = header >> 48
                 if length > max_frame:
                     raise ConnectionError_(
                         _FRAME_SIZE_ERROR, f"frame of {length} bytes (limit {max_frame})"
@@ -641,12 +647,14 @@ class H2Engine:
                 if end - pos - FRAME_HEADER_LENGTH < length:
                     self._check_parked_block(length)
                     break
-                flags = view[pos + 4]
-                sid = int.from_bytes(view[pos + 5 : pos + 9], "big") & _STREAM_ID_MASK
+                frame_type = (header >> 40) & 0xFF
+                flags = (header >> 32) & 0xFF
+                sid = header & _STREAM_ID_MASK
                 if frame_type != DATA_FRAME:
-                    flood = guard.inbound(frame_type, flags, sid)
-                    if flood is not None:
-                        raise flood
+                    if frame_type in GUARDED_FRAMES:
+                        flood = guard.inbound(frame_type, flags, sid)
+                        if flood is not None:
+                            raise flood
                     bytes_left -= length
                 frames_left -= 1
                 start = pos
@@ -711,11 +719,10 @@ class H2Engine:
             fragment, self_dependent = payload, False
         if flags & END_HEADERS:
             self._frames_read += 1
-            self._client_header_block(sid, flags, bytes(fragment), (raw,), self_dependent)
+            self._client_header_block(sid, flags, bytes(fragment), self_dependent)
             return
         block = self._client_block = _Block(sid, flags, self_dependent)
         block.fragments.append(fragment)
-        block.frames.append(raw)
         block.size = len(fragment)
 
     def _client_continuation(
@@ -727,7 +734,6 @@ class H2Engine:
         if sid != block.sid:
             raise ConnectionError_(_PROTOCOL_ERROR, "CONTINUATION on another stream")
         block.fragments.append(payload)
-        block.frames.append(raw)
         block.size += len(payload)
         if block.size > self._limits.hard_header_list_size:
             self._check_parked_block(0)
@@ -735,10 +741,10 @@ class H2Engine:
             self._client_block = None
             self._frames_read += 1
             whole = b"".join(block.fragments)
-            self._client_header_block(sid, block.flags, whole, block.frames, block.self_dependent)
+            self._client_header_block(sid, block.flags, whole, block.self_dependent)
 
     def _client_header_block(
-        self, sid: int, flags: int, block: bytes, frames: Any, self_dependent: bool
+        self, sid: int, flags: int, block: bytes, self_dependent: bool
     ) -> None:
         end = bool(flags & END_STREAM)
         decoder = self._client_decoder
@@ -1030,23 +1036,25 @@ class H2Engine:
         max_frame = self._limits.max_frame_size
         run_frame = self._limits.run_frame_size
         handlers = SERVER_FRAMES
+        from_bytes = int.from_bytes
         try:
             while end - pos >= FRAME_HEADER_LENGTH:
-                length = (view[pos] << 16) | (view[pos + 1] << 8) | view[pos + 2]
+                header = from_bytes(view[pos : pos + FRAME_HEADER_LENGTH], "big")
+                length = header >> 48
                 if length > max_frame:
                     raise ConnectionError_(
                         _FRAME_SIZE_ERROR, f"frame of {length} bytes (limit {max_frame})"
                     )
                 if end - pos - FRAME_HEADER_LENGTH < length:
                     break
-                frame_type = view[pos + 3]
+                frame_type = (header >> 40) & 0xFF
                 if length >= run_frame and frame_type == DATA_FRAME and self._server_block is None:
                     run_end = self._relay_server_run(view, pos, end)
                     if run_end != pos:
                         pos = run_end
                         continue
-                flags = view[pos + 4]
-                sid = int.from_bytes(view[pos + 5 : pos + 9], "big") & _STREAM_ID_MASK
+                flags = (header >> 32) & 0xFF
+                sid = header & _STREAM_ID_MASK
                 start = pos
                 pos += FRAME_HEADER_LENGTH + length
                 if self._server_block is not None and frame_type != CONTINUATION:
@@ -1199,10 +1207,11 @@ class H2Engine:
     ) -> None:
         """A DATA frame on a flow that may carry it: forwarded as it is when the
         receiver's windows have room and nothing waits before it, else queued."""
-        sender, receiver = (
-            (self._client, self._server) if side == "client" else (self._server, self._client)
-        )
-        data = _data_payload(flags, payload)
+        if side == "client":
+            sender, receiver = self._client, self._server
+        else:
+            sender, receiver = self._server, self._client
+        data = _data_payload(flags, payload) if flags & PADDED else payload
         length = len(payload)  # flow control counts the padding too
         flow.credit -= length
         if flow.credit < 0:
@@ -1211,8 +1220,7 @@ class H2Engine:
             return
         end = bool(flags & END_STREAM)
         if flow.length is not None:
-            flow.seen += len(data)
-            seen = flow.seen
+            seen = flow.seen = flow.seen + len(data)
             if seen > flow.length or (end and seen != flow.length):
                 self._owe(sender, length)
                 self._malformed(
@@ -1223,15 +1231,22 @@ class H2Engine:
             flow.grpc.feed(data)
         if end:
             flow.open = False
-        upstream = flow is stream.request
-        if upstream and not stream.opened:
-            pass  # waits for an upstream slot
-        elif not flow.queue and length <= receiver.window and length <= flow.window:
+        # A request waits for an upstream slot until its stream is opened there.
+        if (
+            (stream.opened or flow is not stream.request)
+            and not flow.queue
+            and length <= receiver.window
+            and length <= flow.window
+        ):
             receiver.window -= length
             flow.window -= length
             receiver.out.append(raw)
-            if sender.owed >= self._quarter_connection:
-                self._pass_on(sender)  # what went on makes room in the relay's buffer
+            # What went on makes room in the relay's buffer: credit due is passed
+            # on, if the cap leaves a batch's worth (_pass_on's own test, made here
+            # first: a receiver that granted much keeps ``owed`` high).
+            quarter = self._quarter_connection
+            if sender.owed >= quarter and self._cap - sender.credit - sender.held >= quarter:
+                self._pass_on(sender)
             if end:
                 self._flow_done(stream, flow)
             return
@@ -1254,7 +1269,7 @@ class H2Engine:
             else payload
         )
         if flags & END_HEADERS:
-            self._server_header_block(sid, flags, bytes(fragment), (raw,))
+            self._server_header_block(sid, flags, bytes(fragment), raw)
             return
         block = self._server_block = _Block(sid, flags, False)
         block.fragments.append(fragment)
@@ -1277,6 +1292,8 @@ class H2Engine:
             self._server_header_block(sid, block.flags, b"".join(block.fragments), block.frames)
 
     def _server_header_block(self, sid: int, flags: int, block: bytes, frames: Any) -> None:
+        """``frames``: the block's HEADERS frame (a memoryview), or the list of its
+        HEADERS and CONTINUATION frames."""
         decoder = self._server_decoder
         generation = decoder.generation
         known = self._responses.get(block)
@@ -1335,7 +1352,12 @@ class H2Engine:
         stream.status = status
         if end and stream.request.grpc is not None:
             stream.grpc_status = grpc_status
-        self._client.out.append(self._framed_for_client(sid, headers, self_contained, frames, end))
+        if self_contained and type(frames) is memoryview:  # one frame, as it came: most responses
+            self._client.out.append(frames)
+        else:
+            self._client.out.append(
+                self._framed_for_client(sid, headers, self_contained, frames, end)
+            )
         if end:
             stream.response.open = False
             if length:
@@ -1347,7 +1369,7 @@ class H2Engine:
         self, sid: int, headers: Headers, self_contained: bool, frames: Any, end: bool
     ) -> Any:
         if self_contained:
-            return frames[0] if len(frames) == 1 else b"".join(frames)
+            return frames if type(frames) is memoryview else b"".join(frames)
         return headers_frames(sid, encode_block(headers), end, self._client.max_frame)
 
     def _server_rst_stream(
@@ -1491,7 +1513,8 @@ class H2Engine:
         self._highest_opened = stream.sid
         if not stream.request.open and not stream.request.queue:
             stream.request.done = True  # END_STREAM came on the HEADERS
-            self._complete_if_done(stream)
+            if stream.response.done:
+                self._complete_if_done(stream)
         elif stream.request.queue:
             self._flush(stream, stream.request)
 
@@ -1518,7 +1541,9 @@ class H2Engine:
     def _complete_if_done(self, stream: Stream) -> None:
         if stream.request.done and stream.response.done:
             self._guard.stream_completed()
-            self._upstream_closed(stream)
+            if stream.opened:  # _upstream_closed, inline: once per stream
+                stream.opened = False
+                self._upstream_open -= 1
             self._forget(stream, _CLOSED)
 
     def _upstream_closed(self, stream: Stream) -> None:
@@ -1534,10 +1559,7 @@ class H2Engine:
             self._client.blocked.pop(sid, None)
         if self._server.blocked:
             self._server.blocked.pop(sid, None)
-        closed = self._closed
-        if len(closed) >= _CLOSED_MEMORY:
-            del closed[next(iter(closed))]
-        closed[sid] = how
+        self._remember_closed(sid, how)
         if self._waiting:
             self._open_waiting()
 
@@ -1730,9 +1752,12 @@ class H2Engine:
 
     def _remember_closed(self, sid: int, how: int) -> None:
         closed = self._closed
-        if len(closed) >= _CLOSED_MEMORY:
-            del closed[next(iter(closed))]
         closed[sid] = how
+        if len(closed) > 2 * _CLOSED_MEMORY:
+            # The older half is forgotten at once. Dropping the oldest entry on
+            # each close would walk, every time, over the entries already deleted
+            # at the front of the dict (a long-lived connection's every stream).
+            self._closed = dict(islice(closed.items(), len(closed) - _CLOSED_MEMORY, None))
 
     def _reset_client(self, sid: int, code: int) -> None:
         """RST_STREAM toward the client for a stream not (or no longer) in the map."""

@@ -52,6 +52,10 @@ from typing import Protocol
 
 from parsers.http2.frames import ACK, PING, RST_STREAM, SETTINGS
 
+# The client frame types ``FloodGuard.inbound`` counts: for any other it has
+# nothing to say, and need not be asked.
+GUARDED_FRAMES = frozenset({PING, SETTINGS, RST_STREAM})
+
 
 class FloodError(Exception):
     """A flood budget ran out; ``limit`` is the name of its ``H2Limits`` field."""
@@ -125,7 +129,8 @@ class FloodGuard:
     # ------------------------------------------------------------ inbound
 
     def inbound(self, frame_type: int, flags: int, stream_id: int) -> FloodError | None:
-        """A frame header from the client, before the engine processes the frame."""
+        """A frame header from the client, before the engine processes the frame
+        (only those of ``GUARDED_FRAMES`` types need be shown)."""
         if frame_type == PING:
             if flags & ACK:
                 return None

@@ -67,11 +67,20 @@ def frame(frame_type: int, flags: int, stream_id: int, payload: bytes = b"") -> 
     )
 
 
+# A whole header block's HEADERS frame: its type and flags, with and without END_STREAM.
+_HEADERS_WHOLE = bytes((HEADERS, END_HEADERS))
+_HEADERS_ENDING = bytes((HEADERS, END_HEADERS | END_STREAM))
+
+
 def headers_frames(stream_id: int, block: bytes, end_stream: bool, max_frame_size: int) -> bytes:
     """A header block as HEADERS and, past ``max_frame_size``, CONTINUATION frames."""
-    if len(block) <= max_frame_size:
-        return frame(
-            HEADERS, END_HEADERS | END_STREAM if end_stream else END_HEADERS, stream_id, block
+    size = len(block)
+    if size <= max_frame_size:  # one frame (every request the relay passes on, nearly)
+        return (
+            size.to_bytes(3, "big")
+            + (_HEADERS_ENDING if end_stream else _HEADERS_WHOLE)
+            + stream_id.to_bytes(4, "big")
+            + block
         )
     first, rest = block[:max_frame_size], block[max_frame_size:]
     flags = (END_STREAM if end_stream else 0) | (0 if rest else END_HEADERS)
