@@ -36,7 +36,14 @@ from pathlib import Path
 
 from bench.common import LOOPBACK, Service, start_firewall, start_haproxy, start_nginx
 from bench.conn_cost import LINGER_WAIT, REQUEST_CLOSE, WARM_UP
-from bench.tls import HAPROXY_RULES, NAME, make_certificate, policy_yaml
+from bench.tls import (
+    HAPROXY_RULES,
+    NAME,
+    firewall_tls_args,
+    haproxy_tls_bind,
+    make_certificate,
+    policy_yaml,
+)
 
 # strace needs a moment to attach to every thread before the first connection.
 ATTACH_WAIT = 1.0
@@ -112,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         nginx = stack.enter_context(start_nginx(workdir))
         upstream = (LOOPBACK, nginx.port)
         context = ssl.create_default_context(cafile=str(ca)) if args.tls else None
-        tls_args = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-alpn", "http/1.1"]
+        tls_args = firewall_tls_args(cert, key)
         l7 = stack.enter_context(
             start_firewall(
                 policy_yaml(nginx.port),
@@ -122,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 extra_args=tls_args if args.tls else (),
             )
         )
-        bind = f"ssl crt {combined} alpn http/1.1 ssl-min-ver TLSv1.2" if args.tls else ""
+        bind = haproxy_tls_bind(combined) if args.tls else ""
         haproxy = stack.enter_context(
             start_haproxy(
                 workdir,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,25 @@ def small_gets(port: int):
     return run
 
 
+def proxies(
+    trees: list[Path], workdir: Path, server_port: int, *, flowlog: bool = False
+) -> Iterator[tuple[str, int, Path, int]]:
+    """Each tree's firewall in turn under callgrind, in front of ``server_port``: its
+    name, pid, dump directory and port (stopped before the next one starts)."""
+    labels = ",".join(f"{k}={v}" for k, v in LABELS.items())
+    policy = POLICY.format(port=server_port)
+    for i, tree in enumerate(trees):
+        dumps = workdir / f"dumps-{i}"
+        dumps.mkdir()
+        port = free_port()
+        extra = ["--flowlog", str(workdir / f"flows-{i}.jsonl")] if flowlog else []
+        with ExitStack() as stack:
+            pid = start_firewall(
+                stack, workdir, dumps, port, server_port, policy, labels, extra, tree
+            )
+            yield ("l7proxy" if tree == REPO else f"l7proxy@{tree}"), pid, dumps, port
+
+
 def count_small(trees: list[Path], requests: int) -> int:
     """Instructions per small GET for each tree: (count of 3n - count of n) / 2n."""
     results: dict[str, dict[str, Any]] = {}
@@ -93,22 +113,11 @@ def count_small(trees: list[Path], requests: int) -> int:
         docroot = workdir / "docroot"
         (docroot / "public").mkdir(parents=True)
         (docroot / "public" / "small.txt").write_bytes(b"x" * 64)
-        labels = ",".join(f"{k}={v}" for k, v in LABELS.items())
         with nghttpd(docroot) as (server_port, _):
-            for tree in trees:
-                name = "l7proxy" if tree == REPO else f"l7proxy@{tree}"
-                dumps = workdir / f"dumps-{len(results)}"
-                dumps.mkdir()
-                port = free_port()
-                flowlog = ["--flowlog", str(workdir / f"flows-{len(results)}.jsonl")]
-                with ExitStack() as stack:
-                    policy = POLICY.format(port=server_port)
-                    pid = start_firewall(
-                        stack, workdir, dumps, port, server_port, policy, labels, flowlog, tree
-                    )
-                    run = small_gets(port)
-                    few = count(pid, dumps, run, requests)
-                    many = count(pid, dumps, run, 3 * requests)
+            for name, pid, dumps, port in proxies(trees, workdir, server_port, flowlog=True):
+                run = small_gets(port)
+                few = count(pid, dumps, run, requests)
+                many = count(pid, dumps, run, 3 * requests)
                 extra = 2 * requests
                 libraries = many["by_library"].keys() & few["by_library"].keys()
                 results[name] = {
@@ -147,19 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         (docroot / "public").mkdir(parents=True)
         with open(docroot / "public" / "big.bin", "wb") as big:
             big.truncate(args.mib << 20)
-        labels = ",".join(f"{k}={v}" for k, v in LABELS.items())
         with nghttpd(docroot) as (server_port, _):
-            for tree in trees:
-                name = "l7proxy" if tree == REPO else f"l7proxy@{tree}"
-                dumps = workdir / f"dumps-{len(results)}"
-                dumps.mkdir()
-                port = free_port()
-                with ExitStack() as stack:
-                    policy = POLICY.format(port=server_port)
-                    pid = start_firewall(
-                        stack, workdir, dumps, port, server_port, policy, labels, tree=tree
-                    )
-                    counted = count(pid, dumps, downloads(port, args.mib), args.downloads)
+            for name, pid, dumps, port in proxies(trees, workdir, server_port):
+                counted = count(pid, dumps, downloads(port, args.mib), args.downloads)
                 results[name] = {
                     "per_mib": round(counted["per_op"] / args.mib),
                     "by_library": {

@@ -75,6 +75,16 @@ spec:
 """
 
 
+def firewall_tls_args(cert: Path, key: Path) -> list[str]:
+    """l7proxy's flags to terminate TLS with ``cert``, HTTP/1.1 by ALPN (every TLS bench)."""
+    return ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-alpn", "http/1.1"]
+
+
+def haproxy_tls_bind(combined: Path) -> str:
+    """haproxy's bind options for the same certificate, ALPN and lowest version."""
+    return f"ssl crt {combined} alpn http/1.1 ssl-min-ver TLSv1.2"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.tls", description=__doc__.split("\n\n")[0])
     argv = [] if argv is None else argv
@@ -150,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         ca, cert, key, combined = make_certificate(workdir)
         nginx = stack.enter_context(start_nginx(workdir))
         upstream = (LOOPBACK, nginx.port)
-        tls_args = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-alpn", "http/1.1"]
+        tls_args = firewall_tls_args(cert, key)
         l7 = stack.enter_context(
             start_firewall(
                 policy_yaml(nginx.port), upstream, {"app": "bench"}, workdir, extra_args=tls_args
@@ -165,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 name="l7proxy-cleartext",
             )  # fmt: skip
         )
-        haproxy_bind = f"ssl crt {combined} alpn http/1.1 ssl-min-ver TLSv1.2"
+        haproxy_bind = haproxy_tls_bind(combined)
         haproxy = stack.enter_context(
             start_haproxy(
                 workdir, upstream, frontend_rules=HAPROXY_RULES, bind_options=haproxy_bind

@@ -41,7 +41,14 @@ from bench.common import (
     tool_version,
     write_results,
 )
-from bench.tls import HAPROXY_RULES, NAME, make_certificate, policy_yaml
+from bench.tls import (
+    HAPROXY_RULES,
+    NAME,
+    firewall_tls_args,
+    haproxy_tls_bind,
+    make_certificate,
+    policy_yaml,
+)
 
 REQUEST = f"GET /x HTTP/1.1\r\nHost: {NAME}\r\n\r\n".encode()
 REQUEST_CLOSE = f"GET /x HTTP/1.1\r\nHost: {NAME}\r\nConnection: close\r\n\r\n".encode()
@@ -103,10 +110,10 @@ def start_proxy(name: str, stack: ExitStack, workdir: Path, upstream: int, files
     dumps.mkdir()
     port = free_port()
     if name == "haproxy":
-        tls_bind = f"ssl crt {combined} alpn http/1.1 ssl-min-ver TLSv1.2"
+        tls_bind = haproxy_tls_bind(combined)
         pid = start_haproxy(stack, workdir, dumps, port, upstream, HAPROXY_RULES, tls_bind)
         return pid, port, dumps
-    tls = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-alpn", "http/1.1"]
+    tls = firewall_tls_args(cert, key)
     extra = tls if name == "l7proxy" else []
     pid = start_firewall(
         stack, workdir, dumps, port, upstream, policy_yaml(upstream), "app=bench", extra

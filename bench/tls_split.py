@@ -58,7 +58,14 @@ from bench.common import (
     started,
 )
 from bench.conn_cost import LINGER_WAIT
-from bench.tls import HAPROXY_RULES, NAME, make_certificate, policy_yaml
+from bench.tls import (
+    HAPROXY_RULES,
+    NAME,
+    firewall_tls_args,
+    haproxy_tls_bind,
+    make_certificate,
+    policy_yaml,
+)
 from bench.tls_instructions import new_connections
 
 WARM_UP = 20
@@ -207,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         ca, cert, key, combined = make_certificate(workdir)
         nginx = stack.enter_context(start_nginx(workdir))
         upstream = (LOOPBACK, nginx.port)
-        tls_args = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-alpn", "http/1.1"]
-        bind = f"ssl crt {combined} alpn http/1.1 ssl-min-ver TLSv1.2"
+        tls_args = firewall_tls_args(cert, key)
+        bind = haproxy_tls_bind(combined)
         policy = policy_yaml(nginx.port)
         services = [
             stack.enter_context(

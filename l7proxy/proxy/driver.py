@@ -982,10 +982,6 @@ class ClientSide(asyncio.Protocol):
             return
         _read_into(stream, self, pipe.client_data)
 
-    def data_received(self, data: bytes) -> None:
-        # Only before the pipe exists (``_read_into``): none is read then.
-        pass
-
     def eof_received(self) -> bool:
         pipe = self._pipe
         if pipe is None:
@@ -1026,9 +1022,6 @@ class ServerSide(asyncio.Protocol):
         self._half_close = transport.get_extra_info("ssl_object") is None
         _read_into(transport, self, self._pipe.server_data)
         self._pipe.server_connected(cast(asyncio.Transport, transport))
-
-    def data_received(self, data: bytes) -> None:
-        self._pipe.server_data(data)  # (``_read_into`` binds it directly)
 
     def eof_received(self) -> bool:
         if not self._pipe.closing:

@@ -308,14 +308,21 @@ def kinds(frames: list) -> list[str]:
     ]
 
 
-def test_data_a_grown_initial_window_lets_go_follows_the_settings_ack():
-    # Until our ACK arrives, the client holds DATA to the window it had; grpcio resets
-    # a stream with "frame of size N overflows local window of 0" otherwise.
-    enc = Encoder()
+def client_granting_no_window() -> Wire:
+    """A client that opens no stream window (INITIAL_WINDOW_SIZE 0, the server's
+    SETTINGS acknowledged), the server started."""
     wire = Wire().client(
         PREFACE + settings_frame({INITIAL_WINDOW_SIZE: 0}) + frame(SETTINGS, ACK, 0)
     )
     wire.server(server_start())
+    return wire
+
+
+def test_data_a_grown_initial_window_lets_go_follows_the_settings_ack():
+    # Until our ACK arrives, the client holds DATA to the window it had; grpcio resets
+    # a stream with "frame of size N overflows local window of 0" otherwise.
+    enc = Encoder()
+    wire = client_granting_no_window()
     download(wire, enc, 1)
     wire.server(frame(DATA, 0, 1, b"d" * 300))
     wire.step()
@@ -341,10 +348,7 @@ def test_data_a_grown_server_window_lets_go_follows_the_settings_ack():
 
 def test_a_client_that_grants_no_window_costs_the_buffer_per_stream_and_no_more():
     enc = Encoder()
-    wire = Wire().client(
-        PREFACE + settings_frame({INITIAL_WINDOW_SIZE: 0}) + frame(SETTINGS, ACK, 0)
-    )
-    wire.server(server_start())
+    wire = client_granting_no_window()
     download(wire, enc, 1)
     wire.step()
     wire.server(frame(DATA, 0, 1, b"d" * 16384) * (BUFFER // 16384))
@@ -357,10 +361,7 @@ def test_a_client_that_grants_no_window_costs_the_buffer_per_stream_and_no_more(
 
 def test_a_client_that_grants_no_window_costs_the_connection_buffer_and_no_more():
     enc = Encoder()
-    wire = Wire().client(
-        PREFACE + settings_frame({INITIAL_WINDOW_SIZE: 0}) + frame(SETTINGS, ACK, 0)
-    )
-    wire.server(server_start())
+    wire = client_granting_no_window()
     full = CONNECTION_BUFFER // BUFFER  # streams whose buffers fill the connection's
     streams = list(range(1, 2 * full + 2, 2))
     for sid in streams:
