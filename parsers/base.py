@@ -39,6 +39,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol, Self, TypeAlias, runtime_checkable
 
+from parsers.fastnew import fast_new
 from parsers.requests import L7Request
 
 # --------------------------------------------------------------------------
@@ -156,6 +157,14 @@ class Reply:
 
     key: Hashable
     fields: dict[str, Any] = field(default_factory=dict)
+
+
+# Built for every message: the engines' hot paths call these constructors, which
+# build what the classes build in a third of the time (``parsers.fastnew``).
+new_to_server = fast_new(ToServer)
+new_to_client = fast_new(ToClient)
+new_access = fast_new(Access)
+new_reply = fast_new(Reply)
 
 
 @dataclass(slots=True)

@@ -44,10 +44,16 @@ def preload_engines(families: set[str]) -> None:
 
 def active_parsers() -> dict[str, str]:
     """Which implementation each parser with a choice is using (for status and logs)."""
+    from parsers import fastnew
     from parsers.http1 import engine as http1
     from parsers.http1 import quick
 
     # http1: the head parser (llhttp or Python); http1_quick: the read of plain
-    # request heads in front of it (the C scanner or its Python twin).
+    # request heads in front of it (the C scanner or its Python twin); fast_new: how
+    # the engines build their commands and requests (C constructors, or the classes).
     active = http1.active_implementation()
-    return {"http1": active, "http1_quick": quick.quick_implementation(active)}
+    return {
+        "http1": active,
+        "http1_quick": quick.quick_implementation(active),
+        "fast_new": fastnew.FAST_NEW_IMPLEMENTATION,
+    }

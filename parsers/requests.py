@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar, Protocol, TypeVar
 
+from parsers.fastnew import fast_new
+
 _Frozen = TypeVar("_Frozen")
 
 
@@ -109,6 +111,10 @@ class HttpRequest:
         return f"http {self.method} {self.path}{host}"
 
 
+# Built for every HTTP request (``parsers.fastnew``: a quarter of the time of the call).
+new_http_request = fast_new(HttpRequest)
+
+
 @quick_init
 @dataclass(frozen=True, slots=True)
 class GrpcCall:
@@ -134,6 +140,9 @@ class GrpcCall:
 
     def describe(self) -> str:
         return f"grpc {self.service}/{self.method}"
+
+
+new_grpc_call = fast_new(GrpcCall)  # (per gRPC call, as ``new_http_request``)
 
 
 @quick_init

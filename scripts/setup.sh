@@ -58,12 +58,14 @@ if [ ! -e "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
-# The C twin of the quick HTTP/1.1 head read, built in place (pip install -e built it
-# too; this rebuilds it when its source changed, and is quick when it did not). It is
-# optional: without it the Python twin serves, and `l7proxy status` says
-# http1_quick=python.
+# The C twins (setup.py): the quick HTTP/1.1 head read and the fast constructors, built
+# in place (pip install -e built them too; this rebuilds them when their source changed,
+# and is quick when it did not). They are optional: without one its Python twin serves,
+# and `l7proxy status` says http1_quick=python or fast_new=python.
 mkdir -p build
 .venv/bin/python setup.py -q build_ext --inplace >build/quickscan.log 2>&1 || true
 .venv/bin/python -c 'import parsers.http1._quickscan' 2>/dev/null \
   || echo "setup: the C head scanner did not build (build/quickscan.log); the Python twin serves" >&2
+.venv/bin/python -c 'import parsers._fastnew' 2>/dev/null \
+  || echo "setup: the C constructors did not build (build/quickscan.log); the Python twin serves" >&2
 .venv/bin/python -c 'import bcc, pyroute2, h2, httptools, aetcd' || { echo "setup: imports failed" >&2; exit 1; }

@@ -25,12 +25,11 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 from parsers.base import (
     DEFAULT_MAX_PENDING,
     HEADER_TIMEOUT,
-    Access,
     Close,
     Command,
     Decide,
@@ -46,7 +45,12 @@ from parsers.base import (
     ToServer,
     WireData,
     Yield,
+    new_access,
+    new_reply,
+    new_to_client,
+    new_to_server,
 )
+from parsers.fastnew import fast_new
 from parsers.http1.errors import (
     AmbiguousFraming,
     DataAfterClose,
@@ -68,7 +72,7 @@ from parsers.http1.head import (
 from parsers.http1.memo import RequestHeadMemo, ResponseHeadMemo
 from parsers.http1.quick import QuickRequestHead, quick_implementation
 from parsers.http1.reader import END, Data, End, Event, Head, MessageReader
-from parsers.requests import HttpRequest
+from parsers.requests import HttpRequest, new_http_request
 
 __all__ = [
     "ACTIVE_IMPLEMENTATION",
@@ -270,7 +274,8 @@ def request_field_facts(head: MessageHead) -> RequestFields:
     return RequestFields(headers, host or "", host is not None, section)
 
 
-class RequestForm(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class RequestForm:
     """A request head as the engine uses it: what ``decide`` sees, and the bytes
     forwarded when the decision asks for no edits."""
 
@@ -294,7 +299,7 @@ def http_request(head: MessageHead, fields: RequestFields | None = None) -> Http
         if path.startswith("?"):
             path = "/" + path
     # (method, path, host, headers, version): positional, as it is built per new head.
-    return HttpRequest(head.method, path, host, fields.headers, head.version)
+    return new_http_request(head.method, path, host, fields.headers, head.version)
 
 
 def _whole_events(head: MessageHead, data: bytes) -> tuple[Event, ...]:
@@ -370,6 +375,11 @@ class _TimedOut:
     """A head that was not complete by its deadline: 408 in its turn, then the end."""
 
     allowed: ClassVar[bool] = False
+
+
+# Built for every request (``parsers.fastnew``).
+new_exchange = fast_new(_Exchange)
+new_form = fast_new(RequestForm)
 
 
 class Http1Engine:
@@ -639,8 +649,8 @@ class Http1Engine:
         decision: Decision = self.decide(request)
         key = self._seq
         self._seq += 1
-        out.append(Access(request, decision, key))
-        ex = _Exchange(key, request, head, decision.allowed)
+        out.append(new_access(request, decision, key))
+        ex = new_exchange(key, request, head, decision.allowed)
         self._current = ex
         self._queue.append(ex)
         if self._finishing and self._last is None:
@@ -649,7 +659,7 @@ class Http1Engine:
             self._awaiting.append(ex)
             self._responses.expect(head.method, head.upgrade)
             edits = decision.edits
-            out.append(ToServer(serialise_request(head, edits) if edits else form.wire))
+            out.append(new_to_server(serialise_request(head, edits) if edits else form.wire))
         else:
             # A client waiting for 100-continue may never send the body it
             # announced, so the connection cannot be reused after refusing it.
@@ -677,10 +687,12 @@ class Http1Engine:
             wire = request_line(head) + (section if section is not None else request_fields(head))
         target = head.target
         if target.startswith("/"):  # origin-form, the path as it came (``http_request``, inline)
-            request = HttpRequest(head.method, target, fields.host, fields.headers, head.version)
+            request = new_http_request(
+                head.method, target, fields.host, fields.headers, head.version
+            )
         else:
             request = http_request(head, fields)
-        form = head.derived = RequestForm(request, wire)
+        form = head.derived = new_form(request, wire)
         return form
 
     def _on_client_error(self, exc: Http1Error, out: list[Command]) -> None:
@@ -855,12 +867,12 @@ class Http1Engine:
         if head.framing == "length":
             body_at = len(data) - head.length
             same = len(wire) == body_at and data.startswith(wire)
-            out.append(ToClient(data if same else wire + data[body_at:]))
+            out.append(new_to_client(data if same else wire + data[body_at:]))
         else:
-            out.append(ToClient(wire))
+            out.append(new_to_client(wire))
         self._awaiting.popleft()
         self._queue.popleft()
-        out.append(Reply(ex.key, {"status": head.status}))
+        out.append(new_reply(ex.key, {"status": head.status}))
         if self._queue and not self._queue[0].allowed:
             self._flush(out)
         if self._requests.held:

@@ -40,7 +40,6 @@ from typing import Any
 from h2.errors import ErrorCodes
 
 from parsers.base import (
-    Access,
     Close,
     Command,
     Decide,
@@ -53,7 +52,12 @@ from parsers.base import (
     TimeLimit,
     ToClient,
     ToServer,
+    WireData,
     Yield,
+    new_access,
+    new_reply,
+    new_to_client,
+    new_to_server,
 )
 from parsers.http2.blocks import BlockDecoder, CompressionError, HeaderListTooLarge, encode_block
 from parsers.http2.floods import GUARDED_FRAMES, FloodError, FloodGuard
@@ -589,14 +593,14 @@ class H2Engine:
         out = self._out
         self._out = []
         if self._client.out:
-            _gather(self._client.out, ToClient, out)
+            _gather(self._client.out, new_to_client, out)
         if self._server.out:
             # Nothing goes upstream before the client has shown it speaks HTTP/2,
             # nor to a server that has closed.
             if self._server_gone:
                 self._server.out.clear()
             elif self._server_started:
-                _gather(self._server.out, ToServer, out)
+                _gather(self._server.out, new_to_server, out)
         if not self._streams and not self._dead:
             if self._goaway_last is not None:
                 # Our own final GOAWAY: the client, told, closes the connection.
@@ -801,7 +805,7 @@ class H2Engine:
             return
         grpc = type(request) is GrpcCall
         decision = self._decide(request)
-        self._out.append(Access(request, decision, sid))
+        self._out.append(new_access(request, decision, sid))
         if not decision.allowed:
             self._deny(sid, end, decision, grpc)
             return
@@ -1574,7 +1578,7 @@ class H2Engine:
             fields["response_messages"] = stream.response.grpc.messages
         if reset:
             fields["reset"] = reset
-        self._out.append(Reply(stream.sid, fields))
+        self._out.append(new_reply(stream.sid, fields))
 
     def _drop(self, stream: Stream, reason: str, how: int) -> None:
         """End a stream early: queued bytes are credited back, the flow log told."""
@@ -1919,10 +1923,12 @@ _UNJOINED = 4096
 _JOINED = 32768
 
 
-def _gather(parts: list[Any], kind: type[ToClient] | type[ToServer], out: list[Command]) -> None:
-    """``parts`` (bytes and memoryviews of reads, in order) as commands of ``kind``
-    appended to ``out``, few and without copying a read's large slices; ``parts``
-    is emptied."""
+def _gather(
+    parts: list[Any], kind: Callable[[WireData], ToClient | ToServer], out: list[Command]
+) -> None:
+    """``parts`` (bytes and memoryviews of reads, in order) as commands made by ``kind``
+    (``new_to_client`` or ``new_to_server``) appended to ``out``, few and without
+    copying a read's large slices; ``parts`` is emptied."""
     if len(parts) == 1:
         out.append(kind(parts[0]))
     elif sum(map(len, parts)) < _JOINED:

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 
 from parsers.base import Decision
-from parsers.requests import GrpcCall, HttpRequest
+from parsers.requests import GrpcCall, HttpRequest, new_grpc_call, new_http_request
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -142,11 +142,11 @@ def build_request(headers: Headers) -> HttpRequest | GrpcCall:
         if n == "host":
             host = v
         regular.append((n, v))
-    http = HttpRequest(method, path, authority or host, tuple(regular), version="2")
+    http = new_http_request(method, path, authority or host, tuple(regular), "2")
     if not is_grpc(headers):
         return http
     service, method_name = grpc_names(path)
-    return GrpcCall(service, method_name, http)
+    return new_grpc_call(service, method_name, http)
 
 
 def grpc_names(path: str) -> tuple[str, str]:
