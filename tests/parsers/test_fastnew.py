@@ -144,11 +144,7 @@ def layouts(draw: st.DrawFn) -> tuple[type, list[Any], dict[str, Any]]:
     cls = dataclasses.make_dataclass("Random", fields, slots=True, frozen=frozen)
     values = draw(st.lists(st.integers() | st.binary(max_size=4), min_size=n, max_size=n))
     given_positionally = draw(st.integers(required, n))
-    by_name = {
-        f"f{i}": values[i]
-        for i in range(given_positionally, n)
-        if draw(st.booleans())
-    }
+    by_name = {f"f{i}": values[i] for i in range(given_positionally, n) if draw(st.booleans())}
     return cls, values[:given_positionally], by_name
 
 
