@@ -4,10 +4,11 @@ Each target runs in its own libFuzzer process (atheris), seeded from the
 conformance and differential corpora, with a per-input timeout and an RSS
 limit. Crashing inputs are written to ``--artifacts`` and the run fails.
 
-The C head scanner (``parsers/http1/_quickscan.c``) is fuzzed as C: the targets
-run a copy built with clang for fuzzing (AddressSanitizer, and libFuzzer's edge
-coverage, so inputs that reach new C branches are kept), atheris's ASan runtime
-preloaded. Without clang, they run the ordinary build (and say so).
+The C extensions (the head scanner, ``parsers/http1/_quickscan.c``, and the fast
+constructors, ``parsers/_fastnew.c``) are fuzzed as C: their targets run copies built
+with clang for fuzzing (AddressSanitizer, and libFuzzer's edge coverage, so inputs that
+reach new C branches are kept), atheris's ASan runtime preloaded. Without clang, they
+run the ordinary builds (and say so).
 """
 
 from __future__ import annotations
@@ -26,32 +27,40 @@ from tests.fuzz.seeds import write_seeds
 from tests.fuzz.targets import TARGETS
 
 RUNS = re.compile(r"stat::number_of_executed_units: (\d+)")
-SCANNER_SOURCE = Path(__file__).resolve().parents[2] / "parsers" / "http1" / "_quickscan.c"
+PARSERS = Path(__file__).resolve().parents[2] / "parsers"
+# The targets that fuzz a C extension: its module, source and the variable that names
+# the instrumented build for ``tests.fuzz.run``.
+C_TARGETS = {
+    "quickscan": ("parsers.http1._quickscan", PARSERS / "http1" / "_quickscan.c"),
+    "fastnew": ("parsers._fastnew", PARSERS / "_fastnew.c"),
+}
 
 
-def instrumented_scanner(directory: Path) -> dict[str, str]:
-    """The environment that makes the targets run the C head scanner built for
-    fuzzing in ``directory``; empty without clang (or if it fails to build)."""
+def instrumented_build(target: str, directory: Path) -> dict[str, str]:
+    """The environment that makes ``target`` run its C extension built for fuzzing in
+    ``directory``; empty without clang (or if it fails to build)."""
     import atheris
 
     clang = shutil.which("clang")
     if clang is None:
         return {}
-    obj = directory / "_quickscan.o"
-    lib = directory / ("_quickscan" + sysconfig.get_config_var("EXT_SUFFIX"))
+    module, source = C_TARGETS[target]
+    stem = module.rsplit(".", 1)[1]
+    obj = directory / f"{stem}.o"
+    lib = directory / (stem + sysconfig.get_config_var("EXT_SUFFIX"))
     include = sysconfig.get_paths()["include"]
     flags = ["-fPIC", "-O1", "-g", "-fsanitize=address,fuzzer-no-link"]
     try:
         subprocess.run(
-            [clang, "-c", *flags, "-I", include, str(SCANNER_SOURCE), "-o", str(obj)], check=True
+            [clang, "-c", *flags, "-I", include, str(source), "-o", str(obj)], check=True
         )
         # (Linked without the sanitizer runtime: the preloaded one provides it.)
         subprocess.run([clang, "-shared", str(obj), "-o", str(lib)], check=True)
     except subprocess.CalledProcessError as exc:
-        print(f"quickscan: the instrumented build failed ({exc})")
+        print(f"{target}: the instrumented build failed ({exc})")
         return {}
     return {
-        "L7PROXY_FUZZ_QUICKSCAN": str(lib),
+        "L7PROXY_FUZZ_MODULE": f"{module}={lib}",
         "LD_PRELOAD": str(Path(atheris.path()) / "asan_with_fuzzer.so"),
         # Python frees little at exit on purpose: leaks are not findings here.
         "ASAN_OPTIONS": "detect_leaks=0",
@@ -79,12 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         seeds = Path(tmp) / "seeds"
         count = write_seeds(seeds)
         print(f"{count} seed inputs; {each}s per target")
-        scanner = instrumented_scanner(Path(tmp)) if "quickscan" in args.targets else {}
-        if "quickscan" in args.targets:
-            print(
-                "quickscan: the C scanner "
-                + ("built with ASan and coverage" if scanner else "as built")
-            )
+        builds = {}
+        for name in sorted(set(C_TARGETS) & set(args.targets)):
+            builds[name] = instrumented_build(name, Path(tmp))
+            how = "built with ASan and coverage" if builds[name] else "as built"
+            print(f"{name}: {C_TARGETS[name][0]} {how}")
         for name in args.targets:
             corpus = Path(tmp) / name
             corpus.mkdir()
@@ -95,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"-artifact_prefix={args.artifacts}/{name}-", "-print_final_stats=1",
                 str(corpus), str(seeds),
             ]  # fmt: skip
-            env = {**os.environ, **scanner} if name == "quickscan" else None
+            env = {**os.environ, **builds[name]} if builds.get(name) else None
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=each + 120, env=env)
             output = proc.stdout + proc.stderr
             runs = RUNS.search(output)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
+from typing import Any
+
+import atheris
 
 from parsers.base import Decision, ParseError
+from parsers.fastnew import FAST_NEW_IMPLEMENTATION, fast_new
 from parsers.http1.engine import Http1Engine, Http1Limits, request_reader, response_reader
 from parsers.http1.errors import Http1Error
 from parsers.http1.reader import Data, End, Head
@@ -221,7 +226,47 @@ def h2_relay(data: bytes) -> None:
     engine.server_data(b"")
 
 
+def _fields_of(obj: object) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name, "<unset>") for f in dataclasses.fields(obj)}  # type: ignore[arg-type]
+
+
+def _made_by(build: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    try:
+        return _fields_of(build(*args, **kwargs))
+    except TypeError:
+        return TypeError
+
+
+def fastnew(data: bytes) -> None:
+    """A C constructor and its class: the same fields for the same call, or both a
+    TypeError. The input draws a slotted dataclass (1 to 12 fields, the last ones with
+    a default or a factory, maybe frozen) and a call of it, right or wrong: too many
+    or too few positional arguments, names repeated or unknown."""
+    fdp = atheris.FuzzedDataProvider(data)
+    n = fdp.ConsumeIntInRange(1, 12)
+    required = fdp.ConsumeIntInRange(0, n)
+    fields: list[Any] = []
+    for i in range(n):
+        if i < required:
+            fields.append((f"f{i}", Any))
+        elif fdp.ConsumeBool():
+            fields.append((f"f{i}", Any, dataclasses.field(default_factory=list)))
+        else:
+            fields.append((f"f{i}", Any, dataclasses.field(default=fdp.ConsumeInt(2))))
+    cls = dataclasses.make_dataclass("Drawn", fields, slots=True, frozen=fdp.ConsumeBool())
+    maker = fast_new(cls)
+    if FAST_NEW_IMPLEMENTATION == "c" and maker is cls:
+        raise AssertionError(f"no C constructor for {fields}")
+    positional = [fdp.ConsumeBytes(2) for _ in range(fdp.ConsumeIntInRange(0, n + 2))]
+    names = [f"f{fdp.ConsumeIntInRange(0, n + 1)}" for _ in range(fdp.ConsumeIntInRange(0, 4))]
+    kwargs = {name: fdp.ConsumeInt(1) for name in names}
+    made, called = _made_by(maker, positional, kwargs), _made_by(cls, positional, kwargs)
+    if made != called:
+        raise AssertionError(f"{cls} {positional!r} {kwargs!r}: {made!r} != {called!r}")
+
+
 TARGETS = {
+    "fastnew": fastnew,
     "h2_relay": h2_relay,
     "readers": readers,
     "quickscan": quickscan,
