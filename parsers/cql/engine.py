@@ -54,6 +54,10 @@ from parsers.base import (
     TimeLimit,
     ToClient,
     ToServer,
+    new_access,
+    new_reply,
+    new_to_client,
+    new_to_server,
 )
 from parsers.cql import wire as w
 from parsers.cql.lexer import Statement, classify
@@ -401,7 +405,7 @@ class CqlEngine:
         finally:
             # frames judged before an error still go out
             if fwd < pos:
-                out.append(ToServer(bytes(buf[fwd:pos])))
+                out.append(new_to_server(bytes(buf[fwd:pos])))
             del buf[:pos]
 
     def _large_frame(self, size: int, out: list[Command]) -> bool:
@@ -771,7 +775,7 @@ class CqlEngine:
         refused = next((d for d in decisions if not d.allowed), None)
         if refused is None:
             for request, decision, key in zip(requests, decisions, keys, strict=True):
-                out.append(Access(request, decision, key))
+                out.append(new_access(request, decision, key))
             self._inflight[stream] = keys
             return None
         culprit = requests[decisions.index(refused)]
@@ -867,7 +871,7 @@ class CqlEngine:
                 self._response(env, out)
         finally:
             if fwd < pos:
-                out.append(ToClient(bytes(buf[fwd:pos])))
+                out.append(new_to_client(bytes(buf[fwd:pos])))
             del buf[:pos]
 
     def _server_segment(self, seg: w.Segment, buf: bytearray, pos: int, out: list[Command]) -> None:
@@ -935,7 +939,7 @@ class CqlEngine:
                 elif kind == w.RESULT_PREPARED and preparing is not None:
                     self._prepared[reader.short_bytes()] = preparing
         for key in keys or ():
-            out.append(Reply(key, fields))
+            out.append(new_reply(key, fields))
 
     def _response_body(self, env: w.Envelope) -> w.BodyReader:
         body = env.body

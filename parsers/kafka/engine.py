@@ -48,6 +48,10 @@ from parsers.base import (
     TimeLimit,
     ToClient,
     ToServer,
+    new_access,
+    new_reply,
+    new_to_client,
+    new_to_server,
 )
 from parsers.kafka import apis as kafka_apis
 from parsers.kafka import deny as kafka_deny
@@ -278,7 +282,7 @@ class KafkaEngine:
                 for piece in buf.take_upto(self._upload_left):
                     self._upload_left -= len(piece)
                     if self._dropping is None:
-                        out.append(ToServer(piece))
+                        out.append(new_to_server(piece))
                     elif not self._drop(piece, out):
                         return
                 if not self._upload_left and self._upload_done is not None:
@@ -359,7 +363,7 @@ class KafkaEngine:
             transactional_ids=(prefix.transactional_id,) if prefix.transactional_id else (),
         )
         decision = self._decide(request)
-        out.append(Access(request, decision, key=correlation_id))
+        out.append(new_access(request, decision, correlation_id))
         self._frames += 1
         if not decision.allowed:
             # Dropped as it arrives, never held: a denial needs only its partitions.
@@ -490,10 +494,10 @@ class KafkaEngine:
             # none, and wait for metadata until they time out): learn them first.
             self._look_up(frame, out, topics=[], why="the brokers, for a Metadata denial")
             return _HOLD
-        out.append(Access(request, decision, key=correlation_id))
+        out.append(new_access(request, decision, correlation_id))
         acks0 = api_key == _PRODUCE and message is not None and message.acks == 0
         if decision.allowed:
-            out.append(ToServer(frame))
+            out.append(new_to_server(frame))
             if acks0:
                 out.append(Reply(correlation_id, {"api": name, "acks": 0}))
             else:
@@ -766,14 +770,14 @@ class KafkaEngine:
         """Forward what has arrived of the streamed response; True when it is complete."""
         pieces = self._server.take_upto(self._stream_left)
         for piece in pieces:
-            out.append(ToClient(piece))
+            out.append(new_to_client(piece))
             self._stream_left -= len(piece)
         self._stream_parts += pieces
         if self._stream_left:
             return False
         self._stream = None
         parts, self._stream_parts = self._stream_parts, []
-        out.append(Reply(owed.correlation_id, self._streamed_fields(owed, parts)))
+        out.append(new_reply(owed.correlation_id, self._streamed_fields(owed, parts)))
         self._flush_denials(out)
         return True
 
@@ -823,8 +827,8 @@ class KafkaEngine:
                 out.append(
                     Log(f"could not add denied topics to Metadata reply: {exc}", level="warning")
                 )
-        out.append(ToClient(frame))
-        out.append(Reply(owed.correlation_id, fields))
+        out.append(new_to_client(frame))
+        out.append(new_reply(owed.correlation_id, fields))
         self._flush_denials(out)
 
     def _add_denied_topics(self, owed: _Owed, frame: Data, fields: dict[str, Any]) -> bytes:
