@@ -47,8 +47,8 @@ from l7proxy.proxy.heap import give_memory_back
 from l7proxy.proxy.passthrough import PassthroughEngine
 from l7proxy.proxy.silent import Silent, SilentSockets
 from l7proxy.proxy.tls import HELLO_HEADERS, TlsStore, refuse_client_hello, session_fields
-from parsers.base import Decision, Engine, ProtocolError
-from parsers.registry import engine_factory
+from parsers.base import Decision, Engine, EngineFactory, ProtocolError
+from parsers.registry import engine_factory, proxy_engine_factory
 from parsers.requests import TlsClientHello
 from parsers.tls.hello import ClientHelloReader
 from parsers.tls.wire import ACCESS_DENIED
@@ -632,6 +632,9 @@ class Proxy:
         self._tls_choices: dict[tuple[str, str, int], _Terminated | None] = {}
         self._tls_choices_for: tuple[object, int] | None = None
         self._tls_choices_since = 0.0
+        # The engine factory of each parser family, made once: its engines share what
+        # they may across this proxy's connections (the HTTP/1.1 heads seen lately).
+        self._engine_factories: dict[str, EngineFactory] = {}
 
     # ------------------------------------------------------------ listeners
 
@@ -985,11 +988,14 @@ class Proxy:
         # client asked us for, else the firewall's --upstream-server-name, else its address.
         upstream_name = server_name or (self.tls and self.tls.upstream_server_name) or dst_ip
         parser = policy.parser
-        engine: Engine = (
-            engine_factory(parser)(policy.decide, max_pending=self.limits.max_pending_requests)
-            if parser
-            else PassthroughEngine()
-        )
+        engine: Engine
+        if parser:
+            make = self._engine_factories.get(parser)
+            if make is None:
+                make = self._engine_factories[parser] = proxy_engine_factory(parser)
+            engine = make(policy.decide, max_pending=self.limits.max_pending_requests)
+        else:
+            engine = PassthroughEngine()
 
         def connect(pipe: Pipe) -> asyncio.Task[Any]:
             return self._connect_upstream(
