@@ -133,13 +133,6 @@ class Http1Limits:
     responses_per_turn: int = 32
 
 
-def _chosen(impl: str) -> str:
-    """``impl`` checked (``_choose``), with no call for the one already chosen."""
-    return (
-        ACTIVE_IMPLEMENTATION if impl == "auto" or impl == ACTIVE_IMPLEMENTATION else _choose(impl)
-    )
-
-
 def _request_heads(impl: str, quick: bool) -> RequestHeadParser:
     heads: RequestHeadParser = CRequestHead() if impl == "c" else PyRequestHead()
     return QuickRequestHead(heads, quick_implementation(impl)) if quick else heads
@@ -163,7 +156,8 @@ def request_reader(
     parser; with ``memo``, heads seen before are not read again: on this connection,
     or, with ``memory`` (a ``HeadMemory``'s), on any that shares it. A memo makes its
     parser only for the first head it does not know."""
-    impl = _chosen(impl)
+    if impl != ACTIVE_IMPLEMENTATION:  # (most often it is: no call then)
+        impl = ACTIVE_IMPLEMENTATION if impl == "auto" else _choose(impl)
     heads: RequestHeadParser = (
         RequestHeadMemo(partial(_request_heads, impl, quick), memory)
         if memo
@@ -181,7 +175,8 @@ def response_reader(
 ) -> MessageReader:
     """A reader of responses (server side); ``memo`` and ``memory`` as for
     ``request_reader``."""
-    impl = _chosen(impl)
+    if impl != ACTIVE_IMPLEMENTATION:
+        impl = ACTIVE_IMPLEMENTATION if impl == "auto" else _choose(impl)
     heads: ResponseHeadParser = (
         ResponseHeadMemo(partial(_response_heads, impl), memory) if memo else _response_heads(impl)
     )
@@ -426,7 +421,8 @@ class Http1Engine:
         # Pipelined requests judged before their answers: at this many, the
         # reader holds further bytes until half have been answered.
         self._max_pending = max_pending
-        self.implementation = impl = _chosen(parser)
+        impl = ACTIVE_IMPLEMENTATION if parser == "auto" else _choose(parser)
+        self.implementation = impl
         # Keep-alive clients repeat themselves, and new connections their first heads:
         # both readers remember the heads of this connection, or of all that share
         # ``heads`` (``parsers.http1.memo``), and nothing else differs.
