@@ -35,6 +35,7 @@ from parsers.http1.head import FrontParser, MessageHead, RequestHeadParser, Resp
 
 __all__ = [
     "MAX_REMEMBERED_HEAD",
+    "SHARED_MEMO_BYTES",
     "SHARED_MEMO_SIZE",
     "HeadMemory",
     "RequestHeads",
@@ -49,8 +50,11 @@ __all__ = [
 
 MEMO_SIZE = 32  # distinct heads remembered per connection and direction
 # ... and by a proxy's shared memory, per direction: room for the first heads of many
-# clients and servers (a Date field makes a server's answers new heads every second).
-SHARED_MEMO_SIZE = 512
+# clients and servers (a Date field makes a server's answers new heads every second),
+# and at most this many bytes of heads (typical heads of a few hundred bytes never
+# reach it; heads of many fields take ~10x their size parsed, so this bounds that).
+SHARED_MEMO_SIZE = 256
+SHARED_MEMO_BYTES = 256 * 1024
 MAX_REMEMBERED_HEAD = 8192  # longer heads are parsed every time
 # New heads not remembered after a memory's worth that were never found again: this
 # many memories' worth (``RequestHeads.rest``).
@@ -74,15 +78,31 @@ def _simple_target(raw: bytes, start: int, end: int) -> bool:
 class RequestHeads:
     """What ``RequestHeadMemo`` remembers: heads by their exact bytes, request shapes,
     and how its rests go (below). Made per connection by a memo given none, or once
-    per proxy in a ``HeadMemory``, for all of its connections."""
+    per proxy in a ``HeadMemory``, for all of its connections. Each of the two is
+    full at ``size`` heads or ``max_bytes`` bytes of them, and then cleared."""
 
-    __slots__ = ("size", "heads", "shapes", "found", "resting", "next_rest", "rest", "rest_max")
+    __slots__ = (
+        "size",
+        "max_bytes",
+        "heads",
+        "heads_bytes",
+        "shapes",
+        "shapes_bytes",
+        "found",
+        "resting",
+        "next_rest",
+        "rest",
+        "rest_max",
+    )
 
-    def __init__(self, size: int = MEMO_SIZE) -> None:
+    def __init__(self, size: int = MEMO_SIZE, max_bytes: int | None = None) -> None:
         self.size = size  # distinct heads (and shapes) at the most
+        self.max_bytes = size * MAX_REMEMBERED_HEAD if max_bytes is None else max_bytes
         self.heads: dict[bytes, MessageHead] = {}
+        self.heads_bytes = 0  # the bytes of the heads in ``heads``
         # (method, bytes after the target) -> a head parsed in full with a simple target
         self.shapes: dict[tuple[bytes, bytes], MessageHead] = {}
+        self.shapes_bytes = 0  # the bytes of the heads in ``shapes``
         self.found = 0  # heads found since the memory was last cleared
         self.resting = 0  # new heads still to go unremembered
         self.rest = REST_FACTOR * size
@@ -91,13 +111,16 @@ class RequestHeads:
 
 
 class ResponseHeads:
-    """What ``ResponseHeadMemo`` remembers: heads by request method and exact bytes."""
+    """What ``ResponseHeadMemo`` remembers: heads by request method and exact bytes,
+    ``size`` of them or ``max_bytes`` bytes at the most."""
 
-    __slots__ = ("size", "heads")
+    __slots__ = ("size", "max_bytes", "heads", "heads_bytes")
 
-    def __init__(self, size: int = MEMO_SIZE) -> None:
+    def __init__(self, size: int = MEMO_SIZE, max_bytes: int | None = None) -> None:
         self.size = size
+        self.max_bytes = size * MAX_REMEMBERED_HEAD if max_bytes is None else max_bytes
         self.heads: dict[tuple[str, bytes], MessageHead] = {}
+        self.heads_bytes = 0
 
 
 class HeadMemory:
@@ -107,9 +130,9 @@ class HeadMemory:
 
     __slots__ = ("requests", "responses")
 
-    def __init__(self, size: int = SHARED_MEMO_SIZE) -> None:
-        self.requests = RequestHeads(size)
-        self.responses = ResponseHeads(size)
+    def __init__(self, size: int = SHARED_MEMO_SIZE, max_bytes: int = SHARED_MEMO_BYTES) -> None:
+        self.requests = RequestHeads(size, max_bytes)
+        self.responses = ResponseHeads(size, max_bytes)
 
 
 class RequestHeadMemo(FrontParser[RequestHeadParser]):
@@ -190,24 +213,32 @@ class RequestHeadMemo(FrontParser[RequestHeadParser]):
                 and _simple_target(raw, sp1 + 1, sp2)
             )
         if simple:
-            if len(self._shapes) >= self._memory.size:
+            memory = self._memory
+            size = len(raw)
+            if len(self._shapes) >= memory.size or memory.shapes_bytes + size > memory.max_bytes:
                 self._shapes.clear()
+                memory.shapes_bytes = 0
             self._shapes[(raw[:sp1], raw[sp2:])] = head
+            memory.shapes_bytes += size
 
     def _remember_bytes(self, raw: bytes, head: MessageHead) -> bool:
-        if len(raw) > MAX_REMEMBERED_HEAD:
+        size = len(raw)
+        if size > MAX_REMEMBERED_HEAD:
             return False
         memory = self._memory
-        if len(self._heads) >= memory.size:
+        if len(self._heads) >= memory.size or memory.heads_bytes + size > memory.max_bytes:
             self._heads.clear()
+            memory.heads_bytes = 0
             if not memory.found:  # a memory full of heads, none of them seen again
                 self._shapes.clear()
+                memory.shapes_bytes = 0
                 memory.resting = memory.next_rest
                 memory.next_rest = min(2 * memory.next_rest, memory.rest_max)
                 return False
             memory.found = 0
             memory.next_rest = memory.rest
         self._heads[raw] = head
+        memory.heads_bytes += size
         return True
 
 
@@ -221,8 +252,7 @@ class ResponseHeadMemo(FrontParser[ResponseHeadParser]):
         self, make: Callable[[], ResponseHeadParser], memory: ResponseHeads | None = None
     ) -> None:
         super().__init__(make=make)
-        memory = memory if memory is not None else ResponseHeads()
-        self._size = memory.size
+        memory = self._memory = memory if memory is not None else ResponseHeads()
         self._heads = memory.heads
 
     def complete(self, head: bytes, request_method: str = "GET") -> MessageHead:
@@ -234,8 +264,12 @@ class ResponseHeadMemo(FrontParser[ResponseHeadParser]):
             return known
         self._partial = False
         parsed = self._parser_behind().complete(head, request_method)
-        if len(head) <= MAX_REMEMBERED_HEAD:
-            if len(self._heads) >= self._size:
+        size = len(head)
+        if size <= MAX_REMEMBERED_HEAD:
+            memory = self._memory
+            if len(self._heads) >= memory.size or memory.heads_bytes + size > memory.max_bytes:
                 self._heads.clear()
+                memory.heads_bytes = 0
             self._heads[key] = parsed
+            memory.heads_bytes += size
         return parsed

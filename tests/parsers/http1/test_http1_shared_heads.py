@@ -153,6 +153,22 @@ def test_a_shared_memory_stays_bounded():
         assert len(memory.responses.heads) <= 8
 
 
+def test_a_shared_memory_holds_no_more_than_its_bytes():
+    memory = HeadMemory(size=100, max_bytes=4096)
+    padding = "v" * 900
+    for i in range(30):  # each about 1 KiB: four fit
+        request = f"GET /{i} HTTP/1.1\r\nHost: h\r\nX-Pad: {padding}\r\n\r\n".encode()
+        response = f"HTTP/1.1 204 No Content\r\nX-Pad: {padding}{i}\r\n\r\n".encode()
+        for _ in range(2):  # (each head twice: found again, so no rest begins)
+            out = exchange(Http1Engine(allow, heads=memory), request, response)
+            assert out[1] == ToServer(request) and out[2] == ToClient(response)
+        for heads in (memory.requests.heads, memory.requests.shapes, memory.responses.heads):
+            assert 1 <= len(heads) <= 4
+        assert sum(map(len, memory.requests.heads)) <= 4096
+        assert sum(len(raw) for _, raw in memory.responses.heads) <= 4096
+    assert GET not in memory.requests.heads
+
+
 def test_each_proxy_has_its_own_memory_and_its_engines_share_it():
     one, other = proxy_engine_factory("http"), proxy_engine_factory("http")
     first = exchange(one(allow), GET, OK)
