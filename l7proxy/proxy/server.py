@@ -978,7 +978,7 @@ class Proxy:
             ssl_object = transport.get_extra_info("ssl_object")
             alpn = None
             if ssl_object is not None:
-                session = session_fields(ssl_object)
+                session = session_fields(transport, ssl_object)
                 server_name, alpn = session["sni"], session["alpn"]
             elif policy.parser == "http":
                 alpn = "http/1.1"  # a cleartext client: HTTP/2 upstream needs ALPN h2
