@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from functools import partial
 
-from parsers.base import DEFAULT_MAX_PENDING, Close, Command, Decide, TimeLimit
+from parsers.base import DEFAULT_MAX_PENDING, Close, Command, Decide, EngineFactory, TimeLimit
 from parsers.http1.engine import Http1Engine
+from parsers.http1.memo import HeadMemory
 from parsers.http2.engine import PREFACE, H2Engine
 from parsers.requests import HttpRequest
 
@@ -25,15 +26,29 @@ class HttpEngine:
     protocol = "http"
     client_speaks_first = True  # the upstream is connected on the first bytes for it
 
-    def __init__(self, decide: Decide, *, max_pending: int = DEFAULT_MAX_PENDING) -> None:
+    def __init__(
+        self,
+        decide: Decide,
+        *,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        heads: HeadMemory | None = None,
+    ) -> None:
         self._decide = decide
         self._max_pending = max_pending
+        self._heads = heads  # HTTP/1.1 heads shared with other connections (``sharing``)
         self._inner: H2Engine | Http1Engine | None = None
         self._head = b""  # a possible preface prefix, until it is decided
         # An HTTP/2 server may send its SETTINGS as soon as it accepts, before
         # the client has said anything: keep those bytes for the chosen engine.
         self._server_early = b""
         self._finishing = False  # finish() came before the version was known
+
+    @classmethod
+    def sharing(cls) -> EngineFactory:
+        """A factory of engines whose HTTP/1.1 heads are remembered together: one
+        ``HeadMemory`` for all the connections of the proxy that calls this, so a new
+        connection's first request and response heads are most often known already."""
+        return partial(cls, heads=HeadMemory())
 
     @property
     def reading_headers(self) -> bool:
@@ -137,6 +152,7 @@ class HttpEngine:
             self._decide,
             upgrade_handler=partial(upgrade_to_h2c, self._decide),
             max_pending=self._max_pending,
+            heads=self._heads,
         )
 
 

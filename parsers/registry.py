@@ -34,6 +34,15 @@ def engine_factory(family: str) -> EngineFactory:
     return factory
 
 
+def proxy_engine_factory(family: str) -> EngineFactory:
+    """``engine_factory(family)`` for one proxy: its engines share what that family's
+    engines may share across connections (the HTTP engine's ``sharing``: the heads
+    seen lately). A proxy calls it once per family and keeps the factory."""
+    factory = engine_factory(family)
+    sharing = getattr(factory, "sharing", None)
+    return sharing() if sharing is not None else factory
+
+
 def preload_engines(families: set[str]) -> None:
     """Import the engines of ``families`` now (unknown names are left to
     ``engine_factory`` to refuse when a connection asks)."""

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from l7proxy.observe.flowlog import FlowLog, now_fields
 from l7proxy.policy.engine import Endpoint
-from l7proxy.policy.state import ConnectionPolicy, PolicyState, Side
+from l7proxy.policy.state import ConnectionPolicy, PolicyState
 from l7proxy.proxy.driver import (
     ENDED_OTHERWISE,
     ENDED_QUIET,
@@ -47,8 +47,8 @@ from l7proxy.proxy.heap import give_memory_back
 from l7proxy.proxy.passthrough import PassthroughEngine
 from l7proxy.proxy.silent import Silent, SilentSockets
 from l7proxy.proxy.tls import HELLO_HEADERS, TlsStore, refuse_client_hello, session_fields
-from parsers.base import Decision, Engine, ProtocolError
-from parsers.registry import engine_factory
+from parsers.base import Decision, Engine, EngineFactory, ProtocolError
+from parsers.registry import engine_factory, proxy_engine_factory
 from parsers.requests import TlsClientHello
 from parsers.tls.hello import ClientHelloReader
 from parsers.tls.wire import ACCESS_DENIED
@@ -617,7 +617,8 @@ class Proxy:
         # _connection's answers but the source port, by (source ip, destination ip,
         # port), for one policy (and one set of listening ports).
         self._connections: dict[
-            tuple[str, str, int], tuple[str, str, int, Side, Side, ConnectionPolicy] | None
+            tuple[str, str, int],
+            tuple[str, str, int, dict[str, Any], dict[str, Any], ConnectionPolicy] | None,
         ] = {}
         self._connections_for: object = None
         # Connections open at the most since memory was last given back.
@@ -632,6 +633,9 @@ class Proxy:
         self._tls_choices: dict[tuple[str, str, int], _Terminated | None] = {}
         self._tls_choices_for: tuple[object, int] | None = None
         self._tls_choices_since = 0.0
+        # The engine factory of each parser family, made once: its engines share what
+        # they may across this proxy's connections (the HTTP/1.1 heads seen lately).
+        self._engine_factories: dict[str, EngineFactory] = {}
 
     # ------------------------------------------------------------ listeners
 
@@ -714,14 +718,17 @@ class Proxy:
 
     def _connection(
         self, peer: Address, local: Address
-    ) -> tuple[str, int, str, int, Side, Side, ConnectionPolicy] | None:
-        """Who is connecting to what, and the policy of that connection; None for
-        a direct connection to the proxy port itself, not a redirected flow.
+    ) -> tuple[str, int, str, int, dict[str, Any], dict[str, Any], ConnectionPolicy] | None:
+        """Who is connecting to what (their flow-log descriptions, ``Side.describe``),
+        and the policy of that connection; None for a direct connection to the proxy
+        port itself, not a redirected flow.
 
         All but the source port is the same for every connection from one address to
-        one destination, and follows from the policy in force alone (its ipcache and
-        endpoints): kept per policy, as the policy of such connections is one (it
-        depends on their identities, endpoints and port, not on the source port)."""
+        one destination, and follows from the policy in force alone (its ipcache,
+        endpoints and identities): kept per policy, as the policy of such connections
+        is one (it depends on their identities, endpoints and port, not on the source
+        port). The descriptions are shared by those connections' flow records, as a
+        connection's own records share them (nothing changes a record's fields)."""
         key = (peer[0], local[0], local[1])
         current = self.state.current
         if self._connections_for is not current or len(self._connections) >= 4096:
@@ -734,12 +741,13 @@ class Proxy:
         if known is None:
             return None
         src_ip, dst_ip, dst_port, src_shape, dst, policy = known
-        src = Side(src_ip, peer[1], src_shape.identity, src_shape.endpoint)
+        # The source's description with this connection's port (in its place).
+        src = {**src_shape, "port": peer[1]}
         return src_ip, peer[1], dst_ip, dst_port, src, dst, policy
 
     def _new_connection(
         self, peer: Address, local: Address
-    ) -> tuple[str, str, int, Side, Side, ConnectionPolicy] | None:
+    ) -> tuple[str, str, int, dict[str, Any], dict[str, Any], ConnectionPolicy] | None:
         src_ip, src_port = _v4(peer[0]), peer[1]
         if self.upstream is not None:
             dst_ip, dst_port, dst_ep = (
@@ -758,7 +766,9 @@ class Proxy:
         state = self.state
         src = state.side(src_ip, src_port)
         dst = state.side(dst_ip, dst_port, dst_ep)
-        return src_ip, dst_ip, dst_port, src, dst, state.connection(src, dst)
+        identities = state.current.identities
+        policy = state.connection(src, dst)
+        return src_ip, dst_ip, dst_port, src.describe(identities), dst.describe(identities), policy
 
     # ------------------------------------------------------------ silent connections
 
@@ -819,14 +829,13 @@ class Proxy:
         if known is None:
             return
         src, dst, policy = known[4], known[5], known[6]
-        identities = self.state.current.identities
         idle = self.limits.idle_timeout
         rec = now_fields()
         rec.update(
             type="limit",
             protocol=policy.parser or "tcp",
-            source=src.describe(identities),
-            destination=dst.describe(identities),
+            source=src,
+            destination=dst,
             verdict="DROPPED",
             limit="idle_timeout",
             reason=f"no byte either way for {idle:g} s",
@@ -887,13 +896,12 @@ class Proxy:
         known = self._connection(peer, local)
         if known is None:
             return
-        identities = self.state.current.identities
         rec = now_fields()
         rec.update(
             type="l7",
             protocol=request.protocol,
-            source=known[4].describe(identities),
-            destination=known[5].describe(identities),
+            source=known[4],
+            destination=known[5],
             l7=request.flow_fields(),
             reply={} if decision.allowed else {"alert": "access_denied"},
             verdict=decision.verdict,
@@ -911,7 +919,6 @@ class Proxy:
         if known is None:
             return
         src, dst = known[4], known[5]
-        identities = self.state.current.identities
         timed_out = isinstance(exc, TimeoutError)
         limit = TLS_HANDSHAKE_TIMEOUT if timed_out else getattr(exc, "limit", None)
         if timed_out:
@@ -925,8 +932,8 @@ class Proxy:
         rec.update(
             type="limit" if limit else "tls",
             protocol="tls",
-            source=src.describe(identities),
-            destination=dst.describe(identities),
+            source=src,
+            destination=dst,
             verdict="DROPPED",
             reason=reason,
         )
@@ -948,9 +955,7 @@ class Proxy:
         if known is None:
             self.stats.connections_refused += 1
             return None
-        src_ip, _src_port, dst_ip, dst_port, src, dst, policy = known
-        identities = self.state.current.identities
-        src_info, dst_info = src.describe(identities), dst.describe(identities)
+        src_ip, _src_port, dst_ip, dst_port, src_info, dst_info, policy = known
         if not policy.l4.allowed:
             self.stats.connections_refused += 1
             rec = now_fields()
@@ -973,7 +978,7 @@ class Proxy:
             ssl_object = transport.get_extra_info("ssl_object")
             alpn = None
             if ssl_object is not None:
-                session = session_fields(ssl_object)
+                session = session_fields(transport, ssl_object)
                 server_name, alpn = session["sni"], session["alpn"]
             elif policy.parser == "http":
                 alpn = "http/1.1"  # a cleartext client: HTTP/2 upstream needs ALPN h2
@@ -985,11 +990,14 @@ class Proxy:
         # client asked us for, else the firewall's --upstream-server-name, else its address.
         upstream_name = server_name or (self.tls and self.tls.upstream_server_name) or dst_ip
         parser = policy.parser
-        engine: Engine = (
-            engine_factory(parser)(policy.decide, max_pending=self.limits.max_pending_requests)
-            if parser
-            else PassthroughEngine()
-        )
+        engine: Engine
+        if parser:
+            make = self._engine_factories.get(parser)
+            if make is None:
+                make = self._engine_factories[parser] = proxy_engine_factory(parser)
+            engine = make(policy.decide, max_pending=self.limits.max_pending_requests)
+        else:
+            engine = PassthroughEngine()
 
         def connect(pipe: Pipe) -> asyncio.Task[Any]:
             return self._connect_upstream(
@@ -1015,8 +1023,9 @@ class Proxy:
         )
         # (TCP_NODELAY: uvloop and asyncio both set it on every TCP transport.)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        if not self._pipes:  # (Event.clear is a Python call: only when it was set)
+            self._no_pipes.clear()
         self._pipes.add(pipe)
-        self._no_pipes.clear()
         self._peak_pipes = max(self._peak_pipes, len(self._pipes))
         self.stats.connections_total += 1
         self.stats.connections_active += 1

@@ -30,6 +30,7 @@ is never rotated weakens forward secrecy, so every handshake is a full one.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import ssl
@@ -548,17 +549,21 @@ def refuse_client_hello(
     return None
 
 
-def session_fields(ssl_object: ssl.SSLObject) -> dict[str, Any]:
-    """What the flow log records of a terminated session: the name asked for,
-    the protocol chosen, and a verified client certificate's subject and URIs
-    (SPIFFE IDs)."""
+def session_fields(transport: asyncio.BaseTransport, ssl_object: ssl.SSLObject) -> dict[str, Any]:
+    """What the flow log records of a terminated session (``transport``'s, whose
+    ``ssl_object`` it is): the name asked for, the protocol chosen, and a verified
+    client certificate's subject and URIs (SPIFFE IDs)."""
+    # The cipher and the peer's certificate as the event loop read them when the
+    # handshake completed (its ``peercert`` and ``cipher`` extras, asyncio's and
+    # uvloop's alike): not asked of ``ssl_object`` again, two Python calls fewer.
+    cipher = transport.get_extra_info("cipher")
     fields: dict[str, Any] = {
         "sni": getattr(ssl_object, "l7proxy_server_name", None),
         "alpn": ssl_object.selected_alpn_protocol(),
         "version": ssl_object.version(),
-        "cipher": (ssl_object.cipher() or ("",))[0],
+        "cipher": (cipher or ("",))[0],
     }
-    peer: dict[str, Any] | None = ssl_object.getpeercert()  # type: ignore[assignment]
+    peer: dict[str, Any] | None = transport.get_extra_info("peercert")
     if peer:
         subject: tuple[tuple[tuple[str, str], ...], ...] = peer.get("subject", ())
         names: tuple[tuple[str, str], ...] = peer.get("subjectAltName", ())

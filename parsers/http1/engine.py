@@ -15,8 +15,9 @@ The parser has two implementations (``parsers.http1.fast`` on llhttp, and
 ``parsers.http1.head`` in pure Python) behind one contract; which one runs
 is ``ACTIVE_IMPLEMENTATION``, forced with ``L7PROXY_HTTP1_PARSER=c|python``.
 The engine's readers put ``parsers.http1.memo`` in front of it, so a head the
-connection sent before is not parsed again; it is judged and forwarded by the
-same code as any other (one state machine, one ``decide`` call per request).
+connection sent before (or any connection sharing its ``HeadMemory``) is not
+parsed again; it is judged and forwarded by the same code as any other (one
+state machine, one ``decide`` call per request).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 from parsers.base import (
@@ -69,7 +71,13 @@ from parsers.http1.head import (
     RequestHeadParser,
     ResponseHeadParser,
 )
-from parsers.http1.memo import RequestHeadMemo, ResponseHeadMemo
+from parsers.http1.memo import (
+    HeadMemory,
+    RequestHeadMemo,
+    RequestHeads,
+    ResponseHeadMemo,
+    ResponseHeads,
+)
 from parsers.http1.quick import QuickRequestHead, quick_implementation
 from parsers.http1.reader import END, Data, End, Event, Head, MessageReader
 from parsers.requests import HttpRequest, new_http_request
@@ -129,34 +137,53 @@ class Http1Limits:
     responses_per_turn: int = 32
 
 
+def _request_heads(impl: str, quick: bool) -> RequestHeadParser:
+    heads: RequestHeadParser = CRequestHead() if impl == "c" else PyRequestHead()
+    return QuickRequestHead(heads, quick_implementation(impl)) if quick else heads
+
+
+def _response_heads(impl: str) -> ResponseHeadParser:
+    return CResponseHead() if impl == "c" else PyResponseHead()
+
+
 def request_reader(
     impl: str = "auto",
     limits: Http1Limits = Http1Limits(),
     *,
     memo: bool = False,
     quick: bool = False,
+    memory: RequestHeads | None = None,
 ) -> MessageReader:
     """A reader of requests (client side) with the chosen head parser; with ``quick``,
     plain heads are read by ``parsers.http1.quick`` (its C scanner in front of the C
     parser, unless ``L7PROXY_HTTP1_QUICK`` says otherwise) and only the others by that
-    parser; with ``memo``, heads seen before on the connection are not read again."""
-    impl = ACTIVE_IMPLEMENTATION if impl == "auto" else _choose(impl)
-    heads: RequestHeadParser = CRequestHead() if impl == "c" else PyRequestHead()
-    if quick:
-        heads = QuickRequestHead(heads, quick_implementation(impl))
-    if memo:
-        heads = RequestHeadMemo(heads)
+    parser; with ``memo``, heads seen before are not read again: on this connection,
+    or, with ``memory`` (a ``HeadMemory``'s), on any that shares it. A memo makes its
+    parser only for the first head it does not know."""
+    if impl != ACTIVE_IMPLEMENTATION:  # (most often it is: no call then)
+        impl = ACTIVE_IMPLEMENTATION if impl == "auto" else _choose(impl)
+    heads: RequestHeadParser = (
+        RequestHeadMemo(partial(_request_heads, impl, quick), memory)
+        if memo
+        else _request_heads(impl, quick)
+    )
     return MessageReader(heads, max_head=limits.max_head, max_chunk_line=limits.max_chunk_line)
 
 
 def response_reader(
-    impl: str = "auto", limits: Http1Limits = Http1Limits(), *, memo: bool = False
+    impl: str = "auto",
+    limits: Http1Limits = Http1Limits(),
+    *,
+    memo: bool = False,
+    memory: ResponseHeads | None = None,
 ) -> MessageReader:
-    """A reader of responses (server side); ``memo`` as for ``request_reader``."""
-    impl = ACTIVE_IMPLEMENTATION if impl == "auto" else _choose(impl)
-    heads: ResponseHeadParser = CResponseHead() if impl == "c" else PyResponseHead()
-    if memo:
-        heads = ResponseHeadMemo(heads)
+    """A reader of responses (server side); ``memo`` and ``memory`` as for
+    ``request_reader``."""
+    if impl != ACTIVE_IMPLEMENTATION:
+        impl = ACTIVE_IMPLEMENTATION if impl == "auto" else _choose(impl)
+    heads: ResponseHeadParser = (
+        ResponseHeadMemo(partial(_response_heads, impl), memory) if memo else _response_heads(impl)
+    )
     return MessageReader(heads, max_head=limits.max_head, max_chunk_line=limits.max_chunk_line)
 
 
@@ -383,7 +410,8 @@ new_form = fast_new(RequestForm)
 
 
 class Http1Engine:
-    """Implements ``parsers.base.Engine`` for HTTP/1.x."""
+    """Implements ``parsers.base.Engine`` for HTTP/1.x. ``heads``: the memory of heads
+    this connection shares with others (a proxy's); without it, its own."""
 
     protocol = "http"
     client_speaks_first = True  # the upstream is connected on the first bytes for it
@@ -396,17 +424,24 @@ class Http1Engine:
         parser: str = "auto",
         upgrade_handler: UpgradeHandler | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
+        heads: HeadMemory | None = None,
     ) -> None:
         self.decide = decide
         self.limits = limits
         # Pipelined requests judged before their answers: at this many, the
         # reader holds further bytes until half have been answered.
         self._max_pending = max_pending
-        self.implementation = ACTIVE_IMPLEMENTATION if parser == "auto" else _choose(parser)
-        # Keep-alive clients repeat themselves: both readers remember the heads of
-        # this connection (``parsers.http1.memo``), and nothing else differs.
-        self._requests = request_reader(self.implementation, limits, memo=True, quick=True)
-        self._responses = response_reader(self.implementation, limits, memo=True)
+        impl = ACTIVE_IMPLEMENTATION if parser == "auto" else _choose(parser)
+        self.implementation = impl
+        # Keep-alive clients repeat themselves, and new connections their first heads:
+        # both readers remember the heads of this connection, or of all that share
+        # ``heads`` (``parsers.http1.memo``), and nothing else differs.
+        self._requests = request_reader(
+            impl, limits, memo=True, quick=True, memory=heads.requests if heads else None
+        )
+        self._responses = response_reader(
+            impl, limits, memo=True, memory=heads.responses if heads else None
+        )
         self._upgrade_handler = upgrade_handler
         self._seq = 0
         self._queue: deque[_Exchange | _BadRequest | _TimedOut] = deque()  # every request, in order

@@ -17,8 +17,9 @@ both implementations.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Generic, Literal, NamedTuple, Protocol, TypeVar
 
 from parsers.http1.errors import AmbiguousFraming, Http1Error, MalformedMessage
 
@@ -192,21 +193,37 @@ class _Unfinished(Protocol):
     def reset(self) -> None: ...
 
 
-class FrontParser:
-    """A head parser in front of another (a memo, the quick read): an unfinished head
-    goes to the other one, which keeps its state until the head is complete."""
+P = TypeVar("P", bound=_Unfinished)
 
-    def __init__(self, parser: _Unfinished) -> None:
+
+class FrontParser(Generic[P]):
+    """A head parser in front of another (a memo, the quick read): an unfinished head
+    goes to the other one, which keeps its state until the head is complete.
+
+    The other one is ``parser``, or made by ``make`` when it is first needed: a memo
+    that knows every head of a connection never makes one (a parser costs dozens of
+    Python steps to make, and a connection its first head)."""
+
+    def __init__(self, parser: P | None = None, *, make: Callable[[], P] | None = None) -> None:
         self._partial = False  # the parser has state from an unfinished head
-        self._any_parser = parser
+        self._behind = parser
+        self._make = make
+
+    def _parser_behind(self) -> P:
+        parser = self._behind
+        if parser is None:
+            assert self._make is not None  # one of the two is given
+            parser = self._behind = self._make()
+        return parser
 
     def partial(self, buf: bytes | bytearray) -> None:
         self._partial = True
-        self._any_parser.partial(buf)
+        self._parser_behind().partial(buf)
 
     def reset(self) -> None:
         self._partial = False
-        self._any_parser.reset()
+        if self._behind is not None:  # (none made: no state to drop)
+            self._behind.reset()
 
 
 # --------------------------------------------------------------------------

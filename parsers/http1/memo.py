@@ -1,9 +1,10 @@
-"""Heads a connection has sent before: the parse step's memory.
+"""Heads sent before: the parse step's memory.
 
 Keep-alive clients repeat themselves: the same health check, the same poll,
-the same head with a new id in the path. Parsing a head is a pure function of
-its bytes (and, for a response, of the method of the request it answers), so
-a head seen before on this connection, byte for byte, is the same parsed
+the same head with a new id in the path. So do new connections: the same
+client library's request, the same server's answer. Parsing a head is a pure
+function of its bytes (and, for a response, of the method of the request it
+answers), so a head seen before, byte for byte, is the same parsed
 ``MessageHead`` again, without parsing it again.
 
 ``RequestHeadMemo`` and ``ResponseHeadMemo`` follow the head parser contract
@@ -11,21 +12,34 @@ of ``parsers.http1.head`` and sit in front of either implementation, inside
 the reader: everything after the parse step (framing, judging, forwarding,
 replies, flow records) is the same code for a remembered head as for a new one.
 A head that fails to parse is never remembered, so its error is raised again
-by the parser itself.
+by the parser itself. What the engine derives from a head (the request ``decide``
+sees, the bytes forwarded) is kept with it, so it is not made again either.
 
-Each memo holds at most ``MEMO_SIZE`` heads of at most ``MAX_REMEMBERED_HEAD``
-bytes (cleared when full), so a connection's memory stays bounded.
+What they remember is a ``RequestHeads`` and a ``ResponseHeads``: one connection's
+own (at most ``MEMO_SIZE`` heads each), or, given by the proxy, those of a
+``HeadMemory`` that all of its connections share (``SHARED_MEMO_SIZE`` each):
+then a new connection's first request and first response, the ones every
+connection has, are found too. A shared head is never changed by anyone (what is
+derived from it is a pure function of it), so sharing it changes no byte on the
+wire. Heads are at most ``MAX_REMEMBERED_HEAD`` bytes, and a memory that is full
+is cleared, so memory stays bounded: a few MiB for a shared one at the worst.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Literal
 
 from parsers.http1.head import FrontParser, MessageHead, RequestHeadParser, ResponseHeadParser
 
 __all__ = [
     "MAX_REMEMBERED_HEAD",
+    "SHARED_MEMO_BYTES",
+    "SHARED_MEMO_SIZE",
+    "HeadMemory",
+    "RequestHeads",
+    "ResponseHeads",
     "MEMO_REST",
     "MEMO_REST_MAX",
     "MEMO_SIZE",
@@ -35,11 +49,22 @@ __all__ = [
 ]
 
 MEMO_SIZE = 32  # distinct heads remembered per connection and direction
+# ... and by a proxy's shared memory, per direction: room for the first heads of many
+# clients and servers (a Date field makes a server's answers new heads every second),
+# and at most this many bytes of heads (typical heads of a few hundred bytes never
+# reach it; heads of many fields take ~10x their size parsed, so this bounds that).
+SHARED_MEMO_SIZE = 256
+SHARED_MEMO_BYTES = 256 * 1024
 MAX_REMEMBERED_HEAD = 8192  # longer heads are parsed every time
-# New heads not remembered after MEMO_SIZE that were never found again.
-MEMO_REST = 4 * MEMO_SIZE
-# Each rest after another that found nothing either is twice as long, up to this.
-MEMO_REST_MAX = 64 * MEMO_REST
+# New heads not remembered after a memory's worth that were never found again: this
+# many memories' worth (``RequestHeads.rest``).
+REST_FACTOR = 4
+# Each rest after another that found nothing either is twice as long, up to this many
+# first rests.
+REST_MAX_FACTOR = 64
+# What those are for one connection's memory.
+MEMO_REST = REST_FACTOR * MEMO_SIZE
+MEMO_REST_MAX = REST_MAX_FACTOR * MEMO_REST
 # Origin-form targets a known request shape may take without a full parse: a strict
 # subset of what both head parsers accept (tests/parsers/http1/test_http1_repeat.py
 # checks it), with no "://" so the target can never read as an absolute URI.
@@ -50,47 +75,109 @@ def _simple_target(raw: bytes, start: int, end: int) -> bool:
     return SIMPLE_TARGET.fullmatch(raw, start, end) is not None and raw.find(b"://", start, end) < 0
 
 
-class RequestHeadMemo(FrontParser):
-    """A request head parser that remembers.
+class RequestHeads:
+    """What ``RequestHeadMemo`` remembers: heads by their exact bytes, request shapes,
+    and how its rests go (below). Made per connection by a memo given none, or once
+    per proxy in a ``HeadMemory``, for all of its connections. Each of the two is
+    full at ``size`` heads or ``max_bytes`` bytes of them, and then cleared."""
+
+    __slots__ = (
+        "size",
+        "max_bytes",
+        "heads",
+        "heads_bytes",
+        "shapes",
+        "shapes_bytes",
+        "found",
+        "resting",
+        "next_rest",
+        "rest",
+        "rest_max",
+    )
+
+    def __init__(self, size: int = MEMO_SIZE, max_bytes: int | None = None) -> None:
+        self.size = size  # distinct heads (and shapes) at the most
+        self.max_bytes = size * MAX_REMEMBERED_HEAD if max_bytes is None else max_bytes
+        self.heads: dict[bytes, MessageHead] = {}
+        self.heads_bytes = 0  # the bytes of the heads in ``heads``
+        # (method, bytes after the target) -> a head parsed in full with a simple target
+        self.shapes: dict[tuple[bytes, bytes], MessageHead] = {}
+        self.shapes_bytes = 0  # the bytes of the heads in ``shapes``
+        self.found = 0  # heads found since the memory was last cleared
+        self.resting = 0  # new heads still to go unremembered
+        self.rest = REST_FACTOR * size
+        self.rest_max = REST_MAX_FACTOR * self.rest
+        self.next_rest = self.rest  # how long the next rest is
+
+
+class ResponseHeads:
+    """What ``ResponseHeadMemo`` remembers: heads by request method and exact bytes,
+    ``size`` of them or ``max_bytes`` bytes at the most."""
+
+    __slots__ = ("size", "max_bytes", "heads", "heads_bytes")
+
+    def __init__(self, size: int = MEMO_SIZE, max_bytes: int | None = None) -> None:
+        self.size = size
+        self.max_bytes = size * MAX_REMEMBERED_HEAD if max_bytes is None else max_bytes
+        self.heads: dict[tuple[str, bytes], MessageHead] = {}
+        self.heads_bytes = 0
+
+
+class HeadMemory:
+    """The heads the HTTP/1.1 connections of one proxy share: made by the proxy (never
+    a module global: each proxy, and each test, has its own) and handed to each
+    connection's engine through its factory (``parsers.http.HttpEngine.sharing``)."""
+
+    __slots__ = ("requests", "responses")
+
+    def __init__(self, size: int = SHARED_MEMO_SIZE, max_bytes: int = SHARED_MEMO_BYTES) -> None:
+        self.requests = RequestHeads(size, max_bytes)
+        self.responses = ResponseHeads(size, max_bytes)
+
+
+class RequestHeadMemo(FrontParser[RequestHeadParser]):
+    """A request head parser that remembers (in ``memory``, or in its own).
 
     Two memories: heads by their exact bytes, and request *shapes*: a head that
     differs from a known one only in its origin-form target (``GET /items/1``,
     ``GET /items/2``, ...) is the known head with the new target, when the new
     target is a ``SIMPLE_TARGET``.
 
-    A connection whose heads never repeat (a request id or a token in every head)
-    would pay for remembering each one for nothing: when the memory fills up without
-    one head found again, the next ``MEMO_REST`` new heads are not remembered; then
-    the memo tries again. Each time it tries in vain, its next rest is twice as long
-    (up to ``MEMO_REST_MAX``), so such a connection remembers almost nothing; a head
-    found again brings the rest back to ``MEMO_REST``.
+    Heads that never repeat (a request id or a token in every head) would cost
+    remembering each one for nothing: when the memory fills up without one head
+    found again, the next ``rest`` new heads (``MEMO_REST`` for one connection's
+    memory) are not remembered; then the memo tries again. Each time it tries in
+    vain, its next rest is twice as long (up to ``rest_max``), so such traffic is
+    almost never remembered; a head found again brings the rest back to ``rest``.
+
+    ``make`` makes the parser of the heads not remembered, when the first one comes.
     """
 
     side: Literal["client"] = "client"
 
-    def __init__(self, parser: RequestHeadParser) -> None:
-        super().__init__(parser)
-        self._parser = parser
-        self._heads: dict[bytes, MessageHead] = {}
-        # (method, bytes after the target) -> a head parsed in full with a simple target
-        self._shapes: dict[tuple[bytes, bytes], MessageHead] = {}
-        self._found = 0  # heads found since the memory was last cleared
-        self._resting = 0  # new heads still to go unremembered
-        self._next_rest = MEMO_REST  # how long the next rest is
+    def __init__(
+        self, make: Callable[[], RequestHeadParser], memory: RequestHeads | None = None
+    ) -> None:
+        super().__init__(make=make)
+        memory = self._memory = memory if memory is not None else RequestHeads()
+        # (The dictionaries are cleared, never replaced: held here, a lookup less.)
+        self._heads = memory.heads
+        self._shapes = memory.shapes
 
     def complete(self, head: bytes) -> MessageHead:
         known = self._heads.get(head)
         if known is None and self._shapes:
             known = self._with_new_target(head)
+        memory = self._memory
         if known is not None:
-            self._found += 1
+            memory.found += 1
             if self._partial:
                 self.reset()  # what the parser's own ``complete`` would have done
             return known
         self._partial = False
-        parsed = self._parser.complete(head)
-        if self._resting:
-            self._resting -= 1
+        parsed = self._parser_behind().complete(head)
+        if memory.resting:
+            memory.resting -= 1
         else:
             self._remember(head, parsed)
         return parsed
@@ -126,35 +213,47 @@ class RequestHeadMemo(FrontParser):
                 and _simple_target(raw, sp1 + 1, sp2)
             )
         if simple:
-            if len(self._shapes) >= MEMO_SIZE:
+            memory = self._memory
+            size = len(raw)
+            if len(self._shapes) >= memory.size or memory.shapes_bytes + size > memory.max_bytes:
                 self._shapes.clear()
+                memory.shapes_bytes = 0
             self._shapes[(raw[:sp1], raw[sp2:])] = head
+            memory.shapes_bytes += size
 
     def _remember_bytes(self, raw: bytes, head: MessageHead) -> bool:
-        if len(raw) > MAX_REMEMBERED_HEAD:
+        size = len(raw)
+        if size > MAX_REMEMBERED_HEAD:
             return False
-        if len(self._heads) >= MEMO_SIZE:
+        memory = self._memory
+        if len(self._heads) >= memory.size or memory.heads_bytes + size > memory.max_bytes:
             self._heads.clear()
-            if not self._found:  # MEMO_SIZE heads, none of them seen again
+            memory.heads_bytes = 0
+            if not memory.found:  # a memory full of heads, none of them seen again
                 self._shapes.clear()
-                self._resting = self._next_rest
-                self._next_rest = min(2 * self._next_rest, MEMO_REST_MAX)
+                memory.shapes_bytes = 0
+                memory.resting = memory.next_rest
+                memory.next_rest = min(2 * memory.next_rest, memory.rest_max)
                 return False
-            self._found = 0
-            self._next_rest = MEMO_REST
+            memory.found = 0
+            memory.next_rest = memory.rest
         self._heads[raw] = head
+        memory.heads_bytes += size
         return True
 
 
-class ResponseHeadMemo(FrontParser):
-    """A response head parser that remembers heads by request method and exact bytes."""
+class ResponseHeadMemo(FrontParser[ResponseHeadParser]):
+    """A response head parser that remembers heads by request method and exact bytes
+    (in ``memory``, or in its own); ``make`` as for ``RequestHeadMemo``."""
 
     side: Literal["server"] = "server"
 
-    def __init__(self, parser: ResponseHeadParser) -> None:
-        super().__init__(parser)
-        self._parser = parser
-        self._heads: dict[tuple[str, bytes], MessageHead] = {}
+    def __init__(
+        self, make: Callable[[], ResponseHeadParser], memory: ResponseHeads | None = None
+    ) -> None:
+        super().__init__(make=make)
+        memory = self._memory = memory if memory is not None else ResponseHeads()
+        self._heads = memory.heads
 
     def complete(self, head: bytes, request_method: str = "GET") -> MessageHead:
         key = (request_method, head)
@@ -164,9 +263,13 @@ class ResponseHeadMemo(FrontParser):
                 self.reset()
             return known
         self._partial = False
-        parsed = self._parser.complete(head, request_method)
-        if len(head) <= MAX_REMEMBERED_HEAD:
-            if len(self._heads) >= MEMO_SIZE:
+        parsed = self._parser_behind().complete(head, request_method)
+        size = len(head)
+        if size <= MAX_REMEMBERED_HEAD:
+            memory = self._memory
+            if len(self._heads) >= memory.size or memory.heads_bytes + size > memory.max_bytes:
                 self._heads.clear()
+                memory.heads_bytes = 0
             self._heads[key] = parsed
+            memory.heads_bytes += size
         return parsed

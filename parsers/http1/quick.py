@@ -166,7 +166,7 @@ def quick_implementation(parser: str = "c") -> str:
 QUICK_IMPLEMENTATION = quick_implementation()
 
 
-class QuickRequestHead(FrontParser):
+class QuickRequestHead(FrontParser[RequestHeadParser]):
     """A request head parser (the contract of ``parsers.http1.head``) that tries
     the quick read first (``impl``: ``"c"``, the C scanner, then the Python read of
     what it leaves; ``"python"``, ``quick_request_head`` alone; ``"auto"``,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import re
 from collections import deque
 from dataclasses import dataclass
-from typing import cast
 
 from parsers.http1.errors import (
     AmbiguousFraming,
@@ -103,7 +102,8 @@ class MessageReader:
         if self._reads_requests:
             # A request's head is parsed from its bytes alone: the head parser's own
             # ``complete``, with no call of ours around it (one per request).
-            self._parse_head = cast(RequestHeadParser, head_parser).complete  # type: ignore[method-assign]
+            # (No ``cast``: a call per reader, and two readers per connection.)
+            self._parse_head = head_parser.complete  # type: ignore[method-assign]
         self.max_head = max_head
         self.max_chunk_line = max_chunk_line
         self._state = HEAD

@@ -276,7 +276,7 @@ class CountingHeads(PyRequestHead):
 
 def test_a_repeated_head_is_the_same_parsed_head_object_without_parsing():
     heads = CountingHeads()
-    reader = MessageReader(RequestHeadMemo(heads))
+    reader = MessageReader(RequestHeadMemo(lambda: heads))
     first = reader.feed(GET)
     again = reader.feed(GET)
     assert heads.parsed == 1
@@ -287,7 +287,7 @@ def test_a_repeated_head_is_the_same_parsed_head_object_without_parsing():
 
 def test_a_head_split_across_reads_is_recognised_too():
     heads = CountingHeads()
-    reader = MessageReader(RequestHeadMemo(heads))
+    reader = MessageReader(RequestHeadMemo(lambda: heads))
     first = reader.feed(GET)
     assert reader.feed(GET[:10]) == []
     again = reader.feed(GET[10:])
@@ -301,7 +301,7 @@ def test_a_head_split_across_reads_is_recognised_too():
 
 def test_a_new_target_on_a_known_shape_reuses_the_known_fields_without_parsing():
     heads = CountingHeads()
-    reader = MessageReader(RequestHeadMemo(heads))
+    reader = MessageReader(RequestHeadMemo(lambda: heads))
     first = reader.feed(get("/items/1"))[0].head
     second = reader.feed(get("/items/2"))[0].head
     assert heads.parsed == 1
@@ -313,7 +313,7 @@ def test_a_new_target_on_a_known_shape_reuses_the_known_fields_without_parsing()
 
 def test_the_memo_stays_bounded():
     heads = CountingHeads()
-    reader = MessageReader(RequestHeadMemo(heads))
+    reader = MessageReader(RequestHeadMemo(lambda: heads))
     first = b"GET /0 HTTP/1.1\r\nHost: h0\r\n\r\n"
     reader.feed(first)
     reader.feed(first)
@@ -346,7 +346,7 @@ def test_with_target_copies_every_other_field(request_bytes):
 
 def test_a_connection_whose_heads_never_repeat_rests_the_memo_then_tries_again():
     heads = CountingHeads()
-    reader = MessageReader(RequestHeadMemo(heads))
+    reader = MessageReader(RequestHeadMemo(lambda: heads))
 
     def head(i: int) -> bytes:  # a new target and a new request id every time
         return f"GET /item/{i} HTTP/1.1\r\nHost: h\r\nX-Request-Id: {i}\r\n\r\n".encode()
@@ -366,7 +366,7 @@ def test_a_connection_whose_heads_never_repeat_rests_the_memo_then_tries_again()
 
 def test_each_rest_that_found_nothing_is_followed_by_a_longer_one_until_a_head_repeats():
     heads = CountingHeads()
-    reader = MessageReader(RequestHeadMemo(heads))
+    reader = MessageReader(RequestHeadMemo(lambda: heads))
     sent = 0
 
     def new_heads(count: int) -> None:  # never seen before, never seen again
