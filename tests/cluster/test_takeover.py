@@ -117,8 +117,9 @@ async def test_a_takeover_deletes_no_key_though_the_old_upkeep_took_them_back(
             assert {await etcd_events.lease_of(k) for k in keys} == {new.session.lease}
             # Within 50 ms the old upkeep finds them missing from its lease and puts them
             # back on it: revoking that lease now would delete all three.
-            while await etcd_events.keys_on(old.session.lease) != keys:
-                await asyncio.sleep(0.01)
+            async with asyncio.timeout(5):
+                while await etcd_events.keys_on(old.session.lease) != keys:
+                    await asyncio.sleep(0.01)
 
             old_lease = old.session.lease
             assert await old.hand_over() == [old_lease]
@@ -204,10 +205,10 @@ class Pod:
 async def test_an_agent_completes_the_takeover_only_after_a_sync_that_wrote_everything(
     config: Config, etcd: EtcdServer, prefix: str
 ) -> None:
-    """The successor's request budget (5 a second) is spent: its first sync of six pods
-    gives up half-way (each write may wait 0.1 s). The takeover waits for a sync that
-    wrote them all; the old lease holds the rest meanwhile."""
-    pods = [Pod(f"ns/pod-{i}", {"app": f"a{i}"}, f"10.2.0.{10 + i}") for i in range(6)]
+    """The successor's request budget (10 a second, 10 saved up) is spent: its first sync
+    of twelve pods (24 writes) gives up half-way, each write allowed 50 ms. The takeover
+    waits for a sync that wrote them all; the old lease holds the rest meanwhile."""
+    pods = [Pod(f"ns/pod-{i}", {"app": f"a{i}"}, f"10.2.0.{10 + i}") for i in range(12)]
     async with (
         running(config("node-1"), config("node-2", sync_every=0.05)) as (other, old),
         EtcdEvents(etcd, prefix).watching() as etcd_events,
@@ -219,12 +220,12 @@ async def test_an_agent_completes_the_takeover_only_after_a_sync_that_wrote_ever
         other.subscribe(
             lambda ch: went.append(ch) if isinstance(ch, IpChange) and not ch.entry else None
         )
-        link = ClusterLink(config("node-2", rate=5, burst=10), lambda: None)
+        link = ClusterLink(config("node-2", rate=10, burst=10), lambda: None)
         await link.start(timeout=10)
         try:
             old_lease = old.session.lease
             await link.take_over(await old.hand_over())
-            report = await link.sync(pods, timeout=0.1)
+            report = await link.sync(pods, timeout=0.05)
             assert report.error is not None and "TimeoutError" in report.error
             assert link.taking_over
             assert await etcd_events.keys_on(old_lease)  # the lease holds what is not moved
