@@ -12,7 +12,9 @@ Restarts lose nothing (docs/restarts.md): the BPF maps are pinned, and a new
 agent started while this one runs takes over through ``STATE/agent.sock``
 (l7proxy/agent/handover.py): it adopts the pinned maps and this agent's listening
 sockets, replaces the tc programs in place, then this agent drains
-(``Agent.drain_and_exit``) and leaves programs, pins and route to it.
+(``Agent.drain_and_exit``) and leaves programs, pins and route to it. In cluster
+mode it also hands over its etcd lease: it stops writing keys, and the new agent
+moves the keys it owns off that lease before it revokes it.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("l7proxy.agent.agent")
 
 PROXY_HOST = "127.0.0.1"
+# How long the control thread waits for the cluster keys to be handed over before it
+# answers ``drain`` (ClusterStore.hand_over: about two etcd request timeouts at worst).
+CLUSTER_HAND_OVER_TIMEOUT = 20.0
 
 
 class Agent:
@@ -226,8 +231,9 @@ class Agent:
             raise
         if self.predecessor is not None:
             pred, self.predecessor = self.predecessor, None
+            reply: dict = {}
             try:
-                reply = await asyncio.to_thread(pred.drain, self.drain_timeout)
+                reply = await asyncio.to_thread(pred.drain, self.drain_timeout, self._etcd_named())
                 log.info(
                     "took over from agent pid %s (%s connections draining)",
                     pred.pid,
@@ -237,6 +243,7 @@ class Agent:
                 log.warning("predecessor pid %s did not confirm the drain: %s", pred.pid, exc)
             finally:
                 pred.close()
+            await self._take_over_cluster(reply.get("cluster_leases"))
 
     async def _start_workers(self, compiled: CompiledPolicy) -> None:
         from l7proxy.agent.workers import AgentWorkers
@@ -307,11 +314,35 @@ class Agent:
         for name in sorted(set(report.waiting) - set(before.waiting)):
             log.warning("endpoint %s: waiting for its cluster-wide identity", name)
 
-    async def _stop_cluster(self) -> None:
+    async def _stop_cluster(self, *, revoke: bool = True) -> None:
         cluster, self.cluster = self.cluster, None
         if cluster is not None:
             with contextlib.suppress(Exception):
-                await cluster.stop()
+                await cluster.stop(revoke=revoke)
+
+    def _etcd_named(self) -> dict | None:
+        """What ``drain`` tells the predecessor of our cluster: the etcd we write to."""
+        if self.cluster is None:
+            return None
+        host, port = self.cluster.config.etcd
+        return {"etcd": f"{host}:{port}"}
+
+    async def _take_over_cluster(self, leases: object) -> None:
+        """The predecessor handed us its leases: keep them alive, and complete the
+        takeover in a sync that reaches etcd in full (now, or in ``run``'s retries)."""
+        if self.cluster is None or not isinstance(leases, list) or not leases:
+            return
+        try:
+            await self.cluster.take_over([int(lease) for lease in leases])
+        except Exception as exc:  # noqa: BLE001 - its keys then expire with its lease
+            log.warning("could not take over the predecessor's etcd leases: %s", exc)
+            return
+        # Pods the predecessor saw that we have not published yet would go with its lease:
+        # publish from the freshest view of the node's pods first.
+        if self.kube is not None:
+            await self._sync_pods()
+        self.agent_state = self.store.read()
+        await self._sync_cluster(self.agent_state)
 
     def _kube_changed(self, what: str) -> None:
         if what == "pods":
@@ -350,7 +381,9 @@ class Agent:
         before its predecessor was told to drain only lets go: the predecessor
         still runs on the same programs, pins and route."""
         await self._stop_kube()
-        await self._stop_cluster()
+        # A takeover that failed leaves our keys to expire: the predecessor's upkeep
+        # puts them back on its own lease, where revoking ours would delete them.
+        await self._stop_cluster(revoke=self.predecessor is None)
         if self.control is not None:
             self.control.close()
         if self.proxy is not None:
@@ -398,13 +431,44 @@ class Agent:
         pairs = [(f, sock) for f, socks in self.listen_socks.items() for sock in socks]
         return [f for f, _ in pairs], [sock.fileno() for _, sock in pairs]
 
-    def _drain_requested(self, timeout: float) -> dict:
-        """Called on the control thread: the successor is serving."""
+    def _drain_requested(self, timeout: float, cluster: dict | None) -> dict:
+        """Called on the control thread: the successor is serving. One on our etcd
+        takes our keys over: we stop writing them before we answer with our lease."""
+        reply: dict = {"draining": True}
+        leases = self._hand_over_cluster(cluster)
+        if leases is not None:
+            reply["cluster_leases"] = leases
         self.handed_over = True  # from now on, never write status or kernel state
         self.handover_drain = timeout
         if self._stop is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
-        return {"draining": True, "connections": self._connections_active()}
+        reply["connections"] = self._connections_active()
+        return reply
+
+    def _hand_over_cluster(self, successor: dict | None) -> list[int] | None:
+        """On the control thread: our leases for a successor on the same etcd, once our
+        cluster link writes no more; None when it takes nothing over (we revoke our
+        lease as we drain, as before)."""
+        link, loop = self.cluster, self._loop
+        if link is None or loop is None or successor is None:
+            return None
+        host, port = link.config.etcd
+        if successor.get("etcd") != f"{host}:{port}":
+            log.warning(
+                "the successor writes to etcd %s, we to %s:%s: our keys go as we drain",
+                successor.get("etcd"),
+                host,
+                port,
+            )
+            return None
+        try:
+            leases = asyncio.run_coroutine_threadsafe(link.hand_over(), loop).result(
+                CLUSTER_HAND_OVER_TIMEOUT
+            )
+        except Exception as exc:  # noqa: BLE001 - the successor's keys are on its lease anyway
+            log.warning("cluster keys not handed over (our lease expires on its own): %s", exc)
+            return None
+        return leases
 
     def _connections_active(self) -> int:
         if self.workers is not None:
@@ -420,8 +484,8 @@ class Agent:
         programs, pins and route)."""
         assert (self.proxy or self.workers) is not None and self.datapath is not None
         await self._stop_kube()  # the successor watches Kubernetes now
-        # Our keys are the successor's too (same node name: its writes moved them to
-        # its lease), so revoking ours takes away only what it no longer wants.
+        # A successor that took our lease over revokes it once it has moved its keys off
+        # it (the store revokes nothing after hand_over); for one that did not, ours go.
         await self._stop_cluster()
         if self.control is not None:
             self.control.close()
@@ -461,9 +525,10 @@ class Agent:
                 or (self.pods_waiting and time.monotonic() - self._pods_retried >= 1.0)
             ):
                 await self._sync_pods()
+            cluster = self.cluster
             cluster_changed = self._cluster_changed or (
-                self.cluster is not None
-                and (self.cluster.last.waiting or self.cluster.last.error)
+                cluster is not None
+                and bool(cluster.last.waiting or cluster.last.error or cluster.taking_over)
                 and time.monotonic() - self._cluster_retried >= 1.0
             )
             stamp = self._watch_stamp()

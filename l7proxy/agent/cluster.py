@@ -21,6 +21,13 @@ policy selectors match them; in etcd they carry Cilium's ``k8s:`` source, as a
 Cilium agent writes them (``keys.with_source``/``without_source``).
 
 CIDR identities stay node-local (``policy.identity.IdentityAllocator.for_cidr``).
+
+A takeover on the node (docs/restarts.md): the old agent's ``hand_over()`` stops its
+writes and returns its lease; the new agent's ``take_over(leases)`` keeps that lease
+alive, and the first ``sync`` that reaches etcd in full moves every key the new agent
+owns off it and revokes it (``ClusterStore.complete_takeover``). Until then the old
+lease holds whatever the new agent has not written yet, so no other node sees this
+node's pods go.
 """
 
 from __future__ import annotations
@@ -189,12 +196,30 @@ class ClusterLink:
         await self.store.start(timeout)
 
     async def stop(self, *, revoke: bool = True) -> None:
-        """With ``revoke`` (a clean stop) our keys go at once; without (a handover:
-        the successor takes over), they stay until the lease expires."""
+        """With ``revoke`` (a clean stop) our keys go at once; without (a takeover that
+        failed: the agent we were taking over from keeps running), they stay until the
+        lease expires, and that agent's upkeep puts them back on its own lease."""
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
         await self.store.stop(revoke=revoke)
+
+    async def hand_over(self) -> list[int]:
+        """A successor on this node takes our keys over: write no more, and give it
+        our lease (``ClusterStore.hand_over``)."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        return await self.store.hand_over()
+
+    async def take_over(self, leases: list[int]) -> None:
+        """The leases of the agent we took over from: kept alive until a sync has
+        written everything we want, then emptied of our keys and revoked."""
+        await self.store.take_over(leases)
+
+    @property
+    def taking_over(self) -> bool:
+        return self.store.taking_over
 
     def _changed(self, change: Change) -> None:
         if isinstance(change, IpChange):
@@ -236,40 +261,53 @@ class ClusterLink:
                 report.waiting.append(ep.name)
                 report.error = f"endpoint {ep.name}: {e}"
         try:
-            for key, labels in wanted.items():
-                if key not in self._held:
-                    await asyncio.wait_for(self.store.allocate(labels), timeout)
-                    self._held[key] = labels
-            for key in [k for k in self._held if k not in wanted]:
-                await asyncio.wait_for(self.store.release(self._held[key]), timeout)
-                del self._held[key]
-            published = {}
-            for ep in endpoints:
-                number = self.number_for(ep.labels)
-                if number is None:
-                    continue
-                namespace = ep.labels.get(NAMESPACE_LABEL, "")
-                pod = ep.name.rpartition("/")[2] if namespace else ""
-                published[str(ipaddress.ip_address(ep.ip))] = _Published(number, namespace, pod)
-            for ip, entry in published.items():
-                if self._published.get(ip) != entry:
-                    await asyncio.wait_for(
-                        self.store.upsert_ip(
-                            ip, entry.identity, namespace=entry.namespace, pod=entry.pod
-                        ),
-                        timeout,
-                    )
-                    self._published[ip] = entry
-            for ip in [ip for ip in self._published if ip not in published]:
-                await asyncio.wait_for(self.store.delete_ip(ip), timeout)
-                del self._published[ip]
+            await self._publish(endpoints, wanted, timeout)
+            # Everything we want is in etcd now: what is left on the old agent's lease
+            # is what we no longer want, and may go with it.
+            if self.store.taking_over:
+                await asyncio.wait_for(self.store.complete_takeover(), timeout)
         except (KvError, TimeoutError, RuntimeError) as e:
-            report.error = f"etcd: {e or type(e).__name__}"
+            report.error = f"etcd: {str(e) or type(e).__name__}"
             log.warning("cluster sync incomplete (%s); trying again", report.error)
         report.waiting += [ep.name for ep in endpoints if self.number_for(ep.labels) is None]
         report.waiting = sorted(set(report.waiting))
         self.last = report
         return report
+
+    async def _publish(
+        self,
+        endpoints: Sequence[LocalEndpoint],
+        wanted: dict[str, dict[str, str]],
+        timeout: float,
+    ) -> None:
+        """Reference each label set we want, release the others, publish each address."""
+        for key, labels in wanted.items():
+            if key not in self._held:
+                await asyncio.wait_for(self.store.allocate(labels), timeout)
+                self._held[key] = labels
+        for key in [k for k in self._held if k not in wanted]:
+            await asyncio.wait_for(self.store.release(self._held[key]), timeout)
+            del self._held[key]
+        published = {}
+        for ep in endpoints:
+            number = self.number_for(ep.labels)
+            if number is None:
+                continue
+            namespace = ep.labels.get(NAMESPACE_LABEL, "")
+            pod = ep.name.rpartition("/")[2] if namespace else ""
+            published[str(ipaddress.ip_address(ep.ip))] = _Published(number, namespace, pod)
+        for ip, entry in published.items():
+            if self._published.get(ip) != entry:
+                await asyncio.wait_for(
+                    self.store.upsert_ip(
+                        ip, entry.identity, namespace=entry.namespace, pod=entry.pod
+                    ),
+                    timeout,
+                )
+                self._published[ip] = entry
+        for ip in [ip for ip in self._published if ip not in published]:
+            await asyncio.wait_for(self.store.delete_ip(ip), timeout)
+            del self._published[ip]
 
     # ------------------------------------------------------------------ reads
 

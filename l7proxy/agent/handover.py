@@ -11,15 +11,25 @@ starting from nothing:
     listeners                    ->    {"families": [...]} + the listening sockets (SCM_RIGHTS),
                                        a family once per socket of its group (run --workers)
     (accepts on the same kernel sockets, replaces the tc programs, syncs maps)
-    drain {"timeout": s}         ->    {"draining": true, "connections": n}
+    drain {"timeout": s,         ->    {"draining": true, "connections": n,
+           "cluster": {"etcd": e}}         "cluster_leases": [lease, ...]}
                                        stops accepting, serves its open connections
                                        until they end or the timeout, exits keeping
                                        programs, pins and the policy route
+    (moves its keys off those leases, then revokes them)
 
 One request per line, JSON; one JSON line in answer, with file descriptors
 attached to it when there are any. The listening sockets are the same kernel
 sockets in both processes, so a SYN that arrives at any moment lands in their
 shared accept queue: no connection is refused during the swap.
+
+In cluster mode the two agents hold the node's keys in etcd on two leases. A
+successor that runs in cluster mode names its etcd in ``drain``; a running
+agent on the same etcd then stops writing keys before it answers, and answers
+with its lease, which it will not revoke: the successor revokes it once it has
+moved every key it owns off it (``l7proxy/cluster/store.py``). Without
+``cluster`` (a successor not in cluster mode, or an older one) the running
+agent revokes its lease itself when it drains, as before.
 """
 
 from __future__ import annotations
@@ -40,6 +50,9 @@ SOCKET_NAME = "agent.sock"
 # kernel takes at most 253 descriptors in one SCM_RIGHTS message).
 MAX_FDS = 252
 MAX_LINE = 64 * 1024
+# The predecessor hands its cluster keys over before it answers ``drain``: at worst
+# a few etcd request timeouts (ClusterStore.hand_over, HAND_OVER_TIMEOUT in agent.py).
+DRAIN_REPLY_TIMEOUT = 30.0
 
 
 class HandoverError(Exception):
@@ -78,8 +91,9 @@ class ControlServer:
     """Answers successors, one at a time, on a thread of its own.
 
     The handlers are called on that thread: `hello()` and `listeners()` must
-    only read, `drain(timeout)` must hand the work to the agent's event loop
-    (loop.call_soon_threadsafe) and return at once."""
+    only read, `drain(timeout, cluster)` must hand the work to the agent's event
+    loop (loop.call_soon_threadsafe) and return at once, except for the handover
+    of the cluster keys, which it waits for (a bounded wait)."""
 
     def __init__(
         self,
@@ -87,7 +101,7 @@ class ControlServer:
         *,
         hello: Callable[[], dict],
         listeners: Callable[[], tuple[list[str], list[int]]],
-        drain: Callable[[float], dict],
+        drain: Callable[[float, dict | None], dict],
     ):
         self.path = Path(path)
         self._hello = hello
@@ -156,7 +170,9 @@ class ControlServer:
                 families, fds = self._listeners()
                 _send(conn, {"families": families}, fds)
             elif op == "drain":
-                _send(conn, self._drain(float(request.get("timeout", 30.0))))
+                cluster = request.get("cluster")
+                timeout = float(request.get("timeout", 30.0))
+                _send(conn, self._drain(timeout, cluster if isinstance(cluster, dict) else None))
                 return  # handed over: this agent answers no one any more
             else:
                 _send(conn, {"error": f"unknown op {op!r}"})
@@ -218,9 +234,15 @@ class Predecessor:
             out.setdefault(family, []).append(sock)
         return out
 
-    def drain(self, timeout: float) -> dict:
-        """Tell the predecessor to stop accepting and finish its connections."""
-        _send(self.sock, {"op": "drain", "timeout": timeout})
+    def drain(self, timeout: float, cluster: dict | None = None) -> dict:
+        """Tell the predecessor to stop accepting and finish its connections. With
+        ``cluster`` (``{"etcd": "host:port"}``), a predecessor on that etcd hands its
+        cluster keys over first and answers with ``cluster_leases``."""
+        request: dict = {"op": "drain", "timeout": timeout}
+        if cluster is not None:
+            request["cluster"] = cluster
+        _send(self.sock, request)
+        self.sock.settimeout(DRAIN_REPLY_TIMEOUT)  # the handover of the keys waits on etcd
         return json.loads(_read_line(self.sock))
 
     def close(self) -> None:

@@ -9,10 +9,24 @@
     async for change in store.changes(): ...    # or store.subscribe(callback)
     await store.stop()                          # revokes the lease: our keys go at once
 
+A new agent on the same node takes over from a running one (docs/restarts.md):
+
+    leases = await old.hand_over()              # old: stops writing; its lease is left alive
+    await new.take_over(leases)                 # new: keeps that lease alive meanwhile
+    await new.complete_takeover()               # once new has written all it wants: moves what
+                                                # it owns off that lease, then revokes it
+
 It owns one etcd connection (rate limited), one lease with the keys on it,
 one allocator, three ``PrefixWatch`` loops (identities, ipcache, nodes) and a
 maintenance loop that keeps the lease alive and writes back whatever of ours
 is found gone. Optionally it also sweeps unreferenced identities (``gc.py``).
+
+A key belongs to the lease of its last put, so when two agents of one node hold
+the same keys on two leases, revoking either lease deletes whatever was last
+put on it, and both upkeeps put keys missing from their own lease back on it.
+A takeover is therefore a handshake: the old store stops writing before the
+new one revokes the old lease, and the new one revokes it only after it has
+moved every key it owns off it (lease ids compared, not values).
 """
 
 from __future__ import annotations
@@ -104,6 +118,10 @@ class Renumbered:
 Change = IdentityChange | IpChange | NodeChange | Renumbered
 
 
+class HandedOver(RuntimeError):
+    """This store handed its keys over to a successor on the node: it writes no more."""
+
+
 # --------------------------------------------------------------------- the store
 
 
@@ -112,6 +130,8 @@ class _Counters:
     bad_values: int = 0
     restores: int = 0
     maintenance_errors: int = 0
+    keys_taken_over: int = 0  # keys moved off a predecessor's lease onto ours
+    keys_not_wanted: int = 0  # keys left on it, deleted with it
 
 
 class ClusterStore:
@@ -151,6 +171,14 @@ class ClusterStore:
         self._missing: set[bytes] = set()
         self._wake = asyncio.Event()
         self._own_ips: dict[str, IpEntry] = {}
+        # Takeover: leases of the agent we took over from (lease -> its keepalive period),
+        # kept alive until we have moved what we own off them; and, on the old side, the
+        # writes in flight that ``hand_over`` waits for.
+        self._predecessors: dict[int, float] = {}
+        self._handed_over = False
+        self._writes = 0
+        self._no_writes = asyncio.Event()
+        self._no_writes.set()
 
     def _backoff(self) -> Backoff:
         return Backoff(self.config.backoff_base, self.config.backoff_cap)
@@ -188,18 +216,129 @@ class ClusterStore:
             raise
 
     async def stop(self, *, revoke: bool = True) -> None:
-        """Stop every loop. With ``revoke`` our keys go now; without, they expire
-        with the lease, as if the node had died."""
+        """Stop every loop. With ``revoke`` our keys go now (and those still on the
+        lease of an agent we were taking over from); without, they expire with the
+        lease, as if the node had died. After ``hand_over`` nothing is revoked: the
+        successor owns our lease."""
+        await self._stop_loops()
+        if revoke and not self._handed_over:
+            with contextlib.suppress(KvError):
+                await self.session.revoke()
+            for lease in list(self._predecessors):
+                with contextlib.suppress(KvError):
+                    await self.kv.revoke(lease)
+            self._predecessors.clear()
+        await self.kv.close()
+
+    async def _stop_loops(self) -> None:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
-        if revoke:
-            with contextlib.suppress(KvError):
-                await self.session.revoke()
-        await self.kv.close()
+
+    # -- takeover by a new agent on this node
+
+    async def hand_over(self) -> list[int]:
+        """Give this node's keys to a successor on the same node (same node name, so
+        the same keys): stop writing, wait for the writes in flight, stop every loop,
+        and return our lease (and any predecessor's we still held), renewed and not
+        revoked. The successor passes them to ``take_over``.
+
+        Writing no more is what makes the successor's revoke safe: our upkeep puts
+        every key it finds missing from our lease back on it, so a key the successor
+        had moved to its lease could come back to ours, and go with it."""
+        if self._handed_over:
+            return []
+        self._handed_over = True  # every write from now on raises HandedOver
+        self._wake.set()  # the upkeep wakes up and ends
+        try:
+            await asyncio.wait_for(self._no_writes.wait(), self.config.timeout)
+        except TimeoutError:
+            log.warning("handing over with %d etcd writes still in flight", self._writes)
+        await self._stop_loops()
+        leases = [lease for lease in (self.session.lease, *self._predecessors) if lease]
+        for lease in leases:  # a full TTL for the successor to take them over
+            try:
+                await self.kv.keepalive(lease)
+            except KvError as e:
+                log.warning("lease %x not renewed for the successor: %s", lease, e)
+        self._predecessors.clear()
+        log.info("handed over leases %s to a successor", ", ".join(f"{x:x}" for x in leases))
+        return leases
+
+    async def take_over(self, leases: list[int]) -> None:
+        """The agent we take over from on this node handed us ``leases`` (``hand_over``):
+        keep them alive until ``complete_takeover``, so that the keys on them stay in
+        etcd for as long as we may not have written ours yet."""
+        self._started()
+        for lease in leases:
+            if lease and lease != self.session.lease:
+                ttl = await self.kv.keepalive(lease)
+                if ttl > 0:
+                    self._predecessors[lease] = max(0.5, ttl / 3)
+                else:
+                    log.warning("the predecessor's lease %x was already gone", lease)
+        self._wake.set()  # the upkeep plans its keepalives
+
+    @property
+    def taking_over(self) -> bool:
+        """A predecessor's lease is still held: ``complete_takeover`` has work left."""
+        return bool(self._predecessors)
+
+    async def complete_takeover(self) -> bool:
+        """Move every key we own that is still on a predecessor's lease to ours, then
+        revoke that lease: what is left on it (keys we no longer want) goes with it.
+
+        Call it once every key we want is written (the agent calls it after a sync
+        that reached etcd in full): a key we have not written yet would go with the
+        revoke. A key's lease is the lease of its last put, so keys are moved by what
+        the lease holds now, whatever their value. True when no lease is left to
+        take over; False if ours keep coming back to a lease (its agent still
+        writes), which is then kept alive and tried again later."""
+        async with self._write():
+            for lease in list(self._predecessors):
+                if await self._adopt(lease):
+                    self._predecessors.pop(lease, None)
+        return not self._predecessors
+
+    async def _adopt(self, lease: int) -> bool:
+        for _ in range(3):
+            ttl, attached = await self.kv.lease_keys(lease)
+            if ttl <= 0:
+                log.warning("the predecessor's lease %x expired before the takeover ended", lease)
+                return True  # its keys went with it: our upkeep writes back what we own
+            plain = sorted(k for k in attached if k in self.session.owned)
+            refs = {k: label for k, label in self.allocator.ref_keys().items() if k in attached}
+            if not plain and not refs:
+                await self.kv.revoke(lease)
+                self.counters.keys_not_wanted += len(attached)
+                log.info(
+                    "took over from lease %x: revoked it with %d keys we do not own",
+                    lease,
+                    len(attached),
+                )
+                return True
+            await self.session.rewrite(plain)
+            await self._rereference(list(refs.values()))
+            self.counters.keys_taken_over += len(plain) + len(refs)
+        log.warning("keys we own keep coming back to lease %x: its agent still writes", lease)
+        return False
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[None]:
+        """Count one write (or one round of upkeep) in flight, for ``hand_over``."""
+        if self._handed_over:
+            raise HandedOver(f"node {self.config.node}: handed over to a successor")
+        self._writes += 1
+        self._no_writes.clear()
+        try:
+            yield
+        finally:
+            self._writes -= 1
+            if not self._writes:
+                self._no_writes.set()
 
     async def __aenter__(self) -> ClusterStore:
         await self.start()
@@ -223,23 +362,30 @@ class ClusterStore:
 
     async def allocate(self, labels: Mapping[str, str]) -> int:
         self._started()
-        return await self.allocator.allocate(labels)
+        async with self._write():
+            return await self.allocator.allocate(labels)
 
     async def release(self, labels: Mapping[str, str]) -> None:
-        await self.allocator.release(labels)
+        async with self._write():
+            await self.allocator.release(labels)
 
     async def upsert_ip(
         self, ip: str, identity: int, *, namespace: str = "", pod: str = ""
     ) -> None:
         self._started()
+        async with self._write():
+            await self._put_ip(ip, identity, namespace, pod)
+
+    async def _put_ip(self, ip: str, identity: int, namespace: str, pod: str) -> None:
         host_ip = self.config.node_ips[0] if self.config.node_ips else ""
         entry = IpEntry(ip, identity, host_ip, self.config.node, namespace, pod)
         self._own_ips[entry.ip] = entry
         await self.session.put(self.layout.ip_key(ip), entry.to_json())
 
     async def delete_ip(self, ip: str) -> None:
-        self._own_ips.pop(str(ipaddress.ip_address(ip)), None)
-        await self.session.delete(self.layout.ip_key(ip))
+        async with self._write():
+            self._own_ips.pop(str(ipaddress.ip_address(ip)), None)
+            await self.session.delete(self.layout.ip_key(ip))
 
     # -- reads
 
@@ -280,6 +426,8 @@ class ClusterStore:
             "node": self.config.node,
             "etcd": self.kv.endpoint,
             "lease": f"{self.session.lease:x}",
+            "taking_over": [f"{lease:x}" for lease in self._predecessors],
+            "keys_taken_over": self.counters.keys_taken_over,
             "synced": self.synced,
             "identities": len(self.identities),
             "ipcache": len(self.ipcache),
@@ -384,24 +532,33 @@ class ClusterStore:
         keepalive_every = c.keepalive_every or max(0.5, c.lease_ttl / 3)
         next_keepalive = time.monotonic() + keepalive_every
         next_sync = time.monotonic() + c.sync_every
+        predecessors_kept = time.monotonic()
         backoff = self._backoff()
         while True:
-            timeout = max(0.0, min(next_keepalive, next_sync) - time.monotonic())
+            # A predecessor's lease is renewed at its own pace (its TTL may be shorter).
+            next_predecessors = predecessors_kept + min(self._predecessors.values(), default=1e9)
+            wake_at = min(next_keepalive, next_sync, next_predecessors)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                await asyncio.wait_for(self._wake.wait(), max(0.0, wake_at - time.monotonic()))
+            self._wake.clear()
+            if self._handed_over:
+                return  # the successor owns our keys now: not one more write
             try:
-                if self._missing:
-                    self._wake.clear()
-                    missing, self._missing = self._missing, set()
-                    await self.session.rewrite(sorted(missing))
-                now = time.monotonic()
-                if now >= next_keepalive:
-                    if not await self.session.keepalive():
-                        await self._restore_refs(None)
-                    next_keepalive = now + keepalive_every
-                if now >= next_sync:
-                    await self._sync()
-                    next_sync = now + c.sync_every
+                async with self._write():
+                    if self._missing:
+                        missing, self._missing = self._missing, set()
+                        await self.session.rewrite(sorted(missing))
+                    now = time.monotonic()
+                    if now >= next_keepalive:
+                        if not await self.session.keepalive():
+                            await self._restore_refs(None)
+                        next_keepalive = now + keepalive_every
+                    if now >= next_predecessors:
+                        await self._keep_predecessors_alive()
+                        predecessors_kept = now
+                    if now >= next_sync:
+                        await self._sync()
+                        next_sync = now + c.sync_every
                 backoff.reset()
             except Exception as e:  # noqa: BLE001 - the upkeep must go on whatever failed
                 self.counters.maintenance_errors += 1
@@ -415,6 +572,13 @@ class ClusterStore:
                     exc_info=not isinstance(e, KvError),
                 )
                 await asyncio.sleep(delay)
+
+    async def _keep_predecessors_alive(self) -> None:
+        for lease in list(self._predecessors):
+            if await self.kv.keepalive(lease) <= 0:
+                # Its keys went with it; the watches see ours go and we write them again.
+                log.warning("the predecessor's lease %x expired before the takeover ended", lease)
+                self._predecessors.pop(lease, None)
 
     async def _sync(self) -> None:
         """Compare the keys on our lease with the keys we own; write back what is missing."""
@@ -435,11 +599,15 @@ class ClusterStore:
         if label_keys is None:
             label_keys = list(self.allocator.local)
         self.counters.restores += 1
+        await self._rereference(label_keys)
+
+    async def _rereference(self, label_keys: list[str]) -> None:
+        """Write our references to these label sets again, on our lease."""
         renumbered = await self.allocator.restore(label_keys)
         for label_key, (old, new) in renumbered.items():
             for entry in list(self._own_ips.values()):
                 if entry.identity == old:
-                    await self.upsert_ip(entry.ip, new, namespace=entry.namespace, pod=entry.pod)
+                    await self._put_ip(entry.ip, new, entry.namespace, entry.pod)
             self._emit(Renumbered(decode_labels(label_key), old, new))
 
     async def _sweep(self) -> None:

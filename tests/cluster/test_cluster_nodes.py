@@ -9,6 +9,7 @@ run in file order, and the last one kills an agent.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -346,66 +347,131 @@ def test_an_etcd_restart_and_a_compaction_are_survived_without_a_policy_gap(
 
 def test_an_agent_taken_over_on_its_node_keeps_its_keys(cluster: TestCluster, fleet: Fleet) -> None:
     """A new agent on node-2 takes over from the running one (docs/restarts.md): it writes
-    the same keys on its own lease before the old one revokes its lease, so no other node
-    ever sees node-2's pods go."""
+    the same keys on its own lease, the old agent stops writing and hands its lease over,
+    and the new one revokes it once no key it owns is on it: no other node ever sees
+    node-2's pods go."""
     node = cluster.nodes["node-2"]
     old = node.agent.agent
     assert old is not None
+    old_lease = int(cluster_status(cluster, "node-2")["store"]["lease"], 16)
     etcd_before, _ = etcd_view(cluster)
-    events: list[tuple[bool, str]] = []
-    watching = threading.Event()
-    watcher = threading.Thread(target=watch_keys, args=(cluster, events, watching), daemon=True)
+    events: list[tuple[bool, str, int]] = []
+    watching, handover_done = threading.Event(), threading.Event()
+    watcher = threading.Thread(
+        target=watch_keys, args=(cluster, events, watching, handover_done), daemon=True
+    )
     watcher.start()
     assert watching.wait(10)
-    node.agent.agent = node.agent.spawn(
-        [*node.agent.l7proxy, "--state-dir", str(node.agent.store.root), "run"] + node.agent_args,
-        "agent running",
-        "agent-successor",
-        timeout=60,
-    )
-    assert old.wait(timeout=60) == 0  # drained and gone
-    new_status = node.agent.wait_status(
-        lambda s: s and s["pid"] == node.agent.agent.pid and s["cluster"]["synced"],
-        15,
-        "the successor's status",
-    )
-    watcher.join(15)
+    try:
+        node.agent.agent = node.agent.spawn(
+            [*node.agent.l7proxy, "--state-dir", str(node.agent.store.root), "run"]
+            + node.agent_args,
+            "agent running",
+            "agent-successor",
+            timeout=60,
+        )
+        assert old.wait(timeout=60) == 0  # drained and gone
+        new_status = node.agent.wait_status(
+            lambda s: (
+                s
+                and s["pid"] == node.agent.agent.pid
+                and s["cluster"]["synced"]
+                and s["cluster"]["store"]["taking_over"] == []
+            ),
+            15,
+            "the successor's status, its takeover complete",
+        )
+    finally:
+        handover_done.set()  # the watcher reads etcd's events up to now, then ends
+        watcher.join(30)
     assert not watcher.is_alive()
+    new_lease = int(new_status["cluster"]["store"]["lease"], 16)
+    assert new_lease not in (0, old_lease)
     tie_key = f"{cluster.prefix}/ip/v1/default/{fleet.tiefighter.ip}"
-    assert (False, tie_key) in events  # the successor wrote node-2's keys on its lease...
-    assert [key for deleted, key in events if deleted] == []  # ...and none went away
+    assert (False, tie_key, new_lease) in events  # the successor wrote node-2's keys...
+    assert [key for deleted, key, _ in events if deleted] == []  # ...and none went away
+    layout = Layout(cluster.prefix, "default")
+    tie_ref = layout.ref_key(encode_labels(pod_labels(fleet.tiefighter)), "node-2").decode()
+    assert etcd_leases(cluster, [tie_key, tie_ref, layout.node_key("node-2").decode()]) == {
+        new_lease
+    }  # every key of node-2 is on the successor's lease, and the old lease is gone
+    assert etcd_lease_alive(cluster, old_lease) is False
     identities, ipcache = etcd_view(cluster)
     assert identities == etcd_before
     assert ipcache[fleet.tiefighter.ip].node == "node-2"
-    assert new_status["cluster"]["store"]["lease"] != ""
     assert cluster.curl(fleet.tiefighter, "POST", fleet.deathstar, "/v1/request-landing") == 200
     wait_agreement(cluster)
 
 
 def watch_keys(
     cluster: TestCluster,
-    events: list[tuple[bool, str]],
+    events: list[tuple[bool, str, int]],
     watching: threading.Event,
-    seconds: float = 10.0,
+    done: threading.Event,
+    limit: float = 120.0,
 ) -> None:
-    """Every (deleted, key) event under the cluster's prefix for ``seconds``."""
+    """Every (deleted, key, lease) event under the cluster's prefix from when ``watching``
+    is set until ``done`` is: then a marker key is written, and the watch ends when its
+    event arrives (etcd sends events in order: none before it can be missed)."""
     assert cluster.etcd is not None
     kv = Etcd(cluster.etcd.host, cluster.etcd.port, rate=0)
+    marker = f"{cluster.prefix}/test-marker-{secrets.token_hex(3)}"
 
     async def watch() -> None:
+        async for batch in kv.watch(cluster.prefix.encode(), revision + 1):
+            watching.set()  # the first reply is the watch's creation
+            events.extend((e.deleted, e.kv.key.decode(), e.kv.lease) for e in batch)
+            if any(e.kv.key.decode() == marker for e in batch):
+                return
+
+    async def main() -> None:
+        nonlocal revision
         await kv.connect()
         try:
             _, revision = await kv.list_prefix(cluster.prefix.encode(), keys_only=True)
-            async with asyncio.timeout(seconds):
-                async for batch in kv.watch(cluster.prefix.encode(), revision + 1):
-                    watching.set()  # the first reply is the watch's creation
-                    events.extend((e.deleted, e.kv.key.decode()) for e in batch)
-        except TimeoutError:
-            pass
+            async with asyncio.timeout(limit):
+                task = asyncio.create_task(watch())
+                while not done.is_set() and not task.done():
+                    await asyncio.sleep(0.05)
+                await kv.put(marker.encode(), b"")
+                await task
+            del events[-1]  # the marker
         finally:
             await kv.close()
 
-    asyncio.run(watch())
+    revision = 0
+    asyncio.run(main())
+
+
+def etcd_leases(cluster: TestCluster, keys: list[str]) -> set[int | None]:
+    """The lease each key is on now (None: the key is gone)."""
+    assert cluster.etcd is not None
+    kv = Etcd(cluster.etcd.host, cluster.etcd.port, rate=0)
+
+    async def read() -> set[int | None]:
+        await kv.connect()
+        try:
+            found = [await kv.get(key.encode()) for key in keys]
+            return {f.lease if f is not None else None for f in found}
+        finally:
+            await kv.close()
+
+    return cluster.run(read())
+
+
+def etcd_lease_alive(cluster: TestCluster, lease: int) -> bool:
+    assert cluster.etcd is not None
+    kv = Etcd(cluster.etcd.host, cluster.etcd.port, rate=0)
+
+    async def read() -> bool:
+        await kv.connect()
+        try:
+            ttl, _ = await kv.lease_keys(lease)
+            return ttl > 0
+        finally:
+            await kv.close()
+
+    return cluster.run(read())
 
 
 def test_a_killed_agent_s_keys_and_its_pods_addresses_expire(

@@ -445,7 +445,9 @@ def test_control_socket_passes_a_listening_socket_that_keeps_its_queue(tmp_path)
         tmp_path / "agent.sock",
         hello=lambda: {"pid": 1, "listeners": {"http": port}, "policy_revision": 7},
         listeners=lambda: (["http"], [listener.fileno()]),
-        drain=lambda timeout: drains.append(timeout) or {"draining": True, "connections": 0},
+        drain=lambda timeout, cluster: (
+            drains.append((timeout, cluster)) or {"draining": True, "connections": 0}
+        ),
     )
     server.start()
     try:
@@ -462,8 +464,8 @@ def test_control_socket_passes_a_listening_socket_that_keeps_its_queue(tmp_path)
         assert sorted(c.getpeername()[1] for c in accepted) == sorted(
             c.getsockname()[1] for c in (early, late)
         )
-        assert pred.drain(2.5) == {"draining": True, "connections": 0}
-        assert drains == [2.5]
+        assert pred.drain(2.5, {"etcd": "10.0.0.5:2379"}) == {"draining": True, "connections": 0}
+        assert drains == [(2.5, {"etcd": "10.0.0.5:2379"})]  # a successor in cluster mode
         pred.close()
         for s in (*accepted, early, late, inherited):
             s.close()
