@@ -78,7 +78,7 @@ from parsers.http1.memo import (
     ResponseHeadMemo,
     ResponseHeads,
 )
-from parsers.http1.quick import QuickRequestHead, quick_implementation
+from parsers.http1.quick import C_SCANNER, QuickRequestHead, quick_implementation
 from parsers.http1.reader import END, Data, End, Event, Head, MessageReader
 from parsers.requests import HttpRequest, new_http_request
 
@@ -137,6 +137,10 @@ class Http1Limits:
     responses_per_turn: int = 32
 
 
+# The C head scanner the quick read in front of each head parser starts with, if any.
+_SCANNERS = {impl: C_SCANNER for impl in ("c", "python") if quick_implementation(impl) == "c"}
+
+
 def _request_heads(impl: str, quick: bool) -> RequestHeadParser:
     heads: RequestHeadParser = CRequestHead() if impl == "c" else PyRequestHead()
     return QuickRequestHead(heads, quick_implementation(impl)) if quick else heads
@@ -163,7 +167,11 @@ def request_reader(
     if impl != ACTIVE_IMPLEMENTATION:  # (most often it is: no call then)
         impl = ACTIVE_IMPLEMENTATION if impl == "auto" else _choose(impl)
     heads: RequestHeadParser = (
-        RequestHeadMemo(partial(_request_heads, impl, quick), memory)
+        RequestHeadMemo(
+            partial(_request_heads, impl, quick),
+            memory,
+            _SCANNERS.get(impl) if quick else None,
+        )
         if memo
         else _request_heads(impl, quick)
     )

@@ -28,6 +28,7 @@ from parsers.http1.head import (
     explain_line,
     frame_request,
     frame_response,
+    new_message_head,
 )
 
 _OWS = b" \t"
@@ -146,7 +147,7 @@ class CRequestHead(_CHead[httptools.HttpRequestParser]):
             raise MalformedMessage("invalid request line", code="invalid_request_line")
         if method not in KNOWN_METHODS:
             raise MalformedMessage("unknown method", code="invalid_method")
-        msg = MessageHead(
+        msg = new_message_head(
             method=method.decode("ascii"),
             target=self._got.url.decode("ascii"),
             version=parser.get_http_version(),
@@ -182,7 +183,7 @@ class CResponseHead(_CHead[httptools.HttpResponseParser]):
         reason = line[13:]
         if REASON.fullmatch(reason) is None:  # llhttp lets CTLs through in a reason phrase
             raise MalformedMessage("control character in reason phrase", code="ctl", side="server")
-        msg = MessageHead(
+        msg = new_message_head(
             status=parser.get_status_code(),
             reason=reason.decode("latin-1"),
             version=parser.get_http_version(),

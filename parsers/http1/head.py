@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, NamedTuple, Protocol, TypeVar
 
+from parsers.fastnew import fast_new
 from parsers.http1.errors import AmbiguousFraming, Http1Error, MalformedMessage
 
 # llhttp's list of HTTP (not RTSP/ICE) methods. A proxy judging requests by
@@ -142,7 +143,7 @@ class MessageHead:
         the field list (the same object) and what was derived from it are shared.
         ``raw`` differs from this head's bytes only in the target, so it is canonical
         (``wire``) if they were. Tests compare it with ``replace``."""
-        return MessageHead(
+        return new_message_head(
             self.method,
             target,
             self.status,
@@ -160,6 +161,10 @@ class MessageHead:
             self.derived_fields,
             None if self.wire is None else raw,
         )
+
+
+# Built for every new head (``parsers.fastnew``: a fifth of the time of the call).
+new_message_head = fast_new(MessageHead)
 
 
 class RequestHeadParser(Protocol):
@@ -628,7 +633,7 @@ class PyRequestHead(_PyHead):
         lines = head[:-4].split(b"\r\n")
         match = self._start_line(lines[0])
         method, target, minor = match.groups()
-        msg = MessageHead(
+        msg = new_message_head(
             method=method.decode("ascii"),
             target=target.decode("ascii"),
             version="1.1" if minor == b"1" else "1.0",
@@ -663,7 +668,7 @@ class PyResponseHead(_PyHead):
         lines = head[:-4].split(b"\r\n")
         match = self._start_line(lines[0])
         minor, status, reason = match.groups()
-        msg = MessageHead(
+        msg = new_message_head(
             status=int(status),
             reason=(reason or b"").decode("latin-1"),
             version="1.1" if minor == b"1" else "1.0",

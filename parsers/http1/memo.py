@@ -151,24 +151,44 @@ class RequestHeadMemo(FrontParser[RequestHeadParser]):
     almost never remembered; a head found again brings the rest back to ``rest``.
 
     ``make`` makes the parser of the heads not remembered, when the first one comes.
+    ``scan``, the C head scanner that parser tries first (``parsers.http1.quick``),
+    is tried before the shapes: it reads a plain head in one pass, in less time than
+    a shape is found and its head rebuilt, so only heads it does not read (a body's
+    Content-Length, fields outside its subset) are remembered as shapes.
     """
 
     side: Literal["client"] = "client"
 
     def __init__(
-        self, make: Callable[[], RequestHeadParser], memory: RequestHeads | None = None
+        self,
+        make: Callable[[], RequestHeadParser],
+        memory: RequestHeads | None = None,
+        scan: Callable[[bytes], MessageHead | None] | None = None,
     ) -> None:
         super().__init__(make=make)
         memory = self._memory = memory if memory is not None else RequestHeads()
         # (The dictionaries are cleared, never replaced: held here, a lookup less.)
         self._heads = memory.heads
         self._shapes = memory.shapes
+        self._scan = scan
 
     def complete(self, head: bytes) -> MessageHead:
         known = self._heads.get(head)
-        if known is None and self._shapes:
-            known = self._with_new_target(head)
         memory = self._memory
+        if known is None:
+            scan = self._scan
+            if scan is not None and (scanned := scan(head)) is not None:
+                # What the parser behind would return, the scanner being its first
+                # step: remembered by its bytes, never as a shape.
+                if self._partial:
+                    self.reset()
+                if memory.resting:
+                    memory.resting -= 1
+                else:
+                    self._remember_bytes(head, scanned)
+                return scanned
+            if self._shapes:
+                known = self._with_new_target(head)
         if known is not None:
             memory.found += 1
             if self._partial:

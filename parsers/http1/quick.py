@@ -49,6 +49,7 @@ from parsers.http1.head import (
     RequestHeadParser,
     frame_request,
     framing_fields,
+    new_message_head,
 )
 
 __all__ = [
@@ -100,7 +101,7 @@ def quick_request_head(raw: bytes) -> MessageHead | None:
         return None
     # (Positional: keywords cost twice as much to pass, per head.)
     version = "1.1" if minor == b"1" else "1.0"
-    head = MessageHead(
+    head = new_message_head(
         method.decode("ascii"), target.decode("ascii"), 0, "", version, fields, len(raw)
     )
     framing = framing_fields(head)

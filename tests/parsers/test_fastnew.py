@@ -22,6 +22,7 @@ from parsers import fastnew
 from parsers.base import Access, Decision, Reply, ToClient, ToServer
 from parsers.fastnew import C_MAKER, fast_new, layout
 from parsers.http1.engine import RequestForm, _Exchange
+from parsers.http1.head import MessageHead
 from parsers.requests import GrpcCall, HttpRequest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,6 +48,8 @@ CALLS: list[tuple[type, tuple[Any, ...], dict[str, Any]]] = [
     (HttpRequest, ("GET", "/", "h", (), "1.1"), {}),
     (HttpRequest, ("POST", "/svc/M", "h", ()), {"version": "2"}),
     (GrpcCall, ("pkg.Svc", "Do", GET), {}),
+    (MessageHead, (), {"method": "GET", "target": "/", "headers": [(b"Host", b"h")], "size": 30}),
+    (MessageHead, (), {"status": 204, "reason": "No Content", "version": "1.0"}),
 ]
 
 

@@ -14,6 +14,7 @@ from parsers.base import Access, Close, Decision, ParseError, Reply, ToClient, T
 from parsers.http1.engine import Http1Engine
 from parsers.http1.head import MessageHead, PyRequestHead
 from parsers.http1.memo import MEMO_REST, MEMO_REST_MAX, MEMO_SIZE, RequestHeadMemo
+from parsers.http1.quick import C_SCANNER
 from parsers.http1.reader import End, Head, MessageReader
 from parsers.requests import HttpRequest
 
@@ -309,6 +310,27 @@ def test_a_new_target_on_a_known_shape_reuses_the_known_fields_without_parsing()
     # A target that could read as an absolute URI always takes the full parse.
     reader.feed(get("/items/x://elsewhere/"))
     assert heads.parsed == 2
+
+
+@pytest.mark.skipif(C_SCANNER is None, reason="the C head scanner is not built")
+def test_heads_the_c_scanner_reads_are_scanned_not_taken_as_shapes():
+    """The scanner reads a plain head in less time than a shape is found and rebuilt:
+    with it, such heads are remembered by their bytes only; a head it does not read
+    (a body's Content-Length) still goes behind it and is kept as a shape."""
+    heads = CountingHeads()
+    memo = RequestHeadMemo(lambda: heads, scan=C_SCANNER)
+    reader = MessageReader(memo)
+    first = reader.feed(get("/items/1"))[0].head
+    second = reader.feed(get("/items/2"))[0].head
+    assert (first, second) == (C_SCANNER(get("/items/1")), C_SCANNER(get("/items/2")))
+    assert heads.parsed == 0  # the parser behind saw neither
+    assert set(memo._heads) == {get("/items/1"), get("/items/2")} and not memo._shapes
+    assert reader.feed(get("/items/1"))[0].head is first  # found again by its bytes
+
+    posted = POST.replace(b"/v1/ships", b"/items/1")
+    reader.feed(posted)
+    reader.feed(POST)  # the same shape with another target: no parse
+    assert heads.parsed == 1 and len(memo._shapes) == 1
 
 
 def test_the_memo_stays_bounded():
