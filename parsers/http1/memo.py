@@ -151,10 +151,11 @@ class RequestHeadMemo(FrontParser[RequestHeadParser]):
     almost never remembered; a head found again brings the rest back to ``rest``.
 
     ``make`` makes the parser of the heads not remembered, when the first one comes.
-    ``scan``, the C head scanner that parser tries first (``parsers.http1.quick``),
-    is tried before the shapes: it reads a plain head in one pass, in less time than
-    a shape is found and its head rebuilt, so only heads it does not read (a body's
-    Content-Length, fields outside its subset) are remembered as shapes.
+    ``scan``, the C head scanner that parser (a ``QuickRequestHead``) tries first, is
+    tried before the shapes: it reads a plain head in one pass, in less time than a
+    shape is found and its head rebuilt, so only heads it does not read (a body's
+    Content-Length, fields outside its subset) are remembered as shapes. A head it
+    refuses goes on to the parser's ``after_scan``, so it is not scanned twice.
     """
 
     side: Literal["client"] = "client"
@@ -175,8 +176,8 @@ class RequestHeadMemo(FrontParser[RequestHeadParser]):
     def complete(self, head: bytes) -> MessageHead:
         known = self._heads.get(head)
         memory = self._memory
+        scan = self._scan
         if known is None:
-            scan = self._scan
             if scan is not None and (scanned := scan(head)) is not None:
                 # What the parser behind would return, the scanner being its first
                 # step: remembered by its bytes, never as a shape.
@@ -195,7 +196,12 @@ class RequestHeadMemo(FrontParser[RequestHeadParser]):
                 self.reset()  # what the parser's own ``complete`` would have done
             return known
         self._partial = False
-        parsed = self._parser_behind().complete(head)
+        behind = self._parser_behind()
+        parsed: MessageHead
+        if scan is not None:  # behind is the quick read this scanner starts, which said no
+            parsed = behind.after_scan(head)  # type: ignore[attr-defined]
+        else:
+            parsed = behind.complete(head)
         if memory.resting:
             memory.resting -= 1
         else:

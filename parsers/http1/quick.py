@@ -192,12 +192,19 @@ class QuickRequestHead(FrontParser[RequestHeadParser]):
 
     def complete(self, head: bytes) -> MessageHead:
         scan = self._scan
-        quick = scan(head) if scan is not None else None
-        if quick is None:
-            quick = quick_request_head(head)
-        if quick is not None:
+        if scan is not None and (scanned := scan(head)) is not None:
             if self._partial:
                 self.reset()  # what the parser's own ``complete`` would have done
+            return scanned
+        return self.after_scan(head)
+
+    def after_scan(self, head: bytes) -> MessageHead:
+        """``complete`` for a head the C scanner (if any) has read and refused: the
+        Python quick read, then the parser (``RequestHeadMemo`` scans first itself)."""
+        quick = quick_request_head(head)
+        if quick is not None:
+            if self._partial:
+                self.reset()
             return quick
         self._partial = False
         return self._parser.complete(head)

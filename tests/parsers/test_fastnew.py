@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,8 +21,8 @@ from parsers.fastnew import C_MAKER, fast_new, layout
 from parsers.http1.engine import RequestForm, _Exchange
 from parsers.http1.head import MessageHead
 from parsers.requests import GrpcCall, HttpRequest
+from tests.support.interpreter import run_python
 
-REPO = Path(__file__).resolve().parents[2]
 C_ACTIVE = fastnew.FAST_NEW_IMPLEMENTATION == "c"
 needs_c = pytest.mark.skipif(not C_ACTIVE, reason="the C constructors are not active")
 
@@ -226,28 +223,6 @@ def test_the_c_maker_itself_refuses_what_is_not_a_slot_of_the_class():
 # ------------------------------------------------------------- the switch
 
 
-def run_python(code: str, *, block_c: bool = False, **env: str) -> subprocess.CompletedProcess:
-    prelude = ""
-    if block_c:
-        prelude = (
-            "import sys\n"
-            "class NotBuilt:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'parsers._fastnew':\n"
-            "            raise ImportError('No module named ' + repr(name))\n"
-            "sys.meta_path.insert(0, NotBuilt())\n"
-        )
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("L7PROXY_")}
-    return subprocess.run(
-        [sys.executable, "-c", prelude + code],
-        env={**environ, **env},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 # What a client's request turns into, and the status line's entry.
 TRANSCRIPT = (
     "from parsers.registry import active_parsers\n"
@@ -283,13 +258,13 @@ def test_without_the_compiled_constructors_the_classes_serve_and_status_says_so(
         "print(fastnew.FAST_NEW_IMPLEMENTATION, new_to_server is ToServer)\n"
         "print(fastnew.C_MAKER_MISSING)\n"
     )
-    proc = run_python(code, block_c=True)
+    proc = run_python(code, unbuilt="parsers._fastnew")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
         "python True",
         "not built (No module named 'parsers._fastnew')",
     ]
-    forced = run_python(code, block_c=True, L7PROXY_FAST_NEW="c")
+    forced = run_python(code, unbuilt="parsers._fastnew", L7PROXY_FAST_NEW="c")
     assert forced.returncode != 0
     assert "L7PROXY_FAST_NEW=c, but the C constructor is not built" in forced.stderr
 

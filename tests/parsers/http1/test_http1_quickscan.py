@@ -13,9 +13,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import tracemalloc
 
 import pytest
@@ -36,7 +33,7 @@ from parsers.http1.quick import (
     quick_request_head,
 )
 from tests.parsers.http1.helpers import edited, in_c_subset, twin_difference
-from tests.support import REPO
+from tests.support.interpreter import run_python
 
 REALISTIC = (
     b"GET /public/item/17?q=9157 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nX-Request-Id: 4f27-17\r\n\r\n"
@@ -244,30 +241,6 @@ def test_the_scanner_runs_in_front_of_the_c_parser_and_the_twin_in_front_of_pyth
         assert heads[0].wire == heads[1].wire
 
 
-def run_python(code: str, *, block_c: bool = False, **env: str) -> subprocess.CompletedProcess:
-    """``code`` in a new interpreter with ``env``; with ``block_c``, as if the C
-    scanner had not been built (its import fails)."""
-    prelude = ""
-    if block_c:
-        prelude = (
-            "import sys\n"
-            "class NotBuilt:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'parsers.http1._quickscan':\n"
-            "            raise ImportError('No module named ' + repr(name))\n"
-            "sys.meta_path.insert(0, NotBuilt())\n"
-        )
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("L7PROXY_HTTP1_")}
-    return subprocess.run(
-        [sys.executable, "-c", prelude + code],
-        env={**environ, **env},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 # (The HTTP/1.1 entries: ``fast_new`` has its own switch and tests, test_fastnew.py.)
 STATUS = (
     "from parsers.registry import active_parsers; "
@@ -308,14 +281,14 @@ def test_without_the_compiled_scanner_the_python_twin_serves_and_says_why():
         "print(quick.C_SCANNER_MISSING)\n"
         f"print(Http1Engine(allow_all).client_data({REALISTIC!r})[1].data)\n"
     )
-    proc = run_python(code, block_c=True)
+    proc = run_python(code, unbuilt="parsers.http1._quickscan")
     assert proc.returncode == 0, proc.stderr
     stated, why, forwarded = proc.stdout.splitlines()
     assert stated == repr({"http1": "c", "http1_quick": "python"})
     assert why == "not built (No module named 'parsers.http1._quickscan')"
     assert forwarded == repr(REALISTIC)
     # Forcing the C scanner where there is none stops the start, naming the reason.
-    proc = run_python(STATUS, block_c=True, L7PROXY_HTTP1_QUICK="c")
+    proc = run_python(STATUS, unbuilt="parsers.http1._quickscan", L7PROXY_HTTP1_QUICK="c")
     assert proc.returncode != 0
     assert "L7PROXY_HTTP1_QUICK=c, but the C head scanner is not built" in proc.stderr
 

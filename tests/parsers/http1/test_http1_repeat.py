@@ -14,7 +14,7 @@ from parsers.base import Access, Close, Decision, ParseError, Reply, ToClient, T
 from parsers.http1.engine import Http1Engine
 from parsers.http1.head import MessageHead, PyRequestHead
 from parsers.http1.memo import MEMO_REST, MEMO_REST_MAX, MEMO_SIZE, RequestHeadMemo
-from parsers.http1.quick import C_SCANNER
+from parsers.http1.quick import C_SCANNER, QuickRequestHead
 from parsers.http1.reader import End, Head, MessageReader
 from parsers.requests import HttpRequest
 
@@ -316,9 +316,19 @@ def test_a_new_target_on_a_known_shape_reuses_the_known_fields_without_parsing()
 def test_heads_the_c_scanner_reads_are_scanned_not_taken_as_shapes():
     """The scanner reads a plain head in less time than a shape is found and rebuilt:
     with it, such heads are remembered by their bytes only; a head it does not read
-    (a body's Content-Length) still goes behind it and is kept as a shape."""
+    (a body's Content-Length) still goes behind it, scanned once, and is kept as a
+    shape."""
+    assert C_SCANNER is not None
+    scanned: list[bytes] = []
+
+    def scan(raw: bytes) -> MessageHead | None:
+        scanned.append(raw)
+        return C_SCANNER(raw)
+
     heads = CountingHeads()
-    memo = RequestHeadMemo(lambda: heads, scan=C_SCANNER)
+    quick = QuickRequestHead(heads, "c")
+    quick._scan = scan  # (the quick read behind the memo starts with the same scanner)
+    memo = RequestHeadMemo(lambda: quick, scan=scan)
     reader = MessageReader(memo)
     first = reader.feed(get("/items/1"))[0].head
     second = reader.feed(get("/items/2"))[0].head
@@ -329,8 +339,13 @@ def test_heads_the_c_scanner_reads_are_scanned_not_taken_as_shapes():
 
     posted = POST.replace(b"/v1/ships", b"/items/1")
     reader.feed(posted)
-    reader.feed(POST)  # the same shape with another target: no parse
-    assert heads.parsed == 1 and len(memo._shapes) == 1
+    assert scanned.count(posted[: posted.index(b"\r\n\r\n") + 4]) == 1
+    found, reads = memo._memory.found, len(scanned)
+    head = reader.feed(POST)[0].head  # the same shape with another target
+    assert head.target == "/v1/ships" and len(memo._shapes) == 1
+    assert memo._memory.found == found + 1  # found as that shape ...
+    assert len(scanned) == reads + 1  # ... after one scan, and no other read
+    assert heads.parsed == 0
 
 
 def test_the_memo_stays_bounded():
