@@ -74,10 +74,16 @@ class EtcdEvents:
 
     async def all_seen(self) -> list[KeyEvent]:
         """Every event up to now: a marker put now is the last one etcd sends us."""
-        marker = self.prefix + b"/zz-marker"
+        markers = self.prefix + b"/zz-marker-"
+        marker = markers + str(len(self.events)).encode()
         await self.kv.put(marker, b"", 0)
         await eventually(lambda: any(e.key == marker for e in self.events), 5, "the marker")
-        return [e for e in self.events if e.key != marker]
+        return [e for e in self.events if not e.key.startswith(markers)]
+
+    async def keys_put_on(self, lease: int) -> set[bytes]:
+        """The keys some put up to now attached to ``lease``."""
+        events = await self.all_seen()
+        return {e.key for e in events if not e.deleted and e.lease == lease}
 
     async def lease_of(self, key: bytes) -> int | None:
         kv = await self.kv.get(key)
@@ -114,7 +120,9 @@ async def test_a_takeover_deletes_no_key_though_the_old_upkeep_took_them_back(
             running(config("node-2")) as (new,),
         ):
             await new.upsert_ip("10.2.0.5", await new.allocate(TIE))
-            assert {await etcd_events.lease_of(k) for k in keys} == {new.session.lease}
+            # The successor put all three on its lease (read from the event stream: the
+            # old upkeep may already have put some back by the time a get would run).
+            assert await etcd_events.keys_put_on(new.session.lease) == keys
             # Within 50 ms the old upkeep finds them missing from its lease and puts them
             # back on it: revoking that lease now would delete all three.
             async with asyncio.timeout(5):
