@@ -156,6 +156,10 @@ class Judge:
     def __post_init__(self) -> None:
         object.__setattr__(self, "matches", self.ref.rule.matches)
 
+    def __reduce__(self) -> tuple[type[Judge], tuple[Any, ...]]:
+        # (Pickled for the workers: a rule's ``matches`` may be a closure, bound again.)
+        return Judge, (self.policy, self.ref, self.decision)
+
     def hit(self, verb: str, request: L7Request, trace: list[str] | None) -> bool:
         rule = self.ref.rule
         hit = rule.matches(request)
@@ -204,8 +208,37 @@ class PortMatcher:
     allow_all_note: str = ""
     default: Decision = Decision(False, reason="no L7 rule matches")
     first_policy: str = ""
+    # ``decide`` without a trace, per request type, made for its rules (``_decider``):
+    # what a connection calls for each request. A type whose rules need the whole loop
+    # (header edits, joint rules) has none.
+    deciders: Mapping[type, Callable[[Any], Decision]] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        deciders = {}
+        for request_type in (*REQUEST_TYPES, *self.by_type):
+            rules = self.by_type.get(request_type, NO_RULES)
+            decider = _decider(rules, self.allow_all, self.default)
+            if decider is not None:
+                deciders[request_type] = decider
+        object.__setattr__(self, "deciders", deciders)
+
+    def __reduce__(self) -> tuple[type[PortMatcher], tuple[Any, ...]]:
+        # (Pickled for the workers: the deciders are closures, made again.)
+        return PortMatcher, (
+            self.by_type,
+            self.allow_all,
+            self.allow_all_note,
+            self.default,
+            self.first_policy,
+        )
 
     def decide(self, request: L7Request, trace: list[str] | None = None) -> Decision:
+        if trace is None:
+            decider = self.deciders.get(type(request))
+            if decider is not None:
+                return decider(request)
         rules = self.by_type.get(type(request), NO_RULES)
         if trace is not None and rules.skipped:
             trace.append(rules.skipped)
@@ -232,6 +265,34 @@ class PortMatcher:
                     reason="allowed jointly by several rules",
                 )
         return self.default
+
+
+def _decider(
+    rules: TypedRules, allow_all: Decision | None, default: Decision
+) -> Callable[[Any], Decision] | None:
+    """``PortMatcher.decide`` for requests of one type, without a trace: the rules
+    tried in its order (every deny, then, unless all is allowed, every allow), the
+    first that matches giving its decision. None when a rule may edit headers or
+    rules may allow jointly: ``decide``'s loop answers those."""
+    if rules.joint or any(j.ref.rule.may_edit for j in rules.allows):
+        return None
+    tried = tuple((j.matches, j.decision) for j in rules.denies)
+    if allow_all is None:
+        tried += tuple((j.matches, j.decision) for j in rules.allows)
+    otherwise = allow_all if allow_all is not None else default
+    if not tried:
+        return lambda request: otherwise
+    if len(tried) == 1:
+        ((test, hit),) = tried
+        return lambda request: hit if test(request) else otherwise
+
+    def first_match(request: Any) -> Decision:
+        for test, hit in tried:
+            if test(request):
+                return hit
+        return otherwise
+
+    return first_match
 
 
 def _typed_rules(request_type: type, denies: list[Judge], allows: list[Judge]) -> TypedRules:

@@ -7,6 +7,7 @@ next request is judged by the new policy while the connection stays open.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +72,17 @@ class PolicyState:
 class ConnectionPolicy:
     """Decides every request of one connection from ``src`` to ``dst``."""
 
-    __slots__ = ("state", "src", "dst", "l4", "parser", "_policy", "_matchers", "_last")
+    __slots__ = (
+        "state",
+        "src",
+        "dst",
+        "l4",
+        "parser",
+        "_policy",
+        "_matchers",
+        "_deciders",
+        "_last",
+    )
 
     def __init__(self, state: PolicyState, src: Side, dst: Side):
         self.state = state
@@ -80,6 +91,9 @@ class ConnectionPolicy:
         self.l4, self.parser = self._l4()
         self._policy: CompiledPolicy | None = None
         self._matchers: list[PortMatcher] = []
+        # With one leg, its matcher's deciders (``PortMatcher.deciders``): a request is
+        # judged in one call. With two, none: both legs are asked and combined.
+        self._deciders: Mapping[type, Callable[[Any], Decision]] = {}
         # The last request judged and its decision. A keep-alive client that repeats
         # a head gets the very request object again (the engines remember heads), and
         # a decision is a pure function of the policy and the request.
@@ -129,19 +143,22 @@ class ConnectionPolicy:
             return _combine(decisions)
         if policy is not self._policy:
             self._policy = policy
-            self._matchers = [
+            matchers = self._matchers = [
                 policy.l7_matcher(ep, direction, peer, self.dst.port)
                 for ep, direction, peer in self._legs()
             ]
+            self._deciders = matchers[0].deciders if len(matchers) == 1 else {}
             self._last = None
         last = self._last
         if last is not None and last[0] is request:
             return last[1]
-        matchers = self._matchers
-        if len(matchers) == 1:  # one local endpoint: nothing to combine
-            decision = matchers[0].decide(request)
+        decider = self._deciders.get(type(request))
+        if decider is not None:
+            decision = decider(request)
+        elif len(self._matchers) == 1:  # one local endpoint: nothing to combine
+            decision = self._matchers[0].decide(request)
         else:
-            decision = _combine([m.decide(request) for m in matchers])
+            decision = _combine([m.decide(request) for m in self._matchers])
         self._last = (request, decision)
         return decision
 

@@ -47,6 +47,11 @@ class CompiledRule(Protocol[Req_contra]):
         """Header edits a request this rule allows must get (HTTP headerMatches)."""
         ...
 
+    @property
+    def may_edit(self) -> bool:
+        """Whether ``edits`` can return any edit: a rule that never edits is not asked."""
+        ...
+
     def explain(self, request: Req_contra) -> str:
         """Why it matched or not, in words, e.g. ``method PUT != POST``."""
         ...

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from l7proxy.policy.errors import YamlPath
 from l7proxy.policy.rules import Edits, L7Kind, register
@@ -45,6 +45,9 @@ class CassandraRule:
 
     def matches(self, request: CqlRequest) -> bool:
         return self._mismatch(request) is None
+
+    # Its ``edits`` are always none: a request it allows is never asked for them.
+    may_edit: ClassVar[bool] = False
 
     def edits(self, request: CqlRequest) -> Edits:
         return ()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from l7proxy.policy.errors import YamlPath
 from l7proxy.policy.rules import Edits, L7Kind, register
@@ -60,6 +60,9 @@ class GrpcRule:
 
     def matches(self, request: GrpcCall) -> bool:
         return self._mismatch(request) is None
+
+    # Its ``edits`` are always none: a request it allows is never asked for them.
+    may_edit: ClassVar[bool] = False
 
     def edits(self, request: GrpcCall) -> Edits:
         return ()

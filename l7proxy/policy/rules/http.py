@@ -78,18 +78,21 @@ class HttpRule:
     path: Pattern | None
     host: Pattern | None
     headers: tuple[HeaderMatch, ...]
+    # ``matches``, made for the fields this rule sets (``_request_test``): a request is
+    # judged in one call, with no test of a field the rule leaves open.
+    matches: Callable[[HttpOrGrpc], bool] = field(init=False, repr=False, compare=False)
+    # A header it matches may add, delete or replace a header: the request must ask.
+    may_edit: bool = field(init=False, repr=False, compare=False)
 
-    def matches(self, request: HttpOrGrpc) -> bool:
-        # (An HttpRequest's ``http`` is itself: a property call saved per rule tried.)
-        http = request if type(request) is HttpRequest else request.http
-        if self.method is not None and not self.method.fullmatch(http.method):
-            return False
-        if self.path is not None and not self.path.fullmatch(http.path):
-            return False
-        if self.host is not None and not self.host.fullmatch(http.host):
-            return False
-        headers = self.headers
-        return not headers or all(h.check(http)[0] for h in headers)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "matches", _request_test(self))
+        object.__setattr__(
+            self, "may_edit", any(h.mismatch not in (None, "LOG") for h in self.headers)
+        )
+
+    def __reduce__(self) -> tuple[type[HttpRule], tuple[Any, ...]]:
+        # (A compiled policy is pickled for the workers: ``matches`` is made again.)
+        return HttpRule, (self.method, self.path, self.host, self.headers)
 
     def edits(self, request: HttpOrGrpc) -> Edits:
         headers = self.headers
@@ -119,6 +122,49 @@ class HttpRule:
             parts.append(f"host={self.host.pattern}")
         parts += [h.name if h.value is None else f"{h.name}={h.value}" for h in self.headers]
         return " ".join(parts) or "any"
+
+
+def _request_test(rule: HttpRule) -> Callable[[HttpOrGrpc], bool]:
+    """What ``rule.matches`` is: true when every field the rule sets matches.
+
+    A rule of a method and a path, the most common, is two pattern calls. (An
+    HttpRequest's ``http`` is itself: no property call for a plain request.)"""
+    method, path, host, headers = rule.method, rule.path, rule.host, rule.headers
+    if host is None and not headers:
+        if method is not None and path is not None:
+            method_matches, path_matches = method.fullmatch, path.fullmatch
+
+            def method_and_path(request: HttpOrGrpc) -> bool:
+                http = request if type(request) is HttpRequest else request.http
+                return (
+                    method_matches(http.method) is not None and path_matches(http.path) is not None
+                )
+
+            return method_and_path
+        if method is None and path is None:
+            return lambda request: True
+        pattern = method or path
+        assert pattern is not None
+        one_matches = pattern.fullmatch
+        field_name = "method" if method is not None else "path"
+
+        def one_field(request: HttpOrGrpc) -> bool:
+            http = request if type(request) is HttpRequest else request.http
+            return one_matches(getattr(http, field_name)) is not None
+
+        return one_field
+
+    def every_field(request: HttpOrGrpc) -> bool:
+        http = request if type(request) is HttpRequest else request.http
+        if method is not None and not method.fullmatch(http.method):
+            return False
+        if path is not None and not path.fullmatch(http.path):
+            return False
+        if host is not None and not host.fullmatch(http.host):
+            return False
+        return not headers or all(h.check(http)[0] for h in headers)
+
+    return every_field
 
 
 def _regex(node: Any, path: YamlPath) -> Pattern | None:

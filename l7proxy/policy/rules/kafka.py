@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from l7proxy.policy.errors import YamlPath
 from l7proxy.policy.rules import Edits, L7Kind, register
@@ -141,6 +141,9 @@ class KafkaRule:
         if self._head_mismatch(request) is not None:
             return False
         return all(self._topic_ok(t) for t in request.topics)
+
+    # Its ``edits`` are always none: a request it allows is never asked for them.
+    may_edit: ClassVar[bool] = False
 
     def edits(self, request: KafkaRequest) -> Edits:
         return ()

@@ -31,7 +31,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from l7proxy.policy.errors import YamlPath
 from l7proxy.policy.rules import Edits, L7Kind, register
@@ -65,6 +65,9 @@ class ServerNamesRule:
 
     def matches(self, request: TlsClientHello) -> bool:
         return bool(request.sni) and self._pattern_for(request.sni.lower()) is not None
+
+    # Its ``edits`` are always none: a request it allows is never asked for them.
+    may_edit: ClassVar[bool] = False
 
     def edits(self, request: TlsClientHello) -> Edits:
         return ()
