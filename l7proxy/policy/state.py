@@ -81,7 +81,8 @@ class ConnectionPolicy:
         "_policy",
         "_matchers",
         "_deciders",
-        "_last",
+        "_last_request",
+        "_last_decision",
     )
 
     def __init__(self, state: PolicyState, src: Side, dst: Side):
@@ -97,7 +98,8 @@ class ConnectionPolicy:
         # The last request judged and its decision. A keep-alive client that repeats
         # a head gets the very request object again (the engines remember heads), and
         # a decision is a pure function of the policy and the request.
-        self._last: tuple[L7Request, Decision] | None = None
+        self._last_request: L7Request | None = None
+        self._last_decision = NO_LOCAL_ENDPOINT
 
     @property
     def tls(self) -> PortTls | None:
@@ -148,10 +150,9 @@ class ConnectionPolicy:
                 for ep, direction, peer in self._legs()
             ]
             self._deciders = matchers[0].deciders if len(matchers) == 1 else {}
-            self._last = None
-        last = self._last
-        if last is not None and last[0] is request:
-            return last[1]
+            self._last_request = None
+        if request is self._last_request:
+            return self._last_decision
         decider = self._deciders.get(type(request))
         if decider is not None:
             decision = decider(request)
@@ -159,7 +160,8 @@ class ConnectionPolicy:
             decision = self._matchers[0].decide(request)
         else:
             decision = _combine([m.decide(request) for m in self._matchers])
-        self._last = (request, decision)
+        self._last_request = request
+        self._last_decision = decision
         return decision
 
     __call__ = decide

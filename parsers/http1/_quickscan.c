@@ -1,6 +1,7 @@
 /* The C twin of parsers/http1/quick.py's quick_request_head, for the plainest heads.
  *
  *     configure(MessageHead, RequestFields, field_names)   once, at import of quick.py
+ *     derive_forms(make_request, make_form)               once, at import of engine.py
  *     scan_request_head(raw) -> MessageHead | None
  *
  * ``raw`` is one whole request head (up to and with its empty line). When it is in the
@@ -31,6 +32,13 @@
  * writable object slot of the class itself, so a field added in Python refuses the C
  * scanner (quick.py then reads every head itself, and says so) instead of leaving a
  * slot unset.
+ *
+ * Once the engine has given its constructors (derive_forms), a head is also given the
+ * form the engine forwards it by (``derived``: its RequestForm of the HttpRequest that
+ * ``decide`` sees, and ``wire``), as the engine's _request_form would make it on the
+ * head's first use: the two constructors are C callables (parsers.fastnew), called
+ * without a Python frame. An HTTP/1.1 head without Host gets none: the engine refuses
+ * it, in Python.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -62,6 +70,8 @@ typedef struct {
     Py_ssize_t offsets[N_HEAD_FIELDS]; /* of each field's slot in a MessageHead */
     PyObject *methods[N_METHODS];
     PyObject *v10, *v11, *none, *empty;
+    PyObject *make_request; /* HttpRequest(method, path, host, headers, version), or NULL */
+    PyObject *make_form;    /* RequestForm(request, wire) */
 } State;
 
 /* ------------------------------------------------------------------ byte classes */
@@ -370,10 +380,27 @@ build(State *st, PyObject *raw, const unsigned char *p, Py_ssize_t n, const Head
     values[F_KEEP_ALIVE] = PyBool_FromLong(h->keep_alive);
     values[F_UPGRADE] = Py_NewRef(Py_False);
     values[F_EXPECT] = Py_NewRef(Py_False);
-    values[F_DERIVED] = Py_NewRef(Py_None);
     values[F_WIRE] = Py_NewRef(raw); /* the quick read's ``head.wire = raw`` */
     if (values[F_CODINGS] == NULL)
         goto done;
+    if (st->make_form != NULL && (h->minor == 0 || h->host >= 0)) {
+        /* The engine's _request_form for an origin-form target: the path as it came. */
+        PyObject *request_args[5] = {
+            values[F_METHOD], values[F_TARGET],
+            PyTuple_GET_ITEM(values[F_DERIVED_FIELDS], 1), /* RequestFields.host */
+            decoded, values[F_VERSION],
+        };
+        PyObject *request = PyObject_Vectorcall(st->make_request, request_args, 5, NULL);
+        if (request == NULL)
+            goto done;
+        PyObject *form_args[2] = {request, raw};
+        values[F_DERIVED] = PyObject_Vectorcall(st->make_form, form_args, 2, NULL);
+        Py_DECREF(request);
+        if (values[F_DERIVED] == NULL)
+            goto done;
+    } else {
+        values[F_DERIVED] = Py_NewRef(Py_None);
+    }
     head = st->head_type->tp_alloc(st->head_type, 0);
     if (head == NULL)
         goto done;
@@ -486,6 +513,19 @@ fail:
     return NULL;
 }
 
+static PyObject *
+derive_forms(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    State *st = (State *)PyModule_GetState(module);
+    if (nargs != 2 || !PyCallable_Check(args[0]) || !PyCallable_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "derive_forms(make_request, make_form): two callables");
+        return NULL;
+    }
+    Py_XSETREF(st->make_request, Py_NewRef(args[0]));
+    Py_XSETREF(st->make_form, Py_NewRef(args[1]));
+    Py_RETURN_NONE;
+}
+
 static int
 exec_module(PyObject *module)
 {
@@ -508,6 +548,8 @@ traverse(PyObject *module, visitproc visit, void *arg)
     State *st = (State *)PyModule_GetState(module);
     Py_VISIT(st->head_type);
     Py_VISIT(st->fields_type);
+    Py_VISIT(st->make_request);
+    Py_VISIT(st->make_form);
     return 0;
 }
 
@@ -517,6 +559,8 @@ clear(PyObject *module)
     State *st = (State *)PyModule_GetState(module);
     Py_CLEAR(st->head_type);
     Py_CLEAR(st->fields_type);
+    Py_CLEAR(st->make_request);
+    Py_CLEAR(st->make_form);
     for (int m = 0; m < N_METHODS; m++)
         Py_CLEAR(st->methods[m]);
     Py_CLEAR(st->v10);
@@ -539,6 +583,10 @@ static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(head_type, fields_type, head_field_names, /)\n--\n\nThe classes to build "
      "(MessageHead, RequestFields), checked against the fields this scanner sets."},
+    {"derive_forms", (PyCFunction)(void (*)(void))derive_forms, METH_FASTCALL,
+     "derive_forms(make_request, make_form, /)\n--\n\nThe engine's constructors of a "
+     "head's HttpRequest and RequestForm: each head scanned from now on carries its form "
+     "(``derived``)."},
     {NULL, NULL, 0, NULL},
 };
 

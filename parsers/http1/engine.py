@@ -78,7 +78,12 @@ from parsers.http1.memo import (
     ResponseHeadMemo,
     ResponseHeads,
 )
-from parsers.http1.quick import C_SCANNER, QuickRequestHead, quick_implementation
+from parsers.http1.quick import (
+    C_SCANNER,
+    QuickRequestHead,
+    derive_forms,
+    quick_implementation,
+)
 from parsers.http1.reader import END, Data, End, Event, Head, MessageReader
 from parsers.requests import HttpRequest, new_http_request
 
@@ -415,6 +420,8 @@ class _TimedOut:
 # Built for every request (``parsers.fastnew``).
 new_exchange = fast_new(_Exchange)
 new_form = fast_new(RequestForm)
+# A head the C scanner reads comes with its form, made in the same pass.
+derive_forms(new_http_request, new_form)
 
 
 class Http1Engine:

@@ -39,7 +39,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 from parsers.http1.errors import Http1Error
 from parsers.http1.head import (
@@ -138,6 +138,21 @@ def _load_c_scanner() -> tuple[ScanRequestHead | None, str]:
 
 
 C_SCANNER, C_SCANNER_MISSING = _load_c_scanner()
+
+
+def derive_forms(
+    make_request: Callable[[str, str, str, tuple[tuple[str, str], ...], str], Any],
+    make_form: Callable[[Any, bytes], Any],
+) -> None:
+    """The engine's constructors of a head's ``HttpRequest`` and ``RequestForm``: from
+    now on, the C scanner gives each head it reads its form (``derived``) too, as the
+    engine's ``_request_form`` would make it at the head's first use, with no Python
+    frame. (The Python twin leaves ``derived`` to the engine: it is a cache, made once
+    per head either way.)"""
+    if C_SCANNER is not None:
+        from parsers.http1 import _quickscan
+
+        _quickscan.derive_forms(make_request, make_form)
 
 
 def _forced() -> str:

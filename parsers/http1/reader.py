@@ -129,7 +129,9 @@ class MessageReader:
 
     @property
     def reading_head(self) -> bool:
-        return self._state == HEAD and len(self._buf) > 0
+        if not self._buf:  # (most reads end where a message does: one test)
+            return False
+        return self._state == HEAD
 
     @property
     def reading_body(self) -> bool:

@@ -70,6 +70,15 @@ def as_built(head) -> dict:
     import dataclasses
 
     out = {f.name: typed(getattr(head, f.name)) for f in dataclasses.fields(head)}
+    form = head.derived
+    if form is not None:  # a request's RequestForm: its HttpRequest field by field
+        request = form.request
+        out["derived"] = (
+            type(form).__name__,
+            type(request).__name__,
+            {f.name: typed(getattr(request, f.name)) for f in dataclasses.fields(request)},
+            typed(form.wire),
+        )
     facts = head.derived_fields
     if facts is not None:
         out["derived_fields"] = (
@@ -83,12 +92,24 @@ def twin_difference(raw: bytes) -> str | None:
     """How the C scanner's reading of ``raw`` differs from the Python quick read's,
     or None when they agree: the same head field for field (``derived_fields``: what
     the engine's ``request_field_facts`` makes of the Python one, which the scanner
-    makes itself; ``wire``: ``raw`` itself), or the scanner's None for a head outside
-    its subset."""
+    makes itself; ``derived``: the form the engine's ``_request_form`` makes of it;
+    ``wire``: ``raw`` itself), or the scanner's None for a head outside its subset."""
     import dataclasses
 
     from parsers.http1.engine import request_field_facts
     from parsers.http1.quick import C_SCANNER, quick_request_head
+
+    def engine_form(head):
+        """The form the engine makes of a head at its first use; None for a head it
+        refuses (an HTTP/1.1 request without Host)."""
+        from parsers.base import allow_all
+        from parsers.http1.engine import Http1Engine
+        from parsers.http1.errors import Http1Error
+
+        try:
+            return Http1Engine(allow_all)._request_form(dataclasses.replace(head))
+        except Http1Error:
+            return None
 
     assert C_SCANNER is not None, "the C head scanner is not built (make setup)"
     py = quick_request_head(raw)
@@ -99,7 +120,8 @@ def twin_difference(raw: bytes) -> str | None:
         return f"the scanner read a head the Python read refuses: {raw!r}"
     if not in_c_subset(py):
         return f"the scanner read a head outside its subset: {raw!r}"
-    expected = as_built(dataclasses.replace(py, derived_fields=request_field_facts(py), wire=raw))
+    py = dataclasses.replace(py, derived_fields=request_field_facts(py), wire=raw)
+    expected = as_built(dataclasses.replace(py, derived=engine_form(py)))
     got = as_built(c)
     if got != expected:
         wrong = {k: (got[k], expected[k]) for k in expected if got[k] != expected[k]}

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from parsers.base import Access, ToServer, allow_all
 from parsers.conformance.registry import CORPORA_DIR
 from parsers.http1 import _quickscan
-from parsers.http1.engine import Http1Engine, request_field_facts, request_reader
+from parsers.http1.engine import Http1Engine, RequestForm, request_field_facts, request_reader
 from parsers.http1.fast import CRequestHead
 from parsers.http1.head import MessageHead, PyRequestHead, RequestFields
 from parsers.http1.quick import (
@@ -32,6 +32,7 @@ from parsers.http1.quick import (
     QuickRequestHead,
     quick_request_head,
 )
+from parsers.requests import HttpRequest
 from tests.parsers.http1.helpers import edited, in_c_subset, twin_difference
 from tests.support.interpreter import run_python
 
@@ -64,7 +65,18 @@ def test_the_benchs_realistic_head_is_read_whole_by_the_scanner():
         section=None,
     )
     assert type(head.derived_fields) is RequestFields
-    assert head.derived is None
+    # ... and the form the engine forwards it by: the request ``decide`` sees, the bytes.
+    assert head.derived == RequestForm(
+        HttpRequest(
+            "GET",
+            "/public/item/17?q=9157",
+            "127.0.0.1:8080",
+            (("host", "127.0.0.1:8080"), ("x-request-id", "4f27-17")),
+            "1.1",
+        ),
+        REALISTIC,
+    )
+    assert head.derived.wire is REALISTIC
     # ... and all of it as the Python read and both full parsers read it:
     assert twin_difference(REALISTIC) is None
     for parser in (CRequestHead(), PyRequestHead()):
@@ -223,6 +235,20 @@ def test_the_engine_forwards_a_scanned_head_as_it_came_and_judges_it_once():
         "1.1",
     )
     assert request.headers == (("host", "127.0.0.1:8080"), ("x-request-id", "4f27-17"))
+
+
+def test_a_head_without_host_gets_a_form_in_http_1_0_only_and_1_1_gets_its_400():
+    old = scan(b"GET /x HTTP/1.0\r\nX-A: b\r\n\r\n")
+    assert old is not None and old.derived.request.host == ""
+    assert old.derived.request.version == "1.0"
+
+    raw = b"GET /x HTTP/1.1\r\nX-A: b\r\n\r\n"
+    hostless = scan(raw)
+    assert hostless is not None and hostless.derived is None  # refused by the engine:
+    engine = Http1Engine(allow_all, parser="c")
+    (answer, error) = engine.client_data(raw)
+    assert answer.data.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert error.error.code == "missing_host"
 
 
 def test_the_scanner_runs_in_front_of_the_c_parser_and_the_twin_in_front_of_python():
