@@ -505,10 +505,11 @@ class Pipe:
     # ------------------------------------------------------------- commands
 
     def _execute(self, commands: list[Command]) -> None:
-        if len(commands) == 2:
+        count = len(commands)
+        first: Any
+        second: Any
+        if count == 2:
             # Most turns: a request judged and sent on, or its response sent back.
-            first: Any
-            second: Any
             first, second = commands
             kind = type(first)
             if kind is Access and type(second) is ToServer:
@@ -525,6 +526,21 @@ class Pipe:
                     self._record(second.key, second.fields)  # (as below: before the write)
                     self._client.write(first.data)
                     return
+        elif count == 3:
+            # A last response (``Connection: close``): its write, its record, the end,
+            # in the order the loop below keeps.
+            first, second, third = commands
+            if (
+                type(first) is ToClient
+                and type(second) is Reply
+                and type(third) is Close
+                and not self._client_eof_sent
+                and not self._client.is_closing()
+            ):
+                self._record(second.key, second.fields)
+                self._client.write(first.data)
+                self.close(third.reason)
+                return
         never_connected = False
         # Bytes for each side are gathered and written once (one writev), before
         # any command that must come after them: a pipelined batch of responses

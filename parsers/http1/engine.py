@@ -793,8 +793,9 @@ class Http1Engine:
             responses.budget = self.limits.responses_per_turn
             whole = responses.read_whole(data)
             if whole is not None and self._whole_response(whole, data, out):
-                # Most often its write and its Reply: nothing to merge.
-                return out if len(out) == 2 else _coalesce(out)
+                # Its write and its Reply first, so a third command (the Close of a last
+                # response) has no write beside it to merge with.
+                return out if len(out) <= 3 else _coalesce(out)
         if self._read_responses(data, out, whole):
             return _coalesce(out)
         if not data and not self._closed:

@@ -263,6 +263,25 @@ async def test_a_request_and_its_response_cross_unchanged_and_are_logged_once():
     assert record["l7"]["method"] == "GET" and record["reply"] == {"status": 200}
 
 
+async def test_a_last_response_is_written_logged_and_then_the_connection_ends():
+    """The server says Connection: close: the client gets the response, then our FIN
+    (the server's side closed first), and the exchange is logged as answered."""
+    last = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    p = play(HttpEngine(allow_all))
+    p.pipe.client_data(GET)
+    p.wire.take()
+
+    p.pipe.server_data(last)
+    assert p.wire.take() == [
+        ("client", "write", OK_CLOSE),
+        ("server", "close"),
+        ("client", "write_eof"),
+    ]
+    assert p.pipe.closing
+    [record] = p.flowlog.recent
+    assert record["verdict"] == "FORWARDED" and record["reply"] == {"status": 200}
+
+
 async def test_without_a_reader_no_record_is_built_and_a_subscriber_gets_the_next_one():
     p = play(HttpEngine(allow_all), flowlog=FlowLog(None, keep=0))
     assert not p.flowlog.wanted  # no file, no subscriber, nothing kept
