@@ -513,13 +513,16 @@ class Pipe:
             first, second = commands
             kind = type(first)
             if kind is Access and type(second) is ToServer:
-                server = self._server
-                if server is not None and not self._server_eof_sent:
+                if not self._server_eof_sent:
                     in_flight = self._in_flight  # (``_access``, inline: one per request)
                     in_flight[first.key] = (time.monotonic(), first.request, first.decision)
                     if len(in_flight) >= self._limits.max_pending_requests:
                         self._pending_limit(in_flight)
-                    server.write(second.data)
+                    server = self._server
+                    if server is not None:
+                        server.write(second.data)
+                    else:  # a connection's first request: its server is being connected
+                        self._send_early(second.data)
                     return
             elif kind is ToClient and type(second) is Reply:
                 if not self._client_eof_sent and not self._client.is_closing():
@@ -559,11 +562,7 @@ class Pipe:
                 elif self._server is not None:
                     to_server.append(cmd.data)
                 else:
-                    self._to_server_early.append(cmd.data)
-                    self._early_bytes += len(cmd.data)
-                    if self._early_bytes > WRITE_HIGH_WATER:
-                        self._hold_client(HOLD_EARLY)
-                    self._want_server()
+                    self._send_early(cmd.data)
                 continue
             if kind is ToClient:
                 if not self._client_eof_sent and not self._client.is_closing():
@@ -623,6 +622,14 @@ class Pipe:
             # either. Its end of input lets the engine end the connection the
             # way it ends any other (after the rest of this batch, in order).
             self._execute(self._engine.server_data(b""))
+
+    def _send_early(self, data: bytes) -> None:
+        """Bytes for a server not connected yet: kept for it, and it is connected."""
+        self._to_server_early.append(data)
+        self._early_bytes += len(data)
+        if self._early_bytes > WRITE_HIGH_WATER:
+            self._hold_client(HOLD_EARLY)
+        self._want_server()
 
     def _access(self, cmd: Access) -> None:
         """A request judged: in flight until its reply (``_record``)."""
