@@ -73,6 +73,7 @@ from parsers.base import (
     TimeLimit,
     ToClient,
     ToServer,
+    WireData,
     Yield,
 )
 
@@ -307,7 +308,7 @@ class Pipe:
         self._source = source  # flow-log descriptions of both ends
         self._destination = destination
         # What the engine sent toward the server before the upstream connected.
-        self._to_server_early: list[bytes] = []
+        self._to_server_early: list[WireData] = []
         self._early_bytes = 0
         self._server_eof_early = False
         self._last_activity = self._last_client_byte = self._last_look = loop.time()
@@ -623,7 +624,7 @@ class Pipe:
             # way it ends any other (after the rest of this batch, in order).
             self._execute(self._engine.server_data(b""))
 
-    def _send_early(self, data: bytes) -> None:
+    def _send_early(self, data: WireData) -> None:
         """Bytes for a server not connected yet: kept for it, and it is connected."""
         self._to_server_early.append(data)
         self._early_bytes += len(data)
