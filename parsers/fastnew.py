@@ -26,10 +26,11 @@ status``: ``fast_new``), and ``tests/parsers/test_fastnew.py`` holds the two equ
 from __future__ import annotations
 
 import dataclasses
-import os
 import types
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+from parsers.switch import forced_implementation
 
 _T = TypeVar("_T")
 
@@ -46,16 +47,10 @@ def _load_maker() -> tuple[type | None, str]:
 C_MAKER, C_MAKER_MISSING = _load_maker()
 
 
-def _forced() -> str:
-    forced = os.environ.get("L7PROXY_FAST_NEW", "auto").strip().lower() or "auto"
-    if forced not in ("auto", "c", "python"):
-        raise ValueError(f"unknown L7PROXY_FAST_NEW {forced!r} (want c, python or auto)")
-    if forced == "c" and C_MAKER is None:
-        raise ImportError(f"L7PROXY_FAST_NEW=c, but the C constructor is {C_MAKER_MISSING}")
-    return forced
-
-
-FAST_NEW_IMPLEMENTATION = "python" if _forced() == "python" or C_MAKER is None else "c"
+_FORCED = forced_implementation(
+    "L7PROXY_FAST_NEW", C_MAKER_MISSING if C_MAKER is None else None, "the C constructor"
+)
+FAST_NEW_IMPLEMENTATION = "python" if _FORCED == "python" or C_MAKER is None else "c"
 
 
 def layout(cls: type) -> tuple[tuple[str, ...], tuple[Any, ...], tuple[Any, ...]] | str:

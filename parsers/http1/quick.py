@@ -36,7 +36,6 @@ pure-Python parser (``L7PROXY_HTTP1_PARSER=python``) comes with the Python twin.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from collections.abc import Callable
 from typing import Any, Literal
@@ -51,6 +50,7 @@ from parsers.http1.head import (
     framing_fields,
     new_message_head,
 )
+from parsers.switch import forced_implementation
 
 __all__ = [
     "C_SCANNER",
@@ -155,16 +155,12 @@ def derive_forms(
         _quickscan.derive_forms(make_request, make_form)
 
 
-def _forced() -> str:
-    forced = os.environ.get("L7PROXY_HTTP1_QUICK", "auto").strip().lower() or "auto"
-    if forced not in ("auto", "c", "python"):
-        raise ValueError(f"unknown L7PROXY_HTTP1_QUICK {forced!r} (want c, python or auto)")
-    if forced == "c" and C_SCANNER is None:
-        raise ImportError(f"L7PROXY_HTTP1_QUICK=c, but the C head scanner is {C_SCANNER_MISSING}")
-    return forced
-
-
-_FORCED = _forced()  # read once, at import, as L7PROXY_HTTP1_PARSER is
+# Read once, at import, as L7PROXY_HTTP1_PARSER is.
+_FORCED = forced_implementation(
+    "L7PROXY_HTTP1_QUICK",
+    C_SCANNER_MISSING if C_SCANNER is None else None,
+    "the C head scanner",
+)
 
 
 def quick_implementation(parser: str = "c") -> str:
