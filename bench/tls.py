@@ -256,6 +256,15 @@ def main(argv: list[str] | None = None) -> int:
             summary["keepalive"]["l7proxy"]["proxy_us_per_req"],
             summary["keepalive"]["haproxy"]["proxy_us_per_req"],
         ),
+        # Each pair measured a minute apart (the medians above may pair rounds the
+        # machine's load moved apart).
+        **{
+            f"{kind}_cpu_l7proxy_over_haproxy_by_round": [
+                ratio(a["proxy_us_per_req"], b["proxy_us_per_req"])
+                for a, b in zip(runs[kind]["l7proxy"], runs[kind]["haproxy"], strict=True)
+            ]
+            for kind in ("handshakes", "keepalive")
+        },
         "tls_us_per_handshake_l7proxy": round(
             summary["handshakes"]["l7proxy"]["proxy_us_per_req"]
             - summary["handshakes"]["l7proxy-cleartext"]["proxy_us_per_req"],
@@ -299,13 +308,18 @@ def report(doc: dict[str, Any]) -> str:
     ]
     table = markdown_table(["load", "proxy", "req/s", "proxy CPU µs/req", "p99 ms"], rows)
     h = doc["headline"]
+
+    def rounds(kind: str) -> str:
+        by_round = h.get(f"{kind}_cpu_l7proxy_over_haproxy_by_round", [])
+        return ", ".join(f"{r:.2f}" for r in by_round)
+
     return (
         f"{table}\n\nCPU per handshake, l7proxy / haproxy: "
-        f"{h['handshake_cpu_l7proxy_over_haproxy']:.2f}x "
-        f"(against haproxy with a server connection per client, as l7proxy: "
+        f"{h['handshake_cpu_l7proxy_over_haproxy']:.2f}x (rounds: {rounds('handshakes')}; "
+        f"against haproxy with a server connection per client, as l7proxy: "
         f"{h['handshake_cpu_l7proxy_over_haproxy_no_reuse']:.2f}x)\n"
         f"CPU per keep-alive HTTPS request, l7proxy / haproxy: "
-        f"{h['keepalive_cpu_l7proxy_over_haproxy']:.2f}x\n"
+        f"{h['keepalive_cpu_l7proxy_over_haproxy']:.2f}x (rounds: {rounds('keepalive')})\n"
         f"TLS's share of l7proxy's connection (handshake and close): "
         f"{h['tls_us_per_handshake_l7proxy']:.0f} µs\n"
         f"TLS's share of l7proxy's keep-alive request: "
