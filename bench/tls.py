@@ -1,7 +1,7 @@
 """TLS terminated by l7proxy's API firewall, against haproxy terminating with the same
 certificate, in the same run.
 
-    python -m bench tls [--duration 8] [--rounds 2] [--connections 32]
+    python -m bench tls [--duration 8] [--rounds 3] [--connections 32]
 
 One run makes an EC P-256 certificate with ``openssl``, starts nginx (the cleartext
 upstream), l7proxy in firewall mode with ``--tls-cert`` and an L7 rule in force (GET /.*
@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.tls", description=__doc__.split("\n\n")[0])
     argv = [] if argv is None else argv
     p.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved runs (medians reported)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved runs (medians reported)")
     p.add_argument("--connections", type=int, default=32)
     return p.parse_args(argv)
 
