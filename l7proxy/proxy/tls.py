@@ -105,22 +105,32 @@ def _stamp(paths: Iterable[Path | None]) -> Stamp:
 
 class _RecordCalls(ssl.SSLObject):
     """The event loop's TLS transport calls ``read``, ``pending`` and ``write`` for
-    every record (it looks each one up once, at the handshake): here they are the
-    ``_ssl`` object's own methods, not ``ssl.SSLObject``'s Python wrappers around
-    them, which cost a Python call each and do nothing else (both take a size, and
-    a buffer to read into: the transport always passes the size)."""
+    every record, ``do_handshake`` for each flight of the handshake, and
+    ``getpeercert``, ``cipher``, ``compression`` and (at the end) ``unwrap`` once, and
+    ``session_fields`` asks ``selected_alpn_protocol`` and ``version``: here they are
+    the ``_ssl`` object's own methods, bound on the instance, not ``ssl.SSLObject``'s
+    Python wrappers around them, which cost a Python call each and do nothing else
+    (``read`` takes a size and a buffer to read into, both optional in C; the
+    transport always passes the size). Twelve Python calls fewer per connection."""
 
-    @property
-    def read(self):  # type: ignore[override]
-        return self._sslobj.read
-
-    @property
-    def write(self):  # type: ignore[override]
-        return self._sslobj.write
-
-    @property
-    def pending(self):  # type: ignore[override]
-        return self._sslobj.pending
+    @classmethod
+    def _create(cls, *args: Any, **kwargs: Any) -> _RecordCalls:
+        self: _RecordCalls = super()._create(*args, **kwargs)  # type: ignore[misc]
+        sslobj = self._sslobj  # type: ignore[attr-defined]
+        # (Instance attributes: a method of the class is found after them.)
+        vars(self).update(
+            read=sslobj.read,
+            write=sslobj.write,
+            pending=sslobj.pending,
+            do_handshake=sslobj.do_handshake,
+            getpeercert=sslobj.getpeercert,
+            cipher=sslobj.cipher,
+            compression=sslobj.compression,
+            selected_alpn_protocol=sslobj.selected_alpn_protocol,
+            version=sslobj.version,
+            unwrap=sslobj.shutdown,
+        )
+        return self
 
 
 def _harden(ctx: ssl.SSLContext, *, server: bool = False) -> None:
