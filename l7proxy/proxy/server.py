@@ -20,7 +20,7 @@ import select
 import socket
 import ssl
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -234,7 +234,7 @@ class Acceptor:
                         conn.close()
                         return
                     if head is not None:  # the handshake starts now
-                        self._loop.create_task(self._open_transport(conn, started, chosen, head))
+                        self._open_now(conn, started, chosen, head)
                         return
                     wait = tls.handshake_timeout  # the handshake's deadline, from now
             if chosen is None and admission is not None:
@@ -250,7 +250,7 @@ class Acceptor:
                             conn.close()
                             return
         if wait is None:
-            self._loop.create_task(self._open_transport(conn, started, chosen))
+            self._open_now(conn, started, chosen)
             return
         try:
             if self._silent is None:
@@ -354,6 +354,40 @@ class Acceptor:
 
     # ------------------------------------------------------------ opening
 
+    def _open_now(
+        self, conn: socket.socket, started: float, chosen: _Chosen | None, head: bytes | None = None
+    ) -> None:
+        """``_open_transport`` for a connection nothing is awaited for before its
+        transport (most): a cleartext one, or a TLS one whose ClientHello's headers
+        came with its accept and whose port judges no server name. Its handshake and
+        transport are the event loop's coroutine, run to its end without a Task
+        (``_run_bare``): a Task costs a Python call into asyncio's weak set of tasks
+        as it starts and another as it ends, and a coroutine of ours around it two
+        more (a third of the Python of an accept)."""
+        loop = self._loop
+        if chosen is None:
+            coro = loop.connect_accepted_socket(self._protocol, conn)
+        else:
+            tls = self._tls
+            context, judge, peer, local = chosen
+            if judge is not None or head is None or len(head) < HELLO_HEADERS or tls is None:
+                # Its ClientHello is waited for, or read whole and judged, first.
+                loop.create_task(self._open_transport(conn, started, chosen, head))
+                return
+            # (As ``refuse_client_hello`` begins: a plain ClientHello's headers, at once.)
+            if not opens_client_hello(head):
+                refused = _refuse_hello_head(conn, head)
+                if refused is not None:
+                    tls.tls_failed(peer, local, refused)
+                    self._linger_close(conn)
+                    return
+            # The deadline runs from the accept.
+            left = started + tls.handshake_timeout - loop.time()
+            coro = loop.connect_accepted_socket(
+                self._protocol, conn, ssl=context, ssl_handshake_timeout=max(left, 0.001)
+            )
+        _run_bare(coro, partial(self._open_failed, conn, started, chosen))
+
     async def _open(
         self,
         conn: socket.socket,
@@ -423,17 +457,27 @@ class Acceptor:
                     ssl_handshake_timeout=max(left, 0.001),
                 )
         except (OSError, TimeoutError) as exc:  # reset before we got to it, or a failed handshake
-            if context is not None and tls is not None:
-                # The loop ends a handshake past its deadline with ConnectionAbortedError.
-                late = self._loop.time() - started >= tls.handshake_timeout
-                if late and isinstance(exc, ConnectionAbortedError):
-                    exc = TimeoutError(str(exc))
-                tls.tls_failed(peer, local, exc)
-            else:
-                log.debug("accepted connection lost before it opened: %s", exc)
-            conn.close()
+            self._open_failed(conn, started, chosen, exc)
             return None
         return protocol
+
+    def _open_failed(
+        self, conn: socket.socket, started: float, chosen: _Chosen | None, exc: BaseException
+    ) -> None:
+        """``conn`` got no transport: reset before we got to it, or its handshake
+        failed (a TLS failure record) or ran out of time."""
+        if not isinstance(exc, (OSError, TimeoutError)):
+            raise exc  # a bug: the event loop's exception handler reports it
+        tls = self._tls
+        if chosen is not None and tls is not None:
+            # The loop ends a handshake past its deadline with ConnectionAbortedError.
+            late = self._loop.time() - started >= tls.handshake_timeout
+            if late and isinstance(exc, ConnectionAbortedError):
+                exc = TimeoutError(str(exc))
+            tls.tls_failed(chosen[2], chosen[3], exc)
+        else:
+            log.debug("accepted connection lost before it opened: %s", exc)
+        conn.close()
 
     async def _read_hello_headers(
         self, conn: socket.socket, timeout: float, head: bytes | None = None
@@ -1246,6 +1290,27 @@ def _peek_now(conn: socket.socket, size: int) -> bytes | None:
         return None
     except OSError:  # reset, or any other error: gone
         return b""
+
+
+def _run_bare(
+    coro: Coroutine[Any, Any, Any],
+    failed: Callable[[BaseException], None],
+    _awaited: asyncio.Future[Any] | None = None,
+) -> None:
+    """Run ``coro`` to its end without a Task: a coroutine of the event loop's own
+    that awaits only its futures (``connect_accepted_socket``), whose result is not
+    wanted (its protocol is told of its transport). It goes on each time a future it
+    awaits is done, as a Task would have it; what it raises goes to ``failed``. (No
+    one cancels it: at the loop's close, a coroutine left waiting closes its
+    transport as it is freed.)"""
+    try:
+        awaited = coro.send(None)
+    except StopIteration:
+        return
+    except BaseException as exc:
+        failed(exc)
+        return
+    awaited.add_done_callback(partial(_run_bare, coro, failed))
 
 
 def _refuse_hello_head(conn: socket.socket, head: bytes) -> ProtocolError | None:

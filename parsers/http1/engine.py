@@ -424,6 +424,12 @@ class Http1Engine:
     protocol = "http"
     client_speaks_first = True  # the upstream is connected on the first bytes for it
 
+    # Set only by an end of input, read only then (class attributes: not stored per
+    # connection).
+    _client_eof_held = False  # the client's EOF came behind held requests
+    _server_eof_held = False  # the server's EOF came behind held responses
+    _client_eof = False  # finish(): the client has sent its EOF
+
     def __init__(
         self,
         decide: Decide,
@@ -457,17 +463,14 @@ class Http1Engine:
         self._current: _Exchange | None = None  # request whose body is arriving
         self._response_head: MessageHead | None = None
         self._client_dead = False  # an error or a close: ignore further client bytes
-        self._client_eof_held = False  # the client's EOF came behind held requests
-        self._server_eof_held = False  # the server's EOF came behind held responses
         self._closed = False
         self._tunnel = False
         self._inner: Engine | None = None
         # finish(): asked; the request whose response is the last (None: the next
-        # one read); that response is out; the client has sent its EOF.
+        # one read); that response is out.
         self._finishing = False
         self._last: _Exchange | None = None
         self._finished = False
-        self._client_eof = False
 
     @property
     def reading_headers(self) -> bool:

@@ -21,7 +21,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from l7proxy.proxy.server import ACCEPT_BATCH, ACCEPT_RETRY_DELAY, Acceptor, make_listener
+from l7proxy.proxy.server import (
+    ACCEPT_BATCH,
+    ACCEPT_RETRY_DELAY,
+    Acceptor,
+    _run_bare,
+    make_listener,
+)
 
 
 class Opened(asyncio.Protocol):
@@ -127,3 +133,46 @@ async def test_closing_stops_accepting_and_closes_our_descriptor() -> None:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
         await asyncio.sleep(0.05)
         assert Opened.count == 0
+
+
+async def test_a_coroutine_run_bare_goes_on_as_each_future_it_awaits_is_done() -> None:
+    # How a connection is opened without a Task: the event loop's coroutine that makes
+    # its transport (and does its TLS handshake) is stepped by the futures it awaits.
+    loop = asyncio.get_running_loop()
+    transport_made, handshake_done = loop.create_future(), loop.create_future()
+    steps: list[str] = []
+    failures: list[BaseException] = []
+
+    async def opening(then: asyncio.Future[str]) -> str:
+        steps.append("started")
+        steps.append(await transport_made)
+        steps.append(await then)
+        return "opened"
+
+    _run_bare(opening(handshake_done), failures.append)
+    assert steps == ["started"]  # at once, up to its first wait: no turn of the loop first
+    transport_made.set_result("transport made")
+    await asyncio.sleep(0)
+    assert steps == ["started", "transport made"]
+    handshake_done.set_result("handshake done")
+    await asyncio.sleep(0)
+    assert steps == ["started", "transport made", "handshake done"]
+    assert failures == []  # its result is nobody's: the protocol was told
+
+    # A handshake that fails: what the coroutine raises goes to ``failed``.
+    steps.clear()
+    transport_made, failed_handshake = loop.create_future(), loop.create_future()
+    _run_bare(opening(failed_handshake), failures.append)
+    transport_made.set_result("transport made")
+    await asyncio.sleep(0)
+    failed_handshake.set_exception(ConnectionResetError("reset in the handshake"))
+    await asyncio.sleep(0)
+    assert steps == ["started", "transport made"]
+    assert [repr(f) for f in failures] == ["ConnectionResetError('reset in the handshake')"]
+
+    # One that fails before it waits for anything.
+    async def refused() -> None:
+        raise ConnectionAbortedError("gone at once")
+
+    _run_bare(refused(), failures.append)
+    assert repr(failures[-1]) == "ConnectionAbortedError('gone at once')"
