@@ -359,7 +359,15 @@ class Pipe:
         # The process-wide budget of bytes held in frames, if the engine holds any;
         # what this pipe has counted in it; the head it last wrote a record for.
         self._budget = budget
-        self._frames_held = _frames_held_by(engine) if budget is not None else None
+        frames_held: HoldsFrames | None = None
+        if budget is not None:
+            # (``_frames_held_by``, its answer known for this type, without the call.)
+            holds = _HOLDS_FRAMES.get(type(engine))
+            if holds is None:
+                frames_held = _frames_held_by(engine)
+            elif holds:
+                frames_held = engine  # type: ignore[assignment]
+        self._frames_held = frames_held
         self._held = 0
         self._budget_head = -1
         if not engine.client_speaks_first:
@@ -723,7 +731,8 @@ class Pipe:
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
-        self.close("client closed")
+        if not self.closing:  # (most often it is: the close was ours)
+            self.close("client closed")
 
     def _stop(self, reason: str) -> None:
         """What every way of ending shares: the server side, timers, open records."""
@@ -1036,4 +1045,6 @@ class ServerSide(asyncio.Protocol):
         self._pipe.server_write_resumed()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._pipe.close("server closed")
+        pipe = self._pipe
+        if not pipe.closing:  # (most often it is: the close was ours, or the client's)
+            pipe.close("server closed")

@@ -91,12 +91,16 @@ class _Accepted(socket.socket):
     """An accepted connection's socket, whose ``family`` and ``type`` read as the plain
     numbers the C socket holds: ``socket.socket`` makes an enum of each in Python on
     every read (about 50 opcodes), and the event loop reads them three times when it is
-    given the socket."""
+    given the socket. (Made by ``Acceptor._accept_some`` without a Python ``__init__``.)"""
 
     __slots__ = ()
     # (socket.SocketType is the C type: its members read the numbers.)
     family = socket.SocketType.family  # type: ignore[assignment]
     type = socket.SocketType.type  # type: ignore[assignment]
+
+
+_new_accepted = socket.SocketType.__new__
+_init_socket = socket.SocketType.__init__
 
 
 class TlsTermination(Protocol):
@@ -203,7 +207,13 @@ class Acceptor:
                 loop.remove_reader(self._fd)
                 self._retry = loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
                 return
-            self._admit(_Accepted(self._family, socket.SOCK_STREAM, 0, fd), peer)
+            # As ``_Accepted(family, SOCK_STREAM, 0, fd)``, without the Python frame of
+            # ``socket.socket.__init__``: the C socket's own, and the two fields it sets.
+            conn = _new_accepted(_Accepted)
+            _init_socket(conn, self._family, socket.SOCK_STREAM, 0, fd)
+            conn._io_refs = 0  # type: ignore[attr-defined]
+            conn._closed = False  # type: ignore[attr-defined]
+            self._admit(conn, peer)
 
     def _admit(self, conn: socket.socket, peer: Address) -> None:
         """Open ``conn`` now, or hold it until its first byte.
@@ -467,7 +477,13 @@ class Acceptor:
         """``conn`` got no transport: reset before we got to it, or its handshake
         failed (a TLS failure record) or ran out of time."""
         if not isinstance(exc, (OSError, TimeoutError)):
-            raise exc  # a bug: the event loop's exception handler reports it
+            # A bug: reported as a Task's would be, not raised into the accept loop
+            # (``_open_now`` runs there).
+            self._loop.call_exception_handler(
+                {"message": "opening an accepted connection failed", "exception": exc}
+            )
+            conn.close()
+            return
         tls = self._tls
         if chosen is not None and tls is not None:
             # The loop ends a handshake past its deadline with ConnectionAbortedError.
@@ -652,8 +668,9 @@ class Proxy:
         # asyncio for the running loop costs a getpid() system call each time.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pipes: set[Pipe] = set()
-        self._no_pipes = asyncio.Event()  # set whenever _pipes is empty
-        self._no_pipes.set()
+        # Set when _pipes is empty again, for those waiting for that (wait_all_closed):
+        # made by the first of them, not set and cleared by every connection.
+        self._no_pipes: asyncio.Event | None = None
         self._acceptors: list[Acceptor] = []
         self._listen_ports: set[int] = set()
         # _connection's answers but the source port, by (source ip, destination ip,
@@ -722,7 +739,10 @@ class Proxy:
     async def wait_all_closed(self) -> None:
         """Return once no client connection is open (at once if none is)."""
         while True:
-            await self._no_pipes.wait()
+            if self._pipes:
+                if self._no_pipes is None:
+                    self._no_pipes = asyncio.Event()
+                await self._no_pipes.wait()
             for acceptor in self._acceptors:
                 await acceptor.none_silent()
             # One that spoke meanwhile is a pipe now.
@@ -788,11 +808,13 @@ class Proxy:
         connections = self._connections
         key = (peer[0], local[0], local[1])
         current = self.state.current
-        if self._connections_for is not current or len(connections) >= 4096:
+        if self._connections_for is not current:
             self._connections_for = current
             connections.clear()
         if key in connections:
             return connections[key]
+        if len(connections) >= 4096:  # (bounded where it grows)
+            connections.clear()
         known = connections[key] = self._new_connection(peer, local)
         return known
 
@@ -916,13 +938,14 @@ class Proxy:
             self._tls_choices_for is not self.state.current
             or self._tls_choices_generation != tls.generation
             or now - self._tls_choices_since > 1.0
-            or len(choices) >= 4096
         ):
             self._tls_choices_for, self._tls_choices_since = self.state.current, now
             self._tls_choices_generation = tls.generation
             choices.clear()
         if key in choices:
             return choices[key]
+        if len(choices) >= 4096:  # (bounded where it grows)
+            choices.clear()
         chosen = choices[key] = self._choose_tls(peer, local) if tls.terminates else None
         return chosen
 
@@ -1086,8 +1109,6 @@ class Proxy:
         # (TCP_NODELAY: uvloop and asyncio both set it on every TCP transport.)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         pipes = self._pipes
-        if not pipes:  # (Event.clear is a Python call: only when it was set)
-            self._no_pipes.clear()
         pipes.add(pipe)
         if len(pipes) > self._peak_pipes:
             self._peak_pipes = len(pipes)
@@ -1102,8 +1123,9 @@ class Proxy:
         if pipe in pipes:
             pipes.discard(pipe)
             self.stats.connections_active -= 1
-            if not pipes:
-                self._no_pipes.set()
+            if not pipes and self._no_pipes is not None:
+                self._no_pipes.set()  # (a later waiter makes another)
+                self._no_pipes = None
             gone = self._peak_pipes - len(pipes)
             if gone >= GIVE_BACK_AFTER_CLOSED and self._give_back is None:
                 loop = asyncio.get_running_loop()
@@ -1294,20 +1316,20 @@ def _peek_now(conn: socket.socket, size: int) -> bytes | None:
 
 def _run_bare(
     coro: Coroutine[Any, Any, Any],
-    failed: Callable[[BaseException], None],
+    failed: Callable[[Exception], None],
     _awaited: asyncio.Future[Any] | None = None,
 ) -> None:
     """Run ``coro`` to its end without a Task: a coroutine of the event loop's own
     that awaits only its futures (``connect_accepted_socket``), whose result is not
     wanted (its protocol is told of its transport). It goes on each time a future it
-    awaits is done, as a Task would have it; what it raises goes to ``failed``. (No
-    one cancels it: at the loop's close, a coroutine left waiting closes its
-    transport as it is freed.)"""
+    awaits is done, as a Task would have it; what it raises goes to ``failed``.
+    (Nobody cancels it, as nobody cancelled the Task it replaces: a handshake ends by
+    its own deadline.)"""
     try:
         awaited = coro.send(None)
     except StopIteration:
         return
-    except BaseException as exc:
+    except Exception as exc:
         failed(exc)
         return
     awaited.add_done_callback(partial(_run_bare, coro, failed))

@@ -320,6 +320,12 @@ class TlsStore:
         server, client = cl.server_files(), cl.client_files()
         self.listener = ServerTls(server, cl.alpn) if server else None
         self.upstream = ClientTls(client) if client else None
+        # Whether any connection may be terminated (else no accept asks), and any
+        # upstream connected with TLS: asked per connection, so kept, and set again
+        # where the contexts in force change (``_in_force``).
+        self.terminates = False
+        self.originates = False
+        self._in_force()
 
     # ------------------------------------------------------------ policy load
 
@@ -347,6 +353,7 @@ class TlsStore:
                         ) from None
         self._servers, self._clients = servers, clients
         self.generation += 1
+        self._in_force()
 
     def _server(self, ref: TlsContextRef, family: str) -> ServerTls:
         files = self.server_files(ref)
@@ -493,15 +500,11 @@ class TlsStore:
 
     # ------------------------------------------------------------ per connection
 
-    @property
-    def terminates(self) -> bool:
-        """Whether any connection may be terminated (else no accept asks)."""
-        return self.listener is not None or bool(self._servers)
-
-    @property
-    def originates(self) -> bool:
-        """Whether any upstream may be connected with TLS."""
-        return self.upstream is not None or bool(self._clients)
+    def _in_force(self) -> None:
+        """``terminates`` and ``originates`` for the contexts now in force (a reload
+        replaces a context, and changes neither)."""
+        self.terminates = self.listener is not None or bool(self._servers)
+        self.originates = self.upstream is not None or bool(self._clients)
 
     def server_context(
         self, ref: TlsContextRef | None, family: str | None
