@@ -150,6 +150,12 @@ def _response_heads(impl: str) -> ResponseHeadParser:
     return CResponseHead() if impl == "c" else PyResponseHead()
 
 
+# What makes the parser behind a memo (when its first unknown head comes), by
+# implementation: made once, not per connection.
+_QUICK_REQUEST_HEADS = {impl: partial(_request_heads, impl, True) for impl in ("c", "python")}
+_RESPONSE_HEADS = {impl: partial(_response_heads, impl) for impl in ("c", "python")}
+
+
 def request_reader(
     impl: str = "auto",
     limits: Http1Limits = Http1Limits(),
@@ -450,11 +456,20 @@ class Http1Engine:
         # Keep-alive clients repeat themselves, and new connections their first heads:
         # both readers remember the heads of this connection, or of all that share
         # ``heads`` (``parsers.http1.memo``), and nothing else differs.
-        self._requests = request_reader(
-            impl, limits, memo=True, quick=True, memory=heads.requests if heads else None
+        # (``request_reader(impl, limits, memo=True, quick=True, memory=...)`` and
+        # ``response_reader(impl, limits, memo=True, memory=...)``, inline, with the
+        # makers of their memos' parsers made once: two readers per connection.)
+        self._requests = MessageReader(
+            RequestHeadMemo(
+                _QUICK_REQUEST_HEADS[impl], heads.requests if heads else None, _SCANNERS.get(impl)
+            ),
+            max_head=limits.max_head,
+            max_chunk_line=limits.max_chunk_line,
         )
-        self._responses = response_reader(
-            impl, limits, memo=True, memory=heads.responses if heads else None
+        self._responses = MessageReader(
+            ResponseHeadMemo(_RESPONSE_HEADS[impl], heads.responses if heads else None),
+            max_head=limits.max_head,
+            max_chunk_line=limits.max_chunk_line,
         )
         self._upgrade_handler = upgrade_handler
         self._seq = 0
