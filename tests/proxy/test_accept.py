@@ -21,10 +21,15 @@ from collections.abc import Iterator
 
 import pytest
 
+from l7proxy.observe.flowlog import FlowLog
+from l7proxy.policy.engine import compile_policy
+from l7proxy.policy.identity import IdentityAllocator
+from l7proxy.policy.state import PolicyState
 from l7proxy.proxy.server import (
     ACCEPT_BATCH,
     ACCEPT_RETRY_DELAY,
     Acceptor,
+    Proxy,
     _run_bare,
     make_listener,
 )
@@ -176,3 +181,62 @@ async def test_a_coroutine_run_bare_goes_on_as_each_future_it_awaits_is_done() -
 
     _run_bare(refused(), failures.append)
     assert repr(failures[-1]) == "ConnectionAbortedError('gone at once')"
+
+
+async def test_a_connection_whose_protocol_cannot_be_made_is_reported_and_the_next_opens() -> None:
+    # A bug in opening one connection (here its protocol's constructor) goes to the
+    # event loop's exception handler, its socket is closed, and the connections
+    # accepted with it in the same batch still open.
+    loop = asyncio.get_running_loop()
+    reported: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    faults = iter([RuntimeError("a bug in the protocol"), None, None])
+
+    def protocol() -> asyncio.Protocol:
+        fault = next(faults)
+        if fault is not None:
+            raise fault
+        return Opened()
+
+    Opened.count = 0
+    try:
+        with listener_with_clients(3) as (listener, port):
+            acceptor = Acceptor(listener, protocol)
+            try:
+                await until(lambda: Opened.count == 2)
+            finally:
+                acceptor.close()
+    finally:
+        loop.set_exception_handler(None)
+    assert [(c["message"], repr(c["exception"])) for c in reported] == [
+        ("opening an accepted connection failed", "RuntimeError('a bug in the protocol')")
+    ]
+
+
+async def test_waiting_for_every_connection_to_close_ends_with_the_last_one() -> None:
+    # The event a drain waits on is made by the first waiter (not set and cleared by
+    # every connection): it must wake every waiter at the last close, and a later
+    # wait must wait again for connections opened since.
+    proxy = Proxy(PolicyState(compile_policy([], [], IdentityAllocator())), FlowLog(keep=10))
+    await asyncio.wait_for(proxy.wait_all_closed(), 1)  # none open: at once
+
+    first, second = object(), object()  # (pipes, as far as the proxy's set goes)
+    proxy._pipes.update((first, second))
+    proxy.stats.connections_active = 2
+    drains = [asyncio.ensure_future(proxy.wait_all_closed()) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    proxy.pipe_closed(first)
+    await asyncio.sleep(0.01)
+    assert not any(d.done() for d in drains)  # one is still open
+    proxy.pipe_closed(second)
+    await asyncio.wait_for(asyncio.gather(*drains), 1)
+    assert proxy.stats.connections_active == 0
+
+    third = object()
+    proxy._pipes.add(third)
+    proxy.stats.connections_active = 1
+    later = asyncio.ensure_future(proxy.wait_all_closed())
+    await asyncio.sleep(0.01)
+    assert not later.done()
+    proxy.pipe_closed(third)
+    await asyncio.wait_for(later, 1)
