@@ -26,6 +26,15 @@ class HttpEngine:
     protocol = "http"
     client_speaks_first = True  # the upstream is connected on the first bytes for it
 
+    # Until the client's first bytes choose the engine (class attributes: read once
+    # or twice per connection before that, and not stored for each one).
+    _inner: H2Engine | Http1Engine | None = None
+    _head = b""  # a possible preface prefix, until it is decided
+    # An HTTP/2 server may send its SETTINGS as soon as it accepts, before
+    # the client has said anything: those bytes are kept for the chosen engine.
+    _server_early = b""
+    _finishing = False  # finish() came before the version was known
+
     def __init__(
         self,
         decide: Decide,
@@ -36,12 +45,6 @@ class HttpEngine:
         self._decide = decide
         self._max_pending = max_pending
         self._heads = heads  # HTTP/1.1 heads shared with other connections (``sharing``)
-        self._inner: H2Engine | Http1Engine | None = None
-        self._head = b""  # a possible preface prefix, until it is decided
-        # An HTTP/2 server may send its SETTINGS as soon as it accepts, before
-        # the client has said anything: keep those bytes for the chosen engine.
-        self._server_early = b""
-        self._finishing = False  # finish() came before the version was known
 
     @classmethod
     def sharing(cls) -> EngineFactory:

@@ -347,8 +347,10 @@ class Pipe:
         # The lingering close's deadline (``close``), cancelled when the client
         # closes first: else each closed connection wakes the event loop once more.
         self._linger: asyncio.TimerHandle | None = None
+        # (``_timer_interval``, without the call.)
         self._timer: asyncio.TimerHandle | None = loop.call_later(
-            self._timer_interval(), self._check_timers
+            min(limits.header_timeout, limits.body_timeout, limits.idle_timeout) / 2,
+            self._check_timers,
         )
         # The upstream: ``connect(pipe)`` starts it and returns what to cancel
         # if the pipe ends first. None: the caller connects it (tests, bench).
@@ -358,7 +360,15 @@ class Pipe:
         # The process-wide budget of bytes held in frames, if the engine holds any;
         # what this pipe has counted in it; the head it last wrote a record for.
         self._budget = budget
-        self._frames_held = _frames_held_by(engine) if budget is not None else None
+        frames_held: HoldsFrames | None = None
+        if budget is not None:
+            # (``_frames_held_by``, its answer known for this type, without the call.)
+            holds = _HOLDS_FRAMES.get(type(engine))
+            if holds is None:
+                frames_held = _frames_held_by(engine)
+            elif holds:
+                frames_held = engine  # type: ignore[assignment]
+        self._frames_held = frames_held
         self._held = 0
         self._budget_head = -1
         if not engine.client_speaks_first:
@@ -745,7 +755,8 @@ class Pipe:
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
-        self.close("client closed")
+        if not self.closing:  # (most often it is: the close was ours)
+            self.close("client closed")
 
     def _stop(self, reason: str) -> None:
         """What every way of ending shares: the server side, timers, open records."""
@@ -764,7 +775,9 @@ class Pipe:
         if self._in_flight:  # (most connections end with every answer out)
             for key in list(self._in_flight):
                 self._record(key, {"closed": reason or "connection closed"})
-        if self._budget is not None and (self._held or self._client_holds & HOLD_BUDGET):
+        # (Only an engine that holds frames counts in the budget: ``_count_held``.)
+        if self._frames_held is not None and (self._held or self._client_holds & HOLD_BUDGET):
+            assert self._budget is not None
             # What it held is let go with it, and may let paused clients read again.
             self._budget.total -= self._held
             self._held = 0
@@ -965,39 +978,37 @@ def _frames_held_by(engine: Engine) -> HoldsFrames | None:
     return engine if holds else None  # type: ignore[return-value]
 
 
-def _read_into(
-    transport: asyncio.BaseTransport,
-    protocol: asyncio.Protocol,
-    reader: Callable[[bytes], None],
-) -> None:
-    """Have ``transport`` hand its reads to ``reader`` itself, not through
-    ``protocol.data_received``: one call less per read, on every connection. The
-    method is bound on the protocol, and the protocol given to the transport again,
-    since uvloop keeps the ``data_received`` it found when it was first given it.
-    (Called from ``connection_made``: reading starts after it, so this costs no
-    system call.)"""
-    protocol.data_received = reader  # type: ignore[method-assign,assignment]
-    transport.set_protocol(protocol)
+# Reading straight into the pipe: each protocol's ``connection_made`` binds the pipe's
+# ``client_data`` (``server_data``) as its own ``data_received`` and gives itself to the
+# transport again, since uvloop keeps the ``data_received`` it found when it was first
+# given the protocol. The transport then hands its reads to the pipe itself: one call
+# less per read, on every connection. (Reading starts after ``connection_made``: this
+# costs no system call.)
 
 
 class ClientSide(asyncio.Protocol):
     """Protocol for an accepted client connection."""
 
+    # Until ``connection_made`` (class attributes: no stores per connection).
+    _pipe: Pipe | None = None
+    _half_close = True  # False over TLS: its transport closes at EOF
+
     def __init__(self, proxy: PipeOwner):
         self._proxy = proxy
-        self._pipe: Pipe | None = None
-        self._half_close = True  # False over TLS: its transport closes at EOF
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's is not an asyncio.Transport subclass). (Not
         # ``cast``: a Python call per connection.)
         stream: asyncio.Transport = transport  # type: ignore[assignment]
-        self._half_close = stream.get_extra_info("ssl_object") is None
+        if stream.get_extra_info("ssl_object") is not None:
+            self._half_close = False
         pipe = self._pipe = self._proxy.open_pipe(stream)
         if pipe is None:
             stream.abort()
             return
-        _read_into(stream, self, pipe.client_data)
+        # Reads go to the pipe itself (see above).
+        self.data_received = pipe.client_data  # type: ignore[method-assign,assignment]
+        stream.set_protocol(self)
 
     def eof_received(self) -> bool:
         pipe = self._pipe
@@ -1023,22 +1034,28 @@ class ClientSide(asyncio.Protocol):
             self._pipe.client_write_resumed()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._pipe is not None:
-            self._proxy.pipe_closed(self._pipe)
-            self._pipe.client_lost()
+        pipe = self._pipe
+        if pipe is not None:
+            self._proxy.pipe_closed(pipe)
+            pipe.client_lost()
 
 
 class ServerSide(asyncio.Protocol):
     """Protocol for the upstream connection of one pipe."""
 
+    _half_close = True  # False over TLS: its transport closes at EOF
+
     def __init__(self, pipe: Pipe):
         self._pipe = pipe
-        self._half_close = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._half_close = transport.get_extra_info("ssl_object") is None
-        _read_into(transport, self, self._pipe.server_data)
-        self._pipe.server_connected(transport)  # type: ignore[arg-type]  # (as ClientSide's)
+        if transport.get_extra_info("ssl_object") is not None:
+            self._half_close = False
+        pipe = self._pipe
+        # Reads go to the pipe itself (see above).
+        self.data_received = pipe.server_data  # type: ignore[method-assign,assignment]
+        transport.set_protocol(self)
+        pipe.server_connected(transport)  # type: ignore[arg-type]  # (as ClientSide's)
 
     def eof_received(self) -> bool:
         if not self._pipe.closing:
@@ -1052,4 +1069,6 @@ class ServerSide(asyncio.Protocol):
         self._pipe.server_write_resumed()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._pipe.close("server closed")
+        pipe = self._pipe
+        if not pipe.closing:  # (most often it is: the close was ours, or the client's)
+            pipe.close("server closed")

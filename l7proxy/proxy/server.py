@@ -20,7 +20,7 @@ import select
 import socket
 import ssl
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -50,7 +50,7 @@ from l7proxy.proxy.tls import HELLO_HEADERS, TlsStore, refuse_client_hello, sess
 from parsers.base import Decision, Engine, EngineFactory, ProtocolError
 from parsers.registry import engine_factory, proxy_engine_factory
 from parsers.requests import TlsClientHello
-from parsers.tls.hello import ClientHelloReader
+from parsers.tls.hello import ClientHelloReader, opens_client_hello
 from parsers.tls.wire import ACCESS_DENIED
 
 log = logging.getLogger("l7proxy.proxy")
@@ -91,7 +91,7 @@ class _Accepted(socket.socket):
     """An accepted connection's socket, whose ``family`` and ``type`` read as the plain
     numbers the C socket holds: ``socket.socket`` makes an enum of each in Python on
     every read (about 50 opcodes), and the event loop reads them three times when it is
-    given the socket."""
+    given the socket. (Made by ``Acceptor._accept_some`` without a Python ``__init__``.)"""
 
     __slots__ = ()
     # (socket.SocketType is the C type: its members read the numbers.)
@@ -99,12 +99,17 @@ class _Accepted(socket.socket):
     type = socket.SocketType.type  # type: ignore[assignment]
 
 
+_new_accepted = socket.SocketType.__new__
+_init_socket = socket.SocketType.__init__
+
+
 class TlsTermination(Protocol):
     """Whether an accepted connection is TLS the proxy terminates (``Proxy``)."""
 
     def tls_context(self, peer: Address, local: Address) -> _Terminated | None:
         """The context to terminate this connection with, and the policy that judges its
-        ClientHello first (its port has ``serverNames``), if any; None: it is read as it is."""
+        ClientHello first (its port has ``serverNames``), if any; None: it is read as it
+        is (also whenever no connection is terminated at all)."""
         ...
 
     def hello_judged(
@@ -115,11 +120,6 @@ class TlsTermination(Protocol):
 
     def tls_failed(self, peer: Address, local: Address, exc: BaseException) -> None:
         """The handshake of this connection failed or timed out."""
-        ...
-
-    @property
-    def terminates(self) -> bool:
-        """Whether any connection may be terminated now (else none is asked about)."""
         ...
 
     handshake_timeout: float
@@ -207,7 +207,13 @@ class Acceptor:
                 loop.remove_reader(self._fd)
                 self._retry = loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
                 return
-            self._admit(_Accepted(self._family, socket.SOCK_STREAM, 0, fd), peer)
+            # As ``_Accepted(family, SOCK_STREAM, 0, fd)``, without the Python frame of
+            # ``socket.socket.__init__``: the C socket's own, and the two fields it sets.
+            conn = _new_accepted(_Accepted)
+            _init_socket(conn, self._family, socket.SOCK_STREAM, 0, fd)
+            conn._io_refs = 0  # type: ignore[attr-defined]
+            conn._closed = False  # type: ignore[attr-defined]
+            self._admit(conn, peer)
 
     def _admit(self, conn: socket.socket, peer: Address) -> None:
         """Open ``conn`` now, or hold it until its first byte.
@@ -218,10 +224,9 @@ class Acceptor:
         loop, a peek and a removal)."""
         started = self._loop.time()
         tls, admission = self._tls, self._admission
-        terminates = tls is not None and tls.terminates
         chosen: _Chosen | None = None
         wait: float | None = None
-        if terminates or admission is not None:
+        if tls is not None or admission is not None:
             local = self._local
             if local is None:
                 try:
@@ -229,8 +234,8 @@ class Acceptor:
                 except OSError:  # reset already
                     conn.close()
                     return
-            if terminates:
-                assert tls is not None
+            if tls is not None:
+                # (None while nothing is terminated: asked without a question first.)
                 terminated = tls.tls_context(peer, local)
                 if terminated is not None:
                     chosen = (terminated[0], terminated[1], peer, local)
@@ -239,7 +244,7 @@ class Acceptor:
                         conn.close()
                         return
                     if head is not None:  # the handshake starts now
-                        self._loop.create_task(self._open_transport(conn, started, chosen, head))
+                        self._open_now(conn, started, chosen, head)
                         return
                     wait = tls.handshake_timeout  # the handshake's deadline, from now
             if chosen is None and admission is not None:
@@ -255,7 +260,7 @@ class Acceptor:
                             conn.close()
                             return
         if wait is None:
-            self._loop.create_task(self._open_transport(conn, started, chosen))
+            self._open_now(conn, started, chosen)
             return
         try:
             if self._silent is None:
@@ -359,6 +364,40 @@ class Acceptor:
 
     # ------------------------------------------------------------ opening
 
+    def _open_now(
+        self, conn: socket.socket, started: float, chosen: _Chosen | None, head: bytes | None = None
+    ) -> None:
+        """``_open_transport`` for a connection nothing is awaited for before its
+        transport (most): a cleartext one, or a TLS one whose ClientHello's headers
+        came with its accept and whose port judges no server name. Its handshake and
+        transport are the event loop's coroutine, run to its end without a Task
+        (``_run_bare``): a Task costs a Python call into asyncio's weak set of tasks
+        as it starts and another as it ends, and a coroutine of ours around it two
+        more (a third of the Python of an accept)."""
+        loop = self._loop
+        if chosen is None:
+            coro = loop.connect_accepted_socket(self._protocol, conn)
+        else:
+            tls = self._tls
+            context, judge, peer, local = chosen
+            if judge is not None or head is None or len(head) < HELLO_HEADERS or tls is None:
+                # Its ClientHello is waited for, or read whole and judged, first.
+                loop.create_task(self._open_transport(conn, started, chosen, head))
+                return
+            # (As ``refuse_client_hello`` begins: a plain ClientHello's headers, at once.)
+            if not opens_client_hello(head):
+                refused = _refuse_hello_head(conn, head)
+                if refused is not None:
+                    tls.tls_failed(peer, local, refused)
+                    self._linger_close(conn)
+                    return
+            # The deadline runs from the accept.
+            left = started + tls.handshake_timeout - loop.time()
+            coro = loop.connect_accepted_socket(
+                self._protocol, conn, ssl=context, ssl_handshake_timeout=max(left, 0.001)
+            )
+        _run_bare(coro, partial(self._open_failed, conn, started, chosen))
+
     async def _open(
         self,
         conn: socket.socket,
@@ -390,10 +429,17 @@ class Acceptor:
         if chosen is not None:
             context, judge, peer, local = chosen
         if context is not None and tls is not None:
+            refused: BaseException | None
             try:
-                refused = await self._read_hello_headers(
-                    conn, max(started + tls.handshake_timeout - self._loop.time(), 0.0), head
-                )
+                if head is not None and len(head) >= HELLO_HEADERS:
+                    # Peeked whole at accept, as most are: judged without a coroutine, and
+                    # a plain ClientHello's headers without a call more (as
+                    # ``refuse_client_hello`` begins).
+                    refused = None if opens_client_hello(head) else _refuse_hello_head(conn, head)
+                else:
+                    refused = await self._read_hello_headers(
+                        conn, max(started + tls.handshake_timeout - self._loop.time(), 0.0), head
+                    )
                 if refused is None and judge is not None:
                     refused = await self._judge_hello(
                         conn, judge, started + tls.handshake_timeout, peer, local
@@ -421,17 +467,33 @@ class Acceptor:
                     ssl_handshake_timeout=max(left, 0.001),
                 )
         except (OSError, TimeoutError) as exc:  # reset before we got to it, or a failed handshake
-            if context is not None and tls is not None:
-                # The loop ends a handshake past its deadline with ConnectionAbortedError.
-                late = self._loop.time() - started >= tls.handshake_timeout
-                if late and isinstance(exc, ConnectionAbortedError):
-                    exc = TimeoutError(str(exc))
-                tls.tls_failed(peer, local, exc)
-            else:
-                log.debug("accepted connection lost before it opened: %s", exc)
-            conn.close()
+            self._open_failed(conn, started, chosen, exc)
             return None
         return protocol
+
+    def _open_failed(
+        self, conn: socket.socket, started: float, chosen: _Chosen | None, exc: BaseException
+    ) -> None:
+        """``conn`` got no transport: reset before we got to it, or its handshake
+        failed (a TLS failure record) or ran out of time."""
+        if not isinstance(exc, (OSError, TimeoutError)):
+            # A bug: reported as a Task's would be, not raised into the accept loop
+            # (``_open_now`` runs there).
+            self._loop.call_exception_handler(
+                {"message": "opening an accepted connection failed", "exception": exc}
+            )
+            conn.close()
+            return
+        tls = self._tls
+        if chosen is not None and tls is not None:
+            # The loop ends a handshake past its deadline with ConnectionAbortedError.
+            late = self._loop.time() - started >= tls.handshake_timeout
+            if late and isinstance(exc, ConnectionAbortedError):
+                exc = TimeoutError(str(exc))
+            tls.tls_failed(chosen[2], chosen[3], exc)
+        else:
+            log.debug("accepted connection lost before it opened: %s", exc)
+        conn.close()
 
     async def _read_hello_headers(
         self, conn: socket.socket, timeout: float, head: bytes | None = None
@@ -468,11 +530,7 @@ class Acceptor:
             # A client that trickles its first bytes: OpenSSL's own bound (128 KiB)
             # and the handshake deadline apply to it.
             return None
-        refusal = refuse_client_hello(head)
-        if refusal is not None and refusal.wire_reply:
-            with contextlib.suppress(OSError):
-                conn.send(refusal.wire_reply, socket.MSG_DONTWAIT)
-        return refusal
+        return _refuse_hello_head(conn, head)
 
     async def _judge_hello(
         self,
@@ -610,8 +668,9 @@ class Proxy:
         # asyncio for the running loop costs a getpid() system call each time.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pipes: set[Pipe] = set()
-        self._no_pipes = asyncio.Event()  # set whenever _pipes is empty
-        self._no_pipes.set()
+        # Set when _pipes is empty again, for those waiting for that (wait_all_closed):
+        # made by the first of them, not set and cleared by every connection.
+        self._no_pipes: asyncio.Event | None = None
         self._acceptors: list[Acceptor] = []
         self._listen_ports: set[int] = set()
         # _connection's answers but the source port, by (source ip, destination ip,
@@ -631,7 +690,8 @@ class Proxy:
         # tls_context's answers by (source ip, destination ip, port), for one policy and
         # one set of TLS contexts.
         self._tls_choices: dict[tuple[str, str, int], _Terminated | None] = {}
-        self._tls_choices_for: tuple[object, int] | None = None
+        self._tls_choices_for: object = None
+        self._tls_choices_generation = -1
         self._tls_choices_since = 0.0
         # The engine factory of each parser family, made once: its engines share what
         # they may across this proxy's connections (the HTTP/1.1 heads seen lately).
@@ -653,7 +713,7 @@ class Proxy:
         self._acceptors.append(
             Acceptor(
                 sock,
-                lambda: ClientSide(self),
+                partial(ClientSide, self),
                 self if self.tls is not None else None,
                 admission=self,
                 local=bound if one_address else None,
@@ -679,7 +739,10 @@ class Proxy:
     async def wait_all_closed(self) -> None:
         """Return once no client connection is open (at once if none is)."""
         while True:
-            await self._no_pipes.wait()
+            if self._pipes:
+                if self._no_pipes is None:
+                    self._no_pipes = asyncio.Event()
+                await self._no_pipes.wait()
             for acceptor in self._acceptors:
                 await acceptor.none_silent()
             # One that spoke meanwhile is a pipe now.
@@ -729,21 +792,31 @@ class Proxy:
         is one (it depends on their identities, endpoints and port, not on the source
         port). The descriptions are shared by those connections' flow records, as a
         connection's own records share them (nothing changes a record's fields)."""
-        key = (peer[0], local[0], local[1])
-        current = self.state.current
-        if self._connections_for is not current or len(self._connections) >= 4096:
-            self._connections_for = current
-            self._connections.clear()
-        if key in self._connections:
-            known = self._connections[key]
-        else:
-            known = self._connections[key] = self._new_connection(peer, local)
+        known = self._known_connection(peer, local)
         if known is None:
             return None
         src_ip, dst_ip, dst_port, src_shape, dst, policy = known
         # The source's description with this connection's port (in its place).
         src = {**src_shape, "port": peer[1]}
         return src_ip, peer[1], dst_ip, dst_port, src, dst, policy
+
+    def _known_connection(
+        self, peer: Address, local: Address
+    ) -> tuple[str, str, int, dict[str, Any], dict[str, Any], ConnectionPolicy] | None:
+        """``_connection``'s answer as it is kept: the source's description without
+        its port."""
+        connections = self._connections
+        key = (peer[0], local[0], local[1])
+        current = self.state.current
+        if self._connections_for is not current:
+            self._connections_for = current
+            connections.clear()
+        if key in connections:
+            return connections[key]
+        if len(connections) >= 4096:  # (bounded where it grows)
+            connections.clear()
+        known = connections[key] = self._new_connection(peer, local)
+        return known
 
     def _new_connection(
         self, peer: Address, local: Address
@@ -844,35 +917,36 @@ class Proxy:
 
     # ------------------------------------------------------------ TLS termination
 
-    @property
-    def terminates(self) -> bool:
-        return self.tls is not None and self.tls.terminates
-
     def tls_context(self, peer: Address, local: Address) -> _Terminated | None:
         """Terminate this connection's TLS? Its port's ``terminatingTLS`` (or the
         firewall's certificate) says so; a connection policy refuses is not
         terminated, so that ``open_pipe`` refuses it without a handshake."""
         tls = self.tls
-        if tls is None or not tls.terminates:
+        if tls is None:
             return None
         # As admit_silent's: the answer depends on the source's identity, the
         # destination and its port, and the contexts in force, and the policy lookup
         # costs as much as the rest of an accept; kept while the policy and the
         # contexts stay (and a second at most: identities move without a new policy).
+        # Whether anything is terminated at all is one of those answers: it changes
+        # only with the contexts (a new generation).
+        choices = self._tls_choices
         key = (peer[0], local[0], local[1])
         assert self._loop is not None  # it listens
         now = self._loop.time()
-        stamp = (self.state.current, tls.generation)
         if (
-            self._tls_choices_for != stamp
+            self._tls_choices_for is not self.state.current
+            or self._tls_choices_generation != tls.generation
             or now - self._tls_choices_since > 1.0
-            or len(self._tls_choices) >= 4096
         ):
-            self._tls_choices_for, self._tls_choices_since = stamp, now
-            self._tls_choices.clear()
-        if key in self._tls_choices:
-            return self._tls_choices[key]
-        chosen = self._tls_choices[key] = self._choose_tls(peer, local)
+            self._tls_choices_for, self._tls_choices_since = self.state.current, now
+            self._tls_choices_generation = tls.generation
+            choices.clear()
+        if key in choices:
+            return choices[key]
+        if len(choices) >= 4096:  # (bounded where it grows)
+            choices.clear()
+        chosen = choices[key] = self._choose_tls(peer, local) if tls.terminates else None
         return chosen
 
     def _choose_tls(self, peer: Address, local: Address) -> _Terminated | None:
@@ -951,11 +1025,13 @@ class Proxy:
             # Reset between its first bytes and its transport: no one left to serve
             # (the event loop found no address for the socket).
             return None
-        known = self._connection(peer, local)
+        # (``_connection``'s answer, taken apart here without a tuple made between.)
+        known = self._known_connection(peer, local)
         if known is None:
             self.stats.connections_refused += 1
             return None
-        src_ip, _src_port, dst_ip, dst_port, src_info, dst_info, policy = known
+        src_ip, dst_ip, dst_port, src_shape, dst_info, policy = known
+        src_info = {**src_shape, "port": peer[1]}
         if not policy.l4.allowed:
             self.stats.connections_refused += 1
             rec = now_fields()
@@ -973,22 +1049,37 @@ class Proxy:
         # and the upstream is asked for the same server name and protocol.
         session: dict[str, Any] | None = None
         upstream_tls: ssl.SSLContext | None = None
-        server_name: str | None = None
-        if self.tls is not None and (self.tls.terminates or self.tls.originates):
+        tls = self.tls
+        if tls is not None:
             ssl_object = transport.get_extra_info("ssl_object")
-            alpn = None
             if ssl_object is not None:
                 session = session_fields(transport, ssl_object)
-                server_name, alpn = session["sni"], session["alpn"]
-            elif policy.parser == "http":
-                alpn = "http/1.1"  # a cleartext client: HTTP/2 upstream needs ALPN h2
-            tls = policy.tls
-            upstream_tls = self.tls.client_context(
-                tls.originating if tls is not None else None, alpn
+            # (No upstream context unless one is in force: most ports are cleartext.)
+            if tls.originates:
+                if session is not None:
+                    alpn = session["alpn"]
+                else:  # a cleartext client: HTTP/2 upstream needs ALPN h2
+                    alpn = "http/1.1" if policy.parser == "http" else None
+                ports = policy.tls
+                upstream_tls = tls.client_context(
+                    ports.originating if ports is not None else None, alpn
+                )
+        connect: partial[asyncio.Task[Any]]
+        if upstream_tls is not None:
+            assert tls is not None
+            # The name the upstream's certificate must have (and its SNI): the one the
+            # client asked us for, else the firewall's --upstream-server-name, else its
+            # address.
+            upstream_name = (
+                (session["sni"] if session is not None else None)
+                or tls.upstream_server_name
+                or dst_ip
             )
-        # The name the upstream's certificate must have (and its SNI): the one the
-        # client asked us for, else the firewall's --upstream-server-name, else its address.
-        upstream_name = server_name or (self.tls and self.tls.upstream_server_name) or dst_ip
+            connect = partial(
+                self._connect_upstream, src_ip, dst_ip, dst_port, upstream_tls, upstream_name
+            )
+        else:
+            connect = partial(self._connect_upstream, src_ip, dst_ip, dst_port, None, "")
         parser = policy.parser
         engine: Engine
         if parser:
@@ -998,12 +1089,6 @@ class Proxy:
             engine = make(policy.decide, max_pending=self.limits.max_pending_requests)
         else:
             engine = PassthroughEngine()
-
-        def connect(pipe: Pipe) -> asyncio.Task[Any]:
-            return self._connect_upstream(
-                pipe, src_ip, dst_ip, dst_port, upstream_tls, upstream_name
-            )
-
         pipe = Pipe(
             loop,
             engine,
@@ -1023,22 +1108,25 @@ class Proxy:
         )
         # (TCP_NODELAY: uvloop and asyncio both set it on every TCP transport.)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        if not self._pipes:  # (Event.clear is a Python call: only when it was set)
-            self._no_pipes.clear()
-        self._pipes.add(pipe)
-        self._peak_pipes = max(self._peak_pipes, len(self._pipes))
-        self.stats.connections_total += 1
-        self.stats.connections_active += 1
+        pipes = self._pipes
+        pipes.add(pipe)
+        if len(pipes) > self._peak_pipes:
+            self._peak_pipes = len(pipes)
+        stats = self.stats
+        stats.connections_total += 1
+        stats.connections_active += 1
         return pipe
 
     def pipe_closed(self, pipe: Pipe) -> None:
         """The client connection of ``pipe`` is gone (called by its protocol)."""
-        if pipe in self._pipes:
-            self._pipes.discard(pipe)
+        pipes = self._pipes
+        if pipe in pipes:
+            pipes.discard(pipe)
             self.stats.connections_active -= 1
-            if not self._pipes:
-                self._no_pipes.set()
-            gone = self._peak_pipes - len(self._pipes)
+            if not pipes and self._no_pipes is not None:
+                self._no_pipes.set()  # (a later waiter makes another)
+                self._no_pipes = None
+            gone = self._peak_pipes - len(pipes)
             if gone >= GIVE_BACK_AFTER_CLOSED and self._give_back is None:
                 loop = asyncio.get_running_loop()
                 self._give_back = loop.call_later(GIVE_BACK_DELAY, self._give_memory_back)
@@ -1051,25 +1139,31 @@ class Proxy:
 
     def _connect_upstream(
         self,
-        pipe: Pipe,
         src_ip: str,
         dst_ip: str,
         dst_port: int,
-        tls: ssl.SSLContext | None = None,
-        server_name: str = "",
+        tls: ssl.SSLContext | None,
+        server_name: str,
+        pipe: Pipe,
     ) -> asyncio.Task[Any]:
         """Start connecting ``pipe``'s upstream, within ``connect_timeout``: the task
-        the pipe cancels if it ends first."""
+        the pipe cancels if it ends first. (The pipe last: ``open_pipe`` binds the
+        rest, and the pipe calls what it is given with itself.)"""
         loop = self._loop
         assert loop is not None  # it listens
-        # originatingTLS: the handshake is part of connecting, under the same deadline.
-        tls_args: dict[str, Any] = (
-            {"ssl": tls, "server_hostname": server_name} if tls is not None else {}
-        )
+        protocol = partial(ServerSide, pipe)
         if self.upstream is not None:
-            coro = loop.create_connection(lambda: ServerSide(pipe), dst_ip, dst_port, **tls_args)
+            if tls is None:
+                coro = loop.create_connection(protocol, dst_ip, dst_port)
+            else:
+                # originatingTLS: the handshake is part of connecting, under the same deadline.
+                coro = loop.create_connection(
+                    protocol, dst_ip, dst_port, ssl=tls, server_hostname=server_name
+                )
         else:
-            coro = self._transparent_connect(pipe, src_ip, dst_ip, dst_port, tls_args)
+            coro = self._transparent_connect(
+                pipe, protocol, src_ip, dst_ip, dst_port, tls, server_name
+            )
         # A timer for the deadline and a callback for the end, not a coroutine under
         # asyncio.timeout: that costs a second coroutine and half a dozen calls in
         # Python per connection.
@@ -1117,7 +1211,14 @@ class Proxy:
         pipe.close(f"upstream unreachable: {why}")
 
     async def _transparent_connect(
-        self, pipe: Pipe, src_ip: str, dst_ip: str, dst_port: int, tls_args: dict[str, Any]
+        self,
+        pipe: Pipe,
+        protocol: Callable[[], ServerSide],
+        src_ip: str,
+        dst_ip: str,
+        dst_port: int,
+        tls: ssl.SSLContext | None,
+        server_name: str,
     ):
         loop = self._loop
         assert loop is not None  # it listens
@@ -1138,7 +1239,12 @@ class Proxy:
             if pipe.closing:
                 sock.close()
                 return None
-            return await loop.create_connection(lambda: ServerSide(pipe), sock=sock, **tls_args)
+            if tls is None:
+                return await loop.create_connection(protocol, sock=sock)
+            # originatingTLS: the handshake is part of connecting, under the same deadline.
+            return await loop.create_connection(
+                protocol, sock=sock, ssl=tls, server_hostname=server_name
+            )
         except BaseException:
             sock.close()
             raise
@@ -1206,6 +1312,37 @@ def _peek_now(conn: socket.socket, size: int) -> bytes | None:
         return None
     except OSError:  # reset, or any other error: gone
         return b""
+
+
+def _run_bare(
+    coro: Coroutine[Any, Any, Any],
+    failed: Callable[[Exception], None],
+    _awaited: asyncio.Future[Any] | None = None,
+) -> None:
+    """Run ``coro`` to its end without a Task: a coroutine of the event loop's own
+    that awaits only its futures (``connect_accepted_socket``), whose result is not
+    wanted (its protocol is told of its transport). It goes on each time a future it
+    awaits is done, as a Task would have it; what it raises goes to ``failed``.
+    (Nobody cancels it, as nobody cancelled the Task it replaces: a handshake ends by
+    its own deadline.)"""
+    try:
+        awaited = coro.send(None)
+    except StopIteration:
+        return
+    except Exception as exc:
+        failed(exc)
+        return
+    awaited.add_done_callback(partial(_run_bare, coro, failed))
+
+
+def _refuse_hello_head(conn: socket.socket, head: bytes) -> ProtocolError | None:
+    """Judge a ClientHello's headers (``refuse_client_hello``), ``head`` holding them
+    whole, and answer a refusal (an alert, or nothing for bytes that are not TLS)."""
+    refusal = refuse_client_hello(head)
+    if refusal is not None and refusal.wire_reply:
+        with contextlib.suppress(OSError):
+            conn.send(refusal.wire_reply, socket.MSG_DONTWAIT)
+    return refusal
 
 
 def _v4(ip: str) -> str:

@@ -155,6 +155,12 @@ def _response_heads(impl: str) -> ResponseHeadParser:
     return CResponseHead() if impl == "c" else PyResponseHead()
 
 
+# What makes the parser behind a memo (when its first unknown head comes), by
+# implementation: made once, not per connection.
+_QUICK_REQUEST_HEADS = {impl: partial(_request_heads, impl, True) for impl in ("c", "python")}
+_RESPONSE_HEADS = {impl: partial(_response_heads, impl) for impl in ("c", "python")}
+
+
 def request_reader(
     impl: str = "auto",
     limits: Http1Limits = Http1Limits(),
@@ -431,6 +437,12 @@ class Http1Engine:
     protocol = "http"
     client_speaks_first = True  # the upstream is connected on the first bytes for it
 
+    # Set only by an end of input, read only then (class attributes: not stored per
+    # connection).
+    _client_eof_held = False  # the client's EOF came behind held requests
+    _server_eof_held = False  # the server's EOF came behind held responses
+    _client_eof = False  # finish(): the client has sent its EOF
+
     def __init__(
         self,
         decide: Decide,
@@ -451,11 +463,20 @@ class Http1Engine:
         # Keep-alive clients repeat themselves, and new connections their first heads:
         # both readers remember the heads of this connection, or of all that share
         # ``heads`` (``parsers.http1.memo``), and nothing else differs.
-        self._requests = request_reader(
-            impl, limits, memo=True, quick=True, memory=heads.requests if heads else None
+        # (``request_reader(impl, limits, memo=True, quick=True, memory=...)`` and
+        # ``response_reader(impl, limits, memo=True, memory=...)``, inline, with the
+        # makers of their memos' parsers made once: two readers per connection.)
+        self._requests = MessageReader(
+            RequestHeadMemo(
+                _QUICK_REQUEST_HEADS[impl], heads.requests if heads else None, _SCANNERS.get(impl)
+            ),
+            max_head=limits.max_head,
+            max_chunk_line=limits.max_chunk_line,
         )
-        self._responses = response_reader(
-            impl, limits, memo=True, memory=heads.responses if heads else None
+        self._responses = MessageReader(
+            ResponseHeadMemo(_RESPONSE_HEADS[impl], heads.responses if heads else None),
+            max_head=limits.max_head,
+            max_chunk_line=limits.max_chunk_line,
         )
         self._upgrade_handler = upgrade_handler
         self._seq = 0
@@ -464,17 +485,14 @@ class Http1Engine:
         self._current: _Exchange | None = None  # request whose body is arriving
         self._response_head: MessageHead | None = None
         self._client_dead = False  # an error or a close: ignore further client bytes
-        self._client_eof_held = False  # the client's EOF came behind held requests
-        self._server_eof_held = False  # the server's EOF came behind held responses
         self._closed = False
         self._tunnel = False
         self._inner: Engine | None = None
         # finish(): asked; the request whose response is the last (None: the next
-        # one read); that response is out; the client has sent its EOF.
+        # one read); that response is out.
         self._finishing = False
         self._last: _Exchange | None = None
         self._finished = False
-        self._client_eof = False
 
     @property
     def reading_headers(self) -> bool:

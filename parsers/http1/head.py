@@ -214,6 +214,10 @@ class FrontParser(Generic[P]):
         self._behind = parser
         self._make = make
 
+    # (What ``__init__`` sets, for a subclass made per connection that sets only
+    # ``_partial`` and ``_make`` itself, without the call: its parser is made later.)
+    _behind: P | None = None
+
     def _parser_behind(self) -> P:
         parser = self._behind
         if parser is None:

@@ -166,7 +166,9 @@ class RequestHeadMemo(FrontParser[RequestHeadParser]):
         memory: RequestHeads | None = None,
         scan: Callable[[bytes], MessageHead | None] | None = None,
     ) -> None:
-        super().__init__(make=make)
+        # (``FrontParser.__init__`` with ``make``, inline: two readers per connection.)
+        self._partial = False
+        self._make = make
         memory = self._memory = memory if memory is not None else RequestHeads()
         # (The dictionaries are cleared, never replaced: held here, a lookup less.)
         self._heads = memory.heads
@@ -277,7 +279,9 @@ class ResponseHeadMemo(FrontParser[ResponseHeadParser]):
     def __init__(
         self, make: Callable[[], ResponseHeadParser], memory: ResponseHeads | None = None
     ) -> None:
-        super().__init__(make=make)
+        # (``FrontParser.__init__`` with ``make``, inline.)
+        self._partial = False
+        self._make = make
         memory = self._memory = memory if memory is not None else ResponseHeads()
         self._heads = memory.heads
 

@@ -89,6 +89,12 @@ class MessageReader:
     """Reads requests (a ``RequestHeadParser``, ``side == "client"``) or responses
     (a ``ResponseHeadParser``, ``side == "server"``)."""
 
+    # Fields a message sets before they are read, or read on rare paths only: class
+    # attributes, not stored for each of the two readers of every connection.
+    _remaining = 0  # body bytes still to come (LENGTH, CHUNK_DATA)
+    _head: MessageHead | None = None  # the message being read (its head)
+    standalone = True  # response reader with no request context (corpus runs)
+
     def __init__(
         self,
         head_parser: RequestHeadParser | ResponseHeadParser,
@@ -96,9 +102,9 @@ class MessageReader:
         max_head: int = 65536,
         max_chunk_line: int = 4096,
     ) -> None:
-        self.side = head_parser.side
+        side = self.side = head_parser.side
         self._heads = head_parser
-        self._reads_requests = head_parser.side == "client"
+        self._reads_requests = side == "client"
         if self._reads_requests:
             # A request's head is parsed from its bytes alone: the head parser's own
             # ``complete``, with no call of ours around it (one per request).
@@ -108,8 +114,6 @@ class MessageReader:
         self.max_chunk_line = max_chunk_line
         self._state = HEAD
         self._buf = bytearray()  # unfinished head / chunk line / trailers
-        self._remaining = 0
-        self._head: MessageHead | None = None
         # A head ``read_whole`` parsed in bytes that were not one whole message:
         # (those bytes, the head's, the head or its error), for the ``feed`` of the
         # same bytes.
@@ -122,7 +126,6 @@ class MessageReader:
         # Paused before a message for want of ``budget`` (not for an Upgrade), its
         # bytes kept for ``resume()``. (An attribute: the engine reads it per read.)
         self.held = False
-        self.standalone = True  # response reader with no request context (corpus runs)
         self.switched = False  # a 101 / CONNECT 2xx: the rest is not HTTP
 
     # ---------------------------------------------------------------- API

@@ -127,21 +127,25 @@ def opens_client_hello(head: bytes, max_client_hello: int = MAX_CLIENT_HELLO) ->
     A cheap check of the common case, for a caller that only wants the bound: True
     means the reader, fed these bytes, raises nothing; False means nothing by itself
     (a short head, a hello split across tiny records): the reader says what is wrong."""
-    if len(head) < RECORD_HEADER + HANDSHAKE_HEADER:
+    if len(head) < _HEADERS.size:
         return False
-    fields: tuple[int, ...] = _HEADERS.unpack_from(head)
-    ctype, major, _minor, record_length, msg_type, size_high, size_low = fields
+    # (Read as three numbers, not seven: this runs for every terminated connection.)
+    fields: tuple[int, int, int] = _HEADERS.unpack_from(head)
+    opening, record_length, message = fields
     return (
-        ctype == HANDSHAKE
-        and major == 3
+        opening == _HANDSHAKE_3
         and HANDSHAKE_HEADER <= record_length <= MAX_PLAINTEXT
-        and msg_type == CLIENT_HELLO
-        and (size_high << 16 | size_low) <= max_client_hello
+        and message >> 24 == CLIENT_HELLO
+        and message & 0xFFFFFF <= max_client_hello
     )
 
 
-# A record header (type, version, length) and a handshake header (type, 24-bit length).
-_HEADERS: Final = struct.Struct(">BBBHBBH")
+# A record header (type and major version; the minor one skipped; length) and a
+# handshake header (its type in the top byte, its 24-bit length below).
+_HEADERS: Final = struct.Struct(">HxHI")
+assert _HEADERS.size == RECORD_HEADER + HANDSHAKE_HEADER
+# A handshake record of version 3.x: type and major version as one number.
+_HANDSHAKE_3: Final = HANDSHAKE << 8 | 3
 
 
 class ClientHelloReader:

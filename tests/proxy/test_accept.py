@@ -21,7 +21,18 @@ from collections.abc import Iterator
 
 import pytest
 
-from l7proxy.proxy.server import ACCEPT_BATCH, ACCEPT_RETRY_DELAY, Acceptor, make_listener
+from l7proxy.observe.flowlog import FlowLog
+from l7proxy.policy.engine import compile_policy
+from l7proxy.policy.identity import IdentityAllocator
+from l7proxy.policy.state import PolicyState
+from l7proxy.proxy.server import (
+    ACCEPT_BATCH,
+    ACCEPT_RETRY_DELAY,
+    Acceptor,
+    Proxy,
+    _run_bare,
+    make_listener,
+)
 
 
 class Opened(asyncio.Protocol):
@@ -127,3 +138,105 @@ async def test_closing_stops_accepting_and_closes_our_descriptor() -> None:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
         await asyncio.sleep(0.05)
         assert Opened.count == 0
+
+
+async def test_a_coroutine_run_bare_goes_on_as_each_future_it_awaits_is_done() -> None:
+    # How a connection is opened without a Task: the event loop's coroutine that makes
+    # its transport (and does its TLS handshake) is stepped by the futures it awaits.
+    loop = asyncio.get_running_loop()
+    transport_made, handshake_done = loop.create_future(), loop.create_future()
+    steps: list[str] = []
+    failures: list[BaseException] = []
+
+    async def opening(then: asyncio.Future[str]) -> str:
+        steps.append("started")
+        steps.append(await transport_made)
+        steps.append(await then)
+        return "opened"
+
+    _run_bare(opening(handshake_done), failures.append)
+    assert steps == ["started"]  # at once, up to its first wait: no turn of the loop first
+    transport_made.set_result("transport made")
+    await asyncio.sleep(0)
+    assert steps == ["started", "transport made"]
+    handshake_done.set_result("handshake done")
+    await asyncio.sleep(0)
+    assert steps == ["started", "transport made", "handshake done"]
+    assert failures == []  # its result is nobody's: the protocol was told
+
+    # A handshake that fails: what the coroutine raises goes to ``failed``.
+    steps.clear()
+    transport_made, failed_handshake = loop.create_future(), loop.create_future()
+    _run_bare(opening(failed_handshake), failures.append)
+    transport_made.set_result("transport made")
+    await asyncio.sleep(0)
+    failed_handshake.set_exception(ConnectionResetError("reset in the handshake"))
+    await asyncio.sleep(0)
+    assert steps == ["started", "transport made"]
+    assert [repr(f) for f in failures] == ["ConnectionResetError('reset in the handshake')"]
+
+    # One that fails before it waits for anything.
+    async def refused() -> None:
+        raise ConnectionAbortedError("gone at once")
+
+    _run_bare(refused(), failures.append)
+    assert repr(failures[-1]) == "ConnectionAbortedError('gone at once')"
+
+
+async def test_a_connection_whose_protocol_cannot_be_made_is_reported_and_the_next_opens() -> None:
+    # A bug in opening one connection (here its protocol's constructor) goes to the
+    # event loop's exception handler, its socket is closed, and the connections
+    # accepted with it in the same batch still open.
+    loop = asyncio.get_running_loop()
+    reported: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    faults = iter([RuntimeError("a bug in the protocol"), None, None])
+
+    def protocol() -> asyncio.Protocol:
+        fault = next(faults)
+        if fault is not None:
+            raise fault
+        return Opened()
+
+    Opened.count = 0
+    try:
+        with listener_with_clients(3) as (listener, port):
+            acceptor = Acceptor(listener, protocol)
+            try:
+                await until(lambda: Opened.count == 2)
+            finally:
+                acceptor.close()
+    finally:
+        loop.set_exception_handler(None)
+    assert [(c["message"], repr(c["exception"])) for c in reported] == [
+        ("opening an accepted connection failed", "RuntimeError('a bug in the protocol')")
+    ]
+
+
+async def test_waiting_for_every_connection_to_close_ends_with_the_last_one() -> None:
+    # The event a drain waits on is made by the first waiter (not set and cleared by
+    # every connection): it must wake every waiter at the last close, and a later
+    # wait must wait again for connections opened since.
+    proxy = Proxy(PolicyState(compile_policy([], [], IdentityAllocator())), FlowLog(keep=10))
+    await asyncio.wait_for(proxy.wait_all_closed(), 1)  # none open: at once
+
+    first, second = object(), object()  # (pipes, as far as the proxy's set goes)
+    proxy._pipes.update((first, second))
+    proxy.stats.connections_active = 2
+    drains = [asyncio.ensure_future(proxy.wait_all_closed()) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    proxy.pipe_closed(first)
+    await asyncio.sleep(0.01)
+    assert not any(d.done() for d in drains)  # one is still open
+    proxy.pipe_closed(second)
+    await asyncio.wait_for(asyncio.gather(*drains), 1)
+    assert proxy.stats.connections_active == 0
+
+    third = object()
+    proxy._pipes.add(third)
+    proxy.stats.connections_active = 1
+    later = asyncio.ensure_future(proxy.wait_all_closed())
+    await asyncio.sleep(0.01)
+    assert not later.done()
+    proxy.pipe_closed(third)
+    await asyncio.wait_for(later, 1)
