@@ -49,9 +49,21 @@ def test_the_star_wars_table_passes_across_three_nodes() -> None:
     assert leftovers(tag.group(1)) == []
 
 
+def _ctrl_c_reaches_python() -> None:
+    # A shell without job control starts background commands with SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt for it: a suite run as ``make test &``
+    # would send this Ctrl-C to a process deaf to it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_cleans_everything_up() -> None:
     proc = subprocess.Popen(
-        DEMO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
+        DEMO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        preexec_fn=_ctrl_c_reaches_python,
     )
     assert proc.stdout is not None
     seen = ""
