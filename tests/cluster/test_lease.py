@@ -71,13 +71,15 @@ async def test_an_outage_shorter_than_the_lease_loses_nothing_whatever_the_back_
     back-off (here up to 30 s) would let the lease expire after etcd is back."""
     async with CuttableLink((etcd.host, etcd.port)) as link:
         # With the back-off capped at a keepalive (0.5 s), the lease is renewed at worst
-        # 0.5 s before the cut and 0.5 s plus a timeout after the heal: 5.25 s of its 6.
-        # Uncapped, a 4 s outage grows the back-off (full jitter, 1 s doubling) to
-        # seconds, and the lease most often expires before the next attempt.
+        # 0.5 s before the cut, and after the heal once the gRPC channel has connected
+        # again: its own reconnect back-off (1 s growing 1.6 times, with jitter) adds up
+        # to about 2.5 s after a 4 s outage, so at worst about 7.5 s of the lease's 9.
+        # Uncapped, a 4 s outage grows the upkeep's back-off (full jitter, 1 s doubling)
+        # to seconds more, and the lease most often expires before the next attempt.
         b_config = config(
             "node-b",
             port=link.port,
-            lease_ttl=6,
+            lease_ttl=9,
             keepalive_every=0.5,
             backoff_base=1.0,
             backoff_cap=30,
@@ -91,7 +93,7 @@ async def test_an_outage_shorter_than_the_lease_loses_nothing_whatever_the_back_
             link.cut()
             await asyncio.sleep(4.0)  # several failed keepalives: the back-off has grown
             link.heal()
-            await asyncio.sleep(6.0)  # past the TTL the lease had when the link was cut
+            await asyncio.sleep(9.0)  # past the TTL the lease had when the link was cut
             assert b.counters.maintenance_errors >= 1
             assert b.session.leases_lost == 0
             assert gone == []  # a never saw b's address go
